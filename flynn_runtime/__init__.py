@@ -1,0 +1,3 @@
+"""Shared runtime every Flynn service starts through (bootstrap, auth, errors, metrics, audit)."""
+
+VERSION = "0.1.0"

@@ -1,0 +1,119 @@
+"""Client channels between services: bearer token, keepalive, size limits, and deadline propagation.
+
+gRPC propagates cancellation between aio calls but not deadlines, so a handler that calls another
+service passes `downstream_timeout(context)`: the caller's remaining time, capped by a default.
+"""
+
+from __future__ import annotations
+
+import json
+from collections.abc import Sequence
+from typing import Any
+
+import grpc
+from grpc.aio import ServicerContext
+
+KEEPALIVE_OPTIONS: list[tuple[str, Any]] = [
+    ("grpc.keepalive_time_ms", 20_000),
+    ("grpc.keepalive_timeout_ms", 10_000),
+    ("grpc.keepalive_permit_without_calls", 1),
+    ("grpc.http2.max_pings_without_data", 0),
+]
+
+# Retry only when the call never reached a handler (UNAVAILABLE), a few times, with backoff.
+_RETRY_SERVICE_CONFIG = json.dumps(
+    {
+        "methodConfig": [
+            {
+                "name": [{}],
+                "retryPolicy": {
+                    "maxAttempts": 3,
+                    "initialBackoff": "0.05s",
+                    "maxBackoff": "0.5s",
+                    "backoffMultiplier": 2,
+                    "retryableStatusCodes": ["UNAVAILABLE"],
+                },
+            }
+        ]
+    }
+)
+
+
+def server_options(max_message_bytes: int, max_pending: int) -> list[tuple[str, Any]]:
+    return [
+        ("grpc.max_receive_message_length", max_message_bytes),
+        ("grpc.max_send_message_length", max_message_bytes),
+        # Many nodes and watchers connect at once: raise the pending-request limit (DESIGN.md §12).
+        ("grpc.server.max_pending_requests", max_pending),
+        ("grpc.server.max_pending_requests_hard_limit", max_pending * 2),
+        ("grpc.keepalive_time_ms", 30_000),
+        ("grpc.keepalive_timeout_ms", 10_000),
+        ("grpc.http2.min_ping_interval_without_data_ms", 5_000),
+        ("grpc.keepalive_permit_without_calls", 1),
+        ("grpc.http2.max_ping_strikes", 0),
+    ]
+
+
+def auth_metadata(token: str) -> tuple[tuple[str, str], ...]:
+    return (("authorization", f"Bearer {token}"),) if token else ()
+
+
+class _AuthInterceptor(
+    grpc.aio.UnaryUnaryClientInterceptor,
+    grpc.aio.UnaryStreamClientInterceptor,
+    grpc.aio.StreamUnaryClientInterceptor,
+    grpc.aio.StreamStreamClientInterceptor,
+):
+    """Adds the service's bearer token unless the call already carries an authorization header."""
+
+    def __init__(self, token: str) -> None:
+        self._md = auth_metadata(token)
+
+    def _details(self, d: grpc.aio.ClientCallDetails) -> grpc.aio.ClientCallDetails:
+        md = list(d.metadata or ())
+        if not any(k == "authorization" for k, _ in md):
+            md.extend(self._md)
+        return grpc.aio.ClientCallDetails(d.method, d.timeout, grpc.aio.Metadata(*md), d.credentials, d.wait_for_ready)
+
+    async def intercept_unary_unary(self, continuation: Any, client_call_details: Any, request: Any) -> Any:
+        return await continuation(self._details(client_call_details), request)
+
+    async def intercept_unary_stream(self, continuation: Any, client_call_details: Any, request: Any) -> Any:
+        return await continuation(self._details(client_call_details), request)
+
+    async def intercept_stream_unary(self, continuation: Any, client_call_details: Any, request_iterator: Any) -> Any:
+        return await continuation(self._details(client_call_details), request_iterator)
+
+    async def intercept_stream_stream(self, continuation: Any, client_call_details: Any, request_iterator: Any) -> Any:
+        return await continuation(self._details(client_call_details), request_iterator)
+
+
+def client_channel(
+    target: str,
+    token: str = "",
+    *,
+    max_message_bytes: int = 16 * 1024 * 1024,
+    retries: bool = True,
+    extra_options: Sequence[tuple[str, Any]] = (),
+) -> grpc.aio.Channel:
+    options: list[tuple[str, Any]] = [
+        ("grpc.max_receive_message_length", max_message_bytes),
+        ("grpc.max_send_message_length", max_message_bytes),
+        ("grpc.enable_retries", 1 if retries else 0),
+        *KEEPALIVE_OPTIONS,
+        *extra_options,
+    ]
+    if retries:
+        options.append(("grpc.service_config", _RETRY_SERVICE_CONFIG))
+    interceptors = [_AuthInterceptor(token)] if token else None
+    return grpc.aio.insecure_channel(target, options=options, interceptors=interceptors)
+
+
+def downstream_timeout(context: ServicerContext[Any, Any] | None, default: float, margin: float = 0.005) -> float:
+    """Timeout for a call made while serving `context`: its remaining time less a margin, at most `default`."""
+    if context is None:
+        return default
+    remaining = context.time_remaining()
+    if remaining is None:
+        return default
+    return max(min(default, remaining - margin), 0.001)

@@ -1,0 +1,126 @@
+"""The applied runtime config of a process, and change subscriptions by dotted key.
+
+`ConfigSource` holds the last applied FlynnConfig and its revision, swaps it atomically, and calls
+subscribers whose key changed. `config_watcher.ConfigWatcher` feeds it from the config service;
+`StaticConfig` feeds it by hand (unit tests of domain code, tools).
+"""
+
+from __future__ import annotations
+
+import asyncio
+import inspect
+import logging
+from collections.abc import Awaitable, Callable
+from dataclasses import dataclass
+
+from google.protobuf import message as pb_message
+
+from flynn.v1 import config_pb2
+
+log = logging.getLogger(__name__)
+
+Callback = Callable[[config_pb2.FlynnConfig, config_pb2.FlynnConfig, int], Awaitable[None] | None]
+Validator = Callable[[config_pb2.FlynnConfig], None]
+
+
+def get_path(cfg: pb_message.Message, dotted: str) -> object:
+    """Value of a dotted field path ("server.queue.mode"); messages are returned as messages."""
+    node: object = cfg
+    for part in dotted.split(".") if dotted else []:
+        node = getattr(node, part)
+    return node
+
+
+def _key_changed(old: config_pb2.FlynnConfig, new: config_pb2.FlynnConfig, key: str | None) -> bool:
+    if key is None:
+        return old != new
+    a, b = get_path(old, key), get_path(new, key)
+    return bool(a != b)
+
+
+@dataclass
+class _Subscription:
+    key: str | None
+    callback: Callback
+
+
+class ConfigSource:
+    """Last applied config; `apply` validates, swaps and notifies; readers never see half a config."""
+
+    def __init__(self, validator: Validator | None = None) -> None:
+        self._config = config_pb2.FlynnConfig()
+        self._revision = 0
+        self._validator = validator
+        self._subs: list[_Subscription] = []
+        self._changed = asyncio.Condition() if _has_loop() else None
+
+    @property
+    def config(self) -> config_pb2.FlynnConfig:
+        """The applied config. Treat it as read-only: it is replaced, never mutated."""
+        return self._config
+
+    @property
+    def revision(self) -> int:
+        return self._revision
+
+    def subscribe(self, callback: Callback, key: str | None = None) -> Callable[[], None]:
+        """Call `callback(old, new, revision)` after each applied revision that changes `key`."""
+        sub = _Subscription(key, callback)
+        self._subs.append(sub)
+        return lambda: self._subs.remove(sub) if sub in self._subs else None
+
+    async def apply(self, config: config_pb2.FlynnConfig, revision: int) -> None:
+        """Validate (raises on refusal, keeping the old config), swap, then notify subscribers."""
+        if self._validator is not None:
+            self._validator(config)
+        old = self._config
+        fresh = config_pb2.FlynnConfig()
+        fresh.CopyFrom(config)
+        self._config, self._revision = fresh, revision
+        for sub in list(self._subs):
+            if not _key_changed(old, fresh, sub.key):
+                continue
+            try:
+                result = sub.callback(old, fresh, revision)
+                if inspect.isawaitable(result):
+                    await result
+            except Exception:
+                log.exception("config subscriber failed", extra={"key": sub.key, "revision": revision})
+        if self._changed is None:
+            self._changed = asyncio.Condition()
+        async with self._changed:
+            self._changed.notify_all()
+
+    async def wait_for_revision(self, revision: int, timeout: float) -> bool:
+        """Wait until a revision >= `revision` is applied; False on timeout."""
+        if self._changed is None:
+            self._changed = asyncio.Condition()
+
+        async def _wait() -> None:
+            assert self._changed is not None
+            async with self._changed:
+                await self._changed.wait_for(lambda: self._revision >= revision)
+
+        try:
+            await asyncio.wait_for(_wait(), timeout)
+            return True
+        except TimeoutError:
+            return False
+
+
+class StaticConfig(ConfigSource):
+    """A ConfigSource set by hand: for domain unit tests and tools that run without the mesh."""
+
+    def __init__(self, config: config_pb2.FlynnConfig | None = None, revision: int = 1) -> None:
+        super().__init__()
+        if config is not None:
+            self._config = config
+            self._revision = revision
+
+
+def _has_loop() -> bool:
+    try:
+        asyncio.get_running_loop()
+        return True
+    except RuntimeError:
+        return False

@@ -1,0 +1,164 @@
+"""One server interceptor for every service: authentication, metrics, and error mapping.
+
+Handlers raise FlynnError (from domain code) and the interceptor aborts the RPC with the rich
+status; any other exception is logged with its traceback and returned as a bare INTERNAL, so no
+traceback ever reaches a caller. Streaming handlers are async generators.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+import time
+from collections.abc import AsyncIterator, Awaitable, Callable
+from typing import Any
+
+import grpc
+from grpc.aio import ServicerContext
+
+from flynn_runtime import metrics
+from flynn_runtime.auth import Authenticator, current_principal
+from flynn_runtime.errors import FlynnError
+from flynn_runtime.ids import ulid
+from flynn_runtime.rich_status import to_grpc_status
+
+log = logging.getLogger(__name__)
+
+
+def _split(method: str) -> tuple[str, str]:
+    _, service, name = method.split("/", 2) if method.count("/") >= 2 else ("", "unknown", method)
+    return service, name
+
+
+def _rpc_type(handler: grpc.RpcMethodHandler) -> str:
+    if handler.request_streaming and handler.response_streaming:
+        return "bidi_stream"
+    if handler.request_streaming:
+        return "client_stream"
+    if handler.response_streaming:
+        return "server_stream"
+    return "unary"
+
+
+async def abort_with(context: ServicerContext[Any, Any], err: FlynnError) -> None:
+    status = to_grpc_status(err)
+    await context.abort(status.code, status.details, trailing_metadata=status.trailing_metadata)
+
+
+class _Call:
+    """Bookkeeping of one RPC: auth before, metrics after, error mapping around."""
+
+    def __init__(self, interceptor: ServerInterceptor, method: str, rpc_type: str) -> None:
+        self.interceptor = interceptor
+        self.method = method
+        self.service, self.name = _split(method)
+        self.rpc_type = rpc_type
+        self.start = time.perf_counter()
+        self.code = grpc.StatusCode.OK
+
+    def begin(self, context: ServicerContext[Any, Any]) -> None:
+        metrics.GRPC_STARTED.labels(self.service, self.name, self.rpc_type).inc()
+        md = {k: v for k, v in (context.invocation_metadata() or ()) if isinstance(v, str)}
+        principal = self.interceptor.authenticator.authenticate(self.method, md, context.peer() or "")
+        current_principal.set(principal)
+
+    async def fail(self, context: ServicerContext[Any, Any], exc: BaseException) -> None:
+        if isinstance(exc, FlynnError):
+            self.code = getattr(grpc.StatusCode, exc.code.value)
+            await abort_with(context, exc)
+        incident = ulid()
+        log.error(
+            "unhandled error in %s (incident %s)", self.method, incident, exc_info=exc, extra={"incident": incident}
+        )
+        self.code = grpc.StatusCode.INTERNAL
+        await context.abort(grpc.StatusCode.INTERNAL, f"internal error (incident {incident})")
+
+    def finish(self, context: ServicerContext[Any, Any], exc: BaseException | None) -> None:
+        if isinstance(exc, (asyncio.CancelledError, GeneratorExit)):
+            self.code = grpc.StatusCode.CANCELLED
+        elif isinstance(exc, grpc.aio.AbortError) or exc is None:
+            code = context.code()
+            if isinstance(code, grpc.StatusCode):
+                self.code = code
+            elif code is not None and exc is not None:
+                self.code = next((c for c in grpc.StatusCode if c.value[0] == code), grpc.StatusCode.UNKNOWN)
+        metrics.GRPC_HANDLED.labels(self.service, self.name, self.rpc_type, self.code.name).inc()
+        metrics.GRPC_HANDLING.labels(self.service, self.name, self.rpc_type).observe(
+            time.perf_counter() - self.start
+        )
+
+
+class ServerInterceptor(grpc.aio.ServerInterceptor):
+    def __init__(self, authenticator: Authenticator) -> None:
+        self.authenticator = authenticator
+
+    async def intercept_service(
+        self,
+        continuation: Callable[[grpc.HandlerCallDetails], Awaitable[grpc.RpcMethodHandler]],
+        handler_call_details: grpc.HandlerCallDetails,
+    ) -> grpc.RpcMethodHandler:
+        handler = await continuation(handler_call_details)
+        if handler is None:
+            return None  # type: ignore[return-value]
+        method = handler_call_details.method
+        rpc_type = _rpc_type(handler)
+        kw = {
+            "request_deserializer": handler.request_deserializer,
+            "response_serializer": handler.response_serializer,
+        }
+        if rpc_type == "unary":
+            return grpc.unary_unary_rpc_method_handler(self._unary(method, rpc_type, handler.unary_unary), **kw)
+        if rpc_type == "client_stream":
+            return grpc.stream_unary_rpc_method_handler(self._unary(method, rpc_type, handler.stream_unary), **kw)
+        if rpc_type == "server_stream":
+            return grpc.unary_stream_rpc_method_handler(self._stream(method, rpc_type, handler.unary_stream), **kw)
+        return grpc.stream_stream_rpc_method_handler(self._stream(method, rpc_type, handler.stream_stream), **kw)
+
+    def _unary(self, method: str, rpc_type: str, inner: Any) -> Any:
+        async def wrapper(request: Any, context: ServicerContext[Any, Any]) -> Any:
+            call = _Call(self, method, rpc_type)
+            exc: BaseException | None = None
+            try:
+                call.begin(context)
+                return await inner(request, context)
+            except grpc.aio.AbortError as e:
+                exc = e
+                raise
+            except (asyncio.CancelledError, GeneratorExit) as e:
+                exc = e
+                raise
+            except Exception as e:  # noqa: BLE001 - mapped to a status, never leaked
+                exc = e
+                await call.fail(context, e)
+            finally:
+                call.finish(context, exc)
+
+        return wrapper
+
+    def _stream(self, method: str, rpc_type: str, inner: Any) -> Any:
+        async def wrapper(request: Any, context: ServicerContext[Any, Any]) -> AsyncIterator[Any]:
+            call = _Call(self, method, rpc_type)
+            exc: BaseException | None = None
+            sent = metrics.GRPC_MSG_SENT.labels(call.service, call.name, rpc_type)
+            try:
+                call.begin(context)
+                result = inner(request, context)
+                if hasattr(result, "__aiter__"):
+                    async for item in result:
+                        sent.inc()
+                        yield item
+                else:  # handler wrote with context.write and returned a coroutine
+                    await result
+            except grpc.aio.AbortError as e:
+                exc = e
+                raise
+            except (asyncio.CancelledError, GeneratorExit) as e:
+                exc = e
+                raise
+            except Exception as e:  # noqa: BLE001
+                exc = e
+                await call.fail(context, e)
+            finally:
+                call.finish(context, exc)
+
+        return wrapper

@@ -1,0 +1,205 @@
+"""The bootstrap every service starts through.
+
+    def main() -> None:
+        run_service(settings.parse("queue"), QueueApp)
+
+gives the service: a grpc.aio server with the shared interceptor (auth, metrics, rich errors),
+health (Check and Watch, per service name), server reflection, a Prometheus port, JSON logs, an
+audit log, and a graceful SIGTERM: health goes NOT_SERVING, `runtime.stopping` is set so streams end
+with UNAVAILABLE/SHUTTING_DOWN (clients reconnect), in-flight calls get the grace period, exit 0.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import logging
+import signal
+from collections.abc import AsyncIterator, Callable, Sequence
+from dataclasses import dataclass
+from typing import TypeVar
+
+import grpc
+from grpc_health.v1 import health, health_pb2, health_pb2_grpc
+from grpc_reflection.v1alpha import reflection
+
+# Registers google.rpc.* descriptors so reflection can resolve the error details grpcurl prints.
+from google.rpc import error_details_pb2  # noqa: F401
+
+from flynn_runtime import VERSION, logs, metrics
+from flynn_runtime.audit import AuditLog
+from flynn_runtime.auth import Authenticator, TokenStore
+from flynn_runtime.channels import client_channel, server_options
+from flynn_runtime.errors import shutting_down
+from flynn_runtime.interceptor import ServerInterceptor
+from flynn_runtime.settings import Settings
+
+log = logging.getLogger(__name__)
+
+
+class Runtime:
+    """What the bootstrap hands to a service: settings, audit log, auth, lifecycle, channels."""
+
+    def __init__(self, settings: Settings) -> None:
+        self.settings = settings
+        settings.data_dir.mkdir(parents=True, exist_ok=True)
+        self.audit = AuditLog(settings.data_dir, settings.service)
+        self.tokens = TokenStore(settings.tokens_file)
+        self.authenticator = Authenticator(self.tokens)
+        self.stopping = asyncio.Event()
+        self._channels: dict[str, grpc.aio.Channel] = {}
+
+    def channel(self, backend: str) -> grpc.aio.Channel:
+        """A shared channel to another service, carrying this service's bearer token."""
+        if backend not in self._channels:
+            target = self.settings.address(backend)
+            self._channels[backend] = client_channel(
+                target, self.settings.service_token, max_message_bytes=self.settings.max_message_bytes
+            )
+        return self._channels[backend]
+
+    def shutting_down_error(self) -> Exception:
+        return shutting_down(self.settings.service)
+
+    async def wait_stopping(self) -> None:
+        await self.stopping.wait()
+
+    async def close(self) -> None:
+        for ch in self._channels.values():
+            await ch.close()
+        self._channels.clear()
+        self.audit.close()
+
+
+class ServiceApp:
+    """Base of a service's wiring. Subclasses register servicers and own their domain objects."""
+
+    #: Fully-qualified gRPC service names served (for health and reflection).
+    service_names: Sequence[str] = ()
+
+    def __init__(self, runtime: Runtime) -> None:
+        self.runtime = runtime
+
+    def register(self, server: grpc.aio.Server) -> None:
+        raise NotImplementedError
+
+    async def start(self) -> None:
+        """Called before the server accepts calls (open storage, start background tasks)."""
+
+    async def stop(self) -> None:
+        """Called on SIGTERM after health went NOT_SERVING and runtime.stopping was set."""
+
+    async def close(self) -> None:
+        """Called after the server stopped (close storage)."""
+
+
+App = TypeVar("App", bound=ServiceApp)
+
+
+@dataclass
+class RunningServer:
+    port: int
+    metrics_port: int
+    app: ServiceApp
+    runtime: Runtime
+    server: grpc.aio.Server
+    health: health.aio.HealthServicer
+
+    @property
+    def address(self) -> str:
+        return f"127.0.0.1:{self.port}"
+
+
+@contextlib.asynccontextmanager
+async def running(settings: Settings, factory: Callable[[Runtime], ServiceApp]) -> AsyncIterator[RunningServer]:
+    """Start a service and stop it gracefully on exit (used by run_service and by in-process tests)."""
+    runtime = Runtime(settings)
+    app = factory(runtime)
+    server = grpc.aio.server(
+        interceptors=[ServerInterceptor(runtime.authenticator)],
+        options=server_options(settings.max_message_bytes, settings.max_concurrent_streams),
+        maximum_concurrent_rpcs=None,
+    )
+    health_servicer = health.aio.HealthServicer()
+    health_pb2_grpc.add_HealthServicer_to_server(health_servicer, server)
+    app.register(server)
+    names = [*app.service_names, health.SERVICE_NAME, reflection.SERVICE_NAME]
+    reflection.enable_server_reflection(names, server)
+    port = server.add_insecure_port(settings.listen)
+    if port == 0:
+        raise SystemExit(f"cannot listen on {settings.listen}")
+    metrics_port = metrics.start_metrics_server(settings.metrics_listen)
+    metrics.SERVICE_INFO.labels(settings.service, VERSION).set(1)
+    await health_servicer.set("", health_pb2.HealthCheckResponse.NOT_SERVING)
+    for name in app.service_names:
+        await health_servicer.set(name, health_pb2.HealthCheckResponse.NOT_SERVING)
+    await app.start()
+    await server.start()
+    await health_servicer.set("", health_pb2.HealthCheckResponse.SERVING)
+    for name in app.service_names:
+        await health_servicer.set(name, health_pb2.HealthCheckResponse.SERVING)
+    if settings.port_file is not None:
+        tmp = settings.port_file.with_suffix(".tmp")
+        tmp.write_text(f"{port} {metrics_port}\n")
+        tmp.replace(settings.port_file)
+    log.info(
+        "serving",
+        extra={"address": f"{settings.listen.rpartition(':')[0]}:{port}", "services": list(app.service_names)},
+    )
+    handle = RunningServer(port, metrics_port, app, runtime, server, health_servicer)
+    try:
+        yield handle
+    finally:
+        await _graceful_stop(handle)
+
+
+async def _graceful_stop(h: RunningServer) -> None:
+    s = h.runtime.settings
+    log.info("stopping", extra={"grace_seconds": s.grace_seconds})
+    await h.health.enter_graceful_shutdown()
+    h.runtime.stopping.set()
+    try:
+        await asyncio.wait_for(h.app.stop(), timeout=s.grace_seconds)
+    except TimeoutError:
+        log.warning("service stop hook exceeded the grace period")
+    await h.server.stop(s.grace_seconds)
+    try:
+        await asyncio.wait_for(h.app.close(), timeout=s.grace_seconds)
+    finally:
+        await h.runtime.close()
+    log.info("stopped")
+
+
+async def serve(settings: Settings, factory: Callable[[Runtime], ServiceApp]) -> None:
+    stop = asyncio.Event()
+    loop = asyncio.get_running_loop()
+    for sig in (signal.SIGTERM, signal.SIGINT):
+        loop.add_signal_handler(sig, stop.set)
+    async with running(settings, factory):
+        await stop.wait()
+
+
+def run_service(settings: Settings, factory: Callable[[Runtime], ServiceApp]) -> None:
+    """Entry point of every service process; returns (exit 0) after a graceful stop."""
+    logs.configure(settings.service, settings.log_level)
+    asyncio.run(serve(settings, factory))
+
+
+async def until_stopping(runtime: Runtime, source: AsyncIterator[object]) -> AsyncIterator[object]:
+    """Relay `source` until the service is stopping, then end the stream with UNAVAILABLE/SHUTTING_DOWN."""
+    stop_task = asyncio.ensure_future(runtime.stopping.wait())
+    try:
+        while True:
+            next_task = asyncio.ensure_future(anext(source))
+            done, _ = await asyncio.wait({next_task, stop_task}, return_when=asyncio.FIRST_COMPLETED)
+            if next_task in done:
+                try:
+                    item = next_task.result()
+                except StopAsyncIteration:
+                    return
+                yield item
+            else:
+                next_task.cancel()
+                raise runtime.shutting_down_error()
+    finally:
+        stop_task.cancel()

