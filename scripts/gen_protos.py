@@ -11,7 +11,8 @@ fails when the committed copy differs.
 from __future__ import annotations
 
 import argparse
-import shutil
+import os
+import tempfile
 import sys
 from pathlib import Path
 
@@ -23,10 +24,25 @@ PROTO_ROOT = ROOT / "protos"
 
 
 def generate(out: Path) -> None:
-    protos = sorted(str(p.relative_to(PROTO_ROOT)) for p in PROTO_ROOT.rglob("*.proto"))
-    if out.exists():
-        shutil.rmtree(out / "flynn", ignore_errors=True)
+    """Generate into a scratch folder, then move changed files into `out` one by one (atomic renames),
+    so code importing gen/ while it regenerates never sees a missing module."""
     out.mkdir(parents=True, exist_ok=True)
+    with tempfile.TemporaryDirectory(dir=out) as scratch:
+        _generate_into(Path(scratch))
+        fresh = {p.relative_to(scratch) for p in Path(scratch).rglob("*") if p.is_file()}
+        for rel in sorted(fresh):
+            dest = out / rel
+            dest.parent.mkdir(parents=True, exist_ok=True)
+            src = Path(scratch) / rel
+            if not dest.exists() or dest.read_bytes() != src.read_bytes():
+                os.replace(src, dest)
+        for stale in (out / "flynn").rglob("*"):
+            if stale.is_file() and stale.relative_to(out) not in fresh and "__pycache__" not in stale.parts:
+                stale.unlink()
+
+
+def _generate_into(out: Path) -> None:
+    protos = sorted(str(p.relative_to(PROTO_ROOT)) for p in PROTO_ROOT.rglob("*.proto"))
     well_known = Path(grpc_tools.__file__).parent / "_proto"
     args = [
         "grpc_tools.protoc",
