@@ -1,0 +1,1 @@
+"""Example programs: an external agent, a companion node, a chat channel."""
