@@ -76,6 +76,8 @@ class ServiceApp:
 
     #: Fully-qualified gRPC service names served (for health and reflection).
     service_names: Sequence[str] = ()
+    #: Further services listed by reflection only, not by health (the gateway's forwarded services).
+    reflection_names: Sequence[str] = ()
 
     def __init__(self, runtime: Runtime) -> None:
         self.runtime = runtime
@@ -123,7 +125,7 @@ async def running(settings: Settings, factory: Callable[[Runtime], ServiceApp]) 
     health_servicer = health.aio.HealthServicer()
     health_pb2_grpc.add_HealthServicer_to_server(health_servicer, server)
     app.register(server)
-    names = [*app.service_names, health.SERVICE_NAME, reflection.SERVICE_NAME]
+    names = [*app.service_names, *app.reflection_names, health.SERVICE_NAME, reflection.SERVICE_NAME]
     reflection.enable_server_reflection(names, server)
     port = server.add_insecure_port(settings.listen)
     if port == 0:
