@@ -1570,10 +1570,13 @@ class UpdateConfigResponse(_message.Message):
     CONFIG_FIELD_NUMBER: _builtins.int
     DIFF_FIELD_NUMBER: _builtins.int
     DRY_RUN_FIELD_NUMBER: _builtins.int
+    UNCHANGED_FIELD_NUMBER: _builtins.int
     revision: _builtins.int
     """New revision (for dry_run: the head, unchanged)."""
     dry_run: _builtins.bool
     """True when nothing was committed."""
+    unchanged: _builtins.bool
+    """True when the change equals the head: nothing was committed and revision is the head."""
     @_builtins.property
     def config(self) -> Global___FlynnConfig:
         """Effective config after the change."""
@@ -1589,10 +1592,11 @@ class UpdateConfigResponse(_message.Message):
         config: Global___FlynnConfig | None = ...,
         diff: _abc.Iterable[Global___ConfigDiffEntry] | None = ...,
         dry_run: _builtins.bool = ...,
+        unchanged: _builtins.bool = ...,
     ) -> None: ...
     _HasFieldArgType: _TypeAlias = _typing.Literal["config", b"config"]  # noqa: Y015
     def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
-    _ClearFieldArgType: _TypeAlias = _typing.Literal["config", b"config", "diff", b"diff", "dry_run", b"dry_run", "revision", b"revision"]  # noqa: Y015
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["config", b"config", "diff", b"diff", "dry_run", b"dry_run", "revision", b"revision", "unchanged", b"unchanged"]  # noqa: Y015
     def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
     def WhichOneof(self, oneof_group: _Never) -> None: ...
 
@@ -1696,10 +1700,13 @@ class RollbackConfigResponse(_message.Message):
     CONFIG_FIELD_NUMBER: _builtins.int
     DIFF_FIELD_NUMBER: _builtins.int
     DRY_RUN_FIELD_NUMBER: _builtins.int
+    UNCHANGED_FIELD_NUMBER: _builtins.int
     revision: _builtins.int
     """New revision (for dry_run: the head, unchanged)."""
     dry_run: _builtins.bool
     """True when nothing was committed."""
+    unchanged: _builtins.bool
+    """True when the change equals the head: nothing was committed and revision is the head."""
     @_builtins.property
     def config(self) -> Global___FlynnConfig:
         """Effective config after the rollback."""
@@ -1715,10 +1722,11 @@ class RollbackConfigResponse(_message.Message):
         config: Global___FlynnConfig | None = ...,
         diff: _abc.Iterable[Global___ConfigDiffEntry] | None = ...,
         dry_run: _builtins.bool = ...,
+        unchanged: _builtins.bool = ...,
     ) -> None: ...
     _HasFieldArgType: _TypeAlias = _typing.Literal["config", b"config"]  # noqa: Y015
     def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
-    _ClearFieldArgType: _TypeAlias = _typing.Literal["config", b"config", "diff", b"diff", "dry_run", b"dry_run", "revision", b"revision"]  # noqa: Y015
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["config", b"config", "diff", b"diff", "dry_run", b"dry_run", "revision", b"revision", "unchanged", b"unchanged"]  # noqa: Y015
     def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
     def WhichOneof(self, oneof_group: _Never) -> None: ...
 
