@@ -134,6 +134,8 @@ class _RunEventTypeEnumTypeWrapper(_enum_type_wrapper._EnumTypeWrapper[_RunEvent
     """A message was injected into an active run."""
     RUN_EVENT_TYPE_RUN_OUTPUT: _RunEventType.ValueType  # 10
     """The agent streamed a chunk of output."""
+    RUN_EVENT_TYPE_TTS_FALLBACK: _RunEventType.ValueType  # 11
+    """A final reply went out as text because speech failed; reason is the fallback cause."""
 
 class RunEventType(_RunEventType, metaclass=_RunEventTypeEnumTypeWrapper):
     """RunEventType is the kind of a run event."""
@@ -160,6 +162,8 @@ RUN_EVENT_TYPE_MESSAGE_STEERED: RunEventType.ValueType  # 9
 """A message was injected into an active run."""
 RUN_EVENT_TYPE_RUN_OUTPUT: RunEventType.ValueType  # 10
 """The agent streamed a chunk of output."""
+RUN_EVENT_TYPE_TTS_FALLBACK: RunEventType.ValueType  # 11
+"""A final reply went out as text because speech failed; reason is the fallback cause."""
 Global___RunEventType: _TypeAlias = RunEventType  # noqa: Y015
 
 class _CancelScope:
