@@ -1,0 +1,1 @@
+"""The gateway: the only public door. Forwards every internal service and serves System/Gateway."""

@@ -1,0 +1,56 @@
+"""One shared channel per backend for the forwarding hop.
+
+The hop forwards the caller's own authorization header, so these channels carry no token of their
+own (and no client interceptor on the hot path). Connect attempts are bounded so a backend that is
+down fails a call with UNAVAILABLE in about a second instead of hanging; there are no gRPC-level
+retries (the caller decides, guided by RetryInfo).
+"""
+
+from __future__ import annotations
+
+from typing import Any
+
+import grpc
+
+from flynn_runtime.channels import KEEPALIVE_OPTIONS
+from flynn_runtime.settings import Settings
+
+CONNECT_TIMEOUT_MS = 1000
+
+
+def backend_options(max_message_bytes: int) -> list[tuple[str, Any]]:
+    return [
+        ("grpc.max_receive_message_length", max_message_bytes),
+        ("grpc.max_send_message_length", max_message_bytes),
+        ("grpc.enable_retries", 0),
+        # The minimum reconnect backoff is also gRPC's minimum connect timeout.
+        ("grpc.min_reconnect_backoff_ms", CONNECT_TIMEOUT_MS),
+        ("grpc.initial_reconnect_backoff_ms", 100),
+        ("grpc.max_reconnect_backoff_ms", CONNECT_TIMEOUT_MS),
+        *KEEPALIVE_OPTIONS,
+    ]
+
+
+class Backends:
+    """Lazily opened channels, one per backend process, reused by every forwarded call."""
+
+    def __init__(self, settings: Settings) -> None:
+        self._settings = settings
+        self._channels: dict[str, grpc.aio.Channel] = {}
+
+    def address(self, backend: str) -> str:
+        return self._settings.address(backend)
+
+    def channel(self, backend: str) -> grpc.aio.Channel:
+        ch = self._channels.get(backend)
+        if ch is None:
+            ch = grpc.aio.insecure_channel(
+                self.address(backend), options=backend_options(self._settings.max_message_bytes)
+            )
+            self._channels[backend] = ch
+        return ch
+
+    async def close(self) -> None:
+        for ch in self._channels.values():
+            await ch.close(None)
+        self._channels.clear()

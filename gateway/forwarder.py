@@ -1,0 +1,192 @@
+"""The pass-through: a generic handler that forwards each internal method, as raw bytes, to its owner.
+
+What crosses the hop unchanged: request and response bytes (never re-serialised), request metadata
+(authorization included; hop-by-hop and pseudo headers dropped), the caller's remaining deadline,
+cancellation (a cancelled caller cancels the downstream call), and the backend's status code,
+message and trailing metadata (so rich error details such as BadRequest survive). A backend that
+cannot be reached becomes UNAVAILABLE naming it, with ErrorInfo reason BACKEND_UNAVAILABLE.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+from collections.abc import AsyncIterator, Callable, Iterable, Mapping
+from typing import TYPE_CHECKING, Any, cast
+
+import grpc
+from grpc.aio import ServicerContext
+
+from flynn_runtime.channels import downstream_timeout
+from flynn_runtime.errors import Code, FlynnError, shutting_down, unavailable
+from flynn_runtime.interceptor import abort_with
+from gateway.backends import Backends
+from gateway.routes import Route
+
+log = logging.getLogger(__name__)
+
+# Unary calls without a caller deadline still get one; streams may stay open for as long as the caller.
+UNARY_DEFAULT_TIMEOUT = 300.0
+_DEADLINE_MARGIN = 0.005
+
+_HOP_BY_HOP = frozenset(
+    {
+        "connection",
+        "content-type",
+        "host",
+        "keep-alive",
+        "proxy-connection",
+        "te",
+        "transfer-encoding",
+        "upgrade",
+        "user-agent",
+    }
+)
+_DETAILS_KEY = "grpc-status-details-bin"
+
+Ctx = ServicerContext[Any, Any]
+if TYPE_CHECKING:
+    Handler = grpc.RpcMethodHandler[Any, Any]
+else:
+    Handler = grpc.RpcMethodHandler
+
+
+def forward_metadata(context: Ctx) -> tuple[tuple[str, str | bytes], ...]:
+    """The caller's metadata minus pseudo, reserved (grpc-*) and hop-by-hop headers."""
+    return tuple(
+        (k, v)
+        for k, v in cast(Iterable[tuple[str, str | bytes]], context.invocation_metadata() or ())
+        if not (k.startswith(":") or k.startswith("grpc-") or k in _HOP_BY_HOP)
+    )
+
+
+def _stream_timeout(context: Ctx) -> float | None:
+    remaining = context.time_remaining()
+    if remaining is None:
+        return None
+    return max(remaining - _DEADLINE_MARGIN, 0.001)
+
+
+class Forwarder(grpc.GenericRpcHandler):  # type: ignore[type-arg]
+    """Generic handler for every routed method; unknown methods fall through (None)."""
+
+    def __init__(
+        self,
+        backends: Backends,
+        routes: Mapping[str, Route],
+        external: Mapping[str, Route],
+        stopping: asyncio.Event,
+    ) -> None:
+        self._backends = backends
+        self._stopping = stopping
+        self._handlers: dict[str, Handler] = {}
+        for path, route in routes.items():
+            self._handlers[path] = self._make_handler(route)
+        for path, route in external.items():
+            self._handlers[path] = self._unrouted_handler(route)
+
+    def service(self, handler_call_details: grpc.HandlerCallDetails) -> Handler | None:
+        return self._handlers.get(handler_call_details.method)
+
+    # --- errors -------------------------------------------------------------------------------
+
+    def backend_down(self, route: Route, err: grpc.aio.AioRpcError) -> FlynnError:
+        addr = self._backends.address(route.backend)
+        return unavailable(
+            f"{route.backend} ({addr}) unavailable: {err.details()}",
+            reason="BACKEND_UNAVAILABLE",
+            service=route.backend,
+            address=addr,
+        )
+
+    async def _relay_error(self, route: Route, context: Ctx, err: grpc.aio.AioRpcError) -> None:
+        trailing = cast(tuple[tuple[str, str | bytes], ...], tuple(err.trailing_metadata() or ()))
+        code = err.code()
+        if code == grpc.StatusCode.UNAVAILABLE and not any(k == _DETAILS_KEY for k, _ in trailing):
+            # Raised by the channel (connect failure, connection lost), not by the backend's handler.
+            await abort_with(context, self.backend_down(route, err))
+        await context.abort(code, err.details() or "", trailing_metadata=trailing)
+
+    def _shutting_down(self) -> bool:
+        """A cancelled downstream stream: true when our SIGTERM cancelled it, not the caller."""
+        task = asyncio.current_task()
+        return self._stopping.is_set() and (task is None or task.cancelling() == 0)
+
+    # --- handlers -----------------------------------------------------------------------------
+
+    def _make_handler(self, route: Route) -> Handler:
+        ch = self._backends.channel(route.backend)
+        path = route.method
+        if route.kind == "unary":
+            return grpc.unary_unary_rpc_method_handler(self._unary(route, ch.unary_unary(path, None, None)))
+        if route.kind == "client_stream":
+            return grpc.stream_unary_rpc_method_handler(self._unary(route, ch.stream_unary(path, None, None)))
+        if route.kind == "server_stream":
+            return grpc.unary_stream_rpc_method_handler(
+                self._stream(route, ch.unary_stream(path, None, None))
+            )
+        return grpc.stream_stream_rpc_method_handler(self._stream(route, ch.stream_stream(path, None, None)))
+
+    def _unary(self, route: Route, multicallable: Callable[..., Any]) -> Callable[[Any, Ctx], Any]:
+        # Serves unary and client-stream methods: the request (or request iterator) is passed through.
+        async def forward(request: Any, context: Ctx) -> bytes:
+            try:
+                response: bytes = await multicallable(
+                    request,
+                    timeout=downstream_timeout(context, UNARY_DEFAULT_TIMEOUT, _DEADLINE_MARGIN),
+                    metadata=forward_metadata(context),
+                )
+                return response
+            except grpc.aio.AioRpcError as err:
+                await self._relay_error(route, context, err)
+                raise  # unreachable: abort raised
+
+        return forward
+
+    def _stream(self, route: Route, multicallable: Callable[..., Any]) -> Callable[[Any, Ctx], Any]:
+        # Serves server-stream and bidi methods.
+        async def forward(request: Any, context: Ctx) -> AsyncIterator[bytes]:
+            call = multicallable(
+                request, timeout=_stream_timeout(context), metadata=forward_metadata(context)
+            )
+            # On SIGTERM the gateway ends open streams (UNAVAILABLE/SHUTTING_DOWN) so callers reconnect.
+            watcher = asyncio.ensure_future(self._stopping.wait())
+            watcher.add_done_callback(lambda _f: call.cancel())
+            try:
+                async for response in call:
+                    yield response
+            except grpc.aio.AioRpcError as err:
+                if err.code() == grpc.StatusCode.CANCELLED and self._shutting_down():
+                    await abort_with(context, shutting_down("gateway"))
+                await self._relay_error(route, context, err)
+            except asyncio.CancelledError:
+                if self._shutting_down():
+                    await abort_with(context, shutting_down("gateway"))
+                raise
+            finally:
+                watcher.cancel()
+                call.cancel()
+
+        return forward
+
+    def _unrouted_handler(self, route: Route) -> Handler:
+        service = route.method.split("/")[1]
+        message = (
+            f"{service} is implemented by external agents and called by run control directly; "
+            "the gateway does not route it"
+        )
+
+        async def refuse(request: Any, context: Ctx) -> Any:
+            await abort_with(context, FlynnError(Code.UNIMPLEMENTED, message, reason="NOT_ROUTED"))
+
+        async def refuse_stream(request: Any, context: Ctx) -> AsyncIterator[bytes]:
+            await abort_with(context, FlynnError(Code.UNIMPLEMENTED, message, reason="NOT_ROUTED"))
+            yield b""  # pragma: no cover - makes this an async generator
+
+        if route.kind == "unary":
+            return grpc.unary_unary_rpc_method_handler(refuse)
+        if route.kind == "client_stream":
+            return grpc.stream_unary_rpc_method_handler(refuse)
+        if route.kind == "server_stream":
+            return grpc.unary_stream_rpc_method_handler(refuse_stream)
+        return grpc.stream_stream_rpc_method_handler(refuse_stream)

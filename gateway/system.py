@@ -1,0 +1,102 @@
+"""flynn.v1.System: the mesh's status (health, version, applied config revision) in one call."""
+
+from __future__ import annotations
+
+import asyncio
+from typing import Any
+
+import grpc
+from flynn.v1 import config_pb2, config_pb2_grpc, system_pb2, system_pb2_grpc
+from grpc.aio import ServicerContext
+from grpc_health.v1 import health_pb2, health_pb2_grpc
+
+from flynn_runtime import VERSION
+from flynn_runtime.errors import Code, FlynnError
+from flynn_runtime.server import Runtime
+from flynn_runtime.settings import BACKENDS
+from gateway.backends import Backends
+
+HEALTH_TIMEOUT = 1.0
+WATCHERS_TIMEOUT = 2.0
+_MAX_WATCHER_PAGES = 20
+
+_HEALTH = {
+    health_pb2.HealthCheckResponse.SERVING: system_pb2.SERVICE_HEALTH_SERVING,
+    health_pb2.HealthCheckResponse.NOT_SERVING: system_pb2.SERVICE_HEALTH_NOT_SERVING,
+}
+
+
+class SystemServicer(system_pb2_grpc.SystemServicer):
+    def __init__(self, runtime: Runtime, backends: Backends, own_health: Any) -> None:
+        self._runtime = runtime
+        self._backends = backends
+        self._own_health = own_health  # callable returning the gateway's own health enum
+
+    async def GetMetrics(
+        self, request: system_pb2.GetMetricsRequest, context: ServicerContext[Any, Any]
+    ) -> system_pb2.GetMetricsResponse:
+        raise FlynnError(
+            Code.UNIMPLEMENTED, "System.GetMetrics is not implemented yet", reason="NOT_IMPLEMENTED"
+        )
+
+    async def GetStatus(
+        self, request: system_pb2.GetStatusRequest, context: ServicerContext[Any, Any]
+    ) -> system_pb2.GetStatusResponse:
+        watchers_task = asyncio.ensure_future(self._watchers())
+        statuses = list(await asyncio.gather(*(self._check(b) for b in BACKENDS)))
+        watchers, head = await watchers_task
+        out = system_pb2.GetStatusResponse(head_revision=head)
+        statuses.append(
+            system_pb2.ServiceStatus(
+                service="gateway",
+                address=self._runtime.settings.listen,
+                health=self._own_health(),
+                version=VERSION,
+            )
+        )
+        for st in statuses:
+            w = watchers.get(st.service)
+            if w is not None:
+                st.applied_revision = w.applied_revision
+                if not st.version:
+                    st.version = w.identity.version
+        out.services.extend(statuses)
+        return out
+
+    async def _check(self, backend: str) -> system_pb2.ServiceStatus:
+        addr = self._backends.address(backend)
+        st = system_pb2.ServiceStatus(service=backend, address=addr)
+        stub = health_pb2_grpc.HealthStub(self._backends.channel(backend))
+        try:
+            resp = await stub.Check(health_pb2.HealthCheckRequest(service=""), timeout=HEALTH_TIMEOUT)
+            st.health = _HEALTH.get(resp.status, system_pb2.SERVICE_HEALTH_NOT_SERVING)
+        except grpc.aio.AioRpcError as err:
+            st.health = system_pb2.SERVICE_HEALTH_UNREACHABLE
+            st.detail = f"{err.code().name}: {err.details()}"
+        return st
+
+    async def _watchers(self) -> tuple[dict[str, config_pb2.WatcherStatus], int]:
+        """Latest reported watcher per service (highest applied revision), and the config head revision."""
+        stub = config_pb2_grpc.ConfigServiceStub(self._runtime.channel("config"))
+        best: dict[str, config_pb2.WatcherStatus] = {}
+        head = 0
+        token = ""
+        try:
+            for _ in range(_MAX_WATCHER_PAGES):
+                resp = await stub.ListWatchers(
+                    config_pb2.ListWatchersRequest(page_size=1000, page_token=token), timeout=WATCHERS_TIMEOUT
+                )
+                head = max(head, resp.head_revision)
+                for w in resp.watchers:
+                    cur = best.get(w.identity.service)
+                    if cur is None or (w.connected, w.applied_revision) > (
+                        cur.connected,
+                        cur.applied_revision,
+                    ):
+                        best[w.identity.service] = w
+                token = resp.next_page_token
+                if not token:
+                    break
+        except grpc.aio.AioRpcError:
+            pass  # the config row already says whether config is reachable
+        return best, head
