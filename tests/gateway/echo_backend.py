@@ -42,7 +42,9 @@ class EchoBackendApp(ServiceApp):
         with self.events.open("a") as f:
             f.write(line + "\n")
 
-    async def synthesize(self, request: voice_pb2.SynthesizeRequest, context: Ctx) -> voice_pb2.SynthesizeResponse:
+    async def synthesize(
+        self, request: voice_pb2.SynthesizeRequest, context: Ctx
+    ) -> voice_pb2.SynthesizeResponse:
         if not request.text:
             raise invalid_argument("text", "is required")
         remaining = context.time_remaining()
@@ -57,7 +59,9 @@ class EchoBackendApp(ServiceApp):
             self._event(f"finished {request.text}")
         return voice_pb2.SynthesizeResponse(audio_content=request.text.encode(), engine=engine)
 
-    async def list_voices(self, request: voice_pb2.ListVoicesRequest, context: Ctx) -> voice_pb2.ListVoicesResponse:
+    async def list_voices(
+        self, request: voice_pb2.ListVoicesRequest, context: Ctx
+    ) -> voice_pb2.ListVoicesResponse:
         out = voice_pb2.ListVoicesResponse()
         for key, value in context.invocation_metadata() or ():
             shown = value if isinstance(value, str) else value.hex()

@@ -33,7 +33,9 @@ class GatewayMesh:
         self.echo = ServiceProcess("voice", ECHO_MODULE, self.root / "echo", self.tokens, grace=grace).start()
         addresses = {"voice": self.echo.address, "nodes": self.echo.address}
         if module_exists("config_svc.main"):
-            self.config = ServiceProcess("config", "config_svc.main", self.root / "config", self.tokens, grace=grace)
+            self.config = ServiceProcess(
+                "config", "config_svc.main", self.root / "config", self.tokens, grace=grace
+            )
             self.config.start()
             addresses["config"] = self.config.address
         else:
@@ -42,7 +44,12 @@ class GatewayMesh:
             self.dead[backend] = f"127.0.0.1:{free_port()}"
         addresses.update(self.dead)
         self.gateway = ServiceProcess(
-            "gateway", "gateway.main", self.root / "gateway", self.tokens, addresses=addresses, grace=gateway_grace
+            "gateway",
+            "gateway.main",
+            self.root / "gateway",
+            self.tokens,
+            addresses=addresses,
+            grace=gateway_grace,
         ).start()
         return self
 

@@ -1,0 +1,120 @@
+"""Real grpcurl against a real gateway process with real backend processes behind it."""
+
+from __future__ import annotations
+
+import json
+import time
+
+from tests.support.gateway import GatewayMesh
+from tests.support.mesh import grpcurl
+
+FLYNN_SERVICES = [
+    "flynn.v1.Agent",
+    "flynn.v1.Canvas",
+    "flynn.v1.ConfigService",
+    "flynn.v1.Gateway",
+    "flynn.v1.Nodes",
+    "flynn.v1.Reactions",
+    "flynn.v1.RunControl",
+    "flynn.v1.System",
+    "flynn.v1.Voice",
+]
+
+
+def test_list_shows_every_service(mesh: GatewayMesh) -> None:
+    assert mesh.gateway is not None
+    out = grpcurl(mesh.gateway.address, "list", token=mesh.tokens.operator)
+    assert out.returncode == 0, out.stderr
+    listed = out.stdout.split()
+    assert sorted(s for s in listed if s.startswith("flynn.v1.")) == FLYNN_SERVICES
+    assert "grpc.health.v1.Health" in listed
+    assert "grpc.reflection.v1alpha.ServerReflection" in listed
+
+
+def test_describe_run_control(mesh: GatewayMesh) -> None:
+    assert mesh.gateway is not None
+    out = grpcurl(mesh.gateway.address, "describe", "flynn.v1.RunControl", token=mesh.tokens.operator)
+    assert out.returncode == 0, out.stderr
+    assert "service RunControl {" in out.stdout
+    assert "rpc SubmitMessage ( .flynn.v1.SubmitMessageRequest )" in out.stdout
+    assert "returns ( stream .flynn.v1.WatchRunEventsResponse )" in out.stdout
+    out = grpcurl(
+        mesh.gateway.address, "describe", "flynn.v1.SubmitMessageRequest", token=mesh.tokens.operator
+    )
+    assert out.returncode == 0, out.stderr
+    assert "idempotency_key" in out.stdout
+
+
+def test_health_serving_on_each_running_service(mesh: GatewayMesh) -> None:
+    running = [p for p in (mesh.gateway, mesh.echo, mesh.config) if p is not None]
+    for proc in running:
+        out = grpcurl(proc.address, "grpc.health.v1.Health/Check")
+        assert out.returncode == 0, (proc.service, out.stderr)
+        assert json.loads(out.stdout) == {"status": "SERVING"}
+    assert mesh.gateway is not None
+    for name in ("flynn.v1.Gateway", "flynn.v1.System"):
+        out = grpcurl(mesh.gateway.address, "grpc.health.v1.Health/Check", data=json.dumps({"service": name}))
+        assert json.loads(out.stdout) == {"status": "SERVING"}, out.stderr
+
+
+def test_invalid_field_is_invalid_argument_with_the_field_violation(mesh: GatewayMesh) -> None:
+    assert mesh.gateway is not None
+    if mesh.config is not None:
+        # The real config service behind the gateway: a page size out of range.
+        method, data, field = "flynn.v1.ConfigService/ListRevisions", {"page_size": -5}, "page_size"
+    else:
+        method, data, field = "flynn.v1.Voice/Synthesize", {"text": ""}, "text"
+    out = grpcurl(mesh.gateway.address, method, token=mesh.tokens.operator, data=json.dumps(data))
+    assert out.returncode != 0
+    assert "Code: InvalidArgument" in out.stderr
+    assert "type.googleapis.com/google.rpc.BadRequest" in out.stderr
+    assert f'"field":"{field}"' in out.stderr
+    # The same status as JSON (-format-error), parsed.
+    out = grpcurl(
+        "-format-error", mesh.gateway.address, method, token=mesh.tokens.operator, data=json.dumps(data)
+    )
+    status = json.loads(out.stderr)
+    assert status["code"] == 3
+    bad = [d for d in status["details"] if d["@type"].endswith("google.rpc.BadRequest")]
+    violations = bad[0].get("fieldViolations") or bad[0]["field_violations"]
+    assert violations[0]["field"] == field
+
+
+def test_no_token_is_unauthenticated(mesh: GatewayMesh) -> None:
+    assert mesh.gateway is not None
+    out = grpcurl(mesh.gateway.address, "flynn.v1.ConfigService/GetConfig", data="{}")
+    assert out.returncode != 0
+    assert "Code: Unauthenticated" in out.stderr
+    assert "missing bearer token" in out.stderr
+
+
+def test_channel_token_on_operator_method_is_permission_denied(mesh: GatewayMesh) -> None:
+    assert mesh.gateway is not None
+    out = grpcurl(
+        mesh.gateway.address, "flynn.v1.ConfigService/UpdateConfig", token=mesh.tokens.channel, data="{}"
+    )
+    assert out.returncode != 0
+    assert "Code: PermissionDenied" in out.stderr
+    assert "role 'channel' may not call /flynn.v1.ConfigService/UpdateConfig" in out.stderr
+
+
+def test_backend_down_is_unavailable_naming_it_quickly(mesh: GatewayMesh) -> None:
+    assert mesh.gateway is not None
+    start = time.monotonic()
+    out = grpcurl(mesh.gateway.address, "flynn.v1.Reactions/ListRules", token=mesh.tokens.operator, data="{}")
+    elapsed = time.monotonic() - start
+    assert out.returncode != 0
+    assert "Code: Unavailable" in out.stderr
+    assert f"reactions ({mesh.dead['reactions']}) unavailable" in out.stderr
+    assert elapsed < 15  # never a hang (grpcurl's own -max-time is 20 s); the bench measures the real figure
+
+
+def test_system_get_status(mesh: GatewayMesh) -> None:
+    assert mesh.gateway is not None
+    out = grpcurl(mesh.gateway.address, "flynn.v1.System/GetStatus", token=mesh.tokens.operator, data="{}")
+    assert out.returncode == 0, out.stderr
+    status = {s["service"]: s for s in json.loads(out.stdout)["services"]}
+    assert status["gateway"]["health"] == "SERVICE_HEALTH_SERVING"
+    assert status["voice"]["health"] == "SERVICE_HEALTH_SERVING"  # the echo backend
+    assert status["queue"]["health"] == "SERVICE_HEALTH_UNREACHABLE"
+    assert status["queue"]["detail"]
