@@ -58,12 +58,7 @@ def auth_metadata(token: str) -> tuple[tuple[str, str], ...]:
     return (("authorization", f"Bearer {token}"),) if token else ()
 
 
-class _AuthInterceptor(
-    grpc.aio.UnaryUnaryClientInterceptor,
-    grpc.aio.UnaryStreamClientInterceptor,
-    grpc.aio.StreamUnaryClientInterceptor,
-    grpc.aio.StreamStreamClientInterceptor,
-):
+class _AuthDetails:
     """Adds the service's bearer token unless the call already carries an authorization header."""
 
     def __init__(self, token: str) -> None:
@@ -73,18 +68,34 @@ class _AuthInterceptor(
         md = list(d.metadata or ())
         if not any(k == "authorization" for k, _ in md):
             md.extend(self._md)
-        return grpc.aio.ClientCallDetails(d.method, d.timeout, grpc.aio.Metadata(*md), d.credentials, d.wait_for_ready)
+        return grpc.aio.ClientCallDetails(
+            d.method, d.timeout, grpc.aio.Metadata(*md), d.credentials, d.wait_for_ready
+        )
 
+
+# grpc.aio files each interceptor under the FIRST call kind it implements (an if/elif chain), so one
+# class implementing all four kinds would only ever see unary-unary calls: one class per kind.
+class _AuthUnaryUnary(_AuthDetails, grpc.aio.UnaryUnaryClientInterceptor):
     async def intercept_unary_unary(self, continuation: Any, client_call_details: Any, request: Any) -> Any:
         return await continuation(self._details(client_call_details), request)
 
+
+class _AuthUnaryStream(_AuthDetails, grpc.aio.UnaryStreamClientInterceptor):
     async def intercept_unary_stream(self, continuation: Any, client_call_details: Any, request: Any) -> Any:
         return await continuation(self._details(client_call_details), request)
 
-    async def intercept_stream_unary(self, continuation: Any, client_call_details: Any, request_iterator: Any) -> Any:
+
+class _AuthStreamUnary(_AuthDetails, grpc.aio.StreamUnaryClientInterceptor):
+    async def intercept_stream_unary(
+        self, continuation: Any, client_call_details: Any, request_iterator: Any
+    ) -> Any:
         return await continuation(self._details(client_call_details), request_iterator)
 
-    async def intercept_stream_stream(self, continuation: Any, client_call_details: Any, request_iterator: Any) -> Any:
+
+class _AuthStreamStream(_AuthDetails, grpc.aio.StreamStreamClientInterceptor):
+    async def intercept_stream_stream(
+        self, continuation: Any, client_call_details: Any, request_iterator: Any
+    ) -> Any:
         return await continuation(self._details(client_call_details), request_iterator)
 
 
@@ -105,11 +116,20 @@ def client_channel(
     ]
     if retries:
         options.append(("grpc.service_config", _RETRY_SERVICE_CONFIG))
-    interceptors = [_AuthInterceptor(token)] if token else None
+    interceptors: list[Any] | None = None
+    if token:
+        interceptors = [
+            _AuthUnaryUnary(token),
+            _AuthUnaryStream(token),
+            _AuthStreamUnary(token),
+            _AuthStreamStream(token),
+        ]
     return grpc.aio.insecure_channel(target, options=options, interceptors=interceptors)
 
 
-def downstream_timeout(context: ServicerContext[Any, Any] | None, default: float, margin: float = 0.005) -> float:
+def downstream_timeout(
+    context: ServicerContext[Any, Any] | None, default: float, margin: float = 0.005
+) -> float:
     """Timeout for a call made while serving `context`: its remaining time less a margin, at most `default`."""
     if context is None:
         return default
