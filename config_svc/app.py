@@ -1,0 +1,85 @@
+"""ConfigApp: wiring of the config service (storage, seed, fan-out hub, watcher registry)."""
+
+from __future__ import annotations
+
+import argparse
+import logging
+import os
+from pathlib import Path
+
+import grpc
+
+from flynn_runtime import config_yaml
+from flynn_runtime.server import Runtime, ServiceApp
+
+from config_svc import metrics
+from config_svc.config_editor import ConfigEditor
+from config_svc.revision_store import RevisionStore
+from config_svc.service import ConfigServicer, add_to_server
+from config_svc.watch_hub import WatchHub
+from config_svc.watcher_registry import WatcherRegistry
+
+log = logging.getLogger(__name__)
+
+DEFAULT_SEED = Path(__file__).resolve().parents[1] / "config" / "flynn.yaml"
+
+
+def add_args(p: argparse.ArgumentParser) -> None:
+    p.add_argument(
+        "--seed-file",
+        default=os.environ.get("FLYNN_SEED_FILE", ""),
+        help=f"YAML seeded as revision 1 when the history is empty (FLYNN_SEED_FILE; default {DEFAULT_SEED})",
+    )
+    p.add_argument(
+        "--bookmark-seconds",
+        type=float,
+        default=float(os.environ.get("FLYNN_BOOKMARK_SECONDS", "15")),
+        help="interval of WatchConfig bookmarks on a silent stream (FLYNN_BOOKMARK_SECONDS)",
+    )
+    p.add_argument(
+        "--watch-queue-size",
+        type=int,
+        default=int(os.environ.get("FLYNN_WATCH_QUEUE_SIZE", "256")),
+        help="revisions buffered per watch before a slow watcher is told to reconnect (FLYNN_WATCH_QUEUE_SIZE)",
+    )
+
+
+class ConfigApp(ServiceApp):
+    service_names = ("flynn.v1.ConfigService",)
+
+    def __init__(self, runtime: Runtime) -> None:
+        super().__init__(runtime)
+        extra = runtime.settings.extra
+        seed = str(extra.get("seed_file") or os.environ.get("FLYNN_SEED_FILE", ""))
+        self.seed_file = Path(seed) if seed else DEFAULT_SEED
+        self.bookmark_seconds = float(extra.get("bookmark_seconds") or os.environ.get("FLYNN_BOOKMARK_SECONDS", "15"))
+        queue_size = int(extra.get("watch_queue_size") or os.environ.get("FLYNN_WATCH_QUEUE_SIZE", "256"))
+        self.store = RevisionStore(runtime.settings.data_dir / "config" / "config.db")
+        self.editor = ConfigEditor(self.store)
+        self.hub = WatchHub(queue_size=queue_size)
+        self.registry = WatcherRegistry()
+        self.servicer = ConfigServicer(runtime, self.editor, self.hub, self.registry, self.bookmark_seconds)
+
+    def register(self, server: grpc.aio.Server) -> None:
+        add_to_server(self.servicer, server)
+
+    async def start(self) -> None:
+        if self.editor.head_revision == 0:
+            if self.seed_file.exists():
+                cfg = config_yaml.yaml_to_config(self.seed_file.read_text(encoding="utf-8"))
+                reason = f"seed from {self.seed_file}"
+            else:
+                log.warning("seed file %s not found; seeding an empty config", self.seed_file)
+                cfg, reason = config_yaml.dict_to_config({}), "empty seed"
+            stored = self.editor.seed_if_empty(cfg, "system", reason)
+            if stored is not None:
+                self.runtime.audit.record("configSeed", actor="system", revision=stored.revision, reason=reason)
+        self.hub.head = self.editor.head_revision
+        metrics.HEAD_REVISION.set(self.editor.head_revision)
+        log.info("config ready", extra={"head_revision": self.editor.head_revision})
+
+    async def stop(self) -> None:
+        self.hub.close()
+
+    async def close(self) -> None:
+        self.store.close()

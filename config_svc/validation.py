@@ -1,0 +1,184 @@
+"""Validation of a whole FlynnConfig before it is committed: every violated field, with its path.
+
+Paths are config-relative dotted paths with list indexes (`automation.reactions[2].trigger.regex`).
+Generic checks walk every field (known enum values, non-negative durations and counts, rollout
+basis points); semantic checks cover what the types cannot say (rule ids, regexes, roles,
+actions). The reactions service may reuse `validate_rule`.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Iterable
+
+import re2
+from google.protobuf import descriptor as pb_descriptor
+from google.protobuf import duration_pb2
+from google.protobuf import message as pb_message
+
+from flynn.v1 import config_pb2
+from flynn_runtime.config_yaml import enum_choices, field_path_error
+from flynn_runtime.errors import FieldViolation
+from flynn_runtime.rollout import BASIS_POINTS_MAX
+
+FD = pb_descriptor.FieldDescriptor
+
+# int fields that may be negative (everything else is a count, a cap or a size).
+_SIGNED_INT_FIELDS = frozenset({"priority"})
+MAX_RULES = 1000
+
+
+def validate_config(cfg: config_pb2.FlynnConfig) -> list[FieldViolation]:
+    out: list[FieldViolation] = []
+    _walk(cfg, "", out)
+    _check_queue(cfg.server.queue, "server.queue", out)
+    _check_nonempty_list(cfg.server.nodes.allowed_roles, "server.nodes.allowed_roles", "role name", out)
+    _check_nonempty_list(cfg.tts.enabled_channels, "tts.enabled_channels", "channel", out)
+    _check_nonempty_list(cfg.tts.engines, "tts.engines", "engine name", out)
+    _check_nonempty_list(cfg.audio.engines, "audio.engines", "engine name", out)
+    _check_rules(cfg.automation.reactions, "automation.reactions", out)
+    return _dedupe(out)
+
+
+def validate_mask(paths: Iterable[str], field: str = "update_mask") -> list[FieldViolation]:
+    """Every mask path must name a field of FlynnConfig (map keys and list items are not addressable)."""
+    out: list[FieldViolation] = []
+    items = list(paths)
+    if not items:
+        out.append(FieldViolation(field, "is required: list the dotted paths to replace, e.g. server.queue.mode"))
+    for i, p in enumerate(items):
+        why = field_path_error(config_pb2.FlynnConfig.DESCRIPTOR, p)
+        if why is not None:
+            out.append(FieldViolation(f"{field}.paths[{i}]", f"unknown field path {p!r}: {why}"))
+    return out
+
+
+def _join(path: str, name: str) -> str:
+    return f"{path}.{name}" if path else name
+
+
+def _walk(msg: pb_message.Message, path: str, out: list[FieldViolation]) -> None:
+    if isinstance(msg, duration_pb2.Duration):
+        if msg.seconds < 0 or msg.nanos < 0:
+            out.append(FieldViolation(path, "must not be negative"))
+        return
+    if isinstance(msg, config_pb2.Rollout):
+        if not 0 <= msg.basis_points <= BASIS_POINTS_MAX:
+            out.append(
+                FieldViolation(
+                    _join(path, "basis_points"), f"must be between 0 and {BASIS_POINTS_MAX}, got {msg.basis_points}"
+                )
+            )
+    for fd, value in msg.ListFields():
+        p = _join(path, fd.name)
+        is_map = fd.type == FD.TYPE_MESSAGE and fd.message_type.GetOptions().map_entry
+        if is_map:
+            vfd = fd.message_type.fields_by_name["value"]
+            for k, v in value.items():
+                kp = f"{p}[{k}]"
+                if not k:
+                    out.append(FieldViolation(kp, "key must not be empty"))
+                if vfd.type == FD.TYPE_MESSAGE:
+                    _walk(v, kp, out)
+                else:
+                    _scalar(vfd, v, kp, out, required_enum=True)
+        elif fd.is_repeated:
+            for i, v in enumerate(value):
+                if fd.type == FD.TYPE_MESSAGE:
+                    _walk(v, f"{p}[{i}]", out)
+                else:
+                    _scalar(fd, v, f"{p}[{i}]", out)
+        elif fd.type == FD.TYPE_MESSAGE:
+            _walk(value, p, out)
+        else:
+            _scalar(fd, value, p, out)
+
+
+def _scalar(fd: FD, value: object, path: str, out: list[FieldViolation], required_enum: bool = False) -> None:
+    if fd.type == FD.TYPE_ENUM:
+        assert isinstance(value, int)
+        if value not in fd.enum_type.values_by_number:
+            out.append(
+                FieldViolation(path, f"unknown value {value}; expected one of {', '.join(enum_choices(fd.enum_type))}")
+            )
+        elif required_enum and value == 0:
+            out.append(FieldViolation(path, f"must be set; expected one of {', '.join(enum_choices(fd.enum_type))}"))
+    elif fd.type in (FD.TYPE_INT32, FD.TYPE_INT64) and fd.name not in _SIGNED_INT_FIELDS:
+        assert isinstance(value, int)
+        if value < 0:
+            out.append(FieldViolation(path, f"must not be negative, got {value}"))
+
+
+def _check_queue(q: config_pb2.QueueConfig, path: str, out: list[FieldViolation]) -> None:
+    if q.HasField("rollout") and q.rollout.rollout.basis_points > 0 and q.rollout.mode == 0:
+        out.append(FieldViolation(f"{path}.rollout.mode", "is required when the rollout has basis points"))
+
+
+def _check_nonempty_list(items: Iterable[str], path: str, what: str, out: list[FieldViolation]) -> None:
+    seen: set[str] = set()
+    for i, v in enumerate(items):
+        if not v.strip():
+            out.append(FieldViolation(f"{path}[{i}]", f"empty {what}"))
+        elif v in seen:
+            out.append(FieldViolation(f"{path}[{i}]", f"duplicate {what} {v!r}"))
+        seen.add(v)
+
+
+def _check_rules(rules: Iterable[config_pb2.ReactionRule], path: str, out: list[FieldViolation]) -> None:
+    seen: dict[str, int] = {}
+    rules = list(rules)
+    if len(rules) > MAX_RULES:
+        out.append(FieldViolation(path, f"at most {MAX_RULES} rules, got {len(rules)}"))
+    for i, rule in enumerate(rules):
+        rp = f"{path}[{i}]"
+        if rule.id in seen:
+            out.append(FieldViolation(f"{rp}.id", f"duplicate rule id {rule.id!r} (also {path}[{seen[rule.id]}])"))
+        elif rule.id:
+            seen[rule.id] = i
+        out.extend(validate_rule(rule, rp))
+
+
+def validate_rule(rule: config_pb2.ReactionRule, rp: str) -> list[FieldViolation]:
+    """Semantic checks of one reaction rule (ids, trigger, regex under RE2, conditions, actions)."""
+    out: list[FieldViolation] = []
+    if not rule.id.strip():
+        out.append(FieldViolation(f"{rp}.id", "is required"))
+    if rule.trigger.event == config_pb2.REACTION_EVENT_TYPE_UNSPECIFIED:
+        choices = ", ".join(enum_choices(config_pb2.ReactionEventType.DESCRIPTOR))
+        out.append(FieldViolation(f"{rp}.trigger.event", f"is required; expected one of {choices}"))
+    if rule.trigger.regex:
+        try:
+            re2.compile(rule.trigger.regex)
+        except Exception as e:  # noqa: BLE001 - re2.error carries the parser's reason
+            reason = e.args[0] if e.args else e
+            if isinstance(reason, bytes):
+                reason = reason.decode("utf-8", "replace")
+            out.append(FieldViolation(f"{rp}.trigger.regex", f"does not compile under RE2: {reason}"))
+    for j, kw in enumerate(rule.trigger.keywords):
+        if not kw.strip():
+            out.append(FieldViolation(f"{rp}.trigger.keywords[{j}]", "empty keyword"))
+    for j, c in enumerate(rule.conditions):
+        cp = f"{rp}.conditions[{j}]"
+        if not c.field.strip():
+            out.append(FieldViolation(f"{cp}.field", "is required"))
+        if c.operator == config_pb2.CONDITION_OPERATOR_UNSPECIFIED:
+            choices = ", ".join(enum_choices(config_pb2.ConditionOperator.DESCRIPTOR))
+            out.append(FieldViolation(f"{cp}.operator", f"is required; expected one of {choices}"))
+    if rule.fire_cap.max_fires > 0 and rule.fire_cap.window.seconds == 0 and rule.fire_cap.window.nanos == 0:
+        out.append(FieldViolation(f"{rp}.fire_cap.window", "is required when max_fires is set"))
+    if not rule.actions:
+        out.append(FieldViolation(f"{rp}.actions", "a rule needs at least one action"))
+    for j, a in enumerate(rule.actions):
+        if a.WhichOneof("action") is None:
+            kinds = ", ".join(f.name for f in config_pb2.ReactionAction.DESCRIPTOR.oneofs_by_name["action"].fields)
+            out.append(FieldViolation(f"{rp}.actions[{j}]", f"unknown or missing action; set one of {kinds}"))
+    return out
+
+
+def _dedupe(items: list[FieldViolation]) -> list[FieldViolation]:
+    seen: set[tuple[str, str]] = set()
+    out = []
+    for v in items:
+        if (v.field, v.description) not in seen:
+            seen.add((v.field, v.description))
+            out.append(v)
+    return out

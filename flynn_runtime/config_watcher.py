@@ -1,0 +1,244 @@
+"""ConfigWatcher: the ConfigSource every service runs on, fed live by ConfigService.WatchConfig.
+
+    watcher = ConfigWatcher(runtime)          # optional: validator=..., cache_path=...
+    await watcher.start()                      # applies the persisted last-known-good at once
+    ...watcher.config / watcher.subscribe(cb, key="server.nodes")...
+    await watcher.stop()
+
+- start() never waits for the config service: it applies the cached config
+  (<data_dir>/config-cache/<service>.bin, written crash-safely after each applied revision) and
+  follows the watch in a background task that reconnects with jittered exponential backoff
+  (0.1 s doubling to 5 s), resuming from the revision it holds.
+- Each snapshot/change is applied atomically through ConfigSource.apply. A validator exception is a
+  NACK (reported with its reason; the last good config stays); applied revisions are ACKed. Reports
+  are sent by a background task that coalesces them, so reporting never slows applying.
+- Metrics: config_applied_revision, config_staleness_seconds (time since the last message, bookmarks
+  included).
+"""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+import os
+import random
+import struct
+import time
+import zlib
+from pathlib import Path
+
+import grpc
+
+from flynn.v1 import config_pb2, config_pb2_grpc
+from flynn_runtime import VERSION, metrics
+from flynn_runtime.config_source import ConfigSource, Validator
+from flynn_runtime.server import Runtime
+
+log = logging.getLogger(__name__)
+
+_MAGIC = b"FLYNNCFG1"
+_HEADER = struct.Struct(">qI")  # revision, crc32 of the config bytes
+
+
+def write_cache(path: Path, revision: int, blob: bytes) -> None:
+    """Crash-safe: temp file, fsync, rename over, fsync the directory."""
+    path.parent.mkdir(parents=True, exist_ok=True)
+    tmp = path.with_name(f".{path.name}.{os.getpid()}.tmp")
+    data = _MAGIC + _HEADER.pack(revision, zlib.crc32(blob)) + blob
+    fd = os.open(tmp, os.O_WRONLY | os.O_CREAT | os.O_TRUNC, 0o600)
+    try:
+        os.write(fd, data)
+        os.fsync(fd)
+    finally:
+        os.close(fd)
+    os.replace(tmp, path)
+    dfd = os.open(path.parent, os.O_RDONLY)
+    try:
+        os.fsync(dfd)
+    finally:
+        os.close(dfd)
+
+
+def read_cache(path: Path) -> tuple[int, config_pb2.FlynnConfig] | None:
+    """(revision, config) of a cache file; None when missing or damaged."""
+    try:
+        data = path.read_bytes()
+    except FileNotFoundError:
+        return None
+    head = len(_MAGIC) + _HEADER.size
+    if len(data) < head or not data.startswith(_MAGIC):
+        log.warning("ignoring damaged config cache", extra={"path": str(path)})
+        return None
+    revision, crc = _HEADER.unpack(data[len(_MAGIC) : head])
+    blob = data[head:]
+    if zlib.crc32(blob) != crc:
+        log.warning("ignoring config cache with a bad checksum", extra={"path": str(path)})
+        return None
+    cfg = config_pb2.FlynnConfig()
+    cfg.ParseFromString(blob)
+    return revision, cfg
+
+
+class ConfigWatcher(ConfigSource):
+    def __init__(
+        self,
+        runtime: Runtime,
+        validator: Validator | None = None,
+        cache_path: Path | None = None,
+        *,
+        channel: grpc.aio.Channel | None = None,
+        identity: config_pb2.WatcherIdentity | None = None,
+        backoff_initial: float = 0.1,
+        backoff_max: float = 5.0,
+        report_timeout: float = 5.0,
+    ) -> None:
+        super().__init__(validator)
+        self.runtime = runtime
+        s = runtime.settings
+        self.cache_path = cache_path or s.data_dir / "config-cache" / f"{s.service}.bin"
+        self.identity = identity or config_pb2.WatcherIdentity(
+            service=s.service, instance_id=s.instance_id, version=VERSION
+        )
+        self._channel = channel
+        self.backoff_initial = backoff_initial
+        self.backoff_max = backoff_max
+        self.report_timeout = report_timeout
+        self.last_heard = time.monotonic()
+        self.connected = False
+        self.reconnects = 0
+        self.last_nack: tuple[int, str] = (0, "")
+        self._tasks: list[asyncio.Task[None]] = []
+        self._persist_pending: tuple[int, bytes] | None = None
+        self._persist_event = asyncio.Event()
+        self._report_event = asyncio.Event()
+        self._stopped = False
+        self._connection = 0
+
+    # --- lifecycle ------------------------------------------------------------------------------
+
+    async def start(self) -> None:
+        cached = await asyncio.to_thread(read_cache, self.cache_path)
+        if cached is not None:
+            revision, cfg = cached
+            try:
+                await self.apply(cfg, revision)
+                log.info("applied cached config", extra={"revision": revision, "path": str(self.cache_path)})
+            except Exception as e:  # noqa: BLE001 - a refused cache is dropped, the watch brings a fresh one
+                log.warning("cached config refused: %s", e, extra={"revision": revision})
+        self.last_heard = time.monotonic()
+        metrics.CONFIG_STALENESS.set_function(self.staleness)
+        self._tasks = [
+            asyncio.create_task(self._follow(), name="config-watch"),
+            asyncio.create_task(self._persist_loop(), name="config-cache"),
+            asyncio.create_task(self._report_loop(), name="config-report"),
+        ]
+
+    async def stop(self) -> None:
+        self._stopped = True
+        for t in self._tasks:
+            t.cancel()
+        for t in self._tasks:
+            try:
+                await t
+            except (asyncio.CancelledError, Exception):  # noqa: BLE001
+                pass
+        self._tasks = []
+        if self._persist_pending is not None:  # the last applied revision reaches the disk
+            rev, blob = self._persist_pending
+            self._persist_pending = None
+            await asyncio.to_thread(write_cache, self.cache_path, rev, blob)
+
+    def staleness(self) -> float:
+        return time.monotonic() - self.last_heard
+
+    @property
+    def channel(self) -> grpc.aio.Channel:
+        return self._channel or self.runtime.channel("config")
+
+    # --- the watch ------------------------------------------------------------------------------
+
+    async def _follow(self) -> None:
+        backoff = self.backoff_initial
+        while not self._stopped:
+            stub = config_pb2_grpc.ConfigServiceStub(self.channel)
+            call = stub.WatchConfig(
+                config_pb2.WatchConfigRequest(after_revision=self.revision, identity=self.identity)
+            )
+            try:
+                async for resp in call:
+                    if not self.connected:
+                        self.connected = True
+                        backoff = self.backoff_initial
+                        self._connection += 1  # a restarted config service forgot our status: report again
+                        self._report_event.set()
+                    self.last_heard = time.monotonic()
+                    await self._handle(resp)
+                log.info("config watch ended; reconnecting")
+            except asyncio.CancelledError:
+                call.cancel()
+                raise
+            except grpc.aio.AioRpcError as e:
+                level = logging.DEBUG if e.code() == grpc.StatusCode.UNAVAILABLE else logging.WARNING
+                log.log(level, "config watch failed: %s %s", e.code().name, e.details())
+            except Exception:
+                log.exception("config watch failed")
+            finally:
+                self.connected = False
+            self.reconnects += 1
+            # Equal jitter: at least half the backoff, so a restart storm spreads out but never spins.
+            await asyncio.sleep(backoff / 2 + random.uniform(0, backoff / 2))
+            backoff = min(backoff * 2, self.backoff_max)
+
+    async def _handle(self, resp: config_pb2.WatchConfigResponse) -> None:
+        if resp.kind == config_pb2.WATCH_EVENT_KIND_BOOKMARK:
+            return
+        if resp.kind == config_pb2.WATCH_EVENT_KIND_CHANGE and resp.revision <= self.revision:
+            return  # already applied (a replay overlapping what we hold)
+        try:
+            await self.apply(resp.config, resp.revision)
+        except Exception as e:  # noqa: BLE001 - a refused revision is a NACK, never a crash
+            reason = str(e) or type(e).__name__
+            log.warning("config revision %d refused: %s", resp.revision, reason)
+            self.last_nack = (resp.revision, reason[:4000])
+            self._report_event.set()
+            return
+        metrics.CONFIG_APPLIED_REVISION.set(resp.revision)
+        self._persist_pending = (resp.revision, resp.config.SerializeToString())
+        self._persist_event.set()
+        self._report_event.set()
+
+    # --- background: persist and report ---------------------------------------------------------
+
+    async def _persist_loop(self) -> None:
+        while True:
+            await self._persist_event.wait()
+            self._persist_event.clear()
+            pending, self._persist_pending = self._persist_pending, None
+            if pending is None:
+                continue
+            try:
+                await asyncio.to_thread(write_cache, self.cache_path, *pending)
+            except OSError:
+                log.exception("cannot persist the config cache", extra={"path": str(self.cache_path)})
+
+    async def _report_loop(self) -> None:
+        reported: tuple[int, int, int] = (-1, -1, -1)
+        while True:
+            await self._report_event.wait()
+            self._report_event.clear()
+            state = (self.revision, self.last_nack[0], self._connection)
+            if state == reported:
+                continue
+            req = config_pb2.ReportStatusRequest(
+                identity=self.identity,
+                applied_revision=self.revision,
+                nack_revision=self.last_nack[0],
+                nack_reason=self.last_nack[1],
+            )
+            try:
+                await config_pb2_grpc.ConfigServiceStub(self.channel).ReportStatus(req, timeout=self.report_timeout)
+                reported = state
+            except grpc.aio.AioRpcError as e:
+                log.debug("config status report failed: %s", e.code().name)
+                await asyncio.sleep(0.5 + random.random())
+                self._report_event.set()  # retry with the latest state

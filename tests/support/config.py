@@ -1,0 +1,62 @@
+"""Test support for the config service: in-process servers, settings with config flags, seed files."""
+
+from __future__ import annotations
+
+import contextlib
+import dataclasses
+from collections.abc import AsyncIterator
+from pathlib import Path
+from typing import Any
+
+import yaml
+
+from flynn.v1 import config_pb2_grpc
+from flynn_runtime import settings as settings_mod
+from flynn_runtime.channels import client_channel
+from flynn_runtime.server import RunningServer, running
+from tests.support.mesh import Tokens, make_settings
+
+ROOT = Path(__file__).resolve().parents[2]
+DEFAULT_SEED = ROOT / "config" / "flynn.yaml"
+
+
+def config_settings(
+    data_dir: Path,
+    tokens: Tokens,
+    seed_file: Path | None = None,
+    bookmark_seconds: float = 15.0,
+    watch_queue_size: int = 256,
+    listen: str = "127.0.0.1:0",
+) -> settings_mod.Settings:
+    s = make_settings("config", data_dir, tokens)
+    extra: dict[str, Any] = {
+        "seed_file": str(seed_file or DEFAULT_SEED),
+        "bookmark_seconds": bookmark_seconds,
+        "watch_queue_size": watch_queue_size,
+    }
+    return dataclasses.replace(s, listen=listen, extra=extra)
+
+
+def client_settings(service: str, data_dir: Path, tokens: Tokens, config_addr: str) -> settings_mod.Settings:
+    """Settings of a service that watches the config (its instance id is unique per data dir)."""
+    s = make_settings(service, data_dir, tokens, addresses={"config": config_addr})
+    return dataclasses.replace(s, instance_id=f"{service}@{data_dir.name}")
+
+
+@contextlib.asynccontextmanager
+async def config_server(
+    data_dir: Path, tokens: Tokens, **kw: Any
+) -> AsyncIterator[RunningServer]:
+    from config_svc.app import ConfigApp
+
+    async with running(config_settings(data_dir, tokens, **kw), ConfigApp) as srv:
+        yield srv
+
+
+def stub(address: str, token: str) -> config_pb2_grpc.ConfigServiceStub:
+    return config_pb2_grpc.ConfigServiceStub(client_channel(address, token))
+
+
+def write_seed(path: Path, data: dict[str, Any]) -> Path:
+    path.write_text(yaml.safe_dump(data, allow_unicode=True))
+    return path
