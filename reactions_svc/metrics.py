@@ -1,0 +1,29 @@
+"""Prometheus metrics of the reactions service (names from issue 5 / DESIGN.md §5)."""
+
+from __future__ import annotations
+
+from prometheus_client import Counter, Histogram
+
+from reactions_svc.engine import reason_name
+
+MATCHES = Counter("reactions_matches_total", "Reaction rules that fired (actions succeeded).", ["rule"])
+SKIPS = Counter(
+    "reactions_skips_total",
+    "Rules listening to an event type that did not fire for an event, by reason.",
+    ["rule", "reason"],
+)
+FALSE_POSITIVES = Counter("reactions_false_positives_total", "Matches flagged as false positives.", ["rule"])
+EVALUATION_SECONDS = Histogram(
+    "reactions_evaluation_seconds",
+    "Time to evaluate one event against the rule set (engine only, no I/O).",
+    buckets=(0.00005, 0.0001, 0.00025, 0.0005, 0.001, 0.0025, 0.005, 0.01, 0.025, 0.1),
+)
+ACTIONS = Counter(
+    "reactions_actions_total", "Actions run by fired rules, by kind and outcome.", ["kind", "outcome"]
+)
+EVENTS = Counter("reactions_events_total", "Events consumed from the streams, by source.", ["source"])
+CURSOR = Counter("reactions_consumer_reconnects_total", "Consumer stream reconnects, by source.", ["source"])
+
+
+def skip(rule_id: str, reason: int) -> None:
+    SKIPS.labels(rule_id, reason_name(reason)).inc()

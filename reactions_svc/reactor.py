@@ -1,0 +1,539 @@
+"""The reaction pipeline: dedupe -> evaluate -> persist -> act -> finish, shared by the RPC and the consumers.
+
+An event id is evaluated once. Its decisions (traces, cooldowns, fire windows) are committed in one
+transaction *before* any action runs, with status pending; each action's outcome is recorded under its
+idempotency key (event id + rule id + action index); the event is marked done when every fired rule's
+actions have an outcome. A crash anywhere leaves either nothing (the event is evaluated again) or a
+pending evaluation that is resumed (at start, or when the consumer replays the event): finished actions
+are not repeated, and unfinished ones are retried with the same key, which the downstream deduplicates.
+
+Action failure policy: the rule's trace becomes a skip with reason action_error, but the fire still
+counts for cooldown and fire cap (the rule did act, maybe partly; counting it keeps a failing downstream
+from being hammered once per event).
+"""
+
+from __future__ import annotations
+
+import asyncio
+import hashlib
+import logging
+import time
+from collections.abc import Callable, Sequence
+from dataclasses import dataclass, field
+from typing import Any, Protocol
+
+from flynn.v1 import config_pb2, reactions_pb2
+from google.protobuf import timestamp_pb2
+
+from flynn_runtime.config_source import ConfigSource
+from flynn_runtime.errors import FlynnError, invalid_fields, not_found
+from flynn_runtime.ids import new_id
+from reactions_svc import engine, metrics
+from reactions_svc.engine import Evaluation, FireState, Trace, reason_name
+from reactions_svc.proposed_rules import validate_rule_list
+from reactions_svc.rules import RuleSet, validate_rules
+from reactions_svc.store import FP_REASON, ReactionStore, StoredTrace
+
+log = logging.getLogger(__name__)
+
+TEXT_PLACEHOLDER_MAX = 4000
+ACTION_ATTEMPTS = 3
+
+
+def idempotency_key(event_id: str, rule_id: str, index: int) -> str:
+    key = f"rx/{event_id}/{rule_id}/{index}"
+    if len(key) <= 200:
+        return key
+    return "rx/" + hashlib.sha256(key.encode("utf-8")).hexdigest()[:48]
+
+
+@dataclass
+class ActionContext:
+    event: reactions_pb2.ReactionEvent
+    rule_id: str
+    index: int
+    idempotency_key: str
+    values: dict[str, str]
+
+
+@dataclass
+class ActionOutcome:
+    ok: bool
+    result_id: str = ""
+    error: str = ""
+    # A failure worth retrying (downstream unavailable / deadline): the pipeline retries a few times.
+    transient: bool = False
+
+
+class ActionRunner(Protocol):
+    async def run(
+        self, kind: str, action: config_pb2.ReactionAction, ctx: ActionContext
+    ) -> ActionOutcome: ...
+
+
+AuditFn = Callable[..., object]
+
+
+class RuleSource:
+    """The compiled rules of the applied config revision, recompiled when automation.reactions changes."""
+
+    def __init__(self, config: ConfigSource) -> None:
+        self._config = config
+        self.rules = RuleSet(list(config.config.automation.reactions), config.revision)
+        self._unsubscribe = config.subscribe(self._changed, key="automation.reactions")
+        self._revision_seen = config.revision
+
+    def current(self) -> RuleSet:
+        # Revisions that do not touch automation.reactions still move the revision we report.
+        if self._config.revision != self.rules.revision and self._config.revision != self._revision_seen:
+            self._revision_seen = self._config.revision
+            self.rules.revision = self._config.revision
+        return self.rules
+
+    def _changed(self, old: config_pb2.FlynnConfig, new: config_pb2.FlynnConfig, revision: int) -> None:
+        try:
+            self.rules = RuleSet(list(new.automation.reactions), revision)
+            log.info("reaction rules applied", extra={"revision": revision, "rules": len(self.rules)})
+        except Exception:
+            log.exception("reaction rules refused; keeping the previous set", extra={"revision": revision})
+
+    def close(self) -> None:
+        self._unsubscribe()
+
+
+def config_validator(cfg: config_pb2.FlynnConfig) -> None:
+    """Refuses (NACK) a config whose rules the engine cannot run; names every bad field."""
+    violations = validate_rules(list(cfg.automation.reactions))
+    if violations:
+        raise invalid_fields(violations)
+
+
+@dataclass
+class Result:
+    traces: list[reactions_pb2.ReactionTrace]
+    matched_rule_ids: list[str]
+    revision: int
+    duplicate: bool = False
+
+
+@dataclass
+class _Prepared:
+    event: reactions_pb2.ReactionEvent
+    revision: int
+    traces: list[list[Any]]  # [rule_id, matched, reason, detail, trace_id, listening]
+    fired: list[tuple[str, str]] = field(default_factory=list)  # (rule_id, trace_id)
+    duplicate: bool = False
+    pending: bool = False
+
+
+class Reactor:
+    def __init__(
+        self,
+        store: ReactionStore,
+        rules: Callable[[], RuleSet],
+        runner: ActionRunner | None,
+        audit: AuditFn | None = None,
+        clock: Callable[[], float] = time.time,
+    ) -> None:
+        self.store = store
+        self._rules = rules
+        self.runner = runner
+        self._audit = audit
+        self._clock = clock
+        self.state = FireState()
+        for rule_id, key, last, window in store.load_fire_state():
+            self.state.last[(rule_id, key)] = last
+            if window:
+                self.state.windows[(rule_id, key)] = list(window)
+        self._lock = asyncio.Lock()
+        self._inflight: dict[str, asyncio.Future[None]] = {}
+
+    @property
+    def rules(self) -> RuleSet:
+        return self._rules()
+
+    # Entry points -------------------------------------------------------------------------------
+
+    async def handle(self, event: reactions_pb2.ReactionEvent) -> Result:
+        """Evaluate and act on an event exactly once per event id."""
+        while event.event_id in self._inflight:
+            await asyncio.shield(self._inflight[event.event_id])
+        fut: asyncio.Future[None] = asyncio.get_running_loop().create_future()
+        self._inflight[event.event_id] = fut
+        try:
+            async with self._lock:
+                prepared = self._prepare(event)
+            if prepared.pending:
+                await self._act(prepared)
+            return self._result(prepared)
+        finally:
+            self._inflight.pop(event.event_id, None)
+            fut.set_result(None)
+
+    def dry_run(
+        self, event: reactions_pb2.ReactionEvent, proposed: Sequence[config_pb2.ReactionRule] | None = None
+    ) -> Result:
+        """Evaluate without acting, without changing cooldowns, without recording anything."""
+        if proposed is not None:
+            violations = validate_rule_list(list(proposed), prefix="proposed_rules")
+            if violations:
+                raise invalid_fields(violations)
+            rs = RuleSet(list(proposed), 0)
+        else:
+            rs = self.rules
+        ev = engine.evaluate(event, rs, self.state, self._clock(), dry_run=True)
+        now = self._clock()
+        traces = [self._trace_proto(event, t, "", now, dry_run=True) for t in ev.traces]
+        return Result(traces, [c.id for c in ev.matched], rs.revision)
+
+    async def resume_pending(self) -> int:
+        """Finish the actions of evaluations a crash left pending; returns how many were resumed."""
+        n = 0
+        for event_id in self.store.pending_event_ids():
+            stored = self.store.get_evaluation(event_id)
+            if stored is None:
+                continue
+            ev = reactions_pb2.ReactionEvent.FromString(stored.event)
+            await self.handle(ev)
+            n += 1
+        return n
+
+    # Evaluation ---------------------------------------------------------------------------------
+
+    def _prepare(self, event: reactions_pb2.ReactionEvent) -> _Prepared:
+        stored = self.store.get_evaluation(event.event_id)
+        if stored is not None:
+            fired = [
+                (str(t[0]), str(t[4])) for t in stored.traces if t[1] or t[2] == engine.SKIP_ACTION_ERROR
+            ]
+            stored_event = reactions_pb2.ReactionEvent.FromString(stored.event)
+            return _Prepared(
+                stored_event,
+                stored.revision,
+                stored.traces,
+                fired,
+                duplicate=True,
+                pending=stored.status == "pending",
+            )
+        rs = self.rules
+        now = self._clock()
+        t0 = time.perf_counter()
+        ev = engine.evaluate(event, rs, self.state, now)
+        metrics.EVALUATION_SECONDS.observe(time.perf_counter() - t0)
+        return self._persist(event, ev, now)
+
+    def _persist(self, event: reactions_pb2.ReactionEvent, ev: Evaluation, now: float) -> _Prepared:
+        compact: list[list[Any]] = []
+        matched: list[StoredTrace] = []
+        skipped: list[StoredTrace] = []
+        fired: list[tuple[str, str]] = []
+        et, sk = event.type, event.session_key
+        for t in ev.traces:
+            if not t.listening:
+                compact.append([t.rule_id, False, t.reason, t.detail, "", False])
+                continue
+            tid = new_id("trc")
+            compact.append([t.rule_id, t.matched, t.reason, t.detail, tid, True])
+            st = StoredTrace(tid, event.event_id, t.rule_id, t.matched, t.reason, t.detail, [], now, et, sk)
+            if t.matched:
+                matched.append(st)
+                fired.append((t.rule_id, tid))
+            else:
+                skipped.append(st)
+        fire_rows = []
+        for k in self.state.dirty:
+            fire_rows.append((k[0], k[1], self.state.last.get(k, now), self.state.windows.get(k, [])))
+        self.state.dirty.clear()
+        stored_event = event
+        if len(event.text) > engine.MAX_EVAL_BYTES // 4:
+            stored_event = reactions_pb2.ReactionEvent()
+            stored_event.CopyFrom(event)
+            stored_event.text = engine.bound_text(event.text)
+        self.store.save_evaluation(
+            event_id=event.event_id,
+            now=now,
+            revision=ev.revision,
+            event_type=et,
+            session_key=sk,
+            event=stored_event.SerializeToString(),
+            traces=compact,
+            matched=matched,
+            skipped=skipped,
+            fire_rows=fire_rows,
+            fired_rule_ids=[r for r, _ in fired],
+            pending=bool(fired),
+        )
+        for s in skipped:
+            metrics.skip(s.rule_id, s.reason)
+            self._record_audit("reactionSkip", event, s.rule_id, s.trace_id, reason_name(s.reason), s.detail)
+        return _Prepared(event, ev.revision, compact, fired, pending=bool(fired))
+
+    # Actions ------------------------------------------------------------------------------------
+
+    async def _act(self, p: _Prepared) -> None:
+        rules = self.rules
+        event = p.event
+        values = placeholder_values(event)
+        outcomes: list[tuple[str, bool, int, str, list[dict[str, object]]]] = []
+        for rule_id, trace_id in p.fired:
+            c = rules.by_id.get(rule_id)
+            stored = self.store.get_matched(trace_id)
+            if c is None:
+                # The rule went away between evaluation and a resume: report it rather than guess.
+                outcomes.append(
+                    (trace_id, False, engine.SKIP_ACTION_ERROR, "rule no longer in the config", [])
+                )
+                continue
+            results: list[dict[str, object]] = []
+            failed = ""
+            for idx, action in enumerate(c.rule.actions):
+                kind = action.WhichOneof("action") or ""
+                key = idempotency_key(event.event_id, rule_id, idx)
+                done = self.store.action_result(key)
+                if done is not None and done[0]:
+                    results.append({"kind": kind, "ok": True, "key": key, "result_id": done[1], "error": ""})
+                    continue
+                out = await self._run_action(kind, action, ActionContext(event, rule_id, idx, key, values))
+                self.store.save_action_result(key, out.ok, out.result_id, out.error)
+                metrics.ACTIONS.labels(kind, "ok" if out.ok else "error").inc()
+                results.append(
+                    {"kind": kind, "ok": out.ok, "key": key, "result_id": out.result_id, "error": out.error}
+                )
+                if not out.ok:
+                    failed = f"action[{idx}] {kind} failed: {out.error}"
+                    break
+            base = stored.detail if stored is not None else ""
+            if failed:
+                outcomes.append((trace_id, False, engine.SKIP_ACTION_ERROR, failed, results))
+                metrics.skip(rule_id, engine.SKIP_ACTION_ERROR)
+                self._record_audit("reactionSkip", event, rule_id, trace_id, "action_error", failed)
+            else:
+                outcomes.append((trace_id, True, 0, base, results))
+                metrics.MATCHES.labels(rule_id).inc()
+                self._record_audit(
+                    "reactionMatch",
+                    event,
+                    rule_id,
+                    trace_id,
+                    None,
+                    base,
+                    actions=[r["kind"] for r in results],
+                )
+        self.store.finish_evaluation(event.event_id, outcomes)
+        by_tid = {o[0]: o for o in outcomes}
+        for t in p.traces:
+            o = by_tid.get(str(t[4]))
+            if o is not None:
+                t[1], t[2], t[3] = o[1], o[2], o[3]
+        p.pending = False
+
+    async def _run_action(
+        self, kind: str, action: config_pb2.ReactionAction, ctx: ActionContext
+    ) -> ActionOutcome:
+        if self.runner is None:
+            return ActionOutcome(False, error="no action runner configured")
+        out = ActionOutcome(False, error="not run")
+        for attempt in range(ACTION_ATTEMPTS):
+            try:
+                out = await self.runner.run(kind, action, ctx)
+            except FlynnError as e:
+                out = ActionOutcome(False, error=str(e))
+            except asyncio.CancelledError:
+                raise
+            except Exception as e:  # a bug in one action must not stop the consumer
+                log.exception("action crashed", extra={"kind": kind, "rule": ctx.rule_id})
+                out = ActionOutcome(False, error=f"{type(e).__name__}: {e}")
+            if out.ok or not out.transient:
+                return out
+            await asyncio.sleep(0.2 * (2**attempt))
+        return out
+
+    # Reading ------------------------------------------------------------------------------------
+
+    def _result(self, p: _Prepared) -> Result:
+        ev = p.event
+        matched_rows = self.store.matched_for_event(ev.event_id) if p.fired else {}
+        now = self._clock()
+        traces = []
+        matched_ids = []
+        for t in p.traces:
+            row = matched_rows.get(str(t[4]))
+            traces.append(self._compact_proto(ev, t, row, now))
+            if t[1]:
+                matched_ids.append(str(t[0]))
+        return Result(traces, matched_ids, p.revision, duplicate=p.duplicate)
+
+    def traces_for_event(self, event_id: str, matched: bool | None) -> list[reactions_pb2.ReactionTrace]:
+        stored = self.store.get_evaluation(event_id)
+        if stored is None:
+            raise not_found("event", event_id)
+        ev = reactions_pb2.ReactionEvent.FromString(stored.event)
+        rows = self.store.matched_for_event(event_id)
+        out = []
+        for t in stored.traces:
+            row = rows.get(str(t[4]))
+            is_match = bool(row.matched) if row is not None else bool(t[1])
+            if matched is not None and is_match != matched:
+                continue
+            out.append(self._compact_proto(ev, t, row, stored.time))
+        return out
+
+    def _compact_proto(
+        self, ev: reactions_pb2.ReactionEvent, t: list[Any], row: StoredTrace | None, when: float
+    ) -> reactions_pb2.ReactionTrace:
+        if row is not None:
+            return stored_trace_proto(row)
+        tr = reactions_pb2.ReactionTrace(
+            trace_id=str(t[4]),
+            event_id=ev.event_id,
+            rule_id=str(t[0]),
+            matched=bool(t[1]),
+            skip_reason=int(t[2]),  # type: ignore[arg-type]
+            detail=str(t[3]),
+            event_type=ev.type,
+            session_key=ev.session_key,
+        )
+        tr.time.CopyFrom(_ts(when))
+        return tr
+
+    def _trace_proto(
+        self, ev: reactions_pb2.ReactionEvent, t: Trace, trace_id: str, when: float, dry_run: bool = False
+    ) -> reactions_pb2.ReactionTrace:
+        tr = reactions_pb2.ReactionTrace(
+            trace_id=trace_id,
+            event_id=ev.event_id,
+            rule_id=t.rule_id,
+            matched=t.matched,
+            skip_reason=t.reason,  # type: ignore[arg-type]
+            detail=t.detail,
+            dry_run=dry_run,
+            event_type=ev.type,
+            session_key=ev.session_key,
+        )
+        tr.time.CopyFrom(_ts(when))
+        return tr
+
+    def flag_false_positive(self, match_id: str, reason: str) -> tuple[reactions_pb2.ReactionTrace, bool]:
+        t, already = self.store.flag_false_positive(match_id, reason)
+        if t is None:
+            raise not_found("match", match_id)
+        if not already:
+            metrics.FALSE_POSITIVES.labels(t.rule_id).inc()
+            if self._audit is not None:
+                self._audit(
+                    "reactionFalsePositive",
+                    rule=t.rule_id,
+                    match_id=match_id,
+                    event_id=t.event_id,
+                    reason=reason,
+                )
+        return stored_trace_proto(t), already
+
+    def rule_stats(self, rule_id: str = "") -> tuple[list[reactions_pb2.RuleStats], reactions_pb2.RuleStats]:
+        counters = self.store.counters(rule_id)
+        ids = set(counters)
+        if not rule_id:
+            ids |= set(self.rules.by_id)
+        elif rule_id not in ids and rule_id not in self.rules.by_id:
+            raise not_found("rule", rule_id)
+        else:
+            ids.add(rule_id)
+        per: list[reactions_pb2.RuleStats] = []
+        total_skips: dict[int, int] = {}
+        tm = tf = 0
+        for rid in sorted(ids):
+            c = counters.get(rid, {})
+            m, f = c.get(0, 0), c.get(FP_REASON, 0)
+            skips = sorted((r, n) for r, n in c.items() if r > 0)
+            for r, n in skips:
+                total_skips[r] = total_skips.get(r, 0) + n
+            tm, tf = tm + m, tf + f
+            per.append(
+                reactions_pb2.RuleStats(
+                    rule_id=rid,
+                    matches=m,
+                    skips=[reactions_pb2.SkipCount(reason=r, count=n) for r, n in skips],  # type: ignore[arg-type]
+                    false_positives=f,
+                    false_positive_rate=f / m if m else 0.0,
+                )
+            )
+        total = reactions_pb2.RuleStats(
+            rule_id="*",
+            matches=tm,
+            skips=[reactions_pb2.SkipCount(reason=r, count=n) for r, n in sorted(total_skips.items())],  # type: ignore[arg-type]
+            false_positives=tf,
+            false_positive_rate=tf / tm if tm else 0.0,
+        )
+        return per, total
+
+    def _record_audit(
+        self,
+        event_name: str,
+        ev: reactions_pb2.ReactionEvent,
+        rule_id: str,
+        trace_id: str,
+        reason: str | None,
+        detail: str,
+        **extra: Any,
+    ) -> None:
+        if self._audit is None:
+            return
+        self._audit(
+            event_name,
+            actor="reactions",
+            rule=rule_id,
+            trace_id=trace_id,
+            event_id=ev.event_id,
+            event_type=engine.event_type_name(ev.type),
+            session=ev.session_key or None,
+            chain_id=ev.causation.chain_id or ev.event_id,
+            depth=ev.causation.depth,
+            reason=reason,
+            detail=detail,
+            **extra,
+        )
+
+
+def stored_trace_proto(t: StoredTrace) -> reactions_pb2.ReactionTrace:
+    tr = reactions_pb2.ReactionTrace(
+        trace_id=t.trace_id,
+        event_id=t.event_id,
+        rule_id=t.rule_id,
+        matched=t.matched,
+        skip_reason=t.reason,  # type: ignore[arg-type]
+        detail=t.detail,
+        event_type=t.event_type,  # type: ignore[arg-type]
+        session_key=t.session_key,
+        false_positive=t.false_positive,
+        dry_run=t.dry_run,
+        actions=[
+            reactions_pb2.ActionResult(
+                kind=str(a.get("kind", "")),
+                ok=bool(a.get("ok")),
+                error=str(a.get("error", "")),
+                idempotency_key=str(a.get("key", "")),
+                result_id=str(a.get("result_id", "")),
+            )
+            for a in t.actions
+        ],
+    )
+    tr.time.CopyFrom(_ts(t.time))
+    return tr
+
+
+def placeholder_values(ev: reactions_pb2.ReactionEvent) -> dict[str, str]:
+    return {
+        "text": ev.text[:TEXT_PLACEHOLDER_MAX],
+        "sender": ev.sender,
+        "session_key": ev.session_key,
+        "channel": ev.channel,
+        "run_id": ev.run_id,
+        "error_kind": ev.error_kind,
+        "node_id": ev.node_id,
+    }
+
+
+def _ts(t: float) -> timestamp_pb2.Timestamp:
+    ts = timestamp_pb2.Timestamp()
+    ts.FromNanoseconds(int(t * 1e9))
+    return ts
