@@ -9,15 +9,14 @@ from pathlib import Path
 
 import grpc
 
-from flynn_runtime import config_yaml
-from flynn_runtime.server import Runtime, ServiceApp
-
 from config_svc import metrics
 from config_svc.config_editor import ConfigEditor
 from config_svc.revision_store import RevisionStore
 from config_svc.service import ConfigServicer, add_to_server
 from config_svc.watch_hub import WatchHub
 from config_svc.watcher_registry import WatcherRegistry
+from flynn_runtime import config_yaml
+from flynn_runtime.server import Runtime, ServiceApp
 
 log = logging.getLogger(__name__)
 
@@ -52,8 +51,12 @@ class ConfigApp(ServiceApp):
         extra = runtime.settings.extra
         seed = str(extra.get("seed_file") or os.environ.get("FLYNN_SEED_FILE", ""))
         self.seed_file = Path(seed) if seed else DEFAULT_SEED
-        self.bookmark_seconds = float(extra.get("bookmark_seconds") or os.environ.get("FLYNN_BOOKMARK_SECONDS", "15"))
-        queue_size = int(extra.get("watch_queue_size") or os.environ.get("FLYNN_WATCH_QUEUE_SIZE", "256"))
+        self.bookmark_seconds = float(
+            str(extra.get("bookmark_seconds") or os.environ.get("FLYNN_BOOKMARK_SECONDS", "15"))
+        )
+        queue_size = int(
+            str(extra.get("watch_queue_size") or os.environ.get("FLYNN_WATCH_QUEUE_SIZE", "256"))
+        )
         self.store = RevisionStore(runtime.settings.data_dir / "config" / "config.db")
         self.editor = ConfigEditor(self.store)
         self.hub = WatchHub(queue_size=queue_size)
@@ -73,7 +76,9 @@ class ConfigApp(ServiceApp):
                 cfg, reason = config_yaml.dict_to_config({}), "empty seed"
             stored = self.editor.seed_if_empty(cfg, "system", reason)
             if stored is not None:
-                self.runtime.audit.record("configSeed", actor="system", revision=stored.revision, reason=reason)
+                self.runtime.audit.record(
+                    "configSeed", actor="system", revision=stored.revision, reason=reason
+                )
         self.hub.head = self.editor.head_revision
         metrics.HEAD_REVISION.set(self.editor.head_revision)
         log.info("config ready", extra={"head_revision": self.editor.head_revision})

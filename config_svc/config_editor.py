@@ -8,14 +8,13 @@ from __future__ import annotations
 
 from dataclasses import dataclass, field
 
-from google.protobuf import field_mask_pb2
-
 from flynn.v1 import config_pb2
-from flynn_runtime import config_yaml
-from flynn_runtime.errors import FieldViolation, failed_precondition, invalid_fields, not_found
+from google.protobuf import field_mask_pb2
 
 from config_svc.revision_store import RevisionStore, StaleHead, StoredRevision
 from config_svc.validation import validate_config, validate_mask
+from flynn_runtime import config_yaml
+from flynn_runtime.errors import FieldViolation, failed_precondition, invalid_fields, not_found
 
 KIND_SEED = config_pb2.CONFIG_REVISION_KIND_SEED
 KIND_UPDATE = config_pb2.CONFIG_REVISION_KIND_UPDATE
@@ -82,7 +81,9 @@ class ConfigEditor:
     ) -> ChangeResult:
         problems = validate_mask(paths)
         if expected_revision <= 0:
-            problems.append(FieldViolation("expected_revision", "is required: pass the head revision you read"))
+            problems.append(
+                FieldViolation("expected_revision", "is required: pass the head revision you read")
+            )
         if len(reason) > MAX_REASON:
             problems.append(FieldViolation("reason", f"at most {MAX_REASON} characters"))
         # Merge the valid paths and validate the result too, so one answer names every problem.
@@ -102,14 +103,18 @@ class ConfigEditor:
         self, to_revision: int, expected_revision: int, reason: str, actor: str, dry_run: bool = False
     ) -> ChangeResult:
         if to_revision <= 0:
-            raise invalid_fields([FieldViolation("to_revision", "is required (a revision from ListRevisions)")])
+            raise invalid_fields(
+                [FieldViolation("to_revision", "is required (a revision from ListRevisions)")]
+            )
         if expected_revision:
             self._check_fresh(expected_revision)
         stored = self.store.get(to_revision)
         if stored is None:
             raise not_found("revision", str(to_revision), reason="REVISION_NOT_FOUND")
         target = _parse(stored.config)
-        return self._commit(target, KIND_ROLLBACK, reason, actor, dry_run, expected_revision or None, to_revision)
+        return self._commit(
+            target, KIND_ROLLBACK, reason, actor, dry_run, expected_revision or None, to_revision
+        )
 
     def _check_fresh(self, expected_revision: int) -> None:
         if expected_revision != self._head_rev:
@@ -135,7 +140,12 @@ class ConfigEditor:
             return ChangeResult(self._head_rev, new, diff, None, True)
         try:
             stored = self.store.append(
-                kind, actor, reason, diff, new.SerializeToString(), restored_revision=restored,
+                kind,
+                actor,
+                reason,
+                diff,
+                new.SerializeToString(),
+                restored_revision=restored,
                 expected_head=expected if expected is not None else self._head_rev,
             )
         except StaleHead as e:

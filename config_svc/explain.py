@@ -10,6 +10,7 @@ from dataclasses import dataclass
 from typing import Any
 
 from flynn.v1 import config_pb2
+
 from flynn_runtime import config_yaml, targeting
 from flynn_runtime.errors import invalid_argument, not_found
 
@@ -61,14 +62,17 @@ def explain(cfg: config_pb2.FlynnConfig, key: str, target: targeting.Target) -> 
             if rule.id == rule_id:
                 r = targeting.rule_in_rollout(rule, target)
                 if not rule.enabled:
-                    return Explanation(key, "false", Source.VALUE_SOURCE_GLOBAL, explanation=f"rule {rule_id} is disabled")
+                    return Explanation(
+                        key, "false", Source.VALUE_SOURCE_GLOBAL, explanation=f"rule {rule_id} is disabled"
+                    )
                 return _from_decision(key, r, r.value)
         raise not_found("rule", rule_id, reason="RULE_NOT_FOUND")
     try:
         value = config_yaml.value_at(cfg, key)
     except KeyError:
         raise invalid_argument(
-            "key", f"{key!r} is not a config key (try server.queue.mode, tts.enabled, automation.reactions.<id>)"
+            "key",
+            f"{key!r} is not a config key (try server.queue.mode, tts.enabled, automation.reactions.<id>)",
         ) from None
     flat = config_yaml.flatten(cfg)
     is_set = any(p == key or p.startswith(key + ".") or p.startswith(key + "[") for p in flat)

@@ -2,10 +2,9 @@
 
 from __future__ import annotations
 
+from config_svc.app import ConfigApp, add_args
 from flynn_runtime import settings
 from flynn_runtime.server import run_service
-
-from config_svc.app import ConfigApp, add_args
 
 
 def main() -> None:

@@ -83,7 +83,16 @@ class RevisionStore:
                 self._db.execute(
                     "INSERT INTO revisions (revision, kind, actor, reason, create_time_ns, diff, restored_revision, config)"
                     " VALUES (?, ?, ?, ?, ?, ?, ?, ?)",
-                    (rev, kind, actor, reason, now, json.dumps(diff, ensure_ascii=False), restored_revision, config),
+                    (
+                        rev,
+                        kind,
+                        actor,
+                        reason,
+                        now,
+                        json.dumps(diff, ensure_ascii=False),
+                        restored_revision,
+                        config,
+                    ),
                 )
                 self._db.execute("COMMIT")
             except BaseException:
@@ -100,7 +109,8 @@ class RevisionStore:
         """Revisions after < r <= upto, oldest first."""
         with self._lock:
             rows = self._db.execute(
-                _SELECT + " WHERE revision > ? AND revision <= ? ORDER BY revision ASC LIMIT ?", (after, upto, limit)
+                _SELECT + " WHERE revision > ? AND revision <= ? ORDER BY revision ASC LIMIT ?",
+                (after, upto, limit),
             ).fetchall()
         return [_row(r) for r in rows]
 
@@ -122,7 +132,9 @@ class StaleHead(Exception):
         self.head = head
 
 
-_SELECT = "SELECT revision, kind, actor, reason, create_time_ns, diff, restored_revision, config FROM revisions"
+_SELECT = (
+    "SELECT revision, kind, actor, reason, create_time_ns, diff, restored_revision, config FROM revisions"
+)
 
 
 def _row(r: tuple[object, ...]) -> StoredRevision:
@@ -135,5 +147,5 @@ def _row(r: tuple[object, ...]) -> StoredRevision:
         create_time_ns=int(r[4]),  # type: ignore[call-overload]
         diff=[(str(a), str(b), str(c)) for a, b, c in diff],
         restored_revision=int(r[6]),  # type: ignore[call-overload]
-        config=bytes(r[7]),  # type: ignore[arg-type]
+        config=bytes(r[7]),  # type: ignore[call-overload]
     )

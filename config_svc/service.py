@@ -13,13 +13,9 @@ from collections.abc import AsyncIterator, Callable
 from typing import Any
 
 import grpc
+from flynn.v1 import config_pb2
 from google.protobuf import timestamp_pb2
 from grpc.aio import ServicerContext
-
-from flynn.v1 import config_pb2
-from flynn_runtime import auth, errors, targeting
-from flynn_runtime.server import Runtime
-from flynn_runtime.validation import Violations, page_size
 
 from config_svc import metrics
 from config_svc.config_editor import ChangeResult, ConfigEditor
@@ -27,17 +23,25 @@ from config_svc.explain import explain
 from config_svc.revision_store import StoredRevision
 from config_svc.watch_hub import WatchHub
 from config_svc.watcher_registry import WatcherEntry, WatcherRegistry
+from flynn_runtime import auth, errors, targeting
+from flynn_runtime.server import Runtime
+from flynn_runtime.validation import Violations, page_size
 
 log = logging.getLogger(__name__)
 
 Ctx = ServicerContext[Any, Any]
 # A watcher further behind than this gets a snapshot instead of a replay of every revision.
 MAX_REPLAY = 1000
-_KIND_NAMES = {v.number: v.name.removeprefix("CONFIG_REVISION_KIND_").lower() for v in config_pb2.ConfigRevisionKind.DESCRIPTOR.values}
+_KIND_NAMES = {
+    v.number: v.name.removeprefix("CONFIG_REVISION_KIND_").lower()
+    for v in config_pb2.ConfigRevisionKind.DESCRIPTOR.values
+}
 
 
 def revision_proto(s: StoredRevision) -> config_pb2.ConfigRevision:
-    ts = timestamp_pb2.Timestamp(seconds=s.create_time_ns // 1_000_000_000, nanos=s.create_time_ns % 1_000_000_000)
+    ts = timestamp_pb2.Timestamp(
+        seconds=s.create_time_ns // 1_000_000_000, nanos=s.create_time_ns % 1_000_000_000
+    )
     return config_pb2.ConfigRevision(
         revision=s.revision,
         kind=s.kind,  # type: ignore[arg-type]
@@ -74,7 +78,12 @@ def _untoken(prefix: str, token: str) -> int:
 
 class ConfigServicer:
     def __init__(
-        self, runtime: Runtime, editor: ConfigEditor, hub: WatchHub, registry: WatcherRegistry, bookmark_seconds: float
+        self,
+        runtime: Runtime,
+        editor: ConfigEditor,
+        hub: WatchHub,
+        registry: WatcherRegistry,
+        bookmark_seconds: float,
     ) -> None:
         self.runtime = runtime
         self.editor = editor
@@ -106,7 +115,9 @@ class ConfigServicer:
         return self._snapshot[1]
 
     def bookmark_payload(self, head: int) -> bytes:
-        return config_pb2.WatchConfigResponse(kind=config_pb2.WATCH_EVENT_KIND_BOOKMARK, revision=head).SerializeToString()
+        return config_pb2.WatchConfigResponse(
+            kind=config_pb2.WATCH_EVENT_KIND_BOOKMARK, revision=head
+        ).SerializeToString()
 
     def publish(self, s: StoredRevision) -> None:
         metrics.HEAD_REVISION.set(s.revision)
@@ -117,11 +128,15 @@ class ConfigServicer:
 
     # --- reads ----------------------------------------------------------------------------------
 
-    async def GetConfig(self, request: config_pb2.GetConfigRequest, context: Ctx) -> config_pb2.GetConfigResponse:
+    async def GetConfig(
+        self, request: config_pb2.GetConfigRequest, context: Ctx
+    ) -> config_pb2.GetConfigResponse:
         if request.revision < 0:
             raise errors.invalid_argument("revision", "must not be negative")
         stored, cfg = await asyncio.to_thread(self.editor.revision, request.revision)
-        return config_pb2.GetConfigResponse(config=cfg, revision=stored.revision, metadata=revision_proto(stored))
+        return config_pb2.GetConfigResponse(
+            config=cfg, revision=stored.revision, metadata=revision_proto(stored)
+        )
 
     async def ListRevisions(
         self, request: config_pb2.ListRevisionsRequest, context: Ctx
@@ -132,7 +147,9 @@ class ConfigServicer:
         more = len(rows) > size
         rows = rows[:size]
         token = _token("before", rows[-1].revision) if more and rows else ""
-        return config_pb2.ListRevisionsResponse(revisions=[revision_proto(r) for r in rows], next_page_token=token)
+        return config_pb2.ListRevisionsResponse(
+            revisions=[revision_proto(r) for r in rows], next_page_token=token
+        )
 
     async def ExplainConfig(
         self, request: config_pb2.ExplainConfigRequest, context: Ctx
@@ -187,7 +204,11 @@ class ConfigServicer:
             )
         )
         return config_pb2.UpdateConfigResponse(
-            revision=r.revision, config=r.config, diff=_diff_proto(r.diff), dry_run=r.dry_run, unchanged=r.unchanged
+            revision=r.revision,
+            config=r.config,
+            diff=_diff_proto(r.diff),
+            dry_run=r.dry_run,
+            unchanged=r.unchanged,
         )
 
     async def RollbackConfig(
@@ -200,7 +221,11 @@ class ConfigServicer:
             )
         )
         return config_pb2.RollbackConfigResponse(
-            revision=r.revision, config=r.config, diff=_diff_proto(r.diff), dry_run=r.dry_run, unchanged=r.unchanged
+            revision=r.revision,
+            config=r.config,
+            diff=_diff_proto(r.diff),
+            dry_run=r.dry_run,
+            unchanged=r.unchanged,
         )
 
     # --- watchers -------------------------------------------------------------------------------
@@ -218,14 +243,21 @@ class ConfigServicer:
         v.raise_if_any()
         ident = request.identity
         self.registry.report(
-            ident.service, ident.instance_id, ident.version, request.applied_revision,
-            request.nack_revision, request.nack_reason,
+            ident.service,
+            ident.instance_id,
+            ident.version,
+            request.applied_revision,
+            request.nack_revision,
+            request.nack_reason,
         )
         if request.nack_revision:
             metrics.NACKS.labels(ident.service).inc()
             self.runtime.audit.record(
-                "configNack", service=ident.service, instance_id=ident.instance_id,
-                revision=request.nack_revision, reason=request.nack_reason,
+                "configNack",
+                service=ident.service,
+                instance_id=ident.instance_id,
+                revision=request.nack_revision,
+                reason=request.nack_reason,
             )
         return config_pb2.ReportStatusResponse()
 
@@ -353,7 +385,7 @@ def _passthrough(m: Any) -> bytes:
 def add_to_server(servicer: ConfigServicer, server: grpc.aio.Server) -> None:
     """Like the generated add_ConfigServiceServicer_to_server, but WatchConfig sends pre-serialized bytes."""
     svc = config_pb2.DESCRIPTOR.services_by_name["ConfigService"]
-    handlers: dict[str, grpc.RpcMethodHandler] = {}
+    handlers: dict[str, grpc.RpcMethodHandler[Any, Any]] = {}
     for m in svc.methods:
         req_cls = getattr(config_pb2, m.input_type.name)
         resp_cls = getattr(config_pb2, m.output_type.name)
@@ -367,4 +399,4 @@ def add_to_server(servicer: ConfigServicer, server: grpc.aio.Server) -> None:
                 fn, request_deserializer=req_cls.FromString, response_serializer=resp_cls.SerializeToString
             )
     server.add_generic_rpc_handlers((grpc.method_handlers_generic_handler(svc.full_name, handlers),))
-    server.add_registered_method_handlers(svc.full_name, handlers)
+    server.add_registered_method_handlers(svc.full_name, handlers)  # type: ignore[attr-defined]

@@ -9,18 +9,21 @@ actions). The reactions service may reuse `validate_rule`.
 from __future__ import annotations
 
 from collections.abc import Iterable
+from typing import Any
 
 import re2
+from flynn.v1 import config_pb2
 from google.protobuf import descriptor as pb_descriptor
 from google.protobuf import duration_pb2
 from google.protobuf import message as pb_message
 
-from flynn.v1 import config_pb2
 from flynn_runtime.config_yaml import enum_choices, field_path_error
 from flynn_runtime.errors import FieldViolation
 from flynn_runtime.rollout import BASIS_POINTS_MAX
 
 FD = pb_descriptor.FieldDescriptor
+# Descriptor stubs mark nested types Optional; field handling code works on them untyped.
+Field = Any
 
 # int fields that may be negative (everything else is a count, a cap or a size).
 _SIGNED_INT_FIELDS = frozenset({"priority"})
@@ -44,7 +47,9 @@ def validate_mask(paths: Iterable[str], field: str = "update_mask") -> list[Fiel
     out: list[FieldViolation] = []
     items = list(paths)
     if not items:
-        out.append(FieldViolation(field, "is required: list the dotted paths to replace, e.g. server.queue.mode"))
+        out.append(
+            FieldViolation(field, "is required: list the dotted paths to replace, e.g. server.queue.mode")
+        )
     for i, p in enumerate(items):
         why = field_path_error(config_pb2.FlynnConfig.DESCRIPTOR, p)
         if why is not None:
@@ -65,10 +70,12 @@ def _walk(msg: pb_message.Message, path: str, out: list[FieldViolation]) -> None
         if not 0 <= msg.basis_points <= BASIS_POINTS_MAX:
             out.append(
                 FieldViolation(
-                    _join(path, "basis_points"), f"must be between 0 and {BASIS_POINTS_MAX}, got {msg.basis_points}"
+                    _join(path, "basis_points"),
+                    f"must be between 0 and {BASIS_POINTS_MAX}, got {msg.basis_points}",
                 )
             )
-    for fd, value in msg.ListFields():
+    for f, value in msg.ListFields():
+        fd: Field = f
         p = _join(path, fd.name)
         is_map = fd.type == FD.TYPE_MESSAGE and fd.message_type.GetOptions().map_entry
         if is_map:
@@ -93,15 +100,21 @@ def _walk(msg: pb_message.Message, path: str, out: list[FieldViolation]) -> None
             _scalar(fd, value, p, out)
 
 
-def _scalar(fd: FD, value: object, path: str, out: list[FieldViolation], required_enum: bool = False) -> None:
+def _scalar(
+    fd: Field, value: object, path: str, out: list[FieldViolation], required_enum: bool = False
+) -> None:
     if fd.type == FD.TYPE_ENUM:
         assert isinstance(value, int)
         if value not in fd.enum_type.values_by_number:
             out.append(
-                FieldViolation(path, f"unknown value {value}; expected one of {', '.join(enum_choices(fd.enum_type))}")
+                FieldViolation(
+                    path, f"unknown value {value}; expected one of {', '.join(enum_choices(fd.enum_type))}"
+                )
             )
         elif required_enum and value == 0:
-            out.append(FieldViolation(path, f"must be set; expected one of {', '.join(enum_choices(fd.enum_type))}"))
+            out.append(
+                FieldViolation(path, f"must be set; expected one of {', '.join(enum_choices(fd.enum_type))}")
+            )
     elif fd.type in (FD.TYPE_INT32, FD.TYPE_INT64) and fd.name not in _SIGNED_INT_FIELDS:
         assert isinstance(value, int)
         if value < 0:
@@ -131,7 +144,9 @@ def _check_rules(rules: Iterable[config_pb2.ReactionRule], path: str, out: list[
     for i, rule in enumerate(rules):
         rp = f"{path}[{i}]"
         if rule.id in seen:
-            out.append(FieldViolation(f"{rp}.id", f"duplicate rule id {rule.id!r} (also {path}[{seen[rule.id]}])"))
+            out.append(
+                FieldViolation(f"{rp}.id", f"duplicate rule id {rule.id!r} (also {path}[{seen[rule.id]}])")
+            )
         elif rule.id:
             seen[rule.id] = i
         out.extend(validate_rule(rule, rp))
@@ -169,7 +184,9 @@ def validate_rule(rule: config_pb2.ReactionRule, rp: str) -> list[FieldViolation
         out.append(FieldViolation(f"{rp}.actions", "a rule needs at least one action"))
     for j, a in enumerate(rule.actions):
         if a.WhichOneof("action") is None:
-            kinds = ", ".join(f.name for f in config_pb2.ReactionAction.DESCRIPTOR.oneofs_by_name["action"].fields)
+            kinds = ", ".join(
+                f.name for f in config_pb2.ReactionAction.DESCRIPTOR.oneofs_by_name["action"].fields
+            )
             out.append(FieldViolation(f"{rp}.actions[{j}]", f"unknown or missing action; set one of {kinds}"))
     return out
 

@@ -30,7 +30,7 @@ class Subscription:
         self.closed = True
         self.event.set()
 
-    async def next_batch(self, timeout: float) -> list[tuple[int, bytes]] | None:
+    async def next_batch(self, timeout: float) -> list[tuple[int, bytes]] | None:  # noqa: ASYNC109
         """Queued messages in order; None when `timeout` passed without any (time for a bookmark)."""
         if not self.items and not (self.closed or self.overflowed):
             try:

@@ -75,24 +75,24 @@ class _AuthDetails:
 
 # grpc.aio files each interceptor under the FIRST call kind it implements (an if/elif chain), so one
 # class implementing all four kinds would only ever see unary-unary calls: one class per kind.
-class _AuthUnaryUnary(_AuthDetails, grpc.aio.UnaryUnaryClientInterceptor):
+class _AuthUnaryUnary(_AuthDetails, grpc.aio.UnaryUnaryClientInterceptor):  # type: ignore[type-arg]
     async def intercept_unary_unary(self, continuation: Any, client_call_details: Any, request: Any) -> Any:
         return await continuation(self._details(client_call_details), request)
 
 
-class _AuthUnaryStream(_AuthDetails, grpc.aio.UnaryStreamClientInterceptor):
+class _AuthUnaryStream(_AuthDetails, grpc.aio.UnaryStreamClientInterceptor):  # type: ignore[type-arg]
     async def intercept_unary_stream(self, continuation: Any, client_call_details: Any, request: Any) -> Any:
         return await continuation(self._details(client_call_details), request)
 
 
-class _AuthStreamUnary(_AuthDetails, grpc.aio.StreamUnaryClientInterceptor):
+class _AuthStreamUnary(_AuthDetails, grpc.aio.StreamUnaryClientInterceptor):  # type: ignore[type-arg]
     async def intercept_stream_unary(
         self, continuation: Any, client_call_details: Any, request_iterator: Any
     ) -> Any:
         return await continuation(self._details(client_call_details), request_iterator)
 
 
-class _AuthStreamStream(_AuthDetails, grpc.aio.StreamStreamClientInterceptor):
+class _AuthStreamStream(_AuthDetails, grpc.aio.StreamStreamClientInterceptor):  # type: ignore[type-arg]
     async def intercept_stream_stream(
         self, continuation: Any, client_call_details: Any, request_iterator: Any
     ) -> Any:

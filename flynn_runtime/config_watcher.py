@@ -28,8 +28,8 @@ import zlib
 from pathlib import Path
 
 import grpc
-
 from flynn.v1 import config_pb2, config_pb2_grpc
+
 from flynn_runtime import VERSION, metrics
 from flynn_runtime.config_source import ConfigSource, Validator
 from flynn_runtime.server import Runtime
@@ -236,7 +236,9 @@ class ConfigWatcher(ConfigSource):
                 nack_reason=self.last_nack[1],
             )
             try:
-                await config_pb2_grpc.ConfigServiceStub(self.channel).ReportStatus(req, timeout=self.report_timeout)
+                await config_pb2_grpc.ConfigServiceStub(self.channel).ReportStatus(
+                    req, timeout=self.report_timeout
+                )
                 reported = state
             except grpc.aio.AioRpcError as e:
                 log.debug("config status report failed: %s", e.code().name)

@@ -17,14 +17,16 @@ from collections.abc import Mapping
 from typing import Any
 
 import yaml
+from flynn.v1 import config_pb2
 from google.protobuf import descriptor as pb_descriptor
 from google.protobuf import duration_pb2
 from google.protobuf import message as pb_message
 
-from flynn.v1 import config_pb2
 from flynn_runtime.errors import FieldViolation
 
 FD = pb_descriptor.FieldDescriptor
+# Descriptor stubs mark nested types Optional; field handling code works on them untyped.
+Field = Any
 
 # Top-level sections; `apply` of a whole file replaces exactly these.
 TOP_LEVEL_PATHS = tuple(f.name for f in config_pb2.FlynnConfig.DESCRIPTOR.fields)
@@ -40,7 +42,15 @@ class ConfigParseError(ValueError):
 
 # --- durations --------------------------------------------------------------------------------
 
-_DURATION_UNITS = {"h": 3_600_000_000_000, "m": 60_000_000_000, "s": 1_000_000_000, "ms": 1_000_000, "us": 1_000, "µs": 1_000, "ns": 1}
+_DURATION_UNITS = {
+    "h": 3_600_000_000_000,
+    "m": 60_000_000_000,
+    "s": 1_000_000_000,
+    "ms": 1_000_000,
+    "us": 1_000,
+    "µs": 1_000,
+    "ns": 1,
+}
 _DURATION_PART = re.compile(r"(\d+(?:\.\d*)?|\.\d+)(h|ms|m|s|us|µs|ns)")
 
 
@@ -96,14 +106,14 @@ def _set_duration(d: duration_pb2.Duration, ns: int) -> None:
 # --- enums ------------------------------------------------------------------------------------
 
 
-def _enum_prefix(enum: pb_descriptor.EnumDescriptor) -> str:
+def _enum_prefix(enum: Any) -> str:
     zero = enum.values_by_number.get(0)
     if zero is not None and zero.name.endswith("UNSPECIFIED"):
-        return zero.name[: -len("UNSPECIFIED")]
+        return str(zero.name)[: -len("UNSPECIFIED")]
     return ""
 
 
-def enum_from_text(enum: pb_descriptor.EnumDescriptor, value: object) -> int:
+def enum_from_text(enum: Any, value: object) -> int:
     """Number of an enum value given as `interrupt`, `QUEUE_MODE_INTERRUPT`, `message-received` or 3."""
     if isinstance(value, bool):
         raise ValueError("expected a name")
@@ -122,16 +132,17 @@ def enum_from_text(enum: pb_descriptor.EnumDescriptor, value: object) -> int:
     raise ValueError(f"unknown value {value!r}; expected one of {', '.join(enum_choices(enum))}")
 
 
-def enum_to_text(enum: pb_descriptor.EnumDescriptor, number: int) -> str | int:
+def enum_to_text(enum: Any, number: int) -> str | int:
     v = enum.values_by_number.get(number)
     if v is None:
         return number
     prefix = _enum_prefix(enum)
-    name = v.name[len(prefix) :] if prefix and v.name.startswith(prefix) else v.name
+    full = str(v.name)
+    name = full[len(prefix) :] if prefix and full.startswith(prefix) else full
     return name.lower()
 
 
-def enum_choices(enum: pb_descriptor.EnumDescriptor) -> list[str]:
+def enum_choices(enum: Any) -> list[str]:
     return [str(enum_to_text(enum, v.number)) for v in enum.values if v.number != 0]
 
 
@@ -142,7 +153,9 @@ def _join(path: str, name: str) -> str:
     return f"{path}.{name}" if path else name
 
 
-def expand_dotted(data: Mapping[str, Any], path: str = "", out: list[FieldViolation] | None = None) -> dict[str, Any]:
+def expand_dotted(
+    data: Mapping[str, Any], path: str = "", out: list[FieldViolation] | None = None
+) -> dict[str, Any]:
     """`{"server.queue.mode": x}` -> `{"server": {"queue": {"mode": x}}}`, merging with nested keys."""
     result: dict[str, Any] = {}
     for raw_key, value in data.items():
@@ -172,7 +185,9 @@ def expand_dotted(data: Mapping[str, Any], path: str = "", out: list[FieldViolat
     return result
 
 
-def _deep_merge(into: dict[str, Any], other: Mapping[str, Any], path: str, out: list[FieldViolation] | None) -> None:
+def _deep_merge(
+    into: dict[str, Any], other: Mapping[str, Any], path: str, out: list[FieldViolation] | None
+) -> None:
     for k, v in other.items():
         if isinstance(v, Mapping) and isinstance(into.get(k), dict):
             _deep_merge(into[k], v, _join(path, k), out)
@@ -183,7 +198,7 @@ def _deep_merge(into: dict[str, Any], other: Mapping[str, Any], path: str, out: 
             into[k] = v
 
 
-def _scalar(fd: FD, value: object, path: str, out: list[FieldViolation]) -> object | None:
+def _scalar(fd: Field, value: object, path: str, out: list[FieldViolation]) -> object | None:
     t = fd.type
     if t == FD.TYPE_ENUM:
         try:
@@ -258,11 +273,11 @@ def _fill_message(msg: pb_message.Message, value: object, path: str, out: list[F
         _fill_field(msg, fd, item, p, out)
 
 
-def _is_map(fd: FD) -> bool:
-    return fd.type == FD.TYPE_MESSAGE and fd.message_type.GetOptions().map_entry
+def _is_map(fd: Field) -> bool:
+    return bool(fd.type == FD.TYPE_MESSAGE and fd.message_type.GetOptions().map_entry)
 
 
-def _fill_field(msg: pb_message.Message, fd: FD, item: object, p: str, out: list[FieldViolation]) -> None:
+def _fill_field(msg: pb_message.Message, fd: Field, item: object, p: str, out: list[FieldViolation]) -> None:
     container: Any = getattr(msg, fd.name)
     if _is_map(fd):
         if item is None:
@@ -327,7 +342,7 @@ def yaml_to_config(text: str) -> config_pb2.FlynnConfig:
 # --- proto -> dict ----------------------------------------------------------------------------
 
 
-def _scalar_out(fd: FD, value: Any) -> Any:
+def _scalar_out(fd: Field, value: Any) -> Any:
     if fd.type == FD.TYPE_ENUM:
         return enum_to_text(fd.enum_type, int(value))
     return value
@@ -336,16 +351,18 @@ def _scalar_out(fd: FD, value: Any) -> Any:
 def message_to_dict(msg: pb_message.Message) -> dict[str, Any]:
     """Set fields only, friendly enums and durations (the inverse of dict_to_config)."""
     out: dict[str, Any] = {}
-    for fd, value in msg.ListFields():
+    for f, value in msg.ListFields():
+        fd: Field = f
         out[fd.name] = _value_out(fd, value)
     return out
 
 
-def _value_out(fd: FD, value: Any) -> Any:
+def _value_out(fd: Field, value: Any) -> Any:
     if _is_map(fd):
         vfd = fd.message_type.fields_by_name["value"]
         return {
-            k: (_message_out(v) if vfd.type == FD.TYPE_MESSAGE else _scalar_out(vfd, v)) for k, v in sorted(value.items())
+            k: (_message_out(v) if vfd.type == FD.TYPE_MESSAGE else _scalar_out(vfd, v))
+            for k, v in sorted(value.items())
         }
     if fd.is_repeated:
         if fd.type == FD.TYPE_MESSAGE:
@@ -374,21 +391,25 @@ def config_to_yaml(cfg: pb_message.Message | Mapping[str, Any] | Any) -> str:
 # --- dotted paths -----------------------------------------------------------------------------
 
 
-def field_path_error(root: pb_descriptor.Descriptor, dotted: str) -> str | None:
+def field_path_error(root: Any, dotted: str) -> str | None:
     """Why `dotted` is not a settable field path of `root` (None when it is one)."""
     if not dotted:
         return "empty path"
-    desc: pb_descriptor.Descriptor | None = root
+    desc: Any = root
     parts = dotted.split(".")
     for i, part in enumerate(parts):
         if desc is None:
             return f"{'.'.join(parts[:i])} has no sub-fields"
-        fd = desc.fields_by_name.get(part)
+        fd: Field = desc.fields_by_name.get(part)
         if fd is None:
             where = ".".join(parts[:i]) or "the config"
             return f"{part!r} is not a field of {where}"
         last = i == len(parts) - 1
-        if not last and (fd.is_repeated or fd.type != FD.TYPE_MESSAGE or fd.message_type.full_name == "google.protobuf.Duration"):
+        if not last and (
+            fd.is_repeated
+            or fd.type != FD.TYPE_MESSAGE
+            or fd.message_type.full_name == "google.protobuf.Duration"
+        ):
             return f"{'.'.join(parts[: i + 1])} is a list, map or value; it can only be replaced as a whole"
         desc = fd.message_type if fd.type == FD.TYPE_MESSAGE else None
     return None
@@ -421,7 +442,8 @@ def value_at(cfg: pb_message.Message, dotted: str) -> Any:
 def flatten(msg: pb_message.Message, path: str = "") -> dict[str, Any]:
     """Leaf path -> friendly JSON-able value of every set field (a present empty message is a leaf {})."""
     out: dict[str, Any] = {}
-    for fd, value in msg.ListFields():
+    for f, value in msg.ListFields():
+        fd: Field = f
         p = _join(path, fd.name)
         if _is_map(fd):
             vfd = fd.message_type.fields_by_name["value"]
@@ -465,4 +487,3 @@ def diff(old: pb_message.Message, new: pb_message.Message) -> list[tuple[str, st
             continue
         out.append((path, to_json(va) if path in a else "", to_json(vb) if path in b else ""))
     return out
-

@@ -9,8 +9,8 @@ from pathlib import Path
 from typing import Any
 
 import yaml
-
 from flynn.v1 import config_pb2_grpc
+
 from flynn_runtime import settings as settings_mod
 from flynn_runtime.channels import client_channel
 from flynn_runtime.server import RunningServer, running
@@ -44,9 +44,7 @@ def client_settings(service: str, data_dir: Path, tokens: Tokens, config_addr: s
 
 
 @contextlib.asynccontextmanager
-async def config_server(
-    data_dir: Path, tokens: Tokens, **kw: Any
-) -> AsyncIterator[RunningServer]:
+async def config_server(data_dir: Path, tokens: Tokens, **kw: Any) -> AsyncIterator[RunningServer]:
     from config_svc.app import ConfigApp
 
     async with running(config_settings(data_dir, tokens, **kw), ConfigApp) as srv:

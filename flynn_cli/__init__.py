@@ -1,0 +1,1 @@
+"""`flynn`: the operator command line (one argparse tree of command groups)."""

@@ -1,0 +1,51 @@
+"""Entry point of the `flynn` command: global flags, then one sub-command group per area.
+
+A group is a module with `register(subparsers)` that adds its parser and sets `func(args) -> int`
+on each leaf command; add yours to GROUPS.
+"""
+
+from __future__ import annotations
+
+import argparse
+import os
+import sys
+from collections.abc import Callable, Sequence
+from types import ModuleType
+
+from flynn_cli import config_cmds
+
+GROUPS: list[ModuleType] = [config_cmds]
+
+
+def build_parser() -> argparse.ArgumentParser:
+    p = argparse.ArgumentParser(prog="flynn", description="Operate a Flynn mesh over its gRPC API.")
+    p.add_argument(
+        "--addr",
+        default=os.environ.get("FLYNN_ADDR", "127.0.0.1:50050"),
+        help="host:port of the gateway (or of a service directly) (FLYNN_ADDR; default 127.0.0.1:50050)",
+    )
+    p.add_argument("--token", default=os.environ.get("FLYNN_TOKEN", ""), help="bearer token (FLYNN_TOKEN)")
+    p.add_argument("--timeout", type=float, default=10.0, help="seconds per call (default 10)")
+    sub = p.add_subparsers(dest="group", metavar="<group>")
+    sub.required = True
+    for group in GROUPS:
+        group.register(sub)
+    return p
+
+
+def main(argv: Sequence[str] | None = None) -> None:
+    sys.exit(run(argv))
+
+
+def run(argv: Sequence[str] | None = None) -> int:
+    parser = build_parser()
+    args = parser.parse_args(argv)
+    func: Callable[[argparse.Namespace], int] | None = getattr(args, "func", None)
+    if func is None:
+        parser.parse_args([*(argv or sys.argv[1:]), "--help"])
+        return 2
+    return func(args)
+
+
+if __name__ == "__main__":
+    main()
