@@ -1,0 +1,161 @@
+"""Wiring of the nodes process: registry, canvas, config source, sweeper, servicers."""
+
+from __future__ import annotations
+
+import argparse
+import asyncio
+import contextlib
+import importlib
+import logging
+import os
+from pathlib import Path
+
+import grpc
+import yaml
+from flynn.v1 import canvas_pb2_grpc, config_pb2, nodes_pb2_grpc
+from google.protobuf import json_format
+
+from flynn_runtime.config_source import ConfigSource, StaticConfig
+from flynn_runtime.server import Runtime, ServiceApp
+from nodes_svc.canvas_servicer import CanvasServicer
+from nodes_svc.canvas_store import (
+    DEFAULT_MAX_ARTIFACT_BYTES,
+    DEFAULT_MAX_TOTAL_BYTES,
+    DEFAULT_MAX_VERSIONS,
+    Canvas,
+    CanvasLimits,
+    CanvasStore,
+)
+from nodes_svc.node_registry import NodeRegistry
+from nodes_svc.node_store import NodeStore
+from nodes_svc.servicer import NodesServicer
+
+log = logging.getLogger(__name__)
+
+SWEEP_INTERVAL = 0.5
+PRUNE_INTERVAL = 600.0
+
+
+def _env(name: str, default: str) -> str:
+    return os.environ.get(f"FLYNN_{name}", default)
+
+
+def add_args(p: argparse.ArgumentParser) -> None:
+    p.add_argument(
+        "--canvas-max-artifact-bytes",
+        type=int,
+        default=int(_env("CANVAS_MAX_ARTIFACT_BYTES", str(DEFAULT_MAX_ARTIFACT_BYTES))),
+        help="largest artifact version (FLYNN_CANVAS_MAX_ARTIFACT_BYTES)",
+    )
+    p.add_argument(
+        "--canvas-max-total-bytes",
+        type=int,
+        default=int(_env("CANVAS_MAX_TOTAL_BYTES", str(DEFAULT_MAX_TOTAL_BYTES))),
+        help="bytes of all kept versions together; beyond it puts get RESOURCE_EXHAUSTED (FLYNN_CANVAS_MAX_TOTAL_BYTES)",
+    )
+    p.add_argument(
+        "--canvas-max-versions",
+        type=int,
+        default=int(_env("CANVAS_MAX_VERSIONS", str(DEFAULT_MAX_VERSIONS))),
+        help="versions kept per artifact (FLYNN_CANVAS_MAX_VERSIONS)",
+    )
+    p.add_argument(
+        "--nodes-config",
+        default=_env("NODES_CONFIG", ""),
+        help="YAML/JSON FlynnConfig to use instead of watching the config service (tools, tests, bench) (FLYNN_NODES_CONFIG)",
+    )
+
+
+def load_config_file(path: Path) -> config_pb2.FlynnConfig:
+    data = yaml.safe_load(path.read_text()) or {}
+    return json_format.ParseDict(data, config_pb2.FlynnConfig())
+
+
+class NodesApp(ServiceApp):
+    service_names = ("flynn.v1.Nodes", "flynn.v1.Canvas")
+
+    def __init__(self, runtime: Runtime, config: ConfigSource | None = None) -> None:
+        super().__init__(runtime)
+        s = runtime.settings
+        self._watcher: object | None = None
+        if config is None:
+            config = self._config_source()
+        self.config = config
+        self.store = NodeStore(s.data_dir / "nodes" / "nodes.sqlite")
+        self.registry = NodeRegistry(self.store, config, runtime.audit)
+        limits = CanvasLimits(
+            max_artifact_bytes=int(s.extra.get("canvas_max_artifact_bytes", DEFAULT_MAX_ARTIFACT_BYTES)),  # type: ignore[call-overload]
+            max_total_bytes=int(s.extra.get("canvas_max_total_bytes", DEFAULT_MAX_TOTAL_BYTES)),  # type: ignore[call-overload]
+            max_versions=int(s.extra.get("canvas_max_versions", DEFAULT_MAX_VERSIONS)),  # type: ignore[call-overload]
+        )
+        self.canvas = Canvas(
+            CanvasStore(s.data_dir / "canvas", limits),
+            runtime.audit,
+            enabled=self.registry.canvas_service_enabled,
+            on_change=self.registry.record_canvas_change,
+        )
+        self._tasks: list[asyncio.Task[None]] = []
+        self._unsubscribe = config.subscribe(self._on_config, key="server.nodes")
+
+    def _config_source(self) -> ConfigSource:
+        path = str(self.runtime.settings.extra.get("nodes_config") or "")
+        if path:
+            return StaticConfig(load_config_file(Path(path)))
+        try:
+            mod = importlib.import_module("flynn_runtime.config_watcher")
+        except ImportError:
+            log.warning("no config watcher available and no --nodes-config: nodes stay disabled")
+            return StaticConfig()
+        watcher = mod.ConfigWatcher(self.runtime)
+        self._watcher = watcher
+        assert isinstance(watcher, ConfigSource)
+        return watcher
+
+    def register(self, server: grpc.aio.Server) -> None:
+        nodes_pb2_grpc.add_NodesServicer_to_server(NodesServicer(self.runtime, self.registry), server)
+        canvas_pb2_grpc.add_CanvasServicer_to_server(CanvasServicer(self.canvas), server)
+
+    async def start(self) -> None:
+        if self._watcher is not None:
+            await self._watcher.start()  # type: ignore[attr-defined]
+        self.registry.start()
+        recovered = await self.canvas.start()
+        log.info("canvas ready", extra={"recovered": recovered, "total_bytes": self.canvas.store.total_bytes})
+        self._tasks.append(asyncio.create_task(self._sweep()))
+
+    def _on_config(self, old: config_pb2.FlynnConfig, new: config_pb2.FlynnConfig, revision: int) -> None:
+        self.registry.apply_config()
+
+    async def _sweep(self) -> None:
+        since_prune = 0.0
+        while True:
+            await asyncio.sleep(SWEEP_INTERVAL)
+            try:
+                self.registry.tick()
+                since_prune += SWEEP_INTERVAL
+                if since_prune >= PRUNE_INTERVAL:
+                    since_prune = 0.0
+                    self.registry.prune_events()
+            except Exception:
+                log.exception("node sweeper failed")
+
+    async def stop(self) -> None:
+        closed = self.registry.close_all("shutdown")
+        log.info("closing node streams", extra={"streams": closed})
+        for _ in range(200):  # each stream sends NodeClose and ends; bounded wait
+            if not self.registry.sessions:
+                break
+            await asyncio.sleep(0.01)
+
+    async def close(self) -> None:
+        self._unsubscribe()
+        for t in self._tasks:
+            t.cancel()
+            with contextlib.suppress(asyncio.CancelledError):
+                await t
+        with contextlib.suppress(Exception):
+            self.registry.flush_last_seen()
+        if self._watcher is not None:
+            await self._watcher.stop()  # type: ignore[attr-defined]
+        await self.canvas.close()
+        self.store.close()

@@ -1,0 +1,445 @@
+"""Canvas: named, versioned artifacts stored crash-safely under <data_dir>/canvas.
+
+Layout:
+    canvas/index.sqlite                 metadata (WAL, synchronous=FULL): one row per kept version
+    canvas/blobs/<h2>/<h>-<version>.bin content of one version; h = sha256(name), never the name itself
+
+A put writes the content to a temp file in the blob's directory, fsyncs it, renames it into place,
+fsyncs the directory, and only then commits the metadata row. The row is the commit point: a reader
+only finds content through a committed row, so it never sees a half-written version, and a crash
+at any step leaves at most a temp file or an unreferenced blob, both removed on the next start.
+Storage paths derive from a hash, so no name can reach outside the canvas directory; names are
+still validated (`validate_name`) so operators get a clear INVALID_ARGUMENT.
+
+All operations run on one worker thread (`CanvasStore` is synchronous and single-threaded), which
+serializes compare-and-set and keeps fsyncs off the event loop.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import hashlib
+import os
+import re
+import sqlite3
+import time
+from collections.abc import Callable, Iterator
+from concurrent.futures import ThreadPoolExecutor
+from contextlib import contextmanager
+from dataclasses import dataclass
+from pathlib import Path
+
+from flynn_runtime import errors
+from flynn_runtime.audit import AuditLog
+from flynn_runtime.errors import Code, FieldViolation, FlynnError
+from nodes_svc import metrics
+
+MAX_NAME_LEN = 200
+DEFAULT_MAX_ARTIFACT_BYTES = 1024 * 1024
+DEFAULT_MAX_TOTAL_BYTES = 256 * 1024 * 1024
+DEFAULT_MAX_VERSIONS = 20
+MAX_CONTENT_TYPE_LEN = 255
+
+_SEGMENT_RE = re.compile(r"^[A-Za-z0-9._-]+$")
+_CONTENT_TYPE_RE = re.compile(r"^[A-Za-z0-9!#$&^_.+-]+/[A-Za-z0-9!#$&^_.+-]+(\s*;.*)?$")
+
+_SCHEMA = """
+CREATE TABLE IF NOT EXISTS artifacts (
+    name TEXT PRIMARY KEY,
+    latest INTEGER NOT NULL,          -- 0 when deleted
+    last_version INTEGER NOT NULL     -- survives deletes, so versions (and etags) are never reused
+);
+CREATE TABLE IF NOT EXISTS versions (
+    name TEXT NOT NULL,
+    version INTEGER NOT NULL,
+    etag TEXT NOT NULL,
+    content_type TEXT NOT NULL,
+    sha256 TEXT NOT NULL,
+    size INTEGER NOT NULL,
+    update_time REAL NOT NULL,
+    actor TEXT NOT NULL,
+    blob TEXT NOT NULL,
+    PRIMARY KEY (name, version)
+);
+"""
+
+
+def name_problem(name: str) -> str | None:
+    """Why `name` is not a valid artifact name (None when it is)."""
+    if not name:
+        return "is required"
+    if "\x00" in name:
+        return "must not contain NUL characters"
+    if "\\" in name:
+        return "must not contain backslashes"
+    if len(name) > MAX_NAME_LEN:
+        return f"is {len(name)} characters; at most {MAX_NAME_LEN} allowed"
+    if name.startswith("/"):
+        return "must be relative (no leading '/')"
+    segments = name.split("/")
+    for seg in segments:
+        if seg in (".", ".."):
+            return "must not contain '.' or '..' segments"
+        if not seg:
+            return "must not contain empty segments ('//' or a trailing '/')"
+        if not _SEGMENT_RE.match(seg):
+            return "segments may contain only letters, digits and . _ -"
+    return None
+
+
+def validate_name(name: str, field_path: str = "name") -> None:
+    problem = name_problem(name)
+    if problem is not None:
+        raise errors.invalid_argument(field_path, problem, reason="INVALID_ARTIFACT_NAME")
+
+
+def content_type_problem(ct: str) -> str | None:
+    if not ct:
+        return "is required"
+    if len(ct) > MAX_CONTENT_TYPE_LEN or not _CONTENT_TYPE_RE.match(ct):
+        return "must be a MIME type such as text/markdown"
+    return None
+
+
+@dataclass(frozen=True)
+class ArtifactMeta:
+    name: str
+    version: int
+    etag: str
+    content_type: str
+    sha256: str
+    size: int
+    update_time: float
+    actor: str
+    blob: str
+
+
+@dataclass(frozen=True)
+class CanvasLimits:
+    max_artifact_bytes: int = DEFAULT_MAX_ARTIFACT_BYTES
+    max_total_bytes: int = DEFAULT_MAX_TOTAL_BYTES
+    max_versions: int = DEFAULT_MAX_VERSIONS
+
+
+def make_etag(sha256: str, version: int) -> str:
+    return f'"v{version}-{sha256[:16]}"'
+
+
+def _fsync_dir(path: Path) -> None:
+    fd = os.open(path, os.O_RDONLY)
+    try:
+        os.fsync(fd)
+    finally:
+        os.close(fd)
+
+
+def _meta(row: sqlite3.Row) -> ArtifactMeta:
+    return ArtifactMeta(
+        row["name"],
+        row["version"],
+        row["etag"],
+        row["content_type"],
+        row["sha256"],
+        row["size"],
+        row["update_time"],
+        row["actor"],
+        row["blob"],
+    )
+
+
+def _mismatch(name: str, current: str, wanted: str) -> FlynnError:
+    if wanted == "*":
+        msg = f"artifact {name!r} already exists (etag '*' only creates)"
+    elif not current:
+        msg = f"artifact {name!r} does not exist; etag {wanted} does not match"
+    else:
+        msg = f"artifact {name!r} changed: current etag is {current}, the request was based on {wanted}"
+    return errors.failed_precondition(msg, reason="ETAG_MISMATCH", name=name, current_etag=current)
+
+
+class CanvasStore:
+    def __init__(self, root: Path, limits: CanvasLimits | None = None) -> None:
+        self.root = root
+        self.blobs = root / "blobs"
+        self.limits = limits or CanvasLimits()
+        self.blobs.mkdir(parents=True, exist_ok=True)
+        self._db = sqlite3.connect(str(root / "index.sqlite"), isolation_level=None, check_same_thread=False)
+        self._db.row_factory = sqlite3.Row
+        self._db.execute("PRAGMA journal_mode=WAL")
+        self._db.execute("PRAGMA synchronous=FULL")
+        self._db.executescript(_SCHEMA)
+        self.total_bytes = 0
+        self.recovered: dict[str, int] = {}
+
+    # lifecycle ----------------------------------------------------------------------------
+
+    def recover(self) -> dict[str, int]:
+        """Remove leftovers of interrupted writes: temp files and blobs no committed row references."""
+        referenced = {r[0] for r in self._db.execute("SELECT blob FROM versions")}
+        temps = orphans = 0
+        for sub in self.blobs.iterdir():
+            if not sub.is_dir():
+                continue
+            for f in sub.iterdir():
+                if f.name.endswith(".tmp"):
+                    f.unlink(missing_ok=True)
+                    temps += 1
+                elif f"{sub.name}/{f.name}" not in referenced:
+                    f.unlink(missing_ok=True)
+                    orphans += 1
+        missing = sum(1 for b in referenced if not (self.blobs / b).exists())
+        row = self._db.execute("SELECT COALESCE(SUM(size), 0) FROM versions").fetchone()
+        self.total_bytes = int(row[0])
+        self.recovered = {
+            "temp_files_removed": temps,
+            "orphan_blobs_removed": orphans,
+            "missing_blobs": missing,
+        }
+        return self.recovered
+
+    def close(self) -> None:
+        self._db.close()
+
+    @contextmanager
+    def _tx(self) -> Iterator[sqlite3.Connection]:
+        self._db.execute("BEGIN IMMEDIATE")
+        try:
+            yield self._db
+        except BaseException:
+            self._db.execute("ROLLBACK")
+            raise
+        else:
+            self._db.execute("COMMIT")
+
+    # reads --------------------------------------------------------------------------------
+
+    def _latest(self, name: str) -> ArtifactMeta | None:
+        row = self._db.execute(
+            "SELECT v.* FROM artifacts a JOIN versions v ON v.name=a.name AND v.version=a.latest WHERE a.name=?",
+            (name,),
+        ).fetchone()
+        return _meta(row) if row else None
+
+    def get(self, name: str, version: int = 0) -> tuple[ArtifactMeta, bytes]:
+        if version:
+            row = self._db.execute(
+                "SELECT * FROM versions WHERE name=? AND version=?", (name, version)
+            ).fetchone()
+            meta = _meta(row) if row else None
+        else:
+            meta = self._latest(name)
+        if meta is None:
+            what = f"{name}@{version}" if version else name
+            raise errors.not_found("artifact", what, reason="ARTIFACT_NOT_FOUND")
+        content = (self.blobs / meta.blob).read_bytes()
+        if hashlib.sha256(content).hexdigest() != meta.sha256:
+            raise FlynnError(
+                Code.INTERNAL,
+                f"artifact {name!r} version {meta.version} failed its checksum",
+                reason="DATA_LOSS",
+            )
+        return meta, content
+
+    def list_latest(self, prefix: str, after: str, limit: int) -> list[ArtifactMeta]:
+        rows = self._db.execute(
+            "SELECT v.* FROM artifacts a JOIN versions v ON v.name=a.name AND v.version=a.latest"
+            " WHERE a.latest > 0 AND a.name > ? AND substr(a.name, 1, ?) = ? ORDER BY a.name LIMIT ?",
+            (after, len(prefix), prefix, limit),
+        )
+        return [_meta(r) for r in rows]
+
+    # writes -------------------------------------------------------------------------------
+
+    def put(self, name: str, content_type: str, content: bytes, etag: str, actor: str) -> ArtifactMeta:
+        lim = self.limits
+        if len(content) > lim.max_artifact_bytes:
+            raise FlynnError(
+                Code.INVALID_ARGUMENT,
+                f"content is {len(content)} bytes; at most {lim.max_artifact_bytes} allowed per artifact",
+                reason="ARTIFACT_TOO_LARGE",
+                violations=[FieldViolation("content", f"at most {lim.max_artifact_bytes} bytes")],
+            )
+        current = self._latest(name)
+        current_etag = current.etag if current else ""
+        if etag == "*" and current is not None:
+            raise _mismatch(name, current_etag, etag)
+        if etag and etag != "*" and etag != current_etag:
+            raise _mismatch(name, current_etag, etag)
+        row = self._db.execute("SELECT last_version FROM artifacts WHERE name=?", (name,)).fetchone()
+        version = (int(row[0]) if row else 0) + 1
+        # Versions this put pushes out of the window are freed by it, so count them out of the total.
+        freed = self._db.execute(
+            "SELECT COALESCE(SUM(size), 0) FROM versions WHERE name=? AND version <= ?",
+            (name, version - lim.max_versions),
+        ).fetchone()[0]
+        if self.total_bytes - int(freed) + len(content) > lim.max_total_bytes:
+            raise errors.resource_exhausted(
+                f"canvas is full: {self.total_bytes} of {lim.max_total_bytes} bytes used; delete artifacts first",
+                reason="CANVAS_FULL",
+                used_bytes=str(self.total_bytes),
+                max_total_bytes=str(lim.max_total_bytes),
+            )
+        digest = hashlib.sha256(content).hexdigest()
+        key = hashlib.sha256(name.encode("utf-8")).hexdigest()[:40]
+        blob = f"{key[:2]}/{key}-{version}.bin"
+        self._write_blob(blob, content)
+        meta = ArtifactMeta(
+            name,
+            version,
+            make_etag(digest, version),
+            content_type,
+            digest,
+            len(content),
+            time.time(),
+            actor,
+            blob,
+        )
+        with self._tx() as db:
+            db.execute(
+                "INSERT INTO versions(name, version, etag, content_type, sha256, size, update_time, actor, blob)"
+                " VALUES (?,?,?,?,?,?,?,?,?)",
+                (name, version, meta.etag, content_type, digest, len(content), meta.update_time, actor, blob),
+            )
+            db.execute(
+                "INSERT INTO artifacts(name, latest, last_version) VALUES (?,?,?)"
+                " ON CONFLICT(name) DO UPDATE SET latest=excluded.latest, last_version=excluded.last_version",
+                (name, version, version),
+            )
+            pruned = [
+                r["blob"]
+                for r in db.execute(
+                    "SELECT blob FROM versions WHERE name=? AND version <= ?",
+                    (name, version - lim.max_versions),
+                )
+            ]
+            db.execute(
+                "DELETE FROM versions WHERE name=? AND version <= ?", (name, version - lim.max_versions)
+            )
+        self.total_bytes += len(content) - int(freed)
+        self._unlink(pruned)
+        return meta
+
+    def delete(self, name: str, etag: str) -> int:
+        current = self._latest(name)
+        if current is None:
+            raise errors.not_found("artifact", name, reason="ARTIFACT_NOT_FOUND")
+        if etag and etag != current.etag:
+            raise _mismatch(name, current.etag, etag)
+        with self._tx() as db:
+            rows = [
+                (r["blob"], r["size"])
+                for r in db.execute("SELECT blob, size FROM versions WHERE name=?", (name,))
+            ]
+            db.execute("DELETE FROM versions WHERE name=?", (name,))
+            db.execute("UPDATE artifacts SET latest=0 WHERE name=?", (name,))
+        self.total_bytes -= sum(size for _, size in rows)
+        self._unlink([b for b, _ in rows])
+        return len(rows)
+
+    # files --------------------------------------------------------------------------------
+
+    def _write_blob(self, blob: str, content: bytes) -> None:
+        final = self.blobs / blob
+        if not final.parent.is_dir():
+            final.parent.mkdir(exist_ok=True)
+            _fsync_dir(self.blobs)
+        tmp = final.with_name(f".{final.name}.{os.getpid()}.{time.monotonic_ns()}.tmp")
+        fd = os.open(tmp, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o600)
+        try:
+            view = memoryview(content)
+            while view:
+                n = os.write(fd, view)
+                view = view[n:]
+            os.fsync(fd)
+        finally:
+            os.close(fd)
+        os.replace(tmp, final)
+        _fsync_dir(final.parent)
+
+    def _unlink(self, blobs: list[str]) -> None:
+        # After the rows are gone: a crash before this leaves unreferenced blobs, removed by recover().
+        for b in blobs:
+            (self.blobs / b).unlink(missing_ok=True)
+
+
+class Canvas:
+    """Async face of the store: one worker thread, the gate, audit, metrics and change events."""
+
+    def __init__(
+        self,
+        store: CanvasStore,
+        audit: AuditLog,
+        enabled: Callable[[], bool],
+        on_change: Callable[[str, str], None],
+    ) -> None:
+        self.store = store
+        self.audit = audit
+        self._enabled = enabled
+        self._on_change = on_change
+        self._pool = ThreadPoolExecutor(max_workers=1, thread_name_prefix="canvas")
+
+    async def start(self) -> dict[str, int]:
+        recovered = await self._run(self.store.recover)
+        assert isinstance(recovered, dict)
+        metrics.CANVAS_BYTES.set(self.store.total_bytes)
+        return recovered
+
+    async def close(self) -> None:
+        await self._run(self.store.close)
+        self._pool.shutdown(wait=True)
+
+    async def _run(self, fn: Callable[..., object], *args: object) -> object:
+        return await asyncio.get_running_loop().run_in_executor(self._pool, fn, *args)
+
+    def check_enabled(self, op: str) -> None:
+        if not self._enabled():
+            metrics.CANVAS_OPS.labels(op, "disabled").inc()
+            raise errors.failed_precondition(
+                "the canvas is off (server.nodes.feature_gates.ui.canvas is false)", reason="CANVAS_DISABLED"
+            )
+
+    async def _op(self, op: str, fn: Callable[..., object], *args: object) -> object:
+        self.check_enabled(op)
+        start = time.perf_counter()
+        try:
+            result = await self._run(fn, *args)
+        except FlynnError as e:
+            metrics.CANVAS_OPS.labels(op, e.reason or e.code.value).inc()
+            raise
+        metrics.CANVAS_OPS.labels(op, "ok").inc()
+        metrics.CANVAS_LATENCY.labels(op).observe(time.perf_counter() - start)
+        return result
+
+    async def put(self, name: str, content_type: str, content: bytes, etag: str, actor: str) -> ArtifactMeta:
+        meta = await self._op("put", self.store.put, name, content_type, content, etag, actor)
+        assert isinstance(meta, ArtifactMeta)
+        metrics.CANVAS_BYTES.set(self.store.total_bytes)
+        self.audit.record(
+            "canvasPut",
+            actor=actor,
+            name=name,
+            version=meta.version,
+            sha256=meta.sha256,
+            size_bytes=meta.size,
+            etag=meta.etag,
+        )
+        self._on_change(name, "put")
+        return meta
+
+    async def get(self, name: str, version: int) -> tuple[ArtifactMeta, bytes]:
+        got = await self._op("get", self.store.get, name, version)
+        assert isinstance(got, tuple)
+        return got
+
+    async def list_latest(self, prefix: str, after: str, limit: int) -> list[ArtifactMeta]:
+        items = await self._op("list", self.store.list_latest, prefix, after, limit)
+        assert isinstance(items, list)
+        return items
+
+    async def delete(self, name: str, etag: str, actor: str) -> int:
+        n = await self._op("delete", self.store.delete, name, etag)
+        assert isinstance(n, int)
+        metrics.CANVAS_BYTES.set(self.store.total_bytes)
+        self.audit.record("canvasDelete", actor=actor, name=name, deleted_versions=n)
+        self._on_change(name, "delete")
+        return n

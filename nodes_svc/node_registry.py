@@ -1,0 +1,780 @@
+"""Node registry: identities and tokens, live registrations with epochs, presence leases, invokes, events.
+
+Plain Python (no grpc). The Connect servicer turns a stream into a `NodeSession` through `register`,
+drains `session.outbound` to the node and feeds what the node sends back into `on_heartbeat`,
+`on_progress` and `on_result`; it calls `end_session` in its `finally`. Messages on the outbound
+queue are ready-made `ConnectResponse` protos, so a stream costs one queue and one small object.
+
+One sweeper (`tick`) serves every session: it queues server heartbeats, expires leases and flushes
+last_seen to SQLite in one batch, so 1,000 nodes heartbeating cost no per-beat disk write.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import hashlib
+import logging
+import secrets
+import time
+from collections import OrderedDict
+from collections.abc import AsyncIterator
+from dataclasses import dataclass
+
+from flynn.v1 import config_pb2, nodes_pb2
+from google.protobuf import timestamp_pb2
+
+from flynn_runtime import errors, targeting
+from flynn_runtime.audit import AuditLog
+from flynn_runtime.auth import FailureLimiter, hash_token
+from flynn_runtime.config_source import ConfigSource
+from flynn_runtime.errors import Code, FlynnError
+from flynn_runtime.ids import new_id
+from nodes_svc import metrics
+from nodes_svc.node_store import EventRecord, NewEvent, NodeRecord, NodeStore, TokenRecord
+
+log = logging.getLogger(__name__)
+
+PROTOCOL_VERSION = 1
+DEFAULT_HEARTBEAT = 5.0
+DEFAULT_LEASE = 15.0
+OUTBOUND_MAX = 1024
+IDEMPOTENCY_MAX = 10_000
+EVENTS_KEPT = 100_000
+
+CONNECTED = nodes_pb2.NODE_EVENT_TYPE_CONNECTED
+RECONNECTED = nodes_pb2.NODE_EVENT_TYPE_RECONNECTED
+DISCONNECTED = nodes_pb2.NODE_EVENT_TYPE_DISCONNECTED
+CANVAS_CHANGED = nodes_pb2.NODE_EVENT_TYPE_CANVAS_CHANGED
+
+# Why a stream is closed by the server: (NodeClose.reconnect, status the stream ends with).
+CLOSE_REASONS: dict[str, tuple[bool, Code]] = {
+    "nodes_disabled": (True, Code.UNAVAILABLE),
+    "role_not_allowed": (False, Code.PERMISSION_DENIED),
+    "token_revoked": (False, Code.UNAUTHENTICATED),
+    "replaced": (False, Code.ABORTED),
+    "shutdown": (True, Code.UNAVAILABLE),
+    "lease_expired": (True, Code.UNAVAILABLE),
+    "slow_consumer": (True, Code.UNAVAILABLE),
+}
+
+
+def _ts(seconds: float) -> timestamp_pb2.Timestamp:
+    ts = timestamp_pb2.Timestamp()
+    ts.FromNanoseconds(int(seconds * 1e9))
+    return ts
+
+
+def _duration(d: object, default: float) -> float:
+    seconds = getattr(d, "seconds", 0) + getattr(d, "nanos", 0) / 1e9
+    return float(seconds) if seconds > 0 else default
+
+
+@dataclass(frozen=True)
+class NodesPolicy:
+    """The effective server.nodes settings (defaults applied)."""
+
+    enabled: bool
+    allowed_roles: frozenset[str]
+    heartbeat_interval: float
+    lease: float
+
+    @classmethod
+    def of(cls, cfg: config_pb2.FlynnConfig) -> NodesPolicy:
+        n = cfg.server.nodes
+        hb = _duration(n.heartbeat_interval, DEFAULT_HEARTBEAT)
+        lease = _duration(n.lease, DEFAULT_LEASE)
+        return cls(n.enabled, frozenset(n.allowed_roles), hb, max(lease, hb))
+
+
+@dataclass(frozen=True)
+class SessionClose:
+    """Put on a session's outbound queue: send NodeClose, then end the stream with `code`."""
+
+    reason: str
+    reconnect: bool
+    message: str
+    code: Code
+
+
+class PendingInvoke:
+    """One dispatched invoke: its progress history and result, fanned out to every waiting caller."""
+
+    __slots__ = (
+        "invoke_id",
+        "node_id",
+        "command",
+        "fingerprint",
+        "session",
+        "started",
+        "history",
+        "result",
+        "error",
+        "subscribers",
+        "idem_key",
+    )
+
+    def __init__(
+        self,
+        invoke_id: str,
+        node_id: str,
+        command: str,
+        fingerprint: str,
+        session: NodeSession,
+        idem_key: str,
+    ) -> None:
+        self.invoke_id = invoke_id
+        self.node_id = node_id
+        self.command = command
+        self.fingerprint = fingerprint
+        self.session = session
+        self.idem_key = idem_key
+        self.started = time.perf_counter()
+        self.history: list[nodes_pb2.InvokeNodeResponse] = []
+        self.result: nodes_pb2.InvokeResult | None = None
+        self.error: FlynnError | None = None
+        self.subscribers: list[asyncio.Queue[nodes_pb2.InvokeNodeResponse | FlynnError]] = []
+
+    @property
+    def done(self) -> bool:
+        return self.result is not None or self.error is not None
+
+    def publish(self, item: nodes_pb2.InvokeNodeResponse | FlynnError) -> None:
+        if isinstance(item, FlynnError):
+            self.error = item
+        else:
+            self.history.append(item)
+            if item.HasField("result"):
+                self.result = item.result
+        for q in self.subscribers:
+            q.put_nowait(item)
+
+
+class NodeSession:
+    """A live Connect stream of one node at one epoch."""
+
+    __slots__ = (
+        "node_id",
+        "role",
+        "epoch",
+        "capabilities",
+        "token_id",
+        "outbound",
+        "last_seen",
+        "last_sent",
+        "closed",
+        "close_reason",
+        "invokes",
+        "canvas",
+        "connected_at",
+        "flushed_seen",
+    )
+
+    def __init__(self, rec: NodeRecord, canvas: bool, now: float) -> None:
+        self.node_id = rec.node_id
+        self.role = rec.role
+        self.epoch = rec.epoch
+        self.capabilities = frozenset(rec.capabilities)
+        self.token_id = rec.token_id
+        self.outbound: asyncio.Queue[nodes_pb2.ConnectResponse | SessionClose] = asyncio.Queue(OUTBOUND_MAX)
+        self.last_seen = now  # monotonic; renewed by anything the node sends
+        self.last_sent = now  # monotonic; when the server last sent something
+        self.flushed_seen = now
+        self.closed = False
+        self.close_reason = ""
+        self.invokes: dict[str, PendingInvoke] = {}
+        self.canvas = canvas
+        self.connected_at = time.time()
+
+    def send(self, msg: nodes_pb2.ConnectResponse) -> bool:
+        if self.closed:
+            return False
+        try:
+            self.outbound.put_nowait(msg)
+        except asyncio.QueueFull:
+            self.close("slow_consumer", "the node does not read its stream")
+            return False
+        self.last_sent = time.monotonic()
+        return True
+
+    def close(self, reason: str, message: str = "") -> bool:
+        """Ask the stream to send NodeClose and end; fails in-flight invokes at once. False if already closing."""
+        if self.closed:
+            return False
+        self.closed = True
+        self.close_reason = reason
+        reconnect, code = CLOSE_REASONS.get(reason, (True, Code.UNAVAILABLE))
+        while True:  # make room: the close must get through even when the queue is full
+            try:
+                self.outbound.put_nowait(
+                    SessionClose(reason, reconnect, message or reason.replace("_", " "), code)
+                )
+                break
+            except asyncio.QueueFull:
+                self.outbound.get_nowait()
+        self.fail_invokes(reason)
+        return True
+
+    def fail_invokes(self, reason: str) -> None:
+        pending, self.invokes = self.invokes, {}
+        for p in pending.values():
+            if not p.done:
+                p.publish(
+                    errors.unavailable(
+                        f"node {self.node_id!r} disconnected ({reason}) before answering invoke {p.invoke_id}",
+                        reason="NODE_DISCONNECTED",
+                        node_id=self.node_id,
+                        invoke_id=p.invoke_id,
+                    )
+                )
+
+
+@dataclass(frozen=True)
+class IssuedToken:
+    token_id: str
+    token: str
+    node_id: str
+    role: str
+
+
+class NodeRegistry:
+    def __init__(
+        self,
+        store: NodeStore,
+        config: ConfigSource,
+        audit: AuditLog,
+        limiter: FailureLimiter | None = None,
+    ) -> None:
+        self.store = store
+        self.config = config
+        self.audit = audit
+        self.limiter = limiter or FailureLimiter()
+        self.sessions: dict[str, NodeSession] = {}
+        self._tokens: dict[str, TokenRecord] = {}  # sha256 -> record
+        self._token_nodes: set[str] = set()
+        self._idem: OrderedDict[tuple[str, str], PendingInvoke] = OrderedDict()
+        self._events_changed = asyncio.Event()
+        self._last_flush = time.monotonic()
+        self._policy = NodesPolicy.of(config.config)
+
+    # lifecycle ----------------------------------------------------------------------------
+
+    def start(self) -> None:
+        for t in self.store.all_tokens():
+            self._tokens[t.sha256] = t
+            self._token_nodes.add(t.node_id)
+        stale = self.store.mark_all_offline("server_restart")
+        if stale:
+            log.info("nodes left online by the previous process marked offline", extra={"count": len(stale)})
+            self._notify_events()
+        self._policy = NodesPolicy.of(self.config.config)
+        metrics.ONLINE.set(0)
+
+    def close_all(self, reason: str) -> int:
+        n = 0
+        for s in list(self.sessions.values()):
+            n += s.close(reason)
+        return n
+
+    @property
+    def policy(self) -> NodesPolicy:
+        return self._policy
+
+    # tokens -------------------------------------------------------------------------------
+
+    def issue_token(self, node_id: str, role: str, description: str) -> IssuedToken:
+        token = f"fln_{secrets.token_urlsafe(32)}"
+        rec = TokenRecord(new_id("ntok"), hash_token(token), node_id, role, description, time.time(), None)
+        self.store.insert_token(rec)
+        self._tokens[rec.sha256] = rec
+        self._token_nodes.add(node_id)
+        self.audit.record(
+            "tokenIssued", node_id=node_id, role=role, token_id=rec.token_id, description=description
+        )
+        return IssuedToken(rec.token_id, token, node_id, role)
+
+    def revoke_token(self, token_id: str, reason: str) -> tuple[bool, int]:
+        """Returns (already_revoked, streams closed)."""
+        before = self.store.revoke_token(token_id, reason, time.time())
+        if before is None:
+            raise errors.not_found("token_id", token_id, reason="TOKEN_NOT_FOUND")
+        already = before.revoked is not None
+        if not already:
+            self._tokens[before.sha256] = TokenRecord(
+                before.token_id,
+                before.sha256,
+                before.node_id,
+                before.role,
+                before.description,
+                before.created,
+                time.time(),
+            )
+        closed = 0
+        for s in list(self.sessions.values()):
+            if s.token_id == token_id and s.close("token_revoked", f"token {token_id} was revoked"):
+                closed += 1
+        self.audit.record(
+            "tokenRevoked",
+            token_id=token_id,
+            node_id=before.node_id,
+            reason=reason,
+            already_revoked=already,
+            closed_streams=closed,
+        )
+        return already, closed
+
+    # registration -------------------------------------------------------------------------
+
+    def _refuse(
+        self, err: FlynnError, node_id: str, peer: str, known: bool, auth_failure: bool
+    ) -> FlynnError:
+        if auth_failure:
+            self.limiter.record_failure(peer)
+        metrics.REGISTRATIONS.labels("refused", err.reason).inc()
+        if known:
+            metrics.RECONNECTS.labels("failure", err.reason).inc()
+        self.audit.record(
+            "nodeRegisterRefused", actor=f"node:{node_id}", node_id=node_id, reason=err.reason, peer=peer
+        )
+        return err
+
+    def register(
+        self, reg: nodes_pb2.NodeRegister, peer: str
+    ) -> tuple[NodeSession, nodes_pb2.NodeRegistered]:
+        """Authenticate and register (the Register message is already validated); raises FlynnError."""
+        node_id = reg.node_id
+        self.limiter.check(peer)
+        existing = self.store.get_node(node_id)
+        known = existing is not None
+        policy = self._policy
+        if not policy.enabled:
+            raise self._refuse(
+                errors.unavailable(
+                    "companion nodes are disabled (server.nodes.enabled is false)",
+                    reason="NODES_DISABLED",
+                    retry_after=5.0,
+                ),
+                node_id,
+                peer,
+                known,
+                False,
+            )
+        tok = self._tokens.get(hash_token(reg.token))
+        if tok is None:
+            reason = "INVALID_TOKEN" if node_id in self._token_nodes or known else "UNKNOWN_NODE"
+            raise self._refuse(
+                errors.unauthenticated(f"unknown node or wrong token for node {node_id!r}", reason=reason),
+                node_id,
+                peer,
+                known,
+                True,
+            )
+        if tok.revoked is not None:
+            raise self._refuse(
+                errors.unauthenticated(f"token {tok.token_id} was revoked", reason="TOKEN_REVOKED"),
+                node_id,
+                peer,
+                known,
+                True,
+            )
+        if tok.node_id != node_id or tok.role != reg.role:
+            raise self._refuse(
+                errors.permission_denied(
+                    f"token {tok.token_id} is for node {tok.node_id!r} with role {tok.role!r}",
+                    reason="TOKEN_SCOPE",
+                    node_id=node_id,
+                    role=reg.role,
+                ),
+                node_id,
+                peer,
+                known,
+                True,
+            )
+        if reg.role not in policy.allowed_roles:
+            raise self._refuse(
+                errors.permission_denied(
+                    f"role {reg.role!r} is not in server.nodes.allowed_roles",
+                    reason="ROLE_NOT_ALLOWED",
+                    role=reg.role,
+                ),
+                node_id,
+                peer,
+                known,
+                False,
+            )
+        old = self.sessions.get(node_id)
+        if old is not None:
+            old.close("replaced", "the node connected again; this stream is replaced")
+        now = time.time()
+        if existing is None:
+            epoch, reconnects, etype, kind = 1, 0, CONNECTED, "new"
+        else:
+            epoch, reconnects, etype, kind = (
+                existing.epoch + 1,
+                existing.reconnect_count + 1,
+                RECONNECTED,
+                "resumed",
+            )
+        rec = NodeRecord(
+            node_id=node_id,
+            role=reg.role,
+            capabilities=sorted(set(reg.capabilities)),
+            epoch=epoch,
+            online=True,
+            last_seen=now,
+            connect_time=now,
+            reconnect_count=reconnects,
+            protocol_version=reg.protocol_version,
+            display_name=reg.display_name,
+            platform=reg.platform,
+            token_id=tok.token_id,
+        )
+        self.store.save_registration(rec, NewEvent(etype, node_id, reg.role, epoch, "", "", now))
+        self._notify_events()
+        canvas = self._canvas_gate(node_id)
+        session = NodeSession(rec, canvas, time.monotonic())
+        self.sessions[node_id] = session
+        metrics.ONLINE.set(len(self.sessions))
+        metrics.REGISTRATIONS.labels("ok", kind).inc()
+        if known:
+            metrics.RECONNECTS.labels("success", "replaced" if old is not None else "resumed").inc()
+        self.audit.record(
+            "nodeReconnect" if known else "nodeRegister",
+            actor=f"node:{node_id}",
+            node_id=node_id,
+            role=reg.role,
+            epoch=epoch,
+            reconnect_count=reconnects,
+            replaced_stream=old is not None,
+            peer=peer,
+        )
+        registered = nodes_pb2.NodeRegistered(
+            epoch=epoch,
+            gates=self._gates(canvas),
+            heartbeat_interval_ms=int(policy.heartbeat_interval * 1000),
+            lease_ms=int(policy.lease * 1000),
+            resumed=known,
+        )
+        return session, registered
+
+    def end_session(self, session: NodeSession, reason: str = "") -> None:
+        """The stream of `session` ended (any cause). Idempotent."""
+        if not session.closed:
+            session.closed = True
+            session.close_reason = reason or "stream_closed"
+        session.fail_invokes(session.close_reason)
+        if self.sessions.get(session.node_id) is not session:
+            # Replaced by a newer epoch: the node stays online, so no DISCONNECTED event.
+            metrics.DISCONNECTS.labels(session.close_reason).inc()
+            self.audit.record(
+                "nodeDisconnect",
+                actor="system",
+                node_id=session.node_id,
+                epoch=session.epoch,
+                reason=session.close_reason,
+            )
+            return
+        del self.sessions[session.node_id]
+        metrics.ONLINE.set(len(self.sessions))
+        reason = session.close_reason
+        metrics.DISCONNECTS.labels(reason).inc()
+        last_seen = time.time() - (time.monotonic() - session.last_seen)
+        self.store.mark_offline(
+            session.node_id,
+            session.epoch,
+            reason,
+            last_seen,
+            NewEvent(DISCONNECTED, session.node_id, session.role, session.epoch, reason, "", time.time()),
+        )
+        self._notify_events()
+        self.audit.record(
+            "nodeDisconnect", actor="system", node_id=session.node_id, epoch=session.epoch, reason=reason
+        )
+
+    # traffic from the node ----------------------------------------------------------------
+
+    @staticmethod
+    def on_heartbeat(session: NodeSession) -> None:
+        session.last_seen = time.monotonic()
+
+    def on_progress(self, session: NodeSession, progress: nodes_pb2.InvokeProgress) -> None:
+        session.last_seen = time.monotonic()
+        p = session.invokes.get(progress.invoke_id)
+        if p is not None and not p.done:
+            p.publish(nodes_pb2.InvokeNodeResponse(progress=progress))
+
+    def on_result(self, session: NodeSession, result: nodes_pb2.InvokeResult) -> None:
+        session.last_seen = time.monotonic()
+        p = session.invokes.pop(result.invoke_id, None)
+        if p is None or p.done:
+            return
+        metrics.INVOKE_LATENCY.observe(time.perf_counter() - p.started)
+        if not result.ok and result.error_code == "deadline_exceeded":
+            p.publish(self._deadline_error(p, "the node reported that the deadline passed"))
+        else:
+            p.publish(nodes_pb2.InvokeNodeResponse(result=result))
+
+    # invoke -------------------------------------------------------------------------------
+
+    @staticmethod
+    def _deadline_error(p: PendingInvoke, why: str) -> FlynnError:
+        return FlynnError(
+            Code.DEADLINE_EXCEEDED,
+            f"invoke {p.invoke_id} of {p.command!r} on node {p.node_id!r} missed its deadline: {why}",
+            reason="INVOKE_DEADLINE_EXCEEDED",
+            metadata={"node_id": p.node_id, "invoke_id": p.invoke_id},
+        )
+
+    def _dispatch(
+        self,
+        node_id: str,
+        command: str,
+        args_json: str,
+        deadline_wall: float,
+        idem_key: str,
+        fingerprint: str,
+    ) -> PendingInvoke:
+        session = self.sessions.get(node_id)
+        if session is None or session.closed:
+            known = self.store.get_node(node_id) is not None
+            if not known:
+                raise errors.not_found("node_id", node_id, reason="NODE_NOT_FOUND")
+            raise errors.failed_precondition(
+                f"node {node_id!r} is not online", reason="NODE_OFFLINE", node_id=node_id
+            )
+        if command not in session.capabilities:
+            raise errors.failed_precondition(
+                f"node {node_id!r} did not declare command {command!r}",
+                reason="COMMAND_NOT_DECLARED",
+                node_id=node_id,
+                command=command,
+            )
+        if command.startswith("canvas.") and not session.canvas:
+            raise errors.failed_precondition(
+                "canvas commands are off (server.nodes.feature_gates.ui.canvas)",
+                reason="CANVAS_DISABLED",
+                command=command,
+            )
+        p = PendingInvoke(new_id("inv"), node_id, command, fingerprint, session, idem_key)
+        session.invokes[p.invoke_id] = p
+        msg = nodes_pb2.ConnectResponse(
+            invoke=nodes_pb2.InvokeRequest(
+                invoke_id=p.invoke_id, command=command, args_json=args_json, deadline=_ts(deadline_wall)
+            )
+        )
+        if not session.send(msg):
+            session.invokes.pop(p.invoke_id, None)
+            raise errors.unavailable(
+                f"node {node_id!r} is disconnecting", reason="NODE_DISCONNECTED", node_id=node_id
+            )
+        return p
+
+    async def invoke(
+        self, node_id: str, command: str, args_json: str, timeout_s: float, idempotency_key: str = ""
+    ) -> AsyncIterator[nodes_pb2.InvokeNodeResponse]:
+        """Run `command` on the node: yields progress, then the result; raises FlynnError otherwise.
+
+        The node gets the absolute deadline now + timeout_s; the same deadline is enforced here.
+        """
+        deadline_wall = time.time() + timeout_s
+        loop_deadline = asyncio.get_running_loop().time() + timeout_s
+        fingerprint = hashlib.sha256(f"{command}\x00{args_json}".encode()).hexdigest()
+        key = (node_id, idempotency_key)
+        p = self._idem.get(key) if idempotency_key else None
+        if p is not None:
+            if p.fingerprint != fingerprint:
+                metrics.INVOKES.labels("refused").inc()
+                raise errors.invalid_argument(
+                    "idempotency_key",
+                    "was used for a different command or arguments on this node",
+                    reason="IDEMPOTENCY_KEY_REUSED",
+                )
+            if p.error is not None:  # failed attempts are not cached: a retry dispatches again
+                del self._idem[key]
+                p = None
+            else:
+                self._idem.move_to_end(key)
+                if p.done:
+                    metrics.INVOKES.labels("cached").inc()
+        if p is None:
+            try:
+                p = self._dispatch(node_id, command, args_json, deadline_wall, idempotency_key, fingerprint)
+            except FlynnError:
+                metrics.INVOKES.labels("refused").inc()
+                raise
+            if idempotency_key:
+                self._idem[key] = p
+                while len(self._idem) > IDEMPOTENCY_MAX:
+                    self._idem.popitem(last=False)
+        q: asyncio.Queue[nodes_pb2.InvokeNodeResponse | FlynnError] = asyncio.Queue()
+        for seen in p.history:
+            q.put_nowait(seen)
+        if p.error is not None:
+            q.put_nowait(p.error)
+        p.subscribers.append(q)
+        outcome = "cancelled"
+        try:
+            async with asyncio.timeout_at(loop_deadline):
+                while True:
+                    item = await q.get()
+                    if isinstance(item, FlynnError):
+                        outcome = (
+                            "deadline_exceeded" if item.code == Code.DEADLINE_EXCEEDED else "unavailable"
+                        )
+                        raise item
+                    yield item
+                    if item.HasField("result"):
+                        outcome = "ok" if item.result.ok else "error"
+                        return
+        except TimeoutError:
+            outcome = "deadline_exceeded"
+            if not p.done:
+                p.session.invokes.pop(p.invoke_id, None)
+                p.publish(self._deadline_error(p, f"no answer within {timeout_s:.3f} s"))
+            raise self._deadline_error(p, f"no answer within {timeout_s:.3f} s") from None
+        finally:
+            if q in p.subscribers:
+                p.subscribers.remove(q)
+            if not p.subscribers and not p.done and not p.idem_key:
+                p.session.invokes.pop(p.invoke_id, None)  # nobody waits: a late answer is dropped
+            metrics.INVOKES.labels(outcome).inc()
+            if p.error is not None and p.idem_key and self._idem.get((node_id, p.idem_key)) is p:
+                del self._idem[(node_id, p.idem_key)]
+
+    # gates --------------------------------------------------------------------------------
+
+    def _canvas_gate(self, node_id: str) -> bool:
+        return targeting.canvas_enabled(self.config.config, targeting.Target(node_id=node_id)).value
+
+    def _gates(self, canvas: bool) -> nodes_pb2.NodeGates:
+        return nodes_pb2.NodeGates(canvas=canvas, config_revision=self.config.revision)
+
+    def canvas_service_enabled(self) -> bool:
+        """The Canvas service is on when the gate is on globally or for some nodes by rollout."""
+        ui = self.config.config.server.nodes.feature_gates.ui
+        return ui.canvas or (ui.HasField("canvas_rollout") and ui.canvas_rollout.basis_points > 0)
+
+    def apply_config(self) -> dict[str, int]:
+        """Re-evaluate every live stream against the applied config (called on each server.nodes change)."""
+        self._policy = policy = NodesPolicy.of(self.config.config)
+        counts = {"nodes_disabled": 0, "role_not_allowed": 0, "gate_updates": 0}
+        for s in list(self.sessions.values()):
+            if not policy.enabled:
+                counts["nodes_disabled"] += s.close("nodes_disabled", "server.nodes.enabled is false")
+                continue
+            if s.role not in policy.allowed_roles:
+                counts["role_not_allowed"] += s.close(
+                    "role_not_allowed", f"role {s.role!r} was removed from server.nodes.allowed_roles"
+                )
+                continue
+            canvas = self._canvas_gate(s.node_id)
+            if canvas != s.canvas:
+                s.canvas = canvas
+                if s.send(nodes_pb2.ConnectResponse(gates=nodes_pb2.GateUpdate(gates=self._gates(canvas)))):
+                    counts["gate_updates"] += 1
+        if any(counts.values()):
+            log.info("node config applied", extra={"revision": self.config.revision, **counts})
+        return counts
+
+    # sweeper ------------------------------------------------------------------------------
+
+    def tick(self, flush_every: float = 2.0) -> None:
+        """Heartbeats to nodes due one, lease expiry, and a batched last_seen flush."""
+        now = time.monotonic()
+        policy = self._policy
+        for s in list(self.sessions.values()):
+            if s.closed:
+                continue
+            if now - s.last_seen > policy.lease:
+                s.close("lease_expired", f"no heartbeat for {policy.lease:.1f} s")
+                continue
+            if now - s.last_sent >= policy.heartbeat_interval:
+                s.send(
+                    nodes_pb2.ConnectResponse(
+                        heartbeat=nodes_pb2.NodeHeartbeat(time=_ts(time.time()), epoch=s.epoch)
+                    )
+                )
+        if now - self._last_flush >= flush_every:
+            self.flush_last_seen()
+
+    def flush_last_seen(self) -> None:
+        now_m, now_w = time.monotonic(), time.time()
+        self._last_flush = now_m
+        dirty: list[tuple[str, float]] = []
+        for s in self.sessions.values():
+            if s.last_seen > s.flushed_seen:
+                s.flushed_seen = s.last_seen
+                dirty.append((s.node_id, now_w - (now_m - s.last_seen)))
+        self.store.touch_many(dirty)
+
+    # reads --------------------------------------------------------------------------------
+
+    def node_proto(self, rec: NodeRecord) -> nodes_pb2.Node:
+        s = self.sessions.get(rec.node_id)
+        last_seen = rec.last_seen
+        if s is not None:
+            last_seen = max(last_seen, time.time() - (time.monotonic() - s.last_seen))
+        online = s is not None and not s.closed
+        return nodes_pb2.Node(
+            node_id=rec.node_id,
+            role=rec.role,
+            capabilities=rec.capabilities,
+            status=nodes_pb2.NODE_STATUS_ONLINE if online else nodes_pb2.NODE_STATUS_OFFLINE,
+            epoch=rec.epoch,
+            last_seen_time=_ts(last_seen),
+            reconnect_count=rec.reconnect_count,
+            protocol_version=rec.protocol_version,
+            display_name=rec.display_name,
+            platform=rec.platform,
+            offline_reason="" if online else rec.offline_reason,
+            connect_time=_ts(rec.connect_time),
+        )
+
+    def get_node(self, node_id: str) -> nodes_pb2.Node:
+        rec = self.store.get_node(node_id)
+        if rec is None:
+            raise errors.not_found("node_id", node_id, reason="NODE_NOT_FOUND")
+        return self.node_proto(rec)
+
+    def list_nodes(self, after: str, limit: int, status: int) -> list[nodes_pb2.Node]:
+        online = (
+            None if status == nodes_pb2.NODE_STATUS_UNSPECIFIED else status == nodes_pb2.NODE_STATUS_ONLINE
+        )
+        return [self.node_proto(r) for r in self.store.list_nodes(after, limit, online)]
+
+    # events -------------------------------------------------------------------------------
+
+    def _notify_events(self) -> None:
+        ev, self._events_changed = self._events_changed, asyncio.Event()
+        ev.set()
+
+    def record_canvas_change(self, name: str, op: str) -> None:
+        self.store.append_event(NewEvent(CANVAS_CHANGED, "", "", 0, op, name, time.time()))
+        self._notify_events()
+
+    def prune_events(self) -> None:
+        self.store.prune_events(EVENTS_KEPT)
+
+    async def watch_events(self, after_seq: int, batch: int = 500) -> AsyncIterator[EventRecord]:
+        """Replay events after `after_seq` from SQLite, then follow new ones (no gaps, no in-memory loss)."""
+        cursor = after_seq
+        while True:
+            changed = self._events_changed
+            rows = self.store.events_after(cursor, batch)
+            for r in rows:
+                cursor = r.seq
+                yield r
+            if len(rows) < batch:
+                await changed.wait()
+
+    @staticmethod
+    def event_proto(r: EventRecord) -> nodes_pb2.NodeEvent:
+        return nodes_pb2.NodeEvent(
+            seq=r.seq,
+            type=r.type,  # type: ignore[arg-type]
+            node_id=r.node_id,
+            role=r.role,
+            epoch=r.epoch,
+            reason=r.reason,
+            artifact_name=r.artifact_name,
+            time=_ts(r.time),
+        )
