@@ -1,0 +1,222 @@
+"""flynn-dev: start the whole mesh locally (`up`) and show its state (`status`).
+
+flynn-dev up [--data-dir DIR] [--host 127.0.0.1] [--base-port 50050] [--only config,gateway]
+flynn-dev status [--data-dir DIR]
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import shlex
+import shutil
+import signal
+import subprocess
+import sys
+import threading
+from pathlib import Path
+from types import FrameType
+
+import grpc
+from flynn.v1 import system_pb2, system_pb2_grpc
+
+from flynn_launcher.plan import MeshPaths, ServicePlan, command, module_available, plan, port_offset
+from flynn_launcher.secrets_store import MeshTokens, ensure_tokens, read_token
+from flynn_launcher.supervisor import Child, StartupError, Supervisor, check_health, child_env, say
+from flynn_runtime import topology
+
+ROOT = Path(__file__).resolve().parent.parent
+DEFAULT_SEED = ROOT / "config" / "flynn.yaml"
+
+
+def _parser() -> argparse.ArgumentParser:
+    p = argparse.ArgumentParser(prog="flynn-dev", description="Run the Flynn mesh on this machine.")
+    sub = p.add_subparsers(dest="command", required=True)
+    up = sub.add_parser("up", help="start every service, wait for health, supervise until Ctrl-C/SIGTERM")
+    status = sub.add_parser("status", help="show each service's health and applied config revision")
+    for s in (up, status):
+        s.add_argument(
+            "--data-dir", type=Path, default=Path(".flynn-data"), help="data directory (./.flynn-data)"
+        )
+        s.add_argument("--host", default="127.0.0.1", help="address every service binds (127.0.0.1)")
+        s.add_argument(
+            "--base-port",
+            type=int,
+            default=50050,
+            help="gateway port; config +1, queue +2, … metrics +100 (50050)",
+        )
+    up.add_argument(
+        "--only", default="", help=f"comma-separated subset to start (of {','.join(topology.START_ORDER)})"
+    )
+    up.add_argument(
+        "--skip-missing", action="store_true", help="skip services whose package does not exist yet"
+    )
+    up.add_argument("--seed-file", type=Path, default=DEFAULT_SEED, help="config seed for the config service")
+    up.add_argument("--grace-seconds", type=float, default=10.0, help="shutdown grace of each service (10)")
+    up.add_argument(
+        "--health-timeout", type=float, default=60.0, help="seconds to wait for each service (60)"
+    )
+    return p
+
+
+def grpcurl_command() -> str:
+    found = shutil.which("grpcurl")
+    if found:
+        return "grpcurl"
+    local = Path(sys.executable).parent / "grpcurl"
+    return str(local) if local.exists() else "grpcurl"
+
+
+def _seed_args(svc: ServicePlan, seed: Path) -> list[str]:
+    """`--seed-file` for the config service, when it supports the flag and the file exists."""
+    if svc.name != "config" or not seed.exists():
+        return []
+    try:
+        out = subprocess.run(
+            [sys.executable, "-m", svc.module, "--help"],
+            capture_output=True,
+            text=True,
+            timeout=60,
+            env=child_env(ROOT),
+        )
+    except subprocess.TimeoutExpired:
+        return []
+    return ["--seed-file", str(seed.resolve())] if "--seed-file" in out.stdout else []
+
+
+def _print_banner(paths: MeshPaths, children: list[Child], tokens: MeshTokens) -> None:
+    rows = [("service", "address", "metrics", "pid")]
+    rows += [(c.plan.name, c.plan.address, str(c.plan.metrics_port), str(c.pid)) for c in children]
+    widths = [max(len(r[i]) for r in rows) for i in range(4)]
+    lines = ["", f"Flynn mesh is up (data dir {paths.data_dir.resolve()})", ""]
+    lines += ["  " + "  ".join(v.ljust(w) for v, w in zip(r, widths, strict=True)).rstrip() for r in rows]
+    gateway = next((c for c in children if c.plan.name == "gateway"), None)
+    lines += ["", f"Operator token: {tokens.operator}", f"  (kept in {paths.token_file('operator')})", ""]
+    if gateway is not None:
+        call = [
+            grpcurl_command(), "-plaintext", "-H", f"authorization: Bearer {tokens.operator}",
+            "-d", "{}", gateway.plan.address, "flynn.v1.System/GetStatus",
+        ]  # fmt: skip
+        lines += ["First call (through the gateway):", f"  {shlex.join(call)}", ""]
+    else:
+        first = children[0].plan.address
+        call = [grpcurl_command(), "-plaintext", first, "grpc.health.v1.Health/Check"]
+        lines += ["First call:", f"  {shlex.join(call)}", ""]
+    lines += [
+        f"Logs: {paths.logs.resolve()}/<service>.log",
+        f"Status: flynn-dev status --data-dir {shlex.quote(str(paths.data_dir))}",
+        "Stop: Ctrl-C",
+        "",
+    ]
+    print("\n".join(lines), flush=True)
+
+
+def up(ns: argparse.Namespace) -> int:
+    paths = MeshPaths(ns.data_dir)
+    only = [s.strip() for s in ns.only.split(",") if s.strip()] or None
+    unknown = [s for s in only or () if s not in topology.SERVICES]
+    if unknown:
+        say(f"unknown service(s) {', '.join(unknown)}; known: {', '.join(topology.START_ORDER)}")
+        return 2
+    services = plan(paths, ns.host, ns.base_port, only)
+    missing = [s for s in services if not module_available(s.module)]
+    if missing and not ns.skip_missing:
+        names = ", ".join(f"{s.name} ({s.module})" for s in missing)
+        say(
+            f"not implemented yet: {names}. Start the others with "
+            f"--only {','.join(s.name for s in services if s not in missing)} (or --skip-missing)"
+        )
+        return 2
+    services = [s for s in services if s not in missing]
+    if not services:
+        say("nothing to start")
+        return 2
+    for s in missing:
+        say(f"skipping {s.name}: {s.module} does not exist yet")
+    paths.logs.mkdir(parents=True, exist_ok=True)
+    tokens = ensure_tokens(paths)
+    children = [
+        Child(s, command(s, paths, ns.host, ns.base_port, ns.grace_seconds, _seed_args(s, ns.seed_file)))
+        for s in services
+    ]
+    stop = threading.Event()
+
+    def on_signal(signum: int, frame: FrameType | None) -> None:
+        stop.set()
+
+    signal.signal(signal.SIGTERM, on_signal)
+    signal.signal(signal.SIGINT, on_signal)
+    sup = Supervisor(children, paths, child_env(ROOT), stop, ns.grace_seconds)
+    try:
+        try:
+            sup.start_all(ns.health_timeout)
+        except StartupError as err:
+            if not stop.is_set():
+                say(str(err))
+                return 1
+            return 0
+        _print_banner(paths, children, tokens)
+        sup.supervise()
+        return 0
+    finally:
+        sup.stop_all()
+        say("stopped")
+
+
+def _status_rows(ns: argparse.Namespace, paths: MeshPaths) -> tuple[list[tuple[str, ...]], int, bool]:
+    """(rows, head revision, all serving) via the gateway's System.GetStatus, else direct health checks."""
+    state: dict[str, object] = {}
+    if paths.state_file.exists():
+        state = json.loads(paths.state_file.read_text())
+    started = {str(s["name"]): str(s["address"]) for s in state.get("services", [])}  # type: ignore[attr-defined]
+    addresses = started or {n: f"{ns.host}:{ns.base_port + port_offset(n)}" for n in topology.START_ORDER}
+    token = read_token(paths, "operator")
+    if "gateway" in addresses and token:
+        with grpc.insecure_channel(addresses["gateway"]) as ch:
+            try:
+                resp = system_pb2_grpc.SystemStub(ch).GetStatus(
+                    system_pb2.GetStatusRequest(),
+                    metadata=(("authorization", f"Bearer {token}"),),
+                    timeout=5,
+                )
+            except grpc.RpcError as err:
+                say(f"gateway GetStatus failed ({err.code().name}); checking each service directly")  # type: ignore[attr-defined]
+            else:
+                rows: list[tuple[str, ...]] = []
+                ok = True
+                for s in resp.services:
+                    health = system_pb2.ServiceHealth.Name(s.health).removeprefix("SERVICE_HEALTH_")
+                    if s.service in addresses and health != "SERVING":
+                        ok = False
+                    rev = str(s.applied_revision) if s.applied_revision else "-"
+                    rows.append((s.service, s.address, health, rev, s.version or "-", s.detail))
+                return rows, resp.head_revision, ok
+    direct: list[tuple[str, ...]] = []
+    ok = True
+    for name, addr in addresses.items():
+        health = check_health(addr)
+        ok = ok and health == "SERVING"
+        direct.append((name, addr, health, "?", "-", ""))
+    return direct, 0, ok
+
+
+def status(ns: argparse.Namespace) -> int:
+    paths = MeshPaths(ns.data_dir)
+    rows, head, ok = _status_rows(ns, paths)
+    table = [("service", "address", "health", "config rev", "version", "detail"), *rows]
+    widths = [max(len(r[i]) for r in table) for i in range(6)]
+    for r in table:
+        print("  ".join(v.ljust(w) for v, w in zip(r, widths, strict=True)).rstrip())
+    print(f"config head revision: {head if head else 'unknown'}")
+    return 0 if ok else 1
+
+
+def main(argv: list[str] | None = None) -> None:
+    ns = _parser().parse_args(argv)
+    if ns.command == "up":
+        raise SystemExit(up(ns))
+    raise SystemExit(status(ns))
+
+
+if __name__ == "__main__":
+    main()
