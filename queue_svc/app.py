@@ -1,0 +1,102 @@
+"""QueueApp: wiring of run control (config source, store, agents, speech, servicer)."""
+
+from __future__ import annotations
+
+import argparse
+import os
+from pathlib import Path
+
+import grpc
+from flynn.v1 import run_control_pb2_grpc
+
+from flynn_runtime import config_yaml
+from flynn_runtime.config_source import ConfigSource, StaticConfig
+from flynn_runtime.server import Runtime, ServiceApp
+from queue_svc.agents import EchoAgent, EchoSettings
+from queue_svc.grpc_agent import GrpcAgent
+from queue_svc.run_control import AgentProvider, RunControl, _seconds
+from queue_svc.servicer import RunControlServicer
+from queue_svc.store import QueueStore
+from queue_svc.voice_client import VoiceSynthesizer
+
+
+def _flag(name: str, default: str) -> str:
+    return os.environ.get(f"FLYNN_{name.upper()}", default)
+
+
+def add_args(p: argparse.ArgumentParser) -> None:
+    p.add_argument(
+        "--queue-config-file",
+        default=_flag("queue_config_file", ""),
+        help="YAML FlynnConfig used instead of watching the config service (FLYNN_QUEUE_CONFIG_FILE; "
+        "for tools, benchmarks and tests without the mesh)",
+    )
+
+
+class QueueApp(ServiceApp):
+    service_names = ("flynn.v1.RunControl",)
+
+    def __init__(self, runtime: Runtime, config: ConfigSource | None = None) -> None:
+        super().__init__(runtime)
+        config_file = str(runtime.settings.extra.get("queue_config_file") or _flag("queue_config_file", ""))
+        self.watcher = None
+        self.config: ConfigSource
+        if config is not None:
+            self.config = config
+        elif config_file:
+            cfg = config_yaml.yaml_to_config(Path(config_file).read_text(encoding="utf-8"))
+            self.config = StaticConfig(cfg, revision=1)
+        else:
+            from flynn_runtime.config_watcher import ConfigWatcher
+
+            self.watcher = ConfigWatcher(runtime)
+            self.config = self.watcher
+        self.store: QueueStore | None = None
+        self.rc: RunControl | None = None
+
+    def _echo_settings(self) -> EchoSettings:
+        a = self.config.config.server.agent
+        return EchoSettings(
+            think_time=_seconds(a.think_time, 0.0),
+            chunks=max(a.chunks, 1),
+            chunk_interval=_seconds(a.chunk_interval, 0.0),
+        )
+
+    def _voice_channel(self) -> grpc.aio.Channel | None:
+        if not self.runtime.settings.address("voice"):
+            return None
+        return self.runtime.channel("voice")
+
+    def _run_control(self) -> RunControl:
+        assert self.rc is not None, "run control not started"
+        return self.rc
+
+    def register(self, server: grpc.aio.Server) -> None:
+        run_control_pb2_grpc.add_RunControlServicer_to_server(
+            RunControlServicer(self.runtime, self._run_control), server
+        )
+
+    async def start(self) -> None:
+        if self.watcher is not None:
+            await self.watcher.start()
+        self.store = QueueStore(self.runtime.settings.data_dir / "queue")
+        token = self.runtime.settings.service_token
+        agents = AgentProvider(EchoAgent(self._echo_settings), lambda address: GrpcAgent(address, token))
+        self.rc = RunControl(
+            self.store,
+            self.config,
+            agents,
+            synthesizer=VoiceSynthesizer(self._voice_channel),
+            audit=self.runtime.audit,
+        )
+        await self.rc.start()
+
+    async def stop(self) -> None:
+        if self.rc is not None:
+            await self.rc.stop()
+
+    async def close(self) -> None:
+        if self.watcher is not None:
+            await self.watcher.stop()
+        if self.store is not None:
+            self.store.close()

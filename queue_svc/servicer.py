@@ -1,0 +1,274 @@
+"""flynn.v1.RunControl: validate, call the domain (run_control.RunControl), map to protos."""
+
+from __future__ import annotations
+
+import base64
+import time
+from collections.abc import AsyncIterator, Callable
+from typing import Any, TypeVar
+
+from flynn.v1 import config_pb2
+from flynn.v1 import run_control_pb2 as pb
+from flynn.v1 import run_control_pb2_grpc as pb_grpc
+from grpc.aio import ServicerContext
+
+from flynn_runtime import errors
+from flynn_runtime.auth import actor
+from flynn_runtime.ids import is_id
+from flynn_runtime.server import Runtime, until_stopping
+from flynn_runtime.validation import Violations, page_size
+from queue_svc import metrics
+from queue_svc.fanout import Fanout
+from queue_svc.run_control import RunControl, SubmitInput, run_to_proto
+
+MAX_TEXT = 32 * 1024
+QUEUE_MODES = config_pb2.QueueMode.values()
+T = TypeVar("T")
+
+
+def _run_id(v: Violations, field: str, value: str, required: bool) -> None:
+    if not value:
+        if required:
+            v.add(field, "is required")
+        return
+    if not is_id(value, "run"):
+        v.add(field, 'must be a run id: "run_" followed by 26 Crockford base32 characters')
+
+
+def _page_token(token: str) -> int:
+    if not token:
+        return 1 << 62
+    try:
+        value = int(base64.urlsafe_b64decode(token.encode() + b"==").decode())
+    except Exception:
+        raise errors.invalid_argument("page_token", "is not a token returned by ListRuns") from None
+    if value <= 0:
+        raise errors.invalid_argument("page_token", "is not a token returned by ListRuns")
+    return value
+
+
+def _token(seq: int) -> str:
+    return base64.urlsafe_b64encode(str(seq).encode()).decode().rstrip("=") if seq else ""
+
+
+class RunControlServicer(pb_grpc.RunControlServicer):
+    def __init__(self, runtime: Runtime, rc: Callable[[], RunControl]) -> None:
+        self._runtime = runtime
+        self._rc = rc
+
+    @property
+    def rc(self) -> RunControl:
+        return self._rc()
+
+    async def SubmitMessage(
+        self, request: pb.SubmitMessageRequest, context: ServicerContext[Any, Any]
+    ) -> pb.SubmitMessageResponse:
+        v = Violations()
+        v.text("session_key", request.session_key, required=True, max_bytes=1024)
+        v.check(len(request.session_key) <= 256, "session_key", "is longer than 256 characters")
+        v.text("channel", request.channel, required=True, max_bytes=256)
+        v.check(len(request.channel) <= 64, "channel", "is longer than 64 characters")
+        v.text("sender", request.sender, max_bytes=1024)
+        v.check(len(request.sender) <= 256, "sender", "is longer than 256 characters")
+        v.text("text", request.text, required=not request.attachments, max_bytes=MAX_TEXT)
+        v.text("idempotency_key", request.idempotency_key, required=True, max_bytes=1024)
+        v.check(len(request.idempotency_key) <= 256, "idempotency_key", "is longer than 256 characters")
+        v.enum_known("mode_override", request.mode_override, QUEUE_MODES)
+        v.raise_if_any()
+        res = self.rc.submit(
+            SubmitInput(
+                session_key=request.session_key,
+                channel=request.channel,
+                sender=request.sender,
+                text=request.text,
+                idempotency_key=request.idempotency_key,
+                mode_override=request.mode_override,
+                causation=request.causation if request.HasField("causation") else None,
+                actor=actor(),
+            )
+        )
+        return pb.SubmitMessageResponse(
+            message_id=res.message_id,
+            disposition=res.disposition,  # type: ignore[arg-type]
+            run_id=res.run_id,
+            effective_mode=res.effective_mode,
+            original_disposition=res.original_disposition,  # type: ignore[arg-type]
+            interrupted_run_id=res.interrupted_run_id,
+            event_seq=res.event_seq,
+        )
+
+    async def CancelRun(
+        self, request: pb.CancelRunRequest, context: ServicerContext[Any, Any]
+    ) -> pb.CancelRunResponse:
+        t0 = time.perf_counter()
+        v = Violations()
+        _run_id(v, "run_id", request.run_id, required=False)
+        v.check(len(request.session_key) <= 256, "session_key", "is longer than 256 characters")
+        v.enum_known("scope", request.scope, pb.CancelScope.values())
+        v.text("reason", request.reason, max_bytes=1024)
+        scope = request.scope
+        if scope == pb.CANCEL_SCOPE_UNSPECIFIED:
+            scope = pb.CANCEL_SCOPE_RUN if request.run_id else pb.CANCEL_SCOPE_SESSION
+        if scope == pb.CANCEL_SCOPE_RUN and not request.run_id:
+            v.add("run_id", "is required with CANCEL_SCOPE_RUN")
+        if scope != pb.CANCEL_SCOPE_RUN and not request.session_key and not request.run_id:
+            v.add("session_key", "is required to cancel a session")
+        v.raise_if_any()
+        res = self.rc.cancel(request.run_id, request.session_key, scope, request.reason, actor())
+        if res.outcome == pb.CANCEL_OUTCOME_CANCEL_REQUESTED:
+            metrics.CANCEL_TO_ACK.observe(time.perf_counter() - t0)
+        return pb.CancelRunResponse(
+            outcome=res.outcome,  # type: ignore[arg-type]
+            run_id=res.run_id,
+            state=res.state,  # type: ignore[arg-type]
+            dropped_messages=res.dropped_messages,
+        )
+
+    async def GetRun(
+        self, request: pb.GetRunRequest, context: ServicerContext[Any, Any]
+    ) -> pb.GetRunResponse:
+        v = Violations()
+        _run_id(v, "run_id", request.run_id, required=True)
+        v.raise_if_any()
+        return pb.GetRunResponse(run=run_to_proto(self.rc.get_run(request.run_id)))
+
+    async def ListRuns(
+        self, request: pb.ListRunsRequest, context: ServicerContext[Any, Any]
+    ) -> pb.ListRunsResponse:
+        v = Violations()
+        v.check(len(request.session_key) <= 256, "session_key", "is longer than 256 characters")
+        v.enum_known("state", request.state, pb.RunState.values())
+        v.raise_if_any()
+        size = page_size(request.page_size)
+        before = _page_token(request.page_token)
+        rows, next_seq = self.rc.list_runs(request.session_key, request.state, size, before)
+        return pb.ListRunsResponse(runs=[run_to_proto(r) for r in rows], next_page_token=_token(next_seq))
+
+    async def GetSession(
+        self, request: pb.GetSessionRequest, context: ServicerContext[Any, Any]
+    ) -> pb.GetSessionResponse:
+        v = Violations()
+        v.text("session_key", request.session_key, required=True, max_bytes=1024)
+        v.check(len(request.session_key) <= 256, "session_key", "is longer than 256 characters")
+        v.raise_if_any()
+        return pb.GetSessionResponse(session=self.rc.get_session(request.session_key))
+
+    async def WatchRunEvents(
+        self, request: pb.WatchRunEventsRequest, context: ServicerContext[Any, Any]
+    ) -> AsyncIterator[pb.WatchRunEventsResponse]:
+        v = Violations()
+        v.check(request.after_seq >= 0, "after_seq", "must not be negative")
+        v.check(len(request.session_key) <= 256, "session_key", "is longer than 256 characters")
+        v.raise_if_any()
+        rc = self.rc
+        key, skip_output = request.session_key, request.exclude_output
+
+        def keep(ev: pb.RunEvent) -> bool:
+            if key and ev.session_key != key:
+                return False
+            return not (skip_output and ev.type == pb.RUN_EVENT_TYPE_RUN_OUTPUT)
+
+        stream = replay_then_live(
+            rc.events,
+            lambda after: rc.events_after(after, key),
+            lambda ev: ev.global_seq,
+            keep,
+            request.after_seq,
+        )
+        async for ev in until_stopping(self._runtime, stream):
+            assert isinstance(ev, pb.RunEvent)
+            yield pb.WatchRunEventsResponse(event=ev)
+
+    async def StreamReplies(
+        self, request: pb.StreamRepliesRequest, context: ServicerContext[Any, Any]
+    ) -> AsyncIterator[pb.StreamRepliesResponse]:
+        v = Violations()
+        v.check(request.after_cursor >= 0, "after_cursor", "must not be negative")
+        v.check(len(request.channels) <= 100, "channels", "at most 100 channels")
+        for i, ch in enumerate(request.channels):
+            v.check(0 < len(ch) <= 64, f"channels[{i}]", "must be 1..64 characters")
+        v.raise_if_any()
+        rc = self.rc
+        channels = set(request.channels)
+
+        def keep(r: pb.Reply) -> bool:
+            return not channels or r.channel in channels
+
+        stream = replay_then_live(
+            rc.replies, rc.replies_after, lambda r: r.cursor, keep, request.after_cursor
+        )
+        async for r in until_stopping(self._runtime, stream):
+            assert isinstance(r, pb.Reply)
+            yield pb.StreamRepliesResponse(reply=r)
+
+    async def PostReply(
+        self, request: pb.PostReplyRequest, context: ServicerContext[Any, Any]
+    ) -> pb.PostReplyResponse:
+        v = Violations()
+        if request.kind == pb.REPLY_KIND_FINAL:
+            v.add("kind", "REPLY_KIND_FINAL is reserved to runs; use REACTION, ACK or NOTICE")
+        elif request.kind not in (pb.REPLY_KIND_REACTION, pb.REPLY_KIND_ACK, pb.REPLY_KIND_NOTICE):
+            v.add("kind", f"must be REACTION, ACK or NOTICE, got {request.kind}")
+        v.text("session_key", request.session_key, required=True, max_bytes=1024)
+        v.check(len(request.session_key) <= 256, "session_key", "is longer than 256 characters")
+        v.text("channel", request.channel, required=True, max_bytes=256)
+        v.check(len(request.channel) <= 64, "channel", "is longer than 64 characters")
+        v.text("idempotency_key", request.idempotency_key, required=True, max_bytes=1024)
+        v.check(len(request.idempotency_key) <= 256, "idempotency_key", "is longer than 256 characters")
+        if request.kind == pb.REPLY_KIND_ACK:
+            v.text("reply_to_message_id", request.reply_to_message_id, required=True, max_bytes=256)
+            v.text("emoji", request.emoji, required=True, max_bytes=64)
+        else:
+            v.text("text", request.text, required=request.kind != pb.REPLY_KIND_ACK, max_bytes=MAX_TEXT)
+        v.raise_if_any()
+        reply = pb.Reply(
+            kind=request.kind,
+            session_key=request.session_key,
+            channel=request.channel,
+            text=request.text,
+            reply_to_message_id=request.reply_to_message_id,
+            emoji=request.emoji,
+        )
+        if request.HasField("causation"):
+            reply.causation.CopyFrom(request.causation)
+        stored, duplicate = self.rc.post_reply(reply, request.idempotency_key, request.speak)
+        return pb.PostReplyResponse(reply=stored, duplicate=duplicate)
+
+
+async def replay_then_live(
+    fanout: Fanout[T],
+    fetch: Callable[[int], list[T]],
+    seq: Callable[[T], int],
+    keep: Callable[[T], bool],
+    after: int,
+) -> AsyncIterator[T]:
+    """Stored items after `after`, then live ones, without a gap or a repeat.
+
+    Subscribes before reading the store, so an item committed while the backlog is read is either
+    in the backlog or in the subscription; duplicates are dropped by sequence number. A subscriber
+    that overflows re-reads its gap from the store.
+    """
+    last = after
+    while True:
+        sub = fanout.subscribe()
+        try:
+            while True:
+                batch = fetch(last)
+                for item in batch:
+                    last = seq(item)
+                    if keep(item):
+                        yield item
+                if len(batch) < 500:
+                    break
+            while True:
+                item = await fanout.next(sub)
+                if item is None:
+                    break  # overflowed: resync from the store
+                n = seq(item)
+                if n <= last:
+                    continue
+                last = n
+                if keep(item):
+                    yield item
+        finally:
+            sub.close()
