@@ -1,0 +1,112 @@
+"""The chart through the real helm binary and kubernetes-validate: lint, render, schema checks."""
+
+from __future__ import annotations
+
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+
+from tests.helm.conftest import CHART, PRODUCTION_VALUES, ROOT, run_helm
+
+# kubernetes-validate 1.37.0 ships schemas for 1.25 .. 1.37; the oldest and newest we support.
+KUBE_VERSIONS = ("1.30.0", "1.35.0")
+KUBERNETES_VALIDATE = Path(sys.executable).parent / "kubernetes-validate"
+
+
+def kubernetes_validate(path: Path, *versions: str) -> subprocess.CompletedProcess[str]:
+    args = [str(KUBERNETES_VALIDATE), "--strict"]
+    for v in versions:
+        args += ["-k", v]
+    return subprocess.run([*args, str(path)], capture_output=True, text=True, timeout=300)
+
+
+@pytest.mark.parametrize("values", [None, PRODUCTION_VALUES], ids=["default", "production"])
+def test_helm_lint_strict(helm: Path, values: Path | None) -> None:
+    args = ["lint", "--strict", str(CHART)]
+    if values is not None:
+        args += ["-f", str(values)]
+    proc = run_helm(helm, *args)
+    assert proc.returncode == 0, proc.stdout + proc.stderr
+    assert "0 chart(s) failed" in proc.stdout
+
+
+@pytest.mark.parametrize("which", ["default", "production"])
+def test_rendered_manifests_validate_strictly(
+    which: str, request: pytest.FixtureRequest, tmp_path: Path
+) -> None:
+    text: str = request.getfixturevalue(f"{which}_text")
+    path = tmp_path / f"{which}.yaml"
+    path.write_text(text)
+    proc = kubernetes_validate(path, *KUBE_VERSIONS)
+    assert proc.returncode == 0, proc.stdout + proc.stderr
+    # Every resource is checked against a schema, except the Prometheus Operator's CRD.
+    warnings = [line for line in (proc.stdout + proc.stderr).splitlines() if line.startswith("WARN")]
+    assert all("ServiceMonitor" in w for w in warnings), warnings
+    if which == "production":
+        assert len(warnings) == len(KUBE_VERSIONS)
+
+
+def test_validator_is_not_vacuous(tmp_path: Path, default_text: str) -> None:
+    """The same validation rejects a manifest with a misspelt field, for both Kubernetes versions."""
+    broken = default_text.replace("readOnlyRootFilesystem: true", "readOnlyRootFileSystem: true", 1)
+    assert broken != default_text
+    path = tmp_path / "broken.yaml"
+    path.write_text(broken)
+    for version in KUBE_VERSIONS:
+        proc = kubernetes_validate(path, version)
+        assert proc.returncode != 0, f"{version}: {proc.stdout}"
+        assert "readOnlyRootFileSystem" in proc.stdout + proc.stderr
+
+
+BROKEN_VALUES = {
+    "string replica count": ('gateway:\n  replicas: "three"\n', "/gateway/replicas"),
+    "unknown top-level key": ("replicaCount: 3\n", "replicaCount"),
+    "unknown nested key": ("queue:\n  replicas: 3\n", "replicas"),
+    "wrong enum": ("gateway:\n  service:\n    type: ExternalName\n", "/gateway/service/type"),
+    "negative port": ("voice:\n  grpcPort: -1\n", "/voice/grpcPort"),
+    "bad token hash": (
+        "auth:\n  extraTokens:\n    - {name: tg, role: channel, sha256: not-a-hash}\n",
+        "/auth/extraTokens/0/sha256",
+    ),
+    "existing tokens without service token": (
+        "auth:\n  existingTokensSecret: mine\n",
+        "existingServiceTokenSecret",
+    ),
+    "env that is not a Flynn setting": (
+        "queue:\n  extraEnv:\n    - {name: PATH, value: /x}\n",
+        "/queue/extraEnv/0/name",
+    ),
+}
+
+
+@pytest.mark.parametrize("case", sorted(BROKEN_VALUES))
+def test_schema_rejects_broken_values(helm: Path, tmp_path: Path, case: str) -> None:
+    text, where = BROKEN_VALUES[case]
+    values = tmp_path / "broken.yaml"
+    values.write_text(text)
+    for cmd in (["template", "rel", str(CHART)], ["lint", "--strict", str(CHART)]):
+        proc = run_helm(helm, *cmd, "-f", str(values))
+        out = proc.stdout + proc.stderr
+        assert proc.returncode != 0, f"{cmd[0]} accepted {case}"
+        assert "schema" in out and where in out, out
+
+
+def test_schema_rejects_string_replicas_via_set(helm: Path) -> None:
+    proc = run_helm(helm, "template", "rel", str(CHART), "--set-string", "voice.replicas=2")
+    assert proc.returncode != 0
+    assert "/voice/replicas" in proc.stderr and "want integer" in proc.stderr
+
+
+def test_helm_installer_is_idempotent(helm: Path) -> None:
+    proc = subprocess.run(
+        [sys.executable, str(ROOT / "scripts" / "install_helm.py")],
+        capture_output=True,
+        text=True,
+        timeout=600,
+    )
+    assert proc.returncode == 0, proc.stderr
+    assert Path(proc.stdout.strip()) == helm
+    version = run_helm(helm, "version", "--short")
+    assert version.stdout.startswith("v"), version

@@ -1,0 +1,338 @@
+"""Assertions on the rendered manifests (default and production values), cross-checked with the code."""
+
+from __future__ import annotations
+
+import base64
+from collections.abc import Iterator
+from pathlib import Path
+from typing import Any
+
+import pytest
+import yaml
+
+from flynn_runtime import auth, config_yaml, settings, topology
+from tests.helm.conftest import Manifest
+
+STATEFUL = {n for n, s in topology.SERVICES.items() if s.stateful}
+STATELESS = set(topology.SERVICES) - STATEFUL
+
+
+def by_kind(docs: list[Manifest], kind: str) -> list[Manifest]:
+    return [d for d in docs if d["kind"] == kind]
+
+
+def named(docs: list[Manifest], kind: str, name: str) -> Manifest:
+    found = [d for d in by_kind(docs, kind) if d["metadata"]["name"] == name]
+    assert len(found) == 1, f"{kind}/{name}: {len(found)} found"
+    return found[0]
+
+
+def workloads(docs: list[Manifest]) -> dict[str, Manifest]:
+    """Component name -> its StatefulSet or Deployment."""
+    out: dict[str, Manifest] = {}
+    for d in docs:
+        if d["kind"] in ("StatefulSet", "Deployment"):
+            out[d["metadata"]["labels"]["app.kubernetes.io/component"]] = d
+    return out
+
+
+def pod_specs(docs: list[Manifest]) -> Iterator[tuple[str, dict[str, Any]]]:
+    for d in docs:
+        if d["kind"] in ("StatefulSet", "Deployment", "DaemonSet", "Job"):
+            yield f"{d['kind']}/{d['metadata']['name']}", d["spec"]["template"]["spec"]
+        elif d["kind"] == "Pod":
+            yield f"Pod/{d['metadata']['name']}", d["spec"]
+
+
+def env_of(container: dict[str, Any]) -> dict[str, str]:
+    return {e["name"]: e.get("value", "<valueFrom>") for e in container.get("env", [])}
+
+
+def main_container(workload: Manifest) -> dict[str, Any]:
+    containers = workload["spec"]["template"]["spec"]["containers"]
+    assert len(containers) == 1
+    container: dict[str, Any] = containers[0]
+    return container
+
+
+def test_every_service_is_deployed_with_the_right_kind(rendered: list[Manifest]) -> None:
+    w = workloads(rendered)
+    assert set(w) == set(topology.SERVICES)
+    for name in STATEFUL:
+        assert w[name]["kind"] == "StatefulSet", name
+        assert w[name]["spec"]["replicas"] == 1, "stateful services do not shard yet (SCALING.md)"
+    for name in STATELESS:
+        assert w[name]["kind"] == "Deployment", name
+        assert w[name]["spec"]["replicas"] >= 2, name
+
+
+def test_container_runs_the_services_console_script(rendered: list[Manifest]) -> None:
+    for name, w in workloads(rendered).items():
+        c = main_container(w)
+        assert "command" not in c, "the image's tini entrypoint must stay PID 1"
+        assert c["args"] == [topology.SERVICES[name].console_script]
+
+
+def test_probes_hit_the_grpc_port_and_health_name(rendered: list[Manifest]) -> None:
+    for name, w in workloads(rendered).items():
+        c = main_container(w)
+        env = env_of(c)
+        listen_port = int(env["FLYNN_LISTEN"].rpartition(":")[2])
+        assert env["FLYNN_LISTEN"].startswith("0.0.0.0:"), "kubelet probes reach the pod IP"
+        grpc_port = {p["name"]: p["containerPort"] for p in c["ports"]}["grpc"]
+        assert grpc_port == listen_port
+        for probe in ("startupProbe", "readinessProbe", "livenessProbe"):
+            spec = c[probe]["grpc"]
+            assert spec["port"] == listen_port, (name, probe)
+            assert spec["service"] in topology.SERVICES[name].grpc_services, (name, probe)
+            assert spec["service"] == topology.SERVICES[name].grpc_services[0]
+
+
+def test_default_ports_match_the_settings_defaults(default_docs: list[Manifest]) -> None:
+    for name, w in workloads(default_docs).items():
+        port = int(env_of(main_container(w))["FLYNN_LISTEN"].rpartition(":")[2])
+        assert port == settings.DEFAULT_PORTS[name]
+
+
+def test_termination_grace_exceeds_the_service_grace(rendered: list[Manifest]) -> None:
+    for name, w in workloads(rendered).items():
+        grace = float(env_of(main_container(w))["FLYNN_GRACE_SECONDS"])
+        # The shutdown bounds the stop hook, server.stop and close by the grace each (server.py).
+        assert w["spec"]["template"]["spec"]["terminationGracePeriodSeconds"] > 3 * grace, name
+
+
+def test_stateful_services_keep_their_data_on_a_pvc(rendered: list[Manifest]) -> None:
+    w = workloads(rendered)
+    for name in STATEFUL:
+        sts = w[name]
+        claims = {t["metadata"]["name"]: t for t in sts["spec"]["volumeClaimTemplates"]}
+        assert "data" in claims, name
+        assert claims["data"]["spec"]["resources"]["requests"]["storage"]
+        c = main_container(sts)
+        mounts = {m["name"]: m["mountPath"] for m in c["volumeMounts"]}
+        assert mounts["data"] == env_of(c)["FLYNN_DATA_DIR"] == "/data"
+        pod_volumes = {v["name"] for v in sts["spec"]["template"]["spec"].get("volumes", [])}
+        assert "data" not in pod_volumes, "the PVC, not a pod volume, must back /data"
+        headless = named(rendered, "Service", sts["spec"]["serviceName"])
+        assert headless["spec"]["clusterIP"] == "None"
+    for name in STATELESS:
+        volumes = {v["name"]: v for v in w[name]["spec"]["template"]["spec"]["volumes"]}
+        assert "emptyDir" in volumes["data"], name
+
+
+def test_stateless_services_have_a_disruption_budget(rendered: list[Manifest]) -> None:
+    w = workloads(rendered)
+    pdbs = by_kind(rendered, "PodDisruptionBudget")
+    for name in STATELESS:
+        labels = w[name]["spec"]["template"]["metadata"]["labels"]
+        matching = [p for p in pdbs if p["spec"]["selector"]["matchLabels"].items() <= labels.items()]
+        assert len(matching) == 1, name
+        assert w[name]["spec"]["selector"]["matchLabels"] == matching[0]["spec"]["selector"]["matchLabels"]
+
+
+def test_no_container_runs_as_root(rendered: list[Manifest]) -> None:
+    specs = list(pod_specs(rendered))
+    assert any(k.startswith("Pod/") for k, _ in specs), "the helm test hook pod is checked too"
+    for where, spec in specs:
+        psc = spec["securityContext"]
+        assert psc["runAsNonRoot"] is True and psc["runAsUser"] != 0, where
+        assert psc["seccompProfile"]["type"] == "RuntimeDefault", where
+        assert spec["automountServiceAccountToken"] is False, where
+        tmp_volumes = {v["name"] for v in spec["volumes"] if "emptyDir" in v}
+        for c in spec["containers"] + spec.get("initContainers", []):
+            sc = c["securityContext"]
+            assert sc["runAsNonRoot"] is True and sc.get("runAsUser", psc["runAsUser"]) != 0, where
+            assert sc["allowPrivilegeEscalation"] is False, where
+            assert sc["readOnlyRootFilesystem"] is True, where
+            assert sc["capabilities"]["drop"] == ["ALL"] and not sc["capabilities"].get("add"), where
+            assert sc.get("privileged", False) is False, where
+            tmp = [m for m in c["volumeMounts"] if m["mountPath"] == "/tmp"]
+            assert tmp and tmp[0]["name"] in tmp_volumes, f"{where}: /tmp must be a writable emptyDir"
+            for m in c["volumeMounts"]:
+                if m["mountPath"] not in ("/tmp", "/data"):
+                    assert m.get("readOnly") is True, f"{where}: {m['mountPath']} writable"
+            assert c["resources"].get("limits", {}).get("memory"), where
+
+
+def test_every_grpc_service_port_is_marked_grpc(rendered: list[Manifest]) -> None:
+    for svc in by_kind(rendered, "Service"):
+        for port in svc["spec"]["ports"]:
+            if port["name"] == "grpc":
+                assert port["appProtocol"] == "grpc", svc["metadata"]["name"]
+
+
+def exposed(docs: list[Manifest]) -> set[str]:
+    """Components reachable from outside the cluster (Service type, Ingress, Gateway API routes)."""
+    out = {
+        s["metadata"]["labels"]["app.kubernetes.io/component"]
+        for s in by_kind(docs, "Service")
+        if s["spec"].get("type", "ClusterIP") in ("NodePort", "LoadBalancer")
+        or s["spec"].get("externalIPs")
+        or s["spec"].get("type") == "ExternalName"
+    }
+    for kind in ("Ingress", "GRPCRoute", "HTTPRoute"):
+        out |= {"ingress:" + d["metadata"]["name"] for d in by_kind(docs, kind)}
+    return out
+
+
+def test_gateway_is_the_only_exposed_service(
+    default_docs: list[Manifest], production_docs: list[Manifest]
+) -> None:
+    assert exposed(default_docs) == set()
+    assert exposed(production_docs) == {"gateway"}
+    for docs in (default_docs, production_docs):
+        for svc in by_kind(docs, "Service"):
+            if svc["metadata"]["labels"]["app.kubernetes.io/component"] != "gateway":
+                assert svc["spec"]["type"] == "ClusterIP", svc["metadata"]["name"]
+
+
+def test_addresses_point_at_the_right_services(rendered: list[Manifest]) -> None:
+    services = {s["metadata"]["name"]: s for s in by_kind(rendered, "Service")}
+    w = workloads(rendered)
+    for name, workload in w.items():
+        env = env_of(main_container(workload))
+        namespace = workload["metadata"]["namespace"]
+        for backend in settings.BACKENDS:
+            host, _, port = env[f"FLYNN_{backend.upper()}_ADDR"].rpartition(":")
+            svc_name, ns, svc_word, *_ = host.split(".")
+            assert (ns, svc_word) == (namespace, "svc"), host
+            svc = services[svc_name]
+            assert svc["spec"]["selector"] == w[backend]["spec"]["selector"]["matchLabels"], (name, backend)
+            grpc_port = {p["name"]: p["port"] for p in svc["spec"]["ports"]}["grpc"]
+            assert int(port) == grpc_port
+            target = int(env_of(main_container(w[backend]))["FLYNN_LISTEN"].rpartition(":")[2])
+            assert (
+                target == {p["name"]: p["containerPort"] for p in main_container(w[backend])["ports"]}["grpc"]
+            )
+
+
+def _secret_data(secret: Manifest) -> dict[str, str]:
+    out = {k: base64.b64decode(v).decode() for k, v in secret.get("data", {}).items()}
+    out.update(secret.get("stringData", {}))
+    return out
+
+
+def test_generated_tokens_file_authenticates_the_generated_tokens(
+    default_docs: list[Manifest], tmp_path: Path
+) -> None:
+    w = workloads(default_docs)
+    spec = w["queue"]["spec"]["template"]["spec"]
+    volumes = {v["name"]: v for v in spec["volumes"]}
+    env = env_of(main_container(w["queue"]))
+    tokens_secret = named(default_docs, "Secret", volumes["tokens"]["secret"]["secretName"])
+    cred_secret = named(default_docs, "Secret", volumes["service-token"]["secret"]["secretName"])
+    assert cred_secret["metadata"]["annotations"]["helm.sh/resource-policy"] == "keep"
+    # The files land where the env vars say.
+    mounts = {m["name"]: m["mountPath"] for m in main_container(w["queue"])["volumeMounts"]}
+    tokens_item = volumes["tokens"]["secret"]["items"][0]
+    assert f"{mounts['tokens']}/{tokens_item['path']}" == env["FLYNN_TOKENS_FILE"]
+    token_item = volumes["service-token"]["secret"]["items"][0]
+    assert f"{mounts['service-token']}/{token_item['path']}" == env["FLYNN_SERVICE_TOKEN_FILE"]
+    # The runtime's own TokenStore reads the rendered file and maps the plaintext tokens to roles.
+    path = tmp_path / "tokens.yaml"
+    path.write_text(_secret_data(tokens_secret)[tokens_item["key"]])
+    store = auth.TokenStore(path)
+    creds = _secret_data(cred_secret)
+    service = store.lookup(creds[token_item["key"]])
+    operator = store.lookup(creds["operator-token"])
+    assert service is not None and service.role is auth.Role.SERVICE
+    assert operator is not None and operator.role is auth.Role.OPERATOR
+    assert "sha256" in path.read_text() and creds["operator-token"] not in path.read_text()
+
+
+def test_existing_secrets_are_referenced_not_generated(production_docs: list[Manifest]) -> None:
+    assert by_kind(production_docs, "Secret") == []
+    for name, w in workloads(production_docs).items():
+        volumes = {v["name"]: v for v in w["spec"]["template"]["spec"]["volumes"]}
+        assert volumes["tokens"]["secret"]["secretName"] == "flynn-tokens-managed", name
+        assert volumes["service-token"]["secret"]["secretName"] == "flynn-service-token-managed", name
+        assert volumes["service-token"]["secret"]["items"] == [{"key": "token", "path": "token"}]
+
+
+def test_seed_config_is_mounted_for_the_config_service_and_parses(rendered: list[Manifest]) -> None:
+    from config_svc.validation import validate_config
+
+    w = workloads(rendered)
+    config = main_container(w["config"])
+    seed_path = env_of(config)["FLYNN_SEED_FILE"]
+    volumes = {v["name"]: v for v in w["config"]["spec"]["template"]["spec"]["volumes"]}
+    mount = next(m for m in config["volumeMounts"] if seed_path.startswith(m["mountPath"] + "/"))
+    cm_ref = volumes[mount["name"]]["configMap"]
+    item = next(i for i in cm_ref["items"] if f"{mount['mountPath']}/{i['path']}" == seed_path)
+    cm = named(rendered, "ConfigMap", cm_ref["name"])
+    text = cm["data"][item["key"]]
+    assert yaml.safe_load(text)
+    cfg = config_yaml.yaml_to_config(text)
+    assert validate_config(cfg) == []
+    for name in set(topology.SERVICES) - {"config"}:
+        assert "FLYNN_SEED_FILE" not in env_of(main_container(w[name]))
+
+
+def test_helm_test_hook_checks_every_health_name(rendered: list[Manifest]) -> None:
+    pods = [p for p in by_kind(rendered, "Pod") if p["metadata"]["annotations"].get("helm.sh/hook") == "test"]
+    assert len(pods) == 1
+    args = pods[0]["spec"]["containers"][0]["args"]
+    assert args[0] == "flynn-healthcheck"
+    targets = {a for a in args[1:] if "/" in a}
+    w = workloads(rendered)
+    expected = set()
+    for name, info in topology.SERVICES.items():
+        addr = env_of(main_container(w["queue"]))[f"FLYNN_{name.upper()}_ADDR"] if name != "gateway" else None
+        if addr is None:
+            svc = next(
+                s
+                for s in by_kind(rendered, "Service")
+                if s["metadata"]["labels"]["app.kubernetes.io/component"] == "gateway"
+            )
+            ns = svc["metadata"]["namespace"]
+            port = {p["name"]: p["port"] for p in svc["spec"]["ports"]}["grpc"]
+            addr = f"{svc['metadata']['name']}.{ns}.svc.cluster.local:{port}"
+        expected |= {f"{addr}/{s}" for s in ("", *info.grpc_services)}
+    assert targets == expected
+
+
+def test_network_policy_lets_only_the_gateway_in_from_outside(production_docs: list[Manifest]) -> None:
+    policies = {
+        p["metadata"]["labels"]["app.kubernetes.io/component"]: p
+        for p in by_kind(production_docs, "NetworkPolicy")
+    }
+    assert set(policies) == set(topology.SERVICES)
+    release = {"app.kubernetes.io/instance": "flynn", "app.kubernetes.io/name": "flynn"}
+    for name, policy in policies.items():
+        assert policy["spec"]["policyTypes"] == ["Ingress"]
+        grpc_open_to: list[Any] = []
+        for rule in policy["spec"]["ingress"]:
+            ports = {p["port"] for p in rule["ports"]}
+            sources = rule.get("from")
+            if "grpc" in ports:
+                grpc_open_to.append(sources)
+            if sources != [{"podSelector": {"matchLabels": release}}]:
+                assert name == "gateway" or ports == {"metrics"}, (name, rule)
+        if name == "gateway":
+            assert any(s and "ipBlock" in s[0] for s in grpc_open_to)
+        else:
+            assert grpc_open_to == [[{"podSelector": {"matchLabels": release}}]], name
+
+
+def test_service_monitor_scrapes_every_component_once(
+    production_docs: list[Manifest], default_docs: list[Manifest]
+) -> None:
+    assert by_kind(default_docs, "ServiceMonitor") == []
+    (sm,) = by_kind(production_docs, "ServiceMonitor")
+    selector = sm["spec"]["selector"]["matchLabels"]
+    scraped = [
+        s for s in by_kind(production_docs, "Service") if selector.items() <= s["metadata"]["labels"].items()
+    ]
+    assert sorted(s["metadata"]["labels"]["app.kubernetes.io/component"] for s in scraped) == sorted(
+        topology.SERVICES
+    )
+    for s in scraped:
+        assert "metrics" in {p["name"] for p in s["spec"]["ports"]}
+    assert sm["spec"]["endpoints"][0]["port"] == "metrics"
+
+
+@pytest.mark.parametrize("name", sorted(topology.SERVICES))
+def test_metrics_listen_matches_the_metrics_port(rendered: list[Manifest], name: str) -> None:
+    c = main_container(workloads(rendered)[name])
+    port = {p["name"]: p["containerPort"] for p in c["ports"]}["metrics"]
+    assert env_of(c)["FLYNN_METRICS_LISTEN"] == f"0.0.0.0:{port}"
