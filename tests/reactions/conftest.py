@@ -1,0 +1,3 @@
+"""Fixtures of the reactions tests."""
+
+from __future__ import annotations
