@@ -11,10 +11,9 @@ import os
 from pathlib import Path
 
 import grpc
-import yaml
 from flynn.v1 import canvas_pb2_grpc, config_pb2, nodes_pb2_grpc
-from google.protobuf import json_format
 
+from flynn_runtime import config_yaml
 from flynn_runtime.config_source import ConfigSource, StaticConfig
 from flynn_runtime.server import Runtime, ServiceApp
 from nodes_svc.canvas_servicer import CanvasServicer
@@ -67,8 +66,8 @@ def add_args(p: argparse.ArgumentParser) -> None:
 
 
 def load_config_file(path: Path) -> config_pb2.FlynnConfig:
-    data = yaml.safe_load(path.read_text()) or {}
-    return json_format.ParseDict(data, config_pb2.FlynnConfig())
+    """A FlynnConfig from the same YAML the config service seeds from (config/flynn.yaml)."""
+    return config_yaml.yaml_to_config(path.read_text(encoding="utf-8"))
 
 
 class NodesApp(ServiceApp):

@@ -2,8 +2,10 @@
 
 from __future__ import annotations
 
+import argparse
 import asyncio
 import contextlib
+import dataclasses
 import time
 from collections.abc import AsyncIterator, Awaitable, Callable, Sequence
 from dataclasses import dataclass
@@ -16,7 +18,7 @@ from google.protobuf import duration_pb2
 from examples.companion_node import CompanionNode
 from flynn_runtime.config_source import StaticConfig
 from flynn_runtime.server import RunningServer, running
-from nodes_svc.app import NodesApp
+from nodes_svc.app import NodesApp, add_args
 from tests.support.mesh import Tokens, make_settings
 
 
@@ -40,10 +42,10 @@ def nodes_config(
 
 
 def config_yaml(cfg: config_pb2.FlynnConfig) -> str:
-    """The --nodes-config file form of `cfg`."""
-    from google.protobuf import json_format
+    """The --nodes-config file form of `cfg` (the config service's YAML)."""
+    from flynn_runtime.config_yaml import config_to_yaml
 
-    return json_format.MessageToJson(cfg)
+    return config_to_yaml(cfg)
 
 
 @dataclass
@@ -95,7 +97,11 @@ async def nodes_server(
     data_dir: Path, tokens: Tokens, cfg: config_pb2.FlynnConfig | None = None, extra: list[str] | None = None
 ) -> AsyncIterator[NodesHarness]:
     static = StaticConfig(cfg if cfg is not None else nodes_config())
-    settings = make_settings("nodes", data_dir, tokens, extra=extra)
+    parser = argparse.ArgumentParser()
+    add_args(parser)
+    settings = dataclasses.replace(
+        make_settings("nodes", data_dir, tokens), extra=vars(parser.parse_args(extra or []))
+    )
     async with running(settings, lambda rt: NodesApp(rt, config=static)) as srv:
         ch = grpc.aio.insecure_channel(srv.address)
         try:
@@ -105,9 +111,9 @@ async def nodes_server(
 
 
 async def eventually(
-    check: Callable[[], bool | Awaitable[bool]], timeout: float = 15.0, what: str = ""
+    check: Callable[[], bool | Awaitable[bool]], within: float = 15.0, what: str = ""
 ) -> None:
-    deadline = time.monotonic() + timeout
+    deadline = time.monotonic() + within
     while time.monotonic() < deadline:
         r = check()
         if not isinstance(r, bool):
@@ -118,9 +124,9 @@ async def eventually(
     raise AssertionError(f"timed out waiting for {what or check}")
 
 
-async def started(node: CompanionNode, timeout: float = 15.0) -> asyncio.Task[str]:
+async def started(node: CompanionNode, within: float = 15.0) -> asyncio.Task[str]:
     task = node.start()
-    await eventually(node.registered.is_set, timeout, f"{node.node_id} registered")
+    await eventually(node.registered.is_set, within, f"{node.node_id} registered")
     return task
 
 
