@@ -110,11 +110,11 @@ def _parse_error(e: config_yaml.ConfigParseError, what: str) -> int:
     return 1
 
 
-def _print_diff(diff: Any, out: Any = sys.stdout, indent: str = "  ") -> None:
+def _print_diff(diff: Any, indent: str = "  ") -> None:
     for d in diff:
         old = d.old_value or "(unset)"
         new = d.new_value or "(unset)"
-        print(f"{indent}{d.path}: {old} -> {new}", file=out)
+        print(f"{indent}{d.path}: {old} -> {new}")
 
 
 def _head(args: argparse.Namespace) -> int | None:

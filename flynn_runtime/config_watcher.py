@@ -122,6 +122,7 @@ class ConfigWatcher(ConfigSource):
             revision, cfg = cached
             try:
                 await self.apply(cfg, revision)
+                metrics.CONFIG_APPLIED_REVISION.set(revision)
                 log.info("applied cached config", extra={"revision": revision, "path": str(self.cache_path)})
             except Exception as e:  # noqa: BLE001 - a refused cache is dropped, the watch brings a fresh one
                 log.warning("cached config refused: %s", e, extra={"revision": revision})

@@ -31,11 +31,15 @@ async def head(op: Stub) -> int:
     return int((await op.GetConfig(config_pb2.GetConfigRequest())).revision)
 
 
-async def set_values(op: Stub, values: dict[str, object], reason: str = "test", expected: int | None = None) -> config_pb2.UpdateConfigResponse:
+async def set_values(
+    op: Stub, values: dict[str, object], reason: str = "test", expected: int | None = None
+) -> config_pb2.UpdateConfigResponse:
     cfg = config_yaml.dict_to_config(values)
     exp = expected if expected is not None else await head(op)
     return await op.UpdateConfig(
-        config_pb2.UpdateConfigRequest(config=cfg, update_mask=mask(*values), expected_revision=exp, reason=reason)
+        config_pb2.UpdateConfigRequest(
+            config=cfg, update_mask=mask(*values), expected_revision=exp, reason=reason
+        )
     )
 
 
@@ -46,13 +50,17 @@ async def test_seeded_on_first_start(op: Stub) -> None:
     assert any(d.path == "server.queue.mode" for d in r.metadata.diff)
 
 
-async def test_ten_watchers_see_a_hundred_rapid_changes_in_order(op: Stub, server: RunningServer, tokens: Tokens) -> None:
+async def test_ten_watchers_see_a_hundred_rapid_changes_in_order(
+    op: Stub, server: RunningServer, tokens: Tokens
+) -> None:
     channels = [client_channel(server.address, tokens.service) for _ in range(2)]
     seen: list[list[tuple[int, int]]] = [[] for _ in range(10)]
     calls = []
     for i in range(10):
         call = Stub(channels[i % 2]).WatchConfig(
-            config_pb2.WatchConfigRequest(identity=config_pb2.WatcherIdentity(service="t", instance_id=f"w{i}"))
+            config_pb2.WatchConfigRequest(
+                identity=config_pb2.WatcherIdentity(service="t", instance_id=f"w{i}")
+            )
         )
         calls.append(call)
 
@@ -71,7 +79,7 @@ async def test_ten_watchers_see_a_hundred_rapid_changes_in_order(op: Stub, serve
             break
         await asyncio.sleep(0.01)
     rev = await head(op)
-    for i in range(100):
+    for _ in range(100):
         resp = await set_values(op, {"server.queue.cap": rev}, expected=rev)
         assert resp.revision == rev + 1
         rev = resp.revision
@@ -85,7 +93,9 @@ async def test_ten_watchers_see_a_hundred_rapid_changes_in_order(op: Stub, serve
         await ch.close()
 
 
-async def test_reconnect_with_after_revision_gets_exactly_what_it_missed(op: Stub, tokens: Tokens, server: RunningServer) -> None:
+async def test_reconnect_with_after_revision_gets_exactly_what_it_missed(
+    op: Stub, tokens: Tokens, server: RunningServer
+) -> None:
     for i in range(5):
         await set_values(op, {"server.queue.cap": 30 + i})  # revisions 2..6
     ch = client_channel(server.address, tokens.service)
@@ -123,7 +133,11 @@ async def test_invalid_update_names_every_field_and_commits_nothing(op: Stub) ->
     cfg = config_yaml.dict_to_config(
         {
             "automation.reactions": [
-                {"id": "a", "trigger": {"event": "message_received", "regex": "(x"}, "actions": [{"ack": {"emoji": "👀"}}]},
+                {
+                    "id": "a",
+                    "trigger": {"event": "message_received", "regex": "(x"},
+                    "actions": [{"ack": {"emoji": "👀"}}],
+                },
                 {"id": "a", "trigger": {"event": "message_received"}, "actions": [{}]},
             ],
             "tts.rollout.basis_points": 20000,
@@ -133,7 +147,13 @@ async def test_invalid_update_names_every_field_and_commits_nothing(op: Stub) ->
     cfg.server.queue.mode = 9  # type: ignore[assignment]
     req = config_pb2.UpdateConfigRequest(
         config=cfg,
-        update_mask=mask("automation.reactions", "tts.rollout", "server.nodes.allowed_roles", "server.queue.mode", "server.queue.nope"),
+        update_mask=mask(
+            "automation.reactions",
+            "tts.rollout",
+            "server.nodes.allowed_roles",
+            "server.queue.mode",
+            "server.queue.nope",
+        ),
         expected_revision=1,
         reason="bad",
     )
@@ -177,14 +197,18 @@ async def test_rollback_is_a_new_revision_equal_to_the_old_one(op: Stub) -> None
     original = (await op.GetConfig(config_pb2.GetConfigRequest())).config
     await set_values(op, {"server.queue.mode": "interrupt", "tts.enabled": False})
     await set_values(op, {"automation.reactions": []})
-    r = await op.RollbackConfig(config_pb2.RollbackConfigRequest(to_revision=1, expected_revision=3, reason="revert"))
+    r = await op.RollbackConfig(
+        config_pb2.RollbackConfigRequest(to_revision=1, expected_revision=3, reason="revert")
+    )
     assert r.revision == 4 and r.diff
     got = await op.GetConfig(config_pb2.GetConfigRequest(revision=4))
     assert got.config == original
     assert got.metadata.kind == KIND.CONFIG_REVISION_KIND_ROLLBACK and got.metadata.restored_revision == 1
     assert got.metadata.reason == "revert" and got.metadata.actor == "operator:operator"
     # The history is intact: revision 2 still reads as it was.
-    assert (await op.GetConfig(config_pb2.GetConfigRequest(revision=2))).config.server.queue.mode == KIND.QUEUE_MODE_INTERRUPT
+    assert (
+        await op.GetConfig(config_pb2.GetConfigRequest(revision=2))
+    ).config.server.queue.mode == KIND.QUEUE_MODE_INTERRUPT
     with pytest.raises(grpc.aio.AioRpcError) as e:
         await op.RollbackConfig(config_pb2.RollbackConfigRequest(to_revision=99, reason="x"))
     assert e.value.code() == grpc.StatusCode.NOT_FOUND
@@ -218,7 +242,9 @@ async def test_explain_sources(op: Stub) -> None:
         },
     )
 
-    async def explain(key: str, session: str = "", channel: str = "", node: str = "") -> config_pb2.ExplainConfigResponse:
+    async def explain(
+        key: str, session: str = "", channel: str = "", node: str = ""
+    ) -> config_pb2.ExplainConfigResponse:
         return await op.ExplainConfig(
             config_pb2.ExplainConfigRequest(key=key, session_key=session, channel=channel, node_id=node)
         )
@@ -250,7 +276,9 @@ async def test_explain_sources(op: Stub) -> None:
     assert err.value.code() == grpc.StatusCode.INVALID_ARGUMENT
 
 
-async def test_nack_is_recorded_in_list_watchers(op: Stub, server: RunningServer, tokens: Tokens, tmp_path: Path) -> None:
+async def test_nack_is_recorded_in_list_watchers(
+    op: Stub, server: RunningServer, tokens: Tokens, tmp_path: Path
+) -> None:
     def refuse_interrupt(cfg: config_pb2.FlynnConfig) -> None:
         if cfg.server.queue.mode == KIND.QUEUE_MODE_INTERRUPT:
             raise ValueError("interrupt mode is not supported by this build")

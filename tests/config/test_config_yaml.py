@@ -25,7 +25,10 @@ def test_seed_file_is_valid_and_has_the_playbook_keys() -> None:
     assert cfg.audio.enabled
     assert 3 <= len(cfg.automation.reactions) <= 5
     ack = cfg.automation.reactions[0]
-    assert ack.trigger.event == config_pb2.REACTION_EVENT_TYPE_MESSAGE_RECEIVED and ack.actions[0].ack.emoji == "👀"
+    assert (
+        ack.trigger.event == config_pb2.REACTION_EVENT_TYPE_MESSAGE_RECEIVED
+        and ack.actions[0].ack.emoji == "👀"
+    )
     assert any(r.trigger.event == config_pb2.REACTION_EVENT_TYPE_RUN_ERROR for r in cfg.automation.reactions)
 
 
@@ -34,7 +37,10 @@ def test_friendly_enums_durations_and_dotted_keys() -> None:
         {
             "server.queue.mode": "interrupt",
             "server": {"queue": {"drop": "old", "quiet_window": "500ms", "cancel_deadline": "1m30s"}},
-            "server.queue.rollout": {"mode": "STEER", "rollout": {"basis_points": 500, "stickiness": "session"}},
+            "server.queue.rollout": {
+                "mode": "STEER",
+                "rollout": {"basis_points": 500, "stickiness": "session"},
+            },
             "automation": {
                 "reactions": [
                     {
@@ -52,7 +58,10 @@ def test_friendly_enums_durations_and_dotted_keys() -> None:
     assert q.mode == config_pb2.QUEUE_MODE_INTERRUPT and q.drop == config_pb2.DROP_POLICY_OLD
     assert (q.quiet_window.seconds, q.quiet_window.nanos) == (0, 500_000_000)
     assert q.cancel_deadline.seconds == 90
-    assert q.rollout.mode == config_pb2.QUEUE_MODE_STEER and q.rollout.rollout.stickiness == config_pb2.STICKINESS_SESSION
+    assert (
+        q.rollout.mode == config_pb2.QUEUE_MODE_STEER
+        and q.rollout.rollout.stickiness == config_pb2.STICKINESS_SESSION
+    )
     rule = cfg.automation.reactions[0]
     assert rule.conditions[0].operator == config_pb2.CONDITION_OPERATOR_EQUALS and rule.cooldown.seconds == 2
     # Round trip: proto -> friendly dict -> proto is the identity.
@@ -85,7 +94,16 @@ def test_parse_errors_name_every_path() -> None:
 
 @pytest.mark.parametrize(
     ("text", "ns"),
-    [("2s", 2_000_000_000), ("500ms", 500_000_000), ("1m30s", 90_000_000_000), ("1.5s", 1_500_000_000), ("250us", 250_000), (3, 3_000_000_000), ("-1s", -1_000_000_000), ("0", 0)],
+    [
+        ("2s", 2_000_000_000),
+        ("500ms", 500_000_000),
+        ("1m30s", 90_000_000_000),
+        ("1.5s", 1_500_000_000),
+        ("250us", 250_000),
+        (3, 3_000_000_000),
+        ("-1s", -1_000_000_000),
+        ("0", 0),
+    ],
 )
 def test_durations(text: object, ns: int) -> None:
     assert cy.parse_duration_ns(text) == ns
@@ -93,7 +111,9 @@ def test_durations(text: object, ns: int) -> None:
 
 def test_diff_is_leaf_paths_with_json_values() -> None:
     old = cy.dict_to_config({"server.queue.mode": "collect", "tts.enabled_channels": ["a"]})
-    new = cy.dict_to_config({"server.queue.mode": "interrupt", "tts.enabled_channels": ["a", "b"], "audio.enabled": True})
+    new = cy.dict_to_config(
+        {"server.queue.mode": "interrupt", "tts.enabled_channels": ["a", "b"], "audio.enabled": True}
+    )
     d = {p: (a, b) for p, a, b in cy.diff(old, new)}
     assert d == {
         "server.queue.mode": ('"collect"', '"interrupt"'),
@@ -104,7 +124,11 @@ def test_diff_is_leaf_paths_with_json_values() -> None:
 
 
 def _rule(**kw: object) -> dict[str, object]:
-    base: dict[str, object] = {"id": "r", "trigger": {"event": "message_received"}, "actions": [{"reply": {"text": "x"}}]}
+    base: dict[str, object] = {
+        "id": "r",
+        "trigger": {"event": "message_received"},
+        "actions": [{"reply": {"text": "x"}}],
+    }
     base.update(kw)
     return base
 
@@ -150,6 +174,14 @@ def test_validation_reports_every_violated_field() -> None:
 
 def test_mask_validation() -> None:
     assert validate_mask(["server.queue.mode", "automation.reactions", "tts"]) == []
-    bad = {v.field: v.description for v in validate_mask(["server.queue.nope", "automation.reactions.id", "", "x"])}
-    assert set(bad) == {"update_mask.paths[0]", "update_mask.paths[1]", "update_mask.paths[2]", "update_mask.paths[3]"}
+    bad = {
+        v.field: v.description
+        for v in validate_mask(["server.queue.nope", "automation.reactions.id", "", "x"])
+    }
+    assert set(bad) == {
+        "update_mask.paths[0]",
+        "update_mask.paths[1]",
+        "update_mask.paths[2]",
+        "update_mask.paths[3]",
+    }
     assert [v.field for v in validate_mask([])] == ["update_mask"]

@@ -13,7 +13,9 @@ from flynn_runtime import rollout, targeting
 from tests.config.murmur3_ref import bucket as ref_bucket
 from tests.config.murmur3_ref import murmur3_x86_32
 
-VECTORS = json.loads((Path(__file__).parent / "data" / "rollout_vectors.json").read_text(encoding="utf-8"))["vectors"]
+VECTORS = json.loads((Path(__file__).parent / "data" / "rollout_vectors.json").read_text(encoding="utf-8"))[
+    "vectors"
+]
 
 
 def test_reference_murmur3_matches_published_values() -> None:
@@ -47,7 +49,9 @@ def test_raising_a_rollout_never_removes_a_session() -> None:
     for bp in (500, 1000, 5000):
         r = config_pb2.Rollout(basis_points=bp, stickiness=config_pb2.STICKINESS_SESSION)
         inside = {
-            s for s in sessions if targeting.rollout_decision(r, "tts.enabled", targeting.Target(session_key=s)).value
+            s
+            for s in sessions
+            if targeting.rollout_decision(r, "tts.enabled", targeting.Target(session_key=s)).value
         }
         assert previous <= inside, f"raising to {bp} removed {len(previous - inside)} sessions"
         previous = inside
