@@ -1,0 +1,154 @@
+"""What the gateway hop costs: one unary call direct to a backend vs through the gateway.
+
+    .venv/bin/python -m bench.gateway_hop [--calls 2000] [--backend config|echo]
+
+Starts real processes (the config service, or the test echo backend, and a gateway in front of
+it), then measures p50/p95/p99 latency and throughput of ConfigService/GetConfig (echo:
+Voice/Synthesize) at 1 and 16 concurrent callers, direct and through the gateway, with bounded
+iterations. The client sends pre-serialised bytes and does not parse replies, so both paths pay
+the same client cost and the difference is the hop.
+"""
+
+from __future__ import annotations
+
+import argparse
+import asyncio
+import importlib.util
+import os
+import statistics
+import tempfile
+import time
+from pathlib import Path
+from typing import Any
+
+import grpc
+from flynn.v1 import config_pb2, voice_pb2
+
+from tests.support.mesh import ServiceProcess, make_tokens
+
+WARMUP = 200
+
+
+def _pct(sorted_ms: list[float], p: float) -> float:
+    return sorted_ms[min(len(sorted_ms) - 1, int(round(p / 100 * (len(sorted_ms) - 1))))]
+
+
+def _cpu_seconds(pid: int) -> float:
+    """User + system CPU time of a process so far (Linux /proc)."""
+    fields = Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()
+    return (int(fields[11]) + int(fields[12])) / os.sysconf("SC_CLK_TCK")
+
+
+async def measure(
+    targets: dict[str, str], method: str, payload: bytes, token: str, callers: int, calls: int, rounds: int
+) -> dict[str, dict[str, float]]:
+    """Latency and rate per target; targets alternate in rounds so background load hits both alike."""
+    md = (("authorization", f"Bearer {token}"),)
+    latencies: dict[str, list[float]] = {name: [] for name in targets}
+    wall: dict[str, float] = dict.fromkeys(targets, 0.0)
+    channels = {name: grpc.aio.insecure_channel(addr) for name, addr in targets.items()}
+    try:
+        calls_of = {name: ch.unary_unary(method, None, None) for name, ch in channels.items()}
+        for call in calls_of.values():
+            for _ in range(WARMUP):
+                await call(payload, metadata=md, timeout=10)
+        per_caller = max(calls // (callers * rounds), 1)
+        for _ in range(rounds):
+            for name, call in calls_of.items():
+                out = latencies[name]
+
+                async def caller(call: Any = call, out: list[float] = out) -> None:
+                    for _ in range(per_caller):
+                        t0 = time.perf_counter()
+                        await call(payload, metadata=md, timeout=10)
+                        out.append((time.perf_counter() - t0) * 1000)
+
+                start = time.perf_counter()
+                await asyncio.gather(*(caller() for _ in range(callers)))
+                wall[name] += time.perf_counter() - start
+    finally:
+        for ch in channels.values():
+            await ch.close(None)
+    result: dict[str, dict[str, float]] = {}
+    for name, lat in latencies.items():
+        lat.sort()
+        result[name] = {
+            "calls": len(lat),
+            "p50": statistics.median(lat),
+            "p95": _pct(lat, 95),
+            "p99": _pct(lat, 99),
+            "rate": len(lat) / wall[name],
+        }
+    return result
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--calls", type=int, default=3000, help="measured calls per (path, callers) cell")
+    parser.add_argument("--rounds", type=int, default=6, help="alternations between direct and gateway")
+    default_backend = "config" if importlib.util.find_spec("config_svc.main") else "echo"
+    parser.add_argument("--backend", choices=["config", "echo"], default=default_backend)
+    ns = parser.parse_args()
+
+    with tempfile.TemporaryDirectory(prefix="flynn-bench-") as tmp:
+        root = Path(tmp)
+        tokens = make_tokens(root)
+        if ns.backend == "config":
+            backend = ServiceProcess("config", "config_svc.main", root / "config", tokens)
+            method, payload = (
+                "/flynn.v1.ConfigService/GetConfig",
+                config_pb2.GetConfigRequest().SerializeToString(),
+            )
+            route = "config"
+        else:
+            backend = ServiceProcess("voice", "tests.gateway.echo_backend", root / "echo", tokens)
+            method = "/flynn.v1.Voice/Synthesize"
+            payload = voice_pb2.SynthesizeRequest(text="x" * 100).SerializeToString()
+            route = "voice"
+        backend.start()
+        cpu_rows: list[tuple[int, float]] = []
+        gateway = ServiceProcess(
+            "gateway", "gateway.main", root / "gw", tokens, addresses={route: backend.address}
+        )
+        try:
+            gateway.start()
+            rows = []
+            targets = {"direct": backend.address, "gateway": gateway.address}
+            assert gateway.proc is not None
+            for callers in (1, 16):
+                cpu0 = _cpu_seconds(gateway.proc.pid)
+                res = asyncio.run(
+                    measure(targets, method, payload, tokens.operator, callers, ns.calls, ns.rounds)
+                )
+                gw_cpu_us = (_cpu_seconds(gateway.proc.pid) - cpu0) / (res["gateway"]["calls"] + WARMUP) * 1e6
+                rows += [(name, callers, r) for name, r in res.items()]
+                cpu_rows.append((callers, gw_cpu_us))
+        finally:
+            gateway.stop()
+            backend.stop()
+
+    print(
+        f"{method} ({ns.backend} backend), {ns.calls} calls per cell in {ns.rounds} alternating rounds, "
+        f"after {WARMUP} warm-up calls"
+    )
+    print(f"{'path':<8} {'callers':>7} {'calls':>6} {'p50 ms':>8} {'p95 ms':>8} {'p99 ms':>8} {'calls/s':>8}")
+    for name, callers, r in rows:
+        print(
+            f"{name:<8} {callers:>7} {int(r['calls']):>6} {r['p50']:>8.3f} {r['p95']:>8.3f} {r['p99']:>8.3f} "
+            f"{r['rate']:>8.0f}"
+        )
+    for callers in (1, 16):
+        d = next(r for n, c, r in rows if n == "direct" and c == callers)
+        g = next(r for n, c, r in rows if n == "gateway" and c == callers)
+        print(
+            f"hop adds at {callers:>2} caller(s): p50 +{g['p50'] - d['p50']:.3f} ms, p99 +{g['p99'] - d['p99']:.3f} ms, "
+            f"throughput {g['rate'] / d['rate']:.0%} of direct"
+        )
+    for callers, us in cpu_rows:
+        print(
+            f"gateway CPU per forwarded call at {callers:>2} caller(s): {us:.0f} us (server + client side of the hop)"
+        )
+
+
+if __name__ == "__main__":
+    main()
