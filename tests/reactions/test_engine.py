@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 from flynn.v1 import common_pb2, config_pb2, reactions_pb2
+
 from reactions_svc import engine
 from reactions_svc.engine import FireState, evaluate
 from reactions_svc.rules import RuleSet
@@ -14,8 +15,13 @@ R = reactions_pb2
 
 def msg(event_id: str, text: str = "hello", session: str = "s1", **kw: object) -> reactions_pb2.ReactionEvent:
     return reactions_pb2.ReactionEvent(
-        event_id=event_id, type=MSG, text=text, session_key=session, channel=kw.pop("channel", "cli"),  # type: ignore[arg-type]
-        sender=kw.pop("sender", "alice"), **kw,  # type: ignore[arg-type]
+        event_id=event_id,
+        type=MSG,
+        text=text,
+        session_key=session,
+        channel=kw.pop("channel", "cli"),  # type: ignore[arg-type]
+        sender=kw.pop("sender", "alice"),
+        **kw,  # type: ignore[arg-type]
     )
 
 
@@ -165,14 +171,22 @@ def test_conditions() -> None:
     rs = RuleSet([r])
 
     def ev(kind: str, tier: str, text: str) -> reactions_pb2.ReactionEvent:
-        e = reactions_pb2.ReactionEvent(event_id="x", type=config_pb2.REACTION_EVENT_TYPE_RUN_ERROR, error_kind=kind, text=text)
+        e = reactions_pb2.ReactionEvent(
+            event_id="x", type=config_pb2.REACTION_EVENT_TYPE_RUN_ERROR, error_kind=kind, text=text
+        )
         e.attributes["tier"] = tier
         return e
 
     assert evaluate(ev("timeout", "pro", "abcd"), rs, FireState(), 0).matched
     t = evaluate(ev("agent", "pro", "abcd"), rs, FireState(), 0).traces[0]
-    assert t.reason == engine.SKIP_CONDITION and "error_kind equals 'timeout'" in t.detail and "'agent'" in t.detail
-    assert evaluate(ev("timeout", "free", "abcd"), rs, FireState(), 0).traces[0].reason == engine.SKIP_CONDITION
+    assert (
+        t.reason == engine.SKIP_CONDITION
+        and "error_kind equals 'timeout'" in t.detail
+        and "'agent'" in t.detail
+    )
+    assert (
+        evaluate(ev("timeout", "free", "abcd"), rs, FireState(), 0).traces[0].reason == engine.SKIP_CONDITION
+    )
     assert evaluate(ev("timeout", "pro", "abc"), rs, FireState(), 0).traces[0].reason == engine.SKIP_CONDITION
 
 
@@ -180,7 +194,10 @@ def test_rollout_uses_shared_targeting() -> None:
     r = rule("canary")
     r.rollout.basis_points = 5000
     rs = RuleSet([r])
-    results = {s: bool(evaluate(msg("e", session=s), rs, FireState(), 0).matched) for s in (f"s{i}" for i in range(200))}
+    results = {
+        s: bool(evaluate(msg("e", session=s), rs, FireState(), 0).matched)
+        for s in (f"s{i}" for i in range(200))
+    }
     inside = sum(results.values())
     assert 60 < inside < 140  # about half, sticky
     out = next(s for s, v in results.items() if not v)
@@ -196,7 +213,9 @@ def test_dry_run_changes_no_cooldown() -> None:
 
 
 def test_megabyte_text_is_bounded() -> None:
-    rs = RuleSet([rule("kw", keywords=("needle",)), rule("rx", regex="needle$"), rule("tail", keywords=("tailword",))])
+    rs = RuleSet(
+        [rule("kw", keywords=("needle",)), rule("rx", regex="needle$"), rule("tail", keywords=("tailword",))]
+    )
     text = ("needle " + "x" * 1_000_000) + " tailword"
     ev = evaluate(msg("big", text), rs, FireState(), 0)
     t = by_rule(ev)

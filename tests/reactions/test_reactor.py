@@ -5,8 +5,8 @@ from __future__ import annotations
 from pathlib import Path
 
 import pytest
-
 from flynn.v1 import config_pb2, reactions_pb2
+
 from flynn_runtime.config_source import StaticConfig
 from flynn_runtime.errors import FlynnError
 from reactions_svc import engine
@@ -31,7 +31,9 @@ class RecordingRunner:
         return ActionOutcome(True, result_id=f"res-{len(self.calls)}")
 
 
-def make(tmp_path: Path, rules: list[config_pb2.ReactionRule], retention: Retention | None = None) -> tuple[Reactor, RecordingRunner, StaticConfig]:
+def make(
+    tmp_path: Path, rules: list[config_pb2.ReactionRule], retention: Retention | None = None
+) -> tuple[Reactor, RecordingRunner, StaticConfig]:
     cfg = config_pb2.FlynnConfig()
     cfg.automation.reactions.extend(rules)
     source = StaticConfig(cfg, revision=3)
@@ -49,7 +51,13 @@ def make(tmp_path: Path, rules: list[config_pb2.ReactionRule], retention: Retent
 
 def msg(event_id: str, text: str = "hello", session: str = "s1") -> reactions_pb2.ReactionEvent:
     return reactions_pb2.ReactionEvent(
-        event_id=event_id, type=MSG, text=text, session_key=session, channel="cli", sender="al", message_id=f"m-{event_id}"
+        event_id=event_id,
+        type=MSG,
+        text=text,
+        session_key=session,
+        channel="cli",
+        sender="al",
+        message_id=f"m-{event_id}",
     )
 
 
@@ -79,11 +87,16 @@ async def test_action_error_is_a_skip_but_counts_for_cooldown(tmp_path: Path) ->
     assert r2.traces[0].skip_reason == reactions_pb2.SKIP_REASON_COOLDOWN
     per, total = reactor.rule_stats("greet")
     skips = {s.reason: s.count for s in per[0].skips}
-    assert per[0].matches == 0 and skips == {reactions_pb2.SKIP_REASON_ACTION_ERROR: 1, reactions_pb2.SKIP_REASON_COOLDOWN: 1}
+    assert per[0].matches == 0 and skips == {
+        reactions_pb2.SKIP_REASON_ACTION_ERROR: 1,
+        reactions_pb2.SKIP_REASON_COOLDOWN: 1,
+    }
 
 
 async def test_list_traces_why_not_and_flags(tmp_path: Path) -> None:
-    reactor, _, _ = make(tmp_path, [rule("help", keywords=("help",)), rule("other", config_pb2.REACTION_EVENT_TYPE_RUN_ERROR)])
+    reactor, _, _ = make(
+        tmp_path, [rule("help", keywords=("help",)), rule("other", config_pb2.REACTION_EVENT_TYPE_RUN_ERROR)]
+    )
     await reactor.handle(msg("e1", "help me"))
     await reactor.handle(msg("e2", "hello"))
     why_not = reactor.traces_for_event("e2", None)
@@ -157,7 +170,17 @@ async def test_dry_run_with_proposed_rules_validates_with_field_names(tmp_path: 
     reactor, runner, _ = make(tmp_path, [rule("greet")])
     bad = rule("bad", regex="(unclosed")
     with pytest.raises(FlynnError) as ei:
-        reactor.dry_run(msg("d1"), [bad, config_pb2.ReactionRule(id="noact", trigger=config_pb2.ReactionTrigger(event=MSG), actions=[config_pb2.ReactionAction()])])
+        reactor.dry_run(
+            msg("d1"),
+            [
+                bad,
+                config_pb2.ReactionRule(
+                    id="noact",
+                    trigger=config_pb2.ReactionTrigger(event=MSG),
+                    actions=[config_pb2.ReactionAction()],
+                ),
+            ],
+        )
     fields = {v.field for v in ei.value.violations}
     assert "proposed_rules[0].trigger.regex" in fields and "proposed_rules[1].actions[0]" in fields
     r = reactor.dry_run(msg("d2", "x"), [rule("proposed", keywords=("x",))])

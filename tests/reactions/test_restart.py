@@ -8,8 +8,8 @@ from collections import Counter
 from pathlib import Path
 
 import grpc
-
 from flynn.v1 import reactions_pb2, reactions_pb2_grpc, run_control_pb2
+
 from tests.support.mesh import ServiceProcess, Tokens
 from tests.support.reactions import RunControlServer
 
@@ -78,11 +78,15 @@ def test_sigkill_mid_stream_misses_nothing_and_duplicates_nothing(tmp_path: Path
 
             with grpc.insecure_channel(proc.address) as ch:
                 stub = reactions_pb2_grpc.ReactionsStub(ch)
-                stats = stub.GetRuleStats(reactions_pb2.GetRuleStatsRequest(), metadata=tokens.md("operator"), timeout=10)
+                stats = stub.GetRuleStats(
+                    reactions_pb2.GetRuleStatsRequest(), metadata=tokens.md("operator"), timeout=10
+                )
                 # Every event was evaluated (and counted) exactly once, across the kill.
                 assert {s.rule_id: s.matches for s in stats.rules} == {"ack-all": total, "echo": total}
                 last = stub.ListTraces(
-                    reactions_pb2.ListTracesRequest(event_id=f"run:{total}"), metadata=tokens.md("operator"), timeout=10
+                    reactions_pb2.ListTracesRequest(event_id=f"run:{total}"),
+                    metadata=tokens.md("operator"),
+                    timeout=10,
                 )
                 assert [t.matched for t in last.traces] == [True, True]
             assert svc.watch_calls >= 2

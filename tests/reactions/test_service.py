@@ -12,16 +12,16 @@ from pathlib import Path
 
 import grpc
 import pytest
+from flynn.v1 import config_pb2, config_pb2_grpc, reactions_pb2, reactions_pb2_grpc, run_control_pb2
 from google.protobuf import field_mask_pb2
 from google.rpc import error_details_pb2
 from grpc_status import rpc_status
 
 from config_svc.app import ConfigApp
-from flynn.v1 import config_pb2, config_pb2_grpc, reactions_pb2, reactions_pb2_grpc, run_control_pb2
 from flynn_runtime.server import RunningServer, running
 from reactions_svc.app import ReactionsApp
 from tests.support.mesh import Tokens, grpcurl, make_settings
-from tests.support.reactions import RunControlServer, ack_action, rule, submit_action
+from tests.support.reactions import RunControlServer, rule, submit_action
 
 MSG = config_pb2.REACTION_EVENT_TYPE_MESSAGE_RECEIVED
 
@@ -102,9 +102,7 @@ async def mesh(tmp_path: Path, tokens: Tokens, monkeypatch: pytest.MonkeyPatch) 
     monkeypatch.setenv("FLYNN_SEED_FILE", str(seed))
     monkeypatch.setenv("FLYNN_REACTIONS_CONSUME", "run")
     with RunControlServer() as rc:
-        async with running(
-            make_settings("config", tmp_path / "config", tokens), ConfigApp
-        ) as cfg:
+        async with running(make_settings("config", tmp_path / "config", tokens), ConfigApp) as cfg:
             settings = make_settings(
                 "reactions",
                 tmp_path / "reactions",
@@ -115,7 +113,10 @@ async def mesh(tmp_path: Path, tokens: Tokens, monkeypatch: pytest.MonkeyPatch) 
                 app = rx.app
                 assert isinstance(app, ReactionsApp)
                 assert await app.config.wait_for_revision(1, timeout=15)
-                async with grpc.aio.insecure_channel(rx.address) as ch, grpc.aio.insecure_channel(cfg.address) as cch:
+                async with (
+                    grpc.aio.insecure_channel(rx.address) as ch,
+                    grpc.aio.insecure_channel(cfg.address) as cch,
+                ):
                     yield Mesh(cfg, rx, rc, tokens, ch, cch)
 
 
@@ -145,7 +146,10 @@ async def test_rules_come_from_the_config_service_and_act_on_run_events(mesh: Me
     assert cz.chain_id == "run:1" and cz.depth == 1 and list(cz.fired_rule_ids) == ["help-reply"]
     traces = await mesh.stub.ListTraces(reactions_pb2.ListTracesRequest(event_id="run:1"), metadata=mesh.md)
     assert [(t.rule_id, t.matched) for t in traces.traces] == [("ack-all", True), ("help-reply", True)]
-    assert {a.idempotency_key for t in traces.traces for a in t.actions} == {"rx/run:1/ack-all/0", "rx/run:1/help-reply/0"}
+    assert {a.idempotency_key for t in traces.traces for a in t.actions} == {
+        "rx/run:1/ack-all/0",
+        "rx/run:1/help-reply/0",
+    }
 
 
 async def test_self_triggering_rule_fires_once(mesh: Mesh) -> None:
@@ -168,8 +172,20 @@ async def test_self_triggering_rule_fires_once(mesh: Mesh) -> None:
 async def test_ping_pong_stops_at_max_depth(mesh: Mesh) -> None:
     await mesh.set_rules(
         [
-            rule("ping", keywords=("ping",), allow_reaction_origin=True, max_depth=1, actions=[submit_action("pong")]),
-            rule("pong", keywords=("pong",), allow_reaction_origin=True, max_depth=1, actions=[submit_action("ping")]),
+            rule(
+                "ping",
+                keywords=("ping",),
+                allow_reaction_origin=True,
+                max_depth=1,
+                actions=[submit_action("pong")],
+            ),
+            rule(
+                "pong",
+                keywords=("pong",),
+                allow_reaction_origin=True,
+                max_depth=1,
+                actions=[submit_action("ping")],
+            ),
         ]
     )
     mesh.rc.servicer.message("s1", "ping")
@@ -212,7 +228,10 @@ async def test_bad_rules_are_refused_with_the_field_named(mesh: Mesh) -> None:
     assert ei.value.code() == grpc.StatusCode.INVALID_ARGUMENT
     assert "automation.reactions[0].trigger.regex" in violations(ei.value)
     unknown_action = config_pb2.ReactionRule(
-        id="no-action", enabled=True, trigger=config_pb2.ReactionTrigger(event=MSG), actions=[config_pb2.ReactionAction()]
+        id="no-action",
+        enabled=True,
+        trigger=config_pb2.ReactionTrigger(event=MSG),
+        actions=[config_pb2.ReactionAction()],
     )
     with pytest.raises(grpc.aio.AioRpcError) as ei2:
         await mesh.set_rules([unknown_action])
@@ -256,7 +275,12 @@ async def test_traces_flags_stats_and_grpcurl(mesh: Mesh) -> None:
     def ev(i: int, text: str, session: str = "s1") -> reactions_pb2.EvaluateEventRequest:
         return reactions_pb2.EvaluateEventRequest(
             event=reactions_pb2.ReactionEvent(
-                event_id=f"api:{i}", type=MSG, text=text, session_key=session, channel="cli", message_id=f"m{i}"
+                event_id=f"api:{i}",
+                type=MSG,
+                text=text,
+                session_key=session,
+                channel="cli",
+                message_id=f"m{i}",
             )
         )
 
@@ -264,7 +288,10 @@ async def test_traces_flags_stats_and_grpcurl(mesh: Mesh) -> None:
     assert sorted(first.matched_rule_ids) == ["ack-all", "help-reply"]
     second = await mesh.stub.EvaluateEvent(ev(2, "help again"), metadata=mesh.md)
     t = {x.rule_id: x for x in second.traces}
-    assert t["help-reply"].skip_reason == reactions_pb2.SKIP_REASON_COOLDOWN and "left for session:s1" in t["help-reply"].detail
+    assert (
+        t["help-reply"].skip_reason == reactions_pb2.SKIP_REASON_COOLDOWN
+        and "left for session:s1" in t["help-reply"].detail
+    )
     dup = await mesh.stub.EvaluateEvent(ev(1, "help"), metadata=mesh.md)
     assert dup.duplicate and [x.trace_id for x in dup.traces] == [x.trace_id for x in first.traces]
     for i in range(3, 8):
@@ -276,7 +303,9 @@ async def test_traces_flags_stats_and_grpcurl(mesh: Mesh) -> None:
     assert all(x.rule_id == "help-reply" and not x.matched for x in why.traces)
     assert why.traces[0].event_id == "api:7" and why.traces[0].detail == "no trigger keyword in text"
     rest = await mesh.stub.ListTraces(
-        reactions_pb2.ListTracesRequest(rule_id="help-reply", matched=False, page_size=3, page_token=why.next_page_token),
+        reactions_pb2.ListTracesRequest(
+            rule_id="help-reply", matched=False, page_size=3, page_token=why.next_page_token
+        ),
         metadata=mesh.md,
     )
     assert [x.event_id for x in rest.traces] == ["api:4", "api:3", "api:2"] and not rest.next_page_token
@@ -286,16 +315,21 @@ async def test_traces_flags_stats_and_grpcurl(mesh: Mesh) -> None:
     assert [x.event_id for x in matches.traces] == ["api:1"]
     match_id = matches.traces[0].trace_id
     flagged = await mesh.stub.FlagFalsePositive(
-        reactions_pb2.FlagFalsePositiveRequest(match_id=match_id, reason="was not a request for help"), metadata=mesh.md
+        reactions_pb2.FlagFalsePositiveRequest(match_id=match_id, reason="was not a request for help"),
+        metadata=mesh.md,
     )
     assert flagged.trace.false_positive and not flagged.already_flagged
-    stats = await mesh.stub.GetRuleStats(reactions_pb2.GetRuleStatsRequest(rule_id="help-reply"), metadata=mesh.md)
+    stats = await mesh.stub.GetRuleStats(
+        reactions_pb2.GetRuleStatsRequest(rule_id="help-reply"), metadata=mesh.md
+    )
     s = stats.rules[0]
     skips = {x.reason: x.count for x in s.skips}
     assert s.matches == 1 and s.false_positives == 1 and s.false_positive_rate == 1.0
     assert skips == {reactions_pb2.SKIP_REASON_COOLDOWN: 1, reactions_pb2.SKIP_REASON_SCOPE: 5}
     with pytest.raises(grpc.aio.AioRpcError) as ei:
-        await mesh.stub.FlagFalsePositive(reactions_pb2.FlagFalsePositiveRequest(match_id="trc_none"), metadata=mesh.md)
+        await mesh.stub.FlagFalsePositive(
+            reactions_pb2.FlagFalsePositiveRequest(match_id="trc_none"), metadata=mesh.md
+        )
     assert ei.value.code() == grpc.StatusCode.NOT_FOUND
     # Audit: every evaluation of a listening rule is a reactionMatch or reactionSkip record.
     app = mesh.reactions.app

@@ -17,9 +17,9 @@ from dataclasses import dataclass, field
 from typing import Any
 
 import grpc
+from flynn.v1 import common_pb2, config_pb2, run_control_pb2, run_control_pb2_grpc
 from google.protobuf import duration_pb2
 
-from flynn.v1 import common_pb2, config_pb2, run_control_pb2, run_control_pb2_grpc
 from flynn_runtime import config_yaml
 
 
@@ -55,7 +55,8 @@ def rule(
         allow_reaction_origin=allow_reaction_origin,
         max_depth=max_depth,
         trigger=config_pb2.ReactionTrigger(event=event, keywords=list(keywords), regex=regex, **trigger),  # type: ignore[arg-type]
-        actions=actions or [config_pb2.ReactionAction(reply=config_pb2.ReplyAction(text=f"{rule_id} saw {{text}}"))],
+        actions=actions
+        or [config_pb2.ReactionAction(reply=config_pb2.ReplyAction(text=f"{rule_id} saw {{text}}"))],
     )
     if cooldown_s:
         r.cooldown.CopyFrom(duration_pb2.Duration(seconds=int(cooldown_s), nanos=int((cooldown_s % 1) * 1e9)))
@@ -66,7 +67,9 @@ def rule(
 
 
 def submit_action(text: str, session_key: str = "") -> config_pb2.ReactionAction:
-    return config_pb2.ReactionAction(submit=config_pb2.SubmitMessageAction(text=text, session_key=session_key))
+    return config_pb2.ReactionAction(
+        submit=config_pb2.SubmitMessageAction(text=text, session_key=session_key)
+    )
 
 
 def ack_action(emoji: str = "👀") -> config_pb2.ReactionAction:
@@ -100,8 +103,14 @@ class RecordingRunControl(run_control_pb2_grpc.RunControlServicer):
             self.cond.notify_all()
             return ev
 
-    def message(self, session_key: str, text: str, sender: str = "alice", channel: str = "cli",
-                causation: common_pb2.Causation | None = None) -> run_control_pb2.RunEvent:
+    def message(
+        self,
+        session_key: str,
+        text: str,
+        sender: str = "alice",
+        channel: str = "cli",
+        causation: common_pb2.Causation | None = None,
+    ) -> run_control_pb2.RunEvent:
         with self.cond:
             mid = f"msg_{len(self.events) + 1}"
         return self.publish(
@@ -177,7 +186,10 @@ class RecordingRunControl(run_control_pb2_grpc.RunControlServicer):
                     message_id=old[0], disposition=run_control_pb2.DISPOSITION_DUPLICATE, event_seq=old[1]
                 )
         ev = self.message(
-            request.session_key, request.text, sender=request.sender, channel=request.channel,
+            request.session_key,
+            request.text,
+            sender=request.sender,
+            channel=request.channel,
             causation=request.causation,
         )
         with self.cond:
