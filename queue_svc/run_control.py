@@ -253,8 +253,9 @@ class RunControl:
                 )  # fmt: skip
                 s.last_collect = max(s.last_collect, m.receive_time)
         policy = self.config.config.server.queue.restart_policy
+        crashed = [live for live in self._runs.values() if live.row.state in ACTIVE]
         with self._op() as op:
-            for live in list(self._runs.values()):
+            for live in crashed:
                 row = live.row
                 s = self._sessions[row.session_key]
                 if row.state == CANCEL_REQUESTED:
@@ -264,6 +265,7 @@ class RunControl:
                     s.active = row.run_id
                     if policy == config_pb2.RESTART_POLICY_RERUN:
                         row.attempt += 1
+                        row.output = ""  # the new attempt streams its own output
                         op.runs[row.run_id] = live
                         self._event(
                             op,
