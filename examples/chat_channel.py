@@ -18,8 +18,8 @@ import sys
 import uuid
 
 import grpc
-
 from flynn.v1 import gateway_pb2, gateway_pb2_grpc, run_control_pb2
+
 from flynn_runtime.channels import auth_metadata, client_channel
 
 KIND = {
