@@ -4,7 +4,7 @@ from collections.abc import Iterator
 
 import pytest
 
-from tests.support.gateway import GatewayMesh
+from tests.support.gateway import GatewayMesh, RealMesh
 from tests.support.mesh import make_tokens
 
 
@@ -12,6 +12,18 @@ from tests.support.mesh import make_tokens
 def mesh(tmp_path_factory: pytest.TempPathFactory) -> Iterator[GatewayMesh]:
     root = tmp_path_factory.mktemp("gwmesh")
     m = GatewayMesh(root, make_tokens(root))
+    try:
+        m.start()
+        yield m
+    finally:
+        m.stop()
+
+
+@pytest.fixture(scope="package")
+def real_mesh(tmp_path_factory: pytest.TempPathFactory) -> Iterator[RealMesh]:
+    """The real services that exist, behind a real gateway (for the grpcurl end-to-end tests)."""
+    root = tmp_path_factory.mktemp("realmesh")
+    m = RealMesh(root, make_tokens(root))
     try:
         m.start()
         yield m

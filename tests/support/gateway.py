@@ -6,6 +6,7 @@ import importlib.util
 from dataclasses import dataclass, field
 from pathlib import Path
 
+from flynn_runtime import topology
 from tests.support.mesh import ServiceProcess, Tokens, free_port
 
 ECHO_MODULE = "tests.gateway.echo_backend"
@@ -57,3 +58,43 @@ class GatewayMesh:
         for proc in (self.gateway, self.config, self.echo):
             if proc is not None:
                 proc.stop()
+
+
+@dataclass
+class RealMesh:
+    """Every real service that exists (config first, gateway last), on ports chosen up front so each
+    knows the others' addresses; services not written yet are addresses where nothing listens."""
+
+    root: Path
+    tokens: Tokens
+    procs: dict[str, ServiceProcess] = field(default_factory=dict)
+    missing: list[str] = field(default_factory=list)
+
+    def start(self, grace: float = 5.0) -> RealMesh:
+        ports = {name: free_port() for name in topology.START_ORDER}
+        addresses = {name: f"127.0.0.1:{port}" for name, port in ports.items() if name != "gateway"}
+        for name in topology.START_ORDER:
+            module = topology.SERVICES[name].module
+            if not module_exists(module):
+                self.missing.append(name)
+                continue
+            proc = ServiceProcess(
+                name,
+                module,
+                self.root / name,
+                self.tokens,
+                addresses=addresses,
+                port=ports[name],
+                grace=grace,
+            )
+            self.procs[name] = proc
+            proc.start(timeout=60)
+        return self
+
+    @property
+    def gateway(self) -> ServiceProcess:
+        return self.procs["gateway"]
+
+    def stop(self) -> None:
+        for name in reversed(list(self.procs)):
+            self.procs[name].stop()
