@@ -31,7 +31,7 @@ from nodes_svc.servicer import NodesServicer
 
 log = logging.getLogger(__name__)
 
-SWEEP_INTERVAL = 0.5
+SWEEP_INTERVAL = 0.1
 PRUNE_INTERVAL = 600.0
 
 

@@ -14,6 +14,7 @@ from __future__ import annotations
 import asyncio
 import hashlib
 import logging
+import random
 import secrets
 import time
 from collections import OrderedDict
@@ -432,6 +433,8 @@ class NodeRegistry:
         self._notify_events()
         canvas = self._canvas_gate(node_id)
         session = NodeSession(rec, canvas, time.monotonic())
+        # Random heartbeat phase: after a reconnect storm the server's heartbeats do not go out in one burst.
+        session.last_sent -= random.uniform(0, policy.heartbeat_interval)
         self.sessions[node_id] = session
         metrics.ONLINE.set(len(self.sessions))
         metrics.REGISTRATIONS.labels("ok", kind).inc()
