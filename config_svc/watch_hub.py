@@ -34,7 +34,8 @@ class Subscription:
         """Queued messages in order; None when `timeout` passed without any (time for a bookmark)."""
         if not self.items and not (self.closed or self.overflowed):
             try:
-                await asyncio.wait_for(self.event.wait(), timeout)
+                async with asyncio.timeout(timeout):  # no extra task per wait, unlike wait_for
+                    await self.event.wait()
             except TimeoutError:
                 return None
         self.event.clear()

@@ -11,7 +11,8 @@
   (0.1 s doubling to 5 s), resuming from the revision it holds.
 - Each snapshot/change is applied atomically through ConfigSource.apply. A validator exception is a
   NACK (reported with its reason; the last good config stays); applied revisions are ACKed. Reports
-  are sent by a background task that coalesces them, so reporting never slows applying.
+  are sent by a background task that coalesces them and spreads them out (50-500 ms after the
+  apply), so reporting never slows applying, nor the config service's fan-out to other watchers.
 - Metrics: config_applied_revision, config_staleness_seconds (time since the last message, bookmarks
   included).
 """
@@ -91,6 +92,9 @@ class ConfigWatcher(ConfigSource):
         backoff_initial: float = 0.1,
         backoff_max: float = 5.0,
         report_timeout: float = 5.0,
+        report_delay: float = 0.05,
+        report_jitter: float = 0.45,
+        persist_delay: float = 0.05,
     ) -> None:
         super().__init__(validator)
         self.runtime = runtime
@@ -103,6 +107,9 @@ class ConfigWatcher(ConfigSource):
         self.backoff_initial = backoff_initial
         self.backoff_max = backoff_max
         self.report_timeout = report_timeout
+        self.report_delay = report_delay
+        self.report_jitter = report_jitter
+        self.persist_delay = persist_delay
         self.last_heard = time.monotonic()
         self.connected = False
         self.reconnects = 0
@@ -213,6 +220,7 @@ class ConfigWatcher(ConfigSource):
     async def _persist_loop(self) -> None:
         while True:
             await self._persist_event.wait()
+            await asyncio.sleep(self.persist_delay)  # a burst of revisions costs one write, not one each
             self._persist_event.clear()
             pending, self._persist_pending = self._persist_pending, None
             if pending is None:
@@ -226,6 +234,9 @@ class ConfigWatcher(ConfigSource):
         reported: tuple[int, int, int] = (-1, -1, -1)
         while True:
             await self._report_event.wait()
+            # Spread ACKs out: a thousand instances ACKing the same revision at once would compete with the
+            # config service's fan-out of that very revision. The delay never holds back applying.
+            await asyncio.sleep(self.report_delay + random.uniform(0, self.report_jitter))
             self._report_event.clear()
             state = (self.revision, self.last_nack[0], self._connection)
             if state == reported:

@@ -173,10 +173,12 @@ def expand_dotted(
             node = nxt
         else:
             leaf = parts[-1]
+            # Only this level's keys are split: nested levels are expanded when their message is filled,
+            # and map keys (session keys may contain dots) never are.
             if isinstance(value, Mapping) and isinstance(node.get(leaf), dict):
-                _deep_merge(node[leaf], expand_dotted(value, _join(path, key), out), _join(path, key), out)
+                _deep_merge(node[leaf], value, _join(path, key), out)
             elif isinstance(value, Mapping):
-                node[leaf] = expand_dotted(value, _join(path, key), out)
+                node[leaf] = dict(value)
             elif leaf in node:
                 if out is not None:
                     out.append(FieldViolation(_join(path, key), "given twice"))
@@ -190,12 +192,12 @@ def _deep_merge(
 ) -> None:
     for k, v in other.items():
         if isinstance(v, Mapping) and isinstance(into.get(k), dict):
-            _deep_merge(into[k], v, _join(path, k), out)
+            _deep_merge(into[k], v, _join(path, str(k)), out)
         elif k in into:
             if out is not None:
                 out.append(FieldViolation(_join(path, k), "given twice"))
         else:
-            into[k] = v
+            into[k] = dict(v) if isinstance(v, Mapping) else v
 
 
 def _scalar(fd: Field, value: object, path: str, out: list[FieldViolation]) -> object | None:

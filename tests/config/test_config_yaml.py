@@ -185,3 +185,18 @@ def test_mask_validation() -> None:
         "update_mask.paths[3]",
     }
     assert [v.field for v in validate_mask([])] == ["update_mask"]
+
+
+def test_map_keys_keep_their_dots_and_dotted_levels_merge() -> None:
+    cfg = cy.dict_to_config(
+        {
+            "server.queue.overrides.sessions": {"web:user.name@example.com": "steer"},
+            "server": {"queue.cap": 3, "queue": {"mode": "followup"}},
+            "server.queue.drop": "new",
+        }
+    )
+    q = cfg.server.queue
+    assert dict(q.overrides.sessions) == {"web:user.name@example.com": config_pb2.QUEUE_MODE_STEER}
+    assert (q.cap, q.mode, q.drop) == (3, config_pb2.QUEUE_MODE_FOLLOWUP, config_pb2.DROP_POLICY_NEW)
+    with pytest.raises(cy.ConfigParseError):
+        cy.dict_to_config({"server.queue.cap": 1, "server": {"queue": {"cap": 2}}})

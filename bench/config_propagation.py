@@ -1,0 +1,334 @@
+"""Config propagation: UpdateConfig returning -> the change applied in EVERY watcher; and a restart storm.
+
+    .venv/bin/python -m bench.config_propagation [--updates 30] [--big 1000] [--procs 4]
+
+What is measured (real processes, real ConfigWatcher instances, not bare streams):
+- the config service runs as its own process (python -m config_svc.main);
+- watchers are real flynn_runtime.config_watcher.ConfigWatcher objects (apply, persist to disk, ACK
+  via ReportStatus), spread over `--procs` client processes, each process sharing one Runtime and a
+  few gRPC connections (100 watchers per connection);
+- for each update: latency = (latest apply time over all watchers) - (time UpdateConfig returned),
+  on CLOCK_MONOTONIC, which all processes on this machine share; p50/p99 over the updates;
+- restart: the config service is SIGKILLed and restarted on the same port; as soon as it serves, one
+  update is committed; we poll ListWatchers until every watcher is connected and has ACKed it.
+Bounded: every wait has a timeout; the whole run takes about a minute.
+"""
+
+from __future__ import annotations
+
+import argparse
+import asyncio
+import contextlib
+import json
+import os
+import signal
+import subprocess
+import sys
+import tempfile
+import time
+from pathlib import Path
+from typing import Any
+
+ROOT = Path(__file__).resolve().parents[1]
+
+
+# --- client process -------------------------------------------------------------------------------
+
+
+async def client_main(args: argparse.Namespace) -> None:
+    from flynn.v1 import config_pb2
+
+    from flynn_runtime import settings as settings_mod
+    from flynn_runtime.channels import client_channel
+    from flynn_runtime.config_watcher import ConfigWatcher
+    from flynn_runtime.server import Runtime
+
+    data = Path(args.data_dir)
+    settings = settings_mod.parse(
+        "bench",
+        [
+            "--data-dir",
+            str(data),
+            "--config-addr",
+            args.addr,
+            "--metrics-listen",
+            "",
+            "--listen",
+            "127.0.0.1:0",
+        ],
+    )
+    runtime = Runtime(settings)
+    channels = [
+        client_channel(args.addr, args.token, extra_options=[("grpc.use_local_subchannel_pool", 1)])
+        for _ in range(max(1, (args.count + 99) // 100))
+    ]
+    applied: dict[int, list[float]] = {}
+    watchers = []
+    for i in range(args.count):
+        ident = config_pb2.WatcherIdentity(service="bench", instance_id=f"{args.name}-{i}", version="bench")
+
+        def record(old: Any, new: Any, rev: int) -> None:
+            applied.setdefault(rev, []).append(time.monotonic())
+
+        w = ConfigWatcher(
+            runtime,
+            cache_path=data / "cache" / f"{i}.bin",
+            channel=channels[i % len(channels)],
+            identity=ident,
+        )
+        w.subscribe(record)
+        watchers.append(w)
+    for w in watchers:
+        await w.start()
+    # Ready once every watcher holds a revision.
+    deadline = time.monotonic() + 60
+    for w in watchers:
+        await w.wait_for_revision(1, max(deadline - time.monotonic(), 0.01))
+    print("ready", flush=True)
+    loop = asyncio.get_running_loop()
+    stop = asyncio.Event()
+    loop.add_signal_handler(signal.SIGTERM, stop.set)
+    await asyncio.wait_for(stop.wait(), args.max_seconds)
+    summary = {str(rev): {"max": max(ts), "min": min(ts), "count": len(ts)} for rev, ts in applied.items()}
+    Path(args.out).write_text(
+        json.dumps({"applied": summary, "reconnects": sum(w.reconnects for w in watchers)})
+    )
+    for w in watchers:
+        await w.stop()
+    for ch in channels:
+        await ch.close(None)
+    await runtime.close()
+
+
+# --- driver -------------------------------------------------------------------------------------
+
+
+def pct(values: list[float], p: float) -> float:
+    if not values:
+        return float("nan")
+    s = sorted(values)
+    k = min(len(s) - 1, max(0, round(p / 100 * (len(s) - 1))))
+    return s[k]
+
+
+class Clients:
+    def __init__(self, base: Path, addr: str, token: str, total: int, procs: int) -> None:
+        self.procs: list[tuple[subprocess.Popen[str], Path]] = []
+        per = [total // procs + (1 if i < total % procs else 0) for i in range(procs)]
+        env = dict(os.environ, PYTHONPATH=f"{ROOT}:{ROOT / 'gen'}", FLYNN_LOG_LEVEL="warning")
+        for i, count in enumerate(per):
+            if count == 0:
+                continue
+            out = base / f"client{i}.json"
+            d = base / f"client{i}"
+            p = subprocess.Popen(
+                [sys.executable, "-m", "bench.config_propagation", "--client", "--addr", addr, "--token", token,
+                 "--count", str(count), "--name", f"p{i}", "--data-dir", str(d), "--out", str(out)],
+                stdout=subprocess.PIPE, stderr=subprocess.DEVNULL, text=True, env=env, cwd=ROOT,
+            )  # fmt: skip
+            self.procs.append((p, out))
+
+    def wait_ready(self, timeout: float = 120) -> None:
+        deadline = time.monotonic() + timeout
+        for p, _ in self.procs:
+            assert p.stdout is not None
+            while time.monotonic() < deadline:
+                line = p.stdout.readline()
+                if line.strip() == "ready":
+                    break
+                if not line and p.poll() is not None:
+                    raise RuntimeError("a client process died before it was ready")
+            else:
+                raise TimeoutError("clients not ready")
+
+    def finish(self) -> tuple[dict[int, dict[str, float]], int]:
+        merged: dict[int, dict[str, float]] = {}
+        reconnects = 0
+        for p, _ in self.procs:
+            p.send_signal(signal.SIGTERM)
+        for p, out in self.procs:
+            p.wait(60)
+            data = json.loads(out.read_text())
+            reconnects += int(data["reconnects"])
+            for rev, v in data["applied"].items():
+                m = merged.setdefault(int(rev), {"max": 0.0, "min": float("inf"), "count": 0})
+                m["max"] = max(m["max"], v["max"])
+                m["min"] = min(m["min"], v["min"])
+                m["count"] += v["count"]
+        return merged, reconnects
+
+    def kill(self) -> None:
+        for p, _ in self.procs:
+            if p.poll() is None:
+                p.kill()
+
+
+def _update(stub: Any, cap: int) -> tuple[int, float]:
+    from flynn.v1 import config_pb2
+    from google.protobuf import field_mask_pb2
+
+    from flynn_runtime import config_yaml
+
+    head = stub.GetConfig(config_pb2.GetConfigRequest(), timeout=10, wait_for_ready=True).revision
+    resp = stub.UpdateConfig(
+        config_pb2.UpdateConfigRequest(
+            config=config_yaml.dict_to_config({"server.queue.cap": cap}),
+            update_mask=field_mask_pb2.FieldMask(paths=["server.queue.cap"]),
+            expected_revision=head,
+            reason="bench",
+        ),
+        timeout=10,
+    )
+    return int(resp.revision), time.monotonic()
+
+
+def scenario(base: Path, proc: Any, token: str, watchers: int, procs: int, updates: int, spacing: float,
+             restart: bool) -> None:  # fmt: skip
+    import grpc
+    from flynn.v1 import config_pb2_grpc
+
+    md = (("authorization", f"Bearer {token}"),)
+    channel = grpc.insecure_channel(proc.address, options=[("grpc.use_local_subchannel_pool", 1)])
+    stub = config_pb2_grpc.ConfigServiceStub(channel)
+
+    class _Stub:
+        def __getattr__(self, name: str) -> Any:
+            fn = getattr(stub, name)
+            return lambda req, **kw: fn(req, metadata=md, **kw)
+
+    s = _Stub()
+    clients = Clients(base / f"w{watchers}", proc.address, token, watchers, procs)
+    try:
+        t = time.monotonic()
+        clients.wait_ready()
+        print(f"  {watchers} watchers ready in {time.monotonic() - t:.2f} s ({procs} client processes)")
+        returned: dict[int, float] = {}
+        for i in range(updates):
+            rev, t_ret = _update(s, 1000 + i)
+            returned[rev] = t_ret
+            time.sleep(spacing)
+        restart_figures = None
+        if restart:
+            restart_figures = _restart(proc, s, watchers)
+        time.sleep(0.5)
+        applied, reconnects = clients.finish()
+    finally:
+        clients.kill()
+        channel.close()
+    lat, first = [], []
+    incomplete = 0
+    for rev, t_ret in returned.items():
+        a = applied.get(rev)
+        if a is None or a["count"] < watchers:
+            incomplete += 1
+            continue
+        lat.append(max(0.0, a["max"] - t_ret) * 1000)
+        first.append(max(0.0, a["min"] - t_ret) * 1000)
+    print(
+        f"  propagation to ALL {watchers} watchers over {len(lat)} updates: "
+        f"p50 {pct(lat, 50):.1f} ms  p99 {pct(lat, 99):.1f} ms  max {max(lat) if lat else float('nan'):.1f} ms"
+        + (f"  ({incomplete} updates not seen by every watcher)" if incomplete else "")
+    )
+    print(f"  (first watcher to apply: p50 {pct(first, 50):.1f} ms  p99 {pct(first, 99):.1f} ms)")
+    if restart_figures is not None:
+        t_back, t_current, total, lost = restart_figures
+        print(
+            f"  restart (SIGKILL + start): all {total} watchers reconnected {t_back:.2f} s and current (ACKed the "
+            f"first post-restart revision) {t_current:.2f} s after the new process served; lost watchers: {lost}; "
+            f"client reconnect attempts: {reconnects}"
+        )
+
+
+def _restart(proc: Any, s: Any, watchers: int) -> tuple[float, float, int, int]:
+    from flynn.v1 import config_pb2
+
+    proc.kill9()
+    proc.start(timeout=60)
+    t0 = time.monotonic()
+    rev, _ = _update(s, 99_999)
+    back = current = None
+    deadline = t0 + 60
+    n_connected = n_current = 0
+    while time.monotonic() < deadline:
+        token, rows = "", []
+        for _ in range(20):
+            resp = s.ListWatchers(
+                config_pb2.ListWatchersRequest(page_size=1000, page_token=token), timeout=10
+            )
+            rows.extend(resp.watchers)
+            token = resp.next_page_token
+            if not token:
+                break
+        n_connected = sum(1 for w in rows if w.connected and w.identity.service == "bench")
+        n_current = sum(
+            1 for w in rows if w.connected and w.applied_revision >= rev and w.identity.service == "bench"
+        )
+        now = time.monotonic()
+        if back is None and n_connected >= watchers:
+            back = now - t0
+        if n_current >= watchers:
+            current = now - t0
+            break
+        time.sleep(0.05)
+    lost = watchers - n_current
+    return (
+        (back if back is not None else float("nan")),
+        (current if current is not None else float("nan")),
+        watchers,
+        lost,
+    )
+
+
+def driver(args: argparse.Namespace) -> None:
+    sys.path[:0] = [str(ROOT), str(ROOT / "gen")]
+    from flynn_runtime.auth import Role, generate_token, write_tokens_file
+    from tests.support.mesh import ServiceProcess, Tokens
+
+    with tempfile.TemporaryDirectory(prefix="flynn-bench-config-") as tmp:
+        base = Path(tmp)
+        toks = {r: generate_token() for r in ("operator", "channel", "service", "node")}
+        write_tokens_file(base / "tokens.yaml", {n: (Role(n), t) for n, t in toks.items()})
+        tokens = Tokens(path=base / "tokens.yaml", **toks)
+        proc = ServiceProcess(
+            "config", "config_svc.main", base / "config-svc", tokens,
+            extra=["--bookmark-seconds", "15", "--log-level", "warning"],
+        )  # fmt: skip
+        proc.start(timeout=60)
+        try:
+            print(
+                f"config propagation bench (config service pid {proc.proc.pid if proc.proc else '?'}, 2-core box)"
+            )
+            print(f"[10 watchers, 1 client process, {args.updates} updates]")
+            scenario(base, proc, toks["operator"], 10, 1, args.updates, 0.1, restart=False)
+            print(f"[{args.big} watchers, {args.procs} client processes, {args.updates} updates]")
+            scenario(
+                base, proc, toks["operator"], args.big, args.procs, args.updates, args.spacing, restart=True
+            )
+        finally:
+            with contextlib.suppress(Exception):
+                proc.stop()
+
+
+def main() -> None:
+    p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    p.add_argument("--client", action="store_true", help=argparse.SUPPRESS)
+    p.add_argument("--addr", default="")
+    p.add_argument("--token", default="")
+    p.add_argument("--count", type=int, default=0)
+    p.add_argument("--name", default="c")
+    p.add_argument("--data-dir", default="")
+    p.add_argument("--out", default="")
+    p.add_argument("--max-seconds", type=float, default=600)
+    p.add_argument("--updates", type=int, default=30, help="updates per scenario (default 30)")
+    p.add_argument("--big", type=int, default=1000, help="watchers of the large scenario (default 1000)")
+    p.add_argument("--procs", type=int, default=4, help="client processes of the large scenario (default 4)")
+    p.add_argument("--spacing", type=float, default=1.0, help="seconds between updates, large scenario")
+    args = p.parse_args()
+    if args.client:
+        asyncio.run(client_main(args))
+    else:
+        driver(args)
+
+
+if __name__ == "__main__":
+    main()
