@@ -140,6 +140,7 @@ class NodesApp(ServiceApp):
 
     async def stop(self) -> None:
         closed = self.registry.close_all("shutdown")
+        self.registry.wake_watchers()  # WatchNodeEvents streams see runtime.stopping and end
         log.info("closing node streams", extra={"streams": closed})
         for _ in range(200):  # each stream sends NodeClose and ends; bounded wait
             if not self.registry.sessions:

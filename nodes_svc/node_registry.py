@@ -39,6 +39,7 @@ PROTOCOL_VERSION = 1
 DEFAULT_HEARTBEAT = 5.0
 DEFAULT_LEASE = 15.0
 OUTBOUND_MAX = 1024
+CLOSE_GRACE = 5.0  # seconds a closed stream gets to deliver its NodeClose before the session is dropped
 IDEMPOTENCY_MAX = 10_000
 EVENTS_KEPT = 100_000
 
@@ -163,6 +164,8 @@ class NodeSession:
         "last_seen",
         "last_sent",
         "closed",
+        "closed_at",
+        "ended",
         "close_reason",
         "invokes",
         "canvas",
@@ -181,6 +184,8 @@ class NodeSession:
         self.last_sent = now  # monotonic; when the server last sent something
         self.flushed_seen = now
         self.closed = False
+        self.closed_at = 0.0  # monotonic, when close() was asked
+        self.ended = False  # end_session ran
         self.close_reason = ""
         self.invokes: dict[str, PendingInvoke] = {}
         self.canvas = canvas
@@ -202,6 +207,7 @@ class NodeSession:
         if self.closed:
             return False
         self.closed = True
+        self.closed_at = time.monotonic()
         self.close_reason = reason
         reconnect, code = CLOSE_REASONS.get(reason, (True, Code.UNAVAILABLE))
         while True:  # make room: the close must get through even when the queue is full
@@ -461,6 +467,9 @@ class NodeRegistry:
 
     def end_session(self, session: NodeSession, reason: str = "") -> None:
         """The stream of `session` ended (any cause). Idempotent."""
+        if session.ended:
+            return
+        session.ended = True
         if not session.closed:
             session.closed = True
             session.close_reason = reason or "stream_closed"
@@ -596,8 +605,6 @@ class NodeRegistry:
                 p = None
             else:
                 self._idem.move_to_end(key)
-                if p.done:
-                    metrics.INVOKES.labels("cached").inc()
         if p is None:
             try:
                 p = self._dispatch(node_id, command, args_json, deadline_wall, idempotency_key, fingerprint)
@@ -614,7 +621,7 @@ class NodeRegistry:
         if p.error is not None:
             q.put_nowait(p.error)
         p.subscribers.append(q)
-        outcome = "cancelled"
+        outcome = "cached" if p.done else "cancelled"
         try:
             async with asyncio.timeout_at(loop_deadline):
                 while True:
@@ -626,7 +633,8 @@ class NodeRegistry:
                         raise item
                     yield item
                     if item.HasField("result"):
-                        outcome = "ok" if item.result.ok else "error"
+                        if outcome != "cached":
+                            outcome = "ok" if item.result.ok else "error"
                         return
         except TimeoutError:
             outcome = "deadline_exceeded"
@@ -686,6 +694,9 @@ class NodeRegistry:
         policy = self._policy
         for s in list(self.sessions.values()):
             if s.closed:
+                # A peer that stopped reading cannot take its NodeClose: end the session anyway.
+                if now - s.closed_at > CLOSE_GRACE:
+                    self.end_session(s)
                 continue
             if now - s.last_seen > policy.lease:
                 s.close("lease_expired", f"no heartbeat for {policy.lease:.1f} s")
@@ -757,10 +768,18 @@ class NodeRegistry:
     def prune_events(self) -> None:
         self.store.prune_events(EVENTS_KEPT)
 
-    async def watch_events(self, after_seq: int, batch: int = 500) -> AsyncIterator[EventRecord]:
-        """Replay events after `after_seq` from SQLite, then follow new ones (no gaps, no in-memory loss)."""
+    def wake_watchers(self) -> None:
+        self._notify_events()
+
+    async def watch_events(
+        self, after_seq: int, stopping: asyncio.Event | None = None, batch: int = 500
+    ) -> AsyncIterator[EventRecord]:
+        """Replay events after `after_seq` from SQLite, then follow new ones (no gaps, no in-memory loss).
+
+        Returns when `stopping` is set (checked on every wake-up; `wake_watchers` wakes everyone).
+        """
         cursor = after_seq
-        while True:
+        while stopping is None or not stopping.is_set():
             changed = self._events_changed
             rows = self.store.events_after(cursor, batch)
             for r in rows:

@@ -15,7 +15,7 @@ from grpc.aio import ServicerContext
 
 from flynn_runtime import errors
 from flynn_runtime.errors import FlynnError
-from flynn_runtime.server import Runtime, until_stopping
+from flynn_runtime.server import Runtime
 from flynn_runtime.validation import Violations, page_size
 from nodes_svc.node_registry import PROTOCOL_VERSION, NodeRegistry, NodeSession, SessionClose
 
@@ -27,6 +27,7 @@ MAX_ARGS_BYTES = 64 * 1024
 DEFAULT_INVOKE_TIMEOUT = 10.0
 MAX_INVOKE_TIMEOUT_MS = 300_000
 DEADLINE_MARGIN = 0.005
+REGISTER_WITHIN = 10.0
 
 Ctx = ServicerContext[Any, Any]
 
@@ -83,9 +84,13 @@ class NodesServicer(nodes_pb2_grpc.NodesServicer):
         if self.runtime.stopping.is_set():
             raise self.runtime.shutting_down_error()
         try:
-            first = await anext(aiter(request_iterator))
+            first = await asyncio.wait_for(anext(aiter(request_iterator)), REGISTER_WITHIN)
         except StopAsyncIteration:
             raise errors.invalid_argument("register", "the stream ended before a Register message") from None
+        except TimeoutError:
+            raise errors.invalid_argument(
+                "register", f"no Register message within {REGISTER_WITHIN:.0f} s"
+            ) from None
         if first.WhichOneof("message") != "register":
             raise errors.invalid_argument("register", "the first message on Connect must be a Register")
         validate_register(first.register)
@@ -214,10 +219,6 @@ class NodesServicer(nodes_pb2_grpc.NodesServicer):
     ) -> AsyncIterator[nodes_pb2.WatchNodeEventsResponse]:
         if request.after_seq < 0:
             raise errors.invalid_argument("after_seq", "must be >= 0")
-        events = self.registry.watch_events(request.after_seq)
-        try:
-            async for item in until_stopping(self.runtime, events):
-                assert not isinstance(item, BaseException)
-                yield nodes_pb2.WatchNodeEventsResponse(event=self.registry.event_proto(item))  # type: ignore[arg-type]
-        finally:
-            await events.aclose()  # type: ignore[attr-defined]
+        async for item in self.registry.watch_events(request.after_seq, self.runtime.stopping):
+            yield nodes_pb2.WatchNodeEventsResponse(event=self.registry.event_proto(item))
+        raise self.runtime.shutting_down_error()  # the service is stopping: reconnect with the cursor

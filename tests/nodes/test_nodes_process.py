@@ -55,7 +55,22 @@ async def test_sigterm_then_sigkill_nodes_come_back_to_one_registration(
             m = await _metrics(proc)
             assert m["nodes_online"] == 3
             assert m["nodes_registrations_total{reason=new,result=ok}"] == 3
-        assert await asyncio.to_thread(proc.terminate) == 0  # the nodes' loop keeps running meanwhile
+            watch = stub.WatchNodeEvents(
+                nodes_pb2.WatchNodeEventsRequest(after_seq=0), metadata=md, timeout=60
+            )
+
+            async def drain() -> grpc.StatusCode:
+                try:
+                    async for _ in watch:
+                        pass
+                except grpc.aio.AioRpcError as e:
+                    return e.code()
+                return grpc.StatusCode.OK
+
+            drained = asyncio.create_task(drain())
+            assert await asyncio.to_thread(proc.terminate) == 0  # the nodes' loop keeps running meanwhile
+            # The event watcher was told to reconnect rather than left hanging.
+            assert await asyncio.wait_for(drained, 10) == grpc.StatusCode.UNAVAILABLE
         for n, _ in pairs:
             await eventually(lambda n=n: bool(n.stats.closes), what="NodeClose")
             assert [c.reason for c in n.stats.closes] == ["shutdown"] and n.stats.closes[0].reconnect
