@@ -39,7 +39,7 @@ class GatewayApp(ServiceApp):
         system_pb2_grpc.add_SystemServicer_to_server(
             SystemServicer(self.runtime, self.backends, self._own_health), server
         )
-        gateway_pb2_grpc.add_GatewayServicer_to_server(GatewayServicer(), server)
+        gateway_pb2_grpc.add_GatewayServicer_to_server(GatewayServicer(self.runtime, self.backends), server)
         server.add_generic_rpc_handlers((self.forwarder,))
 
     async def close(self) -> None:

@@ -60,11 +60,30 @@ def forward_metadata(context: Ctx) -> tuple[tuple[str, str | bytes], ...]:
     )
 
 
-def _stream_timeout(context: Ctx) -> float | None:
+def stream_timeout(context: Ctx) -> float | None:
     remaining = context.time_remaining()
     if remaining is None:
         return None
     return max(remaining - _DEADLINE_MARGIN, 0.001)
+
+
+def backend_down(backend: str, address: str, err: grpc.aio.AioRpcError) -> FlynnError:
+    return unavailable(
+        f"{backend} ({address}) unavailable: {err.details()}",
+        reason="BACKEND_UNAVAILABLE",
+        service=backend,
+        address=address,
+    )
+
+
+async def relay_error(context: Ctx, err: grpc.aio.AioRpcError, backend: str, address: str) -> None:
+    """Abort the served call with the backend's status, message and trailing metadata, unchanged;
+    a failure of the channel itself (no backend status) becomes BACKEND_UNAVAILABLE naming it."""
+    trailing = cast(tuple[tuple[str, str | bytes], ...], tuple(err.trailing_metadata() or ()))
+    code = err.code()
+    if code == grpc.StatusCode.UNAVAILABLE and not any(k == _DETAILS_KEY for k, _ in trailing):
+        await abort_with(context, backend_down(backend, address, err))
+    await context.abort(code, err.details() or "", trailing_metadata=trailing)
 
 
 class Forwarder(grpc.GenericRpcHandler):  # type: ignore[type-arg]
@@ -90,22 +109,8 @@ class Forwarder(grpc.GenericRpcHandler):  # type: ignore[type-arg]
 
     # --- errors -------------------------------------------------------------------------------
 
-    def backend_down(self, route: Route, err: grpc.aio.AioRpcError) -> FlynnError:
-        addr = self._backends.address(route.backend)
-        return unavailable(
-            f"{route.backend} ({addr}) unavailable: {err.details()}",
-            reason="BACKEND_UNAVAILABLE",
-            service=route.backend,
-            address=addr,
-        )
-
     async def _relay_error(self, route: Route, context: Ctx, err: grpc.aio.AioRpcError) -> None:
-        trailing = cast(tuple[tuple[str, str | bytes], ...], tuple(err.trailing_metadata() or ()))
-        code = err.code()
-        if code == grpc.StatusCode.UNAVAILABLE and not any(k == _DETAILS_KEY for k, _ in trailing):
-            # Raised by the channel (connect failure, connection lost), not by the backend's handler.
-            await abort_with(context, self.backend_down(route, err))
-        await context.abort(code, err.details() or "", trailing_metadata=trailing)
+        await relay_error(context, err, route.backend, self._backends.address(route.backend))
 
     def _shutting_down(self) -> bool:
         """A cancelled downstream stream: true when our SIGTERM cancelled it, not the caller."""
@@ -146,9 +151,7 @@ class Forwarder(grpc.GenericRpcHandler):  # type: ignore[type-arg]
     def _stream(self, route: Route, multicallable: Callable[..., Any]) -> Callable[[Any, Ctx], Any]:
         # Serves server-stream and bidi methods.
         async def forward(request: Any, context: Ctx) -> AsyncIterator[bytes]:
-            call = multicallable(
-                request, timeout=_stream_timeout(context), metadata=forward_metadata(context)
-            )
+            call = multicallable(request, timeout=stream_timeout(context), metadata=forward_metadata(context))
             # On SIGTERM the gateway ends open streams (UNAVAILABLE/SHUTTING_DOWN) so callers reconnect.
             watcher = asyncio.ensure_future(self._stopping.wait())
             watcher.add_done_callback(lambda _f: call.cancel())
