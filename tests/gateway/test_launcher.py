@@ -199,6 +199,13 @@ def test_restart_prints_the_same_operator_token(tmp_path: Path) -> None:
         try:
             lch.wait_for("Stop: Ctrl-C")
             tokens.append(next(line for line in lch.lines if line.startswith("Operator token: ")))
+            # Without a gateway, status falls back to checking each service directly.
+            st = subprocess.run(
+                [*flynn_dev(), "status", "--data-dir", str(data)],
+                capture_output=True, text=True, timeout=60, env=env(), cwd=ROOT,
+            )  # fmt: skip
+            assert st.returncode == 0, st.stdout + st.stderr
+            assert any(line.startswith("config") and "SERVING" in line for line in st.stdout.splitlines())
             assert lch.stop() == 0
         finally:
             if lch.proc is not None and lch.proc.poll() is None:

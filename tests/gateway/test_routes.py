@@ -1,0 +1,72 @@
+"""The routing table and the merged reflection list, from the descriptors and the topology."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+from flynn_launcher.plan import MeshPaths, command, plan
+from flynn_runtime import topology
+from flynn_runtime.settings import DEFAULT_PORTS
+from gateway.app import GatewayApp
+from gateway.descriptors import PB2_MODULES, flynn_services
+from gateway.routes import build_routes, external_methods, forwarded_services
+
+ROOT = Path(__file__).resolve().parents[2]
+
+
+def test_every_generated_module_is_imported_for_reflection() -> None:
+    generated = {p.stem for p in (ROOT / "gen" / "flynn" / "v1").glob("*_pb2.py")}
+    assert {m.__name__.rsplit(".", 1)[1] for m in PB2_MODULES} == generated
+
+
+def test_every_internal_method_is_routed_to_its_owner_with_its_kind() -> None:
+    routes = build_routes()
+    by_name = {s.full_name: s for s in flynn_services()}
+    expected = 0
+    for info in topology.SERVICES.values():
+        if info.name == "gateway":
+            continue
+        for svc in info.grpc_services:
+            for m in by_name[svc].methods:
+                expected += 1
+                r = routes[f"/{svc}/{m.name}"]
+                assert r.backend == info.name
+                assert (r.request_streaming, r.response_streaming) == (m.client_streaming, m.server_streaming)
+    assert len(routes) == expected
+    assert routes["/flynn.v1.Nodes/Connect"].kind == "bidi_stream"
+    assert routes["/flynn.v1.ConfigService/WatchConfig"].kind == "server_stream"
+    assert routes["/flynn.v1.ConfigService/GetConfig"].kind == "unary"
+
+
+def test_agent_and_local_services_are_not_forwarded() -> None:
+    routes = build_routes()
+    assert not [
+        p for p in routes if p.startswith(("/flynn.v1.Agent/", "/flynn.v1.Gateway/", "/flynn.v1.System/"))
+    ]
+    assert set(external_methods()) == {"/flynn.v1.Agent/Run"}
+
+
+def test_reflection_lists_all_nine_services_and_health_only_the_gateways_own() -> None:
+    assert set(GatewayApp.service_names) == {"flynn.v1.Gateway", "flynn.v1.System"}
+    assert {*GatewayApp.service_names, *GatewayApp.reflection_names} == {
+        s.full_name for s in flynn_services()
+    }
+    assert len(forwarded_services()) == 6
+
+
+def test_launcher_ports_follow_the_default_offsets(tmp_path: Path) -> None:
+    paths = MeshPaths(tmp_path)
+    services = plan(paths, "127.0.0.1", 40000)
+    assert [s.name for s in services] == list(topology.START_ORDER)
+    for s in services:
+        assert s.port == 40000 + DEFAULT_PORTS[s.name] - DEFAULT_PORTS["gateway"]
+        assert s.metrics_port == s.port + 100
+        assert s.data_dir == tmp_path / s.name
+    gw = next(s for s in services if s.name == "gateway")
+    cmd = command(gw, paths, "127.0.0.1", 40000, 7.0, [])
+    assert cmd[cmd.index("--config-addr") + 1] == "127.0.0.1:40001"
+    assert cmd[cmd.index("--service-token-file") + 1] == str(paths.token_file("service"))
+    assert [s.name for s in plan(paths, "127.0.0.1", 40000, only=["gateway", "config"])] == [
+        "config",
+        "gateway",
+    ]
