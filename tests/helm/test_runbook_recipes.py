@@ -148,7 +148,7 @@ class _Node:
 
     def close(self) -> None:
         self._stop.set()
-        self._responses.cancel()
+        self._responses.cancel()  # type: ignore[no-untyped-call]
         self._channel.close()
         self._thread.join(5)
 

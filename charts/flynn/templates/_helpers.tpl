@@ -296,8 +296,19 @@ spec:
   tolerations:
     {{- toYaml . | nindent 4 }}
   {{- end }}
-  {{- with $v.affinity }}
+  {{- if $v.affinity }}
   affinity:
-    {{- toYaml . | nindent 4 }}
+    {{- toYaml $v.affinity | nindent 4 }}
+  {{- else if not .comp.stateful }}
+  # Replicas prefer different nodes, so that the PodDisruptionBudget protects something.
+  affinity:
+    podAntiAffinity:
+      preferredDuringSchedulingIgnoredDuringExecution:
+        - weight: 100
+          podAffinityTerm:
+            topologyKey: kubernetes.io/hostname
+            labelSelector:
+              matchLabels:
+                {{- include "flynn.selectorLabels" . | nindent 16 }}
   {{- end }}
 {{- end }}
