@@ -59,12 +59,13 @@ def _parser() -> argparse.ArgumentParser:
     return p
 
 
-def grpcurl_command() -> str:
-    found = shutil.which("grpcurl")
-    if found:
-        return "grpcurl"
-    local = Path(sys.executable).parent / "grpcurl"
-    return str(local) if local.exists() else "grpcurl"
+def venv_command(name: str) -> str:
+    """The tool installed next to this interpreter (absolute, so the printed line works in any shell),
+    else the one on PATH."""
+    local = Path(sys.executable).parent / name
+    if local.exists():
+        return str(local)
+    return shutil.which(name) or name
 
 
 def _seed_args(svc: ServicePlan, seed: Path) -> list[str]:
@@ -94,17 +95,17 @@ def _print_banner(paths: MeshPaths, children: list[Child], tokens: MeshTokens) -
     lines += ["", f"Operator token: {tokens.operator}", f"  (kept in {paths.token_file('operator')})", ""]
     if gateway is not None:
         call = [
-            grpcurl_command(), "-plaintext", "-H", f"authorization: Bearer {tokens.operator}",
+            venv_command("grpcurl"), "-plaintext", "-H", f"authorization: Bearer {tokens.operator}",
             "-d", "{}", gateway.plan.address, "flynn.v1.System/GetStatus",
         ]  # fmt: skip
         lines += ["First call (through the gateway):", f"  {shlex.join(call)}", ""]
     else:
         first = children[0].plan.address
-        call = [grpcurl_command(), "-plaintext", first, "grpc.health.v1.Health/Check"]
+        call = [venv_command("grpcurl"), "-plaintext", first, "grpc.health.v1.Health/Check"]
         lines += ["First call:", f"  {shlex.join(call)}", ""]
     lines += [
         f"Logs: {paths.logs.resolve()}/<service>.log",
-        f"Status: flynn-dev status --data-dir {shlex.quote(str(paths.data_dir))}",
+        f"Status: {shlex.join([venv_command('flynn-dev'), 'status', '--data-dir', str(paths.data_dir)])}",
         "Stop: Ctrl-C",
         "",
     ]

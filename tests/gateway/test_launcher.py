@@ -149,10 +149,17 @@ def test_up_status_restart_and_stop(launcher: Launcher) -> None:
     assert token_file.stat().st_mode & 0o777 == 0o600
     assert token not in (launcher.data_dir / "secrets" / "tokens.yaml").read_text()  # hashes only
 
-    # The printed grpcurl line works as printed.
+    # The printed grpcurl line works as printed, from a shell whose PATH lacks the virtualenv
+    # (the launcher itself runs with it, as scripts/run-mesh does).
     idx = next(i for i, line in enumerate(launcher.lines) if line.startswith("First call"))
+    bare_env = dict(os.environ, PATH="/usr/bin:/bin")
     call = subprocess.run(
-        shlex.split(launcher.lines[idx + 1]), capture_output=True, text=True, timeout=60, env=env(), cwd=ROOT
+        shlex.split(launcher.lines[idx + 1]),
+        capture_output=True,
+        text=True,
+        timeout=60,
+        env=bare_env,
+        cwd="/",
     )
     assert call.returncode == 0, call.stderr
     services = {s["service"]: s for s in json.loads(call.stdout)["services"]}
@@ -160,9 +167,10 @@ def test_up_status_restart_and_stop(launcher: Launcher) -> None:
         assert services[name]["health"] == "SERVICE_HEALTH_SERVING", services[name]
 
     # flynn-dev status shows each service's health and config revision.
+    status_line = next(line for line in launcher.lines if line.startswith("Status: "))
     st = subprocess.run(
-        [*flynn_dev(), "status", "--data-dir", str(launcher.data_dir)],
-        capture_output=True, text=True, timeout=60, env=env(), cwd=ROOT,
+        shlex.split(status_line.removeprefix("Status: ")),
+        capture_output=True, text=True, timeout=60, env=bare_env, cwd=ROOT,
     )  # fmt: skip
     assert st.returncode == 0, st.stdout + st.stderr
     assert "config rev" in st.stdout and "config head revision:" in st.stdout
