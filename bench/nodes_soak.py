@@ -2,7 +2,7 @@
 
     .venv/bin/python -m bench.nodes_soak [--nodes 1000] [--invokes 2000] [--puts 500]
 
-1. starts nodes_svc as its own process (static config: nodes on, canvas on, heartbeat 2 s, lease 10 s),
+1. starts nodes_svc as its own process (static config: nodes on, canvas on, heartbeat 5 s, lease 15 s: the shipped defaults),
 2. issues one token per node and starts a fleet process running N CompanionNode instances in one
    asyncio loop (examples/companion_node.py), heartbeating,
 3. with all N connected: InvokeNode round trips (device.info on random nodes) and 64 KiB canvas puts,
@@ -305,9 +305,11 @@ def main() -> None:
     p.add_argument("--channels", type=int, default=50, help="client connections the fleet shares")
     p.add_argument("--invokes", type=int, default=2000)
     p.add_argument("--puts", type=int, default=500)
-    p.add_argument("--heartbeat", type=float, default=2.0)
-    p.add_argument("--lease", type=float, default=10.0)
-    p.add_argument("--settle", type=float, default=5.0)
+    p.add_argument(
+        "--heartbeat", type=float, default=5.0, help="server.nodes.heartbeat_interval (shipped default 5 s)"
+    )
+    p.add_argument("--lease", type=float, default=15.0, help="server.nodes.lease (shipped default 15 s)")
+    p.add_argument("--settle", type=float, default=6.0)
     p.add_argument("--storm-timeout", type=float, default=60.0)
     p.add_argument("--fleet", action="store_true", help=argparse.SUPPRESS)
     p.add_argument("--addr", help=argparse.SUPPRESS)

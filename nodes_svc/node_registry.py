@@ -39,6 +39,7 @@ PROTOCOL_VERSION = 1
 DEFAULT_HEARTBEAT = 5.0
 DEFAULT_LEASE = 15.0
 OUTBOUND_MAX = 1024
+LAST_SEEN_FLUSH = 5.0  # seconds between last_seen writes of one node (phases spread, batched per tick)
 CLOSE_GRACE = 5.0  # seconds a closed stream gets to deliver its NodeClose before the session is dropped
 IDEMPOTENCY_MAX = 10_000
 EVENTS_KEPT = 100_000
@@ -171,6 +172,7 @@ class NodeSession:
         "canvas",
         "connected_at",
         "flushed_seen",
+        "flush_due",
     )
 
     def __init__(self, rec: NodeRecord, canvas: bool, now: float) -> None:
@@ -183,6 +185,7 @@ class NodeSession:
         self.last_seen = now  # monotonic; renewed by anything the node sends
         self.last_sent = now  # monotonic; when the server last sent something
         self.flushed_seen = now
+        self.flush_due = now + random.uniform(0, LAST_SEEN_FLUSH)  # spread the batched writes
         self.closed = False
         self.closed_at = 0.0  # monotonic, when close() was asked
         self.ended = False  # end_session ran
@@ -260,7 +263,6 @@ class NodeRegistry:
         self._token_nodes: set[str] = set()
         self._idem: OrderedDict[tuple[str, str], PendingInvoke] = OrderedDict()
         self._events_changed = asyncio.Event()
-        self._last_flush = time.monotonic()
         self._policy = NodesPolicy.of(config.config)
 
     # lifecycle ----------------------------------------------------------------------------
@@ -688,10 +690,12 @@ class NodeRegistry:
 
     # sweeper ------------------------------------------------------------------------------
 
-    def tick(self, flush_every: float = 2.0) -> None:
-        """Heartbeats to nodes due one, lease expiry, and a batched last_seen flush."""
+    def tick(self) -> None:
+        """Heartbeats to nodes due one, lease expiry, and a batched last_seen flush of the nodes due one."""
         now = time.monotonic()
+        wall = time.time()
         policy = self._policy
+        dirty: list[tuple[str, float]] = []
         for s in list(self.sessions.values()):
             if s.closed:
                 # A peer that stopped reading cannot take its NodeClose: end the session anyway.
@@ -704,15 +708,20 @@ class NodeRegistry:
             if now - s.last_sent >= policy.heartbeat_interval:
                 s.send(
                     nodes_pb2.ConnectResponse(
-                        heartbeat=nodes_pb2.NodeHeartbeat(time=_ts(time.time()), epoch=s.epoch)
+                        heartbeat=nodes_pb2.NodeHeartbeat(time=_ts(wall), epoch=s.epoch)
                     )
                 )
-        if now - self._last_flush >= flush_every:
-            self.flush_last_seen()
+            if now >= s.flush_due:
+                s.flush_due = now + LAST_SEEN_FLUSH
+                if s.last_seen > s.flushed_seen:
+                    s.flushed_seen = s.last_seen
+                    dirty.append((s.node_id, wall - (now - s.last_seen)))
+        if dirty:
+            self.store.touch_many(dirty)
 
     def flush_last_seen(self) -> None:
+        """Write every node's last_seen now (on shutdown)."""
         now_m, now_w = time.monotonic(), time.time()
-        self._last_flush = now_m
         dirty: list[tuple[str, float]] = []
         for s in self.sessions.values():
             if s.last_seen > s.flushed_seen:
