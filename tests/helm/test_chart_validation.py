@@ -110,3 +110,23 @@ def test_helm_installer_is_idempotent(helm: Path) -> None:
     assert Path(proc.stdout.strip()) == helm
     version = run_helm(helm, "version", "--short")
     assert version.stdout.startswith("v"), version
+
+
+def test_chart_refuses_kubernetes_older_than_validated(helm: Path) -> None:
+    old = run_helm(helm, "template", "rel", str(CHART), "--kube-version", "1.29.0")
+    assert old.returncode != 0 and "kubeVersion" in old.stderr
+    for version in KUBE_VERSIONS:
+        assert run_helm(helm, "template", "rel", str(CHART), "--kube-version", version).returncode == 0
+
+
+def test_ingress_variant_validates_strictly(helm: Path, tmp_path: Path) -> None:
+    proc = run_helm(
+        helm, "template", "rel", str(CHART),
+        "--set", "gateway.ingress.enabled=true", "--set", "gateway.ingress.host=flynn.example.com",
+        "--set", "networkPolicy.enabled=true",
+    )  # fmt: skip
+    assert proc.returncode == 0, proc.stderr
+    path = tmp_path / "ingress.yaml"
+    path.write_text(proc.stdout)
+    result = kubernetes_validate(path, *KUBE_VERSIONS)
+    assert result.returncode == 0, result.stdout + result.stderr

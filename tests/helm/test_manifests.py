@@ -11,7 +11,7 @@ import pytest
 import yaml
 
 from flynn_runtime import auth, config_yaml, settings, topology
-from tests.helm.conftest import Manifest
+from tests.helm.conftest import CHART, Manifest, parse, render, run_helm
 
 STATEFUL = {n for n, s in topology.SERVICES.items() if s.stateful}
 STATELESS = set(topology.SERVICES) - STATEFUL
@@ -172,8 +172,14 @@ def exposed(docs: list[Manifest]) -> set[str]:
         or s["spec"].get("externalIPs")
         or s["spec"].get("type") == "ExternalName"
     }
-    for kind in ("Ingress", "GRPCRoute", "HTTPRoute"):
-        out |= {"ingress:" + d["metadata"]["name"] for d in by_kind(docs, kind)}
+    services = {s["metadata"]["name"]: s for s in by_kind(docs, "Service")}
+    for ing in by_kind(docs, "Ingress"):
+        backends = [p["backend"]["service"]["name"] for r in ing["spec"]["rules"] for p in r["http"]["paths"]]
+        if "defaultBackend" in ing["spec"]:
+            backends.append(ing["spec"]["defaultBackend"]["service"]["name"])
+        out |= {services[b]["metadata"]["labels"]["app.kubernetes.io/component"] for b in backends}
+    for kind in ("GRPCRoute", "HTTPRoute", "TLSRoute", "TCPRoute"):
+        out |= {f"{kind}:" + d["metadata"]["name"] for d in by_kind(docs, kind)}
     return out
 
 
@@ -186,6 +192,25 @@ def test_gateway_is_the_only_exposed_service(
         for svc in by_kind(docs, "Service"):
             if svc["metadata"]["labels"]["app.kubernetes.io/component"] != "gateway":
                 assert svc["spec"]["type"] == "ClusterIP", svc["metadata"]["name"]
+
+
+def test_gateway_ingress_targets_only_the_gateway(helm: Path) -> None:
+    docs = parse(
+        render(
+            helm,
+            "--set", "gateway.ingress.enabled=true", "--set", "gateway.ingress.host=flynn.example.com",
+            "--set", "gateway.ingress.className=nginx", "--set", "gateway.ingress.tlsSecretName=flynn-tls",
+        )
+    )  # fmt: skip
+    (ingress,) = by_kind(docs, "Ingress")
+    assert exposed(docs) == {"gateway"}
+    backend = ingress["spec"]["rules"][0]["http"]["paths"][0]["backend"]["service"]
+    assert backend["port"] == {"name": "grpc"}
+    gateway_svc = named(docs, "Service", backend["name"])
+    assert gateway_svc["metadata"]["labels"]["app.kubernetes.io/component"] == "gateway"
+    assert ingress["spec"]["tls"] == [{"hosts": ["flynn.example.com"], "secretName": "flynn-tls"}]
+    missing_host = run_helm(helm, "template", "rel", str(CHART), "--set", "gateway.ingress.enabled=true")
+    assert missing_host.returncode != 0 and "gateway.ingress.host is required" in missing_host.stderr
 
 
 def test_addresses_point_at_the_right_services(rendered: list[Manifest]) -> None:
