@@ -334,7 +334,7 @@ class NodeRegistry:
     # registration -------------------------------------------------------------------------
 
     def _refuse(
-        self, err: FlynnError, node_id: str, peer: str, known: bool, auth_failure: bool
+        self, err: FlynnError, node_id: str, peer: str, known: bool, auth_failure: bool, detail: str = ""
     ) -> FlynnError:
         if auth_failure:
             self.limiter.record_failure(peer)
@@ -342,7 +342,12 @@ class NodeRegistry:
         if known:
             metrics.RECONNECTS.labels("failure", err.reason).inc()
         self.audit.record(
-            "nodeRegisterRefused", actor=f"node:{node_id}", node_id=node_id, reason=err.reason, peer=peer
+            "nodeRegisterRefused",
+            actor=f"node:{node_id}",
+            node_id=node_id,
+            reason=err.reason,
+            detail=detail or None,
+            peer=peer,
         )
         return err
 
@@ -369,13 +374,18 @@ class NodeRegistry:
             )
         tok = self._tokens.get(hash_token(reg.token))
         if tok is None:
-            reason = "INVALID_TOKEN" if node_id in self._token_nodes or known else "UNKNOWN_NODE"
+            # One answer for "unknown node" and "wrong token", so callers cannot enumerate node ids;
+            # the audit record keeps which one it was.
+            detail = "wrong_token" if node_id in self._token_nodes or known else "unknown_node"
             raise self._refuse(
-                errors.unauthenticated(f"unknown node or wrong token for node {node_id!r}", reason=reason),
+                errors.unauthenticated(
+                    f"unknown node or wrong token for node {node_id!r}", reason="INVALID_TOKEN"
+                ),
                 node_id,
                 peer,
                 known,
                 True,
+                detail,
             )
         if tok.revoked is not None:
             raise self._refuse(

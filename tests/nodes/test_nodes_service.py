@@ -150,7 +150,7 @@ async def test_connect_auth_and_validation(harness: NodesHarness) -> None:
         return err.code(), info.reason if info else ""
 
     reg = nodes_pb2.NodeRegister(node_id="ghost", token="fln_nope", role="desktop", protocol_version=1)
-    assert await code(reg) == (grpc.StatusCode.UNAUTHENTICATED, "UNKNOWN_NODE")
+    assert await code(reg) == (grpc.StatusCode.UNAUTHENTICATED, "INVALID_TOKEN")
     reg = nodes_pb2.NodeRegister(node_id="desk-1", token="fln_wrong", role="desktop", protocol_version=1)
     assert await code(reg) == (grpc.StatusCode.UNAUTHENTICATED, "INVALID_TOKEN")
     reg = nodes_pb2.NodeRegister(node_id="desk-2", token=tok.token, role="desktop", protocol_version=1)
