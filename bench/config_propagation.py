@@ -43,6 +43,9 @@ async def client_main(args: argparse.Namespace) -> None:
     from flynn_runtime.config_watcher import ConfigWatcher
     from flynn_runtime.server import Runtime
 
+    if args.raw:
+        await raw_client(args)
+        return
     data = Path(args.data_dir)
     settings = settings_mod.parse(
         "bench",
@@ -90,14 +93,55 @@ async def client_main(args: argparse.Namespace) -> None:
     loop.add_signal_handler(signal.SIGTERM, stop.set)
     await asyncio.wait_for(stop.wait(), args.max_seconds)
     summary = {str(rev): {"max": max(ts), "min": min(ts), "count": len(ts)} for rev, ts in applied.items()}
-    Path(args.out).write_text(
-        json.dumps({"applied": summary, "reconnects": sum(w.reconnects for w in watchers)})
-    )
+    result = json.dumps({"applied": summary, "reconnects": sum(w.reconnects for w in watchers)})
+    await asyncio.to_thread(Path(args.out).write_text, result)
     for w in watchers:
         await w.stop()
     for ch in channels:
         await ch.close(None)
     await runtime.close()
+
+
+async def raw_client(args: argparse.Namespace) -> None:
+    """Bare WatchConfig streams (no ConfigWatcher): the floor the watcher adds to."""
+    from flynn.v1 import config_pb2, config_pb2_grpc
+
+    from flynn_runtime.channels import client_channel
+
+    channels = [
+        client_channel(args.addr, args.token, extra_options=[("grpc.use_local_subchannel_pool", 1)])
+        for _ in range(max(1, (args.count + 99) // 100))
+    ]
+    applied: dict[int, list[float]] = {}
+    ready = 0
+
+    async def follow(i: int) -> None:
+        nonlocal ready
+        stub = config_pb2_grpc.ConfigServiceStub(channels[i % len(channels)])
+        ident = config_pb2.WatcherIdentity(service="bench", instance_id=f"{args.name}-{i}")
+        first = True
+        async for resp in stub.WatchConfig(config_pb2.WatchConfigRequest(identity=ident)):
+            if first:
+                ready += 1
+                first = False
+            elif resp.kind == config_pb2.WATCH_EVENT_KIND_CHANGE:
+                applied.setdefault(resp.revision, []).append(time.monotonic())
+
+    tasks = [asyncio.create_task(follow(i)) for i in range(args.count)]
+    deadline = time.monotonic() + 60
+    while ready < args.count and time.monotonic() < deadline:  # noqa: ASYNC110
+        await asyncio.sleep(0.05)
+    print("ready", flush=True)
+    stop = asyncio.Event()
+    asyncio.get_running_loop().add_signal_handler(signal.SIGTERM, stop.set)
+    await asyncio.wait_for(stop.wait(), args.max_seconds)
+    summary = {str(rev): {"max": max(ts), "min": min(ts), "count": len(ts)} for rev, ts in applied.items()}
+    Path(args.out).parent.mkdir(parents=True, exist_ok=True)  # noqa: ASYNC240
+    await asyncio.to_thread(Path(args.out).write_text, json.dumps({"applied": summary, "reconnects": 0}))
+    for t in tasks:
+        t.cancel()
+    for ch in channels:
+        await ch.close(None)
 
 
 # --- driver -------------------------------------------------------------------------------------
@@ -112,7 +156,7 @@ def pct(values: list[float], p: float) -> float:
 
 
 class Clients:
-    def __init__(self, base: Path, addr: str, token: str, total: int, procs: int) -> None:
+    def __init__(self, base: Path, addr: str, token: str, total: int, procs: int, raw: bool = False) -> None:
         self.procs: list[tuple[subprocess.Popen[str], Path]] = []
         per = [total // procs + (1 if i < total % procs else 0) for i in range(procs)]
         env = dict(os.environ, PYTHONPATH=f"{ROOT}:{ROOT / 'gen'}", FLYNN_LOG_LEVEL="warning")
@@ -123,7 +167,8 @@ class Clients:
             d = base / f"client{i}"
             p = subprocess.Popen(
                 [sys.executable, "-m", "bench.config_propagation", "--client", "--addr", addr, "--token", token,
-                 "--count", str(count), "--name", f"p{i}", "--data-dir", str(d), "--out", str(out)],
+                 "--count", str(count), "--name", f"p{i}", "--data-dir", str(d), "--out", str(out),
+                 *(["--raw"] if raw else [])],
                 stdout=subprocess.PIPE, stderr=subprocess.DEVNULL, text=True, env=env, cwd=ROOT,
             )  # fmt: skip
             self.procs.append((p, out))
@@ -183,7 +228,7 @@ def _update(stub: Any, cap: int) -> tuple[int, float]:
 
 
 def scenario(base: Path, proc: Any, token: str, watchers: int, procs: int, updates: int, spacing: float,
-             restart: bool) -> None:  # fmt: skip
+             restart: bool, raw: bool = False) -> None:  # fmt: skip
     import grpc
     from flynn.v1 import config_pb2_grpc
 
@@ -197,7 +242,7 @@ def scenario(base: Path, proc: Any, token: str, watchers: int, procs: int, updat
             return lambda req, **kw: fn(req, metadata=md, **kw)
 
     s = _Stub()
-    clients = Clients(base / f"w{watchers}", proc.address, token, watchers, procs)
+    clients = Clients(base / f"w{watchers}{'raw' if raw else ''}", proc.address, token, watchers, procs, raw)
     try:
         t = time.monotonic()
         clients.wait_ready()
@@ -300,6 +345,21 @@ def driver(args: argparse.Namespace) -> None:
             )
             print(f"[10 watchers, 1 client process, {args.updates} updates]")
             scenario(base, proc, toks["operator"], 10, 1, args.updates, 0.1, restart=False)
+            if args.raw:
+                print(
+                    f"[{args.big} BARE WatchConfig streams (no ConfigWatcher), {args.procs} client processes]"
+                )
+                scenario(
+                    base,
+                    proc,
+                    toks["operator"],
+                    args.big,
+                    args.procs,
+                    args.updates,
+                    args.spacing,
+                    False,
+                    True,
+                )
             print(f"[{args.big} watchers, {args.procs} client processes, {args.updates} updates]")
             scenario(
                 base, proc, toks["operator"], args.big, args.procs, args.updates, args.spacing, restart=True
@@ -319,10 +379,11 @@ def main() -> None:
     p.add_argument("--data-dir", default="")
     p.add_argument("--out", default="")
     p.add_argument("--max-seconds", type=float, default=600)
+    p.add_argument("--raw", action="store_true", help="also measure bare WatchConfig streams for comparison")
     p.add_argument("--updates", type=int, default=30, help="updates per scenario (default 30)")
     p.add_argument("--big", type=int, default=1000, help="watchers of the large scenario (default 1000)")
     p.add_argument("--procs", type=int, default=4, help="client processes of the large scenario (default 4)")
-    p.add_argument("--spacing", type=float, default=1.0, help="seconds between updates, large scenario")
+    p.add_argument("--spacing", type=float, default=1.5, help="seconds between updates, large scenario")
     args = p.parse_args()
     if args.client:
         asyncio.run(client_main(args))

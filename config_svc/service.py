@@ -103,16 +103,21 @@ class ConfigServicer:
         # The stored blob is the serialized FlynnConfig: splice it in as field 3 without re-parsing.
         return msg.SerializeToString() + _length_delimited(3, s.config)
 
-    async def snapshot_payload(self) -> bytes:
+    async def snapshot_payload(self) -> tuple[int, bytes]:
+        """(revision, serialized SNAPSHOT) of the head, built once per head revision."""
         rev = self.editor.head_revision
-        if self._snapshot[0] != rev:
-            stored = await asyncio.to_thread(self.editor.store.get, rev)
-            assert stored is not None
-            msg = config_pb2.WatchConfigResponse(
-                kind=config_pb2.WATCH_EVENT_KIND_SNAPSHOT, revision=rev, metadata=revision_proto(stored)
-            )
-            self._snapshot = (rev, msg.SerializeToString() + _length_delimited(3, stored.config))
-        return self._snapshot[1]
+        cached = self._snapshot
+        if cached[0] == rev:
+            return cached
+        stored = await asyncio.to_thread(self.editor.store.get, rev)
+        assert stored is not None
+        msg = config_pb2.WatchConfigResponse(
+            kind=config_pb2.WATCH_EVENT_KIND_SNAPSHOT, revision=rev, metadata=revision_proto(stored)
+        )
+        built = (rev, msg.SerializeToString() + _length_delimited(3, stored.config))
+        if built[0] > self._snapshot[0]:
+            self._snapshot = built
+        return built
 
     def bookmark_payload(self, head: int) -> bytes:
         return config_pb2.WatchConfigResponse(
@@ -292,8 +297,8 @@ class ConfigServicer:
             head = self.editor.head_revision
             last = request.after_revision
             if last == 0 or last > head or head - last > MAX_REPLAY:
-                yield await self.snapshot_payload()
-                last = self._snapshot[0]
+                last, snapshot = await self.snapshot_payload()
+                yield snapshot
             elif last < head:
                 for rev, payload in await self._replay(last, head):
                     yield payload
@@ -310,8 +315,8 @@ class ConfigServicer:
                         reason="WATCHER_TOO_SLOW",
                         retry_after=0.1,
                     )
-                if batch is None:
-                    yield self.bookmark_payload(self.editor.head_revision)
+                if batch is None:  # silence: say the stream is alive, and at which revision it is
+                    yield self.bookmark_payload(last)
                     continue
                 for rev, payload in batch:
                     if rev <= last:
