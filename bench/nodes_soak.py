@@ -111,6 +111,18 @@ def _spawn_fleet(addr: str, tokens_json: Path, status: Path, channels: int) -> s
     return subprocess.Popen(args, cwd=ROOT, env=env)
 
 
+def rss_kib(pid: int) -> int:
+    for line in Path(f"/proc/{pid}/status").read_text().splitlines():
+        if line.startswith("VmRSS:"):
+            return int(line.split()[1])
+    return 0
+
+
+def cpu_seconds(pid: int) -> float:
+    fields = Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()
+    return (int(fields[11]) + int(fields[12])) / os.sysconf("SC_CLK_TCK")
+
+
 def read_status(path: Path) -> dict[str, Any]:
     try:
         data: dict[str, Any] = json.loads(path.read_text())
@@ -165,6 +177,8 @@ async def drive(ns: argparse.Namespace) -> None:
         tokens_json = work / "node-tokens.json"
         tokens_json.write_text(json.dumps(creds))
         status = work / "fleet-status.json"
+        assert proc.proc is not None
+        rss_before = rss_kib(proc.proc.pid)
         fleet = _spawn_fleet(proc.address, tokens_json, status, ns.channels)
         t0 = time.monotonic()
         st = await wait_status(status, lambda s: s["registered"] >= ns.nodes, 120)
@@ -173,7 +187,16 @@ async def drive(ns: argparse.Namespace) -> None:
             f"{st['registered']}/{ns.nodes} registered in {connect_s:.2f} s (fleet start included)"
         )
         print(figures["initial connect"], flush=True)
+        assert proc.proc is not None
+        cpu0 = cpu_seconds(proc.proc.pid)
         await asyncio.sleep(ns.settle)
+        idle_cpu = (cpu_seconds(proc.proc.pid) - cpu0) / ns.settle
+        rss_after = rss_kib(proc.proc.pid)
+        figures["server memory"] = (
+            f"RSS {rss_before / 1024:.0f} MiB before the fleet, {rss_after / 1024:.0f} MiB with {ns.nodes} streams "
+            f"({(rss_after - rss_before) / max(ns.nodes, 1):.1f} KiB per stream)"
+        )
+        figures["server idle CPU"] = f"{idle_cpu * 100:.1f}% of one core with {ns.nodes} nodes heartbeating"
         st = read_status(status)
         figures["heartbeats"] = (
             f"{st['heartbeats_received']} server heartbeats received by the fleet after {ns.settle:.0f} s settle"
