@@ -78,7 +78,7 @@ class StreamConsumer:
                         continue
                     try:
                         if ev is not None:
-                            await self.reactor.handle(ev)
+                            await self.reactor.process(ev)
                     except asyncio.CancelledError:
                         raise
                     except Exception:

@@ -167,11 +167,23 @@ def _field_getter(ev: reactions_pb2.ReactionEvent, text: str) -> Callable[[str],
 
 
 class _StaticTraces:
-    """Per event type, the traces of rules that cannot fire on it (disabled, other type); built lazily."""
+    """Traces that never change for a rule set, built once: per event type the rules that cannot fire on
+    it (disabled, other type), and per rule its scope skips, so most skips cost no allocation."""
 
     def __init__(self, rules: RuleSet) -> None:
         self._rules = rules
         self._by_type: dict[int, list[Trace | None]] = {}
+        self.channel = [
+            Trace(c.id, False, SKIP_SCOPE, "channel not in trigger.channels") for c in rules.rules
+        ]
+        self.session = [
+            Trace(c.id, False, SKIP_SCOPE, "session not in trigger.sessions") for c in rules.rules
+        ]
+        self.sender = [Trace(c.id, False, SKIP_SCOPE, "sender not in trigger.senders") for c in rules.rules]
+        self.keyword = [Trace(c.id, False, SKIP_SCOPE, "no trigger keyword in text") for c in rules.rules]
+        self.regex = [
+            Trace(c.id, False, SKIP_SCOPE, "trigger.regex did not match the text") for c in rules.rules
+        ]
 
     def for_type(self, t: int) -> list[Trace | None]:
         got = self._by_type.get(t)
@@ -200,11 +212,26 @@ class _StaticTraces:
 
 
 def _statics(rules: RuleSet) -> _StaticTraces:
-    st = getattr(rules, "_statics", None)
+    st: _StaticTraces | None = getattr(rules, "_statics", None)
     if st is None:
         st = _StaticTraces(rules)
         rules._statics = st  # type: ignore[attr-defined]
     return st
+
+
+_ROLLOUT_CACHE_MAX = 4096
+
+
+def _in_rollout(c: CompiledRule, session: str, channel: str) -> tuple[bool, str]:
+    key = (session, channel)
+    got = c.rollout_cache.get(key)
+    if got is None:
+        d = rule_in_rollout(c.rule, Target(session_key=session, channel=channel))
+        got = (bool(d.value), d.explanation)
+        if len(c.rollout_cache) >= _ROLLOUT_CACHE_MAX:
+            c.rollout_cache.clear()
+        c.rollout_cache[key] = got
+    return got
 
 
 def evaluate(
@@ -217,8 +244,8 @@ def evaluate(
 ) -> Evaluation:
     """Evaluate `ev` against every rule, in order; record fires in `state` unless dry_run."""
     t = ev.type
-    traces: list[Trace] = _statics(rules).for_type(t)  # type: ignore[assignment]
-    traces = list(traces)
+    statics = _statics(rules)
+    traces: list[Trace] = list(statics.for_type(t))  # type: ignore[arg-type]
     matched: list[CompiledRule] = []
     ti = rules.by_type.get(t)
     if ti is None:
@@ -237,18 +264,26 @@ def evaluate(
     regex_hits: set[int] | None = None
     raw: bytes | None = None
     get_field: Callable[[str], str] | None = None
+    keys: dict[int, str] | None = None
     exclusive_by = ""
+    s_channel, s_session, s_sender, s_keyword, s_regex = (
+        statics.channel,
+        statics.session,
+        statics.sender,
+        statics.keyword,
+        statics.regex,
+    )
 
     for c in ti.rules:
         i = c.index
         if c.channels and channel not in c.channels:
-            traces[i] = Trace(c.id, False, SKIP_SCOPE, f"channel {channel!r} not in trigger.channels")
+            traces[i] = s_channel[i]
             continue
         if c.sessions and session not in c.sessions:
-            traces[i] = Trace(c.id, False, SKIP_SCOPE, f"session {session!r} not in trigger.sessions")
+            traces[i] = s_session[i]
             continue
         if c.senders and sender not in c.senders:
-            traces[i] = Trace(c.id, False, SKIP_SCOPE, f"sender {sender!r} not in trigger.senders")
+            traces[i] = s_sender[i]
             continue
         if c.words or c.phrases:
             if lowered is None:
@@ -261,22 +296,22 @@ def evaluate(
                 if idx:
                     for w in set(WORD_RE.findall(lowered)).intersection(idx):
                         keyword_hits.update(idx[w])
-            if i not in keyword_hits and not any(p in lowered for p in c.phrases):
-                traces[i] = Trace(c.id, False, SKIP_SCOPE, "no trigger keyword in text")
+            if i not in keyword_hits and not (c.phrases and any(p in lowered for p in c.phrases)):
+                traces[i] = s_keyword[i]
                 continue
         if c.regex is not None:
             if raw is None:
                 if text is None:
                     text = bound_text(ev.text)
                 raw = text.encode("utf-8", "replace")
-            if ti.regex_set is not None:
+            if ti.regex_filter is not None:
                 if regex_hits is None:
-                    regex_hits = set(ti.regex_set.Match(raw) or ())
+                    regex_hits = set(ti.regex_filter.Match(raw) or ())
                 hit = c.regex_slot in regex_hits
             else:
                 hit = c.regex.search(raw) is not None
             if not hit:
-                traces[i] = Trace(c.id, False, SKIP_SCOPE, "trigger.regex did not match the text")
+                traces[i] = s_regex[i]
                 continue
         if c.conditions:
             if get_field is None:
@@ -312,18 +347,25 @@ def evaluate(
                     f"chain {chain} depth {depth} exceeds max_depth {c.max_depth}",
                 )
                 continue
-        if c.id in fired_in_chain:
+        if fired_in_chain and c.id in fired_in_chain:
             traces[i] = Trace(c.id, False, SKIP_RECURSION, f"rule already fired in chain {chain}")
             continue
         if c.has_rollout:
-            d = rule_in_rollout(c.rule, Target(session_key=session, channel=channel))
-            if not d.value:
-                traces[i] = Trace(c.id, False, SKIP_ROLLOUT, d.explanation)
+            inside, why = _in_rollout(c, session, channel)
+            if not inside:
+                traces[i] = Trace(c.id, False, SKIP_ROLLOUT, why)
                 continue
         if exclusive_by:
             traces[i] = Trace(c.id, False, SKIP_EXCLUSIVE, f"exclusive rule {exclusive_by!r} fired first")
             continue
-        key = cooldown_key_value(c, ev)
+        if keys is None:
+            keys = {
+                config_pb2.COOLDOWN_KEY_SESSION: f"session:{session}",
+                config_pb2.COOLDOWN_KEY_CHANNEL: f"channel:{channel}",
+                config_pb2.COOLDOWN_KEY_SENDER: f"sender:{sender}",
+                config_pb2.COOLDOWN_KEY_GLOBAL: "global",
+            }
+        key = keys[c.cooldown_key]
         if c.cooldown_s > 0:
             left = state.cooldown_left(c.id, key, c.cooldown_s, now)
             if left > 0:
@@ -344,7 +386,7 @@ def evaluate(
                 continue
         if not dry_run:
             state.record(c, key, now)
-        traces[i] = Trace(c.id, True, 0, f"fired for {key}", cooldown_key=key)
+        traces[i] = Trace(c.id, True, 0, "fired for " + key, cooldown_key=key)
         matched.append(c)
         if c.exclusive:
             exclusive_by = c.id

@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+from typing import Any
+
 from prometheus_client import Counter, Histogram
 
 from reactions_svc.engine import reason_name
@@ -25,5 +27,13 @@ EVENTS = Counter("reactions_events_total", "Events consumed from the streams, by
 CURSOR = Counter("reactions_consumer_reconnects_total", "Consumer stream reconnects, by source.", ["source"])
 
 
+_skip_children: dict[tuple[str, int], Any] = {}
+
+
 def skip(rule_id: str, reason: int) -> None:
-    SKIPS.labels(rule_id, reason_name(reason)).inc()
+    child = _skip_children.get((rule_id, reason))
+    if child is None:
+        if len(_skip_children) > 100_000:  # rule ids churn with config changes; stay bounded
+            _skip_children.clear()
+        child = _skip_children[(rule_id, reason)] = SKIPS.labels(rule_id, reason_name(reason))
+    child.inc()

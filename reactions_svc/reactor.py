@@ -27,7 +27,6 @@ from google.protobuf import timestamp_pb2
 
 from flynn_runtime.config_source import ConfigSource
 from flynn_runtime.errors import FlynnError, invalid_fields, not_found
-from flynn_runtime.ids import new_id
 from reactions_svc import engine, metrics
 from reactions_svc.engine import Evaluation, FireState, Trace, reason_name
 from reactions_svc.proposed_rules import validate_rule_list
@@ -37,6 +36,8 @@ from reactions_svc.store import FP_REASON, ReactionStore, StoredTrace
 log = logging.getLogger(__name__)
 
 TEXT_PLACEHOLDER_MAX = 4000
+# Actions whose downstream call takes no idempotency key (Canvas.PutArtifact).
+NON_IDEMPOTENT_KINDS = frozenset({"put_canvas"})
 ACTION_ATTEMPTS = 3
 
 
@@ -155,7 +156,16 @@ class Reactor:
     # Entry points -------------------------------------------------------------------------------
 
     async def handle(self, event: reactions_pb2.ReactionEvent) -> Result:
-        """Evaluate and act on an event exactly once per event id."""
+        """Evaluate and act on an event exactly once per event id; the traces of the (first) evaluation."""
+        r = await self._handle(event, with_result=True)
+        assert r is not None
+        return r
+
+    async def process(self, event: reactions_pb2.ReactionEvent) -> None:
+        """`handle` without building the response (the consumers' path)."""
+        await self._handle(event, with_result=False)
+
+    async def _handle(self, event: reactions_pb2.ReactionEvent, *, with_result: bool) -> Result | None:
         while event.event_id in self._inflight:
             await asyncio.shield(self._inflight[event.event_id])
         fut: asyncio.Future[None] = asyncio.get_running_loop().create_future()
@@ -165,7 +175,7 @@ class Reactor:
                 prepared = self._prepare(event)
             if prepared.pending:
                 await self._act(prepared)
-            return self._result(prepared)
+            return self._result(prepared) if with_result else None
         finally:
             self._inflight.pop(event.event_id, None)
             fut.set_result(None)
@@ -194,7 +204,7 @@ class Reactor:
             if stored is None:
                 continue
             ev = reactions_pb2.ReactionEvent.FromString(stored.event)
-            await self.handle(ev)
+            await self.process(ev)
             n += 1
         return n
 
@@ -232,7 +242,8 @@ class Reactor:
             if not t.listening:
                 compact.append([t.rule_id, False, t.reason, t.detail, "", False])
                 continue
-            tid = new_id("trc")
+            # Deterministic: an event id is evaluated once, so (event, rule) names the trace.
+            tid = f"{event.event_id}/{t.rule_id}"
             compact.append([t.rule_id, t.matched, t.reason, t.detail, tid, True])
             st = StoredTrace(tid, event.event_id, t.rule_id, t.matched, t.reason, t.detail, [], now, et, sk)
             if t.matched:
@@ -263,9 +274,28 @@ class Reactor:
             fired_rule_ids=[r for r, _ in fired],
             pending=bool(fired),
         )
+        scope_skips: list[str] = []
         for s in skipped:
             metrics.skip(s.rule_id, s.reason)
-            self._record_audit("reactionSkip", event, s.rule_id, s.trace_id, reason_name(s.reason), s.detail)
+            if s.reason == engine.SKIP_SCOPE:
+                scope_skips.append(s.rule_id)
+            else:
+                self._record_audit(
+                    "reactionSkip", event, s.rule_id, s.trace_id, reason_name(s.reason), s.detail
+                )
+        if scope_skips:
+            # Out-of-scope rules are the bulk of every evaluation: one record per event keeps the audit
+            # cheap; each one's trace (with its detail) is in ListTraces.
+            self._record_audit(
+                "reactionSkip",
+                event,
+                "*",
+                "",
+                "scope",
+                f"{len(scope_skips)} rules listening to {engine.event_type_name(event.type)} out of scope",
+                count=len(scope_skips),
+                rules=scope_skips[:50],
+            )
         return _Prepared(event, ev.revision, compact, fired, pending=bool(fired))
 
     # Actions ------------------------------------------------------------------------------------
@@ -275,9 +305,11 @@ class Reactor:
         event = p.event
         values = placeholder_values(event)
         outcomes: list[tuple[str, bool, int, str, list[dict[str, object]]]] = []
+        action_rows: list[tuple[str, bool, str, str]] = []
+        details = {str(t[4]): str(t[3]) for t in p.traces if t[4]}
+        resuming = p.duplicate
         for rule_id, trace_id in p.fired:
             c = rules.by_id.get(rule_id)
-            stored = self.store.get_matched(trace_id)
             if c is None:
                 # The rule went away between evaluation and a resume: report it rather than guess.
                 outcomes.append(
@@ -289,12 +321,17 @@ class Reactor:
             for idx, action in enumerate(c.rule.actions):
                 kind = action.WhichOneof("action") or ""
                 key = idempotency_key(event.event_id, rule_id, idx)
-                done = self.store.action_result(key)
+                done = self.store.action_result(key) if resuming else None
                 if done is not None and done[0]:
                     results.append({"kind": kind, "ok": True, "key": key, "result_id": done[1], "error": ""})
                     continue
                 out = await self._run_action(kind, action, ActionContext(event, rule_id, idx, key, values))
-                self.store.save_action_result(key, out.ok, out.result_id, out.error)
+                if kind in NON_IDEMPOTENT_KINDS:
+                    # The downstream cannot deduplicate it: make the outcome durable before anything else.
+                    self.store.save_action_result(key, out.ok, out.result_id, out.error)
+                else:
+                    # A replay of these is deduplicated downstream by the key; record them with the outcome.
+                    action_rows.append((key, out.ok, out.result_id, out.error))
                 metrics.ACTIONS.labels(kind, "ok" if out.ok else "error").inc()
                 results.append(
                     {"kind": kind, "ok": out.ok, "key": key, "result_id": out.result_id, "error": out.error}
@@ -302,7 +339,7 @@ class Reactor:
                 if not out.ok:
                     failed = f"action[{idx}] {kind} failed: {out.error}"
                     break
-            base = stored.detail if stored is not None else ""
+            base = details.get(trace_id, "")
             if failed:
                 outcomes.append((trace_id, False, engine.SKIP_ACTION_ERROR, failed, results))
                 metrics.skip(rule_id, engine.SKIP_ACTION_ERROR)
@@ -319,7 +356,7 @@ class Reactor:
                     base,
                     actions=[r["kind"] for r in results],
                 )
-        self.store.finish_evaluation(event.event_id, outcomes)
+        self.store.finish_evaluation(event.event_id, outcomes, action_rows)
         by_tid = {o[0]: o for o in outcomes}
         for t in p.traces:
             o = by_tid.get(str(t[4]))

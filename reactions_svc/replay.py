@@ -178,8 +178,8 @@ def main(argv: Sequence[str] | None = None) -> int:
     args = p.parse_args(argv)
     try:
         rules = load_rules(Path(args.rules))
-    except config_yaml.ConfigParseError as e:
-        print(f"invalid rules file: {e}", file=sys.stderr)
+    except config_yaml.ConfigParseError as err:
+        print(f"invalid rules file: {err}", file=sys.stderr)
         return 2
     violations = validate_rule_list(rules)
     if violations:

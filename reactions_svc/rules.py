@@ -25,8 +25,6 @@ MAX_REGEX_LEN = 4096
 MAX_ACTIONS = 16
 MAX_TEXT_BYTES = 32 * 1024
 REGEX_MAX_MEM = 8 << 20
-# A Set over all rules' regexes of one event type is one linear pass; bigger sets fall back to per-rule search.
-REGEX_SET_MAX_MEM = 64 << 20
 
 _RULE_ID_RE = re.compile(r"^[A-Za-z0-9._:-]{1,128}$")
 # Words of a text for keyword matching: letters, digits and underscore (Unicode-aware).
@@ -283,6 +281,8 @@ class CompiledRule:
     action_kinds: tuple[str, ...]
     # Filled by RuleSet: the rule's position among the regex rules of its event type.
     regex_slot: int = -1
+    # Rollout decisions by (session, channel); bounded, cleared when full.
+    rollout_cache: dict[tuple[str, str], tuple[bool, str]] = field(default_factory=dict)
 
 
 @dataclass(slots=True)
@@ -293,7 +293,9 @@ class TypeIndex:
     keyword_index: dict[str, list[int]] = field(default_factory=dict)  # word -> rule indexes
     any_keywords: bool = False
     regex_rules: list[CompiledRule] = field(default_factory=list)
-    regex_set: re2.Set | None = None
+    # FilteredRE2 over every regex of the type: literal atoms select the candidates, RE2 confirms them,
+    # so many regexes cost about one pass plus the few candidates (a RE2::Set DFA blows up on `a.*b`).
+    regex_filter: re2.Filter | None = None
 
 
 def _duration_s(d: object) -> float:
@@ -360,20 +362,20 @@ class RuleSet:
                 ti.regex_rules.append(c)
         for ti in self.by_type.values():
             if len(ti.regex_rules) > 1:
-                ti.regex_set = _regex_set([c.rule.trigger.regex for c in ti.regex_rules])
+                ti.regex_filter = _regex_filter([c.rule.trigger.regex for c in ti.regex_rules])
 
     def __len__(self) -> int:
         return len(self.rules)
 
 
-def _regex_set(patterns: list[str]) -> re2.Set | None:
-    """One RE2 Set over many patterns (a single linear pass), or None when RE2 cannot build it in budget."""
+def _regex_filter(patterns: list[str]) -> re2.Filter | None:
+    """A FilteredRE2 over the patterns (indexes in order), or None when RE2 refuses it (per-rule search then)."""
     try:
-        s = re2.Set.SearchSet(_re2_options(REGEX_SET_MAX_MEM))
+        f = re2.Filter()
         for p in patterns:
-            s.Add(p.encode("utf-8"))
-        s.Compile()
-        return s
+            f.Add(p.encode("utf-8"), _re2_options())
+        f.Compile()
+        return f
     except Exception:
         return None
 

@@ -199,7 +199,7 @@ class ReactionStore:
                 ),
             )
             self.db.executemany(
-                "INSERT INTO traces_matched(trace_id, event_id, rule_id, matched, reason, detail, actions, time, "
+                "INSERT OR REPLACE INTO traces_matched(trace_id, event_id, rule_id, matched, reason, detail, actions, time, "
                 "event_type, session_key) VALUES (?,?,?,?,?,?,?,?,?,?)",
                 [
                     (
@@ -248,11 +248,20 @@ class ReactionStore:
         self._maybe_prune()
 
     def finish_evaluation(
-        self, event_id: str, outcomes: Iterable[tuple[str, bool, int, str, list[dict[str, object]]]]
+        self,
+        event_id: str,
+        outcomes: Iterable[tuple[str, bool, int, str, list[dict[str, object]]]],
+        action_rows: Iterable[tuple[str, bool, str, str]] = (),
     ) -> None:
         """Record each fired rule's final outcome (match or action_error) and mark the event done."""
         outcomes = list(outcomes)
         with self._tx():
+            self.db.executemany(
+                "INSERT INTO action_results(idempotency_key, ok, result_id, error) VALUES (?,?,?,?) "
+                "ON CONFLICT(idempotency_key) DO UPDATE SET ok = excluded.ok, result_id = excluded.result_id, "
+                "error = excluded.error",
+                [(k, int(ok), rid, err) for k, ok, rid, err in action_rows],
+            )
             for trace_id, matched, reason, detail, actions in outcomes:
                 self.db.execute(
                     "UPDATE traces_matched SET matched = ?, reason = ?, detail = ?, actions = ? WHERE trace_id = ?",

@@ -13,15 +13,22 @@ MSG = config_pb2.REACTION_EVENT_TYPE_MESSAGE_RECEIVED
 R = reactions_pb2
 
 
-def msg(event_id: str, text: str = "hello", session: str = "s1", **kw: object) -> reactions_pb2.ReactionEvent:
+def msg(
+    event_id: str,
+    text: str = "hello",
+    session: str = "s1",
+    channel: str = "cli",
+    sender: str = "alice",
+    causation: common_pb2.Causation | None = None,
+) -> reactions_pb2.ReactionEvent:
     return reactions_pb2.ReactionEvent(
         event_id=event_id,
         type=MSG,
         text=text,
         session_key=session,
-        channel=kw.pop("channel", "cli"),  # type: ignore[arg-type]
-        sender=kw.pop("sender", "alice"),
-        **kw,  # type: ignore[arg-type]
+        channel=channel,
+        sender=sender,
+        causation=causation,
     )
 
 
@@ -230,6 +237,6 @@ def test_megabyte_text_is_bounded() -> None:
 def test_many_regex_rules_use_one_set_and_agree_with_per_rule_search() -> None:
     rules = [rule(f"r{i:03d}", regex=rf"(?i)\bcode{i}\b") for i in range(100)]
     rs = RuleSet(rules)
-    assert rs.by_type[MSG].regex_set is not None
+    assert rs.by_type[MSG].regex_filter is not None
     ev = evaluate(msg("e", "see CODE7 and code42 but not code420x"), rs, FireState(), 0)
     assert sorted(c.id for c in ev.matched) == ["r007", "r042"]

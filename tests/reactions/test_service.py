@@ -1,3 +1,4 @@
+# mypy: disable-error-code="misc,no-any-return"
 """The reactions service through gRPC: the real config service (rules live from WatchConfig), the real
 reactions app consuming run events from a real RunControl server (tests/support/reactions.py) that
 records every PostReply / SubmitMessage, and grpcurl."""
@@ -82,8 +83,8 @@ class Mesh:
         assert await app.config.wait_for_revision(resp.revision, timeout=15)
         return resp.revision
 
-    async def wait(self, predicate: object, timeout: float = 15.0) -> None:
-        deadline = asyncio.get_running_loop().time() + timeout
+    async def wait(self, predicate: object, limit: float = 15.0) -> None:
+        deadline = asyncio.get_running_loop().time() + limit
         while asyncio.get_running_loop().time() < deadline:
             if predicate():  # type: ignore[operator]
                 return
