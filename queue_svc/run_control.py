@@ -175,6 +175,12 @@ class _Op:
         self.after: list[Callable[[], None]] = []
 
 
+@dataclass
+class _Batch:
+    done: asyncio.Future[None]
+    ops: list[_Op] = field(default_factory=list)
+
+
 class AgentProvider:
     """Which agent runs a run, chosen per run from the live config (server.agent.address)."""
 
@@ -218,6 +224,11 @@ class RunControl:
         self._runs: dict[str, _Live] = {}
         self._gseq = 0
         self._cursor = 0
+        self._durable_gseq = 0
+        self._durable_cursor = 0
+        self._open = _Batch(asyncio.get_event_loop().create_future())
+        self._inflight: _Batch | None = None
+        self._flusher: asyncio.Task[None] | None = None
         self._stopping = False
         self._speech_tasks: set[asyncio.Task[None]] = set()
         self._speech_sem = asyncio.Semaphore(speech_concurrency)
@@ -226,8 +237,10 @@ class RunControl:
 
     async def start(self) -> None:
         """Load state and recover from a crash (DESIGN.md §4 crash policy)."""
-        self._gseq = self.store.max_global_seq()
-        self._cursor = self.store.max_reply_cursor()
+        self._gseq = self._durable_gseq = self.store.max_global_seq()
+        self._cursor = self._durable_cursor = self.store.max_reply_cursor()
+        metrics.QUEUE_DEPTH.set_function(lambda: sum(len(s.queue) for s in self._sessions.values()))
+        metrics.RUNS_ACTIVE.set_function(lambda: sum(1 for s in self._sessions.values() if s.active))
         for srow in self.store.sessions():
             self._sessions[srow.session_key] = _Session(
                 srow.session_key, srow.channel, srow.message_count, srow.run_count, srow.last_session_seq
@@ -310,29 +323,67 @@ class RunControl:
         tasks.extend(self._speech_tasks)
         if tasks:
             await asyncio.wait(tasks, timeout=5)
+        await self.durable()
         await self.agents.close()
 
     # --- the operation scope -----------------------------------------------------------------
 
     @contextmanager
     def _op(self) -> Iterator[_Op]:
+        """One atomic domain operation. Its writes join the batch being filled (group commit); its
+        events, replies and follow-up actions run only once that batch is durable."""
         op = _Op()
-        with self.store.transaction():
+        mark = self.store.mark()
+        try:
             yield op
             for s in op.sessions.values():
                 self.store.put_session(s.row())
             for live in op.runs.values():
                 self.store.put_run(live.row)
-        for ev in op.events:
-            self.events.publish(ev)
-        for reply in op.replies:
-            self.replies.publish(reply)
-            metrics.REPLIES_DELIVERED.labels(DELIVERY_NAMES.get(reply.delivery, "text")).inc()
-        for fn in op.after:
+        except BaseException:
+            self.store.rollback_to(mark)
+            raise
+        self._open.ops.append(op)
+        if self._flusher is None or self._flusher.done():
+            self._flusher = asyncio.ensure_future(self._flush_loop())
+
+    async def _flush_loop(self) -> None:
+        """Commit batches back to back: while one is syncing, the next one fills."""
+        while self._open.ops:
+            batch, self._open = self._open, _Batch(asyncio.get_running_loop().create_future())
+            self._inflight = batch
+            gseq, cursor = self._gseq, self._cursor
             try:
-                fn()
-            except Exception:
-                log.exception("post-commit action failed")
+                await self.store.flush()
+            except Exception as e:
+                log.critical("run-control commit failed; the operations of this batch are not acknowledged",
+                             exc_info=True)  # fmt: skip
+                batch.done.set_exception(e)
+                batch.done.exception()  # marked retrieved; waiting callers still get it
+                continue
+            finally:
+                self._inflight = None
+            self._durable_gseq, self._durable_cursor = gseq, cursor
+            batch.done.set_result(None)
+            for op in batch.ops:
+                for ev in op.events:
+                    self.events.publish(ev)
+                for reply in op.replies:
+                    self.replies.publish(reply)
+                    metrics.REPLIES_DELIVERED.labels(DELIVERY_NAMES.get(reply.delivery, "text")).inc()
+            for op in batch.ops:
+                for fn in op.after:
+                    try:
+                        fn()
+                    except Exception:
+                        log.exception("post-commit action failed")
+
+    async def durable(self) -> None:
+        """Wait until every operation done so far is on disk (acknowledge after this)."""
+        if self._open.ops:
+            await asyncio.shield(self._open.done)
+        elif self._inflight is not None:
+            await asyncio.shield(self._inflight.done)
 
     def _event(
         self,
@@ -422,8 +473,7 @@ class RunControl:
         return s
 
     def _update_depth(self) -> None:
-        metrics.QUEUE_DEPTH.set(sum(len(s.queue) for s in self._sessions.values()))
-        metrics.RUNS_ACTIVE.set(sum(1 for s in self._sessions.values() if s.active))
+        """Gauges are computed at scrape time (set_function in start)."""
 
     # --- SubmitMessage -----------------------------------------------------------------------
 
@@ -1125,13 +1175,16 @@ class RunControl:
 
     @property
     def global_seq(self) -> int:
-        return self._gseq
+        """Last durable global sequence number."""
+        return self._durable_gseq
 
     def events_after(self, after_seq: int, session_key: str = "") -> list[pb.RunEvent]:
-        return [pb.RunEvent.FromString(b) for b in self.store.events_after(after_seq, session_key)]
+        """Durable events only: a cursor never points past what a crash could take back."""
+        rows = self.store.events_after(after_seq, session_key, upto=self._durable_gseq)
+        return [pb.RunEvent.FromString(b) for b in rows]
 
     def replies_after(self, after_cursor: int) -> list[pb.Reply]:
-        return [pb.Reply.FromString(b) for b in self.store.replies_after(after_cursor)]
+        return [pb.Reply.FromString(b) for b in self.store.replies_after(after_cursor, upto=self._durable_cursor)]
 
 
 def run_to_proto(row: RunRow) -> pb.Run:

@@ -87,6 +87,7 @@ class RunControlServicer(pb_grpc.RunControlServicer):
                 actor=actor(),
             )
         )
+        await self.rc.durable()  # persisted before acknowledged
         return pb.SubmitMessageResponse(
             message_id=res.message_id,
             disposition=res.disposition,  # type: ignore[arg-type]
@@ -115,6 +116,7 @@ class RunControlServicer(pb_grpc.RunControlServicer):
             v.add("session_key", "is required to cancel a session")
         v.raise_if_any()
         res = self.rc.cancel(request.run_id, request.session_key, scope, request.reason, actor())
+        await self.rc.durable()  # cancel_requested is durable before the answer
         if res.outcome == pb.CANCEL_OUTCOME_CANCEL_REQUESTED:
             metrics.CANCEL_TO_ACK.observe(time.perf_counter() - t0)
         return pb.CancelRunResponse(
@@ -130,7 +132,9 @@ class RunControlServicer(pb_grpc.RunControlServicer):
         v = Violations()
         _run_id(v, "run_id", request.run_id, required=True)
         v.raise_if_any()
-        return pb.GetRunResponse(run=run_to_proto(self.rc.get_run(request.run_id)))
+        run = run_to_proto(self.rc.get_run(request.run_id))
+        await self.rc.durable()  # never show a state a crash could take back
+        return pb.GetRunResponse(run=run)
 
     async def ListRuns(
         self, request: pb.ListRunsRequest, context: ServicerContext[Any, Any]
@@ -141,6 +145,7 @@ class RunControlServicer(pb_grpc.RunControlServicer):
         v.raise_if_any()
         size = page_size(request.page_size)
         before = _page_token(request.page_token)
+        await self.rc.durable()  # list what is on disk, including this caller's latest writes
         rows, next_seq = self.rc.list_runs(request.session_key, request.state, size, before)
         return pb.ListRunsResponse(runs=[run_to_proto(r) for r in rows], next_page_token=_token(next_seq))
 
@@ -151,7 +156,9 @@ class RunControlServicer(pb_grpc.RunControlServicer):
         v.text("session_key", request.session_key, required=True, max_bytes=1024)
         v.check(len(request.session_key) <= 256, "session_key", "is longer than 256 characters")
         v.raise_if_any()
-        return pb.GetSessionResponse(session=self.rc.get_session(request.session_key))
+        session = self.rc.get_session(request.session_key)
+        await self.rc.durable()
+        return pb.GetSessionResponse(session=session)
 
     async def WatchRunEvents(
         self, request: pb.WatchRunEventsRequest, context: ServicerContext[Any, Any]
@@ -232,6 +239,7 @@ class RunControlServicer(pb_grpc.RunControlServicer):
         if request.HasField("causation"):
             reply.causation.CopyFrom(request.causation)
         stored, duplicate = self.rc.post_reply(reply, request.idempotency_key, request.speak)
+        await self.rc.durable()
         return pb.PostReplyResponse(reply=stored, duplicate=duplicate)
 
 

@@ -1,19 +1,19 @@
 """Durable state of run control in one SQLite file (<data_dir>/queue/run_control.db).
 
-WAL with synchronous=FULL: a commit is on disk when `transaction()` returns, so anything acknowledged
-(a message, a cancel_requested, a final) survives SIGKILL. One writer (the event loop thread) and one
-transaction per domain operation keep it fast (about 0.2 ms a commit here) and atomic: the message,
-its events, the run rows and the queue entries of one SubmitMessage land together or not at all.
+WAL with synchronous=FULL: a batch is on disk when `flush()` returns, and run control acknowledges
+nothing (a message, a cancel_requested, a final) before that, so it all survives SIGKILL. One writer
+and group commit keep it fast: every operation of a loop turn shares one transaction (one fsync), and
+the message, its events, the run rows and the queue entries of one SubmitMessage land together.
 
 Rows hold serialized protos where the service only ever reads them back whole (events, replies).
 """
 
 from __future__ import annotations
 
+import asyncio
 import json
 import sqlite3
-from collections.abc import Iterator
-from contextlib import contextmanager
+from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass, field
 from pathlib import Path
 
@@ -218,42 +218,88 @@ def _run_from(row: sqlite3.Row | tuple[object, ...]) -> RunRow:
 
 
 class QueueStore:
-    """The embedded store. Not thread-safe by design: only the service's event loop thread uses it."""
+    """The embedded store, with pipelined group commit.
+
+    Writes are queued (in order) by the event-loop thread and made durable by `flush()`, which runs
+    them as ONE transaction (one fsync) on a writer connection in a worker thread, so the loop keeps
+    serving while the disk syncs; operations arriving meanwhile form the next batch. Reads use a
+    second connection (WAL: readers never wait for the writer) and see committed data, overlaid with
+    the queued writes they must not miss (dedupe lookups, runs, replies).
+    """
 
     def __init__(self, directory: Path) -> None:
         directory.mkdir(parents=True, exist_ok=True)
         self.path = directory / "run_control.db"
-        self._db = sqlite3.connect(self.path, isolation_level=None, check_same_thread=False)
-        self._db.execute("PRAGMA journal_mode=WAL")
-        self._db.execute("PRAGMA synchronous=FULL")
-        self._db.execute("PRAGMA foreign_keys=OFF")
-        self._db.executescript(SCHEMA)
-        self._in_tx = False
+        self._writer = self._connect()
+        self._writer.executescript(SCHEMA)
+        self._db = self._connect()
+        self._pool = ThreadPoolExecutor(max_workers=1, thread_name_prefix="queue-store")
+        self._pending: list[tuple[str, tuple[object, ...]]] = []
+        self._batch = 1  # number of the batch now being filled
+        # Overlays: queued rows, tagged with their batch, dropped once that batch is durable.
+        self._msg_by_key: dict[tuple[str, str], tuple[int, MessageRow]] = {}
+        self._msg_by_id: dict[str, tuple[int, MessageRow]] = {}
+        self._runs: dict[str, tuple[int, RunRow]] = {}
+        self._replies: dict[str, tuple[int, ReplyRow]] = {}
+        self._reply_keys: dict[tuple[str, str], tuple[int, ReplyRow]] = {}
+        self._finals: dict[str, int] = {}
+
+    def _connect(self) -> sqlite3.Connection:
+        db = sqlite3.connect(self.path, isolation_level=None, check_same_thread=False)
+        db.execute("PRAGMA journal_mode=WAL")
+        db.execute("PRAGMA synchronous=FULL")
+        return db
 
     def close(self) -> None:
+        self._pool.shutdown(wait=True)
         self._db.close()
+        self._writer.close()
 
-    @contextmanager
-    def transaction(self) -> Iterator[QueueStore]:
-        """One durable transaction; nested use joins the outer one."""
-        if self._in_tx:
-            yield self
+    # --- batching ------------------------------------------------------------------------------
+
+    @property
+    def has_pending(self) -> bool:
+        return bool(self._pending)
+
+    def mark(self) -> int:
+        return len(self._pending)
+
+    def rollback_to(self, mark: int) -> None:
+        """Forget writes queued after `mark` (an operation that raised)."""
+        del self._pending[mark:]
+
+    def _queue(self, sql: str, params: tuple[object, ...]) -> None:
+        self._pending.append((sql, params))
+
+    async def flush(self) -> None:
+        """Make every queued write durable (one transaction); raises when the commit failed."""
+        if not self._pending:
             return
-        self._db.execute("BEGIN IMMEDIATE")
-        self._in_tx = True
-        try:
-            yield self
-        except BaseException:
-            self._in_tx = False
-            self._db.execute("ROLLBACK")
-            raise
-        self._in_tx = False
-        self._db.execute("COMMIT")
+        batch, self._pending = self._pending, []
+        number = self._batch
+        self._batch += 1
+        await asyncio.get_running_loop().run_in_executor(self._pool, self._commit, batch)
+        for overlay in (self._msg_by_key, self._msg_by_id, self._runs, self._replies, self._reply_keys):
+            for k in [k for k, (n, _) in overlay.items() if n <= number]:  # type: ignore[attr-defined]
+                del overlay[k]  # type: ignore[attr-defined]
+        for k in [k for k, n in self._finals.items() if n <= number]:
+            del self._finals[k]
 
-    # --- writes (inside transaction()) ------------------------------------------------------
+    def _commit(self, batch: list[tuple[str, tuple[object, ...]]]) -> None:
+        db = self._writer
+        db.execute("BEGIN IMMEDIATE")
+        try:
+            for sql, params in batch:
+                db.execute(sql, params)
+        except BaseException:
+            db.execute("ROLLBACK")
+            raise
+        db.execute("COMMIT")
+
+    # --- writes (queued; durable after flush) -------------------------------------------------
 
     def put_session(self, s: SessionRow) -> None:
-        self._db.execute(
+        self._queue(
             "INSERT INTO sessions (session_key, channel, message_count, run_count, last_session_seq) "
             "VALUES (?, ?, ?, ?, ?) ON CONFLICT (session_key) DO UPDATE SET channel=excluded.channel, "
             "message_count=excluded.message_count, run_count=excluded.run_count, "
@@ -262,7 +308,7 @@ class QueueStore:
         )
 
     def insert_message(self, m: MessageRow) -> None:
-        self._db.execute(
+        self._queue(
             "INSERT INTO messages (message_id, session_key, idempotency_key, channel, sender, text, mode, "
             "disposition, run_id, interrupted_run_id, effective_mode, event_seq, receive_time, causation) "
             "VALUES (?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?)",
@@ -272,9 +318,16 @@ class QueueStore:
                 m.receive_time, m.causation,
             ),
         )  # fmt: skip
+        self._msg_by_key[(m.session_key, m.idempotency_key)] = (self._batch, m)
+        self._msg_by_id[m.message_id] = (self._batch, m)
 
     def set_message_run(self, message_id: str, run_id: str) -> None:
-        self._db.execute("UPDATE messages SET run_id = ? WHERE message_id = ?", (run_id, message_id))
+        self._queue("UPDATE messages SET run_id = ? WHERE message_id = ?", (run_id, message_id))
+        m = self.message(message_id)
+        if m is not None:
+            m.run_id = run_id
+            self._msg_by_key[(m.session_key, m.idempotency_key)] = (self._batch, m)
+            self._msg_by_id[m.message_id] = (self._batch, m)
 
     def put_run(self, r: RunRow) -> None:
         values = (
@@ -283,7 +336,7 @@ class QueueStore:
             r.error_kind, r.error_message, r.output, r.final_reply_id, r.create_time, r.start_time,
             r.cancel_request_time, r.end_time, r.attempt, r.cancel_reason, r.causation,
         )  # fmt: skip
-        self._db.execute(
+        self._queue(
             f"INSERT INTO runs ({_RUN_COLS}) VALUES ({', '.join('?' * 18)}) ON CONFLICT (run_id) DO UPDATE SET "
             "state=excluded.state, inputs=excluded.inputs, steered=excluded.steered, "
             "error_kind=excluded.error_kind, error_message=excluded.error_message, output=excluded.output, "
@@ -292,42 +345,57 @@ class QueueStore:
             "attempt=excluded.attempt, cancel_reason=excluded.cancel_reason",
             values,
         )
+        self._runs[r.run_id] = (self._batch, r)
 
-    def set_run_output(self, run_id: str, output: str) -> None:
-        self._db.execute("UPDATE runs SET output = ? WHERE run_id = ?", (output, run_id))
-
-    def append_event(
-        self, global_seq: int, session_key: str, session_seq: int, type_: int, data: bytes
-    ) -> None:
-        self._db.execute(
+    def append_event(self, global_seq: int, session_key: str, session_seq: int, type_: int, data: bytes) -> None:
+        self._queue(
             "INSERT INTO events (global_seq, session_key, session_seq, type, data) VALUES (?, ?, ?, ?, ?)",
             (global_seq, session_key, session_seq, type_, data),
         )
 
     def insert_reply(self, r: ReplyRow) -> bool:
-        """False when the reply is a second final for its run (the unique index refused it)."""
-        cur = self._db.execute(
+        """False when the reply is a second final for its run (refused; the unique index backs this up)."""
+        if r.kind == 1:
+            if r.run_id in self._finals or self._final_exists(r.run_id):
+                return False
+            self._finals[r.run_id] = self._batch
+        if r.reply_id in self._replies or self.reply(r.reply_id) is not None:
+            return False
+        self._queue(
             "INSERT OR IGNORE INTO replies (reply_id, cursor, kind, run_id, session_key, channel, "
             "idempotency_key, speech_state, data) VALUES (?, ?, ?, ?, ?, ?, ?, ?, ?)",
             (r.reply_id, r.cursor, r.kind, r.run_id, r.session_key, r.channel, r.idempotency_key,
              r.speech_state, r.data),
         )  # fmt: skip
-        return cur.rowcount == 1
+        self._replies[r.reply_id] = (self._batch, r)
+        if r.idempotency_key:
+            self._reply_keys[(r.session_key, r.idempotency_key)] = (self._batch, r)
+        return True
 
     def update_reply(self, reply_id: str, cursor: int | None, speech_state: str, data: bytes) -> None:
-        self._db.execute(
+        self._queue(
             "UPDATE replies SET cursor = ?, speech_state = ?, data = ? WHERE reply_id = ?",
             (cursor, speech_state, data, reply_id),
         )
+        r = self.reply(reply_id)
+        if r is not None:
+            r.cursor, r.speech_state, r.data = cursor, speech_state, data
+            self._replies[reply_id] = (self._batch, r)
+            if r.idempotency_key:
+                self._reply_keys[(r.session_key, r.idempotency_key)] = (self._batch, r)
 
     def add_queue_entry(self, e: QueueEntryRow) -> None:
-        self._db.execute(
+        self._queue(
             "INSERT INTO queue_entries (session_key, pos, kind, run_id, message_id) VALUES (?, ?, ?, ?, ?)",
             (e.session_key, e.pos, e.kind, e.run_id, e.message_id),
         )
 
     def remove_queue_entry(self, session_key: str, pos: float) -> None:
-        self._db.execute("DELETE FROM queue_entries WHERE session_key = ? AND pos = ?", (session_key, pos))
+        self._queue("DELETE FROM queue_entries WHERE session_key = ? AND pos = ?", (session_key, pos))
+
+    def _final_exists(self, run_id: str) -> bool:
+        row = self._db.execute("SELECT 1 FROM replies WHERE run_id = ? AND kind = 1", (run_id,)).fetchone()
+        return row is not None
 
     # --- reads -------------------------------------------------------------------------------
 
@@ -346,6 +414,9 @@ class QueueStore:
         return [SessionRow(*r) for r in rows]
 
     def message_by_key(self, session_key: str, idempotency_key: str) -> MessageRow | None:
+        queued = self._msg_by_key.get((session_key, idempotency_key))
+        if queued is not None:
+            return queued[1]
         row = self._db.execute(
             "SELECT message_id, session_key, idempotency_key, channel, sender, text, mode, disposition, run_id, "
             "interrupted_run_id, effective_mode, event_seq, receive_time, causation FROM messages "
@@ -355,6 +426,9 @@ class QueueStore:
         return MessageRow(*row) if row else None
 
     def message(self, message_id: str) -> MessageRow | None:
+        queued = self._msg_by_id.get(message_id)
+        if queued is not None:
+            return queued[1]
         row = self._db.execute(
             "SELECT message_id, session_key, idempotency_key, channel, sender, text, mode, disposition, run_id, "
             "interrupted_run_id, effective_mode, event_seq, receive_time, causation FROM messages "
@@ -364,6 +438,9 @@ class QueueStore:
         return MessageRow(*row) if row else None
 
     def run(self, run_id: str) -> RunRow | None:
+        queued = self._runs.get(run_id)
+        if queued is not None:
+            return queued[1]
         row = self._db.execute(f"SELECT {_RUN_COLS} FROM runs WHERE run_id = ?", (run_id,)).fetchone()
         return _run_from(row) if row else None
 
@@ -394,26 +471,33 @@ class QueueStore:
         ).fetchall()
         return [QueueEntryRow(*r) for r in rows]
 
-    def events_after(self, after_seq: int, session_key: str = "", limit: int = PAGE) -> list[bytes]:
+    def events_after(
+        self, after_seq: int, session_key: str = "", limit: int = PAGE, upto: int = 1 << 62
+    ) -> list[bytes]:
         if session_key:
             rows = self._db.execute(
-                "SELECT data FROM events WHERE session_key = ? AND global_seq > ? ORDER BY global_seq LIMIT ?",
-                (session_key, after_seq, limit),
+                "SELECT data FROM events WHERE session_key = ? AND global_seq > ? AND global_seq <= ? "
+                "ORDER BY global_seq LIMIT ?",
+                (session_key, after_seq, upto, limit),
             )
         else:
             rows = self._db.execute(
-                "SELECT data FROM events WHERE global_seq > ? ORDER BY global_seq LIMIT ?", (after_seq, limit)
+                "SELECT data FROM events WHERE global_seq > ? AND global_seq <= ? ORDER BY global_seq LIMIT ?",
+                (after_seq, upto, limit),
             )
         return [bytes(r[0]) for r in rows.fetchall()]
 
-    def replies_after(self, after_cursor: int, limit: int = PAGE) -> list[bytes]:
+    def replies_after(self, after_cursor: int, limit: int = PAGE, upto: int = 1 << 62) -> list[bytes]:
         rows = self._db.execute(
-            "SELECT data FROM replies WHERE cursor IS NOT NULL AND cursor > ? ORDER BY cursor LIMIT ?",
-            (after_cursor, limit),
+            "SELECT data FROM replies WHERE cursor IS NOT NULL AND cursor > ? AND cursor <= ? ORDER BY cursor LIMIT ?",
+            (after_cursor, upto, limit),
         )
         return [bytes(r[0]) for r in rows.fetchall()]
 
     def reply(self, reply_id: str) -> ReplyRow | None:
+        queued = self._replies.get(reply_id)
+        if queued is not None:
+            return queued[1]
         row = self._db.execute(
             "SELECT reply_id, cursor, kind, run_id, session_key, channel, idempotency_key, speech_state, data "
             "FROM replies WHERE reply_id = ?",
@@ -422,6 +506,9 @@ class QueueStore:
         return ReplyRow(*row) if row else None
 
     def reply_by_key(self, session_key: str, idempotency_key: str) -> ReplyRow | None:
+        queued = self._reply_keys.get((session_key, idempotency_key))
+        if queued is not None:
+            return queued[1]
         row = self._db.execute(
             "SELECT reply_id, cursor, kind, run_id, session_key, channel, idempotency_key, speech_state, data "
             "FROM replies WHERE session_key = ? AND idempotency_key = ?",
