@@ -1,0 +1,208 @@
+"""Audio containers and conversions, following the Google Cloud TTS/STT conventions.
+
+LINEAR16 is 16-bit little-endian mono PCM inside a WAV container (headerless when streamed);
+OGG_OPUS and MP3 are encoded in-process with PyAV (its wheel bundles FFmpeg's libopus/libmp3lame,
+LGPL). Recognition input is turned into 16 kHz mono PCM here. Bad input raises INVALID_ARGUMENT
+naming the field; no grpc in this module.
+"""
+
+from __future__ import annotations
+
+import io
+import struct
+import wave
+from dataclasses import dataclass
+
+import numpy as np
+
+from flynn.v1 import common_pb2
+from flynn_runtime.errors import invalid_argument
+
+RECOGNITION_RATE = 16000
+MIN_RATE = 8000
+MAX_RATE = 48000
+# Opus only runs at these rates; other rates are resampled to 48 kHz before encoding.
+OPUS_RATES = (8000, 12000, 16000, 24000, 48000)
+
+LINEAR16 = common_pb2.AUDIO_ENCODING_LINEAR16
+OGG_OPUS = common_pb2.AUDIO_ENCODING_OGG_OPUS
+MP3 = common_pb2.AUDIO_ENCODING_MP3
+UNSPECIFIED = common_pb2.AUDIO_ENCODING_UNSPECIFIED
+
+
+@dataclass(frozen=True)
+class Pcm:
+    """Mono 16-bit little-endian samples at a rate."""
+
+    data: bytes
+    sample_rate: int
+
+    @property
+    def samples(self) -> int:
+        return len(self.data) // 2
+
+    @property
+    def duration_s(self) -> float:
+        return self.samples / self.sample_rate if self.sample_rate else 0.0
+
+    def concat(self, other: Pcm) -> Pcm:
+        if self.sample_rate != other.sample_rate and self.data:
+            other = resample(other, self.sample_rate)
+        return Pcm(self.data + other.data, other.sample_rate if not self.data else self.sample_rate)
+
+
+def wav_bytes(pcm: Pcm) -> bytes:
+    buf = io.BytesIO()
+    with wave.open(buf, "wb") as w:
+        w.setnchannels(1)
+        w.setsampwidth(2)
+        w.setframerate(pcm.sample_rate)
+        w.writeframes(pcm.data)
+    return buf.getvalue()
+
+
+@dataclass(frozen=True)
+class WavInfo:
+    channels: int
+    sample_width: int
+    sample_rate: int
+    frames: bytes
+
+
+def parse_wav(data: bytes, field: str = "audio_content") -> WavInfo:
+    """Read a PCM WAV; INVALID_ARGUMENT on `field` when it is not one."""
+    try:
+        with wave.open(io.BytesIO(data), "rb") as w:
+            info = WavInfo(w.getnchannels(), w.getsampwidth(), w.getframerate(), w.readframes(w.getnframes()))
+    except (wave.Error, EOFError, struct.error, ValueError) as e:
+        raise invalid_argument(field, f"is not a readable PCM WAV file ({e})") from e
+    if info.sample_width != 2:
+        raise invalid_argument(field, f"WAV must hold 16-bit samples, has {8 * info.sample_width}-bit")
+    if not 1 <= info.channels <= 8 or not MIN_RATE <= info.sample_rate <= 192000:
+        raise invalid_argument(field, f"WAV header is implausible ({info.channels} channels, {info.sample_rate} Hz)")
+    if not info.frames:
+        raise invalid_argument(field, "WAV holds no samples")
+    return info
+
+
+def to_mono(frames: bytes, channels: int) -> bytes:
+    if channels == 1:
+        return frames
+    a = np.frombuffer(frames[: len(frames) // (2 * channels) * 2 * channels], dtype="<i2").reshape(-1, channels)
+    return a.mean(axis=1).astype("<i2").tobytes()
+
+
+def resample(pcm: Pcm, rate: int) -> Pcm:
+    """Linear-interpolation resampling (adequate for speech at these rates; no extra dependency)."""
+    if pcm.sample_rate == rate or not pcm.data:
+        return Pcm(pcm.data, rate)
+    src = np.frombuffer(pcm.data, dtype="<i2").astype(np.float32)
+    n_out = max(1, int(round(len(src) * rate / pcm.sample_rate)))
+    x_out = np.arange(n_out, dtype=np.float64) * (pcm.sample_rate / rate)
+    out = np.interp(x_out, np.arange(len(src), dtype=np.float64), src)
+    return Pcm(np.clip(out, -32768, 32767).astype("<i2").tobytes(), rate)
+
+
+def is_silent(pcm: Pcm, threshold: int = 100) -> bool:
+    if not pcm.data:
+        return True
+    a = np.frombuffer(pcm.data, dtype="<i2")
+    return int(np.abs(a.astype(np.int32)).max()) < threshold
+
+
+def encode(pcm: Pcm, encoding: int) -> tuple[bytes, int]:
+    """Encoded audio and its sample rate (Opus may change the rate)."""
+    if encoding in (UNSPECIFIED, LINEAR16):
+        return wav_bytes(pcm), pcm.sample_rate
+    if encoding == OGG_OPUS:
+        if pcm.sample_rate not in OPUS_RATES:
+            pcm = resample(pcm, 48000)
+        return _av_encode(pcm, "ogg", "libopus", 32000), pcm.sample_rate
+    if encoding == MP3:
+        return _av_encode(pcm, "mp3", "libmp3lame", 64000), pcm.sample_rate
+    raise invalid_argument("audio_config.encoding", f"unsupported encoding {encoding}")
+
+
+def _av_encode(pcm: Pcm, fmt: str, codec: str, bit_rate: int) -> bytes:
+    import av  # PyAV: optional voice dependency
+
+    out = io.BytesIO()
+    with av.open(out, mode="w", format=fmt) as container:
+        stream = container.add_stream(codec, rate=pcm.sample_rate)
+        stream.bit_rate = bit_rate  # type: ignore[union-attr]
+        stream.layout = "mono"  # type: ignore[union-attr]
+        samples = np.frombuffer(pcm.data, dtype="<i2").reshape(1, -1)
+        frame = av.AudioFrame.from_ndarray(samples, format="s16", layout="mono")
+        frame.sample_rate = pcm.sample_rate
+        for packet in stream.encode(frame):  # type: ignore[union-attr]
+            container.mux(packet)
+        for packet in stream.encode(None):  # type: ignore[union-attr]
+            container.mux(packet)
+    return out.getvalue()
+
+
+def decode_compressed(data: bytes, field: str = "audio_content") -> Pcm:
+    """Decode Ogg/Opus or MP3 to 16 kHz mono PCM; INVALID_ARGUMENT when it cannot be decoded."""
+    import av
+
+    try:
+        with av.open(io.BytesIO(data), mode="r") as container:
+            if not container.streams.audio:
+                raise invalid_argument(field, "holds no audio stream")
+            resampler = av.AudioResampler(format="s16", layout="mono", rate=RECOGNITION_RATE)
+            chunks: list[bytes] = []
+            for frame in container.decode(audio=0):
+                for out in resampler.resample(frame):
+                    chunks.append(out.to_ndarray().astype("<i2").tobytes())
+            for out in resampler.resample(None):
+                chunks.append(out.to_ndarray().astype("<i2").tobytes())
+    except av.error.FFmpegError as e:
+        raise invalid_argument(field, f"cannot be decoded ({e.__class__.__name__})") from e
+    pcm = Pcm(b"".join(chunks), RECOGNITION_RATE)
+    if not pcm.data:
+        raise invalid_argument(field, "holds no decodable audio")
+    return pcm
+
+
+def sniff(data: bytes) -> str:
+    """Container guessed from magic bytes: wav, ogg, mp3 or ''."""
+    if data[:4] == b"RIFF" and data[8:12] == b"WAVE":
+        return "wav"
+    if data[:4] == b"OggS":
+        return "ogg"
+    if data[:3] == b"ID3" or (len(data) > 1 and data[0] == 0xFF and (data[1] & 0xE0) == 0xE0):
+        return "mp3"
+    return ""
+
+
+def recognition_input(data: bytes, encoding: int, sample_rate_hertz: int) -> Pcm:
+    """The request's audio as 16 kHz mono PCM, or INVALID_ARGUMENT naming the offending field.
+
+    A WAV header's values win (any rate and channel count is resampled/mixed down); headerless
+    LINEAR16 must be 16 kHz mono and must say so in config.sample_rate_hertz.
+    """
+    kind = sniff(data)
+    if kind == "wav":
+        info = parse_wav(data)
+        pcm = Pcm(to_mono(info.frames, info.channels), info.sample_rate)
+        return resample(pcm, RECOGNITION_RATE)
+    if encoding == OGG_OPUS or (encoding == UNSPECIFIED and kind == "ogg"):
+        if kind != "ogg":
+            raise invalid_argument("audio_content", "is not an Ogg stream (config.encoding is OGG_OPUS)")
+        return decode_compressed(data)
+    if encoding == MP3 or (encoding == UNSPECIFIED and kind == "mp3"):
+        if kind != "mp3":
+            raise invalid_argument("audio_content", "is not MP3 audio (config.encoding is MP3)")
+        return decode_compressed(data)
+    if encoding == LINEAR16:
+        if sample_rate_hertz != RECOGNITION_RATE:
+            raise invalid_argument(
+                "config.sample_rate_hertz",
+                f"headerless LINEAR16 must be 16000 Hz mono and say so; got {sample_rate_hertz}",
+            )
+        if len(data) % 2:
+            raise invalid_argument("audio_content", "headerless LINEAR16 must hold whole 16-bit samples")
+        return Pcm(data, RECOGNITION_RATE)
+    raise invalid_argument(
+        "audio_content", "is not a WAV, Ogg or MP3 file; send headerless PCM with config.encoding LINEAR16"
+    )

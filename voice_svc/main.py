@@ -1,0 +1,95 @@
+"""The voice service process: `python -m voice_svc.main` (flynn-voice).
+
+Fault injection (tests and drills only): `--fail-engines piper,espeak-ng` makes those engines fail
+with engine_error; `--hang-engines piper` makes them never answer (the chain times them out and
+kills the piper worker). Environment: FLYNN_VOICE_FAIL_ENGINES / FLYNN_VOICE_HANG_ENGINES.
+"""
+
+from __future__ import annotations
+
+import argparse
+import importlib.util
+import logging
+import os
+
+import grpc
+
+from flynn.v1 import voice_pb2_grpc
+from flynn_runtime import settings
+from flynn_runtime.config_source import ConfigSource, StaticConfig
+from flynn_runtime.server import Runtime, ServiceApp, run_service
+from voice_svc.engines import FaultSwitch
+from voice_svc.espeak_engine import EspeakEngine
+from voice_svc.piper_engine import PiperEngine
+from voice_svc.recognizers import SphinxEngine, WhisperEngine
+from voice_svc.servicer import VoiceServicer
+from voice_svc.voice_chain import VoiceChain
+
+log = logging.getLogger(__name__)
+
+
+def add_args(p: argparse.ArgumentParser) -> None:
+    p.add_argument(
+        "--fail-engines",
+        default=os.environ.get("FLYNN_VOICE_FAIL_ENGINES", ""),
+        help="FAULT INJECTION: comma-separated engines that fail with engine_error (FLYNN_VOICE_FAIL_ENGINES)",
+    )
+    p.add_argument(
+        "--hang-engines",
+        default=os.environ.get("FLYNN_VOICE_HANG_ENGINES", ""),
+        help="FAULT INJECTION: comma-separated engines that never answer (FLYNN_VOICE_HANG_ENGINES)",
+    )
+    p.add_argument(
+        "--no-config-watch",
+        action="store_true",
+        default=os.environ.get("FLYNN_VOICE_NO_CONFIG_WATCH", "") == "1",
+        help="do not follow the config service; use the default chains and deadlines",
+    )
+
+
+class VoiceApp(ServiceApp):
+    service_names = ("flynn.v1.Voice",)
+
+    def __init__(self, runtime: Runtime) -> None:
+        super().__init__(runtime)
+        extra = runtime.settings.extra
+        self.faults = FaultSwitch.parse(str(extra.get("fail_engines", "")), str(extra.get("hang_engines", "")))
+        self.config = self._config_source(bool(extra.get("no_config_watch", False)))
+        self.chain = VoiceChain(
+            self.config, tts=[PiperEngine(), EspeakEngine()], stt=[WhisperEngine(), SphinxEngine()], faults=self.faults
+        )
+        if self.faults.fail or self.faults.hang:
+            log.warning("voice fault injection active", extra={"fail": sorted(self.faults.fail), "hang": sorted(self.faults.hang)})
+
+    def _config_source(self, static: bool) -> ConfigSource:
+        if static or importlib.util.find_spec("flynn_runtime.config_watcher") is None:
+            return StaticConfig()
+        from flynn_runtime.config_watcher import ConfigWatcher
+
+        watcher: ConfigSource = ConfigWatcher(self.runtime)
+        return watcher
+
+    def register(self, server: grpc.aio.Server) -> None:
+        voice_pb2_grpc.add_VoiceServicer_to_server(VoiceServicer(self.runtime, self.chain), server)
+
+    async def start(self) -> None:
+        start = getattr(self.config, "start", None)
+        if start is not None:
+            await start()
+        await self.chain.start()
+
+    async def stop(self) -> None:
+        stop = getattr(self.config, "stop", None)
+        if stop is not None:
+            await stop()
+
+    async def close(self) -> None:
+        await self.chain.close()
+
+
+def main() -> None:
+    run_service(settings.parse("voice", add_args=add_args), VoiceApp)
+
+
+if __name__ == "__main__":
+    main()

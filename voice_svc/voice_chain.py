@@ -1,0 +1,345 @@
+"""The engine chains (domain, no grpc): try each engine in order within its share of the deadline.
+
+TTS chain from `tts.engines` (default piper, espeak-ng) within `tts.deadline` (default 3 s);
+recognition chain from `audio.engines` (default faster-whisper, pocketsphinx) within
+`audio.deadline` (default 20 s). Both are read from the live config on every request. The caller's
+own deadline shortens the budget. Each engine gets remaining/(engines left), so time an early
+engine did not use flows to the next. Every engine tried is recorded as an Attempt; when all fail
+the request fails with UNAVAILABLE / ALL_ENGINES_FAILED listing the attempts (never INTERNAL).
+An engine that "succeeds" with silence counts as a failure: success must mean audio.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+import time
+from collections.abc import AsyncIterator, Sequence
+from dataclasses import dataclass
+
+from flynn_runtime.config_source import ConfigSource
+from flynn_runtime.errors import FlynnError, unavailable
+from voice_svc import metrics
+from voice_svc.audio_codec import Pcm, is_silent
+from voice_svc.engines import (
+    DEFAULT_STT_CHAIN,
+    DEFAULT_TTS_CHAIN,
+    ENGINE_ERROR,
+    TIMEOUT,
+    UNAVAILABLE,
+    UNSUPPORTED,
+    EngineFailure,
+    FaultSwitch,
+    RecognitionEngine,
+    SpeechEngine,
+    SpeechOptions,
+    Transcript,
+    VoiceDesc,
+    split_sentences,
+)
+
+log = logging.getLogger(__name__)
+
+DEFAULT_TTS_DEADLINE = 3.0
+DEFAULT_STT_DEADLINE = 20.0
+# Kept back from the caller's deadline so the refusal (with its attempts) reaches the caller in time.
+CALLER_MARGIN = 0.02
+
+
+@dataclass(frozen=True)
+class Attempt:
+    engine: str
+    ok: bool
+    cause: str = ""
+    detail: str = ""
+    elapsed_ms: int = 0
+
+
+@dataclass(frozen=True)
+class Synthesis:
+    pcm: Pcm
+    engine: str
+    voice: str
+    attempts: list[Attempt]
+
+
+@dataclass(frozen=True)
+class SpokenSentence:
+    pcm: Pcm
+    text: str
+    engine: str
+    attempts: list[Attempt]
+
+
+@dataclass(frozen=True)
+class Recognition:
+    transcript: Transcript
+    engine: str
+    attempts: list[Attempt]
+
+
+def _seconds(d: object) -> float:
+    secs = float(getattr(d, "seconds", 0)) + float(getattr(d, "nanos", 0)) / 1e9
+    return secs
+
+
+def all_failed(kind: str, attempts: Sequence[Attempt]) -> FlynnError:
+    metrics.CHAIN_EXHAUSTED.labels(kind).inc()
+    summary = ", ".join(f"{a.engine}: {a.cause}" for a in attempts) or "no engine configured"
+    meta = {"attempts": "; ".join(f"{a.engine}={a.cause}:{a.elapsed_ms}ms:{a.detail[:120]}" for a in attempts)}
+    for a in attempts:
+        meta[f"engine.{a.engine}"] = a.cause
+    return unavailable(f"every {kind} engine failed ({summary})", reason="ALL_ENGINES_FAILED", retry_after=1.0, **meta)
+
+
+class VoiceChain:
+    def __init__(
+        self,
+        config: ConfigSource,
+        tts: Sequence[SpeechEngine],
+        stt: Sequence[RecognitionEngine],
+        faults: FaultSwitch | None = None,
+    ) -> None:
+        self.config = config
+        self.tts = {e.name: e for e in tts}
+        self.stt = {e.name: e for e in stt}
+        self.faults = faults or FaultSwitch()
+
+    async def start(self) -> None:
+        for e in [*self.tts.values(), *self.stt.values()]:
+            await e.start()
+
+    async def close(self) -> None:
+        for e in [*self.tts.values(), *self.stt.values()]:
+            await e.close()
+
+    # Configuration ------------------------------------------------------------------------
+
+    def tts_chain(self, requested: Sequence[str] = ()) -> list[str]:
+        return list(requested) or list(self.config.config.tts.engines) or list(DEFAULT_TTS_CHAIN)
+
+    def stt_chain(self, requested: Sequence[str] = ()) -> list[str]:
+        return list(requested) or list(self.config.config.audio.engines) or list(DEFAULT_STT_CHAIN)
+
+    def tts_deadline(self) -> float:
+        t = self.config.config.tts
+        return _seconds(t.deadline) if t.HasField("deadline") and _seconds(t.deadline) > 0 else DEFAULT_TTS_DEADLINE
+
+    def stt_deadline(self) -> float:
+        a = self.config.config.audio
+        return _seconds(a.deadline) if a.HasField("deadline") and _seconds(a.deadline) > 0 else DEFAULT_STT_DEADLINE
+
+    @staticmethod
+    def _budget(configured: float, caller_remaining: float | None) -> float:
+        if caller_remaining is None:
+            return configured
+        return max(0.0, min(configured, caller_remaining - CALLER_MARGIN))
+
+    def voices(self, language_code: str = "") -> list[VoiceDesc]:
+        out: list[VoiceDesc] = []
+        lc = language_code.lower()
+        for engine in self.tts.values():
+            for v in engine.voices():
+                if not lc or any(code.lower() == lc or code.lower().split("-")[0] == lc for code in v.language_codes):
+                    out.append(v)
+        return out
+
+    # Synthesis ----------------------------------------------------------------------------
+
+    def _prepare(self, name: str, voice: str, language_code: str) -> tuple[SpeechEngine, str]:
+        engine = self.tts.get(name)
+        if engine is None:
+            raise EngineFailure(UNAVAILABLE, f"no engine named {name!r} in this build")
+        if (why := engine.unavailable_reason()) is not None:
+            raise EngineFailure(UNAVAILABLE, why)
+        picked = engine.pick_voice(voice, language_code)
+        if picked is None:
+            raise EngineFailure(UNSUPPORTED, f"no voice {voice!r} for language {language_code!r}")
+        return engine, picked
+
+    def _fail(self, kind: str, attempts: list[Attempt], name: str, cause: str, detail: str, started: float) -> None:
+        elapsed = int((time.monotonic() - started) * 1000)
+        attempts.append(Attempt(name, False, cause, detail, elapsed))
+        metrics.ENGINE_FAILURES.labels(kind, name, cause).inc()
+        log.warning(f"{kind} engine failed", extra={"engine": name, "cause": cause, "detail": detail, "elapsed_ms": elapsed})
+
+    async def synthesize(
+        self,
+        text: str,
+        *,
+        voice: str = "",
+        language_code: str = "",
+        speaking_rate: float = 1.0,
+        engines: Sequence[str] = (),
+        caller_remaining: float | None = None,
+    ) -> Synthesis:
+        chain = self.tts_chain(engines)
+        deadline = time.monotonic() + self._budget(self.tts_deadline(), caller_remaining)
+        attempts: list[Attempt] = []
+        for i, name in enumerate(chain):
+            started = time.monotonic()
+            share = (deadline - started) / (len(chain) - i)
+            if share <= 0:
+                self._fail("tts", attempts, name, TIMEOUT, "no time left in the deadline", started)
+                continue
+            try:
+                engine, picked = self._prepare(name, voice, language_code)
+                opts = SpeechOptions(picked, speaking_rate or 1.0, self.faults.mode(name))
+                pcm = await asyncio.wait_for(_collect(engine.synthesize([text], opts)), share)
+                if is_silent(pcm):
+                    raise EngineFailure(ENGINE_ERROR, "engine reported success but produced no audible audio")
+            except TimeoutError:
+                self._fail("tts", attempts, name, TIMEOUT, f"no audio within {share * 1000:.0f} ms", started)
+                continue
+            except EngineFailure as e:
+                self._fail("tts", attempts, name, e.cause, e.detail, started)
+                continue
+            except Exception as e:  # an engine bug must not become INTERNAL: the chain moves on
+                self._fail("tts", attempts, name, ENGINE_ERROR, f"{type(e).__name__}: {e}", started)
+                continue
+            elapsed = time.monotonic() - started
+            attempts.append(Attempt(name, True, "", "", int(elapsed * 1000)))
+            metrics.SYNTH_SECONDS.labels(name).observe(elapsed)
+            if pcm.duration_s > 0:
+                metrics.SYNTH_RTF.labels(name).observe(elapsed / pcm.duration_s)
+            return Synthesis(pcm, name, picked, attempts)
+        raise all_failed("tts", attempts)
+
+    async def stream_synthesize(
+        self,
+        text: str,
+        *,
+        voice: str = "",
+        language_code: str = "",
+        speaking_rate: float = 1.0,
+        engines: Sequence[str] = (),
+        caller_remaining: float | None = None,
+    ) -> AsyncIterator[SpokenSentence]:
+        """Sentences as they are spoken. The chain falls over only before the first chunk; each
+        later sentence must come within the tts deadline, else the stream ends UNAVAILABLE."""
+        sentences = split_sentences(text) or [text]
+        chain = self.tts_chain(engines)
+        per_sentence = self.tts_deadline()
+        deadline = time.monotonic() + self._budget(per_sentence, caller_remaining)
+        attempts: list[Attempt] = []
+        for i, name in enumerate(chain):
+            started = time.monotonic()
+            share = (deadline - started) / (len(chain) - i)
+            if share <= 0:
+                self._fail("tts", attempts, name, TIMEOUT, "no time left in the deadline", started)
+                continue
+            gen: AsyncIterator[Pcm] | None = None
+            try:
+                engine, picked = self._prepare(name, voice, language_code)
+                opts = SpeechOptions(picked, speaking_rate or 1.0, self.faults.mode(name))
+                gen = engine.synthesize(sentences, opts)
+                first = await asyncio.wait_for(anext(gen), share)
+                if is_silent(first) and len(sentences) == 1:
+                    raise EngineFailure(ENGINE_ERROR, "engine reported success but produced no audible audio")
+            except (TimeoutError, EngineFailure, StopAsyncIteration, Exception) as e:
+                if gen is not None:
+                    await _aclose(gen)
+                cause, detail = _cause(e, share)
+                self._fail("tts", attempts, name, cause, detail, started)
+                continue
+            elapsed = time.monotonic() - started
+            attempts.append(Attempt(name, True, "", "", int(elapsed * 1000)))
+            metrics.SYNTH_FIRST_CHUNK_SECONDS.labels(name).observe(elapsed)
+            total_audio = first.duration_s
+            try:
+                yield SpokenSentence(first, sentences[0], name, attempts)
+                for sentence in sentences[1:]:
+                    try:
+                        pcm = await asyncio.wait_for(anext(gen), per_sentence)
+                    except (TimeoutError, EngineFailure, StopAsyncIteration) as e:
+                        cause, detail = _cause(e, per_sentence)
+                        self._fail("tts", attempts, name, cause, detail, time.monotonic())
+                        raise unavailable(
+                            f"{name} failed mid-stream ({cause}): {detail}", reason="ENGINE_FAILED_MID_STREAM",
+                            engine=name, cause=cause,
+                        ) from e
+                    total_audio += pcm.duration_s
+                    yield SpokenSentence(pcm, sentence, name, attempts)
+                # Read the engine's end of request so a warm worker is not killed as abandoned.
+                try:
+                    extra = await asyncio.wait_for(anext(gen), per_sentence)
+                    log.warning("engine produced more pieces than sentences", extra={"engine": name, "samples": extra.samples})
+                except (StopAsyncIteration, TimeoutError, EngineFailure):
+                    pass
+            finally:
+                await _aclose(gen)
+            took = time.monotonic() - started
+            metrics.SYNTH_SECONDS.labels(name).observe(took)
+            if total_audio > 0:
+                metrics.SYNTH_RTF.labels(name).observe(took / total_audio)
+            return
+        raise all_failed("tts", attempts)
+
+    # Recognition --------------------------------------------------------------------------
+
+    async def transcribe(
+        self,
+        pcm: Pcm,
+        *,
+        language_code: str = "",
+        engines: Sequence[str] = (),
+        caller_remaining: float | None = None,
+    ) -> Recognition:
+        chain = self.stt_chain(engines)
+        deadline = time.monotonic() + self._budget(self.stt_deadline(), caller_remaining)
+        attempts: list[Attempt] = []
+        for i, name in enumerate(chain):
+            started = time.monotonic()
+            share = (deadline - started) / (len(chain) - i)
+            if share <= 0:
+                self._fail("stt", attempts, name, TIMEOUT, "no time left in the deadline", started)
+                continue
+            engine = self.stt.get(name)
+            try:
+                if engine is None:
+                    raise EngineFailure(UNAVAILABLE, f"no engine named {name!r} in this build")
+                if (why := engine.unavailable_reason()) is not None:
+                    raise EngineFailure(UNAVAILABLE, why)
+                if not engine.supports_language(language_code):
+                    raise EngineFailure(UNSUPPORTED, f"language {language_code!r} not supported")
+                result = await asyncio.wait_for(engine.transcribe(pcm, language_code, self.faults.mode(name)), share)
+            except Exception as e:
+                cause, detail = _cause(e, share)
+                self._fail("stt", attempts, name, cause, detail, started)
+                continue
+            elapsed = time.monotonic() - started
+            attempts.append(Attempt(name, True, "", "", int(elapsed * 1000)))
+            metrics.TRANSCRIBE_SECONDS.labels(name).observe(elapsed)
+            if pcm.duration_s > 0:
+                metrics.TRANSCRIBE_RTF.labels(name).observe(elapsed / pcm.duration_s)
+            return Recognition(result, name, attempts)
+        raise all_failed("stt", attempts)
+
+
+def _cause(e: BaseException, budget: float) -> tuple[str, str]:
+    if isinstance(e, TimeoutError):
+        return TIMEOUT, f"no result within {budget * 1000:.0f} ms"
+    if isinstance(e, EngineFailure):
+        return e.cause, e.detail
+    if isinstance(e, StopAsyncIteration):
+        return ENGINE_ERROR, "engine produced no audio"
+    return ENGINE_ERROR, f"{type(e).__name__}: {e}"
+
+
+async def _collect(gen: AsyncIterator[Pcm]) -> Pcm:
+    out = Pcm(b"", 0)
+    try:
+        async for piece in gen:
+            out = piece if not out.data else out.concat(piece)
+    finally:
+        await _aclose(gen)
+    return out
+
+
+async def _aclose(gen: AsyncIterator[Pcm] | None) -> None:
+    close = getattr(gen, "aclose", None)
+    if close is not None:
+        try:
+            await close()
+        except Exception:
+            log.debug("engine stream close failed", exc_info=True)
