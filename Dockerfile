@@ -62,6 +62,8 @@ RUN groupadd --system --gid 10001 flynn \
  && mkdir -p /data \
  && chown 10001:10001 /data
 COPY --from=build /opt/flynn /opt/flynn
+# The same demo seed as `flynn-dev up`, for `docker run … flynn-config`; the chart mounts its own.
+COPY config/flynn.yaml /opt/flynn/share/flynn/seed.yaml
 
 # The process writes only to /data (state, audit log) and /tmp; the root filesystem can be read-only.
 # Listen on all interfaces inside the container; the chart overrides each of these per service.
@@ -71,6 +73,7 @@ ENV PATH=/opt/flynn/bin:$PATH \
     HOME=/data \
     TMPDIR=/tmp \
     FLYNN_DATA_DIR=/data \
+    FLYNN_SEED_FILE=/opt/flynn/share/flynn/seed.yaml \
     FLYNN_METRICS_LISTEN=0.0.0.0:9090
 USER 10001:10001
 WORKDIR /data

@@ -216,3 +216,16 @@ def test_healthcheck_cli_against_a_real_server(tokens: Tokens, tmp_path: Path) -
 def test_runtime_type_is_used() -> None:
     # Keeps the import of Runtime meaningful for readers: the probe app above is a real ServiceApp.
     assert issubclass(ServiceApp, object) and Runtime is not None
+
+
+def test_dockerfile_env_names_settings_the_services_read(monkeypatch: pytest.MonkeyPatch) -> None:
+    env_blocks = "".join(re.findall(r"^ENV .*?(?=^\S)", DOCKERFILE, re.M | re.S))
+    image_env = dict(re.findall(r"\b(FLYNN_[A-Z0-9_]+)=(\S+)", env_blocks))
+    assert {"FLYNN_DATA_DIR", "FLYNN_SEED_FILE"} <= set(image_env)
+    for var, value in image_env.items():
+        readers = [
+            name
+            for name in topology.SERVICES
+            if not unread_env_vars(name, {"env": [{"name": var, "value": value}]}, monkeypatch)
+        ]
+        assert readers, f"no service reads {var} (set by the Dockerfile)"
