@@ -211,6 +211,7 @@ async def drive(ns: argparse.Namespace) -> None:
         # Invoke round trips with everyone connected.
         lat: list[float] = []
         failures: dict[str, int] = {}
+        cpu0 = cpu_seconds(proc.proc.pid)
         for _ in range(ns.invokes):
             nid = creds[random.randrange(len(creds))][0]
             t = time.perf_counter()
@@ -224,7 +225,11 @@ async def drive(ns: argparse.Namespace) -> None:
                 lat.append(time.perf_counter() - t)
             except grpc.aio.AioRpcError as e:
                 failures[e.code().name] = failures.get(e.code().name, 0) + 1
+        per_invoke = (cpu_seconds(proc.proc.pid) - cpu0) / max(ns.invokes, 1)
         figures["invoke round trip"] = fmt_ms(lat) + (f" failures={failures}" if failures else "")
+        figures["server CPU per invoke"] = (
+            f"{per_invoke * 1e6:.0f} µs (heartbeats of {ns.nodes} nodes included)"
+        )
         print("invoke:", figures["invoke round trip"], flush=True)
 
         # Canvas puts of 64 KiB with everyone connected.

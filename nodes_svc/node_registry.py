@@ -58,6 +58,8 @@ CLOSE_REASONS: dict[str, tuple[bool, Code]] = {
     "shutdown": (True, Code.UNAVAILABLE),
     "lease_expired": (True, Code.UNAVAILABLE),
     "slow_consumer": (True, Code.UNAVAILABLE),
+    "protocol_error": (False, Code.INVALID_ARGUMENT),
+    "stream_closed": (True, Code.UNAVAILABLE),
 }
 
 

@@ -176,6 +176,18 @@ async def test_connect_auth_and_validation(harness: NodesHarness) -> None:
     with pytest.raises(grpc.aio.AioRpcError) as ei:
         await asyncio.wait_for(call.read(), 10)
     assert ei.value.code() == grpc.StatusCode.INVALID_ARGUMENT
+    # A second Register on the same stream is a protocol error.
+    call2: Any = h.nodes.Connect()
+    reg_ok = nodes_pb2.NodeRegister(node_id="desk-1", token=tok.token, role="desktop", protocol_version=1)
+    await call2.write(nodes_pb2.ConnectRequest(register=reg_ok))
+    assert (await asyncio.wait_for(call2.read(), 10)).WhichOneof("message") == "registered"
+    await call2.write(nodes_pb2.ConnectRequest(register=reg_ok))
+    last = None
+    with pytest.raises(grpc.aio.AioRpcError) as ei3:
+        while True:
+            last = await asyncio.wait_for(call2.read(), 10)
+    assert ei3.value.code() == grpc.StatusCode.INVALID_ARGUMENT
+    assert last is not None and last.close.reason == "protocol_error" and not last.close.reconnect
     # Operator-only RPCs still need a bearer token of the right role.
     with pytest.raises(grpc.aio.AioRpcError) as ei2:
         await h.nodes.IssueNodeToken(
