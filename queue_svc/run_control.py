@@ -303,7 +303,7 @@ class RunControl:
                 self._publish_speech(
                     op, s, reply, speech.SpeechOutcome(None, "restart", "pending at restart")
                 )
-        self._update_depth()
+        await self.durable()
 
     async def stop(self) -> None:
         """Stop driving runs; active runs stay active in the store and the restart policy applies."""

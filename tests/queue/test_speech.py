@@ -78,7 +78,7 @@ async def test_audio_attached_when_voice_answers(tmp_path: Path, tokens: Tokens)
             r = await final_reply(q, a.run_id)
             assert r.delivery == pb.DELIVERY_MODE_AUDIO and r.text == "echo: speak"
             assert r.audio.content == b"RIFF....WAVEfake" and r.audio.encoding == common_pb2.AUDIO_ENCODING_LINEAR16
-            assert voice.calls[0][0] == "echo: speak" and voice.calls[0][1] is not None and voice.calls[0][1] <= 2.0
+            assert voice.calls[0][0] == "echo: speak" and voice.calls[0][1] is not None and voice.calls[0][1] <= 2.1
 
 
 async def test_voice_unavailable_falls_back_to_text(tmp_path: Path, tokens: Tokens) -> None:
