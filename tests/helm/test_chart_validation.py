@@ -2,11 +2,13 @@
 
 from __future__ import annotations
 
+import json
 import subprocess
 import sys
 from pathlib import Path
 
 import pytest
+import yaml
 
 from tests.helm.conftest import CHART, PRODUCTION_VALUES, ROOT, run_helm
 
@@ -130,3 +132,28 @@ def test_ingress_variant_validates_strictly(helm: Path, tmp_path: Path) -> None:
     path.write_text(proc.stdout)
     result = kubernetes_validate(path, *KUBE_VERSIONS)
     assert result.returncode == 0, result.stdout + result.stderr
+
+
+def test_schema_closes_every_object_it_describes() -> None:
+    """draft-07, and every object with declared properties rejects unknown keys."""
+    schema = json.loads((CHART / "values.schema.json").read_text())
+    assert schema["$schema"] == "http://json-schema.org/draft-07/schema#"
+    open_objects: list[str] = []
+
+    def walk(node: object, path: str) -> None:
+        if isinstance(node, dict):
+            # auth's if/then only narrow keys declared beside them, so they stay open.
+            if "properties" in node and node.get("additionalProperties") is not False:
+                if not path.startswith(("/properties/auth/if", "/properties/auth/then")):
+                    open_objects.append(path or "/")
+            for key, value in node.items():
+                walk(value, f"{path}/{key}")
+        elif isinstance(node, list):
+            for i, value in enumerate(node):
+                walk(value, f"{path}/{i}")
+
+    walk(schema, "")
+    assert open_objects == []
+    # Every top-level key of values.yaml is described, and nothing else is allowed.
+    values = yaml.safe_load((CHART / "values.yaml").read_text())
+    assert set(values) <= set(schema["properties"])
