@@ -111,6 +111,7 @@ class NodeStats:
     stream_errors: list[tuple[str, str]] = field(default_factory=list)  # (status code name, details)
     invokes: int = 0
     deadline_missed: list[str] = field(default_factory=list)  # invoke ids answered as deadline_exceeded
+    cancelled: list[tuple[str, str]] = field(default_factory=list)  # (invoke id, reason) the server cancelled
     heartbeats_received: int = 0
     last_registered_at: float = 0.0  # monotonic
 
@@ -152,6 +153,7 @@ class CompanionNode:
         self._call: Any = None
         self._write_lock = asyncio.Lock()
         self._tasks: set[asyncio.Task[None]] = set()
+        self._running: dict[str, asyncio.Task[None]] = {}  # invoke id -> handler task
 
     # lifecycle ----------------------------------------------------------------------------
 
@@ -234,9 +236,19 @@ class CompanionNode:
                 elif kind == "heartbeat":
                     self.stats.heartbeats_received += 1
                 elif kind == "invoke":
+                    inv_id = msg.invoke.invoke_id
                     t = asyncio.create_task(self._invoke(call, msg.invoke))
                     self._tasks.add(t)
-                    t.add_done_callback(self._tasks.discard)
+                    self._running[inv_id] = t
+                    t.add_done_callback(self._forget)
+                elif kind == "cancel":
+                    running = self._running.pop(msg.cancel.invoke_id, None)
+                    self.stats.cancelled.append((msg.cancel.invoke_id, msg.cancel.reason))
+                    if running is not None and not running.done():
+                        if msg.cancel.reason == "deadline_exceeded":
+                            # The server saw the deadline pass before our own timer fired.
+                            self.stats.deadline_missed.append(msg.cancel.invoke_id)
+                        running.cancel()
                 elif kind == "gates":
                     self.gates = msg.gates.gates
                     self.stats.gate_updates.append(msg.gates.gates)
@@ -267,6 +279,12 @@ class CompanionNode:
         if final:
             log.info("node %s stops: %s", self.node_id, final)
         return final
+
+    def _forget(self, task: asyncio.Task[None]) -> None:
+        self._tasks.discard(task)
+        for inv_id, t in list(self._running.items()):
+            if t is task:
+                del self._running[inv_id]
 
     async def _write(self, call: Any, req: nodes_pb2.ConnectRequest) -> None:
         async with self._write_lock:
@@ -312,6 +330,8 @@ class CompanionNode:
                 async with asyncio.timeout(max(deadline - time.time(), 0.0)):
                     value = await handler(args, ctx)
                 result.ok, result.result_json = True, json.dumps(value)
+        except asyncio.CancelledError:
+            return  # the server cancelled it (InvokeCancel) or the stream ended: no result is expected
         except TimeoutError:
             self.stats.deadline_missed.append(inv.invoke_id)
             result.ok, result.error_code, result.error = False, "deadline_exceeded", "the deadline passed"

@@ -655,15 +655,24 @@ class NodeRegistry:
             if not p.done:
                 p.session.invokes.pop(p.invoke_id, None)
                 p.publish(self._deadline_error(p, f"no answer within {timeout_s:.3f} s"))
+                self._cancel_on_node(p, "deadline_exceeded")
             raise self._deadline_error(p, f"no answer within {timeout_s:.3f} s") from None
         finally:
             if q in p.subscribers:
                 p.subscribers.remove(q)
             if not p.subscribers and not p.done and not p.idem_key:
-                p.session.invokes.pop(p.invoke_id, None)  # nobody waits: a late answer is dropped
+                # Nobody waits and no retry can attach: tell the node to stop, drop a late answer.
+                p.session.invokes.pop(p.invoke_id, None)
+                self._cancel_on_node(p, "cancelled")
             metrics.INVOKES.labels(outcome).inc()
             if p.error is not None and p.idem_key and self._idem.get((node_id, p.idem_key)) is p:
                 del self._idem[(node_id, p.idem_key)]
+
+    @staticmethod
+    def _cancel_on_node(p: PendingInvoke, reason: str) -> None:
+        p.session.send(
+            nodes_pb2.ConnectResponse(cancel=nodes_pb2.InvokeCancel(invoke_id=p.invoke_id, reason=reason))
+        )
 
     # gates --------------------------------------------------------------------------------
 

@@ -278,6 +278,20 @@ async def test_invoke_deadline_is_honoured_on_both_sides(harness: NodesHarness) 
             pass
     assert ei.value.code() == grpc.StatusCode.DEADLINE_EXCEEDED
     await eventually(lambda: len(node.stats.deadline_missed) == 2, what="node saw the caller's deadline")
+    # A caller that gives up cancels the work on the node (InvokeCancel), no result is awaited.
+    call = h.nodes.InvokeNode(
+        nodes_pb2.InvokeNodeRequest(node_id="desk-1", command="device.info", args_json='{"sleep_ms": 5000}'),
+        metadata=h.op(),
+        timeout=30,
+    )
+    pending = asyncio.ensure_future(call.read())
+    await eventually(lambda: node.stats.invokes == 3, what="third invoke reached the node")
+    call.cancel()
+    await eventually(
+        lambda: any(r == "cancelled" for _, r in node.stats.cancelled), what="node told to cancel"
+    )
+    pending.cancel()
+    assert len(node.stats.deadline_missed) == 2
     await stop_all([(node, task)])
 
 

@@ -421,6 +421,32 @@ class NodeClose(_message.Message):
 Global___NodeClose: _TypeAlias = NodeClose  # noqa: Y015
 
 @_typing.final
+class InvokeCancel(_message.Message):
+    """InvokeCancel tells the node an invoke is no longer wanted (caller gone or deadline passed on the server)."""
+
+    DESCRIPTOR: _descriptor.Descriptor
+
+    INVOKE_ID_FIELD_NUMBER: _builtins.int
+    REASON_FIELD_NUMBER: _builtins.int
+    invoke_id: _builtins.str
+    """Invoke id from the request."""
+    reason: _builtins.str
+    """Why: cancelled, deadline_exceeded."""
+    def __init__(
+        self,
+        *,
+        invoke_id: _builtins.str = ...,
+        reason: _builtins.str = ...,
+    ) -> None: ...
+    _HasFieldArgType: _TypeAlias = _Never  # noqa: Y015
+    def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["invoke_id", b"invoke_id", "reason", b"reason"]  # noqa: Y015
+    def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
+    def WhichOneof(self, oneof_group: _Never) -> None: ...
+
+Global___InvokeCancel: _TypeAlias = InvokeCancel  # noqa: Y015
+
+@_typing.final
 class ConnectResponse(_message.Message):
     """ConnectResponse is one message from the server."""
 
@@ -431,6 +457,7 @@ class ConnectResponse(_message.Message):
     INVOKE_FIELD_NUMBER: _builtins.int
     GATES_FIELD_NUMBER: _builtins.int
     CLOSE_FIELD_NUMBER: _builtins.int
+    CANCEL_FIELD_NUMBER: _builtins.int
     @_builtins.property
     def registered(self) -> Global___NodeRegistered:
         """Registration accepted."""
@@ -451,6 +478,10 @@ class ConnectResponse(_message.Message):
     def close(self) -> Global___NodeClose:
         """Close."""
 
+    @_builtins.property
+    def cancel(self) -> Global___InvokeCancel:
+        """Stop working on an invoke; no result is expected any more."""
+
     def __init__(
         self,
         *,
@@ -459,12 +490,13 @@ class ConnectResponse(_message.Message):
         invoke: Global___InvokeRequest | None = ...,
         gates: Global___GateUpdate | None = ...,
         close: Global___NodeClose | None = ...,
+        cancel: Global___InvokeCancel | None = ...,
     ) -> None: ...
-    _HasFieldArgType: _TypeAlias = _typing.Literal["close", b"close", "gates", b"gates", "heartbeat", b"heartbeat", "invoke", b"invoke", "message", b"message", "registered", b"registered"]  # noqa: Y015
+    _HasFieldArgType: _TypeAlias = _typing.Literal["cancel", b"cancel", "close", b"close", "gates", b"gates", "heartbeat", b"heartbeat", "invoke", b"invoke", "message", b"message", "registered", b"registered"]  # noqa: Y015
     def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
-    _ClearFieldArgType: _TypeAlias = _typing.Literal["close", b"close", "gates", b"gates", "heartbeat", b"heartbeat", "invoke", b"invoke", "message", b"message", "registered", b"registered"]  # noqa: Y015
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["cancel", b"cancel", "close", b"close", "gates", b"gates", "heartbeat", b"heartbeat", "invoke", b"invoke", "message", b"message", "registered", b"registered"]  # noqa: Y015
     def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
-    _WhichOneofReturnType_message: _TypeAlias = _typing.Literal["registered", "heartbeat", "invoke", "gates", "close"]  # noqa: Y015
+    _WhichOneofReturnType_message: _TypeAlias = _typing.Literal["registered", "heartbeat", "invoke", "gates", "close", "cancel"]  # noqa: Y015
     _WhichOneofArgType_message: _TypeAlias = _typing.Literal["message", b"message"]  # noqa: Y015
     def WhichOneof(self, oneof_group: _WhichOneofArgType_message) -> _WhichOneofReturnType_message | None: ...
 
