@@ -55,6 +55,8 @@ class SystemServicer(system_pb2_grpc.SystemServicer):
             )
         )
         for st in statuses:
+            if st.service == "config" and st.health == system_pb2.SERVICE_HEALTH_SERVING:
+                st.applied_revision = head  # the config service serves its own head revision
             w = watchers.get(st.service)
             if w is not None:
                 st.applied_revision = w.applied_revision

@@ -119,6 +119,24 @@ def test_system_get_status(real_mesh: RealMesh) -> None:
     for name in mesh.missing:
         assert status[name]["health"] == "SERVICE_HEALTH_UNREACHABLE" and status[name]["detail"]
     assert int(answer["head_revision"]) >= 1  # the config service seeded revision 1
+    assert status["config"]["applied_revision"] == answer["head_revision"]
+
+
+def test_system_get_status_shows_each_watchers_applied_revision(real_mesh: RealMesh) -> None:
+    # Every backend that watches config reports (ACKs) the revision it applied; give them time to.
+    watchers = [n for n in real_mesh.procs if n not in ("config", "gateway")]
+    deadline = time.monotonic() + 30
+    status: dict[str, dict[str, str]] = {}
+    while time.monotonic() < deadline:
+        out = grpcurl(
+            real_mesh.gateway.address, "flynn.v1.System/GetStatus", token=real_mesh.tokens.operator, data="{}"
+        )
+        assert out.returncode == 0, out.stderr
+        status = {s["service"]: s for s in json.loads(out.stdout)["services"]}
+        if all(int(status[n].get("applied_revision", 0)) >= 1 for n in watchers):
+            return
+        time.sleep(0.2)
+    raise AssertionError(f"applied revisions not reported: {status}")
 
 
 def test_system_get_status_with_backends_down(mesh: GatewayMesh) -> None:
