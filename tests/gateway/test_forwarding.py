@@ -132,3 +132,18 @@ def test_agent_is_not_routed(mesh: GatewayMesh, channel: grpc.Channel) -> None:
         list(call(iter([b""]), metadata=md(mesh, "service"), timeout=10))
     assert exc.value.code() == grpc.StatusCode.UNIMPLEMENTED
     assert "does not route" in (exc.value.details() or "")
+
+
+def test_large_messages_cross_the_hop(mesh: GatewayMesh) -> None:
+    # Above gRPC's 4 MiB default: the gateway's server and backend channel both use --max-message-bytes.
+    assert mesh.gateway is not None
+    big = "x" * (6 * 1024 * 1024)
+    opts = [
+        ("grpc.max_receive_message_length", 32 * 1024 * 1024),
+        ("grpc.max_send_message_length", 32 * 1024 * 1024),
+    ]
+    with grpc.insecure_channel(mesh.gateway.address, options=opts) as ch:
+        resp = voice_pb2_grpc.VoiceStub(ch).Synthesize(
+            voice_pb2.SynthesizeRequest(text=big), metadata=md(mesh), timeout=30
+        )
+    assert len(resp.audio_content) == len(big)
