@@ -123,6 +123,23 @@ def cpu_seconds(pid: int) -> float:
     return (int(fields[11]) + int(fields[12])) / os.sysconf("SC_CLK_TCK")
 
 
+def scrape(proc: Any) -> dict[str, float]:
+    """The nodes process's /metrics as {"name{k=v,...}": value}."""
+    import urllib.request
+
+    from prometheus_client.parser import text_string_to_metric_families
+
+    port = int((proc.data_dir / ".nodes.port").read_text().split()[1])
+    with urllib.request.urlopen(f"http://127.0.0.1:{port}/metrics", timeout=10) as r:
+        text = r.read().decode()
+    out: dict[str, float] = {}
+    for fam in text_string_to_metric_families(text):
+        for smp in fam.samples:
+            labels = ",".join(f"{k}={v}" for k, v in sorted(smp.labels.items()))
+            out[f"{smp.name}{{{labels}}}"] = smp.value
+    return out
+
+
 def read_status(path: Path) -> dict[str, Any]:
     try:
         data: dict[str, Any] = json.loads(path.read_text())
@@ -310,6 +327,14 @@ async def drive(ns: argparse.Namespace) -> None:
                 pass
             lat2.append(time.perf_counter() - t)
         figures["invoke after storm"] = fmt_ms(lat2)
+        m = await asyncio.to_thread(scrape, proc)
+        ok = sum(v for k, v in m.items() if k.startswith("nodes_reconnects_total{") and "result=success" in k)
+        bad = sum(
+            v for k, v in m.items() if k.startswith("nodes_reconnects_total{") and "result=failure" in k
+        )
+        figures["reconnect success"] = (
+            f"{ok:.0f} ok / {bad:.0f} refused = {100 * ok / max(ok + bad, 1):.2f}% (nodes_reconnects_total, restarted process)"
+        )
         await ch.close(None)
     finally:
         if fleet is not None:
