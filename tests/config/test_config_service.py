@@ -328,3 +328,51 @@ async def test_watch_hub_closes_a_watcher_that_falls_behind() -> None:
     assert await fast.next_batch(0.01) is None  # nothing new: bookmark time
     hub.close()
     assert fast.closed
+
+
+async def test_slow_watcher_is_closed_and_resumes_from_its_revision(tmp_path: Path, tokens: Tokens) -> None:
+    from tests.support.config import config_server, write_seed
+
+    # A large config (~300 KB per message) fills HTTP/2 flow-control windows quickly.
+    rules = [
+        {
+            "id": f"r{i}",
+            "description": "x" * 3000,
+            "trigger": {"event": "message_received"},
+            "actions": [{"ack": {"emoji": "👀"}}],
+        }
+        for i in range(100)
+    ]
+    seed = write_seed(tmp_path / "big.yaml", {"automation": {"reactions": rules}})
+    async with config_server(
+        tmp_path / "cfg", tokens, seed_file=seed, watch_queue_size=2, bookmark_seconds=30
+    ) as srv:
+        ch = client_channel(srv.address, tokens.operator)
+        op = Stub(ch)
+        watch_ch = client_channel(srv.address, tokens.service)
+        call = Stub(watch_ch).WatchConfig(config_pb2.WatchConfigRequest())
+        first = await call.read()
+        assert first.kind == KIND.WATCH_EVENT_KIND_SNAPSHOT and first.revision == 1
+        for i in range(60):  # the reader is paused: its queue overflows
+            await set_values(op, {"server.queue.cap": i + 1})
+        got: list[int] = []
+        with pytest.raises(grpc.aio.AioRpcError) as e:
+            while True:
+                msg = await asyncio.wait_for(call.read(), 10)
+                assert msg is not grpc.aio.EOF
+                got.append(msg.revision)
+        assert e.value.code() == grpc.StatusCode.UNAVAILABLE
+        assert from_rpc_error(e.value).reason == "WATCHER_TOO_SLOW"  # type: ignore[union-attr]
+        assert got == list(range(2, 2 + len(got))) and len(got) < 60
+        # It resumes from what it holds and gets exactly the rest, in order.
+        rest = []
+        async for msg in Stub(watch_ch).WatchConfig(
+            config_pb2.WatchConfigRequest(after_revision=got[-1] if got else 1)
+        ):
+            rest.append((msg.kind, msg.revision))
+            if msg.revision == 61:
+                break
+        start = (got[-1] if got else 1) + 1
+        assert rest == [(KIND.WATCH_EVENT_KIND_CHANGE, r) for r in range(start, 62)]
+        await ch.close()
+        await watch_ch.close()

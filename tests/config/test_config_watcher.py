@@ -99,3 +99,38 @@ async def test_start_with_no_cache_and_no_server_does_not_block(tmp_path: Path, 
     assert w.revision == 0 and w.config == config_pb2.FlynnConfig()
     await w.stop()
     await rt.close()
+
+
+async def test_config_watchers_apply_every_rapid_change_in_order(tmp_path: Path, tokens: Tokens) -> None:
+    async with config_server(tmp_path / "cfg", tokens, bookmark_seconds=0.5) as srv:
+        runtimes = [
+            Runtime(client_settings(f"s{i}", tmp_path / f"s{i}", tokens, srv.address)) for i in range(3)
+        ]
+        watchers = [ConfigWatcher(rt) for rt in runtimes]
+        seen: list[list[int]] = [[] for _ in watchers]
+        for i, w in enumerate(watchers):
+            w.subscribe(lambda old, new, rev, i=i: seen[i].append(rev), key="server.queue.cap")
+            await w.start()
+        for w in watchers:
+            assert await w.wait_for_revision(1, 10)
+        ch = client_channel(srv.address, tokens.operator)
+        stub = config_pb2_grpc.ConfigServiceStub(ch)
+        rev = 1
+        for i in range(100):
+            resp = await stub.UpdateConfig(
+                config_pb2.UpdateConfigRequest(
+                    config=config_yaml.dict_to_config({"server.queue.cap": 500 + i}),
+                    update_mask=field_mask_pb2.FieldMask(paths=["server.queue.cap"]),
+                    expected_revision=rev,
+                )
+            )
+            rev = resp.revision
+        for w in watchers:
+            assert await w.wait_for_revision(101, 20)
+            assert w.config.server.queue.cap == 599
+        assert all(s == list(range(1, 102)) for s in seen), seen  # the seed, then every change once
+        await ch.close()
+        for w in watchers:
+            await w.stop()
+        for rt in runtimes:
+            await rt.close()
