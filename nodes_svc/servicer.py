@@ -95,6 +95,8 @@ class NodesServicer(nodes_pb2_grpc.NodesServicer):
             raise errors.invalid_argument("register", "the first message on Connect must be a Register")
         validate_register(first.register)
         session, registered = self.registry.register(first.register, context.peer() or "")
+        if self.runtime.stopping.is_set():  # registered while the stop hook was closing streams
+            session.close("shutdown", "the nodes service is shutting down")
         reader = asyncio.create_task(self._read(request_iterator, session))
         try:
             yield nodes_pb2.ConnectResponse(registered=registered)
