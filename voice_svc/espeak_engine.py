@@ -73,12 +73,18 @@ class EspeakEngine:
 
     def pick_voice(self, name: str, language_code: str) -> str | None:
         names = {v.name.lower(): v.name for v in self.voices()}
+
+        def lookup(key: str) -> str | None:
+            key = key.lower()
+            if key in names:
+                return names[key]
+            return next((n for k, n in names.items() if k.startswith(f"{key}-")), None)
+
         if name:
-            return names.get(name.lower())
+            return lookup(name)
         if not language_code:
             return DEFAULT_VOICE
-        lc = language_code.lower()
-        return names.get(lc) or names.get(lc.split("-")[0])
+        return lookup(language_code) or lookup(language_code.split("-")[0])
 
     async def start(self) -> None:
         self.voices()

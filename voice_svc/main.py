@@ -8,7 +8,6 @@ kills the piper worker). Environment: FLYNN_VOICE_FAIL_ENGINES / FLYNN_VOICE_HAN
 from __future__ import annotations
 
 import argparse
-import importlib.util
 import logging
 import os
 
@@ -17,6 +16,7 @@ import grpc
 from flynn.v1 import voice_pb2_grpc
 from flynn_runtime import settings
 from flynn_runtime.config_source import ConfigSource, StaticConfig
+from flynn_runtime.config_watcher import ConfigWatcher
 from flynn_runtime.server import Runtime, ServiceApp, run_service
 from voice_svc.engines import FaultSwitch
 from voice_svc.espeak_engine import EspeakEngine
@@ -62,12 +62,9 @@ class VoiceApp(ServiceApp):
             log.warning("voice fault injection active", extra={"fail": sorted(self.faults.fail), "hang": sorted(self.faults.hang)})
 
     def _config_source(self, static: bool) -> ConfigSource:
-        if static or importlib.util.find_spec("flynn_runtime.config_watcher") is None:
+        if static:
             return StaticConfig()
-        from flynn_runtime.config_watcher import ConfigWatcher
-
-        watcher: ConfigSource = ConfigWatcher(self.runtime)
-        return watcher
+        return ConfigWatcher(self.runtime)
 
     def register(self, server: grpc.aio.Server) -> None:
         voice_pb2_grpc.add_VoiceServicer_to_server(VoiceServicer(self.runtime, self.chain), server)
