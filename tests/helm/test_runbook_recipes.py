@@ -153,33 +153,48 @@ class _Node:
         self._thread.join(5)
 
 
+def _start_mesh(
+    tmp_path_factory: pytest.TempPathFactory, env: dict[str, str]
+) -> tuple[subprocess.Popen[bytes], int, Path]:
+    """`flynn-dev up` on a free block of ports; another block if a port was taken meanwhile."""
+    failures = []
+    for _attempt in range(3):
+        data_dir = tmp_path_factory.mktemp("runbook-mesh")
+        base = _free_base()
+        log_path = data_dir / "flynn-dev.log"
+        with log_path.open("wb") as log:
+            proc = subprocess.Popen(
+                [sys.executable, "-m", "flynn_launcher.main", "up", "--data-dir", str(data_dir),
+                 "--base-port", str(base), "--grace-seconds", "3"],
+                stdout=log, stderr=subprocess.STDOUT, env=env, cwd=ROOT,
+            )  # fmt: skip
+        deadline = time.monotonic() + 180
+        while "Flynn mesh is up" not in log_path.read_text(errors="replace"):
+            if proc.poll() is not None or time.monotonic() > deadline:
+                break
+            time.sleep(0.2)
+        else:
+            return proc, base, data_dir
+        if proc.poll() is None:
+            proc.send_signal(signal.SIGTERM)
+            proc.wait(60)
+        failures.append(log_path.read_text(errors="replace")[-3000:])
+    raise RuntimeError("flynn-dev up failed three times:\n" + "\n---\n".join(failures))
+
+
 @pytest.fixture(scope="module")
 def mesh(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Mesh]:
     if shutil.which("jq") is None:
         pytest.fail("the runbook recipes need jq (apt-get install jq)")
-    data_dir = tmp_path_factory.mktemp("runbook-mesh")
-    base = _free_base()
     bin_dir = str(Path(sys.executable).parent)
     env = dict(
         os.environ, PATH=f"{bin_dir}:{os.environ.get('PATH', '')}", PYTHONPATH=f"{ROOT}:{ROOT / 'gen'}"
     )
     for key in [k for k in env if k.startswith("FLYNN_")]:
         env.pop(key)
-    log = (data_dir / "flynn-dev.log").open("wb")
-    proc = subprocess.Popen(
-        [sys.executable, "-m", "flynn_launcher.main", "up", "--data-dir", str(data_dir), "--base-port", str(base),
-         "--grace-seconds", "3"],
-        stdout=log, stderr=subprocess.STDOUT, env=env, cwd=ROOT,
-    )  # fmt: skip
+    proc, base, data_dir = _start_mesh(tmp_path_factory, env)
     node: _Node | None = None
     try:
-        deadline = time.monotonic() + 180
-        while "Flynn mesh is up" not in (data_dir / "flynn-dev.log").read_text(errors="replace"):
-            if proc.poll() is not None or time.monotonic() > deadline:
-                raise RuntimeError(
-                    "flynn-dev up failed:\n" + (data_dir / "flynn-dev.log").read_text()[-4000:]
-                )
-            time.sleep(0.2)
         token = (data_dir / "secrets" / "operator.token").read_text().strip()
         gw = f"127.0.0.1:{base}"
         md = (("authorization", f"Bearer {token}"),)
@@ -214,7 +229,6 @@ def mesh(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Mesh]:
             except subprocess.TimeoutExpired:
                 proc.kill()
                 proc.wait(10)
-        log.close()
 
 
 # Recipes whose RPC answered UNIMPLEMENTED when this was written. They still run: an UNIMPLEMENTED
