@@ -85,12 +85,19 @@ def parse_duration_ns(value: object) -> int:
 
 
 def format_duration(d: duration_pb2.Duration) -> str:
+    """The shortest exact spelling: 2s, 500ms, 10m, 1h30m, 1m30s."""
     ns = d.seconds * 1_000_000_000 + d.nanos
     if ns == 0:
         return "0s"
     sign = "-" if ns < 0 else ""
     ns = abs(ns)
-    for unit, size in (("s", 1_000_000_000), ("ms", 1_000_000), ("us", 1_000)):
+    if ns % 1_000_000_000 == 0:
+        secs = ns // 1_000_000_000
+        h, rem = divmod(secs, 3600)
+        m, s = divmod(rem, 60)
+        parts = [f"{h}h" if h else "", f"{m}m" if m else "", f"{s}s" if s else ""]
+        return sign + "".join(parts)
+    for unit, size in (("ms", 1_000_000), ("us", 1_000)):
         if ns % size == 0:
             return f"{sign}{ns // size}{unit}"
     return f"{sign}{ns}ns"

@@ -200,3 +200,22 @@ def test_map_keys_keep_their_dots_and_dotted_levels_merge() -> None:
     assert (q.cap, q.mode, q.drop) == (3, config_pb2.QUEUE_MODE_FOLLOWUP, config_pb2.DROP_POLICY_NEW)
     with pytest.raises(cy.ConfigParseError):
         cy.dict_to_config({"server.queue.cap": 1, "server": {"queue": {"cap": 2}}})
+
+
+@pytest.mark.parametrize(
+    ("ns", "text"),
+    [
+        (600 * 10**9, "10m"),
+        (90 * 10**9, "1m30s"),
+        (5400 * 10**9, "1h30m"),
+        (500 * 10**6, "500ms"),
+        (-2 * 10**9, "-2s"),
+        (0, "0s"),
+    ],
+)
+def test_duration_formatting_round_trips(ns: int, text: str) -> None:
+    from google.protobuf import duration_pb2
+
+    d = duration_pb2.Duration()
+    d.FromNanoseconds(ns)
+    assert cy.format_duration(d) == text and cy.parse_duration_ns(text) == ns
