@@ -27,7 +27,8 @@ class AuditLog:
 
     def record(self, event: str, *, actor: str | None = None, **fields: Any) -> dict[str, Any]:
         entry: dict[str, Any] = {
-            "time": time.strftime("%Y-%m-%dT%H:%M:%S", time.gmtime()) + f".{int(time.time() * 1000) % 1000:03d}Z",
+            "time": time.strftime("%Y-%m-%dT%H:%M:%S", time.gmtime())
+            + f".{int(time.time() * 1000) % 1000:03d}Z",
             "service": self.service,
             "event": event,
             "actor": actor if actor is not None else current_actor(),

@@ -56,7 +56,7 @@ def actor() -> str:
 # --- policy ---------------------------------------------------------------------------------
 
 PUBLIC = frozenset[Role]()  # marker: no bearer token needed
-O, C, N, S = Role.OPERATOR, Role.CHANNEL, Role.NODE, Role.SERVICE
+OP, CH, SV = Role.OPERATOR, Role.CHANNEL, Role.SERVICE
 
 # Methods that need no bearer token: health, reflection, and Nodes/Connect (authenticated in-band
 # by the node token in its Register message, see nodes_svc).
@@ -68,56 +68,56 @@ PUBLIC_PREFIXES = (
 
 POLICY: Mapping[str, frozenset[Role]] = {
     # ConfigService
-    "/flynn.v1.ConfigService/GetConfig": frozenset({O, S}),
-    "/flynn.v1.ConfigService/WatchConfig": frozenset({O, S}),
-    "/flynn.v1.ConfigService/UpdateConfig": frozenset({O}),
-    "/flynn.v1.ConfigService/ListRevisions": frozenset({O, S}),
-    "/flynn.v1.ConfigService/RollbackConfig": frozenset({O}),
-    "/flynn.v1.ConfigService/ExplainConfig": frozenset({O, S}),
-    "/flynn.v1.ConfigService/ReportStatus": frozenset({S, O}),
-    "/flynn.v1.ConfigService/ListWatchers": frozenset({O, S}),
+    "/flynn.v1.ConfigService/GetConfig": frozenset({OP, SV}),
+    "/flynn.v1.ConfigService/WatchConfig": frozenset({OP, SV}),
+    "/flynn.v1.ConfigService/UpdateConfig": frozenset({OP}),
+    "/flynn.v1.ConfigService/ListRevisions": frozenset({OP, SV}),
+    "/flynn.v1.ConfigService/RollbackConfig": frozenset({OP}),
+    "/flynn.v1.ConfigService/ExplainConfig": frozenset({OP, SV}),
+    "/flynn.v1.ConfigService/ReportStatus": frozenset({SV, OP}),
+    "/flynn.v1.ConfigService/ListWatchers": frozenset({OP, SV}),
     # RunControl
-    "/flynn.v1.RunControl/SubmitMessage": frozenset({O, S, C}),
-    "/flynn.v1.RunControl/CancelRun": frozenset({O, S, C}),
-    "/flynn.v1.RunControl/GetRun": frozenset({O, S, C}),
-    "/flynn.v1.RunControl/ListRuns": frozenset({O, S}),
-    "/flynn.v1.RunControl/GetSession": frozenset({O, S, C}),
-    "/flynn.v1.RunControl/WatchRunEvents": frozenset({O, S}),
-    "/flynn.v1.RunControl/StreamReplies": frozenset({O, S, C}),
-    "/flynn.v1.RunControl/PostReply": frozenset({O, S}),
+    "/flynn.v1.RunControl/SubmitMessage": frozenset({OP, SV, CH}),
+    "/flynn.v1.RunControl/CancelRun": frozenset({OP, SV, CH}),
+    "/flynn.v1.RunControl/GetRun": frozenset({OP, SV, CH}),
+    "/flynn.v1.RunControl/ListRuns": frozenset({OP, SV}),
+    "/flynn.v1.RunControl/GetSession": frozenset({OP, SV, CH}),
+    "/flynn.v1.RunControl/WatchRunEvents": frozenset({OP, SV}),
+    "/flynn.v1.RunControl/StreamReplies": frozenset({OP, SV, CH}),
+    "/flynn.v1.RunControl/PostReply": frozenset({OP, SV}),
     # Agent (served by external agents; run control calls it with a service token)
-    "/flynn.v1.Agent/Run": frozenset({S}),
+    "/flynn.v1.Agent/Run": frozenset({SV}),
     # Reactions
-    "/flynn.v1.Reactions/EvaluateEvent": frozenset({O, S}),
-    "/flynn.v1.Reactions/ListRules": frozenset({O, S}),
-    "/flynn.v1.Reactions/ListTraces": frozenset({O, S}),
-    "/flynn.v1.Reactions/GetRuleStats": frozenset({O, S}),
-    "/flynn.v1.Reactions/FlagFalsePositive": frozenset({O}),
+    "/flynn.v1.Reactions/EvaluateEvent": frozenset({OP, SV}),
+    "/flynn.v1.Reactions/ListRules": frozenset({OP, SV}),
+    "/flynn.v1.Reactions/ListTraces": frozenset({OP, SV}),
+    "/flynn.v1.Reactions/GetRuleStats": frozenset({OP, SV}),
+    "/flynn.v1.Reactions/FlagFalsePositive": frozenset({OP}),
     # Nodes
     "/flynn.v1.Nodes/Connect": PUBLIC,
-    "/flynn.v1.Nodes/ListNodes": frozenset({O, S}),
-    "/flynn.v1.Nodes/GetNode": frozenset({O, S}),
-    "/flynn.v1.Nodes/InvokeNode": frozenset({O, S}),
-    "/flynn.v1.Nodes/IssueNodeToken": frozenset({O}),
-    "/flynn.v1.Nodes/RevokeNodeToken": frozenset({O}),
-    "/flynn.v1.Nodes/WatchNodeEvents": frozenset({O, S}),
+    "/flynn.v1.Nodes/ListNodes": frozenset({OP, SV}),
+    "/flynn.v1.Nodes/GetNode": frozenset({OP, SV}),
+    "/flynn.v1.Nodes/InvokeNode": frozenset({OP, SV}),
+    "/flynn.v1.Nodes/IssueNodeToken": frozenset({OP}),
+    "/flynn.v1.Nodes/RevokeNodeToken": frozenset({OP}),
+    "/flynn.v1.Nodes/WatchNodeEvents": frozenset({OP, SV}),
     # Canvas
-    "/flynn.v1.Canvas/PutArtifact": frozenset({O, S}),
-    "/flynn.v1.Canvas/GetArtifact": frozenset({O, S}),
-    "/flynn.v1.Canvas/ListArtifacts": frozenset({O, S}),
-    "/flynn.v1.Canvas/DeleteArtifact": frozenset({O, S}),
+    "/flynn.v1.Canvas/PutArtifact": frozenset({OP, SV}),
+    "/flynn.v1.Canvas/GetArtifact": frozenset({OP, SV}),
+    "/flynn.v1.Canvas/ListArtifacts": frozenset({OP, SV}),
+    "/flynn.v1.Canvas/DeleteArtifact": frozenset({OP, SV}),
     # Voice
-    "/flynn.v1.Voice/Synthesize": frozenset({O, S}),
-    "/flynn.v1.Voice/StreamSynthesize": frozenset({O, S}),
-    "/flynn.v1.Voice/Transcribe": frozenset({O, S}),
-    "/flynn.v1.Voice/ListVoices": frozenset({O, S}),
+    "/flynn.v1.Voice/Synthesize": frozenset({OP, SV}),
+    "/flynn.v1.Voice/StreamSynthesize": frozenset({OP, SV}),
+    "/flynn.v1.Voice/Transcribe": frozenset({OP, SV}),
+    "/flynn.v1.Voice/ListVoices": frozenset({OP, SV}),
     # Gateway
-    "/flynn.v1.Gateway/SendMessage": frozenset({O, C}),
-    "/flynn.v1.Gateway/StreamReplies": frozenset({O, C}),
-    "/flynn.v1.Gateway/CancelRun": frozenset({O, C}),
+    "/flynn.v1.Gateway/SendMessage": frozenset({OP, CH}),
+    "/flynn.v1.Gateway/StreamReplies": frozenset({OP, CH}),
+    "/flynn.v1.Gateway/CancelRun": frozenset({OP, CH}),
     # System
-    "/flynn.v1.System/GetMetrics": frozenset({O, S}),
-    "/flynn.v1.System/GetStatus": frozenset({O, S}),
+    "/flynn.v1.System/GetMetrics": frozenset({OP, SV}),
+    "/flynn.v1.System/GetStatus": frozenset({OP, SV}),
 }
 
 
@@ -186,7 +186,8 @@ class TokenStore:
 def write_tokens_file(path: Path, tokens: Mapping[str, tuple[Role, str]]) -> None:
     """Write a tokens file (name -> (role, plaintext token)); only hashes reach the disk."""
     entries = [
-        {"name": name, "role": role.value, "sha256": hash_token(token)} for name, (role, token) in tokens.items()
+        {"name": name, "role": role.value, "sha256": hash_token(token)}
+        for name, (role, token) in tokens.items()
     ]
     path.parent.mkdir(parents=True, exist_ok=True)
     tmp = path.with_suffix(".tmp")

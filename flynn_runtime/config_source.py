@@ -13,9 +13,8 @@ import logging
 from collections.abc import Awaitable, Callable
 from dataclasses import dataclass
 
-from google.protobuf import message as pb_message
-
 from flynn.v1 import config_pb2
+from google.protobuf import message as pb_message
 
 log = logging.getLogger(__name__)
 
@@ -91,7 +90,7 @@ class ConfigSource:
         async with self._changed:
             self._changed.notify_all()
 
-    async def wait_for_revision(self, revision: int, timeout: float) -> bool:
+    async def wait_for_revision(self, revision: int, within_seconds: float) -> bool:
         """Wait until a revision >= `revision` is applied; False on timeout."""
         if self._changed is None:
             self._changed = asyncio.Condition()
@@ -102,7 +101,7 @@ class ConfigSource:
                 await self._changed.wait_for(lambda: self._revision >= revision)
 
         try:
-            await asyncio.wait_for(_wait(), timeout)
+            await asyncio.wait_for(_wait(), within_seconds)
             return True
         except TimeoutError:
             return False

@@ -87,8 +87,12 @@ def failed_precondition(message: str, reason: str, **metadata: str) -> FlynnErro
     return FlynnError(Code.FAILED_PRECONDITION, message, reason=reason, metadata=metadata)
 
 
-def unavailable(message: str, reason: str = "UNAVAILABLE", retry_after: float = 1.0, **metadata: str) -> FlynnError:
-    return FlynnError(Code.UNAVAILABLE, message, reason=reason, metadata=metadata, retry_after_seconds=retry_after)
+def unavailable(
+    message: str, reason: str = "UNAVAILABLE", retry_after: float = 1.0, **metadata: str
+) -> FlynnError:
+    return FlynnError(
+        Code.UNAVAILABLE, message, reason=reason, metadata=metadata, retry_after_seconds=retry_after
+    )
 
 
 def permission_denied(message: str, reason: str = "PERMISSION_DENIED", **metadata: str) -> FlynnError:
@@ -99,7 +103,9 @@ def unauthenticated(message: str, reason: str = "UNAUTHENTICATED") -> FlynnError
     return FlynnError(Code.UNAUTHENTICATED, message, reason=reason)
 
 
-def resource_exhausted(message: str, reason: str, retry_after: float | None = None, **metadata: str) -> FlynnError:
+def resource_exhausted(
+    message: str, reason: str, retry_after: float | None = None, **metadata: str
+) -> FlynnError:
     return FlynnError(
         Code.RESOURCE_EXHAUSTED, message, reason=reason, metadata=metadata, retry_after_seconds=retry_after
     )

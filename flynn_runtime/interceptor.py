@@ -30,7 +30,7 @@ def _split(method: str) -> tuple[str, str]:
     return service, name
 
 
-def _rpc_type(handler: grpc.RpcMethodHandler) -> str:
+def _rpc_type(handler: grpc.RpcMethodHandler[Any, Any]) -> str:
     if handler.request_streaming and handler.response_streaming:
         return "bidi_stream"
     if handler.request_streaming:
@@ -68,7 +68,11 @@ class _Call:
             await abort_with(context, exc)
         incident = ulid()
         log.error(
-            "unhandled error in %s (incident %s)", self.method, incident, exc_info=exc, extra={"incident": incident}
+            "unhandled error in %s (incident %s)",
+            self.method,
+            incident,
+            exc_info=exc,
+            extra={"incident": incident},
         )
         self.code = grpc.StatusCode.INTERNAL
         await context.abort(grpc.StatusCode.INTERNAL, f"internal error (incident {incident})")
@@ -88,15 +92,15 @@ class _Call:
         )
 
 
-class ServerInterceptor(grpc.aio.ServerInterceptor):
+class ServerInterceptor(grpc.aio.ServerInterceptor):  # type: ignore[type-arg]
     def __init__(self, authenticator: Authenticator) -> None:
         self.authenticator = authenticator
 
     async def intercept_service(
         self,
-        continuation: Callable[[grpc.HandlerCallDetails], Awaitable[grpc.RpcMethodHandler]],
+        continuation: Callable[[grpc.HandlerCallDetails], Awaitable[grpc.RpcMethodHandler[Any, Any]]],
         handler_call_details: grpc.HandlerCallDetails,
-    ) -> grpc.RpcMethodHandler:
+    ) -> grpc.RpcMethodHandler[Any, Any]:
         handler = await continuation(handler_call_details)
         if handler is None:
             return None  # type: ignore[return-value]
@@ -107,12 +111,20 @@ class ServerInterceptor(grpc.aio.ServerInterceptor):
             "response_serializer": handler.response_serializer,
         }
         if rpc_type == "unary":
-            return grpc.unary_unary_rpc_method_handler(self._unary(method, rpc_type, handler.unary_unary), **kw)
+            return grpc.unary_unary_rpc_method_handler(
+                self._unary(method, rpc_type, handler.unary_unary), **kw
+            )
         if rpc_type == "client_stream":
-            return grpc.stream_unary_rpc_method_handler(self._unary(method, rpc_type, handler.stream_unary), **kw)
+            return grpc.stream_unary_rpc_method_handler(
+                self._unary(method, rpc_type, handler.stream_unary), **kw
+            )
         if rpc_type == "server_stream":
-            return grpc.unary_stream_rpc_method_handler(self._stream(method, rpc_type, handler.unary_stream), **kw)
-        return grpc.stream_stream_rpc_method_handler(self._stream(method, rpc_type, handler.stream_stream), **kw)
+            return grpc.unary_stream_rpc_method_handler(
+                self._stream(method, rpc_type, handler.unary_stream), **kw
+            )
+        return grpc.stream_stream_rpc_method_handler(
+            self._stream(method, rpc_type, handler.stream_stream), **kw
+        )
 
     def _unary(self, method: str, rpc_type: str, inner: Any) -> Any:
         async def wrapper(request: Any, context: ServicerContext[Any, Any]) -> Any:

@@ -26,7 +26,9 @@ GRPC_HANDLING = Histogram(
     buckets=LATENCY_BUCKETS,
 )
 GRPC_MSG_SENT = Counter(
-    "grpc_server_msg_sent_total", "Stream messages sent by the server.", ["grpc_service", "grpc_method", "grpc_type"]
+    "grpc_server_msg_sent_total",
+    "Stream messages sent by the server.",
+    ["grpc_service", "grpc_method", "grpc_type"],
 )
 SERVICE_INFO = Gauge("flynn_service_info", "Static information about this process.", ["service", "version"])
 CONFIG_APPLIED_REVISION = Gauge("config_applied_revision", "Config revision this process applied last.")

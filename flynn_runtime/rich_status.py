@@ -35,9 +35,7 @@ def to_status_proto(err: FlynnError) -> status_pb2.Status:
             retry_delay=duration_pb2.Duration(seconds=int(whole), nanos=int(frac * 1e9))
         )
         details.append(_pack(retry))
-    return status_pb2.Status(
-        code=getattr(code_pb2, err.code.value), message=err.message, details=details
-    )
+    return status_pb2.Status(code=getattr(code_pb2, err.code.value), message=err.message, details=details)
 
 
 def to_grpc_status(err: FlynnError) -> grpc.Status:

@@ -20,11 +20,12 @@ from dataclasses import dataclass
 from typing import TypeVar
 
 import grpc
-from grpc_health.v1 import health, health_pb2, health_pb2_grpc
-from grpc_reflection.v1alpha import reflection
 
 # Registers google.rpc.* descriptors so reflection can resolve the error details grpcurl prints.
 from google.rpc import error_details_pb2  # noqa: F401
+from grpc_health.v1 import health, health_pb2, health_pb2_grpc
+from grpc_health.v1.health import aio as health_aio  # type: ignore[attr-defined]
+from grpc_reflection.v1alpha import reflection
 
 from flynn_runtime import VERSION, logs, metrics
 from flynn_runtime.audit import AuditLog
@@ -66,7 +67,7 @@ class Runtime:
 
     async def close(self) -> None:
         for ch in self._channels.values():
-            await ch.close()
+            await ch.close(None)
         self._channels.clear()
         self.audit.close()
 
@@ -105,7 +106,7 @@ class RunningServer:
     app: ServiceApp
     runtime: Runtime
     server: grpc.aio.Server
-    health: health.aio.HealthServicer
+    health: health_aio.HealthServicer
 
     @property
     def address(self) -> str:
@@ -113,7 +114,9 @@ class RunningServer:
 
 
 @contextlib.asynccontextmanager
-async def running(settings: Settings, factory: Callable[[Runtime], ServiceApp]) -> AsyncIterator[RunningServer]:
+async def running(
+    settings: Settings, factory: Callable[[Runtime], ServiceApp]
+) -> AsyncIterator[RunningServer]:
     """Start a service and stop it gracefully on exit (used by run_service and by in-process tests)."""
     runtime = Runtime(settings)
     app = factory(runtime)
@@ -122,7 +125,7 @@ async def running(settings: Settings, factory: Callable[[Runtime], ServiceApp]) 
         options=server_options(settings.max_message_bytes, settings.max_concurrent_streams),
         maximum_concurrent_rpcs=None,
     )
-    health_servicer = health.aio.HealthServicer()
+    health_servicer = health_aio.HealthServicer()
     health_pb2_grpc.add_HealthServicer_to_server(health_servicer, server)
     app.register(server)
     names = [*app.service_names, *app.reflection_names, health.SERVICE_NAME, reflection.SERVICE_NAME]
@@ -146,7 +149,10 @@ async def running(settings: Settings, factory: Callable[[Runtime], ServiceApp]) 
         tmp.replace(settings.port_file)
     log.info(
         "serving",
-        extra={"address": f"{settings.listen.rpartition(':')[0]}:{port}", "services": list(app.service_names)},
+        extra={
+            "address": f"{settings.listen.rpartition(':')[0]}:{port}",
+            "services": list(app.service_names),
+        },
     )
     handle = RunningServer(port, metrics_port, app, runtime, server, health_servicer)
     try:

@@ -15,7 +15,14 @@ from pathlib import Path
 
 # Backend services the gateway (and other services) may call, with their default local ports.
 BACKENDS = ("config", "queue", "reactions", "nodes", "voice")
-DEFAULT_PORTS = {"gateway": 50050, "config": 50051, "queue": 50052, "reactions": 50053, "nodes": 50054, "voice": 50055}
+DEFAULT_PORTS = {
+    "gateway": 50050,
+    "config": 50051,
+    "queue": 50052,
+    "reactions": 50053,
+    "nodes": 50054,
+    "voice": 50055,
+}
 
 
 @dataclass(frozen=True)
@@ -46,20 +53,26 @@ def _env(name: str, default: str) -> str:
 def build_parser(service: str) -> argparse.ArgumentParser:
     p = argparse.ArgumentParser(prog=f"flynn-{service}", description=f"Flynn {service} service")
     port = DEFAULT_PORTS.get(service, 0)
-    p.add_argument("--listen", default=_env("listen", f"127.0.0.1:{port}"), help="gRPC host:port (FLYNN_LISTEN)")
+    p.add_argument(
+        "--listen", default=_env("listen", f"127.0.0.1:{port}"), help="gRPC host:port (FLYNN_LISTEN)"
+    )
     p.add_argument(
         "--metrics-listen",
         default=_env("metrics_listen", "127.0.0.1:0"),
         help="Prometheus host:port, empty to disable (FLYNN_METRICS_LISTEN)",
     )
-    p.add_argument("--data-dir", default=_env("data_dir", "./.flynn-data"), help="data directory (FLYNN_DATA_DIR)")
+    p.add_argument(
+        "--data-dir", default=_env("data_dir", "./.flynn-data"), help="data directory (FLYNN_DATA_DIR)"
+    )
     for backend in BACKENDS:
         p.add_argument(
             f"--{backend}-addr",
             default=_env(f"{backend}_addr", f"127.0.0.1:{DEFAULT_PORTS[backend]}"),
             help=f"address of the {backend} service (FLYNN_{backend.upper()}_ADDR)",
         )
-    p.add_argument("--tokens-file", default=_env("tokens_file", ""), help="token hashes file (FLYNN_TOKENS_FILE)")
+    p.add_argument(
+        "--tokens-file", default=_env("tokens_file", ""), help="token hashes file (FLYNN_TOKENS_FILE)"
+    )
     p.add_argument(
         "--service-token-file",
         default=_env("service_token_file", ""),
@@ -67,9 +80,14 @@ def build_parser(service: str) -> argparse.ArgumentParser:
         "FLYNN_SERVICE_TOKEN is read when no file is given)",
     )
     p.add_argument(
-        "--grace-seconds", type=float, default=float(_env("grace_seconds", "10")), help="shutdown grace (FLYNN_GRACE_SECONDS)"
+        "--grace-seconds",
+        type=float,
+        default=float(_env("grace_seconds", "10")),
+        help="shutdown grace (FLYNN_GRACE_SECONDS)",
     )
-    p.add_argument("--port-file", default=_env("port_file", ""), help="write '<grpc> <metrics>' ports here once bound")
+    p.add_argument(
+        "--port-file", default=_env("port_file", ""), help="write '<grpc> <metrics>' ports here once bound"
+    )
     p.add_argument("--log-level", default=_env("log_level", "info"), help="log level (FLYNN_LOG_LEVEL)")
     p.add_argument(
         "--instance-id",

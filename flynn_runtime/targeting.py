@@ -10,6 +10,7 @@ from dataclasses import dataclass
 from typing import Generic, TypeVar
 
 from flynn.v1 import config_pb2
+
 from flynn_runtime import rollout
 
 T = TypeVar("T")
@@ -42,7 +43,9 @@ def rollout_key(r: config_pb2.Rollout, target: Target, default_key: str = "sessi
     return target.session_key
 
 
-def rollout_decision(r: config_pb2.Rollout, gate: str, target: Target, default_key: str = "session") -> Decision[bool]:
+def rollout_decision(
+    r: config_pb2.Rollout, gate: str, target: Target, default_key: str = "session"
+) -> Decision[bool]:
     """Whether `target` is inside rollout `r` of the gate named `gate` (its salt defaults to the gate name)."""
     salt = r.salt or gate
     key = rollout_key(r, target, default_key)
@@ -63,7 +66,9 @@ def queue_mode(
 ) -> Decision[int]:
     q = cfg.server.queue
     if message_override != config_pb2.QUEUE_MODE_UNSPECIFIED:
-        return Decision(message_override, Source.VALUE_SOURCE_MESSAGE_OVERRIDE, explanation="per-message override")
+        return Decision(
+            message_override, Source.VALUE_SOURCE_MESSAGE_OVERRIDE, explanation="per-message override"
+        )
     if target.session_key in q.overrides.sessions:
         return Decision(
             q.overrides.sessions[target.session_key],
@@ -87,16 +92,26 @@ def queue_mode(
 
 def _global_mode(q: config_pb2.QueueConfig) -> Decision[int]:
     if q.mode == config_pb2.QUEUE_MODE_UNSPECIFIED:
-        return Decision(config_pb2.QUEUE_MODE_COLLECT, Source.VALUE_SOURCE_DEFAULT, explanation="default collect")
+        return Decision(
+            config_pb2.QUEUE_MODE_COLLECT, Source.VALUE_SOURCE_DEFAULT, explanation="default collect"
+        )
     return Decision(q.mode, Source.VALUE_SOURCE_GLOBAL, explanation="server.queue.mode")
 
 
-def _bool_gate(enabled: bool, r: config_pb2.Rollout | None, gate: str, target: Target, key: str = "session") -> Decision[bool]:
+def _bool_gate(
+    enabled: bool, r: config_pb2.Rollout | None, gate: str, target: Target, key: str = "session"
+) -> Decision[bool]:
     if enabled:
         return Decision(True, Source.VALUE_SOURCE_GLOBAL, explanation=f"{gate} is true")
     if r is not None and r.basis_points > 0:
         d = rollout_decision(r, gate, target, key)
-        return d if d.value else Decision(False, Source.VALUE_SOURCE_GLOBAL, d.bucket, d.basis_points, d.hashed_key, d.explanation)
+        return (
+            d
+            if d.value
+            else Decision(
+                False, Source.VALUE_SOURCE_GLOBAL, d.bucket, d.basis_points, d.hashed_key, d.explanation
+            )
+        )
     return Decision(False, Source.VALUE_SOURCE_GLOBAL, explanation=f"{gate} is false")
 
 
@@ -104,7 +119,11 @@ def tts_enabled(cfg: config_pb2.FlynnConfig, target: Target) -> Decision[bool]:
     """Speech for replies: the channel must be listed in tts.enabled_channels, then tts.enabled or its rollout."""
     t = cfg.tts
     if target.channel not in t.enabled_channels:
-        return Decision(False, Source.VALUE_SOURCE_GLOBAL, explanation=f"channel {target.channel!r} not in tts.enabled_channels")
+        return Decision(
+            False,
+            Source.VALUE_SOURCE_GLOBAL,
+            explanation=f"channel {target.channel!r} not in tts.enabled_channels",
+        )
     return _bool_gate(t.enabled, t.rollout if t.HasField("rollout") else None, "tts.enabled", target)
 
 

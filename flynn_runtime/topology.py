@@ -22,7 +22,9 @@ SERVICES: dict[str, ServiceInfo] = {
         ServiceInfo("reactions", "reactions_svc.main", "flynn-reactions", ("flynn.v1.Reactions",), True),
         ServiceInfo("nodes", "nodes_svc.main", "flynn-nodes", ("flynn.v1.Nodes", "flynn.v1.Canvas"), True),
         ServiceInfo("voice", "voice_svc.main", "flynn-voice", ("flynn.v1.Voice",), False),
-        ServiceInfo("gateway", "gateway.main", "flynn-gateway", ("flynn.v1.Gateway", "flynn.v1.System"), False),
+        ServiceInfo(
+            "gateway", "gateway.main", "flynn-gateway", ("flynn.v1.Gateway", "flynn.v1.System"), False
+        ),
     )
 }
 

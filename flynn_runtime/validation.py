@@ -79,7 +79,9 @@ class Violations:
     def int_range(self, field_path: str, value: int, lo: int, hi: int) -> bool:
         return self.check(lo <= value <= hi, field_path, f"must be between {lo} and {hi}, got {value}")
 
-    def enum_known(self, field_path: str, value: int, known: Iterable[int], *, allow_zero: bool = True) -> bool:
+    def enum_known(
+        self, field_path: str, value: int, known: Iterable[int], *, allow_zero: bool = True
+    ) -> bool:
         allowed = set(known)
         if value == 0 and allow_zero:
             return True
