@@ -80,7 +80,7 @@ class Mesh:
         )
         app = self.reactions.app
         assert isinstance(app, ReactionsApp)
-        assert await app.config.wait_for_revision(resp.revision, timeout=15)
+        assert await app.config.wait_for_revision(resp.revision, 15)
         return resp.revision
 
     async def wait(self, predicate: object, limit: float = 15.0) -> None:
@@ -113,7 +113,7 @@ async def mesh(tmp_path: Path, tokens: Tokens, monkeypatch: pytest.MonkeyPatch) 
             async with running(settings, ReactionsApp) as rx:
                 app = rx.app
                 assert isinstance(app, ReactionsApp)
-                assert await app.config.wait_for_revision(1, timeout=15)
+                assert await app.config.wait_for_revision(1, 15)
                 async with (
                     grpc.aio.insecure_channel(rx.address) as ch,
                     grpc.aio.insecure_channel(cfg.address) as cch,
