@@ -1,3 +1,4 @@
+# mypy: disable-error-code="misc"
 """Reactions on node events from the real nodes service: a companion node connects, the reactions
 service (consuming Nodes.WatchNodeEvents) puts a canvas artifact and invokes a command on the node;
 the node disconnects and a rule that wants another disconnect reason says why it did not fire."""
