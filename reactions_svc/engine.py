@@ -128,10 +128,21 @@ class FireState:
             if rid == c.id and self.window_count(rid, key, c.window_s, now) >= c.max_fires
         ]
 
-    def forget_rules(self, keep: set[str]) -> None:
-        for k in [k for k in self.last if k[0] not in keep]:
-            self.last.pop(k, None)
-            self.windows.pop(k, None)
+    def prune(self, rules: RuleSet, now: float) -> list[tuple[str, str]]:
+        """Forget keys whose cooldown and fire window are over (or whose rule is gone); returns them.
+
+        Keys are (rule, session/channel/sender), so without this the state grows with every session seen.
+        """
+        gone: list[tuple[str, str]] = []
+        for k, last in list(self.last.items()):
+            c = rules.by_id.get(k[0])
+            keep_for = max(c.cooldown_s, c.window_s if c.max_fires > 0 else 0.0) if c is not None else 0.0
+            if now - last >= keep_for:
+                gone.append(k)
+                del self.last[k]
+                self.windows.pop(k, None)
+                self.dirty.discard(k)
+        return gone
 
 
 def cooldown_key_value(c: CompiledRule, ev: reactions_pb2.ReactionEvent) -> str:

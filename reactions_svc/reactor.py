@@ -39,6 +39,7 @@ TEXT_PLACEHOLDER_MAX = 4000
 # Actions whose downstream call takes no idempotency key (Canvas.PutArtifact).
 NON_IDEMPOTENT_KINDS = frozenset({"put_canvas"})
 ACTION_ATTEMPTS = 3
+STATE_PRUNE_EVERY = 1000
 
 
 def idempotency_key(event_id: str, rule_id: str, index: int) -> str:
@@ -147,6 +148,7 @@ class Reactor:
             if window:
                 self.state.windows[(rule_id, key)] = list(window)
         self._lock = asyncio.Lock()
+        self._evaluations = 0
         self._inflight: dict[str, asyncio.Future[None]] = {}
 
     @property
@@ -227,6 +229,11 @@ class Reactor:
             )
         rs = self.rules
         now = self._clock()
+        self._evaluations += 1
+        if self._evaluations % STATE_PRUNE_EVERY == 0:
+            gone = self.state.prune(rs, now)
+            if gone:
+                self.store.delete_fire_state(gone)
         t0 = time.perf_counter()
         ev = engine.evaluate(event, rs, self.state, now)
         metrics.EVALUATION_SECONDS.observe(time.perf_counter() - t0)

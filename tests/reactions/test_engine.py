@@ -240,3 +240,16 @@ def test_many_regex_rules_use_one_set_and_agree_with_per_rule_search() -> None:
     assert rs.by_type[MSG].regex_filter is not None
     ev = evaluate(msg("e", "see CODE7 and code42 but not code420x"), rs, FireState(), 0)
     assert sorted(c.id for c in ev.matched) == ["r007", "r042"]
+
+
+def test_fire_state_is_pruned_when_cooldowns_and_windows_are_over() -> None:
+    rs = RuleSet([rule("cool", cooldown_s=10), rule("capped", max_fires=2, window_s=100)])
+    st = FireState()
+    for i in range(50):
+        evaluate(msg(f"e{i}", session=f"s{i}"), rs, st, 0.0)
+    assert len(st.last) == 100
+    assert len(st.prune(rs, 50.0)) == 50  # cooldowns over; fire windows still open
+    assert {k[0] for k in st.last} == {"capped"}
+    assert len(st.prune(rs, 101.0)) == 50 and not st.last and not st.windows
+    evaluate(msg("x", session="s1"), rs, st, 200.0)
+    assert len(st.prune(RuleSet([]), 200.0)) == 2  # rules that are gone take their state with them
