@@ -7,6 +7,7 @@ A change equal to the head commits nothing (`unchanged`), so the history only ho
 from __future__ import annotations
 
 from dataclasses import dataclass, field
+from typing import Any
 
 from flynn.v1 import config_pb2
 from google.protobuf import field_mask_pb2
@@ -92,7 +93,9 @@ class ConfigEditor:
         merged.CopyFrom(self._head_cfg)
         if good:
             mask = field_mask_pb2.FieldMask(paths=good)
-            mask.MergeMessage(partial, merged, replace_message_field=True, replace_repeated_field=True)
+            mask.MergeMessage(
+                _with_parents(partial, good), merged, replace_message_field=True, replace_repeated_field=True
+            )
         problems.extend(validate_config(merged))
         if problems:
             raise invalid_fields(problems, reason="INVALID_CONFIG")
@@ -152,6 +155,22 @@ class ConfigEditor:
             raise _stale(expected or self._head_rev, e.head) from None
         self._head_rev, self._head_cfg = stored.revision, new
         return ChangeResult(stored.revision, new, diff, stored)
+
+
+def _with_parents(partial: config_pb2.FlynnConfig, paths: list[str]) -> config_pb2.FlynnConfig:
+    """A copy of `partial` where every message on a mask path is present.
+
+    FieldMask.MergeMessage skips a path whose parent message is unset in the source, so a path left
+    empty in the request (meaning "clear this", AIP-134) would silently keep its old value.
+    """
+    out = config_pb2.FlynnConfig()
+    out.CopyFrom(partial)
+    for path in paths:
+        node: Any = out
+        for part in path.split(".")[:-1]:
+            node = getattr(node, part)
+            node.SetInParent()
+    return out
 
 
 def _stale(expected: int, head: int) -> Exception:

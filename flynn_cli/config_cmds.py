@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import argparse
 import datetime
+import re
 import sys
 from pathlib import Path
 from typing import Any
@@ -36,11 +37,22 @@ def register(sub: Any) -> None:
     c.add_argument("--revision", type=int, default=0, help="an older revision (default: the head)")
     c.set_defaults(func=cmd_get)
 
-    c = cmds.add_parser("set", help="set one dotted key (the value is YAML: interrupt, true, [a, b], 2s)")
+    c = cmds.add_parser(
+        "set",
+        help="set one dotted key (the value is YAML: interrupt, true, [a, b], 2s); "
+        "a map entry is written as path[key], e.g. server.queue.overrides.sessions[telegram:42]",
+    )
     c.add_argument("key")
     c.add_argument("value")
     _change_flags(c)
     c.set_defaults(func=cmd_set)
+
+    c = cmds.add_parser(
+        "unset", help="clear a dotted key back to its default, or remove a map entry path[key]"
+    )
+    c.add_argument("key")
+    _change_flags(c)
+    c.set_defaults(func=cmd_unset)
 
     c = cmds.add_parser("apply", help="replace the whole config with a YAML file")
     c.add_argument("file", type=Path)
@@ -157,10 +169,13 @@ def cmd_get(args: argparse.Namespace) -> int:
     return 0
 
 
-def _update(args: argparse.Namespace, cfg: config_pb2.FlynnConfig, paths: list[str]) -> int:
+def _update(
+    args: argparse.Namespace, cfg: config_pb2.FlynnConfig, paths: list[str], head: int | None = None
+) -> int:
     if not _need_reason(args):
         return 2
-    head = _head(args)
+    if head is None:
+        head = _head(args)
     if head is None:
         return 1
     req = config_pb2.UpdateConfigRequest(
@@ -174,17 +189,67 @@ def _update(args: argparse.Namespace, cfg: config_pb2.FlynnConfig, paths: list[s
     return 1 if resp is None else _report_change(resp, "committed")
 
 
-def cmd_set(args: argparse.Namespace) -> int:
+_MAP_ENTRY = re.compile(r"^(?P<path>[A-Za-z0-9_.]+)\[(?P<key>.+)\]$")
+
+
+def _map_entry_update(args: argparse.Namespace, path: str, key: str, value: Any, remove: bool) -> int:
+    """`path[key]`: read the head, change one entry of the map, write the whole map back (with the head's
+    revision as expected_revision, so a concurrent change is refused rather than overwritten)."""
+    if not _need_reason(args):
+        return 2
+    resp = rpc.call(lambda: _stub(args).GetConfig(config_pb2.GetConfigRequest(), **_kw(args)))
+    if resp is None:
+        return 1
     try:
-        value = yaml.safe_load(args.value)
+        current = config_yaml.value_at(resp.config, path)
+    except KeyError:
+        current = None
+    if not isinstance(current, dict):
+        print(f"error: {path!r} is not a map field (only maps take [key])", file=sys.stderr)
+        return 1
+    if remove:
+        if key not in current:
+            print(f"no change: {path} has no entry {key!r}")
+            return 0
+        del current[key]
+    else:
+        current[key] = value
+    try:
+        cfg = config_yaml.dict_to_config({path: current})
+    except config_yaml.ConfigParseError as e:
+        return _parse_error(e, "the value")
+    head = args.expected_revision or int(resp.revision)
+    return _update(args, cfg, [path], head)
+
+
+def _parse_value(text: str) -> tuple[bool, Any]:
+    try:
+        return True, yaml.safe_load(text)
     except yaml.YAMLError as e:
         print(f"error: the value is not YAML: {e}", file=sys.stderr)
+        return False, None
+
+
+def cmd_set(args: argparse.Namespace) -> int:
+    ok, value = _parse_value(args.value)
+    if not ok:
         return 1
+    m = _MAP_ENTRY.match(args.key)
+    if m:
+        return _map_entry_update(args, m["path"], m["key"], value, remove=False)
     try:
         cfg = config_yaml.dict_to_config({args.key: value})
     except config_yaml.ConfigParseError as e:
         return _parse_error(e, "the value")
     return _update(args, cfg, [args.key])
+
+
+def cmd_unset(args: argparse.Namespace) -> int:
+    m = _MAP_ENTRY.match(args.key)
+    if m:
+        return _map_entry_update(args, m["path"], m["key"], None, remove=True)
+    # The key in the mask with nothing set in the request clears it (back to its default).
+    return _update(args, config_pb2.FlynnConfig(), [args.key])
 
 
 def _load_file(path: Path) -> config_pb2.FlynnConfig | int:

@@ -275,11 +275,29 @@ def test_cli_against_a_real_server(
     code, out, _ = flynn("config", "watchers")
     assert code == 0 and out.startswith("head revision 4")
 
+    # Map entries one at a time, and unset.
+    code, out, _ = flynn(
+        "config", "set", "server.queue.overrides.sessions[tg:1.5]", "interrupt", "--reason", "vip"
+    )
+    assert code == 0 and "revision 5" in out and "server.queue.overrides.sessions[tg:1.5]" in out
+    code, out, _ = flynn(
+        "config", "set", "server.queue.overrides.sessions[tg:2]", "steer", "--reason", "vip2"
+    )
+    assert code == 0 and "revision 6" in out
+    code, out, _ = flynn("config", "get", "server.queue.overrides.sessions")
+    assert out.splitlines()[1:] == ["tg:1.5: interrupt", "tg:2: steer"]
+    code, out, _ = flynn("config", "unset", "server.queue.overrides.sessions[tg:1.5]", "--reason", "done")
+    assert code == 0 and "revision 7" in out
+    code, out, _ = flynn("config", "explain", "server.queue.mode", "--session", "tg:2", "--channel", "tg")
+    assert 'server.queue.mode = "steer"' in out and "session_override" in out
+    code, out, _ = flynn("config", "unset", "tts.engines", "--reason", "default chain")
+    assert code == 0 and "revision 8" in out and 'tts.engines: ["piper", "espeak-ng"] -> (unset)' in out
+
     # Errors: a stale write and an unreachable server exit non-zero with a readable message.
     code, out, err = flynn(
         "config", "set", "tts.enabled", "false", "--reason", "x", "--expected-revision", "2"
     )
-    assert code == 1 and "FAILED_PRECONDITION" in err and "current_revision=4" in err
+    assert code == 1 and "FAILED_PRECONDITION" in err and "current_revision=8" in err
     code = cli(["--addr", "127.0.0.1:1", "--timeout", "1", "config", "get"])
     assert code == 1 and "UNAVAILABLE" in capsys.readouterr().err
 

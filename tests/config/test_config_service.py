@@ -376,3 +376,20 @@ async def test_slow_watcher_is_closed_and_resumes_from_its_revision(tmp_path: Pa
         assert rest == [(KIND.WATCH_EVENT_KIND_CHANGE, r) for r in range(start, 62)]
         await ch.close()
         await watch_ch.close()
+
+
+async def test_a_masked_path_left_empty_is_cleared(op: Stub) -> None:
+    r = await op.UpdateConfig(
+        config_pb2.UpdateConfigRequest(
+            config=config_pb2.FlynnConfig(),
+            update_mask=mask("tts.engines", "server.nodes.feature_gates.ui.canvas"),
+            expected_revision=1,
+            reason="clear",
+        )
+    )
+    changes = {d.path: (d.old_value, d.new_value) for d in r.diff}
+    assert changes["tts.engines"] == ('["piper", "espeak-ng"]', "")
+    assert changes["server.nodes.feature_gates.ui.canvas"] == ("true", "")
+    got = (await op.GetConfig(config_pb2.GetConfigRequest())).config
+    assert list(got.tts.engines) == [] and got.server.nodes.feature_gates.ui.canvas is False
+    assert list(got.tts.enabled_channels) == ["voice-demo"]  # siblings untouched
