@@ -153,8 +153,7 @@ class NodesApp(ServiceApp):
             t.cancel()
             with contextlib.suppress(asyncio.CancelledError):
                 await t
-        with contextlib.suppress(Exception):
-            self.registry.flush_last_seen()
+        self.registry.shutdown()
         if self._watcher is not None:
             await self._watcher.stop()  # type: ignore[attr-defined]
         await self.canvas.close()

@@ -266,6 +266,7 @@ class NodeRegistry:
         self._idem: OrderedDict[tuple[str, str], PendingInvoke] = OrderedDict()
         self._events_changed = asyncio.Event()
         self._policy = NodesPolicy.of(config.config)
+        self._closed = False  # set by shutdown(): handlers finishing late must not touch the closed store
 
     # lifecycle ----------------------------------------------------------------------------
 
@@ -279,6 +280,14 @@ class NodeRegistry:
             self._notify_events()
         self._policy = NodesPolicy.of(self.config.config)
         metrics.ONLINE.set(0)
+
+    def shutdown(self) -> None:
+        """Last call before the store closes: end what is left, flush last_seen, refuse later writes."""
+        for s in list(self.sessions.values()):
+            s.close("shutdown")
+            self.end_session(s)
+        self.flush_last_seen()
+        self._closed = True
 
     def close_all(self, reason: str) -> int:
         n = 0
@@ -501,6 +510,8 @@ class NodeRegistry:
             return
         del self.sessions[session.node_id]
         metrics.ONLINE.set(len(self.sessions))
+        if self._closed:
+            return
         reason = session.close_reason
         metrics.DISCONNECTS.labels(reason).inc()
         last_seen = time.time() - (time.monotonic() - session.last_seen)
