@@ -71,6 +71,9 @@ async def test_sigterm_then_sigkill_nodes_come_back_to_one_registration(
             assert await asyncio.to_thread(proc.terminate) == 0  # the nodes' loop keeps running meanwhile
             # The event watcher was told to reconnect rather than left hanging.
             assert await asyncio.wait_for(drained, 10) == grpc.StatusCode.UNAVAILABLE
+            assert proc.log_path is not None
+            log_text = proc.log_path.read_text()
+            assert '"level": "error"' not in log_text and "Traceback" not in log_text, proc.log_tail()
         for n, _ in pairs:
             await eventually(lambda n=n: bool(n.stats.closes), what="NodeClose")
             assert [c.reason for c in n.stats.closes] == ["shutdown"] and n.stats.closes[0].reconnect
