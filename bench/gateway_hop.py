@@ -141,7 +141,7 @@ def main() -> None:
         d = next(r for n, c, r in rows if n == "direct" and c == callers)
         g = next(r for n, c, r in rows if n == "gateway" and c == callers)
         print(
-            f"hop adds at {callers:>2} caller(s): p50 +{g['p50'] - d['p50']:.3f} ms, p99 +{g['p99'] - d['p99']:.3f} ms, "
+            f"hop adds at {callers:>2} caller(s): p50 {g['p50'] - d['p50']:+.3f} ms, p99 {g['p99'] - d['p99']:+.3f} ms, "
             f"throughput {g['rate'] / d['rate']:.0%} of direct"
         )
     for callers, us in cpu_rows:
