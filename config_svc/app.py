@@ -50,6 +50,7 @@ class ConfigApp(ServiceApp):
         super().__init__(runtime)
         extra = runtime.settings.extra
         seed = str(extra.get("seed_file") or os.environ.get("FLYNN_SEED_FILE", ""))
+        self.seed_explicit = bool(seed)
         self.seed_file = Path(seed) if seed else DEFAULT_SEED
         self.bookmark_seconds = float(
             str(extra.get("bookmark_seconds") or os.environ.get("FLYNN_BOOKMARK_SECONDS", "15"))
@@ -71,6 +72,8 @@ class ConfigApp(ServiceApp):
             if self.seed_file.exists():
                 cfg = config_yaml.yaml_to_config(self.seed_file.read_text(encoding="utf-8"))
                 reason = f"seed from {self.seed_file}"
+            elif self.seed_explicit:
+                raise SystemExit(f"seed file {self.seed_file} not found (--seed-file / FLYNN_SEED_FILE)")
             else:
                 log.warning("seed file %s not found; seeding an empty config", self.seed_file)
                 cfg, reason = config_yaml.dict_to_config({}), "empty seed"
