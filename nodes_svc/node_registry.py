@@ -42,6 +42,8 @@ OUTBOUND_MAX = 1024
 LAST_SEEN_FLUSH = 5.0  # seconds between last_seen writes of one node (phases spread, batched per tick)
 CLOSE_GRACE = 5.0  # seconds a closed stream gets to deliver its NodeClose before the session is dropped
 IDEMPOTENCY_MAX = 10_000
+QUEUE_PROGRESS_MAX = 1000
+HISTORY_MAX = 100  # progress messages kept per invoke for late-attaching callers
 EVENTS_KEPT = 100_000
 
 CONNECTED = nodes_pb2.NODE_EVENT_TYPE_CONNECTED
@@ -146,11 +148,15 @@ class PendingInvoke:
     def publish(self, item: nodes_pb2.InvokeNodeResponse | FlynnError) -> None:
         if isinstance(item, FlynnError):
             self.error = item
-        else:
+        elif item.HasField("result") or len(self.history) < HISTORY_MAX:
+            # Kept for callers that attach later (idempotent retries); a chatty node cannot grow it unbounded.
             self.history.append(item)
             if item.HasField("result"):
                 self.result = item.result
+        progress = not isinstance(item, FlynnError) and item.HasField("progress")
         for q in self.subscribers:
+            if progress and q.qsize() >= QUEUE_PROGRESS_MAX:
+                continue  # a caller that does not keep up loses progress, never the result
             q.put_nowait(item)
 
 
