@@ -352,3 +352,36 @@ async def test_traces_flags_stats_and_grpcurl(mesh: Mesh) -> None:
     assert out.returncode == 0, out.stderr
     body = json.loads(out.stdout)
     assert body["rules"][0].get("falsePositives", body["rules"][0].get("false_positives")) == "1"
+
+
+async def test_revision_the_engine_cannot_run_is_nacked_and_old_rules_stay(mesh: Mesh) -> None:
+    # The config service accepts it (its checks pass); the reactions service refuses the placeholder.
+    bad = rule("typo", actions=[config_pb2.ReactionAction(reply=config_pb2.ReplyAction(text="hi {sendr}"))])
+    head = await mesh.config_stub.GetConfig(config_pb2.GetConfigRequest(), metadata=mesh.md)
+    cfg = config_pb2.FlynnConfig()
+    cfg.automation.reactions.append(bad)
+    resp = await mesh.config_stub.UpdateConfig(
+        config_pb2.UpdateConfigRequest(
+            config=cfg,
+            update_mask=field_mask_pb2.FieldMask(paths=["automation.reactions"]),
+            expected_revision=head.revision,
+            reason="typo",
+        ),
+        metadata=mesh.md,
+    )
+
+    async def nacked() -> bool:
+        w = await mesh.config_stub.ListWatchers(config_pb2.ListWatchersRequest(), metadata=mesh.md)
+        return any(
+            x.identity.service == "reactions" and x.last_nack_revision == resp.revision for x in w.watchers
+        )
+
+    deadline = asyncio.get_running_loop().time() + 15
+    while not await nacked():
+        assert asyncio.get_running_loop().time() < deadline, "no NACK reported"
+        await asyncio.sleep(0.05)
+    w = await mesh.config_stub.ListWatchers(config_pb2.ListWatchersRequest(), metadata=mesh.md)
+    reason = next(x.last_nack_reason for x in w.watchers if x.identity.service == "reactions")
+    assert "automation.reactions[0].actions[0].reply.text" in reason and "{sendr}" in reason
+    rules = await mesh.stub.ListRules(reactions_pb2.ListRulesRequest(), metadata=mesh.md)
+    assert [r.rule.id for r in rules.rules] == ["ack-all", "help-reply"] and rules.config_revision == 1
