@@ -6,7 +6,8 @@ Starts real processes (the config service, or the test echo backend, and a gatew
 it), then measures p50/p95/p99 latency and throughput of ConfigService/GetConfig (echo:
 Voice/Synthesize) at 1 and 16 concurrent callers, direct and through the gateway, with bounded
 iterations. The client sends pre-serialised bytes and does not parse replies, so both paths pay
-the same client cost and the difference is the hop.
+the same client cost and the difference is the hop. "bare" is the floor on the same machine at the
+same moment: the gateway's forwarder alone in a plain grpc.aio server (no auth, metrics, errors).
 """
 
 from __future__ import annotations
@@ -15,7 +16,10 @@ import argparse
 import asyncio
 import importlib.util
 import os
+import socket
 import statistics
+import subprocess
+import sys
 import tempfile
 import time
 from pathlib import Path
@@ -24,7 +28,7 @@ from typing import Any
 import grpc
 from flynn.v1 import config_pb2, voice_pb2
 
-from tests.support.mesh import ServiceProcess, make_tokens
+from tests.support.mesh import ROOT, ServiceProcess, free_port, make_tokens
 
 WARMUP = 200
 
@@ -82,13 +86,52 @@ async def measure(
     return result
 
 
+async def serve_bare(port: int, route: str, backend_addr: str) -> None:
+    """The floor: the same Forwarder in a bare grpc.aio server (no auth, metrics or error interceptor)."""
+    from flynn_runtime import settings
+    from gateway.backends import Backends
+    from gateway.forwarder import Forwarder
+    from gateway.routes import build_routes, external_methods
+
+    s = settings.parse("gateway", [f"--{route}-addr", backend_addr])
+    server = grpc.aio.server()
+    server.add_generic_rpc_handlers(
+        (Forwarder(Backends(s), build_routes(), external_methods(), asyncio.Event()),)
+    )
+    server.add_insecure_port(f"127.0.0.1:{port}")
+    await server.start()
+    await server.wait_for_termination()
+
+
+def _start_bare(route: str, backend_addr: str) -> tuple[subprocess.Popen[bytes], str]:
+    port = free_port()
+    proc = subprocess.Popen(
+        [sys.executable, "-m", "bench.gateway_hop", "--serve-bare", str(port), route, backend_addr],
+        env=dict(os.environ, PYTHONPATH=f"{ROOT}{os.pathsep}{ROOT / 'gen'}"),
+        cwd=ROOT,
+    )
+    addr = f"127.0.0.1:{port}"
+    deadline = time.monotonic() + 30
+    while time.monotonic() < deadline:
+        with socket.socket() as sock:
+            if sock.connect_ex(("127.0.0.1", port)) == 0:
+                return proc, addr
+        time.sleep(0.05)
+    proc.kill()
+    raise TimeoutError("bare forwarder did not start")
+
+
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--serve-bare", nargs=3, metavar=("PORT", "ROUTE", "BACKEND"), help=argparse.SUPPRESS)
     parser.add_argument("--calls", type=int, default=3000, help="measured calls per (path, callers) cell")
     parser.add_argument("--rounds", type=int, default=6, help="alternations between direct and gateway")
     default_backend = "config" if importlib.util.find_spec("config_svc.main") else "echo"
     parser.add_argument("--backend", choices=["config", "echo"], default=default_backend)
     ns = parser.parse_args()
+    if ns.serve_bare:
+        asyncio.run(serve_bare(int(ns.serve_bare[0]), ns.serve_bare[1], ns.serve_bare[2]))
+        return
 
     with tempfile.TemporaryDirectory(prefix="flynn-bench-") as tmp:
         root = Path(tmp)
@@ -110,10 +153,12 @@ def main() -> None:
         gateway = ServiceProcess(
             "gateway", "gateway.main", root / "gw", tokens, addresses={route: backend.address}
         )
+        bare: subprocess.Popen[bytes] | None = None
         try:
             gateway.start()
+            bare, bare_addr = _start_bare(route, backend.address)
             rows = []
-            targets = {"direct": backend.address, "gateway": gateway.address}
+            targets = {"direct": backend.address, "gateway": gateway.address, "bare": bare_addr}
             assert gateway.proc is not None
             for callers in (1, 16):
                 cpu0 = _cpu_seconds(gateway.proc.pid)
@@ -124,6 +169,9 @@ def main() -> None:
                 rows += [(name, callers, r) for name, r in res.items()]
                 cpu_rows.append((callers, gw_cpu_us))
         finally:
+            if bare is not None:
+                bare.kill()
+                bare.wait(10)
             gateway.stop()
             backend.stop()
 
@@ -139,11 +187,12 @@ def main() -> None:
         )
     for callers in (1, 16):
         d = next(r for n, c, r in rows if n == "direct" and c == callers)
-        g = next(r for n, c, r in rows if n == "gateway" and c == callers)
-        print(
-            f"hop adds at {callers:>2} caller(s): p50 {g['p50'] - d['p50']:+.3f} ms, p99 {g['p99'] - d['p99']:+.3f} ms, "
-            f"throughput {g['rate'] / d['rate']:.0%} of direct"
-        )
+        for hop in ("gateway", "bare"):
+            g = next(r for n, c, r in rows if n == hop and c == callers)
+            print(
+                f"{hop} hop adds at {callers:>2} caller(s): p50 {g['p50'] - d['p50']:+.3f} ms, "
+                f"p99 {g['p99'] - d['p99']:+.3f} ms, throughput {g['rate'] / d['rate']:.0%} of direct"
+            )
     for callers, us in cpu_rows:
         print(
             f"gateway CPU per forwarded call at {callers:>2} caller(s): {us:.0f} us (server + client side of the hop)"
