@@ -126,6 +126,8 @@ class _Prepared:
     fired: list[tuple[str, str]] = field(default_factory=list)  # (rule_id, trace_id)
     duplicate: bool = False
     pending: bool = False
+    # The rule set the event was evaluated with (None for a stored evaluation: the current set acts).
+    rules: RuleSet | None = None
 
 
 class Reactor:
@@ -237,9 +239,11 @@ class Reactor:
         t0 = time.perf_counter()
         ev = engine.evaluate(event, rs, self.state, now)
         metrics.EVALUATION_SECONDS.observe(time.perf_counter() - t0)
-        return self._persist(event, ev, now)
+        return self._persist(event, ev, now, rs)
 
-    def _persist(self, event: reactions_pb2.ReactionEvent, ev: Evaluation, now: float) -> _Prepared:
+    def _persist(
+        self, event: reactions_pb2.ReactionEvent, ev: Evaluation, now: float, rules: RuleSet
+    ) -> _Prepared:
         compact: list[list[Any]] = []
         matched: list[StoredTrace] = []
         skipped: list[StoredTrace] = []
@@ -303,12 +307,12 @@ class Reactor:
                 count=len(scope_skips),
                 rules=scope_skips[:50],
             )
-        return _Prepared(event, ev.revision, compact, fired, pending=bool(fired))
+        return _Prepared(event, ev.revision, compact, fired, pending=bool(fired), rules=rules)
 
     # Actions ------------------------------------------------------------------------------------
 
     async def _act(self, p: _Prepared) -> None:
-        rules = self.rules
+        rules = p.rules or self.rules
         event = p.event
         values = placeholder_values(event)
         outcomes: list[tuple[str, bool, int, str, list[dict[str, object]]]] = []
@@ -387,7 +391,7 @@ class Reactor:
             except Exception as e:  # a bug in one action must not stop the consumer
                 log.exception("action crashed", extra={"kind": kind, "rule": ctx.rule_id})
                 out = ActionOutcome(False, error=f"{type(e).__name__}: {e}")
-            if out.ok or not out.transient:
+            if out.ok or not out.transient or attempt == ACTION_ATTEMPTS - 1:
                 return out
             await asyncio.sleep(0.2 * (2**attempt))
         return out
@@ -403,7 +407,7 @@ class Reactor:
         for t in p.traces:
             row = matched_rows.get(str(t[4]))
             traces.append(self._compact_proto(ev, t, row, now))
-            if t[1]:
+            if row.matched if row is not None else t[1]:
                 matched_ids.append(str(t[0]))
         return Result(traces, matched_ids, p.revision, duplicate=p.duplicate)
 

@@ -187,3 +187,13 @@ async def test_dry_run_with_proposed_rules_validates_with_field_names(tmp_path: 
     assert r.matched_rule_ids == ["proposed"] and r.revision == 0 and r.traces[0].dry_run
     assert runner.calls == [] and reactor.store.get_evaluation("d2") is None
     assert engine.SKIP_SCOPE == reactions_pb2.SKIP_REASON_SCOPE
+
+
+async def test_duplicate_of_an_action_error_reports_it_as_not_matched(tmp_path: Path) -> None:
+    reactor, runner, _ = make(tmp_path, [rule("greet", actions=[ack_action()])])
+    runner.fail_kinds.add("ack")
+    first = await reactor.handle(msg("e1"))
+    again = await reactor.handle(msg("e1"))
+    assert first.matched_rule_ids == [] and again.matched_rule_ids == [] and again.duplicate
+    assert again.traces[0].skip_reason == reactions_pb2.SKIP_REASON_ACTION_ERROR
+    assert len(runner.calls) == 1
