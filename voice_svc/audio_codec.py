@@ -11,10 +11,11 @@ from __future__ import annotations
 import io
 import wave
 from dataclasses import dataclass
+from typing import Any
 
 import numpy as np
-
 from flynn.v1 import common_pb2
+
 from flynn_runtime.errors import FlynnError, invalid_argument
 
 RECOGNITION_RATE = 16000
@@ -78,7 +79,9 @@ def parse_wav(data: bytes, field: str = "audio_content") -> WavInfo:
     if info.sample_width != 2:
         raise invalid_argument(field, f"WAV must hold 16-bit samples, has {8 * info.sample_width}-bit")
     if not 1 <= info.channels <= 8 or not MIN_RATE <= info.sample_rate <= 192000:
-        raise invalid_argument(field, f"WAV header is implausible ({info.channels} channels, {info.sample_rate} Hz)")
+        raise invalid_argument(
+            field, f"WAV header is implausible ({info.channels} channels, {info.sample_rate} Hz)"
+        )
     if not info.frames:
         raise invalid_argument(field, "WAV holds no samples")
     return info
@@ -87,8 +90,10 @@ def parse_wav(data: bytes, field: str = "audio_content") -> WavInfo:
 def to_mono(frames: bytes, channels: int) -> bytes:
     if channels == 1:
         return frames
-    a = np.frombuffer(frames[: len(frames) // (2 * channels) * 2 * channels], dtype="<i2").reshape(-1, channels)
-    return a.mean(axis=1).astype("<i2").tobytes()
+    a = np.frombuffer(frames[: len(frames) // (2 * channels) * 2 * channels], dtype="<i2").reshape(
+        -1, channels
+    )
+    return bytes(a.mean(axis=1).astype("<i2").tobytes())
 
 
 def resample(pcm: Pcm, rate: int) -> Pcm:
@@ -127,15 +132,15 @@ def _av_encode(pcm: Pcm, fmt: str, codec: str, bit_rate: int) -> bytes:
 
     out = io.BytesIO()
     with av.open(out, mode="w", format=fmt) as container:
-        stream = container.add_stream(codec, rate=pcm.sample_rate)
-        stream.bit_rate = bit_rate  # type: ignore[union-attr]
-        stream.layout = "mono"  # type: ignore[union-attr]
+        stream: Any = container.add_stream(codec, rate=pcm.sample_rate)
+        stream.bit_rate = bit_rate
+        stream.layout = "mono"
         samples = np.frombuffer(pcm.data, dtype="<i2").reshape(1, -1)
         frame = av.AudioFrame.from_ndarray(samples, format="s16", layout="mono")
         frame.sample_rate = pcm.sample_rate
-        for packet in stream.encode(frame):  # type: ignore[union-attr]
+        for packet in stream.encode(frame):
             container.mux(packet)
-        for packet in stream.encode(None):  # type: ignore[union-attr]
+        for packet in stream.encode(None):
             container.mux(packet)
     return out.getvalue()
 

@@ -116,7 +116,9 @@ class FaultSwitch:
 
     @classmethod
     def from_env(cls) -> FaultSwitch:
-        return cls.parse(os.environ.get("FLYNN_VOICE_FAIL_ENGINES", ""), os.environ.get("FLYNN_VOICE_HANG_ENGINES", ""))
+        return cls.parse(
+            os.environ.get("FLYNN_VOICE_FAIL_ENGINES", ""), os.environ.get("FLYNN_VOICE_HANG_ENGINES", "")
+        )
 
 
 def _names(spec: str) -> Iterable[str]:

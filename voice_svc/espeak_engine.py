@@ -58,7 +58,9 @@ class EspeakEngine:
     def _list_voices(self) -> list[VoiceDesc]:
         assert self._binary is not None
         try:
-            out = subprocess.run([self._binary, "--voices"], capture_output=True, text=True, timeout=10).stdout
+            out = subprocess.run(
+                [self._binary, "--voices"], capture_output=True, text=True, timeout=10
+            ).stdout
         except (OSError, subprocess.SubprocessError):
             return [VoiceDesc(DEFAULT_VOICE, ("en-US",), self.name, 22050)]
         seen: dict[str, VoiceDesc] = {}
@@ -106,8 +108,16 @@ class EspeakEngine:
     async def _speak(self, text: str, voice: str, wpm: str) -> Pcm:
         assert self._binary is not None
         proc = await asyncio.create_subprocess_exec(
-            self._binary, "--stdout", "--stdin", "-v", voice, "-s", wpm,
-            stdin=asyncio.subprocess.PIPE, stdout=asyncio.subprocess.PIPE, stderr=asyncio.subprocess.PIPE,
+            self._binary,
+            "--stdout",
+            "--stdin",
+            "-v",
+            voice,
+            "-s",
+            wpm,
+            stdin=asyncio.subprocess.PIPE,
+            stdout=asyncio.subprocess.PIPE,
+            stderr=asyncio.subprocess.PIPE,
         )
         try:
             out, err = await proc.communicate(text.encode("utf-8"))
@@ -116,7 +126,9 @@ class EspeakEngine:
                 with contextlib.suppress(ProcessLookupError):
                     proc.kill()
         if proc.returncode != 0:
-            raise EngineFailure(ENGINE_ERROR, f"espeak-ng exited {proc.returncode}: {err.decode(errors='replace')[:200]}")
+            raise EngineFailure(
+                ENGINE_ERROR, f"espeak-ng exited {proc.returncode}: {err.decode(errors='replace')[:200]}"
+            )
         return _wav_pcm(out)
 
 

@@ -10,11 +10,12 @@ from __future__ import annotations
 import argparse
 import logging
 import os
+from pathlib import Path
 
 import grpc
-
 from flynn.v1 import voice_pb2_grpc
-from flynn_runtime import settings
+
+from flynn_runtime import config_yaml, settings
 from flynn_runtime.config_source import ConfigSource, StaticConfig
 from flynn_runtime.config_watcher import ConfigWatcher
 from flynn_runtime.server import Runtime, ServiceApp, run_service
@@ -40,10 +41,10 @@ def add_args(p: argparse.ArgumentParser) -> None:
         help="FAULT INJECTION: comma-separated engines that never answer (FLYNN_VOICE_HANG_ENGINES)",
     )
     p.add_argument(
-        "--no-config-watch",
-        action="store_true",
-        default=os.environ.get("FLYNN_VOICE_NO_CONFIG_WATCH", "") == "1",
-        help="do not follow the config service; use the default chains and deadlines",
+        "--voice-config-file",
+        default=os.environ.get("FLYNN_VOICE_CONFIG_FILE", ""),
+        help="YAML FlynnConfig used instead of watching the config service (FLYNN_VOICE_CONFIG_FILE; "
+        "for tools, benchmarks and tests without the mesh)",
     )
 
 
@@ -53,17 +54,27 @@ class VoiceApp(ServiceApp):
     def __init__(self, runtime: Runtime) -> None:
         super().__init__(runtime)
         extra = runtime.settings.extra
-        self.faults = FaultSwitch.parse(str(extra.get("fail_engines", "")), str(extra.get("hang_engines", "")))
-        self.config = self._config_source(bool(extra.get("no_config_watch", False)))
+        self.faults = FaultSwitch.parse(
+            str(extra.get("fail_engines", "")), str(extra.get("hang_engines", ""))
+        )
+        self.config = self._config_source(str(extra.get("voice_config_file") or ""))
         self.chain = VoiceChain(
-            self.config, tts=[PiperEngine(), EspeakEngine()], stt=[WhisperEngine(), SphinxEngine()], faults=self.faults
+            self.config,
+            tts=[PiperEngine(), EspeakEngine()],
+            stt=[WhisperEngine(), SphinxEngine()],
+            faults=self.faults,
         )
         if self.faults.fail or self.faults.hang:
-            log.warning("voice fault injection active", extra={"fail": sorted(self.faults.fail), "hang": sorted(self.faults.hang)})
+            log.warning(
+                "voice fault injection active",
+                extra={"fail": sorted(self.faults.fail), "hang": sorted(self.faults.hang)},
+            )
 
-    def _config_source(self, static: bool) -> ConfigSource:
-        if static:
-            return StaticConfig()
+    def _config_source(self, config_file: str) -> ConfigSource:
+        if config_file:
+            return StaticConfig(
+                config_yaml.yaml_to_config(Path(config_file).read_text(encoding="utf-8")), revision=1
+            )
         return ConfigWatcher(self.runtime)
 
     def register(self, server: grpc.aio.Server) -> None:

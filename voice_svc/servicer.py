@@ -5,23 +5,32 @@ from __future__ import annotations
 from collections.abc import AsyncIterator, Sequence
 from typing import Any
 
+from flynn.v1 import common_pb2, voice_pb2, voice_pb2_grpc
 from grpc.aio import ServicerContext
 
-from flynn.v1 import common_pb2, voice_pb2, voice_pb2_grpc
 from flynn_runtime.server import Runtime, until_stopping
 from flynn_runtime.validation import Violations
 from voice_svc import metrics
-from voice_svc.audio_codec import MAX_RATE, MIN_RATE, Pcm, encode, recognition_input
+from voice_svc.audio_codec import MAX_RATE, MIN_RATE, Pcm, encode, recognition_input, resample
 from voice_svc.engines import STT_ENGINES, TTS_ENGINES
-from voice_svc.voice_chain import Attempt, VoiceChain
+from voice_svc.voice_chain import Attempt, SpokenSentence, VoiceChain
 
 MAX_TEXT_CHARS = 5000
 MAX_AUDIO_BYTES = 10 * 1024 * 1024
-_ENCODINGS = (common_pb2.AUDIO_ENCODING_LINEAR16, common_pb2.AUDIO_ENCODING_OGG_OPUS, common_pb2.AUDIO_ENCODING_MP3)
+_ENCODINGS = (
+    common_pb2.AUDIO_ENCODING_LINEAR16,
+    common_pb2.AUDIO_ENCODING_OGG_OPUS,
+    common_pb2.AUDIO_ENCODING_MP3,
+)
 
 
 def _attempts(items: Sequence[Attempt]) -> list[voice_pb2.EngineAttempt]:
-    return [voice_pb2.EngineAttempt(engine=a.engine, ok=a.ok, cause=a.cause, detail=a.detail, elapsed_ms=a.elapsed_ms) for a in items]
+    return [
+        voice_pb2.EngineAttempt(
+            engine=a.engine, ok=a.ok, cause=a.cause, detail=a.detail, elapsed_ms=a.elapsed_ms
+        )
+        for a in items
+    ]
 
 
 def _check_text(v: Violations, field: str, text: str) -> None:
@@ -69,7 +78,14 @@ class VoiceServicer(voice_pb2_grpc.VoiceServicer):
         if cfg.encoding not in (0, *_ENCODINGS):
             v.add("audio_config.encoding", f"unsupported encoding {cfg.encoding}")
         _check_rate(v, "audio_config.sample_rate_hertz", cfg.sample_rate_hertz)
-        if cfg.encoding == common_pb2.AUDIO_ENCODING_OGG_OPUS and cfg.sample_rate_hertz not in (0, 8000, 12000, 16000, 24000, 48000):
+        if cfg.encoding == common_pb2.AUDIO_ENCODING_OGG_OPUS and cfg.sample_rate_hertz not in (
+            0,
+            8000,
+            12000,
+            16000,
+            24000,
+            48000,
+        ):
             v.add("audio_config.sample_rate_hertz", "OGG_OPUS supports 8000, 12000, 16000, 24000 or 48000")
         if cfg.speaking_rate != 0 and not 0.25 <= cfg.speaking_rate <= 4.0:
             v.add("audio_config.speaking_rate", f"must be 0 or 0.25..4, got {cfg.speaking_rate}")
@@ -91,8 +107,6 @@ class VoiceServicer(voice_pb2_grpc.VoiceServicer):
             raise
         pcm = result.pcm
         if cfg.sample_rate_hertz:
-            from voice_svc.audio_codec import resample
-
             pcm = resample(pcm, cfg.sample_rate_hertz)
         encoding = cfg.encoding or common_pb2.AUDIO_ENCODING_LINEAR16
         content, rate = encode(pcm, encoding)
@@ -117,7 +131,6 @@ class VoiceServicer(voice_pb2_grpc.VoiceServicer):
         if v:
             metrics.REQUESTS.labels("StreamSynthesize", "invalid").inc()
         v.raise_if_any()
-        from voice_svc.audio_codec import resample
 
         source = self.chain.stream_synthesize(
             request.text,
@@ -130,7 +143,7 @@ class VoiceServicer(voice_pb2_grpc.VoiceServicer):
         outcome = "failed"
         try:
             async for item in until_stopping(self.runtime, source):
-                assert hasattr(item, "pcm")
+                assert isinstance(item, SpokenSentence)
                 pcm: Pcm = item.pcm
                 if request.sample_rate_hertz:
                     pcm = resample(pcm, request.sample_rate_hertz)
@@ -172,7 +185,10 @@ class VoiceServicer(voice_pb2_grpc.VoiceServicer):
             raise
         try:
             result = await self.chain.transcribe(
-                pcm, language_code=cfg.language_code, engines=list(cfg.engines), caller_remaining=_remaining(context)
+                pcm,
+                language_code=cfg.language_code,
+                engines=list(cfg.engines),
+                caller_remaining=_remaining(context),
             )
         except Exception:
             metrics.REQUESTS.labels("Transcribe", "failed").inc()
@@ -196,7 +212,10 @@ class VoiceServicer(voice_pb2_grpc.VoiceServicer):
         return voice_pb2.ListVoicesResponse(
             voices=[
                 voice_pb2.VoiceInfo(
-                    name=d.name, language_codes=list(d.language_codes), engine=d.engine, natural_sample_rate_hertz=d.natural_sample_rate
+                    name=d.name,
+                    language_codes=list(d.language_codes),
+                    engine=d.engine,
+                    natural_sample_rate_hertz=d.natural_sample_rate,
                 )
                 for d in self.chain.voices(request.language_code)
             ]

@@ -86,10 +86,14 @@ def _seconds(d: object) -> float:
 def all_failed(kind: str, attempts: Sequence[Attempt]) -> FlynnError:
     metrics.CHAIN_EXHAUSTED.labels(kind).inc()
     summary = ", ".join(f"{a.engine}: {a.cause}" for a in attempts) or "no engine configured"
-    meta = {"attempts": "; ".join(f"{a.engine}={a.cause}:{a.elapsed_ms}ms:{a.detail[:120]}" for a in attempts)}
+    meta = {
+        "attempts": "; ".join(f"{a.engine}={a.cause}:{a.elapsed_ms}ms:{a.detail[:120]}" for a in attempts)
+    }
     for a in attempts:
         meta[f"engine.{a.engine}"] = a.cause
-    return unavailable(f"every {kind} engine failed ({summary})", reason="ALL_ENGINES_FAILED", retry_after=1.0, **meta)
+    return unavailable(
+        f"every {kind} engine failed ({summary})", reason="ALL_ENGINES_FAILED", retry_after=1.0, **meta
+    )
 
 
 class VoiceChain:
@@ -106,12 +110,16 @@ class VoiceChain:
         self.faults = faults or FaultSwitch()
 
     async def start(self) -> None:
-        for e in [*self.tts.values(), *self.stt.values()]:
-            await e.start()
+        for t in self.tts.values():
+            await t.start()
+        for r in self.stt.values():
+            await r.start()
 
     async def close(self) -> None:
-        for e in [*self.tts.values(), *self.stt.values()]:
-            await e.close()
+        for t in self.tts.values():
+            await t.close()
+        for r in self.stt.values():
+            await r.close()
 
     # Configuration ------------------------------------------------------------------------
 
@@ -123,11 +131,19 @@ class VoiceChain:
 
     def tts_deadline(self) -> float:
         t = self.config.config.tts
-        return _seconds(t.deadline) if t.HasField("deadline") and _seconds(t.deadline) > 0 else DEFAULT_TTS_DEADLINE
+        return (
+            _seconds(t.deadline)
+            if t.HasField("deadline") and _seconds(t.deadline) > 0
+            else DEFAULT_TTS_DEADLINE
+        )
 
     def stt_deadline(self) -> float:
         a = self.config.config.audio
-        return _seconds(a.deadline) if a.HasField("deadline") and _seconds(a.deadline) > 0 else DEFAULT_STT_DEADLINE
+        return (
+            _seconds(a.deadline)
+            if a.HasField("deadline") and _seconds(a.deadline) > 0
+            else DEFAULT_STT_DEADLINE
+        )
 
     @staticmethod
     def _budget(configured: float, caller_remaining: float | None) -> float:
@@ -140,7 +156,9 @@ class VoiceChain:
         lc = language_code.lower()
         for engine in self.tts.values():
             for v in engine.voices():
-                if not lc or any(code.lower() == lc or code.lower().split("-")[0] == lc for code in v.language_codes):
+                if not lc or any(
+                    code.lower() == lc or code.lower().split("-")[0] == lc for code in v.language_codes
+                ):
                     out.append(v)
         return out
 
@@ -157,11 +175,16 @@ class VoiceChain:
             raise EngineFailure(UNSUPPORTED, f"no voice {voice!r} for language {language_code!r}")
         return engine, picked
 
-    def _fail(self, kind: str, attempts: list[Attempt], name: str, cause: str, detail: str, started: float) -> None:
+    def _fail(
+        self, kind: str, attempts: list[Attempt], name: str, cause: str, detail: str, started: float
+    ) -> None:
         elapsed = int((time.monotonic() - started) * 1000)
         attempts.append(Attempt(name, False, cause, detail, elapsed))
         metrics.ENGINE_FAILURES.labels(kind, name, cause).inc()
-        log.warning(f"{kind} engine failed", extra={"engine": name, "cause": cause, "detail": detail, "elapsed_ms": elapsed})
+        log.warning(
+            f"{kind} engine failed",
+            extra={"engine": name, "cause": cause, "detail": detail, "elapsed_ms": elapsed},
+        )
 
     async def synthesize(
         self,
@@ -255,15 +278,20 @@ class VoiceChain:
                         cause, detail = _cause(e, per_sentence)
                         self._fail("tts", attempts, name, cause, detail, time.monotonic())
                         raise unavailable(
-                            f"{name} failed mid-stream ({cause}): {detail}", reason="ENGINE_FAILED_MID_STREAM",
-                            engine=name, cause=cause,
+                            f"{name} failed mid-stream ({cause}): {detail}",
+                            reason="ENGINE_FAILED_MID_STREAM",
+                            engine=name,
+                            cause=cause,
                         ) from e
                     total_audio += pcm.duration_s
                     yield SpokenSentence(pcm, sentence, name, attempts)
                 # Read the engine's end of request so a warm worker is not killed as abandoned.
                 try:
                     extra = await asyncio.wait_for(anext(gen), per_sentence)
-                    log.warning("engine produced more pieces than sentences", extra={"engine": name, "samples": extra.samples})
+                    log.warning(
+                        "engine produced more pieces than sentences",
+                        extra={"engine": name, "samples": extra.samples},
+                    )
                 except (StopAsyncIteration, TimeoutError, EngineFailure):
                     pass
             finally:
@@ -302,7 +330,9 @@ class VoiceChain:
                     raise EngineFailure(UNAVAILABLE, why)
                 if not engine.supports_language(language_code):
                     raise EngineFailure(UNSUPPORTED, f"language {language_code!r} not supported")
-                result = await asyncio.wait_for(engine.transcribe(pcm, language_code, self.faults.mode(name)), share)
+                result = await asyncio.wait_for(
+                    engine.transcribe(pcm, language_code, self.faults.mode(name)), share
+                )
             except Exception as e:
                 cause, detail = _cause(e, share)
                 self._fail("stt", attempts, name, cause, detail, started)

@@ -12,10 +12,10 @@ from pathlib import Path
 
 import grpc
 import numpy as np
+from flynn.v1 import voice_pb2_grpc
 from google.rpc import error_details_pb2
 from grpc_status import rpc_status
 
-from flynn.v1 import voice_pb2_grpc
 from tests.support.mesh import ServiceProcess, Tokens, free_port
 
 
@@ -85,17 +85,34 @@ def status_details(e: grpc.RpcError) -> tuple[error_details_pb2.ErrorInfo | None
     return info, fields
 
 
-def voice_process(data_dir: Path, tokens: Tokens, *extra: str) -> ServiceProcess:
-    """A voice service process that does not follow any config service (default chains)."""
+# Generous deadlines: these tests check what engines produce, not how fast (2 shared cores).
+TEST_CONFIG = """
+tts: {engines: [piper, espeak-ng], deadline: 30s}
+audio: {engines: [faster-whisper, pocketsphinx], deadline: 60s}
+"""
+
+
+def voice_process(
+    data_dir: Path, tokens: Tokens, *extra: str, config_yaml: str = TEST_CONFIG
+) -> ServiceProcess:
+    """A voice service process on a fixed YAML config (it follows no config service)."""
+    data_dir.mkdir(parents=True, exist_ok=True)
+    cfg = data_dir / "voice-config.yaml"
+    cfg.write_text(config_yaml)
     return ServiceProcess(
-        "voice", "voice_svc.main", data_dir, tokens,
-        addresses={"config": f"127.0.0.1:{free_port()}"}, extra=["--no-config-watch", *extra],
+        "voice",
+        "voice_svc.main",
+        data_dir,
+        tokens,
+        addresses={"config": f"127.0.0.1:{free_port()}"},
+        extra=["--voice-config-file", str(cfg), *extra],
     )
 
 
 @contextmanager
 def voice_stub(address: str, token: str) -> Iterator[voice_pb2_grpc.VoiceStub]:
     with grpc.insecure_channel(
-        address, options=[("grpc.max_receive_message_length", 32 << 20), ("grpc.max_send_message_length", 32 << 20)]
+        address,
+        options=[("grpc.max_receive_message_length", 32 << 20), ("grpc.max_send_message_length", 32 << 20)],
     ) as ch:
         yield voice_pb2_grpc.VoiceStub(ch)

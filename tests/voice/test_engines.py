@@ -6,9 +6,9 @@ import os
 from collections.abc import AsyncIterator
 
 import pytest
+from flynn.v1 import config_pb2
 from google.protobuf import duration_pb2
 
-from flynn.v1 import config_pb2
 from flynn_runtime.config_source import StaticConfig
 from flynn_runtime.errors import Code, FlynnError
 from tests.support.voice import inspect_wav
@@ -22,8 +22,12 @@ SENTENCE = "The weather today is sunny and warm, with a light breeze from the we
 N_WORDS = len(SENTENCE.split())
 
 
-async def make_chain(faults: FaultSwitch | None = None, cfg: config_pb2.FlynnConfig | None = None) -> VoiceChain:
-    chain = VoiceChain(StaticConfig(cfg or config_pb2.FlynnConfig()), [PiperEngine(), EspeakEngine()], [], faults)
+async def make_chain(
+    faults: FaultSwitch | None = None, cfg: config_pb2.FlynnConfig | None = None
+) -> VoiceChain:
+    chain = VoiceChain(
+        StaticConfig(cfg or config_pb2.FlynnConfig()), [PiperEngine(), EspeakEngine()], [], faults
+    )
     await chain.start()
     return chain
 
@@ -125,9 +129,15 @@ async def test_chain_and_voice_follow_live_config(chain: VoiceChain) -> None:
 async def test_stream_yields_one_chunk_per_sentence(chain: VoiceChain) -> None:
     text = "First sentence here. Second one follows! Is this the third?"
     pieces = [s async for s in chain.stream_synthesize(text)]
-    assert [p.text for p in pieces] == split_sentences(text) == [
-        "First sentence here.", "Second one follows!", "Is this the third?",
-    ]
+    assert (
+        [p.text for p in pieces]
+        == split_sentences(text)
+        == [
+            "First sentence here.",
+            "Second one follows!",
+            "Is this the third?",
+        ]
+    )
     assert all(p.engine == "piper" and p.pcm.sample_rate == 22050 and p.pcm.duration_s > 0.3 for p in pieces)
 
 

@@ -16,9 +16,10 @@ from pathlib import Path
 
 import grpc
 import pytest
+from flynn.v1 import config_pb2, config_pb2_grpc, run_control_pb2_grpc
+from flynn.v1 import run_control_pb2 as rc_pb2
 from google.protobuf import field_mask_pb2
 
-from flynn.v1 import config_pb2, config_pb2_grpc, run_control_pb2 as rc_pb2, run_control_pb2_grpc
 from tests.support.mesh import ServiceProcess, Tokens, free_port, make_tokens
 from tests.support.voice import inspect_wav
 
@@ -59,8 +60,13 @@ class Mesh:
         self.stop_voice()
         data = self.root / f"voice-{next(_seq)}"
         self.voice = ServiceProcess(
-            "voice", "voice_svc.main", data, self.tokens, port=self.voice_port,
-            addresses={"config": self.config.address}, extra=list(flags),
+            "voice",
+            "voice_svc.main",
+            data,
+            self.tokens,
+            port=self.voice_port,
+            addresses={"config": self.config.address},
+            extra=list(flags),
         ).start(timeout=90)
         return self.voice
 
@@ -88,14 +94,20 @@ class Mesh:
         new = config_pb2.FlynnConfig(tts=tts)
         resp = cfg.UpdateConfig(
             config_pb2.UpdateConfigRequest(
-                config=new, update_mask=field_mask_pb2.FieldMask(paths=paths), expected_revision=head, reason="voice e2e test"
+                config=new,
+                update_mask=field_mask_pb2.FieldMask(paths=paths),
+                expected_revision=head,
+                reason="voice e2e test",
             ),
-            metadata=self.md(), timeout=10,
+            metadata=self.md(),
+            timeout=10,
         )
         revision = resp.revision
         deadline = time.monotonic() + 30
         while time.monotonic() < deadline:  # until run control reports it applied the revision
-            watchers = cfg.ListWatchers(config_pb2.ListWatchersRequest(), metadata=self.md(), timeout=10).watchers
+            watchers = cfg.ListWatchers(
+                config_pb2.ListWatchersRequest(), metadata=self.md(), timeout=10
+            ).watchers
             if any(w.identity.service == "queue" and w.applied_revision >= revision for w in watchers):
                 return revision
             time.sleep(0.1)
@@ -107,8 +119,15 @@ class Mesh:
         sessions = [f"{channel}:e2e-{tag}-{i}" for i in range(n)]
         for i, s in enumerate(sessions):
             rc.SubmitMessage(
-                rc_pb2.SubmitMessageRequest(session_key=s, channel=channel, sender="u", text=f"hello number {i}", idempotency_key=f"m-{s}"),
-                metadata=self.md(), timeout=10,
+                rc_pb2.SubmitMessageRequest(
+                    session_key=s,
+                    channel=channel,
+                    sender="u",
+                    text=f"hello number {i}",
+                    idempotency_key=f"m-{s}",
+                ),
+                metadata=self.md(),
+                timeout=10,
             )
         return sessions
 
@@ -116,7 +135,9 @@ class Mesh:
         """Every FINAL reply StreamReplies delivers for these sessions, waiting until each has one."""
         wanted = set(sessions)
         got: dict[str, list[rc_pb2.Reply]] = {s: [] for s in sessions}
-        call = self.rc().StreamReplies(rc_pb2.StreamRepliesRequest(after_cursor=0), metadata=self.md(), timeout=timeout)
+        call = self.rc().StreamReplies(
+            rc_pb2.StreamRepliesRequest(after_cursor=0), metadata=self.md(), timeout=timeout
+        )
         try:
             for resp in call:
                 r = resp.reply
@@ -125,7 +146,7 @@ class Mesh:
                 if all(got.values()):
                     break
         finally:
-            call.cancel()
+            call.cancel()  # type: ignore[no-untyped-call]
         # Read once more past the end so a duplicate delivery would be seen.
         return got
 
@@ -143,10 +164,15 @@ def mesh(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Mesh]:
     tokens = make_tokens(root)
     seed = root / "seed.yaml"
     seed.write_text(SEED)
-    config = ServiceProcess("config", "config_svc.main", root / "config", tokens, extra=["--seed-file", str(seed)]).start()
+    config = ServiceProcess(
+        "config", "config_svc.main", root / "config", tokens, extra=["--seed-file", str(seed)]
+    ).start()
     voice_port = free_port()
     queue = ServiceProcess(
-        "queue", "queue_svc.main", root / "queue", tokens,
+        "queue",
+        "queue_svc.main",
+        root / "queue",
+        tokens,
         addresses={"config": config.address, "voice": f"127.0.0.1:{voice_port}"},
     ).start()
     m = Mesh(root, tokens, config, queue, voice_port)
@@ -180,7 +206,9 @@ def test_replies_carry_audio_when_voice_works(mesh: Mesh) -> None:
         ("failing", ("--fail-engines", "piper,espeak-ng")),
     ],
 )
-def test_every_reply_is_delivered_as_text_when_voice_fails(mesh: Mesh, scenario: str, flags: tuple[str, ...]) -> None:
+def test_every_reply_is_delivered_as_text_when_voice_fails(
+    mesh: Mesh, scenario: str, flags: tuple[str, ...]
+) -> None:
     if scenario == "killed":
         mesh.start_voice()
         mesh.stop_voice(kill=True)  # SIGKILL: nothing listens on the voice port any more
@@ -204,18 +232,27 @@ def test_every_reply_is_delivered_as_text_when_voice_fails(mesh: Mesh, scenario:
 
 def test_tts_off_and_channel_removed_apply_live(mesh: Mesh) -> None:
     mesh.start_voice()
-    assert all(r.delivery == rc_pb2.DELIVERY_MODE_AUDIO for r in assert_all_delivered_once(mesh.finals(mesh.submit(1))))
+    assert all(
+        r.delivery == rc_pb2.DELIVERY_MODE_AUDIO
+        for r in assert_all_delivered_once(mesh.finals(mesh.submit(1)))
+    )
 
     mesh.set_tts(["tts.enabled"], config_pb2.TtsConfig(enabled=False))
     for r in assert_all_delivered_once(mesh.finals(mesh.submit(2))):
         assert r.delivery == rc_pb2.DELIVERY_MODE_TEXT and not r.audio.content and not r.tts_fallback_reason
 
     mesh.set_tts(["tts.enabled"], config_pb2.TtsConfig(enabled=True))
-    assert all(r.delivery == rc_pb2.DELIVERY_MODE_AUDIO for r in assert_all_delivered_once(mesh.finals(mesh.submit(1))))
+    assert all(
+        r.delivery == rc_pb2.DELIVERY_MODE_AUDIO
+        for r in assert_all_delivered_once(mesh.finals(mesh.submit(1)))
+    )
 
     mesh.set_tts(["tts.enabled_channels"], config_pb2.TtsConfig(enabled_channels=["some-other-channel"]))
     for r in assert_all_delivered_once(mesh.finals(mesh.submit(2))):
         assert r.delivery == rc_pb2.DELIVERY_MODE_TEXT and not r.audio.content
 
     mesh.set_tts(["tts.enabled_channels"], config_pb2.TtsConfig(enabled_channels=[CHANNEL]))
-    assert all(r.delivery == rc_pb2.DELIVERY_MODE_AUDIO for r in assert_all_delivered_once(mesh.finals(mesh.submit(1))))
+    assert all(
+        r.delivery == rc_pb2.DELIVERY_MODE_AUDIO
+        for r in assert_all_delivered_once(mesh.finals(mesh.submit(1)))
+    )
