@@ -385,3 +385,27 @@ async def test_revision_the_engine_cannot_run_is_nacked_and_old_rules_stay(mesh:
     assert "automation.reactions[0].actions[0].reply.text" in reason and "{sendr}" in reason
     rules = await mesh.stub.ListRules(reactions_pb2.ListRulesRequest(), metadata=mesh.md)
     assert [r.rule.id for r in rules.rules] == ["ack-all", "help-reply"] and rules.config_revision == 1
+
+
+async def test_flood_breaker_holds_the_rule_and_says_so(mesh: Mesh) -> None:
+    await mesh.set_rules([rule("chatty", max_fires=2, window_s=600)])
+    for i in range(4):
+        await mesh.stub.EvaluateEvent(
+            reactions_pb2.EvaluateEventRequest(
+                event=reactions_pb2.ReactionEvent(
+                    event_id=f"flood:{i}", type=MSG, text="x", session_key="s1", channel="cli"
+                )
+            ),
+            metadata=mesh.md,
+        )
+    rules = await mesh.stub.ListRules(reactions_pb2.ListRulesRequest(), metadata=mesh.md)
+    assert rules.rules[0].held and rules.rules[0].fire_count == 2
+    held = await mesh.stub.ListTraces(
+        reactions_pb2.ListTracesRequest(rule_id="chatty", matched=False), metadata=mesh.md
+    )
+    assert [t.skip_reason for t in held.traces] == [reactions_pb2.SKIP_REASON_MAX_FIRES] * 2
+    assert "held by the flood breaker" in held.traces[0].detail
+    stats = await mesh.stub.GetRuleStats(
+        reactions_pb2.GetRuleStatsRequest(rule_id="chatty"), metadata=mesh.md
+    )
+    assert {s.reason: s.count for s in stats.rules[0].skips} == {reactions_pb2.SKIP_REASON_MAX_FIRES: 2}
