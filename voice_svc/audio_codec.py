@@ -1,22 +1,24 @@
 """Audio containers and conversions, following the Google Cloud TTS/STT conventions.
 
 LINEAR16 is 16-bit little-endian mono PCM inside a WAV container (headerless when streamed);
-OGG_OPUS and MP3 are encoded in-process with PyAV (its wheel bundles FFmpeg's libopus/libmp3lame,
-LGPL). Recognition input is turned into 16 kHz mono PCM here. Bad input raises INVALID_ARGUMENT
+OGG_OPUS and MP3 are encoded and decoded by the ffmpeg CLI (Debian package, a GPL build) in a
+subprocess; without ffmpeg those encodings are refused as unsupported. Recognition input is turned into 16 kHz mono PCM here. Bad input raises INVALID_ARGUMENT
 naming the field; no grpc in this module.
 """
 
 from __future__ import annotations
 
+import asyncio
+import contextlib
 import io
+import shutil
 import wave
 from dataclasses import dataclass
-from typing import Any
 
 import numpy as np
 from flynn.v1 import common_pb2
 
-from flynn_runtime.errors import FlynnError, invalid_argument
+from flynn_runtime.errors import Code, FlynnError, invalid_argument
 
 RECOGNITION_RATE = 16000
 MIN_RATE = 8000
@@ -114,57 +116,71 @@ def is_silent(pcm: Pcm, threshold: int = 100) -> bool:
     return int(np.abs(a.astype(np.int32)).max()) < threshold
 
 
-def encode(pcm: Pcm, encoding: int) -> tuple[bytes, int]:
+FFMPEG_TIMEOUT = 30.0
+
+
+def ffmpeg_path() -> str | None:
+    return shutil.which("ffmpeg")
+
+
+async def encode(pcm: Pcm, encoding: int) -> tuple[bytes, int]:
     """Encoded audio and its sample rate (Opus may change the rate)."""
     if encoding in (UNSPECIFIED, LINEAR16):
         return wav_bytes(pcm), pcm.sample_rate
     if encoding == OGG_OPUS:
         if pcm.sample_rate not in OPUS_RATES:
             pcm = resample(pcm, 48000)
-        return _av_encode(pcm, "ogg", "libopus", 32000), pcm.sample_rate
+        return await _ffmpeg_encode(pcm, "ogg", "libopus", "32k"), pcm.sample_rate
     if encoding == MP3:
-        return _av_encode(pcm, "mp3", "libmp3lame", 64000), pcm.sample_rate
+        return await _ffmpeg_encode(pcm, "mp3", "libmp3lame", "64k"), pcm.sample_rate
     raise invalid_argument("audio_config.encoding", f"unsupported encoding {encoding}")
 
 
-def _av_encode(pcm: Pcm, fmt: str, codec: str, bit_rate: int) -> bytes:
-    import av  # PyAV: optional voice dependency
-
-    out = io.BytesIO()
-    with av.open(out, mode="w", format=fmt) as container:
-        stream: Any = container.add_stream(codec, rate=pcm.sample_rate)
-        stream.bit_rate = bit_rate
-        stream.layout = "mono"
-        samples = np.frombuffer(pcm.data, dtype="<i2").reshape(1, -1)
-        frame = av.AudioFrame.from_ndarray(samples, format="s16", layout="mono")
-        frame.sample_rate = pcm.sample_rate
-        for packet in stream.encode(frame):
-            container.mux(packet)
-        for packet in stream.encode(None):
-            container.mux(packet)
-    return out.getvalue()
-
-
-def decode_compressed(data: bytes, field: str = "audio_content") -> Pcm:
-    """Decode Ogg/Opus or MP3 to 16 kHz mono PCM; INVALID_ARGUMENT when it cannot be decoded."""
-    import av
-
+async def _run_ffmpeg(args: list[str], data: bytes) -> bytes:
+    """Run the ffmpeg CLI (Debian package, a GPL build: kept behind a process boundary)."""
+    binary = ffmpeg_path()
+    if binary is None:
+        raise FileNotFoundError("ffmpeg")
+    proc = await asyncio.create_subprocess_exec(
+        binary, "-hide_banner", "-loglevel", "error", "-nostdin", *args,
+        stdin=asyncio.subprocess.PIPE, stdout=asyncio.subprocess.PIPE, stderr=asyncio.subprocess.PIPE,
+    )  # fmt: skip
     try:
-        with av.open(io.BytesIO(data), mode="r") as container:
-            if not container.streams.audio:
-                raise invalid_argument(field, "holds no audio stream")
-            resampler = av.AudioResampler(format="s16", layout="mono", rate=RECOGNITION_RATE)
-            chunks: list[bytes] = []
-            for frame in container.decode(audio=0):
-                for out in resampler.resample(frame):
-                    chunks.append(out.to_ndarray().astype("<i2").tobytes())
-            for out in resampler.resample(None):
-                chunks.append(out.to_ndarray().astype("<i2").tobytes())
-    except FlynnError:
-        raise
-    except Exception as e:  # FFmpeg errors, and anything else hostile bytes provoke
-        raise invalid_argument(field, f"cannot be decoded ({e.__class__.__name__})") from e
-    pcm = Pcm(b"".join(chunks), RECOGNITION_RATE)
+        out, err = await asyncio.wait_for(proc.communicate(data), FFMPEG_TIMEOUT)
+    finally:
+        if proc.returncode is None:
+            with contextlib.suppress(ProcessLookupError):
+                proc.kill()
+    if proc.returncode != 0:
+        raise ValueError(err.decode(errors="replace").strip()[-300:] or f"ffmpeg exited {proc.returncode}")
+    return out
+
+
+async def _ffmpeg_encode(pcm: Pcm, fmt: str, codec: str, bit_rate: str) -> bytes:
+    if ffmpeg_path() is None:
+        raise invalid_argument(
+            "audio_config.encoding", f"{fmt} output needs ffmpeg, which is not installed here"
+        )
+    args = ["-f", "s16le", "-ar", str(pcm.sample_rate), "-ac", "1", "-i", "pipe:0"]
+    args += ["-c:a", codec, "-b:a", bit_rate, "-f", fmt, "pipe:1"]
+    try:
+        return await _run_ffmpeg(args, pcm.data)
+    except (OSError, ValueError, TimeoutError) as e:
+        raise FlynnError(Code.UNAVAILABLE, f"{fmt} encoding failed: {e}", reason="ENCODER_FAILED") from e
+
+
+async def decode_compressed(data: bytes, field: str = "audio_content") -> Pcm:
+    """Decode Ogg/Opus or MP3 to 16 kHz mono PCM; INVALID_ARGUMENT when it cannot be decoded."""
+    if ffmpeg_path() is None:
+        raise invalid_argument(
+            "config.encoding", "compressed input needs ffmpeg, which is not installed here"
+        )
+    args = ["-i", "pipe:0", "-vn", "-f", "s16le", "-ac", "1", "-ar", str(RECOGNITION_RATE), "pipe:1"]
+    try:
+        out = await _run_ffmpeg(args, data)
+    except (OSError, ValueError, TimeoutError) as e:
+        raise invalid_argument(field, f"cannot be decoded ({str(e)[:200]})") from e
+    pcm = Pcm(out[: len(out) // 2 * 2], RECOGNITION_RATE)
     if not pcm.data:
         raise invalid_argument(field, "holds no decodable audio")
     return pcm
@@ -181,7 +197,7 @@ def sniff(data: bytes) -> str:
     return ""
 
 
-def recognition_input(data: bytes, encoding: int, sample_rate_hertz: int) -> Pcm:
+async def recognition_input(data: bytes, encoding: int, sample_rate_hertz: int) -> Pcm:
     """The request's audio as 16 kHz mono PCM, or INVALID_ARGUMENT naming the offending field.
 
     A WAV header's values win (any rate and channel count is resampled/mixed down); headerless
@@ -195,11 +211,11 @@ def recognition_input(data: bytes, encoding: int, sample_rate_hertz: int) -> Pcm
     if encoding == OGG_OPUS or (encoding == UNSPECIFIED and kind == "ogg"):
         if kind != "ogg":
             raise invalid_argument("audio_content", "is not an Ogg stream (config.encoding is OGG_OPUS)")
-        return decode_compressed(data)
+        return await decode_compressed(data)
     if encoding == MP3 or (encoding == UNSPECIFIED and kind == "mp3"):
         if kind != "mp3":
             raise invalid_argument("audio_content", "is not MP3 audio (config.encoding is MP3)")
-        return decode_compressed(data)
+        return await decode_compressed(data)
     if encoding == LINEAR16:
         if sample_rate_hertz != RECOGNITION_RATE:
             raise invalid_argument(

@@ -1,7 +1,7 @@
 """Piper TTS in its own process (piper-tts is GPL-3.0: it stays behind this process boundary).
 
-Run as `python -m voice_svc.piper_worker --model M.onnx --config M.onnx.json`. Protocol on
-stdin/stdout, one request at a time:
+Run as `python -m voice_svc.piper_worker --model M.onnx --config M.onnx.json`. Protocol
+(voice_svc.worker_process), one request at a time:
 
   worker -> {"ready": true, "sample_rate": R, "voice": NAME}\n           once, after loading
   parent -> {"sentences": [...], "length_scale": 1.0, "fault": ""}\n    a request
@@ -18,12 +18,8 @@ import json
 import os
 import sys
 import time
-from typing import BinaryIO
 
-
-def _send(out: BinaryIO, obj: dict[str, object], payload: bytes = b"") -> None:
-    out.write(json.dumps(obj).encode() + b"\n" + payload)
-    out.flush()
+from voice_svc.worker_process import send_frame, worker_stdout
 
 
 def main() -> None:
@@ -31,10 +27,7 @@ def main() -> None:
     p.add_argument("--model", required=True)
     p.add_argument("--config", required=True)
     args = p.parse_args()
-    # The protocol owns fd 1; anything a library prints goes to stderr.
-    out = os.fdopen(os.dup(1), "wb")
-    os.dup2(2, 1)
-    sys.stdout = sys.stderr
+    out = worker_stdout()
 
     from piper import PiperVoice, SynthesisConfig
 
@@ -42,7 +35,7 @@ def main() -> None:
     name = os.path.basename(args.model).removesuffix(".onnx")
     for _ in voice.synthesize("Ready."):  # the first inference is slow; pay it before saying ready
         pass
-    _send(out, {"ready": True, "sample_rate": voice.config.sample_rate, "voice": name})
+    send_frame(out, {"ready": True, "sample_rate": voice.config.sample_rate, "voice": name})
     for line in sys.stdin.buffer:
         if not line.strip():
             continue
@@ -53,15 +46,15 @@ def main() -> None:
                 while True:
                     time.sleep(3600)
             if fault == "fail":
-                _send(out, {"error": "fault injected: piper made to fail"})
+                send_frame(out, {"error": "fault injected: piper made to fail"})
                 continue
             syn = SynthesisConfig(length_scale=float(req.get("length_scale", 1.0)))
             for i, sentence in enumerate(req["sentences"]):
                 pcm = b"".join(c.audio_int16_bytes for c in voice.synthesize(sentence, syn_config=syn))
-                _send(out, {"chunk": i, "bytes": len(pcm)}, pcm)
-            _send(out, {"done": True})
+                send_frame(out, {"chunk": i, "bytes": len(pcm)}, pcm)
+            send_frame(out, {"done": True})
         except Exception as e:  # one bad request must not kill the warm worker
-            _send(out, {"error": f"{type(e).__name__}: {e}"})
+            send_frame(out, {"error": f"{type(e).__name__}: {e}"})
 
 
 if __name__ == "__main__":

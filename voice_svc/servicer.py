@@ -109,7 +109,7 @@ class VoiceServicer(voice_pb2_grpc.VoiceServicer):
         if cfg.sample_rate_hertz:
             pcm = resample(pcm, cfg.sample_rate_hertz)
         encoding = cfg.encoding or common_pb2.AUDIO_ENCODING_LINEAR16
-        content, rate = encode(pcm, encoding)
+        content, rate = await encode(pcm, encoding)
         metrics.REQUESTS.labels("Synthesize", "ok").inc()
         return voice_pb2.SynthesizeResponse(
             audio_content=content,
@@ -179,7 +179,7 @@ class VoiceServicer(voice_pb2_grpc.VoiceServicer):
             metrics.REQUESTS.labels("Transcribe", "invalid").inc()
         v.raise_if_any()
         try:
-            pcm = recognition_input(request.audio_content, cfg.encoding, cfg.sample_rate_hertz)
+            pcm = await recognition_input(request.audio_content, cfg.encoding, cfg.sample_rate_hertz)
         except Exception:
             metrics.REQUESTS.labels("Transcribe", "invalid").inc()
             raise

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import asyncio
 import os
 from collections.abc import AsyncIterator
 
@@ -22,12 +23,17 @@ SENTENCE = "The weather today is sunny and warm, with a light breeze from the we
 N_WORDS = len(SENTENCE.split())
 
 
+def generous() -> config_pb2.FlynnConfig:
+    """Deadlines long enough for a loaded 2-core machine: these tests check what engines produce."""
+    cfg = config_pb2.FlynnConfig()
+    cfg.tts.deadline.CopyFrom(duration_pb2.Duration(seconds=30))
+    return cfg
+
+
 async def make_chain(
     faults: FaultSwitch | None = None, cfg: config_pb2.FlynnConfig | None = None
 ) -> VoiceChain:
-    chain = VoiceChain(
-        StaticConfig(cfg or config_pb2.FlynnConfig()), [PiperEngine(), EspeakEngine()], [], faults
-    )
+    chain = VoiceChain(StaticConfig(cfg or generous()), [PiperEngine(), EspeakEngine()], [], faults)
     await chain.start()
     return chain
 
@@ -92,8 +98,6 @@ async def test_piper_hanging_is_timed_out_killed_and_restarted() -> None:
         with pytest.raises(ProcessLookupError):
             for _ in range(100):
                 os.kill(first_pid, 0)
-                import asyncio
-
                 await asyncio.sleep(0.05)
         chain.faults = FaultSwitch()
         ok = await chain.synthesize("Back again.", engines=["piper"], caller_remaining=60)
@@ -116,7 +120,7 @@ async def test_all_engines_failing_is_unavailable_with_attempts() -> None:
 
 
 async def test_chain_and_voice_follow_live_config(chain: VoiceChain) -> None:
-    cfg = config_pb2.FlynnConfig()
+    cfg = generous()
     cfg.tts.engines.append("espeak-ng")
     assert isinstance(chain.config, StaticConfig)
     await chain.config.apply(cfg, 2)

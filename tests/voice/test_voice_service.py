@@ -354,3 +354,18 @@ def test_piper_broken_service_falls_back_to_espeak(tmp_path: Path, voice_tokens:
                 assert info.metadata["engine.piper"] == "timeout"
     finally:
         proc.stop()
+
+
+def test_gpl_code_stays_out_of_the_service_process(voice_svc: ServiceProcess, voice_tokens: Tokens) -> None:
+    """piper (GPL), espeak-ng (GPL) and FFmpeg builds (GPL, via PyAV or the CLI) run in other processes."""
+    synth(
+        voice_svc,
+        voice_tokens,
+        "Load everything once.",
+        audio_config=voice_pb2.AudioConfig(encoding=common_pb2.AUDIO_ENCODING_MP3),
+    )
+    transcribe(voice_svc, voice_tokens, _wav(16000))
+    assert voice_svc.proc is not None
+    maps = Path(f"/proc/{voice_svc.proc.pid}/maps").read_text()
+    for lib in ("espeakbridge", "libespeak", "libavcodec", "libavformat", "onnxruntime"):
+        assert lib not in maps, lib
