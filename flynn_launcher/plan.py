@@ -98,4 +98,8 @@ def command(
     ]  # fmt: skip
     for backend in BACKENDS:
         args += [f"--{backend}-addr", f"{host}:{base_port + port_offset(backend)}"]
+    if svc.name == "gateway":
+        # System.GetMetrics scrapes every backend's Prometheus port.
+        scrape = (f"{b}={host}:{base_port + METRICS_OFFSET + port_offset(b)}" for b in BACKENDS)
+        args += ["--metrics-addrs", ",".join(scrape)]
     return args + extra

@@ -2,11 +2,15 @@
 
 from __future__ import annotations
 
+from pathlib import Path
+
 import grpc
 from flynn.v1 import gateway_pb2_grpc, system_pb2, system_pb2_grpc
 
-from flynn_runtime import topology
+from flynn_runtime import config_yaml, topology
+from flynn_runtime.config_source import ConfigSource, StaticConfig
 from flynn_runtime.server import Runtime, ServiceApp
+from gateway import mesh_metrics
 from gateway.backends import Backends
 from gateway.forwarder import Forwarder
 from gateway.gateway_api import GatewayServicer
@@ -23,6 +27,20 @@ class GatewayApp(ServiceApp):
         super().__init__(runtime)
         self.backends = Backends(runtime.settings)
         self.forwarder = Forwarder(self.backends, self.routes(), external_methods(), runtime.stopping)
+        extra = runtime.settings.extra
+        self.metrics_addrs = mesh_metrics.parse_addrs(str(extra.get("metrics_addrs") or ""))
+        # The gateway reads audio.enabled (inbound voice notes) from the live config.
+        self.watcher = None
+        self.config: ConfigSource
+        config_file = str(extra.get("gateway_config_file") or "")
+        if config_file:
+            cfg = config_yaml.yaml_to_config(Path(config_file).read_text(encoding="utf-8"))
+            self.config = StaticConfig(cfg, revision=1)
+        else:
+            from flynn_runtime.config_watcher import ConfigWatcher
+
+            self.watcher = ConfigWatcher(runtime)
+            self.config = self.watcher
 
     def routes(self) -> dict[str, Route]:
         """The forwarding table (tests override it to exercise kinds no proto method has yet)."""
@@ -37,10 +55,20 @@ class GatewayApp(ServiceApp):
 
     def register(self, server: grpc.aio.Server) -> None:
         system_pb2_grpc.add_SystemServicer_to_server(
-            SystemServicer(self.runtime, self.backends, self._own_health), server
+            SystemServicer(self.runtime, self.backends, self._own_health, self.metrics_addrs), server
         )
-        gateway_pb2_grpc.add_GatewayServicer_to_server(GatewayServicer(self.runtime, self.backends), server)
+        gateway_pb2_grpc.add_GatewayServicer_to_server(
+            GatewayServicer(self.runtime, self.backends, self.config), server
+        )
         server.add_generic_rpc_handlers((self.forwarder,))
+
+    async def start(self) -> None:
+        if self.watcher is not None:
+            await self.watcher.start()
+
+    async def stop(self) -> None:
+        if self.watcher is not None:
+            await self.watcher.stop()
 
     async def close(self) -> None:
         await self.backends.close()

@@ -1,8 +1,17 @@
-"""flynn.v1.Gateway: the channel adapters' door, in front of run control (text messages for now).
+"""flynn.v1.Gateway: the channel adapters' door, in front of run control.
 
 The caller's own authorization travels on to run control (which checks the role again and records
-the real actor); the caller's deadline and cancellation do too. Voice notes (`audio`) come later,
-with transcription through the voice service.
+the real actor); the caller's deadline and cancellation do too.
+
+Voice notes (`audio`) take the inbound voice path (gateway/inbound_voice.py): when
+targeting.audio_enabled says so for the session, the gateway transcribes them through the voice
+service (with its own service token: channels may not call Voice directly) within audio.deadline,
+keeps the audio as a canvas artifact `inbound/<session>/<idempotency key>` (or, when canvas refuses
+or the note is above its size limit, as a sha256 + size reference only), and submits the transcript
+as the message text with the audio as an attachment. With audio disabled the message is refused
+(FAILED_PRECONDITION, reason AUDIO_DISABLED, audited). A transcription that fails puts a NOTICE reply
+in the outbox telling the user ("your voice note could not be understood"), audits it, and answers
+with an error naming the cause (reason TRANSCRIPTION_FAILED): never a silent loss.
 """
 
 from __future__ import annotations
@@ -15,22 +24,25 @@ from flynn.v1 import gateway_pb2, gateway_pb2_grpc, run_control_pb2, run_control
 from grpc.aio import ServicerContext
 
 from flynn_runtime.channels import downstream_timeout
-from flynn_runtime.errors import Code, FlynnError
+from flynn_runtime.config_source import ConfigSource
 from flynn_runtime.server import Runtime, until_stopping
 from flynn_runtime.validation import Violations
 from gateway.backends import Backends
 from gateway.forwarder import forward_metadata, relay_error, stream_timeout
+from gateway.inbound_voice import MAX_AUDIO_BYTES, InboundVoice
 
 Ctx = ServicerContext[Any, Any]
 RUN_CONTROL = "queue"
 UNARY_TIMEOUT = 30.0
+MAX_TEXT_BYTES = 32 * 1024
 
 
 class GatewayServicer(gateway_pb2_grpc.GatewayServicer):
-    def __init__(self, runtime: Runtime, backends: Backends) -> None:
+    def __init__(self, runtime: Runtime, backends: Backends, config: ConfigSource) -> None:
         self._runtime = runtime
         self._backends = backends
         self._stub = run_control_pb2_grpc.RunControlStub(backends.channel(RUN_CONTROL))
+        self._voice = InboundVoice(runtime, config)
 
     async def _fail(self, context: Ctx, err: grpc.aio.AioRpcError) -> None:
         await relay_error(context, err, RUN_CONTROL, self._backends.address(RUN_CONTROL))
@@ -42,22 +54,35 @@ class GatewayServicer(gateway_pb2_grpc.GatewayServicer):
         v.text("channel", request.channel, required=True, max_bytes=64)
         v.text("session_key", request.session_key, required=True, max_bytes=256)
         v.text("idempotency_key", request.idempotency_key, required=True, max_bytes=256)
-        if not request.text and not request.HasField("audio"):
+        v.text("sender", request.sender, required=False, max_bytes=256)
+        v.text("text", request.text, required=False, max_bytes=MAX_TEXT_BYTES)
+        has_audio = request.HasField("audio")
+        if not request.text and not has_audio:
             v.add("text", "is required unless audio is given")
+        if has_audio:
+            if not request.audio.content:
+                v.add("audio.content", "is empty: a voice note needs its audio bytes")
+            elif len(request.audio.content) > MAX_AUDIO_BYTES:
+                v.add("audio.content", f"is {len(request.audio.content)} bytes; at most {MAX_AUDIO_BYTES}")
+            if request.audio.sample_rate_hertz < 0:
+                v.add("audio.sample_rate_hertz", "must not be negative")
         v.raise_if_any()
-        if not request.text:
-            raise FlynnError(
-                Code.UNIMPLEMENTED,
-                "voice notes are not supported by the gateway yet; send text",
-                reason="NOT_IMPLEMENTED",
-            )
+        text = request.text
+        transcript = ""
+        attachments: list[Any] = []
+        if has_audio:
+            note = await self._voice.take(request, context)
+            transcript = note.transcript
+            text = f"{request.text}\n{transcript}" if request.text else transcript
+            attachments.append(note.attachment)
         submit = run_control_pb2.SubmitMessageRequest(
             session_key=request.session_key,
             channel=request.channel,
             sender=request.sender,
-            text=request.text,
+            text=text,
             idempotency_key=request.idempotency_key,
             mode_override=request.mode_override,
+            attachments=attachments,
         )
         try:
             resp = await self._stub.SubmitMessage(
@@ -70,6 +95,7 @@ class GatewayServicer(gateway_pb2_grpc.GatewayServicer):
             message_id=resp.message_id,
             disposition=resp.disposition,
             run_id=resp.run_id,
+            transcript=transcript,
             effective_mode=resp.effective_mode,
         )
 

@@ -11,9 +11,10 @@ from grpc.aio import ServicerContext
 from grpc_health.v1 import health_pb2, health_pb2_grpc
 
 from flynn_runtime import VERSION
-from flynn_runtime.errors import Code, FlynnError
 from flynn_runtime.server import Runtime
 from flynn_runtime.settings import BACKENDS
+from flynn_runtime.validation import Violations
+from gateway import mesh_metrics
 from gateway.backends import Backends
 
 HEALTH_TIMEOUT = 1.0
@@ -27,17 +28,74 @@ _HEALTH = {
 
 
 class SystemServicer(system_pb2_grpc.SystemServicer):
-    def __init__(self, runtime: Runtime, backends: Backends, own_health: Any) -> None:
+    def __init__(
+        self,
+        runtime: Runtime,
+        backends: Backends,
+        own_health: Any,
+        metrics_addrs: dict[str, str] | None = None,
+    ) -> None:
         self._runtime = runtime
+        self._metrics_addrs = metrics_addrs or {}
         self._backends = backends
         self._own_health = own_health  # callable returning the gateway's own health enum
 
     async def GetMetrics(
         self, request: system_pb2.GetMetricsRequest, context: ServicerContext[Any, Any]
     ) -> system_pb2.GetMetricsResponse:
-        raise FlynnError(
-            Code.UNIMPLEMENTED, "System.GetMetrics is not implemented yet", reason="NOT_IMPLEMENTED"
-        )
+        """Scrapes every service's /metrics in parallel (short timeout each); a service that cannot be
+        read is listed in unavailable_services with why, never an error."""
+        wanted = list(request.services) or list(BACKENDS)
+        v = Violations()
+        if len(wanted) > len(BACKENDS) * 2:
+            v.add("services", f"at most {len(BACKENDS) * 2} entries")
+            v.raise_if_any()
+        for i, name in enumerate(wanted):
+            if name not in BACKENDS:
+                v.add(f"services[{i}]", f"unknown service {name[:64]!r}; known: {', '.join(BACKENDS)}")
+        v.raise_if_any()
+        watchers_task = asyncio.ensure_future(self._watchers())
+        results = await asyncio.gather(*(self._scrape(name) for name in wanted))
+        scraped: dict[str, list[mesh_metrics.Sample]] = {}
+        missing: list[tuple[str, str]] = []
+        for name, (samples, why) in zip(wanted, results, strict=True):
+            if samples is None:
+                missing.append((name, why))
+            else:
+                scraped[name] = samples
+        resp = mesh_metrics.build(scraped)
+        watchers, head = await watchers_task
+        if head:
+            resp.head_revision = head
+        for name in wanted:
+            w = watchers.get(name)
+            if w is not None:
+                resp.config_revisions.add(
+                    service=name, instance_id=w.identity.instance_id, applied_revision=w.applied_revision
+                )
+            elif name in scraped:
+                rev = int(mesh_metrics.total(scraped[name], "config_applied_revision"))
+                if name == "config":
+                    rev = resp.head_revision
+                resp.config_revisions.add(service=name, applied_revision=rev)
+        for name, why in missing:
+            resp.unavailable_services.append(name)
+            resp.unavailable_details.append(f"{name}: {why}")
+        resp.time.GetCurrentTime()
+        return resp
+
+    async def _scrape(self, service: str) -> tuple[list[mesh_metrics.Sample] | None, str]:
+        addr = self._metrics_addrs.get(service, "")
+        if not addr:
+            return None, "no metrics address configured (gateway --metrics-addrs / FLYNN_METRICS_ADDRS)"
+        try:
+            text = await asyncio.wait_for(
+                asyncio.to_thread(mesh_metrics.fetch, addr, mesh_metrics.SCRAPE_TIMEOUT),
+                mesh_metrics.SCRAPE_TIMEOUT + 0.5,
+            )
+            return await asyncio.to_thread(mesh_metrics.parse, text), ""
+        except (OSError, TimeoutError, ValueError) as e:
+            return None, f"{addr}: {type(e).__name__}: {e}"
 
     async def GetStatus(
         self, request: system_pb2.GetStatusRequest, context: ServicerContext[Any, Any]

@@ -106,6 +106,17 @@ app.kubernetes.io/component: {{ .name }}
 {{- printf "%s.%s.svc.%s:%d" (include "flynn.componentName" .) .root.Release.Namespace .root.Values.clusterDomain (int $v.grpcPort) }}
 {{- end }}
 
+{{/* The gateway's System.GetMetrics scrapes each backend's metrics port: FLYNN_METRICS_ADDRS. */}}
+{{- define "flynn.metricsAddrs" -}}
+{{- $root := . }}
+{{- $out := list }}
+{{- range $backend := (include "flynn.backends" $root | fromYamlArray) }}
+{{- $v := index $root.Values $backend }}
+{{- $out = append $out (printf "%s=%s.%s.svc.%s:%d" $backend (include "flynn.componentName" (dict "root" $root "name" $backend)) $root.Release.Namespace $root.Values.clusterDomain (int $v.metricsPort)) }}
+{{- end }}
+{{- join "," $out }}
+{{- end }}
+
 {{- define "flynn.tokensSecretName" -}}
 {{- default (printf "%s-tokens" (include "flynn.fullname" .)) .Values.auth.existingTokensSecret }}
 {{- end }}
@@ -207,6 +218,10 @@ spec:
         {{- if eq .name "config" }}
         - name: FLYNN_SEED_FILE
           value: /etc/flynn/seed/config.yaml
+        {{- end }}
+        {{- if eq .name "gateway" }}
+        - name: FLYNN_METRICS_ADDRS
+          value: {{ include "flynn.metricsAddrs" $root | quote }}
         {{- end }}
         {{- with $v.extraEnv }}
         {{- toYaml . | nindent 8 }}

@@ -109,6 +109,7 @@ class Percentiles(_message.Message):
     P50_MS_FIELD_NUMBER: _builtins.int
     P95_MS_FIELD_NUMBER: _builtins.int
     P99_MS_FIELD_NUMBER: _builtins.int
+    BUCKETS_FIELD_NUMBER: _builtins.int
     count: _builtins.int
     """Observations."""
     p50_ms: _builtins.float
@@ -117,6 +118,10 @@ class Percentiles(_message.Message):
     """95th percentile."""
     p99_ms: _builtins.float
     """99th percentile."""
+    @_builtins.property
+    def buckets(self) -> _containers.RepeatedCompositeFieldContainer[Global___HistogramBucket]:
+        """The histogram itself: cumulative counts per upper bound (so windows can be computed from two answers)."""
+
     def __init__(
         self,
         *,
@@ -124,14 +129,41 @@ class Percentiles(_message.Message):
         p50_ms: _builtins.float = ...,
         p95_ms: _builtins.float = ...,
         p99_ms: _builtins.float = ...,
+        buckets: _abc.Iterable[Global___HistogramBucket] | None = ...,
     ) -> None: ...
     _HasFieldArgType: _TypeAlias = _Never  # noqa: Y015
     def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
-    _ClearFieldArgType: _TypeAlias = _typing.Literal["count", b"count", "p50_ms", b"p50_ms", "p95_ms", b"p95_ms", "p99_ms", b"p99_ms"]  # noqa: Y015
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["buckets", b"buckets", "count", b"count", "p50_ms", b"p50_ms", "p95_ms", b"p95_ms", "p99_ms", b"p99_ms"]  # noqa: Y015
     def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
     def WhichOneof(self, oneof_group: _Never) -> None: ...
 
 Global___Percentiles: _TypeAlias = Percentiles  # noqa: Y015
+
+@_typing.final
+class HistogramBucket(_message.Message):
+    """HistogramBucket is one cumulative bucket of a latency histogram."""
+
+    DESCRIPTOR: _descriptor.Descriptor
+
+    UPPER_BOUND_MS_FIELD_NUMBER: _builtins.int
+    COUNT_FIELD_NUMBER: _builtins.int
+    upper_bound_ms: _builtins.float
+    """Upper bound in milliseconds (+Inf for the last bucket)."""
+    count: _builtins.float
+    """Observations at or below the bound."""
+    def __init__(
+        self,
+        *,
+        upper_bound_ms: _builtins.float = ...,
+        count: _builtins.float = ...,
+    ) -> None: ...
+    _HasFieldArgType: _TypeAlias = _Never  # noqa: Y015
+    def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["count", b"count", "upper_bound_ms", b"upper_bound_ms"]  # noqa: Y015
+    def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
+    def WhichOneof(self, oneof_group: _Never) -> None: ...
+
+Global___HistogramBucket: _TypeAlias = HistogramBucket  # noqa: Y015
 
 @_typing.final
 class RunMetrics(_message.Message):
@@ -147,12 +179,20 @@ class RunMetrics(_message.Message):
     DROPPED_MESSAGES_FIELD_NUMBER: _builtins.int
     REPLIES_BY_MODE_FIELD_NUMBER: _builtins.int
     FINALS_FIELD_NUMBER: _builtins.int
+    MESSAGES_FIELD_NUMBER: _builtins.int
+    ACTIVE_RUNS_FIELD_NUMBER: _builtins.int
+    QUEUE_DEPTH_FIELD_NUMBER: _builtins.int
+    SUBMIT_TO_FINAL_FIELD_NUMBER: _builtins.int
     duplicate_finals_suppressed: _builtins.float
     """Duplicate finals suppressed."""
     duplicate_finals_delivered: _builtins.float
     """Duplicate finals delivered (must be 0)."""
     finals: _builtins.float
-    """Finals written."""
+    """Finals written (runs completed with a reply)."""
+    active_runs: _builtins.float
+    """Runs active now."""
+    queue_depth: _builtins.float
+    """Entries waiting in session queues now."""
     @_builtins.property
     def run_states(self) -> _containers.RepeatedCompositeFieldContainer[Global___NamedCount]:
         """Runs by terminal or current state."""
@@ -173,6 +213,14 @@ class RunMetrics(_message.Message):
     def replies_by_mode(self) -> _containers.RepeatedCompositeFieldContainer[Global___NamedCount]:
         """Replies delivered by mode (text, audio, text_after_fallback)."""
 
+    @_builtins.property
+    def messages(self) -> _containers.RepeatedCompositeFieldContainer[Global___NamedCount]:
+        """Messages submitted, by disposition."""
+
+    @_builtins.property
+    def submit_to_final(self) -> Global___Percentiles:
+        """Message accepted to final reply written."""
+
     def __init__(
         self,
         *,
@@ -184,10 +232,14 @@ class RunMetrics(_message.Message):
         dropped_messages: _abc.Iterable[Global___NamedCount] | None = ...,
         replies_by_mode: _abc.Iterable[Global___NamedCount] | None = ...,
         finals: _builtins.float = ...,
+        messages: _abc.Iterable[Global___NamedCount] | None = ...,
+        active_runs: _builtins.float = ...,
+        queue_depth: _builtins.float = ...,
+        submit_to_final: Global___Percentiles | None = ...,
     ) -> None: ...
-    _HasFieldArgType: _TypeAlias = _typing.Literal["cancel_to_ack", b"cancel_to_ack", "cancel_to_cancelled", b"cancel_to_cancelled"]  # noqa: Y015
+    _HasFieldArgType: _TypeAlias = _typing.Literal["cancel_to_ack", b"cancel_to_ack", "cancel_to_cancelled", b"cancel_to_cancelled", "submit_to_final", b"submit_to_final"]  # noqa: Y015
     def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
-    _ClearFieldArgType: _TypeAlias = _typing.Literal["cancel_to_ack", b"cancel_to_ack", "cancel_to_cancelled", b"cancel_to_cancelled", "dropped_messages", b"dropped_messages", "duplicate_finals_delivered", b"duplicate_finals_delivered", "duplicate_finals_suppressed", b"duplicate_finals_suppressed", "finals", b"finals", "replies_by_mode", b"replies_by_mode", "run_states", b"run_states"]  # noqa: Y015
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["active_runs", b"active_runs", "cancel_to_ack", b"cancel_to_ack", "cancel_to_cancelled", b"cancel_to_cancelled", "dropped_messages", b"dropped_messages", "duplicate_finals_delivered", b"duplicate_finals_delivered", "duplicate_finals_suppressed", b"duplicate_finals_suppressed", "finals", b"finals", "messages", b"messages", "queue_depth", b"queue_depth", "replies_by_mode", b"replies_by_mode", "run_states", b"run_states", "submit_to_final", b"submit_to_final"]  # noqa: Y015
     def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
     def WhichOneof(self, oneof_group: _Never) -> None: ...
 
@@ -203,6 +255,8 @@ class ReactionMetrics(_message.Message):
     SKIPS_FIELD_NUMBER: _builtins.int
     FALSE_POSITIVES_FIELD_NUMBER: _builtins.int
     FALSE_POSITIVE_RATE_FIELD_NUMBER: _builtins.int
+    MATCHES_BY_RULE_FIELD_NUMBER: _builtins.int
+    ACTIONS_FIELD_NUMBER: _builtins.int
     matches: _builtins.float
     """Matches."""
     false_positives: _builtins.float
@@ -213,6 +267,14 @@ class ReactionMetrics(_message.Message):
     def skips(self) -> _containers.RepeatedCompositeFieldContainer[Global___NamedCount]:
         """Skips by reason."""
 
+    @_builtins.property
+    def matches_by_rule(self) -> _containers.RepeatedCompositeFieldContainer[Global___NamedCount]:
+        """Matches by rule."""
+
+    @_builtins.property
+    def actions(self) -> _containers.RepeatedCompositeFieldContainer[Global___NamedCount]:
+        """Actions run by kind/outcome ("reply/ok")."""
+
     def __init__(
         self,
         *,
@@ -220,10 +282,12 @@ class ReactionMetrics(_message.Message):
         skips: _abc.Iterable[Global___NamedCount] | None = ...,
         false_positives: _builtins.float = ...,
         false_positive_rate: _builtins.float = ...,
+        matches_by_rule: _abc.Iterable[Global___NamedCount] | None = ...,
+        actions: _abc.Iterable[Global___NamedCount] | None = ...,
     ) -> None: ...
     _HasFieldArgType: _TypeAlias = _Never  # noqa: Y015
     def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
-    _ClearFieldArgType: _TypeAlias = _typing.Literal["false_positive_rate", b"false_positive_rate", "false_positives", b"false_positives", "matches", b"matches", "skips", b"skips"]  # noqa: Y015
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["actions", b"actions", "false_positive_rate", b"false_positive_rate", "false_positives", b"false_positives", "matches", b"matches", "matches_by_rule", b"matches_by_rule", "skips", b"skips"]  # noqa: Y015
     def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
     def WhichOneof(self, oneof_group: _Never) -> None: ...
 
@@ -240,6 +304,8 @@ class NodeMetrics(_message.Message):
     RECONNECTS_FIELD_NUMBER: _builtins.int
     RECONNECT_SUCCESS_RATE_FIELD_NUMBER: _builtins.int
     CANVAS_OPERATIONS_FIELD_NUMBER: _builtins.int
+    REGISTRATIONS_BY_RESULT_FIELD_NUMBER: _builtins.int
+    DISCONNECTS_FIELD_NUMBER: _builtins.int
     online: _builtins.float
     """Nodes online."""
     registrations: _builtins.float
@@ -254,6 +320,14 @@ class NodeMetrics(_message.Message):
     def canvas_operations(self) -> _containers.RepeatedCompositeFieldContainer[Global___NamedCount]:
         """Canvas operations by op and result."""
 
+    @_builtins.property
+    def registrations_by_result(self) -> _containers.RepeatedCompositeFieldContainer[Global___NamedCount]:
+        """Register attempts by result and reason ("ok/new", "refused/…")."""
+
+    @_builtins.property
+    def disconnects(self) -> _containers.RepeatedCompositeFieldContainer[Global___NamedCount]:
+        """Node streams ended, by reason."""
+
     def __init__(
         self,
         *,
@@ -262,10 +336,12 @@ class NodeMetrics(_message.Message):
         reconnects: _abc.Iterable[Global___NamedCount] | None = ...,
         reconnect_success_rate: _builtins.float = ...,
         canvas_operations: _abc.Iterable[Global___NamedCount] | None = ...,
+        registrations_by_result: _abc.Iterable[Global___NamedCount] | None = ...,
+        disconnects: _abc.Iterable[Global___NamedCount] | None = ...,
     ) -> None: ...
     _HasFieldArgType: _TypeAlias = _Never  # noqa: Y015
     def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
-    _ClearFieldArgType: _TypeAlias = _typing.Literal["canvas_operations", b"canvas_operations", "online", b"online", "reconnect_success_rate", b"reconnect_success_rate", "reconnects", b"reconnects", "registrations", b"registrations"]  # noqa: Y015
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["canvas_operations", b"canvas_operations", "disconnects", b"disconnects", "online", b"online", "reconnect_success_rate", b"reconnect_success_rate", "reconnects", b"reconnects", "registrations", b"registrations", "registrations_by_result", b"registrations_by_result"]  # noqa: Y015
     def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
     def WhichOneof(self, oneof_group: _Never) -> None: ...
 
@@ -281,6 +357,7 @@ class VoiceMetrics(_message.Message):
     TTS_FAILURES_FIELD_NUMBER: _builtins.int
     TTS_FALLBACKS_FIELD_NUMBER: _builtins.int
     TRANSCRIPTIONS_FIELD_NUMBER: _builtins.int
+    TTS_FALLBACKS_BY_REASON_FIELD_NUMBER: _builtins.int
     tts_requests: _builtins.float
     """Synthesis requests."""
     tts_fallbacks: _builtins.float
@@ -293,6 +370,10 @@ class VoiceMetrics(_message.Message):
     def transcriptions(self) -> _containers.RepeatedCompositeFieldContainer[Global___NamedCount]:
         """Transcriptions by result."""
 
+    @_builtins.property
+    def tts_fallbacks_by_reason(self) -> _containers.RepeatedCompositeFieldContainer[Global___NamedCount]:
+        """Replies that fell back to text, by reason."""
+
     def __init__(
         self,
         *,
@@ -300,10 +381,11 @@ class VoiceMetrics(_message.Message):
         tts_failures: _abc.Iterable[Global___NamedCount] | None = ...,
         tts_fallbacks: _builtins.float = ...,
         transcriptions: _abc.Iterable[Global___NamedCount] | None = ...,
+        tts_fallbacks_by_reason: _abc.Iterable[Global___NamedCount] | None = ...,
     ) -> None: ...
     _HasFieldArgType: _TypeAlias = _Never  # noqa: Y015
     def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
-    _ClearFieldArgType: _TypeAlias = _typing.Literal["transcriptions", b"transcriptions", "tts_failures", b"tts_failures", "tts_fallbacks", b"tts_fallbacks", "tts_requests", b"tts_requests"]  # noqa: Y015
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["transcriptions", b"transcriptions", "tts_failures", b"tts_failures", "tts_fallbacks", b"tts_fallbacks", "tts_fallbacks_by_reason", b"tts_fallbacks_by_reason", "tts_requests", b"tts_requests"]  # noqa: Y015
     def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
     def WhichOneof(self, oneof_group: _Never) -> None: ...
 
@@ -322,6 +404,10 @@ class GetMetricsResponse(_message.Message):
     CONFIG_REVISIONS_FIELD_NUMBER: _builtins.int
     UNAVAILABLE_SERVICES_FIELD_NUMBER: _builtins.int
     TIME_FIELD_NUMBER: _builtins.int
+    UNAVAILABLE_DETAILS_FIELD_NUMBER: _builtins.int
+    HEAD_REVISION_FIELD_NUMBER: _builtins.int
+    head_revision: _builtins.int
+    """Config head revision (from the config service)."""
     @_builtins.property
     def runs(self) -> Global___RunMetrics:
         """Run control."""
@@ -350,6 +436,10 @@ class GetMetricsResponse(_message.Message):
     def time(self) -> _timestamp_pb2.Timestamp:
         """When the figures were gathered."""
 
+    @_builtins.property
+    def unavailable_details(self) -> _containers.RepeatedScalarFieldContainer[_builtins.str]:
+        """Why each unavailable service could not be read ("queue: connection refused")."""
+
     def __init__(
         self,
         *,
@@ -360,10 +450,12 @@ class GetMetricsResponse(_message.Message):
         config_revisions: _abc.Iterable[_common_pb2.ServiceRevision] | None = ...,
         unavailable_services: _abc.Iterable[_builtins.str] | None = ...,
         time: _timestamp_pb2.Timestamp | None = ...,
+        unavailable_details: _abc.Iterable[_builtins.str] | None = ...,
+        head_revision: _builtins.int = ...,
     ) -> None: ...
     _HasFieldArgType: _TypeAlias = _typing.Literal["nodes", b"nodes", "reactions", b"reactions", "runs", b"runs", "time", b"time", "voice", b"voice"]  # noqa: Y015
     def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
-    _ClearFieldArgType: _TypeAlias = _typing.Literal["config_revisions", b"config_revisions", "nodes", b"nodes", "reactions", b"reactions", "runs", b"runs", "time", b"time", "unavailable_services", b"unavailable_services", "voice", b"voice"]  # noqa: Y015
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["config_revisions", b"config_revisions", "head_revision", b"head_revision", "nodes", b"nodes", "reactions", b"reactions", "runs", b"runs", "time", b"time", "unavailable_details", b"unavailable_details", "unavailable_services", b"unavailable_services", "voice", b"voice"]  # noqa: Y015
     def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
     def WhichOneof(self, oneof_group: _Never) -> None: ...
 
