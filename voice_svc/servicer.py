@@ -40,6 +40,8 @@ def _check_text(v: Violations, field: str, text: str) -> None:
         v.add(field, f"is {len(text)} characters; at most {MAX_TEXT_CHARS} allowed")
     elif "\x00" in text:
         v.add(field, "must not contain NUL characters")
+    elif not any(c.isalnum() for c in text):
+        v.add(field, "has nothing to speak (no letters or digits)")
 
 
 def _check_engines(v: Violations, field: str, names: Sequence[str], known: Sequence[str]) -> None:

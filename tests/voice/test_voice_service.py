@@ -369,3 +369,28 @@ def test_gpl_code_stays_out_of_the_service_process(voice_svc: ServiceProcess, vo
     maps = Path(f"/proc/{voice_svc.proc.pid}/maps").read_text()
     for lib in ("espeakbridge", "libespeak", "libavcodec", "libavformat", "onnxruntime"):
         assert lib not in maps, lib
+
+
+def _metrics(proc: ServiceProcess) -> str:
+    import urllib.request
+
+    metrics_port = int((proc.data_dir / ".voice.port").read_text().split()[1])
+    with urllib.request.urlopen(f"http://127.0.0.1:{metrics_port}/metrics", timeout=10) as resp:
+        return str(resp.read().decode())
+
+
+def test_metrics_by_engine_and_cause(
+    voice_svc: ServiceProcess, broken_voice: ServiceProcess, voice_tokens: Tokens
+) -> None:
+    synth(voice_svc, voice_tokens, "Counted.")
+    transcribe(voice_svc, voice_tokens, _wav(16000), engines=["pocketsphinx"])
+    text = _metrics(voice_svc)
+    assert 'voice_synthesis_seconds_count{engine="piper"}' in text
+    assert 'voice_synthesis_real_time_factor_count{engine="piper"}' in text
+    assert 'voice_transcription_real_time_factor_count{engine="pocketsphinx"}' in text
+    assert 'voice_requests_total{method="Synthesize",outcome="ok"}' in text
+    with pytest.raises(grpc.RpcError):
+        synth(broken_voice, voice_tokens, "Fails.")
+    broken = _metrics(broken_voice)
+    assert 'voice_engine_failures_total{cause="engine_error",engine="piper",kind="tts"}' in broken
+    assert 'voice_all_engines_failed_total{kind="tts"}' in broken
