@@ -736,8 +736,9 @@ class RunControl:
             return
         s = self._sessions[live.row.session_key]
         with self._op() as op:
+            # The row's output column is written at the next state transition; until then the chunks
+            # are durable as RUN_OUTPUT events (rewriting the growing row per chunk costs too much).
             live.row.output += text
-            op.runs[live.row.run_id] = live
             self._event(op, s, pb.RUN_EVENT_TYPE_RUN_OUTPUT, run=live.row, state=live.row.state, text=text)
 
     def _steered(self, op: _Op, s: _Session, live: _Live, inp: AgentInput) -> None:

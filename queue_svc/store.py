@@ -17,6 +17,8 @@ from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass, field
 from pathlib import Path
 
+from queue_svc import metrics
+
 SCHEMA = """
 CREATE TABLE IF NOT EXISTS meta (key TEXT PRIMARY KEY, value TEXT NOT NULL);
 CREATE TABLE IF NOT EXISTS sessions (
@@ -286,6 +288,11 @@ class QueueStore:
             del self._finals[k]
 
     def _commit(self, batch: list[tuple[str, tuple[object, ...]]]) -> None:
+        with metrics.COMMIT_SECONDS.time():
+            self._commit_now(batch)
+        metrics.COMMIT_BATCH.observe(len(batch))
+
+    def _commit_now(self, batch: list[tuple[str, tuple[object, ...]]]) -> None:
         db = self._writer
         db.execute("BEGIN IMMEDIATE")
         try:

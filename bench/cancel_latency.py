@@ -1,0 +1,157 @@
+"""Cancel latency: cancel-to-ack and cancel-to-cancelled p50/p95/p99 with 100 sessions streaming.
+
+    .venv/bin/python -m bench.cancel_latency [--sessions 100] [--rounds 5] [--direct]
+
+Starts real processes: queue_svc (built-in agent streaming a chunk every 50 ms for 20 s) and, unless
+--direct or gateway/main.py is missing, a gateway in front of it. Each round starts one streamed run
+in each of `sessions` sessions (Gateway/SendMessage), waits until every run is streaming, then
+cancels them all (Gateway/CancelRun, 8 callers at a time) while the others keep streaming.
+
+- cancel-to-ack: the CancelRun call as the client sees it (through the gateway when used); the server
+  answers once cancel_requested is durable.
+- cancel-to-cancelled: from sending CancelRun to the RUN_CANCELLED event arriving on a
+  RunControl/WatchRunEvents stream (read through the gateway's pass-through when used).
+"""
+
+from __future__ import annotations
+
+import argparse
+import asyncio
+import importlib.util
+import tempfile
+import time
+from pathlib import Path
+from typing import Any
+
+import grpc
+from flynn.v1 import gateway_pb2, gateway_pb2_grpc
+from flynn.v1 import run_control_pb2 as pb
+from flynn.v1 import run_control_pb2_grpc as pb_grpc
+
+from tests.support.mesh import ServiceProcess, free_port, make_tokens
+
+CONFIG = """
+server:
+  queue: {mode: followup, cancel_deadline: 2s}
+  agent: {think_time: 0s, chunks: 400, chunk_interval: 50ms}
+"""
+
+
+def pct(values: list[float], p: float) -> float:
+    s = sorted(values)
+    return s[min(len(s) - 1, int(round(p / 100 * (len(s) - 1))))]
+
+
+class Bench:
+    def __init__(self, address: str, token: str, via_gateway: bool) -> None:
+        self.md = (("authorization", f"Bearer {token}"),)
+        self.ch = grpc.aio.insecure_channel(address)
+        self.via_gateway = via_gateway
+        self.gw = gateway_pb2_grpc.GatewayStub(self.ch)
+        self.rc = pb_grpc.RunControlStub(self.ch)
+        self.streaming: set[str] = set()
+        self.cancelled_at: dict[str, float] = {}
+        self.waiters: dict[str, asyncio.Event] = {}
+
+    async def watch(self) -> None:
+        req = pb.WatchRunEventsRequest(after_seq=0)
+        async for resp in self.rc.WatchRunEvents(req, metadata=self.md):
+            e = resp.event
+            if e.type == pb.RUN_EVENT_TYPE_RUN_OUTPUT:
+                self.streaming.add(e.run_id)
+            elif e.type == pb.RUN_EVENT_TYPE_RUN_CANCELLED:
+                self.cancelled_at[e.run_id] = time.perf_counter()
+                ev = self.waiters.get(e.run_id)
+                if ev is not None:
+                    ev.set()
+
+    async def submit(self, session: str, key: str) -> str:
+        if self.via_gateway:
+            r: Any = await self.gw.SendMessage(
+                gateway_pb2.SendMessageRequest(channel="bench", session_key=session, text="stream please", idempotency_key=key),
+                metadata=self.md, timeout=10,
+            )  # fmt: skip
+        else:
+            r = await self.rc.SubmitMessage(
+                pb.SubmitMessageRequest(channel="bench", session_key=session, text="stream please", idempotency_key=key),
+                metadata=self.md, timeout=10,
+            )  # fmt: skip
+        return str(r.run_id)
+
+    async def cancel(self, run_id: str) -> None:
+        if self.via_gateway:
+            await self.gw.CancelRun(gateway_pb2.GatewayCancelRunRequest(run_id=run_id, reason="bench"), metadata=self.md, timeout=10)
+        else:
+            await self.rc.CancelRun(pb.CancelRunRequest(run_id=run_id, reason="bench"), metadata=self.md, timeout=10)
+
+
+async def run(address: str, token: str, via_gateway: bool, sessions: int, rounds: int) -> tuple[list[float], list[float]]:
+    b = Bench(address, token, via_gateway)
+    watcher = asyncio.ensure_future(b.watch())
+    acks: list[float] = []
+    settles: list[float] = []
+    try:
+        for rnd in range(rounds):
+            runs = await asyncio.gather(*(b.submit(f"s{i}", f"r{rnd}-s{i}") for i in range(sessions)))
+            deadline = time.monotonic() + 30
+            while not all(r in b.streaming for r in runs):
+                if time.monotonic() > deadline:
+                    raise TimeoutError("runs did not start streaming")
+                await asyncio.sleep(0.01)
+            await asyncio.sleep(0.2)
+            queue = list(runs)
+
+            async def canceller() -> None:
+                while queue:
+                    run_id = queue.pop()
+                    b.waiters[run_id] = asyncio.Event()
+                    t0 = time.perf_counter()
+                    await b.cancel(run_id)
+                    acks.append((time.perf_counter() - t0) * 1000)
+                    await asyncio.wait_for(b.waiters[run_id].wait(), 10)
+                    settles.append((b.cancelled_at[run_id] - t0) * 1000)
+
+            await asyncio.gather(*(canceller() for _ in range(8)))
+    finally:
+        watcher.cancel()
+        await b.ch.close()
+    return acks, settles
+
+
+def main() -> None:
+    ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    ap.add_argument("--sessions", type=int, default=100)
+    ap.add_argument("--rounds", type=int, default=5)
+    ap.add_argument("--direct", action="store_true", help="call queue_svc directly, not through the gateway")
+    args = ap.parse_args()
+    via_gateway = not args.direct and importlib.util.find_spec("gateway.main") is not None
+    with tempfile.TemporaryDirectory(prefix="flynn-bench-") as d:
+        root = Path(d)
+        tokens = make_tokens(root)
+        cfg = root / "queue.yaml"
+        cfg.write_text(CONFIG)
+        queue = ServiceProcess("queue", "queue_svc.main", root / "queue", tokens,
+                               extra=["--queue-config-file", str(cfg), "--log-level", "warning"])  # fmt: skip
+        queue.start()
+        procs = [queue]
+        address = queue.address
+        try:
+            if via_gateway:
+                dead = {b: f"127.0.0.1:{free_port()}" for b in ("config", "reactions", "nodes", "voice")}
+                gw = ServiceProcess("gateway", "gateway.main", root / "gateway", tokens,
+                                    addresses={"queue": queue.address, **dead}, extra=["--log-level", "warning"])  # fmt: skip
+                gw.start()
+                procs.append(gw)
+                address = gw.address
+            acks, settles = asyncio.run(run(address, tokens.operator, via_gateway, args.sessions, args.rounds))
+        finally:
+            for p in reversed(procs):
+                p.stop()
+    path = "through the gateway (Gateway/CancelRun)" if via_gateway else "direct to queue_svc (RunControl/CancelRun)"
+    print(f"cancel latency, {args.sessions} sessions streaming, {len(acks)} cancels, {path}")
+    print(f"  cancel-to-ack:       p50 {pct(acks, 50):.2f} ms  p95 {pct(acks, 95):.2f} ms  p99 {pct(acks, 99):.2f} ms")
+    print(f"  cancel-to-cancelled: p50 {pct(settles, 50):.2f} ms  p95 {pct(settles, 95):.2f} ms  p99 {pct(settles, 99):.2f} ms")
+
+
+if __name__ == "__main__":
+    main()
