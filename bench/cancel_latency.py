@@ -20,6 +20,7 @@ import asyncio
 import importlib.util
 import tempfile
 import time
+import urllib.request
 from pathlib import Path
 from typing import Any
 
@@ -54,12 +55,11 @@ class Bench:
         self.waiters: dict[str, asyncio.Event] = {}
 
     async def watch(self) -> None:
-        req = pb.WatchRunEventsRequest(after_seq=0)
+        # Like a real consumer (the reactions service), it leaves the output chunks out.
+        req = pb.WatchRunEventsRequest(after_seq=0, exclude_output=True)
         async for resp in self.rc.WatchRunEvents(req, metadata=self.md):
             e = resp.event
-            if e.type == pb.RUN_EVENT_TYPE_RUN_OUTPUT:
-                self.streaming.add(e.run_id)
-            elif e.type == pb.RUN_EVENT_TYPE_RUN_CANCELLED:
+            if e.type == pb.RUN_EVENT_TYPE_RUN_CANCELLED:
                 self.cancelled_at[e.run_id] = time.perf_counter()
                 ev = self.waiters.get(e.run_id)
                 if ev is not None:
@@ -93,12 +93,11 @@ async def run(address: str, token: str, via_gateway: bool, sessions: int, rounds
     try:
         for rnd in range(rounds):
             runs = await asyncio.gather(*(b.submit(f"s{i}", f"r{rnd}-s{i}") for i in range(sessions)))
-            deadline = time.monotonic() + 30
-            while not all(r in b.streaming for r in runs):
-                if time.monotonic() > deadline:
-                    raise TimeoutError("runs did not start streaming")
-                await asyncio.sleep(0.01)
-            await asyncio.sleep(0.2)
+            await asyncio.sleep(0.3)
+            for r in runs:  # every run is streaming before the cancels start
+                got = await b.rc.GetRun(pb.GetRunRequest(run_id=r), metadata=b.md, timeout=10)
+                if got.run.state != pb.RUN_STATE_STARTED or not got.run.output:
+                    raise RuntimeError(f"run {r} is not streaming: {got.run.state}")
             queue = list(runs)
 
             async def canceller() -> None:
@@ -116,6 +115,35 @@ async def run(address: str, token: str, via_gateway: bool, sessions: int, rounds
         watcher.cancel()
         await b.ch.close()
     return acks, settles
+
+
+def scrape(proc: ServiceProcess) -> str:
+    """The queue process's /metrics text (the port file holds '<grpc> <metrics>')."""
+    port_file = proc.data_dir / f".{proc.service}.port"
+    metrics_port = int(port_file.read_text().split()[1])
+    with urllib.request.urlopen(f"http://127.0.0.1:{metrics_port}/metrics", timeout=5) as r:
+        return str(r.read().decode())
+
+
+def histogram(text: str, name: str) -> tuple[dict[float, float], float, float]:
+    buckets: dict[float, float] = {}
+    total = count = 0.0
+    for line in text.splitlines():
+        if line.startswith(f"{name}_bucket"):
+            le = line.split('le="', 1)[1].split('"', 1)[0]
+            buckets[float("inf") if le == "+Inf" else float(le)] = float(line.rsplit(" ", 1)[1])
+        elif line.startswith(f"{name}_sum"):
+            total = float(line.rsplit(" ", 1)[1])
+        elif line.startswith(f"{name}_count"):
+            count = float(line.rsplit(" ", 1)[1])
+    return buckets, total, count
+
+
+def bucket_quantile(buckets: dict[float, float], count: float, q: float) -> str:
+    for le in sorted(buckets):
+        if count and buckets[le] >= q * count:
+            return "> 1 s" if le == float("inf") else f"<= {le * 1000:g} ms"
+    return "n/a"
 
 
 def main() -> None:
@@ -144,6 +172,7 @@ def main() -> None:
                 procs.append(gw)
                 address = gw.address
             acks, settles = asyncio.run(run(address, tokens.operator, via_gateway, args.sessions, args.rounds))
+            server = scrape(queue)
         finally:
             for p in reversed(procs):
                 p.stop()
@@ -151,6 +180,14 @@ def main() -> None:
     print(f"cancel latency, {args.sessions} sessions streaming, {len(acks)} cancels, {path}")
     print(f"  cancel-to-ack:       p50 {pct(acks, 50):.2f} ms  p95 {pct(acks, 95):.2f} ms  p99 {pct(acks, 99):.2f} ms")
     print(f"  cancel-to-cancelled: p50 {pct(settles, 50):.2f} ms  p95 {pct(settles, 95):.2f} ms  p99 {pct(settles, 99):.2f} ms")
+    print("  server side (queue_svc histograms, bucket bounds):")
+    for name in ("flynn_cancel_to_ack_seconds", "flynn_cancel_to_cancelled_seconds"):
+        b, _, n = histogram(server, name)
+        qs = "  ".join(f"p{int(q * 100)} {bucket_quantile(b, n, q)}" for q in (0.5, 0.95, 0.99))
+        print(f"    {name}: {qs}  (n={int(n)})")
+    b, total, n = histogram(server, "flynn_queue_commit_seconds")
+    if n:
+        print(f"    group commits: {int(n)}, mean {total / n * 1000:.2f} ms, p99 {bucket_quantile(b, n, 0.99)}")
 
 
 if __name__ == "__main__":

@@ -13,7 +13,6 @@ streamed is always a prefix of the final text.
 from __future__ import annotations
 
 import asyncio
-import contextlib
 from collections.abc import Callable
 from dataclasses import dataclass, field
 from typing import Protocol
@@ -92,6 +91,11 @@ def echo_text(texts: list[str]) -> str:
     return "echo: " + " | ".join(texts)
 
 
+def _wake(fut: asyncio.Future[None]) -> None:
+    if not fut.done():
+        fut.set_result(None)
+
+
 class _EchoRun:
     def __init__(self, spec: RunSpec, hooks: AgentHooks, settings: EchoSettings) -> None:
         self._spec = spec
@@ -101,6 +105,7 @@ class _EchoRun:
         self._pending: list[AgentInput] = []
         self._closed = False  # past the last boundary: steering is refused
         self._cancel = asyncio.Event()
+        self._waiter: asyncio.Future[None] | None = None
         self._task = asyncio.ensure_future(self._main())
 
     def offer_steer(self, inputs: list[AgentInput]) -> bool | None:
@@ -111,6 +116,8 @@ class _EchoRun:
 
     def cancel(self, reason: str) -> None:
         self._cancel.set()
+        if self._waiter is not None:
+            _wake(self._waiter)
 
     async def result(self) -> Outcome:
         try:
@@ -120,13 +127,20 @@ class _EchoRun:
             raise
 
     async def _pause(self, seconds: float) -> bool:
-        """Sleep unless cancelled first; True when cancelled."""
+        """Sleep unless cancelled first; True when cancelled. One future and one timer (no tasks):
+        this runs for every chunk of every streaming run."""
         if self._cancel.is_set():
             return True
         if seconds <= 0:
             return False
-        with contextlib.suppress(TimeoutError):
-            await asyncio.wait_for(self._cancel.wait(), seconds)
+        loop = asyncio.get_running_loop()
+        self._waiter = loop.create_future()
+        timer = loop.call_later(seconds, _wake, self._waiter)
+        try:
+            await self._waiter
+        finally:
+            timer.cancel()
+            self._waiter = None
         return self._cancel.is_set()
 
     async def _main(self) -> Outcome:
