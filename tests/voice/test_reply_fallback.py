@@ -88,7 +88,9 @@ class Mesh:
         self.channels.append(ch)
         return config_pb2_grpc.ConfigServiceStub(ch)
 
-    def set_tts(self, paths: list[str], tts: config_pb2.TtsConfig) -> int:
+    def set_tts(
+        self, paths: list[str], tts: config_pb2.TtsConfig, services: tuple[str, ...] = ("queue",)
+    ) -> int:
         cfg = self.cfg()
         head = cfg.GetConfig(config_pb2.GetConfigRequest(), metadata=self.md(), timeout=10).revision
         new = config_pb2.FlynnConfig(tts=tts)
@@ -104,14 +106,15 @@ class Mesh:
         )
         revision = resp.revision
         deadline = time.monotonic() + 30
-        while time.monotonic() < deadline:  # until run control reports it applied the revision
+        while time.monotonic() < deadline:  # until the services report they applied the revision
             watchers = cfg.ListWatchers(
                 config_pb2.ListWatchersRequest(), metadata=self.md(), timeout=10
             ).watchers
-            if any(w.identity.service == "queue" and w.applied_revision >= revision for w in watchers):
+            applied = {w.identity.service for w in watchers if w.connected and w.applied_revision >= revision}
+            if set(services) <= applied:
                 return revision
             time.sleep(0.1)
-        raise TimeoutError(f"queue did not apply revision {revision}")
+        raise TimeoutError(f"{services} did not apply revision {revision}")
 
     def submit(self, n: int, channel: str = CHANNEL) -> list[str]:
         """n messages, each in its own session (one run, one final each); returns the session keys."""
@@ -228,6 +231,36 @@ def test_every_reply_is_delivered_as_text_when_voice_fails(
         "failing": {"voice_unavailable", "engine_error"},
     }[scenario]
     assert reasons <= expected, reasons
+    if scenario == "failing":
+        assert mesh.voice is not None
+        log = mesh.voice.log_tail(400)
+        assert '"tts engine failed"' in log and '"cause": "engine_error"' in log
+
+
+def test_voice_killed_with_syntheses_in_flight(mesh: Mesh) -> None:
+    mesh.start_voice()
+    sessions = mesh.submit(4)
+    time.sleep(0.05)  # let some syntheses start
+    mesh.stop_voice(kill=True)
+    replies = assert_all_delivered_once(mesh.finals(sessions))
+    for r in replies:
+        if r.delivery == rc_pb2.DELIVERY_MODE_AUDIO:
+            assert r.audio.content and not r.tts_fallback_reason
+        else:
+            assert r.delivery == rc_pb2.DELIVERY_MODE_TEXT_AFTER_FALLBACK and r.tts_fallback_reason, r
+            assert r.text and not r.audio.content
+
+
+def test_engine_chain_follows_live_config(mesh: Mesh) -> None:
+    mesh.start_voice()
+    mesh.set_tts(["tts.engines"], config_pb2.TtsConfig(engines=["espeak-ng"]), services=("queue", "voice"))
+    try:
+        for r in assert_all_delivered_once(mesh.finals(mesh.submit(2))):
+            assert r.delivery == rc_pb2.DELIVERY_MODE_AUDIO and r.audio.voice == "espeak-ng", r
+    finally:
+        mesh.set_tts(
+            ["tts.engines"], config_pb2.TtsConfig(engines=["piper", "espeak-ng"]), services=("queue", "voice")
+        )
 
 
 def test_tts_off_and_channel_removed_apply_live(mesh: Mesh) -> None:
