@@ -95,6 +95,51 @@ async def run(address: str, token: str, messages: int, concurrency: int, session
         }
 
 
+async def open_loop(address: str, token: str, rate: float, messages: int, sessions: int) -> dict[str, float]:
+    """Submit at a fixed rate (not waiting for answers) and measure submit -> final latency."""
+    md = (("authorization", f"Bearer {token}"),)
+    async with grpc.aio.insecure_channel(address) as ch:
+        stub = pb_grpc.RunControlStub(ch)
+        sent_at: dict[str, float] = {}
+        final_at: dict[str, float] = {}
+        done = asyncio.Event()
+        stream = stub.StreamReplies(pb.StreamRepliesRequest(channels=["bench-open"]), metadata=md)
+
+        async def reader() -> None:
+            async for resp in stream:
+                final_at[resp.reply.run_id] = time.perf_counter()
+                if len(final_at) >= messages:
+                    done.set()
+                    return
+
+        rt = asyncio.ensure_future(reader())
+        await asyncio.sleep(0.2)
+
+        async def one(i: int, t0: float) -> None:
+            resp = await stub.SubmitMessage(
+                pb.SubmitMessageRequest(session_key=f"o{i % sessions}", channel="bench-open", sender="b",
+                                        text=f"message {i}", idempotency_key=f"o{i}"),
+                metadata=md, timeout=30,
+            )  # fmt: skip
+            sent_at[resp.run_id] = t0
+
+        start = time.perf_counter()
+        tasks = []
+        for i in range(messages):
+            target = start + i / rate
+            delay = target - time.perf_counter()
+            if delay > 0:
+                await asyncio.sleep(delay)
+            tasks.append(asyncio.ensure_future(one(i, time.perf_counter())))
+        await asyncio.gather(*tasks)
+        await asyncio.wait_for(done.wait(), 120)
+        wall = time.perf_counter() - start
+        stream.cancel()
+        rt.cancel()
+        lat = [(final_at[r] - t) * 1000 for r, t in sent_at.items() if r in final_at]
+        return {"rate": messages / wall, "p50": pct(lat, 50), "p95": pct(lat, 95), "p99": pct(lat, 99)}
+
+
 async def one_by_one(address: str, token: str, n: int) -> list[float]:
     """Unloaded submit -> final latency: one message at a time."""
     md = (("authorization", f"Bearer {token}"),)
@@ -120,6 +165,7 @@ def main() -> None:
     ap.add_argument("--messages", type=int, default=3000)
     ap.add_argument("--concurrency", type=int, default=32)
     ap.add_argument("--sessions", type=int, default=200)
+    ap.add_argument("--rate", type=float, default=500.0, help="offered load of the open-loop phase, msg/s")
     args = ap.parse_args()
     with tempfile.TemporaryDirectory(prefix="flynn-bench-") as d:
         root = Path(d)
@@ -135,6 +181,7 @@ def main() -> None:
             cpu0 = cpu_seconds(proc.proc.pid)
             r = asyncio.run(run(proc.address, tokens.operator, args.messages, args.concurrency, args.sessions))
             cpu = cpu_seconds(proc.proc.pid) - cpu0
+            ol = asyncio.run(open_loop(proc.address, tokens.operator, args.rate, int(args.rate * 6), args.sessions))
         finally:
             proc.stop()
     print("run control throughput (direct to queue_svc, built-in agent, think_time 0, 1 chunk, followup)")
@@ -143,6 +190,8 @@ def main() -> None:
     print(f"    sustained {r['rate']:.0f} msg/s over {r['wall_s']:.2f} s; queue_svc CPU {cpu / r['wall_s'] * 100:.0f}%")
     print(f"    submit ack: p50 {r['ack_p50']:.2f} ms  p99 {r['ack_p99']:.2f} ms")
     print(f"    submit->final: p50 {r['final_p50']:.2f} ms  p95 {r['final_p95']:.2f} ms  p99 {r['final_p99']:.2f} ms")
+    print(f"  open loop at {args.rate:.0f} msg/s offered for 6 s (achieved {ol['rate']:.0f} msg/s):")
+    print(f"    submit->final: p50 {ol['p50']:.2f} ms  p95 {ol['p95']:.2f} ms  p99 {ol['p99']:.2f} ms")
 
 
 if __name__ == "__main__":
