@@ -46,6 +46,7 @@ COPY nodes_svc/ nodes_svc/
 COPY voice_svc/ voice_svc/
 COPY gateway/ gateway/
 COPY examples/ examples/
+COPY console/ console/
 RUN pip install --no-build-isolation --constraint requirements.lock . \
  && python -m compileall -q /opt/flynn/lib \
  && flynn-healthcheck --help >/dev/null
