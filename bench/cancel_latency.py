@@ -80,12 +80,20 @@ class Bench:
 
     async def cancel(self, run_id: str) -> None:
         if self.via_gateway:
-            await self.gw.CancelRun(gateway_pb2.GatewayCancelRunRequest(run_id=run_id, reason="bench"), metadata=self.md, timeout=10)
+            await self.gw.CancelRun(
+                gateway_pb2.GatewayCancelRunRequest(run_id=run_id, reason="bench"),
+                metadata=self.md,
+                timeout=10,
+            )
         else:
-            await self.rc.CancelRun(pb.CancelRunRequest(run_id=run_id, reason="bench"), metadata=self.md, timeout=10)
+            await self.rc.CancelRun(
+                pb.CancelRunRequest(run_id=run_id, reason="bench"), metadata=self.md, timeout=10
+            )
 
 
-async def run(address: str, token: str, via_gateway: bool, sessions: int, rounds: int) -> tuple[list[float], list[float]]:
+async def run(
+    address: str, token: str, via_gateway: bool, sessions: int, rounds: int
+) -> tuple[list[float], list[float]]:
     b = Bench(address, token, via_gateway)
     watcher = asyncio.ensure_future(b.watch())
     acks: list[float] = []
@@ -100,7 +108,7 @@ async def run(address: str, token: str, via_gateway: bool, sessions: int, rounds
                     raise RuntimeError(f"run {r} is not streaming: {got.run.state}")
             queue = list(runs)
 
-            async def canceller() -> None:
+            async def canceller(queue: list[str] = queue) -> None:
                 while queue:
                     run_id = queue.pop()
                     b.waiters[run_id] = asyncio.Event()
@@ -113,7 +121,7 @@ async def run(address: str, token: str, via_gateway: bool, sessions: int, rounds
             await asyncio.gather(*(canceller() for _ in range(8)))
     finally:
         watcher.cancel()
-        await b.ch.close()
+        await b.ch.close(None)
     return acks, settles
 
 
@@ -171,15 +179,25 @@ def main() -> None:
                 gw.start()
                 procs.append(gw)
                 address = gw.address
-            acks, settles = asyncio.run(run(address, tokens.operator, via_gateway, args.sessions, args.rounds))
+            acks, settles = asyncio.run(
+                run(address, tokens.operator, via_gateway, args.sessions, args.rounds)
+            )
             server = scrape(queue)
         finally:
             for p in reversed(procs):
                 p.stop()
-    path = "through the gateway (Gateway/CancelRun)" if via_gateway else "direct to queue_svc (RunControl/CancelRun)"
+    path = (
+        "through the gateway (Gateway/CancelRun)"
+        if via_gateway
+        else "direct to queue_svc (RunControl/CancelRun)"
+    )
     print(f"cancel latency, {args.sessions} sessions streaming, {len(acks)} cancels, {path}")
-    print(f"  cancel-to-ack:       p50 {pct(acks, 50):.2f} ms  p95 {pct(acks, 95):.2f} ms  p99 {pct(acks, 99):.2f} ms")
-    print(f"  cancel-to-cancelled: p50 {pct(settles, 50):.2f} ms  p95 {pct(settles, 95):.2f} ms  p99 {pct(settles, 99):.2f} ms")
+    print(
+        f"  cancel-to-ack:       p50 {pct(acks, 50):.2f} ms  p95 {pct(acks, 95):.2f} ms  p99 {pct(acks, 99):.2f} ms"
+    )
+    print(
+        f"  cancel-to-cancelled: p50 {pct(settles, 50):.2f} ms  p95 {pct(settles, 95):.2f} ms  p99 {pct(settles, 99):.2f} ms"
+    )
     print("  server side (queue_svc histograms, bucket bounds):")
     for name in ("flynn_cancel_to_ack_seconds", "flynn_cancel_to_cancelled_seconds"):
         b, _, n = histogram(server, name)
@@ -187,7 +205,9 @@ def main() -> None:
         print(f"    {name}: {qs}  (n={int(n)})")
     b, total, n = histogram(server, "flynn_queue_commit_seconds")
     if n:
-        print(f"    group commits: {int(n)}, mean {total / n * 1000:.2f} ms, p99 {bucket_quantile(b, n, 0.99)}")
+        print(
+            f"    group commits: {int(n)}, mean {total / n * 1000:.2f} ms, p99 {bucket_quantile(b, n, 0.99)}"
+        )
 
 
 if __name__ == "__main__":

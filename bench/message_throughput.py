@@ -179,17 +179,27 @@ def main() -> None:
             assert proc.proc is not None
             solo = asyncio.run(one_by_one(proc.address, tokens.operator, 300))
             cpu0 = cpu_seconds(proc.proc.pid)
-            r = asyncio.run(run(proc.address, tokens.operator, args.messages, args.concurrency, args.sessions))
+            r = asyncio.run(
+                run(proc.address, tokens.operator, args.messages, args.concurrency, args.sessions)
+            )
             cpu = cpu_seconds(proc.proc.pid) - cpu0
-            ol = asyncio.run(open_loop(proc.address, tokens.operator, args.rate, int(args.rate * 6), args.sessions))
+            ol = asyncio.run(
+                open_loop(proc.address, tokens.operator, args.rate, int(args.rate * 6), args.sessions)
+            )
         finally:
             proc.stop()
     print("run control throughput (direct to queue_svc, built-in agent, think_time 0, 1 chunk, followup)")
-    print(f"  unloaded submit->final: p50 {pct(solo, 50):.2f} ms  p95 {pct(solo, 95):.2f} ms  p99 {pct(solo, 99):.2f} ms")
+    print(
+        f"  unloaded submit->final: p50 {pct(solo, 50):.2f} ms  p95 {pct(solo, 95):.2f} ms  p99 {pct(solo, 99):.2f} ms"
+    )
     print(f"  loaded ({args.concurrency} callers, {args.sessions} sessions, {args.messages} messages):")
-    print(f"    sustained {r['rate']:.0f} msg/s over {r['wall_s']:.2f} s; queue_svc CPU {cpu / r['wall_s'] * 100:.0f}%")
+    print(
+        f"    sustained {r['rate']:.0f} msg/s over {r['wall_s']:.2f} s; queue_svc CPU {cpu / r['wall_s'] * 100:.0f}%"
+    )
     print(f"    submit ack: p50 {r['ack_p50']:.2f} ms  p99 {r['ack_p99']:.2f} ms")
-    print(f"    submit->final: p50 {r['final_p50']:.2f} ms  p95 {r['final_p95']:.2f} ms  p99 {r['final_p99']:.2f} ms")
+    print(
+        f"    submit->final: p50 {r['final_p50']:.2f} ms  p95 {r['final_p95']:.2f} ms  p99 {r['final_p99']:.2f} ms"
+    )
     print(f"  open loop at {args.rate:.0f} msg/s offered for 6 s (achieved {ol['rate']:.0f} msg/s):")
     print(f"    submit->final: p50 {ol['p50']:.2f} ms  p95 {ol['p95']:.2f} ms  p99 {ol['p99']:.2f} ms")
 

@@ -29,11 +29,25 @@ from flynn_runtime.server import Runtime, ServiceApp, run_service
 
 def add_args(p: argparse.ArgumentParser) -> None:
     env = os.environ.get
-    p.add_argument("--agent-think", type=float, default=float(env("FLYNN_AGENT_THINK", "0")), help="seconds before the first chunk")
-    p.add_argument("--agent-chunks", type=int, default=int(env("FLYNN_AGENT_CHUNKS", "3")), help="chunks per answer")
-    p.add_argument("--agent-interval", type=float, default=float(env("FLYNN_AGENT_INTERVAL", "0.05")), help="seconds between chunks")
+    p.add_argument(
+        "--agent-think",
+        type=float,
+        default=float(env("FLYNN_AGENT_THINK", "0")),
+        help="seconds before the first chunk",
+    )
+    p.add_argument(
+        "--agent-chunks", type=int, default=int(env("FLYNN_AGENT_CHUNKS", "3")), help="chunks per answer"
+    )
+    p.add_argument(
+        "--agent-interval",
+        type=float,
+        default=float(env("FLYNN_AGENT_INTERVAL", "0.05")),
+        help="seconds between chunks",
+    )
     p.add_argument("--agent-no-steer", action="store_true", help="declare the agent not steerable")
-    p.add_argument("--agent-ignore-cancel", action="store_true", help="ignore CancelSignal (shows forced cancel)")
+    p.add_argument(
+        "--agent-ignore-cancel", action="store_true", help="ignore CancelSignal (shows forced cancel)"
+    )
 
 
 @dataclass
@@ -63,7 +77,9 @@ class AgentServicer(agent_pb2_grpc.AgentServicer):
         self.observed: dict[str, Observed] = {}
 
     async def Run(
-        self, request_iterator: AsyncIterator[agent_pb2.RunRequest], context: grpc.aio.ServicerContext[Any, Any]
+        self,
+        request_iterator: AsyncIterator[agent_pb2.RunRequest],
+        context: grpc.aio.ServicerContext[Any, Any],
     ) -> AsyncIterator[agent_pb2.RunResponse]:
         first = await anext(aiter(request_iterator))
         if first.WhichOneof("request") != "start":
@@ -109,7 +125,9 @@ class AgentServicer(agent_pb2_grpc.AgentServicer):
                         texts.extend(m.text for m in taken)
                         obs.steered.extend(m.text for m in taken)
                     yield agent_pb2.RunResponse(
-                        steer_result=agent_pb2.SteerResult(accepted=accept, message_ids=[m.message_id for m in taken])
+                        steer_result=agent_pb2.SteerResult(
+                            accepted=accept, message_ids=[m.message_id for m in taken]
+                        )
                     )
                 text = "agent: " + " | ".join(texts)
                 size = -(-(len(text) - emitted) // (chunks - i))
@@ -118,10 +136,14 @@ class AgentServicer(agent_pb2_grpc.AgentServicer):
                 yield agent_pb2.RunResponse(chunk=agent_pb2.RunChunk(text=piece))
                 if i < chunks - 1 and await pause(self.b.interval):
                     obs.finished = "cancelled"
-                    yield agent_pb2.RunResponse(failure=agent_pb2.RunFailure(kind="cancelled", message="stopped"))
+                    yield agent_pb2.RunResponse(
+                        failure=agent_pb2.RunFailure(kind="cancelled", message="stopped")
+                    )
                     return
             for m in steer_in:  # arrived after the last boundary: refused, run control falls back to followup
-                yield agent_pb2.RunResponse(steer_result=agent_pb2.SteerResult(accepted=False, message_ids=[m.message_id]))
+                yield agent_pb2.RunResponse(
+                    steer_result=agent_pb2.SteerResult(accepted=False, message_ids=[m.message_id])
+                )
             obs.finished = "final"
             yield agent_pb2.RunResponse(final=agent_pb2.RunFinal(text="agent: " + " | ".join(texts)))
         except asyncio.CancelledError:

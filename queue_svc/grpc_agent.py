@@ -27,12 +27,12 @@ def _msgs(inputs: list[AgentInput] | tuple[AgentInput, ...]) -> list[agent_pb2.A
 
 
 class _GrpcRun:
-    def __init__(self, stub: agent_pb2_grpc.AgentStub, spec: RunSpec, hooks: AgentHooks) -> None:
+    def __init__(self, stub: agent_pb2_grpc.AgentAsyncStub, spec: RunSpec, hooks: AgentHooks) -> None:
         self._spec = spec
         self._hooks = hooks
         self.steerable: bool | None = None
         self._cancel_sent = False
-        self._call = stub.Run(timeout=max(spec.deadline - time.time(), 0.001))
+        self._call = stub.Run(timeout=max(spec.deadline - time.time(), 0.001))  # type: ignore[call-arg]
         self._writes: asyncio.Queue[agent_pb2.RunRequest | None] = asyncio.Queue()
         self._task = asyncio.ensure_future(self._main())
 
@@ -77,9 +77,10 @@ class _GrpcRun:
         writer = asyncio.ensure_future(self._writer())
         try:
             while True:
-                resp = await self._call.read()
-                if resp is grpc.aio.EOF:
+                got = await self._call.read()
+                if not isinstance(got, agent_pb2.RunResponse):  # grpc.aio.EOF
                     return Failure("agent", "the agent ended the stream without a final")
+                resp = got
                 kind = resp.WhichOneof("response")
                 if kind == "accepted":
                     self.steerable = resp.accepted.steerable
@@ -115,10 +116,10 @@ class GrpcAgent:
     def __init__(self, address: str, token: str = "") -> None:
         self.address = address
         self._channel = client_channel(address, token, retries=False)
-        self._stub = agent_pb2_grpc.AgentStub(self._channel)
+        self._stub: agent_pb2_grpc.AgentAsyncStub = agent_pb2_grpc.AgentStub(self._channel)  # type: ignore[assignment]
 
     def open(self, spec: RunSpec, hooks: AgentHooks) -> AgentRun:
         return _GrpcRun(self._stub, spec, hooks)
 
     async def close(self) -> None:
-        await self._channel.close()
+        await self._channel.close(None)

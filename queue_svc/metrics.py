@@ -41,9 +41,12 @@ TTS_FALLBACKS = Counter(
     "flynn_tts_fallbacks_total", "Replies sent as text because speech failed, by reason.", ["reason"]
 )
 COMMIT_SECONDS = Histogram(
-    "flynn_queue_commit_seconds", "Duration of one group commit (one fsync) of the run-control store.",
+    "flynn_queue_commit_seconds",
+    "Duration of one group commit (one fsync) of the run-control store.",
     buckets=LATENCY_BUCKETS,
 )
 COMMIT_BATCH = Histogram(
-    "flynn_queue_commit_statements", "Statements per group commit.", buckets=(1, 5, 10, 25, 50, 100, 250, 500, 1000)
+    "flynn_queue_commit_statements",
+    "Statements per group commit.",
+    buckets=(1, 5, 10, 25, 50, 100, 250, 500, 1000),
 )

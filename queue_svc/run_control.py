@@ -16,6 +16,7 @@ Invariants the code keeps (and tests check):
 from __future__ import annotations
 
 import asyncio
+import functools
 import logging
 import time
 from collections.abc import Callable, Iterator
@@ -59,7 +60,9 @@ STATE_NAMES = {
     0: "none", QUEUED: "queued", STARTED: "started", CANCEL_REQUESTED: "cancel_requested",
     CANCELLED: "cancelled", COMPLETED: "completed", ERROR: "error",
 }  # fmt: skip
-DISPOSITION_NAMES = {v: k.removeprefix("DISPOSITION_").lower() for k, v in pb.Disposition.items()}
+DISPOSITION_NAMES: dict[int, str] = {
+    v: k.removeprefix("DISPOSITION_").lower() for k, v in pb.Disposition.items()
+}
 DELIVERY_NAMES = {
     pb.DELIVERY_MODE_TEXT: "text",
     pb.DELIVERY_MODE_AUDIO: "audio",
@@ -289,7 +292,7 @@ class RunControl:
                             reason="restart_rerun",
                         )
                         self._audit_transition(row, STARTED, STARTED, "restart_rerun", "system")
-                        op.after.append(lambda live=live: self._launch(live))
+                        op.after.append(functools.partial(self._launch, live))
                     else:
                         self._terminal(op, s, live, ERROR, reason="restart", actor="system",
                                        error_kind="restart", error_message="run control restarted during the run")  # fmt: skip
@@ -664,16 +667,25 @@ class RunControl:
         s.run_count += 1
         op.runs[row.run_id] = live
         self._event(op, s, pb.RUN_EVENT_TYPE_RUN_QUEUED, run=row, state=QUEUED)
-        self._audit_transition(row, 0, QUEUED, "", "system", mode=config_pb2.QueueMode.Name(mode))
+        self._audit_transition(row, 0, QUEUED, "", "system", mode=config_pb2.QueueMode.Name(mode))  # type: ignore[arg-type]
         return live
 
     def _transition(
-        self, op: _Op, s: _Session, live: _Live, new: int, ev_type: int, reason: str, actor: str, **kw: str
+        self,
+        op: _Op,
+        s: _Session,
+        live: _Live,
+        new: int,
+        ev_type: int,
+        reason: str,
+        actor: str,
+        error_kind: str = "",
+        text: str = "",
     ) -> None:
         old = live.row.state
         live.row.state = new
         op.runs[live.row.run_id] = live
-        self._event(op, s, ev_type, run=live.row, state=new, reason=reason, **kw)
+        self._event(op, s, ev_type, run=live.row, state=new, reason=reason, error_kind=error_kind, text=text)
         self._audit_transition(live.row, old, new, reason, actor)
 
     def _start(self, op: _Op, s: _Session, live: _Live) -> None:
@@ -838,11 +850,11 @@ class RunControl:
         row.end_time = time.time()
         if state == ERROR:
             row.error_kind, row.error_message = error_kind, error_message
-        ev_type = {
+        ev_type: int = {
             CANCELLED: pb.RUN_EVENT_TYPE_RUN_CANCELLED,
             COMPLETED: pb.RUN_EVENT_TYPE_RUN_COMPLETED,
             ERROR: pb.RUN_EVENT_TYPE_RUN_ERROR,
-        }[state]
+        }[state]  # type: ignore[index]
         self._transition(op, s, live, state, ev_type, reason, actor, error_kind=error_kind, text=text)
         if live.force is not None:
             live.force.cancel()
@@ -1092,7 +1104,7 @@ class RunControl:
                     COMPLETED: pb.CANCEL_OUTCOME_ALREADY_COMPLETED,
                     CANCELLED: pb.CANCEL_OUTCOME_ALREADY_CANCELLED,
                     ERROR: pb.CANCEL_OUTCOME_ALREADY_ERROR,
-                }[row.state]
+                }[row.state]  # type: ignore[index]
                 result = CancelResult(outcome, row.run_id, row.state, dropped)
             elif row.state == CANCEL_REQUESTED:
                 result = CancelResult(
@@ -1185,7 +1197,9 @@ class RunControl:
         return [pb.RunEvent.FromString(b) for b in rows]
 
     def replies_after(self, after_cursor: int) -> list[pb.Reply]:
-        return [pb.Reply.FromString(b) for b in self.store.replies_after(after_cursor, upto=self._durable_cursor)]
+        return [
+            pb.Reply.FromString(b) for b in self.store.replies_after(after_cursor, upto=self._durable_cursor)
+        ]
 
 
 def run_to_proto(row: RunRow) -> pb.Run:

@@ -269,14 +269,14 @@ async def replay_then_live(
                 if len(batch) < 500:
                     break
             while True:
-                item = await fanout.next(sub)
-                if item is None:
+                live = await fanout.next(sub)
+                if live is None:
                     break  # overflowed: resync from the store
-                n = seq(item)
+                n = seq(live)
                 if n <= last:
                     continue
                 last = n
-                if keep(item):
-                    yield item
+                if keep(live):
+                    yield live
         finally:
             sub.close()

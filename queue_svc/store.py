@@ -16,6 +16,7 @@ import sqlite3
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass, field
 from pathlib import Path
+from typing import TypeVar
 
 from queue_svc import metrics
 
@@ -219,6 +220,16 @@ def _run_from(row: sqlite3.Row | tuple[object, ...]) -> RunRow:
     )
 
 
+K = TypeVar("K")
+V = TypeVar("V")
+
+
+def _expire(overlay: dict[K, tuple[int, V]], number: int) -> None:
+    """Drop overlay rows whose batch (`number` or earlier) is now durable."""
+    for k in [k for k, (n, _) in overlay.items() if n <= number]:
+        del overlay[k]
+
+
 class QueueStore:
     """The embedded store, with pipelined group commit.
 
@@ -281,9 +292,11 @@ class QueueStore:
         number = self._batch
         self._batch += 1
         await asyncio.get_running_loop().run_in_executor(self._pool, self._commit, batch)
-        for overlay in (self._msg_by_key, self._msg_by_id, self._runs, self._replies, self._reply_keys):
-            for k in [k for k, (n, _) in overlay.items() if n <= number]:  # type: ignore[attr-defined]
-                del overlay[k]  # type: ignore[attr-defined]
+        _expire(self._msg_by_key, number)
+        _expire(self._msg_by_id, number)
+        _expire(self._runs, number)
+        _expire(self._replies, number)
+        _expire(self._reply_keys, number)
         for k in [k for k, n in self._finals.items() if n <= number]:
             del self._finals[k]
 
@@ -354,7 +367,9 @@ class QueueStore:
         )
         self._runs[r.run_id] = (self._batch, r)
 
-    def append_event(self, global_seq: int, session_key: str, session_seq: int, type_: int, data: bytes) -> None:
+    def append_event(
+        self, global_seq: int, session_key: str, session_seq: int, type_: int, data: bytes
+    ) -> None:
         self._queue(
             "INSERT INTO events (global_seq, session_key, session_seq, type, data) VALUES (?, ?, ?, ?, ?)",
             (global_seq, session_key, session_seq, type_, data),

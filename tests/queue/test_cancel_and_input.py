@@ -45,9 +45,16 @@ async def test_cancel_outcomes(tmp_path: Path, tokens: Tokens) -> None:
         b = await q.submit("s", "b")
         c = await q.submit("s", "c")
         r = await q.cancel(run_id=a.run_id, reason="stop")
-        assert (r.outcome, r.run_id, r.state) == (pb.CANCEL_OUTCOME_CANCEL_REQUESTED, a.run_id, pb.RUN_STATE_CANCEL_REQUESTED)
+        assert (r.outcome, r.run_id, r.state) == (
+            pb.CANCEL_OUTCOME_CANCEL_REQUESTED,
+            a.run_id,
+            pb.RUN_STATE_CANCEL_REQUESTED,
+        )
         again = await q.cancel(run_id=a.run_id)
-        assert again.outcome in (pb.CANCEL_OUTCOME_ALREADY_CANCEL_REQUESTED, pb.CANCEL_OUTCOME_ALREADY_CANCELLED)
+        assert again.outcome in (
+            pb.CANCEL_OUTCOME_ALREADY_CANCEL_REQUESTED,
+            pb.CANCEL_OUTCOME_ALREADY_CANCELLED,
+        )
         ra = await q.wait_run(a.run_id)
         assert ra.state == pb.RUN_STATE_CANCELLED and ra.output and ra.final_reply_id == ""
         assert ra.cancel_request_time.ToNanoseconds() > 0
@@ -81,7 +88,9 @@ async def test_cancel_session_and_queue_drops_with_reason(tmp_path: Path, tokens
         r = await q.cancel(session_key="s", scope=pb.CANCEL_SCOPE_SESSION_AND_QUEUE, reason="/stop")
         assert (r.outcome, r.run_id, r.dropped_messages) == (pb.CANCEL_OUTCOME_CANCEL_REQUESTED, a.run_id, 4)
         await q.wait_idle("s")
-        drops = [(x.message_id, x.reason) for x in q.events("s") if x.type == pb.RUN_EVENT_TYPE_MESSAGE_DROPPED]
+        drops = [
+            (x.message_id, x.reason) for x in q.events("s") if x.type == pb.RUN_EVENT_TYPE_MESSAGE_DROPPED
+        ]
         assert drops == [(m.message_id, "/stop") for m in (*msgs, e)]
         assert (await q.get_run(e.run_id)).state == pb.RUN_STATE_CANCELLED
         assert q.replies() == []
@@ -143,20 +152,48 @@ async def test_bad_input_names_the_field(tmp_path: Path, tokens: Tokens) -> None
             assert field in violations(ei.value), (req, violations(ei.value))
         other = [
             (q.stub.GetRun(pb.GetRunRequest(run_id=""), metadata=q.md), "run_id"),
-            (q.stub.GetRun(pb.GetRunRequest(run_id="run_lowercase0000000000000000"), metadata=q.md), "run_id"),
+            (
+                q.stub.GetRun(pb.GetRunRequest(run_id="run_lowercase0000000000000000"), metadata=q.md),
+                "run_id",
+            ),
             (q.stub.ListRuns(pb.ListRunsRequest(page_size=501), metadata=q.md), "page_size"),
             (q.stub.ListRuns(pb.ListRunsRequest(page_token="%%%"), metadata=q.md), "page_token"),
             (q.stub.GetSession(pb.GetSessionRequest(session_key=""), metadata=q.md), "session_key"),
-            (q.stub.PostReply(pb.PostReplyRequest(kind=pb.REPLY_KIND_FINAL, session_key="s", channel="c", text="t", idempotency_key="k"), metadata=q.md), "kind"),
-            (q.stub.PostReply(pb.PostReplyRequest(kind=pb.REPLY_KIND_NOTICE, session_key="s", channel="c", text="t"), metadata=q.md), "idempotency_key"),
-            (q.stub.PostReply(pb.PostReplyRequest(kind=pb.REPLY_KIND_ACK, session_key="s", channel="c", idempotency_key="k"), metadata=q.md), "emoji"),
+            (
+                q.stub.PostReply(
+                    pb.PostReplyRequest(
+                        kind=pb.REPLY_KIND_FINAL, session_key="s", channel="c", text="t", idempotency_key="k"
+                    ),
+                    metadata=q.md,
+                ),
+                "kind",
+            ),
+            (
+                q.stub.PostReply(
+                    pb.PostReplyRequest(kind=pb.REPLY_KIND_NOTICE, session_key="s", channel="c", text="t"),
+                    metadata=q.md,
+                ),
+                "idempotency_key",
+            ),
+            (
+                q.stub.PostReply(
+                    pb.PostReplyRequest(
+                        kind=pb.REPLY_KIND_ACK, session_key="s", channel="c", idempotency_key="k"
+                    ),
+                    metadata=q.md,
+                ),
+                "emoji",
+            ),
         ]
         for call, field in other:
             with pytest.raises(grpc.aio.AioRpcError) as ei:
                 await call
             assert ei.value.code() == grpc.StatusCode.INVALID_ARGUMENT
             assert field in violations(ei.value)
-        for stream_req in (pb.WatchRunEventsRequest(after_seq=-1), pb.WatchRunEventsRequest(session_key="k" * 300)):
+        for stream_req in (
+            pb.WatchRunEventsRequest(after_seq=-1),
+            pb.WatchRunEventsRequest(session_key="k" * 300),
+        ):
             with pytest.raises(grpc.aio.AioRpcError) as ei:
                 async for _ in q.stub.WatchRunEvents(stream_req, metadata=q.md):
                     pass
@@ -169,7 +206,13 @@ async def test_bad_input_with_real_grpcurl(tmp_path: Path, tokens: Tokens) -> No
         res = await asyncio.to_thread(grpcurl, addr, "flynn.v1.RunControl/SubmitMessage", token=tokens.operator,
                       data=json.dumps({"sessionKey": "", "channel": "c", "text": "t", "idempotencyKey": "k"}))  # fmt: skip
         assert res.returncode != 0 and "InvalidArgument" in res.stderr and "session_key" in res.stderr
-        res = await asyncio.to_thread(grpcurl, addr, "flynn.v1.RunControl/CancelRun", token=tokens.operator, data='{"runId": "run_nope"}')
+        res = await asyncio.to_thread(
+            grpcurl,
+            addr,
+            "flynn.v1.RunControl/CancelRun",
+            token=tokens.operator,
+            data='{"runId": "run_nope"}',
+        )
         assert "InvalidArgument" in res.stderr and "run_id" in res.stderr
         ok = await asyncio.to_thread(grpcurl, addr, "flynn.v1.RunControl/SubmitMessage", token=tokens.operator,
                      data=json.dumps({"sessionKey": "s", "channel": "c", "text": "hi", "idempotencyKey": "k1"}))  # fmt: skip
@@ -179,7 +222,9 @@ async def test_bad_input_with_real_grpcurl(tmp_path: Path, tokens: Tokens) -> No
 
 async def test_post_reply_is_idempotent(tmp_path: Path, tokens: Tokens) -> None:
     async with queue_service(tmp_path, tokens) as q:
-        req = pb.PostReplyRequest(kind=pb.REPLY_KIND_NOTICE, session_key="s", channel="c", text="hi", idempotency_key="n1")
+        req = pb.PostReplyRequest(
+            kind=pb.REPLY_KIND_NOTICE, session_key="s", channel="c", text="hi", idempotency_key="n1"
+        )
         a = await q.stub.PostReply(req, metadata=q.md)
         b = await q.stub.PostReply(req, metadata=q.md)
         assert not a.duplicate and b.duplicate and a.reply.reply_id == b.reply.reply_id

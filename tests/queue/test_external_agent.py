@@ -45,7 +45,10 @@ async def test_external_agent_streams_and_completes(tmp_path: Path, tokens: Toke
 
 
 async def test_external_agent_steer_accepted(tmp_path: Path, tokens: Tokens) -> None:
-    async with agent_and_queue(tmp_path, tokens, AgentBehaviour(chunks=6, interval=0.1), "mode: steer") as (agent, q):
+    async with agent_and_queue(tmp_path, tokens, AgentBehaviour(chunks=6, interval=0.1), "mode: steer") as (
+        agent,
+        q,
+    ):
         a = await q.submit("s", "a")
         await wait_for(lambda: outputs(q, a.run_id), lambda o: len(o) >= 1)
         b = await q.submit("s", "b")
@@ -61,7 +64,9 @@ async def test_external_agent_steer_accepted(tmp_path: Path, tokens: Tokens) -> 
         assert agent.observed[a.run_id].steered == ["b"]
 
 
-async def test_steer_falls_back_to_followup_with_a_non_steerable_agent(tmp_path: Path, tokens: Tokens) -> None:
+async def test_steer_falls_back_to_followup_with_a_non_steerable_agent(
+    tmp_path: Path, tokens: Tokens
+) -> None:
     behaviour = AgentBehaviour(chunks=4, interval=0.1, steerable=False)
     async with agent_and_queue(tmp_path, tokens, behaviour, "mode: steer") as (agent, q):
         a = await q.submit("s", "a")
@@ -125,10 +130,14 @@ async def test_deadline_propagates_to_the_external_agent(tmp_path: Path, tokens:
 
 
 async def test_example_agent_runs_as_a_process(tmp_path: Path, tokens: Tokens) -> None:
-    proc = ServiceProcess("agent", "examples.external_agent", tmp_path / "agent", tokens, extra=["--agent-chunks", "2"])
+    proc = ServiceProcess(
+        "agent", "examples.external_agent", tmp_path / "agent", tokens, extra=["--agent-chunks", "2"]
+    )
     proc.start()
     try:
-        async with queue_service(tmp_path / "queue", tokens, f"server: {{agent: {{address: '{proc.address}'}}}}") as q:
+        async with queue_service(
+            tmp_path / "queue", tokens, f"server: {{agent: {{address: '{proc.address}'}}}}"
+        ) as q:
             a = await q.submit("s", "over the wire")
             run = await q.wait_run(a.run_id)
             assert run.state == pb.RUN_STATE_COMPLETED and run.output == "agent: over the wire"

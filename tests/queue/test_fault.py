@@ -33,7 +33,9 @@ class Consumer:
 
     async def watch(self) -> None:
         try:
-            async for resp in self.stub.WatchRunEvents(pb.WatchRunEventsRequest(after_seq=self.cursor), metadata=self.md):
+            async for resp in self.stub.WatchRunEvents(
+                pb.WatchRunEventsRequest(after_seq=self.cursor), metadata=self.md
+            ):
                 assert resp.event.global_seq == self.cursor + 1, (resp.event.global_seq, self.cursor)
                 self.events.append(resp.event)
                 self.cursor = resp.event.global_seq
@@ -53,7 +55,9 @@ class Consumer:
 async def test_sigkill_mid_load_loses_nothing_and_doubles_nothing(tmp_path: Path, tokens: Tokens) -> None:
     cfg = tmp_path / "queue.yaml"
     cfg.write_text(CONFIG)
-    proc = ServiceProcess("queue", "queue_svc.main", tmp_path / "data", tokens, extra=["--queue-config-file", str(cfg)])
+    proc = ServiceProcess(
+        "queue", "queue_svc.main", tmp_path / "data", tokens, extra=["--queue-config-file", str(cfg)]
+    )
     proc.start()
     md = tokens.md("operator")
     acked: dict[tuple[str, str], str] = {}  # (session, key) -> message id
@@ -80,7 +84,7 @@ async def test_sigkill_mid_load_loses_nothing_and_doubles_nothing(tmp_path: Path
                 await asyncio.sleep(0.005 * (i % 4))
 
         loaders = [asyncio.ensure_future(load(i)) for i in range(SESSIONS)]
-        while len(acked) < 300:
+        while len(acked) < 300:  # noqa: ASYNC110 - polling a counter the loaders fill
             await asyncio.sleep(0.01)
         proc.kill9()  # mid-load: submits, runs, chunks and finals are all in flight
         stop.set()
@@ -105,7 +109,9 @@ async def test_sigkill_mid_load_loses_nothing_and_doubles_nothing(tmp_path: Path
 
         async def settled() -> bool:
             for i in range(SESSIONS):
-                s = (await stub.GetSession(pb.GetSessionRequest(session_key=f"s{i}"), metadata=md, timeout=5)).session
+                s = (
+                    await stub.GetSession(pb.GetSessionRequest(session_key=f"s{i}"), metadata=md, timeout=5)
+                ).session
                 if s.active_run_id or s.queue:
                     return False
             return True
@@ -140,7 +146,9 @@ async def test_sigkill_mid_load_loses_nothing_and_doubles_nothing(tmp_path: Path
             if not token:
                 break
         terminals = Counter(e.run_id for e in consumer.events if e.type in TERMINAL_EVENTS)
-        assert all(terminals[r.run_id] == 1 for r in runs), [r.run_id for r in runs if terminals[r.run_id] != 1]
+        assert all(terminals[r.run_id] == 1 for r in runs), [
+            r.run_id for r in runs if terminals[r.run_id] != 1
+        ]
         finals: dict[str, set[str]] = defaultdict(set)
         for r in consumer.replies:
             if r.kind == pb.REPLY_KIND_FINAL:
@@ -156,7 +164,9 @@ async def test_sigkill_mid_load_loses_nothing_and_doubles_nothing(tmp_path: Path
         assert {r.run_id for r in replay} == completed
         # Every acknowledged message is in a run or was dropped with a reason.
         in_runs = {m for r in runs for m in r.message_ids}
-        dropped = {e.message_id for e in consumer.events if e.type == pb.RUN_EVENT_TYPE_MESSAGE_DROPPED and e.reason}
+        dropped = {
+            e.message_id for e in consumer.events if e.type == pb.RUN_EVENT_TYPE_MESSAGE_DROPPED and e.reason
+        }
         lost = [k for k, m in acked.items() if m not in in_runs and m not in dropped]
         assert not lost, lost[:5]
         # The crash left runs mid-flight; the rerun policy gave them a second attempt.

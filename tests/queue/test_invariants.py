@@ -71,7 +71,9 @@ async def test_random_mix_keeps_every_invariant(tmp_path: Path, tokens: Tokens) 
             for n, roll in enumerate(plans[key]):
                 if roll < 0.6:
                     # A burst of messages at once, so queues fill, merge, steer, interrupt and drop.
-                    burst = [(f"{key}/{n}/{j}", r.choice([0, 0, 0, *range(1, 5)])) for j in range(r.randint(1, 5))]
+                    burst = [
+                        (f"{key}/{n}/{j}", r.choice([0, 0, 0, *range(1, 5)])) for j in range(r.randint(1, 5))
+                    ]
                     resps = await asyncio.gather(
                         *(q.submit(key, f"{key} msg {k}", key=k, mode_override=o) for k, o in burst)
                     )
@@ -105,7 +107,7 @@ async def test_random_mix_keeps_every_invariant(tmp_path: Path, tokens: Tokens) 
         def all_idle() -> bool:
             return all(not s.active and not s.queue for s in q.rc._sessions.values())
 
-        await wait_for(lambda: asyncio.sleep(0, all_idle()), bool, timeout=60)
+        await wait_for(lambda: asyncio.sleep(0, all_idle()), bool, within=60)
         await q.rc.durable()
         assert len(acked) > SESSIONS
         check_invariants(q, acked)

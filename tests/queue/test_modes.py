@@ -13,12 +13,18 @@ from tests.support.queue import QueueHarness, queue_service, wait_for
 E = pb.RunEventType
 
 
-def labelled(q: QueueHarness, session: str, names: dict[str, str], with_output: bool = False) -> list[tuple[str, str]]:
+def labelled(
+    q: QueueHarness, session: str, names: dict[str, str], with_output: bool = False
+) -> list[tuple[str, str]]:
     """Event sequence as (TYPE, label of the run or message), labels from `names` (id -> label)."""
     out = []
     for e in q.events(session, exclude_output=not with_output):
         kind = E.Name(e.type).removeprefix("RUN_EVENT_TYPE_")
-        if e.type in (E.RUN_EVENT_TYPE_MESSAGE_RECEIVED, E.RUN_EVENT_TYPE_MESSAGE_DROPPED, E.RUN_EVENT_TYPE_MESSAGE_STEERED):
+        if e.type in (
+            E.RUN_EVENT_TYPE_MESSAGE_RECEIVED,
+            E.RUN_EVENT_TYPE_MESSAGE_DROPPED,
+            E.RUN_EVENT_TYPE_MESSAGE_STEERED,
+        ):
             out.append((kind, names.get(e.message_id, e.message_id)))
         else:
             out.append((kind, names.get(e.run_id, e.run_id)))
@@ -56,7 +62,14 @@ async def test_followup_runs_each_message_in_order(tmp_path: Path, tokens: Token
         runs = [await q.wait_run(x.run_id) for x in (a, b, c)]
         assert [r.output for r in runs] == ["echo: one", "echo: two", "echo: three"]
         await q.wait_idle("s")
-        n = {a.message_id: "m1", b.message_id: "m2", c.message_id: "m3", a.run_id: "r1", b.run_id: "r2", c.run_id: "r3"}
+        n = {
+            a.message_id: "m1",
+            b.message_id: "m2",
+            c.message_id: "m3",
+            a.run_id: "r1",
+            b.run_id: "r2",
+            c.run_id: "r3",
+        }
         assert labelled(q, "s", n) == [
             ("MESSAGE_RECEIVED", "m1"), ("RUN_QUEUED", "r1"), ("RUN_STARTED", "r1"),
             ("MESSAGE_RECEIVED", "m2"), ("RUN_QUEUED", "r2"),
@@ -103,7 +116,7 @@ async def test_collect_quiet_window_takes_late_messages(tmp_path: Path, tokens: 
     cfg = "server: {queue: {mode: collect, quiet_window: 1s}, agent: {think_time: 100ms}}"
     async with queue_service(tmp_path, tokens, cfg) as q:
         a = await q.submit("s", "a")
-        b = await q.submit("s", "b")
+        await q.submit("s", "b")
         await q.wait_run(a.run_id)
         c = await q.submit("s", "c")  # the run ended, but the buffer waits for quiet
         assert c.disposition == pb.DISPOSITION_COLLECTED
@@ -123,7 +136,9 @@ async def test_interrupt_while_streaming(tmp_path: Path, tokens: Tokens) -> None
         old = await q.wait_run(a.run_id)
         new = await q.wait_run(b.run_id)
         assert old.state == pb.RUN_STATE_CANCELLED and old.cancel_reason == "interrupt"
-        assert old.output and "echo: old question".startswith(old.output) and old.output != "echo: old question"
+        assert (
+            old.output and "echo: old question".startswith(old.output) and old.output != "echo: old question"
+        )
         assert old.final_reply_id == ""
         assert new.state == pb.RUN_STATE_COMPLETED and new.output == "echo: new question"
         n = {a.run_id: "r1", b.run_id: "r2", a.message_id: "m1", b.message_id: "m2"}
@@ -138,7 +153,11 @@ async def test_interrupt_while_streaming(tmp_path: Path, tokens: Tokens) -> None
         stream.cancel()
         replies = q.replies()
         assert [(r.run_id, r.kind) for r in replies] == [(b.run_id, pb.REPLY_KIND_FINAL)]
-        outputs = [e.text for e in q.events("s", exclude_output=False) if e.type == E.RUN_EVENT_TYPE_RUN_OUTPUT and e.run_id == a.run_id]
+        outputs = [
+            e.text
+            for e in q.events("s", exclude_output=False)
+            if e.type == E.RUN_EVENT_TYPE_RUN_OUTPUT and e.run_id == a.run_id
+        ]
         assert "".join(outputs) == old.output
         assert_gapless(q, "s")
 
@@ -180,7 +199,9 @@ async def test_steer_is_taken_at_the_next_boundary(tmp_path: Path, tokens: Token
         assert [r.text for r in q.replies()] == ["echo: go | and left"]
 
 
-async def test_steer_falls_back_to_followup_when_the_run_cannot_take_it(tmp_path: Path, tokens: Tokens) -> None:
+async def test_steer_falls_back_to_followup_when_the_run_cannot_take_it(
+    tmp_path: Path, tokens: Tokens
+) -> None:
     cfg = "server: {queue: {mode: steer, cancel_deadline: 5s}, agent: {think_time: 0s, chunks: 5, chunk_interval: 100ms}}"
     async with queue_service(tmp_path, tokens, cfg) as q:
         a = await q.submit("s", "go")
@@ -201,7 +222,9 @@ async def test_config_change_applies_to_the_next_message(tmp_path: Path, tokens:
         a = await q.submit("s", "a")
         b = await q.submit("s", "b")
         assert b.disposition == pb.DISPOSITION_QUEUED
-        await q.set_config(f"server: {{queue: {{mode: followup, overrides: {{sessions: {{s: interrupt}}}}}}, {STREAM}}}")
+        await q.set_config(
+            f"server: {{queue: {{mode: followup, overrides: {{sessions: {{s: interrupt}}}}}}, {STREAM}}}"
+        )
         c = await q.submit("s", "c")
         assert c.disposition == pb.DISPOSITION_INTERRUPTED_PREVIOUS and c.interrupted_run_id == a.run_id
         assert c.effective_mode.source == config_pb2.VALUE_SOURCE_SESSION_OVERRIDE
@@ -223,9 +246,13 @@ async def test_config_change_applies_to_the_next_message(tmp_path: Path, tokens:
 async def test_bounded_queue_drop_new(tmp_path: Path, tokens: Tokens) -> None:
     cfg = f"server: {{queue: {{mode: followup, cap: 2, drop: new}}, {SLOW}}}"
     async with queue_service(tmp_path, tokens, cfg) as q:
-        a = await q.submit("s", "a")
+        await q.submit("s", "a")
         b, c, d = [await q.submit("s", t) for t in "bcd"]
-        assert [x.disposition for x in (b, c, d)] == [pb.DISPOSITION_QUEUED, pb.DISPOSITION_QUEUED, pb.DISPOSITION_DROPPED]
+        assert [x.disposition for x in (b, c, d)] == [
+            pb.DISPOSITION_QUEUED,
+            pb.DISPOSITION_QUEUED,
+            pb.DISPOSITION_DROPPED,
+        ]
         assert d.run_id == ""
         drops = [e for e in q.events("s") if e.type == E.RUN_EVENT_TYPE_MESSAGE_DROPPED]
         assert [(e.message_id, e.reason) for e in drops] == [(d.message_id, "queue_full_new")]

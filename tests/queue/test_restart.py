@@ -50,7 +50,11 @@ async def test_restart_policy_rerun_makes_a_second_attempt(tmp_path: Path, token
     async with queue_service(tmp_path, tokens, "server: {queue: {restart_policy: rerun}}") as q:
         ra = await q.wait_run(a.run_id)
         assert ra.state == pb.RUN_STATE_COMPLETED and ra.attempt == 2 and ra.output == "echo: a"
-        kinds = [(pb.RunEventType.Name(e.type), e.reason) for e in q.events("s", exclude_output=True) if e.run_id == a.run_id]
+        kinds = [
+            (pb.RunEventType.Name(e.type), e.reason)
+            for e in q.events("s", exclude_output=True)
+            if e.run_id == a.run_id
+        ]
         assert kinds == [
             ("RUN_EVENT_TYPE_RUN_QUEUED", ""), ("RUN_EVENT_TYPE_RUN_STARTED", ""),
             ("RUN_EVENT_TYPE_RUN_STARTED", "restart_rerun"), ("RUN_EVENT_TYPE_RUN_COMPLETED", ""),
@@ -63,7 +67,7 @@ async def test_restart_policy_rerun_makes_a_second_attempt(tmp_path: Path, token
 
 
 async def test_cancel_requested_at_restart_ends_cancelled(tmp_path: Path, tokens: Tokens) -> None:
-    cfg = f"server: {{queue: {{cancel_deadline: 60s}}, agent: {{address: '127.0.0.1:1'}}}}"
+    cfg = "server: {queue: {cancel_deadline: 60s}, agent: {address: '127.0.0.1:1'}}"
     async with queue_service(tmp_path, tokens, "server: {agent: {think_time: 30s}}") as q:
         a = await q.submit("s", "a")
         await q.set_config(cfg)  # the next runs would go to an agent that is not there; this one is running

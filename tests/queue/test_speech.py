@@ -25,7 +25,9 @@ class FakeVoice(voice_pb2_grpc.VoiceServicer):
         self.behaviour = behaviour
         self.calls: list[tuple[str, float | None]] = []
 
-    async def Synthesize(self, request: voice_pb2.SynthesizeRequest, context: Any) -> voice_pb2.SynthesizeResponse:
+    async def Synthesize(
+        self, request: voice_pb2.SynthesizeRequest, context: Any
+    ) -> voice_pb2.SynthesizeResponse:
         self.calls.append((request.text, context.time_remaining()))
         if self.behaviour == "hang":
             await asyncio.sleep(60)
@@ -72,13 +74,22 @@ async def test_speech_not_wanted_is_plain_text(tmp_path: Path, tokens: Tokens) -
 
 async def test_audio_attached_when_voice_answers(tmp_path: Path, tokens: Tokens) -> None:
     voice = FakeVoice("ok")
-    async with running(make_settings("voice", tmp_path / "v", tokens), lambda rt: FakeVoiceApp(rt, voice)) as vs:
+    async with running(
+        make_settings("voice", tmp_path / "v", tokens), lambda rt: FakeVoiceApp(rt, voice)
+    ) as vs:
         async with queue_service(tmp_path / "q", tokens, TTS % "2s", addresses={"voice": vs.address}) as q:
             a = await q.submit("s", "speak", channel="voice")
             r = await final_reply(q, a.run_id)
             assert r.delivery == pb.DELIVERY_MODE_AUDIO and r.text == "echo: speak"
-            assert r.audio.content == b"RIFF....WAVEfake" and r.audio.encoding == common_pb2.AUDIO_ENCODING_LINEAR16
-            assert voice.calls[0][0] == "echo: speak" and voice.calls[0][1] is not None and voice.calls[0][1] <= 2.1
+            assert (
+                r.audio.content == b"RIFF....WAVEfake"
+                and r.audio.encoding == common_pb2.AUDIO_ENCODING_LINEAR16
+            )
+            assert (
+                voice.calls[0][0] == "echo: speak"
+                and voice.calls[0][1] is not None
+                and voice.calls[0][1] <= 2.1
+            )
 
 
 async def test_voice_unavailable_falls_back_to_text(tmp_path: Path, tokens: Tokens) -> None:
@@ -87,7 +98,10 @@ async def test_voice_unavailable_falls_back_to_text(tmp_path: Path, tokens: Toke
     async with queue_service(tmp_path, tokens, TTS % "2s", addresses={"voice": nowhere}) as q:
         a = await q.submit("s", "speak", channel="voice")
         r = await final_reply(q, a.run_id)
-        assert r.delivery == pb.DELIVERY_MODE_TEXT_AFTER_FALLBACK and r.tts_fallback_reason == "voice_unavailable"
+        assert (
+            r.delivery == pb.DELIVERY_MODE_TEXT_AFTER_FALLBACK
+            and r.tts_fallback_reason == "voice_unavailable"
+        )
         assert r.text == "echo: speak"
         assert fallback_count("voice_unavailable") == before + 1
         audit = read_audit(tmp_path / "audit" / "queue.jsonl")
@@ -97,9 +111,13 @@ async def test_voice_unavailable_falls_back_to_text(tmp_path: Path, tokens: Toke
         assert [(e.run_id, e.reason) for e in evs] == [(a.run_id, "voice_unavailable")]
 
 
-async def test_hanging_voice_times_out_and_text_arrives_after_the_deadline(tmp_path: Path, tokens: Tokens) -> None:
+async def test_hanging_voice_times_out_and_text_arrives_after_the_deadline(
+    tmp_path: Path, tokens: Tokens
+) -> None:
     voice = FakeVoice("hang")
-    async with running(make_settings("voice", tmp_path / "v", tokens), lambda rt: FakeVoiceApp(rt, voice)) as vs:
+    async with running(
+        make_settings("voice", tmp_path / "v", tokens), lambda rt: FakeVoiceApp(rt, voice)
+    ) as vs:
         async with queue_service(tmp_path / "q", tokens, TTS % "400ms", addresses={"voice": vs.address}) as q:
             stream = q.stub.StreamReplies(pb.StreamRepliesRequest(), metadata=q.md)
             t0 = time.monotonic()
@@ -115,7 +133,10 @@ async def test_hanging_voice_times_out_and_text_arrives_after_the_deadline(tmp_p
             elapsed = time.monotonic() - t0
             stream.cancel()
             assert second.run_id == a.run_id
-            assert second.delivery == pb.DELIVERY_MODE_TEXT_AFTER_FALLBACK and second.tts_fallback_reason == "timeout"
+            assert (
+                second.delivery == pb.DELIVERY_MODE_TEXT_AFTER_FALLBACK
+                and second.tts_fallback_reason == "timeout"
+            )
             assert second.text == "echo: speak"
             assert elapsed >= 0.4  # it waited for the deadline, not forever (bounded by the 10 s read above)
 
@@ -123,8 +144,13 @@ async def test_hanging_voice_times_out_and_text_arrives_after_the_deadline(tmp_p
 async def test_engine_error_and_empty_audio(tmp_path: Path, tokens: Tokens) -> None:
     for behaviour, reason in (("error", "engine_error"), ("empty", "empty_audio")):
         voice = FakeVoice(behaviour)
-        async with running(make_settings("voice", tmp_path / behaviour, tokens), lambda rt: FakeVoiceApp(rt, voice)) as vs:
-            async with queue_service(tmp_path / f"q-{behaviour}", tokens, TTS % "2s", addresses={"voice": vs.address}) as q:
+        async with running(
+            make_settings("voice", tmp_path / behaviour, tokens),
+            lambda rt, voice=voice: FakeVoiceApp(rt, voice),
+        ) as vs:
+            async with queue_service(
+                tmp_path / f"q-{behaviour}", tokens, TTS % "2s", addresses={"voice": vs.address}
+            ) as q:
                 a = await q.submit("s", "x", channel="voice")
                 r = await final_reply(q, a.run_id)
                 assert (r.delivery, r.tts_fallback_reason) == (pb.DELIVERY_MODE_TEXT_AFTER_FALLBACK, reason)
@@ -132,7 +158,9 @@ async def test_engine_error_and_empty_audio(tmp_path: Path, tokens: Tokens) -> N
 
 async def test_pending_speech_at_restart_goes_out_as_text(tmp_path: Path, tokens: Tokens) -> None:
     voice = FakeVoice("hang")
-    async with running(make_settings("voice", tmp_path / "v", tokens), lambda rt: FakeVoiceApp(rt, voice)) as vs:
+    async with running(
+        make_settings("voice", tmp_path / "v", tokens), lambda rt: FakeVoiceApp(rt, voice)
+    ) as vs:
         async with queue_service(tmp_path / "q", tokens, TTS % "30s", addresses={"voice": vs.address}) as q:
             a = await q.submit("s", "speak", channel="voice")
             await q.wait_run(a.run_id)
@@ -147,7 +175,9 @@ async def test_pending_speech_at_restart_goes_out_as_text(tmp_path: Path, tokens
 
 async def test_post_reply_speak(tmp_path: Path, tokens: Tokens) -> None:
     voice = FakeVoice("ok")
-    async with running(make_settings("voice", tmp_path / "v", tokens), lambda rt: FakeVoiceApp(rt, voice)) as vs:
+    async with running(
+        make_settings("voice", tmp_path / "v", tokens), lambda rt: FakeVoiceApp(rt, voice)
+    ) as vs:
         async with queue_service(tmp_path / "q", tokens, TTS % "2s", addresses={"voice": vs.address}) as q:
             req = pb.PostReplyRequest(kind=pb.REPLY_KIND_REACTION, session_key="s", channel="voice", text="hey",
                                       idempotency_key="r1", speak=True)  # fmt: skip

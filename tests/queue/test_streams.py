@@ -26,6 +26,7 @@ async def test_watch_replays_then_follows_without_gaps(tmp_path: Path, tokens: T
         w = asyncio.ensure_future(writer())
         seen: list[pb.RunEvent] = []
         call = q.stub.WatchRunEvents(pb.WatchRunEventsRequest(after_seq=10), metadata=q.md)
+
         async def read() -> None:
             async for resp in call:
                 seen.append(resp.event)
@@ -33,6 +34,7 @@ async def test_watch_replays_then_follows_without_gaps(tmp_path: Path, tokens: T
                     total = q.rc.global_seq
                     if seen[-1].global_seq >= total:
                         return
+
         await asyncio.wait_for(read(), 30)
         call.cancel()
         await w
@@ -45,7 +47,9 @@ async def test_watch_session_filter_and_exclude_output(tmp_path: Path, tokens: T
         a = await q.submit("a", "x")
         await q.submit("b", "y")
         await q.wait_run(a.run_id)
-        call = q.stub.WatchRunEvents(pb.WatchRunEventsRequest(session_key="a", exclude_output=True), metadata=q.md)
+        call = q.stub.WatchRunEvents(
+            pb.WatchRunEventsRequest(session_key="a", exclude_output=True), metadata=q.md
+        )
         got = []
         async for resp in call:
             got.append(resp.event)

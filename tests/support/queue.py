@@ -23,7 +23,11 @@ from queue_svc.run_control import RunControl
 from tests.support.mesh import Tokens, make_settings
 
 TERMINAL = (pb.RUN_STATE_CANCELLED, pb.RUN_STATE_COMPLETED, pb.RUN_STATE_ERROR)
-TERMINAL_EVENTS = (pb.RUN_EVENT_TYPE_RUN_CANCELLED, pb.RUN_EVENT_TYPE_RUN_COMPLETED, pb.RUN_EVENT_TYPE_RUN_ERROR)
+TERMINAL_EVENTS = (
+    pb.RUN_EVENT_TYPE_RUN_CANCELLED,
+    pb.RUN_EVENT_TYPE_RUN_COMPLETED,
+    pb.RUN_EVENT_TYPE_RUN_ERROR,
+)
 
 
 def config(yaml_text: str = "") -> config_pb2.FlynnConfig:
@@ -47,30 +51,41 @@ class QueueHarness:
     async def set_config(self, yaml_text: str) -> None:
         await self.source.apply(config(yaml_text), self.source.revision + 1)
 
-    async def submit(self, session: str, text: str, key: str | None = None, channel: str = "test", **kw: Any) -> pb.SubmitMessageResponse:
+    async def submit(
+        self, session: str, text: str, key: str | None = None, channel: str = "test", **kw: Any
+    ) -> pb.SubmitMessageResponse:
         req = pb.SubmitMessageRequest(
-            session_key=session, channel=channel, sender="u1", text=text, idempotency_key=key or f"{session}/{text}", **kw
+            session_key=session,
+            channel=channel,
+            sender="u1",
+            text=text,
+            idempotency_key=key or f"{session}/{text}",
+            **kw,
         )
         resp: pb.SubmitMessageResponse = await self.stub.SubmitMessage(req, metadata=self.md, timeout=10)
         return resp
 
     async def cancel(self, **kw: Any) -> pb.CancelRunResponse:
-        resp: pb.CancelRunResponse = await self.stub.CancelRun(pb.CancelRunRequest(**kw), metadata=self.md, timeout=10)
+        resp: pb.CancelRunResponse = await self.stub.CancelRun(
+            pb.CancelRunRequest(**kw), metadata=self.md, timeout=10
+        )
         return resp
 
     async def get_run(self, run_id: str) -> pb.Run:
         resp = await self.stub.GetRun(pb.GetRunRequest(run_id=run_id), metadata=self.md, timeout=10)
         return resp.run
 
-    async def wait_run(self, run_id: str, timeout: float = 15.0) -> pb.Run:
-        return await wait_for(lambda: self.get_run(run_id), lambda r: r.state in TERMINAL, timeout)
+    async def wait_run(self, run_id: str, within: float = 15.0) -> pb.Run:
+        return await wait_for(lambda: self.get_run(run_id), lambda r: r.state in TERMINAL, within)
 
-    async def wait_idle(self, session: str, timeout: float = 15.0) -> pb.Session:
+    async def wait_idle(self, session: str, within: float = 15.0) -> pb.Session:
         async def get() -> pb.Session:
-            resp = await self.stub.GetSession(pb.GetSessionRequest(session_key=session), metadata=self.md, timeout=10)
+            resp = await self.stub.GetSession(
+                pb.GetSessionRequest(session_key=session), metadata=self.md, timeout=10
+            )
             return resp.session
 
-        return await wait_for(get, lambda s: not s.active_run_id and not s.queue, timeout)
+        return await wait_for(get, lambda s: not s.active_run_id and not s.queue, within)
 
     def events(self, session: str = "", exclude_output: bool = False) -> list[pb.RunEvent]:
         out: list[pb.RunEvent] = []
@@ -93,8 +108,8 @@ class QueueHarness:
             after = batch[-1].cursor
 
 
-async def wait_for(get: Callable[[], Any], ok: Callable[[Any], bool], timeout: float = 15.0) -> Any:
-    deadline = time.monotonic() + timeout
+async def wait_for(get: Callable[[], Any], ok: Callable[[Any], bool], within: float = 15.0) -> Any:
+    deadline = time.monotonic() + within
     value = await get()
     while not ok(value):
         if time.monotonic() > deadline:
