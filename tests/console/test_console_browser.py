@@ -375,6 +375,11 @@ def test_tts_fallback_is_counted_after_breaking_the_voice_engine(
         assert src
         kind = page.evaluate(f"async () => (await fetch({json.dumps(src)})).headers.get('content-type')")
         assert kind == "audio/wav"
+        duration = page.evaluate(
+            f"""() => new Promise((ok, bad) => {{ const a = new Audio({json.dumps(src)});
+                a.onloadedmetadata = () => ok(a.duration); a.onerror = () => bad('cannot decode'); }})"""
+        )
+        assert duration > 0.2  # the page's player can decode and play the reply's audio
         before = int(page.inner_text("#voice-fallbacks"))
 
         mesh.restart_voice("--fail-engines", "espeak-ng")  # break the engine (fault injection switch)

@@ -145,7 +145,9 @@ class ConsoleMesh:
         return self.procs["gateway"].address
 
     def restart_voice(self, *flags: str) -> None:
+        """Restart voice on the same gRPC and metrics ports (so the gateway's GetMetrics still finds it)."""
         old = self.procs["voice"]
+        metrics_port = (old.data_dir / ".voice.port").read_text().split()[1]
         old.stop()
         self.procs["voice"] = ServiceProcess(
             "voice",
@@ -154,7 +156,7 @@ class ConsoleMesh:
             self.tokens,
             addresses=self.addresses,
             port=old.port,
-            extra=list(flags),
+            extra=["--metrics-listen", f"127.0.0.1:{metrics_port}", *flags],
             grace=3.0,
         ).start(timeout=90)
 

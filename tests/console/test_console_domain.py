@@ -1,0 +1,183 @@
+"""Unit tests of the console's plain-Python parts: sessions, rollout gates, audit tail."""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+from console import audit_tail, rollout_gates
+from console.sign_in import SessionTable, clean_operator_name
+
+
+class Clock:
+    def __init__(self) -> None:
+        self.now = 1000.0
+
+    def __call__(self) -> float:
+        return self.now
+
+
+def test_sessions_expire_when_idle_or_old_and_the_table_is_bounded() -> None:
+    clock = Clock()
+    table = SessionTable(idle_seconds=10, max_age_seconds=100, max_sessions=3, clock=clock)
+    s = table.create("tok", "alice")
+    assert table.get(s.session_id) is s and s.actor == "operator:alice"
+    assert "tok" not in s.session_id and len(s.session_id) >= 40
+    assert s.token_fingerprint != "tok" and len(s.token_fingerprint) == 12
+    clock.now += 9
+    assert table.get(s.session_id) is s  # used: the idle timer restarts
+    clock.now += 11
+    assert table.get(s.session_id) is None  # idle too long
+    t = table.create("tok", "bob")
+    for _ in range(12):
+        clock.now += 9
+        table.get(t.session_id)
+    assert table.get(t.session_id) is None  # older than max age, however busy
+    ids = [table.create(f"t{i}", "x").session_id for i in range(5)]
+    assert len(table) == 3 and table.get(ids[0]) is None and table.get(ids[-1]) is not None
+    assert table.get(None) is None and table.get("nope") is None
+    table.drop(ids[-1])
+    assert table.get(ids[-1]) is None
+
+
+def test_operator_names_are_cleaned() -> None:
+    assert clean_operator_name("  al ice<script>") == "alicescript"
+    assert clean_operator_name("") == "operator"
+    assert len(clean_operator_name("x" * 500)) == 64
+
+
+def metrics(**over: object) -> dict[str, object]:
+    m: dict[str, object] = {
+        "runs": {
+            "cancel_to_ack": {"count": 10, "p95_ms": 12.0},
+            "duplicate_finals_delivered": 0,
+            "finals": 10,
+            "replies_by_mode": [{"name": "text", "value": 8}, {"name": "text_after_fallback", "value": 2}],
+        },
+        "reactions": {"matches": 100, "false_positive_rate": 0.01},
+        "nodes": {"reconnects": [{"name": "ok", "value": 100}], "reconnect_success_rate": 1.0},
+        "voice": {"tts_fallbacks": 2},
+    }
+    for k, v in over.items():
+        section, field = k.split("__")
+        m[section][field] = v  # type: ignore[index]
+    return m
+
+
+def status(gates: list[rollout_gates.GateResult]) -> dict[str, str]:
+    return {g.gate: g.status for g in gates}
+
+
+def test_gates_pass_and_fail_at_the_playbook_thresholds() -> None:
+    assert set(status(rollout_gates.evaluate(metrics())).values()) == {"pass"}
+    fail = status(
+        rollout_gates.evaluate(
+            metrics(
+                runs__cancel_to_ack={"count": 3, "p95_ms": 500.1},
+                reactions__false_positive_rate=0.031,
+                nodes__reconnect_success_rate=0.989,
+            )
+        )
+    )
+    assert fail["cancel_to_ack_p95"] == fail["reaction_fp_rate"] == fail["node_reconnect_success"] == "fail"
+    edge = status(
+        rollout_gates.evaluate(
+            metrics(
+                runs__cancel_to_ack={"count": 3, "p95_ms": 500.0},
+                reactions__false_positive_rate=0.03,
+                nodes__reconnect_success_rate=0.99,
+            )
+        )
+    )
+    assert set(edge.values()) == {"pass"}
+    m = metrics(runs__duplicate_finals_delivered=1)
+    assert status(rollout_gates.evaluate(m))["duplicate_finals"] == "fail"
+    m = metrics(runs__finals=11)  # one final written but never delivered
+    assert status(rollout_gates.evaluate(m))["tts_fallback_no_drops"] == "fail"
+
+
+def test_gates_without_data_say_so() -> None:
+    s = status(rollout_gates.evaluate({}))
+    assert s == {
+        "cancel_to_ack_p95": "no_data",
+        "duplicate_finals": "pass",
+        "reaction_fp_rate": "no_data",
+        "node_reconnect_success": "no_data",
+        "tts_fallback_no_drops": "no_data",
+    }
+
+
+def test_trend_window_is_bounded_and_compare_flags_changes() -> None:
+    w = rollout_gates.TrendWindow(size=5)
+    for i in range(8):
+        w.add(
+            rollout_gates.evaluate(metrics(runs__cancel_to_ack={"count": 1, "p95_ms": float(i)})), at=float(i)
+        )
+    series = w.series()["cancel_to_ack_p95"]
+    assert [v for _, v in series] == [3.0, 4.0, 5.0, 6.0, 7.0]
+    before = [g.as_dict() for g in rollout_gates.evaluate(metrics())]
+    after = [g.as_dict() for g in rollout_gates.evaluate(metrics(runs__duplicate_finals_delivered=2))]
+    rows = {r["gate"]: r for r in rollout_gates.compare(before, after)}
+    assert rows["duplicate_finals"]["changed"] and rows["duplicate_finals"]["after_status"] == "fail"
+    assert not rows["cancel_to_ack_p95"]["changed"]
+
+
+def write(path: Path, entries: list[dict[str, object]]) -> None:
+    path.parent.mkdir(parents=True, exist_ok=True)
+    path.write_text("".join(json.dumps(e) + "\n" for e in entries))
+
+
+def test_audit_tail_merges_filters_and_bounds(tmp_path: Path) -> None:
+    write(
+        tmp_path / "config" / "audit" / "config.jsonl",
+        [
+            {
+                "time": "2026-01-01T00:00:01.000Z",
+                "service": "config",
+                "event": "configUpdate",
+                "actor": "operator:a",
+            },
+            {
+                "time": "2026-01-01T00:00:03.000Z",
+                "service": "config",
+                "event": "configRollback",
+                "actor": "operator:b",
+            },
+        ],
+    )
+    q = tmp_path / "queue" / "audit" / "queue.jsonl"
+    write(
+        q,
+        [
+            {
+                "time": "2026-01-01T00:00:02.000Z",
+                "service": "queue",
+                "event": "runCancelled",
+                "actor": "operator:a",
+            }
+        ],
+    )
+    with q.open("a") as fh:
+        fh.write("not json\n")
+    (tmp_path / "console").mkdir()
+    dirs = audit_tail.default_audit_dirs(tmp_path / "console")
+    assert [d.parent.name for d in dirs] == ["config", "queue"]
+    every = audit_tail.tail(dirs, audit_tail.AuditFilter())
+    assert [e["event"] for e in every] == ["configUpdate", "runCancelled", "configRollback"]
+    assert [e["event"] for e in audit_tail.tail(dirs, audit_tail.AuditFilter(actor="operator:a"))] == [
+        "configUpdate",
+        "runCancelled",
+    ]
+    assert [
+        e["event"] for e in audit_tail.tail(dirs, audit_tail.AuditFilter(service="config", event="roll"))
+    ] == ["configRollback"]
+    assert len(audit_tail.tail(dirs, audit_tail.AuditFilter(), limit=1)) == 1
+    assert audit_tail.services(dirs) == ["config", "queue"]
+
+
+def test_audit_tail_reads_only_the_end_of_big_files(tmp_path: Path) -> None:
+    f = tmp_path / "a" / "audit" / "big.jsonl"
+    write(f, [{"time": f"2026-01-01T00:00:{i % 60:02d}.{i:06d}Z", "event": f"e{i}"} for i in range(20_000)])
+    got = audit_tail.tail([f.parent], audit_tail.AuditFilter(), limit=1000, max_bytes=64 * 1024)
+    assert 0 < len(got) <= 1000
+    assert all(isinstance(e, dict) for e in got)
