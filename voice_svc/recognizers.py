@@ -104,8 +104,10 @@ class WhisperEngine:
         return not language_code or language_code.lower().split("-")[0] == "en"
 
     async def start(self) -> None:
+        # Loaded in the background: recognition's 20 s budget absorbs a cold first request,
+        # and the service starts serving (TTS) sooner.
         if self.unavailable_reason() is None:
-            await self.worker.start()
+            await self.worker.start(wait=False)
 
     async def transcribe(self, pcm: Pcm, language_code: str, fault: str = "") -> Transcript:
         if (why := self.unavailable_reason()) is not None:

@@ -44,10 +44,12 @@ class WorkerProcess:
     def pid(self) -> int | None:
         return self._proc.pid if self._proc is not None and self._proc.returncode is None else None
 
-    async def start(self) -> None:
-        """Start the worker and wait (bounded) until it is loaded, so the first request is warm."""
+    async def start(self, wait: bool = True) -> None:
+        """Start the worker; with `wait`, until it is loaded (bounded), so the first request is warm."""
         self._spawn()
         assert self._ready is not None
+        if not wait:
+            return
         try:
             await asyncio.wait_for(asyncio.shield(self._ready), self._start_timeout)
         except Exception as e:  # the chain falls back to the next engine; requests retry the start
@@ -158,9 +160,19 @@ class WorkerProcess:
 
 
 def worker_stdout() -> Any:
-    """In a worker: the protocol's stdout (fd 1 duplicated); library prints go to stderr from now on."""
-    import os
+    """In a worker: the protocol's stdout (fd 1 duplicated); library prints go to stderr from now on.
 
+    Also asks Linux to kill the worker when its parent dies, so a hung worker never outlives a
+    SIGKILLed service (a live one would see EOF on stdin and exit anyway)."""
+    import os
+    import signal
+
+    with contextlib.suppress(Exception):
+        import ctypes
+
+        ctypes.CDLL("libc.so.6", use_errno=True).prctl(1, int(signal.SIGKILL))  # PR_SET_PDEATHSIG
+        if os.getppid() == 1:  # the parent died before prctl took effect
+            os._exit(0)
     out = os.fdopen(os.dup(1), "wb")
     os.dup2(2, 1)
     sys.stdout = sys.stderr
