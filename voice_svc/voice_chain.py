@@ -91,6 +91,9 @@ def all_failed(kind: str, attempts: Sequence[Attempt]) -> FlynnError:
     }
     for a in attempts:
         meta[f"engine.{a.engine}"] = a.cause
+    # One word for callers that classify the failure (run control's tts fallback reason).
+    causes = {a.cause for a in attempts}
+    meta["cause"] = causes.pop() if len(causes) == 1 else ENGINE_ERROR
     return unavailable(
         f"every {kind} engine failed ({summary})", reason="ALL_ENGINES_FAILED", retry_after=1.0, **meta
     )

@@ -115,6 +115,7 @@ async def test_all_engines_failing_is_unavailable_with_attempts() -> None:
         assert err.code is Code.UNAVAILABLE and err.reason == "ALL_ENGINES_FAILED"
         assert err.metadata["engine.piper"] == "engine_error"
         assert err.metadata["engine.espeak-ng"] == "engine_error"
+        assert err.metadata["cause"] == "engine_error"
     finally:
         await chain.close()
 
