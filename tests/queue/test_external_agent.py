@@ -123,8 +123,8 @@ async def test_deadline_propagates_to_the_external_agent(tmp_path: Path, tokens:
             run = await q.wait_run(a.run_id)
             assert run.state == pb.RUN_STATE_ERROR and run.error_kind == "timeout"
             obs = app.servicer.observed[a.run_id]
-            assert obs.time_remaining is not None and 0 < obs.time_remaining <= 1.0
-            assert abs(obs.deadline - (run.start_time.ToNanoseconds() / 1e9 + 1.0)) < 0.5
+            assert obs.time_remaining is not None and 0 < obs.time_remaining <= 1.1
+            assert abs(obs.deadline - (run.start_time.ToNanoseconds() / 1e9 + 1.0)) < 1.0
             await wait_for(lambda: _async(obs.call_cancelled), bool)
             assert q.replies() == []
 
