@@ -10,6 +10,7 @@ import grpc
 import pytest
 from flynn.v1 import run_control_pb2 as pb
 from google.rpc import error_details_pb2, status_pb2
+from prometheus_client import REGISTRY
 
 from tests.support.mesh import Tokens, grpcurl
 from tests.support.queue import QueueHarness, queue_service, wait_for
@@ -40,6 +41,8 @@ async def started(q: QueueHarness, text: str, session: str = "s") -> pb.SubmitMe
 
 
 async def test_cancel_outcomes(tmp_path: Path, tokens: Tokens) -> None:
+    acks_before = REGISTRY.get_sample_value("flynn_cancel_to_ack_seconds_count") or 0.0
+    settled_before = REGISTRY.get_sample_value("flynn_cancel_to_cancelled_seconds_count") or 0.0
     async with queue_service(tmp_path, tokens, f"server: {{queue: {{mode: followup}}, {STREAM}}}") as q:
         a = await started(q, "a")
         b = await q.submit("s", "b")
@@ -72,6 +75,10 @@ async def test_cancel_outcomes(tmp_path: Path, tokens: Tokens) -> None:
         await q.wait_run(d.run_id)
         assert (await q.cancel(run_id=d.run_id)).outcome == pb.CANCEL_OUTCOME_ALREADY_COMPLETED
         assert [x.run_id for x in q.replies()] == [d.run_id]
+        assert (REGISTRY.get_sample_value("flynn_cancel_to_ack_seconds_count") or 0) >= acks_before + 3
+        assert (
+            REGISTRY.get_sample_value("flynn_cancel_to_cancelled_seconds_count") or 0
+        ) >= settled_before + 2
         kinds = [(pb.RunEventType.Name(e.type), e.reason) for e in q.events("s") if e.run_id == c.run_id]
         assert kinds == [
             ("RUN_EVENT_TYPE_RUN_QUEUED", ""), ("RUN_EVENT_TYPE_RUN_CANCEL_REQUESTED", "cancelled"),

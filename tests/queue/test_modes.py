@@ -7,6 +7,7 @@ from pathlib import Path
 from flynn.v1 import config_pb2
 from flynn.v1 import run_control_pb2 as pb
 
+from flynn_runtime.audit import read_audit
 from tests.support.mesh import Tokens
 from tests.support.queue import QueueHarness, queue_service, wait_for
 
@@ -80,6 +81,15 @@ async def test_followup_runs_each_message_in_order(tmp_path: Path, tokens: Token
         ]  # fmt: skip
         assert [r.run_id for r in q.replies()] == [a.run_id, b.run_id, c.run_id]
         assert_gapless(q, "s")
+        # Every run-state transition is in the audit log, with from/to, reason and actor.
+        audit = [x for x in read_audit(tmp_path / "audit" / "queue.jsonl") if x["event"] == "runState"]
+        trail = [(x["run_id"], x["from"], x["to"]) for x in audit if x["run_id"] == b.run_id]
+        assert trail == [
+            (b.run_id, "none", "queued"),
+            (b.run_id, "queued", "started"),
+            (b.run_id, "started", "completed"),
+        ]
+        assert all(x["session"] == "s" and x["actor"] for x in audit)
 
 
 async def test_collect_merges_five_messages_in_arrival_order(tmp_path: Path, tokens: Tokens) -> None:
