@@ -18,7 +18,7 @@ from grpc.aio import ServicerContext
 
 from flynn_runtime import metrics
 from flynn_runtime.auth import Authenticator, current_principal
-from flynn_runtime.errors import FlynnError
+from flynn_runtime.errors import Code, FlynnError
 from flynn_runtime.ids import ulid
 from flynn_runtime.rich_status import to_grpc_status
 
@@ -92,6 +92,53 @@ class _Call:
         )
 
 
+class _Undecodable:
+    """Stands in for a request whose bytes do not parse as the method's message type."""
+
+    __slots__ = ("error",)
+
+    def __init__(self, error: str) -> None:
+        self.error = error
+
+
+def _tolerant(deserializer: Callable[[bytes], Any] | None) -> Callable[[bytes], Any] | None:
+    """A deserializer that never raises: grpc would turn a parse error into UNKNOWN with the
+    exception text; the handler wrapper turns the stand-in into INVALID_ARGUMENT instead."""
+    if deserializer is None:
+        return None
+
+    def parse(data: bytes) -> Any:
+        try:
+            return deserializer(data)
+        except Exception as e:  # noqa: BLE001 - DecodeError or whatever the parser raises
+            return _Undecodable(str(e) or type(e).__name__)
+
+    return parse
+
+
+def _malformed(method: str, u: _Undecodable) -> FlynnError:
+    return FlynnError(
+        Code.INVALID_ARGUMENT,
+        f"the request is not a valid {method} request message: {u.error}",
+        reason="MALFORMED_REQUEST",
+    )
+
+
+async def _checked(method: str, requests: Any) -> AsyncIterator[Any]:
+    async for item in requests:
+        if isinstance(item, _Undecodable):
+            raise _malformed(method, item)
+        yield item
+
+
+def _check(method: str, request: Any, streaming: bool) -> Any:
+    if streaming:
+        return _checked(method, request) if hasattr(request, "__aiter__") else request
+    if isinstance(request, _Undecodable):
+        raise _malformed(method, request)
+    return request
+
+
 class ServerInterceptor(grpc.aio.ServerInterceptor):  # type: ignore[type-arg]
     def __init__(self, authenticator: Authenticator) -> None:
         self.authenticator = authenticator
@@ -107,7 +154,7 @@ class ServerInterceptor(grpc.aio.ServerInterceptor):  # type: ignore[type-arg]
         method = handler_call_details.method
         rpc_type = _rpc_type(handler)
         kw = {
-            "request_deserializer": handler.request_deserializer,
+            "request_deserializer": _tolerant(handler.request_deserializer),
             "response_serializer": handler.response_serializer,
         }
         if rpc_type == "unary":
@@ -132,7 +179,7 @@ class ServerInterceptor(grpc.aio.ServerInterceptor):  # type: ignore[type-arg]
             exc: BaseException | None = None
             try:
                 call.begin(context)
-                return await inner(request, context)
+                return await inner(_check(method, request, rpc_type == "client_stream"), context)
             except grpc.aio.AbortError as e:
                 exc = e
                 raise
@@ -154,7 +201,7 @@ class ServerInterceptor(grpc.aio.ServerInterceptor):  # type: ignore[type-arg]
             sent = metrics.GRPC_MSG_SENT.labels(call.service, call.name, rpc_type)
             try:
                 call.begin(context)
-                result = inner(request, context)
+                result = inner(_check(method, request, rpc_type == "bidi_stream"), context)
                 if hasattr(result, "__aiter__"):
                     async for item in result:
                         sent.inc()
