@@ -16,6 +16,8 @@ import os
 import random
 import sys
 import uuid
+from collections.abc import AsyncIterator
+from typing import cast
 
 import grpc
 from flynn.v1 import gateway_pb2, gateway_pb2_grpc, run_control_pb2
@@ -43,7 +45,9 @@ def render(reply: run_control_pb2.Reply) -> str:
     return line
 
 
-async def follow_replies(stub: gateway_pb2_grpc.GatewayStub, md: tuple[tuple[str, str], ...], channel: str) -> None:
+async def follow_replies(
+    stub: gateway_pb2_grpc.GatewayStub, md: tuple[tuple[str, str], ...], channel: str
+) -> None:
     cursor = 0
     seen: set[str] = set()
     backoff = 0.2
@@ -52,7 +56,7 @@ async def follow_replies(stub: gateway_pb2_grpc.GatewayStub, md: tuple[tuple[str
             call = stub.StreamReplies(
                 gateway_pb2.GatewayStreamRepliesRequest(after_cursor=cursor, channels=[channel]), metadata=md
             )
-            async for msg in call:
+            async for msg in cast(AsyncIterator[gateway_pb2.GatewayStreamRepliesResponse], call):
                 backoff = 0.2
                 cursor = max(cursor, msg.reply.cursor)
                 if msg.reply.reply_id in seen:
@@ -109,7 +113,9 @@ async def main_async(ns: argparse.Namespace) -> int:
                     metadata=md,
                     timeout=10,
                 )
-                print(f"[sent] {run_control_pb2.Disposition.Name(sent.disposition)} {sent.run_id}", flush=True)
+                print(
+                    f"[sent] {run_control_pb2.Disposition.Name(sent.disposition)} {sent.run_id}", flush=True
+                )
             except grpc.aio.AioRpcError as e:
                 print(f"[error] {e.code().name}: {e.details()}", flush=True)
         await asyncio.sleep(ns.linger)
@@ -124,7 +130,9 @@ def main() -> None:
     p.add_argument("--channel", default="cli")
     p.add_argument("--session", default="cli:local")
     p.add_argument("--sender", default=os.environ.get("USER", "me"))
-    p.add_argument("--linger", type=float, default=2.0, help="seconds to keep printing replies after stdin ends")
+    p.add_argument(
+        "--linger", type=float, default=2.0, help="seconds to keep printing replies after stdin ends"
+    )
     sys.exit(asyncio.run(main_async(p.parse_args())))
 
 

@@ -11,7 +11,9 @@ import contextlib
 import hashlib
 import random
 import time
+from collections.abc import AsyncIterator
 from dataclasses import dataclass, field
+from typing import cast
 
 import grpc
 import pytest
@@ -109,7 +111,7 @@ async def reply_reader(mesh: FlowMesh, gw: gateway_pb2_grpc.GatewayStub, ledger:
             gateway_pb2.GatewayStreamRepliesRequest(after_cursor=cursor), metadata=mesh.md()
         )
         try:
-            async for msg in call:
+            async for msg in cast(AsyncIterator[gateway_pb2.GatewayStreamRepliesResponse], call):
                 cursor = max(cursor, msg.reply.cursor)
                 ledger.replies[msg.reply.reply_id] = msg.reply
         except grpc.aio.AioRpcError:
@@ -187,9 +189,9 @@ async def test_mixed_load_survives_kill9_of_each_stateful_service(mesh: FlowMesh
         # The reply stream: one final per completed run, never two.
         await asyncio.sleep(1.0)
         finals: dict[str, list[str]] = {}
-        for r in ledger.replies.values():
-            if r.kind == run_control_pb2.REPLY_KIND_FINAL:
-                finals.setdefault(r.run_id, []).append(r.reply_id)
+        for rp in ledger.replies.values():
+            if rp.kind == run_control_pb2.REPLY_KIND_FINAL:
+                finals.setdefault(rp.run_id, []).append(rp.reply_id)
         dups = {k: v for k, v in finals.items() if len(v) > 1}
         assert not dups, dups
         completed = [r.run_id for r in runs.values() if r.state == run_control_pb2.RUN_STATE_COMPLETED]
@@ -224,9 +226,9 @@ async def test_mixed_load_survives_kill9_of_each_stateful_service(mesh: FlowMesh
         out = await asyncio.to_thread(mesh.flynn, "gates", "check", "--window", "0")
         assert out.returncode == 0, out.stdout + out.stderr
         states: dict[str, int] = {}
-        for r in runs.values():
-            name = run_control_pb2.RunState.Name(r.state)
-            states[name] = states.get(name, 0) + 1
+        for run in runs.values():
+            state_name = run_control_pb2.RunState.Name(run.state)
+            states[state_name] = states.get(state_name, 0) + 1
         print(
             f"\nmixed load: {len(ledger.acked)} messages acknowledged, {len(runs)} runs {states}, "
             f"{len(finals)} finals, {len(ledger.replies)} replies, {len(ledger.artifacts)} artifacts, "
@@ -237,7 +239,7 @@ async def test_mixed_load_survives_kill9_of_each_stateful_service(mesh: FlowMesh
         reader.cancel()
         with contextlib.suppress(BaseException):
             await reader
-        for n in nodes:
-            await n.stop()
+        for node in nodes:
+            await node.stop()
         await asyncio.wait(node_tasks, timeout=10)
-        await channel.close()
+        await channel.close(None)

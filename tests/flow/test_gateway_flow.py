@@ -122,7 +122,8 @@ def test_voice_note_that_cannot_be_understood_tells_the_user(mesh: FlowMesh) -> 
         assert info is not None and info.reason == "TRANSCRIPTION_FAILED", err
         notice_id = info.metadata["notice_reply_id"]
         assert notice_id
-        replies = mesh.wait_replies(lambda rs: any(r.reply_id == notice_id for r in rs))
+        nid: str = notice_id
+        replies = mesh.wait_replies(lambda rs: any(r.reply_id == nid for r in rs))  # noqa: B023
         notice = next(r for r in replies if r.reply_id == notice_id)
         assert notice.kind == run_control_pb2.REPLY_KIND_NOTICE and "voice note" in notice.text
 

@@ -56,9 +56,10 @@ def fill(msg: Message, rng: random.Random, depth: int = 0) -> Message:
                 else:
                     getattr(msg, f.name).append(scalar(f, rng))
         elif f.type == d.FieldDescriptor.TYPE_MESSAGE:
-            if f.message_type.GetOptions().map_entry:
+            if f.message_type is not None and f.message_type.GetOptions().map_entry:
                 m = getattr(msg, f.name)
-                key_f, val_f = f.message_type.fields_by_name["key"], f.message_type.fields_by_name["value"]
+                mt: Any = f.message_type
+                key_f, val_f = mt.fields_by_name["key"], mt.fields_by_name["value"]
                 if val_f.type != d.FieldDescriptor.TYPE_MESSAGE:
                     m[scalar(key_f, rng)] = scalar(val_f, rng)
             elif depth < 3:

@@ -83,7 +83,7 @@ def poll(fn: Callable[[], T | None], timeout: float = 20.0, interval: float = 0.
             last = e
         else:
             if last:
-                return last
+                return last  # type: ignore[no-any-return]
         time.sleep(interval)
     raise TimeoutError(f"timed out after {timeout} s waiting for {what or fn}: last {last!r}")
 
@@ -213,7 +213,7 @@ class FlowMesh:
             for msg in call:
                 out.append(msg.reply)
                 if pred(out):
-                    call.cancel()
+                    call.cancel()  # type: ignore[no-untyped-call]
                     return out
         except grpc.RpcError as e:
             if e.code() == grpc.StatusCode.CANCELLED and pred(out):  # type: ignore[attr-defined]
