@@ -1,0 +1,249 @@
+"""End to end through the gateway: SendMessage → final reply latency, sustained messages/s, and the
+rollback commands' propagation time.
+
+    .venv/bin/python -m bench.e2e [--latency-messages 300] [--messages 2000] [--concurrency 32] [--reps 3]
+
+Starts the whole mesh as real processes (tests/support/flow.py: config, queue, reactions, nodes,
+voice, gateway; SQLite with synchronous=FULL), with the default agent at zero think time, followup
+mode (every message its own run), no reactions and no speech, so the figures are the message path
+itself. A channel client talks only to the gateway: SendMessage, and the final arriving on
+Gateway.StreamReplies.
+- latency: one caller, one message at a time (send, wait for its final); p50/p95/p99.
+- throughput: `concurrency` callers over 200 sessions; messages / wall time until the last final.
+- rollback propagation: for each playbook step, from the UpdateConfig answer (the commit) to
+  (a) the behaviour observed flipped through the gateway (queue: effective mode collect on the next
+  message; reactions: Reactions.ListRules empty; canvas: PutArtifact refused; voice: a voice note
+  refused by the gateway; nodes: a connected companion node disconnected), and (b) every watcher
+  reporting the revision in ListWatchers (reports are deliberately delayed 0.25-1 s after the apply).
+Bounded: every wait has a timeout.
+"""
+
+from __future__ import annotations
+
+import argparse
+import asyncio
+import copy
+import tempfile
+import time
+from pathlib import Path
+from types import SimpleNamespace
+
+import grpc
+from flynn.v1 import (
+    canvas_pb2,
+    canvas_pb2_grpc,
+    common_pb2,
+    gateway_pb2,
+    gateway_pb2_grpc,
+    nodes_pb2,
+    nodes_pb2_grpc,
+    reactions_pb2,
+    reactions_pb2_grpc,
+    run_control_pb2,
+)
+
+from examples.companion_node import CompanionNode
+from flynn_cli import playbook_cmds
+from tests.support.flow import FLOW_SEED, FlowMesh
+from tests.support.mesh import make_tokens
+
+FINAL = run_control_pb2.REPLY_KIND_FINAL
+
+
+def pct(values: list[float], p: float) -> float:
+    s = sorted(values)
+    return s[min(len(s) - 1, int(round(p / 100 * (len(s) - 1))))] if s else 0.0
+
+
+def seed() -> dict[str, object]:
+    s = copy.deepcopy(FLOW_SEED)
+    s["server"]["queue"]["mode"] = "followup"  # type: ignore[index]
+    s["server"]["queue"]["cap"] = 1000  # type: ignore[index]
+    s["server"]["agent"] = {"think_time": "0s", "chunks": 1, "chunk_interval": "0s", "run_timeout": "60s"}  # type: ignore[index]
+    s["tts"] = {"enabled": False, "enabled_channels": []}
+    s["automation"] = {"reactions": []}
+    return s
+
+
+async def message_path(mesh: FlowMesh, latency_messages: int, messages: int, concurrency: int) -> None:
+    md = mesh.md()
+    async with grpc.aio.insecure_channel(mesh.gateway) as ch:
+        gw = gateway_pb2_grpc.GatewayStub(ch)
+        finals: dict[str, float] = {}
+        waiters: dict[str, asyncio.Future[float]] = {}
+        stream = gw.StreamReplies(gateway_pb2.GatewayStreamRepliesRequest(channels=["bench"]), metadata=md)
+
+        async def reader() -> None:
+            async for resp in stream:
+                r = resp.reply
+                if r.kind != FINAL:
+                    continue
+                now = time.perf_counter()
+                finals[r.run_id] = now
+                fut = waiters.pop(r.run_id, None)
+                if fut is not None and not fut.done():
+                    fut.set_result(now)
+
+        task = asyncio.create_task(reader())
+        loop = asyncio.get_running_loop()
+
+        async def send(session: str, key: str) -> float:
+            t0 = time.perf_counter()
+            resp = await gw.SendMessage(
+                gateway_pb2.SendMessageRequest(
+                    channel="bench", session_key=session, sender="b", text="hi", idempotency_key=key
+                ),
+                metadata=md,
+                timeout=30,
+            )
+            if resp.run_id in finals:
+                return finals[resp.run_id] - t0
+            fut = waiters.setdefault(resp.run_id, loop.create_future())
+            if resp.run_id in finals and not fut.done():  # arrived between the check and the future
+                fut.set_result(finals[resp.run_id])
+            return await asyncio.wait_for(fut, 30) - t0
+
+        for i in range(30):  # warm up
+            await send(f"bench:warm{i % 5}", f"warm-{i}")
+        lat = [await send("bench:lat", f"lat-{i}") for i in range(latency_messages)]
+        print(
+            f"latency (1 caller, {latency_messages} messages): SendMessage -> final on StreamReplies "
+            f"p50 {pct(lat, 50) * 1000:.1f} ms  p95 {pct(lat, 95) * 1000:.1f} ms  p99 {pct(lat, 99) * 1000:.1f} ms"
+        )
+        queue: asyncio.Queue[int] = asyncio.Queue()
+        for i in range(messages):
+            queue.put_nowait(i)
+        lats: list[float] = []
+
+        async def worker() -> None:
+            while not queue.empty():
+                i = queue.get_nowait()
+                lats.append(await send(f"bench:s{i % 200}", f"tp-{i}"))
+
+        t0 = time.perf_counter()
+        await asyncio.gather(*(worker() for _ in range(concurrency)))
+        wall = time.perf_counter() - t0
+        print(
+            f"throughput ({concurrency} callers, 200 sessions, {messages} messages): "
+            f"{messages / wall:.0f} messages/s sustained (send to last final {wall:.2f} s); "
+            f"latency under load p50 {pct(lats, 50) * 1000:.1f} ms  p99 {pct(lats, 99) * 1000:.1f} ms"
+        )
+        task.cancel()
+
+
+CANARY = {
+    "queue": {
+        "server.queue.mode": "followup",
+        "server.queue.overrides": {"sessions": {"bench:rb": "interrupt"}},
+        "server.queue.rollout": {"mode": "steer", "rollout": {"basis_points": 500}},
+    },
+    "reactions": {
+        "automation.reactions": [
+            {
+                "id": "ack",
+                "enabled": True,
+                "trigger": {"event": "message_received"},
+                "actions": [{"ack": {"emoji": "x"}}],
+            }
+        ]
+    },
+    "canvas": {"server.nodes.feature_gates.ui.canvas": True},
+    "voice": {"audio.enabled": True, "tts.enabled": True},
+    "nodes": {"server.nodes.enabled": True},
+}
+
+
+def flipped(mesh: FlowMesh, step: str, node: CompanionNode | None, n: int) -> bool:
+    ch = mesh.channel()
+    op = mesh.md("operator")
+    if step == "queue":
+        r = mesh.send("bench:rb", "x", f"rb-{n}-{time.monotonic_ns()}", channel="bench")
+        return r.effective_mode.mode == 1  # QUEUE_MODE_COLLECT
+    if step == "reactions":
+        rx = reactions_pb2_grpc.ReactionsStub(ch)
+        return len(rx.ListRules(reactions_pb2.ListRulesRequest(), metadata=op, timeout=5).rules) == 0
+    if step == "canvas":
+        try:
+            canvas_pb2_grpc.CanvasStub(ch).PutArtifact(
+                canvas_pb2.PutArtifactRequest(name="bench/rb", content_type="text/plain", content=b"x"),
+                metadata=op,
+                timeout=5,
+            )
+            return False
+        except grpc.RpcError as e:
+            return e.code() == grpc.StatusCode.FAILED_PRECONDITION  # type: ignore[attr-defined]
+    if step == "voice":
+        try:
+            mesh.send("bench:v", "", f"v-{time.monotonic_ns()}", audio=common_pb2.Audio(content=b"RIFFxxxx"))
+            return False
+        except grpc.RpcError as e:
+            return e.code() == grpc.StatusCode.FAILED_PRECONDITION  # type: ignore[attr-defined]
+    assert node is not None
+    return not node.registered.is_set()
+
+
+async def rollbacks(mesh: FlowMesh, reps: int) -> None:
+    nodes = nodes_pb2_grpc.NodesStub(mesh.channel())
+    issued = nodes.IssueNodeToken(
+        nodes_pb2.IssueNodeTokenRequest(node_id="bench-desk", role="desktop"),
+        metadata=mesh.md("operator"),
+        timeout=10,
+    )
+    args = SimpleNamespace(
+        addr=mesh.gateway, token=mesh.tokens.operator, timeout=10.0, reason="bench", dry_run=False
+    )
+    rows: dict[str, tuple[list[float], list[float]]] = {s: ([], []) for s in playbook_cmds.STEPS}
+    for n in range(reps):
+        for step_name, step in playbook_cmds.STEPS.items():
+            await asyncio.to_thread(mesh.update, CANARY[step_name], f"bench: canary state for {step_name}")
+            node = None
+            task = None
+            if step_name == "nodes":
+                node = CompanionNode(mesh.gateway, "bench-desk", issued.token, role="desktop")
+                task = node.start()
+                await asyncio.wait_for(node.registered.wait(), 20)
+            resp = await asyncio.to_thread(playbook_cmds.apply_step, args, step)  # type: ignore[arg-type]
+            assert resp is not None and not resp.unchanged
+            t0 = time.perf_counter()
+            deadline = t0 + 10
+            while not await asyncio.to_thread(flipped, mesh, step_name, node, n):
+                if time.perf_counter() > deadline:
+                    raise TimeoutError(f"{step_name} did not flip within 10 s")
+                await asyncio.sleep(0.005)
+            rows[step_name][0].append(time.perf_counter() - t0)
+            waited, _, behind, _ = await asyncio.to_thread(
+                playbook_cmds.wait_applied, args, resp.revision, 10
+            )  # type: ignore[arg-type]
+            assert not behind, behind
+            rows[step_name][1].append(time.perf_counter() - t0)
+            if node is not None and task is not None:
+                await node.stop()
+                await asyncio.wait_for(task, 10)
+    print(f"rollback propagation ({reps} runs each; from the commit):")
+    for step_name, (flip, acked) in rows.items():
+        print(
+            f"  rollback {step_name:<9} behaviour flipped: median {pct(flip, 50) * 1000:.0f} ms, max {max(flip) * 1000:.0f} ms;"
+            f"  every watcher reported: median {pct(acked, 50) * 1000:.0f} ms, max {max(acked) * 1000:.0f} ms"
+        )
+
+
+def main() -> None:
+    p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    p.add_argument("--latency-messages", type=int, default=300)
+    p.add_argument("--messages", type=int, default=2000)
+    p.add_argument("--concurrency", type=int, default=32)
+    p.add_argument("--reps", type=int, default=3)
+    ns = p.parse_args()
+    with tempfile.TemporaryDirectory(prefix="flynn-bench-e2e-") as tmp:
+        root = Path(tmp)
+        mesh = FlowMesh(root, make_tokens(root), seed=seed())
+        try:
+            mesh.start()
+            asyncio.run(message_path(mesh, ns.latency_messages, ns.messages, ns.concurrency))
+            asyncio.run(rollbacks(mesh, ns.reps))
+        finally:
+            mesh.stop()
+
+
+if __name__ == "__main__":
+    main()
