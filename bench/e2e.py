@@ -26,7 +26,7 @@ import copy
 import tempfile
 import time
 from pathlib import Path
-from types import SimpleNamespace
+from typing import Any
 
 import grpc
 from flynn.v1 import (
@@ -131,7 +131,7 @@ async def message_path(mesh: FlowMesh, latency_messages: int, messages: int, con
         task.cancel()
 
 
-CANARY = {
+CANARY: dict[str, dict[str, Any]] = {
     "queue": {
         "server.queue.mode": "followup",
         "server.queue.overrides": {"sessions": {"bench:rb": "interrupt"}},
@@ -189,7 +189,7 @@ async def rollbacks(mesh: FlowMesh, reps: int) -> None:
         metadata=mesh.md("operator"),
         timeout=10,
     )
-    args = SimpleNamespace(
+    args = argparse.Namespace(
         addr=mesh.gateway, token=mesh.tokens.operator, timeout=10.0, reason="bench", dry_run=False
     )
     rows: dict[str, tuple[list[float], list[float]]] = {s: ([], []) for s in playbook_cmds.STEPS}
@@ -202,7 +202,7 @@ async def rollbacks(mesh: FlowMesh, reps: int) -> None:
                 node = CompanionNode(mesh.gateway, "bench-desk", issued.token, role="desktop")
                 task = node.start()
                 await asyncio.wait_for(node.registered.wait(), 20)
-            resp = await asyncio.to_thread(playbook_cmds.apply_step, args, step)  # type: ignore[arg-type]
+            resp = await asyncio.to_thread(playbook_cmds.apply_step, args, step)
             assert resp is not None and not resp.unchanged
             t0 = time.perf_counter()
             deadline = t0 + 10
@@ -213,7 +213,7 @@ async def rollbacks(mesh: FlowMesh, reps: int) -> None:
             rows[step_name][0].append(time.perf_counter() - t0)
             waited, _, behind, _ = await asyncio.to_thread(
                 playbook_cmds.wait_applied, args, resp.revision, 10
-            )  # type: ignore[arg-type]
+            )
             assert not behind, behind
             rows[step_name][1].append(time.perf_counter() - t0)
             if node is not None and task is not None:
