@@ -1,6 +1,7 @@
 // Flynn operator console: plain JS module, no build step, no external assets.
 // Every value from the server is put into the page as text (never as HTML).
 
+const FEED_MAX = 300;
 let ME = null;
 let active = null; // {name, cleanup: []}
 
@@ -138,16 +139,20 @@ function runsView(main) {
   reloadSessions();
 
   stream("/api/stream/runs", "runs", (batch) => {
-    for (const ev of batch.items) {
+    // Newest first; one DOM insertion per batch, at most FEED_MAX rows kept.
+    const items = batch.items.slice(-FEED_MAX);
+    const frag = document.createDocumentFragment();
+    for (let i = items.length - 1; i >= 0; i--) {
+      const ev = items[i];
       const text = ev.type === "RUN_OUTPUT" ? ` “${ev.text.slice(0, 60)}”` : ev.reason ? ` (${ev.reason})` : "";
-      const li = h("li", { dataset: { runId: ev.run_id, type: ev.type, seq: ev.global_seq } },
+      frag.append(h("li", { dataset: { runId: ev.run_id, type: ev.type, seq: ev.global_seq } },
         h("span", { class: "muted" }, `#${ev.global_seq} ${fmtTime(ev.time)} `),
         h("strong", {}, ev.type.toLowerCase()), " ",
         ev.run_id ? h("a", { href: `#/runs/${encodeURIComponent(ev.run_id)}` }, ev.run_id) : "",
-        ` ${ev.session_key}${text}`);
-      feed.prepend(li);
+        ` ${ev.session_key}${text}`));
     }
-    while (feed.children.length > 300) feed.lastElementChild.remove();
+    feed.prepend(frag);
+    while (feed.childElementCount > FEED_MAX) feed.lastElementChild.remove();
   });
 
   const runId = decodeURIComponent((location.hash.split("/")[2] || ""));

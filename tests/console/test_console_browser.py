@@ -482,3 +482,22 @@ def test_sign_out_ends_the_session(signed_in: Any, mesh: ConsoleMesh) -> None:
         assert status == 401
     finally:
         page.close()
+
+
+def test_console_stops_promptly_on_sigterm_with_streams_open(browser: Any, mesh: ConsoleMesh) -> None:
+    """Last in this module: SIGTERM ends open event streams and the process exits 0 within its grace."""
+    assert mesh.console is not None
+    page = browser.new_page()
+    try:
+        page.goto(mesh.console.url + "/signin")
+        page.fill("#operator", OPERATOR_NAME)
+        page.fill("#token", mesh.tokens.operator)
+        page.click("#signin-submit")
+        page.goto(mesh.console.url + "/#/nodes")  # three live streams open
+        page.wait_for_selector("#nodes-table")
+        t0 = time.monotonic()
+        assert mesh.console.stop() == 0
+        assert time.monotonic() - t0 < 10
+        assert "Traceback" not in mesh.console.log_tail(200)
+    finally:
+        page.close()
