@@ -1,34 +1,67 @@
 """In-memory fan-out of committed items (run events, replies) to live stream subscribers.
 
-A subscriber that falls too far behind is marked `overflowed` instead of blocking the writer;
-its stream then re-reads the gap from the store (which holds everything), so nothing is lost.
+Cheap per item (a deque append and, when the reader waits, one future): it runs for every event of
+every watcher. A subscriber that falls too far behind is marked `overflowed` instead of blocking
+the writer; its stream then re-reads the gap from the store (which holds everything), so nothing is
+lost. `stop()` wakes a waiting reader so a stream can end promptly on shutdown.
 """
 
 from __future__ import annotations
 
 import asyncio
+from collections import deque
 from typing import Generic, TypeVar
 
 T = TypeVar("T")
 
 
+class Stopped(Exception):
+    """The subscription was stopped (the service is shutting down)."""
+
+
 class Subscription(Generic[T]):
     def __init__(self, fanout: Fanout[T], maxsize: int) -> None:
         self._fanout = fanout
-        self.queue: asyncio.Queue[T] = asyncio.Queue(maxsize)
+        self._maxsize = maxsize
+        self._items: deque[T] = deque()
+        self._waiter: asyncio.Future[None] | None = None
         self.overflowed = False
+        self.stopped = False
 
     def offer(self, item: T) -> None:
         if self.overflowed:
             return
-        try:
-            self.queue.put_nowait(item)
-        except asyncio.QueueFull:
+        if len(self._items) >= self._maxsize:
             self.overflowed = True
-            # Wake a reader blocked on get(): it must notice the overflow and resync from the store.
-            while not self.queue.empty():
-                self.queue.get_nowait()
-            self._fanout._kick(self)
+            self._items.clear()
+        else:
+            self._items.append(item)
+        self._wake()
+
+    def stop(self) -> None:
+        self.stopped = True
+        self._wake()
+
+    def _wake(self) -> None:
+        w = self._waiter
+        if w is not None and not w.done():
+            w.set_result(None)
+
+    async def next(self) -> T | None:
+        """The next live item; None when the subscription overflowed (resync from the store);
+        raises Stopped once stopped."""
+        while True:
+            if self.stopped:
+                raise Stopped
+            if self.overflowed:
+                return None
+            if self._items:
+                return self._items.popleft()
+            self._waiter = asyncio.get_running_loop().create_future()
+            try:
+                await self._waiter
+            finally:
+                self._waiter = None
 
     def close(self) -> None:
         self._fanout._subs.discard(self)
@@ -38,7 +71,6 @@ class Fanout(Generic[T]):
     def __init__(self, maxsize: int = 10_000) -> None:
         self._subs: set[Subscription[T]] = set()
         self._maxsize = maxsize
-        self._wakers: dict[Subscription[T], asyncio.Event] = {}
 
     def subscribe(self) -> Subscription[T]:
         sub: Subscription[T] = Subscription(self, self._maxsize)
@@ -46,34 +78,8 @@ class Fanout(Generic[T]):
         return sub
 
     def publish(self, item: T) -> None:
-        for sub in list(self._subs):
+        for sub in self._subs:
             sub.offer(item)
-
-    def _kick(self, sub: Subscription[T]) -> None:
-        ev = self._wakers.get(sub)
-        if ev is not None:
-            ev.set()
-
-    async def next(self, sub: Subscription[T]) -> T | None:
-        """The next live item, or None when the subscription overflowed (resync from the store)."""
-        if sub.overflowed:
-            return None
-        if not sub.queue.empty():
-            return sub.queue.get_nowait()
-        ev = asyncio.Event()
-        self._wakers[sub] = ev
-        getter = asyncio.ensure_future(sub.queue.get())
-        waker = asyncio.ensure_future(ev.wait())
-        try:
-            done, _ = await asyncio.wait({getter, waker}, return_when=asyncio.FIRST_COMPLETED)
-            if getter in done:
-                return getter.result()
-            return None
-        finally:
-            self._wakers.pop(sub, None)
-            for t in (getter, waker):
-                if not t.done():
-                    t.cancel()
 
     @property
     def subscribers(self) -> int:

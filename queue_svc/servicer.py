@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import asyncio
 import base64
 import time
 from collections.abc import AsyncIterator, Callable
@@ -15,10 +16,10 @@ from grpc.aio import ServicerContext
 from flynn_runtime import errors
 from flynn_runtime.auth import actor
 from flynn_runtime.ids import is_id
-from flynn_runtime.server import Runtime, until_stopping
+from flynn_runtime.server import Runtime
 from flynn_runtime.validation import Violations, page_size
 from queue_svc import metrics
-from queue_svc.fanout import Fanout
+from queue_svc.fanout import Fanout, Stopped, Subscription
 from queue_svc.run_control import RunControl, SubmitInput, run_to_proto
 
 MAX_TEXT = 32 * 1024
@@ -181,9 +182,11 @@ class RunControlServicer(pb_grpc.RunControlServicer):
             lambda ev: ev.global_seq,
             keep,
             request.after_seq,
+            self._runtime.stopping,
+            self._runtime.shutting_down_error,
+            _close_when_done(context),
         )
-        async for ev in until_stopping(self._runtime, stream):
-            assert isinstance(ev, pb.RunEvent)
+        async for ev in stream:
             yield pb.WatchRunEventsResponse(event=ev)
 
     async def StreamReplies(
@@ -202,10 +205,16 @@ class RunControlServicer(pb_grpc.RunControlServicer):
             return not channels or r.channel in channels
 
         stream = replay_then_live(
-            rc.replies, rc.replies_after, lambda r: r.cursor, keep, request.after_cursor
+            rc.replies,
+            rc.replies_after,
+            lambda r: r.cursor,
+            keep,
+            request.after_cursor,
+            self._runtime.stopping,
+            self._runtime.shutting_down_error,
+            _close_when_done(context),
         )
-        async for r in until_stopping(self._runtime, stream):
-            assert isinstance(r, pb.Reply)
+        async for r in stream:
             yield pb.StreamRepliesResponse(reply=r)
 
     async def PostReply(
@@ -243,40 +252,72 @@ class RunControlServicer(pb_grpc.RunControlServicer):
         return pb.PostReplyResponse(reply=stored, duplicate=duplicate)
 
 
+def _close_when_done(context: ServicerContext[Any, Any]) -> list[Callable[[], None]]:
+    """Cleanups run when the RPC ends however it ends: a cancelled stream's generator may be
+    finalized only much later (by the garbage collector), its subscription must not wait for that."""
+    cleanups: list[Callable[[], None]] = []
+
+    def run(_: object) -> None:
+        for fn in cleanups:
+            fn()
+
+    context.add_done_callback(run)  # type: ignore[arg-type]
+    return cleanups
+
+
 async def replay_then_live(
     fanout: Fanout[T],
     fetch: Callable[[int], list[T]],
     seq: Callable[[T], int],
     keep: Callable[[T], bool],
     after: int,
+    stopping: asyncio.Event,
+    shutting_down: Callable[[], Exception],
+    cleanups: list[Callable[[], None]] | None = None,
 ) -> AsyncIterator[T]:
-    """Stored items after `after`, then live ones, without a gap or a repeat.
+    """Stored items after `after`, then live ones, without a gap or a repeat; ends with
+    `shutting_down()` (UNAVAILABLE) when `stopping` is set.
 
     Subscribes before reading the store, so an item committed while the backlog is read is either
     in the backlog or in the subscription; duplicates are dropped by sequence number. A subscriber
     that overflows re-reads its gap from the store.
     """
     last = after
-    while True:
-        sub = fanout.subscribe()
-        try:
-            while True:
-                batch = fetch(last)
-                for item in batch:
-                    last = seq(item)
-                    if keep(item):
-                        yield item
-                if len(batch) < 500:
-                    break
-            while True:
-                live = await fanout.next(sub)
-                if live is None:
-                    break  # overflowed: resync from the store
-                n = seq(live)
-                if n <= last:
-                    continue
-                last = n
-                if keep(live):
-                    yield live
-        finally:
-            sub.close()
+    sub: Subscription[T] | None = None
+    stopper = asyncio.ensure_future(stopping.wait())
+    stopper.add_done_callback(lambda _: sub.stop() if sub is not None else None)
+    if cleanups is not None:  # the caller may end us from outside (the RPC's done callback)
+        cleanups.append(lambda: None if stopper.cancel() else None)
+    try:
+        while True:
+            if stopping.is_set():
+                raise shutting_down()
+            sub = fanout.subscribe()
+            if cleanups is not None:
+                cleanups.append(sub.close)
+            try:
+                while True:
+                    batch = fetch(last)
+                    for item in batch:
+                        last = seq(item)
+                        if keep(item):
+                            yield item
+                    if len(batch) < 500:
+                        break
+                while True:
+                    try:
+                        live = await sub.next()
+                    except Stopped:
+                        raise shutting_down() from None
+                    if live is None:
+                        break  # overflowed: resync from the store
+                    n = seq(live)
+                    if n <= last:
+                        continue
+                    last = n
+                    if keep(live):
+                        yield live
+            finally:
+                sub.close()
+    finally:
+        stopper.cancel()

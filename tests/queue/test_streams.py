@@ -10,7 +10,7 @@ import pytest
 from flynn.v1 import run_control_pb2 as pb
 
 from tests.support.mesh import Tokens
-from tests.support.queue import queue_service
+from tests.support.queue import queue_service, wait_for
 
 
 async def test_watch_replays_then_follows_without_gaps(tmp_path: Path, tokens: Tokens) -> None:
@@ -100,3 +100,20 @@ async def test_streams_end_on_shutdown(tmp_path: Path, tokens: Tokens) -> None:
                     if r is grpc.aio.EOF:
                         break
             assert ei.value.code() == grpc.StatusCode.UNAVAILABLE
+
+
+async def test_cancelled_streams_unsubscribe(tmp_path: Path, tokens: Tokens) -> None:
+    async with queue_service(tmp_path, tokens) as q:
+        calls = [q.stub.WatchRunEvents(pb.WatchRunEventsRequest(), metadata=q.md) for _ in range(5)]
+        calls += [q.stub.StreamReplies(pb.StreamRepliesRequest(), metadata=q.md) for _ in range(5)]
+        await q.submit("s", "x")
+        for c in calls[:5]:
+            await c.read()
+        assert q.rc.events.subscribers + q.rc.replies.subscribers == 10
+        for c in calls:
+            c.cancel()
+
+        async def count() -> int:
+            return q.rc.events.subscribers + q.rc.replies.subscribers
+
+        await wait_for(count, lambda n: n == 0)
