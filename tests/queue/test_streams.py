@@ -117,3 +117,27 @@ async def test_cancelled_streams_unsubscribe(tmp_path: Path, tokens: Tokens) -> 
             return q.rc.events.subscribers + q.rc.replies.subscribers
 
         await wait_for(count, lambda n: n == 0)
+
+
+async def test_list_runs_pages_newest_first(tmp_path: Path, tokens: Tokens) -> None:
+    async with queue_service(tmp_path, tokens) as q:
+        ids = []
+        for i in range(7):
+            r = await q.submit(f"s{i % 2}", f"t{i}")
+            await q.wait_run(r.run_id)
+            ids.append(r.run_id)
+        seen: list[str] = []
+        token = ""
+        pages = 0
+        while True:
+            page = await q.stub.ListRuns(pb.ListRunsRequest(page_size=3, page_token=token), metadata=q.md)
+            seen.extend(r.run_id for r in page.runs)
+            pages += 1
+            token = page.next_page_token
+            if not token:
+                break
+        assert seen == list(reversed(ids)) and pages == 3
+        only = await q.stub.ListRuns(pb.ListRunsRequest(session_key="s1"), metadata=q.md)
+        assert [r.run_id for r in only.runs] == [ids[5], ids[3], ids[1]]
+        done = await q.stub.ListRuns(pb.ListRunsRequest(state=pb.RUN_STATE_CANCELLED), metadata=q.md)
+        assert list(done.runs) == []
