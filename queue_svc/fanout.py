@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import asyncio
 from collections import deque
+from collections.abc import Callable
 from typing import Generic, TypeVar
 
 T = TypeVar("T")
@@ -20,8 +21,9 @@ class Stopped(Exception):
 
 
 class Subscription(Generic[T]):
-    def __init__(self, fanout: Fanout[T], maxsize: int) -> None:
+    def __init__(self, fanout: Fanout[T], maxsize: int, accept: Callable[[T], bool] | None = None) -> None:
         self._fanout = fanout
+        self._accept = accept
         self._maxsize = maxsize
         self._items: deque[T] = deque()
         self._waiter: asyncio.Future[None] | None = None
@@ -29,7 +31,7 @@ class Subscription(Generic[T]):
         self.stopped = False
 
     def offer(self, item: T) -> None:
-        if self.overflowed:
+        if self.overflowed or (self._accept is not None and not self._accept(item)):
             return
         if len(self._items) >= self._maxsize:
             self.overflowed = True
@@ -72,8 +74,9 @@ class Fanout(Generic[T]):
         self._subs: set[Subscription[T]] = set()
         self._maxsize = maxsize
 
-    def subscribe(self) -> Subscription[T]:
-        sub: Subscription[T] = Subscription(self, self._maxsize)
+    def subscribe(self, accept: Callable[[T], bool] | None = None) -> Subscription[T]:
+        """A subscription; `accept` filters at publish time, so a reader never wakes for items it skips."""
+        sub: Subscription[T] = Subscription(self, self._maxsize, accept)
         self._subs.add(sub)
         return sub
 

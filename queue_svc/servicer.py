@@ -292,7 +292,7 @@ async def replay_then_live(
         while True:
             if stopping.is_set():
                 raise shutting_down()
-            sub = fanout.subscribe()
+            sub = fanout.subscribe(keep)
             if cleanups is not None:
                 cleanups.append(sub.close)
             try:
