@@ -6,6 +6,9 @@ Each line typed is sent with Gateway/SendMessage (its idempotency key is a fresh
 send is never run twice); replies for the channel arrive on Gateway/StreamReplies and are printed,
 audio replies as a notice. The stream resumes from the last cursor after any disconnect and skips
 reply ids it has printed already, as every adapter should.
+
+Commands: `/stop` cancels the session's run and its queue (Gateway/CancelRun); `/voice FILE` sends
+FILE (WAV, Ogg/Opus or MP3) as a voice note, transcribed by the gateway when audio is enabled.
 """
 
 from __future__ import annotations
@@ -20,7 +23,7 @@ from collections.abc import AsyncIterator
 from typing import cast
 
 import grpc
-from flynn.v1 import gateway_pb2, gateway_pb2_grpc, run_control_pb2
+from flynn.v1 import common_pb2, gateway_pb2, gateway_pb2_grpc, run_control_pb2
 
 from flynn_runtime.channels import auth_metadata, client_channel
 
@@ -93,13 +96,31 @@ async def main_async(ns: argparse.Namespace) -> int:
         while (line := await lines.get()) is not None:
             if not line.strip():
                 continue
+            text, audio = line, None
+            if line.startswith("/voice "):
+                path = line.removeprefix("/voice ").strip()
+                try:
+                    audio = common_pb2.Audio(content=open(path, "rb").read())  # noqa: SIM115, ASYNC230
+                except OSError as e:
+                    print(f"[error] cannot read {path}: {e}", flush=True)
+                    continue
+                text = ""
             if line.strip() == "/stop":
-                resp = await stub.CancelRun(
-                    gateway_pb2.GatewayCancelRunRequest(session_key=ns.session, reason="user /stop"),
-                    metadata=md,
-                    timeout=5,
-                )
-                print(f"[stop] {run_control_pb2.CancelOutcome.Name(resp.outcome)} {resp.run_id}", flush=True)
+                try:
+                    resp = await stub.CancelRun(
+                        gateway_pb2.GatewayCancelRunRequest(
+                            session_key=ns.session,
+                            scope=run_control_pb2.CANCEL_SCOPE_SESSION_AND_QUEUE,
+                            reason="user /stop",
+                        ),
+                        metadata=md,
+                        timeout=5,
+                    )
+                    print(
+                        f"[stop] {run_control_pb2.CancelOutcome.Name(resp.outcome)} {resp.run_id}", flush=True
+                    )
+                except grpc.aio.AioRpcError as e:
+                    print(f"[error] {e.code().name}: {e.details()}", flush=True)
                 continue
             try:
                 sent = await stub.SendMessage(
@@ -107,14 +128,17 @@ async def main_async(ns: argparse.Namespace) -> int:
                         channel=ns.channel,
                         session_key=ns.session,
                         sender=ns.sender,
-                        text=line,
+                        text=text,
+                        audio=audio,
                         idempotency_key=f"cli-{uuid.uuid4()}",
                     ),
                     metadata=md,
                     timeout=10,
                 )
+                heard = f" (heard: {sent.transcript!r})" if sent.transcript else ""
                 print(
-                    f"[sent] {run_control_pb2.Disposition.Name(sent.disposition)} {sent.run_id}", flush=True
+                    f"[sent] {run_control_pb2.Disposition.Name(sent.disposition)} {sent.run_id}{heard}",
+                    flush=True,
                 )
             except grpc.aio.AioRpcError as e:
                 print(f"[error] {e.code().name}: {e.details()}", flush=True)

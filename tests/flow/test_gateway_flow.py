@@ -198,15 +198,17 @@ def test_system_metrics_with_grpcurl(mesh: FlowMesh) -> None:
     assert bad.returncode != 0 and "services[0]" in bad.stderr
 
 
-def test_chat_channel_example_sends_and_prints_the_reply(mesh: FlowMesh) -> None:
+def test_chat_channel_example_sends_and_prints_the_reply(mesh: FlowMesh, tmp_path: Path) -> None:
     env = dict(os.environ, PYTHONPATH=f"{ROOT}:{ROOT / 'gen'}")
+    note = tmp_path / "note.wav"
+    note.write_bytes(spoken_wav("good morning", tmp_path))
     proc = subprocess.run(
         [
             sys.executable, "-m", "examples.chat_channel",
             "--addr", mesh.gateway, "--token", mesh.tokens.channel,
             "--channel", "chat-example", "--session", "chat-example:me", "--linger", "3",
         ],
-        input="hello from the example\n",
+        input=f"hello from the example\n/voice {note}\n/voice {tmp_path / 'missing.wav'}\n/stop\n",
         capture_output=True,
         text=True,
         timeout=60,
@@ -217,3 +219,5 @@ def test_chat_channel_example_sends_and_prints_the_reply(mesh: FlowMesh) -> None
     assert "[sent] DISPOSITION_STARTED" in proc.stdout, proc.stdout
     assert "[reply] " in proc.stdout and "hello from the example" in proc.stdout, proc.stdout
     assert "[ack] 👀" in proc.stdout, proc.stdout
+    assert "(heard: " in proc.stdout, proc.stdout  # the voice note went through transcription
+    assert "[error] cannot read" in proc.stdout and "[stop] CANCEL_OUTCOME_" in proc.stdout, proc.stdout
