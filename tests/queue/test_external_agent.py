@@ -143,3 +143,21 @@ async def test_example_agent_runs_as_a_process(tmp_path: Path, tokens: Tokens) -
             assert run.state == pb.RUN_STATE_COMPLETED and run.output == "agent: over the wire"
     finally:
         proc.stop()
+
+
+async def test_unreachable_agent_ends_the_run_in_error(tmp_path: Path, tokens: Tokens) -> None:
+    from tests.support.mesh import free_port
+
+    cfg = f"server: {{agent: {{address: '127.0.0.1:{free_port()}'}}}}"
+    async with queue_service(tmp_path, tokens, cfg) as q:
+        a = await q.submit("s", "anyone there?")
+        run = await q.wait_run(a.run_id)
+        assert (
+            run.state == pb.RUN_STATE_ERROR
+            and run.error_kind == "agent"
+            and "UNAVAILABLE" in run.error_message
+        )
+        # The session is not stuck: the next message runs (here: also into the error, but it runs).
+        b = await q.submit("s", "again")
+        assert (await q.wait_run(b.run_id)).state == pb.RUN_STATE_ERROR
+        assert q.replies() == []
