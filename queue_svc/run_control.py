@@ -779,7 +779,7 @@ class RunControl:
         if not self._make_room(op, s, inp, now):
             self.store.set_message_run(inp.message_id, "")
             return
-        live = self._new_run(op, s, FOLLOWUP, [inp], now, b"")
+        live = self._new_run(op, s, FOLLOWUP, [inp], now, self._causation_of([inp.message_id]))
         self._enqueue(op, s, _Entry(s.next_pos(), "run", live.row.run_id, receive_time=now, mode=FOLLOWUP))
         self.store.set_message_run(inp.message_id, live.row.run_id)
 
@@ -895,10 +895,24 @@ class RunControl:
         inputs = [e.message for e in batch if e.message is not None]
         for e in batch:
             self._dequeue(s, e)
-        live = self._new_run(op, s, COLLECT, inputs, now, b"")
+        live = self._new_run(op, s, COLLECT, inputs, now, self._causation_of([i.message_id for i in inputs]))
         for i in inputs:
             self.store.set_message_run(i.message_id, live.row.run_id)
         self._start(op, s, live)
+
+    def _causation_of(self, message_ids: list[str]) -> bytes:
+        """Causation of a run made of these messages: the first user message's (a user is in the
+        loop), else the first message's (so a chain of reactions stays one chain for the guard)."""
+        found: list[bytes] = []
+        for mid in message_ids:
+            m = self.store.message(mid)
+            if m is None:
+                continue
+            cz = common_pb2.Causation.FromString(m.causation) if m.causation else common_pb2.Causation()
+            if cz.origin in (common_pb2.ORIGIN_UNSPECIFIED, common_pb2.ORIGIN_USER):
+                return m.causation
+            found.append(m.causation)
+        return found[0] if found else b""
 
     def _schedule_advance(self, s: _Session, delay: float) -> None:
         if s.timer is not None:

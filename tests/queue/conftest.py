@@ -1,12 +1,1 @@
-"""Fixtures of the run-control tests."""
-
-from __future__ import annotations
-
-import pytest
-
-from queue_svc import metrics
-
-
-@pytest.fixture
-def dup_finals_before() -> float:
-    return metrics.DUPLICATE_FINALS_SUPPRESSED._value.get()
+"""Run-control tests: fixtures come from tests/conftest.py (tokens) and tests/support/queue.py (servers)."""

@@ -285,3 +285,21 @@ async def test_bounded_queue_drop_old(tmp_path: Path, tokens: Tokens) -> None:
         await q.wait_idle("s")
         assert [r.text for r in q.replies()] == ["echo: a", "echo: c", "echo: d"]
         assert a.run_id
+
+
+async def test_runs_carry_the_causation_of_their_messages(tmp_path: Path, tokens: Tokens) -> None:
+    from flynn.v1 import common_pb2
+
+    async with queue_service(tmp_path, tokens, f"server: {{queue: {{mode: collect}}, {SLOW}}}") as q:
+        a = await q.submit("s", "user says hi")
+        cz = common_pb2.Causation(
+            origin=common_pb2.ORIGIN_REACTION, chain_id="evt_1", depth=1, fired_rule_ids=["r"]
+        )
+        await q.submit("s", "reaction one", causation=cz)
+        await q.submit("s", "reaction two", causation=cz)
+        await q.wait_run(a.run_id)
+        await q.wait_idle("s")
+        merged = [e for e in q.events("s") if e.type == E.RUN_EVENT_TYPE_RUN_COMPLETED][-1]
+        assert merged.run_id != a.run_id and merged.causation == cz
+        first = [e for e in q.events("s") if e.type == E.RUN_EVENT_TYPE_RUN_COMPLETED][0]
+        assert first.causation.origin in (common_pb2.ORIGIN_UNSPECIFIED, common_pb2.ORIGIN_USER)
