@@ -78,6 +78,11 @@ class SystemServicer(system_pb2_grpc.SystemServicer):
                 if name == "config":
                     rev = resp.head_revision
                 resp.config_revisions.add(service=name, applied_revision=rev)
+        own = watchers.get("gateway")
+        if own is not None and not request.services:
+            resp.config_revisions.add(
+                service="gateway", instance_id=own.identity.instance_id, applied_revision=own.applied_revision
+            )
         for name, why in missing:
             resp.unavailable_services.append(name)
             resp.unavailable_details.append(f"{name}: {why}")
