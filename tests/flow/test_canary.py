@@ -7,9 +7,12 @@ from __future__ import annotations
 import asyncio
 import hashlib
 
+import grpc
+import pytest
 from flynn.v1 import (
     canvas_pb2,
     canvas_pb2_grpc,
+    common_pb2,
     gateway_pb2,
     nodes_pb2,
     nodes_pb2_grpc,
@@ -19,6 +22,7 @@ from flynn.v1 import (
 
 from examples.companion_node import CompanionNode
 from tests.support.flow import FlowMesh, poll
+from tests.support.voice import status_details
 
 FINAL = run_control_pb2.REPLY_KIND_FINAL
 
@@ -216,3 +220,22 @@ def test_tts_failure_falls_back_to_text_and_drops_nothing(mesh: FlowMesh) -> Non
         assert out.returncode == 0, out.stdout + out.stderr
     finally:
         mesh.restart("voice", extra=[])
+
+
+def test_voice_service_down_text_still_flows_and_voice_notes_say_why(mesh: FlowMesh) -> None:
+    mesh.kill9("voice")
+    try:
+        with pytest.raises(grpc.RpcError) as ei:
+            mesh.send("cli:vdown", "", "vdown-1", audio=common_pb2.Audio(content=b"RIFF....WAVEfmt "))
+        assert ei.value.code() == grpc.StatusCode.UNAVAILABLE  # type: ignore[attr-defined]
+        info, _ = status_details(ei.value)
+        assert info is not None and info.reason == "TRANSCRIPTION_FAILED" and info.metadata["notice_reply_id"]
+        nid = info.metadata["notice_reply_id"]
+        spoken = mesh.send("voice-demo:down", "still there?", "vdown-2", channel="voice-demo")
+        got = mesh.wait_replies(
+            lambda rs: final_for(spoken.run_id)(rs) and any(r.reply_id == nid for r in rs), timeout=60
+        )
+        final = next(r for r in got if r.kind == FINAL and r.run_id == spoken.run_id)
+        assert final.delivery == run_control_pb2.DELIVERY_MODE_TEXT_AFTER_FALLBACK and final.text
+    finally:
+        mesh.start_again("voice")

@@ -182,7 +182,14 @@ def test_system_metrics_with_grpcurl(mesh: FlowMesh) -> None:
     states = {n["name"]: n["value"] for n in m["runs"]["run_states"]}
     assert states["completed"] >= 1
     assert m["reactions"]["matches"] >= 1
-    assert {r["service"] for r in m["config_revisions"]} >= {"queue", "reactions", "nodes", "voice", "config", "gateway"}
+    assert {r["service"] for r in m["config_revisions"]} >= {
+        "queue",
+        "reactions",
+        "nodes",
+        "voice",
+        "config",
+        "gateway",
+    }
     assert all(int(r.get("applied_revision", 0)) >= 1 for r in m["config_revisions"])
     assert int(m["runs"]["submit_to_final"]["count"]) >= 1
     # A channel token may not read the figures; an unknown service is named.

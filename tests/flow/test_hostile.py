@@ -145,6 +145,16 @@ def test_channel_token_is_refused_on_operator_methods_with_grpcurl(mesh: FlowMes
     assert "session_key" in out.stderr and "idempotency_key" in out.stderr
 
 
+def test_oversized_voice_note_is_refused_naming_the_field(mesh: FlowMesh) -> None:
+    from flynn.v1 import common_pb2
+
+    with pytest.raises(grpc.RpcError) as ei:
+        mesh.send("cli:big", "", "big-1", audio=common_pb2.Audio(content=b"\0" * (11 << 20)))
+    assert ei.value.code() == grpc.StatusCode.INVALID_ARGUMENT  # type: ignore[attr-defined]
+    _, fields = status_details(ei.value)
+    assert fields == ["audio.content"]
+
+
 @pytest.mark.parametrize("role", ["node"])
 def test_other_roles_cannot_send(mesh: FlowMesh, role: str) -> None:
     out = grpcurl(
