@@ -7,6 +7,7 @@ from collections.abc import Callable
 import grpc
 from flynn.v1 import common_pb2, voice_pb2, voice_pb2_grpc
 
+from flynn_runtime.rich_status import from_rpc_error
 from queue_svc.speech import SpeechFailure, SpeechRequest
 
 _UNAVAILABLE = {grpc.StatusCode.UNAVAILABLE, grpc.StatusCode.UNIMPLEMENTED, grpc.StatusCode.UNAUTHENTICATED,
@@ -34,6 +35,12 @@ class VoiceSynthesizer:
             code = e.code()
             if code == grpc.StatusCode.DEADLINE_EXCEEDED:
                 raise SpeechFailure("timeout", e.details() or "") from None
+            rich = from_rpc_error(e)
+            if rich is not None and rich.reason == "ALL_ENGINES_FAILED":
+                # The voice service answered: every engine failed. Name the engines' cause, not the service.
+                cause = rich.metadata.get("cause", "engine_error")
+                reason = "timeout" if cause == "timeout" else "engine_error"
+                raise SpeechFailure(reason, e.details() or "") from None
             if code in _UNAVAILABLE:
                 raise SpeechFailure("voice_unavailable", f"{code.name}: {e.details()}") from None
             raise SpeechFailure("engine_error", f"{code.name}: {e.details()}") from None
