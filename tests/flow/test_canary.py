@@ -237,5 +237,13 @@ def test_voice_service_down_text_still_flows_and_voice_notes_say_why(mesh: FlowM
         )
         final = next(r for r in got if r.kind == FINAL and r.run_id == spoken.run_id)
         assert final.delivery == run_control_pb2.DELIVERY_MODE_TEXT_AFTER_FALLBACK and final.text
+        # system.metrics still answers, naming the service it could not read; the gate says so.
+        m = mesh.metrics()
+        assert list(m.unavailable_services) == ["voice"] and m.unavailable_details[0].startswith("voice: ")
+        assert m.runs.finals >= 1
+        out = mesh.flynn("gates", "check", "--window", "0", "--skip", "canvas_persistence")
+        assert (
+            out.returncode == 1 and "metrics_available" in out.stdout and "unreachable: voice" in out.stdout
+        )
     finally:
         mesh.start_again("voice")
