@@ -463,6 +463,14 @@ class MeshClient:
             out.append(d)
         return {"traces": out, "next_page_token": resp.next_page_token}
 
+    async def flag_false_positive(self, token: str, match_id: str, reason: str) -> dict[str, Any]:
+        resp = await self.call(
+            self.reactions.FlagFalsePositive,
+            reactions_pb2.FlagFalsePositiveRequest(match_id=match_id, reason=reason),
+            token,
+        )
+        return {"match_id": match_id, "rule_id": resp.trace.rule_id, "already_flagged": resp.already_flagged}
+
     # --- nodes and canvas ------------------------------------------------------------------------
 
     async def list_nodes(self, token: str, status: int, page_size: int, page_token: str) -> dict[str, Any]:

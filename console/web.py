@@ -472,6 +472,19 @@ async def api_traces(request: web.Request) -> web.StreamResponse:
     )
 
 
+async def api_flag(request: web.Request) -> web.StreamResponse:
+    body = await _body(request)
+    s = _session(request)
+    match_id = str(body.get("match_id", ""))
+    reason = _reason(body, s, "flagged from the console")
+    return await _audited(
+        request,
+        "consoleFlagFalsePositive",
+        {"match_id": match_id, "reason": reason},
+        lambda: _state(request).mesh.flag_false_positive(s.token, match_id, reason),
+    )
+
+
 async def api_nodes(request: web.Request) -> web.StreamResponse:
     status = {"online": nodes_pb2.NODE_STATUS_ONLINE, "offline": nodes_pb2.NODE_STATUS_OFFLINE}.get(
         request.query.get("status", ""), 0
@@ -590,13 +603,17 @@ async def api_audio(request: web.Request) -> web.StreamResponse:
 # --- server-sent events ----------------------------------------------------------------------------
 
 
-async def _sse_start(request: web.Request) -> web.StreamResponse:
+async def _sse_start(request: web.Request) -> web.StreamResponse | None:
+    """The prepared event-stream response; None when the browser already went away."""
     resp = web.StreamResponse(
         headers={"Content-Type": "text/event-stream", "Cache-Control": "no-store", "X-Accel-Buffering": "no"}
     )
     for k, v in SECURITY_HEADERS.items():
         resp.headers.setdefault(k, v)
-    await resp.prepare(request)
+    try:
+        await resp.prepare(request)
+    except ConnectionResetError:
+        return None
     return resp
 
 
@@ -622,6 +639,8 @@ async def _stream_batches(
     except ValueError:
         after = 0
     resp = await _sse_start(request)
+    if resp is None:
+        return web.Response(status=204)
     queue: asyncio.Queue[dict[str, Any] | MeshError | None] = asyncio.Queue(maxsize=10_000)
     call = open_call(after)
 
@@ -784,10 +803,12 @@ async def sse_poll(request: web.Request) -> web.StreamResponse:
     q = request.query
     first = await _poll_view(st, s, view, q)  # errors before the stream starts are plain JSON errors
     resp = await _sse_start(request)
+    if resp is None:
+        return web.Response(status=204)
     last = json.dumps(first, default=str, sort_keys=True)
-    await _send(resp, view, first)
     last_beat = time.monotonic()
     try:
+        await _send(resp, view, first)
         while not st.stopping.is_set():
             try:
                 await asyncio.wait_for(st.stopping.wait(), timeout=POLL_SECONDS)
@@ -866,6 +887,7 @@ def build_app(state: ConsoleState) -> web.Application:
     r.add_post("/api/rollout/snapshot", api_rollout_snapshot)
     r.add_get("/api/reactions/stats", api_reactions)
     r.add_get("/api/reactions/traces", api_traces)
+    r.add_post("/api/reactions/flag", api_flag)
     r.add_get("/api/nodes", api_nodes)
     r.add_get("/api/canvas", api_canvas_list)
     r.add_get("/api/canvas/artifact", api_canvas_get)

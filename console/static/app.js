@@ -224,6 +224,7 @@ function gatesView(main) {
     if (!reason.value.trim()) { diffBox.replaceChildren(h("p", { class: "error", role: "alert" }, "A reason is required to apply.")); reason.focus(); return; }
     try {
       const r = await api("/api/config/apply", { body: { key: key.value, value: value.value, reason: reason.value, expected_revision: head } });
+      if (!r.unchanged) head = r.revision;
       diffBox.replaceChildren(h("p", { id: "gate-applied" }, r.unchanged ? "Unchanged." : `Committed revision ${r.revision}.`), diffTable(r.diff));
       say(`Committed revision ${r.revision}`);
       refresh();
@@ -252,12 +253,14 @@ function gatesView(main) {
   async function loadHistory() {
     const hdata = await api(`/api/config/history?page_token=${encodeURIComponent(histPaging.token)}`);
     histPaging.next = hdata.next_page_token || "";
+    // The newest revision on the first page is the head, whatever order the other reads finished in.
+    const headRev = histPaging.stack.length === 0 && hdata.revisions.length ? Number(hdata.revisions[0].revision) : head;
     historyBox.replaceChildren(
       table("history-table", "Revisions (newest first)", ["Rev", "Kind", "Actor", "Reason", "Changes", ""],
         hdata.revisions.map((r) => h("tr", { dataset: { revision: r.revision } },
           h("td", { class: "num" }, r.revision), h("td", {}, r.kind.toLowerCase()), h("td", {}, r.actor || ""),
           h("td", {}, r.reason || ""), h("td", {}, (r.diff || []).map((d) => `${d.path}: ${d.old_value || "∅"} → ${d.new_value || "∅"}`).join("; ")),
-          h("td", {}, Number(r.revision) === head ? h("span", { class: "muted" }, "head") :
+          h("td", {}, Number(r.revision) === headRev ? h("span", { class: "muted" }, "head") :
             h("button", { type: "button", class: "secondary", "aria-label": `Roll back to revision ${r.revision}`, dataset: { rollback: r.revision },
               onclick: () => rollback(Number(r.revision)) }, "Roll back to this"))))),
       pager(histPaging, loadHistory));
@@ -347,9 +350,16 @@ function reactionsView(main) {
     try {
       const q = new URLSearchParams({ rule_id: rule.value, event_id: ev.value, matched: matched.value, page_size: "50" });
       const d = await api(`/api/reactions/traces?${q}`);
-      tracesBox.replaceChildren(table("traces-table", "Traces (newest first)", ["Time", "Event", "Type", "Rule", "Outcome", "Detail"],
+      tracesBox.replaceChildren(table("traces-table", "Traces (newest first)", ["Time", "Event", "Type", "Rule", "Outcome", "Detail", ""],
         d.traces.map((t) => h("tr", {}, h("td", {}, fmtTime(t.time)), h("td", {}, h("code", {}, t.event_id)), h("td", {}, t.event_type.toLowerCase()),
-          h("td", {}, t.rule_id), h("td", { class: t.matched ? "pass" : "muted" }, t.matched ? "fired" : `skipped: ${t.skip_reason.toLowerCase()}`), h("td", {}, t.detail || "")))));
+          h("td", {}, t.rule_id), h("td", { class: t.matched ? "pass" : "muted" }, t.matched ? "fired" : `skipped: ${t.skip_reason.toLowerCase()}`), h("td", {}, t.detail || ""),
+          h("td", {}, !t.matched ? "" : t.false_positive ? h("span", { class: "fail" }, "false positive") :
+            h("button", { type: "button", class: "secondary", dataset: { flag: t.trace_id }, "aria-label": `Flag match ${t.trace_id} of ${t.rule_id} as a false positive`,
+              onclick: async () => {
+                const why = window.prompt("Why was this match wrong?", "wrong match");
+                if (why === null) return;
+                try { await api("/api/reactions/flag", { body: { match_id: t.trace_id, reason: why } }); say(`Flagged ${t.trace_id} as a false positive.`); loadTraces(); } catch (e) { say(e.message, true); }
+              } }, "Flag false positive"))))));
     } catch (e) { tracesBox.replaceChildren(h("p", { class: "error" }, e.message)); }
   }
   loadTraces();
@@ -465,10 +475,10 @@ function voiceView(main) {
     h("section", {}, h("h2", {}, "Replies by channel and delivery"), countsBox), h("section", {}, h("h2", {}, "Latest replies"), list));
   const counts = new Map(); const reasons = new Map(); let fallbacks = 0; let finals = 0;
   function renderCounts() {
-    const rows = [...counts.entries()].sort().map(([k, n]) => { const [c, d] = k.split("\u0000"); return h("tr", {}, h("td", {}, c), h("td", {}, d.replaceAll("_", " ")), h("td", { class: "num" }, n)); });
+    const rows = [...counts.entries()].sort().map(([k, n]) => { const [c, d, e] = k.split("\u0000"); return h("tr", {}, h("td", {}, c), h("td", {}, d.replaceAll("_", " ")), h("td", {}, e), h("td", { class: "num" }, n)); });
     countsBox.replaceChildren(
       h("p", {}, "Final replies: ", h("strong", { id: "voice-finals" }, String(finals)), " · fell back to text: ", h("strong", { id: "voice-fallbacks" }, String(fallbacks))),
-      table("voice-table", "Final replies by channel and delivery", ["Channel", "Delivery", { label: "Count", num: true }], rows),
+      table("voice-table", "Final replies by channel, delivery and engine", ["Channel", "Delivery", "Engine", { label: "Count", num: true }], rows),
       table("voice-reasons", "Fallback reasons", ["Reason", { label: "Count", num: true }], [...reasons.entries()].map(([r, n]) => h("tr", {}, h("td", {}, r), h("td", { class: "num" }, n)))));
   }
   renderCounts();
@@ -476,7 +486,7 @@ function voiceView(main) {
     for (const r of b.items) {
       if (r.kind !== "final") continue;
       finals += 1;
-      const k = `${r.channel}\u0000${r.delivery}`; counts.set(k, (counts.get(k) || 0) + 1);
+      const k = `${r.channel}\u0000${r.delivery}\u0000${r.engine || "—"}`; counts.set(k, (counts.get(k) || 0) + 1);
       if (r.delivery === "text_after_fallback") { fallbacks += 1; reasons.set(r.tts_fallback_reason || "?", (reasons.get(r.tts_fallback_reason || "?") || 0) + 1); }
       const li = h("li", { dataset: { reply: r.reply_id, delivery: r.delivery } }, h("strong", {}, r.delivery.replaceAll("_", " ")), ` ${r.channel} ${r.session_key}: ${r.text.slice(0, 80)} `,
         r.tts_fallback_reason ? h("span", { class: "muted" }, `(${r.tts_fallback_reason}) `) : "");

@@ -37,6 +37,14 @@ tts:
   engines: [espeak-ng]
   deadline: 3s
   encoding: LINEAR16
+automation:
+  reactions:
+    - id: ping-ack
+      description: Ack messages that say ping.
+      enabled: true
+      trigger: {{event: message_received, keywords: [ping]}}
+      actions:
+        - ack: {{emoji: "👀"}}
 """
 
 

@@ -398,7 +398,42 @@ def test_tts_fallback_is_counted_after_breaking_the_voice_engine(
         mesh.restart_voice()
 
 
-# --- rollout, reactions, audit ---------------------------------------------------------------------
+# --- reactions -------------------------------------------------------------------------------------
+
+
+def test_reactions_stats_why_not_and_false_positive_flag(
+    signed_in: Any, mesh: ConsoleMesh, gw: grpc.Channel
+) -> None:
+    page = signed_in.new_page()
+    page.on("dialog", lambda d: d.accept("not a real ping"))
+    try:
+        send(gw, mesh, f"web:react-{uuid.uuid4().hex[:6]}", "ping the team")
+        quiet = f"web:quiet-{uuid.uuid4().hex[:6]}"
+        send(gw, mesh, quiet, "nothing to see here")
+        page.goto(mesh.console.url + "/#/reactions")  # type: ignore[union-attr]
+        stats = "#rule-stats tr[data-rule='ping-ack']"
+        page.wait_for_selector(stats)
+        wait_for("the match counted", lambda: page.inner_text(stats).split("\t")[1].strip() not in ("", "0"))
+        # Why didn't ping-ack fire for the quiet message? Its trace says: scope.
+        page.fill("#trace-rule", "ping-ack")
+        page.select_option("#trace-matched", "false")
+        page.click("#traces-form button[type=submit]")
+        page.wait_for_selector("#traces-table tbody tr:has-text('skipped: scope')")
+        page.select_option("#trace-matched", "true")
+        page.click("#traces-form button[type=submit]")
+        page.wait_for_selector("#traces-table button[data-flag]")
+        page.click("#traces-table button[data-flag] >> nth=0")
+        page.wait_for_selector("#traces-table tbody tr:has-text('false positive')")
+        # One match, flagged: the rule's false-positive rate is 100 % (and shown red, above 3 %).
+        wait_for("the FP rate shown", lambda: page.inner_text(stats).split("\t")[-1].strip() == "100.00 %")
+        shot(page, "10-reactions")
+    finally:
+        page.close()
+    flags = [e for e in console_audit(mesh) if e["event"] == "consoleFlagFalsePositive"]
+    assert flags and flags[-1]["outcome"] == "ok" and flags[-1]["actor"] == f"operator:{OPERATOR_NAME}"
+
+
+# --- rollout, audit ---------------------------------------------------------------------
 
 
 def test_rollout_reactions_and_audit_views(signed_in: Any, mesh: ConsoleMesh) -> None:
@@ -418,24 +453,34 @@ def test_rollout_reactions_and_audit_views(signed_in: Any, mesh: ConsoleMesh) ->
                 "TTS fallback",
             ):
                 assert gate in rows
-            # Nothing in this mesh breaks a playbook gate.
-            assert "fail" not in page.inner_text("#gates-table")
+            # A match flagged by the reactions test (1 of few) breaks the ≤ 3 % gate; nothing else fails.
+            events = {e["event"] for e in console_audit(mesh)}
+            if "consoleFlagFalsePositive" in events:
+                page.wait_for_selector("#gates-table tr[data-gate='reaction_fp_rate'] td.fail")
+            for gate in (
+                "cancel_to_ack_p95",
+                "duplicate_finals",
+                "node_reconnect_success",
+                "tts_fallback_no_drops",
+            ):
+                assert "fail" not in page.inner_text(f"#gates-table tr[data-gate='{gate}']")
+            if "consoleCancelRun" in events:
+                assert "pass" in page.inner_text("#gates-table tr[data-gate='cancel_to_ack_p95']")
             page.wait_for_selector("#gates-table svg.trend polyline", state="attached")
         shot(page, "09-rollout")
-
-        page.goto(mesh.console.url + "/#/reactions")  # type: ignore[union-attr]
-        page.wait_for_selector("#rule-stats")
-        page.wait_for_selector("#traces-table")
-        shot(page, "10-reactions")
 
         page.goto(mesh.console.url + "/#/audit")  # type: ignore[union-attr]
         page.wait_for_selector("#audit-table")
         page.fill("#audit-actor", f"operator:{OPERATOR_NAME}")
-        page.fill("#audit-event", "consoleUpdateConfig")
+        page.fill("#audit-event", "consoleSignIn")
         page.press("#audit-event", "Enter")
         wait_for(
             "the filtered tail",
-            lambda: "consoleUpdateConfig" in (t := page.inner_text("#audit-table")) and "canvasPut" not in t,
+            lambda: (
+                "consoleSignIn" in (t := page.inner_text("#audit-table"))
+                and "canvasPut" not in t
+                and "mallory" not in t
+            ),
         )
         assert all(
             f"operator:{OPERATOR_NAME}" in row
