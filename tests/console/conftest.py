@@ -28,6 +28,7 @@ server:
     chunk_interval: 100ms
   nodes:
     enabled: true
+    allowed_roles: [desktop, phone]
     feature_gates:
       ui:
         canvas: true

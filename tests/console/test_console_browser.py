@@ -5,6 +5,9 @@ from __future__ import annotations
 
 import base64
 import json
+import os
+import subprocess
+import sys
 import time
 import urllib.error
 import urllib.request
@@ -14,12 +17,13 @@ from typing import Any
 
 import grpc
 import pytest
-from flynn.v1 import config_pb2, config_pb2_grpc, gateway_pb2, gateway_pb2_grpc
+from flynn.v1 import config_pb2, config_pb2_grpc, gateway_pb2, gateway_pb2_grpc, nodes_pb2, nodes_pb2_grpc
 from google.protobuf import duration_pb2, field_mask_pb2
 
 from flynn_runtime.audit import read_audit
 from tests.console.conftest import OPERATOR_NAME, VOICE_CHANNEL, shot
 from tests.support.console import ConsoleMesh
+from tests.support.mesh import ROOT
 
 PNG_1X1 = base64.b64decode(
     "iVBORw0KGgoAAAANSUhEUgAAAAEAAAABCAYAAAAfFcSJAAAADUlEQVR42mNk+M9QDwADhgGAWjR9awAAAABJRU5ErkJggg=="
@@ -239,6 +243,19 @@ def test_cancel_a_run_from_the_page(signed_in: Any, mesh: ConsoleMesh, gw: grpc.
         page.wait_for_selector("#run-state:has-text('cancelled')", timeout=30_000)
         page.wait_for_selector(f"#run-feed li[data-run-id='{run_id}'][data-type='RUN_CANCELLED']")
         shot(page, "04-run-cancelled")
+
+        # A session with a run and one queued message: the table shows the depth; one button ends both.
+        busy = f"web:busy-{uuid.uuid4().hex[:8]}"
+        busy_run = send(gw, mesh, busy, "first")
+        send(gw, mesh, busy, "second, queued behind it")
+        row = f"#sessions-table tr[data-session='{busy}']"
+        page.wait_for_selector(row + ":has-text('started')")
+        assert page.inner_text(row).split("\t")[4] == "1"  # queue depth
+        page.click(row + " button:has-text('Cancel session + queue')")
+        page.wait_for_selector("#status:has-text('1 queued dropped')")
+        page.wait_for_selector(f"#run-feed li[data-run-id='{busy_run}'][data-type='RUN_CANCELLED']")
+        page.wait_for_selector(row + ":has-text('none')")  # no active run, nothing queued
+        assert page.inner_text(row).split("\t")[4] == "0"
     finally:
         page.close()
         fast = config_pb2.FlynnConfig()
@@ -315,11 +332,28 @@ def test_flip_a_gate_see_every_service_apply_it_and_roll_back(
 # --- canvas ----------------------------------------------------------------------------------------
 
 
-def test_upload_and_view_canvas_artifacts(signed_in: Any, mesh: ConsoleMesh) -> None:
+def test_nodes_and_canvas_artifacts(signed_in: Any, mesh: ConsoleMesh, gw: grpc.Channel) -> None:
+    node_id = f"laptop-{uuid.uuid4().hex[:6]}"
+    issued = nodes_pb2_grpc.NodesStub(gw).IssueNodeToken(
+        nodes_pb2.IssueNodeTokenRequest(node_id=node_id, role="desktop"),
+        metadata=mesh.tokens.md("operator"),
+        timeout=10,
+    )
     page = signed_in.new_page()
+    node = subprocess.Popen(
+        [sys.executable, "-m", "examples.companion_node", "--addr", mesh.gateway_addr, "--node-id", node_id,
+         "--token", issued.token, "--role", "desktop", "--log-level", "warning"],
+        cwd=ROOT, env=dict(os.environ, PYTHONPATH=f"{ROOT}:{ROOT / 'gen'}"),
+    )  # fmt: skip
     try:
         page.goto(mesh.console.url + "/#/nodes")  # type: ignore[union-attr]
         page.wait_for_selector("#nodes-table")
+        # The companion node connects through the gateway: it shows up live, with role and epoch.
+        row = f"#nodes-table tr[data-node='{node_id}']"
+        page.wait_for_selector(row + ":has-text('online')")
+        cells = page.inner_text(row).split("\t")
+        assert cells[1] == "desktop" and cells[4] == "1", cells
+        page.wait_for_selector(f"#node-feed li:has-text('{node_id}')")
         name = f"plans/{uuid.uuid4().hex[:6]}.json"
         page.fill("#canvas-name", name)
         page.set_input_files(
@@ -352,10 +386,17 @@ def test_upload_and_view_canvas_artifacts(signed_in: Any, mesh: ConsoleMesh) -> 
         page.wait_for_selector("#artifact-image")
         page.wait_for_function("document.querySelector('#artifact-image').naturalWidth === 1")
         shot(page, "07-nodes-canvas")
+        page.once("dialog", lambda d: d.accept())
+        page.click(f"#canvas-table tr[data-name='{img}'] button:has-text('Delete')")
+        page.wait_for_selector(f"#canvas-table tr[data-name='{img}']", state="detached")
     finally:
         page.close()
+        node.terminate()
+        node.wait(10)
     puts = [e for e in console_audit(mesh) if e["event"] == "consoleCanvasPut" and e["outcome"] == "ok"]
     assert {e["name"] for e in puts} >= {name, img}
+    deletes = [e for e in console_audit(mesh) if e["event"] == "consoleCanvasDelete"]
+    assert deletes[-1]["name"] == img and deletes[-1]["outcome"] == "ok"
     assert all(e["actor"] == f"operator:{OPERATOR_NAME}" for e in puts)
 
 
