@@ -22,7 +22,7 @@ from google.protobuf import duration_pb2, field_mask_pb2
 
 from flynn_runtime.audit import read_audit
 from tests.console.conftest import OPERATOR_NAME, VOICE_CHANNEL, shot
-from tests.support.console import ConsoleMesh
+from tests.support.console import ConsoleMesh, ConsoleProcess
 from tests.support.mesh import ROOT
 
 PNG_1X1 = base64.b64decode(
@@ -568,6 +568,29 @@ def test_sign_out_ends_the_session(signed_in: Any, mesh: ConsoleMesh) -> None:
         assert status == 401
     finally:
         page.close()
+
+
+def test_rollout_says_not_available_when_get_metrics_is_unimplemented(
+    browser: Any, mesh: ConsoleMesh
+) -> None:
+    """A console in front of a server without flynn.v1.System (the config service itself answers
+    UNIMPLEMENTED for System.GetMetrics, as a gateway before issue 8 did) shows "Not available yet"."""
+    other = ConsoleProcess(mesh.root / "console-no-metrics", mesh.procs["config"].address).start()
+    page = browser.new_page()
+    try:
+        page.goto(other.url + "/signin")
+        page.fill("#operator", OPERATOR_NAME)
+        page.fill("#token", mesh.tokens.operator)
+        page.click("#signin-submit")
+        page.wait_for_selector("#whoami:has-text('operator:')")
+        page.goto(other.url + "/#/rollout")
+        page.wait_for_selector("#rollout-unavailable:has-text('Not available yet')")
+        page.goto(other.url + "/#/voice")
+        page.wait_for_selector("#voice-metrics-unavailable")
+        shot(page, "12-rollout-not-available")
+    finally:
+        page.close()
+        other.stop()
 
 
 def test_console_stops_promptly_on_sigterm_with_streams_open(browser: Any, mesh: ConsoleMesh) -> None:
