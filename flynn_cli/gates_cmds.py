@@ -25,7 +25,6 @@ from __future__ import annotations
 import argparse
 import hashlib
 import json
-import math
 import re
 import sys
 import time
@@ -39,6 +38,7 @@ from flynn.v1 import canvas_pb2, canvas_pb2_grpc, system_pb2, system_pb2_grpc
 from google.protobuf import json_format
 
 from flynn_cli import rpc
+from flynn_runtime.histograms import quantile
 
 CANCEL_TO_ACK_P95_MS = 500.0
 FALSE_POSITIVE_RATE_MAX = 0.03
@@ -135,23 +135,6 @@ def _delta_buckets(
     if a and b and a[-1][1] < b.get(a[-1][0], 0.0):  # restarted: the after histogram is the window
         return a
     return [(le, max(c - b.get(le, 0.0), 0.0)) for le, c in a]
-
-
-def quantile(cumulative: list[tuple[float, float]], q: float) -> float:
-    """Quantile of a cumulative histogram (linear inside a bucket; +Inf reports the last finite bound)."""
-    if not cumulative or cumulative[-1][1] <= 0:
-        return 0.0
-    rank = q * cumulative[-1][1]
-    prev_bound, prev_count = 0.0, 0.0
-    for bound, count in cumulative:
-        if count >= rank:
-            if math.isinf(bound):
-                return prev_bound
-            if count == prev_count:
-                return bound
-            return prev_bound + (bound - prev_bound) * (rank - prev_count) / (count - prev_count)
-        prev_bound, prev_count = bound, count
-    return prev_bound
 
 
 # --- gates ------------------------------------------------------------------------------------------

@@ -16,6 +16,8 @@ from dataclasses import dataclass
 from flynn.v1 import system_pb2
 from prometheus_client.parser import text_string_to_metric_families
 
+from flynn_runtime.histograms import quantile
+
 SCRAPE_TIMEOUT = 1.0
 MAX_PAGE_BYTES = 8 * 1024 * 1024
 
@@ -84,24 +86,6 @@ def buckets(samples: Iterable[Sample], name: str) -> list[tuple[float, float]]:
             le = float(s.labels.get("le", "+Inf"))
             acc[le] = acc.get(le, 0.0) + s.value
     return sorted(acc.items())
-
-
-def quantile(cumulative: list[tuple[float, float]], q: float) -> float:
-    """Quantile q (0..1) of a cumulative histogram, in the bound's unit; 0 when empty. A quantile that
-    lands in the +Inf bucket is reported as the largest finite bound (a lower bound of the truth)."""
-    if not cumulative or cumulative[-1][1] <= 0:
-        return 0.0
-    rank = q * cumulative[-1][1]
-    prev_bound, prev_count = 0.0, 0.0
-    for bound, count in cumulative:
-        if count >= rank:
-            if math.isinf(bound):
-                return prev_bound
-            if count == prev_count:
-                return bound
-            return prev_bound + (bound - prev_bound) * (rank - prev_count) / (count - prev_count)
-        prev_bound, prev_count = bound, count
-    return prev_bound
 
 
 def percentiles(cumulative: list[tuple[float, float]], scale_ms: float = 1000.0) -> system_pb2.Percentiles:
