@@ -88,3 +88,53 @@ def clean_operator_name(raw: str) -> str:
     """The name an operator signs in under (shown in the audit log): letters, digits, . _ - @ only."""
     name = "".join(c for c in raw.strip() if c.isalnum() or c in "._-@")[:64]
     return name or "operator"
+
+
+class SignInLimiter:
+    """Bounds failed sign-ins per browser address and in total over a sliding window.
+
+    The gateway limits failed authentications per peer, and for the gateway every console user is the
+    same peer (the console). Refusing here first, below the gateway's limit (20 a minute), keeps one
+    person guessing tokens from locking every operator out of the console.
+    """
+
+    def __init__(
+        self,
+        per_peer: int = 5,
+        total: int = 10,
+        window_seconds: float = 60.0,
+        max_peers: int = 10_000,
+        clock: Callable[[], float] = time.monotonic,
+    ) -> None:
+        self.per_peer = per_peer
+        self.total = total
+        self.window = window_seconds
+        self.max_peers = max_peers
+        self._clock = clock
+        self._peers: OrderedDict[str, list[float]] = OrderedDict()
+        self._all: list[float] = []
+
+    def _trim(self, times: list[float], now: float) -> list[float]:
+        return [t for t in times if now - t < self.window]
+
+    def retry_after(self, peer: str) -> float:
+        """Seconds until `peer` may try again (0 when it may now)."""
+        now = self._clock()
+        self._all = self._trim(self._all, now)
+        mine = self._trim(self._peers.get(peer, []), now)
+        if peer in self._peers:
+            self._peers[peer] = mine
+        waits = []
+        if len(mine) >= self.per_peer:
+            waits.append(self.window - (now - mine[0]))
+        if len(self._all) >= self.total:
+            waits.append(self.window - (now - self._all[0]))
+        return max(waits, default=0.0)
+
+    def record_failure(self, peer: str) -> None:
+        now = self._clock()
+        self._all.append(now)
+        self._peers.setdefault(peer, []).append(now)
+        self._peers.move_to_end(peer)
+        while len(self._peers) > self.max_peers:
+            self._peers.popitem(last=False)

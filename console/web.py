@@ -26,7 +26,7 @@ from flynn.v1 import nodes_pb2, run_control_pb2
 
 from console import audit_tail, rollout_gates
 from console.mesh_client import MeshClient, MeshError, read_stream
-from console.sign_in import COOKIE, ConsoleSession, SessionTable, clean_operator_name
+from console.sign_in import COOKIE, ConsoleSession, SessionTable, SignInLimiter, clean_operator_name
 from flynn_runtime.audit import AuditLog
 
 log = logging.getLogger("console")
@@ -73,6 +73,7 @@ class ConsoleState:
     audit: AuditLog
     audit_dirs: list[Path]
     sessions: SessionTable = field(default_factory=SessionTable)
+    sign_in_limiter: SignInLimiter = field(default_factory=SignInLimiter)
     trend: rollout_gates.TrendWindow = field(default_factory=rollout_gates.TrendWindow)
     snapshots: dict[str, list[dict[str, Any]]] = field(default_factory=dict)
     audio: OrderedDict[str, tuple[str, bytes]] = field(default_factory=OrderedDict)
@@ -160,9 +161,20 @@ async def signin_post(request: web.Request) -> web.StreamResponse:
         return web.Response(
             text=_signin_page("Enter your operator token.", operator), status=401, content_type="text/html"
         )
+    peer = request.remote or "?"
+    wait = st.sign_in_limiter.retry_after(peer)
+    if wait > 0:
+        return web.Response(
+            text=_signin_page(f"Too many failed sign-ins; try again in {int(wait) + 1} s.", operator),
+            status=429,
+            content_type="text/html",
+            headers={"Retry-After": str(int(wait) + 1)},
+        )
     problem = await st.mesh.verify_operator(token)
     fingerprint = hashlib.sha256(token.encode()).hexdigest()[:12]
     if problem is not None:
+        if problem.code in ("UNAUTHENTICATED", "PERMISSION_DENIED"):
+            st.sign_in_limiter.record_failure(peer)
         st.audit.record(
             "consoleSignInFailed",
             actor=f"operator:{operator}",

@@ -6,7 +6,7 @@ import json
 from pathlib import Path
 
 from console import audit_tail, rollout_gates
-from console.sign_in import SessionTable, clean_operator_name
+from console.sign_in import SessionTable, SignInLimiter, clean_operator_name
 
 
 class Clock:
@@ -181,3 +181,18 @@ def test_audit_tail_reads_only_the_end_of_big_files(tmp_path: Path) -> None:
     got = audit_tail.tail([f.parent], audit_tail.AuditFilter(), limit=1000, max_bytes=64 * 1024)
     assert 0 < len(got) <= 1000
     assert all(isinstance(e, dict) for e in got)
+
+
+def test_sign_in_limiter_stays_below_the_gateways_limit() -> None:
+    clock = Clock()
+    lim = SignInLimiter(per_peer=3, total=5, window_seconds=60, clock=clock)
+    for _ in range(3):
+        assert lim.retry_after("a") == 0
+        lim.record_failure("a")
+    assert 0 < lim.retry_after("a") <= 60  # this browser waits
+    assert lim.retry_after("b") == 0  # another one may still try
+    lim.record_failure("b")
+    lim.record_failure("c")
+    assert lim.retry_after("d") > 0  # five failures in all: everyone waits
+    clock.now += 61
+    assert lim.retry_after("a") == 0 and lim.retry_after("d") == 0
