@@ -16,7 +16,6 @@ from __future__ import annotations
 import argparse
 import asyncio
 import os
-import random
 import sys
 import uuid
 from collections.abc import AsyncIterator
@@ -25,6 +24,7 @@ from typing import cast
 import grpc
 from flynn.v1 import common_pb2, gateway_pb2, gateway_pb2_grpc, run_control_pb2
 
+from flynn_runtime.backoff import Backoff
 from flynn_runtime.channels import auth_metadata, client_channel
 
 KIND = {
@@ -53,14 +53,14 @@ async def follow_replies(
 ) -> None:
     cursor = 0
     seen: set[str] = set()
-    backoff = 0.2
+    backoff = Backoff(0.2, 5.0)
     while True:
         try:
             call = stub.StreamReplies(
                 gateway_pb2.GatewayStreamRepliesRequest(after_cursor=cursor, channels=[channel]), metadata=md
             )
             async for msg in cast(AsyncIterator[gateway_pb2.GatewayStreamRepliesResponse], call):
-                backoff = 0.2
+                backoff.reset()
                 cursor = max(cursor, msg.reply.cursor)
                 if msg.reply.reply_id in seen:
                     continue
@@ -70,8 +70,7 @@ async def follow_replies(
             if e.code() in (grpc.StatusCode.UNAUTHENTICATED, grpc.StatusCode.PERMISSION_DENIED):
                 print(f"[error] {e.code().name}: {e.details()}", file=sys.stderr, flush=True)
                 return
-        await asyncio.sleep(backoff * (0.5 + random.random()))
-        backoff = min(backoff * 2, 5.0)
+        await asyncio.sleep(backoff.next_delay())
 
 
 async def read_lines() -> asyncio.Queue[str | None]:

@@ -32,6 +32,8 @@ import grpc
 from flynn.v1 import nodes_pb2, nodes_pb2_grpc
 from google.protobuf import timestamp_pb2
 
+from flynn_runtime.backoff import Backoff
+
 log = logging.getLogger("companion_node")
 _EOF: Any = grpc.aio.EOF  # type: ignore[attr-defined]
 
@@ -161,20 +163,19 @@ class CompanionNode:
         """Connect and stay connected until stop() or a final refusal; returns the stop reason."""
         if self._channel is None:
             self._channel = grpc.aio.insecure_channel(self.addr, options=CHANNEL_OPTIONS)
-        attempt = 0
+        backoff = Backoff(self.backoff_initial, self.backoff_max)
         try:
             while not self._stop.is_set():
                 before = self.stats.registrations
                 final = await self._connect_once()
                 if self.stats.registrations > before:
-                    attempt = 0  # a registration succeeded: start the backoff over
+                    backoff.reset()  # a registration succeeded: start the backoff over
                 if final:
                     self.stopped_reason = final
                     return final
                 if self._stop.is_set():
                     break
-                delay = min(self.backoff_max, self.backoff_initial * (2**attempt)) * random.uniform(0.5, 1.0)
-                attempt = min(attempt + 1, 20)
+                delay = backoff.next_delay()
                 with contextlib.suppress(TimeoutError):
                     await asyncio.wait_for(self._stop.wait(), delay)
             self.stopped_reason = "stopped"

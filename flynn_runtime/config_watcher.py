@@ -33,6 +33,7 @@ import grpc
 from flynn.v1 import config_pb2, config_pb2_grpc
 
 from flynn_runtime import VERSION, metrics
+from flynn_runtime.backoff import Backoff
 from flynn_runtime.config_source import ConfigSource, Validator
 from flynn_runtime.server import Runtime
 
@@ -167,7 +168,7 @@ class ConfigWatcher(ConfigSource):
     # --- the watch ------------------------------------------------------------------------------
 
     async def _follow(self) -> None:
-        backoff = self.backoff_initial
+        backoff = Backoff(self.backoff_initial, self.backoff_max)
         while not self._stopped:
             stub = config_pb2_grpc.ConfigServiceStub(self.channel)
             call = stub.WatchConfig(
@@ -177,7 +178,7 @@ class ConfigWatcher(ConfigSource):
                 async for resp in call:
                     if not self.connected:
                         self.connected = True
-                        backoff = self.backoff_initial
+                        backoff.reset()
                         self._connection += 1  # a restarted config service forgot our status: report again
                         self._report_event.set()
                     self.last_heard = time.monotonic()
@@ -194,9 +195,7 @@ class ConfigWatcher(ConfigSource):
             finally:
                 self.connected = False
             self.reconnects += 1
-            # Equal jitter: at least half the backoff, so a restart storm spreads out but never spins.
-            await asyncio.sleep(backoff / 2 + random.uniform(0, backoff / 2))
-            backoff = min(backoff * 2, self.backoff_max)
+            await asyncio.sleep(backoff.next_delay())
 
     async def _handle(self, resp: config_pb2.WatchConfigResponse) -> None:
         if resp.kind == config_pb2.WATCH_EVENT_KIND_BOOKMARK:

@@ -9,13 +9,13 @@ from __future__ import annotations
 
 import asyncio
 import logging
-import random
 from collections.abc import AsyncIterator, Callable
 from typing import Any
 
 import grpc
 from flynn.v1 import nodes_pb2, nodes_pb2_grpc, reactions_pb2, run_control_pb2, run_control_pb2_grpc
 
+from flynn_runtime.backoff import Backoff
 from flynn_runtime.server import Runtime
 from reactions_svc import metrics
 from reactions_svc.event_mapping import from_node_event, from_run_event
@@ -65,7 +65,7 @@ class StreamConsumer:
             self._task = None
 
     async def _loop(self) -> None:
-        backoff = self.min_backoff
+        backoff = Backoff(self.min_backoff, self.max_backoff)
         store = self.reactor.store
         while not self.runtime.stopping.is_set():
             try:
@@ -96,7 +96,7 @@ class StreamConsumer:
                     cursor = seq
                     self.handled += 1
                     metrics.EVENTS.labels(self.name).inc()
-                    backoff = self.min_backoff
+                    backoff.reset()
                 # The server ended the stream (for example it is shutting down): reconnect.
             except asyncio.CancelledError:
                 raise
@@ -109,8 +109,7 @@ class StreamConsumer:
             finally:
                 self.connected.clear()
             metrics.CURSOR.labels(self.name).inc()
-            delay = backoff * (0.5 + random.random())
-            backoff = min(backoff * 2, self.max_backoff)
+            delay = backoff.next_delay()
             try:
                 await asyncio.wait_for(self.runtime.stopping.wait(), timeout=delay)
             except TimeoutError:
