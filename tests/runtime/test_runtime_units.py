@@ -1,0 +1,152 @@
+"""Unit tests of the shared runtime's pure parts: auth policy, failure limiter, rich errors,
+validation, ids, backoff and gate targeting."""
+
+from __future__ import annotations
+
+import grpc
+import pytest
+from flynn.v1 import config_pb2
+
+from flynn_runtime import auth, errors, ids, rich_status, targeting
+from flynn_runtime.backoff import Backoff
+from flynn_runtime.validation import Violations, page_size
+
+
+def _store() -> auth.TokenStore:
+    return auth.TokenStore.from_mapping(
+        {
+            auth.hash_token("op-secret"): auth.Principal("alice", auth.Role.OPERATOR),
+            auth.hash_token("ch-secret"): auth.Principal("telegram", auth.Role.CHANNEL),
+        }
+    )
+
+
+def test_every_public_method_of_every_service_has_a_policy() -> None:
+    from flynn.v1 import (
+        agent_pb2,
+        canvas_pb2,
+        config_pb2,
+        gateway_pb2,
+        nodes_pb2,
+        reactions_pb2,
+        run_control_pb2,
+        system_pb2,
+        voice_pb2,
+    )
+
+    for mod in (
+        agent_pb2,
+        canvas_pb2,
+        config_pb2,
+        gateway_pb2,
+        nodes_pb2,
+        reactions_pb2,
+        run_control_pb2,
+        system_pb2,
+        voice_pb2,
+    ):
+        for svc in mod.DESCRIPTOR.services_by_name.values():
+            for m in svc.methods:
+                assert auth.required_roles(f"/{svc.full_name}/{m.name}") is not None, m.full_name
+
+
+def test_authenticator_roles_and_unknown_methods() -> None:
+    a = auth.Authenticator(_store())
+    md = {"authorization": "Bearer op-secret"}
+    assert a.authenticate("/flynn.v1.ConfigService/UpdateConfig", md, "ipv4:1.2.3.4:5") == auth.Principal(
+        "alice", auth.Role.OPERATOR
+    )
+    assert a.authenticate("/grpc.health.v1.Health/Check", {}, "p") is None
+    with pytest.raises(errors.FlynnError) as e:
+        a.authenticate("/flynn.v1.ConfigService/UpdateConfig", {"authorization": "Bearer ch-secret"}, "p")
+    assert e.value.code is errors.Code.PERMISSION_DENIED
+    with pytest.raises(errors.FlynnError) as e:
+        a.authenticate("/flynn.v1.ConfigService/UpdateConfig", {}, "p")
+    assert e.value.code is errors.Code.UNAUTHENTICATED
+    with pytest.raises(errors.FlynnError) as e:
+        a.authenticate("/flynn.v1.Secret/Backdoor", md, "p")
+    assert e.value.code is errors.Code.PERMISSION_DENIED
+
+
+def test_failed_authentications_are_rate_limited_per_peer_address() -> None:
+    a = auth.Authenticator(_store(), auth.FailureLimiter(max_failures=3, window_seconds=60))
+    for port in range(3):
+        with pytest.raises(errors.FlynnError):
+            a.authenticate(
+                "/flynn.v1.RunControl/GetRun", {"authorization": "Bearer nope"}, f"ipv4:9.9.9.9:{port}"
+            )
+    with pytest.raises(errors.FlynnError) as e:  # even with the right token, until the window passes
+        a.authenticate(
+            "/flynn.v1.RunControl/GetRun", {"authorization": "Bearer op-secret"}, "ipv4:9.9.9.9:77"
+        )
+    assert e.value.code is errors.Code.RESOURCE_EXHAUSTED and e.value.retry_after_seconds
+    # another peer is not affected
+    assert a.authenticate(
+        "/flynn.v1.RunControl/GetRun", {"authorization": "Bearer op-secret"}, "ipv4:8.8.8.8:1"
+    )
+
+
+def test_rich_status_carries_violations_reason_and_retry() -> None:
+    err = errors.invalid_fields(
+        [errors.FieldViolation("session_key", "is required"), errors.FieldViolation("text", "too long")]
+    )
+    proto = rich_status.to_status_proto(err)
+    assert proto.code == grpc.StatusCode.INVALID_ARGUMENT.value[0]
+    assert "session_key" in proto.message and "text" in proto.message
+    status = rich_status.to_grpc_status(errors.unavailable("queue down", retry_after=2.5))
+    assert status.code == grpc.StatusCode.UNAVAILABLE
+    assert any(k == "grpc-status-details-bin" for k, _ in status.trailing_metadata)
+
+
+def test_violations_collect_every_field() -> None:
+    v = Violations()
+    v.text("session_key", "", required=True)
+    v.text("text", "x" * 100, max_bytes=10)
+    v.identifier("idempotency_key", "bad key!")
+    v.int_range("page_size", 5000, 0, 500)
+    with pytest.raises(errors.FlynnError) as e:
+        v.raise_if_any()
+    assert [x.field for x in e.value.violations] == ["session_key", "text", "idempotency_key", "page_size"]
+    assert page_size(0) == 50
+    with pytest.raises(errors.FlynnError):
+        page_size(-1)
+
+
+def test_ids_are_prefixed_time_ordered_and_checkable() -> None:
+    a, b = ids.new_id("run"), ids.new_id("run")
+    assert ids.is_id(a, "run") and not ids.is_id(a, "msg") and not ids.is_id("run_bad", "run")
+    assert len(a) == len("run_") + 26 and a != b
+
+
+def test_backoff_grows_with_jitter_and_resets() -> None:
+    b = Backoff(0.1, 1.0)
+    delays = [b.next_delay() for _ in range(8)]
+    assert 0.05 <= delays[0] <= 0.1
+    assert all(0.5 <= d <= 1.0 for d in delays[5:])
+    b.reset()
+    assert b.next_delay() <= 0.1
+    with pytest.raises(ValueError):
+        Backoff(0, 1)
+
+
+def test_gate_precedence_session_then_channel_then_rollout_then_global() -> None:
+    cfg = config_pb2.FlynnConfig()
+    q = cfg.server.queue
+    q.mode = config_pb2.QUEUE_MODE_FOLLOWUP
+    q.overrides.sessions["s1"] = config_pb2.QUEUE_MODE_STEER
+    q.overrides.channels["tg"] = config_pb2.QUEUE_MODE_INTERRUPT
+    q.rollout.mode = config_pb2.QUEUE_MODE_COLLECT
+    q.rollout.rollout.basis_points = 10_000
+    t = targeting.Target
+    assert targeting.queue_mode(cfg, t("s1", "tg")).value == config_pb2.QUEUE_MODE_STEER
+    assert targeting.queue_mode(cfg, t("s2", "tg")).value == config_pb2.QUEUE_MODE_INTERRUPT
+    assert targeting.queue_mode(cfg, t("s2", "slack")).value == config_pb2.QUEUE_MODE_COLLECT
+    q.rollout.rollout.basis_points = 0
+    d = targeting.queue_mode(cfg, t("s2", "slack"))
+    assert d.value == config_pb2.QUEUE_MODE_FOLLOWUP and d.source == config_pb2.VALUE_SOURCE_GLOBAL
+    over = targeting.queue_mode(cfg, t("s1", "tg"), config_pb2.QUEUE_MODE_FOLLOWUP)
+    assert over.source == config_pb2.VALUE_SOURCE_MESSAGE_OVERRIDE
+    cfg.tts.enabled = True
+    assert not targeting.tts_enabled(cfg, t("s", "voice")).value  # channel not listed
+    cfg.tts.enabled_channels.append("voice")
+    assert targeting.tts_enabled(cfg, t("s", "voice")).value
