@@ -3,7 +3,7 @@
 Paths are config-relative dotted paths with list indexes (`automation.reactions[2].trigger.regex`).
 Generic checks walk every field (known enum values, non-negative durations and counts, rollout
 basis points); semantic checks cover what the types cannot say (rule ids, regexes, roles,
-actions). The reactions service may reuse `validate_rule`.
+actions). Reaction rules are checked by config_svc/reaction_rules.py, which the reactions service shares.
 """
 
 from __future__ import annotations
@@ -11,12 +11,12 @@ from __future__ import annotations
 from collections.abc import Iterable
 from typing import Any
 
-import re2
 from flynn.v1 import config_pb2
 from google.protobuf import descriptor as pb_descriptor
 from google.protobuf import duration_pb2
 from google.protobuf import message as pb_message
 
+from config_svc.reaction_rules import validate_rules
 from flynn_runtime.config_yaml import enum_choices, field_path_error
 from flynn_runtime.errors import FieldViolation
 from flynn_runtime.rollout import BASIS_POINTS_MAX
@@ -27,7 +27,6 @@ Field = Any
 
 # int fields that may be negative (everything else is a count, a cap or a size).
 _SIGNED_INT_FIELDS = frozenset({"priority"})
-MAX_RULES = 1000
 
 
 def validate_config(cfg: config_pb2.FlynnConfig) -> list[FieldViolation]:
@@ -137,58 +136,7 @@ def _check_nonempty_list(items: Iterable[str], path: str, what: str, out: list[F
 
 
 def _check_rules(rules: Iterable[config_pb2.ReactionRule], path: str, out: list[FieldViolation]) -> None:
-    seen: dict[str, int] = {}
-    rules = list(rules)
-    if len(rules) > MAX_RULES:
-        out.append(FieldViolation(path, f"at most {MAX_RULES} rules, got {len(rules)}"))
-    for i, rule in enumerate(rules):
-        rp = f"{path}[{i}]"
-        if rule.id in seen:
-            out.append(
-                FieldViolation(f"{rp}.id", f"duplicate rule id {rule.id!r} (also {path}[{seen[rule.id]}])")
-            )
-        elif rule.id:
-            seen[rule.id] = i
-        out.extend(validate_rule(rule, rp))
-
-
-def validate_rule(rule: config_pb2.ReactionRule, rp: str) -> list[FieldViolation]:
-    """Semantic checks of one reaction rule (ids, trigger, regex under RE2, conditions, actions)."""
-    out: list[FieldViolation] = []
-    if not rule.id.strip():
-        out.append(FieldViolation(f"{rp}.id", "is required"))
-    if rule.trigger.event == config_pb2.REACTION_EVENT_TYPE_UNSPECIFIED:
-        choices = ", ".join(enum_choices(config_pb2.ReactionEventType.DESCRIPTOR))
-        out.append(FieldViolation(f"{rp}.trigger.event", f"is required; expected one of {choices}"))
-    if rule.trigger.regex:
-        try:
-            re2.compile(rule.trigger.regex)
-        except Exception as e:  # noqa: BLE001 - re2.error carries the parser's reason
-            reason = e.args[0] if e.args else e
-            if isinstance(reason, bytes):
-                reason = reason.decode("utf-8", "replace")
-            out.append(FieldViolation(f"{rp}.trigger.regex", f"does not compile under RE2: {reason}"))
-    for j, kw in enumerate(rule.trigger.keywords):
-        if not kw.strip():
-            out.append(FieldViolation(f"{rp}.trigger.keywords[{j}]", "empty keyword"))
-    for j, c in enumerate(rule.conditions):
-        cp = f"{rp}.conditions[{j}]"
-        if not c.field.strip():
-            out.append(FieldViolation(f"{cp}.field", "is required"))
-        if c.operator == config_pb2.CONDITION_OPERATOR_UNSPECIFIED:
-            choices = ", ".join(enum_choices(config_pb2.ConditionOperator.DESCRIPTOR))
-            out.append(FieldViolation(f"{cp}.operator", f"is required; expected one of {choices}"))
-    if rule.fire_cap.max_fires > 0 and rule.fire_cap.window.seconds == 0 and rule.fire_cap.window.nanos == 0:
-        out.append(FieldViolation(f"{rp}.fire_cap.window", "is required when max_fires is set"))
-    if not rule.actions:
-        out.append(FieldViolation(f"{rp}.actions", "a rule needs at least one action"))
-    for j, a in enumerate(rule.actions):
-        if a.WhichOneof("action") is None:
-            kinds = ", ".join(
-                f.name for f in config_pb2.ReactionAction.DESCRIPTOR.oneofs_by_name["action"].fields
-            )
-            out.append(FieldViolation(f"{rp}.actions[{j}]", f"unknown or missing action; set one of {kinds}"))
-    return out
+    out.extend(validate_rules(list(rules), prefix=path))
 
 
 def _dedupe(items: list[FieldViolation]) -> list[FieldViolation]:

@@ -11,8 +11,8 @@ from collections.abc import Callable, Sequence
 
 from flynn.v1 import config_pb2
 
+from config_svc.reaction_rules import validate_rules
 from flynn_runtime.errors import FieldViolation
-from reactions_svc.rules import validate_rules
 
 _config_validate: Callable[[config_pb2.FlynnConfig], list[FieldViolation]] | None
 try:

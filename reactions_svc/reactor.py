@@ -25,12 +25,13 @@ from typing import Any, Protocol
 from flynn.v1 import config_pb2, reactions_pb2
 from google.protobuf import timestamp_pb2
 
+from config_svc.reaction_rules import validate_rules
 from flynn_runtime.config_source import ConfigSource
 from flynn_runtime.errors import FlynnError, invalid_fields, not_found
 from reactions_svc import engine, metrics
 from reactions_svc.engine import Evaluation, FireState, Trace, reason_name
 from reactions_svc.proposed_rules import validate_rule_list
-from reactions_svc.rules import RuleSet, validate_rules
+from reactions_svc.rules import RuleSet
 from reactions_svc.store import FP_REASON, ReactionStore, StoredTrace
 
 log = logging.getLogger(__name__)
