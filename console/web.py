@@ -14,7 +14,7 @@ import html
 import json
 import logging
 import time
-from collections import Counter, OrderedDict
+from collections import OrderedDict, deque
 from collections.abc import Awaitable, Callable
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -26,6 +26,7 @@ from flynn.v1 import nodes_pb2, run_control_pb2
 
 from console import audit_tail, rollout_gates
 from console.mesh_client import MeshClient, MeshError, read_stream
+from console.reply_tally import ReplyTally
 from console.sign_in import COOKIE, ConsoleSession, SessionTable, SignInLimiter, clean_operator_name
 from flynn_runtime.audit import AuditLog
 
@@ -36,6 +37,7 @@ CSRF_HEADER = "X-Flynn-CSRF"
 MAX_UPLOAD_BYTES = 8 * 1024 * 1024
 FEED_KEEP = 200  # events per SSE batch the browser is sent (it keeps a bounded list too)
 FLUSH_SECONDS = 0.25
+CATCH_UP_SECONDS = 2.0
 POLL_SECONDS = 1.0
 HEARTBEAT_SECONDS = 15.0
 AUDIO_CACHE = 32
@@ -643,8 +645,14 @@ async def _stream_batches(
     open_call: Callable[[int], Any],
     convert: Callable[[Any], dict[str, Any]],
     seq_of: Callable[[dict[str, Any]], int],
+    tally: ReplyTally | None = None,
 ) -> web.StreamResponse:
-    """Relay a gRPC server stream as batched SSE events; resumes after Last-Event-ID on reconnect."""
+    """Relay a gRPC server stream as batched SSE events; resumes after Last-Event-ID on reconnect.
+
+    The first batch waits (up to CATCH_UP_SECONDS) until the replayed history has drained, so the page
+    gets one batch of the latest FEED_KEEP items instead of many; later batches flush every
+    FLUSH_SECONDS. Batches hold at most FEED_KEEP items; `skipped` says how many were left out, and a
+    tally (when given) still counts every item."""
     st = _state(request)
     try:
         after = int(request.headers.get("Last-Event-ID") or request.query.get("after", "0") or 0)
@@ -666,40 +674,44 @@ async def _stream_batches(
 
     task = asyncio.create_task(reader())
     last_beat = time.monotonic()
+    catching_up = True
     try:
         while not st.stopping.is_set():
-            batch: list[dict[str, Any]] = []
+            batch: deque[dict[str, Any]] = deque(maxlen=FEED_KEEP)
+            count = 0
             ended: MeshError | None | bool = False
             try:
                 item = await asyncio.wait_for(queue.get(), timeout=HEARTBEAT_SECONDS / 3)
             except TimeoutError:
                 item = {}
-            deadline = time.monotonic() + FLUSH_SECONDS
+            deadline = time.monotonic() + (CATCH_UP_SECONDS if catching_up else FLUSH_SECONDS)
             while True:
                 if item is None or isinstance(item, MeshError):
                     ended = item
                     break
                 if item:
                     batch.append(item)
-                if queue.empty() and (time.monotonic() >= deadline or len(batch) >= 5000):
-                    break
+                    count += 1
+                    if tally is not None:
+                        tally.add(item)
+                now = time.monotonic()
                 if queue.empty():
+                    if now >= deadline:
+                        break
+                    # Catching up: a short lull means the replay has drained.
+                    wait = min(deadline - now, 0.1) if catching_up else max(deadline - now, 0.01)
                     try:
-                        item = await asyncio.wait_for(
-                            queue.get(), timeout=max(deadline - time.monotonic(), 0.01)
-                        )
+                        item = await asyncio.wait_for(queue.get(), timeout=wait)
                     except TimeoutError:
                         break
                 else:
                     item = queue.get_nowait()
-            if batch:
-                last = seq_of(batch[-1])
-                await _send(
-                    resp,
-                    event,
-                    {"items": batch[-FEED_KEEP:], "skipped": max(len(batch) - FEED_KEEP, 0)},
-                    str(last),
-                )
+            if count:
+                catching_up = False
+                payload: dict[str, Any] = {"items": list(batch), "skipped": count - len(batch)}
+                if tally is not None:
+                    payload["tally"] = tally.snapshot()
+                await _send(resp, event, payload, str(seq_of(batch[-1])))
                 last_beat = time.monotonic()
             elif time.monotonic() - last_beat > HEARTBEAT_SECONDS:
                 await resp.write(b": keep-alive\n\n")
@@ -778,6 +790,7 @@ async def sse_replies(request: web.Request) -> web.StreamResponse:
         lambda after: st.mesh.stream_replies(token, after),
         _reply_convert(st),
         lambda d: int(d["cursor"]),
+        tally=ReplyTally(),
     )
 
 
@@ -848,14 +861,6 @@ async def sse_poll(request: web.Request) -> web.StreamResponse:
     except (ConnectionResetError, asyncio.CancelledError):
         pass
     return resp
-
-
-def voice_summary(replies: list[dict[str, Any]]) -> dict[str, Any]:
-    """Counts by channel and delivery mode, and fallback reasons (used by tests and the docs)."""
-    by: Counter[tuple[str, str]] = Counter(
-        (r["channel"], r["delivery"]) for r in replies if r["kind"] == "final"
-    )
-    return {"by_channel": [{"channel": c, "delivery": d, "count": n} for (c, d), n in sorted(by.items())]}
 
 
 # --- app -------------------------------------------------------------------------------------------

@@ -473,29 +473,29 @@ function voiceView(main) {
   const list = h("ul", { id: "voice-replies", class: "feed", "aria-label": "Latest replies" });
   main.append(h("h1", {}, "Voice"), h("section", {}, h("h2", {}, "TTS figures"), metricsBox),
     h("section", {}, h("h2", {}, "Replies by channel and delivery"), countsBox), h("section", {}, h("h2", {}, "Latest replies"), list));
-  const counts = new Map(); const reasons = new Map(); let fallbacks = 0; let finals = 0;
+  let tally = { finals: 0, fallbacks: 0, by_mode: [], reasons: [] };
   function renderCounts() {
-    const rows = [...counts.entries()].sort().map(([k, n]) => { const [c, d, e] = k.split("\u0000"); return h("tr", {}, h("td", {}, c), h("td", {}, d.replaceAll("_", " ")), h("td", {}, e), h("td", { class: "num" }, n)); });
     countsBox.replaceChildren(
-      h("p", {}, "Final replies: ", h("strong", { id: "voice-finals" }, String(finals)), " · fell back to text: ", h("strong", { id: "voice-fallbacks" }, String(fallbacks))),
-      table("voice-table", "Final replies by channel, delivery and engine", ["Channel", "Delivery", "Engine", { label: "Count", num: true }], rows),
-      table("voice-reasons", "Fallback reasons", ["Reason", { label: "Count", num: true }], [...reasons.entries()].map(([r, n]) => h("tr", {}, h("td", {}, r), h("td", { class: "num" }, n)))));
+      h("p", {}, "Final replies: ", h("strong", { id: "voice-finals" }, String(tally.finals)), " · fell back to text: ", h("strong", { id: "voice-fallbacks" }, String(tally.fallbacks))),
+      table("voice-table", "Final replies by channel, delivery and engine", ["Channel", "Delivery", "Engine", { label: "Count", num: true }],
+        tally.by_mode.map((m) => h("tr", {}, h("td", {}, m.channel), h("td", {}, m.delivery.replaceAll("_", " ")), h("td", {}, m.engine), h("td", { class: "num" }, m.count)))),
+      table("voice-reasons", "Fallback reasons", ["Reason", { label: "Count", num: true }], tally.reasons.map((r) => h("tr", {}, h("td", {}, r.reason), h("td", { class: "num" }, r.count)))));
   }
   renderCounts();
   stream("/api/stream/replies", "replies", (b) => {
-    for (const r of b.items) {
+    // The server tallies every reply; the page shows the latest ones.
+    const frag = document.createDocumentFragment();
+    for (let i = b.items.length - 1; i >= 0; i--) {
+      const r = b.items[i];
       if (r.kind !== "final") continue;
-      finals += 1;
-      const k = `${r.channel}\u0000${r.delivery}\u0000${r.engine || "—"}`; counts.set(k, (counts.get(k) || 0) + 1);
-      if (r.delivery === "text_after_fallback") { fallbacks += 1; reasons.set(r.tts_fallback_reason || "?", (reasons.get(r.tts_fallback_reason || "?") || 0) + 1); }
       const li = h("li", { dataset: { reply: r.reply_id, delivery: r.delivery } }, h("strong", {}, r.delivery.replaceAll("_", " ")), ` ${r.channel} ${r.session_key}: ${r.text.slice(0, 80)} `,
         r.tts_fallback_reason ? h("span", { class: "muted" }, `(${r.tts_fallback_reason}) `) : "");
       if (r.has_audio) li.append(h("audio", { controls: true, preload: "none", src: `/api/audio/${encodeURIComponent(r.reply_id)}`, "aria-label": `Audio of reply ${r.reply_id} (${r.engine})` }));
-      list.prepend(li);
+      frag.append(li);
     }
-    while (list.children.length > 100) list.lastElementChild.remove();
-    if (b.skipped) finals += 0;
-    renderCounts();
+    list.prepend(frag);
+    while (list.childElementCount > 100) list.lastElementChild.remove();
+    if (b.tally) { tally = b.tally; renderCounts(); }
   });
   stream("/api/stream/poll/rollout", "rollout", (d) => {
     if (!d.available) { metricsBox.replaceChildren(h("p", { class: "notice", id: "voice-metrics-unavailable" }, "System.GetMetrics is not available yet: the counts below come from the replies stream.")); return; }

@@ -6,6 +6,7 @@ import json
 from pathlib import Path
 
 from console import audit_tail, rollout_gates
+from console.reply_tally import ReplyTally
 from console.sign_in import SessionTable, SignInLimiter, clean_operator_name
 
 
@@ -196,3 +197,26 @@ def test_sign_in_limiter_stays_below_the_gateways_limit() -> None:
     assert lim.retry_after("d") > 0  # five failures in all: everyone waits
     clock.now += 61
     assert lim.retry_after("a") == 0 and lim.retry_after("d") == 0
+
+
+def test_reply_tally_counts_finals_by_channel_delivery_engine_and_reasons() -> None:
+    t = ReplyTally()
+    t.add({"kind": "final", "channel": "v", "delivery": "audio", "engine": "espeak-ng"})
+    t.add(
+        {
+            "kind": "final",
+            "channel": "v",
+            "delivery": "text_after_fallback",
+            "tts_fallback_reason": "voice_unavailable",
+        }
+    )
+    t.add({"kind": "ack", "channel": "v", "delivery": "text"})  # not a final: not counted
+    t.add({"kind": "final", "channel": "w", "delivery": "text"})
+    snap = t.snapshot()
+    assert snap["finals"] == 3 and snap["fallbacks"] == 1
+    assert snap["by_mode"] == [
+        {"channel": "v", "delivery": "audio", "engine": "espeak-ng", "count": 1},
+        {"channel": "v", "delivery": "text_after_fallback", "engine": "—", "count": 1},
+        {"channel": "w", "delivery": "text", "engine": "—", "count": 1},
+    ]
+    assert snap["reasons"] == [{"reason": "voice_unavailable", "count": 1}]
