@@ -414,11 +414,11 @@ class MeshClient:
 
     # --- system --------------------------------------------------------------------------------
 
-    async def get_metrics(self, token: str) -> dict[str, Any]:
-        resp = await self.call(self.system.GetMetrics, system_pb2.GetMetricsRequest(), token)
-        return json_format.MessageToDict(
-            resp, preserving_proto_field_name=True, always_print_fields_with_no_presence=True
+    async def get_metrics(self, token: str) -> system_pb2.GetMetricsResponse:
+        resp: system_pb2.GetMetricsResponse = await self.call(
+            self.system.GetMetrics, system_pb2.GetMetricsRequest(), token
         )
+        return resp
 
     async def get_status(self, token: str) -> dict[str, Any]:
         resp = await self.call(self.system.GetStatus, system_pb2.GetStatusRequest(), token)

@@ -16,18 +16,20 @@ import logging
 import time
 from collections import OrderedDict, deque
 from collections.abc import Awaitable, Callable
-from dataclasses import dataclass, field
+from dataclasses import asdict, dataclass, field
 from pathlib import Path
 from typing import Any
 
 import yaml
 from aiohttp import web
-from flynn.v1 import nodes_pb2, run_control_pb2
+from flynn.v1 import nodes_pb2, run_control_pb2, system_pb2
+from google.protobuf import json_format
 
 from console import audit_tail, rollout_gates
 from console.mesh_client import MeshClient, MeshError, read_stream
 from console.reply_tally import ReplyTally
 from console.sign_in import COOKIE, ConsoleSession, SessionTable, SignInLimiter, clean_operator_name
+from flynn_cli.gates_cmds import evaluate as evaluate_gates
 from flynn_runtime.audit import AuditLog
 
 log = logging.getLogger("console")
@@ -77,7 +79,10 @@ class ConsoleState:
     sessions: SessionTable = field(default_factory=SessionTable)
     sign_in_limiter: SignInLimiter = field(default_factory=SignInLimiter)
     trend: rollout_gates.TrendWindow = field(default_factory=rollout_gates.TrendWindow)
-    snapshots: dict[str, list[dict[str, Any]]] = field(default_factory=dict)
+    # label -> (time taken, GetMetrics answer, its gate rows)
+    snapshots: dict[str, tuple[str, system_pb2.GetMetricsResponse, list[dict[str, Any]]]] = field(
+        default_factory=dict
+    )
     audio: OrderedDict[str, tuple[str, bytes]] = field(default_factory=OrderedDict)
     stopping: asyncio.Event = field(default_factory=asyncio.Event)
     secure_cookie: bool = False
@@ -415,29 +420,48 @@ async def api_watchers(request: web.Request) -> web.StreamResponse:
 # --- api: rollout, reactions, nodes, canvas, audit -------------------------------------------------
 
 
+def judge(
+    before: system_pb2.GetMetricsResponse | None, after: system_pb2.GetMetricsResponse
+) -> list[dict[str, Any]]:
+    """The playbook gates exactly as `flynn gates` judges them (since start when before is None)."""
+    return rollout_gates.gate_rows([asdict(r) for r in evaluate_gates(before, after)])
+
+
+def metrics_dict(m: system_pb2.GetMetricsResponse) -> dict[str, Any]:
+    return json_format.MessageToDict(
+        m, preserving_proto_field_name=True, always_print_fields_with_no_presence=True
+    )
+
+
 async def rollout_data(st: ConsoleState, token: str, sample: bool) -> dict[str, Any]:
+    snapshots = {k: {"taken": v[0], "gates": v[2]} for k, v in st.snapshots.items()}
     try:
-        metrics = await st.mesh.get_metrics(token)
+        resp = await st.mesh.get_metrics(token)
     except MeshError as e:
         if e.code == "UNIMPLEMENTED":
-            return {"available": False, "detail": e.message, "snapshots": st.snapshots}
+            return {"available": False, "detail": e.message, "snapshots": snapshots}
         raise
-    gates = rollout_gates.evaluate(metrics)
+    metrics = metrics_dict(resp)
+    gates = judge(None, resp)
     if sample:
-        st.trend.add(gates)
-    gate_dicts = [g.as_dict() for g in gates]
-    comparison = (
-        rollout_gates.compare(st.snapshots["before"], st.snapshots.get("after", gate_dicts))
-        if "before" in st.snapshots
-        else []
-    )
+        st.trend.add(rollout_gates.trend_values(metrics))
+    comparison: list[dict[str, Any]] = []
+    window: list[dict[str, Any]] = []
+    if "before" in st.snapshots:
+        before = st.snapshots["before"]
+        after = st.snapshots.get("after")
+        comparison = rollout_gates.compare(before[2], after[2] if after else gates)
+        # The gates over the window between the snapshots (or from "before" until now), as
+        # `flynn gates compare before.json after.json` judges them.
+        window = judge(before[1], after[1] if after else resp)
     return {
         "available": True,
-        "gates": gate_dicts,
+        "gates": gates,
         "trend": st.trend.series(),
         "metrics": metrics,
-        "snapshots": st.snapshots,
+        "snapshots": snapshots,
         "comparison": comparison,
+        "window": window,
     }
 
 
@@ -461,8 +485,12 @@ async def api_rollout_snapshot(request: web.Request) -> web.StreamResponse:
         data = await rollout_data(st, s.token, sample=True)
         if not data["available"]:
             raise MeshError("UNIMPLEMENTED", data["detail"], 501, [])
-        st.snapshots[label] = data["gates"]
-        return {"label": label, "taken": time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime())}
+        taken = time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime())
+        resp = await st.mesh.get_metrics(s.token)
+        st.snapshots[label] = (taken, resp, judge(None, resp))
+        if label == "before":
+            st.snapshots.pop("after", None)
+        return {"label": label, "taken": taken}
 
     return await _audited(request, "consoleRolloutSnapshot", {"label": label}, take)
 

@@ -312,13 +312,21 @@ function rolloutView(main) {
         h("span", { class: "muted" }, d.detail || "")));
       return;
     }
+    const result = (g) => h("td", { class: g.no_observations ? "no_data" : g.status }, g.status + (g.no_observations ? " (nothing to measure)" : ""));
     const rows = d.gates.map((g) => h("tr", { dataset: { gate: g.gate } },
-      h("td", {}, g.title), h("td", {}, g.display), h("td", {}, g.threshold),
-      h("td", { class: g.status }, g.status.replace("_", " ")), h("td", {}, sparkline(d.trend[g.gate]))));
-    const cmp = d.comparison.length ? table("snapshot-compare", "Before / after", ["Gate", "Before", "After", "Changed"],
-      d.comparison.map((c) => h("tr", {}, h("td", {}, c.title), h("td", { class: c.before_status }, c.before), h("td", { class: c.after_status }, c.after), h("td", {}, c.changed ? "yes" : "no"))))
-      : h("p", { class: "muted" }, "Take a “before” snapshot to compare.");
-    box.replaceChildren(table("gates-table", "Playbook gates", ["Gate", "Measured", "Threshold", "Result", "Trend"], rows), h("h2", {}, "Snapshots"), cmp);
+      h("td", {}, g.title), h("td", {}, g.display), h("td", {}, g.threshold), result(g), h("td", {}, sparkline(d.trend[g.gate]))));
+    const snaps = Object.entries(d.snapshots).map(([k, v]) => `${k}: ${fmtTime(v.taken)}`).join(" · ");
+    const parts = [table("gates-table", "Playbook gates since each service started (as `flynn gates check --window 0` judges them)", ["Gate", "Measured", "Threshold", "Result", "Trend"], rows), h("h2", {}, "Snapshots")];
+    if (d.comparison.length) {
+      parts.push(h("p", {}, snaps),
+        table("snapshot-compare", "Before / after", ["Gate", "Before", "After", "Changed"],
+          d.comparison.map((c) => h("tr", { dataset: { gate: c.gate } }, h("td", {}, c.title), h("td", { class: c.before_status }, c.before), h("td", { class: c.after_status }, c.after), h("td", {}, c.changed ? "yes" : "no")))),
+        table("snapshot-window", `Gates over the window from “before” to ${d.snapshots.after ? "“after”" : "now"} (as \`flynn gates compare\` judges them)`, ["Gate", "Measured", "Threshold", "Result"],
+          d.window.map((g) => h("tr", { dataset: { gate: g.gate } }, h("td", {}, g.title), h("td", {}, g.display), h("td", {}, g.threshold), result(g)))));
+    } else {
+      parts.push(h("p", { class: "muted" }, "Take a “before” snapshot to compare."));
+    }
+    box.replaceChildren(...parts);
   });
 }
 

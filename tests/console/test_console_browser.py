@@ -486,27 +486,26 @@ def test_rollout_reactions_and_audit_views(signed_in: Any, mesh: ConsoleMesh) ->
             page.click("#snap-before")
             page.wait_for_selector("#snapshot-compare")
             rows = page.inner_text("#gates-table")
-            for gate in (
-                "Cancel-to-ack p95",
-                "Duplicate finals",
-                "false-positive",
-                "reconnect",
-                "TTS fallback",
-            ):
+            for gate in ("Metrics readable", "Cancel-to-ack p95", "Duplicate finals", "false-positive", "reconnect",
+                         "TTS fallback"):  # fmt: skip
                 assert gate in rows
             # A match flagged by the reactions test (1 of few) breaks the ≤ 3 % gate; nothing else fails.
             events = {e["event"] for e in console_audit(mesh)}
             if "consoleFlagFalsePositive" in events:
-                page.wait_for_selector("#gates-table tr[data-gate='reaction_fp_rate'] td.fail")
-            for gate in (
-                "cancel_to_ack_p95",
-                "duplicate_finals",
-                "node_reconnect_success",
-                "tts_fallback_no_drops",
-            ):
-                assert "fail" not in page.inner_text(f"#gates-table tr[data-gate='{gate}']")
+                page.wait_for_selector("#gates-table tr[data-gate='reaction_false_positives'] td.fail")
+            for gate in ("metrics_available", "cancel_to_ack_p95", "duplicate_finals", "node_reconnect_success",
+                         "tts_no_dropped_replies"):  # fmt: skip
+                assert "fail" not in page.inner_text(f"#gates-table tr[data-gate='{gate}']"), gate
             if "consoleCancelRun" in events:
-                assert "pass" in page.inner_text("#gates-table tr[data-gate='cancel_to_ack_p95']")
+                assert (
+                    page.get_attribute(
+                        "#gates-table tr[data-gate='cancel_to_ack_p95'] td:nth-child(4)", "class"
+                    )
+                    == "pass"
+                )
+            page.wait_for_selector("#snapshot-window tr[data-gate='duplicate_finals']")
+            page.click("#snap-after")
+            page.wait_for_selector("#snapshot-window caption:has-text('to “after”')")
             page.wait_for_selector("#gates-table svg.trend polyline", state="attached")
         shot(page, "09-rollout")
 

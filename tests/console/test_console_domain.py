@@ -47,80 +47,62 @@ def test_operator_names_are_cleaned() -> None:
     assert len(clean_operator_name("x" * 500)) == 64
 
 
-def metrics(**over: object) -> dict[str, object]:
-    m: dict[str, object] = {
+def test_gate_rows_keep_the_commands_verdicts_and_name_the_gates() -> None:
+    """Pass/fail is flynn gates' own evaluation; the rows only add titles and flag empty windows."""
+    from flynn.v1 import system_pb2
+
+    from flynn_cli.gates_cmds import evaluate
+
+    m = system_pb2.GetMetricsResponse()
+    m.runs.duplicate_finals_delivered = 1
+    m.reactions.matches = 10
+    m.reactions.false_positives = 1
+    rows = {r["gate"]: r for r in rollout_gates.gate_rows([vars(r) for r in evaluate(None, m)])}
+    assert (
+        rows["duplicate_finals"]["status"] == "fail"
+        and rows["duplicate_finals"]["title"] == "Duplicate finals delivered"
+    )
+    assert (
+        rows["reaction_false_positives"]["status"] == "fail"
+        and "10.00%" in rows["reaction_false_positives"]["display"]
+    )
+    assert rows["cancel_to_ack_p95"]["status"] == "pass" and rows["cancel_to_ack_p95"]["no_observations"]
+    assert set(rows) >= {"metrics_available", "node_reconnect_success", "tts_no_dropped_replies"}
+
+
+def test_trend_values_per_gate() -> None:
+    m = {
         "runs": {
-            "cancel_to_ack": {"count": 10, "p95_ms": 12.0},
+            "cancel_to_ack": {"count": 3, "p95_ms": 12.5},
             "duplicate_finals_delivered": 0,
             "finals": 10,
-            "replies_by_mode": [{"name": "text", "value": 8}, {"name": "text_after_fallback", "value": 2}],
+            "replies_by_mode": [{"name": "text", "value": 9}],
         },
-        "reactions": {"matches": 100, "false_positive_rate": 0.01},
-        "nodes": {"reconnects": [{"name": "ok", "value": 100}], "reconnect_success_rate": 1.0},
-        "voice": {"tts_fallbacks": 2},
+        "reactions": {"matches": 50, "false_positives": 1},
+        "nodes": {"reconnects": [{"name": "success", "value": 99}, {"name": "refused", "value": 1}]},
     }
-    for k, v in over.items():
-        section, field = k.split("__")
-        m[section][field] = v  # type: ignore[index]
-    return m
-
-
-def status(gates: list[rollout_gates.GateResult]) -> dict[str, str]:
-    return {g.gate: g.status for g in gates}
-
-
-def test_gates_pass_and_fail_at_the_playbook_thresholds() -> None:
-    assert set(status(rollout_gates.evaluate(metrics())).values()) == {"pass"}
-    fail = status(
-        rollout_gates.evaluate(
-            metrics(
-                runs__cancel_to_ack={"count": 3, "p95_ms": 500.1},
-                reactions__false_positive_rate=0.031,
-                nodes__reconnect_success_rate=0.989,
-            )
-        )
-    )
-    assert fail["cancel_to_ack_p95"] == fail["reaction_fp_rate"] == fail["node_reconnect_success"] == "fail"
-    edge = status(
-        rollout_gates.evaluate(
-            metrics(
-                runs__cancel_to_ack={"count": 3, "p95_ms": 500.0},
-                reactions__false_positive_rate=0.03,
-                nodes__reconnect_success_rate=0.99,
-            )
-        )
-    )
-    assert set(edge.values()) == {"pass"}
-    m = metrics(runs__duplicate_finals_delivered=1)
-    assert status(rollout_gates.evaluate(m))["duplicate_finals"] == "fail"
-    m = metrics(runs__finals=11)  # one final written but never delivered
-    assert status(rollout_gates.evaluate(m))["tts_fallback_no_drops"] == "fail"
-
-
-def test_gates_without_data_say_so() -> None:
-    s = status(rollout_gates.evaluate({}))
-    assert s == {
-        "cancel_to_ack_p95": "no_data",
-        "duplicate_finals": "pass",
-        "reaction_fp_rate": "no_data",
-        "node_reconnect_success": "no_data",
-        "tts_fallback_no_drops": "no_data",
+    assert rollout_gates.trend_values(m) == {
+        "cancel_to_ack_p95": 12.5,
+        "duplicate_finals": 0.0,
+        "reaction_false_positives": 0.02,
+        "node_reconnect_success": 0.99,
+        "tts_no_dropped_replies": 1.0,
     }
+    empty = rollout_gates.trend_values({})
+    assert empty["cancel_to_ack_p95"] is None and empty["node_reconnect_success"] is None
 
 
 def test_trend_window_is_bounded_and_compare_flags_changes() -> None:
     w = rollout_gates.TrendWindow(size=5)
     for i in range(8):
-        w.add(
-            rollout_gates.evaluate(metrics(runs__cancel_to_ack={"count": 1, "p95_ms": float(i)})), at=float(i)
-        )
-    series = w.series()["cancel_to_ack_p95"]
-    assert [v for _, v in series] == [3.0, 4.0, 5.0, 6.0, 7.0]
-    before = [g.as_dict() for g in rollout_gates.evaluate(metrics())]
-    after = [g.as_dict() for g in rollout_gates.evaluate(metrics(runs__duplicate_finals_delivered=2))]
-    rows = {r["gate"]: r for r in rollout_gates.compare(before, after)}
-    assert rows["duplicate_finals"]["changed"] and rows["duplicate_finals"]["after_status"] == "fail"
-    assert not rows["cancel_to_ack_p95"]["changed"]
+        w.add({"cancel_to_ack_p95": float(i), "node_reconnect_success": None}, at=float(i))
+    series = w.series()
+    assert [v for _, v in series["cancel_to_ack_p95"]] == [3.0, 4.0, 5.0, 6.0, 7.0]
+    assert "node_reconnect_success" not in series
+    before = [{"gate": "duplicate_finals", "title": "D", "display": "0 delivered", "status": "pass"}]
+    after = [{"gate": "duplicate_finals", "title": "D", "display": "2 delivered", "status": "fail"}]
+    rows = rollout_gates.compare(before, after)
+    assert rows[0]["changed"] and rows[0]["before"] == "0 delivered" and rows[0]["after_status"] == "fail"
 
 
 def write(path: Path, entries: list[dict[str, object]]) -> None:
