@@ -1,7 +1,9 @@
 """flynn-dev: start the whole mesh locally (`up`) and show its state (`status`).
 
-flynn-dev up [--data-dir DIR] [--host 127.0.0.1] [--base-port 50050] [--only config,gateway]
+flynn-dev up [--data-dir DIR] [--host 127.0.0.1] [--base-port 50050] [--only config,gateway,console]
 flynn-dev status [--data-dir DIR]
+
+After the gRPC services, `up` starts the operator web console (console/) on http://<host>:<base+30>.
 """
 
 from __future__ import annotations
@@ -20,9 +22,19 @@ from types import FrameType
 import grpc
 from flynn.v1 import system_pb2, system_pb2_grpc
 
-from flynn_launcher.plan import MeshPaths, ServicePlan, command, module_available, plan, port_offset
+from flynn_launcher.plan import (
+    CONSOLE,
+    CONSOLE_OFFSET,
+    PROCESS_NAMES,
+    MeshPaths,
+    ServicePlan,
+    command,
+    module_available,
+    plan,
+    port_offset,
+)
 from flynn_launcher.secrets_store import MeshTokens, ensure_tokens, read_token
-from flynn_launcher.supervisor import Child, StartupError, Supervisor, check_health, child_env, say
+from flynn_launcher.supervisor import Child, StartupError, Supervisor, check_ready, child_env, say
 from flynn_runtime import topology
 
 ROOT = Path(__file__).resolve().parent.parent
@@ -43,10 +55,10 @@ def _parser() -> argparse.ArgumentParser:
             "--base-port",
             type=int,
             default=50050,
-            help="gateway port; config +1, queue +2, … metrics +100 (50050)",
+            help="gateway port; config +1, queue +2, … metrics +100, console (HTTP) +30 (50050)",
         )
     up.add_argument(
-        "--only", default="", help=f"comma-separated subset to start (of {','.join(topology.START_ORDER)})"
+        "--only", default="", help=f"comma-separated subset to start (of {','.join(PROCESS_NAMES)})"
     )
     up.add_argument(
         "--skip-missing", action="store_true", help="skip services whose package does not exist yet"
@@ -87,20 +99,26 @@ def _seed_args(svc: ServicePlan, seed: Path) -> list[str]:
 
 def _print_banner(paths: MeshPaths, children: list[Child], tokens: MeshTokens) -> None:
     rows = [("service", "address", "metrics", "pid")]
-    rows += [(c.plan.name, c.plan.address, str(c.plan.metrics_port), str(c.pid)) for c in children]
+    rows += [
+        (c.plan.name, c.plan.address, str(c.plan.metrics_port) if c.plan.metrics_port else "-", str(c.pid))
+        for c in children
+    ]
     widths = [max(len(r[i]) for r in rows) for i in range(4)]
     lines = ["", f"Flynn mesh is up (data dir {paths.data_dir.resolve()})", ""]
     lines += ["  " + "  ".join(v.ljust(w) for v, w in zip(r, widths, strict=True)).rstrip() for r in rows]
     gateway = next((c for c in children if c.plan.name == "gateway"), None)
     lines += ["", f"Operator token: {tokens.operator}", f"  (kept in {paths.token_file('operator')})", ""]
+    console = next((c for c in children if c.plan.name == CONSOLE), None)
+    if console is not None:
+        lines += [f"Console: {console.plan.url} (sign in with the operator token)", ""]
     if gateway is not None:
         call = [
             venv_command("grpcurl"), "-plaintext", "-H", f"authorization: Bearer {tokens.operator}",
             "-d", "{}", gateway.plan.address, "flynn.v1.System/GetStatus",
         ]  # fmt: skip
         lines += ["First call (through the gateway):", f"  {shlex.join(call)}", ""]
-    else:
-        first = children[0].plan.address
+    elif any(c.plan.readiness == "grpc" for c in children):
+        first = next(c for c in children if c.plan.readiness == "grpc").plan.address
         call = [venv_command("grpcurl"), "-plaintext", first, "grpc.health.v1.Health/Check"]
         lines += ["First call:", f"  {shlex.join(call)}", ""]
     lines += [
@@ -115,9 +133,9 @@ def _print_banner(paths: MeshPaths, children: list[Child], tokens: MeshTokens) -
 def up(ns: argparse.Namespace) -> int:
     paths = MeshPaths(ns.data_dir)
     only = [s.strip() for s in ns.only.split(",") if s.strip()] or None
-    unknown = [s for s in only or () if s not in topology.SERVICES]
+    unknown = [s for s in only or () if s not in PROCESS_NAMES]
     if unknown:
-        say(f"unknown service(s) {', '.join(unknown)}; known: {', '.join(topology.START_ORDER)}")
+        say(f"unknown service(s) {', '.join(unknown)}; known: {', '.join(PROCESS_NAMES)}")
         return 2
     services = plan(paths, ns.host, ns.base_port, only)
     missing = [s for s in services if not module_available(s.module)]
@@ -169,8 +187,15 @@ def _status_rows(ns: argparse.Namespace, paths: MeshPaths) -> tuple[list[tuple[s
     state: dict[str, object] = {}
     if paths.state_file.exists():
         state = json.loads(paths.state_file.read_text())
-    started = {str(s["name"]): str(s["address"]) for s in state.get("services", [])}  # type: ignore[attr-defined]
+    services: list[dict[str, object]] = list(state.get("services", []))  # type: ignore[call-overload]
+    started = {str(s["name"]): str(s["address"]) for s in services}
+    kinds = {str(s["name"]): str(s.get("readiness", "grpc")) for s in services}
     addresses = started or {n: f"{ns.host}:{ns.base_port + port_offset(n)}" for n in topology.START_ORDER}
+    if not started:
+        addresses[CONSOLE] = f"{ns.host}:{ns.base_port + CONSOLE_OFFSET}"
+        kinds[CONSOLE] = "http"
+    # Processes System.GetStatus does not report (the console is HTTP, not a gRPC service): checked here.
+    http_only = {n: a for n, a in addresses.items() if kinds.get(n) == "http"}
     token = read_token(paths, "operator")
     if "gateway" in addresses and token:
         with grpc.insecure_channel(addresses["gateway"]) as ch:
@@ -191,13 +216,18 @@ def _status_rows(ns: argparse.Namespace, paths: MeshPaths) -> tuple[list[tuple[s
                         ok = False
                     rev = str(s.applied_revision) if s.applied_revision else "-"
                     rows.append((s.service, s.address, health, rev, s.version or "-", s.detail))
+                for name, addr in http_only.items():
+                    health = check_ready(addr, "http")
+                    ok = ok and health == "SERVING"
+                    rows.append((name, addr, health, "-", "-", f"GET http://{addr}/healthz"))
                 return rows, resp.head_revision, ok
     direct: list[tuple[str, ...]] = []
     ok = True
     for name, addr in addresses.items():
-        health = check_health(addr)
+        kind = kinds.get(name, "grpc")
+        health = check_ready(addr, kind)
         ok = ok and health == "SERVING"
-        direct.append((name, addr, health, "?", "-", ""))
+        direct.append((name, addr, health, "?" if kind == "grpc" else "-", "-", ""))
     return direct, 0, ok
 
 

@@ -11,6 +11,11 @@ from flynn_runtime import topology
 from flynn_runtime.settings import BACKENDS, DEFAULT_PORTS
 
 METRICS_OFFSET = 100
+# The operator web console (console/): an HTTP process, not a gRPC service, so not in topology.
+CONSOLE = "console"
+CONSOLE_MODULE = "console.main"
+CONSOLE_OFFSET = 30  # its HTTP port: base + 30
+PROCESS_NAMES = (*topology.START_ORDER, CONSOLE)
 
 
 @dataclass(frozen=True)
@@ -22,10 +27,17 @@ class ServicePlan:
     metrics_port: int
     data_dir: Path
     log_path: Path
+    # How the supervisor decides the process is up: "grpc" (grpc.health.v1 on port) or "http"
+    # (GET /healthz on port answers 200).
+    readiness: str = "grpc"
 
     @property
     def address(self) -> str:
         return f"{self.host}:{self.port}"
+
+    @property
+    def url(self) -> str:
+        return f"http://{self.address}"
 
 
 @dataclass(frozen=True)
@@ -64,8 +76,9 @@ def module_available(module: str) -> bool:
 
 
 def plan(paths: MeshPaths, host: str, base_port: int, only: list[str] | None = None) -> list[ServicePlan]:
+    """The gRPC services in start order, then the console (it reads everything through the gateway)."""
     names = [n for n in topology.START_ORDER if only is None or n in only]
-    return [
+    services = [
         ServicePlan(
             name=n,
             module=topology.SERVICES[n].module,
@@ -77,6 +90,20 @@ def plan(paths: MeshPaths, host: str, base_port: int, only: list[str] | None = N
         )
         for n in names
     ]
+    if only is None or CONSOLE in only:
+        services.append(
+            ServicePlan(
+                name=CONSOLE,
+                module=CONSOLE_MODULE,
+                host=host,
+                port=base_port + CONSOLE_OFFSET,
+                metrics_port=0,  # the console has no Prometheus endpoint
+                data_dir=paths.data_dir / CONSOLE,
+                log_path=paths.logs / f"{CONSOLE}.log",
+                readiness="http",
+            )
+        )
+    return services
 
 
 def command(
@@ -87,6 +114,17 @@ def command(
     grace_seconds: float,
     extra: list[str],
 ) -> list[str]:
+    if svc.name == CONSOLE:
+        # Its data dir is a sibling of every service's, so its default audit dirs (<mesh data>/*/audit,
+        # console/audit_tail.py) are exactly the services' audit logs.
+        return [
+            sys.executable, "-m", svc.module,
+            "--http-listen", svc.address,
+            "--gateway-addr", f"{host}:{base_port + port_offset('gateway')}",
+            "--data-dir", str(svc.data_dir),
+            "--grace-seconds", str(grace_seconds),
+            *extra,
+        ]  # fmt: skip
     args = [
         sys.executable, "-m", svc.module,
         "--listen", svc.address,

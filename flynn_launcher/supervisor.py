@@ -10,6 +10,8 @@ import subprocess
 import sys
 import threading
 import time
+import urllib.error
+import urllib.request
 from dataclasses import dataclass, field
 from pathlib import Path
 
@@ -37,6 +39,26 @@ def check_health(address: str, timeout: float = 1.0, service: str = "") -> str:
         except grpc.RpcError as err:
             return f"UNREACHABLE ({err.code().name})"  # type: ignore[attr-defined]
     return str(health_pb2.HealthCheckResponse.ServingStatus.Name(resp.status))
+
+
+def check_http_health(address: str, timeout: float = 1.0, path: str = "/healthz") -> str:
+    """SERVING when GET http://<address><path> answers 200, else UNREACHABLE / HTTP <code> (the reason)."""
+    opener = urllib.request.build_opener(urllib.request.ProxyHandler({}))  # never via an http_proxy
+    try:
+        with opener.open(f"http://{address}{path}", timeout=timeout) as resp:
+            return "SERVING" if resp.status == 200 else f"HTTP {resp.status}"
+    except urllib.error.HTTPError as err:
+        return f"HTTP {err.code}"
+    except (urllib.error.URLError, OSError) as err:
+        reason = getattr(err, "reason", err)
+        return f"UNREACHABLE ({reason})"
+
+
+def check_ready(address: str, readiness: str, timeout: float = 1.0) -> str:
+    """One readiness check of a process, by its kind: "grpc" (grpc.health.v1) or "http" (/healthz)."""
+    if readiness == "http":
+        return check_http_health(address, timeout=timeout)
+    return check_health(address, timeout=timeout)
 
 
 class StartupError(Exception):
@@ -103,7 +125,7 @@ class Supervisor:
                     f"{child.plan.name} exited with code {code} while starting; "
                     f"last lines of {child.plan.log_path}:\n{child.log_tail()}"
                 )
-            status = check_health(child.plan.address, timeout=1.0)
+            status = check_ready(child.plan.address, child.plan.readiness, timeout=1.0)
             if status == "SERVING":
                 return
             self.stop.wait(0.1)
@@ -129,6 +151,7 @@ class Supervisor:
                     "name": c.plan.name,
                     "address": c.plan.address,
                     "metrics_port": c.plan.metrics_port,
+                    "readiness": c.plan.readiness,
                     "pid": c.pid,
                     "restarts": c.restarts,
                 }
@@ -176,11 +199,12 @@ class Supervisor:
             say(f"stopping {child.plan.name} (pid {proc.pid})")
             proc.send_signal(signal.SIGTERM)
             try:
-                proc.wait(timeout=self.grace + 2)
+                code = proc.wait(timeout=self.grace + 2)
             except subprocess.TimeoutExpired:
                 say(f"{child.plan.name} did not stop within {self.grace:.0f}s; killing it")
                 proc.kill()
-                proc.wait(timeout=10)
+                code = proc.wait(timeout=10)
+            say(f"{child.plan.name} stopped (exit code {code})")
         self.paths.state_file.unlink(missing_ok=True)
 
 

@@ -1,5 +1,6 @@
 """flynn-dev up/status as a real subprocess on a free port range: banner, working grpcurl line,
-status, crash restart, same operator token after a restart, clean SIGTERM stop."""
+the operator console's URL and /healthz, status, crash restart, same operator token after a restart,
+clean SIGTERM stop."""
 
 from __future__ import annotations
 
@@ -13,6 +14,7 @@ import subprocess
 import sys
 import threading
 import time
+import urllib.request
 from collections.abc import Iterator
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -25,11 +27,12 @@ VENV_BIN = Path(sys.executable).parent
 
 
 def free_base_port() -> int:
-    """A base port whose service ports (base..base+5) and metrics ports (base+100..) are all free."""
+    """A base port whose service ports (base..base+5), console port (base+30) and metrics ports
+    (base+100..) are all free."""
     for _ in range(100):
         base = random.randrange(20000, 40000, 10)
         try:
-            for port in [*range(base, base + 6), *range(base + 100, base + 106)]:
+            for port in [*range(base, base + 6), base + 30, *range(base + 100, base + 106)]:
                 with socket.socket() as s:
                     s.bind(("127.0.0.1", port))
         except OSError:
@@ -117,6 +120,12 @@ def _child_pids(lch: Launcher) -> list[int]:
         return []
 
 
+def http_get(url: str) -> tuple[int, str]:
+    opener = urllib.request.build_opener(urllib.request.ProxyHandler({}))
+    with opener.open(url, timeout=10) as resp:
+        return resp.status, resp.read().decode()
+
+
 def _alive(pid: int) -> bool:
     try:
         os.kill(pid, 0)
@@ -133,14 +142,22 @@ def test_up_status_restart_and_stop(launcher: Launcher) -> None:
     launcher.wait_for("Stop: Ctrl-C")
     out = "\n".join(launcher.lines)
     state = launcher.state()
-    assert {"config", "gateway"} <= set(state), out
+    assert {"config", "gateway", "console"} <= set(state), out
     gw = f"127.0.0.1:{launcher.base_port}"
     assert state["gateway"]["address"] == gw
     assert state["config"]["address"] == f"127.0.0.1:{launcher.base_port + 1}"
     for name, s in state.items():
         row = next(line for line in launcher.lines if line.strip().startswith(name + " "))
         assert str(s["address"]) in row and str(s["pid"]) in row, row
-        assert str(s["metrics_port"]) in row
+        assert (str(s["metrics_port"]) if name != "console" else " - ") in row, row
+    # The console started after the gateway, and the banner prints its URL, whose /healthz answers.
+    assert list(state)[-1] == "console" and list(state).index("gateway") < list(state).index("console")
+    console_url = f"http://127.0.0.1:{launcher.base_port + 30}"
+    assert state["console"]["address"] == f"127.0.0.1:{launcher.base_port + 30}"
+    assert f"Console: {console_url} (sign in with the operator token)" in out
+    assert http_get(f"{console_url}/healthz") == (200, "ok")
+    # It serves its sign-in page, and reads the mesh through the gateway with the operator's token.
+    assert http_get(f"{console_url}/signin")[0] == 200
 
     # The operator token is printed and kept (0600) for the next start.
     token_file = launcher.data_dir / "secrets" / "operator.token"
@@ -163,7 +180,7 @@ def test_up_status_restart_and_stop(launcher: Launcher) -> None:
     )
     assert call.returncode == 0, call.stderr
     services = {s["service"]: s for s in json.loads(call.stdout)["services"]}
-    for name in state:
+    for name in set(state) - {"console"}:
         assert services[name]["health"] == "SERVICE_HEALTH_SERVING", services[name]
 
     # flynn-dev status shows each service's health and config revision.
@@ -192,11 +209,34 @@ def test_up_status_restart_and_stop(launcher: Launcher) -> None:
     wait_serving(str(state[victim]["address"]), timeout=60)
     launcher.wait_for(f"{victim} restarted")
 
+    # The console is supervised like the others: killed, it is restarted and answers /healthz again.
+    old_console = int(str(state["console"]["pid"]))
+    os.kill(old_console, signal.SIGKILL)
+    launcher.wait_for("console restarted", timeout=60)
+    deadline = time.monotonic() + 60
+    while True:
+        try:
+            assert http_get(f"{console_url}/healthz") == (200, "ok")
+            break
+        except OSError:
+            if time.monotonic() > deadline:
+                raise
+            time.sleep(0.1)
+    assert int(str(launcher.state()["console"]["pid"])) != old_console
+    # Its Audit view tails the services' audit logs: <mesh data>/<service>/audit, found next to its data dir.
+    config_audit = str((launcher.data_dir / "config" / "audit").resolve())
+    assert config_audit in (launcher.data_dir / "logs" / "console.log").read_text()
+
     # SIGTERM stops everything cleanly, exit 0.
     pids = _child_pids(launcher)
     assert launcher.stop() == 0, "\n".join(launcher.lines)
     assert not [p for p in pids if _alive(p)]
     assert "stopped" in launcher.lines[-1]
+    # Ordered stop: the console (started last) first, and it exits cleanly on SIGTERM.
+    stops = [line for line in launcher.lines if line.startswith("[flynn-dev] stopping ")]
+    assert stops and "stopping console" in stops[0], stops
+    assert "[flynn-dev] console stopped (exit code 0)" in launcher.lines, "\n".join(launcher.lines)
+    assert "console stopping" in (launcher.data_dir / "logs" / "console.log").read_text()
 
 
 def test_restart_prints_the_same_operator_token(tmp_path: Path) -> None:
