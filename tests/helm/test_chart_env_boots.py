@@ -6,6 +6,8 @@ loopback ports, FLYNN_*_ADDR the matching local addresses, and the mounted Secre
 are written from the rendered Secret and ConfigMap objects. Then the probes' health names must be
 SERVING, the helm test hook's own command must pass, and the config service must hold the
 chart's runtimeConfig as revision 1, readable with the generated operator token through the gateway.
+The console's pod is replayed the same way: its httpGet probe answers, the generated operator token
+signs in through it (the console checks it against the replayed gateway), and SIGTERM stops it with 0.
 """
 
 from __future__ import annotations
@@ -16,6 +18,9 @@ import signal
 import subprocess
 import sys
 import time
+import urllib.error
+import urllib.parse
+import urllib.request
 from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
@@ -27,7 +32,7 @@ from flynn.v1 import config_pb2, config_pb2_grpc
 
 from flynn_runtime import config_yaml, settings, topology
 from tests.helm.conftest import ROOT, Manifest
-from tests.helm.test_manifests import by_kind, main_container, named, workloads
+from tests.helm.test_manifests import by_kind, console_workload, main_container, named, workloads
 from tests.support.mesh import free_port, wait_serving
 
 BIN = Path(sys.executable).parent
@@ -179,3 +184,74 @@ def test_config_service_seeded_from_the_chart_and_reachable_with_the_generated_t
         yaml.safe_load(seed_cm["data"]["config.yaml"])["server"]["queue"]["cap"]
         == resp.config.server.queue.cap
     )
+
+
+class _NoRedirect(urllib.request.HTTPRedirectHandler):
+    def redirect_request(self, *args: Any, **kwargs: Any) -> None:
+        return None
+
+
+def _http(url: str, data: dict[str, str] | None = None, cookie: str = "") -> tuple[int, dict[str, str], str]:
+    opener = urllib.request.build_opener(urllib.request.ProxyHandler({}), _NoRedirect())
+    body = urllib.parse.urlencode(data).encode() if data is not None else None
+    req = urllib.request.Request(url, data=body, headers={"Cookie": cookie} if cookie else {})
+    try:
+        with opener.open(req, timeout=30) as resp:
+            return resp.status, dict(resp.headers), resp.read().decode()
+    except urllib.error.HTTPError as err:
+        return err.code, dict(err.headers), err.read().decode()
+
+
+def test_console_pod_replayed_answers_its_probe_and_signs_in_through_the_gateway(
+    chart_mesh: dict[str, str], default_docs: list[Manifest], tmp_path: Path
+) -> None:
+    c = main_container(console_workload(default_docs))
+    port = free_port()
+    env = {k: v for k, v in os.environ.items() if not k.startswith("FLYNN_")}
+    env["PYTHONPATH"] = f"{ROOT}:{ROOT / 'gen'}"
+    for e in c["env"]:
+        value = e["value"]
+        if e["name"] == "FLYNN_HTTP_LISTEN":
+            value = f"127.0.0.1:{port}"
+        elif e["name"] == "FLYNN_GATEWAY_ADDR":
+            value = chart_mesh["gateway"]
+        elif e["name"] == "FLYNN_DATA_DIR":
+            value = str(tmp_path / "data")
+        env[e["name"]] = value
+    assert not [v for v in env.values() if v.startswith("/etc/flynn")], "the console mounts no Secret"
+    log_path = tmp_path / "console.log"
+    with log_path.open("wb") as log:
+        proc = subprocess.Popen([str(BIN / c["args"][0])], env=env, stdout=log, stderr=subprocess.STDOUT)
+    try:
+        probe = c["readinessProbe"]["httpGet"]
+        assert probe["port"] == "http" and c["ports"][0]["name"] == "http"
+        deadline = time.monotonic() + 60
+        while True:
+            try:
+                status, _, text = _http(f"http://127.0.0.1:{port}{probe['path']}")
+                break
+            except OSError:
+                assert proc.poll() is None, log_path.read_text()[-3000:]
+                assert time.monotonic() < deadline, log_path.read_text()[-3000:]
+                time.sleep(0.1)
+        assert (status, text) == (200, "ok")
+        creds = next(
+            s for s in by_kind(default_docs, "Secret") if s["metadata"]["name"].endswith("-credentials")
+        )
+        token = base64.b64decode(creds["data"]["operator-token"]).decode()
+        base = f"http://127.0.0.1:{port}"
+        bad, _, _ = _http(f"{base}/signin", {"operator": "chart", "token": "nope"})
+        assert bad == 401
+        status, headers, _ = _http(f"{base}/signin", {"operator": "chart", "token": token})
+        assert status == 303, log_path.read_text()[-3000:]
+        cookie = headers["Set-Cookie"].split(";")[0]
+        me_status, _, me = _http(f"{base}/api/me", cookie=cookie)
+        assert me_status == 200 and "chart" in me
+    finally:
+        proc.send_signal(signal.SIGTERM)
+        try:
+            assert proc.wait(30) == 0, log_path.read_text()[-3000:]
+        finally:
+            if proc.poll() is None:
+                proc.kill()
+                proc.wait(10)

@@ -76,6 +76,12 @@ BROKEN_VALUES = {
         "auth:\n  existingTokensSecret: mine\n",
         "existingServiceTokenSecret",
     ),
+    "console exposed by Service type": (
+        "console:\n  service:\n    type: LoadBalancer\n",
+        "type",
+    ),
+    "console replicas": ("console:\n  replicas: 2\n", "replicas"),
+    "string console switch": ('console:\n  secureCookie: "yes"\n', "/console/secureCookie"),
     "env that is not a Flynn setting": (
         "queue:\n  extraEnv:\n    - {name: PATH, value: /x}\n",
         "/queue/extraEnv/0/name",
@@ -126,6 +132,7 @@ def test_ingress_variant_validates_strictly(helm: Path, tmp_path: Path) -> None:
         helm, "template", "rel", str(CHART),
         "--set", "gateway.ingress.enabled=true", "--set", "gateway.ingress.host=flynn.example.com",
         "--set", "networkPolicy.enabled=true",
+        "--set", "console.ingress.enabled=true", "--set", "console.ingress.host=console.example.com",
     )  # fmt: skip
     assert proc.returncode == 0, proc.stderr
     path = tmp_path / "ingress.yaml"

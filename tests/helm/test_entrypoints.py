@@ -19,7 +19,7 @@ import pytest
 from flynn_runtime import settings, topology
 from flynn_runtime.server import Runtime, ServiceApp, running
 from tests.helm.conftest import ROOT, Manifest, parse, render
-from tests.helm.test_manifests import env_of, main_container, pod_specs, workloads
+from tests.helm.test_manifests import console_workload, env_of, main_container, pod_specs, workloads
 from tests.support.mesh import Tokens, make_settings
 
 SCRIPTS: dict[str, str] = tomllib.loads((ROOT / "pyproject.toml").read_text())["project"]["scripts"]
@@ -100,7 +100,10 @@ def test_chart_commands_are_console_scripts(rendered: list[Manifest]) -> None:
         assert "main" in SCRIPTS[cmd]
         resolve(cmd)
         seen.add(cmd)
-    assert seen == {i.console_script for i in topology.SERVICES.values()} | {"flynn-healthcheck"}
+    assert seen == {i.console_script for i in topology.SERVICES.values()} | {
+        "flynn-healthcheck",
+        "flynn-console",
+    }
 
 
 class _Captured(Exception):
@@ -108,10 +111,14 @@ class _Captured(Exception):
         self.add_args = add_args
 
 
+# Processes the chart runs besides the gRPC services of topology: name -> module of their main().
+OTHER_PROCESSES = {"console": "console.main"}
+
+
 def service_parser(name: str) -> argparse.ArgumentParser:
     """The parser the real `<pkg>.main.main()` builds: shared flags plus the service's own add_args."""
-    info = topology.SERVICES[name]
-    module = importlib.import_module(info.module)
+    module_name = OTHER_PROCESSES[name] if name in OTHER_PROCESSES else topology.SERVICES[name].module
+    module = importlib.import_module(module_name)
 
     def capture(service: str, argv: Any = None, add_args: Any = None) -> settings.Settings:
         assert service == name
@@ -158,7 +165,9 @@ def unread_env_vars(name: str, container: dict[str, Any], monkeypatch: pytest.Mo
         if not changed:
             unread.append(var)
         for dest in changed:
-            if not var.endswith("_FILE"):
+            if isinstance(everything[dest], bool):  # a switch: "1" turns it on
+                assert everything[dest] is (value == "1"), (var, dest)
+            elif not var.endswith("_FILE"):
                 assert str(everything[dest]).removesuffix(".0") == str(value).removesuffix(".0"), (var, dest)
     return unread
 
@@ -168,6 +177,29 @@ def test_every_flynn_env_var_the_chart_sets_is_read_by_the_service(
     rendered: list[Manifest], name: str, monkeypatch: pytest.MonkeyPatch
 ) -> None:
     assert unread_env_vars(name, main_container(workloads(rendered)[name]), monkeypatch) == []
+
+
+def test_every_flynn_env_var_the_chart_sets_is_read_by_the_console(
+    rendered: list[Manifest], monkeypatch: pytest.MonkeyPatch
+) -> None:
+    container = main_container(console_workload(rendered))
+    assert {"FLYNN_HTTP_LISTEN", "FLYNN_GATEWAY_ADDR", "FLYNN_DATA_DIR"} <= set(env_of(container))
+    assert unread_env_vars("console", container, monkeypatch) == []
+
+
+def test_console_env_cross_check_covers_the_secure_cookie_switch(
+    helm: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    docs = parse(
+        render(
+            helm,
+            "--set", "console.secureCookie=true",
+            "--set", "console.extraEnv[0].name=FLYNN_NOT_A_SETTING", "--set", "console.extraEnv[0].value=x",
+        )
+    )  # fmt: skip
+    container = main_container(console_workload(docs))
+    assert env_of(container)["FLYNN_SECURE_COOKIE"] == "1"
+    assert unread_env_vars("console", container, monkeypatch) == ["FLYNN_NOT_A_SETTING"]
 
 
 def test_env_cross_check_catches_a_setting_nobody_reads(helm: Path, monkeypatch: pytest.MonkeyPatch) -> None:

@@ -27,13 +27,25 @@ def named(docs: list[Manifest], kind: str, name: str) -> Manifest:
     return found[0]
 
 
+CONSOLE = "console"  # the operator web console: an HTTP process, not a gRPC service of topology
+
+
+def component(d: Manifest) -> str:
+    return str(d["metadata"]["labels"]["app.kubernetes.io/component"])
+
+
 def workloads(docs: list[Manifest]) -> dict[str, Manifest]:
-    """Component name -> its StatefulSet or Deployment."""
+    """gRPC service name (topology.SERVICES) -> its StatefulSet or Deployment."""
     out: dict[str, Manifest] = {}
     for d in docs:
-        if d["kind"] in ("StatefulSet", "Deployment"):
-            out[d["metadata"]["labels"]["app.kubernetes.io/component"]] = d
+        if d["kind"] in ("StatefulSet", "Deployment") and component(d) in topology.SERVICES:
+            out[component(d)] = d
     return out
+
+
+def console_workload(docs: list[Manifest]) -> Manifest:
+    (found,) = [d for d in docs if d["kind"] == "Deployment" and component(d) == CONSOLE]
+    return found
 
 
 def pod_specs(docs: list[Manifest]) -> Iterator[tuple[str, dict[str, Any]]]:
@@ -58,6 +70,8 @@ def main_container(workload: Manifest) -> dict[str, Any]:
 def test_every_service_is_deployed_with_the_right_kind(rendered: list[Manifest]) -> None:
     w = workloads(rendered)
     assert set(w) == set(topology.SERVICES)
+    every = {component(d) for d in rendered if d["kind"] in ("StatefulSet", "Deployment", "DaemonSet")}
+    assert every == set(topology.SERVICES) | {CONSOLE}
     for name in STATEFUL:
         assert w[name]["kind"] == "StatefulSet", name
         assert w[name]["spec"]["replicas"] == 1, "stateful services do not shard yet (SCALING.md)"
@@ -183,11 +197,13 @@ def exposed(docs: list[Manifest]) -> set[str]:
     return out
 
 
-def test_gateway_is_the_only_exposed_service(
+def test_only_the_gateway_and_the_console_are_exposed(
     default_docs: list[Manifest], production_docs: list[Manifest]
 ) -> None:
+    """Only the gateway (the mesh's door) and the console (an operator UI, through its own Ingress,
+    enabled explicitly: production values do) may be reachable from outside."""
     assert exposed(default_docs) == set()
-    assert exposed(production_docs) == {"gateway"}
+    assert exposed(production_docs) == {"gateway", CONSOLE}
     for docs in (default_docs, production_docs):
         for svc in by_kind(docs, "Service"):
             if svc["metadata"]["labels"]["app.kubernetes.io/component"] != "gateway":
@@ -318,13 +334,26 @@ def test_helm_test_hook_checks_every_health_name(rendered: list[Manifest]) -> No
     assert targets == expected
 
 
-def test_network_policy_lets_only_the_gateway_in_from_outside(production_docs: list[Manifest]) -> None:
+def test_network_policy_lets_only_the_gateway_and_console_in_from_outside(
+    production_docs: list[Manifest],
+) -> None:
     policies = {
         p["metadata"]["labels"]["app.kubernetes.io/component"]: p
         for p in by_kind(production_docs, "NetworkPolicy")
     }
-    assert set(policies) == set(topology.SERVICES)
+    assert set(policies) == set(topology.SERVICES) | {CONSOLE}
     release = {"app.kubernetes.io/instance": "flynn", "app.kubernetes.io/name": "flynn"}
+    # The console: its HTTP port only, from networkPolicy.consoleFrom (the ingress controller).
+    console = policies.pop(CONSOLE)
+    assert console["spec"]["policyTypes"] == ["Ingress"]
+    assert (
+        console["spec"]["podSelector"]["matchLabels"]
+        == (console_workload(production_docs)["spec"]["selector"]["matchLabels"])
+    )
+    values = yaml.safe_load((CHART / "ci" / "production-values.yaml").read_text())
+    assert console["spec"]["ingress"] == [
+        {"ports": [{"port": "http", "protocol": "TCP"}], "from": values["networkPolicy"]["consoleFrom"]}
+    ]
     for name, policy in policies.items():
         assert policy["spec"]["policyTypes"] == ["Ingress"]
         grpc_open_to: list[Any] = []
@@ -363,3 +392,93 @@ def test_metrics_listen_matches_the_metrics_port(rendered: list[Manifest], name:
     c = main_container(workloads(rendered)[name])
     port = {p["name"]: p["containerPort"] for p in c["ports"]}["metrics"]
     assert env_of(c)["FLYNN_METRICS_LISTEN"] == f"0.0.0.0:{port}"
+
+
+# --- the operator console ---------------------------------------------------------------------
+
+
+def test_console_runs_flynn_console_with_http_probes_on_its_port(rendered: list[Manifest]) -> None:
+    d = console_workload(rendered)
+    assert d["spec"]["replicas"] == 1, "sign-in sessions live in one process's memory (CONSOLE.md)"
+    c = main_container(d)
+    assert "command" not in c and c["args"] == ["flynn-console"]
+    env = env_of(c)
+    assert env["FLYNN_HTTP_LISTEN"].startswith("0.0.0.0:"), "kubelet probes reach the pod IP"
+    listen_port = int(env["FLYNN_HTTP_LISTEN"].rpartition(":")[2])
+    ports = {p["name"]: p["containerPort"] for p in c["ports"]}
+    assert ports == {"http": listen_port}, "an HTTP port only: no gRPC, no metrics"
+    for probe in ("startupProbe", "readinessProbe", "livenessProbe"):
+        assert set(c[probe]) & {"grpc", "tcpSocket", "exec"} == set(), probe
+        spec = c[probe]["httpGet"]
+        assert spec["path"] == "/healthz", probe
+        assert ports.get(spec["port"], spec["port"]) == listen_port, probe
+    grace = float(env["FLYNN_GRACE_SECONDS"])
+    assert d["spec"]["template"]["spec"]["terminationGracePeriodSeconds"] > grace
+    volumes = {v["name"]: v for v in d["spec"]["template"]["spec"]["volumes"]}
+    mounts = {m["name"]: m["mountPath"] for m in c["volumeMounts"]}
+    assert mounts["data"] == env["FLYNN_DATA_DIR"] == "/data" and "emptyDir" in volumes["data"]
+    assert set(volumes) == {"data", "tmp"}, "the console needs no token: operators sign in with theirs"
+    assert "FLYNN_AUDIT_DIRS" not in env, "the services' audit files are not on its volumes (CONSOLE.md)"
+
+
+def test_console_reads_through_the_gateway_service(rendered: list[Manifest]) -> None:
+    env = env_of(main_container(console_workload(rendered)))
+    host, _, port = env["FLYNN_GATEWAY_ADDR"].rpartition(":")
+    svc_name, ns, svc_word, *_ = host.split(".")
+    assert (ns, svc_word) == (console_workload(rendered)["metadata"]["namespace"], "svc")
+    svc = named(rendered, "Service", svc_name)
+    assert svc["spec"]["selector"] == workloads(rendered)["gateway"]["spec"]["selector"]["matchLabels"]
+    assert int(port) == {p["name"]: p["port"] for p in svc["spec"]["ports"]}["grpc"]
+
+
+def test_console_service_is_cluster_internal_http(rendered: list[Manifest]) -> None:
+    d = console_workload(rendered)
+    (svc,) = [s for s in by_kind(rendered, "Service") if component(s) == CONSOLE]
+    assert svc["spec"]["type"] == "ClusterIP"
+    assert svc["spec"]["selector"] == d["spec"]["selector"]["matchLabels"]
+    (port,) = svc["spec"]["ports"]
+    assert port["targetPort"] == "http" and port["appProtocol"] == "http"
+    assert "flynn.io/metrics" not in svc["metadata"]["labels"], "the console has no metrics port"
+
+
+def test_console_cookie_is_secure_exactly_when_served_over_tls(
+    default_docs: list[Manifest], production_docs: list[Manifest], helm: Path
+) -> None:
+    assert "FLYNN_SECURE_COOKIE" not in env_of(main_container(console_workload(default_docs)))
+    assert by_kind(production_docs, "Ingress")  # production values: console behind a TLS Ingress
+    assert env_of(main_container(console_workload(production_docs)))["FLYNN_SECURE_COOKIE"] == "1"
+    forced = parse(render(helm, "--set", "console.secureCookie=true"))
+    assert env_of(main_container(console_workload(forced)))["FLYNN_SECURE_COOKIE"] == "1"
+
+
+def test_console_ingress_is_explicit_and_targets_only_the_console(helm: Path) -> None:
+    # The gateway's Ingress does not bring the console's along.
+    gw_only = parse(
+        render(
+            helm, "--set", "gateway.ingress.enabled=true", "--set", "gateway.ingress.host=flynn.example.com"
+        )
+    )
+    assert exposed(gw_only) == {"gateway"}
+    docs = parse(
+        render(
+            helm,
+            "--set", "console.ingress.enabled=true", "--set", "console.ingress.host=console.example.com",
+            "--set", "console.ingress.tlsSecretName=console-tls",
+        )
+    )  # fmt: skip
+    (ingress,) = by_kind(docs, "Ingress")
+    assert exposed(docs) == {CONSOLE}
+    backend = ingress["spec"]["rules"][0]["http"]["paths"][0]["backend"]["service"]
+    assert backend["port"] == {"name": "http"}
+    assert component(named(docs, "Service", backend["name"])) == CONSOLE
+    assert ingress["spec"]["tls"] == [{"hosts": ["console.example.com"], "secretName": "console-tls"}]
+    missing_host = run_helm(helm, "template", "rel", str(CHART), "--set", "console.ingress.enabled=true")
+    assert missing_host.returncode != 0 and "console.ingress.host is required" in missing_host.stderr
+
+
+def test_console_can_be_left_out(helm: Path) -> None:
+    docs = parse(render(helm, "--set", "console.enabled=false", "--set", "networkPolicy.enabled=true"))
+    assert [
+        d for d in docs if d["metadata"].get("labels", {}).get("app.kubernetes.io/component") == CONSOLE
+    ] == []
+    assert set(workloads(docs)) == set(topology.SERVICES)
