@@ -57,7 +57,10 @@ def test_reflection_lists_all_nine_services_and_health_only_the_gateways_own() -
 def test_launcher_ports_follow_the_default_offsets(tmp_path: Path) -> None:
     paths = MeshPaths(tmp_path)
     services = plan(paths, "127.0.0.1", 40000)
-    assert [s.name for s in services] == list(topology.START_ORDER)
+    # The gRPC services in topology order, then the operator console (HTTP, after the gateway).
+    assert [s.name for s in services] == [*topology.START_ORDER, "console"]
+    console = services.pop()
+    assert (console.port, console.metrics_port, console.readiness) == (40030, 0, "http")
     for s in services:
         assert s.port == 40000 + DEFAULT_PORTS[s.name] - DEFAULT_PORTS["gateway"]
         assert s.metrics_port == s.port + 100
@@ -70,3 +73,27 @@ def test_launcher_ports_follow_the_default_offsets(tmp_path: Path) -> None:
         "config",
         "gateway",
     ]
+
+
+def test_launcher_console_command_is_what_the_console_parses(tmp_path: Path) -> None:
+    from console import audit_tail
+    from console import main as console_main
+    from flynn_runtime import settings
+
+    paths = MeshPaths(tmp_path)
+    (console,) = plan(paths, "127.0.0.1", 50050, only=["console"])
+    assert console.readiness == "http" and console.port == 50080 == console_main.DEFAULT_HTTP_PORT
+    cmd = command(console, paths, "127.0.0.1", 50050, 7.0, [])
+    assert cmd[1:3] == ["-m", "console.main"]
+    parser = settings.build_parser("console")
+    console_main.add_args(parser)
+    ns = parser.parse_args(cmd[3:])
+    assert ns.http_listen == "127.0.0.1:50080"
+    assert ns.gateway_addr == "127.0.0.1:50050"
+    assert ns.grace_seconds == 7.0
+    # Its data dir sits next to every service's, so its default audit dirs are theirs.
+    assert Path(ns.data_dir) == tmp_path / "console"
+    for name in topology.START_ORDER:
+        (tmp_path / name / "audit").mkdir(parents=True)
+    found = audit_tail.default_audit_dirs(Path(ns.data_dir))
+    assert {d.parent.name for d in found} == set(topology.START_ORDER)
