@@ -45,19 +45,40 @@ async def abort_with(context: ServicerContext[Any, Any], err: FlynnError) -> Non
     await context.abort(status.code, status.details, trailing_metadata=status.trailing_metadata)
 
 
+class _MethodMetrics:
+    """The metric children of one method, resolved once (labels() costs a locked dict lookup per call)."""
+
+    def __init__(self, method: str, rpc_type: str) -> None:
+        self.service, self.name = _split(method)
+        self.rpc_type = rpc_type
+        self.started = metrics.GRPC_STARTED.labels(self.service, self.name, rpc_type)
+        self.handling = metrics.GRPC_HANDLING.labels(self.service, self.name, rpc_type)
+        self.sent = metrics.GRPC_MSG_SENT.labels(self.service, self.name, rpc_type)
+        self._handled: dict[grpc.StatusCode, Any] = {}
+
+    def handled(self, code: grpc.StatusCode) -> Any:
+        child = self._handled.get(code)
+        if child is None:
+            child = self._handled[code] = metrics.GRPC_HANDLED.labels(
+                self.service, self.name, self.rpc_type, code.name
+            )
+        return child
+
+
 class _Call:
     """Bookkeeping of one RPC: auth before, metrics after, error mapping around."""
 
-    def __init__(self, interceptor: ServerInterceptor, method: str, rpc_type: str) -> None:
+    __slots__ = ("interceptor", "method", "m", "start", "code")
+
+    def __init__(self, interceptor: ServerInterceptor, method: str, m: _MethodMetrics) -> None:
         self.interceptor = interceptor
         self.method = method
-        self.service, self.name = _split(method)
-        self.rpc_type = rpc_type
+        self.m = m
         self.start = time.perf_counter()
         self.code = grpc.StatusCode.OK
 
     def begin(self, context: ServicerContext[Any, Any]) -> None:
-        metrics.GRPC_STARTED.labels(self.service, self.name, self.rpc_type).inc()
+        self.m.started.inc()
         md = {k: v for k, v in (context.invocation_metadata() or ()) if isinstance(v, str)}
         principal = self.interceptor.authenticator.authenticate(self.method, md, context.peer() or "")
         current_principal.set(principal)
@@ -86,10 +107,8 @@ class _Call:
                 self.code = code
             elif code is not None and exc is not None:
                 self.code = next((c for c in grpc.StatusCode if c.value[0] == code), grpc.StatusCode.UNKNOWN)
-        metrics.GRPC_HANDLED.labels(self.service, self.name, self.rpc_type, self.code.name).inc()
-        metrics.GRPC_HANDLING.labels(self.service, self.name, self.rpc_type).observe(
-            time.perf_counter() - self.start
-        )
+        self.m.handled(self.code).inc()
+        self.m.handling.observe(time.perf_counter() - self.start)
 
 
 class _Undecodable:
@@ -142,6 +161,9 @@ def _check(method: str, request: Any, streaming: bool) -> Any:
 class ServerInterceptor(grpc.aio.ServerInterceptor):  # type: ignore[type-arg]
     def __init__(self, authenticator: Authenticator) -> None:
         self.authenticator = authenticator
+        # method -> (the handler we wrapped, its wrapper): handlers are long-lived objects, so the
+        # wrapper is built once per method instead of once per call.
+        self._wrapped: dict[str, tuple[Any, grpc.RpcMethodHandler[Any, Any]]] = {}
 
     async def intercept_service(
         self,
@@ -152,34 +174,37 @@ class ServerInterceptor(grpc.aio.ServerInterceptor):  # type: ignore[type-arg]
         if handler is None:
             return None  # type: ignore[return-value]
         method = handler_call_details.method
+        cached = self._wrapped.get(method)
+        if cached is not None and cached[0] is handler:
+            return cached[1]
+        wrapped = self._wrap(method, handler)
+        self._wrapped[method] = (handler, wrapped)
+        return wrapped
+
+    def _wrap(self, method: str, handler: grpc.RpcMethodHandler[Any, Any]) -> grpc.RpcMethodHandler[Any, Any]:
         rpc_type = _rpc_type(handler)
+        m = _MethodMetrics(method, rpc_type)
         kw = {
             "request_deserializer": _tolerant(handler.request_deserializer),
             "response_serializer": handler.response_serializer,
         }
         if rpc_type == "unary":
-            return grpc.unary_unary_rpc_method_handler(
-                self._unary(method, rpc_type, handler.unary_unary), **kw
-            )
+            return grpc.unary_unary_rpc_method_handler(self._unary(method, m, handler.unary_unary), **kw)
         if rpc_type == "client_stream":
-            return grpc.stream_unary_rpc_method_handler(
-                self._unary(method, rpc_type, handler.stream_unary), **kw
-            )
+            return grpc.stream_unary_rpc_method_handler(self._unary(method, m, handler.stream_unary), **kw)
         if rpc_type == "server_stream":
-            return grpc.unary_stream_rpc_method_handler(
-                self._stream(method, rpc_type, handler.unary_stream), **kw
-            )
-        return grpc.stream_stream_rpc_method_handler(
-            self._stream(method, rpc_type, handler.stream_stream), **kw
-        )
+            return grpc.unary_stream_rpc_method_handler(self._stream(method, m, handler.unary_stream), **kw)
+        return grpc.stream_stream_rpc_method_handler(self._stream(method, m, handler.stream_stream), **kw)
 
-    def _unary(self, method: str, rpc_type: str, inner: Any) -> Any:
+    def _unary(self, method: str, m: _MethodMetrics, inner: Any) -> Any:
+        client_stream = m.rpc_type == "client_stream"
+
         async def wrapper(request: Any, context: ServicerContext[Any, Any]) -> Any:
-            call = _Call(self, method, rpc_type)
+            call = _Call(self, method, m)
             exc: BaseException | None = None
             try:
                 call.begin(context)
-                return await inner(_check(method, request, rpc_type == "client_stream"), context)
+                return await inner(_check(method, request, client_stream), context)
             except grpc.aio.AbortError as e:
                 exc = e
                 raise
@@ -194,14 +219,16 @@ class ServerInterceptor(grpc.aio.ServerInterceptor):  # type: ignore[type-arg]
 
         return wrapper
 
-    def _stream(self, method: str, rpc_type: str, inner: Any) -> Any:
+    def _stream(self, method: str, m: _MethodMetrics, inner: Any) -> Any:
+        bidi = m.rpc_type == "bidi_stream"
+
         async def wrapper(request: Any, context: ServicerContext[Any, Any]) -> AsyncIterator[Any]:
-            call = _Call(self, method, rpc_type)
+            call = _Call(self, method, m)
             exc: BaseException | None = None
-            sent = metrics.GRPC_MSG_SENT.labels(call.service, call.name, rpc_type)
+            sent = m.sent
             try:
                 call.begin(context)
-                result = inner(_check(method, request, rpc_type == "bidi_stream"), context)
+                result = inner(_check(method, request, bidi), context)
                 if hasattr(result, "__aiter__"):
                     async for item in result:
                         sent.inc()
