@@ -231,11 +231,6 @@ def mesh(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Mesh]:
                 proc.wait(10)
 
 
-# Recipes whose RPC answered UNIMPLEMENTED when this was written. They still run: an UNIMPLEMENTED
-# answer is an xfail, success passes (then drop the entry), any other failure fails as usual.
-NOT_IMPLEMENTED_YET: set[str] = {"rollout-gate-figures-of-every-service-gathered-b"}
-
-
 @pytest.mark.parametrize(
     "index", range(len(recipes())), ids=[f"{i:02d}-{recipe_id(b)}" for i, b in enumerate(recipes())]
 )
@@ -249,9 +244,6 @@ def test_recipe_runs(mesh: Mesh, index: int) -> None:
         text=True,
         timeout=120,
     )
-    if recipe_id(block) in NOT_IMPLEMENTED_YET:
-        if proc.returncode != 0 and "Code: Unimplemented" in proc.stderr:
-            pytest.xfail(f"not implemented yet: {proc.stderr.strip().splitlines()[2]}")
     assert proc.returncode == 0, (
         f"recipe failed:\n{block}\n--- stdout\n{proc.stdout}\n--- stderr\n{proc.stderr}"
     )
