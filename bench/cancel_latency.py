@@ -5,7 +5,8 @@
 Starts real processes: queue_svc (built-in agent streaming a chunk every 50 ms for 20 s) and, unless
 --direct or gateway/main.py is missing, a gateway in front of it. Each round starts one streamed run
 in each of `sessions` sessions (Gateway/SendMessage), waits until every run is streaming, then
-cancels them all (Gateway/CancelRun, 8 callers at a time) while the others keep streaming.
+cancels them all (Gateway/CancelRun) while the others keep streaming, with `--callers` cancelling at
+a time: 1 (users pressing stop one after another) and 8 (a burst of concurrent cancels), each reported.
 
 - cancel-to-ack: the CancelRun call as the client sees it (through the gateway when used); the server
   answers once cancel_requested is durable.
@@ -92,7 +93,7 @@ class Bench:
 
 
 async def run(
-    address: str, token: str, via_gateway: bool, sessions: int, rounds: int
+    address: str, token: str, via_gateway: bool, sessions: int, rounds: int, callers: int, tag: str
 ) -> tuple[list[float], list[float]]:
     b = Bench(address, token, via_gateway)
     watcher = asyncio.ensure_future(b.watch())
@@ -100,7 +101,7 @@ async def run(
     settles: list[float] = []
     try:
         for rnd in range(rounds):
-            runs = await asyncio.gather(*(b.submit(f"s{i}", f"r{rnd}-s{i}") for i in range(sessions)))
+            runs = await asyncio.gather(*(b.submit(f"s{i}", f"{tag}-r{rnd}-s{i}") for i in range(sessions)))
             await asyncio.sleep(0.3)
             for r in runs:  # every run is streaming before the cancels start
                 got = await b.rc.GetRun(pb.GetRunRequest(run_id=r), metadata=b.md, timeout=10)
@@ -118,7 +119,7 @@ async def run(
                     await asyncio.wait_for(b.waiters[run_id].wait(), 10)
                     settles.append((b.cancelled_at[run_id] - t0) * 1000)
 
-            await asyncio.gather(*(canceller() for _ in range(8)))
+            await asyncio.gather(*(canceller() for _ in range(callers)))
     finally:
         watcher.cancel()
         await b.ch.close(None)
@@ -159,7 +160,9 @@ def main() -> None:
     ap.add_argument("--sessions", type=int, default=100)
     ap.add_argument("--rounds", type=int, default=5)
     ap.add_argument("--direct", action="store_true", help="call queue_svc directly, not through the gateway")
+    ap.add_argument("--callers", default="1,8", help="concurrent cancelling callers, one phase each")
     args = ap.parse_args()
+    phases = [int(c) for c in args.callers.split(",") if c.strip()]
     via_gateway = not args.direct and importlib.util.find_spec("gateway.main") is not None
     with tempfile.TemporaryDirectory(prefix="flynn-bench-") as d:
         root = Path(d)
@@ -179,10 +182,23 @@ def main() -> None:
                 gw.start()
                 procs.append(gw)
                 address = gw.address
-            acks, settles = asyncio.run(
-                run(address, tokens.operator, via_gateway, args.sessions, args.rounds)
-            )
-            server = scrape(queue)
+            results = []
+            before = scrape(queue)
+            for callers in phases:
+                acks, settles = asyncio.run(
+                    run(
+                        address,
+                        tokens.operator,
+                        via_gateway,
+                        args.sessions,
+                        args.rounds,
+                        callers,
+                        f"c{callers}",
+                    )
+                )
+                after = scrape(queue)
+                results.append((callers, acks, settles, before, after))
+                before = after
         finally:
             for p in reversed(procs):
                 p.stop()
@@ -191,23 +207,34 @@ def main() -> None:
         if via_gateway
         else "direct to queue_svc (RunControl/CancelRun)"
     )
-    print(f"cancel latency, {args.sessions} sessions streaming, {len(acks)} cancels, {path}")
-    print(
-        f"  cancel-to-ack:       p50 {pct(acks, 50):.2f} ms  p95 {pct(acks, 95):.2f} ms  p99 {pct(acks, 99):.2f} ms"
-    )
-    print(
-        f"  cancel-to-cancelled: p50 {pct(settles, 50):.2f} ms  p95 {pct(settles, 95):.2f} ms  p99 {pct(settles, 99):.2f} ms"
-    )
-    print("  server side (queue_svc histograms, bucket bounds):")
-    for name in ("flynn_cancel_to_ack_seconds", "flynn_cancel_to_cancelled_seconds"):
-        b, _, n = histogram(server, name)
-        qs = "  ".join(f"p{int(q * 100)} {bucket_quantile(b, n, q)}" for q in (0.5, 0.95, 0.99))
-        print(f"    {name}: {qs}  (n={int(n)})")
-    b, total, n = histogram(server, "flynn_queue_commit_seconds")
-    if n:
+    for callers, acks, settles, before, after in results:
         print(
-            f"    group commits: {int(n)}, mean {total / n * 1000:.2f} ms, p99 {bucket_quantile(b, n, 0.99)}"
+            f"cancel latency, {args.sessions} sessions streaming, {len(acks)} cancels, {callers} cancelling "
+            f"caller(s) at a time, {path}"
         )
+        print(
+            f"  cancel-to-ack:       p50 {pct(acks, 50):.2f} ms  p95 {pct(acks, 95):.2f} ms  p99 {pct(acks, 99):.2f} ms"
+        )
+        print(
+            f"  cancel-to-cancelled: p50 {pct(settles, 50):.2f} ms  p95 {pct(settles, 95):.2f} ms  p99 {pct(settles, 99):.2f} ms"
+        )
+        print("  server side (queue_svc histograms over this phase, bucket bounds):")
+        for name in (
+            "flynn_cancel_to_ack_seconds",
+            "flynn_cancel_to_cancelled_seconds",
+            "flynn_queue_commit_seconds",
+        ):
+            b, total, n = delta(histogram(before, name), histogram(after, name))
+            qs = "  ".join(f"p{int(q * 100)} {bucket_quantile(b, n, q)}" for q in (0.5, 0.95, 0.99))
+            mean = f", mean {total / n * 1000:.2f} ms" if n else ""
+            print(f"    {name}: {qs}  (n={int(n)}{mean})")
+
+
+def delta(
+    a: tuple[dict[float, float], float, float], b: tuple[dict[float, float], float, float]
+) -> tuple[dict[float, float], float, float]:
+    """Histogram b minus histogram a (the observations made between the two scrapes)."""
+    return {le: c - a[0].get(le, 0.0) for le, c in b[0].items()}, b[1] - a[1], b[2] - a[2]
 
 
 if __name__ == "__main__":
