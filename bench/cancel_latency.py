@@ -1,6 +1,6 @@
 """Cancel latency: cancel-to-ack and cancel-to-cancelled p50/p95/p99 with 100 sessions streaming.
 
-    .venv/bin/python -m bench.cancel_latency [--sessions 100] [--rounds 5] [--direct]
+    .venv/bin/python -m bench.cancel_latency [--sessions 100] [--rounds 5] [--callers 1,8] [--direct]
 
 Starts real processes: queue_svc (built-in agent streaming a chunk every 50 ms for 20 s) and, unless
 --direct or gateway/main.py is missing, a gateway in front of it. Each round starts one streamed run
