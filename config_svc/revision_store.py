@@ -7,11 +7,12 @@ a crash either keeps the whole revision or none of it, and a revision number is 
 from __future__ import annotations
 
 import json
-import sqlite3
 import threading
 import time
 from dataclasses import dataclass, field
 from pathlib import Path
+
+from flynn_runtime.sqlite_db import open_db, transaction
 
 SCHEMA = """
 CREATE TABLE IF NOT EXISTS revisions (
@@ -43,14 +44,9 @@ class RevisionStore:
     """Thread-safe (one connection behind a lock); callers run it off the event loop."""
 
     def __init__(self, path: Path) -> None:
-        path.parent.mkdir(parents=True, exist_ok=True)
         self.path = path
         self._lock = threading.Lock()
-        self._db = sqlite3.connect(str(path), check_same_thread=False, isolation_level=None)
-        self._db.execute("PRAGMA journal_mode=WAL")
-        self._db.execute("PRAGMA synchronous=FULL")
-        self._db.execute("PRAGMA busy_timeout=5000")
-        self._db.executescript(SCHEMA)
+        self._db = open_db(path, schema=SCHEMA)
 
     def close(self) -> None:
         with self._lock:
@@ -74,8 +70,7 @@ class RevisionStore:
         """Commit the next revision; ValueError('stale', head) when the head moved past expected_head."""
         now = time.time_ns()
         with self._lock:
-            self._db.execute("BEGIN IMMEDIATE")
-            try:
+            with transaction(self._db):
                 head = int(self._db.execute("SELECT MAX(revision) FROM revisions").fetchone()[0] or 0)
                 if expected_head is not None and head != expected_head:
                     raise StaleHead(head)
@@ -94,10 +89,6 @@ class RevisionStore:
                         config,
                     ),
                 )
-                self._db.execute("COMMIT")
-            except BaseException:
-                self._db.execute("ROLLBACK")
-                raise
         return StoredRevision(rev, kind, actor, reason, now, list(diff), restored_revision, config)
 
     def get(self, revision: int) -> StoredRevision | None:

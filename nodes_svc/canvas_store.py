@@ -23,15 +23,16 @@ import os
 import re
 import sqlite3
 import time
-from collections.abc import Callable, Iterator
+from collections.abc import Callable
 from concurrent.futures import ThreadPoolExecutor
-from contextlib import contextmanager
+from contextlib import AbstractContextManager
 from dataclasses import dataclass
 from pathlib import Path
 
 from flynn_runtime import errors
 from flynn_runtime.audit import AuditLog
 from flynn_runtime.errors import Code, FieldViolation, FlynnError
+from flynn_runtime.sqlite_db import open_db, transaction
 from nodes_svc import metrics
 
 MAX_NAME_LEN = 200
@@ -163,11 +164,7 @@ class CanvasStore:
         self.blobs = root / "blobs"
         self.limits = limits or CanvasLimits()
         self.blobs.mkdir(parents=True, exist_ok=True)
-        self._db = sqlite3.connect(str(root / "index.sqlite"), isolation_level=None, check_same_thread=False)
-        self._db.row_factory = sqlite3.Row
-        self._db.execute("PRAGMA journal_mode=WAL")
-        self._db.execute("PRAGMA synchronous=FULL")
-        self._db.executescript(_SCHEMA)
+        self._db = open_db(root / "index.sqlite", rows=True, schema=_SCHEMA)
         self.total_bytes = 0
         self.recovered: dict[str, int] = {}
 
@@ -200,16 +197,8 @@ class CanvasStore:
     def close(self) -> None:
         self._db.close()
 
-    @contextmanager
-    def _tx(self) -> Iterator[sqlite3.Connection]:
-        self._db.execute("BEGIN IMMEDIATE")
-        try:
-            yield self._db
-        except BaseException:
-            self._db.execute("ROLLBACK")
-            raise
-        else:
-            self._db.execute("COMMIT")
+    def _tx(self) -> AbstractContextManager[sqlite3.Connection]:
+        return transaction(self._db)
 
     # reads --------------------------------------------------------------------------------
 

@@ -16,6 +16,8 @@ from contextlib import contextmanager
 from dataclasses import dataclass, field
 from pathlib import Path
 
+from flynn_runtime.sqlite_db import open_db, transaction
+
 _SCHEMA = """
 CREATE TABLE IF NOT EXISTS tokens (
     token_id TEXT PRIMARY KEY,
@@ -141,13 +143,9 @@ class NodeStore:
     """All SQL of the nodes registry; callers hold the event loop, so calls are serialized."""
 
     def __init__(self, path: Path) -> None:
-        path.parent.mkdir(parents=True, exist_ok=True)
         self.path = path
-        self._db = sqlite3.connect(str(path), isolation_level=None, check_same_thread=False)
-        self._db.row_factory = sqlite3.Row
-        self._db.execute("PRAGMA journal_mode=WAL")
-        self._db.execute("PRAGMA synchronous=NORMAL")
-        self._db.executescript(_SCHEMA)
+        # NORMAL by default (presence bookkeeping); token issue/revoke commit with durable=True.
+        self._db = open_db(path, synchronous="NORMAL", rows=True, schema=_SCHEMA)
 
     def close(self) -> None:
         self._db.close()
@@ -156,14 +154,9 @@ class NodeStore:
     def _tx(self, durable: bool = False) -> Iterator[sqlite3.Connection]:
         if durable:
             self._db.execute("PRAGMA synchronous=FULL")
-        self._db.execute("BEGIN IMMEDIATE")
         try:
-            yield self._db
-        except BaseException:
-            self._db.execute("ROLLBACK")
-            raise
-        else:
-            self._db.execute("COMMIT")
+            with transaction(self._db) as db:
+                yield db
         finally:
             if durable:
                 self._db.execute("PRAGMA synchronous=NORMAL")

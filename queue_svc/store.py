@@ -18,6 +18,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import TypeVar
 
+from flynn_runtime.sqlite_db import open_db, transaction
 from queue_svc import metrics
 
 SCHEMA = """
@@ -258,10 +259,7 @@ class QueueStore:
         self._finals: dict[str, int] = {}
 
     def _connect(self) -> sqlite3.Connection:
-        db = sqlite3.connect(self.path, isolation_level=None, check_same_thread=False)
-        db.execute("PRAGMA journal_mode=WAL")
-        db.execute("PRAGMA synchronous=FULL")
-        return db
+        return open_db(Path(self.path))
 
     def close(self) -> None:
         self._pool.shutdown(wait=True)
@@ -306,15 +304,9 @@ class QueueStore:
         metrics.COMMIT_BATCH.observe(len(batch))
 
     def _commit_now(self, batch: list[tuple[str, tuple[object, ...]]]) -> None:
-        db = self._writer
-        db.execute("BEGIN IMMEDIATE")
-        try:
+        with transaction(self._writer) as db:
             for sql, params in batch:
                 db.execute(sql, params)
-        except BaseException:
-            db.execute("ROLLBACK")
-            raise
-        db.execute("COMMIT")
 
     # --- writes (queued; durable after flush) -------------------------------------------------
 

@@ -19,8 +19,11 @@ import json
 import sqlite3
 import time
 from collections.abc import Iterable, Sequence
+from contextlib import AbstractContextManager
 from dataclasses import dataclass
 from pathlib import Path
+
+from flynn_runtime.sqlite_db import open_db, transaction
 
 FP_REASON = -1
 
@@ -138,11 +141,7 @@ class ReactionStore:
         directory.mkdir(parents=True, exist_ok=True)
         self.path = directory / "reactions.db"
         self.retention = retention or Retention()
-        self.db = sqlite3.connect(self.path, isolation_level=None, check_same_thread=False)
-        self.db.execute("PRAGMA journal_mode=WAL")
-        self.db.execute("PRAGMA synchronous=FULL")
-        self.db.execute("PRAGMA busy_timeout=5000")
-        self.db.executescript(SCHEMA)
+        self.db = open_db(self.path, schema=SCHEMA)
         self._since_prune = 0
 
     def close(self) -> None:
@@ -451,27 +450,8 @@ class ReactionStore:
                 (r.action_results,),
             )
 
-    def _tx(self) -> _Tx:
-        return _Tx(self.db)
-
-
-class _Tx:
-    def __init__(self, db: sqlite3.Connection) -> None:
-        self.db = db
-        self.outer = False
-
-    def __enter__(self) -> None:
-        self.outer = not self.db.in_transaction
-        if self.outer:
-            self.db.execute("BEGIN IMMEDIATE")
-
-    def __exit__(self, exc_type: object, exc: object, tb: object) -> None:
-        if not self.outer:
-            return
-        if exc_type is None:
-            self.db.execute("COMMIT")
-        else:
-            self.db.execute("ROLLBACK")
+    def _tx(self) -> AbstractContextManager[sqlite3.Connection]:
+        return transaction(self.db)
 
 
 def now() -> float:
