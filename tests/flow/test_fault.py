@@ -29,7 +29,7 @@ from flynn.v1 import (
 )
 
 from examples.companion_node import CompanionNode
-from tests.support.flow import FlowMesh
+from tests.support.flow import NO_GATE_FAILED, FlowMesh
 
 SESSIONS = 50
 VOICE_SESSIONS = 3  # on the channel with speech
@@ -224,7 +224,7 @@ async def test_mixed_load_survives_kill9_of_each_stateful_service(mesh: FlowMesh
         assert {f"desk-{n}" for n in range(NODES)} <= {n.node_id for n in listed.nodes}
 
         out = await asyncio.to_thread(mesh.flynn, "gates", "check", "--window", "0")
-        assert out.returncode == 0, out.stdout + out.stderr
+        assert out.returncode in NO_GATE_FAILED, out.stdout + out.stderr
         states: dict[str, int] = {}
         for run in runs.values():
             state_name = run_control_pb2.RunState.Name(run.state)
