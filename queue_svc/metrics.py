@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+from flynn.v1 import config_pb2
 from prometheus_client import Counter, Gauge, Histogram
 
 from flynn_runtime.histograms import CANCEL_BUCKETS
@@ -15,6 +16,14 @@ for _state in ("queued", "started", "cancel_requested", "cancelled", "completed"
     RUNS.labels(_state)
 RUNS_ACTIVE = Gauge("flynn_runs_active", "Runs started and not yet terminal.")
 MESSAGES = Counter("flynn_messages_total", "Messages submitted, by disposition.", ["disposition"])
+MESSAGES_BY_MODE = Counter(
+    "flynn_messages_by_mode_total", "Messages submitted, by the queue mode that applied to them.", ["mode"]
+)
+QUEUE_MODE_NAMES = {
+    v: k.removeprefix("QUEUE_MODE_").lower() for k, v in config_pb2.QueueMode.items() if v != 0
+}
+for _name in QUEUE_MODE_NAMES.values():
+    MESSAGES_BY_MODE.labels(_name)
 MESSAGES_DROPPED = Counter("flynn_messages_dropped_total", "Queued messages dropped, by reason.", ["reason"])
 QUEUE_DEPTH = Gauge(
     "flynn_queue_depth", "Entries waiting in session queues (queued runs and collect buffers)."
