@@ -27,6 +27,8 @@ ERRORED = 'flynn_runs_total{state="error"}'
 FINISHED = 'flynn_runs_total{state=~"completed|cancelled|error"}'
 RECONNECT_OK = 'nodes_reconnects_total{result="success"}'
 AS_TEXT = 'flynn_replies_delivered_total{mode="text_after_fallback"}'
+FALLBACKS = "flynn_tts_fallbacks_total"
+DELIVERED = "flynn_replies_delivered_total"
 SERVER_ERRORS = 'flynn_gateway_calls_total{code_class="server_error"}'
 
 
@@ -44,6 +46,11 @@ class GateRule:
 
 def _inc(selector: str, w: str) -> str:
     return f"sum(increase({selector}[{w}]))"
+
+
+def _inc0(selector: str, w: str) -> str:
+    """As _inc, but 0 when no such series exists (a term of a sum must not empty the sum)."""
+    return f"({_inc(selector, w)} or vector(0))"
 
 
 def gate_rules(limits: Limits, w: str) -> list[GateRule]:
@@ -107,10 +114,8 @@ def gate_rules(limits: Limits, w: str) -> list[GateRule]:
             (
                 (
                     "flynn:gate_tts_replies_dropped:count",
-                    f"clamp_min({_inc('flynn_tts_fallbacks_total', w)} - "
-                    f"{_inc(AS_TEXT, w)}, 0)"
-                    f" + clamp_min({_inc(COMPLETED, w)} - "
-                    f"{_inc('flynn_replies_delivered_total', w)}, 0)",
+                    f"clamp_min({_inc0(FALLBACKS, w)} - {_inc0(AS_TEXT, w)}, 0)"
+                    f" + clamp_min({_inc0(COMPLETED, w)} - {_inc0(DELIVERED, w)}, 0)",
                 ),
             ),
             "flynn:gate_finals_sample:count",
