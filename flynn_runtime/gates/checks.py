@@ -51,11 +51,14 @@ def cancel_to_ack_p95(w: Window, limits: Limits) -> GateResult:
     gate, minimum = "cancel_to_ack_p95", limits.minimum("cancel_to_ack_p95")
     threshold = f"<= {limits.cancel_to_ack_p95_ms:.0f} ms"
     n = w.cancel_to_ack[-1][1] if w.cancel_to_ack else 0.0
+    settled = w.cancel_to_cancelled[-1][1] if w.cancel_to_cancelled else 0.0
+    slow = quantile(w.cancel_to_cancelled, 0.95)
+    slow_note = f"cancel-to-cancelled p95 {format_ms(slow, top_bound(w.cancel_to_cancelled))}"
     if (short := _short(gate, n, minimum, "cancels", threshold)) is not None:
+        short.note += f"; {slow_note}" if settled > 0 else ""  # the slow path, shown however few
         return short
     p95 = quantile(w.cancel_to_ack, 0.95)
-    slow = quantile(w.cancel_to_cancelled, 0.95)
-    note = f"{n:.0f} cancels; cancel-to-cancelled p95 {format_ms(slow, top_bound(w.cancel_to_cancelled))}"
+    note = f"{n:.0f} cancels; {slow_note}"
     return GateResult(
         gate,
         _verdict(p95 <= limits.cancel_to_ack_p95_ms),
