@@ -59,7 +59,9 @@ def _check(path: Path, want: str) -> bool:
     if have == want:
         return True
     rel = str(path.relative_to(ROOT))
-    sys.stdout.writelines(difflib.unified_diff(have.splitlines(True), want.splitlines(True), rel, "generated"))
+    sys.stdout.writelines(
+        difflib.unified_diff(have.splitlines(True), want.splitlines(True), rel, "generated")
+    )
     print(f"{rel} is stale: run scripts/gen_observability.py", file=sys.stderr)
     return False
 

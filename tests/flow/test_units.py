@@ -60,8 +60,9 @@ def test_quantile_interpolates_and_reads_above_the_top_bucket_as_more_than_top()
 
 def test_cancel_buckets_reach_past_the_largest_accepted_deadline() -> None:
     assert CANCEL_BUCKETS[-1] > CANCEL_DEADLINE_MAX_S and 2.0 in CANCEL_BUCKETS
-    from config_svc.validation import validate_config
     from flynn.v1 import config_pb2
+
+    from config_svc.validation import validate_config
 
     cfg = config_pb2.FlynnConfig()
     cfg.server.queue.cancel_deadline.seconds = int(CANCEL_DEADLINE_MAX_S)
