@@ -123,19 +123,23 @@ def gate_rules(limits: Limits, w: str) -> list[GateRule]:
             True,
             "a reply was dropped: a TTS fallback not sent as text, or a final never delivered",
         ),
-        GateRule(
-            "error_rate",
-            _error_records(w),
-            "flynn:gate_runs_finished_sample:count",
-            f"flynn:gate_run_error_rate:ratio > ({_baseline('flynn:gate_run_error_rate:baseline')}) + "
-            f"{limits.error_rate_margin:g}\n"
-            f"or flynn:gate_gateway_server_error_rate:ratio > "
-            f"({_baseline('flynn:gate_gateway_server_error_rate:baseline')}) + {limits.error_rate_margin:g}",
-            False,
-            f"runs ending in error, or the gateway's server-side failures, more than "
-            f"{limits.error_rate_margin:.0%} above the rate of the day before the window",
-        ),
+        _error_rate_rule(limits, w),
     ]
+
+
+def _error_rate_rule(limits: Limits, w: str) -> GateRule:
+    return GateRule(
+        "error_rate",
+        _error_records(w),
+        "flynn:gate_runs_finished_sample:count",
+        f"flynn:gate_run_error_rate:ratio > ({_baseline('flynn:gate_run_error_rate:baseline')}) + "
+        f"{limits.error_rate_margin:g}\n"
+        f"or flynn:gate_gateway_server_error_rate:ratio > "
+        f"({_baseline('flynn:gate_gateway_server_error_rate:baseline')}) + {limits.error_rate_margin:g}",
+        False,
+        f"runs ending in error, or the gateway's server-side failures, more than "
+        f"{limits.error_rate_margin:.0%} above the rate of the day before the window",
+    )
 
 
 def _baseline(record: str) -> str:
