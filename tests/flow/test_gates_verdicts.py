@@ -135,7 +135,7 @@ def test_error_rate_in_snapshot_compare_and_check(mesh: FlowMesh, tmp_path: Path
                 voice.Synthesize(
                     voice_pb2.SynthesizeRequest(text="hi"), metadata=mesh.md("operator"), timeout=10
                 )
-            assert err.value.code() == grpc.StatusCode.UNAVAILABLE  # type: ignore[attr-defined]
+            assert err.value.code() == grpc.StatusCode.UNAVAILABLE
     finally:
         mesh.start_again("voice")
     after = tmp_path / "after.json"

@@ -79,9 +79,11 @@ def test_gates_pass_on_a_healthy_mesh_and_snapshots_compare(mesh: FlowMesh, tmp_
         "node_reconnect_success",
         "canvas_persistence",
         "tts_no_dropped_replies",
+        "error_rate",
     ):
-        assert f"{gate} " in check.stdout and "PASS" in check.stdout, check.stdout
-    assert "PASSED: 7 of 7" in check.stdout, check.stdout
+        assert f"{gate} " in check.stdout, check.stdout
+    # A one-second window of a quiet mesh is below most minimum samples: inconclusive, nothing failed.
+    assert "0 fail" in check.stdout and ("PASSED: 8 of 8" in check.stdout or "INCONCLUSIVE: " in check.stdout)
     sent = mesh.send("cli:gates", "again", "gates-2")
     mesh.wait_replies(final_for(sent.run_id))
     assert mesh.flynn("gates", "snapshot", "-o", str(after)).returncode == 0

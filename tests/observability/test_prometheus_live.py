@@ -196,7 +196,7 @@ def _load(mesh: Launcher, tag: str, cancels: int, completes: int, flags: int, mi
                 gw.SendMessage(
                     gateway_pb2.SendMessageRequest(channel="cli", text="x"), metadata=chan, timeout=10
                 )
-            assert err.value.code() == grpc.StatusCode.INVALID_ARGUMENT  # type: ignore[attr-defined]
+            assert err.value.code() == grpc.StatusCode.INVALID_ARGUMENT
         reactions = reactions_pb2_grpc.ReactionsStub(ch)
         traces = reactions.ListTraces(
             reactions_pb2.ListTracesRequest(rule_id="ack-received", matched=True, page_size=50),
@@ -215,6 +215,27 @@ def _flynn(mesh: Launcher, *args: str) -> subprocess.Popen[str]:
                FLYNN_TOKEN=(mesh.data_dir / "secrets" / "operator.token").read_text().strip())  # fmt: skip
     return subprocess.Popen([sys.executable, "-m", "flynn_cli.main", *args], stdout=subprocess.PIPE,
                             stderr=subprocess.PIPE, text=True, env=env, cwd=ROOT)  # fmt: skip
+
+
+def _get_metrics_calls(mesh: Launcher) -> float:
+    """System/GetMetrics calls the gateway has answered (its own metrics page)."""
+    port = mesh.state()["gateway"]["metrics_port"]
+    opener = urllib.request.build_opener(urllib.request.ProxyHandler({}))
+    with opener.open(f"http://127.0.0.1:{port}/metrics", timeout=10) as resp:
+        page = resp.read().decode()
+    return sum(
+        float(line.rsplit(" ", 1)[1])
+        for line in page.splitlines()
+        if line.startswith("grpc_server_handled_total{") and 'grpc_method="GetMetrics"' in line
+    )
+
+
+def _wait_first_sample(mesh: Launcher, before: float) -> None:
+    """Until the command's first GetMetrics answer went out: its window has begun."""
+    deadline = time.monotonic() + 60
+    while _get_metrics_calls(mesh) <= before:
+        assert time.monotonic() < deadline, "flynn gates check never took its first sample"
+        time.sleep(0.05)
 
 
 def _bucket(ms: float) -> tuple[float, float]:
@@ -237,9 +258,11 @@ def test_recording_rules_agree_with_flynn_gates_check(mesh: Launcher, prometheus
     _load(mesh, "warm", cancels=1, completes=1, flags=1, mistakes=1)  # every series exists from here on
     _wait_quiet(prometheus)
     time.sleep(3 * SCRAPE_S)
+    calls = _get_metrics_calls(mesh)
     check = _flynn(mesh, "gates", "check", "--window", WINDOW, "--json", "--skip", "canvas_persistence",
                    *[a for m in MIN_SAMPLES for a in ("--min-sample", m)])  # fmt: skip
-    time.sleep(4.0)  # the command's first sample is taken; the load sits well inside both windows
+    _wait_first_sample(mesh, calls)
+    time.sleep(2 * SCRAPE_S)  # the load sits well inside both windows
     _load(mesh, "live", cancels=4, completes=4, flags=1, mistakes=3)
     out, err = check.communicate(timeout=120)
     done = time.time()
