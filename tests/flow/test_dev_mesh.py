@@ -11,24 +11,15 @@ from pathlib import Path
 
 import pytest
 
-from tests.gateway.test_launcher import Launcher, _child_pids, free_base_port
+from tests.gateway.test_launcher import Launcher, launched
 from tests.support.flow import NO_GATE_FAILED
 from tests.support.mesh import ROOT
 
 
 @pytest.fixture
 def dev_mesh(tmp_path: Path) -> Iterator[Launcher]:
-    lch = Launcher(tmp_path / "data", free_base_port(), []).start()
-    try:
+    with launched(tmp_path / "data", []) as lch:
         yield lch
-    finally:
-        if lch.proc is not None and lch.proc.poll() is None:
-            lch.stop()
-        for pid in _child_pids(lch):
-            try:
-                os.kill(pid, 9)
-            except ProcessLookupError:
-                pass
 
 
 def flynn(lch: Launcher, *args: str) -> subprocess.CompletedProcess[str]:

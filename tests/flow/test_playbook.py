@@ -24,6 +24,7 @@ from flynn.v1 import (
 )
 
 from examples.companion_node import CompanionNode
+from flynn_runtime.gates import GATE_NAMES
 from tests.support.flow import NO_GATE_FAILED, FlowMesh, poll
 from tests.support.voice import status_details
 
@@ -71,16 +72,7 @@ def test_gates_pass_on_a_healthy_mesh_and_snapshots_compare(mesh: FlowMesh, tmp_
     assert mesh.flynn("gates", "snapshot", "-o", str(before)).returncode == 0
     check = mesh.flynn("gates", "check", "--window", "1s")
     assert check.returncode in NO_GATE_FAILED, check.stdout + check.stderr
-    for gate in (
-        "metrics_available",
-        "cancel_to_ack_p95",
-        "duplicate_finals",
-        "reaction_false_positives",
-        "node_reconnect_success",
-        "canvas_persistence",
-        "tts_no_dropped_replies",
-        "error_rate",
-    ):
+    for gate in GATE_NAMES:
         assert f"{gate} " in check.stdout, check.stdout
     # A one-second window of a quiet mesh is below most minimum samples: inconclusive, nothing failed.
     assert "0 fail" in check.stdout and ("PASSED: 8 of 8" in check.stdout or "INCONCLUSIVE: " in check.stdout)

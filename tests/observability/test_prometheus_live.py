@@ -30,7 +30,7 @@ from flynn.v1 import gateway_pb2, gateway_pb2_grpc, reactions_pb2, reactions_pb2
 
 from flynn_runtime.gates.dashboard import queries
 from flynn_runtime.histograms import CANCEL_BUCKETS
-from tests.gateway.test_launcher import Launcher, _child_pids, free_base_port
+from tests.gateway.test_launcher import Launcher, launched
 from tests.support.mesh import ROOT, free_port
 
 SCRAPE_S = 1.0
@@ -59,18 +59,9 @@ def _seed(path: Path) -> Path:
 @pytest.fixture(scope="module")
 def mesh(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Launcher]:
     tmp = tmp_path_factory.mktemp("live")
-    lch = Launcher(tmp / "data", free_base_port(), ["--seed-file", str(_seed(tmp / "seed.yaml"))]).start()
-    try:
+    with launched(tmp / "data", ["--seed-file", str(_seed(tmp / "seed.yaml"))]) as lch:
         lch.wait_for("Stop: Ctrl-C", timeout=180)
         yield lch
-    finally:
-        if lch.proc is not None and lch.proc.poll() is None:
-            lch.stop()
-        for pid in _child_pids(lch):
-            try:
-                os.kill(pid, 9)
-            except ProcessLookupError:
-                pass
 
 
 class Prometheus:
