@@ -156,3 +156,17 @@ def test_error_rate_in_snapshot_compare_and_check(mesh: FlowMesh, tmp_path: Path
                        "--baseline", str(before), "--min-sample", "error_rate=3")  # fmt: skip
     er = next(g for g in json.loads(check.stdout)["gates"] if g["gate"] == "error_rate")
     assert check.returncode == EXIT_FAIL and er["result"] == "fail" and "baseline" in er["threshold"], er
+
+
+def test_the_config_refuses_a_cancel_deadline_past_the_buckets(mesh: FlowMesh) -> None:
+    """The cancel histograms end at 120 s; a deadline the buckets could not see is refused, naming the field."""
+    out = mesh.flynn("config", "set", "server.queue.cancel_deadline", "61s", "--reason", "too slow")
+    assert (
+        out.returncode != 0 and "server.queue.cancel_deadline" in out.stderr and "at most 60s" in out.stderr
+    ), out.stdout + out.stderr
+    ok = mesh.flynn(
+        "config", "set", "server.queue.cancel_deadline", "60s", "--reason", "the largest accepted"
+    )
+    assert ok.returncode == 0, ok.stdout + ok.stderr
+    back = mesh.flynn("config", "set", "server.queue.cancel_deadline", "2s", "--reason", "back to the seed")
+    assert back.returncode == 0, back.stdout + back.stderr
