@@ -4,13 +4,15 @@ and agrees with `flynn gates check --window 20s` on the same window; every dashb
 
 Prometheus runs from the Debian package (scripts/bootstrap.sh) in a temp dir on a free port on
 127.0.0.1, scraping every service's metrics port each second. The load (messages, cancels, a flagged
-reaction match, caller mistakes) sits in the middle of the command's window, a warm-up before it
+reaction match, caller mistakes, a companion node going away and coming back) sits in the middle of the command's window, a warm-up before it
 creates every series, so both windows hold the same events; the figures then agree up to Prometheus'
 extrapolation of increase() to the window's edges, which is at most one scrape interval per edge.
 """
 
 from __future__ import annotations
 
+import asyncio
+import contextlib
 import json
 import os
 import shutil
@@ -26,8 +28,16 @@ from typing import Any
 import grpc
 import pytest
 import yaml
-from flynn.v1 import gateway_pb2, gateway_pb2_grpc, reactions_pb2, reactions_pb2_grpc
+from flynn.v1 import (
+    gateway_pb2,
+    gateway_pb2_grpc,
+    nodes_pb2,
+    nodes_pb2_grpc,
+    reactions_pb2,
+    reactions_pb2_grpc,
+)
 
+from examples.companion_node import CompanionNode
 from flynn_runtime.gates.dashboard import queries
 from flynn_runtime.histograms import CANCEL_BUCKETS
 from tests.gateway.test_launcher import Launcher, launched
@@ -37,7 +47,9 @@ SCRAPE_S = 1.0
 WINDOW = "20s"
 WINDOW_S = 20.0
 # Small minimum samples, for a small load (the rules are generated with the same ones).
-MIN_SAMPLES = ("cancel_to_ack_p95=3", "reaction_false_positives=5", "error_rate=5", "duplicate_finals=1")
+MIN_SAMPLES = (
+    "cancel_to_ack_p95=3", "reaction_false_positives=5", "error_rate=5", "duplicate_finals=1", "node_reconnect_success=2",
+)  # fmt: skip
 STATUS_NAMES = {0: "pass", 1: "fail", 2: "inconclusive"}
 RECORDS = {
     "cancel_to_ack_p95": "flynn:gate_cancel_to_ack_sample:count",
@@ -45,6 +57,7 @@ RECORDS = {
     "reaction_false_positives": "flynn:gate_reaction_matches_sample:count",
     "tts_no_dropped_replies": "flynn:gate_finals_sample:count",
     "error_rate": "flynn:gate_runs_finished_sample:count",
+    "node_reconnect_success": "flynn:gate_node_reconnect_sample:count",
 }
 
 
@@ -201,6 +214,28 @@ def _load(mesh: Launcher, tag: str, cancels: int, completes: int, flags: int, mi
                                         metadata=op, timeout=10)  # fmt: skip
 
 
+def _reconnect(mesh: Launcher, node_id: str, times: int) -> None:
+    """A companion node registers, goes away and comes back `times` times (each return is a reconnect)."""
+
+    async def run() -> None:
+        with grpc.insecure_channel(f"127.0.0.1:{mesh.base_port}") as ch:
+            token = nodes_pb2_grpc.NodesStub(ch).IssueNodeToken(
+                nodes_pb2.IssueNodeTokenRequest(node_id=node_id, role="desktop"), metadata=_token(mesh, "operator"),
+                timeout=10,
+            ).token  # fmt: skip
+        for _ in range(times + 1):
+            node = CompanionNode(
+                f"127.0.0.1:{mesh.base_port}", node_id, token, "desktop", backoff_initial=0.05
+            )
+            task = node.start()
+            await asyncio.wait_for(node.registered.wait(), 20)
+            await node.stop()
+            with contextlib.suppress(Exception, asyncio.CancelledError):
+                await asyncio.wait_for(task, 10)
+
+    asyncio.run(run())
+
+
 def _flynn(mesh: Launcher, *args: str) -> subprocess.Popen[str]:
     env = dict(os.environ, FLYNN_ADDR=f"127.0.0.1:{mesh.base_port}", PYTHONPATH=f"{ROOT}:{ROOT / 'gen'}",
                FLYNN_TOKEN=(mesh.data_dir / "secrets" / "operator.token").read_text().strip())  # fmt: skip
@@ -247,6 +282,7 @@ def _wait_quiet(prom: Prometheus) -> None:
 
 def test_recording_rules_agree_with_flynn_gates_check(mesh: Launcher, prometheus: Prometheus) -> None:
     _load(mesh, "warm", cancels=1, completes=1, flags=1, mistakes=1)  # every series exists from here on
+    _reconnect(mesh, "warm-desk", 1)
     _wait_quiet(prometheus)
     time.sleep(3 * SCRAPE_S)
     calls = _get_metrics_calls(mesh)
@@ -255,6 +291,7 @@ def test_recording_rules_agree_with_flynn_gates_check(mesh: Launcher, prometheus
     _wait_first_sample(mesh, calls)
     time.sleep(2 * SCRAPE_S)  # the load sits well inside both windows
     _load(mesh, "live", cancels=4, completes=4, flags=1, mistakes=3)
+    _reconnect(mesh, "live-desk", 3)
     out, err = check.communicate(timeout=120)
     done = time.time()
     assert check.returncode == 1, out + err  # the flagged match breaks reaction_false_positives
@@ -288,9 +325,14 @@ def test_recording_rules_agree_with_flynn_gates_check(mesh: Launcher, prometheus
     assert prom_fp is not None and abs(prom_fp - 0.125) < 0.005, prom_fp
 
     er = cli["error_rate"]
-    assert er["result"] == "pass" and er["sample"] == 8 and "3 caller errors" in er["note"], er
+    # Caller mistakes (and companion streams the caller closed: CANCELLED) are shown, not judged.
+    assert er["result"] == "pass" and er["sample"] == 8 and "caller_error/INVALID_ARGUMENT=3" in er["note"], (
+        er
+    )
     assert prometheus.value("flynn:gate_run_error_rate:ratio", done) == 0.0
-    assert cli["node_reconnect_success"]["result"] == "inconclusive"  # no reconnects: not a pass
+    rec = cli["node_reconnect_success"]
+    assert rec["result"] == "pass" and rec["sample"] == 3 and rec["measured"] == "100.00%", rec
+    assert prometheus.value("flynn:gate_node_reconnect_success:ratio", done) == 1.0
 
 
 def test_every_dashboard_query_runs(prometheus: Prometheus) -> None:
