@@ -152,6 +152,9 @@ def _rate(value: float | None) -> str:
 
 
 def error_rate(w: Window, limits: Limits) -> GateResult:
+    """Runs in error and the gateway's server-side failures, each judged on its own minimum sample:
+    either side breaking fails the gate (a gateway failing every call fails it even with no runs
+    finishing); too few runs finished, with nothing broken, is inconclusive."""
     gate, minimum = "error_rate", limits.minimum("error_rate")
     base = w.baseline
     run_limit = ((base.run_error_rate if base else None) or 0.0) + limits.error_rate_margin
@@ -160,9 +163,13 @@ def error_rate(w: Window, limits: Limits) -> GateResult:
         f"runs <= {run_limit:.2%}, gateway server errors <= {gw_limit:.2%} "
         f"({'baseline' if base else 'no baseline'} + {limits.error_rate_margin:.2%})"
     )
-    if (short := _short(gate, w.errors.runs_finished, minimum, "runs finished", threshold)) is not None:
-        return short
     runs, server = w.errors.run_error_rate or 0.0, w.errors.server_error_rate or 0.0
+    runs_bad = w.errors.runs_finished >= minimum and runs > run_limit
+    gateway_bad = w.errors.calls >= minimum and server > gw_limit
+    if not (runs_bad or gateway_bad):
+        short = _short(gate, w.errors.runs_finished, minimum, "runs finished", threshold)
+        if short is not None:
+            return short
     codes = ", ".join(f"{k}={v:.0f}" for k, v in sorted(w.failures_by_code.items()) if v > 0)
     note = (
         f"{w.errors.runs_errored:.0f} of {w.errors.runs_finished:.0f} runs in error; gateway "
@@ -176,7 +183,7 @@ def error_rate(w: Window, limits: Limits) -> GateResult:
     )
     return GateResult(
         gate,
-        _verdict(runs <= run_limit and server <= gw_limit),
+        _verdict(not (runs_bad or gateway_bad)),
         f"runs {runs:.2%}, gateway server errors {server:.2%}",
         threshold,
         note,

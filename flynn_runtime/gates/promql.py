@@ -40,7 +40,7 @@ class GateRule:
     records: tuple[tuple[str, str], ...]  # (record name, expression) in dependency order
     sample: str  # the record holding the sample size
     breach: str  # PromQL over the records: a sample when the gate fails
-    counts: bool  # a count gate fails on its first violation, whatever the sample
+    counts: bool  # the breach is judged before the sample (a count gate; or a breach with its own guard)
     description: str
 
 
@@ -128,15 +128,23 @@ def gate_rules(limits: Limits, w: str) -> list[GateRule]:
 
 
 def _error_rate_rule(limits: Limits, w: str) -> GateRule:
+    """Each side breaks only on its own minimum sample; a break wins over too few runs (as checks.py)."""
+    n, margin = limits.minimum("error_rate"), f"{limits.error_rate_margin:g}"
+    runs = (
+        f"flynn:gate_run_error_rate:ratio > ({_baseline('flynn:gate_run_error_rate:baseline')}) + {margin}"
+        f" and on() flynn:gate_runs_finished_sample:count >= {n}"
+    )
+    gateway = (
+        f"flynn:gate_gateway_server_error_rate:ratio > "
+        f"({_baseline('flynn:gate_gateway_server_error_rate:baseline')}) + {margin}"
+        f" and on() flynn:gate_gateway_calls_sample:count >= {n}"
+    )
     return GateRule(
         "error_rate",
         _error_records(w),
         "flynn:gate_runs_finished_sample:count",
-        f"flynn:gate_run_error_rate:ratio > ({_baseline('flynn:gate_run_error_rate:baseline')}) + "
-        f"{limits.error_rate_margin:g}\n"
-        f"or flynn:gate_gateway_server_error_rate:ratio > "
-        f"({_baseline('flynn:gate_gateway_server_error_rate:baseline')}) + {limits.error_rate_margin:g}",
-        False,
+        f"({runs})\nor ({gateway})",
+        True,
         f"runs ending in error, or the gateway's server-side failures, more than "
         f"{limits.error_rate_margin:.0%} above the rate of the day before the window",
     )
@@ -152,6 +160,7 @@ def _error_records(w: str) -> tuple[tuple[str, str], ...]:
     return (
         ("flynn:gate_runs_finished_sample:count", _inc(finished, w)),
         ("flynn:gate_run_error_rate:ratio", f"{_inc(ERRORED, w)} / {_inc(finished, w)}"),
+        ("flynn:gate_gateway_calls_sample:count", _inc("flynn_gateway_calls_total", w)),
         ("flynn:gate_gateway_server_error_rate:ratio", f"{_inc(server, w)} / {_inc('flynn_gateway_calls_total', w)}"),
         # The rate before the window (what `flynn gates check` takes from its before snapshot);
         # ">= 0" drops the NaN of an empty day so that the breach falls back to a baseline of 0.

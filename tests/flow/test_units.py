@@ -173,6 +173,9 @@ def test_error_rate_gate_compares_the_window_with_the_baseline() -> None:
     wide = Limits(error_rate_margin=0.1)
     assert by_gate(gates.evaluate(None, errors(100, 5), limits=wide))["error_rate"].result == "pass"
     assert by_gate(gates.evaluate(before, errors(110, 5)))["error_rate"].result == "inconclusive"  # 10 runs
+    # No run finished, but the gateway failed every call: that fails, it is not "too little data".
+    down = by_gate(gates.evaluate(None, errors(0, 0, server=50)))["error_rate"]
+    assert down.result == "fail" and "gateway server errors 100.00%" in down.measured, down
 
 
 def test_probe_is_self_checking() -> None:

@@ -129,6 +129,9 @@ CASES: list[tuple[str, str, Series, int]] = [
     ("error_rate", "caller errors only", {**RUNS_10PCT, **GATEWAY_OK,
      'flynn_gateway_calls_total{grpc_code="INVALID_ARGUMENT",code_class="caller_error"}': "0+50x30"}, PASS),
     ("error_rate", "ten runs", {'flynn_runs_total{state="completed"}': "0+1x30"}, INCONCLUSIVE),
+    # From 10m on no run finishes and the gateway fails every call: a failure, not "too little data".
+    ("error_rate", "everything failing", {'flynn_runs_total{state="completed"}': "0+2x9 18x20",
+     'flynn_gateway_calls_total{grpc_code="UNAVAILABLE",code_class="server_error"}': "0x9 0+30x20"}, FAIL),
 ]  # fmt: skip
 
 
