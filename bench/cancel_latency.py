@@ -151,7 +151,8 @@ def histogram(text: str, name: str) -> tuple[dict[float, float], float, float]:
 def bucket_quantile(buckets: dict[float, float], count: float, q: float) -> str:
     for le in sorted(buckets):
         if count and buckets[le] >= q * count:
-            return "> 1 s" if le == float("inf") else f"<= {le * 1000:g} ms"
+            top = max((b for b in buckets if b != float("inf")), default=0.0)
+            return f"> {top * 1000:g} ms" if le == float("inf") else f"<= {le * 1000:g} ms"
     return "n/a"
 
 

@@ -19,6 +19,7 @@ from google.protobuf import message as pb_message
 from config_svc.reaction_rules import validate_rules
 from flynn_runtime.config_yaml import enum_choices, field_path_error
 from flynn_runtime.errors import FieldViolation
+from flynn_runtime.histograms import CANCEL_DEADLINE_MAX_S
 from flynn_runtime.rollout import BASIS_POINTS_MAX
 
 FD = pb_descriptor.FieldDescriptor
@@ -123,6 +124,14 @@ def _scalar(
 def _check_queue(q: config_pb2.QueueConfig, path: str, out: list[FieldViolation]) -> None:
     if q.HasField("rollout") and q.rollout.rollout.basis_points > 0 and q.rollout.mode == 0:
         out.append(FieldViolation(f"{path}.rollout.mode", "is required when the rollout has basis points"))
+    deadline = q.cancel_deadline.seconds + q.cancel_deadline.nanos / 1e9
+    if deadline > CANCEL_DEADLINE_MAX_S:
+        # The cancel histograms' buckets end past this, so a forced cancel is always measured.
+        out.append(
+            FieldViolation(
+                f"{path}.cancel_deadline", f"must be at most {CANCEL_DEADLINE_MAX_S:.0f}s, got {deadline:g}s"
+            )
+        )
 
 
 def _check_nonempty_list(items: Iterable[str], path: str, what: str, out: list[FieldViolation]) -> None:

@@ -1,27 +1,22 @@
 """The Rollout view's rows, trends and snapshot comparison around the playbook gates.
 
-Pass/fail itself comes from one place, the `flynn gates` command's evaluation
-(flynn_cli.gates_cmds.evaluate over System.GetMetrics answers), so the console and the command never
-disagree. This module only shapes its results for the page, extracts a number per gate for the trend
-charts, keeps the trend window and compares two snapshots.
+The verdicts (pass, fail, inconclusive, skip) come from one place, the shared gates library
+(flynn_runtime.gates.evaluate over System.GetMetrics answers) that `flynn gates` and the Prometheus
+rules use too, so the console and the command never disagree. This module only shapes its results
+for the page, extracts a number per gate for the trend charts, keeps the trend window and compares
+two snapshots.
 """
 
 from __future__ import annotations
 
+import math
 import time
 from collections import deque
 from typing import Any
 
+from flynn_runtime.gates import TITLES
+
 TREND_SAMPLES = 120
-TITLES = {
-    "metrics_available": "Metrics readable",
-    "cancel_to_ack_p95": "Cancel-to-ack p95",
-    "duplicate_finals": "Duplicate finals delivered",
-    "reaction_false_positives": "Reaction false-positive rate",
-    "node_reconnect_success": "Node reconnect success",
-    "canvas_persistence": "Canvas persistence",
-    "tts_no_dropped_replies": "TTS fallback, no dropped replies",
-}
 
 
 def gate_rows(results: list[dict[str, Any]]) -> list[dict[str, Any]]:
@@ -37,6 +32,9 @@ def gate_rows(results: list[dict[str, Any]]) -> list[dict[str, Any]]:
                 "display": str(r["measured"]) + (f" ({note})" if note else ""),
                 "threshold": str(r["threshold"]),
                 "no_observations": note == "no observations",
+                "inconclusive": r["result"] == "inconclusive",
+                "sample": r.get("sample"),
+                "min_sample": r.get("min_sample", 0),
             }
         )
     return rows
@@ -49,9 +47,10 @@ def _num(d: dict[str, Any], *path: str) -> float:
             return 0.0
         cur = cur.get(p, 0)
     try:
-        return float(cur or 0)
+        value = float(cur or 0)  # proto JSON spells an unknown percentile "Infinity"
     except (TypeError, ValueError):
         return 0.0
+    return value if math.isfinite(value) else _num(d, *path[:-1], "top_bound_ms")
 
 
 def _named(d: dict[str, Any], *path: str) -> dict[str, float]:
@@ -71,6 +70,7 @@ def trend_values(metrics: dict[str, Any]) -> dict[str, float | None]:
     attempts = sum(rec.values())
     finals = _num(metrics, "runs", "finals")
     delivered = sum(_named(metrics, "runs", "replies_by_mode").values())
+    finished = _num(metrics, "runs", "runs_finished")
     return {
         "cancel_to_ack_p95": _num(metrics, "runs", "cancel_to_ack", "p95_ms") if cancels else None,
         "duplicate_finals": _num(metrics, "runs", "duplicate_finals_delivered"),
@@ -79,6 +79,7 @@ def trend_values(metrics: dict[str, Any]) -> dict[str, float | None]:
         else None,
         "node_reconnect_success": rec.get("success", 0.0) / attempts if attempts else None,
         "tts_no_dropped_replies": max(finals - delivered, 0.0) if finals else None,
+        "error_rate": _num(metrics, "runs", "runs_errored") / finished if finished else None,
     }
 
 

@@ -29,8 +29,8 @@ from console import audit_tail, rollout_gates
 from console.mesh_client import MeshClient, MeshError, read_stream
 from console.reply_tally import ReplyTally
 from console.sign_in import COOKIE, ConsoleSession, SessionTable, SignInLimiter, clean_operator_name
-from flynn_cli.gates_cmds import evaluate as evaluate_gates
 from flynn_runtime.audit import AuditLog
+from flynn_runtime.gates import evaluate as evaluate_gates
 
 log = logging.getLogger("console")
 
@@ -423,7 +423,8 @@ async def api_watchers(request: web.Request) -> web.StreamResponse:
 def judge(
     before: system_pb2.GetMetricsResponse | None, after: system_pb2.GetMetricsResponse
 ) -> list[dict[str, Any]]:
-    """The playbook gates exactly as `flynn gates` judges them (since start when before is None)."""
+    """The playbook gates exactly as `flynn gates` judges them (since start when before is None), from
+    the shared gates library; below a gate's minimum sample the row is inconclusive."""
     return rollout_gates.gate_rows([asdict(r) for r in evaluate_gates(before, after)])
 
 

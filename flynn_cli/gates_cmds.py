@@ -1,23 +1,18 @@
 """`flynn gates ...`: the rollout playbook's gates, evaluated from live figures (System.GetMetrics).
 
-    flynn gates check [--window 60s] [--json] [--skip GATE]   # exit 1 when a gate fails
+    flynn gates check [--window 60s] [--json] [--skip GATE] [--min-sample GATE=N] [--baseline before.json]
     flynn gates snapshot -o before.json
-    flynn gates compare before.json after.json [--json]       # exit 1 when a gate fails between them
+    flynn gates compare before.json after.json [--json]
 
-A window is the difference of two GetMetrics answers taken `--window` apart (counters and histogram
-buckets are subtracted; a counter that went down means its process restarted, and the later value is
-the delta). `--window 0` evaluates everything since each process started.
+The gates themselves (thresholds, minimum samples, one function per gate) are flynn_runtime.gates,
+which the console and the Prometheus rules use too; this module reads the figures, runs the canvas
+probe (it writes through the Canvas service) and prints.
 
-Gates (docs/operations/ROLLOUT.md):
-  metrics_available        every service's figures could be read
-  cancel_to_ack_p95        p95 of CancelRun → cancel_requested durable ≤ 500 ms
-  duplicate_finals         no second final delivered for any run (suppressed ones are shown)
-  reaction_false_positives flagged false positives / matches ≤ 3%
-  node_reconnect_success   successful reconnects / reconnect attempts ≥ 99%
-  canvas_persistence       the probe left by the previous check still has its sha256 (it survived any
-                           restart in between), and a new probe written now reads back intact
-  tts_no_dropped_replies   every TTS fallback was delivered as text, and finals ≤ replies delivered
-A gate with nothing to measure in the window passes with "no observations".
+Exit codes (check and compare):
+  0  every gate passed (skipped gates aside)
+  1  a gate failed, or the figures could not be read
+  2  bad arguments, or a snapshot file that cannot be read
+  3  inconclusive: nothing failed, but a gate had less than its minimum sample in the window
 """
 
 from __future__ import annotations
@@ -25,11 +20,12 @@ from __future__ import annotations
 import argparse
 import hashlib
 import json
+import math
 import re
 import sys
 import time
-from collections.abc import Callable, Iterable
-from dataclasses import asdict, dataclass
+from collections.abc import Callable
+from dataclasses import asdict
 from pathlib import Path
 from typing import Any
 
@@ -38,35 +34,22 @@ from flynn.v1 import canvas_pb2, canvas_pb2_grpc, system_pb2, system_pb2_grpc
 from google.protobuf import json_format
 
 from flynn_cli import rpc
-from flynn_runtime.histograms import quantile
-
-CANCEL_TO_ACK_P95_MS = 500.0
-FALSE_POSITIVE_RATE_MAX = 0.03
-RECONNECT_SUCCESS_MIN = 0.99
-PROBE_NAME = "gates/persistence-probe"
-GATE_NAMES = (
-    "metrics_available",
-    "cancel_to_ack_p95",
-    "duplicate_finals",
-    "reaction_false_positives",
-    "node_reconnect_success",
-    "canvas_persistence",
-    "tts_no_dropped_replies",
+from flynn_runtime.gates import (
+    EXIT_FAIL,
+    EXIT_USAGE,
+    GATE_NAMES,
+    MIN_SAMPLE,
+    GateResult,
+    Limits,
+    Verdict,
+    evaluate,
+    exit_code,
 )
-REQUIRED_SERVICES = ("queue", "reactions", "nodes", "voice")
+from flynn_runtime.gates.window import rates
+from flynn_runtime.histograms import format_ms
 
-
-@dataclass
-class GateResult:
-    gate: str
-    result: str  # pass | fail | skip
-    measured: str
-    threshold: str
-    note: str = ""
-
-    @property
-    def failed(self) -> bool:
-        return self.result == "fail"
+PROBE_NAME = "gates/persistence-probe"
+EXIT_CODES = "exit codes: 0 all gates pass, 1 a gate failed (or no figures), 2 bad arguments, 3 inconclusive"
 
 
 def register(sub: Any) -> None:
@@ -74,9 +57,7 @@ def register(sub: Any) -> None:
     cmds = p.add_subparsers(dest="command", metavar="<command>")
     cmds.required = True
 
-    c = cmds.add_parser(
-        "check", help="evaluate every gate over a window of live figures; exit 1 on a failure"
-    )
+    c = cmds.add_parser("check", help="evaluate every gate over a window of live figures", epilog=EXIT_CODES)
     c.add_argument(
         "--window", default="60s", help="time between the two samples, e.g. 30s, 2m, 0 (default 60s)"
     )
@@ -85,20 +66,60 @@ def register(sub: Any) -> None:
         "--skip", action="append", default=[], choices=GATE_NAMES, help="do not evaluate this gate"
     )
     c.add_argument("--probe-name", default=PROBE_NAME, help=f"canvas probe artifact (default {PROBE_NAME})")
+    c.add_argument(
+        "--baseline",
+        type=Path,
+        help="a `flynn gates snapshot` taken before the change: the error_rate gate's baseline "
+        "(default: the figures at the start of the window)",
+    )
+    _limit_args(c)
     c.set_defaults(func=cmd_check)
 
     c = cmds.add_parser("snapshot", help="save the current figures (System.GetMetrics) to a JSON file")
     c.add_argument("-o", "--output", type=Path, required=True)
     c.set_defaults(func=cmd_snapshot)
 
-    c = cmds.add_parser("compare", help="before/after of two snapshots, and the gates between them")
+    c = cmds.add_parser(
+        "compare", help="before/after of two snapshots, and the gates between them", epilog=EXIT_CODES
+    )
     c.add_argument("before", type=Path)
     c.add_argument("after", type=Path)
     c.add_argument("--json", action="store_true")
+    _limit_args(c)
     c.set_defaults(func=cmd_compare)
 
 
-# --- durations and figures --------------------------------------------------------------------------
+def _limit_args(c: argparse.ArgumentParser) -> None:
+    defaults = ", ".join(f"{k}={v}" for k, v in MIN_SAMPLE.items())
+    c.add_argument(
+        "--min-sample",
+        action="append",
+        default=[],
+        metavar="GATE=N",
+        help=f"observations a gate needs, below which it is inconclusive (defaults: {defaults})",
+    )
+    c.add_argument(
+        "--error-rate-margin",
+        type=float,
+        default=Limits().error_rate_margin,
+        help="how far (0..1) the window's error rates may exceed the baseline's (default %(default)s)",
+    )
+
+
+def limits_from(args: argparse.Namespace) -> Limits:
+    """The Limits the arguments ask for; raises ValueError naming a bad --min-sample."""
+    overrides: dict[str, int] = {}
+    for item in args.min_sample:
+        gate, sep, n = item.partition("=")
+        if not sep or gate not in MIN_SAMPLE or not n.isdigit():
+            raise ValueError(
+                f"--min-sample {item!r}: expected GATE=N with GATE one of {', '.join(MIN_SAMPLE)}"
+            )
+        overrides[gate] = int(n)
+    if not 0.0 <= args.error_rate_margin <= 1.0:
+        raise ValueError(f"--error-rate-margin must be between 0 and 1, got {args.error_rate_margin}")
+    return Limits(error_rate_margin=args.error_rate_margin).with_min_samples(overrides)
+
 
 _DURATION = re.compile(r"^(?P<n>\d+(?:\.\d+)?)(?P<unit>ms|s|m|h)?$")
 
@@ -109,160 +130,6 @@ def parse_duration(text: str) -> float:
         raise ValueError(f"{text!r} is not a duration (e.g. 30s, 2m, 500ms, 0)")
     scale = {"ms": 0.001, "s": 1.0, "m": 60.0, "h": 3600.0, None: 1.0}[m["unit"]]
     return float(m["n"]) * scale
-
-
-def _named(items: Iterable[system_pb2.NamedCount]) -> dict[str, float]:
-    return {i.name: i.value for i in items}
-
-
-def _delta(before: float, after: float) -> float:
-    """A counter's increase; a decrease means the process restarted and counted from zero."""
-    return after - before if after >= before else after
-
-
-def _delta_named(
-    before: Iterable[system_pb2.NamedCount], after: Iterable[system_pb2.NamedCount]
-) -> dict[str, float]:
-    b, a = _named(before), _named(after)
-    return {k: _delta(b.get(k, 0.0), v) for k, v in a.items()}
-
-
-def _delta_buckets(
-    before: system_pb2.Percentiles, after: system_pb2.Percentiles
-) -> list[tuple[float, float]]:
-    b = {x.upper_bound_ms: x.count for x in before.buckets}
-    a = sorted((x.upper_bound_ms, x.count) for x in after.buckets)
-    if a and b and a[-1][1] < b.get(a[-1][0], 0.0):  # restarted: the after histogram is the window
-        return a
-    return [(le, max(c - b.get(le, 0.0), 0.0)) for le, c in a]
-
-
-# --- gates ------------------------------------------------------------------------------------------
-
-
-def evaluate(
-    before: system_pb2.GetMetricsResponse | None,
-    after: system_pb2.GetMetricsResponse,
-    skip: Iterable[str] = (),
-) -> list[GateResult]:
-    """The figure gates between two answers (before None: since each process started)."""
-    b = before if before is not None else system_pb2.GetMetricsResponse()
-    skipped = set(skip)
-    out: list[GateResult] = []
-
-    missing = sorted(set(after.unavailable_services) | (set(b.unavailable_services) if before else set()))
-    needed = [s for s in missing if s in REQUIRED_SERVICES]
-    out.append(
-        GateResult(
-            "metrics_available",
-            "fail" if needed else "pass",
-            "unreachable: " + ", ".join(missing) if missing else "all services read",
-            "queue, reactions, nodes, voice readable",
-            "; ".join(after.unavailable_details),
-        )
-    )
-
-    cum = _delta_buckets(b.runs.cancel_to_ack, after.runs.cancel_to_ack)
-    n = cum[-1][1] if cum else 0.0
-    if n <= 0:
-        out.append(
-            GateResult(
-                "cancel_to_ack_p95",
-                "pass",
-                "no cancels",
-                f"<= {CANCEL_TO_ACK_P95_MS:.0f} ms",
-                "no observations",
-            )
-        )
-    else:
-        p95 = quantile(cum, 0.95)
-        out.append(
-            GateResult(
-                "cancel_to_ack_p95",
-                "pass" if p95 <= CANCEL_TO_ACK_P95_MS else "fail",
-                f"{p95:.1f} ms",
-                f"<= {CANCEL_TO_ACK_P95_MS:.0f} ms",
-                f"{int(n)} cancels; cancel-to-cancelled p95 "
-                f"{quantile(_delta_buckets(b.runs.cancel_to_cancelled, after.runs.cancel_to_cancelled), 0.95):.1f} ms",
-            )
-        )
-
-    dup = _delta(b.runs.duplicate_finals_delivered, after.runs.duplicate_finals_delivered)
-    sup = _delta(b.runs.duplicate_finals_suppressed, after.runs.duplicate_finals_suppressed)
-    out.append(
-        GateResult(
-            "duplicate_finals",
-            "pass" if dup == 0 else "fail",
-            f"{dup:.0f} delivered",
-            "== 0",
-            f"{sup:.0f} suppressed by the outbox",
-        )
-    )
-
-    matches = _delta(b.reactions.matches, after.reactions.matches)
-    fps = _delta(b.reactions.false_positives, after.reactions.false_positives)
-    if matches <= 0:
-        out.append(
-            GateResult(
-                "reaction_false_positives",
-                "pass",
-                "no matches",
-                f"<= {FALSE_POSITIVE_RATE_MAX:.0%}",
-                "no observations",
-            )
-        )
-    else:
-        rate = fps / matches
-        out.append(
-            GateResult(
-                "reaction_false_positives",
-                "pass" if rate <= FALSE_POSITIVE_RATE_MAX else "fail",
-                f"{rate:.2%}",
-                f"<= {FALSE_POSITIVE_RATE_MAX:.0%}",
-                f"{fps:.0f} flagged of {matches:.0f} matches",
-            )
-        )
-
-    rec = _delta_named(b.nodes.reconnects, after.nodes.reconnects)
-    attempts = sum(rec.values())
-    if attempts <= 0:
-        out.append(
-            GateResult(
-                "node_reconnect_success",
-                "pass",
-                "no reconnects",
-                f">= {RECONNECT_SUCCESS_MIN:.0%}",
-                "no observations",
-            )
-        )
-    else:
-        rate = rec.get("success", 0.0) / attempts
-        out.append(
-            GateResult(
-                "node_reconnect_success",
-                "pass" if rate >= RECONNECT_SUCCESS_MIN else "fail",
-                f"{rate:.2%}",
-                f">= {RECONNECT_SUCCESS_MIN:.0%}",
-                f"{rec.get('success', 0.0):.0f} of {attempts:.0f} reconnects",
-            )
-        )
-
-    fallbacks = _delta(b.voice.tts_fallbacks, after.voice.tts_fallbacks)
-    modes = _delta_named(b.runs.replies_by_mode, after.runs.replies_by_mode)
-    as_text = modes.get("text_after_fallback", 0.0)
-    delivered = sum(modes.values())
-    finals = _delta(b.runs.finals, after.runs.finals)
-    ok = as_text >= fallbacks and delivered >= finals
-    out.append(
-        GateResult(
-            "tts_no_dropped_replies",
-            "pass" if ok else "fail",
-            f"{fallbacks:.0f} fallbacks, {as_text:.0f} sent as text; {finals:.0f} finals, {delivered:.0f} replies delivered",
-            "fallbacks <= text_after_fallback and finals <= delivered",
-            "replies by mode: " + ", ".join(f"{k}={v:.0f}" for k, v in sorted(modes.items())),
-        )
-    )
-    return [r for r in out if r.gate not in skipped]
 
 
 def probe_body(nonce: str) -> bytes:
@@ -296,7 +163,7 @@ def canvas_probe(args: argparse.Namespace) -> GateResult:
         why = probe_intact(prev.content, prev.sha256)
         if why:
             return GateResult(
-                "canvas_persistence", "fail", f"previous probe v{prev.version}: {why}", threshold
+                "canvas_persistence", Verdict.FAIL, f"previous probe v{prev.version}: {why}", threshold
             )
         notes.append(f"previous probe v{prev.version} intact ({prev.sha256[:12]}…)")
         etag = prev.etag
@@ -305,14 +172,14 @@ def canvas_probe(args: argparse.Namespace) -> GateResult:
         if code == grpc.StatusCode.FAILED_PRECONDITION and "CANVAS_DISABLED" in _reason(e):
             return GateResult(
                 "canvas_persistence",
-                "skip",
+                Verdict.SKIP,
                 "canvas is off",
                 threshold,
                 "server.nodes.feature_gates.ui.canvas is false",
             )
         if code != grpc.StatusCode.NOT_FOUND:
             return GateResult(
-                "canvas_persistence", "fail", f"cannot read the probe: {_describe(e)}", threshold
+                "canvas_persistence", Verdict.FAIL, f"cannot read the probe: {_describe(e)}", threshold
             )
         notes.append("no previous probe (first check)")
     content = probe_body(hashlib.sha256(str(time.time_ns()).encode()).hexdigest()[:16])
@@ -327,14 +194,16 @@ def canvas_probe(args: argparse.Namespace) -> GateResult:
             canvas_pb2.GetArtifactRequest(name=args.probe_name, version=put.version), **kw
         ).artifact
     except grpc.RpcError as e:
-        return GateResult("canvas_persistence", "fail", f"probe write/read failed: {_describe(e)}", threshold)
+        return GateResult(
+            "canvas_persistence", Verdict.FAIL, f"probe write/read failed: {_describe(e)}", threshold
+        )
     expected = hashlib.sha256(content).hexdigest()
     if got.content != content or got.sha256 != expected:
         return GateResult(
-            "canvas_persistence", "fail", f"probe v{put.version} read back different", threshold
+            "canvas_persistence", Verdict.FAIL, f"probe v{put.version} read back different", threshold
         )
     notes.append(f"new probe v{put.version} written and read back ({expected[:12]}…)")
-    return GateResult("canvas_persistence", "pass", "intact", threshold, "; ".join(notes))
+    return GateResult("canvas_persistence", Verdict.PASS, "intact", threshold, "; ".join(notes))
 
 
 def _reason(e: grpc.RpcError) -> str:
@@ -362,15 +231,23 @@ def get_metrics(args: argparse.Namespace) -> system_pb2.GetMetricsResponse | Non
     )
 
 
+_SUMMARY = {0: "PASSED", 1: "FAILED", 3: "INCONCLUSIVE"}
+
+
 def print_results(results: list[GateResult], as_json: bool, header: str) -> int:
-    failed = [r for r in results if r.failed]
+    """Print the gates (a table or JSON) and return the exit code they call for."""
+    code = exit_code(results)
+    counts = {v: sum(1 for r in results if r.result == v) for v in Verdict}
     if as_json:
-        print(
-            json.dumps(
-                {"passed": not failed, "window": header, "gates": [asdict(r) for r in results]}, indent=2
-            )
-        )
-        return 1 if failed else 0
+        doc = {
+            "passed": code == 0,
+            "verdict": _SUMMARY[code].lower(),
+            "exit_code": code,
+            "window": header,
+            "gates": [asdict(r) for r in results],
+        }
+        print(json.dumps(doc, indent=2))
+        return code
     print(header)
     rows = [("GATE", "RESULT", "MEASURED", "THRESHOLD")] + [
         (r.gate, r.result.upper(), r.measured, r.threshold) for r in results
@@ -380,38 +257,70 @@ def print_results(results: list[GateResult], as_json: bool, header: str) -> int:
         print("  ".join(v.ljust(w) for v, w in zip(row[:3], widths, strict=True)) + "  " + row[3])
         if i > 0 and results[i - 1].note:
             print(" " * (widths[0] + 2) + f"↳ {results[i - 1].note}")
-    print(f"{'FAILED' if failed else 'PASSED'}: {len(results) - len(failed)} of {len(results)} gates pass")
-    return 1 if failed else 0
+    print(
+        f"{_SUMMARY[code]}: {counts[Verdict.PASS]} of {len(results)} gates pass, "
+        f"{counts[Verdict.FAIL]} fail, {counts[Verdict.INCONCLUSIVE]} inconclusive, {counts[Verdict.SKIP]} skipped"
+    )
+    return code
+
+
+def _window_and_limits(args: argparse.Namespace) -> tuple[float, Limits] | None:
+    try:
+        return parse_duration(args.window), limits_from(args)
+    except ValueError as e:
+        print(f"error: {e}" if str(e).startswith("--") else f"error: --window: {e}", file=sys.stderr)
+        return None
 
 
 def cmd_check(args: argparse.Namespace) -> int:
-    try:
-        window = parse_duration(args.window)
-    except ValueError as e:
-        print(f"error: --window: {e}", file=sys.stderr)
-        return 2
+    parsed = _window_and_limits(args)
+    if parsed is None:
+        return EXIT_USAGE
+    window, limits = parsed
+    baseline = None
+    if args.baseline is not None:
+        try:
+            baseline = load_snapshot(args.baseline)
+        except (OSError, json_format.ParseError) as e:
+            print(f"error: cannot read the baseline snapshot: {e}", file=sys.stderr)
+            return EXIT_USAGE
     before = None
     if window > 0:
         before = get_metrics(args)
         if before is None:
-            return 1
+            return EXIT_FAIL
         time.sleep(window)
     after = get_metrics(args)
     if after is None:
-        return 1
-    results = evaluate(before, after, args.skip)
+        return EXIT_FAIL
+    results = evaluate(before, after, args.skip, limits, baseline)
     if "canvas_persistence" not in args.skip:
-        results.insert(-1, canvas_probe(args))
+        results.append(canvas_probe(args))
+        results.sort(key=lambda r: GATE_NAMES.index(r.gate))
     header = f"gates over the last {args.window}" if window > 0 else "gates since each service started"
     return print_results(results, args.json, header)
+
+
+def error_summary(m: system_pb2.GetMetricsResponse) -> str:
+    """The error rates of one answer (since each process started), for people."""
+    r = rates(m)
+    runs = f"{r.run_error_rate:.2%}" if r.run_error_rate is not None else "-"
+    server = f"{r.server_error_rate:.2%}" if r.server_error_rate is not None else "-"
+    calls = {n.name: n.value for n in m.gateway.calls_by_class}
+    return (
+        f"error rate: runs {runs} ({r.runs_errored:.0f} of {r.runs_finished:.0f} finished in error); "
+        f"gateway server errors {server} ({r.server_errors:.0f} of {r.calls:.0f} calls; "
+        f"{calls.get('caller_error', 0.0):.0f} caller errors)"
+    )
 
 
 def cmd_snapshot(args: argparse.Namespace) -> int:
     m = get_metrics(args)
     if m is None:
-        return 1
+        return EXIT_FAIL
     args.output.write_text(json_format.MessageToJson(m, indent=2) + "\n", encoding="utf-8")
     print(f"saved figures of {m.time.ToJsonString()} to {args.output}")
+    print(error_summary(m))
     if m.unavailable_services:
         print(f"warning: unavailable: {', '.join(m.unavailable_services)}", file=sys.stderr)
     return 0
@@ -422,10 +331,15 @@ def load_snapshot(path: Path) -> system_pb2.GetMetricsResponse:
 
 
 def _figures(m: system_pb2.GetMetricsResponse) -> dict[str, float]:
+    r = rates(m)
     f: dict[str, float] = {
         "runs.finals": m.runs.finals,
+        "runs.finished": m.runs.runs_finished,
+        "runs.errored": m.runs.runs_errored,
+        "runs.error_rate": r.run_error_rate or 0.0,
         "runs.cancel_to_ack.p95_ms": m.runs.cancel_to_ack.p95_ms,
         "runs.cancel_to_cancelled.p95_ms": m.runs.cancel_to_cancelled.p95_ms,
+        "runs.cancel_to_cancelled.p99_ms": m.runs.cancel_to_cancelled.p99_ms,
         "runs.duplicate_finals_suppressed": m.runs.duplicate_finals_suppressed,
         "runs.duplicate_finals_delivered": m.runs.duplicate_finals_delivered,
         "reactions.matches": m.reactions.matches,
@@ -435,6 +349,7 @@ def _figures(m: system_pb2.GetMetricsResponse) -> dict[str, float]:
         "nodes.reconnect_success_rate": m.nodes.reconnect_success_rate,
         "voice.tts_requests": m.voice.tts_requests,
         "voice.tts_fallbacks": m.voice.tts_fallbacks,
+        "gateway.server_error_rate": r.server_error_rate or 0.0,
     }
     for prefix, items in (
         ("runs.state", m.runs.run_states),
@@ -442,28 +357,53 @@ def _figures(m: system_pb2.GetMetricsResponse) -> dict[str, float]:
         ("runs.replies", m.runs.replies_by_mode),
         ("reactions.skips", m.reactions.skips),
         ("nodes.canvas", m.nodes.canvas_operations),
+        ("gateway.calls", m.gateway.calls_by_class),
+        ("gateway.failures", m.gateway.failures_by_code),
     ):
         for n in items:
             f[f"{prefix}.{n.name}"] = n.value
     return f
 
 
+def _tops(m: system_pb2.GetMetricsResponse) -> dict[str, float]:
+    """The top finite bucket of each percentile figure, to show a value above it as "> top"."""
+    return {
+        "runs.cancel_to_ack.p95_ms": m.runs.cancel_to_ack.top_bound_ms,
+        "runs.cancel_to_cancelled.p95_ms": m.runs.cancel_to_cancelled.top_bound_ms,
+        "runs.cancel_to_cancelled.p99_ms": m.runs.cancel_to_cancelled.top_bound_ms,
+    }
+
+
+def _cell(value: float, top: float) -> str:
+    return format_ms(value, top).removesuffix(" ms") if math.isinf(value) else f"{value:.4g}"
+
+
 def cmd_compare(args: argparse.Namespace) -> int:
     try:
         before, after = load_snapshot(args.before), load_snapshot(args.after)
+        limits = limits_from(args)
     except (OSError, json_format.ParseError) as e:
         print(f"error: cannot read a snapshot: {e}", file=sys.stderr)
-        return 2
+        return EXIT_USAGE
+    except ValueError as e:
+        print(f"error: {e}", file=sys.stderr)
+        return EXIT_USAGE
     fb, fa = _figures(before), _figures(after)
-    results = evaluate(before, after)
+    tb, ta = _tops(before), _tops(after)
+    results = evaluate(before, after, (), limits)
     if not args.json:
         print(f"before {before.time.ToJsonString()}  after {after.time.ToJsonString()}")
+        print(f"before {error_summary(before)}")
+        print(f"after  {error_summary(after)}")
         names = sorted(set(fb) | set(fa))
         width = max(len(n) for n in names)
         print(f"{'FIGURE'.ljust(width)}  {'BEFORE':>12}  {'AFTER':>12}  {'CHANGE':>12}")
         for n in names:
             x, y = fb.get(n, 0.0), fa.get(n, 0.0)
-            print(f"{n.ljust(width)}  {x:>12.4g}  {y:>12.4g}  {y - x:>+12.4g}")
+            change = f"{y - x:>+12.4g}" if math.isfinite(x) and math.isfinite(y) else f"{'-':>12}"
+            print(
+                f"{n.ljust(width)}  {_cell(x, tb.get(n, 0.0)):>12}  {_cell(y, ta.get(n, 0.0)):>12}  {change}"
+            )
         print()
     return print_results(results, args.json, "gates between the two snapshots")
 

@@ -48,21 +48,24 @@ async def abort_with(context: ServicerContext[Any, Any], err: FlynnError) -> Non
 class _MethodMetrics:
     """The metric children of one method, resolved once (labels() costs a locked dict lookup per call)."""
 
-    def __init__(self, method: str, rpc_type: str) -> None:
+    def __init__(self, method: str, rpc_type: str, by_class: bool = False) -> None:
         self.service, self.name = _split(method)
         self.rpc_type = rpc_type
+        self.by_class = by_class
         self.started = metrics.GRPC_STARTED.labels(self.service, self.name, rpc_type)
         self.handling = metrics.GRPC_HANDLING.labels(self.service, self.name, rpc_type)
         self.sent = metrics.GRPC_MSG_SENT.labels(self.service, self.name, rpc_type)
-        self._handled: dict[grpc.StatusCode, Any] = {}
+        self._handled: dict[grpc.StatusCode, tuple[Any, ...]] = {}
 
-    def handled(self, code: grpc.StatusCode) -> Any:
-        child = self._handled.get(code)
-        if child is None:
-            child = self._handled[code] = metrics.GRPC_HANDLED.labels(
-                self.service, self.name, self.rpc_type, code.name
-            )
-        return child
+    def handled(self, code: grpc.StatusCode) -> tuple[Any, ...]:
+        """The counters one call with this code increments (the per-class one only on the gateway)."""
+        children = self._handled.get(code)
+        if children is None:
+            children = (metrics.GRPC_HANDLED.labels(self.service, self.name, self.rpc_type, code.name),)
+            if self.by_class:
+                children += (metrics.GATEWAY_CALLS.labels(code.name, metrics.code_class(code.name)),)
+            self._handled[code] = children
+        return children
 
 
 class _Call:
@@ -107,7 +110,8 @@ class _Call:
                 self.code = code
             elif code is not None and exc is not None:
                 self.code = next((c for c in grpc.StatusCode if c.value[0] == code), grpc.StatusCode.UNKNOWN)
-        self.m.handled(self.code).inc()
+        for counter in self.m.handled(self.code):
+            counter.inc()
         self.m.handling.observe(time.perf_counter() - self.start)
 
 
@@ -159,8 +163,10 @@ def _check(method: str, request: Any, streaming: bool) -> Any:
 
 
 class ServerInterceptor(grpc.aio.ServerInterceptor):  # type: ignore[type-arg]
-    def __init__(self, authenticator: Authenticator) -> None:
+    def __init__(self, authenticator: Authenticator, count_calls_by_class: bool = False) -> None:
         self.authenticator = authenticator
+        # The gateway counts every call it answers by status class (flynn_gateway_calls_total).
+        self.count_calls_by_class = count_calls_by_class
         # method -> (the handler we wrapped, its wrapper): handlers are long-lived objects, so the
         # wrapper is built once per method instead of once per call.
         self._wrapped: dict[str, tuple[Any, grpc.RpcMethodHandler[Any, Any]]] = {}
@@ -183,7 +189,7 @@ class ServerInterceptor(grpc.aio.ServerInterceptor):  # type: ignore[type-arg]
 
     def _wrap(self, method: str, handler: grpc.RpcMethodHandler[Any, Any]) -> grpc.RpcMethodHandler[Any, Any]:
         rpc_type = _rpc_type(handler)
-        m = _MethodMetrics(method, rpc_type)
+        m = _MethodMetrics(method, rpc_type, self.count_calls_by_class)
         kw = {
             "request_deserializer": _tolerant(handler.request_deserializer),
             "response_serializer": handler.response_serializer,

@@ -30,11 +30,31 @@ GRPC_MSG_SENT = Counter(
     "Stream messages sent by the server.",
     ["grpc_service", "grpc_method", "grpc_type"],
 )
+GATEWAY_CALLS = Counter(
+    "flynn_gateway_calls_total",
+    "Calls the gateway answered, by status code and class (ok, caller_error, server_error).",
+    ["grpc_code", "code_class"],
+)
 SERVICE_INFO = Gauge("flynn_service_info", "Static information about this process.", ["service", "version"])
 CONFIG_APPLIED_REVISION = Gauge("config_applied_revision", "Config revision this process applied last.")
 CONFIG_STALENESS = Gauge(
     "config_staleness_seconds", "Seconds since this process last heard from the config service."
 )
+
+# Failures the server owns (an operator must look); every other non-OK code is the caller's doing:
+# bad input, missing or refused credentials, unknown ids, limits, a caller that gave up.
+SERVER_ERROR_CODES = frozenset(
+    {"UNKNOWN", "INTERNAL", "UNAVAILABLE", "DATA_LOSS", "DEADLINE_EXCEEDED", "UNIMPLEMENTED"}
+)
+CODE_CLASSES = ("ok", "caller_error", "server_error")
+
+
+def code_class(code_name: str) -> str:
+    """A gRPC status code name's class: ok, caller_error or server_error (the error_rate gate)."""
+    if code_name == "OK":
+        return "ok"
+    return "server_error" if code_name in SERVER_ERROR_CODES else "caller_error"
+
 
 _started_lock = threading.Lock()
 

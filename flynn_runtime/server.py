@@ -79,6 +79,8 @@ class ServiceApp:
     service_names: Sequence[str] = ()
     #: Further services listed by reflection only, not by health (the gateway's forwarded services).
     reflection_names: Sequence[str] = ()
+    #: Count every answered call by status class too (flynn_gateway_calls_total; the gateway does).
+    counts_calls_by_class: bool = False
 
     def __init__(self, runtime: Runtime) -> None:
         self.runtime = runtime
@@ -121,7 +123,7 @@ async def running(
     runtime = Runtime(settings)
     app = factory(runtime)
     server = grpc.aio.server(
-        interceptors=[ServerInterceptor(runtime.authenticator)],
+        interceptors=[ServerInterceptor(runtime.authenticator, app.counts_calls_by_class)],
         options=server_options(settings.max_message_bytes, settings.max_concurrent_streams),
         maximum_concurrent_rpcs=None,
     )

@@ -20,6 +20,7 @@ from gateway.system import SystemServicer
 
 class GatewayApp(ServiceApp):
     service_names = topology.SERVICES["gateway"].grpc_services
+    counts_calls_by_class = True
     # Reflection lists every flynn.v1 service (forwarded and external) so grpcurl list/describe work here.
     reflection_names = (*forwarded_services(), *topology.EXTERNAL_SERVICES)
 

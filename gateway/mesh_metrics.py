@@ -16,9 +16,11 @@ from dataclasses import dataclass
 from flynn.v1 import system_pb2
 from prometheus_client.parser import text_string_to_metric_families
 
-from flynn_runtime.histograms import quantile
+from flynn_runtime.histograms import quantile, top_bound
+from flynn_runtime.metrics import code_class
 
 SCRAPE_TIMEOUT = 1.0
+FINISHED_STATES = ("completed", "cancelled", "error")
 MAX_PAGE_BYTES = 8 * 1024 * 1024
 
 
@@ -95,6 +97,7 @@ def percentiles(cumulative: list[tuple[float, float]], scale_ms: float = 1000.0)
         p50_ms=quantile(cumulative, 0.50) * scale_ms,
         p95_ms=quantile(cumulative, 0.95) * scale_ms,
         p99_ms=quantile(cumulative, 0.99) * scale_ms,
+        top_bound_ms=top_bound(cumulative) * scale_ms,
     )
     for bound, count in cumulative:
         p.buckets.add(upper_bound_ms=bound * scale_ms if not math.isinf(bound) else math.inf, count=count)
@@ -123,8 +126,24 @@ def fill_runs(out: system_pb2.RunMetrics, s: list[Sample]) -> None:
     out.replies_by_mode.extend(named(by_labels(s, "flynn_replies_delivered_total", ("mode",))))
     out.messages.extend(named(by_labels(s, "flynn_messages_total", ("disposition",))))
     out.finals = states.get("completed", 0.0)
+    out.runs_finished = sum(states.get(k, 0.0) for k in FINISHED_STATES)
+    out.runs_errored = states.get("error", 0.0)
     out.active_runs = total(s, "flynn_runs_active")
     out.queue_depth = total(s, "flynn_queue_depth")
+
+
+def fill_gateway(out: system_pb2.GatewayMetrics, s: list[Sample]) -> None:
+    """The gateway's calls by status class, and its failures by class and code."""
+    codes = by_labels(s, "flynn_gateway_calls_total", ("grpc_code",))
+    classes: dict[str, float] = {}
+    failures: dict[str, float] = {}
+    for code, n in codes.items():
+        cls = code_class(code)
+        classes[cls] = classes.get(cls, 0.0) + n
+        if cls != "ok":
+            failures[f"{cls}/{code}"] = n
+    out.calls_by_class.extend(named(classes))
+    out.failures_by_code.extend(named(failures))
 
 
 def fill_reactions(out: system_pb2.ReactionMetrics, s: list[Sample]) -> None:
@@ -177,6 +196,8 @@ def build(scraped: Mapping[str, list[Sample]]) -> system_pb2.GetMetricsResponse:
         fill_nodes(resp.nodes, scraped["nodes"])
     if "voice" in scraped:
         fill_voice(resp.voice, scraped["voice"])
+    if "gateway" in scraped:
+        fill_gateway(resp.gateway, scraped["gateway"])
     if "config" in scraped:
         resp.head_revision = int(total(scraped["config"], "config_head_revision"))
     return resp

@@ -9,6 +9,7 @@ import grpc
 from flynn.v1 import config_pb2, config_pb2_grpc, system_pb2, system_pb2_grpc
 from grpc.aio import ServicerContext
 from grpc_health.v1 import health_pb2, health_pb2_grpc
+from prometheus_client import REGISTRY, generate_latest
 
 from flynn_runtime import VERSION
 from flynn_runtime.server import Runtime
@@ -63,6 +64,8 @@ class SystemServicer(system_pb2_grpc.SystemServicer):
                 missing.append((name, why))
             else:
                 scraped[name] = samples
+        if not request.services:  # the gateway's own figures, from its own registry
+            scraped["gateway"] = mesh_metrics.parse(generate_latest(REGISTRY).decode("utf-8"))
         resp = mesh_metrics.build(scraped)
         watchers, head = await watchers_task
         if head:

@@ -16,6 +16,10 @@ RECONNECTS = Counter(
     "Register attempts by nodes that had registered before, by result (success, failure) and reason.",
     ["result", "reason"],
 )
+# The successful kinds exist from the start (at 0), so Prometheus' increase() over a window counts a
+# first reconnect of either kind too, as `flynn gates check` does (node_reconnect_success gate).
+for _reason in ("resumed", "replaced"):
+    RECONNECTS.labels("success", _reason)
 DISCONNECTS = Counter("nodes_disconnects_total", "Node streams ended, by reason.", ["reason"])
 ONLINE = Gauge("nodes_online", "Nodes with a live Connect stream in this process.")
 INVOKES = Counter(

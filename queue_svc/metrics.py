@@ -2,15 +2,28 @@
 
 from __future__ import annotations
 
+from flynn.v1 import config_pb2
 from prometheus_client import Counter, Gauge, Histogram
 
-# 1 ms to 1 s, as the issue asks for the cancel histograms.
-CANCEL_BUCKETS = (0.001, 0.002, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1.0)
+from flynn_runtime.histograms import CANCEL_BUCKETS
+
 LATENCY_BUCKETS = (0.001, 0.0025, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1.0, 2.5, 5.0)
 
 RUNS = Counter("flynn_runs_total", "Run-state transitions, by the state entered.", ["state"])
+# Every state and reply mode is exported from the start (at 0), so Prometheus' increase() over a
+# window sees the first run of each kind too, as `flynn gates check` does.
+for _state in ("queued", "started", "cancel_requested", "cancelled", "completed", "error"):
+    RUNS.labels(_state)
 RUNS_ACTIVE = Gauge("flynn_runs_active", "Runs started and not yet terminal.")
 MESSAGES = Counter("flynn_messages_total", "Messages submitted, by disposition.", ["disposition"])
+MESSAGES_BY_MODE = Counter(
+    "flynn_messages_by_mode_total", "Messages submitted, by the queue mode that applied to them.", ["mode"]
+)
+QUEUE_MODE_NAMES = {
+    v: k.removeprefix("QUEUE_MODE_").lower() for k, v in config_pb2.QueueMode.items() if v != 0
+}
+for _name in QUEUE_MODE_NAMES.values():
+    MESSAGES_BY_MODE.labels(_name)
 MESSAGES_DROPPED = Counter("flynn_messages_dropped_total", "Queued messages dropped, by reason.", ["reason"])
 QUEUE_DEPTH = Gauge(
     "flynn_queue_depth", "Entries waiting in session queues (queued runs and collect buffers)."
@@ -37,6 +50,8 @@ DUPLICATE_FINALS_DELIVERED = Counter(
 REPLIES_DELIVERED = Counter(
     "flynn_replies_delivered_total", "Replies published to StreamReplies, by delivery mode.", ["mode"]
 )
+for _mode in ("text", "audio", "text_after_fallback"):
+    REPLIES_DELIVERED.labels(_mode)
 TTS_FALLBACKS = Counter(
     "flynn_tts_fallbacks_total", "Replies sent as text because speech failed, by reason.", ["reason"]
 )

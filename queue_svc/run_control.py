@@ -516,6 +516,7 @@ class RunControl:
                 )  # fmt: skip
             )
         metrics.MESSAGES.labels(DISPOSITION_NAMES[disposition]).inc()
+        metrics.MESSAGES_BY_MODE.labels(metrics.QUEUE_MODE_NAMES.get(eff.mode, "unspecified")).inc()
         self._update_depth()
         return SubmitResult(mid, disposition, run_id, eff, 0, interrupted, ev.global_seq)
 

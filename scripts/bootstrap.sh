@@ -41,6 +41,8 @@ done
 if ! "$PY" -c 'import venv, ensurepip' >/dev/null 2>&1; then
   apt_install python3-venv python3.11-venv
 fi
+# promtool and a Prometheus server: tests/observability checks the chart's rules and runs them live.
+apt_install prometheus
 if [ "$WITH_VOICE" = 1 ]; then
   apt_install espeak-ng sox libsox-fmt-all ffmpeg
 fi

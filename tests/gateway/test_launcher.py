@@ -4,6 +4,7 @@ clean SIGTERM stop."""
 
 from __future__ import annotations
 
+import contextlib
 import json
 import os
 import random
@@ -94,6 +95,22 @@ class Launcher:
         if self.proc.poll() is None:
             self.proc.send_signal(signal.SIGTERM)
         return self.proc.wait(timeout=90)
+
+
+@contextlib.contextmanager
+def launched(data_dir: Path, args: list[str]) -> Iterator[Launcher]:
+    """`flynn-dev up` on a free base port, stopped with SIGTERM afterwards and no child left behind."""
+    lch = Launcher(data_dir, free_base_port(), args).start()
+    try:
+        yield lch
+    finally:
+        if lch.proc is not None and lch.proc.poll() is None:
+            lch.stop()
+        for pid in _child_pids(lch):
+            try:
+                os.kill(pid, signal.SIGKILL)
+            except ProcessLookupError:
+                pass
 
 
 @pytest.fixture

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import base64
+import json
 from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
@@ -482,3 +483,31 @@ def test_console_can_be_left_out(helm: Path) -> None:
         d for d in docs if d["metadata"].get("labels", {}).get("app.kubernetes.io/component") == CONSOLE
     ] == []
     assert set(workloads(docs)) == set(topology.SERVICES)
+
+
+def test_prometheus_rule_and_dashboard_are_optional_and_carry_the_generated_files(
+    helm: Path, default_docs: list[Manifest]
+) -> None:
+    assert by_kind(default_docs, "PrometheusRule") == []
+    assert not [c for c in by_kind(default_docs, "ConfigMap") if c["metadata"]["name"].endswith("-dashboard")]
+    docs = parse(
+        render(
+            helm,
+            "--set", "metrics.prometheusRule.enabled=true",
+            "--set-string", "metrics.prometheusRule.labels.release=kube-prometheus-stack",
+            "--set", "metrics.grafanaDashboard.enabled=true",
+            "--set-string", "metrics.grafanaDashboard.annotations.grafana_folder=Flynn",
+        )
+    )  # fmt: skip
+    (rule,) = by_kind(docs, "PrometheusRule")
+    files = CHART / "files"
+    assert rule["metadata"]["labels"]["release"] == "kube-prometheus-stack"
+    assert rule["spec"] == yaml.safe_load((files / "prometheus-rules.yaml").read_text())
+    (dash,) = [c for c in by_kind(docs, "ConfigMap") if c["metadata"]["name"].endswith("-dashboard")]
+    assert dash["metadata"]["labels"]["grafana_dashboard"] == "1"
+    assert dash["metadata"]["annotations"] == {"grafana_folder": "Flynn"}
+    assert json.loads(dash["data"]["flynn-canary.json"]) == json.loads(
+        (files / "grafana-dashboard.json").read_text()
+    )
+    bad = run_helm(helm, "template", "r", str(CHART), "--set", "metrics.prometheusRule.window=5m")
+    assert bad.returncode != 0 and "prometheusRule" in bad.stderr

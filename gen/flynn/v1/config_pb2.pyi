@@ -590,7 +590,7 @@ class QueueConfig(_message.Message):
 
     @_builtins.property
     def cancel_deadline(self) -> _duration_pb2.Duration:
-        """server.queue.cancel_deadline: a cancelled run is stopped forcibly after this (0 means 2 s)."""
+        """server.queue.cancel_deadline: a cancelled run is stopped forcibly after this (0 means 2 s; at most 60 s)."""
 
     def __init__(
         self,

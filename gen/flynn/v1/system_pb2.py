@@ -26,39 +26,41 @@ from flynn.v1 import common_pb2 as flynn_dot_v1_dot_common__pb2
 from google.protobuf import timestamp_pb2 as google_dot_protobuf_dot_timestamp__pb2
 
 
-DESCRIPTOR = _descriptor_pool.Default().AddSerializedFile(b'\n\x15\x66lynn/v1/system.proto\x12\x08\x66lynn.v1\x1a\x15\x66lynn/v1/common.proto\x1a\x1fgoogle/protobuf/timestamp.proto\"%\n\x11GetMetricsRequest\x12\x10\n\x08services\x18\x01 \x03(\t\")\n\nNamedCount\x12\x0c\n\x04name\x18\x01 \x01(\t\x12\r\n\x05value\x18\x02 \x01(\x01\"x\n\x0bPercentiles\x12\r\n\x05\x63ount\x18\x01 \x01(\x03\x12\x0e\n\x06p50_ms\x18\x02 \x01(\x01\x12\x0e\n\x06p95_ms\x18\x03 \x01(\x01\x12\x0e\n\x06p99_ms\x18\x04 \x01(\x01\x12*\n\x07\x62uckets\x18\x05 \x03(\x0b\x32\x19.flynn.v1.HistogramBucket\"8\n\x0fHistogramBucket\x12\x16\n\x0eupper_bound_ms\x18\x01 \x01(\x01\x12\r\n\x05\x63ount\x18\x02 \x01(\x01\"\xd2\x03\n\nRunMetrics\x12(\n\nrun_states\x18\x01 \x03(\x0b\x32\x14.flynn.v1.NamedCount\x12,\n\rcancel_to_ack\x18\x02 \x01(\x0b\x32\x15.flynn.v1.Percentiles\x12\x32\n\x13\x63\x61ncel_to_cancelled\x18\x03 \x01(\x0b\x32\x15.flynn.v1.Percentiles\x12#\n\x1b\x64uplicate_finals_suppressed\x18\x04 \x01(\x01\x12\"\n\x1a\x64uplicate_finals_delivered\x18\x05 \x01(\x01\x12.\n\x10\x64ropped_messages\x18\x06 \x03(\x0b\x32\x14.flynn.v1.NamedCount\x12-\n\x0freplies_by_mode\x18\x07 \x03(\x0b\x32\x14.flynn.v1.NamedCount\x12\x0e\n\x06\x66inals\x18\x08 \x01(\x01\x12&\n\x08messages\x18\t \x03(\x0b\x32\x14.flynn.v1.NamedCount\x12\x13\n\x0b\x61\x63tive_runs\x18\n \x01(\x01\x12\x13\n\x0bqueue_depth\x18\x0b \x01(\x01\x12.\n\x0fsubmit_to_final\x18\x0c \x01(\x0b\x32\x15.flynn.v1.Percentiles\"\xd3\x01\n\x0fReactionMetrics\x12\x0f\n\x07matches\x18\x01 \x01(\x01\x12#\n\x05skips\x18\x02 \x03(\x0b\x32\x14.flynn.v1.NamedCount\x12\x17\n\x0f\x66\x61lse_positives\x18\x03 \x01(\x01\x12\x1b\n\x13\x66\x61lse_positive_rate\x18\x04 \x01(\x01\x12-\n\x0fmatches_by_rule\x18\x05 \x03(\x0b\x32\x14.flynn.v1.NamedCount\x12%\n\x07\x61\x63tions\x18\x06 \x03(\x0b\x32\x14.flynn.v1.NamedCount\"\x91\x02\n\x0bNodeMetrics\x12\x0e\n\x06online\x18\x01 \x01(\x01\x12\x15\n\rregistrations\x18\x02 \x01(\x01\x12(\n\nreconnects\x18\x03 \x03(\x0b\x32\x14.flynn.v1.NamedCount\x12\x1e\n\x16reconnect_success_rate\x18\x04 \x01(\x01\x12/\n\x11\x63\x61nvas_operations\x18\x05 \x03(\x0b\x32\x14.flynn.v1.NamedCount\x12\x35\n\x17registrations_by_result\x18\x06 \x03(\x0b\x32\x14.flynn.v1.NamedCount\x12)\n\x0b\x64isconnects\x18\x07 \x03(\x0b\x32\x14.flynn.v1.NamedCount\"\xcc\x01\n\x0cVoiceMetrics\x12\x14\n\x0ctts_requests\x18\x01 \x01(\x01\x12*\n\x0ctts_failures\x18\x02 \x03(\x0b\x32\x14.flynn.v1.NamedCount\x12\x15\n\rtts_fallbacks\x18\x03 \x01(\x01\x12,\n\x0etranscriptions\x18\x04 \x03(\x0b\x32\x14.flynn.v1.NamedCount\x12\x35\n\x17tts_fallbacks_by_reason\x18\x05 \x03(\x0b\x32\x14.flynn.v1.NamedCount\"\xe4\x02\n\x12GetMetricsResponse\x12\"\n\x04runs\x18\x01 \x01(\x0b\x32\x14.flynn.v1.RunMetrics\x12,\n\treactions\x18\x02 \x01(\x0b\x32\x19.flynn.v1.ReactionMetrics\x12$\n\x05nodes\x18\x03 \x01(\x0b\x32\x15.flynn.v1.NodeMetrics\x12%\n\x05voice\x18\x04 \x01(\x0b\x32\x16.flynn.v1.VoiceMetrics\x12\x33\n\x10\x63onfig_revisions\x18\x05 \x03(\x0b\x32\x19.flynn.v1.ServiceRevision\x12\x1c\n\x14unavailable_services\x18\x06 \x03(\t\x12(\n\x04time\x18\x07 \x01(\x0b\x32\x1a.google.protobuf.Timestamp\x12\x1b\n\x13unavailable_details\x18\x08 \x03(\t\x12\x15\n\rhead_revision\x18\t \x01(\x03\"\x12\n\x10GetStatusRequest\"\x95\x01\n\rServiceStatus\x12\x0f\n\x07service\x18\x01 \x01(\t\x12\x0f\n\x07\x61\x64\x64ress\x18\x02 \x01(\t\x12\'\n\x06health\x18\x03 \x01(\x0e\x32\x17.flynn.v1.ServiceHealth\x12\x0f\n\x07version\x18\x04 \x01(\t\x12\x18\n\x10\x61pplied_revision\x18\x05 \x01(\x03\x12\x0e\n\x06\x64\x65tail\x18\x06 \x01(\t\"U\n\x11GetStatusResponse\x12)\n\x08services\x18\x01 \x03(\x0b\x32\x17.flynn.v1.ServiceStatus\x12\x15\n\rhead_revision\x18\x02 \x01(\x03*\x8b\x01\n\rServiceHealth\x12\x1e\n\x1aSERVICE_HEALTH_UNSPECIFIED\x10\x00\x12\x1a\n\x16SERVICE_HEALTH_SERVING\x10\x01\x12\x1e\n\x1aSERVICE_HEALTH_NOT_SERVING\x10\x02\x12\x1e\n\x1aSERVICE_HEALTH_UNREACHABLE\x10\x03\x32\x97\x01\n\x06System\x12G\n\nGetMetrics\x12\x1b.flynn.v1.GetMetricsRequest\x1a\x1c.flynn.v1.GetMetricsResponse\x12\x44\n\tGetStatus\x12\x1a.flynn.v1.GetStatusRequest\x1a\x1b.flynn.v1.GetStatusResponseb\x06proto3')
+DESCRIPTOR = _descriptor_pool.Default().AddSerializedFile(b'\n\x15\x66lynn/v1/system.proto\x12\x08\x66lynn.v1\x1a\x15\x66lynn/v1/common.proto\x1a\x1fgoogle/protobuf/timestamp.proto\"%\n\x11GetMetricsRequest\x12\x10\n\x08services\x18\x01 \x03(\t\")\n\nNamedCount\x12\x0c\n\x04name\x18\x01 \x01(\t\x12\r\n\x05value\x18\x02 \x01(\x01\"\x8e\x01\n\x0bPercentiles\x12\r\n\x05\x63ount\x18\x01 \x01(\x03\x12\x0e\n\x06p50_ms\x18\x02 \x01(\x01\x12\x0e\n\x06p95_ms\x18\x03 \x01(\x01\x12\x0e\n\x06p99_ms\x18\x04 \x01(\x01\x12*\n\x07\x62uckets\x18\x05 \x03(\x0b\x32\x19.flynn.v1.HistogramBucket\x12\x14\n\x0ctop_bound_ms\x18\x06 \x01(\x01\"8\n\x0fHistogramBucket\x12\x16\n\x0eupper_bound_ms\x18\x01 \x01(\x01\x12\r\n\x05\x63ount\x18\x02 \x01(\x01\"\xff\x03\n\nRunMetrics\x12(\n\nrun_states\x18\x01 \x03(\x0b\x32\x14.flynn.v1.NamedCount\x12,\n\rcancel_to_ack\x18\x02 \x01(\x0b\x32\x15.flynn.v1.Percentiles\x12\x32\n\x13\x63\x61ncel_to_cancelled\x18\x03 \x01(\x0b\x32\x15.flynn.v1.Percentiles\x12#\n\x1b\x64uplicate_finals_suppressed\x18\x04 \x01(\x01\x12\"\n\x1a\x64uplicate_finals_delivered\x18\x05 \x01(\x01\x12.\n\x10\x64ropped_messages\x18\x06 \x03(\x0b\x32\x14.flynn.v1.NamedCount\x12-\n\x0freplies_by_mode\x18\x07 \x03(\x0b\x32\x14.flynn.v1.NamedCount\x12\x0e\n\x06\x66inals\x18\x08 \x01(\x01\x12&\n\x08messages\x18\t \x03(\x0b\x32\x14.flynn.v1.NamedCount\x12\x13\n\x0b\x61\x63tive_runs\x18\n \x01(\x01\x12\x13\n\x0bqueue_depth\x18\x0b \x01(\x01\x12.\n\x0fsubmit_to_final\x18\x0c \x01(\x0b\x32\x15.flynn.v1.Percentiles\x12\x15\n\rruns_finished\x18\r \x01(\x01\x12\x14\n\x0cruns_errored\x18\x0e \x01(\x01\"\xd3\x01\n\x0fReactionMetrics\x12\x0f\n\x07matches\x18\x01 \x01(\x01\x12#\n\x05skips\x18\x02 \x03(\x0b\x32\x14.flynn.v1.NamedCount\x12\x17\n\x0f\x66\x61lse_positives\x18\x03 \x01(\x01\x12\x1b\n\x13\x66\x61lse_positive_rate\x18\x04 \x01(\x01\x12-\n\x0fmatches_by_rule\x18\x05 \x03(\x0b\x32\x14.flynn.v1.NamedCount\x12%\n\x07\x61\x63tions\x18\x06 \x03(\x0b\x32\x14.flynn.v1.NamedCount\"\x91\x02\n\x0bNodeMetrics\x12\x0e\n\x06online\x18\x01 \x01(\x01\x12\x15\n\rregistrations\x18\x02 \x01(\x01\x12(\n\nreconnects\x18\x03 \x03(\x0b\x32\x14.flynn.v1.NamedCount\x12\x1e\n\x16reconnect_success_rate\x18\x04 \x01(\x01\x12/\n\x11\x63\x61nvas_operations\x18\x05 \x03(\x0b\x32\x14.flynn.v1.NamedCount\x12\x35\n\x17registrations_by_result\x18\x06 \x03(\x0b\x32\x14.flynn.v1.NamedCount\x12)\n\x0b\x64isconnects\x18\x07 \x03(\x0b\x32\x14.flynn.v1.NamedCount\"\xcc\x01\n\x0cVoiceMetrics\x12\x14\n\x0ctts_requests\x18\x01 \x01(\x01\x12*\n\x0ctts_failures\x18\x02 \x03(\x0b\x32\x14.flynn.v1.NamedCount\x12\x15\n\rtts_fallbacks\x18\x03 \x01(\x01\x12,\n\x0etranscriptions\x18\x04 \x03(\x0b\x32\x14.flynn.v1.NamedCount\x12\x35\n\x17tts_fallbacks_by_reason\x18\x05 \x03(\x0b\x32\x14.flynn.v1.NamedCount\"n\n\x0eGatewayMetrics\x12,\n\x0e\x63\x61lls_by_class\x18\x01 \x03(\x0b\x32\x14.flynn.v1.NamedCount\x12.\n\x10\x66\x61ilures_by_code\x18\x02 \x03(\x0b\x32\x14.flynn.v1.NamedCount\"\x8f\x03\n\x12GetMetricsResponse\x12\"\n\x04runs\x18\x01 \x01(\x0b\x32\x14.flynn.v1.RunMetrics\x12,\n\treactions\x18\x02 \x01(\x0b\x32\x19.flynn.v1.ReactionMetrics\x12$\n\x05nodes\x18\x03 \x01(\x0b\x32\x15.flynn.v1.NodeMetrics\x12%\n\x05voice\x18\x04 \x01(\x0b\x32\x16.flynn.v1.VoiceMetrics\x12\x33\n\x10\x63onfig_revisions\x18\x05 \x03(\x0b\x32\x19.flynn.v1.ServiceRevision\x12\x1c\n\x14unavailable_services\x18\x06 \x03(\t\x12(\n\x04time\x18\x07 \x01(\x0b\x32\x1a.google.protobuf.Timestamp\x12\x1b\n\x13unavailable_details\x18\x08 \x03(\t\x12\x15\n\rhead_revision\x18\t \x01(\x03\x12)\n\x07gateway\x18\n \x01(\x0b\x32\x18.flynn.v1.GatewayMetrics\"\x12\n\x10GetStatusRequest\"\x95\x01\n\rServiceStatus\x12\x0f\n\x07service\x18\x01 \x01(\t\x12\x0f\n\x07\x61\x64\x64ress\x18\x02 \x01(\t\x12\'\n\x06health\x18\x03 \x01(\x0e\x32\x17.flynn.v1.ServiceHealth\x12\x0f\n\x07version\x18\x04 \x01(\t\x12\x18\n\x10\x61pplied_revision\x18\x05 \x01(\x03\x12\x0e\n\x06\x64\x65tail\x18\x06 \x01(\t\"U\n\x11GetStatusResponse\x12)\n\x08services\x18\x01 \x03(\x0b\x32\x17.flynn.v1.ServiceStatus\x12\x15\n\rhead_revision\x18\x02 \x01(\x03*\x8b\x01\n\rServiceHealth\x12\x1e\n\x1aSERVICE_HEALTH_UNSPECIFIED\x10\x00\x12\x1a\n\x16SERVICE_HEALTH_SERVING\x10\x01\x12\x1e\n\x1aSERVICE_HEALTH_NOT_SERVING\x10\x02\x12\x1e\n\x1aSERVICE_HEALTH_UNREACHABLE\x10\x03\x32\x97\x01\n\x06System\x12G\n\nGetMetrics\x12\x1b.flynn.v1.GetMetricsRequest\x1a\x1c.flynn.v1.GetMetricsResponse\x12\x44\n\tGetStatus\x12\x1a.flynn.v1.GetStatusRequest\x1a\x1b.flynn.v1.GetStatusResponseb\x06proto3')
 
 _globals = globals()
 _builder.BuildMessageAndEnumDescriptors(DESCRIPTOR, _globals)
 _builder.BuildTopDescriptorsAndMessages(DESCRIPTOR, 'flynn.v1.system_pb2', _globals)
 if not _descriptor._USE_C_DESCRIPTORS:
   DESCRIPTOR._loaded_options = None
-  _globals['_SERVICEHEALTH']._serialized_start=2138
-  _globals['_SERVICEHEALTH']._serialized_end=2277
+  _globals['_SERVICEHEALTH']._serialized_start=2361
+  _globals['_SERVICEHEALTH']._serialized_end=2500
   _globals['_GETMETRICSREQUEST']._serialized_start=91
   _globals['_GETMETRICSREQUEST']._serialized_end=128
   _globals['_NAMEDCOUNT']._serialized_start=130
   _globals['_NAMEDCOUNT']._serialized_end=171
-  _globals['_PERCENTILES']._serialized_start=173
-  _globals['_PERCENTILES']._serialized_end=293
-  _globals['_HISTOGRAMBUCKET']._serialized_start=295
-  _globals['_HISTOGRAMBUCKET']._serialized_end=351
-  _globals['_RUNMETRICS']._serialized_start=354
-  _globals['_RUNMETRICS']._serialized_end=820
-  _globals['_REACTIONMETRICS']._serialized_start=823
-  _globals['_REACTIONMETRICS']._serialized_end=1034
-  _globals['_NODEMETRICS']._serialized_start=1037
-  _globals['_NODEMETRICS']._serialized_end=1310
-  _globals['_VOICEMETRICS']._serialized_start=1313
-  _globals['_VOICEMETRICS']._serialized_end=1517
-  _globals['_GETMETRICSRESPONSE']._serialized_start=1520
-  _globals['_GETMETRICSRESPONSE']._serialized_end=1876
-  _globals['_GETSTATUSREQUEST']._serialized_start=1878
-  _globals['_GETSTATUSREQUEST']._serialized_end=1896
-  _globals['_SERVICESTATUS']._serialized_start=1899
-  _globals['_SERVICESTATUS']._serialized_end=2048
-  _globals['_GETSTATUSRESPONSE']._serialized_start=2050
-  _globals['_GETSTATUSRESPONSE']._serialized_end=2135
-  _globals['_SYSTEM']._serialized_start=2280
-  _globals['_SYSTEM']._serialized_end=2431
+  _globals['_PERCENTILES']._serialized_start=174
+  _globals['_PERCENTILES']._serialized_end=316
+  _globals['_HISTOGRAMBUCKET']._serialized_start=318
+  _globals['_HISTOGRAMBUCKET']._serialized_end=374
+  _globals['_RUNMETRICS']._serialized_start=377
+  _globals['_RUNMETRICS']._serialized_end=888
+  _globals['_REACTIONMETRICS']._serialized_start=891
+  _globals['_REACTIONMETRICS']._serialized_end=1102
+  _globals['_NODEMETRICS']._serialized_start=1105
+  _globals['_NODEMETRICS']._serialized_end=1378
+  _globals['_VOICEMETRICS']._serialized_start=1381
+  _globals['_VOICEMETRICS']._serialized_end=1585
+  _globals['_GATEWAYMETRICS']._serialized_start=1587
+  _globals['_GATEWAYMETRICS']._serialized_end=1697
+  _globals['_GETMETRICSRESPONSE']._serialized_start=1700
+  _globals['_GETMETRICSRESPONSE']._serialized_end=2099
+  _globals['_GETSTATUSREQUEST']._serialized_start=2101
+  _globals['_GETSTATUSREQUEST']._serialized_end=2119
+  _globals['_SERVICESTATUS']._serialized_start=2122
+  _globals['_SERVICESTATUS']._serialized_end=2271
+  _globals['_GETSTATUSRESPONSE']._serialized_start=2273
+  _globals['_GETSTATUSRESPONSE']._serialized_end=2358
+  _globals['_SYSTEM']._serialized_start=2503
+  _globals['_SYSTEM']._serialized_end=2654
 # @@protoc_insertion_point(module_scope)

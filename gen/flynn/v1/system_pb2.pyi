@@ -110,6 +110,7 @@ class Percentiles(_message.Message):
     P95_MS_FIELD_NUMBER: _builtins.int
     P99_MS_FIELD_NUMBER: _builtins.int
     BUCKETS_FIELD_NUMBER: _builtins.int
+    TOP_BOUND_MS_FIELD_NUMBER: _builtins.int
     count: _builtins.int
     """Observations."""
     p50_ms: _builtins.float
@@ -118,6 +119,10 @@ class Percentiles(_message.Message):
     """95th percentile."""
     p99_ms: _builtins.float
     """99th percentile."""
+    top_bound_ms: _builtins.float
+    """The largest finite bucket bound. A percentile above it is not known: it is reported as +Inf
+    ("Infinity" in JSON) and reads "> top_bound_ms", never as the top bound itself.
+    """
     @_builtins.property
     def buckets(self) -> _containers.RepeatedCompositeFieldContainer[Global___HistogramBucket]:
         """The histogram itself: cumulative counts per upper bound (so windows can be computed from two answers)."""
@@ -130,10 +135,11 @@ class Percentiles(_message.Message):
         p95_ms: _builtins.float = ...,
         p99_ms: _builtins.float = ...,
         buckets: _abc.Iterable[Global___HistogramBucket] | None = ...,
+        top_bound_ms: _builtins.float = ...,
     ) -> None: ...
     _HasFieldArgType: _TypeAlias = _Never  # noqa: Y015
     def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
-    _ClearFieldArgType: _TypeAlias = _typing.Literal["buckets", b"buckets", "count", b"count", "p50_ms", b"p50_ms", "p95_ms", b"p95_ms", "p99_ms", b"p99_ms"]  # noqa: Y015
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["buckets", b"buckets", "count", b"count", "p50_ms", b"p50_ms", "p95_ms", b"p95_ms", "p99_ms", b"p99_ms", "top_bound_ms", b"top_bound_ms"]  # noqa: Y015
     def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
     def WhichOneof(self, oneof_group: _Never) -> None: ...
 
@@ -183,6 +189,8 @@ class RunMetrics(_message.Message):
     ACTIVE_RUNS_FIELD_NUMBER: _builtins.int
     QUEUE_DEPTH_FIELD_NUMBER: _builtins.int
     SUBMIT_TO_FINAL_FIELD_NUMBER: _builtins.int
+    RUNS_FINISHED_FIELD_NUMBER: _builtins.int
+    RUNS_ERRORED_FIELD_NUMBER: _builtins.int
     duplicate_finals_suppressed: _builtins.float
     """Duplicate finals suppressed."""
     duplicate_finals_delivered: _builtins.float
@@ -193,6 +201,10 @@ class RunMetrics(_message.Message):
     """Runs active now."""
     queue_depth: _builtins.float
     """Entries waiting in session queues now."""
+    runs_finished: _builtins.float
+    """Runs finished: those that reached completed, cancelled or error."""
+    runs_errored: _builtins.float
+    """Runs that ended in error (the error_rate gate: runs_errored / runs_finished)."""
     @_builtins.property
     def run_states(self) -> _containers.RepeatedCompositeFieldContainer[Global___NamedCount]:
         """Runs by terminal or current state."""
@@ -236,10 +248,12 @@ class RunMetrics(_message.Message):
         active_runs: _builtins.float = ...,
         queue_depth: _builtins.float = ...,
         submit_to_final: Global___Percentiles | None = ...,
+        runs_finished: _builtins.float = ...,
+        runs_errored: _builtins.float = ...,
     ) -> None: ...
     _HasFieldArgType: _TypeAlias = _typing.Literal["cancel_to_ack", b"cancel_to_ack", "cancel_to_cancelled", b"cancel_to_cancelled", "submit_to_final", b"submit_to_final"]  # noqa: Y015
     def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
-    _ClearFieldArgType: _TypeAlias = _typing.Literal["active_runs", b"active_runs", "cancel_to_ack", b"cancel_to_ack", "cancel_to_cancelled", b"cancel_to_cancelled", "dropped_messages", b"dropped_messages", "duplicate_finals_delivered", b"duplicate_finals_delivered", "duplicate_finals_suppressed", b"duplicate_finals_suppressed", "finals", b"finals", "messages", b"messages", "queue_depth", b"queue_depth", "replies_by_mode", b"replies_by_mode", "run_states", b"run_states", "submit_to_final", b"submit_to_final"]  # noqa: Y015
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["active_runs", b"active_runs", "cancel_to_ack", b"cancel_to_ack", "cancel_to_cancelled", b"cancel_to_cancelled", "dropped_messages", b"dropped_messages", "duplicate_finals_delivered", b"duplicate_finals_delivered", "duplicate_finals_suppressed", b"duplicate_finals_suppressed", "finals", b"finals", "messages", b"messages", "queue_depth", b"queue_depth", "replies_by_mode", b"replies_by_mode", "run_states", b"run_states", "runs_errored", b"runs_errored", "runs_finished", b"runs_finished", "submit_to_final", b"submit_to_final"]  # noqa: Y015
     def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
     def WhichOneof(self, oneof_group: _Never) -> None: ...
 
@@ -392,6 +406,38 @@ class VoiceMetrics(_message.Message):
 Global___VoiceMetrics: _TypeAlias = VoiceMetrics  # noqa: Y015
 
 @_typing.final
+class GatewayMetrics(_message.Message):
+    """GatewayMetrics are the calls the gateway answered, by status."""
+
+    DESCRIPTOR: _descriptor.Descriptor
+
+    CALLS_BY_CLASS_FIELD_NUMBER: _builtins.int
+    FAILURES_BY_CODE_FIELD_NUMBER: _builtins.int
+    @_builtins.property
+    def calls_by_class(self) -> _containers.RepeatedCompositeFieldContainer[Global___NamedCount]:
+        """Calls by status class: ok, caller_error (the caller's mistake: INVALID_ARGUMENT, NOT_FOUND,
+        UNAUTHENTICATED, …) and server_error (INTERNAL, UNAVAILABLE, DEADLINE_EXCEEDED, …).
+        """
+
+    @_builtins.property
+    def failures_by_code(self) -> _containers.RepeatedCompositeFieldContainer[Global___NamedCount]:
+        """Failed calls by status class and code ("server_error/UNAVAILABLE")."""
+
+    def __init__(
+        self,
+        *,
+        calls_by_class: _abc.Iterable[Global___NamedCount] | None = ...,
+        failures_by_code: _abc.Iterable[Global___NamedCount] | None = ...,
+    ) -> None: ...
+    _HasFieldArgType: _TypeAlias = _Never  # noqa: Y015
+    def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["calls_by_class", b"calls_by_class", "failures_by_code", b"failures_by_code"]  # noqa: Y015
+    def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
+    def WhichOneof(self, oneof_group: _Never) -> None: ...
+
+Global___GatewayMetrics: _TypeAlias = GatewayMetrics  # noqa: Y015
+
+@_typing.final
 class GetMetricsResponse(_message.Message):
     """GetMetricsResponse is the whole picture."""
 
@@ -406,6 +452,7 @@ class GetMetricsResponse(_message.Message):
     TIME_FIELD_NUMBER: _builtins.int
     UNAVAILABLE_DETAILS_FIELD_NUMBER: _builtins.int
     HEAD_REVISION_FIELD_NUMBER: _builtins.int
+    GATEWAY_FIELD_NUMBER: _builtins.int
     head_revision: _builtins.int
     """Config head revision (from the config service)."""
     @_builtins.property
@@ -440,6 +487,10 @@ class GetMetricsResponse(_message.Message):
     def unavailable_details(self) -> _containers.RepeatedScalarFieldContainer[_builtins.str]:
         """Why each unavailable service could not be read ("queue: connection refused")."""
 
+    @_builtins.property
+    def gateway(self) -> Global___GatewayMetrics:
+        """The gateway's own calls by status."""
+
     def __init__(
         self,
         *,
@@ -452,10 +503,11 @@ class GetMetricsResponse(_message.Message):
         time: _timestamp_pb2.Timestamp | None = ...,
         unavailable_details: _abc.Iterable[_builtins.str] | None = ...,
         head_revision: _builtins.int = ...,
+        gateway: Global___GatewayMetrics | None = ...,
     ) -> None: ...
-    _HasFieldArgType: _TypeAlias = _typing.Literal["nodes", b"nodes", "reactions", b"reactions", "runs", b"runs", "time", b"time", "voice", b"voice"]  # noqa: Y015
+    _HasFieldArgType: _TypeAlias = _typing.Literal["gateway", b"gateway", "nodes", b"nodes", "reactions", b"reactions", "runs", b"runs", "time", b"time", "voice", b"voice"]  # noqa: Y015
     def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
-    _ClearFieldArgType: _TypeAlias = _typing.Literal["config_revisions", b"config_revisions", "head_revision", b"head_revision", "nodes", b"nodes", "reactions", b"reactions", "runs", b"runs", "time", b"time", "unavailable_details", b"unavailable_details", "unavailable_services", b"unavailable_services", "voice", b"voice"]  # noqa: Y015
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["config_revisions", b"config_revisions", "gateway", b"gateway", "head_revision", b"head_revision", "nodes", b"nodes", "reactions", b"reactions", "runs", b"runs", "time", b"time", "unavailable_details", b"unavailable_details", "unavailable_services", b"unavailable_services", "voice", b"voice"]  # noqa: Y015
     def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
     def WhichOneof(self, oneof_group: _Never) -> None: ...
 
