@@ -29,10 +29,11 @@ from grpc_reflection.v1alpha import reflection
 
 from flynn_runtime import VERSION, logs, metrics
 from flynn_runtime.audit import AuditLog
-from flynn_runtime.auth import Authenticator, TokenStore
+from flynn_runtime.auth import Authenticator, TokenStore, parse_networks
 from flynn_runtime.channels import client_channel, server_options
 from flynn_runtime.errors import shutting_down
 from flynn_runtime.interceptor import ServerInterceptor
+from flynn_runtime.principal_feed import PrincipalFeed
 from flynn_runtime.settings import Settings
 
 log = logging.getLogger(__name__)
@@ -46,7 +47,11 @@ class Runtime:
         settings.data_dir.mkdir(parents=True, exist_ok=True)
         self.audit = AuditLog(settings.data_dir, settings.service)
         self.tokens = TokenStore(settings.tokens_file)
-        self.authenticator = Authenticator(self.tokens)
+        try:
+            trusted = parse_networks(settings.trusted_proxies)
+        except ValueError as e:
+            raise SystemExit(f"--trusted-proxies: {e}") from None
+        self.authenticator = Authenticator(self.tokens, trusted_proxies=trusted)
         self.stopping = asyncio.Event()
         self._channels: dict[str, grpc.aio.Channel] = {}
 
@@ -79,6 +84,9 @@ class ServiceApp:
     service_names: Sequence[str] = ()
     #: Further services listed by reflection only, not by health (the gateway's forwarded services).
     reflection_names: Sequence[str] = ()
+    #: Whether the runtime follows the issued principals from the config service (WatchPrincipals);
+    #: the config service itself owns them, and tools without a mesh turn it off.
+    follows_principals: bool = True
 
     def __init__(self, runtime: Runtime) -> None:
         self.runtime = runtime
@@ -139,6 +147,8 @@ async def running(
     for name in app.service_names:
         await health_servicer.set(name, health_pb2.HealthCheckResponse.NOT_SERVING)
     await app.start()
+    feed = PrincipalFeed(runtime, follow_config=app.follows_principals)
+    feed.start()
     await server.start()
     await health_servicer.set("", health_pb2.HealthCheckResponse.SERVING)
     for name in app.service_names:
@@ -158,6 +168,7 @@ async def running(
     try:
         yield handle
     finally:
+        await feed.stop()
         await _graceful_stop(handle)
 
 

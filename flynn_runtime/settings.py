@@ -40,6 +40,7 @@ class Settings:
     instance_id: str
     max_message_bytes: int
     max_concurrent_streams: int
+    trusted_proxies: str = ""
     extra: dict[str, object] = field(default_factory=dict)
 
     def address(self, backend: str) -> str:
@@ -106,6 +107,12 @@ def build_parser(service: str) -> argparse.ArgumentParser:
         default=int(_env("max_concurrent_streams", "4096")),
         help="pending-request limit of the server (FLYNN_MAX_CONCURRENT_STREAMS)",
     )
+    p.add_argument(
+        "--trusted-proxies",
+        default=_env("trusted_proxies", ""),
+        help="comma-separated IPs/CIDRs of proxies whose X-Forwarded-For is believed (FLYNN_TRUSTED_PROXIES; "
+        "empty: none, the peer address is the client)",
+    )
     return p
 
 
@@ -139,5 +146,6 @@ def parse(
         instance_id=ns.instance_id,
         max_message_bytes=ns.max_message_bytes,
         max_concurrent_streams=ns.max_concurrent_streams,
+        trusted_proxies=ns.trusted_proxies,
         extra=extra,
     )

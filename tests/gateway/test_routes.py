@@ -68,7 +68,7 @@ def test_launcher_ports_follow_the_default_offsets(tmp_path: Path) -> None:
     gw = next(s for s in services if s.name == "gateway")
     cmd = command(gw, paths, "127.0.0.1", 40000, 7.0, [])
     assert cmd[cmd.index("--config-addr") + 1] == "127.0.0.1:40001"
-    assert cmd[cmd.index("--service-token-file") + 1] == str(paths.token_file("service"))
+    assert cmd[cmd.index("--service-token-file") + 1] == str(paths.token_file("service-gateway"))
     assert [s.name for s in plan(paths, "127.0.0.1", 40000, only=["gateway", "config"])] == [
         "config",
         "gateway",
