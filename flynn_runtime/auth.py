@@ -580,9 +580,13 @@ class Authenticator:
             raise errors.unauthenticated("unknown or revoked token", reason="INVALID_TOKEN")
         if principal.role not in roles or not principal.may_call(method):
             allowed = ", ".join(sorted(r.value for r in roles)) or "none"
+            why = (
+                f"not in the scope of service credential {principal.name!r}"
+                if principal.role in roles
+                else f"allowed: {allowed}"
+            )
             raise errors.permission_denied(
-                f"{principal.role.value} {principal.name!r} may not call {method} (roles allowed: {allowed}"
-                + ("; not in this service credential's scope)" if principal.role in roles else ")"),
+                f"role {principal.role.value!r} may not call {method} ({why})",
                 reason="ROLE_NOT_ALLOWED",
                 role=principal.role.value,
                 method=method,

@@ -17,6 +17,7 @@ from typing import TYPE_CHECKING, Any, cast
 import grpc
 from grpc.aio import ServicerContext
 
+from flynn_runtime.auth import HOP_BY_HEADER, HOP_CLIENT_HEADER
 from flynn_runtime.channels import downstream_timeout
 from flynn_runtime.errors import Code, FlynnError, shutting_down, unavailable
 from flynn_runtime.interceptor import abort_with
@@ -43,6 +44,7 @@ _HOP_BY_HOP = frozenset(
     }
 )
 _DETAILS_KEY = "grpc-status-details-bin"
+_HOP_HEADERS = frozenset({HOP_BY_HEADER, HOP_CLIENT_HEADER, "x-forwarded-for", "x-real-ip", "forwarded"})
 
 Ctx = ServicerContext[Any, Any]
 if TYPE_CHECKING:
@@ -54,17 +56,16 @@ else:
 def forward_metadata(
     context: Ctx, hop: tuple[tuple[str, str], ...] = ()
 ) -> tuple[tuple[str, str | bytes], ...]:
-    """The caller's metadata minus pseudo, reserved (grpc-*, x-flynn-*), proxy (x-forwarded-*) and
-    hop-by-hop headers, plus the gateway's `hop` headers (the real client address, vouched for)."""
+    """The caller's metadata minus pseudo, reserved (grpc-*), hop-by-hop and client-address headers
+    (a caller never asserts its own address to a backend), plus the gateway's `hop` headers (the real client address, vouched for)."""
     kept = tuple(
         (k, v)
         for k, v in cast(Iterable[tuple[str, str | bytes]], context.invocation_metadata() or ())
         if not (
             k.startswith(":")
             or k.startswith("grpc-")
-            or k.startswith("x-flynn-")
-            or k.startswith("x-forwarded-")
             or k in _HOP_BY_HOP
+            or k in _HOP_HEADERS
         )
     )
     return kept + hop

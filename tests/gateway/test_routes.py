@@ -46,12 +46,12 @@ def test_agent_and_local_services_are_not_forwarded() -> None:
     assert set(external_methods()) == {"/flynn.v1.Agent/Run"}
 
 
-def test_reflection_lists_all_nine_services_and_health_only_the_gateways_own() -> None:
+def test_reflection_lists_all_ten_services_and_health_only_the_gateways_own() -> None:
     assert set(GatewayApp.service_names) == {"flynn.v1.Gateway", "flynn.v1.System"}
     assert {*GatewayApp.service_names, *GatewayApp.reflection_names} == {
         s.full_name for s in flynn_services()
     }
-    assert len(forwarded_services()) == 6
+    assert len(forwarded_services()) == 7
 
 
 def test_launcher_ports_follow_the_default_offsets(tmp_path: Path) -> None:
