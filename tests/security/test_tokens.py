@@ -112,16 +112,16 @@ def test_revoked_channel_token_stream_ends_unauthenticated_within_a_second(secur
         stream.cancel()
         assert ended.get("code") == grpc.StatusCode.UNAUTHENTICATED, ended
         assert ended.get("reason") == "TOKEN_REVOKED"
-        assert float(ended["at"]) - at <= 1.0, (
-            f"stream ended {float(ended['at']) - at:.3f}s after the revocation"
-        )  # type: ignore[arg-type]
-        # and new calls are refused
+        elapsed = float(str(ended["at"])) - at
+        assert elapsed <= 1.0, f"stream ended {elapsed:.3f}s after the revocation"
+        # and new calls are refused (from an address of its own: other tests' failures from
+        # 127.0.0.1 may have that one rate limited)
         with pytest.raises(grpc.RpcError) as e:
             gw.SendMessage(
                 gateway_pb2.SendMessageRequest(
                     channel="chan-r", session_key="chan-r:1", text="x", idempotency_key="r2"
                 ),
-                metadata=bearer(token),
+                metadata=(*bearer(token), ("x-forwarded-for", "192.0.2.55")),
                 timeout=10,
             )
         assert e.value.code() == grpc.StatusCode.UNAUTHENTICATED
