@@ -34,6 +34,8 @@ import yaml
 
 from flynn_runtime import errors
 
+IPNetwork = ipaddress.IPv4Network | ipaddress.IPv6Network
+
 
 class Role(enum.Enum):
     OPERATOR = "operator"
@@ -449,9 +451,9 @@ def peer_host(peer: str) -> str:
     return host.strip("[]")
 
 
-def parse_networks(text: str) -> tuple[ipaddress.IPv4Network | ipaddress.IPv6Network, ...]:
+def parse_networks(text: str) -> tuple[IPNetwork, ...]:
     """ "10.0.0.0/8, 127.0.0.1" -> networks; raises ValueError naming a bad entry."""
-    out: list[ipaddress.IPv4Network | ipaddress.IPv6Network] = []
+    out: list[IPNetwork] = []
     for part in text.replace(";", ",").split(","):
         part = part.strip()
         if not part:
@@ -463,7 +465,7 @@ def parse_networks(text: str) -> tuple[ipaddress.IPv4Network | ipaddress.IPv6Net
     return tuple(out)
 
 
-def _in(host: str, nets: Sequence[ipaddress.IPv4Network | ipaddress.IPv6Network]) -> bool:
+def _in(host: str, nets: Sequence[IPNetwork]) -> bool:
     try:
         ip = ipaddress.ip_address(host)
     except ValueError:
@@ -471,9 +473,7 @@ def _in(host: str, nets: Sequence[ipaddress.IPv4Network | ipaddress.IPv6Network]
     return any(ip in n for n in nets)
 
 
-def client_from_forwarded(
-    direct: str, forwarded_for: str, trusted: Sequence[ipaddress.IPv4Network | ipaddress.IPv6Network]
-) -> str:
+def client_from_forwarded(direct: str, forwarded_for: str, trusted: Sequence[IPNetwork]) -> str:
     """The real client: `direct` unless it is a trusted proxy, then the right-most X-Forwarded-For
     entry that is not itself a trusted proxy (entries left of it could be forged by the client)."""
     if not forwarded_for or not _in(direct, trusted):
@@ -512,7 +512,7 @@ class Authenticator:
         self,
         store: TokenStore,
         limiter: FailureLimiter | None = None,
-        trusted_proxies: Sequence[ipaddress.IPv4Network | ipaddress.IPv6Network] = (),
+        trusted_proxies: Sequence[IPNetwork] = (),
     ) -> None:
         self.store = store
         self.limiter = limiter or FailureLimiter()

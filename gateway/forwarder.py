@@ -61,12 +61,7 @@ def forward_metadata(
     kept = tuple(
         (k, v)
         for k, v in cast(Iterable[tuple[str, str | bytes]], context.invocation_metadata() or ())
-        if not (
-            k.startswith(":")
-            or k.startswith("grpc-")
-            or k in _HOP_BY_HOP
-            or k in _HOP_HEADERS
-        )
+        if not (k.startswith(":") or k.startswith("grpc-") or k in _HOP_BY_HOP or k in _HOP_HEADERS)
     )
     return kept + hop
 

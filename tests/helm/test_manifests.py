@@ -278,8 +278,20 @@ def test_generated_tokens_file_authenticates_the_generated_tokens(
     creds = _secret_data(cred_secret)
     service = store.lookup(creds[token_item["key"]])
     operator = store.lookup(creds["operator-token"])
-    assert service is not None and service.role is auth.Role.SERVICE
-    assert operator is not None and operator.role is auth.Role.OPERATOR
+    assert service is not None and service.role is auth.Role.SERVICE and service.name == "queue"
+    assert service.may_call("/flynn.v1.Voice/Synthesize") and not service.may_call(
+        "/flynn.v1.Nodes/InvokeNode"
+    )
+    assert operator is not None and operator.role is auth.Role.OPERATOR and operator.name == "admin"
+    # every service has its own credential, and the agent's grants nothing
+    names = {p.name for p in store.file_principals() if p.role is auth.Role.SERVICE}
+    assert names == set(auth.SERVICE_SCOPES)
+    assert len({creds[f"service-{n}-token"] for n in names}) == len(names)
+    agent = store.lookup(creds["agent-token"])
+    assert agent is not None and agent.role is auth.Role.AGENT
+    agent_item = volumes["service-token"]["secret"]["items"][1]
+    assert agent_item["key"] == "agent-token"
+    assert f"{mounts['service-token']}/{agent_item['path']}" == env["FLYNN_AGENT_TOKEN_FILE"]
     assert "sha256" in path.read_text() and creds["operator-token"] not in path.read_text()
 
 
@@ -289,7 +301,10 @@ def test_existing_secrets_are_referenced_not_generated(production_docs: list[Man
         volumes = {v["name"]: v for v in w["spec"]["template"]["spec"]["volumes"]}
         assert volumes["tokens"]["secret"]["secretName"] == "flynn-tokens-managed", name
         assert volumes["service-token"]["secret"]["secretName"] == "flynn-service-token-managed", name
-        assert volumes["service-token"]["secret"]["items"] == [{"key": "token", "path": "token"}]
+        items = [{"key": name, "path": "token"}]
+        if name == "queue":
+            items.append({"key": "agent", "path": "agent"})
+        assert volumes["service-token"]["secret"]["items"] == items, name
 
 
 def test_seed_config_is_mounted_for_the_config_service_and_parses(rendered: list[Manifest]) -> None:

@@ -49,11 +49,13 @@ class Tokens:
         return self.services.get(service, self.service)
 
 
-def make_tokens(directory: Path) -> Tokens:
+def make_tokens(directory: Path, operator_name: str = "operator") -> Tokens:
+    """Test credentials; the operator principal is named `operator_name` (the audit actor)."""
     toks = {r: generate_token() for r in ("operator", "channel", "service", "node", "agent")}
     services = {s: generate_token() for s in SERVICE_SCOPES}
     path = directory / "tokens.yaml"
-    entries = {name: (Role(name), tok) for name, tok in toks.items()}
+    entries = {name: (Role(name), tok) for name, tok in toks.items() if name != "operator"}
+    entries[operator_name] = (Role.OPERATOR, toks["operator"])
     entries.update({s: (Role.SERVICE, tok) for s, tok in services.items()})
     write_tokens_file(path, entries, channels={"channel": [ALL_CHANNELS]}, methods={"service": [ALL_METHODS]})
     return Tokens(path=path, services=services, **toks)
