@@ -472,16 +472,20 @@ class RunControl:
     def _session(self, op: _Op, key: str, channel: str) -> _Session:
         s = self._sessions.get(key)
         if s is None:
+            counted = self.store.session_channel(key) is not None  # back in memory, not new
             s = _Session(key, channel)
             self._sessions[key] = s
             op.sessions[key] = s
-            self._channel_sessions[channel] = self._channel_sessions.get(channel, 0) + 1
+            if not counted:
+                self._channel_sessions[channel] = self._channel_sessions.get(channel, 0) + 1
         return s
 
     def session_channel(self, key: str) -> str | None:
-        """The channel a session belongs to (None for a session not seen yet)."""
+        """The channel a session belongs to (None for a session that does not exist yet)."""
         s = self._sessions.get(key)
-        return s.channel if s is not None else None
+        if s is not None:
+            return s.channel
+        return self.store.session_channel(key)
 
     def sessions_in_channels(self, channels: frozenset[str]) -> int:
         return sum(self._channel_sessions.get(c, 0) for c in channels)

@@ -202,7 +202,7 @@ class RunControlServicer(pb_grpc.RunControlServicer):
         def keep(ev: pb.RunEvent) -> bool:
             if key and ev.session_key != key:
                 return False
-            if channels is not None and rc.session_channel(ev.session_key) not in channels:
+            if channels is not None and ev.channel not in channels:
                 return False
             return not (skip_output and ev.type == pb.RUN_EVENT_TYPE_RUN_OUTPUT)
 

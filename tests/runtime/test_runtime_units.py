@@ -3,6 +3,10 @@ validation, ids, backoff and gate targeting."""
 
 from __future__ import annotations
 
+import os
+import time
+from pathlib import Path
+
 import grpc
 import pytest
 from flynn.v1 import config_pb2
@@ -159,3 +163,26 @@ def test_gate_precedence_session_then_channel_then_rollout_then_global() -> None
     assert not targeting.tts_enabled(cfg, t("s", "voice")).value  # channel not listed
     cfg.tts.enabled_channels.append("voice")
     assert targeting.tts_enabled(cfg, t("s", "voice")).value
+
+
+def test_token_store_reports_hashes_that_stop_being_valid(tmp_path: Path) -> None:
+    path = tmp_path / "tokens.yaml"
+    auth.write_tokens_file(
+        path, {"alice": (auth.Role.OPERATOR, "a-secret"), "bob": (auth.Role.OPERATOR, "b-secret")}
+    )
+    store = auth.TokenStore(path)
+    gone: list[set[str]] = []
+    store.on_revoke.append(gone.append)
+    assert store.lookup("b-secret") is not None
+    # issued principals and revocations pushed by the config service
+    carol = auth.Principal("carol", auth.Role.CHANNEL, frozenset({"tg"}), sha256=auth.hash_token("c-secret"))
+    store.set_issued({carol.sha256: carol}, frozenset())
+    assert store.lookup("c-secret") == carol
+    store.set_issued({}, frozenset({auth.hash_token("a-secret")}))
+    assert gone == [{auth.hash_token("a-secret"), carol.sha256}]
+    assert store.lookup("a-secret") is None and store.lookup("c-secret") is None
+    # a hash removed from the file
+    auth.write_tokens_file(path, {"alice": (auth.Role.OPERATOR, "a-secret")})
+    os.utime(path, (time.time() + 5, time.time() + 5))
+    store.poll()
+    assert gone[-1] == {auth.hash_token("b-secret")} and store.lookup("b-secret") is None
