@@ -497,3 +497,35 @@ def test_console_can_be_left_out(helm: Path) -> None:
         d for d in docs if d["metadata"].get("labels", {}).get("app.kubernetes.io/component") == CONSOLE
     ] == []
     assert set(workloads(docs)) == set(topology.SERVICES)
+
+
+def test_trusted_proxies_and_session_cap_reach_the_processes(
+    production_docs: list[Manifest], default_docs: list[Manifest]
+) -> None:
+    w = workloads(production_docs)
+    for name in ("gateway", "nodes", "queue"):
+        assert env_of(main_container(w[name]))["FLYNN_TRUSTED_PROXIES"] == "10.0.0.0/8", name
+    assert env_of(main_container(console_workload(production_docs)))["FLYNN_TRUSTED_PROXIES"] == "10.0.0.0/8"
+    assert env_of(main_container(w["queue"]))["FLYNN_MAX_SESSIONS_PER_PRINCIPAL"] == "10000"
+    # by default no proxy is trusted: the peer address is the client
+    assert "FLYNN_TRUSTED_PROXIES" not in env_of(main_container(workloads(default_docs)["gateway"]))
+
+
+def test_extra_channel_tokens_are_bound_to_their_channels(helm: Path, tmp_path: Path) -> None:
+    h = auth.hash_token("tg-secret")
+    docs = parse(
+        render(
+            helm,
+            "--set-json",
+            f'auth.extraTokens=[{{"name":"tg-bot","role":"channel","sha256":"{h}","channels":["telegram"]}}]',
+            "--set",
+            "auth.operatorName=alice",
+        )
+    )
+    tokens = next(d for d in by_kind(docs, "Secret") if d["metadata"]["name"].endswith("-tokens"))
+    path = tmp_path / "tokens.yaml"
+    path.write_text(_secret_data(tokens)["tokens.yaml"])
+    store = auth.TokenStore(path)
+    bot = store.lookup("tg-secret")
+    assert bot is not None and bot.role is auth.Role.CHANNEL and bot.channels == frozenset({"telegram"})
+    assert {p.name for p in store.file_principals() if p.role is auth.Role.OPERATOR} == {"alice"}
