@@ -465,7 +465,7 @@ def parse_networks(text: str) -> tuple[IPNetwork, ...]:
     return tuple(out)
 
 
-def _in(host: str, nets: Sequence[IPNetwork]) -> bool:
+def address_in(host: str, nets: Sequence[IPNetwork]) -> bool:
     try:
         ip = ipaddress.ip_address(host)
     except ValueError:
@@ -476,14 +476,28 @@ def _in(host: str, nets: Sequence[IPNetwork]) -> bool:
 def client_from_forwarded(direct: str, forwarded_for: str, trusted: Sequence[IPNetwork]) -> str:
     """The real client: `direct` unless it is a trusted proxy, then the right-most X-Forwarded-For
     entry that is not itself a trusted proxy (entries left of it could be forged by the client)."""
-    if not forwarded_for or not _in(direct, trusted):
+    if not forwarded_for or not address_in(direct, trusted):
         return direct
     hops = [h.strip() for h in forwarded_for.split(",") if h.strip()]
     for hop in reversed(hops):
         host = hop.strip("[]")
-        if not _in(host, trusted):
+        if not address_in(host, trusted):
             return host[:64]
     return hops[0][:64] if hops else direct
+
+
+# "host:port" of a connection the PROXY protocol front (proxy_front.py) pipes to the gRPC server, as
+# the server sees its peer -> the client address from the PROXY header.
+PROXIED_CLIENTS: dict[str, str] = {}
+
+
+def proxied_client(peer: str) -> str | None:
+    """The client behind a connection piped by the PROXY protocol front, from the grpc peer string."""
+    if not PROXIED_CLIENTS:
+        return None
+    _, _, rest = peer.partition(":")
+    host, _, port = rest.rpartition(":")
+    return PROXIED_CLIENTS.get(f"{host.strip('[]')}:{port}")
 
 
 HOP_CLIENT_HEADER = "x-flynn-client-address"
@@ -551,7 +565,7 @@ class Authenticator:
                     task.get_loop().call_soon_threadsafe(task.cancel)
 
     def client_address(self, metadata: Mapping[str, str], peer: str) -> str:
-        direct = peer_host(peer)
+        direct = proxied_client(peer) or peer_host(peer)
         hop = metadata.get(HOP_CLIENT_HEADER)
         if hop:
             by = self.store.lookup(metadata.get(HOP_BY_HEADER, ""))

@@ -34,6 +34,7 @@ from flynn_runtime.channels import client_channel, server_options
 from flynn_runtime.errors import shutting_down
 from flynn_runtime.interceptor import ServerInterceptor
 from flynn_runtime.principal_feed import PrincipalFeed
+from flynn_runtime.proxy_front import ProxyFront
 from flynn_runtime.settings import Settings
 
 log = logging.getLogger(__name__)
@@ -150,6 +151,14 @@ async def running(
     feed = PrincipalFeed(runtime, follow_config=app.follows_principals)
     feed.start()
     await server.start()
+    front: ProxyFront | None = None
+    if settings.proxy_protocol_listen:
+        host = settings.listen.rpartition(":")[0].strip("[]")
+        loopback = "127.0.0.1" if host in ("", "0.0.0.0", "::") else host
+        front = ProxyFront(
+            settings.proxy_protocol_listen, f"{loopback}:{port}", runtime.authenticator.trusted_proxies
+        )
+        await front.start()
     await health_servicer.set("", health_pb2.HealthCheckResponse.SERVING)
     for name in app.service_names:
         await health_servicer.set(name, health_pb2.HealthCheckResponse.SERVING)
@@ -168,6 +177,8 @@ async def running(
     try:
         yield handle
     finally:
+        if front is not None:
+            await front.stop()
         await feed.stop()
         await _graceful_stop(handle)
 

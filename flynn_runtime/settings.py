@@ -41,6 +41,7 @@ class Settings:
     max_message_bytes: int
     max_concurrent_streams: int
     trusted_proxies: str = ""
+    proxy_protocol_listen: str = ""
     extra: dict[str, object] = field(default_factory=dict)
 
     def address(self, backend: str) -> str:
@@ -113,6 +114,12 @@ def build_parser(service: str) -> argparse.ArgumentParser:
         help="comma-separated IPs/CIDRs of proxies whose X-Forwarded-For is believed (FLYNN_TRUSTED_PROXIES; "
         "empty: none, the peer address is the client)",
     )
+    p.add_argument(
+        "--proxy-protocol-listen",
+        default=_env("proxy_protocol_listen", ""),
+        help="host:port of a second listener for load balancers that send the PROXY protocol (v1/v2); "
+        "its header is believed only from --trusted-proxies (FLYNN_PROXY_PROTOCOL_LISTEN; empty: off)",
+    )
     return p
 
 
@@ -147,5 +154,6 @@ def parse(
         max_message_bytes=ns.max_message_bytes,
         max_concurrent_streams=ns.max_concurrent_streams,
         trusted_proxies=ns.trusted_proxies,
+        proxy_protocol_listen=ns.proxy_protocol_listen,
         extra=extra,
     )

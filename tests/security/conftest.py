@@ -24,12 +24,19 @@ class SecureMesh:
     root: Path
     tokens: Tokens
     procs: dict[str, ServiceProcess] = field(default_factory=dict)
+    proxy_port: int = 0  # the gateway's PROXY protocol listener
 
     def start(self) -> SecureMesh:
         ports = {name: free_port() for name in topology.START_ORDER}
         addresses = {name: f"127.0.0.1:{port}" for name, port in ports.items() if name != "gateway"}
+        self.proxy_port = free_port()
         extra = {
-            "gateway": ["--trusted-proxies", "127.0.0.1/32"],
+            "gateway": [
+                "--trusted-proxies",
+                "127.0.0.1/32",
+                "--proxy-protocol-listen",
+                f"127.0.0.1:{self.proxy_port}",
+            ],
             "queue": ["--max-sessions-per-principal", str(SESSION_CAP)],
         }
         for name in topology.START_ORDER:
