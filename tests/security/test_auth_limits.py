@@ -15,6 +15,7 @@ from collections.abc import Iterator
 import grpc
 from flynn.v1 import nodes_pb2, nodes_pb2_grpc, system_pb2, system_pb2_grpc
 
+from flynn_runtime.audit import read_audit
 from tests.security.conftest import SecureMesh, bearer
 
 RECONNECTS = 6  # one a second while each flood runs
@@ -100,6 +101,14 @@ def test_connect_floods_never_lock_out_a_real_node(secure_mesh: SecureMesh) -> N
     many, many_floods = reconnect_during_flood(secure_mesh, token, many_addresses=True)
     assert many == ["registered"] * RECONNECTS, (many, many_floods)
     assert "registered" not in many_floods and many_floods["UNAUTHENTICATED"] > 0, many_floods
+    # the nodes service saw the real client addresses the gateway passed on, not the gateway's
+    refused = [
+        e
+        for e in read_audit(secure_mesh.root / "nodes" / "audit" / "nodes.jsonl")
+        if e["event"] == "nodeRegisterRefused"
+    ]
+    peers = {e["peer"] for e in refused}
+    assert "127.0.0.1" in peers and len({p for p in peers if p.startswith("10.")}) > 10, sorted(peers)[:20]
 
 
 def test_a_local_mesh_cannot_be_locked_out(secure_mesh: SecureMesh) -> None:
