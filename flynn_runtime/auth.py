@@ -32,7 +32,7 @@ from pathlib import Path
 
 import yaml
 
-from flynn_runtime import errors
+from flynn_runtime import errors, metrics
 
 IPNetwork = ipaddress.IPv4Network | ipaddress.IPv6Network
 
@@ -561,6 +561,7 @@ class Authenticator:
         for h in hashes:
             for task in list(self._streams.get(h, ())):
                 if not task.done():
+                    metrics.AUTH_REFUSED.labels("TOKEN_REVOKED").inc()
                     self._cut.add(task)
                     task.get_loop().call_soon_threadsafe(task.cancel)
 
@@ -585,14 +586,21 @@ class Authenticator:
         scheme, _, token = header.partition(" ")
         token = token.strip()
         if scheme.lower() != "bearer" or not token:
+            metrics.AUTH_REFUSED.labels("MISSING_TOKEN").inc()
             raise errors.unauthenticated(
                 "missing bearer token: send 'authorization: Bearer <token>'", reason="MISSING_TOKEN"
             )
         principal = self.store.lookup(token)
         if principal is None:
-            self.limiter.guess(f"tok:{fingerprint(token)}", address)
+            try:
+                self.limiter.guess(f"tok:{fingerprint(token)}", address)
+            except errors.FlynnError:
+                metrics.AUTH_REFUSED.labels("AUTH_RATE_LIMITED").inc()
+                raise
+            metrics.AUTH_REFUSED.labels("INVALID_TOKEN").inc()
             raise errors.unauthenticated("unknown or revoked token", reason="INVALID_TOKEN")
         if principal.role not in roles or not principal.may_call(method):
+            metrics.AUTH_REFUSED.labels("ROLE_NOT_ALLOWED").inc()
             allowed = ", ".join(sorted(r.value for r in roles)) or "none"
             why = (
                 f"not in the scope of service credential {principal.name!r}"
