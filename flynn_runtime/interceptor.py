@@ -244,12 +244,13 @@ class ServerInterceptor(grpc.aio.ServerInterceptor):  # type: ignore[type-arg]
                 exc = e
                 raise
             except asyncio.CancelledError as e:
-                if auth.was_cut(task):  # the credential was revoked: end with UNAUTHENTICATED
-                    exc = None
-                    call.code = grpc.StatusCode.UNAUTHENTICATED
-                    await abort_with(context, errors.unauthenticated(
-                        "the credential of this stream was revoked", reason="TOKEN_REVOKED"
-                    ))  # fmt: skip
+                if auth.was_cut(task):
+                    # The credential was revoked (Authenticator.cut_streams cancelled this task): end
+                    # with UNAUTHENTICATED; finish() then reads the code from the context.
+                    revoked = errors.unauthenticated(
+                        "the credential of this stream was revoked", "TOKEN_REVOKED"
+                    )
+                    await abort_with(context, revoked)
                 exc = e
                 raise
             except GeneratorExit as e:
