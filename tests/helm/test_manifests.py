@@ -529,3 +529,21 @@ def test_extra_channel_tokens_are_bound_to_their_channels(helm: Path, tmp_path: 
     bot = store.lookup("tg-secret")
     assert bot is not None and bot.role is auth.Role.CHANNEL and bot.channels == frozenset({"telegram"})
     assert {p.name for p in store.file_principals() if p.role is auth.Role.OPERATOR} == {"alice"}
+
+
+def test_proxy_protocol_port_is_wired_when_set(helm: Path) -> None:
+    docs = parse(
+        render(helm, "--set", "gateway.proxyProtocolPort=50060", "--set", "networkPolicy.enabled=true")
+    )
+    gw = main_container(workloads(docs)["gateway"])
+    assert env_of(gw)["FLYNN_PROXY_PROTOCOL_LISTEN"] == "0.0.0.0:50060"
+    assert {"name": "grpc-proxy", "containerPort": 50060, "protocol": "TCP"} in gw["ports"]
+    svc = next(s for s in by_kind(docs, "Service") if s["metadata"]["name"].endswith("-gateway"))
+    assert any(p["name"] == "grpc-proxy" and p["targetPort"] == "grpc-proxy" for p in svc["spec"]["ports"])
+    netpol = next(n for n in by_kind(docs, "NetworkPolicy") if n["metadata"]["name"].endswith("-gateway"))
+    ports = [p["port"] for rule in netpol["spec"]["ingress"] for p in rule.get("ports", [])]
+    assert "grpc-proxy" in ports
+    # off by default
+    assert "FLYNN_PROXY_PROTOCOL_LISTEN" not in env_of(
+        main_container(workloads(parse(render(helm)))["gateway"])
+    )

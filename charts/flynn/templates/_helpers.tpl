@@ -240,6 +240,11 @@ spec:
         - name: FLYNN_MAX_SESSIONS_PER_PRINCIPAL
           value: {{ $v.maxSessionsPerPrincipal | default 10000 | quote }}
         {{- end }}
+        {{- if and (eq .name "gateway") $v.proxyProtocolPort }}
+        # TCP load balancers that send the PROXY protocol connect here (believed from trustedProxies).
+        - name: FLYNN_PROXY_PROTOCOL_LISTEN
+          value: "0.0.0.0:{{ $v.proxyProtocolPort }}"
+        {{- end }}
         {{- if eq .name "gateway" }}
         - name: FLYNN_METRICS_ADDRS
           value: {{ include "flynn.metricsAddrs" $root | quote }}
@@ -254,6 +259,11 @@ spec:
         - name: metrics
           containerPort: {{ $v.metricsPort }}
           protocol: TCP
+        {{- if and (eq .name "gateway") $v.proxyProtocolPort }}
+        - name: grpc-proxy
+          containerPort: {{ $v.proxyProtocolPort }}
+          protocol: TCP
+        {{- end }}
       startupProbe:
         grpc:
           port: {{ $v.grpcPort }}
