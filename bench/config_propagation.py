@@ -326,14 +326,11 @@ def _restart(proc: Any, s: Any, watchers: int) -> tuple[float, float, int, int]:
 
 def driver(args: argparse.Namespace) -> None:
     sys.path[:0] = [str(ROOT), str(ROOT / "gen")]
-    from flynn_runtime.auth import Role, generate_token, write_tokens_file
-    from tests.support.mesh import ServiceProcess, Tokens
+    from tests.support.mesh import ServiceProcess, make_tokens
 
     with tempfile.TemporaryDirectory(prefix="flynn-bench-config-") as tmp:
         base = Path(tmp)
-        toks = {r: generate_token() for r in ("operator", "channel", "service", "node")}
-        write_tokens_file(base / "tokens.yaml", {n: (Role(n), t) for n, t in toks.items()})
-        tokens = Tokens(path=base / "tokens.yaml", **toks)
+        tokens = make_tokens(base)
         proc = ServiceProcess(
             "config", "config_svc.main", base / "config-svc", tokens,
             extra=["--bookmark-seconds", "15", "--log-level", "warning"],
@@ -344,7 +341,7 @@ def driver(args: argparse.Namespace) -> None:
                 f"config propagation bench (config service pid {proc.proc.pid if proc.proc else '?'}, 2-core box)"
             )
             print(f"[10 watchers, 1 client process, {args.updates} updates]")
-            scenario(base, proc, toks["operator"], 10, 1, args.updates, 0.1, restart=False)
+            scenario(base, proc, tokens.operator, 10, 1, args.updates, 0.1, restart=False)
             if args.raw:
                 print(
                     f"[{args.big} BARE WatchConfig streams (no ConfigWatcher), {args.procs} client processes]"
@@ -352,7 +349,7 @@ def driver(args: argparse.Namespace) -> None:
                 scenario(
                     base,
                     proc,
-                    toks["operator"],
+                    tokens.operator,
                     args.big,
                     args.procs,
                     args.updates,
@@ -362,7 +359,7 @@ def driver(args: argparse.Namespace) -> None:
                 )
             print(f"[{args.big} watchers, {args.procs} client processes, {args.updates} updates]")
             scenario(
-                base, proc, toks["operator"], args.big, args.procs, args.updates, args.spacing, restart=True
+                base, proc, tokens.operator, args.big, args.procs, args.updates, args.spacing, restart=True
             )
         finally:
             with contextlib.suppress(Exception):

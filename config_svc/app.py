@@ -8,14 +8,17 @@ import os
 from pathlib import Path
 
 import grpc
+from flynn.v1 import principals_pb2_grpc
 
 from config_svc import metrics
 from config_svc.config_editor import ConfigEditor
+from config_svc.principal_store import PrincipalStore
+from config_svc.principals_servicer import PrincipalsServicer
 from config_svc.revision_store import RevisionStore
 from config_svc.service import ConfigServicer, add_to_server
 from config_svc.watch_hub import WatchHub
 from config_svc.watcher_registry import WatcherRegistry
-from flynn_runtime import config_yaml
+from flynn_runtime import config_yaml, topology
 from flynn_runtime.server import Runtime, ServiceApp
 
 log = logging.getLogger(__name__)
@@ -44,7 +47,8 @@ def add_args(p: argparse.ArgumentParser) -> None:
 
 
 class ConfigApp(ServiceApp):
-    service_names = ("flynn.v1.ConfigService",)
+    service_names = topology.SERVICES["config"].grpc_services
+    follows_principals = False  # it owns them (config_svc/principals_servicer.py)
 
     def __init__(self, runtime: Runtime) -> None:
         super().__init__(runtime)
@@ -63,9 +67,12 @@ class ConfigApp(ServiceApp):
         self.hub = WatchHub(queue_size=queue_size)
         self.registry = WatcherRegistry()
         self.servicer = ConfigServicer(runtime, self.editor, self.hub, self.registry, self.bookmark_seconds)
+        self.principal_store = PrincipalStore(runtime.settings.data_dir / "config" / "principals.db")
+        self.principals = PrincipalsServicer(runtime, self.principal_store)
 
     def register(self, server: grpc.aio.Server) -> None:
         add_to_server(self.servicer, server)
+        principals_pb2_grpc.add_PrincipalsServicer_to_server(self.principals, server)
 
     async def start(self) -> None:
         if self.editor.head_revision == 0:
@@ -91,3 +98,4 @@ class ConfigApp(ServiceApp):
 
     async def close(self) -> None:
         self.store.close()
+        self.principal_store.close()

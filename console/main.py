@@ -24,6 +24,7 @@ from console.mesh_client import MeshClient
 from console.web import ConsoleState, build_app
 from flynn_runtime import logs, settings
 from flynn_runtime.audit import AuditLog
+from flynn_runtime.auth import parse_networks
 from flynn_runtime.settings import DEFAULT_PORTS, Settings
 
 log = logging.getLogger("console")
@@ -82,6 +83,7 @@ async def serve(s: Settings) -> None:
         audit=AuditLog(s.data_dir, "console"),
         audit_dirs=dirs,
         secure_cookie=bool(s.extra.get("secure_cookie")),
+        trusted_proxies=parse_networks(s.trusted_proxies),
     )
     app = build_app(state)
     runner = web.AppRunner(app, shutdown_timeout=s.grace_seconds, handle_signals=False)

@@ -15,6 +15,8 @@ from flynn.v1 import (
     config_pb2_grpc,
     nodes_pb2,
     nodes_pb2_grpc,
+    principals_pb2,
+    principals_pb2_grpc,
     reactions_pb2,
     reactions_pb2_grpc,
     run_control_pb2,
@@ -108,6 +110,7 @@ class MeshClient:
         self.nodes = nodes_pb2_grpc.NodesStub(self.channel)
         self.canvas = canvas_pb2_grpc.CanvasStub(self.channel)
         self.system = system_pb2_grpc.SystemStub(self.channel)
+        self.principals = principals_pb2_grpc.PrincipalsStub(self.channel)
 
     async def close(self) -> None:
         await self.channel.close(None)
@@ -124,24 +127,26 @@ class MeshClient:
 
     # --- sign-in -------------------------------------------------------------------------------
 
-    async def verify_operator(self, token: str) -> MeshError | None:
-        """None when `token` is an operator's: a read (GetConfig), then an operator-only write that can
-        never commit (UpdateConfig dry run with no field mask, refused as INVALID_ARGUMENT only after
-        authorization passed)."""
+    async def verify_operator(self, token: str, client_address: str = "") -> tuple[MeshError | None, str]:
+        """(None, operator name) when `token` is an operator's, else (why, ""). The name comes from the
+        credential (Principals/WhoAmI), never from a form. `client_address` (the browser's, after the
+        console's trusted proxies) travels as X-Forwarded-For, which the gateway believes only when the
+        console is one of its trusted proxies."""
+        md = self.md(token)
+        if client_address:
+            md = (*md, ("x-forwarded-for", client_address))
         try:
-            await self.call(self.config.GetConfig, config_pb2.GetConfigRequest(), token)
-        except MeshError as e:
-            return e
-        try:
-            await self.call(
-                self.config.UpdateConfig,
-                config_pb2.UpdateConfigRequest(dry_run=True, reason="console sign-in role check"),
-                token,
+            me = await self.principals.WhoAmI(
+                principals_pb2.WhoAmIRequest(), metadata=md, timeout=CALL_TIMEOUT
             )
-        except MeshError as e:
-            if e.code in ("UNAUTHENTICATED", "PERMISSION_DENIED"):
-                return e
-        return None
+        except grpc.aio.AioRpcError as err:
+            return MeshError.from_rpc(err), ""
+        if me.principal.role != principals_pb2.PRINCIPAL_ROLE_OPERATOR:
+            role = principals_pb2.PrincipalRole.Name(me.principal.role)
+            return MeshError(
+                "PERMISSION_DENIED", f"{role} {me.principal.name!r} is not an operator", 403, []
+            ), ""
+        return None, me.principal.name
 
     # --- runs ----------------------------------------------------------------------------------
 

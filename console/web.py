@@ -13,6 +13,7 @@ import hashlib
 import html
 import json
 import logging
+import secrets
 import time
 from collections import OrderedDict, deque
 from collections.abc import Awaitable, Callable
@@ -28,8 +29,9 @@ from google.protobuf import json_format
 from console import audit_tail, rollout_gates
 from console.mesh_client import MeshClient, MeshError, read_stream
 from console.reply_tally import ReplyTally
-from console.sign_in import COOKIE, ConsoleSession, SessionTable, SignInLimiter, clean_operator_name
+from console.sign_in import COOKIE, ConsoleSession, SessionTable, SignInLimiter
 from flynn_runtime.audit import AuditLog
+from flynn_runtime.auth import IPNetwork, client_from_forwarded
 from flynn_runtime.gates import evaluate as evaluate_gates
 
 log = logging.getLogger("console")
@@ -86,6 +88,8 @@ class ConsoleState:
     audio: OrderedDict[str, tuple[str, bytes]] = field(default_factory=OrderedDict)
     stopping: asyncio.Event = field(default_factory=asyncio.Event)
     secure_cookie: bool = False
+    # Proxies whose X-Forwarded-For names the browser (sign-in limits and the audit log's peer).
+    trusted_proxies: tuple[IPNetwork, ...] = ()
 
 
 STATE: web.AppKey[ConsoleState] = web.AppKey("state", ConsoleState)
@@ -147,58 +151,99 @@ async def require_session(request: web.Request, handler: Handler) -> web.StreamR
 # --- pages ---------------------------------------------------------------------------------------
 
 
-def _signin_page(error: str = "", operator: str = "") -> str:
+SIGNIN_CSRF_COOKIE = "flynn_signin_csrf"
+
+
+def _signin_page(csrf: str, error: str = "") -> str:
     template = (STATIC / "signin.html").read_text(encoding="utf-8")
     err = f'<p class="error" role="alert" id="signin-error">{html.escape(error)}</p>' if error else ""
-    return template.replace("{{error}}", err).replace("{{operator}}", html.escape(operator, quote=True))
+    return template.replace("{{error}}", err).replace("{{csrf}}", html.escape(csrf, quote=True))
+
+
+def _signin_response(request: web.Request, error: str = "", status: int = 200, **kw: Any) -> web.Response:
+    """The sign-in page with a fresh CSRF token, in the form and in a SameSite=Strict cookie: the POST
+    must carry both, equal (a page on another site can neither read the cookie nor set it)."""
+    csrf = secrets.token_urlsafe(24)
+    resp = web.Response(text=_signin_page(csrf, error), status=status, content_type="text/html", **kw)
+    resp.set_cookie(
+        SIGNIN_CSRF_COOKIE,
+        csrf,
+        httponly=True,
+        samesite="Strict",
+        secure=_state(request).secure_cookie,
+        path="/signin",
+        max_age=3600,
+    )
+    return resp
+
+
+def client_address(request: web.Request) -> str:
+    """The browser's address: the TCP peer, or X-Forwarded-For when the peer is a trusted proxy."""
+    st = _state(request)
+    return client_from_forwarded(
+        request.remote or "?", request.headers.get("X-Forwarded-For", ""), st.trusted_proxies
+    )
+
+
+def _same_origin(request: web.Request) -> bool:
+    """An explicit Origin must be this console's. Browsers send "null" (or nothing) under our
+    Referrer-Policy: no-referrer, so the CSRF token pair is what protects the form; this refuses a
+    post that announces another site."""
+    origin = request.headers.get("Origin")
+    if not origin or origin == "null":
+        return True
+    return origin.split("://", 1)[-1] == request.host
 
 
 async def signin_get(request: web.Request) -> web.StreamResponse:
     if _state(request).sessions.get(request.cookies.get(COOKIE)) is not None:
         raise web.HTTPSeeOther("/")
-    return web.Response(text=_signin_page(), content_type="text/html")
+    return _signin_response(request)
 
 
 async def signin_post(request: web.Request) -> web.StreamResponse:
     st = _state(request)
     form = await request.post()
     token = str(form.get("token", "")).strip()
-    operator = clean_operator_name(str(form.get("operator", "")))
+    peer = client_address(request)
+    sent = str(form.get("csrf", ""))
+    expected = request.cookies.get(SIGNIN_CSRF_COOKIE, "")
+    if not expected or not secrets.compare_digest(sent, expected) or not _same_origin(request):
+        st.audit.record("consoleSignInFailed", actor="anonymous", reason="CSRF check failed", peer=peer)
+        return _signin_response(request, "The sign-in form expired; please sign in again.", 403)
     if not token:
-        return web.Response(
-            text=_signin_page("Enter your operator token.", operator), status=401, content_type="text/html"
-        )
-    peer = request.remote or "?"
+        return _signin_response(request, "Enter your operator token.", 401)
     wait = st.sign_in_limiter.retry_after(peer)
     if wait > 0:
-        return web.Response(
-            text=_signin_page(f"Too many failed sign-ins; try again in {int(wait) + 1} s.", operator),
-            status=429,
-            content_type="text/html",
+        return _signin_response(
+            request,
+            f"Too many failed sign-ins; try again in {int(wait) + 1} s.",
+            429,
             headers={"Retry-After": str(int(wait) + 1)},
         )
-    problem = await st.mesh.verify_operator(token)
+    problem, operator = await st.mesh.verify_operator(token, peer)
     fingerprint = hashlib.sha256(token.encode()).hexdigest()[:12]
     if problem is not None:
         if problem.code in ("UNAUTHENTICATED", "PERMISSION_DENIED"):
             st.sign_in_limiter.record_failure(peer)
         st.audit.record(
             "consoleSignInFailed",
-            actor=f"operator:{operator}",
+            actor="anonymous",
             token_fingerprint=fingerprint,
             reason=f"{problem.code}: {problem.message}",
-            peer=request.remote,
+            peer=peer,
         )
         msg = (
             "That token was not accepted by the gateway."
             if problem.code in ("UNAUTHENTICATED", "PERMISSION_DENIED")
             else f"The gateway could not be asked ({problem.code}: {problem.message})."
         )
-        return web.Response(text=_signin_page(msg, operator), status=401, content_type="text/html")
+        return _signin_response(request, msg, 401)
     s = st.sessions.create(token, operator)
-    st.audit.record("consoleSignIn", actor=s.actor, token_fingerprint=fingerprint, peer=request.remote)
+    st.audit.record("consoleSignIn", actor=s.actor, token_fingerprint=fingerprint, peer=peer)
     resp = web.HTTPSeeOther("/")
     resp.set_cookie(COOKIE, s.session_id, httponly=True, samesite="Strict", secure=st.secure_cookie, path="/")
+    resp.del_cookie(SIGNIN_CSRF_COOKIE, path="/signin")
     raise resp
 
 
@@ -273,6 +318,7 @@ async def api_me(request: web.Request) -> web.StreamResponse:
     return _json(
         {
             "operator": s.operator,
+            "token_fingerprint": s.token_fingerprint,
             "actor": s.actor,
             "csrf": s.csrf,
             "gateway": _state(request).mesh.gateway_addr,

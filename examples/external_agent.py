@@ -6,6 +6,11 @@ started with --agent-no-steer), answers a CancelSignal with RunFailure{kind: "ca
 --agent-ignore-cancel, which shows run control's forced cancel), and stops at the run's deadline.
 
     .venv/bin/python -m examples.external_agent --listen 127.0.0.1:50060 --tokens-file tokens.yaml
+
+Run control calls it with the agent credential (role `agent`, `--agent-token-file`; the launcher's
+`.flynn-data/secrets/agent.token`, whose hash is in `.flynn-data/secrets/tokens.yaml`). That
+credential is the only one `Agent/Run` accepts, and it grants nothing in the mesh, so whoever runs
+an agent gets nothing from what run control sends it (docs/operations/SECURITY.md).
     # then: server.agent.address: 127.0.0.1:50060 in the Flynn config
 """
 

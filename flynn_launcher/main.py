@@ -33,7 +33,7 @@ from flynn_launcher.plan import (
     plan,
     port_offset,
 )
-from flynn_launcher.secrets_store import MeshTokens, ensure_tokens, read_token
+from flynn_launcher.secrets_store import CLI_CHANNEL, MeshTokens, ensure_tokens, operator_name, read_token
 from flynn_launcher.supervisor import Child, StartupError, Supervisor, check_ready, child_env, say
 from flynn_runtime import topology
 
@@ -107,7 +107,14 @@ def _print_banner(paths: MeshPaths, children: list[Child], tokens: MeshTokens) -
     lines = ["", f"Flynn mesh is up (data dir {paths.data_dir.resolve()})", ""]
     lines += ["  " + "  ".join(v.ljust(w) for v, w in zip(r, widths, strict=True)).rstrip() for r in rows]
     gateway = next((c for c in children if c.plan.name == "gateway"), None)
-    lines += ["", f"Operator token: {tokens.operator}", f"  (kept in {paths.token_file('operator')})", ""]
+    lines += [
+        "",
+        f"Operator token: {tokens.operator}",
+        f"  (principal {operator_name()!r}; kept in {paths.token_file('operator')})",
+        f"Channel token for channel {CLI_CHANNEL!r}: {paths.token_file('channel')}",
+        "  (more principals: flynn tokens issue NAME --role operator|channel|agent)",
+        "",
+    ]
     console = next((c for c in children if c.plan.name == CONSOLE), None)
     if console is not None:
         lines += [f"Console: {console.plan.url} (sign in with the operator token)", ""]

@@ -131,11 +131,13 @@ def command(
         "--metrics-listen", f"{svc.host}:{svc.metrics_port}",
         "--data-dir", str(svc.data_dir),
         "--tokens-file", str(paths.tokens_file),
-        "--service-token-file", str(paths.token_file("service")),
+        "--service-token-file", str(paths.token_file(f"service-{svc.name}")),
         "--grace-seconds", str(grace_seconds),
     ]  # fmt: skip
     for backend in BACKENDS:
         args += [f"--{backend}-addr", f"{host}:{base_port + port_offset(backend)}"]
+    if svc.name == "queue":
+        args += ["--agent-token-file", str(paths.token_file("agent"))]
     if svc.name == "gateway":
         # System.GetMetrics scrapes every backend's Prometheus port.
         scrape = (f"{b}={host}:{base_port + METRICS_OFFSET + port_offset(b)}" for b in BACKENDS)

@@ -16,8 +16,8 @@ from typing import Any
 import grpc
 from grpc.aio import ServicerContext
 
-from flynn_runtime import metrics
-from flynn_runtime.auth import Authenticator, current_principal
+from flynn_runtime import errors, metrics
+from flynn_runtime.auth import Authenticator, Principal, current_principal
 from flynn_runtime.errors import Code, FlynnError
 from flynn_runtime.ids import ulid
 from flynn_runtime.rich_status import to_grpc_status
@@ -80,11 +80,12 @@ class _Call:
         self.start = time.perf_counter()
         self.code = grpc.StatusCode.OK
 
-    def begin(self, context: ServicerContext[Any, Any]) -> None:
+    def begin(self, context: ServicerContext[Any, Any]) -> Principal | None:
         self.m.started.inc()
         md = {k: v for k, v in (context.invocation_metadata() or ()) if isinstance(v, str)}
         principal = self.interceptor.authenticator.authenticate(self.method, md, context.peer() or "")
         current_principal.set(principal)
+        return principal
 
     async def fail(self, context: ServicerContext[Any, Any], exc: BaseException) -> None:
         if isinstance(exc, FlynnError):
@@ -232,8 +233,12 @@ class ServerInterceptor(grpc.aio.ServerInterceptor):  # type: ignore[type-arg]
             call = _Call(self, method, m)
             exc: BaseException | None = None
             sent = m.sent
+            auth = self.authenticator
+            principal: Principal | None = None
+            task: asyncio.Task[object] | None = None
             try:
-                call.begin(context)
+                principal = call.begin(context)
+                task = auth.stream_opened(principal)
                 result = inner(_check(method, request, bidi), context)
                 if hasattr(result, "__aiter__"):
                     async for item in result:
@@ -244,13 +249,24 @@ class ServerInterceptor(grpc.aio.ServerInterceptor):  # type: ignore[type-arg]
             except grpc.aio.AbortError as e:
                 exc = e
                 raise
-            except (asyncio.CancelledError, GeneratorExit) as e:
+            except asyncio.CancelledError as e:
+                if auth.was_cut(task):
+                    # The credential was revoked (Authenticator.cut_streams cancelled this task): end
+                    # with UNAUTHENTICATED; finish() then reads the code from the context.
+                    revoked = errors.unauthenticated(
+                        "the credential of this stream was revoked", "TOKEN_REVOKED"
+                    )
+                    await abort_with(context, revoked)
+                exc = e
+                raise
+            except GeneratorExit as e:
                 exc = e
                 raise
             except Exception as e:  # noqa: BLE001
                 exc = e
                 await call.fail(context, e)
             finally:
+                auth.stream_closed(principal, task)
                 call.finish(context, exc)
 
         return wrapper

@@ -35,6 +35,12 @@ GATEWAY_CALLS = Counter(
     "Calls the gateway answered, by status code and class (ok, caller_error, server_error).",
     ["grpc_code", "code_class"],
 )
+AUTH_REFUSED = Counter(
+    "flynn_auth_refused_total",
+    "Calls refused by authentication or authorization, by reason (MISSING_TOKEN, INVALID_TOKEN, "
+    "AUTH_RATE_LIMITED, ROLE_NOT_ALLOWED, TOKEN_REVOKED).",
+    ["reason"],
+)
 SERVICE_INFO = Gauge("flynn_service_info", "Static information about this process.", ["service", "version"])
 CONFIG_APPLIED_REVISION = Gauge("config_applied_revision", "Config revision this process applied last.")
 CONFIG_STALENESS = Gauge(

@@ -29,10 +29,12 @@ from grpc_reflection.v1alpha import reflection
 
 from flynn_runtime import VERSION, logs, metrics
 from flynn_runtime.audit import AuditLog
-from flynn_runtime.auth import Authenticator, TokenStore
+from flynn_runtime.auth import Authenticator, TokenStore, parse_networks
 from flynn_runtime.channels import client_channel, server_options
 from flynn_runtime.errors import shutting_down
 from flynn_runtime.interceptor import ServerInterceptor
+from flynn_runtime.principal_feed import PrincipalFeed
+from flynn_runtime.proxy_front import ProxyFront
 from flynn_runtime.settings import Settings
 
 log = logging.getLogger(__name__)
@@ -46,7 +48,11 @@ class Runtime:
         settings.data_dir.mkdir(parents=True, exist_ok=True)
         self.audit = AuditLog(settings.data_dir, settings.service)
         self.tokens = TokenStore(settings.tokens_file)
-        self.authenticator = Authenticator(self.tokens)
+        try:
+            trusted = parse_networks(settings.trusted_proxies)
+        except ValueError as e:
+            raise SystemExit(f"--trusted-proxies: {e}") from None
+        self.authenticator = Authenticator(self.tokens, trusted_proxies=trusted)
         self.stopping = asyncio.Event()
         self._channels: dict[str, grpc.aio.Channel] = {}
 
@@ -81,6 +87,9 @@ class ServiceApp:
     reflection_names: Sequence[str] = ()
     #: Count every answered call by status class too (flynn_gateway_calls_total; the gateway does).
     counts_calls_by_class: bool = False
+    #: Whether the runtime follows the issued principals from the config service (WatchPrincipals);
+    #: the config service itself owns them, and tools without a mesh turn it off.
+    follows_principals: bool = True
 
     def __init__(self, runtime: Runtime) -> None:
         self.runtime = runtime
@@ -141,7 +150,17 @@ async def running(
     for name in app.service_names:
         await health_servicer.set(name, health_pb2.HealthCheckResponse.NOT_SERVING)
     await app.start()
+    feed = PrincipalFeed(runtime, follow_config=app.follows_principals)
+    feed.start()
     await server.start()
+    front: ProxyFront | None = None
+    if settings.proxy_protocol_listen:
+        host = settings.listen.rpartition(":")[0].strip("[]")
+        loopback = "127.0.0.1" if host in ("", "0.0.0.0", "::") else host
+        front = ProxyFront(
+            settings.proxy_protocol_listen, f"{loopback}:{port}", runtime.authenticator.trusted_proxies
+        )
+        await front.start()
     await health_servicer.set("", health_pb2.HealthCheckResponse.SERVING)
     for name in app.service_names:
         await health_servicer.set(name, health_pb2.HealthCheckResponse.SERVING)
@@ -160,6 +179,9 @@ async def running(
     try:
         yield handle
     finally:
+        if front is not None:
+            await front.stop()
+        await feed.stop()
         await _graceful_stop(handle)
 
 

@@ -40,6 +40,8 @@ class Settings:
     instance_id: str
     max_message_bytes: int
     max_concurrent_streams: int
+    trusted_proxies: str = ""
+    proxy_protocol_listen: str = ""
     extra: dict[str, object] = field(default_factory=dict)
 
     def address(self, backend: str) -> str:
@@ -106,6 +108,18 @@ def build_parser(service: str) -> argparse.ArgumentParser:
         default=int(_env("max_concurrent_streams", "4096")),
         help="pending-request limit of the server (FLYNN_MAX_CONCURRENT_STREAMS)",
     )
+    p.add_argument(
+        "--trusted-proxies",
+        default=_env("trusted_proxies", ""),
+        help="comma-separated IPs/CIDRs of proxies whose X-Forwarded-For is believed (FLYNN_TRUSTED_PROXIES; "
+        "empty: none, the peer address is the client)",
+    )
+    p.add_argument(
+        "--proxy-protocol-listen",
+        default=_env("proxy_protocol_listen", ""),
+        help="host:port of a second listener for load balancers that send the PROXY protocol (v1/v2); "
+        "its header is believed only from --trusted-proxies (FLYNN_PROXY_PROTOCOL_LISTEN; empty: off)",
+    )
     return p
 
 
@@ -139,5 +153,7 @@ def parse(
         instance_id=ns.instance_id,
         max_message_bytes=ns.max_message_bytes,
         max_concurrent_streams=ns.max_concurrent_streams,
+        trusted_proxies=ns.trusted_proxies,
+        proxy_protocol_listen=ns.proxy_protocol_listen,
         extra=extra,
     )

@@ -17,7 +17,13 @@ class ServiceInfo:
 SERVICES: dict[str, ServiceInfo] = {
     s.name: s
     for s in (
-        ServiceInfo("config", "config_svc.main", "flynn-config", ("flynn.v1.ConfigService",), True),
+        ServiceInfo(
+            "config",
+            "config_svc.main",
+            "flynn-config",
+            ("flynn.v1.ConfigService", "flynn.v1.Principals"),
+            True,
+        ),
         ServiceInfo("queue", "queue_svc.main", "flynn-queue", ("flynn.v1.RunControl",), True),
         ServiceInfo("reactions", "reactions_svc.main", "flynn-reactions", ("flynn.v1.Reactions",), True),
         ServiceInfo("nodes", "nodes_svc.main", "flynn-nodes", ("flynn.v1.Nodes", "flynn.v1.Canvas"), True),

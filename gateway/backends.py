@@ -12,6 +12,7 @@ from typing import Any
 
 import grpc
 
+from flynn_runtime.auth import hop_metadata
 from flynn_runtime.channels import KEEPALIVE_OPTIONS
 from flynn_runtime.settings import Settings
 
@@ -37,6 +38,10 @@ class Backends:
     def __init__(self, settings: Settings) -> None:
         self._settings = settings
         self._channels: dict[str, grpc.aio.Channel] = {}
+
+    def hop_metadata(self) -> tuple[tuple[str, str], ...]:
+        """Headers telling the backend the real client address of the call being served."""
+        return hop_metadata(self._settings.service_token)
 
     def address(self, backend: str) -> str:
         return self._settings.address(backend)

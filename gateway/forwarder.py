@@ -17,6 +17,7 @@ from typing import TYPE_CHECKING, Any, cast
 import grpc
 from grpc.aio import ServicerContext
 
+from flynn_runtime.auth import HOP_BY_HEADER, HOP_CLIENT_HEADER
 from flynn_runtime.channels import downstream_timeout
 from flynn_runtime.errors import Code, FlynnError, shutting_down, unavailable
 from flynn_runtime.interceptor import abort_with
@@ -43,6 +44,7 @@ _HOP_BY_HOP = frozenset(
     }
 )
 _DETAILS_KEY = "grpc-status-details-bin"
+_HOP_HEADERS = frozenset({HOP_BY_HEADER, HOP_CLIENT_HEADER, "x-forwarded-for", "x-real-ip", "forwarded"})
 
 Ctx = ServicerContext[Any, Any]
 if TYPE_CHECKING:
@@ -51,13 +53,17 @@ else:
     Handler = grpc.RpcMethodHandler
 
 
-def forward_metadata(context: Ctx) -> tuple[tuple[str, str | bytes], ...]:
-    """The caller's metadata minus pseudo, reserved (grpc-*) and hop-by-hop headers."""
-    return tuple(
+def forward_metadata(
+    context: Ctx, hop: tuple[tuple[str, str], ...] = ()
+) -> tuple[tuple[str, str | bytes], ...]:
+    """The caller's metadata minus pseudo, reserved (grpc-*), hop-by-hop and client-address headers
+    (a caller never asserts its own address to a backend), plus the gateway's `hop` headers (the real client address, vouched for)."""
+    kept = tuple(
         (k, v)
         for k, v in cast(Iterable[tuple[str, str | bytes]], context.invocation_metadata() or ())
-        if not (k.startswith(":") or k.startswith("grpc-") or k in _HOP_BY_HOP)
+        if not (k.startswith(":") or k.startswith("grpc-") or k in _HOP_BY_HOP or k in _HOP_HEADERS)
     )
+    return kept + hop
 
 
 def stream_timeout(context: Ctx) -> float | None:
@@ -139,7 +145,7 @@ class Forwarder(grpc.GenericRpcHandler):  # type: ignore[type-arg]
                 response: bytes = await multicallable(
                     request,
                     timeout=downstream_timeout(context, UNARY_DEFAULT_TIMEOUT, _DEADLINE_MARGIN),
-                    metadata=forward_metadata(context),
+                    metadata=forward_metadata(context, self._backends.hop_metadata()),
                 )
                 return response
             except grpc.aio.AioRpcError as err:
@@ -151,7 +157,11 @@ class Forwarder(grpc.GenericRpcHandler):  # type: ignore[type-arg]
     def _stream(self, route: Route, multicallable: Callable[..., Any]) -> Callable[[Any, Ctx], Any]:
         # Serves server-stream and bidi methods.
         async def forward(request: Any, context: Ctx) -> AsyncIterator[bytes]:
-            call = multicallable(request, timeout=stream_timeout(context), metadata=forward_metadata(context))
+            call = multicallable(
+                request,
+                timeout=stream_timeout(context),
+                metadata=forward_metadata(context, self._backends.hop_metadata()),
+            )
             # On SIGTERM the gateway ends open streams (UNAVAILABLE/SHUTTING_DOWN) so callers reconnect.
             watcher = asyncio.ensure_future(self._stopping.wait())
             watcher.add_done_callback(lambda _f: call.cancel())

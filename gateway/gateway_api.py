@@ -23,6 +23,7 @@ import grpc
 from flynn.v1 import gateway_pb2, gateway_pb2_grpc, run_control_pb2, run_control_pb2_grpc
 from grpc.aio import ServicerContext
 
+from flynn_runtime import auth
 from flynn_runtime.channels import downstream_timeout
 from flynn_runtime.config_source import ConfigSource
 from flynn_runtime.server import Runtime, until_stopping
@@ -67,6 +68,9 @@ class GatewayServicer(gateway_pb2_grpc.GatewayServicer):
             if request.audio.sample_rate_hertz < 0:
                 v.add("audio.sample_rate_hertz", "must not be negative")
         v.raise_if_any()
+        p = auth.principal()
+        if p is not None and not p.serves(request.channel):  # the door refuses before any work
+            raise auth.channel_denied(p, request.channel)
         text = request.text
         transcript = ""
         attachments: list[Any] = []
@@ -86,7 +90,9 @@ class GatewayServicer(gateway_pb2_grpc.GatewayServicer):
         )
         try:
             resp = await self._stub.SubmitMessage(
-                submit, timeout=downstream_timeout(context, UNARY_TIMEOUT), metadata=forward_metadata(context)
+                submit,
+                timeout=downstream_timeout(context, UNARY_TIMEOUT),
+                metadata=forward_metadata(context, self._backends.hop_metadata()),
             )
         except grpc.aio.AioRpcError as err:
             await self._fail(context, err)
@@ -102,12 +108,16 @@ class GatewayServicer(gateway_pb2_grpc.GatewayServicer):
     async def StreamReplies(  # type: ignore[override]
         self, request: gateway_pb2.GatewayStreamRepliesRequest, context: Ctx
     ) -> AsyncIterator[gateway_pb2.GatewayStreamRepliesResponse]:
+        p = auth.principal()
+        scope = p.channel_scope if p is not None else None
+        channels = list(request.channels) or (sorted(scope) if scope is not None else [])
+        for ch in channels:
+            if p is not None and not p.serves(ch):
+                raise auth.channel_denied(p, ch)
         call = self._stub.StreamReplies(
-            run_control_pb2.StreamRepliesRequest(
-                after_cursor=request.after_cursor, channels=request.channels
-            ),
+            run_control_pb2.StreamRepliesRequest(after_cursor=request.after_cursor, channels=channels),
             timeout=stream_timeout(context),
-            metadata=forward_metadata(context),
+            metadata=forward_metadata(context, self._backends.hop_metadata()),
         )
 
         async def replies() -> AsyncIterator[gateway_pb2.GatewayStreamRepliesResponse]:
@@ -130,7 +140,9 @@ class GatewayServicer(gateway_pb2_grpc.GatewayServicer):
         )
         try:
             resp = await self._stub.CancelRun(
-                cancel, timeout=downstream_timeout(context, UNARY_TIMEOUT), metadata=forward_metadata(context)
+                cancel,
+                timeout=downstream_timeout(context, UNARY_TIMEOUT),
+                metadata=forward_metadata(context, self._backends.hop_metadata()),
             )
         except grpc.aio.AioRpcError as err:
             await self._fail(context, err)

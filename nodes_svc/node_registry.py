@@ -354,7 +354,12 @@ class NodeRegistry:
         self, err: FlynnError, node_id: str, peer: str, known: bool, auth_failure: bool, detail: str = ""
     ) -> FlynnError:
         if auth_failure:
-            self.limiter.record_failure(peer)
+            # A wrong token for a claimed node id from a real client address: counted per (node id,
+            # address) and per address; a valid token is never checked against these counts.
+            try:
+                self.limiter.guess(f"node:{node_id[:128]}", peer)
+            except FlynnError as limited:
+                err = limited
         metrics.REGISTRATIONS.labels("refused", err.reason).inc()
         if known:
             metrics.RECONNECTS.labels("failure", err.reason).inc()
@@ -373,7 +378,6 @@ class NodeRegistry:
     ) -> tuple[NodeSession, nodes_pb2.NodeRegistered]:
         """Authenticate and register (the Register message is already validated); raises FlynnError."""
         node_id = reg.node_id
-        self.limiter.check(peer)
         existing = self.store.get_node(node_id)
         known = existing is not None
         policy = self._policy

@@ -13,7 +13,7 @@ from typing import Any
 from flynn.v1 import nodes_pb2, nodes_pb2_grpc
 from grpc.aio import ServicerContext
 
-from flynn_runtime import errors
+from flynn_runtime import auth, errors
 from flynn_runtime.errors import FlynnError
 from flynn_runtime.server import Runtime
 from flynn_runtime.validation import Violations, page_size
@@ -94,7 +94,9 @@ class NodesServicer(nodes_pb2_grpc.NodesServicer):
         if first.WhichOneof("message") != "register":
             raise errors.invalid_argument("register", "the first message on Connect must be a Register")
         validate_register(first.register)
-        session, registered = self.registry.register(first.register, context.peer() or "")
+        session, registered = self.registry.register(
+            first.register, auth.client_address() or context.peer() or ""
+        )
         if self.runtime.stopping.is_set():  # registered while the stop hook was closing streams
             session.close("shutdown", "the nodes service is shutting down")
         reader = asyncio.create_task(self._read(request_iterator, session))

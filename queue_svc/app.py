@@ -12,6 +12,7 @@ from flynn.v1 import run_control_pb2_grpc
 from flynn_runtime import config_yaml
 from flynn_runtime.config_source import ConfigSource, StaticConfig
 from flynn_runtime.server import Runtime, ServiceApp
+from queue_svc.access import DEFAULT_MAX_SESSIONS_PER_PRINCIPAL
 from queue_svc.agents import EchoAgent, EchoSettings
 from queue_svc.grpc_agent import GrpcAgent
 from queue_svc.run_control import AgentProvider, RunControl, _seconds
@@ -30,6 +31,19 @@ def add_args(p: argparse.ArgumentParser) -> None:
         default=_flag("queue_config_file", ""),
         help="YAML FlynnConfig used instead of watching the config service (FLYNN_QUEUE_CONFIG_FILE; "
         "for tools, benchmarks and tests without the mesh)",
+    )
+    p.add_argument(
+        "--max-sessions-per-principal",
+        type=int,
+        default=int(_flag("max_sessions_per_principal", str(DEFAULT_MAX_SESSIONS_PER_PRINCIPAL))),
+        help="sessions one channel principal may open over its channels, 0 = no limit "
+        "(FLYNN_MAX_SESSIONS_PER_PRINCIPAL)",
+    )
+    p.add_argument(
+        "--agent-token-file",
+        default=_flag("agent_token_file", ""),
+        help="file holding the credential presented to external agents; it grants nothing in the mesh "
+        "(FLYNN_AGENT_TOKEN_FILE; FLYNN_AGENT_TOKEN is read when no file is given)",
     )
 
 
@@ -67,20 +81,32 @@ class QueueApp(ServiceApp):
             return None
         return self.runtime.channel("voice")
 
+    @property
+    def _max_sessions(self) -> int:
+        raw = self.runtime.settings.extra.get("max_sessions_per_principal")
+        return int(str(raw)) if raw is not None else DEFAULT_MAX_SESSIONS_PER_PRINCIPAL
+
+    def _agent_token(self) -> str:
+        """The agent credential (never the service's own: whoever runs the agent gets what it sends)."""
+        path = str(self.runtime.settings.extra.get("agent_token_file") or "")
+        if path:
+            return Path(path).read_text().strip()
+        return os.environ.get("FLYNN_AGENT_TOKEN", "")
+
     def _run_control(self) -> RunControl:
         assert self.rc is not None, "run control not started"
         return self.rc
 
     def register(self, server: grpc.aio.Server) -> None:
         run_control_pb2_grpc.add_RunControlServicer_to_server(
-            RunControlServicer(self.runtime, self._run_control), server
+            RunControlServicer(self.runtime, self._run_control, self._max_sessions), server
         )
 
     async def start(self) -> None:
         if self.watcher is not None:
             await self.watcher.start()
         self.store = QueueStore(self.runtime.settings.data_dir / "queue")
-        token = self.runtime.settings.service_token
+        token = self._agent_token()
         agents = AgentProvider(EchoAgent(self._echo_settings), lambda address: GrpcAgent(address, token))
         self.rc = RunControl(
             self.store,

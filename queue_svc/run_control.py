@@ -224,6 +224,7 @@ class RunControl:
         self.events: Fanout[pb.RunEvent] = Fanout()
         self.replies: Fanout[pb.Reply] = Fanout()
         self._sessions: dict[str, _Session] = {}
+        self._channel_sessions: dict[str, int] = {}  # sessions per channel (per-principal session cap)
         self._runs: dict[str, _Live] = {}
         self._gseq = 0
         self._cursor = 0
@@ -248,6 +249,7 @@ class RunControl:
             self._sessions[srow.session_key] = _Session(
                 srow.session_key, srow.channel, srow.message_count, srow.run_count, srow.last_session_seq
             )
+            self._channel_sessions[srow.channel] = self._channel_sessions.get(srow.channel, 0) + 1
         for row in self.store.runs_in_states((QUEUED, STARTED, CANCEL_REQUESTED)):
             self._runs[row.run_id] = _Live(row)
         for e in self.store.queue_entries():
@@ -470,10 +472,23 @@ class RunControl:
     def _session(self, op: _Op, key: str, channel: str) -> _Session:
         s = self._sessions.get(key)
         if s is None:
+            counted = self.store.session_channel(key) is not None  # back in memory, not new
             s = _Session(key, channel)
             self._sessions[key] = s
             op.sessions[key] = s
+            if not counted:
+                self._channel_sessions[channel] = self._channel_sessions.get(channel, 0) + 1
         return s
+
+    def session_channel(self, key: str) -> str | None:
+        """The channel a session belongs to (None for a session that does not exist yet)."""
+        s = self._sessions.get(key)
+        if s is not None:
+            return s.channel
+        return self.store.session_channel(key)
+
+    def sessions_in_channels(self, channels: frozenset[str]) -> int:
+        return sum(self._channel_sessions.get(c, 0) for c in channels)
 
     def _update_depth(self) -> None:
         """Gauges are computed at scrape time (set_function in start)."""

@@ -14,11 +14,11 @@ from flynn.v1 import run_control_pb2_grpc as pb_grpc
 from grpc.aio import ServicerContext
 
 from flynn_runtime import errors
-from flynn_runtime.auth import actor
+from flynn_runtime.auth import actor, principal
 from flynn_runtime.ids import is_id
 from flynn_runtime.server import Runtime
 from flynn_runtime.validation import Violations, page_size
-from queue_svc import metrics
+from queue_svc import access, metrics
 from queue_svc.fanout import Fanout, Stopped, Subscription
 from queue_svc.run_control import RunControl, SubmitInput, run_to_proto
 
@@ -34,6 +34,12 @@ def _run_id(v: Violations, field: str, value: str, required: bool) -> None:
         return
     if not is_id(value, "run"):
         v.add(field, 'must be a run id: "run_" followed by 26 Crockford base32 characters')
+
+
+def _channels(v: Violations, channels: list[str]) -> None:
+    v.check(len(channels) <= 100, "channels", "at most 100 channels")
+    for i, ch in enumerate(channels[:100]):
+        v.check(0 < len(ch) <= 64, f"channels[{i}]", "must be 1..64 characters")
 
 
 def _page_token(token: str) -> int:
@@ -53,9 +59,15 @@ def _token(seq: int) -> str:
 
 
 class RunControlServicer(pb_grpc.RunControlServicer):
-    def __init__(self, runtime: Runtime, rc: Callable[[], RunControl]) -> None:
+    def __init__(
+        self,
+        runtime: Runtime,
+        rc: Callable[[], RunControl],
+        max_sessions_per_principal: int = access.DEFAULT_MAX_SESSIONS_PER_PRINCIPAL,
+    ) -> None:
         self._runtime = runtime
         self._rc = rc
+        self._max_sessions = max_sessions_per_principal
 
     @property
     def rc(self) -> RunControl:
@@ -76,6 +88,11 @@ class RunControlServicer(pb_grpc.RunControlServicer):
         v.check(len(request.idempotency_key) <= 256, "idempotency_key", "is longer than 256 characters")
         v.enum_known("mode_override", request.mode_override, QUEUE_MODES)
         v.raise_if_any()
+        p = principal()
+        access.check_causation(p, request.HasField("causation"))
+        access.check_channel(p, request.channel)
+        access.check_session(p, self.rc, request.session_key)
+        access.check_session_cap(p, self.rc, request.session_key, self._max_sessions)
         res = self.rc.submit(
             SubmitInput(
                 session_key=request.session_key,
@@ -116,6 +133,10 @@ class RunControlServicer(pb_grpc.RunControlServicer):
         if scope != pb.CANCEL_SCOPE_RUN and not request.session_key and not request.run_id:
             v.add("session_key", "is required to cancel a session")
         v.raise_if_any()
+        p = principal()
+        if request.run_id and p is not None and p.channel_scope is not None:
+            access.check_channel(p, self.rc.get_run(request.run_id).channel)
+        access.check_session(p, self.rc, request.session_key)
         res = self.rc.cancel(request.run_id, request.session_key, scope, request.reason, actor())
         await self.rc.durable()  # cancel_requested is durable before the answer
         if res.outcome == pb.CANCEL_OUTCOME_CANCEL_REQUESTED:
@@ -133,7 +154,9 @@ class RunControlServicer(pb_grpc.RunControlServicer):
         v = Violations()
         _run_id(v, "run_id", request.run_id, required=True)
         v.raise_if_any()
-        run = run_to_proto(self.rc.get_run(request.run_id))
+        row = self.rc.get_run(request.run_id)
+        access.check_channel(principal(), row.channel)
+        run = run_to_proto(row)
         await self.rc.durable()  # never show a state a crash could take back
         return pb.GetRunResponse(run=run)
 
@@ -157,6 +180,7 @@ class RunControlServicer(pb_grpc.RunControlServicer):
         v.text("session_key", request.session_key, required=True, max_bytes=1024)
         v.check(len(request.session_key) <= 256, "session_key", "is longer than 256 characters")
         v.raise_if_any()
+        access.check_session(principal(), self.rc, request.session_key)
         session = self.rc.get_session(request.session_key)
         await self.rc.durable()
         return pb.GetSessionResponse(session=session)
@@ -167,12 +191,18 @@ class RunControlServicer(pb_grpc.RunControlServicer):
         v = Violations()
         v.check(request.after_seq >= 0, "after_seq", "must not be negative")
         v.check(len(request.session_key) <= 256, "session_key", "is longer than 256 characters")
+        _channels(v, list(request.channels))
         v.raise_if_any()
         rc = self.rc
         key, skip_output = request.session_key, request.exclude_output
+        p = principal()
+        access.check_session(p, rc, key)
+        channels = access.channel_filter(p, list(request.channels))
 
         def keep(ev: pb.RunEvent) -> bool:
             if key and ev.session_key != key:
+                return False
+            if channels is not None and ev.channel not in channels:
                 return False
             return not (skip_output and ev.type == pb.RUN_EVENT_TYPE_RUN_OUTPUT)
 
@@ -194,15 +224,13 @@ class RunControlServicer(pb_grpc.RunControlServicer):
     ) -> AsyncIterator[pb.StreamRepliesResponse]:
         v = Violations()
         v.check(request.after_cursor >= 0, "after_cursor", "must not be negative")
-        v.check(len(request.channels) <= 100, "channels", "at most 100 channels")
-        for i, ch in enumerate(request.channels):
-            v.check(0 < len(ch) <= 64, f"channels[{i}]", "must be 1..64 characters")
+        _channels(v, list(request.channels))
         v.raise_if_any()
         rc = self.rc
-        channels = set(request.channels)
+        channels = access.channel_filter(principal(), list(request.channels))
 
         def keep(r: pb.Reply) -> bool:
-            return not channels or r.channel in channels
+            return channels is None or r.channel in channels
 
         stream = replay_then_live(
             rc.replies,
@@ -237,6 +265,7 @@ class RunControlServicer(pb_grpc.RunControlServicer):
         else:
             v.text("text", request.text, required=request.kind != pb.REPLY_KIND_ACK, max_bytes=MAX_TEXT)
         v.raise_if_any()
+        access.check_causation(principal(), request.HasField("causation"))
         reply = pb.Reply(
             kind=request.kind,
             session_key=request.session_key,

@@ -427,6 +427,13 @@ class QueueStore:
         ).fetchall()
         return [SessionRow(*r) for r in rows]
 
+    def session_channel(self, session_key: str) -> str | None:
+        """The channel of a stored session (a session evicted from memory keeps its owner)."""
+        row = self._db.execute(
+            "SELECT channel FROM sessions WHERE session_key = ?", (session_key,)
+        ).fetchone()
+        return str(row[0]) if row is not None else None
+
     def message_by_key(self, session_key: str, idempotency_key: str) -> MessageRow | None:
         queued = self._msg_by_key.get((session_key, idempotency_key))
         if queued is not None:

@@ -60,7 +60,7 @@ def _browser_missing() -> str | None:
 @pytest.fixture(scope="module")
 def mesh(tmp_path_factory: pytest.TempPathFactory) -> Iterator[ConsoleMesh]:
     root = Path(tmp_path_factory.mktemp("console"))
-    m = ConsoleMesh(root, make_tokens(root), SEED)
+    m = ConsoleMesh(root, make_tokens(root, operator_name=OPERATOR_NAME), SEED)
     try:
         m.start()
         yield m

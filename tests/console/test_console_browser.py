@@ -6,10 +6,12 @@ from __future__ import annotations
 import base64
 import json
 import os
+import re
 import subprocess
 import sys
 import time
 import urllib.error
+import urllib.parse
 import urllib.request
 import uuid
 from collections.abc import Callable, Iterator
@@ -55,7 +57,6 @@ def signed_in(browser: Any, mesh: ConsoleMesh) -> Any:
     page = browser.new_page()
     page.goto(mesh.console.url + "/")
     assert page.url.endswith("/signin")
-    page.fill("#operator", OPERATOR_NAME)
     page.fill("#token", mesh.tokens.operator)
     page.click("#signin-submit")
     page.wait_for_selector("#whoami:has-text('operator:alice')")
@@ -115,6 +116,47 @@ def console_audit(mesh: ConsoleMesh) -> list[dict[str, Any]]:
 # --- sign-in and refusal ---------------------------------------------------------------------------
 
 
+def _post_form(url: str, data: dict[str, str], headers: dict[str, str]) -> tuple[int, dict[str, str], str]:
+    body = urllib.parse.urlencode(data).encode()
+    req = urllib.request.Request(url, data=body, headers=headers)
+    opener = urllib.request.build_opener(_NoRedirect())
+    try:
+        with opener.open(req, timeout=10) as r:
+            return r.status, dict(r.headers), r.read(4096).decode(errors="replace")
+    except urllib.error.HTTPError as e:
+        return e.code, dict(e.headers), e.read(4096).decode(errors="replace")
+
+
+def test_sign_in_needs_its_csrf_token_and_names_the_credentials_owner(mesh: ConsoleMesh) -> None:
+    assert mesh.console is not None
+    url = mesh.console.url + "/signin"
+    page = urllib.request.urlopen(url, timeout=10)  # noqa: S310 - the test's own console
+    cookie = page.headers["Set-Cookie"].split(";")[0]
+    found = re.search(r'name="csrf" value="([^"]+)"', page.read().decode())
+    assert found is not None and cookie.endswith(found.group(1))
+    csrf = found.group(1)
+    token = mesh.tokens.operator
+    # no token, a wrong one, the cookie's without the form's, and a cross-site post: all refused
+    assert _post_form(url, {"token": token}, {})[0] == 403
+    assert _post_form(url, {"token": token, "csrf": "forged"}, {"Cookie": cookie})[0] == 403
+    assert _post_form(url, {"token": token, "csrf": csrf}, {})[0] == 403
+    cross = {"Cookie": cookie, "Origin": "https://evil.example"}
+    assert _post_form(url, {"token": token, "csrf": csrf}, cross)[0] == 403
+    # a name typed into the form counts for nothing: the actor is the credential's principal, and an
+    # X-Forwarded-For from a peer that is not a trusted proxy is not believed
+    status, headers, _ = _post_form(
+        url,
+        {"token": token, "csrf": csrf, "operator": "mallory"},
+        {"Cookie": cookie, "X-Forwarded-For": "203.0.113.9"},
+    )
+    assert status == 303
+    session = headers["Set-Cookie"].split(";")[0]
+    _, _, me = _get(mesh.console.url + "/api/me", cookie=session)
+    assert json.loads(me)["actor"] == f"operator:{OPERATOR_NAME}"
+    signed = [e for e in console_audit(mesh) if e["event"] == "consoleSignIn"]
+    assert signed[-1]["actor"] == f"operator:{OPERATOR_NAME}" and signed[-1]["peer"] == "127.0.0.1"
+
+
 def _get(url: str, cookie: str | None = None) -> tuple[int, str, str]:
     req = urllib.request.Request(url, headers={"Cookie": cookie} if cookie else {})
     opener = urllib.request.build_opener(_NoRedirect())
@@ -158,7 +200,6 @@ def test_wrong_or_missing_token_gets_the_sign_in_page_and_no_data(browser: Any, 
     try:
         for token in ("not-a-token", mesh.tokens.channel):  # unknown token; a real token of another role
             page.goto(url + "/signin")
-            page.fill("#operator", "mallory")
             page.fill("#token", token)
             page.click("#signin-submit")
             page.wait_for_selector("#signin-error")
@@ -170,7 +211,8 @@ def test_wrong_or_missing_token_gets_the_sign_in_page_and_no_data(browser: Any, 
     finally:
         page.close()
     refused = [e for e in console_audit(mesh) if e["event"] == "consoleSignInFailed"]
-    assert len(refused) >= 2 and all(e["actor"] == "operator:mallory" for e in refused)
+    # a refused sign-in names nobody: the name comes from an accepted credential only
+    assert len(refused) >= 2 and all(e["actor"] == "anonymous" for e in refused)
     assert all(mesh.tokens.channel not in json.dumps(e) for e in console_audit(mesh))  # never the token
 
 
@@ -578,7 +620,6 @@ def test_rollout_says_not_available_when_get_metrics_is_unimplemented(
     page = browser.new_page()
     try:
         page.goto(other.url + "/signin")
-        page.fill("#operator", OPERATOR_NAME)
         page.fill("#token", mesh.tokens.operator)
         page.click("#signin-submit")
         page.wait_for_selector("#whoami:has-text('operator:')")
@@ -598,7 +639,6 @@ def test_console_stops_promptly_on_sigterm_with_streams_open(browser: Any, mesh:
     page = browser.new_page()
     try:
         page.goto(mesh.console.url + "/signin")
-        page.fill("#operator", OPERATOR_NAME)
         page.fill("#token", mesh.tokens.operator)
         page.click("#signin-submit")
         page.goto(mesh.console.url + "/#/nodes")  # three live streams open

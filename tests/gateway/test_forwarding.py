@@ -129,7 +129,7 @@ def test_backend_down_is_unavailable_naming_the_service(mesh: GatewayMesh, chann
 def test_agent_is_not_routed(mesh: GatewayMesh, channel: grpc.Channel) -> None:
     call = channel.stream_stream("/flynn.v1.Agent/Run")
     with pytest.raises(grpc.RpcError) as exc:
-        list(call(iter([b""]), metadata=md(mesh, "service"), timeout=10))
+        list(call(iter([b""]), metadata=md(mesh, "agent"), timeout=10))
     assert exc.value.code() == grpc.StatusCode.UNIMPLEMENTED
     assert "does not route" in (exc.value.details() or "")
 

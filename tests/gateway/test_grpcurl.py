@@ -16,6 +16,7 @@ FLYNN_SERVICES = [
     "flynn.v1.ConfigService",
     "flynn.v1.Gateway",
     "flynn.v1.Nodes",
+    "flynn.v1.Principals",
     "flynn.v1.Reactions",
     "flynn.v1.RunControl",
     "flynn.v1.System",

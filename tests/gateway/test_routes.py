@@ -4,6 +4,8 @@ from __future__ import annotations
 
 from pathlib import Path
 
+import pytest
+
 from flynn_launcher.plan import MeshPaths, command, plan
 from flynn_runtime import topology
 from flynn_runtime.settings import DEFAULT_PORTS
@@ -46,12 +48,12 @@ def test_agent_and_local_services_are_not_forwarded() -> None:
     assert set(external_methods()) == {"/flynn.v1.Agent/Run"}
 
 
-def test_reflection_lists_all_nine_services_and_health_only_the_gateways_own() -> None:
+def test_reflection_lists_all_ten_services_and_health_only_the_gateways_own() -> None:
     assert set(GatewayApp.service_names) == {"flynn.v1.Gateway", "flynn.v1.System"}
     assert {*GatewayApp.service_names, *GatewayApp.reflection_names} == {
         s.full_name for s in flynn_services()
     }
-    assert len(forwarded_services()) == 6
+    assert len(forwarded_services()) == 7
 
 
 def test_launcher_ports_follow_the_default_offsets(tmp_path: Path) -> None:
@@ -68,7 +70,7 @@ def test_launcher_ports_follow_the_default_offsets(tmp_path: Path) -> None:
     gw = next(s for s in services if s.name == "gateway")
     cmd = command(gw, paths, "127.0.0.1", 40000, 7.0, [])
     assert cmd[cmd.index("--config-addr") + 1] == "127.0.0.1:40001"
-    assert cmd[cmd.index("--service-token-file") + 1] == str(paths.token_file("service"))
+    assert cmd[cmd.index("--service-token-file") + 1] == str(paths.token_file("service-gateway"))
     assert [s.name for s in plan(paths, "127.0.0.1", 40000, only=["gateway", "config"])] == [
         "config",
         "gateway",
@@ -97,3 +99,36 @@ def test_launcher_console_command_is_what_the_console_parses(tmp_path: Path) -> 
         (tmp_path / name / "audit").mkdir(parents=True)
     found = audit_tail.default_audit_dirs(Path(ns.data_dir))
     assert {d.parent.name for d in found} == set(topology.START_ORDER)
+
+
+def test_launcher_gives_every_principal_its_own_token(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    from flynn_launcher.secrets_store import ensure_tokens
+    from flynn_runtime import auth
+
+    monkeypatch.setenv("USER", "alice")
+    paths = MeshPaths(tmp_path)
+    paths.secrets.mkdir(parents=True)
+    paths.token_file("service").write_text("flt_old-shared-service-token\n")  # an older data dir
+    first = ensure_tokens(paths)
+    assert not paths.token_file("service").exists()
+    assert ensure_tokens(paths) == first  # kept across restarts
+    store = auth.TokenStore(paths.tokens_file)
+    op = store.lookup(first.operator)
+    assert op is not None and (op.name, op.role) == ("alice", auth.Role.OPERATOR)
+    ch = store.lookup(first.channel)
+    assert ch is not None and ch.role is auth.Role.CHANNEL and ch.channels == frozenset({"cli"})
+    agent = store.lookup(first.agent)
+    assert agent is not None and agent.role is auth.Role.AGENT
+    assert set(first.services) == set(topology.SERVICES)
+    for name, token in first.services.items():
+        p = store.lookup(token)
+        assert p is not None and p.role is auth.Role.SERVICE and p.name == name
+        assert paths.token_file(f"service-{name}").read_text().strip() == token
+    assert store.lookup("flt_old-shared-service-token") is None
+    text = paths.tokens_file.read_text()
+    assert first.operator not in text and "sha256" in text
+    queue = next(s for s in plan(paths, "127.0.0.1", 40000) if s.name == "queue")
+    cmd = command(queue, paths, "127.0.0.1", 40000, 7.0, [])
+    assert cmd[cmd.index("--agent-token-file") + 1] == str(paths.token_file("agent"))

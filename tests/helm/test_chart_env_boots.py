@@ -13,7 +13,9 @@ signs in through it (the console checks it against the replayed gateway), and SI
 from __future__ import annotations
 
 import base64
+import json
 import os
+import re
 import signal
 import subprocess
 import sys
@@ -240,13 +242,26 @@ def test_console_pod_replayed_answers_its_probe_and_signs_in_through_the_gateway
         )
         token = base64.b64decode(creds["data"]["operator-token"]).decode()
         base = f"http://127.0.0.1:{port}"
-        bad, _, _ = _http(f"{base}/signin", {"operator": "chart", "token": "nope"})
-        assert bad == 401
-        status, headers, _ = _http(f"{base}/signin", {"operator": "chart", "token": token})
+
+        def sign_in(tok: str) -> tuple[int, dict[str, str]]:
+            # the form carries a CSRF token that must match the sign-in cookie it came with
+            _, page_headers, page = _http(f"{base}/signin")
+            csrf = re.search(r'name="csrf" value="([^"]+)"', page)
+            assert csrf is not None
+            status, headers, _ = _http(
+                f"{base}/signin",
+                {"csrf": csrf.group(1), "token": tok},
+                cookie=page_headers["Set-Cookie"].split(";")[0],
+            )
+            return status, headers
+
+        assert _http(f"{base}/signin", {"token": token})[0] == 403  # no CSRF token: refused
+        assert sign_in("nope")[0] == 401
+        status, headers = sign_in(token)
         assert status == 303, log_path.read_text()[-3000:]
         cookie = headers["Set-Cookie"].split(";")[0]
         me_status, _, me = _http(f"{base}/api/me", cookie=cookie)
-        assert me_status == 200 and "chart" in me
+        assert me_status == 200 and json.loads(me)["actor"] == "operator:admin"  # from the credential
     finally:
         proc.send_signal(signal.SIGTERM)
         try:

@@ -72,6 +72,8 @@ BROKEN_VALUES = {
         "auth:\n  extraTokens:\n    - {name: tg, role: channel, sha256: not-a-hash}\n",
         "/auth/extraTokens/0/sha256",
     ),
+    "bad trusted proxy": ("trustedProxies: [evil.example.com]\n", "/trustedProxies/0"),
+    "negative session cap": ("queue:\n  maxSessionsPerPrincipal: -1\n", "/queue/maxSessionsPerPrincipal"),
     "existing tokens without service token": (
         "auth:\n  existingTokensSecret: mine\n",
         "existingServiceTokenSecret",

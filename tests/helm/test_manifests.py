@@ -279,8 +279,20 @@ def test_generated_tokens_file_authenticates_the_generated_tokens(
     creds = _secret_data(cred_secret)
     service = store.lookup(creds[token_item["key"]])
     operator = store.lookup(creds["operator-token"])
-    assert service is not None and service.role is auth.Role.SERVICE
-    assert operator is not None and operator.role is auth.Role.OPERATOR
+    assert service is not None and service.role is auth.Role.SERVICE and service.name == "queue"
+    assert service.may_call("/flynn.v1.Voice/Synthesize") and not service.may_call(
+        "/flynn.v1.Nodes/InvokeNode"
+    )
+    assert operator is not None and operator.role is auth.Role.OPERATOR and operator.name == "admin"
+    # every service has its own credential, and the agent's grants nothing
+    names = {p.name for p in store.file_principals() if p.role is auth.Role.SERVICE}
+    assert names == set(auth.SERVICE_SCOPES)
+    assert len({creds[f"service-{n}-token"] for n in names}) == len(names)
+    agent = store.lookup(creds["agent-token"])
+    assert agent is not None and agent.role is auth.Role.AGENT
+    agent_item = volumes["service-token"]["secret"]["items"][1]
+    assert agent_item["key"] == "agent-token"
+    assert f"{mounts['service-token']}/{agent_item['path']}" == env["FLYNN_AGENT_TOKEN_FILE"]
     assert "sha256" in path.read_text() and creds["operator-token"] not in path.read_text()
 
 
@@ -290,7 +302,10 @@ def test_existing_secrets_are_referenced_not_generated(production_docs: list[Man
         volumes = {v["name"]: v for v in w["spec"]["template"]["spec"]["volumes"]}
         assert volumes["tokens"]["secret"]["secretName"] == "flynn-tokens-managed", name
         assert volumes["service-token"]["secret"]["secretName"] == "flynn-service-token-managed", name
-        assert volumes["service-token"]["secret"]["items"] == [{"key": "token", "path": "token"}]
+        items = [{"key": name, "path": "token"}]
+        if name == "queue":
+            items.append({"key": "agent", "path": "agent"})
+        assert volumes["service-token"]["secret"]["items"] == items, name
 
 
 def test_seed_config_is_mounted_for_the_config_service_and_parses(rendered: list[Manifest]) -> None:
@@ -511,3 +526,51 @@ def test_prometheus_rule_and_dashboard_are_optional_and_carry_the_generated_file
     )
     bad = run_helm(helm, "template", "r", str(CHART), "--set", "metrics.prometheusRule.window=5m")
     assert bad.returncode != 0 and "prometheusRule" in bad.stderr
+def test_trusted_proxies_and_session_cap_reach_the_processes(
+    production_docs: list[Manifest], default_docs: list[Manifest]
+) -> None:
+    w = workloads(production_docs)
+    for name in ("gateway", "nodes", "queue"):
+        assert env_of(main_container(w[name]))["FLYNN_TRUSTED_PROXIES"] == "10.0.0.0/8", name
+    assert env_of(main_container(console_workload(production_docs)))["FLYNN_TRUSTED_PROXIES"] == "10.0.0.0/8"
+    assert env_of(main_container(w["queue"]))["FLYNN_MAX_SESSIONS_PER_PRINCIPAL"] == "10000"
+    # by default no proxy is trusted: the peer address is the client
+    assert "FLYNN_TRUSTED_PROXIES" not in env_of(main_container(workloads(default_docs)["gateway"]))
+
+
+def test_extra_channel_tokens_are_bound_to_their_channels(helm: Path, tmp_path: Path) -> None:
+    h = auth.hash_token("tg-secret")
+    docs = parse(
+        render(
+            helm,
+            "--set-json",
+            f'auth.extraTokens=[{{"name":"tg-bot","role":"channel","sha256":"{h}","channels":["telegram"]}}]',
+            "--set",
+            "auth.operatorName=alice",
+        )
+    )
+    tokens = next(d for d in by_kind(docs, "Secret") if d["metadata"]["name"].endswith("-tokens"))
+    path = tmp_path / "tokens.yaml"
+    path.write_text(_secret_data(tokens)["tokens.yaml"])
+    store = auth.TokenStore(path)
+    bot = store.lookup("tg-secret")
+    assert bot is not None and bot.role is auth.Role.CHANNEL and bot.channels == frozenset({"telegram"})
+    assert {p.name for p in store.file_principals() if p.role is auth.Role.OPERATOR} == {"alice"}
+
+
+def test_proxy_protocol_port_is_wired_when_set(helm: Path) -> None:
+    docs = parse(
+        render(helm, "--set", "gateway.proxyProtocolPort=50060", "--set", "networkPolicy.enabled=true")
+    )
+    gw = main_container(workloads(docs)["gateway"])
+    assert env_of(gw)["FLYNN_PROXY_PROTOCOL_LISTEN"] == "0.0.0.0:50060"
+    assert {"name": "grpc-proxy", "containerPort": 50060, "protocol": "TCP"} in gw["ports"]
+    svc = next(s for s in by_kind(docs, "Service") if s["metadata"]["name"].endswith("-gateway"))
+    assert any(p["name"] == "grpc-proxy" and p["targetPort"] == "grpc-proxy" for p in svc["spec"]["ports"])
+    netpol = next(n for n in by_kind(docs, "NetworkPolicy") if n["metadata"]["name"].endswith("-gateway"))
+    ports = [p["port"] for rule in netpol["spec"]["ingress"] for p in rule.get("ports", [])]
+    assert "grpc-proxy" in ports
+    # off by default
+    assert "FLYNN_PROXY_PROTOCOL_LISTEN" not in env_of(
+        main_container(workloads(parse(render(helm)))["gateway"])
+    )

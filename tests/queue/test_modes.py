@@ -295,6 +295,7 @@ async def test_runs_carry_the_causation_of_their_messages(tmp_path: Path, tokens
         cz = common_pb2.Causation(
             origin=common_pb2.ORIGIN_REACTION, chain_id="evt_1", depth=1, fired_rule_ids=["r"]
         )
+        q.md = tokens.md("service")  # only the reactions service (or a test's "*" service) sets causation
         await q.submit("s", "reaction one", causation=cz)
         await q.submit("s", "reaction two", causation=cz)
         await q.wait_run(a.run_id)

@@ -3,6 +3,10 @@ validation, ids, backoff and gate targeting."""
 
 from __future__ import annotations
 
+import os
+import time
+from pathlib import Path
+
 import grpc
 import pytest
 from flynn.v1 import config_pb2
@@ -25,7 +29,7 @@ def test_every_public_method_of_every_service_has_a_policy() -> None:
     from gateway.descriptors import flynn_services
 
     services = flynn_services()
-    assert len(services) == 9
+    assert len(services) == 10
     for svc in services:
         for m in svc.methods:
             assert auth.required_roles(f"/{svc.full_name}/{m.name}") is not None, m.full_name
@@ -35,7 +39,7 @@ def test_authenticator_roles_and_unknown_methods() -> None:
     a = auth.Authenticator(_store())
     md = {"authorization": "Bearer op-secret"}
     assert a.authenticate("/flynn.v1.ConfigService/UpdateConfig", md, "ipv4:1.2.3.4:5") == auth.Principal(
-        "alice", auth.Role.OPERATOR
+        "alice", auth.Role.OPERATOR, sha256=auth.hash_token("op-secret")
     )
     assert a.authenticate("/grpc.health.v1.Health/Check", {}, "p") is None
     with pytest.raises(errors.FlynnError) as e:
@@ -49,22 +53,50 @@ def test_authenticator_roles_and_unknown_methods() -> None:
     assert e.value.code is errors.Code.PERMISSION_DENIED
 
 
-def test_failed_authentications_are_rate_limited_per_peer_address() -> None:
+def test_failed_authentications_never_lock_out_a_valid_credential() -> None:
     a = auth.Authenticator(_store(), auth.FailureLimiter(max_failures=3, window_seconds=60))
     for port in range(3):
-        with pytest.raises(errors.FlynnError):
+        with pytest.raises(errors.FlynnError) as e:
             a.authenticate(
-                "/flynn.v1.RunControl/GetRun", {"authorization": "Bearer nope"}, f"ipv4:9.9.9.9:{port}"
+                "/flynn.v1.RunControl/GetRun", {"authorization": f"Bearer nope{port}"}, f"ipv4:9.9.9.9:{port}"
             )
-    with pytest.raises(errors.FlynnError) as e:  # even with the right token, until the window passes
-        a.authenticate(
-            "/flynn.v1.RunControl/GetRun", {"authorization": "Bearer op-secret"}, "ipv4:9.9.9.9:77"
-        )
+        assert e.value.reason == "INVALID_TOKEN"
+    # past the limit, wrong tokens from that address are told to back off ...
+    with pytest.raises(errors.FlynnError) as e:
+        a.authenticate("/flynn.v1.RunControl/GetRun", {"authorization": "Bearer nope"}, "ipv4:9.9.9.9:77")
     assert e.value.code is errors.Code.RESOURCE_EXHAUSTED and e.value.retry_after_seconds
-    # another peer is not affected
+    # ... but the right token from the very same address is accepted
     assert a.authenticate(
-        "/flynn.v1.RunControl/GetRun", {"authorization": "Bearer op-secret"}, "ipv4:8.8.8.8:1"
+        "/flynn.v1.RunControl/GetRun", {"authorization": "Bearer op-secret"}, "ipv4:9.9.9.9:78"
     )
+    # a missing token is not a guess: never counted, never rate limited
+    for _ in range(10):
+        with pytest.raises(errors.FlynnError) as e:
+            a.authenticate("/flynn.v1.RunControl/GetRun", {}, "ipv4:7.7.7.7:1")
+        assert e.value.reason == "MISSING_TOKEN"
+    assert a.limiter.retry_after("addr:7.7.7.7") is None
+
+
+def test_client_address_trusts_forwarded_for_only_from_trusted_proxies() -> None:
+    a = auth.Authenticator(_store(), trusted_proxies=auth.parse_networks("10.0.0.0/8"))
+    xff = {"x-forwarded-for": "198.51.100.9, 10.1.2.3"}
+    assert a.client_address(xff, "ipv4:10.0.0.5:4444") == "198.51.100.9"
+    assert a.client_address(xff, "ipv4:203.0.113.1:4444") == "203.0.113.1"  # not a trusted proxy
+    assert a.client_address({}, "ipv6:[::1]:5") == "::1"
+    forged = {"x-flynn-client-address": "1.1.1.1", "x-flynn-forwarded-by": "ch-secret"}
+    assert a.client_address(forged, "ipv4:203.0.113.1:4444") == "203.0.113.1"  # only the gateway vouches
+    with pytest.raises(ValueError, match="bad trusted proxy"):
+        auth.parse_networks("10.0.0.0/8, not-an-ip")
+
+
+def test_principal_scopes() -> None:
+    entry = {"name": "queue", "role": "service", "sha256": "ab"}
+    queue = auth.principal_from_entry(entry)
+    assert queue.may_call("/flynn.v1.Voice/Synthesize") and not queue.may_call("/flynn.v1.Nodes/InvokeNode")
+    tg = auth.principal_from_entry({"name": "telegram", "role": "channel", "sha256": "cd"})
+    assert tg.channels == frozenset({"telegram"}) and tg.serves("telegram") and not tg.serves("slack")
+    unknown = auth.principal_from_entry({"name": "mystery", "role": "service", "sha256": "ef"})
+    assert not unknown.may_call("/flynn.v1.ConfigService/GetConfig")
 
 
 def test_rich_status_carries_violations_reason_and_retry() -> None:
@@ -131,3 +163,26 @@ def test_gate_precedence_session_then_channel_then_rollout_then_global() -> None
     assert not targeting.tts_enabled(cfg, t("s", "voice")).value  # channel not listed
     cfg.tts.enabled_channels.append("voice")
     assert targeting.tts_enabled(cfg, t("s", "voice")).value
+
+
+def test_token_store_reports_hashes_that_stop_being_valid(tmp_path: Path) -> None:
+    path = tmp_path / "tokens.yaml"
+    auth.write_tokens_file(
+        path, {"alice": (auth.Role.OPERATOR, "a-secret"), "bob": (auth.Role.OPERATOR, "b-secret")}
+    )
+    store = auth.TokenStore(path)
+    gone: list[set[str]] = []
+    store.on_revoke.append(gone.append)
+    assert store.lookup("b-secret") is not None
+    # issued principals and revocations pushed by the config service
+    carol = auth.Principal("carol", auth.Role.CHANNEL, frozenset({"tg"}), sha256=auth.hash_token("c-secret"))
+    store.set_issued({carol.sha256: carol}, frozenset())
+    assert store.lookup("c-secret") == carol
+    store.set_issued({}, frozenset({auth.hash_token("a-secret")}))
+    assert gone == [{auth.hash_token("a-secret"), carol.sha256}]
+    assert store.lookup("a-secret") is None and store.lookup("c-secret") is None
+    # a hash removed from the file
+    auth.write_tokens_file(path, {"alice": (auth.Role.OPERATOR, "a-secret")})
+    os.utime(path, (time.time() + 5, time.time() + 5))
+    store.poll()
+    assert gone[-1] == {auth.hash_token("b-secret")} and store.lookup("b-secret") is None

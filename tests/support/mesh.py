@@ -16,28 +16,49 @@ import grpc
 from grpc_health.v1 import health_pb2, health_pb2_grpc
 
 from flynn_runtime import settings as settings_mod
-from flynn_runtime.auth import Role, generate_token, write_tokens_file
+from flynn_runtime.auth import (
+    ALL_CHANNELS,
+    ALL_METHODS,
+    SERVICE_SCOPES,
+    Role,
+    generate_token,
+    write_tokens_file,
+)
 
 ROOT = Path(__file__).resolve().parents[2]
 
 
 @dataclass
 class Tokens:
+    """Test credentials. `channel` serves every channel ("*") and `service` may call every service
+    method ("*"): tools for tests that are not about scopes. Each service process gets its own scoped
+    credential (`for_service`), as in a real mesh; `agent` is what run control shows external agents."""
+
     path: Path
     operator: str
     channel: str
     service: str
     node: str
+    agent: str = ""
+    services: dict[str, str] = field(default_factory=dict)
 
     def md(self, role: str) -> tuple[tuple[str, str], ...]:
         return (("authorization", f"Bearer {getattr(self, role)}"),)
 
+    def for_service(self, service: str) -> str:
+        return self.services.get(service, self.service)
 
-def make_tokens(directory: Path) -> Tokens:
-    toks = {r: generate_token() for r in ("operator", "channel", "service", "node")}
+
+def make_tokens(directory: Path, operator_name: str = "operator") -> Tokens:
+    """Test credentials; the operator principal is named `operator_name` (the audit actor)."""
+    toks = {r: generate_token() for r in ("operator", "channel", "service", "node", "agent")}
+    services = {s: generate_token() for s in SERVICE_SCOPES}
     path = directory / "tokens.yaml"
-    write_tokens_file(path, {name: (Role(name), tok) for name, tok in toks.items()})
-    return Tokens(path=path, **toks)
+    entries = {name: (Role(name), tok) for name, tok in toks.items() if name != "operator"}
+    entries[operator_name] = (Role.OPERATOR, toks["operator"])
+    entries.update({s: (Role.SERVICE, tok) for s, tok in services.items()})
+    write_tokens_file(path, entries, channels={"channel": [ALL_CHANNELS]}, methods={"service": [ALL_METHODS]})
+    return Tokens(path=path, services=services, **toks)
 
 
 def free_port() -> int:
@@ -68,7 +89,8 @@ def make_settings(
     ]
     for backend, addr in (addresses or {}).items():
         argv += [f"--{backend}-addr", addr]
-    os.environ["FLYNN_SERVICE_TOKEN"] = tokens.service
+    os.environ["FLYNN_SERVICE_TOKEN"] = tokens.for_service(service)
+    os.environ["FLYNN_AGENT_TOKEN"] = tokens.agent
     return settings_mod.parse(service, argv + (extra or []))
 
 
@@ -111,7 +133,12 @@ class ServiceProcess:
         for backend, addr in self.addresses.items():
             args += [f"--{backend}-addr", addr]
         args += self.extra
-        env = dict(os.environ, FLYNN_SERVICE_TOKEN=self.tokens.service, PYTHONPATH=f"{ROOT}:{ROOT / 'gen'}")
+        env = dict(
+            os.environ,
+            FLYNN_SERVICE_TOKEN=self.tokens.for_service(self.service),
+            FLYNN_AGENT_TOKEN=self.tokens.agent,
+            PYTHONPATH=f"{ROOT}:{ROOT / 'gen'}",
+        )
         self.log_path = self.data_dir / f"{self.service}.log"
         self.data_dir.mkdir(parents=True, exist_ok=True)
         with self.log_path.open("ab") as log:

@@ -6,7 +6,7 @@ script, whether it keeps state, and the gRPC services whose health it reports.
 config:
   script: flynn-config
   stateful: true
-  grpcServices: [flynn.v1.ConfigService]
+  grpcServices: [flynn.v1.ConfigService, flynn.v1.Principals]
 queue:
   script: flynn-queue
   stateful: true
@@ -129,8 +129,19 @@ app.kubernetes.io/component: {{ .name }}
 {{- default (include "flynn.credentialsSecretName" .) .Values.auth.existingServiceTokenSecret }}
 {{- end }}
 
+{{/* Key of a service's own credential in the service-token Secret (dict root name). */}}
 {{- define "flynn.serviceTokenSecretKey" -}}
-{{- if .Values.auth.existingServiceTokenSecret }}token{{ else }}service-token{{ end }}
+{{- if .root.Values.auth.existingServiceTokenSecret }}{{ .name }}{{ else }}service-{{ .name }}-token{{ end }}
+{{- end }}
+
+{{/* Key of the agent credential (run control shows it to external agents; it grants nothing). */}}
+{{- define "flynn.agentTokenSecretKey" -}}
+{{- if .Values.auth.existingServiceTokenSecret }}agent{{ else }}agent-token{{ end }}
+{{- end }}
+
+{{/* The services whose credentials the chart generates (every gRPC component). */}}
+{{- define "flynn.serviceNames" -}}
+[config, queue, reactions, nodes, voice, gateway]
 {{- end }}
 
 {{/* terminationGracePeriodSeconds: stop hook, server.stop and close are each bounded by the grace. */}}
@@ -211,6 +222,10 @@ spec:
           value: /etc/flynn/tokens/tokens.yaml
         - name: FLYNN_SERVICE_TOKEN_FILE
           value: /etc/flynn/service-token/token
+        {{- with $root.Values.trustedProxies }}
+        - name: FLYNN_TRUSTED_PROXIES
+          value: {{ join "," . | quote }}
+        {{- end }}
         {{- range $backend := (include "flynn.backends" $root | fromYamlArray) }}
         - name: FLYNN_{{ upper $backend }}_ADDR
           value: {{ include "flynn.address" (dict "root" $root "name" $backend) | quote }}
@@ -218,6 +233,17 @@ spec:
         {{- if eq .name "config" }}
         - name: FLYNN_SEED_FILE
           value: /etc/flynn/seed/config.yaml
+        {{- end }}
+        {{- if eq .name "queue" }}
+        - name: FLYNN_AGENT_TOKEN_FILE
+          value: /etc/flynn/service-token/agent
+        - name: FLYNN_MAX_SESSIONS_PER_PRINCIPAL
+          value: {{ $v.maxSessionsPerPrincipal | default 10000 | quote }}
+        {{- end }}
+        {{- if and (eq .name "gateway") $v.proxyProtocolPort }}
+        # TCP load balancers that send the PROXY protocol connect here (believed from trustedProxies).
+        - name: FLYNN_PROXY_PROTOCOL_LISTEN
+          value: "0.0.0.0:{{ $v.proxyProtocolPort }}"
         {{- end }}
         {{- if eq .name "gateway" }}
         - name: FLYNN_METRICS_ADDRS
@@ -233,6 +259,11 @@ spec:
         - name: metrics
           containerPort: {{ $v.metricsPort }}
           protocol: TCP
+        {{- if and (eq .name "gateway") $v.proxyProtocolPort }}
+        - name: grpc-proxy
+          containerPort: {{ $v.proxyProtocolPort }}
+          protocol: TCP
+        {{- end }}
       startupProbe:
         grpc:
           port: {{ $v.grpcPort }}
@@ -293,8 +324,12 @@ spec:
         secretName: {{ include "flynn.serviceTokenSecretName" $root }}
         defaultMode: 0440
         items:
-          - key: {{ include "flynn.serviceTokenSecretKey" $root }}
+          - key: {{ include "flynn.serviceTokenSecretKey" (dict "root" $root "name" .name) }}
             path: token
+          {{- if eq .name "queue" }}
+          - key: {{ include "flynn.agentTokenSecretKey" $root }}
+            path: agent
+          {{- end }}
     {{- if eq .name "config" }}
     - name: seed
       configMap:

@@ -935,22 +935,30 @@ class WatchRunEventsRequest(_message.Message):
     AFTER_SEQ_FIELD_NUMBER: _builtins.int
     SESSION_KEY_FIELD_NUMBER: _builtins.int
     EXCLUDE_OUTPUT_FIELD_NUMBER: _builtins.int
+    CHANNELS_FIELD_NUMBER: _builtins.int
     after_seq: _builtins.int
     """Deliver events with global_seq greater than this (0 = from the beginning of retention)."""
     session_key: _builtins.str
     """Only this session's events."""
     exclude_output: _builtins.bool
     """Leave out RUN_OUTPUT chunks."""
+    @_builtins.property
+    def channels(self) -> _containers.RepeatedScalarFieldContainer[_builtins.str]:
+        """Only events of sessions of these channels. Empty: every channel the caller may see (a channel
+        principal sees only its own channels).
+        """
+
     def __init__(
         self,
         *,
         after_seq: _builtins.int = ...,
         session_key: _builtins.str = ...,
         exclude_output: _builtins.bool = ...,
+        channels: _abc.Iterable[_builtins.str] | None = ...,
     ) -> None: ...
     _HasFieldArgType: _TypeAlias = _Never  # noqa: Y015
     def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
-    _ClearFieldArgType: _TypeAlias = _typing.Literal["after_seq", b"after_seq", "exclude_output", b"exclude_output", "session_key", b"session_key"]  # noqa: Y015
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["after_seq", b"after_seq", "channels", b"channels", "exclude_output", b"exclude_output", "session_key", b"session_key"]  # noqa: Y015
     def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
     def WhichOneof(self, oneof_group: _Never) -> None: ...
 
@@ -1072,7 +1080,9 @@ class StreamRepliesRequest(_message.Message):
     """Deliver replies with cursor greater than this."""
     @_builtins.property
     def channels(self) -> _containers.RepeatedScalarFieldContainer[_builtins.str]:
-        """Only these channels (empty = all)."""
+        """Only these channels. Empty: every channel the caller may see (a channel principal sees only
+        its own channels).
+        """
 
     def __init__(
         self,
