@@ -87,6 +87,10 @@ class _Call:
         if isinstance(exc, FlynnError):
             self.code = getattr(grpc.StatusCode, exc.code.value)
             await abort_with(context, exc)
+        expected = _unexpected_but_meant(self.method, context, exc)
+        if expected is not None:
+            self.code = getattr(grpc.StatusCode, expected.code.value)
+            await abort_with(context, expected)
         incident = ulid()
         log.error(
             "unhandled error in %s (incident %s)",
@@ -109,6 +113,35 @@ class _Call:
                 self.code = next((c for c in grpc.StatusCode if c.value[0] == code), grpc.StatusCode.UNKNOWN)
         self.m.handled(self.code).inc()
         self.m.handling.observe(time.perf_counter() - self.start)
+
+
+def _preset_code(context: ServicerContext[Any, Any]) -> grpc.StatusCode | None:
+    code = context.code()
+    if isinstance(code, grpc.StatusCode):
+        return code
+    if isinstance(code, int):
+        return next((c for c in grpc.StatusCode if c.value[0] == code), None)
+    return None
+
+
+def _unexpected_but_meant(
+    method: str, context: ServicerContext[Any, Any], exc: BaseException
+) -> FlynnError | None:
+    """A handler that failed in a way the interceptor did not ask for, but meant a status: a method
+    with no implementation (NotImplementedError, as every generated servicer base raises) or a
+    handler that set a non-OK code on the context before raising. Neither is a bug of the call, so
+    neither becomes INTERNAL; the code the handler chose (or UNIMPLEMENTED) is answered instead."""
+    preset = _preset_code(context)
+    if preset is not None and preset not in (grpc.StatusCode.OK, grpc.StatusCode.UNKNOWN):
+        if preset is not grpc.StatusCode.INTERNAL and preset.name in Code.__members__:
+            details = context.details() if hasattr(context, "details") else None
+            text = details.decode() if isinstance(details, bytes) else str(details or "")
+            return FlynnError(Code[preset.name], text or f"{method}: {preset.name.lower()}")
+    if isinstance(exc, NotImplementedError):
+        return FlynnError(
+            Code.UNIMPLEMENTED, f"{method} is not implemented by this server", reason="NOT_IMPLEMENTED"
+        )
+    return None
 
 
 class _Undecodable:

@@ -47,12 +47,7 @@ class SystemServicer(system_pb2_grpc.SystemServicer):
         read is listed in unavailable_services with why, never an error."""
         wanted = list(request.services) or list(BACKENDS)
         v = Violations()
-        if len(wanted) > len(BACKENDS) * 2:
-            v.add("services", f"at most {len(BACKENDS) * 2} entries")
-            v.raise_if_any()
-        for i, name in enumerate(wanted):
-            if name not in BACKENDS:
-                v.add(f"services[{i}]", f"unknown service {name[:64]!r}; known: {', '.join(BACKENDS)}")
+        v.id_list("services", wanted, list(BACKENDS), max_items=len(BACKENDS) * 2)
         v.raise_if_any()
         watchers_task = asyncio.ensure_future(self._watchers())
         results = await asyncio.gather(*(self._scrape(name) for name in wanted))
