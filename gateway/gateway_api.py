@@ -104,7 +104,7 @@ class GatewayServicer(gateway_pb2_grpc.GatewayServicer):
     ) -> AsyncIterator[gateway_pb2.GatewayStreamRepliesResponse]:
         call = self._stub.StreamReplies(
             run_control_pb2.StreamRepliesRequest(
-                after_cursor=request.after_cursor, channels=request.channels
+                after_cursor=request.after_cursor, channels=request.channels, from_now=request.from_now
             ),
             timeout=stream_timeout(context),
             metadata=forward_metadata(context),
@@ -112,7 +112,10 @@ class GatewayServicer(gateway_pb2_grpc.GatewayServicer):
 
         async def replies() -> AsyncIterator[gateway_pb2.GatewayStreamRepliesResponse]:
             async for resp in cast(AsyncIterator[run_control_pb2.StreamRepliesResponse], call):
-                yield gateway_pb2.GatewayStreamRepliesResponse(reply=resp.reply)
+                if resp.HasField("reply"):
+                    yield gateway_pb2.GatewayStreamRepliesResponse(reply=resp.reply)
+                else:  # the first answer of a from_now stream: where it starts
+                    yield gateway_pb2.GatewayStreamRepliesResponse(start_after_cursor=resp.start_after_cursor)
 
         try:
             async for item in until_stopping(self._runtime, replies()):

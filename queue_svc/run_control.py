@@ -1205,6 +1205,11 @@ class RunControl:
         """Last durable global sequence number."""
         return self._durable_gseq
 
+    @property
+    def reply_cursor(self) -> int:
+        """Last durable reply cursor."""
+        return self._durable_cursor
+
     def events_after(self, after_seq: int, session_key: str = "") -> list[pb.RunEvent]:
         """Durable events only: a cursor never points past what a crash could take back."""
         rows = self.store.events_after(after_seq, session_key, upto=self._durable_gseq)

@@ -166,10 +166,20 @@ class RunControlServicer(pb_grpc.RunControlServicer):
     ) -> AsyncIterator[pb.WatchRunEventsResponse]:
         v = Violations()
         v.check(request.after_seq >= 0, "after_seq", "must not be negative")
+        v.check(
+            not (request.from_now and request.after_seq),
+            "after_seq",
+            "must be 0 with from_now (or unset from_now)",
+        )
         v.check(len(request.session_key) <= 256, "session_key", "is longer than 256 characters")
         v.raise_if_any()
         rc = self.rc
         key, skip_output = request.session_key, request.exclude_output
+        after = request.after_seq
+        if request.from_now:
+            # The durable end of the log now: what a cursor may point at (events_after never goes past it).
+            after = rc.global_seq
+            yield pb.WatchRunEventsResponse(start_after_seq=after)
 
         def keep(ev: pb.RunEvent) -> bool:
             if key and ev.session_key != key:
@@ -181,7 +191,7 @@ class RunControlServicer(pb_grpc.RunControlServicer):
             lambda after: rc.events_after(after, key),
             lambda ev: ev.global_seq,
             keep,
-            request.after_seq,
+            after,
             self._runtime.stopping,
             self._runtime.shutting_down_error,
             _close_when_done(context),
@@ -194,12 +204,21 @@ class RunControlServicer(pb_grpc.RunControlServicer):
     ) -> AsyncIterator[pb.StreamRepliesResponse]:
         v = Violations()
         v.check(request.after_cursor >= 0, "after_cursor", "must not be negative")
+        v.check(
+            not (request.from_now and request.after_cursor),
+            "after_cursor",
+            "must be 0 with from_now (or unset from_now)",
+        )
         v.check(len(request.channels) <= 100, "channels", "at most 100 channels")
         for i, ch in enumerate(request.channels):
             v.check(0 < len(ch) <= 64, f"channels[{i}]", "must be 1..64 characters")
         v.raise_if_any()
         rc = self.rc
         channels = set(request.channels)
+        after = request.after_cursor
+        if request.from_now:
+            after = rc.reply_cursor
+            yield pb.StreamRepliesResponse(start_after_cursor=after)
 
         def keep(r: pb.Reply) -> bool:
             return not channels or r.channel in channels
@@ -209,7 +228,7 @@ class RunControlServicer(pb_grpc.RunControlServicer):
             rc.replies_after,
             lambda r: r.cursor,
             keep,
-            request.after_cursor,
+            after,
             self._runtime.stopping,
             self._runtime.shutting_down_error,
             _close_when_done(context),
