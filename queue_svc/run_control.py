@@ -487,7 +487,7 @@ class RunControl:
         eff = self.effective_mode(req.session_key, req.channel, req.mode_override)
         now = time.time()
         mid = new_id("msg")
-        cz = req.causation.SerializeToString() if req.causation is not None else b""
+        cz = _with_origin(req.causation).SerializeToString()
         with self._op() as op:
             s = self._session(op, req.session_key, req.channel)
             s.message_count += 1
@@ -1219,6 +1219,17 @@ class RunControl:
         return [
             pb.Reply.FromString(b) for b in self.store.replies_after(after_cursor, upto=self._durable_cursor)
         ]
+
+
+def _with_origin(causation: common_pb2.Causation | None) -> common_pb2.Causation:
+    """A submitted message's causation with its origin said: a message without one was sent by a
+    person through a channel (ORIGIN_USER), so its events and runs are labelled so, never UNSPECIFIED."""
+    out = common_pb2.Causation()
+    if causation is not None:
+        out.CopyFrom(causation)
+    if out.origin == common_pb2.ORIGIN_UNSPECIFIED:
+        out.origin = common_pb2.ORIGIN_USER
+    return out
 
 
 def run_to_proto(row: RunRow) -> pb.Run:
