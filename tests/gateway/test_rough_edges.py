@@ -20,7 +20,7 @@ from flynn.v1 import (
     voice_pb2,
     voice_pb2_grpc,
 )
-from google.protobuf import field_mask_pb2
+from google.protobuf import duration_pb2, field_mask_pb2
 from grpc_health.v1 import health_pb2, health_pb2_grpc
 
 from flynn_runtime.auth import Authenticator, TokenStore
@@ -237,3 +237,44 @@ def test_grpcurl_describes_methods_through_the_gateway_and_directly(real_mesh: R
     # Still a clean "not found" for what does not exist.
     out = grpcurl(real_mesh.gateway.address, "describe", "flynn.v1.RunControl.NoSuchMethod")
     assert out.returncode != 0 and "not found" in out.stderr.lower(), out.stderr
+
+
+# --- 5. One violation per invalid field --------------------------------------------------------
+
+
+def test_config_validation_reports_each_invalid_field_once(
+    real_mesh: RealMesh, channel: grpc.Channel
+) -> None:
+    md = real_mesh.tokens.md("operator")
+    config = config_pb2_grpc.ConfigServiceStub(channel)
+    rule = config_pb2.ReactionRule(
+        id="edges-bad",
+        enabled=True,
+        trigger=config_pb2.ReactionTrigger(event=config_pb2.REACTION_EVENT_TYPE_MESSAGE_RECEIVED),
+        cooldown=duration_pb2.Duration(seconds=-5),
+        max_depth=-1,
+        fire_cap=config_pb2.FireCap(max_fires=-3),
+        rollout=config_pb2.Rollout(basis_points=20000),
+        actions=[config_pb2.ReactionAction(ack=config_pb2.AckReactionAction(emoji="👀"))],
+    )
+    try:
+        config.UpdateConfig(
+            config_pb2.UpdateConfigRequest(
+                config=config_pb2.FlynnConfig(automation=config_pb2.AutomationConfig(reactions=[rule])),
+                update_mask=field_mask_pb2.FieldMask(paths=["automation.reactions"]),
+                expected_revision=_head(config, md),
+                dry_run=True,
+            ),
+            metadata=md,
+            timeout=10,
+        )
+        raise AssertionError("an invalid rule was accepted")
+    except grpc.RpcError as err:
+        assert err.code() == grpc.StatusCode.INVALID_ARGUMENT  # type: ignore[attr-defined]
+        rich = from_rpc_error(err)
+    assert rich is not None
+    fields = [v.field for v in rich.violations]
+    p = "automation.reactions[0]"
+    assert sorted(fields) == sorted(
+        [f"{p}.cooldown", f"{p}.max_depth", f"{p}.fire_cap.max_fires", f"{p}.rollout.basis_points"]
+    ), rich.violations
