@@ -273,8 +273,38 @@ def test_config_validation_reports_each_invalid_field_once(
         assert err.code() == grpc.StatusCode.INVALID_ARGUMENT  # type: ignore[attr-defined]
         rich = from_rpc_error(err)
     assert rich is not None
+    # One spelling for an invalid field, the old one kept in the metadata for clients branching on it.
+    assert rich.reason == "INVALID_FIELD" and rich.metadata["legacy_reason"] == "INVALID_CONFIG"
     fields = [v.field for v in rich.violations]
     p = "automation.reactions[0]"
     assert sorted(fields) == sorted(
         [f"{p}.cooldown", f"{p}.max_depth", f"{p}.fire_cap.max_fires", f"{p}.rollout.basis_points"]
     ), rich.violations
+
+
+# --- The server's own enum validation, as PROTOCOL.md shows it (send the number) ---------------
+
+
+def test_enum_validation_with_grpcurl_by_number(real_mesh: RealMesh) -> None:
+    body = {"session_key": "s", "channel": "c", "idempotency_key": "k", "text": "x"}
+    out = grpcurl(
+        "-format-error",
+        real_mesh.gateway.address,
+        "flynn.v1.RunControl/PostReply",
+        token=real_mesh.tokens.operator,
+        data=json.dumps({**body, "kind": 99}),
+    )
+    assert out.returncode != 0
+    status = json.loads(out.stdout or out.stderr)
+    assert status["code"] == 3, status
+    details = {d["@type"].rsplit("/", 1)[-1]: d for d in status["details"]}
+    assert details["google.rpc.ErrorInfo"]["reason"] == "INVALID_FIELD"
+    assert [v["field"] for v in details["google.rpc.BadRequest"]["field_violations"]] == ["kind"]
+    # By name, grpcurl refuses locally: the request never reaches the server.
+    out = grpcurl(
+        real_mesh.gateway.address,
+        "flynn.v1.RunControl/PostReply",
+        token=real_mesh.tokens.operator,
+        data=json.dumps({**body, "kind": "REPLY_KIND_NOPE"}),
+    )
+    assert out.returncode != 0 and "REPLY_KIND_NOPE" in out.stderr, out.stderr
