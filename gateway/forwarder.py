@@ -15,6 +15,7 @@ from collections.abc import AsyncIterator, Callable, Iterable, Mapping
 from typing import TYPE_CHECKING, Any, cast
 
 import grpc
+from flynn.v1 import nodes_pb2
 from grpc.aio import ServicerContext
 
 from flynn_runtime.channels import downstream_timeout
@@ -43,6 +44,15 @@ _HOP_BY_HOP = frozenset(
     }
 )
 _DETAILS_KEY = "grpc-status-details-bin"
+
+# What a stream is told, in its own protocol, before the gateway ends it on SIGTERM.
+SHUTDOWN_FAREWELLS: dict[str, bytes] = {
+    "/flynn.v1.Nodes/Connect": nodes_pb2.ConnectResponse(
+        close=nodes_pb2.NodeClose(
+            reason="shutdown", reconnect=True, message="the gateway is shutting down; reconnect"
+        )
+    ).SerializeToString(),
+}
 
 Ctx = ServicerContext[Any, Any]
 if TYPE_CHECKING:
@@ -150,6 +160,10 @@ class Forwarder(grpc.GenericRpcHandler):  # type: ignore[type-arg]
 
     def _stream(self, route: Route, multicallable: Callable[..., Any]) -> Callable[[Any, Ctx], Any]:
         # Serves server-stream and bidi methods.
+        # On the gateway's own SIGTERM, a stream whose protocol has a goodbye message gets it before
+        # UNAVAILABLE/SHUTTING_DOWN, as if the owning service had stopped (NODES.md: NodeClose{shutdown}).
+        farewell = SHUTDOWN_FAREWELLS.get(route.method)
+
         async def forward(request: Any, context: Ctx) -> AsyncIterator[bytes]:
             call = multicallable(request, timeout=stream_timeout(context), metadata=forward_metadata(context))
             # On SIGTERM the gateway ends open streams (UNAVAILABLE/SHUTTING_DOWN) so callers reconnect.
@@ -160,10 +174,14 @@ class Forwarder(grpc.GenericRpcHandler):  # type: ignore[type-arg]
                     yield response
             except grpc.aio.AioRpcError as err:
                 if err.code() == grpc.StatusCode.CANCELLED and self._shutting_down():
+                    if farewell is not None:
+                        yield farewell
                     await abort_with(context, shutting_down("gateway"))
                 await self._relay_error(route, context, err)
             except asyncio.CancelledError:
                 if self._shutting_down():
+                    if farewell is not None:
+                        yield farewell
                     await abort_with(context, shutting_down("gateway"))
                 raise
             finally:
