@@ -173,8 +173,13 @@ def up(ns: argparse.Namespace) -> int:
         say(f"skipping {s.name}: {s.module} does not exist yet")
     paths.logs.mkdir(parents=True, exist_ok=True)
     tokens = ensure_tokens(paths)
+    # Services left out (--only, or missing) are not deployed: the mesh reports them so, not as failing.
+    deployed = frozenset(s.name for s in services)
     children = [
-        Child(s, command(s, paths, ns.host, ns.base_port, ns.grace_seconds, _seed_args(s, ns.seed_file)))
+        Child(
+            s,
+            command(s, paths, ns.host, ns.base_port, ns.grace_seconds, _seed_args(s, ns.seed_file), deployed),
+        )
         for s in services
     ]
     stop = threading.Event()
@@ -232,7 +237,8 @@ def _status_rows(ns: argparse.Namespace, paths: MeshPaths) -> tuple[list[tuple[s
                 ok = True
                 for s in resp.services:
                     health = system_pb2.ServiceHealth.Name(s.health).removeprefix("SERVICE_HEALTH_")
-                    if s.service in addresses and health != "SERVING":
+                    # NOT_DEPLOYED (left out on purpose) is not a failure.
+                    if s.service in addresses and health not in ("SERVING", "NOT_DEPLOYED"):
                         ok = False
                     rev = str(s.applied_revision) if s.applied_revision else "-"
                     pid = pids.get(s.service, "-")

@@ -110,9 +110,12 @@ class Forwarder(grpc.GenericRpcHandler):  # type: ignore[type-arg]
         self._stopping = stopping
         self._handlers: dict[str, Handler] = {}
         for path, route in routes.items():
-            self._handlers[path] = self._make_handler(route)
+            if backends.deployed(route.backend):
+                self._handlers[path] = self._make_handler(route)
+            else:
+                self._handlers[path] = self._refusing_handler(route, not_deployed(route))
         for path, route in external.items():
-            self._handlers[path] = self._unrouted_handler(route)
+            self._handlers[path] = self._refusing_handler(route, not_routed(route))
 
     def service(self, handler_call_details: grpc.HandlerCallDetails) -> Handler | None:
         return self._handlers.get(handler_call_details.method)
@@ -190,18 +193,12 @@ class Forwarder(grpc.GenericRpcHandler):  # type: ignore[type-arg]
 
         return forward
 
-    def _unrouted_handler(self, route: Route) -> Handler:
-        service = route.method.split("/")[1]
-        message = (
-            f"{service} is implemented by external agents and called by run control directly; "
-            "the gateway does not route it"
-        )
-
+    def _refusing_handler(self, route: Route, err: FlynnError) -> Handler:
         async def refuse(request: Any, context: Ctx) -> Any:
-            await abort_with(context, FlynnError(Code.UNIMPLEMENTED, message, reason="NOT_ROUTED"))
+            await abort_with(context, err)
 
         async def refuse_stream(request: Any, context: Ctx) -> AsyncIterator[bytes]:
-            await abort_with(context, FlynnError(Code.UNIMPLEMENTED, message, reason="NOT_ROUTED"))
+            await abort_with(context, err)
             yield b""  # pragma: no cover - makes this an async generator
 
         if route.kind == "unary":
@@ -211,3 +208,22 @@ class Forwarder(grpc.GenericRpcHandler):  # type: ignore[type-arg]
         if route.kind == "server_stream":
             return grpc.unary_stream_rpc_method_handler(refuse_stream)
         return grpc.stream_stream_rpc_method_handler(refuse_stream)
+
+
+def not_routed(route: Route) -> FlynnError:
+    service = route.method.split("/")[1]
+    message = (
+        f"{service} is implemented by external agents and called by run control directly; "
+        "the gateway does not route it"
+    )
+    return FlynnError(Code.UNIMPLEMENTED, message, reason="NOT_ROUTED")
+
+
+def not_deployed(route: Route) -> FlynnError:
+    service = route.method.split("/")[1]
+    return FlynnError(
+        Code.UNIMPLEMENTED,
+        f"{service} is not deployed here (the {route.backend} service is left out of this mesh)",
+        reason="NOT_DEPLOYED",
+        metadata={"service": route.backend},
+    )
