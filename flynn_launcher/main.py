@@ -242,7 +242,7 @@ def _status_rows(ns: argparse.Namespace, paths: MeshPaths) -> tuple[list[tuple[s
                         ok = False
                     rev = str(s.applied_revision) if s.applied_revision else "-"
                     pid = pids.get(s.service, "-")
-                    rows.append((s.service, s.address, pid, health, rev, s.version or "-", s.detail))
+                    rows.append((s.service, s.address or "-", pid, health, rev, s.version or "-", s.detail))
                 for name, addr in http_only.items():
                     health = check_ready(addr, "http")
                     ok = ok and health == "SERVING"
