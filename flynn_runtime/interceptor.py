@@ -2,12 +2,16 @@
 
 Handlers raise FlynnError (from domain code) and the interceptor aborts the RPC with the rich
 status; any other exception is logged with its traceback and returned as a bare INTERNAL, so no
-traceback ever reaches a caller. Streaming handlers are async generators.
+traceback ever reaches a caller. Streaming handlers are async generators (plain functions and
+generators work too). What a handler meant without a FlynnError is honoured, never turned into
+INTERNAL: NotImplementedError (a contract method without implementation) is UNIMPLEMENTED, and a code
+the handler set on the context before raising is answered as set.
 """
 
 from __future__ import annotations
 
 import asyncio
+import inspect
 import logging
 import time
 from collections.abc import AsyncIterator, Awaitable, Callable
@@ -237,7 +241,9 @@ class ServerInterceptor(grpc.aio.ServerInterceptor):  # type: ignore[type-arg]
             exc: BaseException | None = None
             try:
                 call.begin(context)
-                return await inner(_check(method, request, client_stream), context)
+                result = inner(_check(method, request, client_stream), context)
+                # A plain function (not a coroutine function) is a handler too: never INTERNAL for that.
+                return await result if inspect.isawaitable(result) else result
             except grpc.aio.AbortError as e:
                 exc = e
                 raise
@@ -266,7 +272,11 @@ class ServerInterceptor(grpc.aio.ServerInterceptor):  # type: ignore[type-arg]
                     async for item in result:
                         sent.inc()
                         yield item
-                else:  # handler wrote with context.write and returned a coroutine
+                elif hasattr(result, "__iter__"):  # a plain generator is a streaming handler too
+                    for item in result:
+                        sent.inc()
+                        yield item
+                elif inspect.isawaitable(result):  # handler wrote with context.write and returned a coroutine
                     await result
             except grpc.aio.AbortError as e:
                 exc = e

@@ -50,29 +50,80 @@ def test_health_list_answers_through_grpcurl_at_every_service(real_mesh: RealMes
         assert statuses[""] == {"status": "SERVING"}, (name, statuses)
 
 
-def test_unimplemented_handler_is_unimplemented_not_internal(real_mesh: RealMesh) -> None:
-    """A generated servicer base method (no implementation) raises NotImplementedError: the
-    interceptor answers UNIMPLEMENTED for it, never INTERNAL."""
+def test_unexpected_handlers_never_answer_internal(real_mesh: RealMesh) -> None:
+    """Handlers the interceptor did not expect, each well-formed call answered as the handler meant:
+    the library's servicer base (NotImplementedError) is UNIMPLEMENTED; a plain (non-async) function
+    and a plain generator work; a handler that set a code before raising answers that code."""
 
-    async def scenario() -> grpc.StatusCode:
+    def plain_check(
+        request: health_pb2.HealthCheckRequest, context: object
+    ) -> health_pb2.HealthCheckResponse:
+        return health_pb2.HealthCheckResponse(status=health_pb2.HealthCheckResponse.SERVING)
+
+    def plain_watch(
+        request: health_pb2.HealthCheckRequest, context: object
+    ) -> Iterator[health_pb2.HealthCheckResponse]:
+        yield health_pb2.HealthCheckResponse(status=health_pb2.HealthCheckResponse.SERVING)
+
+    async def preset_list(request: health_pb2.HealthListRequest, context: grpc.aio.ServicerContext) -> None:  # type: ignore[type-arg]
+        context.set_code(grpc.StatusCode.FAILED_PRECONDITION)
+        context.set_details("not now")
+        raise RuntimeError("the handler meant FAILED_PRECONDITION")
+
+    def handlers() -> grpc.GenericRpcHandler:  # type: ignore[type-arg]
+        ser = health_pb2.HealthCheckResponse.SerializeToString
+        return grpc.method_handlers_generic_handler(
+            "grpc.health.v1.Health",
+            {
+                "Check": grpc.unary_unary_rpc_method_handler(
+                    plain_check, health_pb2.HealthCheckRequest.FromString, ser
+                ),
+                "Watch": grpc.unary_stream_rpc_method_handler(
+                    plain_watch, health_pb2.HealthCheckRequest.FromString, ser
+                ),
+                "List": grpc.unary_unary_rpc_method_handler(
+                    preset_list,
+                    health_pb2.HealthListRequest.FromString,
+                    health_pb2.HealthListResponse.SerializeToString,
+                ),
+            },
+        )
+
+    async def call_all(server_handlers: object) -> list[object]:
         server = grpc.aio.server(
             interceptors=[ServerInterceptor(Authenticator(TokenStore(real_mesh.tokens.path)))]
         )
-        # The library's health servicer base: Check/Watch/List all raise NotImplementedError.
-        health_pb2_grpc.add_HealthServicer_to_server(health_pb2_grpc.HealthServicer(), server)
+        if server_handlers is None:
+            # The library's servicer base: Check/Watch/List all raise NotImplementedError.
+            health_pb2_grpc.add_HealthServicer_to_server(health_pb2_grpc.HealthServicer(), server)
+        else:
+            server.add_generic_rpc_handlers((server_handlers,))
         port = server.add_insecure_port("127.0.0.1:0")
         await server.start()
+        out: list[object] = []
         try:
             async with grpc.aio.insecure_channel(f"127.0.0.1:{port}") as ch:
+                stub = health_pb2_grpc.HealthStub(ch)
+                for make in (
+                    lambda: stub.Check(health_pb2.HealthCheckRequest(), timeout=5),
+                    lambda: stub.List(health_pb2.HealthListRequest(), timeout=5),
+                ):
+                    try:
+                        out.append(await make())
+                    except grpc.aio.AioRpcError as err:
+                        out.append(err.code())
                 try:
-                    await health_pb2_grpc.HealthStub(ch).List(health_pb2.HealthListRequest(), timeout=5)
+                    out.append([r async for r in stub.Watch(health_pb2.HealthCheckRequest(), timeout=5)])
                 except grpc.aio.AioRpcError as err:
-                    return err.code()
-                return grpc.StatusCode.OK
+                    out.append(err.code())
         finally:
             await server.stop(None)
+        return out
 
-    assert asyncio.run(scenario()) == grpc.StatusCode.UNIMPLEMENTED
+    unimplemented = grpc.StatusCode.UNIMPLEMENTED
+    assert asyncio.run(call_all(None)) == [unimplemented, unimplemented, unimplemented]
+    serving = health_pb2.HealthCheckResponse(status=health_pb2.HealthCheckResponse.SERVING)
+    assert asyncio.run(call_all(handlers())) == [serving, grpc.StatusCode.FAILED_PRECONDITION, [serving]]
 
 
 # --- 2. Errors never echo unbounded input -----------------------------------------------------
