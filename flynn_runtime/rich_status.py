@@ -22,7 +22,8 @@ MAX_MESSAGE_CHARS = 400
 MAX_FIELD_CHARS = 128
 MAX_DESCRIPTION_CHARS = 200
 MAX_VIOLATION_BYTES = 1500
-MAX_METADATA_ENTRIES = 8
+MAX_METADATA_ENTRIES = 16
+MAX_METADATA_BYTES = 1500
 MAX_METADATA_KEY_CHARS = 64
 MAX_METADATA_VALUE_CHARS = 128
 
@@ -49,10 +50,22 @@ def _bounded_violations(
 
 
 def _bounded_metadata(err: FlynnError, omitted: int) -> dict[str, str]:
-    out = {
-        _cut(k, MAX_METADATA_KEY_CHARS): _cut(v, MAX_METADATA_VALUE_CHARS)
-        for k, v in list(err.metadata.items())[:MAX_METADATA_ENTRIES]
-    }
+    """At most MAX_METADATA_ENTRIES entries within MAX_METADATA_BYTES, the shortest first (a map has
+    no order; short entries such as `cause` or `reason` are what clients branch on)."""
+    cut = sorted(
+        (
+            (_cut(k, MAX_METADATA_KEY_CHARS), _cut(v, MAX_METADATA_VALUE_CHARS))
+            for k, v in err.metadata.items()
+        ),
+        key=lambda kv: (len(kv[0]) + len(kv[1]), kv[0]),
+    )
+    out: dict[str, str] = {}
+    size = 0
+    for k, v in cut[:MAX_METADATA_ENTRIES]:
+        size += len(k.encode()) + len(v.encode()) + 6
+        if size > MAX_METADATA_BYTES:
+            break
+        out[k] = v
     if omitted:
         out["violations_omitted"] = str(int(out.get("violations_omitted", "0") or 0) + omitted)
     return out
