@@ -27,4 +27,3 @@ def test_worst_case_error_fits_the_metadata_limit() -> None:
     assert b"cause" in info.value and b"timeout" in info.value
     assert b"violations_omitted" in info.value
     assert len(base64.b64encode(proto.SerializeToString())) < 8 * 1024
-
