@@ -15,7 +15,7 @@ from google.protobuf import field_mask_pb2
 from config_svc.revision_store import RevisionStore, StaleHead, StoredRevision
 from config_svc.validation import validate_config, validate_mask
 from flynn_runtime import config_yaml
-from flynn_runtime.errors import FieldViolation, failed_precondition, invalid_fields, not_found
+from flynn_runtime.errors import FieldViolation, FlynnError, failed_precondition, invalid_fields, not_found
 
 KIND_SEED = config_pb2.CONFIG_REVISION_KIND_SEED
 KIND_UPDATE = config_pb2.CONFIG_REVISION_KIND_UPDATE
@@ -98,7 +98,7 @@ class ConfigEditor:
             )
         problems.extend(validate_config(merged))
         if problems:
-            raise invalid_fields(problems, reason="INVALID_CONFIG")
+            raise invalid_config(problems)
         self._check_fresh(expected_revision)
         return self._commit(merged, KIND_UPDATE, reason, actor, dry_run, expected_revision)
 
@@ -135,7 +135,7 @@ class ConfigEditor:
     ) -> ChangeResult:
         problems = validate_config(new)
         if problems:
-            raise invalid_fields(problems, reason="INVALID_CONFIG")
+            raise invalid_config(problems)
         diff = config_yaml.diff(self._head_cfg, new)
         if not diff:
             return ChangeResult(self._head_rev, self._head_cfg, [], None, dry_run, unchanged=True)
@@ -171,6 +171,15 @@ def _with_parents(partial: config_pb2.FlynnConfig, paths: list[str]) -> config_p
             node = getattr(node, part)
             node.SetInParent()
     return out
+
+
+def invalid_config(problems: list[FieldViolation]) -> FlynnError:
+    """A config that does not validate: INVALID_ARGUMENT with reason INVALID_FIELD like every other bad
+    request. Its ErrorInfo metadata keeps `legacy_reason: INVALID_CONFIG`, the reason this answer
+    carried before, for clients that branch on it (docs/api/PROTOCOL.md, "Reasons")."""
+    err = invalid_fields(problems)
+    err.metadata = {**err.metadata, "legacy_reason": "INVALID_CONFIG"}
+    return err
 
 
 def _stale(expected: int, head: int) -> Exception:

@@ -138,12 +138,15 @@ def validate_rules(
             bad(f"{p}.cooldown_key", f"unknown value {r.cooldown_key}")
         if r.fire_cap.max_fires < 0 or r.fire_cap.max_fires > 100_000:
             bad(f"{p}.fire_cap.max_fires", "must be between 0 and 100000")
-        if r.fire_cap.max_fires > 0:
-            w = r.fire_cap.window.seconds + r.fire_cap.window.nanos / 1e9
-            if w <= 0 or w > 7 * 86400:
-                bad(f"{p}.fire_cap.window", "must be between 0 (exclusive) and 7 days when max_fires is set")
+        w = r.fire_cap.window.seconds + r.fire_cap.window.nanos / 1e9
+        if r.fire_cap.max_fires > 0 and (w <= 0 or w > 7 * 86400):
+            bad(f"{p}.fire_cap.window", "must be between 0 (exclusive) and 7 days when max_fires is set")
+        elif w < 0 or r.fire_cap.window.nanos < 0:
+            bad(f"{p}.fire_cap.window", "must not be negative")
         if r.HasField("rollout") and not 0 <= r.rollout.basis_points <= 10000:
             bad(f"{p}.rollout.basis_points", "must be between 0 and 10000")
+        if r.rollout.stickiness not in config_pb2.Stickiness.values():
+            bad(f"{p}.rollout.stickiness", f"unknown value {r.rollout.stickiness}")
         if r.max_depth < 0 or r.max_depth > 16:
             bad(f"{p}.max_depth", "must be between 0 and 16")
         if not r.actions:
@@ -189,7 +192,7 @@ def _validate_action(a: config_pb2.ReactionAction, ap: str, bad: Callable[[str, 
             except ValueError as e:
                 bad(f"{ap}.invoke_node.args_json", f"is not JSON: {e}")
         t = a.invoke_node.timeout
-        if t.seconds < 0 or t.seconds > 300:
+        if t.seconds < 0 or t.nanos < 0 or t.seconds > 300:
             bad(f"{ap}.invoke_node.timeout", "must be between 0 and 300 s")
     elif kind == "put_canvas":
         texty(f"{ap}.put_canvas.name", a.put_canvas.name)

@@ -32,6 +32,8 @@ log = logging.getLogger(__name__)
 Ctx = ServicerContext[Any, Any]
 # A watcher further behind than this gets a snapshot instead of a replay of every revision.
 MAX_REPLAY = 1000
+# The most sessions one ExplainConfig call may ask about (its bulk form).
+MAX_EXPLAIN_SESSIONS = 5000
 _KIND_NAMES = {
     v.number: v.name.removeprefix("CONFIG_REVISION_KIND_").lower()
     for v in config_pb2.ConfigRevisionKind.DESCRIPTOR.values
@@ -165,20 +167,30 @@ class ConfigServicer:
         v.text("channel", request.channel, max_bytes=256)
         v.text("node_id", request.node_id, max_bytes=256)
         v.check(request.revision >= 0, "revision", "must not be negative")
+        v.id_list("session_keys", request.session_keys, max_items=MAX_EXPLAIN_SESSIONS, max_len=1024)
         v.raise_if_any()
         stored, cfg = await asyncio.to_thread(self.editor.revision, request.revision)
-        target = targeting.Target(request.session_key, request.channel, request.node_id)
-        e = explain(cfg, request.key, target)
-        return config_pb2.ExplainConfigResponse(
-            key=e.key,
-            value=e.value_json,
-            source=e.source,  # type: ignore[arg-type]
-            bucket=e.bucket,
-            basis_points=e.basis_points,
-            hashed_key=e.hashed_key,
-            explanation=e.explanation,
-            revision=stored.revision,
-        )
+
+        def answer(session_key: str) -> config_pb2.ExplainConfigResponse:
+            e = explain(cfg, request.key, targeting.Target(session_key, request.channel, request.node_id))
+            return config_pb2.ExplainConfigResponse(
+                key=e.key,
+                value=e.value_json,
+                source=e.source,  # type: ignore[arg-type]
+                bucket=e.bucket,
+                basis_points=e.basis_points,
+                hashed_key=e.hashed_key,
+                explanation=e.explanation,
+                revision=stored.revision,
+                session_key=session_key,
+            )
+
+        out = answer(request.session_key)
+        if request.session_keys:
+            # One call for "which of these sessions are in?": the same key, channel and revision each.
+            keys = list(request.session_keys)
+            out.sessions.extend(await asyncio.to_thread(lambda: [answer(k) for k in keys]))
+        return out
 
     # --- writes ---------------------------------------------------------------------------------
 

@@ -2,8 +2,11 @@
 
 Paths are config-relative dotted paths with list indexes (`automation.reactions[2].trigger.regex`).
 Generic checks walk every field (known enum values, non-negative durations and counts, rollout
-basis points); semantic checks cover what the types cannot say (rule ids, regexes, roles,
-actions). Reaction rules are checked by config_svc/reaction_rules.py, which the reactions service shares.
+basis points); semantic checks cover what the types cannot say (roles, lists, the queue rollout).
+
+One owner per field, so an invalid field is reported once: reaction rules (`automation.reactions[i]`
+and everything under them) are owned by config_svc/reaction_rules.py, which the reactions service
+shares; the generic walk does not enter them.
 """
 
 from __future__ import annotations
@@ -62,6 +65,8 @@ def _join(path: str, name: str) -> str:
 
 
 def _walk(msg: pb_message.Message, path: str, out: list[FieldViolation]) -> None:
+    if isinstance(msg, config_pb2.ReactionRule):
+        return  # owned by reaction_rules.validate_rules (_check_rules)
     if isinstance(msg, duration_pb2.Duration):
         if msg.seconds < 0 or msg.nanos < 0:
             out.append(FieldViolation(path, "must not be negative"))

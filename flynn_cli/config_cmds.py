@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import argparse
 import datetime
+import json
 import re
 import sys
 from pathlib import Path
@@ -83,6 +84,13 @@ def register(sub: Any) -> None:
     c.add_argument("--channel", default="", help="channel")
     c.add_argument("--node", default="", help="node id")
     c.add_argument("--revision", type=int, default=0)
+    c.add_argument(
+        "--sessions-file",
+        default="",
+        help="bulk form: a file of session keys, one per line ('-' reads stdin); one call answers "
+        "all of them (at most 5000), one row each: session, value, source, bucket",
+    )
+    c.add_argument("--json", action="store_true", help="with --sessions-file: one JSON object per line")
     c.set_defaults(func=cmd_explain)
 
     c = cmds.add_parser("watchers", help="service instances watching the config and the revision each runs")
@@ -327,6 +335,30 @@ def cmd_rollback(args: argparse.Namespace) -> int:
     return 1 if resp is None else _report_change(resp, f"rolled back to revision {args.revision} as")
 
 
+def _session_keys(path: str) -> list[str]:
+    text = sys.stdin.read() if path == "-" else Path(path).read_text(encoding="utf-8")
+    return [line.strip() for line in text.splitlines() if line.strip()]
+
+
+def _print_sessions(resp: config_pb2.ExplainConfigResponse, as_json: bool) -> None:
+    if as_json:
+        for e in resp.sessions:
+            row = {
+                "session": e.session_key,
+                "value": json.loads(e.value) if e.value else None,
+                "source": _SOURCES.get(e.source, str(e.source)),
+                "bucket": e.bucket if e.hashed_key else None,
+                "revision": e.revision,
+            }
+            print(json.dumps(row))
+        return
+    print(f"{resp.key} at revision {resp.revision}, {len(resp.sessions)} session(s)")
+    print(f"{'SESSION':<32} {'VALUE':<24} {'SOURCE':<18} BUCKET")
+    for e in resp.sessions:
+        bucket = str(e.bucket) if e.hashed_key else "-"
+        print(f"{e.session_key:<32} {e.value:<24} {_SOURCES.get(e.source, str(e.source)):<18} {bucket}")
+
+
 def cmd_explain(args: argparse.Namespace) -> int:
     req = config_pb2.ExplainConfigRequest(
         key=args.key,
@@ -335,9 +367,14 @@ def cmd_explain(args: argparse.Namespace) -> int:
         node_id=args.node,
         revision=args.revision,
     )
+    if args.sessions_file:
+        req.session_keys.extend(_session_keys(args.sessions_file))
     resp = rpc.call(lambda: _stub(args).ExplainConfig(req, **_kw(args)))
     if resp is None:
         return 1
+    if args.sessions_file:
+        _print_sessions(resp, args.json)
+        return 0
     print(f"{resp.key} = {resp.value}")
     print(f"  source:      {_SOURCES.get(resp.source, resp.source)}")
     print(f"  why:         {resp.explanation}")

@@ -12,9 +12,9 @@ import sys
 from collections.abc import Callable, Sequence
 from types import ModuleType
 
-from flynn_cli import config_cmds, gates_cmds, playbook_cmds, tokens_cmds
+from flynn_cli import canvas_cmds, config_cmds, gates_cmds, playbook_cmds, tokens_cmds
 
-GROUPS: list[ModuleType] = [config_cmds, gates_cmds, playbook_cmds, tokens_cmds]
+GROUPS: list[ModuleType] = [config_cmds, gates_cmds, playbook_cmds, tokens_cmds, canvas_cmds]
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -33,8 +33,23 @@ def build_parser() -> argparse.ArgumentParser:
     return p
 
 
+# Exit status when the reader of our output went away (`flynn gates check --json | head`): what a
+# process killed by SIGPIPE reports in a shell, as `cat`, `grep` or `git` would.
+EXIT_CLOSED_PIPE = 128 + 13
+
+
 def main(argv: Sequence[str] | None = None) -> None:
-    sys.exit(run(argv))
+    """Every `flynn` command runs here: a closed stdout ends the command quietly, never a traceback."""
+    try:
+        code = run(argv)
+        sys.stdout.flush()  # inside the try: a closed pipe is found here, not at interpreter exit
+    except BrokenPipeError:
+        # Point stdout at /dev/null so the interpreter's final flush does not fail again.
+        devnull = os.open(os.devnull, os.O_WRONLY)
+        os.dup2(devnull, sys.stdout.fileno())
+        os.close(devnull)
+        sys.exit(EXIT_CLOSED_PIPE)
+    sys.exit(code)
 
 
 def run(argv: Sequence[str] | None = None) -> int:

@@ -97,7 +97,17 @@ def _seed_args(svc: ServicePlan, seed: Path) -> list[str]:
     return ["--seed-file", str(seed.resolve())] if "--seed-file" in out.stdout else []
 
 
-def _print_banner(paths: MeshPaths, children: list[Child], tokens: MeshTokens) -> None:
+def status_command(paths: MeshPaths, host: str, base_port: int) -> list[str]:
+    """`flynn-dev status` for this mesh, working from any directory (absolute data dir, its ports)."""
+    return [
+        venv_command("flynn-dev"), "status",
+        "--data-dir", str(paths.data_dir.resolve()), "--host", host, "--base-port", str(base_port),
+    ]  # fmt: skip
+
+
+def _print_banner(
+    paths: MeshPaths, children: list[Child], tokens: MeshTokens, host: str, base_port: int
+) -> None:
     rows = [("service", "address", "metrics", "pid")]
     rows += [
         (c.plan.name, c.plan.address, str(c.plan.metrics_port) if c.plan.metrics_port else "-", str(c.pid))
@@ -130,10 +140,19 @@ def _print_banner(paths: MeshPaths, children: list[Child], tokens: MeshTokens) -
         lines += ["First call:", f"  {shlex.join(call)}", ""]
     lines += [
         f"Logs: {paths.logs.resolve()}/<service>.log",
-        f"Status: {shlex.join([venv_command('flynn-dev'), 'status', '--data-dir', str(paths.data_dir)])}",
+        f"Status: {shlex.join(status_command(paths, host, base_port))}",
         "Stop: Ctrl-C",
         "",
     ]
+    if gateway is not None:
+        # The `flynn` CLI reads its address and token from these (README quick tour).
+        token_file = shlex.quote(str(paths.token_file("operator").resolve()))
+        lines[-4:-4] = [
+            "Operator CLI (any shell, any directory):",
+            f"  export FLYNN_ADDR={gateway.plan.address} FLYNN_TOKEN=$(cat {token_file})",
+            f"  {shlex.join([venv_command('flynn'), 'config', 'get', 'server.queue'])}",
+            "",
+        ]
     print("\n".join(lines), flush=True)
 
 
@@ -161,8 +180,13 @@ def up(ns: argparse.Namespace) -> int:
         say(f"skipping {s.name}: {s.module} does not exist yet")
     paths.logs.mkdir(parents=True, exist_ok=True)
     tokens = ensure_tokens(paths)
+    # Services left out (--only, or missing) are not deployed: the mesh reports them so, not as failing.
+    deployed = frozenset(s.name for s in services)
     children = [
-        Child(s, command(s, paths, ns.host, ns.base_port, ns.grace_seconds, _seed_args(s, ns.seed_file)))
+        Child(
+            s,
+            command(s, paths, ns.host, ns.base_port, ns.grace_seconds, _seed_args(s, ns.seed_file), deployed),
+        )
         for s in services
     ]
     stop = threading.Event()
@@ -181,7 +205,7 @@ def up(ns: argparse.Namespace) -> int:
                 say(str(err))
                 return 1
             return 0
-        _print_banner(paths, children, tokens)
+        _print_banner(paths, children, tokens, ns.host, ns.base_port)
         sup.supervise()
         return 0
     finally:
@@ -196,6 +220,7 @@ def _status_rows(ns: argparse.Namespace, paths: MeshPaths) -> tuple[list[tuple[s
         state = json.loads(paths.state_file.read_text())
     services: list[dict[str, object]] = list(state.get("services", []))  # type: ignore[call-overload]
     started = {str(s["name"]): str(s["address"]) for s in services}
+    pids = {str(s["name"]): str(s.get("pid") or "-") for s in services}
     kinds = {str(s["name"]): str(s.get("readiness", "grpc")) for s in services}
     addresses = started or {n: f"{ns.host}:{ns.base_port + port_offset(n)}" for n in topology.START_ORDER}
     if not started:
@@ -219,14 +244,18 @@ def _status_rows(ns: argparse.Namespace, paths: MeshPaths) -> tuple[list[tuple[s
                 ok = True
                 for s in resp.services:
                     health = system_pb2.ServiceHealth.Name(s.health).removeprefix("SERVICE_HEALTH_")
-                    if s.service in addresses and health != "SERVING":
+                    # NOT_DEPLOYED (left out on purpose) is not a failure.
+                    if s.service in addresses and health not in ("SERVING", "NOT_DEPLOYED"):
                         ok = False
                     rev = str(s.applied_revision) if s.applied_revision else "-"
-                    rows.append((s.service, s.address, health, rev, s.version or "-", s.detail))
+                    pid = pids.get(s.service, "-")
+                    rows.append((s.service, s.address or "-", pid, health, rev, s.version or "-", s.detail))
                 for name, addr in http_only.items():
                     health = check_ready(addr, "http")
                     ok = ok and health == "SERVING"
-                    rows.append((name, addr, health, "-", "-", f"GET http://{addr}/healthz"))
+                    rows.append(
+                        (name, addr, pids.get(name, "-"), health, "-", "-", f"GET http://{addr}/healthz")
+                    )
                 return rows, resp.head_revision, ok
     direct: list[tuple[str, ...]] = []
     ok = True
@@ -234,15 +263,15 @@ def _status_rows(ns: argparse.Namespace, paths: MeshPaths) -> tuple[list[tuple[s
         kind = kinds.get(name, "grpc")
         health = check_ready(addr, kind)
         ok = ok and health == "SERVING"
-        direct.append((name, addr, health, "?" if kind == "grpc" else "-", "-", ""))
+        direct.append((name, addr, pids.get(name, "-"), health, "?" if kind == "grpc" else "-", "-", ""))
     return direct, 0, ok
 
 
 def status(ns: argparse.Namespace) -> int:
     paths = MeshPaths(ns.data_dir)
     rows, head, ok = _status_rows(ns, paths)
-    table = [("service", "address", "health", "config rev", "version", "detail"), *rows]
-    widths = [max(len(r[i]) for r in table) for i in range(6)]
+    table = [("service", "address", "pid", "health", "config rev", "version", "detail"), *rows]
+    widths = [max(len(r[i]) for r in table) for i in range(len(table[0]))]
     for r in table:
         print("  ".join(v.ljust(w) for v, w in zip(r, widths, strict=True)).rstrip())
     print(f"config head revision: {head if head else 'unknown'}")

@@ -113,7 +113,10 @@ def command(
     base_port: int,
     grace_seconds: float,
     extra: list[str],
+    deployed: frozenset[str] | None = None,
 ) -> list[str]:
+    """The command line of one process. `deployed`: the gRPC services this mesh runs (None: all); the
+    others get an empty address, so the mesh reports them as not deployed rather than failing."""
     if svc.name == CONSOLE:
         # Its data dir is a sibling of every service's, so its default audit dirs (<mesh data>/*/audit,
         # console/audit_tail.py) are exactly the services' audit logs.
@@ -134,12 +137,14 @@ def command(
         "--service-token-file", str(paths.token_file(f"service-{svc.name}")),
         "--grace-seconds", str(grace_seconds),
     ]  # fmt: skip
+    here = [b for b in BACKENDS if deployed is None or b in deployed]
     for backend in BACKENDS:
-        args += [f"--{backend}-addr", f"{host}:{base_port + port_offset(backend)}"]
+        addr = f"{host}:{base_port + port_offset(backend)}" if backend in here else ""
+        args += [f"--{backend}-addr", addr]
     if svc.name == "queue":
         args += ["--agent-token-file", str(paths.token_file("agent"))]
     if svc.name == "gateway":
-        # System.GetMetrics scrapes every backend's Prometheus port.
-        scrape = (f"{b}={host}:{base_port + METRICS_OFFSET + port_offset(b)}" for b in BACKENDS)
+        # System.GetMetrics scrapes every deployed backend's Prometheus port.
+        scrape = (f"{b}={host}:{base_port + METRICS_OFFSET + port_offset(b)}" for b in here)
         args += ["--metrics-addrs", ",".join(scrape)]
     return args + extra

@@ -57,6 +57,21 @@ class FlynnError(Exception):
         return self.message
 
 
+# What an error may echo of the caller's input: values are cut to MAX_ECHO_CHARS, and at most
+# MAX_VIOLATIONS field violations are kept (ErrorInfo metadata `violations_omitted` counts the rest),
+# so the status trailer stays far below gRPC's metadata limits whatever the request held.
+MAX_ECHO_CHARS = 64
+MAX_VIOLATIONS = 20
+
+
+def shown(value: object, limit: int = MAX_ECHO_CHARS) -> str:
+    """`value` as an error may echo it: at most `limit` characters, with the full length when cut."""
+    text = str(value)
+    if len(text) <= limit:
+        return text
+    return f"{text[:limit]}…({len(text)} characters)"
+
+
 def invalid_argument(field_path: str, description: str, reason: str = "INVALID_FIELD") -> FlynnError:
     """A single-field INVALID_ARGUMENT."""
     return FlynnError(
@@ -68,19 +83,25 @@ def invalid_argument(field_path: str, description: str, reason: str = "INVALID_F
 
 
 def invalid_fields(violations: list[FieldViolation], reason: str = "INVALID_FIELD") -> FlynnError:
-    """INVALID_ARGUMENT naming every violated field."""
-    names = ", ".join(v.field for v in violations)
-    summary = "; ".join(f"{v.field}: {v.description}" for v in violations[:5])
+    """INVALID_ARGUMENT naming every violated field (the first MAX_VIOLATIONS; the rest counted)."""
+    kept = violations[:MAX_VIOLATIONS]
+    omitted = len(violations) - len(kept)
+    names = ", ".join(v.field for v in kept[:5]) + (", …" if len(kept) > 5 else "")
+    summary = "; ".join(f"{v.field}: {v.description}" for v in kept[:5])
+    more = f" (and {omitted} more invalid fields)" if omitted else ""
     return FlynnError(
         Code.INVALID_ARGUMENT,
-        f"invalid request ({names}): {summary}",
+        f"invalid request ({names}): {summary}{more}",
         reason=reason,
-        violations=list(violations),
+        violations=list(kept),
+        metadata={"violations_omitted": str(omitted)} if omitted else {},
     )
 
 
 def not_found(what: str, name: str, reason: str = "NOT_FOUND") -> FlynnError:
-    return FlynnError(Code.NOT_FOUND, f"{what} {name!r} not found", reason=reason, metadata={what: name})
+    return FlynnError(
+        Code.NOT_FOUND, f"{what} {shown(name)!r} not found", reason=reason, metadata={what: shown(name)}
+    )
 
 
 def failed_precondition(message: str, reason: str, **metadata: str) -> FlynnError:

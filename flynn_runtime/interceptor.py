@@ -2,12 +2,16 @@
 
 Handlers raise FlynnError (from domain code) and the interceptor aborts the RPC with the rich
 status; any other exception is logged with its traceback and returned as a bare INTERNAL, so no
-traceback ever reaches a caller. Streaming handlers are async generators.
+traceback ever reaches a caller. Streaming handlers are async generators (plain functions and
+generators work too). What a handler meant without a FlynnError is honoured, never turned into
+INTERNAL: NotImplementedError (a contract method without implementation) is UNIMPLEMENTED, and a code
+the handler set on the context before raising is answered as set.
 """
 
 from __future__ import annotations
 
 import asyncio
+import inspect
 import logging
 import time
 from collections.abc import AsyncIterator, Awaitable, Callable
@@ -91,6 +95,10 @@ class _Call:
         if isinstance(exc, FlynnError):
             self.code = getattr(grpc.StatusCode, exc.code.value)
             await abort_with(context, exc)
+        expected = _unexpected_but_meant(self.method, context, exc)
+        if expected is not None:
+            self.code = getattr(grpc.StatusCode, expected.code.value)
+            await abort_with(context, expected)
         incident = ulid()
         log.error(
             "unhandled error in %s (incident %s)",
@@ -114,6 +122,35 @@ class _Call:
         for counter in self.m.handled(self.code):
             counter.inc()
         self.m.handling.observe(time.perf_counter() - self.start)
+
+
+def _preset_code(context: ServicerContext[Any, Any]) -> grpc.StatusCode | None:
+    code = context.code()
+    if isinstance(code, grpc.StatusCode):
+        return code
+    if isinstance(code, int):
+        return next((c for c in grpc.StatusCode if c.value[0] == code), None)
+    return None
+
+
+def _unexpected_but_meant(
+    method: str, context: ServicerContext[Any, Any], exc: BaseException
+) -> FlynnError | None:
+    """A handler that failed in a way the interceptor did not ask for, but meant a status: a method
+    with no implementation (NotImplementedError, as every generated servicer base raises) or a
+    handler that set a non-OK code on the context before raising. Neither is a bug of the call, so
+    neither becomes INTERNAL; the code the handler chose (or UNIMPLEMENTED) is answered instead."""
+    preset = _preset_code(context)
+    if preset is not None and preset not in (grpc.StatusCode.OK, grpc.StatusCode.UNKNOWN):
+        if preset is not grpc.StatusCode.INTERNAL and preset.name in Code.__members__:
+            details = context.details() if hasattr(context, "details") else None
+            text = details.decode() if isinstance(details, bytes) else str(details or "")
+            return FlynnError(Code[preset.name], text or f"{method}: {preset.name.lower()}")
+    if isinstance(exc, NotImplementedError):
+        return FlynnError(
+            Code.UNIMPLEMENTED, f"{method} is not implemented by this server", reason="NOT_IMPLEMENTED"
+        )
+    return None
 
 
 class _Undecodable:
@@ -211,7 +248,9 @@ class ServerInterceptor(grpc.aio.ServerInterceptor):  # type: ignore[type-arg]
             exc: BaseException | None = None
             try:
                 call.begin(context)
-                return await inner(_check(method, request, client_stream), context)
+                result = inner(_check(method, request, client_stream), context)
+                # A plain function (not a coroutine function) is a handler too: never INTERNAL for that.
+                return await result if inspect.isawaitable(result) else result
             except grpc.aio.AbortError as e:
                 exc = e
                 raise
@@ -244,7 +283,11 @@ class ServerInterceptor(grpc.aio.ServerInterceptor):  # type: ignore[type-arg]
                     async for item in result:
                         sent.inc()
                         yield item
-                else:  # handler wrote with context.write and returned a coroutine
+                elif hasattr(result, "__iter__"):  # a plain generator is a streaming handler too
+                    for item in result:
+                        sent.inc()
+                        yield item
+                elif inspect.isawaitable(result):  # handler wrote with context.write and returned a coroutine
                     await result
             except grpc.aio.AbortError as e:
                 exc = e

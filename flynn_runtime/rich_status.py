@@ -10,23 +10,77 @@ from google.protobuf import any_pb2, duration_pb2
 from google.rpc import code_pb2, error_details_pb2, status_pb2
 from grpc_status import rpc_status
 
-from flynn_runtime.errors import ERROR_DOMAIN, Code, FieldViolation, FlynnError
+from flynn_runtime.errors import ERROR_DOMAIN, MAX_VIOLATIONS, Code, FieldViolation, FlynnError
 
 GRPC_CODE = {c: getattr(grpc.StatusCode, c.value) for c in Code}
 
 
+# The last bound on what a status may carry, whoever built the error: gRPC refuses trailers over its
+# metadata limit (8 KiB soft), and the caller would then get RESOURCE_EXHAUSTED with no details at all.
+# The message goes twice (grpc-message and the Status), the details base64-encoded.
+MAX_MESSAGE_CHARS = 400
+MAX_FIELD_CHARS = 128
+MAX_DESCRIPTION_CHARS = 200
+MAX_VIOLATION_BYTES = 1500
+MAX_METADATA_ENTRIES = 16
+MAX_METADATA_BYTES = 1500
+MAX_METADATA_KEY_CHARS = 64
+MAX_METADATA_VALUE_CHARS = 128
+
+
+def _cut(text: str, limit: int) -> str:
+    return text if len(text) <= limit else text[: limit - 1] + "…"
+
+
+def _bounded_violations(
+    violations: Sequence[FieldViolation],
+) -> tuple[list[error_details_pb2.BadRequest.FieldViolation], int]:
+    """The violations that fit (count and bytes), and how many were left out."""
+    kept: list[error_details_pb2.BadRequest.FieldViolation] = []
+    size = 0
+    for v in violations[:MAX_VIOLATIONS]:
+        fv = error_details_pb2.BadRequest.FieldViolation(
+            field=_cut(v.field, MAX_FIELD_CHARS), description=_cut(v.description, MAX_DESCRIPTION_CHARS)
+        )
+        size += fv.ByteSize() + 3
+        if kept and size > MAX_VIOLATION_BYTES:
+            break
+        kept.append(fv)
+    return kept, len(violations) - len(kept)
+
+
+def _bounded_metadata(err: FlynnError, omitted: int) -> dict[str, str]:
+    """At most MAX_METADATA_ENTRIES entries within MAX_METADATA_BYTES, the shortest first (a map has
+    no order; short entries such as `cause` or `reason` are what clients branch on)."""
+    cut = sorted(
+        (
+            (_cut(k, MAX_METADATA_KEY_CHARS), _cut(v, MAX_METADATA_VALUE_CHARS))
+            for k, v in err.metadata.items()
+        ),
+        key=lambda kv: (len(kv[0]) + len(kv[1]), kv[0]),
+    )
+    out: dict[str, str] = {}
+    size = 0
+    for k, v in cut[:MAX_METADATA_ENTRIES]:
+        size += len(k.encode()) + len(v.encode()) + 6
+        if size > MAX_METADATA_BYTES:
+            break
+        out[k] = v
+    if omitted:
+        out["violations_omitted"] = str(int(out.get("violations_omitted", "0") or 0) + omitted)
+    return out
+
+
 def to_status_proto(err: FlynnError) -> status_pb2.Status:
     details: list[any_pb2.Any] = []
+    omitted = 0
     if err.violations:
-        bad = error_details_pb2.BadRequest(
-            field_violations=[
-                error_details_pb2.BadRequest.FieldViolation(field=v.field, description=v.description)
-                for v in err.violations
-            ]
-        )
-        details.append(_pack(bad))
+        kept, omitted = _bounded_violations(err.violations)
+        details.append(_pack(error_details_pb2.BadRequest(field_violations=kept)))
     info = error_details_pb2.ErrorInfo(
-        reason=err.reason or err.code.value, domain=ERROR_DOMAIN, metadata=dict(err.metadata)
+        reason=_cut(err.reason or err.code.value, MAX_METADATA_KEY_CHARS),
+        domain=ERROR_DOMAIN,
+        metadata=_bounded_metadata(err, omitted),
     )
     details.append(_pack(info))
     if err.retry_after_seconds is not None:
@@ -35,7 +89,8 @@ def to_status_proto(err: FlynnError) -> status_pb2.Status:
             retry_delay=duration_pb2.Duration(seconds=int(whole), nanos=int(frac * 1e9))
         )
         details.append(_pack(retry))
-    return status_pb2.Status(code=getattr(code_pb2, err.code.value), message=err.message, details=details)
+    message = _cut(err.message, MAX_MESSAGE_CHARS)
+    return status_pb2.Status(code=getattr(code_pb2, err.code.value), message=message, details=details)
 
 
 def to_grpc_status(err: FlynnError) -> grpc.Status:

@@ -4,7 +4,7 @@
         run_service(settings.parse("queue"), QueueApp)
 
 gives the service: a grpc.aio server with the shared interceptor (auth, metrics, rich errors),
-health (Check and Watch, per service name), server reflection, a Prometheus port, JSON logs, an
+health (Check, Watch and List, per service name), server reflection (method symbols included), a Prometheus port, JSON logs, an
 audit log, and a graceful SIGTERM: health goes NOT_SERVING, `runtime.stopping` is set so streams end
 with UNAVAILABLE/SHUTTING_DOWN (clients reconnect), in-flight calls get the grace period, exit 0.
 """
@@ -24,14 +24,14 @@ import grpc
 # Registers google.rpc.* descriptors so reflection can resolve the error details grpcurl prints.
 from google.rpc import error_details_pb2  # noqa: F401
 from grpc_health.v1 import health, health_pb2, health_pb2_grpc
-from grpc_health.v1.health import aio as health_aio  # type: ignore[attr-defined]
 from grpc_reflection.v1alpha import reflection
 
-from flynn_runtime import VERSION, logs, metrics
+from flynn_runtime import VERSION, logs, metrics, reflection_service
 from flynn_runtime.audit import AuditLog
 from flynn_runtime.auth import Authenticator, TokenStore, parse_networks
 from flynn_runtime.channels import client_channel, server_options
 from flynn_runtime.errors import shutting_down
+from flynn_runtime.health_service import HealthServicer
 from flynn_runtime.interceptor import ServerInterceptor
 from flynn_runtime.principal_feed import PrincipalFeed
 from flynn_runtime.proxy_front import ProxyFront
@@ -117,7 +117,7 @@ class RunningServer:
     app: ServiceApp
     runtime: Runtime
     server: grpc.aio.Server
-    health: health_aio.HealthServicer
+    health: HealthServicer
 
     @property
     def address(self) -> str:
@@ -136,11 +136,11 @@ async def running(
         options=server_options(settings.max_message_bytes, settings.max_concurrent_streams),
         maximum_concurrent_rpcs=None,
     )
-    health_servicer = health_aio.HealthServicer()
+    health_servicer = HealthServicer()
     health_pb2_grpc.add_HealthServicer_to_server(health_servicer, server)
     app.register(server)
     names = [*app.service_names, *app.reflection_names, health.SERVICE_NAME, reflection.SERVICE_NAME]
-    reflection.enable_server_reflection(names, server)
+    reflection_service.enable(names, server)
     port = server.add_insecure_port(settings.listen)
     if port == 0:
         raise SystemExit(f"cannot listen on {settings.listen}")

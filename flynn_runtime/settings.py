@@ -47,6 +47,11 @@ class Settings:
     def address(self, backend: str) -> str:
         return self.addresses.get(backend, "")
 
+    def deployed(self, backend: str) -> bool:
+        """False when the backend is left out of this deployment on purpose: its address is set empty
+        (`--voice-addr ""`, FLYNN_VOICE_ADDR="", what the chart sets for `voice.enabled: false`)."""
+        return bool(self.address(backend).strip())
+
 
 def _env(name: str, default: str) -> str:
     return os.environ.get(f"FLYNN_{name.upper().replace('-', '_')}", default)
@@ -70,7 +75,8 @@ def build_parser(service: str) -> argparse.ArgumentParser:
         p.add_argument(
             f"--{backend}-addr",
             default=_env(f"{backend}_addr", f"127.0.0.1:{DEFAULT_PORTS[backend]}"),
-            help=f"address of the {backend} service (FLYNN_{backend.upper()}_ADDR)",
+            help=f"address of the {backend} service (FLYNN_{backend.upper()}_ADDR); "
+            "empty: not deployed (calls to it answer UNIMPLEMENTED/NOT_DEPLOYED)",
         )
     p.add_argument(
         "--tokens-file", default=_env("tokens_file", ""), help="token hashes file (FLYNN_TOKENS_FILE)"

@@ -3,11 +3,17 @@
 from __future__ import annotations
 
 import re
-from collections.abc import Iterable
+from collections.abc import Iterable, Sequence
 
-from flynn_runtime.errors import FieldViolation, FlynnError, invalid_fields
+from flynn_runtime.errors import FieldViolation, FlynnError, invalid_fields, shown
 
 _ID_RE = re.compile(r"^[A-Za-z0-9._:@/+=-]+$")
+
+# The longest identifier (rule, run, session, node, engine, service, event, artifact id …) any request
+# may carry. Checked before any lookup, so an error never echoes more than errors.shown() allows.
+MAX_ID_CHARS = 256
+# The most entries a repeated identifier field (engines, services …) may carry.
+MAX_ID_LIST = 64
 
 
 class Violations:
@@ -75,6 +81,36 @@ class Violations:
             self.add(field_path, "may contain only letters, digits and . _ : @ / + = -")
             return False
         return True
+
+    def id_length(self, field_path: str, value: str, *, max_len: int = MAX_ID_CHARS) -> bool:
+        """The one length bound of an identifier that is looked up, not parsed (a miss is NOT_FOUND)."""
+        return self.check(
+            len(value) <= max_len, field_path, f"is {len(value)} characters; at most {max_len} allowed"
+        )
+
+    def id_list(
+        self,
+        field_path: str,
+        values: Sequence[str],
+        known: Sequence[str] | None = None,
+        *,
+        max_items: int = MAX_ID_LIST,
+        max_len: int = MAX_ID_CHARS,
+    ) -> bool:
+        """A repeated identifier field: bounded in count and length, and (when `known` is given)
+        every entry one of `known`. Values are echoed cut to errors.shown()."""
+        if len(values) > max_items:
+            self.add(field_path, f"has {len(values)} entries; at most {max_items} allowed")
+            return False
+        ok = True
+        for i, value in enumerate(values):
+            if len(value) > max_len:
+                self.add(f"{field_path}[{i}]", f"is {len(value)} characters; at most {max_len} allowed")
+                ok = False
+            elif known is not None and value not in known:
+                self.add(f"{field_path}[{i}]", f"unknown value {shown(value)!r}; known: {', '.join(known)}")
+                ok = False
+        return ok
 
     def int_range(self, field_path: str, value: int, lo: int, hi: int) -> bool:
         return self.check(lo <= value <= hi, field_path, f"must be between {lo} and {hi}, got {value}")

@@ -46,6 +46,9 @@ class Backends:
     def address(self, backend: str) -> str:
         return self._settings.address(backend)
 
+    def deployed(self, backend: str) -> bool:
+        return self._settings.deployed(backend)
+
     def channel(self, backend: str) -> grpc.aio.Channel:
         ch = self._channels.get(backend)
         if ch is None:

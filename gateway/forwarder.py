@@ -15,6 +15,7 @@ from collections.abc import AsyncIterator, Callable, Iterable, Mapping
 from typing import TYPE_CHECKING, Any, cast
 
 import grpc
+from flynn.v1 import nodes_pb2
 from grpc.aio import ServicerContext
 
 from flynn_runtime.auth import HOP_BY_HEADER, HOP_CLIENT_HEADER
@@ -45,6 +46,15 @@ _HOP_BY_HOP = frozenset(
 )
 _DETAILS_KEY = "grpc-status-details-bin"
 _HOP_HEADERS = frozenset({HOP_BY_HEADER, HOP_CLIENT_HEADER, "x-forwarded-for", "x-real-ip", "forwarded"})
+
+# What a stream is told, in its own protocol, before the gateway ends it on SIGTERM.
+SHUTDOWN_FAREWELLS: dict[str, bytes] = {
+    "/flynn.v1.Nodes/Connect": nodes_pb2.ConnectResponse(
+        close=nodes_pb2.NodeClose(
+            reason="shutdown", reconnect=True, message="the gateway is shutting down; reconnect"
+        )
+    ).SerializeToString(),
+}
 
 Ctx = ServicerContext[Any, Any]
 if TYPE_CHECKING:
@@ -106,9 +116,12 @@ class Forwarder(grpc.GenericRpcHandler):  # type: ignore[type-arg]
         self._stopping = stopping
         self._handlers: dict[str, Handler] = {}
         for path, route in routes.items():
-            self._handlers[path] = self._make_handler(route)
+            if backends.deployed(route.backend):
+                self._handlers[path] = self._make_handler(route)
+            else:
+                self._handlers[path] = self._refusing_handler(route, not_deployed(route))
         for path, route in external.items():
-            self._handlers[path] = self._unrouted_handler(route)
+            self._handlers[path] = self._refusing_handler(route, not_routed(route))
 
     def service(self, handler_call_details: grpc.HandlerCallDetails) -> Handler | None:
         return self._handlers.get(handler_call_details.method)
@@ -156,6 +169,10 @@ class Forwarder(grpc.GenericRpcHandler):  # type: ignore[type-arg]
 
     def _stream(self, route: Route, multicallable: Callable[..., Any]) -> Callable[[Any, Ctx], Any]:
         # Serves server-stream and bidi methods.
+        # On the gateway's own SIGTERM, a stream whose protocol has a goodbye message gets it before
+        # UNAVAILABLE/SHUTTING_DOWN, as if the owning service had stopped (NODES.md: NodeClose{shutdown}).
+        farewell = SHUTDOWN_FAREWELLS.get(route.method)
+
         async def forward(request: Any, context: Ctx) -> AsyncIterator[bytes]:
             call = multicallable(
                 request,
@@ -170,10 +187,14 @@ class Forwarder(grpc.GenericRpcHandler):  # type: ignore[type-arg]
                     yield response
             except grpc.aio.AioRpcError as err:
                 if err.code() == grpc.StatusCode.CANCELLED and self._shutting_down():
+                    if farewell is not None:
+                        yield farewell
                     await abort_with(context, shutting_down("gateway"))
                 await self._relay_error(route, context, err)
             except asyncio.CancelledError:
                 if self._shutting_down():
+                    if farewell is not None:
+                        yield farewell
                     await abort_with(context, shutting_down("gateway"))
                 raise
             finally:
@@ -182,18 +203,12 @@ class Forwarder(grpc.GenericRpcHandler):  # type: ignore[type-arg]
 
         return forward
 
-    def _unrouted_handler(self, route: Route) -> Handler:
-        service = route.method.split("/")[1]
-        message = (
-            f"{service} is implemented by external agents and called by run control directly; "
-            "the gateway does not route it"
-        )
-
+    def _refusing_handler(self, route: Route, err: FlynnError) -> Handler:
         async def refuse(request: Any, context: Ctx) -> Any:
-            await abort_with(context, FlynnError(Code.UNIMPLEMENTED, message, reason="NOT_ROUTED"))
+            await abort_with(context, err)
 
         async def refuse_stream(request: Any, context: Ctx) -> AsyncIterator[bytes]:
-            await abort_with(context, FlynnError(Code.UNIMPLEMENTED, message, reason="NOT_ROUTED"))
+            await abort_with(context, err)
             yield b""  # pragma: no cover - makes this an async generator
 
         if route.kind == "unary":
@@ -203,3 +218,22 @@ class Forwarder(grpc.GenericRpcHandler):  # type: ignore[type-arg]
         if route.kind == "server_stream":
             return grpc.unary_stream_rpc_method_handler(refuse_stream)
         return grpc.stream_stream_rpc_method_handler(refuse_stream)
+
+
+def not_routed(route: Route) -> FlynnError:
+    service = route.method.split("/")[1]
+    message = (
+        f"{service} is implemented by external agents and called by run control directly; "
+        "the gateway does not route it"
+    )
+    return FlynnError(Code.UNIMPLEMENTED, message, reason="NOT_ROUTED")
+
+
+def not_deployed(route: Route) -> FlynnError:
+    service = route.method.split("/")[1]
+    return FlynnError(
+        Code.UNIMPLEMENTED,
+        f"{service} is not deployed here (the {route.backend} service is left out of this mesh)",
+        reason="NOT_DEPLOYED",
+        metadata={"service": route.backend},
+    )

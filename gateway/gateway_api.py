@@ -115,14 +115,19 @@ class GatewayServicer(gateway_pb2_grpc.GatewayServicer):
             if p is not None and not p.serves(ch):
                 raise auth.channel_denied(p, ch)
         call = self._stub.StreamReplies(
-            run_control_pb2.StreamRepliesRequest(after_cursor=request.after_cursor, channels=channels),
+            run_control_pb2.StreamRepliesRequest(
+                after_cursor=request.after_cursor, channels=channels, from_now=request.from_now
+            ),
             timeout=stream_timeout(context),
             metadata=forward_metadata(context, self._backends.hop_metadata()),
         )
 
         async def replies() -> AsyncIterator[gateway_pb2.GatewayStreamRepliesResponse]:
             async for resp in cast(AsyncIterator[run_control_pb2.StreamRepliesResponse], call):
-                yield gateway_pb2.GatewayStreamRepliesResponse(reply=resp.reply)
+                if resp.HasField("reply"):
+                    yield gateway_pb2.GatewayStreamRepliesResponse(reply=resp.reply)
+                else:  # the first answer of a from_now stream: where it starts
+                    yield gateway_pb2.GatewayStreamRepliesResponse(start_after_cursor=resp.start_after_cursor)
 
         try:
             async for item in until_stopping(self._runtime, replies()):

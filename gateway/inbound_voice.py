@@ -6,6 +6,7 @@ channel token may not call them); the message itself is then submitted with the 
 
 from __future__ import annotations
 
+import dataclasses
 import hashlib
 import logging
 import re
@@ -87,6 +88,10 @@ class InboundVoice:
         cfg = self._config.config
         target = targeting.Target(session_key=request.session_key, channel=request.channel)
         decision = targeting.audio_enabled(cfg, target)
+        if decision.value and not self._runtime.settings.deployed("voice"):
+            decision = dataclasses.replace(
+                decision, value=False, explanation="the voice service is not deployed in this mesh"
+            )
         if not decision.value:
             self._runtime.audit.record(
                 "voice_note_refused",

@@ -46,15 +46,13 @@ class SystemServicer(system_pb2_grpc.SystemServicer):
     ) -> system_pb2.GetMetricsResponse:
         """Scrapes every service's /metrics in parallel (short timeout each); a service that cannot be
         read is listed in unavailable_services with why, never an error."""
-        wanted = list(request.services) or list(BACKENDS)
         v = Violations()
-        if len(wanted) > len(BACKENDS) * 2:
-            v.add("services", f"at most {len(BACKENDS) * 2} entries")
-            v.raise_if_any()
-        for i, name in enumerate(wanted):
-            if name not in BACKENDS:
-                v.add(f"services[{i}]", f"unknown service {name[:64]!r}; known: {', '.join(BACKENDS)}")
+        v.id_list("services", request.services, list(BACKENDS), max_items=len(BACKENDS) * 2)
         v.raise_if_any()
+        asked = list(request.services) or list(BACKENDS)
+        # A service left out of the deployment is neither scraped nor "unavailable": it is not there.
+        wanted = [name for name in asked if self._backends.deployed(name)]
+        not_deployed = [name for name in asked if not self._backends.deployed(name)]
         watchers_task = asyncio.ensure_future(self._watchers())
         results = await asyncio.gather(*(self._scrape(name) for name in wanted))
         scraped: dict[str, list[mesh_metrics.Sample]] = {}
@@ -89,6 +87,7 @@ class SystemServicer(system_pb2_grpc.SystemServicer):
         for name, why in missing:
             resp.unavailable_services.append(name)
             resp.unavailable_details.append(f"{name}: {why}")
+        resp.not_deployed_services.extend(not_deployed)
         resp.time.GetCurrentTime()
         return resp
 
@@ -134,6 +133,10 @@ class SystemServicer(system_pb2_grpc.SystemServicer):
     async def _check(self, backend: str) -> system_pb2.ServiceStatus:
         addr = self._backends.address(backend)
         st = system_pb2.ServiceStatus(service=backend, address=addr)
+        if not self._backends.deployed(backend):
+            st.health = system_pb2.SERVICE_HEALTH_NOT_DEPLOYED
+            st.detail = "not deployed (left out of this mesh on purpose)"
+            return st
         stub = health_pb2_grpc.HealthStub(self._backends.channel(backend))
         try:
             resp = await stub.Check(health_pb2.HealthCheckRequest(service=""), timeout=HEALTH_TIMEOUT)

@@ -60,9 +60,15 @@ class CanvasServicer(canvas_pb2_grpc.CanvasServicer):
         if ct is not None:
             v.add("content_type", ct)
         v.text("etag", request.etag, max_bytes=128)
+        v.check(request.restore_version >= 0, "restore_version", "must not be negative")
         v.raise_if_any()
         meta = await self.canvas.put(
-            request.name, request.content_type, request.content, request.etag, actor()
+            request.name,
+            request.content_type,
+            request.content,
+            request.etag,
+            actor(),
+            request.restore_version,
         )
         return canvas_pb2.PutArtifactResponse(artifact=artifact_proto(meta))
 
@@ -98,6 +104,7 @@ class CanvasServicer(canvas_pb2_grpc.CanvasServicer):
         v = Violations()
         _name(v, "name", request.name)
         v.text("etag", request.etag, max_bytes=128)
+        v.text("reason", request.reason, max_bytes=1024)
         v.raise_if_any()
-        n = await self.canvas.delete(request.name, request.etag, actor())
+        n = await self.canvas.delete(request.name, request.etag, actor(), request.reason)
         return canvas_pb2.DeleteArtifactResponse(deleted_versions=n)

@@ -239,7 +239,11 @@ class CanvasStore:
 
     # writes -------------------------------------------------------------------------------
 
-    def put(self, name: str, content_type: str, content: bytes, etag: str, actor: str) -> ArtifactMeta:
+    def put(
+        self, name: str, content_type: str, content: bytes, etag: str, actor: str, restore_version: int = 0
+    ) -> ArtifactMeta:
+        """Write the next version, or (restore_version > 0) that exact version, which must be above every
+        version of the name still kept (an archive brought back after a purge)."""
         lim = self.limits
         if len(content) > lim.max_artifact_bytes:
             raise FlynnError(
@@ -255,7 +259,17 @@ class CanvasStore:
         if etag and etag != "*" and etag != current_etag:
             raise _mismatch(name, current_etag, etag)
         row = self._db.execute("SELECT last_version FROM artifacts WHERE name=?", (name,)).fetchone()
-        version = (int(row[0]) if row else 0) + 1
+        last_version = int(row[0]) if row else 0
+        version = last_version + 1
+        if restore_version:
+            if current is not None and current.version >= restore_version:
+                raise errors.failed_precondition(
+                    f"artifact {errors.shown(name)!r} already keeps version {current.version}; "
+                    f"version {restore_version} can only be restored above every kept version",
+                    reason="VERSION_NOT_RESTORABLE",
+                    latest_version=str(current.version),
+                )
+            version = restore_version
         # Versions this put pushes out of the window are freed by it, so count them out of the total.
         freed = self._db.execute(
             "SELECT COALESCE(SUM(size), 0) FROM versions WHERE name=? AND version <= ?",
@@ -292,7 +306,7 @@ class CanvasStore:
             db.execute(
                 "INSERT INTO artifacts(name, latest, last_version) VALUES (?,?,?)"
                 " ON CONFLICT(name) DO UPDATE SET latest=excluded.latest, last_version=excluded.last_version",
-                (name, version, version),
+                (name, version, max(version, last_version)),
             )
             pruned = [
                 r["blob"]
@@ -399,12 +413,16 @@ class Canvas:
         metrics.CANVAS_LATENCY.labels(op).observe(time.perf_counter() - start)
         return result
 
-    async def put(self, name: str, content_type: str, content: bytes, etag: str, actor: str) -> ArtifactMeta:
-        meta = await self._op("put", self.store.put, name, content_type, content, etag, actor)
+    async def put(
+        self, name: str, content_type: str, content: bytes, etag: str, actor: str, restore_version: int = 0
+    ) -> ArtifactMeta:
+        meta = await self._op(
+            "put", self.store.put, name, content_type, content, etag, actor, restore_version
+        )
         assert isinstance(meta, ArtifactMeta)
         metrics.CANVAS_BYTES.set(self.store.total_bytes)
         self.audit.record(
-            "canvasPut",
+            "canvasRestore" if restore_version else "canvasPut",
             actor=actor,
             name=name,
             version=meta.version,
@@ -425,10 +443,10 @@ class Canvas:
         assert isinstance(items, list)
         return items
 
-    async def delete(self, name: str, etag: str, actor: str) -> int:
+    async def delete(self, name: str, etag: str, actor: str, reason: str = "") -> int:
         n = await self._op("delete", self.store.delete, name, etag)
         assert isinstance(n, int)
         metrics.CANVAS_BYTES.set(self.store.total_bytes)
-        self.audit.record("canvasDelete", actor=actor, name=name, deleted_versions=n)
+        self.audit.record("canvasDelete", actor=actor, name=name, deleted_versions=n, reason=reason or None)
         self._on_change(name, "delete")
         return n

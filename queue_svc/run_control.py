@@ -502,7 +502,7 @@ class RunControl:
         eff = self.effective_mode(req.session_key, req.channel, req.mode_override)
         now = time.time()
         mid = new_id("msg")
-        cz = req.causation.SerializeToString() if req.causation is not None else b""
+        cz = _with_origin(req.causation).SerializeToString()
         with self._op() as op:
             s = self._session(op, req.session_key, req.channel)
             s.message_count += 1
@@ -1221,6 +1221,11 @@ class RunControl:
         """Last durable global sequence number."""
         return self._durable_gseq
 
+    @property
+    def reply_cursor(self) -> int:
+        """Last durable reply cursor."""
+        return self._durable_cursor
+
     def events_after(self, after_seq: int, session_key: str = "") -> list[pb.RunEvent]:
         """Durable events only: a cursor never points past what a crash could take back."""
         rows = self.store.events_after(after_seq, session_key, upto=self._durable_gseq)
@@ -1230,6 +1235,17 @@ class RunControl:
         return [
             pb.Reply.FromString(b) for b in self.store.replies_after(after_cursor, upto=self._durable_cursor)
         ]
+
+
+def _with_origin(causation: common_pb2.Causation | None) -> common_pb2.Causation:
+    """A submitted message's causation with its origin said: a message without one was sent by a
+    person through a channel (ORIGIN_USER), so its events and runs are labelled so, never UNSPECIFIED."""
+    out = common_pb2.Causation()
+    if causation is not None:
+        out.CopyFrom(causation)
+    if out.origin == common_pb2.ORIGIN_UNSPECIFIED:
+        out.origin = common_pb2.ORIGIN_USER
+    return out
 
 
 def run_to_proto(row: RunRow) -> pb.Run:

@@ -190,6 +190,11 @@ class RunControlServicer(pb_grpc.RunControlServicer):
     ) -> AsyncIterator[pb.WatchRunEventsResponse]:
         v = Violations()
         v.check(request.after_seq >= 0, "after_seq", "must not be negative")
+        v.check(
+            not (request.from_now and request.after_seq),
+            "after_seq",
+            "must be 0 with from_now (or unset from_now)",
+        )
         v.check(len(request.session_key) <= 256, "session_key", "is longer than 256 characters")
         _channels(v, list(request.channels))
         v.raise_if_any()
@@ -198,6 +203,11 @@ class RunControlServicer(pb_grpc.RunControlServicer):
         p = principal()
         access.check_session(p, rc, key)
         channels = access.channel_filter(p, list(request.channels))
+        after = request.after_seq
+        if request.from_now:
+            # The durable end of the log now: what a cursor may point at (events_after never goes past it).
+            after = rc.global_seq
+            yield pb.WatchRunEventsResponse(start_after_seq=after)
 
         def keep(ev: pb.RunEvent) -> bool:
             if key and ev.session_key != key:
@@ -211,7 +221,7 @@ class RunControlServicer(pb_grpc.RunControlServicer):
             lambda after: rc.events_after(after, key),
             lambda ev: ev.global_seq,
             keep,
-            request.after_seq,
+            after,
             self._runtime.stopping,
             self._runtime.shutting_down_error,
             _close_when_done(context),
@@ -224,10 +234,19 @@ class RunControlServicer(pb_grpc.RunControlServicer):
     ) -> AsyncIterator[pb.StreamRepliesResponse]:
         v = Violations()
         v.check(request.after_cursor >= 0, "after_cursor", "must not be negative")
+        v.check(
+            not (request.from_now and request.after_cursor),
+            "after_cursor",
+            "must be 0 with from_now (or unset from_now)",
+        )
         _channels(v, list(request.channels))
         v.raise_if_any()
         rc = self.rc
         channels = access.channel_filter(principal(), list(request.channels))
+        after = request.after_cursor
+        if request.from_now:
+            after = rc.reply_cursor
+            yield pb.StreamRepliesResponse(start_after_cursor=after)
 
         def keep(r: pb.Reply) -> bool:
             return channels is None or r.channel in channels
@@ -237,7 +256,7 @@ class RunControlServicer(pb_grpc.RunControlServicer):
             rc.replies_after,
             lambda r: r.cursor,
             keep,
-            request.after_cursor,
+            after,
             self._runtime.stopping,
             self._runtime.shutting_down_error,
             _close_when_done(context),

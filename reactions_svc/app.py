@@ -78,9 +78,11 @@ class ReactionsApp(ServiceApp):
         resumed = await self.reactor.resume_pending()
         if resumed:
             log.info("resumed pending reactions", extra={"events": resumed})
-        if "run" in self.consume:
+        # A stream whose owner is not deployed (empty address) has nothing to consume.
+        deployed = self.runtime.settings.deployed
+        if "run" in self.consume and deployed("queue"):
             self.consumers.append(run_events_consumer(self.runtime, self.reactor))
-        if "node" in self.consume:
+        if "node" in self.consume and deployed("nodes"):
             self.consumers.append(node_events_consumer(self.runtime, self.reactor))
         for c in self.consumers:
             c.start()

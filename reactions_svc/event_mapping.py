@@ -25,6 +25,15 @@ def run_event_id(global_seq: int) -> str:
     return f"run:{global_seq}"
 
 
+def stored_event_id(event_id: str) -> str:
+    """The id reactions keeps an event under, from any id a caller holds: the RunEvent's own
+    `evt_<global_seq>` is the same event as `run:<global_seq>` (both are accepted everywhere)."""
+    prefix, _, seq = event_id.partition("_")
+    if prefix == "evt" and seq.isdigit():
+        return run_event_id(int(seq))
+    return event_id
+
+
 def node_event_id(seq: int) -> str:
     return f"node:{seq}"
 

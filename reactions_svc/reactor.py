@@ -30,6 +30,7 @@ from flynn_runtime.config_source import ConfigSource
 from flynn_runtime.errors import FlynnError, invalid_fields, not_found
 from reactions_svc import engine, metrics
 from reactions_svc.engine import Evaluation, FireState, Trace, reason_name
+from reactions_svc.event_mapping import stored_event_id
 from reactions_svc.proposed_rules import validate_rule_list
 from reactions_svc.rules import RuleSet
 from reactions_svc.store import FP_REASON, ReactionStore, StoredTrace
@@ -413,6 +414,7 @@ class Reactor:
         return Result(traces, matched_ids, p.revision, duplicate=p.duplicate)
 
     def traces_for_event(self, event_id: str, matched: bool | None) -> list[reactions_pb2.ReactionTrace]:
+        event_id = stored_event_id(event_id)
         stored = self.store.get_evaluation(event_id)
         if stored is None:
             raise not_found("event", event_id)

@@ -20,10 +20,8 @@ MAX_SEQ = 1 << 62
 
 
 def _validate_event(ev: reactions_pb2.ReactionEvent, v: Violations, path: str = "event") -> None:
-    if not v.check(
-        bool(ev.event_id) and len(ev.event_id) <= 256, f"{path}.event_id", "is required: 1..256 characters"
-    ):
-        pass
+    if v.check(bool(ev.event_id), f"{path}.event_id", "is required: 1..256 characters"):
+        v.id_length(f"{path}.event_id", ev.event_id)
     v.check(
         ev.type != 0 and ev.type in config_pb2.ReactionEventType.values(),
         f"{path}.type",
@@ -42,9 +40,7 @@ def _validate_event(ev: reactions_pb2.ReactionEvent, v: Violations, path: str = 
         v.check(len(getattr(ev, name)) <= 1024, f"{path}.{name}", "is longer than 1024 characters")
     v.check(len(ev.attributes) <= 64, f"{path}.attributes", "has more than 64 entries")
     v.check(ev.causation.depth >= 0, f"{path}.causation.depth", "must not be negative")
-    v.check(
-        len(ev.causation.fired_rule_ids) <= 256, f"{path}.causation.fired_rule_ids", "has more than 256 ids"
-    )
+    v.id_list(f"{path}.causation.fired_rule_ids", ev.causation.fired_rule_ids, max_items=256)
 
 
 def _encode_token(a: int, b: int) -> str:
@@ -113,8 +109,8 @@ class ReactionsServicer(reactions_pb2_grpc.ReactionsServicer):
         self, request: reactions_pb2.ListTracesRequest, context: Ctx
     ) -> reactions_pb2.ListTracesResponse:
         v = Violations()
-        v.check(len(request.event_id) <= 256, "event_id", "is longer than 256 characters")
-        v.check(len(request.rule_id) <= 256, "rule_id", "is longer than 256 characters")
+        v.id_length("event_id", request.event_id)
+        v.id_length("rule_id", request.rule_id)
         v.raise_if_any()
         size = page_size(request.page_size, default=100, maximum=1000)
         only = request.matched if request.HasField("matched") else None
@@ -165,6 +161,9 @@ class ReactionsServicer(reactions_pb2_grpc.ReactionsServicer):
     async def GetRuleStats(
         self, request: reactions_pb2.GetRuleStatsRequest, context: Ctx
     ) -> reactions_pb2.GetRuleStatsResponse:
+        v = Violations()
+        v.id_length("rule_id", request.rule_id)
+        v.raise_if_any()
         per, total = self.reactor.rule_stats(request.rule_id)
         return reactions_pb2.GetRuleStatsResponse(rules=per, total=total)
 

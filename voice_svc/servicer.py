@@ -45,9 +45,7 @@ def _check_text(v: Violations, field: str, text: str) -> None:
 
 
 def _check_engines(v: Violations, field: str, names: Sequence[str], known: Sequence[str]) -> None:
-    for i, n in enumerate(names):
-        if n not in known:
-            v.add(f"{field}[{i}]", f"unknown engine {n!r}; known: {', '.join(known)}")
+    v.id_list(field, names, known, max_items=16)
 
 
 def _check_rate(v: Violations, field: str, rate: int) -> None:

@@ -34,6 +34,15 @@ gateway:
 [config, queue, reactions, nodes, voice]
 {{- end }}
 
+{{/*
+Whether a component is deployed: "true" or "false". Args: root, name. queue, reactions, nodes and voice
+may be left out (`<name>.enabled: false`); config and the gateway always run.
+*/}}
+{{- define "flynn.enabled" -}}
+{{- $v := index .root.Values .name }}
+{{- if and (kindIs "map" $v) (hasKey $v "enabled") }}{{ ternary "true" "false" (eq $v.enabled true) }}{{ else }}true{{ end }}
+{{- end }}
+
 {{- define "flynn.name" -}}
 {{- default .Chart.Name .Values.nameOverride | trunc 63 | trimSuffix "-" }}
 {{- end }}
@@ -112,7 +121,9 @@ app.kubernetes.io/component: {{ .name }}
 {{- $out := list }}
 {{- range $backend := (include "flynn.backends" $root | fromYamlArray) }}
 {{- $v := index $root.Values $backend }}
+{{- if eq (include "flynn.enabled" (dict "root" $root "name" $backend)) "true" }}
 {{- $out = append $out (printf "%s=%s.%s.svc.%s:%d" $backend (include "flynn.componentName" (dict "root" $root "name" $backend)) $root.Release.Namespace $root.Values.clusterDomain (int $v.metricsPort)) }}
+{{- end }}
 {{- end }}
 {{- join "," $out }}
 {{- end }}
@@ -227,8 +238,10 @@ spec:
           value: {{ join "," . | quote }}
         {{- end }}
         {{- range $backend := (include "flynn.backends" $root | fromYamlArray) }}
+        {{- $backendCtx := dict "root" $root "name" $backend }}
         - name: FLYNN_{{ upper $backend }}_ADDR
-          value: {{ include "flynn.address" (dict "root" $root "name" $backend) | quote }}
+          {{- /* Empty: not deployed (flynn_runtime/settings.py Settings.deployed). */}}
+          value: {{ ternary (include "flynn.address" $backendCtx) "" (eq (include "flynn.enabled" $backendCtx) "true") | quote }}
         {{- end }}
         {{- if eq .name "config" }}
         - name: FLYNN_SEED_FILE

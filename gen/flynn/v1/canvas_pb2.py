@@ -25,7 +25,7 @@ _sym_db = _symbol_database.Default()
 from google.protobuf import timestamp_pb2 as google_dot_protobuf_dot_timestamp__pb2
 
 
-DESCRIPTOR = _descriptor_pool.Default().AddSerializedFile(b'\n\x15\x66lynn/v1/canvas.proto\x12\x08\x66lynn.v1\x1a\x1fgoogle/protobuf/timestamp.proto\"\xc2\x01\n\x08\x41rtifact\x12\x0c\n\x04name\x18\x01 \x01(\t\x12\x0f\n\x07version\x18\x02 \x01(\x03\x12\x0c\n\x04\x65tag\x18\x03 \x01(\t\x12\x14\n\x0c\x63ontent_type\x18\x04 \x01(\t\x12\x0f\n\x07\x63ontent\x18\x05 \x01(\x0c\x12\x0e\n\x06sha256\x18\x06 \x01(\t\x12\x12\n\nsize_bytes\x18\x07 \x01(\x03\x12/\n\x0bupdate_time\x18\x08 \x01(\x0b\x32\x1a.google.protobuf.Timestamp\x12\r\n\x05\x61\x63tor\x18\t \x01(\t\"W\n\x12PutArtifactRequest\x12\x0c\n\x04name\x18\x01 \x01(\t\x12\x14\n\x0c\x63ontent_type\x18\x02 \x01(\t\x12\x0f\n\x07\x63ontent\x18\x03 \x01(\x0c\x12\x0c\n\x04\x65tag\x18\x04 \x01(\t\";\n\x13PutArtifactResponse\x12$\n\x08\x61rtifact\x18\x01 \x01(\x0b\x32\x12.flynn.v1.Artifact\"3\n\x12GetArtifactRequest\x12\x0c\n\x04name\x18\x01 \x01(\t\x12\x0f\n\x07version\x18\x02 \x01(\x03\";\n\x13GetArtifactResponse\x12$\n\x08\x61rtifact\x18\x01 \x01(\x0b\x32\x12.flynn.v1.Artifact\"M\n\x14ListArtifactsRequest\x12\x0e\n\x06prefix\x18\x01 \x01(\t\x12\x11\n\tpage_size\x18\x02 \x01(\x05\x12\x12\n\npage_token\x18\x03 \x01(\t\"W\n\x15ListArtifactsResponse\x12%\n\tartifacts\x18\x01 \x03(\x0b\x32\x12.flynn.v1.Artifact\x12\x17\n\x0fnext_page_token\x18\x02 \x01(\t\"3\n\x15\x44\x65leteArtifactRequest\x12\x0c\n\x04name\x18\x01 \x01(\t\x12\x0c\n\x04\x65tag\x18\x02 \x01(\t\"2\n\x16\x44\x65leteArtifactResponse\x12\x18\n\x10\x64\x65leted_versions\x18\x01 \x01(\x03\x32\xc7\x02\n\x06\x43\x61nvas\x12J\n\x0bPutArtifact\x12\x1c.flynn.v1.PutArtifactRequest\x1a\x1d.flynn.v1.PutArtifactResponse\x12J\n\x0bGetArtifact\x12\x1c.flynn.v1.GetArtifactRequest\x1a\x1d.flynn.v1.GetArtifactResponse\x12P\n\rListArtifacts\x12\x1e.flynn.v1.ListArtifactsRequest\x1a\x1f.flynn.v1.ListArtifactsResponse\x12S\n\x0e\x44\x65leteArtifact\x12\x1f.flynn.v1.DeleteArtifactRequest\x1a .flynn.v1.DeleteArtifactResponseb\x06proto3')
+DESCRIPTOR = _descriptor_pool.Default().AddSerializedFile(b'\n\x15\x66lynn/v1/canvas.proto\x12\x08\x66lynn.v1\x1a\x1fgoogle/protobuf/timestamp.proto\"\xc2\x01\n\x08\x41rtifact\x12\x0c\n\x04name\x18\x01 \x01(\t\x12\x0f\n\x07version\x18\x02 \x01(\x03\x12\x0c\n\x04\x65tag\x18\x03 \x01(\t\x12\x14\n\x0c\x63ontent_type\x18\x04 \x01(\t\x12\x0f\n\x07\x63ontent\x18\x05 \x01(\x0c\x12\x0e\n\x06sha256\x18\x06 \x01(\t\x12\x12\n\nsize_bytes\x18\x07 \x01(\x03\x12/\n\x0bupdate_time\x18\x08 \x01(\x0b\x32\x1a.google.protobuf.Timestamp\x12\r\n\x05\x61\x63tor\x18\t \x01(\t\"p\n\x12PutArtifactRequest\x12\x0c\n\x04name\x18\x01 \x01(\t\x12\x14\n\x0c\x63ontent_type\x18\x02 \x01(\t\x12\x0f\n\x07\x63ontent\x18\x03 \x01(\x0c\x12\x0c\n\x04\x65tag\x18\x04 \x01(\t\x12\x17\n\x0frestore_version\x18\x05 \x01(\x03\";\n\x13PutArtifactResponse\x12$\n\x08\x61rtifact\x18\x01 \x01(\x0b\x32\x12.flynn.v1.Artifact\"3\n\x12GetArtifactRequest\x12\x0c\n\x04name\x18\x01 \x01(\t\x12\x0f\n\x07version\x18\x02 \x01(\x03\";\n\x13GetArtifactResponse\x12$\n\x08\x61rtifact\x18\x01 \x01(\x0b\x32\x12.flynn.v1.Artifact\"M\n\x14ListArtifactsRequest\x12\x0e\n\x06prefix\x18\x01 \x01(\t\x12\x11\n\tpage_size\x18\x02 \x01(\x05\x12\x12\n\npage_token\x18\x03 \x01(\t\"W\n\x15ListArtifactsResponse\x12%\n\tartifacts\x18\x01 \x03(\x0b\x32\x12.flynn.v1.Artifact\x12\x17\n\x0fnext_page_token\x18\x02 \x01(\t\"C\n\x15\x44\x65leteArtifactRequest\x12\x0c\n\x04name\x18\x01 \x01(\t\x12\x0c\n\x04\x65tag\x18\x02 \x01(\t\x12\x0e\n\x06reason\x18\x03 \x01(\t\"2\n\x16\x44\x65leteArtifactResponse\x12\x18\n\x10\x64\x65leted_versions\x18\x01 \x01(\x03\x32\xc7\x02\n\x06\x43\x61nvas\x12J\n\x0bPutArtifact\x12\x1c.flynn.v1.PutArtifactRequest\x1a\x1d.flynn.v1.PutArtifactResponse\x12J\n\x0bGetArtifact\x12\x1c.flynn.v1.GetArtifactRequest\x1a\x1d.flynn.v1.GetArtifactResponse\x12P\n\rListArtifacts\x12\x1e.flynn.v1.ListArtifactsRequest\x1a\x1f.flynn.v1.ListArtifactsResponse\x12S\n\x0e\x44\x65leteArtifact\x12\x1f.flynn.v1.DeleteArtifactRequest\x1a .flynn.v1.DeleteArtifactResponseb\x06proto3')
 
 _globals = globals()
 _builder.BuildMessageAndEnumDescriptors(DESCRIPTOR, _globals)
@@ -35,21 +35,21 @@ if not _descriptor._USE_C_DESCRIPTORS:
   _globals['_ARTIFACT']._serialized_start=69
   _globals['_ARTIFACT']._serialized_end=263
   _globals['_PUTARTIFACTREQUEST']._serialized_start=265
-  _globals['_PUTARTIFACTREQUEST']._serialized_end=352
-  _globals['_PUTARTIFACTRESPONSE']._serialized_start=354
-  _globals['_PUTARTIFACTRESPONSE']._serialized_end=413
-  _globals['_GETARTIFACTREQUEST']._serialized_start=415
-  _globals['_GETARTIFACTREQUEST']._serialized_end=466
-  _globals['_GETARTIFACTRESPONSE']._serialized_start=468
-  _globals['_GETARTIFACTRESPONSE']._serialized_end=527
-  _globals['_LISTARTIFACTSREQUEST']._serialized_start=529
-  _globals['_LISTARTIFACTSREQUEST']._serialized_end=606
-  _globals['_LISTARTIFACTSRESPONSE']._serialized_start=608
-  _globals['_LISTARTIFACTSRESPONSE']._serialized_end=695
-  _globals['_DELETEARTIFACTREQUEST']._serialized_start=697
-  _globals['_DELETEARTIFACTREQUEST']._serialized_end=748
-  _globals['_DELETEARTIFACTRESPONSE']._serialized_start=750
-  _globals['_DELETEARTIFACTRESPONSE']._serialized_end=800
-  _globals['_CANVAS']._serialized_start=803
-  _globals['_CANVAS']._serialized_end=1130
+  _globals['_PUTARTIFACTREQUEST']._serialized_end=377
+  _globals['_PUTARTIFACTRESPONSE']._serialized_start=379
+  _globals['_PUTARTIFACTRESPONSE']._serialized_end=438
+  _globals['_GETARTIFACTREQUEST']._serialized_start=440
+  _globals['_GETARTIFACTREQUEST']._serialized_end=491
+  _globals['_GETARTIFACTRESPONSE']._serialized_start=493
+  _globals['_GETARTIFACTRESPONSE']._serialized_end=552
+  _globals['_LISTARTIFACTSREQUEST']._serialized_start=554
+  _globals['_LISTARTIFACTSREQUEST']._serialized_end=631
+  _globals['_LISTARTIFACTSRESPONSE']._serialized_start=633
+  _globals['_LISTARTIFACTSRESPONSE']._serialized_end=720
+  _globals['_DELETEARTIFACTREQUEST']._serialized_start=722
+  _globals['_DELETEARTIFACTREQUEST']._serialized_end=789
+  _globals['_DELETEARTIFACTRESPONSE']._serialized_start=791
+  _globals['_DELETEARTIFACTRESPONSE']._serialized_end=841
+  _globals['_CANVAS']._serialized_start=844
+  _globals['_CANVAS']._serialized_end=1171
 # @@protoc_insertion_point(module_scope)

@@ -85,6 +85,7 @@ class PutArtifactRequest(_message.Message):
     CONTENT_TYPE_FIELD_NUMBER: _builtins.int
     CONTENT_FIELD_NUMBER: _builtins.int
     ETAG_FIELD_NUMBER: _builtins.int
+    RESTORE_VERSION_FIELD_NUMBER: _builtins.int
     name: _builtins.str
     """Name. Required."""
     content_type: _builtins.str
@@ -93,6 +94,12 @@ class PutArtifactRequest(_message.Message):
     """Content, up to the per-artifact limit (1 MiB by default)."""
     etag: _builtins.str
     """Etag the write is based on; empty means "create or overwrite", "*" means "only create"."""
+    restore_version: _builtins.int
+    """Restore this exact version number (`flynn canvas restore`) instead of the next one. Allowed only
+    when it is above every version of the name still kept (FAILED_PRECONDITION, reason
+    VERSION_NOT_RESTORABLE, otherwise). The etag is then the one the version had when archived (an etag
+    is derived from the version and the content's sha256).
+    """
     def __init__(
         self,
         *,
@@ -100,10 +107,11 @@ class PutArtifactRequest(_message.Message):
         content_type: _builtins.str = ...,
         content: _builtins.bytes = ...,
         etag: _builtins.str = ...,
+        restore_version: _builtins.int = ...,
     ) -> None: ...
     _HasFieldArgType: _TypeAlias = _Never  # noqa: Y015
     def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
-    _ClearFieldArgType: _TypeAlias = _typing.Literal["content", b"content", "content_type", b"content_type", "etag", b"etag", "name", b"name"]  # noqa: Y015
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["content", b"content", "content_type", b"content_type", "etag", b"etag", "name", b"name", "restore_version", b"restore_version"]  # noqa: Y015
     def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
     def WhichOneof(self, oneof_group: _Never) -> None: ...
 
@@ -249,19 +257,23 @@ class DeleteArtifactRequest(_message.Message):
 
     NAME_FIELD_NUMBER: _builtins.int
     ETAG_FIELD_NUMBER: _builtins.int
+    REASON_FIELD_NUMBER: _builtins.int
     name: _builtins.str
     """Name. Required."""
     etag: _builtins.str
     """Etag the delete is based on; empty deletes unconditionally."""
+    reason: _builtins.str
+    """Why (kept in the audit log; `flynn canvas archive --purge` names the archive)."""
     def __init__(
         self,
         *,
         name: _builtins.str = ...,
         etag: _builtins.str = ...,
+        reason: _builtins.str = ...,
     ) -> None: ...
     _HasFieldArgType: _TypeAlias = _Never  # noqa: Y015
     def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
-    _ClearFieldArgType: _TypeAlias = _typing.Literal["etag", b"etag", "name", b"name"]  # noqa: Y015
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["etag", b"etag", "name", b"name", "reason", b"reason"]  # noqa: Y015
     def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
     def WhichOneof(self, oneof_group: _Never) -> None: ...
 

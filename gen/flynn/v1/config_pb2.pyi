@@ -1743,6 +1743,7 @@ class ExplainConfigRequest(_message.Message):
     CHANNEL_FIELD_NUMBER: _builtins.int
     NODE_ID_FIELD_NUMBER: _builtins.int
     REVISION_FIELD_NUMBER: _builtins.int
+    SESSION_KEYS_FIELD_NUMBER: _builtins.int
     key: _builtins.str
     """Dotted key: server.queue.mode, tts.enabled, audio.enabled, server.nodes.feature_gates.ui.canvas,
     automation.reactions.<rule id>.rollout.
@@ -1755,6 +1756,12 @@ class ExplainConfigRequest(_message.Message):
     """Node id (for node gates)."""
     revision: _builtins.int
     """Revision to evaluate at; 0 means the head."""
+    @_builtins.property
+    def session_keys(self) -> _containers.RepeatedScalarFieldContainer[_builtins.str]:
+        """Bulk form: also evaluate the key for each of these sessions (with the same channel and node id),
+        answered one per entry, in order, in ExplainConfigResponse.sessions. At most 5000.
+        """
+
     def __init__(
         self,
         *,
@@ -1763,10 +1770,11 @@ class ExplainConfigRequest(_message.Message):
         channel: _builtins.str = ...,
         node_id: _builtins.str = ...,
         revision: _builtins.int = ...,
+        session_keys: _abc.Iterable[_builtins.str] | None = ...,
     ) -> None: ...
     _HasFieldArgType: _TypeAlias = _Never  # noqa: Y015
     def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
-    _ClearFieldArgType: _TypeAlias = _typing.Literal["channel", b"channel", "key", b"key", "node_id", b"node_id", "revision", b"revision", "session_key", b"session_key"]  # noqa: Y015
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["channel", b"channel", "key", b"key", "node_id", b"node_id", "revision", b"revision", "session_key", b"session_key", "session_keys", b"session_keys"]  # noqa: Y015
     def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
     def WhichOneof(self, oneof_group: _Never) -> None: ...
 
@@ -1786,6 +1794,8 @@ class ExplainConfigResponse(_message.Message):
     HASHED_KEY_FIELD_NUMBER: _builtins.int
     EXPLANATION_FIELD_NUMBER: _builtins.int
     REVISION_FIELD_NUMBER: _builtins.int
+    SESSIONS_FIELD_NUMBER: _builtins.int
+    SESSION_KEY_FIELD_NUMBER: _builtins.int
     key: _builtins.str
     """The key asked about."""
     value: _builtins.str
@@ -1802,6 +1812,12 @@ class ExplainConfigResponse(_message.Message):
     """Human-readable explanation."""
     revision: _builtins.int
     """Revision evaluated."""
+    session_key: _builtins.str
+    """The session this answer is for (set in each entry of sessions, and when session_key was given)."""
+    @_builtins.property
+    def sessions(self) -> _containers.RepeatedCompositeFieldContainer[Global___ExplainConfigResponse]:
+        """Bulk form: one answer per ExplainConfigRequest.session_keys entry, in the same order."""
+
     def __init__(
         self,
         *,
@@ -1813,10 +1829,12 @@ class ExplainConfigResponse(_message.Message):
         hashed_key: _builtins.str = ...,
         explanation: _builtins.str = ...,
         revision: _builtins.int = ...,
+        sessions: _abc.Iterable[Global___ExplainConfigResponse] | None = ...,
+        session_key: _builtins.str = ...,
     ) -> None: ...
     _HasFieldArgType: _TypeAlias = _Never  # noqa: Y015
     def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
-    _ClearFieldArgType: _TypeAlias = _typing.Literal["basis_points", b"basis_points", "bucket", b"bucket", "explanation", b"explanation", "hashed_key", b"hashed_key", "key", b"key", "revision", b"revision", "source", b"source", "value", b"value"]  # noqa: Y015
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["basis_points", b"basis_points", "bucket", b"bucket", "explanation", b"explanation", "hashed_key", b"hashed_key", "key", b"key", "revision", b"revision", "session_key", b"session_key", "sessions", b"sessions", "source", b"source", "value", b"value"]  # noqa: Y015
     def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
     def WhichOneof(self, oneof_group: _Never) -> None: ...
 

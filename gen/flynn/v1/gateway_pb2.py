@@ -27,7 +27,7 @@ from flynn.v1 import config_pb2 as flynn_dot_v1_dot_config__pb2
 from flynn.v1 import run_control_pb2 as flynn_dot_v1_dot_run__control__pb2
 
 
-DESCRIPTOR = _descriptor_pool.Default().AddSerializedFile(b'\n\x16\x66lynn/v1/gateway.proto\x12\x08\x66lynn.v1\x1a\x15\x66lynn/v1/common.proto\x1a\x15\x66lynn/v1/config.proto\x1a\x1a\x66lynn/v1/run_control.proto\"\xbd\x01\n\x12SendMessageRequest\x12\x0f\n\x07\x63hannel\x18\x01 \x01(\t\x12\x13\n\x0bsession_key\x18\x02 \x01(\t\x12\x0e\n\x06sender\x18\x03 \x01(\t\x12\x0c\n\x04text\x18\x04 \x01(\t\x12\x1e\n\x05\x61udio\x18\x05 \x01(\x0b\x32\x0f.flynn.v1.Audio\x12\x17\n\x0fidempotency_key\x18\x06 \x01(\t\x12*\n\rmode_override\x18\x07 \x01(\x0e\x32\x13.flynn.v1.QueueMode\"\xaa\x01\n\x13SendMessageResponse\x12\x12\n\nmessage_id\x18\x01 \x01(\t\x12*\n\x0b\x64isposition\x18\x02 \x01(\x0e\x32\x15.flynn.v1.Disposition\x12\x0e\n\x06run_id\x18\x03 \x01(\t\x12\x12\n\ntranscript\x18\x04 \x01(\t\x12/\n\x0e\x65\x66\x66\x65\x63tive_mode\x18\x05 \x01(\x0b\x32\x17.flynn.v1.EffectiveMode\"E\n\x1bGatewayStreamRepliesRequest\x12\x14\n\x0c\x61\x66ter_cursor\x18\x01 \x01(\x03\x12\x10\n\x08\x63hannels\x18\x02 \x03(\t\">\n\x1cGatewayStreamRepliesResponse\x12\x1e\n\x05reply\x18\x01 \x01(\x0b\x32\x0f.flynn.v1.Reply\"t\n\x17GatewayCancelRunRequest\x12\x0e\n\x06run_id\x18\x01 \x01(\t\x12\x13\n\x0bsession_key\x18\x02 \x01(\t\x12$\n\x05scope\x18\x03 \x01(\x0e\x32\x15.flynn.v1.CancelScope\x12\x0e\n\x06reason\x18\x04 \x01(\t\"\x91\x01\n\x18GatewayCancelRunResponse\x12(\n\x07outcome\x18\x01 \x01(\x0e\x32\x17.flynn.v1.CancelOutcome\x12\x0e\n\x06run_id\x18\x02 \x01(\t\x12!\n\x05state\x18\x03 \x01(\x0e\x32\x12.flynn.v1.RunState\x12\x18\n\x10\x64ropped_messages\x18\x04 \x01(\x05\x32\x8b\x02\n\x07Gateway\x12J\n\x0bSendMessage\x12\x1c.flynn.v1.SendMessageRequest\x1a\x1d.flynn.v1.SendMessageResponse\x12`\n\rStreamReplies\x12%.flynn.v1.GatewayStreamRepliesRequest\x1a&.flynn.v1.GatewayStreamRepliesResponse0\x01\x12R\n\tCancelRun\x12!.flynn.v1.GatewayCancelRunRequest\x1a\".flynn.v1.GatewayCancelRunResponseb\x06proto3')
+DESCRIPTOR = _descriptor_pool.Default().AddSerializedFile(b'\n\x16\x66lynn/v1/gateway.proto\x12\x08\x66lynn.v1\x1a\x15\x66lynn/v1/common.proto\x1a\x15\x66lynn/v1/config.proto\x1a\x1a\x66lynn/v1/run_control.proto\"\xbd\x01\n\x12SendMessageRequest\x12\x0f\n\x07\x63hannel\x18\x01 \x01(\t\x12\x13\n\x0bsession_key\x18\x02 \x01(\t\x12\x0e\n\x06sender\x18\x03 \x01(\t\x12\x0c\n\x04text\x18\x04 \x01(\t\x12\x1e\n\x05\x61udio\x18\x05 \x01(\x0b\x32\x0f.flynn.v1.Audio\x12\x17\n\x0fidempotency_key\x18\x06 \x01(\t\x12*\n\rmode_override\x18\x07 \x01(\x0e\x32\x13.flynn.v1.QueueMode\"\xaa\x01\n\x13SendMessageResponse\x12\x12\n\nmessage_id\x18\x01 \x01(\t\x12*\n\x0b\x64isposition\x18\x02 \x01(\x0e\x32\x15.flynn.v1.Disposition\x12\x0e\n\x06run_id\x18\x03 \x01(\t\x12\x12\n\ntranscript\x18\x04 \x01(\t\x12/\n\x0e\x65\x66\x66\x65\x63tive_mode\x18\x05 \x01(\x0b\x32\x17.flynn.v1.EffectiveMode\"W\n\x1bGatewayStreamRepliesRequest\x12\x14\n\x0c\x61\x66ter_cursor\x18\x01 \x01(\x03\x12\x10\n\x08\x63hannels\x18\x02 \x03(\t\x12\x10\n\x08\x66rom_now\x18\x03 \x01(\x08\"Z\n\x1cGatewayStreamRepliesResponse\x12\x1e\n\x05reply\x18\x01 \x01(\x0b\x32\x0f.flynn.v1.Reply\x12\x1a\n\x12start_after_cursor\x18\x02 \x01(\x03\"t\n\x17GatewayCancelRunRequest\x12\x0e\n\x06run_id\x18\x01 \x01(\t\x12\x13\n\x0bsession_key\x18\x02 \x01(\t\x12$\n\x05scope\x18\x03 \x01(\x0e\x32\x15.flynn.v1.CancelScope\x12\x0e\n\x06reason\x18\x04 \x01(\t\"\x91\x01\n\x18GatewayCancelRunResponse\x12(\n\x07outcome\x18\x01 \x01(\x0e\x32\x17.flynn.v1.CancelOutcome\x12\x0e\n\x06run_id\x18\x02 \x01(\t\x12!\n\x05state\x18\x03 \x01(\x0e\x32\x12.flynn.v1.RunState\x12\x18\n\x10\x64ropped_messages\x18\x04 \x01(\x05\x32\x8b\x02\n\x07Gateway\x12J\n\x0bSendMessage\x12\x1c.flynn.v1.SendMessageRequest\x1a\x1d.flynn.v1.SendMessageResponse\x12`\n\rStreamReplies\x12%.flynn.v1.GatewayStreamRepliesRequest\x1a&.flynn.v1.GatewayStreamRepliesResponse0\x01\x12R\n\tCancelRun\x12!.flynn.v1.GatewayCancelRunRequest\x1a\".flynn.v1.GatewayCancelRunResponseb\x06proto3')
 
 _globals = globals()
 _builder.BuildMessageAndEnumDescriptors(DESCRIPTOR, _globals)
@@ -39,13 +39,13 @@ if not _descriptor._USE_C_DESCRIPTORS:
   _globals['_SENDMESSAGERESPONSE']._serialized_start=303
   _globals['_SENDMESSAGERESPONSE']._serialized_end=473
   _globals['_GATEWAYSTREAMREPLIESREQUEST']._serialized_start=475
-  _globals['_GATEWAYSTREAMREPLIESREQUEST']._serialized_end=544
-  _globals['_GATEWAYSTREAMREPLIESRESPONSE']._serialized_start=546
-  _globals['_GATEWAYSTREAMREPLIESRESPONSE']._serialized_end=608
-  _globals['_GATEWAYCANCELRUNREQUEST']._serialized_start=610
-  _globals['_GATEWAYCANCELRUNREQUEST']._serialized_end=726
-  _globals['_GATEWAYCANCELRUNRESPONSE']._serialized_start=729
-  _globals['_GATEWAYCANCELRUNRESPONSE']._serialized_end=874
-  _globals['_GATEWAY']._serialized_start=877
-  _globals['_GATEWAY']._serialized_end=1144
+  _globals['_GATEWAYSTREAMREPLIESREQUEST']._serialized_end=562
+  _globals['_GATEWAYSTREAMREPLIESRESPONSE']._serialized_start=564
+  _globals['_GATEWAYSTREAMREPLIESRESPONSE']._serialized_end=654
+  _globals['_GATEWAYCANCELRUNREQUEST']._serialized_start=656
+  _globals['_GATEWAYCANCELRUNREQUEST']._serialized_end=772
+  _globals['_GATEWAYCANCELRUNRESPONSE']._serialized_start=775
+  _globals['_GATEWAYCANCELRUNRESPONSE']._serialized_end=920
+  _globals['_GATEWAY']._serialized_start=923
+  _globals['_GATEWAY']._serialized_end=1190
 # @@protoc_insertion_point(module_scope)

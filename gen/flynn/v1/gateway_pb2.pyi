@@ -117,8 +117,11 @@ class GatewayStreamRepliesRequest(_message.Message):
 
     AFTER_CURSOR_FIELD_NUMBER: _builtins.int
     CHANNELS_FIELD_NUMBER: _builtins.int
+    FROM_NOW_FIELD_NUMBER: _builtins.int
     after_cursor: _builtins.int
     """Deliver replies with cursor greater than this."""
+    from_now: _builtins.bool
+    """Start "from now" (after_cursor must be 0): see StreamRepliesRequest.from_now."""
     @_builtins.property
     def channels(self) -> _containers.RepeatedScalarFieldContainer[_builtins.str]:
         """Only these channels (empty = all the caller may see)."""
@@ -128,10 +131,11 @@ class GatewayStreamRepliesRequest(_message.Message):
         *,
         after_cursor: _builtins.int = ...,
         channels: _abc.Iterable[_builtins.str] | None = ...,
+        from_now: _builtins.bool = ...,
     ) -> None: ...
     _HasFieldArgType: _TypeAlias = _Never  # noqa: Y015
     def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
-    _ClearFieldArgType: _TypeAlias = _typing.Literal["after_cursor", b"after_cursor", "channels", b"channels"]  # noqa: Y015
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["after_cursor", b"after_cursor", "channels", b"channels", "from_now", b"from_now"]  # noqa: Y015
     def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
     def WhichOneof(self, oneof_group: _Never) -> None: ...
 
@@ -144,6 +148,9 @@ class GatewayStreamRepliesResponse(_message.Message):
     DESCRIPTOR: _descriptor.Descriptor
 
     REPLY_FIELD_NUMBER: _builtins.int
+    START_AFTER_CURSOR_FIELD_NUMBER: _builtins.int
+    start_after_cursor: _builtins.int
+    """Only in the first response of a from_now stream (no reply): the cursor it starts after."""
     @_builtins.property
     def reply(self) -> _run_control_pb2.Reply:
         """The reply."""
@@ -152,10 +159,11 @@ class GatewayStreamRepliesResponse(_message.Message):
         self,
         *,
         reply: _run_control_pb2.Reply | None = ...,
+        start_after_cursor: _builtins.int = ...,
     ) -> None: ...
     _HasFieldArgType: _TypeAlias = _typing.Literal["reply", b"reply"]  # noqa: Y015
     def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
-    _ClearFieldArgType: _TypeAlias = _typing.Literal["reply", b"reply"]  # noqa: Y015
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["reply", b"reply", "start_after_cursor", b"start_after_cursor"]  # noqa: Y015
     def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
     def WhichOneof(self, oneof_group: _Never) -> None: ...
 

@@ -457,7 +457,9 @@ class ListTracesRequest(_message.Message):
     PAGE_SIZE_FIELD_NUMBER: _builtins.int
     PAGE_TOKEN_FIELD_NUMBER: _builtins.int
     event_id: _builtins.str
-    """Only this event's traces."""
+    """Only this event's traces. A run event may be named by the id its RunEvent carries ("evt_<global_seq>")
+    or by the reactions form ("run:<global_seq>").
+    """
     rule_id: _builtins.str
     """Only this rule's traces."""
     matched: _builtins.bool

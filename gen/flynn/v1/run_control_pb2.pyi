@@ -936,12 +936,17 @@ class WatchRunEventsRequest(_message.Message):
     SESSION_KEY_FIELD_NUMBER: _builtins.int
     EXCLUDE_OUTPUT_FIELD_NUMBER: _builtins.int
     CHANNELS_FIELD_NUMBER: _builtins.int
+    FROM_NOW_FIELD_NUMBER: _builtins.int
     after_seq: _builtins.int
     """Deliver events with global_seq greater than this (0 = from the beginning of retention)."""
     session_key: _builtins.str
     """Only this session's events."""
     exclude_output: _builtins.bool
     """Leave out RUN_OUTPUT chunks."""
+    from_now: _builtins.bool
+    """Start "from now": skip the stored history and deliver only events committed after the call.
+    after_seq must then be 0. The first response carries no event, only start_after_seq.
+    """
     @_builtins.property
     def channels(self) -> _containers.RepeatedScalarFieldContainer[_builtins.str]:
         """Only events of sessions of these channels. Empty: every channel the caller may see (a channel
@@ -955,10 +960,11 @@ class WatchRunEventsRequest(_message.Message):
         session_key: _builtins.str = ...,
         exclude_output: _builtins.bool = ...,
         channels: _abc.Iterable[_builtins.str] | None = ...,
+        from_now: _builtins.bool = ...,
     ) -> None: ...
     _HasFieldArgType: _TypeAlias = _Never  # noqa: Y015
     def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
-    _ClearFieldArgType: _TypeAlias = _typing.Literal["after_seq", b"after_seq", "channels", b"channels", "exclude_output", b"exclude_output", "session_key", b"session_key"]  # noqa: Y015
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["after_seq", b"after_seq", "channels", b"channels", "exclude_output", b"exclude_output", "from_now", b"from_now", "session_key", b"session_key"]  # noqa: Y015
     def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
     def WhichOneof(self, oneof_group: _Never) -> None: ...
 
@@ -971,6 +977,12 @@ class WatchRunEventsResponse(_message.Message):
     DESCRIPTOR: _descriptor.Descriptor
 
     EVENT_FIELD_NUMBER: _builtins.int
+    START_AFTER_SEQ_FIELD_NUMBER: _builtins.int
+    start_after_seq: _builtins.int
+    """Only in the first response of a from_now stream (which has no event): the global_seq the stream
+    starts after, the log's durable end when the call arrived. Resume with after_seq set to it until
+    an event arrives (then to the last event's global_seq).
+    """
     @_builtins.property
     def event(self) -> Global___RunEvent:
         """The event."""
@@ -979,10 +991,11 @@ class WatchRunEventsResponse(_message.Message):
         self,
         *,
         event: Global___RunEvent | None = ...,
+        start_after_seq: _builtins.int = ...,
     ) -> None: ...
     _HasFieldArgType: _TypeAlias = _typing.Literal["event", b"event"]  # noqa: Y015
     def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
-    _ClearFieldArgType: _TypeAlias = _typing.Literal["event", b"event"]  # noqa: Y015
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["event", b"event", "start_after_seq", b"start_after_seq"]  # noqa: Y015
     def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
     def WhichOneof(self, oneof_group: _Never) -> None: ...
 
@@ -1076,8 +1089,13 @@ class StreamRepliesRequest(_message.Message):
 
     AFTER_CURSOR_FIELD_NUMBER: _builtins.int
     CHANNELS_FIELD_NUMBER: _builtins.int
+    FROM_NOW_FIELD_NUMBER: _builtins.int
     after_cursor: _builtins.int
     """Deliver replies with cursor greater than this."""
+    from_now: _builtins.bool
+    """Start "from now": skip the stored replies and deliver only replies committed after the call.
+    after_cursor must then be 0. The first response carries no reply, only start_after_cursor.
+    """
     @_builtins.property
     def channels(self) -> _containers.RepeatedScalarFieldContainer[_builtins.str]:
         """Only these channels. Empty: every channel the caller may see (a channel principal sees only
@@ -1089,10 +1107,11 @@ class StreamRepliesRequest(_message.Message):
         *,
         after_cursor: _builtins.int = ...,
         channels: _abc.Iterable[_builtins.str] | None = ...,
+        from_now: _builtins.bool = ...,
     ) -> None: ...
     _HasFieldArgType: _TypeAlias = _Never  # noqa: Y015
     def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
-    _ClearFieldArgType: _TypeAlias = _typing.Literal["after_cursor", b"after_cursor", "channels", b"channels"]  # noqa: Y015
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["after_cursor", b"after_cursor", "channels", b"channels", "from_now", b"from_now"]  # noqa: Y015
     def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
     def WhichOneof(self, oneof_group: _Never) -> None: ...
 
@@ -1105,6 +1124,12 @@ class StreamRepliesResponse(_message.Message):
     DESCRIPTOR: _descriptor.Descriptor
 
     REPLY_FIELD_NUMBER: _builtins.int
+    START_AFTER_CURSOR_FIELD_NUMBER: _builtins.int
+    start_after_cursor: _builtins.int
+    """Only in the first response of a from_now stream (which has no reply): the cursor the stream starts
+    after, the outbox's durable end when the call arrived. Resume with after_cursor set to it until a
+    reply arrives (then to the last reply's cursor).
+    """
     @_builtins.property
     def reply(self) -> Global___Reply:
         """The reply."""
@@ -1113,10 +1138,11 @@ class StreamRepliesResponse(_message.Message):
         self,
         *,
         reply: Global___Reply | None = ...,
+        start_after_cursor: _builtins.int = ...,
     ) -> None: ...
     _HasFieldArgType: _TypeAlias = _typing.Literal["reply", b"reply"]  # noqa: Y015
     def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
-    _ClearFieldArgType: _TypeAlias = _typing.Literal["reply", b"reply"]  # noqa: Y015
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["reply", b"reply", "start_after_cursor", b"start_after_cursor"]  # noqa: Y015
     def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
     def WhichOneof(self, oneof_group: _Never) -> None: ...
 

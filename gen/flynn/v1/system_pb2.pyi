@@ -35,6 +35,10 @@ class _ServiceHealthEnumTypeWrapper(_enum_type_wrapper._EnumTypeWrapper[_Service
     """Not serving (starting or stopping)."""
     SERVICE_HEALTH_UNREACHABLE: _ServiceHealth.ValueType  # 3
     """Not reachable."""
+    SERVICE_HEALTH_NOT_DEPLOYED: _ServiceHealth.ValueType  # 4
+    """Left out of this deployment on purpose (chart `<service>.enabled: false`, flynn-dev --only):
+    not a failure.
+    """
 
 class ServiceHealth(_ServiceHealth, metaclass=_ServiceHealthEnumTypeWrapper):
     """ServiceHealth is the serving status of a service."""
@@ -47,6 +51,10 @@ SERVICE_HEALTH_NOT_SERVING: ServiceHealth.ValueType  # 2
 """Not serving (starting or stopping)."""
 SERVICE_HEALTH_UNREACHABLE: ServiceHealth.ValueType  # 3
 """Not reachable."""
+SERVICE_HEALTH_NOT_DEPLOYED: ServiceHealth.ValueType  # 4
+"""Left out of this deployment on purpose (chart `<service>.enabled: false`, flynn-dev --only):
+not a failure.
+"""
 Global___ServiceHealth: _TypeAlias = ServiceHealth  # noqa: Y015
 
 @_typing.final
@@ -453,6 +461,7 @@ class GetMetricsResponse(_message.Message):
     UNAVAILABLE_DETAILS_FIELD_NUMBER: _builtins.int
     HEAD_REVISION_FIELD_NUMBER: _builtins.int
     GATEWAY_FIELD_NUMBER: _builtins.int
+    NOT_DEPLOYED_SERVICES_FIELD_NUMBER: _builtins.int
     head_revision: _builtins.int
     """Config head revision (from the config service)."""
     @_builtins.property
@@ -491,6 +500,10 @@ class GetMetricsResponse(_message.Message):
     def gateway(self) -> Global___GatewayMetrics:
         """The gateway's own calls by status."""
 
+    @_builtins.property
+    def not_deployed_services(self) -> _containers.RepeatedScalarFieldContainer[_builtins.str]:
+        """Services left out of this deployment on purpose (not scraped, not unavailable)."""
+
     def __init__(
         self,
         *,
@@ -504,10 +517,11 @@ class GetMetricsResponse(_message.Message):
         unavailable_details: _abc.Iterable[_builtins.str] | None = ...,
         head_revision: _builtins.int = ...,
         gateway: Global___GatewayMetrics | None = ...,
+        not_deployed_services: _abc.Iterable[_builtins.str] | None = ...,
     ) -> None: ...
     _HasFieldArgType: _TypeAlias = _typing.Literal["gateway", b"gateway", "nodes", b"nodes", "reactions", b"reactions", "runs", b"runs", "time", b"time", "voice", b"voice"]  # noqa: Y015
     def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
-    _ClearFieldArgType: _TypeAlias = _typing.Literal["config_revisions", b"config_revisions", "gateway", b"gateway", "head_revision", b"head_revision", "nodes", b"nodes", "reactions", b"reactions", "runs", b"runs", "time", b"time", "unavailable_details", b"unavailable_details", "unavailable_services", b"unavailable_services", "voice", b"voice"]  # noqa: Y015
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["config_revisions", b"config_revisions", "gateway", b"gateway", "head_revision", b"head_revision", "nodes", b"nodes", "not_deployed_services", b"not_deployed_services", "reactions", b"reactions", "runs", b"runs", "time", b"time", "unavailable_details", b"unavailable_details", "unavailable_services", b"unavailable_services", "voice", b"voice"]  # noqa: Y015
     def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
     def WhichOneof(self, oneof_group: _Never) -> None: ...
 
