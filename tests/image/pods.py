@@ -45,7 +45,16 @@ ULIMITS = ("--ulimit", "nofile=4096:4096", "--ulimit", "nproc=4096:4096")
 WORKLOAD_KINDS = ("Deployment", "StatefulSet")
 # Written by the container engine itself when it sets a container up (as the kubelet does), not by Flynn.
 ENGINE_WRITES = frozenset(
-    {"/etc", "/etc/hosts", "/etc/hostname", "/etc/resolv.conf", "/etc/passwd", "/etc/group", "/run", "/run/.containerenv"}
+    {
+        "/etc",
+        "/etc/hosts",
+        "/etc/hostname",
+        "/etc/resolv.conf",
+        "/etc/passwd",
+        "/etc/group",
+        "/run",
+        "/run/.containerenv",
+    }
 )
 
 
@@ -123,6 +132,7 @@ class ChartOnPodman:
     volumes: list[str] = field(default_factory=list)
     containers: list[str] = field(default_factory=list)
     _subnet: str = ""
+    _volumes_before: frozenset[str] = frozenset()
 
     # --- setup ------------------------------------------------------------------------------------
 
@@ -139,6 +149,7 @@ class ChartOnPodman:
 
     def plan(self, only: tuple[str, ...] = ()) -> None:
         """One pod per Deployment/StatefulSet (restricted to the components in `only`)."""
+        self._volumes_before = frozenset(podman("volume", "ls", "--format", "{{.Name}}").stdout.split())
         self._create_network()
         host = 10
         for d in self.docs:
@@ -301,7 +312,7 @@ class ChartOnPodman:
 
     def start(self, pod: Pod) -> None:
         name = f"{self.prefix}-{pod.name}"
-        podman("rm", "-f", "-t", "0", name, check=False)
+        podman("rm", "-f", "-v", "-t", "0", name, check=False)
         podman(*self.run_args(pod))
         pod.container = name
         if name not in self.containers:
@@ -386,7 +397,10 @@ class ChartOnPodman:
         inside = [
             p
             for p in paths
-            if any(p == m or p.startswith(m.rstrip("/") + "/") or m.startswith(p.rstrip("/") + "/") for m in mounts)
+            if any(
+                p == m or p.startswith(m.rstrip("/") + "/") or m.startswith(p.rstrip("/") + "/")
+                for m in mounts
+            )
         ]
         return sorted(set(paths) - set(inside) - ENGINE_WRITES)
 
@@ -406,7 +420,7 @@ class ChartOnPodman:
         """`podman kill`, then a new container for the same pod with the same volumes and address."""
         pod = self.pods[component]
         podman("kill", pod.container)
-        podman("rm", "-f", "-t", "0", pod.container)
+        podman("rm", "-f", "-v", "-t", "0", pod.container)
         self.start(pod)
         self.wait_started(pod)
 
@@ -420,7 +434,7 @@ class ChartOnPodman:
 
     def cleanup(self) -> None:
         for name in reversed(self.containers):
-            podman("rm", "-f", "-t", "5", name, check=False, timeout=60)
+            podman("rm", "-f", "-v", "-t", "5", name, check=False, timeout=60)
         for volume in self.volumes:
             podman("volume", "rm", "-f", volume, check=False)
         if self.network:
@@ -441,4 +455,7 @@ class ChartOnPodman:
         for what in ("ps -a", "volume ls", "network ls"):
             out = podman(*what.split(), "--format", "{{.Name}}" if what != "ps -a" else "{{.Names}}").stdout
             left += [f"{what.split()[0]} {n}" for n in out.split() if n.startswith(self.prefix)]
+        # Anonymous volumes (the image's VOLUME /data where a pod mounts nothing there) are removed too.
+        now = set(podman("volume", "ls", "--format", "{{.Name}}").stdout.split())
+        left += [f"volume {n}" for n in sorted(now - self._volumes_before) if f"volume {n}" not in left]
         return left
