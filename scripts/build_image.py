@@ -35,7 +35,12 @@ from pathlib import Path
 ROOT = Path(__file__).resolve().parents[1]
 DOCKERFILE = ROOT / "Dockerfile"
 # What the image installs (requirements-dev.lock and -browser.lock are the checkout's tools only).
-IMAGE_LOCKS = ("requirements.lock", "requirements-build.lock", "requirements-voice.lock", "requirements-models.lock")
+IMAGE_LOCKS = (
+    "requirements.lock",
+    "requirements-build.lock",
+    "requirements-voice.lock",
+    "requirements-models.lock",
+)
 STAGES = ("base", "build", "build-voice", "voice", "runtime")
 FINAL = {"runtime": "localhost/flynn", "voice": "localhost/flynn-voice"}
 DEBIAN_BASE = "localhost/flynn-debian-base"
@@ -118,14 +123,16 @@ def debian_base(cache: Path, eng: list[str]) -> str:
         log(f"base: mmdebstrap --variant=minbase {DEBIAN_SUITE} {tar}")
         env = dict(os.environ, SOURCE_DATE_EPOCH=SOURCE_DATE_EPOCH)
         subprocess.run(
-            ["mmdebstrap", "--variant=minbase", "--format=tar", "--quiet", DEBIAN_SUITE, str(part)], check=True, env=env
+            ["mmdebstrap", "--variant=minbase", "--format=tar", "--quiet", DEBIAN_SUITE, str(part)],
+            check=True,
+            env=env,
         )
         part.rename(tar)
     tar_sha = hashlib.sha256(tar.read_bytes()).hexdigest()
     ref = f"{DEBIAN_BASE}:{DEBIAN_SUITE}-{tar_sha[:16]}"
-    if subprocess.run([*eng, "image", "exists", ref], capture_output=True).returncode != 0:
+    if subprocess.run([*eng, "image", "inspect", ref], capture_output=True).returncode != 0:
         log(f"base: import {tar.name} as {ref}")
-        subprocess.run([*eng, "import", "-q", str(tar), ref], check=True, stdout=subprocess.DEVNULL)
+        subprocess.run([*eng, "import", str(tar), ref], check=True, stdout=subprocess.DEVNULL)
     digest = _inspect(eng, ref, "{{.Digest}}")
     return f"{DEBIAN_BASE}@{digest}" if digest.startswith("sha256:") else ref
 
@@ -151,7 +158,9 @@ def build(base: str = "published", tag: str = "dev", voice: bool = True, quiet: 
     eng = engine()
     cache = cache_dir()
     wheels = wheelhouse(cache)
-    base_ref = debian_base(cache, eng) if base == "debian" else (published_base() if base == "published" else base)
+    base_ref = (
+        debian_base(cache, eng) if base == "debian" else (published_base() if base == "published" else base)
+    )
     log(f"base image: {base_ref}")
     stages = [s for s in STAGES if voice or "voice" not in s]
     sizes: dict[str, int] = {}
@@ -168,7 +177,12 @@ def build(base: str = "published", tag: str = "dev", voice: bool = True, quiet: 
         )
         if proc.returncode != 0:
             tail = (proc.stdout or "")[-4000:]
-            raise SystemExit(f"build of stage {stage} failed (exit {proc.returncode})\n{tail}")
+            hint = ""
+            if stage == "base" and base == "published":
+                hint = (
+                    f"\n(is {base_ref} pullable here? without a registry: scripts/build-image --base debian)"
+                )
+            raise SystemExit(f"build of stage {stage} failed (exit {proc.returncode})\n{tail}{hint}")
         sizes[stage] = int(_inspect(eng, ref, "{{.Size}}"))
     built = Built(
         runtime=f"{FINAL['runtime']}:{tag}",

@@ -41,6 +41,9 @@ from tests.image.conftest import CHANNEL, Images, Rendered
 from tests.image.pods import ChartOnPodman, Pod, podman
 from tests.support.mesh import grpcurl
 
+# The first test of a session also builds the images (cold: minutes; warm: about a minute).
+pytestmark = pytest.mark.timeout(1800)
+
 FINAL = run_control_pb2.REPLY_KIND_FINAL
 
 

@@ -11,6 +11,9 @@ import pytest
 from tests.image.conftest import Images, Rendered
 from tests.image.pods import ChartOnPodman, HarnessError, podman
 
+# The first test of a session also builds the images (cold: minutes; warm: about a minute).
+pytestmark = pytest.mark.timeout(1800)
+
 BROKEN = {
     # A Python package the service imports is missing from the image.
     "missing-package": (
