@@ -68,6 +68,9 @@ want=$(cat requirements.lock requirements-build.lock requirements-dev.lock pypro
 want="$want voice=$WITH_VOICE browser=$WITH_BROWSER"
 if [ "$(cat "$stamp" 2>/dev/null)" != "$want" ]; then
   log "installing Python packages"
+  if ! gaps=$("$PY" scripts/lock --check); then
+    log "pins without a sha256 hash (run: .venv/bin/python scripts/lock):"; printf '%s\n' "$gaps" >&2; exit 1
+  fi
   pip_install() { "$VENV/bin/python" -m pip install -q --disable-pip-version-check --require-hashes "$@"; }
   pip_install -r requirements.lock -r requirements-build.lock -r requirements-dev.lock
   if [ "$WITH_VOICE" = 1 ] && [ -f requirements-voice.lock ]; then
