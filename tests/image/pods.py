@@ -324,8 +324,11 @@ class ChartOnPodman:
         return status, int(code)
 
     def logs(self, pod: Pod, lines: int = 40) -> str:
-        proc = podman("logs", "--tail", str(lines), pod.container, check=False)
-        return (proc.stdout + proc.stderr).strip()
+        """The last `lines` lines of the container's output (0: all of it). Cut here: podman's --tail
+        counts partial log records, not lines."""
+        proc = podman("logs", pod.container, check=False)
+        text = (proc.stdout + proc.stderr).strip()
+        return "\n".join(text.splitlines()[-lines:]) if lines else text
 
     def probe_once(self, pod: Pod, probe: dict[str, Any]) -> str | None:
         """None when the probe passes, else why not."""
@@ -412,7 +415,7 @@ class ChartOnPodman:
         while time.monotonic() < deadline:
             status, code = self.state(pod)
             if status in ("exited", "stopped"):
-                return code, self.logs(pod, 200)
+                return code, self.logs(pod, 0)
             time.sleep(0.5)
         raise HarnessError(f"pod {pod.name} still running after {timeout:.0f} s:\n{self.logs(pod)}")
 
