@@ -482,3 +482,21 @@ def test_console_can_be_left_out(helm: Path) -> None:
         d for d in docs if d["metadata"].get("labels", {}).get("app.kubernetes.io/component") == CONSOLE
     ] == []
     assert set(workloads(docs)) == set(topology.SERVICES)
+
+
+def test_voice_pods_run_the_voice_image_and_every_other_pod_the_runtime_image(
+    default_docs: list[Manifest], production_docs: list[Manifest]
+) -> None:
+    """The Dockerfile makes two images (docs/operations/IMAGE.md): only voice carries the engines."""
+    for docs, runtime, voice in (
+        (default_docs, "ghcr.io/flynn-project/flynn:0.1.0", "ghcr.io/flynn-project/flynn-voice:0.1.0"),
+        (
+            production_docs,
+            "registry.example.com/flynn/flynn@sha256:" + "0" * 64,
+            "registry.example.com/flynn/flynn-voice@sha256:" + "1" * 64,
+        ),
+    ):
+        images = {name: main_container(w)["image"] for name, w in workloads(docs).items()}
+        assert images.pop("voice") == voice
+        assert set(images.values()) == {runtime}
+        assert main_container(console_workload(docs))["image"] == runtime
