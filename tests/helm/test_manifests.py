@@ -526,6 +526,8 @@ def test_prometheus_rule_and_dashboard_are_optional_and_carry_the_generated_file
     )
     bad = run_helm(helm, "template", "r", str(CHART), "--set", "metrics.prometheusRule.window=5m")
     assert bad.returncode != 0 and "prometheusRule" in bad.stderr
+
+
 def test_trusted_proxies_and_session_cap_reach_the_processes(
     production_docs: list[Manifest], default_docs: list[Manifest]
 ) -> None:
@@ -574,3 +576,21 @@ def test_proxy_protocol_port_is_wired_when_set(helm: Path) -> None:
     assert "FLYNN_PROXY_PROTOCOL_LISTEN" not in env_of(
         main_container(workloads(parse(render(helm)))["gateway"])
     )
+
+
+def test_voice_pods_run_the_voice_image_and_every_other_pod_the_runtime_image(
+    default_docs: list[Manifest], production_docs: list[Manifest]
+) -> None:
+    """The Dockerfile makes two images (docs/operations/IMAGE.md): only voice carries the engines."""
+    for docs, runtime, voice in (
+        (default_docs, "ghcr.io/flynn-project/flynn:0.1.0", "ghcr.io/flynn-project/flynn-voice:0.1.0"),
+        (
+            production_docs,
+            "registry.example.com/flynn/flynn@sha256:" + "0" * 64,
+            "registry.example.com/flynn/flynn-voice@sha256:" + "1" * 64,
+        ),
+    ):
+        images = {name: main_container(w)["image"] for name, w in workloads(docs).items()}
+        assert images.pop("voice") == voice
+        assert set(images.values()) == {runtime}
+        assert main_container(console_workload(docs))["image"] == runtime

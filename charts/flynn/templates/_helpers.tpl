@@ -101,6 +101,16 @@ app.kubernetes.io/component: {{ .name }}
 {{- end }}
 {{- end }}
 
+{{- define "flynn.voiceImage" -}}
+{{- $tag := default .Chart.AppVersion .Values.image.tag }}
+{{- $repo := default (printf "%s-voice" .Values.image.repository) .Values.image.voiceRepository }}
+{{- if .Values.image.voiceDigest }}
+{{- printf "%s@%s" $repo .Values.image.voiceDigest }}
+{{- else }}
+{{- printf "%s:%s" $repo $tag }}
+{{- end }}
+{{- end }}
+
 {{- define "flynn.serviceAccountName" -}}
 {{- if .Values.serviceAccount.create }}
 {{- default (include "flynn.fullname" .) .Values.serviceAccount.name }}
@@ -211,7 +221,7 @@ spec:
   {{- end }}
   containers:
     - name: {{ .name }}
-      image: {{ include "flynn.image" $root }}
+      image: {{ include (ternary "flynn.voiceImage" "flynn.image" (eq .name "voice")) $root }}
       imagePullPolicy: {{ $root.Values.image.pullPolicy }}
       args: [{{ .comp.script | quote }}]
       env:
