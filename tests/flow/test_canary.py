@@ -21,7 +21,7 @@ from flynn.v1 import (
 )
 
 from examples.companion_node import CompanionNode
-from tests.support.flow import NO_GATE_FAILED, FlowMesh, poll
+from tests.support.flow import FlowMesh, assert_gates_hold_after_kills, poll
 from tests.support.voice import status_details
 
 FINAL = run_control_pb2.REPLY_KIND_FINAL
@@ -88,9 +88,8 @@ def test_queue_preemption_and_cancel_for_a_canary_session(mesh: FlowMesh) -> Non
         ]
         m = mesh.metrics()
         assert m.runs.cancel_to_ack.count >= 2 and m.runs.cancel_to_ack.p95_ms <= 500
-        out = mesh.flynn("gates", "check", "--window", "0", "--skip", "canvas_persistence")
-        assert out.returncode in NO_GATE_FAILED, out.stdout + out.stderr
-        assert "cancel_to_ack_p95" in out.stdout
+        out = mesh.flynn("gates", "check", "--window", "0", "--skip", "canvas_persistence", "--json")
+        assert "cancel_to_ack_p95" in assert_gates_hold_after_kills(out.stdout)
     finally:
         mesh.update({"server.queue.overrides": {}, "server.agent.think_time": "20ms"}, reason="canary done")
 
@@ -183,13 +182,15 @@ def test_canvas_persistence_across_a_kill9(mesh: FlowMesh) -> None:
         metadata=mesh.md("operator"),
         timeout=10,
     ).artifact
-    first = mesh.flynn("gates", "check", "--window", "0")
-    assert first.returncode in NO_GATE_FAILED, first.stdout + first.stderr
+    # Earlier tests of this module kill services on purpose, so error_rate may fail for those kills.
+    first = mesh.flynn("gates", "check", "--window", "0", "--json")
+    assert_gates_hold_after_kills(first.stdout)
     mesh.kill9("nodes")
     mesh.start_again("nodes")
-    again = mesh.flynn("gates", "check", "--window", "0")
-    assert again.returncode in NO_GATE_FAILED, again.stdout + again.stderr
-    assert "previous probe v" in again.stdout and "intact" in again.stdout
+    again = mesh.flynn("gates", "check", "--window", "0", "--json")
+    gates = assert_gates_hold_after_kills(again.stdout)
+    assert gates["canvas_persistence"]["result"] == "pass", gates["canvas_persistence"]
+    assert "previous probe v" in gates["canvas_persistence"]["note"]
     got = canvas.GetArtifact(
         canvas_pb2.GetArtifactRequest(name="canary/doc.md"), metadata=mesh.md("operator"), timeout=10
     ).artifact
@@ -216,8 +217,9 @@ def test_tts_failure_falls_back_to_text_and_drops_nothing(mesh: FlowMesh) -> Non
         assert all(r.tts_fallback_reason and r.text for r in finals)
         after = mesh.metrics()
         assert after.voice.tts_fallbacks - before.voice.tts_fallbacks >= 3
-        out = mesh.flynn("gates", "check", "--window", "0", "--skip", "canvas_persistence")
-        assert out.returncode in NO_GATE_FAILED, out.stdout + out.stderr
+        out = mesh.flynn("gates", "check", "--window", "0", "--skip", "canvas_persistence", "--json")
+        gates = assert_gates_hold_after_kills(out.stdout)  # earlier tests of this module kill services
+        assert gates["tts_no_dropped_replies"]["result"] == "pass", gates["tts_no_dropped_replies"]
     finally:
         mesh.restart("voice", extra=[])
 

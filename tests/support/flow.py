@@ -8,6 +8,7 @@ service seeded from a YAML written by the test, and the gateway told every metri
 
 from __future__ import annotations
 
+import json
 import os
 import subprocess
 import sys
@@ -38,6 +39,20 @@ T = TypeVar("T")
 # `flynn gates check` exit codes that mean "no gate failed": 0 passed, 3 inconclusive (a gate had less
 # than its minimum sample, which a small test mesh often has).
 NO_GATE_FAILED = (0, 3)
+
+
+def assert_gates_hold_after_kills(out: str) -> dict[str, dict[str, str]]:
+    """`flynn gates check --json` output after services were killed on purpose: every gate holds
+    except error_rate, which may fail, and then only for the kills (runs failed by the restart
+    policy, the gateway's UNAVAILABLE while a service was down). Returns the gates by name."""
+    gates: dict[str, dict[str, str]] = {g["gate"]: g for g in json.loads(out)["gates"]}
+    assert [g for name, g in gates.items() if g["result"] == "fail" and name != "error_rate"] == [], out
+    rate = gates["error_rate"]
+    assert rate["result"] in ("fail", "pass", "inconclusive"), rate
+    if rate["result"] == "fail":
+        assert "server_error/UNAVAILABLE" in rate["note"] or "in error" in rate["note"], rate
+    return gates
+
 
 # A seed for flow tests: fast default agent, speech for one channel, voice notes through pocketsphinx
 # (fast on these machines), an ack reaction on every message.
