@@ -1,7 +1,8 @@
 """The pass-through: a generic handler that forwards each internal method, as raw bytes, to its owner.
 
 What crosses the hop unchanged: request and response bytes (never re-serialised), request metadata
-(authorization included; hop-by-hop and pseudo headers dropped), the caller's remaining deadline,
+(authorization included; hop-by-hop and pseudo headers dropped; with tracing on, `traceparent` names
+the gateway's span of the call instead of the caller's), the caller's remaining deadline,
 cancellation (a cancelled caller cancels the downstream call), and the backend's status code,
 message and trailing metadata (so rich error details such as BadRequest survive). A backend that
 cannot be reached becomes UNAVAILABLE naming it, with ErrorInfo reason BACKEND_UNAVAILABLE.
@@ -17,6 +18,7 @@ from typing import TYPE_CHECKING, Any, cast
 import grpc
 from grpc.aio import ServicerContext
 
+from flynn_runtime import tracing
 from flynn_runtime.channels import downstream_timeout
 from flynn_runtime.errors import Code, FlynnError, shutting_down, unavailable
 from flynn_runtime.interceptor import abort_with
@@ -52,12 +54,16 @@ else:
 
 
 def forward_metadata(context: Ctx) -> tuple[tuple[str, str | bytes], ...]:
-    """The caller's metadata minus pseudo, reserved (grpc-*) and hop-by-hop headers."""
-    return tuple(
+    """The caller's metadata minus pseudo, reserved (grpc-*) and hop-by-hop headers. With tracing on,
+    the caller's traceparent is replaced by the gateway's own span (the hop is in the trace)."""
+    md = tuple(
         (k, v)
         for k, v in cast(Iterable[tuple[str, str | bytes]], context.invocation_metadata() or ())
         if not (k.startswith(":") or k.startswith("grpc-") or k in _HOP_BY_HOP)
     )
+    if tracing.ENABLED:
+        return tuple(tracing.inject_metadata(md))
+    return md
 
 
 def stream_timeout(context: Ctx) -> float | None:

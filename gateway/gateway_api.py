@@ -23,6 +23,7 @@ import grpc
 from flynn.v1 import gateway_pb2, gateway_pb2_grpc, run_control_pb2, run_control_pb2_grpc
 from grpc.aio import ServicerContext
 
+from flynn_runtime import tracing
 from flynn_runtime.channels import downstream_timeout
 from flynn_runtime.config_source import ConfigSource
 from flynn_runtime.server import Runtime, until_stopping
@@ -67,6 +68,17 @@ class GatewayServicer(gateway_pb2_grpc.GatewayServicer):
             if request.audio.sample_rate_hertz < 0:
                 v.add("audio.sample_rate_hertz", "must not be negative")
         v.raise_if_any()
+        if tracing.ENABLED:
+            tracing.set_attributes(
+                {
+                    "flynn.session": request.session_key,
+                    "flynn.channel": request.channel,
+                    "flynn.voice_note": has_audio,
+                    "flynn.traceparent_from_channel": any(
+                        k == tracing.TRACEPARENT for k, _ in context.invocation_metadata() or ()
+                    ),
+                }
+            )
         text = request.text
         transcript = ""
         attachments: list[Any] = []
@@ -91,6 +103,8 @@ class GatewayServicer(gateway_pb2_grpc.GatewayServicer):
         except grpc.aio.AioRpcError as err:
             await self._fail(context, err)
             raise
+        if tracing.ENABLED:
+            tracing.set_attributes({"flynn.message.id": resp.message_id, "flynn.run.id": resp.run_id or None})
         return gateway_pb2.SendMessageResponse(
             message_id=resp.message_id,
             disposition=resp.disposition,
