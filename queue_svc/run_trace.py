@@ -155,6 +155,12 @@ class RunTracer:
             final.update(tracing.content("flynn.reply.text", ev.text))
             self._instant("flynn.run.final", parent, final)
         running = self._running.pop(ev.run_id, None)
+        if running is None and row is not None and row.start_time is not None:
+            # Started before a restart (its open span died with the process): record the phase now.
+            attrs["flynn.run.recorded_after_restart"] = True
+            running = tracing.start_span(
+                "flynn.run.running", parent=tp or None, attributes=attrs, start_time=row.start_time
+            )
         if running is not None:
             running.set_attributes(attrs)
             error = f"{ev.error_kind}: {ev.reason}" if ev.type == pb.RUN_EVENT_TYPE_RUN_ERROR else ""

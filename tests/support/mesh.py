@@ -84,6 +84,7 @@ class ServiceProcess:
     extra: list[str] = field(default_factory=list)
     port: int = 0
     grace: float = 5.0
+    env: dict[str, str] = field(default_factory=dict)  # added to the environment (e.g. OTEL_*)
     proc: subprocess.Popen[bytes] | None = None
     log_path: Path | None = None
 
@@ -111,7 +112,12 @@ class ServiceProcess:
         for backend, addr in self.addresses.items():
             args += [f"--{backend}-addr", addr]
         args += self.extra
-        env = dict(os.environ, FLYNN_SERVICE_TOKEN=self.tokens.service, PYTHONPATH=f"{ROOT}:{ROOT / 'gen'}")
+        env = dict(
+            os.environ,
+            FLYNN_SERVICE_TOKEN=self.tokens.service,
+            PYTHONPATH=f"{ROOT}:{ROOT / 'gen'}",
+            **self.env,
+        )
         self.log_path = self.data_dir / f"{self.service}.log"
         self.data_dir.mkdir(parents=True, exist_ok=True)
         with self.log_path.open("ab") as log:
