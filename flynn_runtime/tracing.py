@@ -20,13 +20,15 @@ runs and replies), so phases after a queue wait or a restart join the message's 
 from __future__ import annotations
 
 import contextlib
+import functools
 import logging
 import os
 from collections.abc import Iterable, Iterator, Mapping, Sequence
 from typing import TYPE_CHECKING, Any
 
+from flynn.v1 import common_pb2
+
 if TYPE_CHECKING:
-    from flynn.v1 import common_pb2
     from opentelemetry.context import Context
     from opentelemetry.trace import Link, Span, SpanContext, Tracer
 
@@ -48,6 +50,21 @@ _provider: Any = None
 _propagator: Any = None
 
 
+class _Api:
+    """The OpenTelemetry API, bound by configure() (never imported while tracing is off)."""
+
+    trace: Any = None
+    context: Any = None
+    Link: Any = None
+    SpanKind: Any = None
+    Status: Any = None
+    StatusCode: Any = None
+    root: Any = None  # an empty context: the parent of a span that starts a trace
+
+
+_api = _Api()
+
+
 def _truthy(value: str | None) -> bool:
     return (value or "").strip().lower() in ("1", "true", "yes", "on")
 
@@ -62,6 +79,7 @@ def configure(service: str, environ: Mapping[str, str] | None = None) -> bool:
     if exporter != "otlp":
         log.warning("OTEL_TRACES_EXPORTER=%s is not supported (only otlp); tracing stays off", exporter)
         return False
+    from opentelemetry import context as otel_context
     from opentelemetry import trace
     from opentelemetry.exporter.otlp.proto.grpc.trace_exporter import OTLPSpanExporter
     from opentelemetry.sdk.resources import Resource
@@ -79,6 +97,10 @@ def configure(service: str, environ: Mapping[str, str] | None = None) -> bool:
     _provider = provider
     _tracer = provider.get_tracer("flynn")
     _propagator = TraceContextTextMapPropagator()
+    _api.trace, _api.context = trace, otel_context
+    _api.Link, _api.SpanKind = trace.Link, trace.SpanKind
+    _api.Status, _api.StatusCode = trace.Status, trace.StatusCode
+    _api.root = otel_context.Context()
     CAPTURE_CONTENT = _truthy(env.get(CAPTURE_ENV))
     ENABLED = True
     log.info(
@@ -119,12 +141,28 @@ def extract(carrier: Mapping[str, str]) -> Context:
 
 
 def context_of(traceparent: str, tracestate: str = "") -> Context | None:
+    """The context a traceparent names (None for ""). Cached: a run's phases parse the same one."""
     if not traceparent:
         return None
+    return _context_of(traceparent, tracestate)
+
+
+@functools.lru_cache(maxsize=4096)
+def _context_of(traceparent: str, tracestate: str) -> Context:
     carrier = {TRACEPARENT: traceparent}
     if tracestate:
         carrier[TRACESTATE] = tracestate
     return extract(carrier)
+
+
+def sampled(traceparent: str) -> bool:
+    """Whether a traceparent's sampled flag is set (an unsampled run records nothing)."""
+    if len(traceparent) != 55:
+        return False
+    try:
+        return bool(int(traceparent[53:], 16) & 1)  # trace-flags: bit 0 sampled (bit 1: random id)
+    except ValueError:
+        return False
 
 
 def carrier(context: Context | None = None) -> dict[str, str]:
@@ -145,30 +183,34 @@ def current_ids() -> tuple[str, str] | None:
     """(trace_id, span_id) in hex of the current span, for logs and audit records."""
     if not ENABLED:
         return None
-    from opentelemetry import trace
 
-    sc = trace.get_current_span().get_span_context()
+    sc = _api.trace.get_current_span().get_span_context()
     if not sc.is_valid:
         return None
-    return trace.format_trace_id(sc.trace_id), trace.format_span_id(sc.span_id)
+    return _api.trace.format_trace_id(sc.trace_id), _api.trace.format_span_id(sc.span_id)
 
 
 def span_context_of(traceparent: str) -> SpanContext | None:
-    from opentelemetry import trace
 
     ctx = context_of(traceparent)
     if ctx is None:
         return None
-    sc = trace.get_current_span(ctx).get_span_context()
+    sc = _api.trace.get_current_span(ctx).get_span_context()
     return sc if sc.is_valid else None
+
+
+def link_current(**attributes: Any) -> list[Link]:
+    """A span link to the current span (none when there is no valid one)."""
+
+    sc = _api.trace.get_current_span().get_span_context()
+    return [_api.Link(sc, attributes or None)] if sc.is_valid else []
 
 
 def link_to(traceparent: str, **attributes: Any) -> list[Link]:
     """A span link to the span a traceparent names (none when empty or invalid)."""
-    from opentelemetry.trace import Link
 
     sc = span_context_of(traceparent)
-    return [Link(sc, attributes or None)] if sc is not None else []
+    return [_api.Link(sc, attributes or None)] if sc is not None else []
 
 
 def stamp(causation: common_pb2.Causation | None) -> common_pb2.Causation | None:
@@ -178,8 +220,6 @@ def stamp(causation: common_pb2.Causation | None) -> common_pb2.Causation | None
     its run and its replies, and the run's phases are spans of the message's trace."""
     if not ENABLED:
         return causation
-    from flynn.v1 import common_pb2
-
     c = carrier()
     if not c:
         return causation
@@ -195,8 +235,6 @@ def traceparent_of(causation_bytes: bytes) -> str:
     """The traceparent stored in a serialized Causation ("" when off or absent)."""
     if not ENABLED or not causation_bytes:
         return ""
-    from flynn.v1 import common_pb2
-
     tp: str = common_pb2.Causation.FromString(causation_bytes).traceparent
     return tp
 
@@ -215,23 +253,21 @@ def start_span(
 ) -> Span:
     """Start (not activate) a span; `parent` is a traceparent or a context (None: the current one).
     `start_time` is time.time() seconds (for phases recorded when they end)."""
-    from opentelemetry.trace import SpanKind
 
     ctx = context_of(parent) if isinstance(parent, str) else parent
     return tracer().start_span(
         name,
         context=ctx,
-        kind=SpanKind.SERVER if server else SpanKind.INTERNAL,
-        attributes=dict(attributes) if attributes else None,
+        kind=_api.SpanKind.SERVER if server else _api.SpanKind.INTERNAL,
+        attributes=attributes or None,
         links=list(links) or None,
         start_time=int(start_time * 1e9) if start_time is not None else None,
     )
 
 
 def mark_error(span: Span, description: str) -> None:
-    from opentelemetry.trace import Status, StatusCode
 
-    span.set_status(Status(StatusCode.ERROR, description))
+    span.set_status(_api.Status(_api.StatusCode.ERROR, description))
 
 
 def end_span(span: Span, end_time: float | None = None, error: str = "") -> None:
@@ -246,10 +282,20 @@ def activated(span: Span | None) -> Iterator[None]:
     if span is None:
         yield
         return
-    from opentelemetry import trace
 
-    with trace.use_span(span, end_on_exit=False, record_exception=False, set_status_on_exception=False):
+    with _api.trace.use_span(span, end_on_exit=False, record_exception=False, set_status_on_exception=False):
         yield
+
+
+@contextlib.contextmanager
+def joined(traceparent: str) -> Iterator[None]:
+    """The context a traceparent names current for the block (sampled or not; an empty context for
+    ""), so calls made inside carry it instead of whatever context the running task inherited."""
+    token = _api.context.attach(context_of(traceparent) or _api.root)
+    try:
+        yield
+    finally:
+        _api.context.detach(token)
 
 
 @contextlib.contextmanager
@@ -278,9 +324,8 @@ def set_attributes(attributes: Mapping[str, Any]) -> None:
     """Set attributes on the current span (None values skipped); no-op when off."""
     if not ENABLED:
         return
-    from opentelemetry import trace
 
-    s = trace.get_current_span()
+    s = _api.trace.get_current_span()
     if s.is_recording():
         s.set_attributes({k: v for k, v in attributes.items() if v is not None})
 
@@ -303,21 +348,24 @@ def server_span(method: str, metadata: Iterable[tuple[str, Any]]) -> Span | None
     handler's task. None for untraced methods. Called only when ENABLED."""
     if method.startswith(_UNTRACED_PREFIXES):
         return None
-    from opentelemetry import context as otel_context
-    from opentelemetry import trace
 
-    incoming = {k: v for k, v in metadata if k in (TRACEPARENT, TRACESTATE) and isinstance(v, str)}
-    parent = extract(incoming) if incoming else None
-    _, service, name = method.split("/", 2) if method.count("/") >= 2 else ("", "unknown", method)
-    s = start_span(
-        f"{service}/{name}",
-        parent=parent,
-        attributes={"rpc.system": "grpc", "rpc.service": service, "rpc.method": name},
-        server=True,
-    )
+    tp = ts = ""
+    for k, v in metadata:
+        if k == TRACEPARENT and isinstance(v, str):
+            tp = v
+        elif k == TRACESTATE and isinstance(v, str):
+            ts = v
+    name, attrs = _method_span(method)
+    s = start_span(name, parent=context_of(tp, ts) if tp else _api.root, attributes=attrs, server=True)
     # Each RPC runs in its own task (its own contextvars copy): no detach needed.
-    otel_context.attach(trace.set_span_in_context(s))
+    _api.context.attach(_api.trace.set_span_in_context(s))
     return s
+
+
+@functools.lru_cache(maxsize=512)
+def _method_span(method: str) -> tuple[str, dict[str, str]]:
+    _, service, name = method.split("/", 2) if method.count("/") >= 2 else ("", "unknown", method)
+    return f"{service}/{name}", {"rpc.system": "grpc", "rpc.service": service, "rpc.method": name}
 
 
 def end_server_span(s: Span, code_name: str, code_value: int) -> None:
@@ -337,12 +385,14 @@ def exemplar(traceparent: str = "") -> dict[str, str] | None:
     else of the current span; None when off or unsampled (prometheus_client: observe(v, exemplar))."""
     if not ENABLED:
         return None
-    from opentelemetry import trace
 
     if traceparent:
         sc = span_context_of(traceparent)
     else:
-        sc = trace.get_current_span().get_span_context()
+        sc = _api.trace.get_current_span().get_span_context()
     if sc is None or not sc.is_valid or not sc.trace_flags.sampled:
         return None
-    return {"trace_id": trace.format_trace_id(sc.trace_id), "span_id": trace.format_span_id(sc.span_id)}
+    return {
+        "trace_id": _api.trace.format_trace_id(sc.trace_id),
+        "span_id": _api.trace.format_span_id(sc.span_id),
+    }

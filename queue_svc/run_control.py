@@ -720,9 +720,8 @@ class RunControl:
             on_steer_result=lambda ok, ids: self._on_steer_result(live, ok, ids),
         )
         try:
-            with (
-                self._trace.running(live.row.run_id) if self._trace is not None else contextlib.nullcontext()
-            ):
+            traced = self._trace.running(live.row.run_id, live.row.causation) if self._trace else None
+            with traced or contextlib.nullcontext():
                 live.agent_run = self.agents.for_config(cfg).open(spec, hooks)
                 live.driver = asyncio.ensure_future(self._drive(live, spec.deadline))
         except Exception as e:

@@ -40,19 +40,26 @@ _MODES: dict[int, str] = {
 }
 
 
-def _base(ev: pb.RunEvent, row: RunRow | None) -> dict[str, Any]:
-    a: dict[str, Any] = {"flynn.session": ev.session_key, "flynn.channel": ev.channel}
+def _base(ev: pb.RunEvent) -> dict[str, Any]:
+    """What every phase span carries (kept small: each attribute is encoded and exported)."""
+    a: dict[str, Any] = {"flynn.session": ev.session_key}
     if ev.run_id:
         a["flynn.run.id"] = ev.run_id
     if ev.message_id:
         a["flynn.message.id"] = ev.message_id
-    if row is not None and row.inputs:
-        a["flynn.run.message_ids"] = [i.message_id for i in row.inputs]
-        a["flynn.queue.mode"] = _MODES.get(row.mode, str(row.mode))
-        a["flynn.run.attempt"] = row.attempt
     if ev.reason:
         a["flynn.reason"] = ev.reason
     return a
+
+
+def _run(attrs: dict[str, Any], ev: pb.RunEvent, row: RunRow | None) -> dict[str, Any]:
+    """`attrs` plus what describes the run (the running, queued and collected spans)."""
+    out = dict(attrs, **{"flynn.channel": ev.channel})
+    if row is not None and row.inputs:
+        out["flynn.run.message_ids"] = [i.message_id for i in row.inputs]
+        out["flynn.queue.mode"] = _MODES.get(row.mode, str(row.mode))
+        out["flynn.run.attempt"] = row.attempt
+    return out
 
 
 class RunTracer:
@@ -83,13 +90,13 @@ class RunTracer:
         """Record the phase `ev` marks. Called inside the operation, before its commit."""
         t = ev.type
         tp = ev.causation.traceparent
+        if t == pb.RUN_EVENT_TYPE_RUN_OUTPUT or not tracing.sampled(tp):
+            return  # no trace to join (accepted while tracing was off), or not sampled: nothing recorded
         if t == pb.RUN_EVENT_TYPE_MESSAGE_RECEIVED:
             self._remember(ev.message_id, tp)
             return
-        if t == pb.RUN_EVENT_TYPE_RUN_OUTPUT:
-            return
         now = time.time()
-        attrs = _base(ev, row)
+        attrs = _base(ev)
         if t == pb.RUN_EVENT_TYPE_RUN_QUEUED and row is not None:
             remembered = [(i.message_id, self._messages.pop(i.message_id, "")) for i in row.inputs]
             if row.mode == config_pb2.QUEUE_MODE_COLLECT:
@@ -98,9 +105,11 @@ class RunTracer:
                     for mid, mtp in remembered
                     for link in tracing.link_to(mtp, **{"flynn.message.id": mid})
                 ]
+                attrs = _run(attrs, ev, row)
                 attrs["flynn.run.collected"] = len(row.inputs)
-                self._instant("flynn.run.collected", tp or None, attrs, links)
+                self._instant("flynn.run.collected", tp, attrs, links)
         elif t == pb.RUN_EVENT_TYPE_RUN_STARTED and row is not None:
+            attrs = _run(attrs, ev, row)
             if ev.reason != "restart_rerun":
                 self._phase("flynn.run.queued", tp, attrs, row.create_time, now)
             else:
@@ -109,7 +118,7 @@ class RunTracer:
             if old is not None:
                 tracing.end_span(old)
             self._running[ev.run_id] = tracing.start_span(
-                "flynn.run.running", parent=tp or None, attributes=attrs, start_time=row.start_time
+                "flynn.run.running", parent=tp, attributes=attrs, start_time=row.start_time
             )
         elif t == pb.RUN_EVENT_TYPE_MESSAGE_STEERED:
             mtp = self._messages.pop(ev.message_id, "")
@@ -118,10 +127,10 @@ class RunTracer:
                           tracing.link_to(mtp, **{"flynn.message.id": ev.message_id}))  # fmt: skip
         elif t == pb.RUN_EVENT_TYPE_MESSAGE_DROPPED:
             mtp = self._messages.pop(ev.message_id, "") or tp
-            self._instant("flynn.message.dropped", mtp or None, attrs)
+            self._instant("flynn.message.dropped", mtp, attrs)
         elif t == pb.RUN_EVENT_TYPE_RUN_CANCEL_REQUESTED:
             # The span asking for the cancel (CancelRun's, an interrupting message's) is current here.
-            links = tracing.link_to(tracing.current_traceparent(), **{"flynn.link": "cancel_caller"})
+            links = tracing.link_current(**{"flynn.link": "cancel_caller"})
             self._instant("flynn.run.cancel_requested", self._parent(ev.run_id, tp), attrs, links)
         elif t in (
             pb.RUN_EVENT_TYPE_RUN_CANCELLED,
@@ -131,7 +140,7 @@ class RunTracer:
             self._terminal(ev, row, tp, attrs, now)
 
     def _phase(self, name: str, tp: str, attrs: dict[str, Any], start: float | None, end: float) -> None:
-        s = tracing.start_span(name, parent=tp or None, attributes=attrs, start_time=start or end)
+        s = tracing.start_span(name, parent=tp, attributes=attrs, start_time=start or end)
         tracing.end_span(s, end_time=end)
 
     def _terminal(
@@ -140,7 +149,7 @@ class RunTracer:
         state = pb.RunState.Name(ev.state).removeprefix("RUN_STATE_").lower()
         attrs["flynn.run.state"] = state
         if row is not None and row.start_time is None:  # ended while queued
-            self._phase("flynn.run.queued", tp, attrs, row.create_time, now)
+            self._phase("flynn.run.queued", tp, _run(attrs, ev, row), row.create_time, now)
         parent = self._parent(ev.run_id, tp)
         if ev.type == pb.RUN_EVENT_TYPE_RUN_CANCELLED:
             start = row.cancel_request_time if row is not None else None
@@ -157,9 +166,10 @@ class RunTracer:
         running = self._running.pop(ev.run_id, None)
         if running is None and row is not None and row.start_time is not None:
             # Started before a restart (its open span died with the process): record the phase now.
+            attrs = _run(attrs, ev, row)
             attrs["flynn.run.recorded_after_restart"] = True
             running = tracing.start_span(
-                "flynn.run.running", parent=tp or None, attributes=attrs, start_time=row.start_time
+                "flynn.run.running", parent=tp, attributes=attrs, start_time=row.start_time
             )
         if running is not None:
             running.set_attributes(attrs)
@@ -167,22 +177,29 @@ class RunTracer:
             tracing.end_span(running, end_time=now, error=error)
 
     @contextlib.contextmanager
-    def running(self, run_id: str) -> Iterator[None]:
-        """The run's running span current for the block (opening the agent run inherits it)."""
-        with tracing.activated(self._running.get(run_id)):
-            yield
+    def running(self, run_id: str, causation: bytes) -> Iterator[None]:
+        """For opening the agent run (which inherits it): the running span, or when the run is not
+        recorded (unsampled), its context as it came, so the agent's call carries its sampling decision."""
+        span = self._running.get(run_id)
+        if span is not None:
+            with tracing.activated(span):
+                yield
+        else:
+            with tracing.joined(tracing.traceparent_of(causation)):
+                yield
 
     @contextlib.contextmanager
     def speech(self, reply: pb.Reply) -> Iterator[None]:
         """A span around the synthesis of a reply (the Voice/Synthesize call is its child)."""
-        attrs = {
-            "flynn.session": reply.session_key,
-            "flynn.channel": reply.channel,
-            "flynn.reply.id": reply.reply_id,
-        }
+        tp = reply.causation.traceparent
+        if not tracing.sampled(tp):
+            with tracing.joined(tp):
+                yield
+            return
+        attrs = {"flynn.session": reply.session_key, "flynn.reply.id": reply.reply_id}
         if reply.run_id:
             attrs["flynn.run.id"] = reply.run_id
-        with tracing.span("flynn.reply.speech", parent=reply.causation.traceparent or None, attributes=attrs):
+        with tracing.span("flynn.reply.speech", parent=tp, attributes=attrs):
             yield
 
     def speech_outcome(self, fallback_reason: str, detail: str) -> None:
@@ -201,9 +218,11 @@ class RunTracer:
 
 def delivered(reply: pb.Reply) -> None:
     """flynn.reply.delivered: a reply sent on a StreamReplies stream (call only when tracing is on)."""
+    tp = reply.causation.traceparent
+    if not tracing.sampled(tp):
+        return
     attrs: dict[str, Any] = {
         "flynn.session": reply.session_key,
-        "flynn.channel": reply.channel,
         "flynn.reply.id": reply.reply_id,
         "flynn.reply.kind": pb.ReplyKind.Name(reply.kind).removeprefix("REPLY_KIND_").lower(),
         "flynn.reply.delivery": pb.DeliveryMode.Name(reply.delivery).removeprefix("DELIVERY_MODE_").lower(),
@@ -214,9 +233,4 @@ def delivered(reply: pb.Reply) -> None:
     if reply.tts_fallback_reason:
         attrs["flynn.tts.fallback_reason"] = reply.tts_fallback_reason
     attrs.update(tracing.content("flynn.reply.text", reply.text))
-    links = tracing.link_to(tracing.current_traceparent(), **{"flynn.link": "stream"})
-    tracing.end_span(
-        tracing.start_span(
-            "flynn.reply.delivered", parent=reply.causation.traceparent or None, attributes=attrs, links=links
-        )  # fmt: skip
-    )
+    tracing.end_span(tracing.start_span("flynn.reply.delivered", parent=tp, attributes=attrs))
