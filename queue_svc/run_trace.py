@@ -33,8 +33,13 @@ from flynn.v1 import run_control_pb2 as pb
 from flynn_runtime import tracing
 from queue_svc.store import RunRow
 
+QUEUED_MIN_SECONDS = 0.001  # below this a run started in the operation that made it: no queued span
 MAX_REMEMBERED = 100_000  # traceparents of messages not yet in a run (collect buffers, pending steers)
 
+_KINDS: dict[int, str] = {int(v): k.removeprefix("REPLY_KIND_").lower() for k, v in pb.ReplyKind.items()}
+_DELIVERIES: dict[int, str] = {
+    int(v): k.removeprefix("DELIVERY_MODE_").lower() for k, v in pb.DeliveryMode.items()
+}
 _MODES: dict[int, str] = {
     int(v): k.removeprefix("QUEUE_MODE_").lower() for k, v in config_pb2.QueueMode.items()
 }
@@ -42,9 +47,7 @@ _MODES: dict[int, str] = {
 
 def _base(ev: pb.RunEvent) -> dict[str, Any]:
     """What every phase span carries (kept small: each attribute is encoded and exported)."""
-    a: dict[str, Any] = {"flynn.session": ev.session_key}
-    if ev.run_id:
-        a["flynn.run.id"] = ev.run_id
+    a: dict[str, Any] = {"flynn.run.id": ev.run_id} if ev.run_id else {"flynn.session": ev.session_key}
     if ev.message_id:
         a["flynn.message.id"] = ev.message_id
     if ev.reason:
@@ -53,13 +56,18 @@ def _base(ev: pb.RunEvent) -> dict[str, Any]:
 
 
 def _run(attrs: dict[str, Any], ev: pb.RunEvent, row: RunRow | None) -> dict[str, Any]:
-    """`attrs` plus what describes the run (the running, queued and collected spans)."""
-    out = dict(attrs, **{"flynn.channel": ev.channel})
+    """`attrs` plus what describes the run (the running and collected spans)."""
+    out = dict(attrs, **{"flynn.session": ev.session_key})
     if row is not None and row.inputs:
         out["flynn.run.message_ids"] = [i.message_id for i in row.inputs]
         out["flynn.queue.mode"] = _MODES.get(row.mode, str(row.mode))
-        out["flynn.run.attempt"] = row.attempt
+        if row.attempt > 1:
+            out["flynn.run.attempt"] = row.attempt
     return out
+
+
+def _queued(attrs: dict[str, Any], row: RunRow) -> dict[str, Any]:
+    return dict(attrs, **{"flynn.queue.mode": _MODES.get(row.mode, str(row.mode))})
 
 
 class RunTracer:
@@ -109,10 +117,13 @@ class RunTracer:
                 attrs["flynn.run.collected"] = len(row.inputs)
                 self._instant("flynn.run.collected", tp, attrs, links)
         elif t == pb.RUN_EVENT_TYPE_RUN_STARTED and row is not None:
+            waited = (row.start_time or now) - row.create_time
+            if (
+                ev.reason != "restart_rerun" and waited >= QUEUED_MIN_SECONDS
+            ):  # a run started at once was never queued
+                self._phase("flynn.run.queued", tp, _queued(attrs, row), row.create_time, now)
             attrs = _run(attrs, ev, row)
-            if ev.reason != "restart_rerun":
-                self._phase("flynn.run.queued", tp, attrs, row.create_time, now)
-            else:
+            if ev.reason == "restart_rerun":
                 attrs["flynn.run.restarted"] = True
             old = self._running.pop(ev.run_id, None)
             if old is not None:
@@ -149,7 +160,7 @@ class RunTracer:
         state = pb.RunState.Name(ev.state).removeprefix("RUN_STATE_").lower()
         attrs["flynn.run.state"] = state
         if row is not None and row.start_time is None:  # ended while queued
-            self._phase("flynn.run.queued", tp, _run(attrs, ev, row), row.create_time, now)
+            self._phase("flynn.run.queued", tp, _queued(attrs, row), row.create_time, now)
         parent = self._parent(ev.run_id, tp)
         if ev.type == pb.RUN_EVENT_TYPE_RUN_CANCELLED:
             start = row.cancel_request_time if row is not None else None
@@ -196,7 +207,7 @@ class RunTracer:
             with tracing.joined(tp):
                 yield
             return
-        attrs = {"flynn.session": reply.session_key, "flynn.reply.id": reply.reply_id}
+        attrs = {"flynn.reply.id": reply.reply_id}
         if reply.run_id:
             attrs["flynn.run.id"] = reply.run_id
         with tracing.span("flynn.reply.speech", parent=tp, attributes=attrs):
@@ -222,11 +233,9 @@ def delivered(reply: pb.Reply) -> None:
     if not tracing.sampled(tp):
         return
     attrs: dict[str, Any] = {
-        "flynn.session": reply.session_key,
         "flynn.reply.id": reply.reply_id,
-        "flynn.reply.kind": pb.ReplyKind.Name(reply.kind).removeprefix("REPLY_KIND_").lower(),
-        "flynn.reply.delivery": pb.DeliveryMode.Name(reply.delivery).removeprefix("DELIVERY_MODE_").lower(),
-        "flynn.reply.cursor": reply.cursor,
+        "flynn.reply.kind": _KINDS.get(reply.kind, str(reply.kind)),
+        "flynn.reply.delivery": _DELIVERIES.get(reply.delivery, str(reply.delivery)),
     }
     if reply.run_id:
         attrs["flynn.run.id"] = reply.run_id

@@ -93,7 +93,6 @@ class RunControlServicer(pb_grpc.RunControlServicer):
             tracing.set_attributes(
                 {
                     "flynn.session": request.session_key,
-                    "flynn.channel": request.channel,
                     "flynn.message.id": res.message_id,
                     "flynn.run.id": res.run_id or None,
                     "flynn.disposition": pb.Disposition.Name(res.disposition)  # type: ignore[arg-type]
