@@ -7,7 +7,7 @@ and the run), so a phase recorded after a queue wait or a restart joins the mess
 Spans (docs/operations/OBSERVABILITY.md, "Traces"), all children of the run's context unless said:
 
     flynn.run.queued            run queued -> started (or cancelled while queued); recorded at its end
-    flynn.run.collected         collect mode merged these messages into one run; links to each message
+    flynn.run.collected         collect window: first message of the buffer -> the run merging them; links to each
     flynn.run.merged            a steer message merged into the running run; links to the message
     flynn.run.running           started -> terminal; open while the run runs (the agent call is its child)
     flynn.run.cancel_requested  the cancel; links to the span that asked for it (CancelRun, an interrupt)
@@ -59,7 +59,10 @@ def _run(attrs: dict[str, Any], ev: pb.RunEvent, row: RunRow | None) -> dict[str
     """`attrs` plus what describes the run (the running and collected spans)."""
     out = dict(attrs, **{"flynn.session": ev.session_key})
     if row is not None and row.inputs:
-        out["flynn.run.message_ids"] = [i.message_id for i in row.inputs]
+        if len(row.inputs) == 1:  # a plain string: a list attribute costs several times more to record
+            out["flynn.message.id"] = row.inputs[0].message_id
+        else:
+            out["flynn.run.message_ids"] = [i.message_id for i in row.inputs]
         out["flynn.queue.mode"] = _MODES.get(row.mode, str(row.mode))
         if row.attempt > 1:
             out["flynn.run.attempt"] = row.attempt
@@ -73,12 +76,11 @@ def _queued(attrs: dict[str, Any], row: RunRow) -> dict[str, Any]:
 class RunTracer:
     def __init__(self) -> None:
         self._running: dict[str, Any] = {}  # run id -> open flynn.run.running span
-        self._messages: OrderedDict[str, str] = OrderedDict()  # message id -> traceparent
+        # message id -> (traceparent, received at): messages not in a run yet
+        self._messages: OrderedDict[str, tuple[str, float]] = OrderedDict()
 
-    def _remember(self, message_id: str, traceparent: str) -> None:
-        if not traceparent:
-            return
-        self._messages[message_id] = traceparent
+    def _remember(self, message_id: str, traceparent: str, received: float) -> None:
+        self._messages[message_id] = (traceparent, received)
         while len(self._messages) > MAX_REMEMBERED:
             self._messages.popitem(last=False)
 
@@ -101,21 +103,23 @@ class RunTracer:
         if t == pb.RUN_EVENT_TYPE_RUN_OUTPUT or not tracing.sampled(tp):
             return  # no trace to join (accepted while tracing was off), or not sampled: nothing recorded
         if t == pb.RUN_EVENT_TYPE_MESSAGE_RECEIVED:
-            self._remember(ev.message_id, tp)
+            self._remember(ev.message_id, tp, ev.time.ToNanoseconds() / 1e9)
             return
         now = time.time()
         attrs = _base(ev)
         if t == pb.RUN_EVENT_TYPE_RUN_QUEUED and row is not None:
-            remembered = [(i.message_id, self._messages.pop(i.message_id, "")) for i in row.inputs]
+            remembered = [(i.message_id, *self._messages.pop(i.message_id, ("", now))) for i in row.inputs]
             if row.mode == config_pb2.QUEUE_MODE_COLLECT:
+                # The collect window: from the first message of the buffer to the run that merges them.
                 links = [
                     link
-                    for mid, mtp in remembered
+                    for mid, mtp, _ in remembered
                     for link in tracing.link_to(mtp, **{"flynn.message.id": mid})
                 ]
                 attrs = _run(attrs, ev, row)
                 attrs["flynn.run.collected"] = len(row.inputs)
-                self._instant("flynn.run.collected", tp, attrs, links)
+                first = min((received for _, _, received in remembered), default=now)
+                self._phase("flynn.run.collected", tp, attrs, first, now, links)
         elif t == pb.RUN_EVENT_TYPE_RUN_STARTED and row is not None:
             waited = (row.start_time or now) - row.create_time
             if (
@@ -132,12 +136,12 @@ class RunTracer:
                 "flynn.run.running", parent=tp, attributes=attrs, start_time=row.start_time
             )
         elif t == pb.RUN_EVENT_TYPE_MESSAGE_STEERED:
-            mtp = self._messages.pop(ev.message_id, "")
+            mtp = self._messages.pop(ev.message_id, ("", now))[0]
             attrs.update(tracing.content("flynn.message.text", ev.text))
             self._instant("flynn.run.merged", self._parent(ev.run_id, tp), attrs,
                           tracing.link_to(mtp, **{"flynn.message.id": ev.message_id}))  # fmt: skip
         elif t == pb.RUN_EVENT_TYPE_MESSAGE_DROPPED:
-            mtp = self._messages.pop(ev.message_id, "") or tp
+            mtp = self._messages.pop(ev.message_id, ("", now))[0] or tp
             self._instant("flynn.message.dropped", mtp, attrs)
         elif t == pb.RUN_EVENT_TYPE_RUN_CANCEL_REQUESTED:
             # The span asking for the cancel (CancelRun's, an interrupting message's) is current here.
@@ -150,8 +154,16 @@ class RunTracer:
         ):
             self._terminal(ev, row, tp, attrs, now)
 
-    def _phase(self, name: str, tp: str, attrs: dict[str, Any], start: float | None, end: float) -> None:
-        s = tracing.start_span(name, parent=tp, attributes=attrs, start_time=start or end)
+    def _phase(
+        self,
+        name: str,
+        tp: str,
+        attrs: dict[str, Any],
+        start: float | None,
+        end: float,
+        links: list[Any] | None = None,
+    ) -> None:
+        s = tracing.start_span(name, parent=tp, attributes=attrs, links=links or (), start_time=start or end)
         tracing.end_span(s, end_time=end)
 
     def _terminal(

@@ -12,8 +12,10 @@ from __future__ import annotations
 
 import copy
 import json
+import os
 import re
 import subprocess
+import sys
 import time
 import urllib.request
 import uuid
@@ -21,10 +23,10 @@ from collections.abc import Callable, Iterator
 from pathlib import Path
 
 import pytest
-from flynn.v1 import common_pb2, config_pb2, gateway_pb2, run_control_pb2
+from flynn.v1 import common_pb2, config_pb2, gateway_pb2, nodes_pb2, nodes_pb2_grpc, run_control_pb2
 
 from tests.support.flow import FLOW_SEED, FlowMesh, poll
-from tests.support.mesh import ServiceProcess, free_port, make_tokens
+from tests.support.mesh import ROOT, ServiceProcess, free_port, make_tokens
 from tests.support.otlp import OtlpReceiver, Span, otel_env
 
 FINAL = run_control_pb2.REPLY_KIND_FINAL
@@ -104,12 +106,14 @@ def final_for(run_id: str) -> Callable[[list[run_control_pb2.Reply]], bool]:
 
 def run_of(t: Traced, message_id: str) -> str:
     """The run a message went into (collect mode answers without a run id)."""
-    s = t.one(
-        lambda s: (
-            s.name == "flynn.run.running" and message_id in s.attributes.get("flynn.run.message_ids", [])
-        ),
-        f"the run of {message_id}",
-    )
+
+    def holds(s: Span) -> bool:
+        a = s.attributes
+        return s.name == "flynn.run.running" and message_id in (
+            a.get("flynn.run.message_ids") or [a.get("flynn.message.id")]
+        )
+
+    s = t.one(holds, f"the run of {message_id}")
     return str(s.attributes["flynn.run.id"])
 
 
@@ -146,7 +150,6 @@ MESSAGE_SPANS = {
     "flynn.v1.Canvas/PutArtifact",
     "flynn.v1.RunControl/SubmitMessage",
     "flynn.run.collected",
-    "flynn.run.queued",
     "flynn.run.running",
     "flynn.v1.Agent/Run",
     "flynn.run.final",
@@ -291,6 +294,10 @@ def test_a_cancel_is_in_the_trace_of_the_run_it_cancelled_with_exemplars(traced:
         "cli:trace-cancel", "please stop me", "trace-cancel", mode_override=config_pb2.QUEUE_MODE_FOLLOWUP
     )
     assert sent.disposition == run_control_pb2.DISPOSITION_STARTED
+    waiting = t.mesh.send(
+        "cli:trace-cancel", "then me", "trace-cancel-2", mode_override=config_pb2.QUEUE_MODE_FOLLOWUP
+    )
+    assert waiting.disposition == run_control_pb2.DISPOSITION_QUEUED
     resp = t.mesh.gw().CancelRun(
         gateway_pb2.GatewayCancelRunRequest(run_id=sent.run_id, reason="user_stop"),
         metadata=t.mesh.md(),
@@ -341,6 +348,21 @@ def test_a_cancel_is_in_the_trace_of_the_run_it_cancelled_with_exemplars(traced:
     )
     assert any(m == "flynn_submit_to_final_seconds" and 'trace_id="' in ex for m, ex in exemplars), exemplars
 
+    # The followup that waited behind the cancelled run: its queued phase, in its own message's trace.
+    queued = t.one(
+        lambda s: s.name == "flynn.run.queued" and s.attributes.get("flynn.run.id") == waiting.run_id,
+        "the queued span of the waiting run",
+    )
+    second = t.one(
+        lambda s: (
+            s.name == "flynn.v1.RunControl/SubmitMessage"
+            and s.attributes.get("flynn.run.id") == waiting.run_id
+        ),
+        "the second SubmitMessage span",
+    )
+    assert queued.trace_id == second.trace_id != submit.trace_id
+    assert queued.attributes["flynn.queue.mode"] == "followup" and queued.end_ns > queued.start_ns
+
 
 def test_phases_after_a_restart_join_the_message_trace(traced: Traced) -> None:
     t = traced
@@ -365,6 +387,56 @@ def test_phases_after_a_restart_join_the_message_trace(traced: Traced) -> None:
     assert after.attributes["flynn.run.state"] == "error" and after.attributes.get(
         "flynn.run.recorded_after_restart"
     )
+
+
+def test_invoke_node_carries_the_trace_down_the_node_stream(traced: Traced, tmp_path: Path) -> None:
+    t = traced
+    op = t.mesh.md("operator")
+    issued = nodes_pb2_grpc.NodesStub(t.mesh.channel()).IssueNodeToken(
+        nodes_pb2.IssueNodeTokenRequest(node_id="trace-desk", role="desktop"), metadata=op, timeout=10
+    )
+    env = dict(os.environ, PYTHONPATH=f"{ROOT}:{ROOT / 'gen'}", **otel_env(t.receiver, delay_ms=100))
+    log = (tmp_path / "node.log").open("wb")
+    node = subprocess.Popen(
+        [sys.executable, "-m", "examples.companion_node", "--addr", t.mesh.gateway, "--node-id", "trace-desk",
+         "--token", issued.token, "--role", "desktop"],
+        stdout=log, stderr=subprocess.STDOUT, env=env, cwd=ROOT,
+    )  # fmt: skip
+    try:
+
+        def invoke() -> nodes_pb2.InvokeResult | None:
+            call = nodes_pb2_grpc.NodesStub(t.mesh.channel()).InvokeNode(
+                nodes_pb2.InvokeNodeRequest(node_id="trace-desk", command="device.info", timeout_ms=5000),
+                metadata=op,
+                timeout=10,
+            )
+            for msg in call:
+                if msg.WhichOneof("message") == "result":
+                    return msg.result
+            return None
+
+        result = poll(invoke, timeout=30, interval=0.2, what="an answered invoke")
+        assert result.ok, result.error
+        on_node = t.one(
+            lambda s: (
+                s.name == "flynn.node.invoke" and s.attributes.get("flynn.invoke.id") == result.invoke_id
+            ),
+            "the node's invoke span",
+        )
+    finally:
+        node.terminate()
+        node.wait(15)
+        log.close()
+    spans = t.wait_trace(on_node.trace_id, {"flynn.v1.Nodes/InvokeNode", "flynn.node.invoke"})
+    by_id = {s.span_id: s for s in spans}
+    server = by_id[on_node.parent_span_id]  # the trace crossed the node's stream in the invoke message
+    assert (server.name, server.service, on_node.service) == (
+        "flynn.v1.Nodes/InvokeNode",
+        "flynn-nodes",
+        "flynn-companion-node",
+    )
+    assert by_id[server.parent_span_id].service == "flynn-gateway"  # the gateway's hop, root of the trace
+    check_one_trace(spans)
 
 
 def test_content_capture_on_records_the_text(traced: Traced) -> None:
