@@ -55,7 +55,7 @@ from examples.companion_node import CompanionNode
 from flynn_cli import playbook_cmds
 from tests.support.flow import FLOW_SEED, FlowMesh
 from tests.support.mesh import make_tokens
-from tests.support.otlp import OtlpReceiver, otel_env
+from tests.support.otlp import otel_env
 
 FINAL = run_control_pb2.REPLY_KIND_FINAL
 
@@ -300,11 +300,13 @@ def cpu_seconds(mesh: FlowMesh) -> float:
 
 
 def setting_label(setting: str) -> str:
-    return "off" if setting == "off" else f"on, {float(setting) * 100:g}% sampled"
+    ratio, _, again = setting.partition("@")  # "off@2": a second mesh of the same setting (noise check)
+    label = "off" if ratio == "off" else f"on, {float(ratio) * 100:g}% sampled"
+    return f"{label} #{again}" if again else label
 
 
 async def tracing_overhead(
-    meshes: dict[str, FlowMesh], receiver: OtlpReceiver, rounds: int, latency_messages: int, messages: int,
+    meshes: dict[str, FlowMesh], receiver: ReceiverProcess, rounds: int, latency_messages: int, messages: int,
     concurrency: int,
 ) -> None:  # fmt: skip
     chans: dict[str, grpc.aio.Channel] = {k: grpc.aio.insecure_channel(m.gateway) for k, m in meshes.items()}
@@ -369,20 +371,52 @@ async def tracing_overhead(
             f" {pct(load[k], 50) * 1000:>6.1f} ms {pct(load[k], 99) * 1000:>5.1f} ms | {rate:>7.0f} {vs:>7} |"
             f" {cpu[k] / max(sent[k], 1) * 1000:>5.2f} ms"
         )
+    spans, requests, size = receiver.counts()
     print(
-        f"  OTLP receiver: {len(receiver.spans())} spans in {receiver.requests} export requests "
-        f"({receiver.bytes / 1e6:.1f} MB)"
+        f"  OTLP receiver (its own process): {spans} spans in {requests} export requests ({size / 1e6:.1f} MB)"
     )
+
+
+class ReceiverProcess:
+    """The OTLP receiver as its own process (tests/support/otlp.py), so receiving spans costs the
+    channel client nothing."""
+
+    def __init__(self) -> None:
+        import subprocess
+        import sys
+
+        from tests.support.mesh import ROOT
+
+        self.proc = subprocess.Popen(
+            [sys.executable, "-m", "tests.support.otlp"],
+            stdin=subprocess.PIPE, stdout=subprocess.PIPE, text=True, cwd=ROOT,
+        )  # fmt: skip
+        assert self.proc.stdout is not None
+        self.endpoint = self.proc.stdout.readline().strip()
+
+    def counts(self) -> tuple[int, int, int]:
+        assert self.proc.stdin is not None and self.proc.stdout is not None
+        self.proc.stdin.write("\n")
+        self.proc.stdin.flush()
+        spans, requests, size = self.proc.stdout.readline().split()
+        return int(spans), int(requests), int(size)
+
+    def stop(self) -> None:
+        if self.proc.stdin is not None:
+            self.proc.stdin.close()
+        self.proc.wait(10)
 
 
 def run_tracing_overhead(ns: argparse.Namespace) -> None:
     settings = [s.strip() for s in ns.tracing.split(",") if s.strip()]
-    with tempfile.TemporaryDirectory(prefix="flynn-bench-tracing-") as tmp, OtlpReceiver() as receiver:
+    receiver = ReceiverProcess()
+    with tempfile.TemporaryDirectory(prefix="flynn-bench-tracing-") as tmp:
         meshes: dict[str, FlowMesh] = {}
         try:
-            for k in settings:
-                root = Path(tmp) / f"mesh-{k}"
-                env = {} if k == "off" else otel_env(receiver, ratio=float(k), delay_ms=1000)
+            for i, k in enumerate(settings):
+                root = Path(tmp) / f"mesh-{i}"
+                ratio = k.partition("@")[0]
+                env = {} if ratio == "off" else otel_env(receiver, ratio=float(ratio), delay_ms=1000)
                 root.mkdir(parents=True)
                 meshes[k] = FlowMesh(root, make_tokens(root), seed=seed(), env=env)
                 meshes[k].start()
@@ -394,6 +428,7 @@ def run_tracing_overhead(ns: argparse.Namespace) -> None:
         finally:
             for m in meshes.values():
                 m.stop()
+            receiver.stop()
 
 
 def main() -> None:

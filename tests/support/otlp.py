@@ -63,6 +63,10 @@ class _Servicer(trace_service_pb2_grpc.TraceServiceServicer):
     def Export(
         self, request: trace_service_pb2.ExportTraceServiceRequest, context: grpc.ServicerContext
     ) -> trace_service_pb2.ExportTraceServiceResponse:
+        if not self._sink.keep:  # counting only (benchmarks): no conversion to Python objects
+            n = sum(len(ss.spans) for rs in request.resource_spans for ss in rs.scope_spans)
+            self._sink.count(n, request.ByteSize())
+            return trace_service_pb2.ExportTraceServiceResponse()
         got: list[Span] = []
         for rs in request.resource_spans:
             resource = _attrs(rs.resource.attributes)
@@ -95,14 +99,16 @@ class _Servicer(trace_service_pb2_grpc.TraceServiceServicer):
 class OtlpReceiver:
     """`with OtlpReceiver() as r:` serves on r.endpoint (http://127.0.0.1:port) until the block ends."""
 
-    def __init__(self) -> None:
+    def __init__(self, keep: bool = True, port: int = 0) -> None:
+        self.keep = keep  # False: count spans and bytes only
         self._lock = threading.Lock()
         self._spans: list[Span] = []
+        self.received = 0
         self.requests = 0
         self.bytes = 0
         self._server = grpc.server(futures.ThreadPoolExecutor(max_workers=4))
         trace_service_pb2_grpc.add_TraceServiceServicer_to_server(_Servicer(self), self._server)  # type: ignore[no-untyped-call]
-        self.port = self._server.add_insecure_port("127.0.0.1:0")
+        self.port = self._server.add_insecure_port(f"127.0.0.1:{port}")
 
     @property
     def endpoint(self) -> str:
@@ -111,6 +117,11 @@ class OtlpReceiver:
     def add(self, spans: list[Span], size: int) -> None:
         with self._lock:
             self._spans.extend(spans)
+        self.count(len(spans), size)
+
+    def count(self, spans: int, size: int) -> None:
+        with self._lock:
+            self.received += spans
             self.requests += 1
             self.bytes += size
 
@@ -137,7 +148,7 @@ class OtlpReceiver:
 
 
 def otel_env(
-    receiver: OtlpReceiver, *, ratio: float = 1.0, capture_content: bool = False, delay_ms: int = 200
+    receiver: OtlpReceiver | Any, *, ratio: float = 1.0, capture_content: bool = False, delay_ms: int = 200
 ) -> dict[str, str]:
     """The OTEL_* environment that points a Flynn process at `receiver`."""
     env = {
@@ -151,3 +162,19 @@ def otel_env(
     if capture_content:
         env["OTEL_INSTRUMENTATION_GENAI_CAPTURE_MESSAGE_CONTENT"] = "true"
     return env
+
+
+def main() -> None:
+    """A counting receiver as its own process (benchmarks): `python -m tests.support.otlp PORT`;
+    prints its address, then `<spans> <requests> <bytes>` on each line read from stdin, until EOF."""
+    import sys
+
+    receiver = OtlpReceiver(keep=False, port=int(sys.argv[1]) if len(sys.argv) > 1 else 0).start()
+    print(receiver.endpoint, flush=True)
+    for _ in sys.stdin:
+        print(receiver.received, receiver.requests, receiver.bytes, flush=True)
+    receiver.stop()
+
+
+if __name__ == "__main__":
+    main()
