@@ -416,7 +416,12 @@ def run_tracing_overhead(ns: argparse.Namespace) -> None:
             for i, k in enumerate(settings):
                 root = Path(tmp) / f"mesh-{i}"
                 ratio = k.partition("@")[0]
-                env = {} if ratio == "off" else otel_env(receiver, ratio=float(ratio), delay_ms=1000)
+                env = (
+                    {} if ratio == "off" else otel_env(receiver, ratio=float(ratio), delay_ms=ns.bsp_delay_ms)
+                )
+                if env and ns.bsp_batch:
+                    env["OTEL_BSP_MAX_EXPORT_BATCH_SIZE"] = str(ns.bsp_batch)
+                    env["OTEL_BSP_MAX_QUEUE_SIZE"] = str(ns.bsp_batch * 4)
                 root.mkdir(parents=True)
                 meshes[k] = FlowMesh(root, make_tokens(root), seed=seed(), env=env)
                 meshes[k].start()
@@ -443,6 +448,10 @@ def main() -> None:
         help="compare tracing settings instead, e.g. off,1.0,0.1 (off, or a sampling ratio)",
     )
     p.add_argument("--rounds", type=int, default=4, help="with --tracing: turns per setting")
+    p.add_argument("--bsp-delay-ms", type=int, default=1000, help="with --tracing: OTEL_BSP_SCHEDULE_DELAY")
+    p.add_argument(
+        "--bsp-batch", type=int, default=0, help="with --tracing: OTEL_BSP_MAX_EXPORT_BATCH_SIZE (queue: 4x)"
+    )
     ns = p.parse_args()
     if ns.tracing:
         run_tracing_overhead(ns)
