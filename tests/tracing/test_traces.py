@@ -466,3 +466,36 @@ def test_content_capture_on_records_the_text(traced: Traced) -> None:
         "the delivered span",
     )
     assert marker in delivered.attributes["flynn.reply.text"]
+
+
+def test_a_tts_fallback_is_a_span_of_the_message_trace(traced: Traced) -> None:
+    t = traced
+    t.mesh.update({"tts.deadline": "1ms"}, reason="trace test: speech cannot make it")
+    try:
+        sent = t.mesh.send("voice-demo:trace-fallback", "say this", "trace-fallback", channel=CHANNEL,
+                           mode_override=config_pb2.QUEUE_MODE_FOLLOWUP)  # fmt: skip
+        replies = t.mesh.wait_replies(final_for(sent.run_id), channels=(CHANNEL,), timeout=60)
+        final = next(r for r in replies if r.kind == FINAL and r.run_id == sent.run_id)
+        assert final.delivery == run_control_pb2.DELIVERY_MODE_TEXT_AFTER_FALLBACK
+        submit = t.one(
+            lambda s: (
+                s.name == "flynn.v1.RunControl/SubmitMessage"
+                and s.attributes.get("flynn.run.id") == sent.run_id
+            ),
+            "the SubmitMessage span",
+        )
+        spans = t.wait_trace(
+            submit.trace_id, {"flynn.reply.speech", "flynn.reply.tts_fallback", "flynn.reply.delivered"}
+        )
+        by_id = {s.span_id: s for s in spans}
+        fallback = next(s for s in spans if s.name == "flynn.reply.tts_fallback")
+        assert by_id[fallback.parent_span_id].name == "flynn.reply.speech"
+        assert fallback.attributes["flynn.tts.fallback_reason"] == final.tts_fallback_reason
+        delivered = next(
+            s
+            for s in spans
+            if s.name == "flynn.reply.delivered" and s.attributes.get("flynn.run.id") == sent.run_id
+        )
+        assert delivered.attributes["flynn.reply.delivery"] == "text_after_fallback"
+    finally:
+        t.mesh.update({"tts.deadline": "10s"}, reason="trace test: speech back")
