@@ -9,8 +9,9 @@ Configuration is the standard OpenTelemetry environment (docs/operations/OBSERVA
     OTEL_RESOURCE_ATTRIBUTES, OTEL_BSP_*, OTEL_EXPORTER_OTLP_* (headers, timeout, ...) as usual
     OTEL_INSTRUMENTATION_GENAI_CAPTURE_MESSAGE_CONTENT=true   # record message and reply text (off)
 
-Off costs nothing: the SDK is never imported, no client interceptor is installed, and every helper
-here returns at its first line (`if not ENABLED`). On, the shared runtime does the work: the server
+Off costs nothing: the SDK is never imported, no client interceptor is installed, and every hook in
+the services checks `ENABLED` (or a None tracer) first; the helpers below that are called
+unconditionally return at their first line. On, the shared runtime does the work: the server
 interceptor opens a SERVER span per RPC (parent: the caller's `traceparent` metadata) and makes it
 current; `client_channel` injects the current context into every outgoing call; long-lived work
 (runs, reactions, speech) carries its context in `Causation.traceparent` (persisted with messages,
@@ -170,13 +171,6 @@ def carrier(context: Context | None = None) -> dict[str, str]:
     out: dict[str, str] = {}
     _propagator.inject(out, context=context)
     return out
-
-
-def current_traceparent() -> str:
-    """The W3C traceparent of the current span ("" when tracing is off or no span is current)."""
-    if not ENABLED:
-        return ""
-    return carrier().get(TRACEPARENT, "")
 
 
 def current_ids() -> tuple[str, str] | None:
