@@ -32,6 +32,7 @@ import grpc
 from flynn.v1 import nodes_pb2, nodes_pb2_grpc
 from google.protobuf import timestamp_pb2
 
+from flynn_runtime import tracing
 from flynn_runtime.backoff import Backoff
 
 log = logging.getLogger("companion_node")
@@ -318,6 +319,23 @@ class CompanionNode:
 
         ctx = InvokeContext(inv.invoke_id, inv.command, deadline, progress)
         result = nodes_pb2.InvokeResult(invoke_id=inv.invoke_id)
+        # With tracing on (OTEL_* environment), the invoke is a span of the InvokeNode call's trace.
+        attrs = {
+            "flynn.node.id": self.node_id,
+            "flynn.node.command": inv.command,
+            "flynn.invoke.id": inv.invoke_id,
+        }
+        with tracing.span("flynn.node.invoke", parent=inv.traceparent or None, attributes=attrs):
+            await self._answer(call, inv, ctx, result, deadline)
+
+    async def _answer(
+        self,
+        call: Any,
+        inv: nodes_pb2.InvokeRequest,
+        ctx: InvokeContext,
+        result: nodes_pb2.InvokeResult,
+        deadline: float,
+    ) -> None:
         handler = self.handlers.get(inv.command)
         try:
             if handler is None:
@@ -375,7 +393,11 @@ def main(argv: Sequence[str] | None = None) -> None:
             loop.add_signal_handler(sig, lambda: asyncio.ensure_future(node.stop()))
         return await task
 
-    reason = asyncio.run(_run())
+    tracing.configure("companion-node")
+    try:
+        reason = asyncio.run(_run())
+    finally:
+        tracing.shutdown()
     print(f"companion node stopped: {reason}", file=sys.stderr)
     sys.exit(0 if reason == "stopped" else 1)
 

@@ -1,4 +1,7 @@
-"""Append-only audit log: one JSON object per line under <data_dir>/audit/<service>.jsonl, and to the log."""
+"""Append-only audit log: one JSON object per line under <data_dir>/audit/<service>.jsonl, and to the log.
+
+With tracing on, a record made while a span is current carries its trace_id and span_id.
+"""
 
 from __future__ import annotations
 
@@ -9,6 +12,7 @@ import time
 from pathlib import Path
 from typing import Any
 
+from flynn_runtime import tracing
 from flynn_runtime.auth import actor as current_actor
 
 log = logging.getLogger("audit")
@@ -34,6 +38,10 @@ class AuditLog:
             "actor": actor if actor is not None else current_actor(),
         }
         entry.update({k: v for k, v in fields.items() if v is not None})
+        if tracing.ENABLED and "trace_id" not in entry:
+            ids = tracing.current_ids()
+            if ids is not None:
+                entry["trace_id"], entry["span_id"] = ids
         line = json.dumps(entry, default=str, ensure_ascii=False)
         with self._lock:
             if self._fh is not None:

@@ -1,4 +1,4 @@
-"""Client channels between services: bearer token, keepalive, size limits, and deadline propagation.
+"""Client channels between services: bearer token, trace context, keepalive, size limits, and deadline propagation.
 
 gRPC propagates cancellation between aio calls but not deadlines, so a handler that calls another
 service passes `downstream_timeout(context)`: the caller's remaining time, capped by a default.
@@ -12,6 +12,8 @@ from typing import Any
 
 import grpc
 from grpc.aio import ServicerContext
+
+from flynn_runtime import tracing
 
 KEEPALIVE_OPTIONS: list[tuple[str, Any]] = [
     ("grpc.keepalive_time_ms", 20_000),
@@ -59,15 +61,19 @@ def auth_metadata(token: str) -> tuple[tuple[str, str], ...]:
 
 
 class _AuthDetails:
-    """Adds the service's bearer token unless the call already carries an authorization header."""
+    """Adds the service's bearer token unless the call already carries an authorization header, and
+    (tracing on) the current trace context unless the call already carries a traceparent."""
 
-    def __init__(self, token: str) -> None:
+    def __init__(self, token: str, trace: bool = False) -> None:
         self._md = auth_metadata(token)
+        self._trace = trace
 
     def _details(self, d: grpc.aio.ClientCallDetails) -> grpc.aio.ClientCallDetails:
         md = list(d.metadata or ())
-        if not any(k == "authorization" for k, _ in md):
+        if self._md and not any(k == "authorization" for k, _ in md):
             md.extend(self._md)
+        if self._trace and not any(k == tracing.TRACEPARENT for k, _ in md):
+            md = tracing.inject_metadata(md)
         return grpc.aio.ClientCallDetails(
             d.method, d.timeout, grpc.aio.Metadata(*md), d.credentials, d.wait_for_ready
         )
@@ -117,12 +123,13 @@ def client_channel(
     if retries:
         options.append(("grpc.service_config", _RETRY_SERVICE_CONFIG))
     interceptors: list[Any] | None = None
-    if token:
+    trace = tracing.ENABLED  # off: no interceptor for tracing at all
+    if token or trace:
         interceptors = [
-            _AuthUnaryUnary(token),
-            _AuthUnaryStream(token),
-            _AuthStreamUnary(token),
-            _AuthStreamStream(token),
+            _AuthUnaryUnary(token, trace),
+            _AuthUnaryStream(token, trace),
+            _AuthStreamUnary(token, trace),
+            _AuthStreamStream(token, trace),
         ]
     return grpc.aio.insecure_channel(target, options=options, interceptors=interceptors)
 

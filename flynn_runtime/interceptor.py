@@ -1,4 +1,4 @@
-"""One server interceptor for every service: authentication, metrics, and error mapping.
+"""One server interceptor for every service: authentication, metrics, traces, and error mapping.
 
 Handlers raise FlynnError (from domain code) and the interceptor aborts the RPC with the rich
 status; any other exception is logged with its traceback and returned as a bare INTERNAL, so no
@@ -20,7 +20,7 @@ from typing import Any
 import grpc
 from grpc.aio import ServicerContext
 
-from flynn_runtime import errors, metrics
+from flynn_runtime import errors, metrics, tracing
 from flynn_runtime.auth import Authenticator, Principal, current_principal
 from flynn_runtime.errors import Code, FlynnError
 from flynn_runtime.ids import ulid
@@ -75,7 +75,7 @@ class _MethodMetrics:
 class _Call:
     """Bookkeeping of one RPC: auth before, metrics after, error mapping around."""
 
-    __slots__ = ("interceptor", "method", "m", "start", "code")
+    __slots__ = ("interceptor", "method", "m", "start", "code", "span")
 
     def __init__(self, interceptor: ServerInterceptor, method: str, m: _MethodMetrics) -> None:
         self.interceptor = interceptor
@@ -83,10 +83,14 @@ class _Call:
         self.m = m
         self.start = time.perf_counter()
         self.code = grpc.StatusCode.OK
+        self.span: Any = None
 
     def begin(self, context: ServicerContext[Any, Any]) -> Principal | None:
         self.m.started.inc()
-        md = {k: v for k, v in (context.invocation_metadata() or ()) if isinstance(v, str)}
+        raw = context.invocation_metadata() or ()
+        if tracing.ENABLED:  # the RPC's SERVER span, child of the caller's traceparent, current from here
+            self.span = tracing.server_span(self.method, raw)
+        md = {k: v for k, v in raw if isinstance(v, str)}
         principal = self.interceptor.authenticator.authenticate(self.method, md, context.peer() or "")
         current_principal.set(principal)
         return principal
@@ -122,6 +126,8 @@ class _Call:
         for counter in self.m.handled(self.code):
             counter.inc()
         self.m.handling.observe(time.perf_counter() - self.start)
+        if self.span is not None:
+            tracing.end_server_span(self.span, self.code.name, self.code.value[0])
 
 
 def _preset_code(context: ServicerContext[Any, Any]) -> grpc.StatusCode | None:

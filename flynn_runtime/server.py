@@ -3,7 +3,7 @@
     def main() -> None:
         run_service(settings.parse("queue"), QueueApp)
 
-gives the service: a grpc.aio server with the shared interceptor (auth, metrics, rich errors),
+gives the service: a grpc.aio server with the shared interceptor (auth, metrics, traces, rich errors),
 health (Check, Watch and List, per service name), server reflection (method symbols included), a Prometheus port, JSON logs, an
 audit log, and a graceful SIGTERM: health goes NOT_SERVING, `runtime.stopping` is set so streams end
 with UNAVAILABLE/SHUTTING_DOWN (clients reconnect), in-flight calls get the grace period, exit 0.
@@ -26,7 +26,7 @@ from google.rpc import error_details_pb2  # noqa: F401
 from grpc_health.v1 import health, health_pb2, health_pb2_grpc
 from grpc_reflection.v1alpha import reflection
 
-from flynn_runtime import VERSION, logs, metrics, reflection_service
+from flynn_runtime import VERSION, logs, metrics, reflection_service, tracing
 from flynn_runtime.audit import AuditLog
 from flynn_runtime.auth import Authenticator, TokenStore, parse_networks
 from flynn_runtime.channels import client_channel, server_options
@@ -214,7 +214,11 @@ async def serve(settings: Settings, factory: Callable[[Runtime], ServiceApp]) ->
 def run_service(settings: Settings, factory: Callable[[Runtime], ServiceApp]) -> None:
     """Entry point of every service process; returns (exit 0) after a graceful stop."""
     logs.configure(settings.service, settings.log_level)
-    asyncio.run(serve(settings, factory))
+    tracing.configure(settings.service)  # OTEL_* environment; off unless OTEL_TRACES_EXPORTER=otlp
+    try:
+        asyncio.run(serve(settings, factory))
+    finally:
+        tracing.shutdown()  # export the spans still buffered
 
 
 async def until_stopping(runtime: Runtime, source: AsyncIterator[object]) -> AsyncIterator[object]:

@@ -1,7 +1,8 @@
 """The pass-through: a generic handler that forwards each internal method, as raw bytes, to its owner.
 
 What crosses the hop unchanged: request and response bytes (never re-serialised), request metadata
-(authorization included; hop-by-hop and pseudo headers dropped), the caller's remaining deadline,
+(authorization included; hop-by-hop and pseudo headers dropped; with tracing on, `traceparent` names
+the gateway's span of the call instead of the caller's), the caller's remaining deadline,
 cancellation (a cancelled caller cancels the downstream call), and the backend's status code,
 message and trailing metadata (so rich error details such as BadRequest survive). A backend that
 cannot be reached becomes UNAVAILABLE naming it, with ErrorInfo reason BACKEND_UNAVAILABLE.
@@ -18,6 +19,7 @@ import grpc
 from flynn.v1 import nodes_pb2
 from grpc.aio import ServicerContext
 
+from flynn_runtime import tracing
 from flynn_runtime.auth import HOP_BY_HEADER, HOP_CLIENT_HEADER
 from flynn_runtime.channels import downstream_timeout
 from flynn_runtime.errors import Code, FlynnError, shutting_down, unavailable
@@ -67,12 +69,16 @@ def forward_metadata(
     context: Ctx, hop: tuple[tuple[str, str], ...] = ()
 ) -> tuple[tuple[str, str | bytes], ...]:
     """The caller's metadata minus pseudo, reserved (grpc-*), hop-by-hop and client-address headers
-    (a caller never asserts its own address to a backend), plus the gateway's `hop` headers (the real client address, vouched for)."""
+    (a caller never asserts its own address to a backend), plus the gateway's `hop` headers (the real
+    client address, vouched for). With tracing on, the caller's traceparent is replaced by the
+    gateway's own span (the hop is in the trace)."""
     kept = tuple(
         (k, v)
         for k, v in cast(Iterable[tuple[str, str | bytes]], context.invocation_metadata() or ())
         if not (k.startswith(":") or k.startswith("grpc-") or k in _HOP_BY_HOP or k in _HOP_HEADERS)
     )
+    if tracing.ENABLED:
+        kept = tuple(tracing.inject_metadata(kept))
     return kept + hop
 
 

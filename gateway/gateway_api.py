@@ -23,7 +23,7 @@ import grpc
 from flynn.v1 import gateway_pb2, gateway_pb2_grpc, run_control_pb2, run_control_pb2_grpc
 from grpc.aio import ServicerContext
 
-from flynn_runtime import auth
+from flynn_runtime import auth, tracing
 from flynn_runtime.channels import downstream_timeout
 from flynn_runtime.config_source import ConfigSource
 from flynn_runtime.server import Runtime, until_stopping
@@ -71,6 +71,17 @@ class GatewayServicer(gateway_pb2_grpc.GatewayServicer):
         p = auth.principal()
         if p is not None and not p.serves(request.channel):  # the door refuses before any work
             raise auth.channel_denied(p, request.channel)
+        if tracing.ENABLED:
+            tracing.set_attributes(
+                {
+                    "flynn.session": request.session_key,
+                    "flynn.channel": request.channel,
+                    "flynn.voice_note": has_audio,
+                    "flynn.traceparent_from_channel": any(
+                        k == tracing.TRACEPARENT for k, _ in context.invocation_metadata() or ()
+                    ),
+                }
+            )
         text = request.text
         transcript = ""
         attachments: list[Any] = []
@@ -97,6 +108,8 @@ class GatewayServicer(gateway_pb2_grpc.GatewayServicer):
         except grpc.aio.AioRpcError as err:
             await self._fail(context, err)
             raise
+        if tracing.ENABLED:
+            tracing.set_attributes({"flynn.message.id": resp.message_id, "flynn.run.id": resp.run_id or None})
         return gateway_pb2.SendMessageResponse(
             message_id=resp.message_id,
             disposition=resp.disposition,

@@ -24,7 +24,7 @@ from dataclasses import dataclass
 from flynn.v1 import config_pb2, nodes_pb2
 from google.protobuf import timestamp_pb2
 
-from flynn_runtime import errors, targeting
+from flynn_runtime import errors, targeting, tracing
 from flynn_runtime.audit import AuditLog
 from flynn_runtime.auth import FailureLimiter, hash_token
 from flynn_runtime.config_source import ConfigSource
@@ -608,6 +608,10 @@ class NodeRegistry:
                 invoke_id=p.invoke_id, command=command, args_json=args_json, deadline=_ts(deadline_wall)
             )
         )
+        if tracing.ENABLED:  # the node continues the InvokeNode call's trace from its invoke message
+            trace_carrier = tracing.carrier()
+            msg.invoke.traceparent = trace_carrier.get(tracing.TRACEPARENT, "")
+            msg.invoke.tracestate = trace_carrier.get(tracing.TRACESTATE, "")
         if not session.send(msg):
             session.invokes.pop(p.invoke_id, None)
             raise errors.unavailable(

@@ -16,6 +16,7 @@ Invariants the code keeps (and tests check):
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import functools
 import logging
 import time
@@ -27,7 +28,7 @@ from flynn.v1 import common_pb2, config_pb2
 from flynn.v1 import run_control_pb2 as pb
 from google.protobuf import timestamp_pb2
 
-from flynn_runtime import errors, targeting
+from flynn_runtime import errors, targeting, tracing
 from flynn_runtime.audit import AuditLog
 from flynn_runtime.config_source import ConfigSource
 from flynn_runtime.ids import new_id
@@ -44,6 +45,7 @@ from queue_svc.agents import (
     RunSpec,
 )
 from queue_svc.fanout import Fanout
+from queue_svc.run_trace import RunTracer
 from queue_svc.store import InputRow, MessageRow, QueueEntryRow, QueueStore, ReplyRow, RunRow, SessionRow
 
 log = logging.getLogger(__name__)
@@ -236,6 +238,8 @@ class RunControl:
         self._stopping = False
         self._speech_tasks: set[asyncio.Task[None]] = set()
         self._speech_sem = asyncio.Semaphore(speech_concurrency)
+        # Spans of run phases (queue_svc/run_trace.py); None when tracing is off (nothing to do).
+        self._trace: RunTracer | None = RunTracer() if tracing.ENABLED else None
 
     # --- lifecycle -------------------------------------------------------------------------
 
@@ -330,6 +334,8 @@ class RunControl:
             await asyncio.wait(tasks, timeout=5)
         await self.durable()
         await self.agents.close()
+        if self._trace is not None:
+            self._trace.close()
 
     # --- the operation scope -----------------------------------------------------------------
 
@@ -428,6 +434,8 @@ class RunControl:
             ev.causation.ParseFromString(cz)
         self.store.append_event(ev.global_seq, s.key, ev.session_seq, type_, ev.SerializeToString())
         op.events.append(ev)
+        if self._trace is not None:  # the one tracing hook: a span per run phase
+            self._trace.event(ev, run)
         op.sessions[s.key] = s
         return ev
 
@@ -728,13 +736,15 @@ class RunControl:
             on_steer_result=lambda ok, ids: self._on_steer_result(live, ok, ids),
         )
         try:
-            live.agent_run = self.agents.for_config(cfg).open(spec, hooks)
+            traced = self._trace.running(live.row.run_id, live.row.causation) if self._trace else None
+            with traced or contextlib.nullcontext():
+                live.agent_run = self.agents.for_config(cfg).open(spec, hooks)
+                live.driver = asyncio.ensure_future(self._drive(live, spec.deadline))
         except Exception as e:
             log.exception("agent failed to open a run", extra={"run_id": live.row.run_id})
             failure = Failure("agent", f"cannot open the run: {e}")
             live.driver = asyncio.ensure_future(self._finish_soon(live, failure))
             return
-        live.driver = asyncio.ensure_future(self._drive(live, spec.deadline))
         if live.row.state == CANCEL_REQUESTED:
             self._signal_cancel(live)
 
@@ -875,9 +885,15 @@ class RunControl:
         if live.force is not None:
             live.force.cancel()
         if state == CANCELLED and live.cancel_mono is not None:
-            metrics.CANCEL_TO_CANCELLED.observe(time.perf_counter() - live.cancel_mono)
+            metrics.CANCEL_TO_CANCELLED.observe(
+                time.perf_counter() - live.cancel_mono,
+                tracing.exemplar(tracing.traceparent_of(row.causation)),
+            )
         if state == COMPLETED and live.submit_mono is not None:
-            metrics.SUBMIT_TO_FINAL.observe(time.perf_counter() - live.submit_mono)
+            metrics.SUBMIT_TO_FINAL.observe(
+                time.perf_counter() - live.submit_mono,
+                tracing.exemplar(tracing.traceparent_of(row.causation)),
+            )
         self._runs.pop(row.run_id, None)
         # Steer inputs still unanswered become followups: they are never lost.
         pending, live.pending_steer = list(live.pending_steer.values()), {}
@@ -1009,7 +1025,12 @@ class RunControl:
     async def _speech_task(self, reply: pb.Reply, req: speech.SpeechRequest | None) -> None:
         async with self._speech_sem:
             request = req or speech.request_for(self.config.config, reply.text)
-            outcome = await speech.speak(self.synthesizer, request)
+            if self._trace is None:
+                outcome = await speech.speak(self.synthesizer, request)
+            else:
+                with self._trace.speech(reply):
+                    outcome = await speech.speak(self.synthesizer, request)
+                    self._trace.speech_outcome(outcome.fallback_reason, outcome.detail)
         if self._stopping:
             return
         s = self._sessions[reply.session_key]

@@ -13,12 +13,12 @@ from flynn.v1 import run_control_pb2 as pb
 from flynn.v1 import run_control_pb2_grpc as pb_grpc
 from grpc.aio import ServicerContext
 
-from flynn_runtime import errors
+from flynn_runtime import errors, tracing
 from flynn_runtime.auth import actor, principal
 from flynn_runtime.ids import is_id
 from flynn_runtime.server import Runtime
 from flynn_runtime.validation import Violations, page_size
-from queue_svc import access, metrics
+from queue_svc import access, metrics, run_trace
 from queue_svc.fanout import Fanout, Stopped, Subscription
 from queue_svc.run_control import RunControl, SubmitInput, run_to_proto
 
@@ -101,10 +101,26 @@ class RunControlServicer(pb_grpc.RunControlServicer):
                 text=request.text,
                 idempotency_key=request.idempotency_key,
                 mode_override=request.mode_override,
-                causation=request.causation if request.HasField("causation") else None,
+                # Tracing on: the causation carries this span's context, stored with message and run.
+                causation=tracing.stamp(request.causation if request.HasField("causation") else None),
                 actor=actor(),
             )
         )
+        if tracing.ENABLED:
+            tracing.set_attributes(
+                {
+                    "flynn.session": request.session_key,
+                    "flynn.message.id": res.message_id,
+                    "flynn.run.id": res.run_id or None,
+                    "flynn.disposition": pb.Disposition.Name(res.disposition)  # type: ignore[arg-type]
+                    .removeprefix("DISPOSITION_")
+                    .lower(),
+                    "flynn.queue.mode": config_pb2.QueueMode.Name(res.effective_mode.mode)
+                    .removeprefix("QUEUE_MODE_")
+                    .lower(),
+                    **tracing.content("flynn.message.text", request.text),
+                }
+            )
         await self.rc.durable()  # persisted before acknowledged
         return pb.SubmitMessageResponse(
             message_id=res.message_id,
@@ -140,7 +156,17 @@ class RunControlServicer(pb_grpc.RunControlServicer):
         res = self.rc.cancel(request.run_id, request.session_key, scope, request.reason, actor())
         await self.rc.durable()  # cancel_requested is durable before the answer
         if res.outcome == pb.CANCEL_OUTCOME_CANCEL_REQUESTED:
-            metrics.CANCEL_TO_ACK.observe(time.perf_counter() - t0)
+            metrics.CANCEL_TO_ACK.observe(time.perf_counter() - t0, tracing.exemplar())
+        if tracing.ENABLED:
+            tracing.set_attributes(
+                {
+                    "flynn.session": request.session_key or None,
+                    "flynn.run.id": res.run_id or None,
+                    "flynn.cancel.outcome": pb.CancelOutcome.Name(res.outcome)  # type: ignore[arg-type]
+                    .removeprefix("CANCEL_OUTCOME_")
+                    .lower(),
+                }
+            )
         return pb.CancelRunResponse(
             outcome=res.outcome,  # type: ignore[arg-type]
             run_id=res.run_id,
@@ -262,6 +288,8 @@ class RunControlServicer(pb_grpc.RunControlServicer):
             _close_when_done(context),
         )
         async for r in stream:
+            if tracing.ENABLED:
+                run_trace.delivered(r)
             yield pb.StreamRepliesResponse(reply=r)
 
     async def PostReply(
@@ -295,6 +323,10 @@ class RunControlServicer(pb_grpc.RunControlServicer):
         )
         if request.HasField("causation"):
             reply.causation.CopyFrom(request.causation)
+        if tracing.ENABLED:  # the reply's delivery joins the poster's trace
+            stamped = tracing.stamp(reply.causation)
+            if stamped is not None:
+                reply.causation.CopyFrom(stamped)
         stored, duplicate = self.rc.post_reply(reply, request.idempotency_key, request.speak)
         await self.rc.durable()
         return pb.PostReplyResponse(reply=stored, duplicate=duplicate)

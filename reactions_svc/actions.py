@@ -21,6 +21,7 @@ from flynn.v1 import (
     run_control_pb2_grpc,
 )
 
+from flynn_runtime import tracing
 from flynn_runtime.server import Runtime
 from reactions_svc.engine import child_causation
 from reactions_svc.reactor import ActionContext, ActionOutcome
@@ -43,6 +44,41 @@ class GrpcActionRunner:
         return run_control_pb2_grpc.RunControlStub(self.runtime.channel("queue"))
 
     async def run(self, kind: str, action: config_pb2.ReactionAction, ctx: ActionContext) -> ActionOutcome:
+        if not tracing.ENABLED:
+            return await self._caught(kind, action, ctx)
+        # The action is a span of the trace of the event that caused it (the message's, from its
+        # causation), linked to that event's span; the calls it makes carry it on.
+        ev = ctx.event
+        tp = ev.causation.traceparent
+        attrs = {
+            "flynn.reaction.rule_id": ctx.rule_id,
+            "flynn.reaction.action": kind,
+            "flynn.reaction.index": ctx.index,
+            "flynn.reaction.event_id": ev.event_id,
+            "flynn.session": ev.session_key or None,
+            "flynn.channel": ev.channel or None,
+            "flynn.message.id": ev.message_id or None,
+            "flynn.run.id": ev.run_id or None,
+        }
+        links = tracing.link_to(tp, **{"flynn.link": "caused_by", "flynn.reaction.event_id": ev.event_id})
+        with tracing.span(
+            "flynn.reaction.action",
+            parent=tp or None,
+            attributes={k: v for k, v in attrs.items() if v is not None},
+            links=links,
+        ) as span:
+            out = await self._caught(kind, action, ctx)
+            if span is not None:
+                span.set_attribute("flynn.reaction.ok", out.ok)
+                if out.result_id:
+                    span.set_attribute("flynn.reaction.result_id", out.result_id)
+                if out.error:
+                    tracing.mark_error(span, out.error[:256])
+            return out
+
+    async def _caught(
+        self, kind: str, action: config_pb2.ReactionAction, ctx: ActionContext
+    ) -> ActionOutcome:
         try:
             return await self._run(kind, action, ctx)
         except grpc.aio.AioRpcError as e:

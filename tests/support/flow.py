@@ -113,6 +113,7 @@ class FlowMesh:
     tokens: Tokens
     seed: dict[str, Any] = field(default_factory=lambda: FLOW_SEED)
     voice_extra: list[str] = field(default_factory=list)
+    env: dict[str, str] = field(default_factory=dict)  # added to every service's environment (OTEL_*)
     procs: dict[str, ServiceProcess] = field(default_factory=dict)
     metrics_ports: dict[str, int] = field(default_factory=dict)
     _channel: grpc.Channel | None = None
@@ -142,6 +143,7 @@ class FlowMesh:
                 extra=extra,
                 port=ports[name],
                 grace=5.0,
+                env=dict(self.env),
             )
             self.procs[name] = proc
             proc.start(timeout=90)

@@ -106,6 +106,7 @@ class ServiceProcess:
     extra: list[str] = field(default_factory=list)
     port: int = 0
     grace: float = 5.0
+    env: dict[str, str] = field(default_factory=dict)  # added to the environment (e.g. OTEL_*)
     proc: subprocess.Popen[bytes] | None = None
     log_path: Path | None = None
 
@@ -138,6 +139,7 @@ class ServiceProcess:
             FLYNN_SERVICE_TOKEN=self.tokens.for_service(self.service),
             FLYNN_AGENT_TOKEN=self.tokens.agent,
             PYTHONPATH=f"{ROOT}:{ROOT / 'gen'}",
+            **self.env,
         )
         self.log_path = self.data_dir / f"{self.service}.log"
         self.data_dir.mkdir(parents=True, exist_ok=True)

@@ -272,6 +272,7 @@ spec:
         - name: FLYNN_METRICS_ADDRS
           value: {{ include "flynn.metricsAddrs" $root | quote }}
         {{- end }}
+        {{- include "flynn.tracingEnv" (dict "root" $root "name" .name) | nindent 8 }}
         {{- with $v.extraEnv }}
         {{- toYaml . | nindent 8 }}
         {{- end }}
@@ -384,4 +385,33 @@ spec:
               matchLabels:
                 {{- include "flynn.selectorLabels" . | nindent 16 }}
   {{- end }}
+{{- end }}
+
+{{/*
+OpenTelemetry environment of one component (values.tracing); nothing when tracing is off.
+Args: root, name.
+*/}}
+{{- define "flynn.tracingEnv" -}}
+{{- $t := .root.Values.tracing -}}
+{{- if $t.enabled }}
+{{- if not $t.otlpEndpoint }}
+{{- fail "tracing.enabled needs tracing.otlpEndpoint (the collector's OTLP/gRPC address)" }}
+{{- end }}
+- name: OTEL_TRACES_EXPORTER
+  value: otlp
+- name: OTEL_EXPORTER_OTLP_ENDPOINT
+  value: {{ $t.otlpEndpoint | quote }}
+- name: OTEL_TRACES_SAMPLER
+  value: {{ $t.sampler | quote }}
+- name: OTEL_TRACES_SAMPLER_ARG
+  value: {{ $t.samplerArg | quote }}
+- name: OTEL_SERVICE_NAME
+  value: {{ printf "flynn-%s" .name | quote }}
+- name: OTEL_RESOURCE_ATTRIBUTES
+  value: {{ printf "service.namespace=%s,service.instance.id=$(FLYNN_INSTANCE_ID)%s" .root.Release.Namespace (ternary (printf ",%s" $t.resourceAttributes) "" (ne $t.resourceAttributes "")) | quote }}
+{{- if $t.captureContent }}
+- name: OTEL_INSTRUMENTATION_GENAI_CAPTURE_MESSAGE_CONTENT
+  value: "true"
+{{- end }}
+{{- end }}
 {{- end }}

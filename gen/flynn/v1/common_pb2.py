@@ -25,23 +25,23 @@ _sym_db = _symbol_database.Default()
 from google.protobuf import timestamp_pb2 as google_dot_protobuf_dot_timestamp__pb2
 
 
-DESCRIPTOR = _descriptor_pool.Default().AddSerializedFile(b'\n\x15\x66lynn/v1/common.proto\x12\x08\x66lynn.v1\x1a\x1fgoogle/protobuf/timestamp.proto\"f\n\tCausation\x12 \n\x06origin\x18\x01 \x01(\x0e\x32\x10.flynn.v1.Origin\x12\x10\n\x08\x63hain_id\x18\x02 \x01(\t\x12\r\n\x05\x64\x65pth\x18\x03 \x01(\x05\x12\x16\n\x0e\x66ired_rule_ids\x18\x04 \x03(\t\"\x82\x01\n\x05\x41udio\x12)\n\x08\x65ncoding\x18\x01 \x01(\x0e\x32\x17.flynn.v1.AudioEncoding\x12\x19\n\x11sample_rate_hertz\x18\x02 \x01(\x05\x12\x0f\n\x07\x63ontent\x18\x03 \x01(\x0c\x12\x13\n\x0b\x64uration_ms\x18\x04 \x01(\x03\x12\r\n\x05voice\x18\x05 \x01(\t\"a\n\nAttachment\x12\x0c\n\x04kind\x18\x01 \x01(\t\x12\x14\n\x0c\x63ontent_type\x18\x02 \x01(\t\x12\x0b\n\x03uri\x18\x03 \x01(\t\x12\x0e\n\x06sha256\x18\x04 \x01(\t\x12\x12\n\nsize_bytes\x18\x05 \x01(\x03\"\x85\x01\n\x0fServiceRevision\x12\x0f\n\x07service\x18\x01 \x01(\t\x12\x13\n\x0binstance_id\x18\x02 \x01(\t\x12\x18\n\x10\x61pplied_revision\x18\x03 \x01(\x03\x12\x32\n\x0elast_sync_time\x18\x04 \x01(\x0b\x32\x1a.google.protobuf.Timestamp*Y\n\x06Origin\x12\x16\n\x12ORIGIN_UNSPECIFIED\x10\x00\x12\x0f\n\x0bORIGIN_USER\x10\x01\x12\x13\n\x0fORIGIN_REACTION\x10\x02\x12\x11\n\rORIGIN_SYSTEM\x10\x03*\x81\x01\n\rAudioEncoding\x12\x1e\n\x1a\x41UDIO_ENCODING_UNSPECIFIED\x10\x00\x12\x1b\n\x17\x41UDIO_ENCODING_LINEAR16\x10\x01\x12\x1b\n\x17\x41UDIO_ENCODING_OGG_OPUS\x10\x02\x12\x16\n\x12\x41UDIO_ENCODING_MP3\x10\x03\x62\x06proto3')
+DESCRIPTOR = _descriptor_pool.Default().AddSerializedFile(b'\n\x15\x66lynn/v1/common.proto\x12\x08\x66lynn.v1\x1a\x1fgoogle/protobuf/timestamp.proto\"\x8f\x01\n\tCausation\x12 \n\x06origin\x18\x01 \x01(\x0e\x32\x10.flynn.v1.Origin\x12\x10\n\x08\x63hain_id\x18\x02 \x01(\t\x12\r\n\x05\x64\x65pth\x18\x03 \x01(\x05\x12\x16\n\x0e\x66ired_rule_ids\x18\x04 \x03(\t\x12\x13\n\x0btraceparent\x18\x05 \x01(\t\x12\x12\n\ntracestate\x18\x06 \x01(\t\"\x82\x01\n\x05\x41udio\x12)\n\x08\x65ncoding\x18\x01 \x01(\x0e\x32\x17.flynn.v1.AudioEncoding\x12\x19\n\x11sample_rate_hertz\x18\x02 \x01(\x05\x12\x0f\n\x07\x63ontent\x18\x03 \x01(\x0c\x12\x13\n\x0b\x64uration_ms\x18\x04 \x01(\x03\x12\r\n\x05voice\x18\x05 \x01(\t\"a\n\nAttachment\x12\x0c\n\x04kind\x18\x01 \x01(\t\x12\x14\n\x0c\x63ontent_type\x18\x02 \x01(\t\x12\x0b\n\x03uri\x18\x03 \x01(\t\x12\x0e\n\x06sha256\x18\x04 \x01(\t\x12\x12\n\nsize_bytes\x18\x05 \x01(\x03\"\x85\x01\n\x0fServiceRevision\x12\x0f\n\x07service\x18\x01 \x01(\t\x12\x13\n\x0binstance_id\x18\x02 \x01(\t\x12\x18\n\x10\x61pplied_revision\x18\x03 \x01(\x03\x12\x32\n\x0elast_sync_time\x18\x04 \x01(\x0b\x32\x1a.google.protobuf.Timestamp*Y\n\x06Origin\x12\x16\n\x12ORIGIN_UNSPECIFIED\x10\x00\x12\x0f\n\x0bORIGIN_USER\x10\x01\x12\x13\n\x0fORIGIN_REACTION\x10\x02\x12\x11\n\rORIGIN_SYSTEM\x10\x03*\x81\x01\n\rAudioEncoding\x12\x1e\n\x1a\x41UDIO_ENCODING_UNSPECIFIED\x10\x00\x12\x1b\n\x17\x41UDIO_ENCODING_LINEAR16\x10\x01\x12\x1b\n\x17\x41UDIO_ENCODING_OGG_OPUS\x10\x02\x12\x16\n\x12\x41UDIO_ENCODING_MP3\x10\x03\x62\x06proto3')
 
 _globals = globals()
 _builder.BuildMessageAndEnumDescriptors(DESCRIPTOR, _globals)
 _builder.BuildTopDescriptorsAndMessages(DESCRIPTOR, 'flynn.v1.common_pb2', _globals)
 if not _descriptor._USE_C_DESCRIPTORS:
   DESCRIPTOR._loaded_options = None
-  _globals['_ORIGIN']._serialized_start=540
-  _globals['_ORIGIN']._serialized_end=629
-  _globals['_AUDIOENCODING']._serialized_start=632
-  _globals['_AUDIOENCODING']._serialized_end=761
-  _globals['_CAUSATION']._serialized_start=68
-  _globals['_CAUSATION']._serialized_end=170
-  _globals['_AUDIO']._serialized_start=173
-  _globals['_AUDIO']._serialized_end=303
-  _globals['_ATTACHMENT']._serialized_start=305
-  _globals['_ATTACHMENT']._serialized_end=402
-  _globals['_SERVICEREVISION']._serialized_start=405
-  _globals['_SERVICEREVISION']._serialized_end=538
+  _globals['_ORIGIN']._serialized_start=582
+  _globals['_ORIGIN']._serialized_end=671
+  _globals['_AUDIOENCODING']._serialized_start=674
+  _globals['_AUDIOENCODING']._serialized_end=803
+  _globals['_CAUSATION']._serialized_start=69
+  _globals['_CAUSATION']._serialized_end=212
+  _globals['_AUDIO']._serialized_start=215
+  _globals['_AUDIO']._serialized_end=345
+  _globals['_ATTACHMENT']._serialized_start=347
+  _globals['_ATTACHMENT']._serialized_end=444
+  _globals['_SERVICEREVISION']._serialized_start=447
+  _globals['_SERVICEREVISION']._serialized_end=580
 # @@protoc_insertion_point(module_scope)

@@ -88,12 +88,21 @@ class Causation(_message.Message):
     CHAIN_ID_FIELD_NUMBER: _builtins.int
     DEPTH_FIELD_NUMBER: _builtins.int
     FIRED_RULE_IDS_FIELD_NUMBER: _builtins.int
+    TRACEPARENT_FIELD_NUMBER: _builtins.int
+    TRACESTATE_FIELD_NUMBER: _builtins.int
     origin: Global___Origin.ValueType
     """Who caused this event."""
     chain_id: _builtins.str
     """Identifier shared by every event of one causal chain (the first event's id)."""
     depth: _builtins.int
     """0 for an event caused by a user; each reaction hop adds one."""
+    traceparent: _builtins.str
+    """W3C trace context (traceparent header value) of the span that caused this event, when tracing
+    is on: run control stamps each accepted message with its SubmitMessage span, and the message's
+    run, run events and replies carry it, so every later phase joins the message's trace.
+    """
+    tracestate: _builtins.str
+    """W3C tracestate accompanying traceparent (vendor data; usually empty)."""
     @_builtins.property
     def fired_rule_ids(self) -> _containers.RepeatedScalarFieldContainer[_builtins.str]:
         """Rule ids already fired in this chain, in firing order."""
@@ -105,10 +114,12 @@ class Causation(_message.Message):
         chain_id: _builtins.str = ...,
         depth: _builtins.int = ...,
         fired_rule_ids: _abc.Iterable[_builtins.str] | None = ...,
+        traceparent: _builtins.str = ...,
+        tracestate: _builtins.str = ...,
     ) -> None: ...
     _HasFieldArgType: _TypeAlias = _Never  # noqa: Y015
     def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
-    _ClearFieldArgType: _TypeAlias = _typing.Literal["chain_id", b"chain_id", "depth", b"depth", "fired_rule_ids", b"fired_rule_ids", "origin", b"origin"]  # noqa: Y015
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["chain_id", b"chain_id", "depth", b"depth", "fired_rule_ids", b"fired_rule_ids", "origin", b"origin", "traceparent", b"traceparent", "tracestate", b"tracestate"]  # noqa: Y015
     def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
     def WhichOneof(self, oneof_group: _Never) -> None: ...
 

@@ -25,17 +25,17 @@ _sym_db = _symbol_database.Default()
 from google.protobuf import timestamp_pb2 as google_dot_protobuf_dot_timestamp__pb2
 
 
-DESCRIPTOR = _descriptor_pool.Default().AddSerializedFile(b'\n\x14\x66lynn/v1/nodes.proto\x12\x08\x66lynn.v1\x1a\x1fgoogle/protobuf/timestamp.proto\"\x94\x01\n\x0cNodeRegister\x12\x0f\n\x07node_id\x18\x01 \x01(\t\x12\r\n\x05token\x18\x02 \x01(\t\x12\x0c\n\x04role\x18\x03 \x01(\t\x12\x14\n\x0c\x63\x61pabilities\x18\x04 \x03(\t\x12\x18\n\x10protocol_version\x18\x05 \x01(\x05\x12\x14\n\x0c\x64isplay_name\x18\x06 \x01(\t\x12\x10\n\x08platform\x18\x07 \x01(\t\"H\n\rNodeHeartbeat\x12(\n\x04time\x18\x01 \x01(\x0b\x32\x1a.google.protobuf.Timestamp\x12\r\n\x05\x65poch\x18\x02 \x01(\x03\"e\n\x0cInvokeResult\x12\x11\n\tinvoke_id\x18\x01 \x01(\t\x12\n\n\x02ok\x18\x02 \x01(\x08\x12\x13\n\x0bresult_json\x18\x03 \x01(\t\x12\r\n\x05\x65rror\x18\x04 \x01(\t\x12\x12\n\nerror_code\x18\x05 \x01(\t\"F\n\x0eInvokeProgress\x12\x11\n\tinvoke_id\x18\x01 \x01(\t\x12\x10\n\x08\x66raction\x18\x02 \x01(\x01\x12\x0f\n\x07message\x18\x03 \x01(\t\"\xcd\x01\n\x0e\x43onnectRequest\x12*\n\x08register\x18\x01 \x01(\x0b\x32\x16.flynn.v1.NodeRegisterH\x00\x12,\n\theartbeat\x18\x02 \x01(\x0b\x32\x17.flynn.v1.NodeHeartbeatH\x00\x12(\n\x06result\x18\x03 \x01(\x0b\x32\x16.flynn.v1.InvokeResultH\x00\x12,\n\x08progress\x18\x04 \x01(\x0b\x32\x18.flynn.v1.InvokeProgressH\x00\x42\t\n\x07message\"4\n\tNodeGates\x12\x0e\n\x06\x63\x61nvas\x18\x01 \x01(\x08\x12\x17\n\x0f\x63onfig_revision\x18\x02 \x01(\x03\"\x85\x01\n\x0eNodeRegistered\x12\r\n\x05\x65poch\x18\x01 \x01(\x03\x12\"\n\x05gates\x18\x02 \x01(\x0b\x32\x13.flynn.v1.NodeGates\x12\x1d\n\x15heartbeat_interval_ms\x18\x03 \x01(\x03\x12\x10\n\x08lease_ms\x18\x04 \x01(\x03\x12\x0f\n\x07resumed\x18\x05 \x01(\x08\"t\n\rInvokeRequest\x12\x11\n\tinvoke_id\x18\x01 \x01(\t\x12\x0f\n\x07\x63ommand\x18\x02 \x01(\t\x12\x11\n\targs_json\x18\x03 \x01(\t\x12,\n\x08\x64\x65\x61\x64line\x18\x04 \x01(\x0b\x32\x1a.google.protobuf.Timestamp\"0\n\nGateUpdate\x12\"\n\x05gates\x18\x01 \x01(\x0b\x32\x13.flynn.v1.NodeGates\"?\n\tNodeClose\x12\x0e\n\x06reason\x18\x01 \x01(\t\x12\x11\n\treconnect\x18\x02 \x01(\x08\x12\x0f\n\x07message\x18\x03 \x01(\t\"1\n\x0cInvokeCancel\x12\x11\n\tinvoke_id\x18\x01 \x01(\t\x12\x0e\n\x06reason\x18\x02 \x01(\t\"\x9c\x02\n\x0f\x43onnectResponse\x12.\n\nregistered\x18\x01 \x01(\x0b\x32\x18.flynn.v1.NodeRegisteredH\x00\x12,\n\theartbeat\x18\x02 \x01(\x0b\x32\x17.flynn.v1.NodeHeartbeatH\x00\x12)\n\x06invoke\x18\x03 \x01(\x0b\x32\x17.flynn.v1.InvokeRequestH\x00\x12%\n\x05gates\x18\x04 \x01(\x0b\x32\x14.flynn.v1.GateUpdateH\x00\x12$\n\x05\x63lose\x18\x05 \x01(\x0b\x32\x13.flynn.v1.NodeCloseH\x00\x12(\n\x06\x63\x61ncel\x18\x06 \x01(\x0b\x32\x16.flynn.v1.InvokeCancelH\x00\x42\t\n\x07message\"\xc9\x02\n\x04Node\x12\x0f\n\x07node_id\x18\x01 \x01(\t\x12\x0c\n\x04role\x18\x02 \x01(\t\x12\x14\n\x0c\x63\x61pabilities\x18\x03 \x03(\t\x12$\n\x06status\x18\x04 \x01(\x0e\x32\x14.flynn.v1.NodeStatus\x12\r\n\x05\x65poch\x18\x05 \x01(\x03\x12\x32\n\x0elast_seen_time\x18\x06 \x01(\x0b\x32\x1a.google.protobuf.Timestamp\x12\x17\n\x0freconnect_count\x18\x07 \x01(\x03\x12\x18\n\x10protocol_version\x18\x08 \x01(\x05\x12\x14\n\x0c\x64isplay_name\x18\t \x01(\t\x12\x10\n\x08platform\x18\n \x01(\t\x12\x16\n\x0eoffline_reason\x18\x0b \x01(\t\x12\x30\n\x0c\x63onnect_time\x18\x0c \x01(\x0b\x32\x1a.google.protobuf.Timestamp\"_\n\x10ListNodesRequest\x12$\n\x06status\x18\x01 \x01(\x0e\x32\x14.flynn.v1.NodeStatus\x12\x11\n\tpage_size\x18\x02 \x01(\x05\x12\x12\n\npage_token\x18\x03 \x01(\t\"K\n\x11ListNodesResponse\x12\x1d\n\x05nodes\x18\x01 \x03(\x0b\x32\x0e.flynn.v1.Node\x12\x17\n\x0fnext_page_token\x18\x02 \x01(\t\"!\n\x0eGetNodeRequest\x12\x0f\n\x07node_id\x18\x01 \x01(\t\"/\n\x0fGetNodeResponse\x12\x1c\n\x04node\x18\x01 \x01(\x0b\x32\x0e.flynn.v1.Node\"u\n\x11InvokeNodeRequest\x12\x0f\n\x07node_id\x18\x01 \x01(\t\x12\x0f\n\x07\x63ommand\x18\x02 \x01(\t\x12\x11\n\targs_json\x18\x03 \x01(\t\x12\x12\n\ntimeout_ms\x18\x04 \x01(\x03\x12\x17\n\x0fidempotency_key\x18\x05 \x01(\t\"w\n\x12InvokeNodeResponse\x12,\n\x08progress\x18\x01 \x01(\x0b\x32\x18.flynn.v1.InvokeProgressH\x00\x12(\n\x06result\x18\x02 \x01(\x0b\x32\x16.flynn.v1.InvokeResultH\x00\x42\t\n\x07message\"K\n\x15IssueNodeTokenRequest\x12\x0f\n\x07node_id\x18\x01 \x01(\t\x12\x0c\n\x04role\x18\x02 \x01(\t\x12\x13\n\x0b\x64\x65scription\x18\x03 \x01(\t\"X\n\x16IssueNodeTokenResponse\x12\x10\n\x08token_id\x18\x01 \x01(\t\x12\r\n\x05token\x18\x02 \x01(\t\x12\x0f\n\x07node_id\x18\x03 \x01(\t\x12\x0c\n\x04role\x18\x04 \x01(\t\":\n\x16RevokeNodeTokenRequest\x12\x10\n\x08token_id\x18\x01 \x01(\t\x12\x0e\n\x06reason\x18\x02 \x01(\t\"J\n\x17RevokeNodeTokenResponse\x12\x17\n\x0f\x61lready_revoked\x18\x01 \x01(\x08\x12\x16\n\x0e\x63losed_streams\x18\x02 \x01(\x05\"\xbe\x01\n\tNodeEvent\x12\x0b\n\x03seq\x18\x01 \x01(\x03\x12%\n\x04type\x18\x02 \x01(\x0e\x32\x17.flynn.v1.NodeEventType\x12\x0f\n\x07node_id\x18\x03 \x01(\t\x12\x0c\n\x04role\x18\x04 \x01(\t\x12\r\n\x05\x65poch\x18\x05 \x01(\x03\x12\x0e\n\x06reason\x18\x06 \x01(\t\x12\x15\n\rartifact_name\x18\x07 \x01(\t\x12(\n\x04time\x18\x08 \x01(\x0b\x32\x1a.google.protobuf.Timestamp\"+\n\x16WatchNodeEventsRequest\x12\x11\n\tafter_seq\x18\x01 \x01(\x03\"=\n\x17WatchNodeEventsResponse\x12\"\n\x05\x65vent\x18\x01 \x01(\x0b\x32\x13.flynn.v1.NodeEvent*Z\n\nNodeStatus\x12\x1b\n\x17NODE_STATUS_UNSPECIFIED\x10\x00\x12\x16\n\x12NODE_STATUS_ONLINE\x10\x01\x12\x17\n\x13NODE_STATUS_OFFLINE\x10\x02*\xb6\x01\n\rNodeEventType\x12\x1f\n\x1bNODE_EVENT_TYPE_UNSPECIFIED\x10\x00\x12\x1d\n\x19NODE_EVENT_TYPE_CONNECTED\x10\x01\x12\x1f\n\x1bNODE_EVENT_TYPE_RECONNECTED\x10\x02\x12 \n\x1cNODE_EVENT_TYPE_DISCONNECTED\x10\x03\x12\"\n\x1eNODE_EVENT_TYPE_CANVAS_CHANGED\x10\x04\x32\xa3\x04\n\x05Nodes\x12\x42\n\x07\x43onnect\x12\x18.flynn.v1.ConnectRequest\x1a\x19.flynn.v1.ConnectResponse(\x01\x30\x01\x12\x44\n\tListNodes\x12\x1a.flynn.v1.ListNodesRequest\x1a\x1b.flynn.v1.ListNodesResponse\x12>\n\x07GetNode\x12\x18.flynn.v1.GetNodeRequest\x1a\x19.flynn.v1.GetNodeResponse\x12I\n\nInvokeNode\x12\x1b.flynn.v1.InvokeNodeRequest\x1a\x1c.flynn.v1.InvokeNodeResponse0\x01\x12S\n\x0eIssueNodeToken\x12\x1f.flynn.v1.IssueNodeTokenRequest\x1a .flynn.v1.IssueNodeTokenResponse\x12V\n\x0fRevokeNodeToken\x12 .flynn.v1.RevokeNodeTokenRequest\x1a!.flynn.v1.RevokeNodeTokenResponse\x12X\n\x0fWatchNodeEvents\x12 .flynn.v1.WatchNodeEventsRequest\x1a!.flynn.v1.WatchNodeEventsResponse0\x01\x62\x06proto3')
+DESCRIPTOR = _descriptor_pool.Default().AddSerializedFile(b'\n\x14\x66lynn/v1/nodes.proto\x12\x08\x66lynn.v1\x1a\x1fgoogle/protobuf/timestamp.proto\"\x94\x01\n\x0cNodeRegister\x12\x0f\n\x07node_id\x18\x01 \x01(\t\x12\r\n\x05token\x18\x02 \x01(\t\x12\x0c\n\x04role\x18\x03 \x01(\t\x12\x14\n\x0c\x63\x61pabilities\x18\x04 \x03(\t\x12\x18\n\x10protocol_version\x18\x05 \x01(\x05\x12\x14\n\x0c\x64isplay_name\x18\x06 \x01(\t\x12\x10\n\x08platform\x18\x07 \x01(\t\"H\n\rNodeHeartbeat\x12(\n\x04time\x18\x01 \x01(\x0b\x32\x1a.google.protobuf.Timestamp\x12\r\n\x05\x65poch\x18\x02 \x01(\x03\"e\n\x0cInvokeResult\x12\x11\n\tinvoke_id\x18\x01 \x01(\t\x12\n\n\x02ok\x18\x02 \x01(\x08\x12\x13\n\x0bresult_json\x18\x03 \x01(\t\x12\r\n\x05\x65rror\x18\x04 \x01(\t\x12\x12\n\nerror_code\x18\x05 \x01(\t\"F\n\x0eInvokeProgress\x12\x11\n\tinvoke_id\x18\x01 \x01(\t\x12\x10\n\x08\x66raction\x18\x02 \x01(\x01\x12\x0f\n\x07message\x18\x03 \x01(\t\"\xcd\x01\n\x0e\x43onnectRequest\x12*\n\x08register\x18\x01 \x01(\x0b\x32\x16.flynn.v1.NodeRegisterH\x00\x12,\n\theartbeat\x18\x02 \x01(\x0b\x32\x17.flynn.v1.NodeHeartbeatH\x00\x12(\n\x06result\x18\x03 \x01(\x0b\x32\x16.flynn.v1.InvokeResultH\x00\x12,\n\x08progress\x18\x04 \x01(\x0b\x32\x18.flynn.v1.InvokeProgressH\x00\x42\t\n\x07message\"4\n\tNodeGates\x12\x0e\n\x06\x63\x61nvas\x18\x01 \x01(\x08\x12\x17\n\x0f\x63onfig_revision\x18\x02 \x01(\x03\"\x85\x01\n\x0eNodeRegistered\x12\r\n\x05\x65poch\x18\x01 \x01(\x03\x12\"\n\x05gates\x18\x02 \x01(\x0b\x32\x13.flynn.v1.NodeGates\x12\x1d\n\x15heartbeat_interval_ms\x18\x03 \x01(\x03\x12\x10\n\x08lease_ms\x18\x04 \x01(\x03\x12\x0f\n\x07resumed\x18\x05 \x01(\x08\"\x9d\x01\n\rInvokeRequest\x12\x11\n\tinvoke_id\x18\x01 \x01(\t\x12\x0f\n\x07\x63ommand\x18\x02 \x01(\t\x12\x11\n\targs_json\x18\x03 \x01(\t\x12,\n\x08\x64\x65\x61\x64line\x18\x04 \x01(\x0b\x32\x1a.google.protobuf.Timestamp\x12\x13\n\x0btraceparent\x18\x05 \x01(\t\x12\x12\n\ntracestate\x18\x06 \x01(\t\"0\n\nGateUpdate\x12\"\n\x05gates\x18\x01 \x01(\x0b\x32\x13.flynn.v1.NodeGates\"?\n\tNodeClose\x12\x0e\n\x06reason\x18\x01 \x01(\t\x12\x11\n\treconnect\x18\x02 \x01(\x08\x12\x0f\n\x07message\x18\x03 \x01(\t\"1\n\x0cInvokeCancel\x12\x11\n\tinvoke_id\x18\x01 \x01(\t\x12\x0e\n\x06reason\x18\x02 \x01(\t\"\x9c\x02\n\x0f\x43onnectResponse\x12.\n\nregistered\x18\x01 \x01(\x0b\x32\x18.flynn.v1.NodeRegisteredH\x00\x12,\n\theartbeat\x18\x02 \x01(\x0b\x32\x17.flynn.v1.NodeHeartbeatH\x00\x12)\n\x06invoke\x18\x03 \x01(\x0b\x32\x17.flynn.v1.InvokeRequestH\x00\x12%\n\x05gates\x18\x04 \x01(\x0b\x32\x14.flynn.v1.GateUpdateH\x00\x12$\n\x05\x63lose\x18\x05 \x01(\x0b\x32\x13.flynn.v1.NodeCloseH\x00\x12(\n\x06\x63\x61ncel\x18\x06 \x01(\x0b\x32\x16.flynn.v1.InvokeCancelH\x00\x42\t\n\x07message\"\xc9\x02\n\x04Node\x12\x0f\n\x07node_id\x18\x01 \x01(\t\x12\x0c\n\x04role\x18\x02 \x01(\t\x12\x14\n\x0c\x63\x61pabilities\x18\x03 \x03(\t\x12$\n\x06status\x18\x04 \x01(\x0e\x32\x14.flynn.v1.NodeStatus\x12\r\n\x05\x65poch\x18\x05 \x01(\x03\x12\x32\n\x0elast_seen_time\x18\x06 \x01(\x0b\x32\x1a.google.protobuf.Timestamp\x12\x17\n\x0freconnect_count\x18\x07 \x01(\x03\x12\x18\n\x10protocol_version\x18\x08 \x01(\x05\x12\x14\n\x0c\x64isplay_name\x18\t \x01(\t\x12\x10\n\x08platform\x18\n \x01(\t\x12\x16\n\x0eoffline_reason\x18\x0b \x01(\t\x12\x30\n\x0c\x63onnect_time\x18\x0c \x01(\x0b\x32\x1a.google.protobuf.Timestamp\"_\n\x10ListNodesRequest\x12$\n\x06status\x18\x01 \x01(\x0e\x32\x14.flynn.v1.NodeStatus\x12\x11\n\tpage_size\x18\x02 \x01(\x05\x12\x12\n\npage_token\x18\x03 \x01(\t\"K\n\x11ListNodesResponse\x12\x1d\n\x05nodes\x18\x01 \x03(\x0b\x32\x0e.flynn.v1.Node\x12\x17\n\x0fnext_page_token\x18\x02 \x01(\t\"!\n\x0eGetNodeRequest\x12\x0f\n\x07node_id\x18\x01 \x01(\t\"/\n\x0fGetNodeResponse\x12\x1c\n\x04node\x18\x01 \x01(\x0b\x32\x0e.flynn.v1.Node\"u\n\x11InvokeNodeRequest\x12\x0f\n\x07node_id\x18\x01 \x01(\t\x12\x0f\n\x07\x63ommand\x18\x02 \x01(\t\x12\x11\n\targs_json\x18\x03 \x01(\t\x12\x12\n\ntimeout_ms\x18\x04 \x01(\x03\x12\x17\n\x0fidempotency_key\x18\x05 \x01(\t\"w\n\x12InvokeNodeResponse\x12,\n\x08progress\x18\x01 \x01(\x0b\x32\x18.flynn.v1.InvokeProgressH\x00\x12(\n\x06result\x18\x02 \x01(\x0b\x32\x16.flynn.v1.InvokeResultH\x00\x42\t\n\x07message\"K\n\x15IssueNodeTokenRequest\x12\x0f\n\x07node_id\x18\x01 \x01(\t\x12\x0c\n\x04role\x18\x02 \x01(\t\x12\x13\n\x0b\x64\x65scription\x18\x03 \x01(\t\"X\n\x16IssueNodeTokenResponse\x12\x10\n\x08token_id\x18\x01 \x01(\t\x12\r\n\x05token\x18\x02 \x01(\t\x12\x0f\n\x07node_id\x18\x03 \x01(\t\x12\x0c\n\x04role\x18\x04 \x01(\t\":\n\x16RevokeNodeTokenRequest\x12\x10\n\x08token_id\x18\x01 \x01(\t\x12\x0e\n\x06reason\x18\x02 \x01(\t\"J\n\x17RevokeNodeTokenResponse\x12\x17\n\x0f\x61lready_revoked\x18\x01 \x01(\x08\x12\x16\n\x0e\x63losed_streams\x18\x02 \x01(\x05\"\xbe\x01\n\tNodeEvent\x12\x0b\n\x03seq\x18\x01 \x01(\x03\x12%\n\x04type\x18\x02 \x01(\x0e\x32\x17.flynn.v1.NodeEventType\x12\x0f\n\x07node_id\x18\x03 \x01(\t\x12\x0c\n\x04role\x18\x04 \x01(\t\x12\r\n\x05\x65poch\x18\x05 \x01(\x03\x12\x0e\n\x06reason\x18\x06 \x01(\t\x12\x15\n\rartifact_name\x18\x07 \x01(\t\x12(\n\x04time\x18\x08 \x01(\x0b\x32\x1a.google.protobuf.Timestamp\"+\n\x16WatchNodeEventsRequest\x12\x11\n\tafter_seq\x18\x01 \x01(\x03\"=\n\x17WatchNodeEventsResponse\x12\"\n\x05\x65vent\x18\x01 \x01(\x0b\x32\x13.flynn.v1.NodeEvent*Z\n\nNodeStatus\x12\x1b\n\x17NODE_STATUS_UNSPECIFIED\x10\x00\x12\x16\n\x12NODE_STATUS_ONLINE\x10\x01\x12\x17\n\x13NODE_STATUS_OFFLINE\x10\x02*\xb6\x01\n\rNodeEventType\x12\x1f\n\x1bNODE_EVENT_TYPE_UNSPECIFIED\x10\x00\x12\x1d\n\x19NODE_EVENT_TYPE_CONNECTED\x10\x01\x12\x1f\n\x1bNODE_EVENT_TYPE_RECONNECTED\x10\x02\x12 \n\x1cNODE_EVENT_TYPE_DISCONNECTED\x10\x03\x12\"\n\x1eNODE_EVENT_TYPE_CANVAS_CHANGED\x10\x04\x32\xa3\x04\n\x05Nodes\x12\x42\n\x07\x43onnect\x12\x18.flynn.v1.ConnectRequest\x1a\x19.flynn.v1.ConnectResponse(\x01\x30\x01\x12\x44\n\tListNodes\x12\x1a.flynn.v1.ListNodesRequest\x1a\x1b.flynn.v1.ListNodesResponse\x12>\n\x07GetNode\x12\x18.flynn.v1.GetNodeRequest\x1a\x19.flynn.v1.GetNodeResponse\x12I\n\nInvokeNode\x12\x1b.flynn.v1.InvokeNodeRequest\x1a\x1c.flynn.v1.InvokeNodeResponse0\x01\x12S\n\x0eIssueNodeToken\x12\x1f.flynn.v1.IssueNodeTokenRequest\x1a .flynn.v1.IssueNodeTokenResponse\x12V\n\x0fRevokeNodeToken\x12 .flynn.v1.RevokeNodeTokenRequest\x1a!.flynn.v1.RevokeNodeTokenResponse\x12X\n\x0fWatchNodeEvents\x12 .flynn.v1.WatchNodeEventsRequest\x1a!.flynn.v1.WatchNodeEventsResponse0\x01\x62\x06proto3')
 
 _globals = globals()
 _builder.BuildMessageAndEnumDescriptors(DESCRIPTOR, _globals)
 _builder.BuildTopDescriptorsAndMessages(DESCRIPTOR, 'flynn.v1.nodes_pb2', _globals)
 if not _descriptor._USE_C_DESCRIPTORS:
   DESCRIPTOR._loaded_options = None
-  _globals['_NODESTATUS']._serialized_start=2870
-  _globals['_NODESTATUS']._serialized_end=2960
-  _globals['_NODEEVENTTYPE']._serialized_start=2963
-  _globals['_NODEEVENTTYPE']._serialized_end=3145
+  _globals['_NODESTATUS']._serialized_start=2912
+  _globals['_NODESTATUS']._serialized_end=3002
+  _globals['_NODEEVENTTYPE']._serialized_start=3005
+  _globals['_NODEEVENTTYPE']._serialized_end=3187
   _globals['_NODEREGISTER']._serialized_start=68
   _globals['_NODEREGISTER']._serialized_end=216
   _globals['_NODEHEARTBEAT']._serialized_start=218
@@ -50,44 +50,44 @@ if not _descriptor._USE_C_DESCRIPTORS:
   _globals['_NODEGATES']._serialized_end=727
   _globals['_NODEREGISTERED']._serialized_start=730
   _globals['_NODEREGISTERED']._serialized_end=863
-  _globals['_INVOKEREQUEST']._serialized_start=865
-  _globals['_INVOKEREQUEST']._serialized_end=981
-  _globals['_GATEUPDATE']._serialized_start=983
-  _globals['_GATEUPDATE']._serialized_end=1031
-  _globals['_NODECLOSE']._serialized_start=1033
-  _globals['_NODECLOSE']._serialized_end=1096
-  _globals['_INVOKECANCEL']._serialized_start=1098
-  _globals['_INVOKECANCEL']._serialized_end=1147
-  _globals['_CONNECTRESPONSE']._serialized_start=1150
-  _globals['_CONNECTRESPONSE']._serialized_end=1434
-  _globals['_NODE']._serialized_start=1437
-  _globals['_NODE']._serialized_end=1766
-  _globals['_LISTNODESREQUEST']._serialized_start=1768
-  _globals['_LISTNODESREQUEST']._serialized_end=1863
-  _globals['_LISTNODESRESPONSE']._serialized_start=1865
-  _globals['_LISTNODESRESPONSE']._serialized_end=1940
-  _globals['_GETNODEREQUEST']._serialized_start=1942
-  _globals['_GETNODEREQUEST']._serialized_end=1975
-  _globals['_GETNODERESPONSE']._serialized_start=1977
-  _globals['_GETNODERESPONSE']._serialized_end=2024
-  _globals['_INVOKENODEREQUEST']._serialized_start=2026
-  _globals['_INVOKENODEREQUEST']._serialized_end=2143
-  _globals['_INVOKENODERESPONSE']._serialized_start=2145
-  _globals['_INVOKENODERESPONSE']._serialized_end=2264
-  _globals['_ISSUENODETOKENREQUEST']._serialized_start=2266
-  _globals['_ISSUENODETOKENREQUEST']._serialized_end=2341
-  _globals['_ISSUENODETOKENRESPONSE']._serialized_start=2343
-  _globals['_ISSUENODETOKENRESPONSE']._serialized_end=2431
-  _globals['_REVOKENODETOKENREQUEST']._serialized_start=2433
-  _globals['_REVOKENODETOKENREQUEST']._serialized_end=2491
-  _globals['_REVOKENODETOKENRESPONSE']._serialized_start=2493
-  _globals['_REVOKENODETOKENRESPONSE']._serialized_end=2567
-  _globals['_NODEEVENT']._serialized_start=2570
-  _globals['_NODEEVENT']._serialized_end=2760
-  _globals['_WATCHNODEEVENTSREQUEST']._serialized_start=2762
-  _globals['_WATCHNODEEVENTSREQUEST']._serialized_end=2805
-  _globals['_WATCHNODEEVENTSRESPONSE']._serialized_start=2807
-  _globals['_WATCHNODEEVENTSRESPONSE']._serialized_end=2868
-  _globals['_NODES']._serialized_start=3148
-  _globals['_NODES']._serialized_end=3695
+  _globals['_INVOKEREQUEST']._serialized_start=866
+  _globals['_INVOKEREQUEST']._serialized_end=1023
+  _globals['_GATEUPDATE']._serialized_start=1025
+  _globals['_GATEUPDATE']._serialized_end=1073
+  _globals['_NODECLOSE']._serialized_start=1075
+  _globals['_NODECLOSE']._serialized_end=1138
+  _globals['_INVOKECANCEL']._serialized_start=1140
+  _globals['_INVOKECANCEL']._serialized_end=1189
+  _globals['_CONNECTRESPONSE']._serialized_start=1192
+  _globals['_CONNECTRESPONSE']._serialized_end=1476
+  _globals['_NODE']._serialized_start=1479
+  _globals['_NODE']._serialized_end=1808
+  _globals['_LISTNODESREQUEST']._serialized_start=1810
+  _globals['_LISTNODESREQUEST']._serialized_end=1905
+  _globals['_LISTNODESRESPONSE']._serialized_start=1907
+  _globals['_LISTNODESRESPONSE']._serialized_end=1982
+  _globals['_GETNODEREQUEST']._serialized_start=1984
+  _globals['_GETNODEREQUEST']._serialized_end=2017
+  _globals['_GETNODERESPONSE']._serialized_start=2019
+  _globals['_GETNODERESPONSE']._serialized_end=2066
+  _globals['_INVOKENODEREQUEST']._serialized_start=2068
+  _globals['_INVOKENODEREQUEST']._serialized_end=2185
+  _globals['_INVOKENODERESPONSE']._serialized_start=2187
+  _globals['_INVOKENODERESPONSE']._serialized_end=2306
+  _globals['_ISSUENODETOKENREQUEST']._serialized_start=2308
+  _globals['_ISSUENODETOKENREQUEST']._serialized_end=2383
+  _globals['_ISSUENODETOKENRESPONSE']._serialized_start=2385
+  _globals['_ISSUENODETOKENRESPONSE']._serialized_end=2473
+  _globals['_REVOKENODETOKENREQUEST']._serialized_start=2475
+  _globals['_REVOKENODETOKENREQUEST']._serialized_end=2533
+  _globals['_REVOKENODETOKENRESPONSE']._serialized_start=2535
+  _globals['_REVOKENODETOKENRESPONSE']._serialized_end=2609
+  _globals['_NODEEVENT']._serialized_start=2612
+  _globals['_NODEEVENT']._serialized_end=2802
+  _globals['_WATCHNODEEVENTSREQUEST']._serialized_start=2804
+  _globals['_WATCHNODEEVENTSREQUEST']._serialized_end=2847
+  _globals['_WATCHNODEEVENTSRESPONSE']._serialized_start=2849
+  _globals['_WATCHNODEEVENTSRESPONSE']._serialized_end=2910
+  _globals['_NODES']._serialized_start=3190
+  _globals['_NODES']._serialized_end=3737
 # @@protoc_insertion_point(module_scope)

@@ -340,12 +340,20 @@ class InvokeRequest(_message.Message):
     COMMAND_FIELD_NUMBER: _builtins.int
     ARGS_JSON_FIELD_NUMBER: _builtins.int
     DEADLINE_FIELD_NUMBER: _builtins.int
+    TRACEPARENT_FIELD_NUMBER: _builtins.int
+    TRACESTATE_FIELD_NUMBER: _builtins.int
     invoke_id: _builtins.str
     """Invoke id."""
     command: _builtins.str
     """Command."""
     args_json: _builtins.str
     """Arguments as JSON."""
+    traceparent: _builtins.str
+    """W3C trace context (traceparent) of the InvokeNode call, when tracing is on: a node that traces
+    continues the trace from it.
+    """
+    tracestate: _builtins.str
+    """W3C tracestate accompanying traceparent."""
     @_builtins.property
     def deadline(self) -> _timestamp_pb2.Timestamp:
         """Absolute deadline; the node must answer before it."""
@@ -357,10 +365,12 @@ class InvokeRequest(_message.Message):
         command: _builtins.str = ...,
         args_json: _builtins.str = ...,
         deadline: _timestamp_pb2.Timestamp | None = ...,
+        traceparent: _builtins.str = ...,
+        tracestate: _builtins.str = ...,
     ) -> None: ...
     _HasFieldArgType: _TypeAlias = _typing.Literal["deadline", b"deadline"]  # noqa: Y015
     def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
-    _ClearFieldArgType: _TypeAlias = _typing.Literal["args_json", b"args_json", "command", b"command", "deadline", b"deadline", "invoke_id", b"invoke_id"]  # noqa: Y015
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["args_json", b"args_json", "command", b"command", "deadline", b"deadline", "invoke_id", b"invoke_id", "traceparent", b"traceparent", "tracestate", b"tracestate"]  # noqa: Y015
     def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
     def WhichOneof(self, oneof_group: _Never) -> None: ...
 

@@ -1,0 +1,392 @@
+"""OpenTelemetry traces for every Flynn process: configuration, W3C propagation, spans, exemplars.
+
+Configuration is the standard OpenTelemetry environment (docs/operations/OBSERVABILITY.md, "Traces"):
+
+    OTEL_TRACES_EXPORTER=otlp                       # unset or "none": tracing off (the default)
+    OTEL_EXPORTER_OTLP_ENDPOINT=http://collector:4317   # OTLP/gRPC; http:// means plaintext
+    OTEL_TRACES_SAMPLER=parentbased_traceidratio    # and OTEL_TRACES_SAMPLER_ARG=0.1
+    OTEL_SERVICE_NAME=...                           # default flynn-<service>
+    OTEL_RESOURCE_ATTRIBUTES, OTEL_BSP_*, OTEL_EXPORTER_OTLP_* (headers, timeout, ...) as usual
+    OTEL_INSTRUMENTATION_GENAI_CAPTURE_MESSAGE_CONTENT=true   # record message and reply text (off)
+
+Off costs nothing: the SDK is never imported, no client interceptor is installed, and every hook in
+the services checks `ENABLED` (or a None tracer) first; the helpers below that are called
+unconditionally return at their first line. On, the shared runtime does the work: the server
+interceptor opens a SERVER span per RPC (parent: the caller's `traceparent` metadata) and makes it
+current; `client_channel` injects the current context into every outgoing call; long-lived work
+(runs, reactions, speech) carries its context in `Causation.traceparent` (persisted with messages,
+runs and replies), so phases after a queue wait or a restart join the message's trace.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import functools
+import logging
+import os
+from collections.abc import Iterable, Iterator, Mapping, Sequence
+from typing import TYPE_CHECKING, Any
+
+from flynn.v1 import common_pb2
+
+if TYPE_CHECKING:
+    from opentelemetry.context import Context
+    from opentelemetry.trace import Link, Span, SpanContext, Tracer
+
+log = logging.getLogger(__name__)
+
+#: True once configure() set up an exporter; read on the hot path, so a plain module global.
+ENABLED = False
+#: Record message and reply text in span attributes (OTEL_INSTRUMENTATION_GENAI_CAPTURE_MESSAGE_CONTENT).
+CAPTURE_CONTENT = False
+CAPTURE_ENV = "OTEL_INSTRUMENTATION_GENAI_CAPTURE_MESSAGE_CONTENT"
+TRACEPARENT = "traceparent"
+TRACESTATE = "tracestate"
+
+# Methods not worth a span each (probes, reflection).
+_UNTRACED_PREFIXES = ("/grpc.health.v1.Health/", "/grpc.reflection.")
+
+_tracer: Tracer | None = None
+_provider: Any = None
+_propagator: Any = None
+
+
+class _Api:
+    """The OpenTelemetry API, bound by configure() (never imported while tracing is off)."""
+
+    trace: Any = None
+    context: Any = None
+    Link: Any = None
+    SpanKind: Any = None
+    Status: Any = None
+    StatusCode: Any = None
+    root: Any = None  # an empty context: the parent of a span that starts a trace
+
+
+_api = _Api()
+
+
+def _truthy(value: str | None) -> bool:
+    return (value or "").strip().lower() in ("1", "true", "yes", "on")
+
+
+def configure(service: str, environ: Mapping[str, str] | None = None) -> bool:
+    """Set up tracing for this process from the OTEL_* environment; True when tracing is on."""
+    global ENABLED, CAPTURE_CONTENT, _tracer, _provider, _propagator
+    env = os.environ if environ is None else environ
+    exporter = env.get("OTEL_TRACES_EXPORTER", "none").strip().lower()
+    if exporter in ("", "none") or _truthy(env.get("OTEL_SDK_DISABLED")):
+        return False
+    if exporter != "otlp":
+        log.warning("OTEL_TRACES_EXPORTER=%s is not supported (only otlp); tracing stays off", exporter)
+        return False
+    from opentelemetry import context as otel_context
+    from opentelemetry import trace
+    from opentelemetry.exporter.otlp.proto.grpc.trace_exporter import OTLPSpanExporter
+    from opentelemetry.sdk.resources import Resource
+    from opentelemetry.sdk.trace import TracerProvider
+    from opentelemetry.sdk.trace.export import BatchSpanProcessor
+    from opentelemetry.trace.propagation.tracecontext import TraceContextTextMapPropagator
+
+    attrs: dict[str, str] = {"flynn.service": service}
+    if not env.get("OTEL_SERVICE_NAME"):
+        attrs["service.name"] = f"flynn-{service}"
+    # The sampler comes from OTEL_TRACES_SAMPLER(_ARG); the exporter from OTEL_EXPORTER_OTLP_*.
+    provider = TracerProvider(resource=Resource.create(attrs))
+    provider.add_span_processor(BatchSpanProcessor(OTLPSpanExporter()))
+    trace.set_tracer_provider(provider)
+    _provider = provider
+    _tracer = provider.get_tracer("flynn")
+    _propagator = TraceContextTextMapPropagator()
+    _api.trace, _api.context = trace, otel_context
+    _api.Link, _api.SpanKind = trace.Link, trace.SpanKind
+    _api.Status, _api.StatusCode = trace.Status, trace.StatusCode
+    _api.root = otel_context.Context()
+    CAPTURE_CONTENT = _truthy(env.get(CAPTURE_ENV))
+    ENABLED = True
+    log.info(
+        "tracing on",
+        extra={
+            "endpoint": env.get("OTEL_EXPORTER_OTLP_TRACES_ENDPOINT")
+            or env.get("OTEL_EXPORTER_OTLP_ENDPOINT", ""),
+            "sampler": env.get("OTEL_TRACES_SAMPLER", "parentbased_always_on"),
+            "capture_content": CAPTURE_CONTENT,
+        },
+    )
+    return True
+
+
+def shutdown() -> None:
+    """Export what is buffered and stop (end of the process)."""
+    global ENABLED
+    if _provider is not None:
+        ENABLED = False
+        try:
+            _provider.shutdown()
+        except Exception:  # noqa: BLE001 - never fail a clean exit over telemetry
+            log.warning("tracing shutdown failed", exc_info=True)
+
+
+def tracer() -> Tracer:
+    assert _tracer is not None, "tracing is not configured"
+    return _tracer
+
+
+# --- context ------------------------------------------------------------------------------------
+
+
+def extract(carrier: Mapping[str, str]) -> Context:
+    """The context a `traceparent`/`tracestate` carrier names (an empty context when none)."""
+    ctx: Context = _propagator.extract(carrier)
+    return ctx
+
+
+def context_of(traceparent: str, tracestate: str = "") -> Context | None:
+    """The context a traceparent names (None for ""). Cached: a run's phases parse the same one."""
+    if not traceparent:
+        return None
+    return _context_of(traceparent, tracestate)
+
+
+@functools.lru_cache(maxsize=4096)
+def _context_of(traceparent: str, tracestate: str) -> Context:
+    carrier = {TRACEPARENT: traceparent}
+    if tracestate:
+        carrier[TRACESTATE] = tracestate
+    return extract(carrier)
+
+
+def sampled(traceparent: str) -> bool:
+    """Whether a traceparent's sampled flag is set (an unsampled run records nothing)."""
+    if len(traceparent) != 55:
+        return False
+    try:
+        return bool(int(traceparent[53:], 16) & 1)  # trace-flags: bit 0 sampled (bit 1: random id)
+    except ValueError:
+        return False
+
+
+def carrier(context: Context | None = None) -> dict[str, str]:
+    """`traceparent` (and `tracestate`) of the current (or given) context; empty when none."""
+    out: dict[str, str] = {}
+    _propagator.inject(out, context=context)
+    return out
+
+
+def current_ids() -> tuple[str, str] | None:
+    """(trace_id, span_id) in hex of the current span, for logs and audit records."""
+    if not ENABLED:
+        return None
+
+    sc = _api.trace.get_current_span().get_span_context()
+    if not sc.is_valid:
+        return None
+    return _api.trace.format_trace_id(sc.trace_id), _api.trace.format_span_id(sc.span_id)
+
+
+def span_context_of(traceparent: str) -> SpanContext | None:
+
+    ctx = context_of(traceparent)
+    if ctx is None:
+        return None
+    sc = _api.trace.get_current_span(ctx).get_span_context()
+    return sc if sc.is_valid else None
+
+
+def link_current(**attributes: Any) -> list[Link]:
+    """A span link to the current span (none when there is no valid one)."""
+
+    sc = _api.trace.get_current_span().get_span_context()
+    return [_api.Link(sc, attributes or None)] if sc.is_valid else []
+
+
+def link_to(traceparent: str, **attributes: Any) -> list[Link]:
+    """A span link to the span a traceparent names (none when empty or invalid)."""
+
+    sc = span_context_of(traceparent)
+    return [_api.Link(sc, attributes or None)] if sc is not None else []
+
+
+def stamp(causation: common_pb2.Causation | None) -> common_pb2.Causation | None:
+    """`causation` carrying the current span's context (a new Causation if None); unchanged when off.
+
+    Run control stamps each accepted message this way: the context is then stored with the message,
+    its run and its replies, and the run's phases are spans of the message's trace."""
+    if not ENABLED:
+        return causation
+    c = carrier()
+    if not c:
+        return causation
+    out = common_pb2.Causation()
+    if causation is not None:
+        out.CopyFrom(causation)
+    out.traceparent = c.get(TRACEPARENT, "")
+    out.tracestate = c.get(TRACESTATE, "")
+    return out
+
+
+def traceparent_of(causation_bytes: bytes) -> str:
+    """The traceparent stored in a serialized Causation ("" when off or absent)."""
+    if not ENABLED or not causation_bytes:
+        return ""
+    tp: str = common_pb2.Causation.FromString(causation_bytes).traceparent
+    return tp
+
+
+# --- spans --------------------------------------------------------------------------------------
+
+
+def start_span(
+    name: str,
+    *,
+    parent: str | Context | None = None,
+    attributes: Mapping[str, Any] | None = None,
+    links: Sequence[Link] = (),
+    start_time: float | None = None,
+    server: bool = False,
+) -> Span:
+    """Start (not activate) a span; `parent` is a traceparent or a context (None: the current one).
+    `start_time` is time.time() seconds (for phases recorded when they end)."""
+
+    ctx = context_of(parent) if isinstance(parent, str) else parent
+    return tracer().start_span(
+        name,
+        context=ctx,
+        kind=_api.SpanKind.SERVER if server else _api.SpanKind.INTERNAL,
+        attributes=attributes or None,
+        links=list(links) or None,
+        start_time=int(start_time * 1e9) if start_time is not None else None,
+    )
+
+
+def mark_error(span: Span, description: str) -> None:
+
+    span.set_status(_api.Status(_api.StatusCode.ERROR, description))
+
+
+def end_span(span: Span, end_time: float | None = None, error: str = "") -> None:
+    if error:
+        mark_error(span, error)
+    span.end(end_time=int(end_time * 1e9) if end_time is not None else None)
+
+
+@contextlib.contextmanager
+def activated(span: Span | None) -> Iterator[None]:
+    """Make `span` current for the block (no-op for None)."""
+    if span is None:
+        yield
+        return
+
+    with _api.trace.use_span(span, end_on_exit=False, record_exception=False, set_status_on_exception=False):
+        yield
+
+
+@contextlib.contextmanager
+def joined(traceparent: str) -> Iterator[None]:
+    """The context a traceparent names current for the block (sampled or not; an empty context for
+    ""), so calls made inside carry it instead of whatever context the running task inherited."""
+    token = _api.context.attach(context_of(traceparent) or _api.root)
+    try:
+        yield
+    finally:
+        _api.context.detach(token)
+
+
+@contextlib.contextmanager
+def span(
+    name: str,
+    *,
+    parent: str | Context | None = None,
+    attributes: Mapping[str, Any] | None = None,
+    links: Sequence[Link] = (),
+) -> Iterator[Span | None]:
+    """A span around a block, current inside it; yields None (and does nothing) when tracing is off."""
+    if not ENABLED:
+        yield None
+        return
+    s = start_span(name, parent=parent, attributes=attributes, links=links)
+    try:
+        with activated(s):
+            yield s
+    except BaseException as e:
+        end_span(s, error=type(e).__name__)
+        raise
+    end_span(s)
+
+
+def set_attributes(attributes: Mapping[str, Any]) -> None:
+    """Set attributes on the current span (None values skipped); no-op when off."""
+    if not ENABLED:
+        return
+
+    s = _api.trace.get_current_span()
+    if s.is_recording():
+        s.set_attributes({k: v for k, v in attributes.items() if v is not None})
+
+
+def content(key: str, text: str) -> dict[str, str]:
+    """{key: text} when content capture is on, else {} (message text is never recorded by default)."""
+    return {key: text} if CAPTURE_CONTENT and text else {}
+
+
+# --- gRPC ---------------------------------------------------------------------------------------
+
+# Status codes that mark a server span as failed (OpenTelemetry gRPC conventions).
+_SERVER_ERRORS = frozenset(
+    {"UNKNOWN", "DEADLINE_EXCEEDED", "UNIMPLEMENTED", "INTERNAL", "UNAVAILABLE", "DATA_LOSS"}
+)
+
+
+def server_span(method: str, metadata: Iterable[tuple[str, Any]]) -> Span | None:
+    """Open the SERVER span of an RPC (child of the caller's traceparent) and make it current for the
+    handler's task. None for untraced methods. Called only when ENABLED."""
+    if method.startswith(_UNTRACED_PREFIXES):
+        return None
+
+    tp = ts = ""
+    for k, v in metadata:
+        if k == TRACEPARENT and isinstance(v, str):
+            tp = v
+        elif k == TRACESTATE and isinstance(v, str):
+            ts = v
+    name, attrs = _method_span(method)
+    s = start_span(name, parent=context_of(tp, ts) if tp else _api.root, attributes=attrs, server=True)
+    # Each RPC runs in its own task (its own contextvars copy): no detach needed.
+    _api.context.attach(_api.trace.set_span_in_context(s))
+    return s
+
+
+@functools.lru_cache(maxsize=512)
+def _method_span(method: str) -> tuple[str, dict[str, str]]:
+    _, service, name = method.split("/", 2) if method.count("/") >= 2 else ("", "unknown", method)
+    return f"{service}/{name}", {"rpc.system": "grpc", "rpc.service": service, "rpc.method": name}
+
+
+def end_server_span(s: Span, code_name: str, code_value: int) -> None:
+    s.set_attribute("rpc.grpc.status_code", code_value)
+    end_span(s, error=code_name if code_name in _SERVER_ERRORS else "")
+
+
+def inject_metadata(metadata: Sequence[tuple[str, Any]]) -> list[tuple[str, Any]]:
+    """`metadata` with the current context's traceparent/tracestate (replacing any it had)."""
+    md = [(k, v) for k, v in metadata if k not in (TRACEPARENT, TRACESTATE)]
+    md.extend(carrier().items())
+    return md
+
+
+def exemplar(traceparent: str = "") -> dict[str, str] | None:
+    """Exemplar labels {trace_id, span_id} for a histogram observation: of `traceparent` if given,
+    else of the current span; None when off or unsampled (prometheus_client: observe(v, exemplar))."""
+    if not ENABLED:
+        return None
+
+    if traceparent:
+        sc = span_context_of(traceparent)
+    else:
+        sc = _api.trace.get_current_span().get_span_context()
+    if sc is None or not sc.is_valid or not sc.trace_flags.sampled:
+        return None
+    return {
+        "trace_id": _api.trace.format_trace_id(sc.trace_id),
+        "span_id": _api.trace.format_span_id(sc.span_id),
+    }
