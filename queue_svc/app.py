@@ -12,9 +12,11 @@ from flynn.v1 import run_control_pb2_grpc
 from flynn_runtime import config_yaml
 from flynn_runtime.config_source import ConfigSource, StaticConfig
 from flynn_runtime.server import Runtime, ServiceApp
+from queue_svc.agent_driver import AgentProvider
 from queue_svc.agents import EchoAgent, EchoSettings
 from queue_svc.grpc_agent import GrpcAgent
-from queue_svc.run_control import AgentProvider, RunControl, _seconds
+from queue_svc.ledger import _seconds
+from queue_svc.run_control import RunControl
 from queue_svc.servicer import RunControlServicer
 from queue_svc.store import QueueStore
 from queue_svc.voice_client import VoiceSynthesizer

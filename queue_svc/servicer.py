@@ -20,7 +20,7 @@ from flynn_runtime.server import Runtime
 from flynn_runtime.validation import Violations, page_size
 from queue_svc import metrics
 from queue_svc.fanout import Fanout, Stopped, Subscription
-from queue_svc.run_control import RunControl, SubmitInput, run_to_proto
+from queue_svc.run_control import CancelInput, RunControl, SubmitInput, run_to_proto
 
 MAX_TEXT = 32 * 1024
 QUEUE_MODES = config_pb2.QueueMode.values()
@@ -116,7 +116,15 @@ class RunControlServicer(pb_grpc.RunControlServicer):
         if scope != pb.CANCEL_SCOPE_RUN and not request.session_key and not request.run_id:
             v.add("session_key", "is required to cancel a session")
         v.raise_if_any()
-        res = self.rc.cancel(request.run_id, request.session_key, scope, request.reason, actor())
+        res = self.rc.cancel(
+            CancelInput(
+                run_id=request.run_id,
+                session_key=request.session_key,
+                scope=scope,
+                reason=request.reason,
+                actor=actor(),
+            )
+        )
         await self.rc.durable()  # cancel_requested is durable before the answer
         if res.outcome == pb.CANCEL_OUTCOME_CANCEL_REQUESTED:
             metrics.CANCEL_TO_ACK.observe(time.perf_counter() - t0)
