@@ -41,6 +41,10 @@ class Settings:
     max_message_bytes: int
     max_concurrent_streams: int
     extra: dict[str, object] = field(default_factory=dict)
+    #: postgresql://… of the shared database; empty = embedded SQLite files under data_dir.
+    database_url: str = ""
+    #: File holding the database password (a mounted Secret); overrides a password in the URL.
+    database_password_file: Path | None = None
 
     def address(self, backend: str) -> str:
         return self.addresses.get(backend, "")
@@ -106,6 +110,17 @@ def build_parser(service: str) -> argparse.ArgumentParser:
         default=int(_env("max_concurrent_streams", "4096")),
         help="pending-request limit of the server (FLYNN_MAX_CONCURRENT_STREAMS)",
     )
+    p.add_argument(
+        "--database-url",
+        default=_env("database_url", ""),
+        help="postgresql://user@host:port/dbname of the shared database; empty keeps the embedded SQLite "
+        "files under --data-dir (FLYNN_DATABASE_URL)",
+    )
+    p.add_argument(
+        "--database-password-file",
+        default=_env("database_password_file", ""),
+        help="file holding the database password, e.g. a mounted Secret (FLYNN_DATABASE_PASSWORD_FILE)",
+    )
     return p
 
 
@@ -140,4 +155,6 @@ def parse(
         max_message_bytes=ns.max_message_bytes,
         max_concurrent_streams=ns.max_concurrent_streams,
         extra=extra,
+        database_url=ns.database_url,
+        database_password_file=Path(ns.database_password_file) if ns.database_password_file else None,
     )

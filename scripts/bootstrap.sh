@@ -41,6 +41,11 @@ done
 if ! "$PY" -c 'import venv, ensurepip' >/dev/null 2>&1; then
   apt_install python3-venv python3.11-venv
 fi
+# PostgreSQL 15 server binaries (initdb, pg_ctl under /usr/lib/postgresql/15/bin): the optional
+# database backend's tests and `flynn-dev up --postgres` start their own throwaway server with them.
+if ! ls /usr/lib/postgresql/*/bin/initdb >/dev/null 2>&1; then
+  apt_install postgresql
+fi
 if [ "$WITH_VOICE" = 1 ]; then
   apt_install espeak-ng sox libsox-fmt-all ffmpeg
 fi
