@@ -190,15 +190,15 @@ class Ledger:
                 **extra,
             )
 
-    def _load(self) -> None:
+    async def _load(self) -> None:
         """Sessions, live runs and their queues, from the store (at start-up)."""
-        for srow in self.store.sessions():
+        for srow in await self.store.sessions():
             self._sessions[srow.session_key] = _Session(
                 srow.session_key, srow.channel, srow.message_count, srow.run_count, srow.last_session_seq
             )
-        for row in self.store.runs_in_states((QUEUED, STARTED, CANCEL_REQUESTED)):
+        for row in await self.store.runs_in_states((QUEUED, STARTED, CANCEL_REQUESTED)):
             self._runs[row.run_id] = _Live(row)
-        for e in self.store.queue_entries():
+        for e in await self.store.queue_entries():
             s = self._sessions[e.session_key]
             if e.kind == "run":
                 live = self._runs.get(e.run_id)
@@ -208,11 +208,11 @@ class Ledger:
                     _Entry(e.pos, "run", e.run_id, receive_time=live.row.create_time, mode=live.row.mode)
                 )
             else:
-                m = self.store.message(e.message_id)
+                m = await self.store.message(e.message_id)
                 if m is None:
                     continue
                 s.queue.append(
-                    _Entry(e.pos, "collect", message=AgentInput(m.message_id, m.sender, m.text),
+                    _Entry(e.pos, "collect", message=AgentInput(m.message_id, m.sender, m.text, m.causation),
                            receive_time=m.receive_time, mode=COLLECT)
                 )  # fmt: skip
                 s.last_collect = max(s.last_collect, m.receive_time)
@@ -229,19 +229,19 @@ class Ledger:
 
     # --- reads ---------------------------------------------------------------------------------
 
-    def get_run(self, run_id: str) -> RunRow:
+    async def get_run(self, run_id: str) -> RunRow:
         live = self._runs.get(run_id)
         if live is not None:
             return live.row
-        row = self.store.run(run_id)
+        row = await self.store.run(run_id)
         if row is None:
             raise errors.not_found("run", run_id)
         return row
 
-    def list_runs(
+    async def list_runs(
         self, session_key: str, state: int, page_size: int, before_seq: int
     ) -> tuple[list[RunRow], int]:
-        rows = self.store.list_runs(session_key, state, before_seq, page_size + 1)
+        rows = await self.store.list_runs(session_key, state, before_seq, page_size + 1)
         more = len(rows) > page_size
         rows = rows[:page_size]
         out = [self._runs[r.run_id].row if r.run_id in self._runs else r for _, r in rows]
@@ -293,13 +293,11 @@ class Ledger:
         """Last durable global sequence number."""
         return self.commit.durable_gseq
 
-    def events_after(self, after_seq: int, session_key: str = "") -> list[pb.RunEvent]:
+    async def events_after(self, after_seq: int, session_key: str = "") -> list[pb.RunEvent]:
         """Durable events only: a cursor never points past what a crash could take back."""
-        rows = self.store.events_after(after_seq, session_key, upto=self.commit.durable_gseq)
+        rows = await self.store.events_after(after_seq, session_key, upto=self.commit.durable_gseq)
         return [pb.RunEvent.FromString(b) for b in rows]
 
-    def replies_after(self, after_cursor: int) -> list[pb.Reply]:
-        return [
-            pb.Reply.FromString(b)
-            for b in self.store.replies_after(after_cursor, upto=self.commit.durable_cursor)
-        ]
+    async def replies_after(self, after_cursor: int) -> list[pb.Reply]:
+        rows = await self.store.replies_after(after_cursor, upto=self.commit.durable_cursor)
+        return [pb.Reply.FromString(b) for b in rows]

@@ -51,19 +51,30 @@ class Outbox:
             t.cancel()
         return list(self._speech_tasks)
 
-    def recover(self, op: Op) -> None:
-        """Replies left pending at a restart go out as text, with reason "restart"."""
-        for r in self.ledger.store.pending_speech():
+    def recover(self, op: Op, pending: list[ReplyRow]) -> None:
+        """Replies left pending at a restart (`pending`, read before the operation) go out as text,
+        with reason "restart"."""
+        for r in pending:
             reply = pb.Reply.FromString(r.data)
             s = self.ledger._session(op, reply.session_key, reply.channel)
-            self._publish_speech(op, s, reply, speech.SpeechOutcome(None, "restart", "pending at restart"))
+            outcome = speech.SpeechOutcome(None, "restart", "pending at restart")
+            self._publish_speech(op, s, reply, r, outcome)
 
-    def _insert(self, op: Op, reply: pb.Reply, run_id: str, idempotency_key: str, speak: bool) -> bool:
+    def _insert(
+        self,
+        op: Op,
+        reply: pb.Reply,
+        run_id: str,
+        idempotency_key: str,
+        speak: bool,
+        final_known: bool = False,
+    ) -> bool:
         """Queue the reply's row; spoken replies wait for speech, others take their cursor now."""
         if speak:
             inserted = self.ledger.store.insert_reply(
                 ReplyRow(reply.reply_id, None, reply.kind, run_id, reply.session_key, reply.channel,
-                         idempotency_key, "pending", reply.SerializeToString())
+                         idempotency_key, "pending", reply.SerializeToString()),
+                final_known=final_known,
             )  # fmt: skip
             if inserted:
                 op.after.append(lambda: self._spawn_speech(reply))
@@ -74,7 +85,8 @@ class Outbox:
         reply.delivery = pb.DELIVERY_MODE_TEXT
         inserted = self.ledger.store.insert_reply(
             ReplyRow(reply.reply_id, reply.cursor, reply.kind, run_id, reply.session_key, reply.channel,
-                     idempotency_key, "none", reply.SerializeToString())
+                     idempotency_key, "none", reply.SerializeToString()),
+            final_known=final_known,
         )  # fmt: skip
         if inserted:
             op.replies.append(reply)
@@ -93,14 +105,14 @@ class Outbox:
         )  # fmt: skip
         if row.causation:
             reply.causation.ParseFromString(row.causation)
-        if not self._insert(op, reply, row.run_id, "", speak):
+        if not self._insert(op, reply, row.run_id, "", speak, final_known=bool(row.final_reply_id)):
             metrics.DUPLICATE_FINALS_SUPPRESSED.inc()
             log.warning("second final for a run suppressed", extra={"run_id": row.run_id})
         row.final_reply_id = reply_id
 
-    def post_reply(self, reply: pb.Reply, idempotency_key: str, speak: bool) -> tuple[pb.Reply, bool]:
+    async def post_reply(self, reply: pb.Reply, idempotency_key: str, speak: bool) -> tuple[pb.Reply, bool]:
         """PostReply: a reaction, ack or notice; (stored reply, duplicate)."""
-        known = self.ledger.store.reply_by_key(reply.session_key, idempotency_key)
+        known = await self.ledger.store.reply_by_key(reply.session_key, idempotency_key)
         if known is not None:
             return pb.Reply.FromString(known.data), True
         reply.reply_id = new_id("rpl")
@@ -123,16 +135,18 @@ class Outbox:
         async with self._speech_sem:
             request = req or speech.request_for(self.ledger.config.config, reply.text)
             outcome = await speech.speak(self.synthesizer, request)
-        if self._stopping:
+        row = await self.ledger.store.reply(reply.reply_id)
+        if self._stopping or row is None:
             return
         s = self.ledger._sessions[reply.session_key]
         with self.ledger._op() as op:
-            self._publish_speech(op, s, reply, outcome)
+            self._publish_speech(op, s, reply, row, outcome)
 
-    def _publish_speech(self, op: Op, s: _Session, reply: pb.Reply, outcome: speech.SpeechOutcome) -> None:
-        store = self.ledger.store
-        row = store.reply(reply.reply_id)
-        if row is None or row.speech_state != "pending":
+    def _publish_speech(
+        self, op: Op, s: _Session, reply: pb.Reply, row: ReplyRow, outcome: speech.SpeechOutcome
+    ) -> None:
+        """Give a pending reply its cursor, with the audio or as text after a fallback."""
+        if row.speech_state != "pending":
             return
         self.ledger.commit.cursor += 1
         reply.cursor = self.ledger.commit.cursor
@@ -146,7 +160,8 @@ class Outbox:
             self.ledger._event(op, s, pb.RUN_EVENT_TYPE_TTS_FALLBACK, message_id="",
                                reason=outcome.fallback_reason, text=reply.text,
                                run=self._run_row_for_event(reply))  # fmt: skip
-        store.update_reply(reply.reply_id, reply.cursor, "done", reply.SerializeToString())
+        row.cursor, row.speech_state, row.data = reply.cursor, "done", reply.SerializeToString()
+        self.ledger.store.update_reply(row)
         op.replies.append(reply)
 
     def _record_fallback(self, reply: pb.Reply, outcome: speech.SpeechOutcome) -> None:

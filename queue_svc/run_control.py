@@ -161,17 +161,18 @@ class RunControl(Ledger):
 
     async def start(self) -> None:
         """Load state and recover from a crash (DESIGN.md §4 crash policy)."""
-        self.commit.resume(self.store.max_global_seq(), self.store.max_reply_cursor())
+        self.commit.resume(await self.store.max_global_seq(), await self.store.max_reply_cursor())
         metrics.QUEUE_DEPTH.set_function(lambda: sum(len(s.queue) for s in self._sessions.values()))
         metrics.RUNS_ACTIVE.set_function(lambda: sum(1 for s in self._sessions.values() if s.active))
-        self._load()
+        await self._load()
+        pending_speech = await self.store.pending_speech()
         crashed = [live for live in self._runs.values() if live.row.state in ACTIVE]
         with self._op() as op:
             for live in crashed:
                 self._recover_run(op, live)
             for s in self._sessions.values():
                 self._advance(op, s)
-            self.outbox.recover(op)
+            self.outbox.recover(op, pending_speech)
         await self.durable()
 
     def _recover_run(self, op: Op, live: _Live) -> None:
@@ -218,8 +219,8 @@ class RunControl(Ledger):
 
     # --- SubmitMessage -----------------------------------------------------------------------
 
-    def submit(self, req: SubmitInput) -> SubmitResult:
-        known = self.store.message_by_key(req.session_key, req.idempotency_key)
+    async def submit(self, req: SubmitInput) -> SubmitResult:
+        known = await self.store.message_by_key(req.session_key, req.idempotency_key)
         if known is not None:
             return self._duplicate(known)
         eff = self.effective_mode(req.session_key, req.channel, req.mode_override)
@@ -233,7 +234,7 @@ class RunControl(Ledger):
                 op, s, pb.RUN_EVENT_TYPE_MESSAGE_RECEIVED, message_id=mid, text=req.text, sender=req.sender,
                 causation=cz,
             )  # fmt: skip
-            inp = AgentInput(mid, req.sender, req.text)
+            inp = AgentInput(mid, req.sender, req.text, cz)
             disposition, run_id, interrupted = self._route(op, s, eff.mode, inp, now, cz, req.actor)
             self.store.insert_message(
                 MessageRow(
@@ -444,7 +445,7 @@ class RunControl(Ledger):
         if not self._make_room(op, s, inp, now):
             self.store.set_message_run(inp.message_id, "")
             return
-        live = self._new_run(op, s, FOLLOWUP, [inp], now, self._causation_of([inp.message_id]))
+        live = self._new_run(op, s, FOLLOWUP, [inp], now, self._causation_of([inp]))
         self._enqueue(op, s, _Entry(s.next_pos(), "run", live.row.run_id, receive_time=now, mode=FOLLOWUP))
         self.store.set_message_run(inp.message_id, live.row.run_id)
 
@@ -542,24 +543,20 @@ class RunControl(Ledger):
         inputs = [e.message for e in batch if e.message is not None]
         for e in batch:
             self._dequeue(s, e)
-        live = self._new_run(op, s, COLLECT, inputs, now, self._causation_of([i.message_id for i in inputs]))
+        live = self._new_run(op, s, COLLECT, inputs, now, self._causation_of(inputs))
         for i in inputs:
             self.store.set_message_run(i.message_id, live.row.run_id)
         self._start(op, s, live)
 
-    def _causation_of(self, message_ids: list[str]) -> bytes:
+    @staticmethod
+    def _causation_of(inputs: list[AgentInput]) -> bytes:
         """Causation of a run made of these messages: the first user message's (a user is in the
         loop), else the first message's (so a chain of reactions stays one chain for the guard)."""
-        found: list[bytes] = []
-        for mid in message_ids:
-            m = self.store.message(mid)
-            if m is None:
-                continue
-            cz = common_pb2.Causation.FromString(m.causation) if m.causation else common_pb2.Causation()
+        for inp in inputs:
+            cz = common_pb2.Causation.FromString(inp.causation) if inp.causation else common_pb2.Causation()
             if cz.origin in (common_pb2.ORIGIN_UNSPECIFIED, common_pb2.ORIGIN_USER):
-                return m.causation
-            found.append(m.causation)
-        return found[0] if found else b""
+                return inp.causation
+        return inputs[0].causation if inputs else b""
 
     def _schedule_advance(self, s: _Session, delay: float) -> None:
         if s.timer is not None:
@@ -576,15 +573,15 @@ class RunControl(Ledger):
 
     # --- PostReply -----------------------------------------------------------------------------
 
-    def post_reply(self, reply: pb.Reply, idempotency_key: str, speak: bool) -> tuple[pb.Reply, bool]:
-        return self.outbox.post_reply(reply, idempotency_key, speak)
+    async def post_reply(self, reply: pb.Reply, idempotency_key: str, speak: bool) -> tuple[pb.Reply, bool]:
+        return await self.outbox.post_reply(reply, idempotency_key, speak)
 
     # --- CancelRun -----------------------------------------------------------------------------
 
-    def cancel(self, req: CancelInput) -> CancelResult:
+    async def cancel(self, req: CancelInput) -> CancelResult:
         """CancelRun: the target run (or the session's active one) moves to cancel_requested; the
         agent is told after the commit (`op.after`), and the run ends cancelled when it stops."""
-        s, live, row = self._cancel_target(req)
+        s, live, row = await self._cancel_target(req)
         reason = req.reason or "cancelled"
         dropped = 0
         with self._op() as op:
@@ -610,11 +607,11 @@ class RunControl(Ledger):
             self._request_cancel(op, s, live, reason, req.actor)
             return CancelResult(pb.CANCEL_OUTCOME_CANCEL_REQUESTED, row.run_id, CANCEL_REQUESTED, dropped)
 
-    def _cancel_target(self, req: CancelInput) -> tuple[_Session, _Live | None, RunRow | None]:
+    async def _cancel_target(self, req: CancelInput) -> tuple[_Session, _Live | None, RunRow | None]:
         """(session, live run, run row) a cancel is about; NOT_FOUND names what is missing."""
         if req.run_id:
             live = self._runs.get(req.run_id)
-            row = live.row if live is not None else self.store.run(req.run_id)
+            row = live.row if live is not None else await self.store.run(req.run_id)
             if row is None:
                 raise errors.not_found("run", req.run_id)
             if req.session_key and row.session_key != req.session_key:

@@ -5,7 +5,7 @@ from __future__ import annotations
 import asyncio
 import base64
 import time
-from collections.abc import AsyncIterator, Callable
+from collections.abc import AsyncIterator, Awaitable, Callable
 from typing import Any, TypeVar
 
 from flynn.v1 import config_pb2
@@ -76,7 +76,7 @@ class RunControlServicer(pb_grpc.RunControlServicer):
         v.check(len(request.idempotency_key) <= 256, "idempotency_key", "is longer than 256 characters")
         v.enum_known("mode_override", request.mode_override, QUEUE_MODES)
         v.raise_if_any()
-        res = self.rc.submit(
+        res = await self.rc.submit(
             SubmitInput(
                 session_key=request.session_key,
                 channel=request.channel,
@@ -116,7 +116,7 @@ class RunControlServicer(pb_grpc.RunControlServicer):
         if scope != pb.CANCEL_SCOPE_RUN and not request.session_key and not request.run_id:
             v.add("session_key", "is required to cancel a session")
         v.raise_if_any()
-        res = self.rc.cancel(
+        res = await self.rc.cancel(
             CancelInput(
                 run_id=request.run_id,
                 session_key=request.session_key,
@@ -141,7 +141,7 @@ class RunControlServicer(pb_grpc.RunControlServicer):
         v = Violations()
         _run_id(v, "run_id", request.run_id, required=True)
         v.raise_if_any()
-        run = run_to_proto(self.rc.get_run(request.run_id))
+        run = run_to_proto(await self.rc.get_run(request.run_id))
         await self.rc.durable()  # never show a state a crash could take back
         return pb.GetRunResponse(run=run)
 
@@ -155,7 +155,7 @@ class RunControlServicer(pb_grpc.RunControlServicer):
         size = page_size(request.page_size)
         before = _page_token(request.page_token)
         await self.rc.durable()  # list what is on disk, including this caller's latest writes
-        rows, next_seq = self.rc.list_runs(request.session_key, request.state, size, before)
+        rows, next_seq = await self.rc.list_runs(request.session_key, request.state, size, before)
         return pb.ListRunsResponse(runs=[run_to_proto(r) for r in rows], next_page_token=_token(next_seq))
 
     async def GetSession(
@@ -255,7 +255,7 @@ class RunControlServicer(pb_grpc.RunControlServicer):
         )
         if request.HasField("causation"):
             reply.causation.CopyFrom(request.causation)
-        stored, duplicate = self.rc.post_reply(reply, request.idempotency_key, request.speak)
+        stored, duplicate = await self.rc.post_reply(reply, request.idempotency_key, request.speak)
         await self.rc.durable()
         return pb.PostReplyResponse(reply=stored, duplicate=duplicate)
 
@@ -275,7 +275,7 @@ def _close_when_done(context: ServicerContext[Any, Any]) -> list[Callable[[], No
 
 async def replay_then_live(
     fanout: Fanout[T],
-    fetch: Callable[[int], list[T]],
+    fetch: Callable[[int], Awaitable[list[T]]],
     seq: Callable[[T], int],
     keep: Callable[[T], bool],
     after: int,
@@ -305,7 +305,7 @@ async def replay_then_live(
                 cleanups.append(sub.close)
             try:
                 while True:
-                    batch = fetch(last)
+                    batch = await fetch(last)
                     for item in batch:
                         last = seq(item)
                         if keep(item):
