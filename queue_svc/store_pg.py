@@ -36,6 +36,7 @@ from __future__ import annotations
 import asyncio
 import logging
 from collections.abc import Awaitable, Callable, Sequence
+from concurrent.futures import ThreadPoolExecutor
 from typing import Generic, TypeVar
 
 import psycopg
@@ -167,6 +168,42 @@ def pg(sql: str) -> str:
     return out
 
 
+def _table(sql: str) -> str:
+    words = sql.split()
+    return words[2] if words[0] in ("INSERT", "DELETE") else words[1]
+
+
+def compact(batch: list[Statement]) -> list[tuple[str, list[tuple[object, ...]]]]:
+    """The batch as few `executemany` groups as possible, with the same effect.
+
+    Tables are independent (no foreign keys), so statements are grouped per table, keeping their
+    order within the table. Sessions and runs are written only by full-row upserts keyed by their
+    first parameter: the last one per key wins. Messages and replies are inserted, then updated
+    (an update always targets a row inserted earlier), so inserts may go first. Queue entries keep
+    their exact order (a position can be inserted, deleted and reused within one batch)."""
+    by_table: dict[str, list[Statement]] = {}
+    for st in batch:
+        by_table.setdefault(_table(st[0]), []).append(st)
+    groups: list[tuple[str, list[tuple[object, ...]]]] = []
+    for table, sts in by_table.items():
+        if table in ("sessions", "runs"):
+            last: dict[object, Statement] = {}
+            for st in sts:
+                last.pop(st[1][0], None)
+                last[st[1][0]] = st
+            sts = list(last.values())
+        elif table in ("messages", "replies"):
+            sts = [st for st in sts if st[0].startswith("INSERT")] + [
+                st for st in sts if not st[0].startswith("INSERT")
+            ]
+        for sql, params in sts:
+            if groups and groups[-1][0] == sql:
+                groups[-1][1].append(params)
+            else:
+                groups.append((sql, [params]))
+    return groups
+
+
 class Coalescer(Generic[K, V]):
     """Lookups by key gathered into one query: while a query is in flight, the keys asked for meanwhile
     wait for the next one (the read-side twin of group commit). A submit storm costs one round trip
@@ -203,10 +240,6 @@ class Coalescer(Generic[K, V]):
                     f.set_result(found.get(k))
 
 
-class WriterDown(Exception):
-    """The writer connection is down; the batch is retried when the database is back."""
-
-
 class PgQueueStore(QueueStore):
     """Queued writes committed by one writer connection (pipelined), reads on the pool."""
 
@@ -215,7 +248,9 @@ class PgQueueStore(QueueStore):
     def __init__(self, db: Database) -> None:
         super().__init__()
         self.db = db
-        self._writer: psycopg.AsyncConnection[tuple[object, ...]] | None = None
+        self._writer: psycopg.Connection[tuple[object, ...]] | None = None
+        self._thread = ThreadPoolExecutor(max_workers=1, thread_name_prefix="queue-pg-writer")
+        self._reader: psycopg.AsyncConnection[tuple[object, ...]] | None = None
         self.writer_ok = True
         self._closed = False
         self._key_lookups: Coalescer[tuple[str, str], MessageRow] = Coalescer(self._messages_by_keys)
@@ -223,32 +258,39 @@ class PgQueueStore(QueueStore):
     @classmethod
     async def open(cls, db: Database) -> PgQueueStore:
         store = cls(db)
-        store._writer = await store._connect()
+        await asyncio.get_running_loop().run_in_executor(store._thread, store._connect_writer)
         return store
 
-    async def _connect(self) -> psycopg.AsyncConnection[tuple[object, ...]]:
-        kwargs = Database.connect_kwargs(
-            self.db.settings, self.db.schema, self.db.timeouts, "flynn-queue-writer"
-        )
-        conn = await psycopg.AsyncConnection.connect(**kwargs)  # type: ignore[arg-type]
-        await conn.set_autocommit(False)
-        return conn
+    def _kwargs(self, name: str) -> dict[str, object]:
+        return Database.connect_kwargs(self.db.settings, self.db.schema, self.db.timeouts, name)
+
+    def _connect_writer(self) -> psycopg.Connection[tuple[object, ...]]:
+        """(Re)connect the writer; runs in the writer thread."""
+        if self._writer is not None:
+            self._writer.close()
+            self._writer = None
+        self._writer = psycopg.connect(**self._kwargs("flynn-queue-writer"))  # type: ignore[arg-type]
+        return self._writer
 
     async def close(self) -> None:
         self._closed = True
         if self._writer is not None:
-            await self._writer.close()
+            self._writer.close()
+        self._thread.shutdown(wait=True)
+        if self._reader is not None:
+            await self._reader.close()
 
-    # --- commit ------------------------------------------------------------------------------
+    # --- commit (the writer thread) ------------------------------------------------------------
 
     async def _commit(self, batch: list[Statement], number: int) -> None:
+        loop = asyncio.get_running_loop()
         delay = 0.05
         while True:
             try:
-                await self._commit_once(batch, number)
+                await loop.run_in_executor(self._thread, self._commit_once, batch, number)
                 self.writer_ok = True
                 return
-            except (psycopg.OperationalError, psycopg.InterfaceError, WriterDown) as e:
+            except (psycopg.OperationalError, psycopg.InterfaceError) as e:
                 if self._closed:
                     raise
                 self.writer_ok = False
@@ -258,29 +300,27 @@ class PgQueueStore(QueueStore):
             await asyncio.sleep(delay)
             delay = min(delay * 2, 1.0)
 
-    async def _commit_once(self, batch: list[Statement], number: int) -> None:
+    def _commit_once(self, batch: list[Statement], number: int) -> None:
+        """One transaction, pipelined: the statements go out without waiting, then COMMIT."""
         conn = self._writer
         if conn is None or conn.closed or conn.broken:
-            if conn is not None:
-                await conn.close()
-            self._writer = None
-            try:
-                conn = self._writer = await self._connect()
-            except psycopg.Error as e:
-                raise WriterDown(str(e)) from e
-            if await self._applied(conn, number):
-                return  # committed before the connection broke; the answer was lost
-        async with conn.pipeline():
-            async with conn.transaction():
-                await conn.execute(MARK_BATCH, (str(number),))
-                for sql, params in batch:
-                    await conn.execute(pg(sql), params)
+            conn = self._connect_writer()
+            if self._applied(conn, number):
+                return  # committed before the connection broke; only the answer was lost
+        groups = compact(batch)
+        with conn.pipeline(), conn.transaction():
+            cur = conn.cursor()
+            cur.execute(MARK_BATCH, (str(number),))
+            for sql, rows in groups:
+                if len(rows) == 1:
+                    cur.execute(pg(sql), rows[0])
+                else:
+                    cur.executemany(pg(sql), rows)
 
     @staticmethod
-    async def _applied(conn: psycopg.AsyncConnection[tuple[object, ...]], number: int) -> bool:
-        cur = await conn.execute("SELECT value FROM meta WHERE key = 'batch'")
-        row = await cur.fetchone()
-        await conn.commit()
+    def _applied(conn: psycopg.Connection[tuple[object, ...]], number: int) -> bool:
+        row = conn.execute("SELECT value FROM meta WHERE key = 'batch'").fetchone()
+        conn.commit()
         return row is not None and int(str(row[0])) >= number
 
     # --- reads -------------------------------------------------------------------------------
@@ -299,12 +339,22 @@ class PgQueueStore(QueueStore):
         return await self._key_lookups.get((session_key, idempotency_key))
 
     async def _messages_by_keys(self, keys: list[tuple[str, str]]) -> dict[tuple[str, str], MessageRow]:
-        """One query for every idempotency key looked up while the previous query was in flight."""
-        rows = await self._all(
+        """One query for every idempotency key looked up while the previous query was in flight, on a
+        connection of its own (the coalescer runs one query at a time)."""
+        sql = pg(
             f"SELECT {MESSAGE_COLS} FROM messages WHERE (session_key, idempotency_key) IN "
-            "(SELECT * FROM unnest(?::text[], ?::text[]))",
-            ([k[0] for k in keys], [k[1] for k in keys]),
+            "(SELECT * FROM unnest(?::text[], ?::text[]))"
         )
+        params = ([k[0] for k in keys], [k[1] for k in keys])
+        try:
+            if self._reader is None or self._reader.closed or self._reader.broken:
+                self._reader = None
+                kwargs = {**self._kwargs("flynn-queue-reader"), "autocommit": True}
+                self._reader = await psycopg.AsyncConnection.connect(**kwargs)  # type: ignore[arg-type]
+            cur = await self._reader.execute(sql, params)
+            rows = await cur.fetchall()
+        except (psycopg.OperationalError, psycopg.InterfaceError) as e:
+            raise self.db.unavailable(e) from e
         found = [message_from(r) for r in rows]
         return {(m.session_key, m.idempotency_key): m for m in found}
 
