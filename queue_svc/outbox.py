@@ -119,6 +119,7 @@ class Outbox:
         reply.create_time.CopyFrom(_ts(time.time()))
         target = targeting.Target(reply.session_key, reply.channel)
         want_speech = speak and targeting.tts_enabled(self.ledger.config.config, target).value
+        self.ledger.store.check_writable()
         with self.ledger._op() as op:
             self.ledger._session(op, reply.session_key, reply.channel)
             self._insert(op, reply, "", idempotency_key, want_speech)

@@ -227,6 +227,7 @@ class RunControl(Ledger):
         now = time.time()
         mid = new_id("msg")
         cz = req.causation.SerializeToString() if req.causation is not None else b""
+        self.store.check_writable()
         with self._op() as op:
             s = self._session(op, req.session_key, req.channel)
             s.message_count += 1
@@ -584,6 +585,7 @@ class RunControl(Ledger):
         s, live, row = await self._cancel_target(req)
         reason = req.reason or "cancelled"
         dropped = 0
+        self.store.check_writable()
         with self._op() as op:
             if req.scope == pb.CANCEL_SCOPE_SESSION_AND_QUEUE:
                 for e in list(s.queue):

@@ -217,6 +217,9 @@ class QueueStore:
     async def close(self) -> None:
         """Release connections and threads."""
 
+    def check_writable(self) -> None:
+        """Raise UNAVAILABLE when a new write could not be made durable now (the database is away)."""
+
     # --- batching ------------------------------------------------------------------------------
 
     @property

@@ -41,7 +41,7 @@ from typing import Generic, TypeVar
 
 import psycopg
 
-from flynn_runtime.database import Database
+from flynn_runtime.database import Database, database_unavailable
 from flynn_runtime.pg_migrations import Migration
 from queue_svc.store import (
     MESSAGE_COLS,
@@ -279,6 +279,10 @@ class PgQueueStore(QueueStore):
         self._thread.shutdown(wait=True)
         if self._reader is not None:
             await self._reader.close()
+
+    def check_writable(self) -> None:
+        if not self.writer_ok:
+            raise database_unavailable(self.db.settings, "run control's writer is waiting for the database")
 
     # --- commit (the writer thread) ------------------------------------------------------------
 
