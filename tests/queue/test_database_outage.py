@@ -7,6 +7,7 @@ from __future__ import annotations
 
 import asyncio
 from collections import Counter
+from collections.abc import Callable
 from pathlib import Path
 
 import grpc
@@ -30,6 +31,14 @@ async def _health(ch: grpc.aio.Channel) -> int:
     except grpc.aio.AioRpcError:
         return -1
     return int(resp.status)
+
+
+async def _wait(cond: Callable[[], bool], within: float, what: str) -> None:
+    for _ in range(int(within / 0.02)):
+        if cond():
+            return
+        await asyncio.sleep(0.02)
+    raise AssertionError(f"timed out waiting for {what}")
 
 
 async def _until(ch: grpc.aio.Channel, status: int, within: float) -> None:
@@ -78,17 +87,16 @@ async def test_postgres_killed_under_load_then_back(
                 await asyncio.sleep(0.005)
 
         loaders = [asyncio.ensure_future(load(i)) for i in range(SESSIONS)]
-        while len(acked) < 100:  # noqa: ASYNC110 - polling a counter the loaders fill
-            await asyncio.sleep(0.01)
+        await _wait(lambda: len(acked) >= 100, 60, "100 acknowledged messages")
         await asyncio.to_thread(postgres.kill)
         await _until(ch, health_pb2.HealthCheckResponse.NOT_SERVING, within=10)
-        while not any("DATABASE_UNAVAILABLE" in r or "is unavailable" in r for r in refused):  # noqa: ASYNC110
-            await asyncio.sleep(0.05)
+        await _wait(
+            lambda: any("is unavailable" in r for r in refused), 20, f"UNAVAILABLE; got {refused[-3:]}"
+        )
         acked_during_outage = len(acked)
         await asyncio.to_thread(postgres.start)
         await _until(ch, health_pb2.HealthCheckResponse.SERVING, within=20)
-        while len(acked) < acked_during_outage + 100:  # noqa: ASYNC110 - load goes on after the outage
-            await asyncio.sleep(0.01)
+        await _wait(lambda: len(acked) >= acked_during_outage + 100, 60, "load to go on after the outage")
         stop.set()
         await asyncio.gather(*loaders)
 
