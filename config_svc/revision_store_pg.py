@@ -1,0 +1,125 @@
+"""Revision history in PostgreSQL (schema flynn_config).
+
+`append` is a compare-and-set under concurrent writers, including other replicas: the transaction
+takes a row lock on the one-row `head` table, so writers serialize there; the revision number comes
+from that row (never a sequence, so no gaps), and the PRIMARY KEY on revision is the last line of
+defence. The call returns after COMMIT, so an acknowledged revision is durable.
+"""
+
+from __future__ import annotations
+
+import time
+
+from psycopg.types.json import Jsonb
+
+from config_svc.revision_store import StaleHead, StoredRevision
+from config_svc.revision_store_sqlite import row_to_revision
+from flynn_runtime.database import Database
+from flynn_runtime.pg_migrations import Migration
+
+MIGRATIONS = [
+    Migration(
+        1,
+        "revisions and head",
+        """
+        CREATE TABLE revisions (
+            revision          BIGINT PRIMARY KEY,
+            kind              INTEGER NOT NULL,
+            actor             TEXT    NOT NULL,
+            reason            TEXT    NOT NULL,
+            create_time_ns    BIGINT  NOT NULL,
+            diff              JSONB   NOT NULL,
+            restored_revision BIGINT  NOT NULL DEFAULT 0,
+            config            BYTEA   NOT NULL
+        );
+        CREATE TABLE head (
+            id       BOOLEAN PRIMARY KEY DEFAULT TRUE CHECK (id),
+            revision BIGINT NOT NULL
+        );
+        INSERT INTO head (id, revision) VALUES (TRUE, 0);
+        """,
+    ),
+]
+
+SELECT = (
+    "SELECT revision, kind, actor, reason, create_time_ns, diff, restored_revision, config FROM revisions"
+)
+
+
+class PgRevisionStore:
+    def __init__(self, db: Database) -> None:
+        self.db = db
+
+    async def close(self) -> None:
+        """The pool belongs to the runtime, which closes it."""
+
+    async def head(self) -> int:
+        async with self.db.connection() as c:
+            row = await (await c.execute("SELECT revision FROM head")).fetchone()
+        return int(row[0]) if row else 0  # type: ignore[call-overload]
+
+    async def append(
+        self,
+        kind: int,
+        actor: str,
+        reason: str,
+        diff: list[tuple[str, str, str]],
+        config: bytes,
+        restored_revision: int = 0,
+        expected_head: int | None = None,
+    ) -> StoredRevision:
+        now = time.time_ns()
+        async with self.db.transaction() as c:
+            row = await (await c.execute("SELECT revision FROM head FOR UPDATE")).fetchone()
+            head = int(row[0]) if row else 0  # type: ignore[call-overload]
+            if expected_head is not None and head != expected_head:
+                raise StaleHead(head)
+            rev = head + 1
+            await c.execute(
+                "INSERT INTO revisions (revision, kind, actor, reason, create_time_ns, diff, restored_revision, config)"
+                " VALUES (%s, %s, %s, %s, %s, %s, %s, %s)",
+                (rev, kind, actor, reason, now, Jsonb(diff), restored_revision, config),
+            )
+            await c.execute("UPDATE head SET revision = %s", (rev,))
+        return StoredRevision(rev, kind, actor, reason, now, list(diff), restored_revision, config)
+
+    async def insert_exact(self, s: StoredRevision) -> None:
+        """Copy one revision as it is (flynn db import); the head follows the highest revision."""
+        async with self.db.transaction() as c:
+            await c.execute(
+                "INSERT INTO revisions (revision, kind, actor, reason, create_time_ns, diff, restored_revision, config)"
+                " VALUES (%s, %s, %s, %s, %s, %s, %s, %s)",
+                (
+                    s.revision,
+                    s.kind,
+                    s.actor,
+                    s.reason,
+                    s.create_time_ns,
+                    Jsonb(s.diff),
+                    s.restored_revision,
+                    s.config,
+                ),
+            )
+            await c.execute("UPDATE head SET revision = GREATEST(revision, %s)", (s.revision,))
+
+    async def get(self, revision: int) -> StoredRevision | None:
+        rows = await self._query(SELECT + " WHERE revision = %s", (revision,))
+        return rows[0] if rows else None
+
+    async def range(self, after: int, upto: int, limit: int = 1000) -> list[StoredRevision]:
+        return await self._query(
+            SELECT + " WHERE revision > %s AND revision <= %s ORDER BY revision ASC LIMIT %s",
+            (after, upto, limit),
+        )
+
+    async def newest_first(self, before: int, limit: int) -> list[StoredRevision]:
+        if before > 0:
+            return await self._query(
+                SELECT + " WHERE revision < %s ORDER BY revision DESC LIMIT %s", (before, limit)
+            )
+        return await self._query(SELECT + " ORDER BY revision DESC LIMIT %s", (limit,))
+
+    async def _query(self, q: str, args: tuple[object, ...]) -> list[StoredRevision]:
+        async with self.db.connection() as c:
+            rows = await (await c.execute(q, args)).fetchall()  # type: ignore[arg-type]
+        return [row_to_revision(r) for r in rows]
