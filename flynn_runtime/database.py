@@ -21,6 +21,7 @@ import logging
 from collections.abc import AsyncIterator, Sequence
 from contextlib import asynccontextmanager
 from dataclasses import dataclass
+from typing import Any
 
 import psycopg
 import psycopg_pool
@@ -172,7 +173,7 @@ class Database:
         return database_unavailable(self.settings, describe_connect_error(self.settings, e))
 
     @asynccontextmanager
-    async def connection(self) -> AsyncIterator[psycopg.AsyncConnection[tuple[object, ...]]]:
+    async def connection(self) -> AsyncIterator[psycopg.AsyncConnection[tuple[Any, ...]]]:
         """A pooled autocommit connection for reads; database failures become DATABASE_UNAVAILABLE."""
         try:
             async with self.pool.connection() as conn:
@@ -182,7 +183,7 @@ class Database:
             raise self.unavailable(e) from e
 
     @asynccontextmanager
-    async def transaction(self) -> AsyncIterator[psycopg.AsyncConnection[tuple[object, ...]]]:
+    async def transaction(self) -> AsyncIterator[psycopg.AsyncConnection[tuple[Any, ...]]]:
         """BEGIN … COMMIT on a pooled connection; returns only after COMMIT succeeded (an ack means
         committed). Any exception rolls back; database failures become DATABASE_UNAVAILABLE."""
         try:
