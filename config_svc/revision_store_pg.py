@@ -8,14 +8,19 @@ defence. The call returns after COMMIT, so an acknowledged revision is durable.
 
 from __future__ import annotations
 
+import json
 import time
+from pathlib import Path
 
 from psycopg.types.json import Jsonb
 
-from config_svc.revision_store import StaleHead, StoredRevision
-from config_svc.revision_store_sqlite import row_to_revision
+from config_svc.revision_store import SCHEMA, StaleHead, StoredRevision
+from config_svc.revision_store_sqlite import SELECT as SQLITE_SELECT
+from config_svc.revision_store_sqlite import SqliteRevisionStore, row_to_revision
 from flynn_runtime.database import Database
+from flynn_runtime.db_copy import Counts, SqliteSource, StoreCopier
 from flynn_runtime.pg_migrations import Migration
+from flynn_runtime.sqlite_db import transaction
 
 MIGRATIONS = [
     Migration(
@@ -123,3 +128,72 @@ class PgRevisionStore:
         async with self.db.connection() as c:
             rows = await (await c.execute(q, args)).fetchall()  # type: ignore[arg-type]
         return [row_to_revision(r) for r in rows]
+
+
+# flynn db import / export ----------------------------------------------------------------------
+
+_SQLITE_FILE = "config/config.db"
+
+
+async def import_sqlite(src: SqliteSource, db: Database) -> Counts:
+    with src.open(_SQLITE_FILE) as lite:
+        rows = [row_to_revision(r) for r in lite.execute(SQLITE_SELECT + " ORDER BY revision")]
+    async with db.transaction() as c, c.cursor() as cur:
+        await cur.executemany(
+            "INSERT INTO revisions (revision, kind, actor, reason, create_time_ns, diff, restored_revision, config)"
+            " VALUES (%s, %s, %s, %s, %s, %s, %s, %s)",
+            [
+                (
+                    s.revision,
+                    s.kind,
+                    s.actor,
+                    s.reason,
+                    s.create_time_ns,
+                    Jsonb(s.diff),
+                    s.restored_revision,
+                    s.config,
+                )
+                for s in rows
+            ],
+        )
+        await cur.execute("UPDATE head SET revision = %s", (max((s.revision for s in rows), default=0),))
+    return {"revisions": len(rows)}
+
+
+async def export_sqlite(db: Database, dest: Path) -> Counts:
+    async with db.connection() as c:
+        rows = [row_to_revision(r) for r in await (await c.execute(SELECT + " ORDER BY revision")).fetchall()]
+    store = SqliteRevisionStore(dest / _SQLITE_FILE)
+    try:
+        with transaction(store._db):
+            store._db.executemany(
+                "INSERT INTO revisions (revision, kind, actor, reason, create_time_ns, diff, restored_revision, config)"
+                " VALUES (?, ?, ?, ?, ?, ?, ?, ?)",
+                [
+                    (
+                        s.revision,
+                        s.kind,
+                        s.actor,
+                        s.reason,
+                        s.create_time_ns,
+                        json.dumps(s.diff, ensure_ascii=False),
+                        s.restored_revision,
+                        s.config,
+                    )
+                    for s in rows
+                ],
+            )
+    finally:
+        await store.close()
+    return {"revisions": len(rows)}
+
+
+COPIER = StoreCopier(
+    service="config",
+    schema=SCHEMA,
+    migrations=MIGRATIONS,
+    sqlite_files=(_SQLITE_FILE,),
+    import_sqlite=import_sqlite,
+    export_sqlite=export_sqlite,
+    nonempty_query="SELECT count(*) FROM revisions",
+)

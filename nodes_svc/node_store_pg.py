@@ -8,17 +8,31 @@ Every method returns after its COMMIT.
 
 from __future__ import annotations
 
+import hashlib
 import json
 import time
 from collections.abc import Iterable, Sequence
+from pathlib import Path
 from typing import Any
 
 import psycopg
 
 from flynn_runtime.database import Database
+from flynn_runtime.db_copy import (
+    CopyError,
+    Counts,
+    SqliteSource,
+    StoreCopier,
+    Table,
+    export_tables,
+    import_tables,
+)
 from flynn_runtime.pg_migrations import Migration
+from flynn_runtime.sqlite_db import transaction
+from nodes_svc.canvas_store import CanvasStore
 from nodes_svc.canvas_store_pg import MIGRATION as CANVAS_MIGRATION
-from nodes_svc.node_store import EventRecord, NewEvent, NodeRecord, TokenRecord
+from nodes_svc.node_store import SCHEMA, EventRecord, NewEvent, NodeRecord, TokenRecord
+from nodes_svc.node_store_sqlite import SqliteNodeStore
 
 NODES_MIGRATION = Migration(
     1,
@@ -291,3 +305,121 @@ class PgNodeStore:
                 "DELETE FROM events WHERE seq <= (SELECT seq FROM event_head) - %s", (keep,)
             )
             return cur.rowcount
+
+
+# flynn db import / export (nodes and canvas: both live in schema flynn_nodes) -------------------
+
+_NODES_FILE = "nodes/nodes.sqlite"
+_CANVAS_DIR = "canvas"
+
+NODE_TABLES = (
+    Table(
+        "tokens",
+        ("token_id", "sha256", "node_id", "role", "description", "created", "revoked", "revoke_reason"),
+    ),
+    Table(
+        "nodes",
+        (
+            "node_id",
+            "role",
+            "capabilities",
+            "epoch",
+            "online",
+            "last_seen",
+            "connect_time",
+            "reconnect_count",
+            "protocol_version",
+            "display_name",
+            "platform",
+            "offline_reason",
+            "token_id",
+        ),
+        json=("capabilities",),
+        flags=("online",),
+    ),  # fmt: skip
+    Table("events", ("seq", "type", "node_id", "role", "epoch", "reason", "artifact_name", "time")),
+)
+
+_VERSION_COLS = ("name", "version", "etag", "content_type", "sha256", "size", "update_time", "actor")
+
+
+async def import_sqlite(src: SqliteSource, db: Database) -> Counts:
+    with src.open(_NODES_FILE) as lite:
+        counts = await import_tables(lite, db, NODE_TABLES)
+    async with db.transaction() as c:
+        await c.execute("UPDATE event_head SET seq = COALESCE((SELECT MAX(seq) FROM events), 0)")
+    canvas_index = src.path(_CANVAS_DIR) / "index.sqlite"
+    if not canvas_index.exists():
+        return {**counts, "artifact_versions": 0}
+    blobs = src.path(_CANVAS_DIR) / "blobs"
+    with src.open(f"{_CANVAS_DIR}/index.sqlite") as lite:
+        artifacts = lite.execute("SELECT name, latest, last_version FROM artifacts").fetchall()
+        versions = lite.execute("SELECT " + ", ".join(_VERSION_COLS) + ", blob FROM versions").fetchall()
+    rows = []
+    total = 0
+    for v in versions:
+        content = (blobs / v[8]).read_bytes()
+        if hashlib.sha256(content).hexdigest() != v[4]:
+            raise CopyError(f"canvas artifact {v[0]!r} version {v[1]}: blob {v[8]} fails its sha256")
+        rows.append((*v[:8], content))
+        total += int(v[5])
+    async with db.transaction() as c, c.cursor() as cur:
+        if artifacts:
+            await cur.executemany(
+                "INSERT INTO canvas_artifacts(name, latest, last_version) VALUES (%s, %s, %s)", artifacts
+            )
+        if rows:
+            await cur.executemany(
+                "INSERT INTO canvas_versions(name, version, etag, content_type, sha256, size, update_time, actor,"
+                " content) VALUES (%s, %s, %s, %s, %s, %s, %s, %s, %s)",
+                rows,
+            )
+        await cur.execute("UPDATE canvas_totals SET total_bytes = %s", (total,))
+    return {**counts, "artifacts": len(artifacts), "artifact_versions": len(rows)}
+
+
+async def export_sqlite(db: Database, dest: Path) -> Counts:
+    store = SqliteNodeStore(dest / _NODES_FILE)
+    try:
+        counts = await export_tables(db, store._db, NODE_TABLES)
+    finally:
+        await store.close()
+    async with db.connection() as c:
+        artifacts = await (
+            await c.execute("SELECT name, latest, last_version FROM canvas_artifacts")
+        ).fetchall()
+        versions = await (
+            await c.execute("SELECT " + ", ".join(_VERSION_COLS) + ", content FROM canvas_versions")
+        ).fetchall()
+    canvas = CanvasStore(dest / _CANVAS_DIR)
+    try:
+        rows = []
+        for v in versions:
+            key = hashlib.sha256(str(v[0]).encode("utf-8")).hexdigest()[:40]
+            blob = f"{key[:2]}/{key}-{v[1]}.bin"
+            canvas._write_blob(blob, bytes(v[8]))
+            rows.append((*v[:8], blob))
+        with transaction(canvas._db):
+            canvas._db.executemany(
+                "INSERT INTO artifacts(name, latest, last_version) VALUES (?, ?, ?)", artifacts
+            )
+            canvas._db.executemany(
+                "INSERT INTO versions(name, version, etag, content_type, sha256, size, update_time, actor, blob)"
+                " VALUES (?, ?, ?, ?, ?, ?, ?, ?, ?)",
+                rows,
+            )
+    finally:
+        canvas.close()
+    return {**counts, "artifacts": len(artifacts), "artifact_versions": len(versions)}
+
+
+COPIER = StoreCopier(
+    service="nodes",
+    schema=SCHEMA,
+    migrations=MIGRATIONS,
+    sqlite_files=(_NODES_FILE, f"{_CANVAS_DIR}/index.sqlite"),
+    import_sqlite=import_sqlite,
+    export_sqlite=export_sqlite,
+    nonempty_query="SELECT (SELECT count(*) FROM tokens) + (SELECT count(*) FROM nodes)"
+    " + (SELECT count(*) FROM canvas_artifacts)",
+)

@@ -10,14 +10,17 @@ from __future__ import annotations
 
 import json
 from collections.abc import Iterable, Sequence
+from pathlib import Path
 from typing import Any
 
 import psycopg
-from psycopg.types.json import Jsonb
+from psycopg.types.json import Json, Jsonb
 
 from flynn_runtime.database import Database
+from flynn_runtime.db_copy import Counts, SqliteSource, StoreCopier, Table, export_tables, import_tables
 from flynn_runtime.pg_migrations import Migration
-from reactions_svc.store import FP_REASON, Retention, StoredEvaluation, StoredTrace
+from reactions_svc.store import FP_REASON, SCHEMA, Retention, StoredEvaluation, StoredTrace
+from reactions_svc.store_sqlite import SqliteReactionStore
 
 MIGRATIONS = [
     Migration(
@@ -44,7 +47,7 @@ MIGRATIONS = [
           matched BOOLEAN NOT NULL,
           reason INTEGER NOT NULL,
           detail TEXT NOT NULL,
-          actions JSONB NOT NULL,
+          actions JSON NOT NULL,  -- json, not jsonb: keeps the text (and key order) as written
           time DOUBLE PRECISION NOT NULL,
           event_type INTEGER NOT NULL,
           session_key TEXT NOT NULL,
@@ -205,7 +208,7 @@ class PgReactionStore:
                             t.matched,
                             t.reason,
                             t.detail,
-                            Jsonb(t.actions),
+                            Json(t.actions),
                             t.time,
                             t.event_type,
                             t.session_key,
@@ -262,7 +265,7 @@ class PgReactionStore:
                 await cur.execute(
                     "UPDATE traces_matched SET matched = %s, reason = %s, detail = %s, actions = %s"
                     " WHERE trace_id = %s RETURNING rule_id, reason",
-                    (matched, reason, detail, Jsonb(actions), trace_id),
+                    (matched, reason, detail, Json(actions), trace_id),
                 )
                 row = await cur.fetchone()
                 if row is not None:
@@ -445,4 +448,80 @@ _UPSERT_ACTION = (
     "INSERT INTO action_results(idempotency_key, ok, result_id, error) VALUES (%s, %s, %s, %s)"
     " ON CONFLICT (idempotency_key) DO UPDATE SET ok = excluded.ok, result_id = excluded.result_id,"
     " error = excluded.error"
+)
+
+
+# flynn db import / export ----------------------------------------------------------------------
+
+_SQLITE_FILE = "reactions/reactions.db"
+
+TABLES = (
+    Table(
+        "evaluations",
+        ("seq", "event_id", "time", "revision", "event_type", "session_key", "status", "event", "traces"),
+        json=("traces",),
+        compact_json=("traces",),
+        serial="seq",
+    ),
+    Table(
+        "traces_matched",
+        (
+            "seq",
+            "trace_id",
+            "event_id",
+            "rule_id",
+            "matched",
+            "reason",
+            "detail",
+            "actions",
+            "time",
+            "event_type",
+            "session_key",
+            "false_positive",
+            "fp_reason",
+        ),
+        json=("actions",),
+        flags=("matched", "false_positive"),
+        serial="seq",
+    ),  # fmt: skip
+    Table(
+        "traces_skipped",
+        ("seq", "trace_id", "event_id", "rule_id", "reason", "detail", "time", "event_type", "session_key"),
+        serial="seq",
+    ),
+    Table(
+        "action_results",
+        ("seq", "idempotency_key", "ok", "result_id", "error"),
+        flags=("ok",),
+        serial="seq",
+        sqlite_exprs=(("seq", "rowid"),),
+    ),
+    Table("fire_state", ("rule_id", "key", "last", "window"), json=("window",)),
+    Table("rule_fires", ("rule_id", "fire_count", "last_fire")),
+    Table("counters", ("rule_id", "reason", "count")),
+    Table("cursors", ("name", "value")),
+)
+
+
+async def import_sqlite(src: SqliteSource, db: Database) -> Counts:
+    with src.open(_SQLITE_FILE) as lite:
+        return await import_tables(lite, db, TABLES)
+
+
+async def export_sqlite(db: Database, dest: Path) -> Counts:
+    store = SqliteReactionStore(dest / "reactions")
+    try:
+        return await export_tables(db, store.db, TABLES)
+    finally:
+        await store.close()
+
+
+COPIER = StoreCopier(
+    service="reactions",
+    schema=SCHEMA,
+    migrations=MIGRATIONS,
+    sqlite_files=(_SQLITE_FILE,),
+    import_sqlite=import_sqlite,
+    export_sqlite=export_sqlite,
+    nonempty_query="SELECT (SELECT count(*) FROM evaluations) + (SELECT count(*) FROM cursors)",
 )
