@@ -1,9 +1,10 @@
 """Revision history in PostgreSQL (schema flynn_config).
 
-`append` is a compare-and-set under concurrent writers, including other replicas: the transaction
-takes a row lock on the one-row `head` table, so writers serialize there; the revision number comes
-from that row (never a sequence, so no gaps), and the PRIMARY KEY on revision is the last line of
-defence. The call returns after COMMIT, so an acknowledged revision is durable.
+`append` is a compare-and-set under concurrent writers, including other replicas: one statement
+increments the one-row `head` table (its row lock serializes writers; a waiting writer re-checks the
+expected head once the lock is released) and inserts the revision with that number (never a
+sequence, so no gaps); the PRIMARY KEY on revision is the last line of defence. The statement is its
+own transaction and the call returns after it committed, so an acknowledged revision is durable.
 """
 
 from __future__ import annotations
@@ -74,18 +75,31 @@ class PgRevisionStore:
         expected_head: int | None = None,
     ) -> StoredRevision:
         now = time.time_ns()
-        async with self.db.transaction() as c:
-            row = await (await c.execute("SELECT revision FROM head FOR UPDATE")).fetchone()
-            head = int(row[0]) if row else 0  # type: ignore[call-overload]
-            if expected_head is not None and head != expected_head:
-                raise StaleHead(head)
-            rev = head + 1
-            await c.execute(
-                "INSERT INTO revisions (revision, kind, actor, reason, create_time_ns, diff, restored_revision, config)"
-                " VALUES (%s, %s, %s, %s, %s, %s, %s, %s)",
-                (rev, kind, actor, reason, now, Jsonb(diff), restored_revision, config),
+        # One statement, so one round trip and its own transaction: the UPDATE takes the head row's lock
+        # (concurrent writers wait there and re-check the expected head once it is released).
+        async with self.db.connection() as c:
+            cur = await c.execute(
+                "WITH h AS (UPDATE head SET revision = revision + 1"
+                " WHERE %(expected)s::bigint IS NULL OR revision = %(expected)s::bigint RETURNING revision)"
+                " INSERT INTO revisions (revision, kind, actor, reason, create_time_ns, diff, restored_revision, config)"
+                " SELECT h.revision, %(kind)s, %(actor)s, %(reason)s, %(now)s, %(diff)s, %(restored)s, %(config)s"
+                " FROM h RETURNING revision",
+                {
+                    "expected": expected_head,
+                    "kind": kind,
+                    "actor": actor,
+                    "reason": reason,
+                    "now": now,
+                    "diff": Jsonb(diff),
+                    "restored": restored_revision,
+                    "config": config,
+                },
             )
-            await c.execute("UPDATE head SET revision = %s", (rev,))
+            row = await cur.fetchone()
+            if row is None:
+                head = await (await c.execute("SELECT revision FROM head")).fetchone()
+                raise StaleHead(int(head[0]) if head else 0)
+        rev = int(row[0])
         return StoredRevision(rev, kind, actor, reason, now, list(diff), restored_revision, config)
 
     async def insert_exact(self, s: StoredRevision) -> None:

@@ -183,13 +183,22 @@ class Database:
             raise self.unavailable(e) from e
 
     @asynccontextmanager
-    async def transaction(self) -> AsyncIterator[psycopg.AsyncConnection[tuple[Any, ...]]]:
+    async def transaction(
+        self, *, pipeline: bool = False
+    ) -> AsyncIterator[psycopg.AsyncConnection[tuple[Any, ...]]]:
         """BEGIN … COMMIT on a pooled connection; returns only after COMMIT succeeded (an ack means
-        committed). Any exception rolls back; database failures become DATABASE_UNAVAILABLE."""
+        committed). Any exception rolls back; database failures become DATABASE_UNAVAILABLE.
+
+        pipeline=True runs the transaction in libpq pipeline mode: statements whose results are not
+        read are sent together (with BEGIN and COMMIT) instead of one round trip each."""
         try:
             async with self.pool.connection() as conn:
                 await conn.set_autocommit(False)
-                async with conn.transaction():
-                    yield conn
+                if pipeline:
+                    async with conn.pipeline(), conn.transaction():
+                        yield conn
+                else:
+                    async with conn.transaction():
+                        yield conn
         except (psycopg.OperationalError, psycopg.InterfaceError, psycopg_pool.PoolTimeout) as e:
             raise self.unavailable(e) from e

@@ -4,7 +4,8 @@ Same contract as the SQLite + files store (canvas_store.py): versions are never 
 survives deletes), the newest `max_versions` versions of a name are kept, `max_artifact_bytes` and
 `max_total_bytes` are enforced, etags are compare-and-set. Every write takes the row lock of the
 one-row `canvas_totals` table first, so puts and deletes from any number of callers or replicas are
-serialized there and the total stays exact; the call returns after COMMIT (an ack means committed).
+serialized there and the total stays exact; a put is one locking read, then its writes and COMMIT in
+one pipelined batch. The call returns after COMMIT (an ack means committed).
 Reads verify the sha256 of what they return.
 """
 
@@ -128,30 +129,32 @@ class PgCanvasStore:
                 violations=[FieldViolation("content", f"at most {lim.max_artifact_bytes} bytes")],
             )
         digest = hashlib.sha256(content).hexdigest()
-        async with self.db.transaction() as c:
-            row = await (await c.execute("SELECT total_bytes FROM canvas_totals FOR UPDATE")).fetchone()
-            total = int(row[0]) if row else 0  # type: ignore[call-overload]
+        # Two round trips: BEGIN + the lock + the read, then the writes and COMMIT, each batch pipelined.
+        # The read is its own statement after the lock, so its snapshot includes every put committed
+        # before the lock was granted (a join inside the locking statement would see an older one).
+        async with self.db.transaction(pipeline=True) as c:
+            await c.execute("SELECT total_bytes FROM canvas_totals FOR UPDATE")
             cur = await c.execute(
-                "SELECT a.last_version, v.etag FROM canvas_artifacts a LEFT JOIN canvas_versions v"
-                " ON v.name = a.name AND v.version = a.latest WHERE a.name = %s",
-                (name,),
+                "SELECT t.total_bytes, a.last_version, v.etag,"
+                " (SELECT COALESCE(SUM(o.size), 0) FROM canvas_versions o"
+                "   WHERE o.name = %(name)s AND o.version <= COALESCE(a.last_version, 0) + 1 - %(keep)s)"
+                " FROM canvas_totals t"
+                " LEFT JOIN canvas_artifacts a ON a.name = %(name)s"
+                " LEFT JOIN canvas_versions v ON v.name = a.name AND v.version = a.latest",
+                {"name": name, "keep": lim.max_versions},
             )
-            found = await cur.fetchone()
-            last_version = int(found[0]) if found else 0  # type: ignore[call-overload]
-            current_etag = str(found[1]) if found and found[1] is not None else ""
+            row = await cur.fetchone()
+            assert row is not None
+            total = int(row[0])
+            last_version = int(row[1]) if row[1] is not None else 0
+            current_etag = str(row[2]) if row[2] is not None else ""
+            freed = int(row[3])
             if etag == "*" and current_etag:
                 raise _mismatch(name, current_etag, etag)
             if etag and etag != "*" and etag != current_etag:
                 raise _mismatch(name, current_etag, etag)
             version = last_version + 1
             cutoff = version - lim.max_versions
-            row = await (
-                await c.execute(
-                    "SELECT COALESCE(SUM(size), 0) FROM canvas_versions WHERE name = %s AND version <= %s",
-                    (name, cutoff),
-                )
-            ).fetchone()
-            freed = int(row[0]) if row else 0  # type: ignore[call-overload]
             if total - freed + len(content) > lim.max_total_bytes:
                 raise errors.resource_exhausted(
                     f"canvas is full: {total} of {lim.max_total_bytes} bytes used; delete artifacts first",
@@ -170,6 +173,8 @@ class PgCanvasStore:
                 actor,
                 "",
             )
+            new_total = total - freed + len(content)
+            await c.execute("DELETE FROM canvas_versions WHERE name = %s AND version <= %s", (name, cutoff))
             await c.execute(
                 "INSERT INTO canvas_versions(name, version, etag, content_type, sha256, size, update_time, actor, content)"
                 " VALUES (%s, %s, %s, %s, %s, %s, %s, %s, %s)",
@@ -190,8 +195,6 @@ class PgCanvasStore:
                 " ON CONFLICT (name) DO UPDATE SET latest = excluded.latest, last_version = excluded.last_version",
                 (name, version, version),
             )
-            await c.execute("DELETE FROM canvas_versions WHERE name = %s AND version <= %s", (name, cutoff))
-            new_total = total - freed + len(content)
             await c.execute("UPDATE canvas_totals SET total_bytes = %s", (new_total,))
         self._total = new_total
         return meta
