@@ -12,9 +12,9 @@ import sys
 from collections.abc import Callable, Sequence
 from types import ModuleType
 
-from flynn_cli import config_cmds, gates_cmds, playbook_cmds
+from flynn_cli import config_cmds, db_cmds, gates_cmds, playbook_cmds
 
-GROUPS: list[ModuleType] = [config_cmds, gates_cmds, playbook_cmds]
+GROUPS: list[ModuleType] = [config_cmds, gates_cmds, playbook_cmds, db_cmds]
 
 
 def build_parser() -> argparse.ArgumentParser:

@@ -10,11 +10,13 @@ run as root, so under root every PostgreSQL command runs as the `postgres` user 
 from __future__ import annotations
 
 import contextlib
+import hashlib
 import os
 import secrets
 import shutil
 import socket
 import subprocess
+import tempfile
 import time
 from pathlib import Path
 
@@ -41,6 +43,26 @@ def free_port(host: str = "127.0.0.1") -> int:
     with socket.socket(socket.AF_INET, socket.SOCK_STREAM) as s:
         s.bind((host, 0))
         return int(s.getsockname()[1])
+
+
+def usable_directory(wanted: Path) -> Path:
+    """`wanted`, or a directory under /tmp named after it when the server could not use `wanted`: under
+    root the server runs as `postgres`, which must be able to reach it (a 0700 home is not), and its
+    socket path must stay short."""
+    wanted = wanted.resolve()
+    ok = len(str(wanted)) <= 80
+    if ok and os.geteuid() == 0:
+        probe = wanted
+        while not probe.exists():
+            probe = probe.parent
+        r = subprocess.run(["runuser", "-u", "postgres", "--", "test", "-x", str(probe)], capture_output=True)
+        ok = r.returncode == 0
+    if ok:
+        return wanted
+    digest = hashlib.sha256(str(wanted).encode()).hexdigest()[:12]
+    fallback = Path(tempfile.gettempdir()) / f"flynn-postgres-{digest}"
+    fallback.mkdir(mode=0o755, exist_ok=True)
+    return fallback
 
 
 class LocalPostgres:

@@ -21,6 +21,7 @@ import logging
 from collections.abc import AsyncIterator, Sequence
 from contextlib import asynccontextmanager
 from dataclasses import dataclass
+from typing import Any
 
 import psycopg
 import psycopg_pool
@@ -172,7 +173,7 @@ class Database:
         return database_unavailable(self.settings, describe_connect_error(self.settings, e))
 
     @asynccontextmanager
-    async def connection(self) -> AsyncIterator[psycopg.AsyncConnection[tuple[object, ...]]]:
+    async def connection(self) -> AsyncIterator[psycopg.AsyncConnection[tuple[Any, ...]]]:
         """A pooled autocommit connection for reads; database failures become DATABASE_UNAVAILABLE."""
         try:
             async with self.pool.connection() as conn:
@@ -182,13 +183,22 @@ class Database:
             raise self.unavailable(e) from e
 
     @asynccontextmanager
-    async def transaction(self) -> AsyncIterator[psycopg.AsyncConnection[tuple[object, ...]]]:
+    async def transaction(
+        self, *, pipeline: bool = False
+    ) -> AsyncIterator[psycopg.AsyncConnection[tuple[Any, ...]]]:
         """BEGIN … COMMIT on a pooled connection; returns only after COMMIT succeeded (an ack means
-        committed). Any exception rolls back; database failures become DATABASE_UNAVAILABLE."""
+        committed). Any exception rolls back; database failures become DATABASE_UNAVAILABLE.
+
+        pipeline=True runs the transaction in libpq pipeline mode: statements whose results are not
+        read are sent together (with BEGIN and COMMIT) instead of one round trip each."""
         try:
             async with self.pool.connection() as conn:
                 await conn.set_autocommit(False)
-                async with conn.transaction():
-                    yield conn
+                if pipeline:
+                    async with conn.pipeline(), conn.transaction():
+                        yield conn
+                else:
+                    async with conn.transaction():
+                        yield conn
         except (psycopg.OperationalError, psycopg.InterfaceError, psycopg_pool.PoolTimeout) as e:
             raise self.unavailable(e) from e

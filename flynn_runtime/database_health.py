@@ -13,6 +13,7 @@ import asyncio
 import contextlib
 import logging
 from collections.abc import Awaitable, Callable
+from typing import Any
 
 import psycopg
 from prometheus_client import Gauge
@@ -41,7 +42,7 @@ class DatabaseHealth:
         self.up = True
         self.last_error = ""
         self._on_change = on_change
-        self._conn: psycopg.AsyncConnection[tuple[object, ...]] | None = None
+        self._conn: psycopg.AsyncConnection[tuple[Any, ...]] | None = None
         self._task: asyncio.Task[None] | None = None
 
     def start(self) -> None:

@@ -18,6 +18,7 @@ import os
 import time
 from collections.abc import Sequence
 from dataclasses import dataclass
+from typing import Any
 
 import psycopg
 from psycopg import sql
@@ -50,7 +51,7 @@ def check_migrations(migrations: Sequence[Migration]) -> None:
             raise ValueError(f"migration #{i} has version {m.version}; versions must be 1, 2, 3… in order")
 
 
-async def schema_version(conn: psycopg.AsyncConnection[tuple[object, ...]], schema: str) -> int:
+async def schema_version(conn: psycopg.AsyncConnection[tuple[Any, ...]], schema: str) -> int:
     """The highest applied version of `schema` (0 when it has never been migrated)."""
     cur = await conn.execute("SELECT to_regclass(%s) IS NOT NULL", (f"{schema}.schema_version",))
     row = await cur.fetchone()
@@ -64,7 +65,7 @@ async def schema_version(conn: psycopg.AsyncConnection[tuple[object, ...]], sche
 
 
 async def migrate(
-    conn: psycopg.AsyncConnection[tuple[object, ...]], schema: str, migrations: Sequence[Migration]
+    conn: psycopg.AsyncConnection[tuple[Any, ...]], schema: str, migrations: Sequence[Migration]
 ) -> int:
     """Bring `schema` up to the newest migration under a transaction-scoped advisory lock; returns
     the version now applied. Raises SchemaTooNew when the database is ahead of the code."""

@@ -30,7 +30,9 @@ automation:
 """
 
 
-def test_sigkill_mid_stream_misses_nothing_and_duplicates_nothing(tmp_path: Path, tokens: Tokens) -> None:
+def test_sigkill_mid_stream_misses_nothing_and_duplicates_nothing(
+    tmp_path: Path, tokens: Tokens, database_url: str
+) -> None:
     rules = tmp_path / "rules.yaml"
     rules.write_text(RULES)
     first_batch, second_batch = 300, 100
@@ -42,7 +44,8 @@ def test_sigkill_mid_stream_misses_nothing_and_duplicates_nothing(tmp_path: Path
             tmp_path / "data",
             tokens,
             addresses={"queue": rc.address, "config": "127.0.0.1:1", "nodes": "127.0.0.1:1"},
-            extra=["--rules-file", str(rules), "--consume", "run"],
+            extra=["--rules-file", str(rules), "--consume", "run"]
+            + (["--database-url", database_url] if database_url else []),
         )
         try:
             proc.start()

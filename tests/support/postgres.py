@@ -2,6 +2,7 @@
 
     def test_x(postgres_url: str) -> None: …          # postgresql://flynn:…@127.0.0.1:<port>/t_<n>
     def test_y(postgres: PostgresFixture) -> None:   # the server itself: .kill(), .start(), .url(db)
+    def test_z(database_url: str) -> None:           # once with "" (SQLite), once with PostgreSQL
 
 The server is started by the fixtures (initdb + pg_ctl in a temp dir owned by the `postgres` user
 when the tests run as root, 127.0.0.1 on a free port, fsync off: tests crash processes, not the
@@ -66,3 +67,11 @@ def postgres_url(postgres: LocalPostgres) -> Iterator[str]:
     yield url
     if postgres.running():
         postgres.drop_database(name)
+
+
+@pytest.fixture(params=["sqlite", "postgres"])
+def database_url(request: pytest.FixtureRequest) -> str:
+    """Runs a test once per backend: "" (embedded SQLite) and then a fresh PostgreSQL database URL."""
+    if request.param == "sqlite":
+        return ""
+    return str(request.getfixturevalue("postgres_url"))
