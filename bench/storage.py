@@ -11,6 +11,10 @@ PostgreSQL is a throwaway server (initdb + pg_ctl in a temp dir, 127.0.0.1, fsyn
 one). Run control's figures (submit -> ack, cancel -> ack) are measured by its own benchmarks
 (bench/cancel_latency, bench/message_throughput) with `--database-url`. Figures are printed, never
 asserted. Bounded: every call has a timeout; the run takes about two minutes.
+
+Run control's figures (bench/storage_queue.py, the same loads as bench/message_throughput and
+bench/cancel_latency): submit->ack p50/p99 unloaded and with 32 callers, sustained msg/s, and
+cancel-to-ack p50/p99 through the gateway one at a time and 8 at once. `--no-queue` leaves them out.
 """
 
 from __future__ import annotations
@@ -139,6 +143,11 @@ def main() -> None:
     p.add_argument("--updates", type=int, default=30)
     p.add_argument("--puts", type=int, default=200)
     p.add_argument("--watchers", type=int, default=100)
+    p.add_argument("--no-queue", action="store_true", help="leave run control's figures out")
+    p.add_argument("--messages", type=int, default=3000, help="run control: messages of the loaded phase")
+    p.add_argument("--concurrency", type=int, default=32, help="run control: submitting callers")
+    p.add_argument("--sessions", type=int, default=100, help="run control: streaming runs per cancel round")
+    p.add_argument("--rounds", type=int, default=3, help="run control: cancel rounds per phase")
     args = p.parse_args()
     sys.path[:0] = [str(ROOT), str(ROOT / "gen")]
     from flynn_launcher.local_postgres import LocalPostgres
@@ -154,6 +163,11 @@ def main() -> None:
             "SQLite": run_backend("SQLite", tmp / "sqlite", "", args),
             "PostgreSQL": run_backend("PostgreSQL", tmp / "pg", url, args),
         }
+        if not args.no_queue:
+            from bench import storage_queue
+
+            for label, qurl in (("SQLite", ""), ("PostgreSQL", server.create_database("bench_queue"))):
+                results[label].update(storage_queue.figures(tmp / f"queue-{label}", qurl, server, args))
     finally:
         with contextlib.suppress(Exception):
             server.stop("fast")
@@ -169,6 +183,10 @@ def main() -> None:
     ]
     for name, key, i in rows:
         print(f"{name:44} {results['SQLite'][key][i]:12.2f} {results['PostgreSQL'][key][i]:12.2f}")
+    if not args.no_queue:
+        from bench import storage_queue
+
+        storage_queue.print_rows(results, args)
     print("(commit -> applied by all watchers: the two `propagation to ALL` lines above)")
 
 

@@ -1,6 +1,8 @@
-"""Storage backends side by side: SQLite (embedded default) and PostgreSQL 15, in one run.
+"""Run control on each storage backend: SQLite (embedded default) and PostgreSQL 15, in one run.
 
-    .venv/bin/python -m bench.storage [--messages 3000] [--concurrency 32] [--sessions 100] [--rounds 3]
+    .venv/bin/python -m bench.storage_queue [--messages 3000] [--concurrency 32] [--sessions 100] [--rounds 3]
+
+(bench/storage runs this too, beside the config and canvas figures.)
 
 For each backend it starts real processes (a throwaway PostgreSQL via initdb + pg_ctl on a free port,
 fsync on, for the PostgreSQL column) and prints:
@@ -12,9 +14,7 @@ fsync on, for the PostgreSQL column) and prints:
   runs streaming (the same load as bench/cancel_latency);
 - the group-commit duration (flynn_queue_commit_seconds) seen by the server over the cancel phases.
 
-Config commit->applied at 100 watchers and 64 KiB canvas puts need PostgreSQL backends of the config
-and canvas stores; they are printed when those services take --database-url, and reported as "not
-measured" otherwise.
+Config commit->applied at 100 watchers and 64 KiB canvas puts are bench/storage's.
 """
 
 from __future__ import annotations
@@ -119,6 +119,39 @@ def cancels(root: Path, url: str, args: argparse.Namespace) -> dict[str, object]
     return out
 
 
+def figures(base: Path, url: str, server: LocalPostgres, args: argparse.Namespace) -> dict[str, object]:
+    """Run control's figures on one backend ("" = SQLite); each phase gets a fresh database."""
+    base.mkdir(parents=True)
+    t = throughput(base / "tp", url, args)
+    url2 = server.create_database(f"{url.rsplit('/', 1)[1]}_cancel") if url else ""
+    return {**t, **cancels(base / "cx", url2, args)}
+
+
+def print_rows(results: dict[str, dict[str, object]], args: argparse.Namespace) -> None:
+    """Rows for bench/storage's table (columns SQLite, PostgreSQL)."""
+    names = list(results)
+
+    def cell(n: str, key: str, i: int | None = None) -> str:
+        v = results[n][key]
+        if isinstance(v, list):
+            return f"{pct(v, 50 if i == 0 else 99):.2f}"
+        return f"{float(v):.2f}"  # type: ignore[arg-type]
+
+    rows = [
+        ("run control submit->ack unloaded p50 (ms)", "solo_p50", None),
+        ("run control submit->ack unloaded p99 (ms)", "solo_p99", None),
+        (f"run control submit->ack {args.concurrency} callers p50 (ms)", "ack_p50", None),
+        (f"run control submit->ack {args.concurrency} callers p99 (ms)", "ack_p99", None),
+        ("run control sustained msg/s", "rate", None),
+        ("cancel-to-ack via gateway, 1 at a time p50", "cancel1", 0),
+        ("cancel-to-ack via gateway, 1 at a time p99", "cancel1", 1),
+        ("cancel-to-ack via gateway, 8 at once p50", "cancel8", 0),
+        ("cancel-to-ack via gateway, 8 at once p99", "cancel8", 1),
+    ]
+    for name, key, i in rows:
+        print(f"{name:44} " + " ".join(f"{cell(n, key, i):>12}" for n in names))
+
+
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("--messages", type=int, default=3000)
@@ -140,11 +173,7 @@ def main() -> None:
         try:
             for name in args.backends.split(","):
                 url = server.create_database(f"bench_{name}") if name == "postgresql" else ""
-                (root / name).mkdir()
-                t = throughput(root / name / "tp", url, args)
-                url2 = server.create_database(f"bench_{name}_c") if name == "postgresql" else ""
-                c = cancels(root / name / "cx", url2, args)
-                results[name] = {**t, **c}
+                results[name] = figures(root / name, url, server, args)
         finally:
             server.stop("fast")
     report(results, args)
@@ -174,9 +203,8 @@ def report(results: dict[str, dict[str, object]], args: argparse.Namespace) -> N
             [f"{a} / {b}" for a, b in zip(f("ack_p50"), f("ack_p99"), strict=True)],
         )
     )
-    print(
-        _row("sustained msg/s (submit->final, followup)", [f"{float(results[n]['rate']):.0f}" for n in names])
-    )  # type: ignore[arg-type]
+    rates = [f"{float(results[n]['rate']):.0f}" for n in names]  # type: ignore[arg-type]
+    print(_row("sustained msg/s (submit->final, followup)", rates))
     for callers in (1, 8):
         vals = []
         for n in names:
@@ -191,8 +219,6 @@ def report(results: dict[str, dict[str, object]], args: argparse.Namespace) -> N
         total, count = float(commit[1]), float(commit[2])
         vals.append(f"{total / count * 1000:.2f}" if count else "n/a")
     print(_row("group commit mean during cancels (ms)", vals))
-    print(_row("config commit->applied p99, 100 watchers", ["not measured"] * len(names)))
-    print(_row("64 KiB canvas put p99", ["not measured"] * len(names)))
 
 
 if __name__ == "__main__":

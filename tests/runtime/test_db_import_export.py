@@ -26,7 +26,9 @@ from nodes_svc.node_store_sqlite import SqliteNodeStore
 from reactions_svc.reactor import ActionContext, ActionOutcome, Reactor
 from reactions_svc.rules import RuleSet
 from reactions_svc.store_sqlite import SqliteReactionStore
+from tests.support.mesh import make_tokens
 from tests.support.nodes import nodes_config
+from tests.support.queue import queue_service
 from tests.support.reactions import ack_action, rule
 
 ROOT = Path(__file__).resolve().parents[2]
@@ -88,6 +90,19 @@ async def make_data_dir(mesh: Path) -> None:
     canvas.delete("docs/4", "")
     canvas.close()
 
+    # Run control: sessions, messages, runs, events, finals, a collect buffer left queued.
+    tokens = make_tokens(mesh)
+    async with queue_service(
+        mesh / "queue", tokens, "server: {queue: {mode: followup}, agent: {chunks: 2}}"
+    ) as q:
+        for i in range(12):
+            await q.submit(f"s{i % 3}", f"m{i}")
+        for i in range(3):
+            await q.wait_idle(f"s{i}")
+        await q.post_reply_notice("s0", "hello")
+        await q.set_config("server: {queue: {mode: collect, quiet_window: 1h}}")
+        await q.submit("s9", "waits in a collect buffer")
+
 
 def dump(db_file: Path) -> dict[str, list[tuple[object, ...]]]:
     """Every row of every table (sorted), without SQLite's own bookkeeping tables."""
@@ -134,6 +149,7 @@ async def test_import_then_export_round_trips_a_data_dir(
     assert imported.returncode == 0, imported.stderr
     assert "config: imported 30 revisions" in imported.stdout
     assert "artifact_versions" in imported.stdout
+    assert "queue: imported 4 sessions" in imported.stdout, imported.stdout
 
     # A second import into the same database is refused, naming the schema.
     again = flynn("db", "import", "--data-dir", str(a), *common)
@@ -161,6 +177,7 @@ async def test_import_then_export_round_trips_a_data_dir(
         "reactions/reactions/reactions.db",
         "nodes/nodes/nodes.sqlite",
         "nodes/canvas/index.sqlite",
+        "queue/queue/run_control.db",
     ):
         assert dump(b / rel) == dump(a / rel), rel
     assert blob_hashes(b / "nodes" / "canvas") == blob_hashes(a / "nodes" / "canvas")

@@ -78,6 +78,14 @@ class QueueHarness:
         )
         return resp
 
+    async def post_reply_notice(self, session: str, text: str, channel: str = "test") -> pb.PostReplyResponse:
+        resp: pb.PostReplyResponse = await self.stub.PostReply(
+            pb.PostReplyRequest(kind=pb.REPLY_KIND_NOTICE, session_key=session, channel=channel, text=text,
+                                idempotency_key=f"notice/{session}/{text}"),
+            metadata=self.md, timeout=10,
+        )  # fmt: skip
+        return resp
+
     async def get_run(self, run_id: str) -> pb.Run:
         resp = await self.stub.GetRun(pb.GetRunRequest(run_id=run_id), metadata=self.md, timeout=10)
         return resp.run
