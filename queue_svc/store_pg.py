@@ -36,6 +36,7 @@ from __future__ import annotations
 
 import asyncio
 import logging
+import secrets
 from collections.abc import Awaitable, Callable, Sequence
 from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
@@ -258,6 +259,8 @@ class PgQueueStore(QueueStore):
         self._reader: psycopg.AsyncConnection[tuple[object, ...]] | None = None
         self.writer_ok = True
         self._closed = False
+        #: Tags this process's batch numbers in `meta` (numbers restart at 1 in every process).
+        self._writer_id = secrets.token_hex(8)
         self._key_lookups: Coalescer[tuple[str, str], MessageRow] = Coalescer(self._messages_by_keys)
 
     @classmethod
@@ -319,18 +322,21 @@ class PgQueueStore(QueueStore):
         groups = compact(batch)
         with conn.pipeline(), conn.transaction():
             cur = conn.cursor()
-            cur.execute(MARK_BATCH, (str(number),))
+            cur.execute(MARK_BATCH, (f"{self._writer_id}:{number}",))
             for sql, rows in groups:
                 if len(rows) == 1:
                     cur.execute(pg(sql), rows[0])
                 else:
                     cur.executemany(pg(sql), rows)
 
-    @staticmethod
-    def _applied(conn: psycopg.Connection[tuple[object, ...]], number: int) -> bool:
+    def _applied(self, conn: psycopg.Connection[tuple[object, ...]], number: int) -> bool:
+        """Whether batch `number` of this process is committed (its COMMIT's answer was lost)."""
         row = conn.execute("SELECT value FROM meta WHERE key = 'batch'").fetchone()
         conn.commit()
-        return row is not None and int(str(row[0])) >= number
+        if row is None:
+            return False
+        writer, _, last = str(row[0]).partition(":")
+        return writer == self._writer_id and int(last) >= number
 
     # --- reads -------------------------------------------------------------------------------
 
