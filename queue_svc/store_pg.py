@@ -60,6 +60,7 @@ from queue_svc.store import (
     RunRow,
     SessionRow,
     Statement,
+    compact,
     message_from,
     reply_from,
     run_from,
@@ -172,42 +173,6 @@ def pg(sql: str) -> str:
     if out is None:
         out = _pg_sql[sql] = sql.replace("?", "%s")
     return out
-
-
-def _table(sql: str) -> str:
-    words = sql.split()
-    return words[2] if words[0] in ("INSERT", "DELETE") else words[1]
-
-
-def compact(batch: list[Statement]) -> list[tuple[str, list[tuple[object, ...]]]]:
-    """The batch as few `executemany` groups as possible, with the same effect.
-
-    Tables are independent (no foreign keys), so statements are grouped per table, keeping their
-    order within the table. Sessions and runs are written only by full-row upserts keyed by their
-    first parameter: the last one per key wins. Messages and replies are inserted, then updated
-    (an update always targets a row inserted earlier), so inserts may go first. Queue entries keep
-    their exact order (a position can be inserted, deleted and reused within one batch)."""
-    by_table: dict[str, list[Statement]] = {}
-    for st in batch:
-        by_table.setdefault(_table(st[0]), []).append(st)
-    groups: list[tuple[str, list[tuple[object, ...]]]] = []
-    for table, sts in by_table.items():
-        if table in ("sessions", "runs"):
-            last: dict[object, Statement] = {}
-            for st in sts:
-                last.pop(st[1][0], None)
-                last[st[1][0]] = st
-            sts = list(last.values())
-        elif table in ("messages", "replies"):
-            sts = [st for st in sts if st[0].startswith("INSERT")] + [
-                st for st in sts if not st[0].startswith("INSERT")
-            ]
-        for sql, params in sts:
-            if groups and groups[-1][0] == sql:
-                groups[-1][1].append(params)
-            else:
-                groups.append((sql, [params]))
-    return groups
 
 
 class Coalescer(Generic[K, V]):

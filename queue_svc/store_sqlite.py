@@ -29,6 +29,7 @@ from queue_svc.store import (
     RunRow,
     SessionRow,
     Statement,
+    compact,
     message_from,
     reply_from,
     run_from,
@@ -141,8 +142,8 @@ class SqliteQueueStore(QueueStore):
 
     def _commit_now(self, batch: list[Statement]) -> None:
         with transaction(self._writer) as db:
-            for sql, params in batch:
-                db.execute(sql, params)
+            for sql, rows in compact(batch):
+                db.executemany(sql, rows)
 
     def _one(self, sql: str, params: tuple[object, ...]) -> tuple[object, ...] | None:
         row = self._db.execute(sql, params).fetchone()
