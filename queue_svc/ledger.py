@@ -9,7 +9,8 @@ sessions and from the store otherwise, and never show past the durable sequence 
 from __future__ import annotations
 
 import time
-from contextlib import AbstractContextManager
+from collections.abc import Iterator
+from contextlib import AbstractContextManager, contextmanager
 from dataclasses import dataclass, field
 from typing import TYPE_CHECKING
 
@@ -81,6 +82,7 @@ class _Session:
     queue: list[_Entry] = field(default_factory=list)
     last_collect: float = 0.0
     timer: asyncio.TimerHandle | None = None
+    touched: float = 0.0  # time.monotonic() of the last operation on it (idle eviction)
 
     def row(self) -> SessionRow:
         return SessionRow(self.key, self.channel, self.message_count, self.run_count, self.last_seq)
@@ -113,9 +115,13 @@ class Ledger:
         self.events: Fanout[pb.RunEvent] = Fanout()
         self.replies: Fanout[pb.Reply] = Fanout()
         self.commit = GroupCommit(store, self.events, self.replies)
+        #: Sessions in memory: every busy one (an active run, a queue, a timer), and idle ones until
+        #: they are evicted (`evict_idle`); the rest are loaded on demand (`_load_session`).
         self._sessions: dict[str, _Session] = {}
         self._runs: dict[str, _Live] = {}
         self._stopping = False
+        self._pins: dict[str, int] = {}  # sessions an operation is being prepared for
+        self._depth = 0  # queue entries over all sessions (flynn_queue_depth, without visiting them)
 
     def _op(self) -> AbstractContextManager[Op]:
         return self.commit.op()
@@ -125,12 +131,55 @@ class Ledger:
         await self.commit.durable()
 
     def _session(self, op: Op, key: str, channel: str) -> _Session:
+        """The session in memory, or a new one. Callers load it first (`_load_session`, under `_pin`):
+        a session missing here after that does not exist in the store either."""
         s = self._sessions.get(key)
         if s is None:
-            s = _Session(key, channel)
+            s = _Session(key, channel, touched=time.monotonic())
             self._sessions[key] = s
             op.sessions[key] = s
         return s
+
+    @contextmanager
+    def _pin(self, key: str) -> Iterator[None]:
+        """Keep the session in memory while an operation on it is prepared (awaits) and done."""
+        self._pins[key] = self._pins.get(key, 0) + 1
+        try:
+            yield
+        finally:
+            self._pins[key] -= 1
+            if not self._pins[key]:
+                del self._pins[key]
+
+    async def _load_session(self, key: str) -> _Session | None:
+        """The session, read from the store when it is not in memory (None: there is no such session).
+        The read happens before any operation, never inside one."""
+        s = self._sessions.get(key)
+        if s is None:
+            row = await self.store.session(key)
+            s = self._sessions.get(key)  # loaded by another caller meanwhile
+            if s is None and row is not None:
+                s = self._session_from(row)
+        return s
+
+    def _session_from(self, row: SessionRow) -> _Session:
+        s = _Session(row.session_key, row.channel, row.message_count, row.run_count, row.last_session_seq)
+        s.touched = time.monotonic()
+        self._sessions[row.session_key] = s
+        return s
+
+    def evict_idle(self, idle_seconds: float) -> int:
+        """Drop from memory the sessions idle for `idle_seconds` whose state is durable: no active run,
+        no queue, no timer, no operation being prepared. Their rows stay in the store. Returns how many."""
+        cutoff = time.monotonic() - idle_seconds
+        idle = [
+            k for k, s in self._sessions.items()
+            if not s.active and not s.queue and s.timer is None and s.touched <= cutoff
+            and k not in self._pins and self.store.session_durable(k)
+        ]  # fmt: skip
+        for k in idle:
+            del self._sessions[k]
+        return len(idle)
 
     def _event(
         self,
@@ -149,6 +198,7 @@ class Ledger:
     ) -> pb.RunEvent:
         self.commit.gseq += 1
         s.last_seq += 1
+        s.touched = time.monotonic()
         ev = pb.RunEvent(
             global_seq=self.commit.gseq,
             session_seq=s.last_seq,
@@ -191,11 +241,10 @@ class Ledger:
             )
 
     async def _load(self) -> None:
-        """Sessions, live runs and their queues, from the store (at start-up)."""
-        for srow in await self.store.sessions():
-            self._sessions[srow.session_key] = _Session(
-                srow.session_key, srow.channel, srow.message_count, srow.run_count, srow.last_session_seq
-            )
+        """The busy sessions, live runs and their queues, from the store (at start-up); idle sessions
+        stay in the store until an operation needs them."""
+        for srow in await self.store.busy_sessions():
+            self._session_from(srow)
         for row in await self.store.runs_in_states((QUEUED, STARTED, CANCEL_REQUESTED)):
             self._runs[row.run_id] = _Live(row)
         for e in await self.store.queue_entries():
@@ -207,6 +256,7 @@ class Ledger:
                 s.queue.append(
                     _Entry(e.pos, "run", e.run_id, receive_time=live.row.create_time, mode=live.row.mode)
                 )
+                self._depth += 1
             else:
                 m = await self.store.message(e.message_id)
                 if m is None:
@@ -216,6 +266,7 @@ class Ledger:
                            receive_time=m.receive_time, mode=COLLECT)
                 )  # fmt: skip
                 s.last_collect = max(s.last_collect, m.receive_time)
+                self._depth += 1
 
     # --- config ------------------------------------------------------------------------------
 
@@ -247,8 +298,8 @@ class Ledger:
         out = [self._runs[r.run_id].row if r.run_id in self._runs else r for _, r in rows]
         return out, (rows[-1][0] if more and rows else 0)
 
-    def get_session(self, session_key: str) -> pb.Session:
-        s = self._sessions.get(session_key)
+    async def get_session(self, session_key: str) -> pb.Session:
+        s = await self._load_session(session_key)
         if s is None:
             raise errors.not_found("session", session_key)
         out = pb.Session(

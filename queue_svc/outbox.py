@@ -119,6 +119,7 @@ class Outbox:
         reply.create_time.CopyFrom(_ts(time.time()))
         target = targeting.Target(reply.session_key, reply.channel)
         want_speech = speak and targeting.tts_enabled(self.ledger.config.config, target).value
+        await self.ledger._load_session(reply.session_key)  # no await after this: stays in memory
         self.ledger.store.check_writable()
         with self.ledger._op() as op:
             self.ledger._session(op, reply.session_key, reply.channel)
@@ -139,7 +140,9 @@ class Outbox:
         row = await self.ledger.store.reply(reply.reply_id)
         if self._stopping or row is None:
             return
-        s = self.ledger._sessions[reply.session_key]
+        s = await self.ledger._load_session(reply.session_key)
+        if s is None:
+            return
         with self.ledger._op() as op:
             self._publish_speech(op, s, reply, row, outcome)
 

@@ -151,21 +151,27 @@ class RunControl(Ledger):
         synthesizer: speech.Synthesizer | None = None,
         audit: AuditLog | None = None,
         speech_concurrency: int = 32,
+        session_idle_seconds: float = 60.0,
     ) -> None:
         super().__init__(store, config, audit)
         self.agents = agents
         self.outbox = Outbox(self, synthesizer, speech_concurrency)
         self.driver = AgentDriver(self, agents)
+        self.session_idle_seconds = session_idle_seconds
+        self._evictor: asyncio.Task[None] | None = None
 
     # --- lifecycle -------------------------------------------------------------------------
 
     async def start(self) -> None:
         """Load state and recover from a crash (DESIGN.md §4 crash policy)."""
         self.commit.resume(await self.store.max_global_seq(), await self.store.max_reply_cursor())
-        metrics.QUEUE_DEPTH.set_function(lambda: sum(len(s.queue) for s in self._sessions.values()))
-        metrics.RUNS_ACTIVE.set_function(lambda: sum(1 for s in self._sessions.values() if s.active))
+        # Scrapes read counters and live runs, never every session.
+        metrics.QUEUE_DEPTH.set_function(lambda: self._depth)
+        metrics.RUNS_ACTIVE.set_function(lambda: sum(1 for r in self._runs.values() if r.row.state in ACTIVE))
         await self._load()
         pending_speech = await self.store.pending_speech()
+        for r in pending_speech:
+            await self._load_session(r.session_key)
         crashed = [live for live in self._runs.values() if live.row.state in ACTIVE]
         with self._op() as op:
             for live in crashed:
@@ -174,6 +180,15 @@ class RunControl(Ledger):
                 self._advance(op, s)
             self.outbox.recover(op, pending_speech)
         await self.durable()
+        self._evictor = asyncio.ensure_future(self._evict_loop())
+
+    async def _evict_loop(self) -> None:
+        """Idle sessions leave memory (their rows stay in the store; an operation loads them back)."""
+        while not self._stopping:
+            await asyncio.sleep(min(self.session_idle_seconds, 30.0))
+            n = self.evict_idle(self.session_idle_seconds)
+            if n:
+                log.debug("idle sessions evicted", extra={"count": n, "resident": len(self._sessions)})
 
     def _recover_run(self, op: Op, live: _Live) -> None:
         """A run that was active when the process died: the restart policy decides."""
@@ -196,6 +211,8 @@ class RunControl(Ledger):
     async def stop(self) -> None:
         """Stop driving runs; active runs stay active in the store and the restart policy applies."""
         self._stopping = True
+        if self._evictor is not None:
+            self._evictor.cancel()
         tasks = self.driver.stop(list(self._runs.values()))
         for s in self._sessions.values():
             if s.timer is not None:
@@ -220,6 +237,11 @@ class RunControl(Ledger):
     # --- SubmitMessage -----------------------------------------------------------------------
 
     async def submit(self, req: SubmitInput) -> SubmitResult:
+        with self._pin(req.session_key):
+            await self._load_session(req.session_key)
+            return await self._submit(req)
+
+    async def _submit(self, req: SubmitInput) -> SubmitResult:
         known = await self.store.message_by_key(req.session_key, req.idempotency_key)
         if known is not None:
             return self._duplicate(known)
@@ -352,12 +374,14 @@ class RunControl(Ledger):
             s.queue.insert(0, e)
         else:
             s.queue.append(e)
+        self._depth += 1
         self.store.add_queue_entry(
             QueueEntryRow(s.key, e.pos, e.kind, e.run_id, e.message.message_id if e.message else "")
         )
 
     def _dequeue(self, s: _Session, e: _Entry) -> None:
         s.queue.remove(e)
+        self._depth -= 1
         self.store.remove_queue_entry(s.key, e.pos)
 
     def _drop_entry(self, op: Op, s: _Session, e: _Entry, reason: str, actor: str) -> int:
@@ -619,8 +643,10 @@ class RunControl(Ledger):
             if req.session_key and row.session_key != req.session_key:
                 # Do not reveal that the run exists elsewhere.
                 raise errors.not_found("run", req.run_id, reason="RUN_NOT_IN_SESSION")
-            return self._sessions[row.session_key], live, row
-        s = self._sessions.get(req.session_key)
+            s = await self._load_session(row.session_key)
+            assert s is not None, "a run's session is in the store"
+            return s, live, row
+        s = await self._load_session(req.session_key)
         if s is None:
             raise errors.not_found("session", req.session_key)
         live = self._runs.get(s.active) if s.active else None

@@ -165,7 +165,7 @@ class RunControlServicer(pb_grpc.RunControlServicer):
         v.text("session_key", request.session_key, required=True, max_bytes=1024)
         v.check(len(request.session_key) <= 256, "session_key", "is longer than 256 characters")
         v.raise_if_any()
-        session = self.rc.get_session(request.session_key)
+        session = await self.rc.get_session(request.session_key)
         await self.rc.durable()
         return pb.GetSessionResponse(session=session)
 

@@ -249,6 +249,7 @@ class QueueStore:
         self._replies: dict[str, tuple[int, ReplyRow]] = {}
         self._reply_keys: dict[tuple[str, str], tuple[int, ReplyRow]] = {}
         self._finals: dict[str, tuple[int, bool]] = {}
+        self._session_rows: dict[str, tuple[int, SessionRow]] = {}
 
     async def close(self) -> None:
         """Release connections and threads."""
@@ -297,6 +298,7 @@ class QueueStore:
         _expire(self._replies, upto)
         _expire(self._reply_keys, upto)
         _expire(self._finals, upto)
+        _expire(self._session_rows, upto)
 
     def _read_started(self) -> int:
         start = self._durable
@@ -314,6 +316,11 @@ class QueueStore:
         self._queue(
             UPSERT_SESSION, (s.session_key, s.channel, s.message_count, s.run_count, s.last_session_seq)
         )
+        self._session_rows[s.session_key] = (self._batch, s)
+
+    def session_durable(self, session_key: str) -> bool:
+        """Whether the session's last write is durable and readable (so it may leave memory)."""
+        return session_key not in self._session_rows
 
     def insert_message(self, m: MessageRow) -> None:
         self._queue(
@@ -419,6 +426,18 @@ class QueueStore:
         queued = self._msg_by_id.get(message_id)
         return self._patched(queued[1] if queued is not None else row)
 
+    async def session(self, session_key: str) -> SessionRow | None:
+        queued = self._session_rows.get(session_key)
+        if queued is not None:
+            return queued[1]
+        start = self._read_started()
+        try:
+            row = await self._read_session(session_key)
+        finally:
+            self._read_done(start)
+        queued = self._session_rows.get(session_key)
+        return queued[1] if queued is not None else row
+
     async def run(self, run_id: str) -> RunRow | None:
         queued = self._runs.get(run_id)
         if queued is not None:
@@ -466,6 +485,9 @@ class QueueStore:
     async def _read_run(self, run_id: str) -> RunRow | None:
         raise NotImplementedError
 
+    async def _read_session(self, session_key: str) -> SessionRow | None:
+        raise NotImplementedError
+
     async def _read_reply(self, reply_id: str) -> ReplyRow | None:
         raise NotImplementedError
 
@@ -478,7 +500,8 @@ class QueueStore:
     async def max_reply_cursor(self) -> int:
         raise NotImplementedError
 
-    async def sessions(self) -> list[SessionRow]:
+    async def busy_sessions(self) -> list[SessionRow]:
+        """Sessions with a queued or active run or a queue entry (what start-up must hold in memory)."""
         raise NotImplementedError
 
     async def runs_in_states(self, states: tuple[int, ...]) -> list[RunRow]:

@@ -182,11 +182,19 @@ class SqliteQueueStore(QueueStore):
         row = self._one("SELECT COALESCE(MAX(cursor), 0) FROM replies", ())
         return int(row[0]) if row else 0  # type: ignore[call-overload]
 
-    async def sessions(self) -> list[SessionRow]:
+    async def busy_sessions(self) -> list[SessionRow]:
         rows = self._all(
-            "SELECT session_key, channel, message_count, run_count, last_session_seq FROM sessions"
+            "SELECT session_key, channel, message_count, run_count, last_session_seq FROM sessions WHERE session_key IN "
+            "(SELECT session_key FROM runs WHERE state IN (1, 2, 3) UNION SELECT session_key FROM queue_entries)"
         )
         return [SessionRow(*r) for r in rows]  # type: ignore[arg-type]
+
+    async def _read_session(self, session_key: str) -> SessionRow | None:
+        row = self._one(
+            "SELECT session_key, channel, message_count, run_count, last_session_seq FROM sessions WHERE session_key = ?",
+            (session_key,),
+        )
+        return SessionRow(*row) if row else None  # type: ignore[arg-type]
 
     async def runs_in_states(self, states: tuple[int, ...]) -> list[RunRow]:
         marks = ", ".join("?" * len(states))
