@@ -8,6 +8,8 @@ sessions and from the store otherwise, and never show past the durable sequence 
 
 from __future__ import annotations
 
+import asyncio
+import logging
 import time
 from collections.abc import Iterator
 from contextlib import AbstractContextManager, contextmanager
@@ -28,9 +30,9 @@ from queue_svc.group_commit import GroupCommit, Op
 from queue_svc.store import QueueStore, RunRow, SessionRow
 
 if TYPE_CHECKING:
-    import asyncio
-
     from queue_svc.agents import AgentRun
+
+log = logging.getLogger(__name__)
 
 QUEUED, STARTED, CANCEL_REQUESTED = pb.RUN_STATE_QUEUED, pb.RUN_STATE_STARTED, pb.RUN_STATE_CANCEL_REQUESTED
 CANCELLED, COMPLETED, ERROR = pb.RUN_STATE_CANCELLED, pb.RUN_STATE_COMPLETED, pb.RUN_STATE_ERROR
@@ -168,6 +170,14 @@ class Ledger:
         self._sessions[row.session_key] = s
         return s
 
+    async def _evict_loop(self, idle_seconds: float) -> None:
+        """Idle sessions leave memory (their rows stay in the store; an operation loads them back)."""
+        while not self._stopping:
+            await asyncio.sleep(min(idle_seconds, 30.0))
+            n = self.evict_idle(idle_seconds)
+            if n:
+                log.debug("idle sessions evicted", extra={"count": n, "resident": len(self._sessions)})
+
     def evict_idle(self, idle_seconds: float) -> int:
         """Drop from memory the sessions idle for `idle_seconds` whose state is durable: no active run,
         no queue, no timer, no operation being prepared. Their rows stay in the store. Returns how many."""
@@ -273,6 +283,15 @@ class Ledger:
     @property
     def _q(self) -> config_pb2.QueueConfig:
         return self.config.config.server.queue
+
+    def _cap(self) -> int:
+        return self._q.cap if self._q.cap > 0 else 20
+
+    def _cancel_deadline(self) -> float:
+        return _seconds(self._q.cancel_deadline, 2.0)
+
+    def _quiet_window(self) -> float:
+        return _seconds(self._q.quiet_window, 0.0)
 
     def effective_mode(self, session_key: str, channel: str, override: int = 0) -> pb.EffectiveMode:
         d = targeting.queue_mode(self.config.config, targeting.Target(session_key, channel), override)

@@ -180,15 +180,7 @@ class RunControl(Ledger):
                 self._advance(op, s)
             self.outbox.recover(op, pending_speech)
         await self.durable()
-        self._evictor = asyncio.ensure_future(self._evict_loop())
-
-    async def _evict_loop(self) -> None:
-        """Idle sessions leave memory (their rows stay in the store; an operation loads them back)."""
-        while not self._stopping:
-            await asyncio.sleep(min(self.session_idle_seconds, 30.0))
-            n = self.evict_idle(self.session_idle_seconds)
-            if n:
-                log.debug("idle sessions evicted", extra={"count": n, "resident": len(self._sessions)})
+        self._evictor = asyncio.ensure_future(self._evict_loop(self.session_idle_seconds))
 
     def _recover_run(self, op: Op, live: _Live) -> None:
         """A run that was active when the process died: the restart policy decides."""
@@ -222,17 +214,6 @@ class RunControl(Ledger):
             await asyncio.wait(tasks, timeout=5)
         await self.durable()
         await self.agents.close()
-
-    # --- config ------------------------------------------------------------------------------
-
-    def _cap(self) -> int:
-        return self._q.cap if self._q.cap > 0 else 20
-
-    def _cancel_deadline(self) -> float:
-        return _seconds(self._q.cancel_deadline, 2.0)
-
-    def _quiet_window(self) -> float:
-        return _seconds(self._q.quiet_window, 0.0)
 
     # --- SubmitMessage -----------------------------------------------------------------------
 
@@ -596,9 +577,8 @@ class RunControl(Ledger):
         with self._op() as op:
             self._advance(op, s)
 
-    # --- PostReply -----------------------------------------------------------------------------
-
     async def post_reply(self, reply: pb.Reply, idempotency_key: str, speak: bool) -> tuple[pb.Reply, bool]:
+        """PostReply (outbox.py)."""
         return await self.outbox.post_reply(reply, idempotency_key, speak)
 
     # --- CancelRun -----------------------------------------------------------------------------
