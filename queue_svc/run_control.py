@@ -212,7 +212,7 @@ class RunControl(Ledger):
         tasks.extend(self.outbox.stop())
         if tasks:
             await asyncio.wait(tasks, timeout=5)
-        await self.durable()
+        await self.settle(10.0)
         await self.agents.close()
 
     # --- SubmitMessage -----------------------------------------------------------------------
