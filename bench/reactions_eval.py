@@ -34,7 +34,7 @@ from google.protobuf import duration_pb2
 from reactions_svc import engine
 from reactions_svc.reactor import ActionContext, ActionOutcome, Reactor
 from reactions_svc.rules import RuleSet
-from reactions_svc.store import ReactionStore
+from reactions_svc.store_sqlite import SqliteReactionStore
 
 VOCAB = (
     "help deploy build broken login password invoice export notes sync calendar node canvas voice reply "
@@ -165,7 +165,7 @@ async def pipeline(
 ) -> tuple[float, float, float]:
     with tempfile.TemporaryDirectory() as d:
         rs = RuleSet(rules, 1)
-        store = ReactionStore(Path(d) / "reactions")
+        store = SqliteReactionStore(Path(d) / "reactions")
         reactor = Reactor(store, lambda: rs, NoopRunner())
         lat = []
         start = time.perf_counter()
@@ -174,7 +174,7 @@ async def pipeline(
             await reactor.process(ev)
             lat.append((time.perf_counter() - t0) * 1e3)
         wall = time.perf_counter() - start
-        store.close()
+        await store.close()
     lat.sort()
     return len(evs) / wall, statistics.median(lat), pct(lat, 99)
 

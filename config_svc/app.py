@@ -14,7 +14,7 @@ from config_svc import metrics
 from config_svc.config_editor import ConfigEditor
 from config_svc.principal_store import PrincipalStore
 from config_svc.principals_servicer import PrincipalsServicer
-from config_svc.revision_store import RevisionStore
+from config_svc.revision_store import RevisionStore, open_revision_store
 from config_svc.service import ConfigServicer, add_to_server
 from config_svc.watch_hub import WatchHub
 from config_svc.watcher_registry import WatcherRegistry
@@ -62,19 +62,28 @@ class ConfigApp(ServiceApp):
         queue_size = int(
             str(extra.get("watch_queue_size") or os.environ.get("FLYNN_WATCH_QUEUE_SIZE", "256"))
         )
-        self.store = RevisionStore(runtime.settings.data_dir / "config" / "config.db")
-        self.editor = ConfigEditor(self.store)
+        self.queue_size = queue_size
+        self.store: RevisionStore | None = None
         self.hub = WatchHub(queue_size=queue_size)
         self.registry = WatcherRegistry()
-        self.servicer = ConfigServicer(runtime, self.editor, self.hub, self.registry, self.bookmark_seconds)
         self.principal_store = PrincipalStore(runtime.settings.data_dir / "config" / "principals.db")
         self.principals = PrincipalsServicer(runtime, self.principal_store)
+        self._server: grpc.aio.Server | None = None
 
     def register(self, server: grpc.aio.Server) -> None:
-        add_to_server(self.servicer, server)
+        # The config servicer needs the store, which opens in start(); it is added there, before serving.
+        self._server = server
         principals_pb2_grpc.add_PrincipalsServicer_to_server(self.principals, server)
 
     async def start(self) -> None:
+        self.store = await open_revision_store(self.runtime)
+        self.editor = ConfigEditor(self.store)
+        await self.editor.load()
+        self.servicer = ConfigServicer(
+            self.runtime, self.editor, self.hub, self.registry, self.bookmark_seconds
+        )
+        assert self._server is not None
+        add_to_server(self.servicer, self._server)
         if self.editor.head_revision == 0:
             if self.seed_file.exists():
                 cfg = config_yaml.yaml_to_config(self.seed_file.read_text(encoding="utf-8"))
@@ -84,7 +93,7 @@ class ConfigApp(ServiceApp):
             else:
                 log.warning("seed file %s not found; seeding an empty config", self.seed_file)
                 cfg, reason = config_yaml.dict_to_config({}), "empty seed"
-            stored = self.editor.seed_if_empty(cfg, "system", reason)
+            stored = await self.editor.seed_if_empty(cfg, "system", reason)
             if stored is not None:
                 self.runtime.audit.record(
                     "configSeed", actor="system", revision=stored.revision, reason=reason
@@ -97,5 +106,6 @@ class ConfigApp(ServiceApp):
         self.hub.close()
 
     async def close(self) -> None:
-        self.store.close()
+        if self.store is not None:
+            await self.store.close()
         self.principal_store.close()

@@ -1,6 +1,7 @@
 """The config's write side: seed, update by field mask, rollback; validation before every commit.
 
-Plain domain code (no gRPC): the servicer runs these calls off the event loop, one at a time.
+Plain domain code (no gRPC): the servicer awaits these calls one at a time (its write lock); the
+store's round trips are awaited, never run on the event loop's thread.
 A change equal to the head commits nothing (`unchanged`), so the history only holds real changes.
 """
 
@@ -38,9 +39,12 @@ class ConfigEditor:
         self.store = store
         self._head_rev = 0
         self._head_cfg = config_pb2.FlynnConfig()
-        head = store.head()
+
+    async def load(self) -> None:
+        """Read the head revision from the store (at start-up)."""
+        head = await self.store.head()
         if head:
-            stored = store.get(head)
+            stored = await self.store.get(head)
             assert stored is not None
             self._head_rev, self._head_cfg = head, _parse(stored.config)
 
@@ -52,7 +56,9 @@ class ConfigEditor:
     def head_config(self) -> config_pb2.FlynnConfig:
         return self._head_cfg
 
-    def seed_if_empty(self, cfg: config_pb2.FlynnConfig, actor: str, reason: str) -> StoredRevision | None:
+    async def seed_if_empty(
+        self, cfg: config_pb2.FlynnConfig, actor: str, reason: str
+    ) -> StoredRevision | None:
         """Commit `cfg` as revision 1 when the history is empty; refuses an invalid seed."""
         if self._head_rev:
             return None
@@ -60,18 +66,25 @@ class ConfigEditor:
         if problems:
             raise invalid_fields(problems, reason="INVALID_SEED")
         diff = config_yaml.diff(config_pb2.FlynnConfig(), cfg)
-        stored = self.store.append(KIND_SEED, actor, reason, diff, cfg.SerializeToString(), expected_head=0)
+        try:
+            stored = await self.store.append(
+                KIND_SEED, actor, reason, diff, cfg.SerializeToString(), expected_head=0
+            )
+        except StaleHead:
+            # Another process sharing the database seeded first: take its history as it is.
+            await self.load()
+            return None
         self._head_rev, self._head_cfg = stored.revision, cfg
         return stored
 
-    def revision(self, revision: int) -> tuple[StoredRevision, config_pb2.FlynnConfig]:
+    async def revision(self, revision: int) -> tuple[StoredRevision, config_pb2.FlynnConfig]:
         rev = revision or self._head_rev
-        stored = self.store.get(rev)
+        stored = await self.store.get(rev)
         if stored is None:
             raise not_found("revision", str(revision), reason="REVISION_NOT_FOUND")
         return stored, _parse(stored.config)
 
-    def update(
+    async def update(
         self,
         partial: config_pb2.FlynnConfig,
         paths: list[str],
@@ -100,9 +113,9 @@ class ConfigEditor:
         if problems:
             raise invalid_config(problems)
         self._check_fresh(expected_revision)
-        return self._commit(merged, KIND_UPDATE, reason, actor, dry_run, expected_revision)
+        return await self._commit(merged, KIND_UPDATE, reason, actor, dry_run, expected_revision)
 
-    def rollback(
+    async def rollback(
         self, to_revision: int, expected_revision: int, reason: str, actor: str, dry_run: bool = False
     ) -> ChangeResult:
         if to_revision <= 0:
@@ -111,11 +124,11 @@ class ConfigEditor:
             )
         if expected_revision:
             self._check_fresh(expected_revision)
-        stored = self.store.get(to_revision)
+        stored = await self.store.get(to_revision)
         if stored is None:
             raise not_found("revision", str(to_revision), reason="REVISION_NOT_FOUND")
         target = _parse(stored.config)
-        return self._commit(
+        return await self._commit(
             target, KIND_ROLLBACK, reason, actor, dry_run, expected_revision or None, to_revision
         )
 
@@ -123,7 +136,7 @@ class ConfigEditor:
         if expected_revision != self._head_rev:
             raise _stale(expected_revision, self._head_rev)
 
-    def _commit(
+    async def _commit(
         self,
         new: config_pb2.FlynnConfig,
         kind: int,
@@ -142,7 +155,7 @@ class ConfigEditor:
         if dry_run:
             return ChangeResult(self._head_rev, new, diff, None, True)
         try:
-            stored = self.store.append(
+            stored = await self.store.append(
                 kind,
                 actor,
                 reason,

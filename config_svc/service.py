@@ -9,7 +9,7 @@ from __future__ import annotations
 import asyncio
 import base64
 import logging
-from collections.abc import AsyncIterator, Callable
+from collections.abc import AsyncIterator, Awaitable, Callable
 from typing import Any
 
 import grpc
@@ -111,7 +111,7 @@ class ConfigServicer:
         cached = self._snapshot
         if cached[0] == rev:
             return cached
-        stored = await asyncio.to_thread(self.editor.store.get, rev)
+        stored = await self.editor.store.get(rev)
         assert stored is not None
         msg = config_pb2.WatchConfigResponse(
             kind=config_pb2.WATCH_EVENT_KIND_SNAPSHOT, revision=rev, metadata=revision_proto(stored)
@@ -140,7 +140,7 @@ class ConfigServicer:
     ) -> config_pb2.GetConfigResponse:
         if request.revision < 0:
             raise errors.invalid_argument("revision", "must not be negative")
-        stored, cfg = await asyncio.to_thread(self.editor.revision, request.revision)
+        stored, cfg = await self.editor.revision(request.revision)
         return config_pb2.GetConfigResponse(
             config=cfg, revision=stored.revision, metadata=revision_proto(stored)
         )
@@ -150,7 +150,7 @@ class ConfigServicer:
     ) -> config_pb2.ListRevisionsResponse:
         size = page_size(request.page_size)
         before = _untoken("before", request.page_token)
-        rows = await asyncio.to_thread(self.editor.store.newest_first, before, size + 1)
+        rows = await self.editor.store.newest_first(before, size + 1)
         more = len(rows) > size
         rows = rows[:size]
         token = _token("before", rows[-1].revision) if more and rows else ""
@@ -169,7 +169,7 @@ class ConfigServicer:
         v.check(request.revision >= 0, "revision", "must not be negative")
         v.id_list("session_keys", request.session_keys, max_items=MAX_EXPLAIN_SESSIONS, max_len=1024)
         v.raise_if_any()
-        stored, cfg = await asyncio.to_thread(self.editor.revision, request.revision)
+        stored, cfg = await self.editor.revision(request.revision)
 
         def answer(session_key: str) -> config_pb2.ExplainConfigResponse:
             e = explain(cfg, request.key, targeting.Target(session_key, request.channel, request.node_id))
@@ -194,9 +194,9 @@ class ConfigServicer:
 
     # --- writes ---------------------------------------------------------------------------------
 
-    async def _write(self, fn: Callable[[], ChangeResult]) -> ChangeResult:
+    async def _write(self, fn: Callable[[], Awaitable[ChangeResult]]) -> ChangeResult:
         async with self._write_lock:
-            result = await asyncio.to_thread(fn)
+            result = await fn()
             if result.committed is not None:
                 self.publish(result.committed)
                 c = result.committed
@@ -356,7 +356,7 @@ class ConfigServicer:
             out.append((rev, p))
         if not missing:
             return out
-        rows = await asyncio.to_thread(self.editor.store.range, after, upto, MAX_REPLAY + 1)
+        rows = await self.editor.store.range(after, upto, MAX_REPLAY + 1)
         result = []
         for s in rows:
             payload = self.change_payload(s)

@@ -1,9 +1,13 @@
 """flynn-dev: start the whole mesh locally (`up`) and show its state (`status`).
 
 flynn-dev up [--data-dir DIR] [--host 127.0.0.1] [--base-port 50050] [--only config,gateway,console]
+             [--postgres]
 flynn-dev status [--data-dir DIR]
 
 After the gRPC services, `up` starts the operator web console (console/) on http://<host>:<base+30>.
+With --postgres, `up` first starts a throwaway PostgreSQL in <data dir>/postgres (initdb + pg_ctl,
+127.0.0.1, a free port, no system service) and points every stateful service at it
+(--database-url, password in <data dir>/secrets/database.password); it stops it on exit.
 """
 
 from __future__ import annotations
@@ -22,6 +26,7 @@ from types import FrameType
 import grpc
 from flynn.v1 import system_pb2, system_pb2_grpc
 
+from flynn_launcher.local_postgres import LocalPostgres, usable_directory
 from flynn_launcher.plan import (
     CONSOLE,
     CONSOLE_OFFSET,
@@ -67,6 +72,11 @@ def _parser() -> argparse.ArgumentParser:
     up.add_argument("--grace-seconds", type=float, default=10.0, help="shutdown grace of each service (10)")
     up.add_argument(
         "--health-timeout", type=float, default=60.0, help="seconds to wait for each service (60)"
+    )
+    up.add_argument(
+        "--postgres",
+        action="store_true",
+        help="keep every stateful service's state in a throwaway PostgreSQL started in <data dir>/postgres",
     )
     return p
 
@@ -156,6 +166,28 @@ def _print_banner(
     print("\n".join(lines), flush=True)
 
 
+def start_postgres(paths: MeshPaths) -> tuple[LocalPostgres, list[str]]:
+    """Start (initdb on first use) the mesh's own PostgreSQL; returns it and the services' flags."""
+    directory = usable_directory(paths.data_dir / "postgres")
+    server = LocalPostgres(directory)
+    server.init()
+    if server.running():
+        server.stop("fast")  # a previous `up` that was killed: restart on a fresh free port
+    server.start()
+    server.ensure_database("flynn")
+    password_file = paths.secrets / "database.password"
+    password_file.parent.mkdir(parents=True, exist_ok=True)
+    password_file.write_text(server.password + "\n")
+    password_file.chmod(0o600)
+    say(f"PostgreSQL {server.url('flynn', with_password=False)} (data in {directory})")
+    return server, [
+        "--database-url",
+        server.url("flynn", with_password=False),
+        "--database-password-file",
+        str(password_file),
+    ]
+
+
 def up(ns: argparse.Namespace) -> int:
     paths = MeshPaths(ns.data_dir)
     only = [s.strip() for s in ns.only.split(",") if s.strip()] or None
@@ -182,10 +214,19 @@ def up(ns: argparse.Namespace) -> int:
     tokens = ensure_tokens(paths)
     # Services left out (--only, or missing) are not deployed: the mesh reports them so, not as failing.
     deployed = frozenset(s.name for s in services)
+    database: LocalPostgres | None = None
+    db_args: list[str] = []
+    if ns.postgres:
+        try:
+            database, db_args = start_postgres(paths)
+        except (OSError, RuntimeError, subprocess.SubprocessError) as e:
+            say(f"cannot start PostgreSQL: {e}")
+            return 1
     children = [
         Child(
             s,
-            command(s, paths, ns.host, ns.base_port, ns.grace_seconds, _seed_args(s, ns.seed_file), deployed),
+            command(s, paths, ns.host, ns.base_port, ns.grace_seconds, _seed_args(s, ns.seed_file), deployed)
+            + (db_args if topology.SERVICES.get(s.name) and topology.SERVICES[s.name].stateful else []),
         )
         for s in services
     ]
@@ -210,6 +251,9 @@ def up(ns: argparse.Namespace) -> int:
         return 0
     finally:
         sup.stop_all()
+        if database is not None:
+            database.stop("fast")
+            say("PostgreSQL stopped")
         say("stopped")
 
 

@@ -15,7 +15,8 @@ import asyncio
 import contextlib
 import logging
 import signal
-from collections.abc import AsyncIterator, Callable, Sequence
+import sys
+from collections.abc import AsyncIterator, Awaitable, Callable, Sequence
 from dataclasses import dataclass
 from typing import TypeVar
 
@@ -30,9 +31,13 @@ from flynn_runtime import VERSION, logs, metrics, reflection_service, tracing
 from flynn_runtime.audit import AuditLog
 from flynn_runtime.auth import Authenticator, TokenStore, parse_networks
 from flynn_runtime.channels import client_channel, server_options
+from flynn_runtime.database import Database, Timeouts
+from flynn_runtime.database_health import DatabaseHealth
+from flynn_runtime.database_url import DatabaseSettingError, DatabaseSettings, database_from_settings
 from flynn_runtime.errors import shutting_down
 from flynn_runtime.health_service import HealthServicer
 from flynn_runtime.interceptor import ServerInterceptor
+from flynn_runtime.pg_migrations import Migration
 from flynn_runtime.principal_feed import PrincipalFeed
 from flynn_runtime.proxy_front import ProxyFront
 from flynn_runtime.settings import Settings
@@ -55,6 +60,32 @@ class Runtime:
         self.authenticator = Authenticator(self.tokens, trusted_proxies=trusted)
         self.stopping = asyncio.Event()
         self._channels: dict[str, grpc.aio.Channel] = {}
+        #: The configured PostgreSQL database (None: embedded SQLite under data_dir).
+        self.database_settings: DatabaseSettings | None = database_from_settings(settings)
+        self.databases: list[Database] = []
+
+    async def open_database(
+        self,
+        schema: str,
+        migrations: Sequence[Migration],
+        *,
+        max_size: int = 8,
+        timeouts: Timeouts | None = None,
+    ) -> Database:
+        """Open (and migrate) this service's schema; its health is watched while serving and the pool
+        is closed with the runtime. Only valid when a database is configured."""
+        if self.database_settings is None:
+            raise RuntimeError("open_database without --database-url")
+        db = await Database.open(
+            self.database_settings,
+            service=self.settings.service,
+            schema=schema,
+            migrations=migrations,
+            max_size=max_size,
+            timeouts=timeouts,
+        )
+        self.databases.append(db)
+        return db
 
     def channel(self, backend: str) -> grpc.aio.Channel:
         """A shared channel to another service, carrying this service's bearer token."""
@@ -75,6 +106,9 @@ class Runtime:
         for ch in self._channels.values():
             await ch.close(None)
         self._channels.clear()
+        for db in self.databases:
+            await db.close()
+        self.databases.clear()
         self.audit.close()
 
 
@@ -118,6 +152,7 @@ class RunningServer:
     runtime: Runtime
     server: grpc.aio.Server
     health: HealthServicer
+    database_health: list[DatabaseHealth]
 
     @property
     def address(self) -> str:
@@ -149,7 +184,11 @@ async def running(
     await health_servicer.set("", health_pb2.HealthCheckResponse.NOT_SERVING)
     for name in app.service_names:
         await health_servicer.set(name, health_pb2.HealthCheckResponse.NOT_SERVING)
-    await app.start()
+    try:
+        await app.start()
+    except BaseException:
+        await runtime.close()
+        raise
     feed = PrincipalFeed(runtime, follow_config=app.follows_principals)
     feed.start()
     await server.start()
@@ -161,9 +200,13 @@ async def running(
             settings.proxy_protocol_listen, f"{loopback}:{port}", runtime.authenticator.trusted_proxies
         )
         await front.start()
-    await health_servicer.set("", health_pb2.HealthCheckResponse.SERVING)
-    for name in app.service_names:
-        await health_servicer.set(name, health_pb2.HealthCheckResponse.SERVING)
+    await _set_health(health_servicer, app, True)
+    watchers = [
+        DatabaseHealth(db, settings.service, _health_setter(health_servicer, app, runtime))
+        for db in runtime.databases
+    ]
+    for w in watchers:
+        w.start()
     if settings.port_file is not None:
         tmp = settings.port_file.with_suffix(".tmp")
         tmp.write_text(f"{port} {metrics_port}\n")
@@ -175,7 +218,7 @@ async def running(
             "services": list(app.service_names),
         },
     )
-    handle = RunningServer(port, metrics_port, app, runtime, server, health_servicer)
+    handle = RunningServer(port, metrics_port, app, runtime, server, health_servicer, watchers)
     try:
         yield handle
     finally:
@@ -188,6 +231,8 @@ async def running(
 async def _graceful_stop(h: RunningServer) -> None:
     s = h.runtime.settings
     log.info("stopping", extra={"grace_seconds": s.grace_seconds})
+    for w in h.database_health:
+        await w.stop()
     await h.health.enter_graceful_shutdown()
     h.runtime.stopping.set()
     try:
@@ -200,6 +245,23 @@ async def _graceful_stop(h: RunningServer) -> None:
     finally:
         await h.runtime.close()
     log.info("stopped")
+
+
+async def _set_health(health_servicer: HealthServicer, app: ServiceApp, serving: bool) -> None:
+    status = health_pb2.HealthCheckResponse.SERVING if serving else health_pb2.HealthCheckResponse.NOT_SERVING
+    await health_servicer.set("", status)
+    for name in app.service_names:
+        await health_servicer.set(name, status)
+
+
+def _health_setter(
+    health_servicer: HealthServicer, app: ServiceApp, runtime: Runtime
+) -> Callable[[bool], Awaitable[None]]:
+    async def on_change(up: bool) -> None:
+        if not runtime.stopping.is_set():
+            await _set_health(health_servicer, app, up)
+
+    return on_change
 
 
 async def serve(settings: Settings, factory: Callable[[Runtime], ServiceApp]) -> None:
@@ -217,6 +279,10 @@ def run_service(settings: Settings, factory: Callable[[Runtime], ServiceApp]) ->
     tracing.configure(settings.service)  # OTEL_* environment; off unless OTEL_TRACES_EXPORTER=otlp
     try:
         asyncio.run(serve(settings, factory))
+    except DatabaseSettingError as e:
+        # A start-up problem with the database setting or server: one line naming it, no traceback.
+        print(f"flynn-{settings.service}: {e}", file=sys.stderr)
+        raise SystemExit(2) from None
     finally:
         tracing.shutdown()  # export the spans still buffered
 

@@ -43,6 +43,10 @@ class Settings:
     trusted_proxies: str = ""
     proxy_protocol_listen: str = ""
     extra: dict[str, object] = field(default_factory=dict)
+    #: postgresql://… of the shared database; empty = embedded SQLite files under data_dir.
+    database_url: str = ""
+    #: File holding the database password (a mounted Secret); overrides a password in the URL.
+    database_password_file: Path | None = None
 
     def address(self, backend: str) -> str:
         return self.addresses.get(backend, "")
@@ -126,6 +130,17 @@ def build_parser(service: str) -> argparse.ArgumentParser:
         help="host:port of a second listener for load balancers that send the PROXY protocol (v1/v2); "
         "its header is believed only from --trusted-proxies (FLYNN_PROXY_PROTOCOL_LISTEN; empty: off)",
     )
+    p.add_argument(
+        "--database-url",
+        default=_env("database_url", ""),
+        help="postgresql://user@host:port/dbname of the shared database; empty keeps the embedded SQLite "
+        "files under --data-dir (FLYNN_DATABASE_URL)",
+    )
+    p.add_argument(
+        "--database-password-file",
+        default=_env("database_password_file", ""),
+        help="file holding the database password, e.g. a mounted Secret (FLYNN_DATABASE_PASSWORD_FILE)",
+    )
     return p
 
 
@@ -162,4 +177,6 @@ def parse(
         trusted_proxies=ns.trusted_proxies,
         proxy_protocol_listen=ns.proxy_protocol_listen,
         extra=extra,
+        database_url=ns.database_url,
+        database_password_file=Path(ns.database_password_file) if ns.database_password_file else None,
     )

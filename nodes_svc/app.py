@@ -22,11 +22,13 @@ from nodes_svc.canvas_store import (
     DEFAULT_MAX_TOTAL_BYTES,
     DEFAULT_MAX_VERSIONS,
     Canvas,
+    CanvasBackend,
     CanvasLimits,
     CanvasStore,
+    SqliteCanvasBackend,
 )
 from nodes_svc.node_registry import NodeRegistry
-from nodes_svc.node_store import NodeStore
+from nodes_svc.node_store import NodeStore, open_node_store
 from nodes_svc.servicer import NodesServicer
 
 log = logging.getLogger(__name__)
@@ -80,19 +82,14 @@ class NodesApp(ServiceApp):
         if config is None:
             config = self._config_source()
         self.config = config
-        self.store = NodeStore(s.data_dir / "nodes" / "nodes.sqlite")
-        self.registry = NodeRegistry(self.store, config, runtime.audit)
-        limits = CanvasLimits(
+        self.limits = CanvasLimits(
             max_artifact_bytes=int(s.extra.get("canvas_max_artifact_bytes", DEFAULT_MAX_ARTIFACT_BYTES)),  # type: ignore[call-overload]
             max_total_bytes=int(s.extra.get("canvas_max_total_bytes", DEFAULT_MAX_TOTAL_BYTES)),  # type: ignore[call-overload]
             max_versions=int(s.extra.get("canvas_max_versions", DEFAULT_MAX_VERSIONS)),  # type: ignore[call-overload]
         )
-        self.canvas = Canvas(
-            CanvasStore(s.data_dir / "canvas", limits),
-            runtime.audit,
-            enabled=self.registry.canvas_service_enabled,
-            on_change=self.registry.record_canvas_change,
-        )
+        # The stores open in start() (a database connects there); servicers are added then too.
+        self.store: NodeStore | None = None
+        self._server: grpc.aio.Server | None = None
         self._tasks: list[asyncio.Task[None]] = []
         self._unsubscribe = config.subscribe(self._on_config, key="server.nodes")
 
@@ -111,19 +108,40 @@ class NodesApp(ServiceApp):
         return watcher
 
     def register(self, server: grpc.aio.Server) -> None:
-        nodes_pb2_grpc.add_NodesServicer_to_server(NodesServicer(self.runtime, self.registry), server)
-        canvas_pb2_grpc.add_CanvasServicer_to_server(CanvasServicer(self.canvas), server)
+        self._server = server
+
+    async def _open_stores(self) -> None:
+        self.store = await open_node_store(self.runtime)
+        self.registry = NodeRegistry(self.store, self.config, self.runtime.audit)
+        backend: CanvasBackend
+        if self.runtime.databases:
+            from nodes_svc.canvas_store_pg import PgCanvasStore
+
+            backend = PgCanvasStore(self.runtime.databases[0], self.limits)
+        else:
+            backend = SqliteCanvasBackend(CanvasStore(self.runtime.settings.data_dir / "canvas", self.limits))
+        self.canvas = Canvas(
+            backend,
+            self.runtime.audit,
+            enabled=self.registry.canvas_service_enabled,
+            on_change=self.registry.record_canvas_change,
+        )
+        assert self._server is not None
+        nodes_pb2_grpc.add_NodesServicer_to_server(NodesServicer(self.runtime, self.registry), self._server)
+        canvas_pb2_grpc.add_CanvasServicer_to_server(CanvasServicer(self.canvas), self._server)
 
     async def start(self) -> None:
+        await self._open_stores()
         if self._watcher is not None:
             await self._watcher.start()  # type: ignore[attr-defined]
-        self.registry.start()
+        await self.registry.start()
         recovered = await self.canvas.start()
         log.info("canvas ready", extra={"recovered": recovered, "total_bytes": self.canvas.store.total_bytes})
         self._tasks.append(asyncio.create_task(self._sweep()))
 
     def _on_config(self, old: config_pb2.FlynnConfig, new: config_pb2.FlynnConfig, revision: int) -> None:
-        self.registry.apply_config()
+        if self.store is not None:
+            self.registry.apply_config()
 
     async def _sweep(self) -> None:
         since_prune = 0.0
@@ -153,8 +171,11 @@ class NodesApp(ServiceApp):
             t.cancel()
             with contextlib.suppress(asyncio.CancelledError):
                 await t
+        if self.store is None:
+            return
         self.registry.shutdown()
+        await self.registry.drain()
         if self._watcher is not None:
             await self._watcher.stop()  # type: ignore[attr-defined]
         await self.canvas.close()
-        self.store.close()
+        await self.store.close()

@@ -12,7 +12,9 @@ Storage paths derive from a hash, so no name can reach outside the canvas direct
 still validated (`validate_name`) so operators get a clear INVALID_ARGUMENT.
 
 All operations run on one worker thread (`CanvasStore` is synchronous and single-threaded), which
-serializes compare-and-set and keeps fsyncs off the event loop.
+serializes compare-and-set and keeps fsyncs off the event loop. With --database-url the canvas lives in
+PostgreSQL instead (canvas_store_pg.py: content in bytea, same limits, no volume); `Canvas` is the
+async face over either backend (`CanvasBackend`).
 """
 
 from __future__ import annotations
@@ -23,17 +25,20 @@ import os
 import re
 import sqlite3
 import time
-from collections.abc import Callable
+from collections.abc import Awaitable, Callable
 from concurrent.futures import ThreadPoolExecutor
 from contextlib import AbstractContextManager
 from dataclasses import dataclass
 from pathlib import Path
+from typing import Protocol, TypeVar
 
 from flynn_runtime import errors
 from flynn_runtime.audit import AuditLog
 from flynn_runtime.errors import Code, FieldViolation, FlynnError
 from flynn_runtime.sqlite_db import open_db, transaction
 from nodes_svc import metrics
+
+T = TypeVar("T")
 
 MAX_NAME_LEN = 200
 DEFAULT_MAX_ARTIFACT_BYTES = 1024 * 1024
@@ -365,34 +370,86 @@ class CanvasStore:
             (self.blobs / b).unlink(missing_ok=True)
 
 
-class Canvas:
-    """Async face of the store: one worker thread, the gate, audit, metrics and change events."""
+class CanvasBackend(Protocol):
+    """What the async face needs from a storage backend (SQLite + files, or PostgreSQL bytea)."""
 
-    def __init__(
-        self,
-        store: CanvasStore,
-        audit: AuditLog,
-        enabled: Callable[[], bool],
-        on_change: Callable[[str, str], None],
-    ) -> None:
+    limits: CanvasLimits
+
+    @property
+    def total_bytes(self) -> int: ...
+
+    async def recover(self) -> dict[str, int]: ...
+
+    async def put(
+        self, name: str, content_type: str, content: bytes, etag: str, actor: str
+    ) -> ArtifactMeta: ...
+
+    async def get(self, name: str, version: int = 0) -> tuple[ArtifactMeta, bytes]: ...
+
+    async def list_latest(self, prefix: str, after: str, limit: int) -> list[ArtifactMeta]: ...
+
+    async def delete(self, name: str, etag: str) -> int: ...
+
+    async def close(self) -> None: ...
+
+
+class SqliteCanvasBackend:
+    """The SQLite + files store on its one worker thread (serializes compare-and-set, fsyncs off the loop)."""
+
+    def __init__(self, store: CanvasStore) -> None:
         self.store = store
-        self.audit = audit
-        self._enabled = enabled
-        self._on_change = on_change
+        self.limits = store.limits
         self._pool = ThreadPoolExecutor(max_workers=1, thread_name_prefix="canvas")
 
-    async def start(self) -> dict[str, int]:
-        recovered = await self._run(self.store.recover)
-        assert isinstance(recovered, dict)
-        metrics.CANVAS_BYTES.set(self.store.total_bytes)
-        return recovered
+    @property
+    def total_bytes(self) -> int:
+        return self.store.total_bytes
+
+    async def _run(self, fn: Callable[..., T], *args: object) -> T:
+        return await asyncio.get_running_loop().run_in_executor(self._pool, fn, *args)
+
+    async def recover(self) -> dict[str, int]:
+        return await self._run(self.store.recover)
+
+    async def put(self, name: str, content_type: str, content: bytes, etag: str, actor: str) -> ArtifactMeta:
+        return await self._run(self.store.put, name, content_type, content, etag, actor)
+
+    async def get(self, name: str, version: int = 0) -> tuple[ArtifactMeta, bytes]:
+        return await self._run(self.store.get, name, version)
+
+    async def list_latest(self, prefix: str, after: str, limit: int) -> list[ArtifactMeta]:
+        return await self._run(self.store.list_latest, prefix, after, limit)
+
+    async def delete(self, name: str, etag: str) -> int:
+        return await self._run(self.store.delete, name, etag)
 
     async def close(self) -> None:
         await self._run(self.store.close)
         self._pool.shutdown(wait=True)
 
-    async def _run(self, fn: Callable[..., object], *args: object) -> object:
-        return await asyncio.get_running_loop().run_in_executor(self._pool, fn, *args)
+
+class Canvas:
+    """Async face of the store: the gate, audit, metrics and change events over either backend."""
+
+    def __init__(
+        self,
+        store: CanvasBackend | CanvasStore,
+        audit: AuditLog,
+        enabled: Callable[[], bool],
+        on_change: Callable[[str, str], None],
+    ) -> None:
+        self.store: CanvasBackend = SqliteCanvasBackend(store) if isinstance(store, CanvasStore) else store
+        self.audit = audit
+        self._enabled = enabled
+        self._on_change = on_change
+
+    async def start(self) -> dict[str, int]:
+        recovered = await self.store.recover()
+        metrics.CANVAS_BYTES.set(self.store.total_bytes)
+        return recovered
+
+    async def close(self) -> None:
+        await self.store.close()
 
     def check_enabled(self, op: str) -> None:
         if not self._enabled():
@@ -401,11 +458,11 @@ class Canvas:
                 "the canvas is off (server.nodes.feature_gates.ui.canvas is false)", reason="CANVAS_DISABLED"
             )
 
-    async def _op(self, op: str, fn: Callable[..., object], *args: object) -> object:
+    async def _op(self, op: str, fn: Callable[..., Awaitable[T]], *args: object) -> T:
         self.check_enabled(op)
         start = time.perf_counter()
         try:
-            result = await self._run(fn, *args)
+            result = await fn(*args)
         except FlynnError as e:
             metrics.CANVAS_OPS.labels(op, e.reason or e.code.value).inc()
             raise
@@ -419,7 +476,6 @@ class Canvas:
         meta = await self._op(
             "put", self.store.put, name, content_type, content, etag, actor, restore_version
         )
-        assert isinstance(meta, ArtifactMeta)
         metrics.CANVAS_BYTES.set(self.store.total_bytes)
         self.audit.record(
             "canvasRestore" if restore_version else "canvasPut",
@@ -434,18 +490,13 @@ class Canvas:
         return meta
 
     async def get(self, name: str, version: int) -> tuple[ArtifactMeta, bytes]:
-        got = await self._op("get", self.store.get, name, version)
-        assert isinstance(got, tuple)
-        return got
+        return await self._op("get", self.store.get, name, version)
 
     async def list_latest(self, prefix: str, after: str, limit: int) -> list[ArtifactMeta]:
-        items = await self._op("list", self.store.list_latest, prefix, after, limit)
-        assert isinstance(items, list)
-        return items
+        return await self._op("list", self.store.list_latest, prefix, after, limit)
 
     async def delete(self, name: str, etag: str, actor: str, reason: str = "") -> int:
         n = await self._op("delete", self.store.delete, name, etag)
-        assert isinstance(n, int)
         metrics.CANVAS_BYTES.set(self.store.total_bytes)
         self.audit.record("canvasDelete", actor=actor, name=name, deleted_versions=n, reason=reason or None)
         self._on_change(name, "delete")

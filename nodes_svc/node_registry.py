@@ -18,7 +18,7 @@ import random
 import secrets
 import time
 from collections import OrderedDict
-from collections.abc import AsyncIterator
+from collections.abc import AsyncIterator, Awaitable, Callable
 from dataclasses import dataclass
 
 from flynn.v1 import config_pb2, nodes_pb2
@@ -30,6 +30,7 @@ from flynn_runtime.auth import FailureLimiter, hash_token
 from flynn_runtime.config_source import ConfigSource
 from flynn_runtime.errors import Code, FlynnError
 from flynn_runtime.ids import new_id
+from flynn_runtime.ordered_writer import OrderedWriter
 from nodes_svc import metrics
 from nodes_svc.node_store import EventRecord, NewEvent, NodeRecord, NodeStore, TokenRecord
 
@@ -273,14 +274,18 @@ class NodeRegistry:
         self._events_changed = asyncio.Event()
         self._policy = NodesPolicy.of(config.config)
         self._closed = False  # set by shutdown(): handlers finishing late must not touch the closed store
+        # Every store write goes through one ordered queue: the bookkeeping below stays synchronous,
+        # writes keep their order, and promises (tokens, registrations) are awaited until committed.
+        self.writes = OrderedWriter("nodes")
+        self._register_lock = asyncio.Lock()
 
     # lifecycle ----------------------------------------------------------------------------
 
-    def start(self) -> None:
-        for t in self.store.all_tokens():
+    async def start(self) -> None:
+        for t in await self.store.all_tokens():
             self._tokens[t.sha256] = t
             self._token_nodes.add(t.node_id)
-        stale = self.store.mark_all_offline("server_restart")
+        stale = await self.store.mark_all_offline("server_restart")
         if stale:
             log.info("nodes left online by the previous process marked offline", extra={"count": len(stale)})
             self._notify_events()
@@ -295,6 +300,18 @@ class NodeRegistry:
         self.flush_last_seen()
         self._closed = True
 
+    async def drain(self) -> None:
+        """Wait for every queued store write (before the store closes)."""
+        await self.writes.close()
+
+    def _background(self, write: Callable[[], Awaitable[object]], notify: bool = False) -> None:
+        """A write nobody waits for (presence bookkeeping); watchers are woken after it commits."""
+        if self._closed:
+            return
+        fut = self.writes.submit(write)
+        if notify:
+            fut.add_done_callback(lambda _: self._notify_events())
+
     def close_all(self, reason: str) -> int:
         n = 0
         for s in list(self.sessions.values()):
@@ -307,10 +324,10 @@ class NodeRegistry:
 
     # tokens -------------------------------------------------------------------------------
 
-    def issue_token(self, node_id: str, role: str, description: str) -> IssuedToken:
+    async def issue_token(self, node_id: str, role: str, description: str) -> IssuedToken:
         token = f"fln_{secrets.token_urlsafe(32)}"
         rec = TokenRecord(new_id("ntok"), hash_token(token), node_id, role, description, time.time(), None)
-        self.store.insert_token(rec)
+        await self.writes.submit(lambda: self.store.insert_token(rec), awaited=True)
         self._tokens[rec.sha256] = rec
         self._token_nodes.add(node_id)
         self.audit.record(
@@ -318,9 +335,12 @@ class NodeRegistry:
         )
         return IssuedToken(rec.token_id, token, node_id, role)
 
-    def revoke_token(self, token_id: str, reason: str) -> tuple[bool, int]:
+    async def revoke_token(self, token_id: str, reason: str) -> tuple[bool, int]:
         """Returns (already_revoked, streams closed)."""
-        before = self.store.revoke_token(token_id, reason, time.time())
+        when = time.time()
+        before = await self.writes.submit(
+            lambda: self.store.revoke_token(token_id, reason, when), awaited=True
+        )
         if before is None:
             raise errors.not_found("token_id", token_id, reason="TOKEN_NOT_FOUND")
         already = before.revoked is not None
@@ -373,12 +393,19 @@ class NodeRegistry:
         )
         return err
 
-    def register(
+    async def register(
         self, reg: nodes_pb2.NodeRegister, peer: str
     ) -> tuple[NodeSession, nodes_pb2.NodeRegistered]:
-        """Authenticate and register (the Register message is already validated); raises FlynnError."""
+        """Authenticate and register (the Register message is already validated); raises FlynnError.
+        Registrations are serialized, so two streams of one node never compute the same epoch."""
+        async with self._register_lock:
+            return await self._register(reg, peer)
+
+    async def _register(
+        self, reg: nodes_pb2.NodeRegister, peer: str
+    ) -> tuple[NodeSession, nodes_pb2.NodeRegistered]:
         node_id = reg.node_id
-        existing = self.store.get_node(node_id)
+        existing = await self.store.get_node(node_id)
         known = existing is not None
         policy = self._policy
         if not policy.enabled:
@@ -441,9 +468,6 @@ class NodeRegistry:
                 known,
                 False,
             )
-        old = self.sessions.get(node_id)
-        if old is not None:
-            old.close("replaced", "the node connected again; this stream is replaced")
         now = time.time()
         if existing is None:
             epoch, reconnects, etype, kind = 1, 0, CONNECTED, "new"
@@ -468,7 +492,11 @@ class NodeRegistry:
             platform=reg.platform,
             token_id=tok.token_id,
         )
-        self.store.save_registration(rec, NewEvent(etype, node_id, reg.role, epoch, "", "", now))
+        event = NewEvent(etype, node_id, reg.role, epoch, "", "", now)
+        await self.writes.submit(lambda: self.store.save_registration(rec, event), awaited=True)
+        old = self.sessions.get(node_id)
+        if old is not None:
+            old.close("replaced", "the node connected again; this stream is replaced")
         self._notify_events()
         canvas = self._canvas_gate(node_id)
         session = NodeSession(rec, canvas, time.monotonic())
@@ -525,14 +553,11 @@ class NodeRegistry:
         reason = session.close_reason
         metrics.DISCONNECTS.labels(reason).inc()
         last_seen = time.time() - (time.monotonic() - session.last_seen)
-        self.store.mark_offline(
-            session.node_id,
-            session.epoch,
-            reason,
-            last_seen,
-            NewEvent(DISCONNECTED, session.node_id, session.role, session.epoch, reason, "", time.time()),
+        event = NewEvent(DISCONNECTED, session.node_id, session.role, session.epoch, reason, "", time.time())
+        node_id, epoch = session.node_id, session.epoch
+        self._background(
+            lambda: self.store.mark_offline(node_id, epoch, reason, last_seen, event), notify=True
         )
-        self._notify_events()
         self.audit.record(
             "nodeDisconnect", actor="system", node_id=session.node_id, epoch=session.epoch, reason=reason
         )
@@ -571,7 +596,7 @@ class NodeRegistry:
             metadata={"node_id": p.node_id, "invoke_id": p.invoke_id},
         )
 
-    def _dispatch(
+    async def _dispatch(
         self,
         node_id: str,
         command: str,
@@ -582,7 +607,7 @@ class NodeRegistry:
     ) -> PendingInvoke:
         session = self.sessions.get(node_id)
         if session is None or session.closed:
-            known = self.store.get_node(node_id) is not None
+            known = await self.store.get_node(node_id) is not None
             if not known:
                 raise errors.not_found("node_id", node_id, reason="NODE_NOT_FOUND")
             raise errors.failed_precondition(
@@ -646,7 +671,9 @@ class NodeRegistry:
                 self._idem.move_to_end(key)
         if p is None:
             try:
-                p = self._dispatch(node_id, command, args_json, deadline_wall, idempotency_key, fingerprint)
+                p = await self._dispatch(
+                    node_id, command, args_json, deadline_wall, idempotency_key, fingerprint
+                )
             except FlynnError:
                 metrics.INVOKES.labels("refused").inc()
                 raise
@@ -763,7 +790,7 @@ class NodeRegistry:
                     s.flushed_seen = s.last_seen
                     dirty.append((s.node_id, wall - (now - s.last_seen)))
         if dirty:
-            self.store.touch_many(dirty)
+            self._background(lambda: self.store.touch_many(dirty))
 
     def flush_last_seen(self) -> None:
         """Write every node's last_seen now (on shutdown)."""
@@ -773,7 +800,8 @@ class NodeRegistry:
             if s.last_seen > s.flushed_seen:
                 s.flushed_seen = s.last_seen
                 dirty.append((s.node_id, now_w - (now_m - s.last_seen)))
-        self.store.touch_many(dirty)
+        if dirty:
+            self._background(lambda: self.store.touch_many(dirty))
 
     # reads --------------------------------------------------------------------------------
 
@@ -798,17 +826,17 @@ class NodeRegistry:
             connect_time=_ts(rec.connect_time),
         )
 
-    def get_node(self, node_id: str) -> nodes_pb2.Node:
-        rec = self.store.get_node(node_id)
+    async def get_node(self, node_id: str) -> nodes_pb2.Node:
+        rec = await self.store.get_node(node_id)
         if rec is None:
             raise errors.not_found("node_id", node_id, reason="NODE_NOT_FOUND")
         return self.node_proto(rec)
 
-    def list_nodes(self, after: str, limit: int, status: int) -> list[nodes_pb2.Node]:
+    async def list_nodes(self, after: str, limit: int, status: int) -> list[nodes_pb2.Node]:
         online = (
             None if status == nodes_pb2.NODE_STATUS_UNSPECIFIED else status == nodes_pb2.NODE_STATUS_ONLINE
         )
-        return [self.node_proto(r) for r in self.store.list_nodes(after, limit, online)]
+        return [self.node_proto(r) for r in await self.store.list_nodes(after, limit, online)]
 
     # events -------------------------------------------------------------------------------
 
@@ -817,11 +845,11 @@ class NodeRegistry:
         ev.set()
 
     def record_canvas_change(self, name: str, op: str) -> None:
-        self.store.append_event(NewEvent(CANVAS_CHANGED, "", "", 0, op, name, time.time()))
-        self._notify_events()
+        event = NewEvent(CANVAS_CHANGED, "", "", 0, op, name, time.time())
+        self._background(lambda: self.store.append_event(event), notify=True)
 
     def prune_events(self) -> None:
-        self.store.prune_events(EVENTS_KEPT)
+        self._background(lambda: self.store.prune_events(EVENTS_KEPT))
 
     def wake_watchers(self) -> None:
         self._notify_events()
@@ -836,7 +864,7 @@ class NodeRegistry:
         cursor = after_seq
         while stopping is None or not stopping.is_set():
             changed = self._events_changed
-            rows = self.store.events_after(cursor, batch)
+            rows = await self.store.events_after(cursor, batch)
             for r in rows:
                 cursor = r.seq
                 yield r

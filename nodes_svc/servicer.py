@@ -94,7 +94,7 @@ class NodesServicer(nodes_pb2_grpc.NodesServicer):
         if first.WhichOneof("message") != "register":
             raise errors.invalid_argument("register", "the first message on Connect must be a Register")
         validate_register(first.register)
-        session, registered = self.registry.register(
+        session, registered = await self.registry.register(
             first.register, auth.client_address() or context.peer() or ""
         )
         if self.runtime.stopping.is_set():  # registered while the stop hook was closing streams
@@ -178,7 +178,7 @@ class NodesServicer(nodes_pb2_grpc.NodesServicer):
         v.raise_if_any()
         size = page_size(request.page_size, default=100, maximum=1000)
         after = decode_page_token(request.page_token)
-        nodes = self.registry.list_nodes(after, size + 1, request.status)
+        nodes = await self.registry.list_nodes(after, size + 1, request.status)
         more = len(nodes) > size
         nodes = nodes[:size]
         return nodes_pb2.ListNodesResponse(
@@ -189,7 +189,7 @@ class NodesServicer(nodes_pb2_grpc.NodesServicer):
         v = Violations()
         _pattern(v, "node_id", request.node_id, NODE_ID_RE, "1..128 characters of A-Z a-z 0-9 . _ -")
         v.raise_if_any()
-        return nodes_pb2.GetNodeResponse(node=self.registry.get_node(request.node_id))
+        return nodes_pb2.GetNodeResponse(node=await self.registry.get_node(request.node_id))
 
     # Tokens -------------------------------------------------------------------------------
 
@@ -201,7 +201,7 @@ class NodesServicer(nodes_pb2_grpc.NodesServicer):
         _pattern(v, "role", request.role, ROLE_RE, "1..64 characters of A-Z a-z 0-9 . _ -")
         v.text("description", request.description, max_bytes=512)
         v.raise_if_any()
-        issued = self.registry.issue_token(request.node_id, request.role, request.description)
+        issued = await self.registry.issue_token(request.node_id, request.role, request.description)
         return nodes_pb2.IssueNodeTokenResponse(
             token_id=issued.token_id, token=issued.token, node_id=issued.node_id, role=issued.role
         )
@@ -213,7 +213,7 @@ class NodesServicer(nodes_pb2_grpc.NodesServicer):
         v.identifier("token_id", request.token_id, max_len=128)
         v.text("reason", request.reason, max_bytes=512)
         v.raise_if_any()
-        already, closed = self.registry.revoke_token(request.token_id, request.reason)
+        already, closed = await self.registry.revoke_token(request.token_id, request.reason)
         return nodes_pb2.RevokeNodeTokenResponse(already_revoked=already, closed_streams=closed)
 
     # Events -------------------------------------------------------------------------------

@@ -20,11 +20,11 @@ def check_channel(p: Principal | None, channel: str) -> None:
         raise channel_denied(p, channel)
 
 
-def check_session(p: Principal | None, rc: RunControl, session_key: str) -> None:
+async def check_session(p: Principal | None, rc: RunControl, session_key: str) -> None:
     """The session, if it exists, must belong to a channel the caller serves."""
     if p is None or p.channel_scope is None:
         return
-    ch = rc.session_channel(session_key)
+    ch = await rc.session_channel(session_key)
     if ch is not None and not p.serves(ch):
         raise channel_denied(p, ch)
 
@@ -60,12 +60,12 @@ def check_causation(p: Principal | None, present: bool) -> None:
         )
 
 
-def check_session_cap(p: Principal | None, rc: RunControl, session_key: str, limit: int) -> None:
+async def check_session_cap(p: Principal | None, rc: RunControl, session_key: str, limit: int) -> None:
     """A channel principal may open at most `limit` sessions over its channels."""
     if p is None or limit <= 0:
         return
     scope = p.channel_scope
-    if scope is None or rc.session_channel(session_key) is not None:
+    if scope is None or await rc.session_channel(session_key) is not None:
         return
     n = rc.sessions_in_channels(scope)
     if n >= limit:

@@ -23,6 +23,8 @@ class AgentInput:
     message_id: str
     sender: str
     text: str
+    #: The message's causation (serialized), kept with it so a run made of it needs no store read.
+    causation: bytes = field(default=b"", repr=False, compare=False)
 
 
 @dataclass(frozen=True)

@@ -12,12 +12,16 @@ from flynn.v1 import run_control_pb2_grpc
 from flynn_runtime import config_yaml
 from flynn_runtime.config_source import ConfigSource, StaticConfig
 from flynn_runtime.server import Runtime, ServiceApp
+from queue_svc import store_pg
 from queue_svc.access import DEFAULT_MAX_SESSIONS_PER_PRINCIPAL
+from queue_svc.agent_driver import AgentProvider
 from queue_svc.agents import EchoAgent, EchoSettings
 from queue_svc.grpc_agent import GrpcAgent
-from queue_svc.run_control import AgentProvider, RunControl, _seconds
+from queue_svc.ledger import _seconds
+from queue_svc.run_control import RunControl
 from queue_svc.servicer import RunControlServicer
 from queue_svc.store import QueueStore
+from queue_svc.store_sqlite import SqliteQueueStore
 from queue_svc.voice_client import VoiceSynthesizer
 
 
@@ -102,10 +106,17 @@ class QueueApp(ServiceApp):
             RunControlServicer(self.runtime, self._run_control, self._max_sessions), server
         )
 
+    async def _open_store(self) -> QueueStore:
+        """PostgreSQL when --database-url is set (schema flynn_queue), else the SQLite file."""
+        if self.runtime.database_settings is None:
+            return SqliteQueueStore(self.runtime.settings.data_dir / "queue")
+        db = await self.runtime.open_database(store_pg.SCHEMA, store_pg.MIGRATIONS)
+        return await store_pg.PgQueueStore.open(db)
+
     async def start(self) -> None:
         if self.watcher is not None:
             await self.watcher.start()
-        self.store = QueueStore(self.runtime.settings.data_dir / "queue")
+        self.store = await self._open_store()
         token = self._agent_token()
         agents = AgentProvider(EchoAgent(self._echo_settings), lambda address: GrpcAgent(address, token))
         self.rc = RunControl(
@@ -125,4 +136,4 @@ class QueueApp(ServiceApp):
         if self.watcher is not None:
             await self.watcher.stop()
         if self.store is not None:
-            self.store.close()
+            await self.store.close()

@@ -5,7 +5,7 @@ from __future__ import annotations
 import asyncio
 import base64
 import time
-from collections.abc import AsyncIterator, Callable
+from collections.abc import AsyncIterator, Awaitable, Callable
 from typing import Any, TypeVar
 
 from flynn.v1 import config_pb2
@@ -20,7 +20,7 @@ from flynn_runtime.server import Runtime
 from flynn_runtime.validation import Violations, page_size
 from queue_svc import access, metrics, run_trace
 from queue_svc.fanout import Fanout, Stopped, Subscription
-from queue_svc.run_control import RunControl, SubmitInput, run_to_proto
+from queue_svc.run_control import CancelInput, RunControl, SubmitInput, run_to_proto
 
 MAX_TEXT = 32 * 1024
 QUEUE_MODES = config_pb2.QueueMode.values()
@@ -91,9 +91,9 @@ class RunControlServicer(pb_grpc.RunControlServicer):
         p = principal()
         access.check_causation(p, request.HasField("causation"))
         access.check_channel(p, request.channel)
-        access.check_session(p, self.rc, request.session_key)
-        access.check_session_cap(p, self.rc, request.session_key, self._max_sessions)
-        res = self.rc.submit(
+        await access.check_session(p, self.rc, request.session_key)
+        await access.check_session_cap(p, self.rc, request.session_key, self._max_sessions)
+        res = await self.rc.submit(
             SubmitInput(
                 session_key=request.session_key,
                 channel=request.channel,
@@ -151,9 +151,17 @@ class RunControlServicer(pb_grpc.RunControlServicer):
         v.raise_if_any()
         p = principal()
         if request.run_id and p is not None and p.channel_scope is not None:
-            access.check_channel(p, self.rc.get_run(request.run_id).channel)
-        access.check_session(p, self.rc, request.session_key)
-        res = self.rc.cancel(request.run_id, request.session_key, scope, request.reason, actor())
+            access.check_channel(p, (await self.rc.get_run(request.run_id)).channel)
+        await access.check_session(p, self.rc, request.session_key)
+        res = await self.rc.cancel(
+            CancelInput(
+                run_id=request.run_id,
+                session_key=request.session_key,
+                scope=scope,
+                reason=request.reason,
+                actor=actor(),
+            )
+        )
         await self.rc.durable()  # cancel_requested is durable before the answer
         if res.outcome == pb.CANCEL_OUTCOME_CANCEL_REQUESTED:
             metrics.CANCEL_TO_ACK.observe(time.perf_counter() - t0, tracing.exemplar())
@@ -180,7 +188,7 @@ class RunControlServicer(pb_grpc.RunControlServicer):
         v = Violations()
         _run_id(v, "run_id", request.run_id, required=True)
         v.raise_if_any()
-        row = self.rc.get_run(request.run_id)
+        row = await self.rc.get_run(request.run_id)
         access.check_channel(principal(), row.channel)
         run = run_to_proto(row)
         await self.rc.durable()  # never show a state a crash could take back
@@ -196,7 +204,7 @@ class RunControlServicer(pb_grpc.RunControlServicer):
         size = page_size(request.page_size)
         before = _page_token(request.page_token)
         await self.rc.durable()  # list what is on disk, including this caller's latest writes
-        rows, next_seq = self.rc.list_runs(request.session_key, request.state, size, before)
+        rows, next_seq = await self.rc.list_runs(request.session_key, request.state, size, before)
         return pb.ListRunsResponse(runs=[run_to_proto(r) for r in rows], next_page_token=_token(next_seq))
 
     async def GetSession(
@@ -206,8 +214,8 @@ class RunControlServicer(pb_grpc.RunControlServicer):
         v.text("session_key", request.session_key, required=True, max_bytes=1024)
         v.check(len(request.session_key) <= 256, "session_key", "is longer than 256 characters")
         v.raise_if_any()
-        access.check_session(principal(), self.rc, request.session_key)
-        session = self.rc.get_session(request.session_key)
+        await access.check_session(principal(), self.rc, request.session_key)
+        session = await self.rc.get_session(request.session_key)
         await self.rc.durable()
         return pb.GetSessionResponse(session=session)
 
@@ -227,7 +235,7 @@ class RunControlServicer(pb_grpc.RunControlServicer):
         rc = self.rc
         key, skip_output = request.session_key, request.exclude_output
         p = principal()
-        access.check_session(p, rc, key)
+        await access.check_session(p, rc, key)
         channels = access.channel_filter(p, list(request.channels))
         after = request.after_seq
         if request.from_now:
@@ -327,7 +335,7 @@ class RunControlServicer(pb_grpc.RunControlServicer):
             stamped = tracing.stamp(reply.causation)
             if stamped is not None:
                 reply.causation.CopyFrom(stamped)
-        stored, duplicate = self.rc.post_reply(reply, request.idempotency_key, request.speak)
+        stored, duplicate = await self.rc.post_reply(reply, request.idempotency_key, request.speak)
         await self.rc.durable()
         return pb.PostReplyResponse(reply=stored, duplicate=duplicate)
 
@@ -347,7 +355,7 @@ def _close_when_done(context: ServicerContext[Any, Any]) -> list[Callable[[], No
 
 async def replay_then_live(
     fanout: Fanout[T],
-    fetch: Callable[[int], list[T]],
+    fetch: Callable[[int], Awaitable[list[T]]],
     seq: Callable[[T], int],
     keep: Callable[[T], bool],
     after: int,
@@ -377,7 +385,7 @@ async def replay_then_live(
                 cleanups.append(sub.close)
             try:
                 while True:
-                    batch = fetch(last)
+                    batch = await fetch(last)
                     for item in batch:
                         last = seq(item)
                         if keep(item):

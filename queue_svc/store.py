@@ -1,107 +1,28 @@
-"""Durable state of run control in one SQLite file (<data_dir>/queue/run_control.db).
+"""Run control's durable state: the rows, and the store both backends share (SQLite, PostgreSQL).
 
-WAL with synchronous=FULL: a batch is on disk when `flush()` returns, and run control acknowledges
-nothing (a message, a cancel_requested, a final) before that, so it all survives SIGKILL. One writer
-and group commit keep it fast: every operation of a loop turn shares one transaction (one fsync), and
-the message, its events, the run rows and the queue entries of one SubmitMessage land together.
+A store has three parts:
 
-Rows hold serialized protos where the service only ever reads them back whole (events, replies).
+- queued writes: every write of an operation is queued (in order) by the event-loop thread, inside the
+  operation's critical section, and made durable by `flush()` as ONE transaction (group commit); the
+  SQL is the same for both backends (parameters only, never values in the text);
+- overlays: the queued rows a read must not miss (idempotency lookups, runs, replies), tagged with
+  their batch, kept until that batch is durable AND no read that started before it is still running
+  (so an asynchronous read plus the overlay always sees every write, committed or queued);
+- reads: asynchronous, done before an operation enters its critical section (never inside it), each
+  answered from the overlay first.
+
+The backends implement `_commit` (one transaction) and the `_read_*` queries: store_sqlite.py (one
+file, WAL, fsync per batch) and store_pg.py (a dedicated writer connection, pooled readers).
 """
 
 from __future__ import annotations
 
-import asyncio
 import json
-import sqlite3
-from concurrent.futures import ThreadPoolExecutor
+from collections.abc import Sequence
 from dataclasses import dataclass, field
-from pathlib import Path
 from typing import TypeVar
 
-from flynn_runtime.sqlite_db import open_db, transaction
 from queue_svc import metrics
-
-SCHEMA = """
-CREATE TABLE IF NOT EXISTS meta (key TEXT PRIMARY KEY, value TEXT NOT NULL);
-CREATE TABLE IF NOT EXISTS sessions (
-  session_key TEXT PRIMARY KEY,
-  channel TEXT NOT NULL,
-  message_count INTEGER NOT NULL DEFAULT 0,
-  run_count INTEGER NOT NULL DEFAULT 0,
-  last_session_seq INTEGER NOT NULL DEFAULT 0
-);
-CREATE TABLE IF NOT EXISTS messages (
-  message_id TEXT PRIMARY KEY,
-  session_key TEXT NOT NULL,
-  idempotency_key TEXT NOT NULL,
-  channel TEXT NOT NULL,
-  sender TEXT NOT NULL,
-  text TEXT NOT NULL,
-  mode INTEGER NOT NULL,
-  disposition INTEGER NOT NULL,
-  run_id TEXT NOT NULL DEFAULT '',
-  interrupted_run_id TEXT NOT NULL DEFAULT '',
-  effective_mode BLOB NOT NULL,
-  event_seq INTEGER NOT NULL,
-  receive_time REAL NOT NULL,
-  causation BLOB NOT NULL,
-  UNIQUE (session_key, idempotency_key)
-);
-CREATE TABLE IF NOT EXISTS runs (
-  seq INTEGER PRIMARY KEY AUTOINCREMENT,
-  run_id TEXT NOT NULL UNIQUE,
-  session_key TEXT NOT NULL,
-  channel TEXT NOT NULL,
-  state INTEGER NOT NULL,
-  mode INTEGER NOT NULL,
-  inputs TEXT NOT NULL,
-  steered TEXT NOT NULL,
-  error_kind TEXT NOT NULL DEFAULT '',
-  error_message TEXT NOT NULL DEFAULT '',
-  output TEXT NOT NULL DEFAULT '',
-  final_reply_id TEXT NOT NULL DEFAULT '',
-  create_time REAL NOT NULL,
-  start_time REAL,
-  cancel_request_time REAL,
-  end_time REAL,
-  attempt INTEGER NOT NULL DEFAULT 1,
-  cancel_reason TEXT NOT NULL DEFAULT '',
-  causation BLOB NOT NULL
-);
-CREATE INDEX IF NOT EXISTS runs_by_session ON runs (session_key, seq);
-CREATE INDEX IF NOT EXISTS runs_by_state ON runs (state, seq);
-CREATE TABLE IF NOT EXISTS events (
-  global_seq INTEGER PRIMARY KEY,
-  session_key TEXT NOT NULL,
-  session_seq INTEGER NOT NULL,
-  type INTEGER NOT NULL,
-  data BLOB NOT NULL
-);
-CREATE INDEX IF NOT EXISTS events_by_session ON events (session_key, global_seq);
-CREATE TABLE IF NOT EXISTS replies (
-  reply_id TEXT PRIMARY KEY,
-  cursor INTEGER UNIQUE,
-  kind INTEGER NOT NULL,
-  run_id TEXT NOT NULL DEFAULT '',
-  session_key TEXT NOT NULL,
-  channel TEXT NOT NULL,
-  idempotency_key TEXT NOT NULL DEFAULT '',
-  speech_state TEXT NOT NULL,
-  data BLOB NOT NULL
-);
-CREATE UNIQUE INDEX IF NOT EXISTS one_final_per_run ON replies (run_id) WHERE kind = 1;
-CREATE UNIQUE INDEX IF NOT EXISTS reply_idempotency ON replies (session_key, idempotency_key)
-  WHERE idempotency_key != '';
-CREATE INDEX IF NOT EXISTS replies_pending ON replies (speech_state) WHERE speech_state = 'pending';
-CREATE TABLE IF NOT EXISTS queue_entries (
-  session_key TEXT NOT NULL,
-  pos REAL NOT NULL,
-  kind TEXT NOT NULL,
-  run_id TEXT NOT NULL DEFAULT '',
-  message_id TEXT NOT NULL DEFAULT '',
-  PRIMARY KEY (session_key, pos)
-);
-"""
 
 PAGE = 500
 
@@ -191,13 +112,14 @@ class ReplyRow:
     data: bytes
 
 
-_RUN_COLS = (
+RUN_COLS = (
     "run_id, session_key, channel, state, mode, inputs, steered, error_kind, error_message, output, "
     "final_reply_id, create_time, start_time, cancel_request_time, end_time, attempt, cancel_reason, causation"
 )
 
 
-def _run_from(row: sqlite3.Row | tuple[object, ...]) -> RunRow:
+def run_from(row: Sequence[object]) -> RunRow:
+    """A RunRow from the columns of RUN_COLS, in order."""
     r = tuple(row)
     return RunRow(
         run_id=str(r[0]),
@@ -217,54 +139,123 @@ def _run_from(row: sqlite3.Row | tuple[object, ...]) -> RunRow:
         end_time=None if r[14] is None else float(r[14]),  # type: ignore[arg-type]
         attempt=int(r[15]),  # type: ignore[call-overload]
         cancel_reason=str(r[16]),
-        causation=bytes(r[17]),  # type: ignore[arg-type]
+        causation=bytes(r[17]),  # type: ignore[call-overload]
     )
 
 
 K = TypeVar("K")
 V = TypeVar("V")
 
+Statement = tuple[str, tuple[object, ...]]
+
+UPSERT_SESSION = (
+    "INSERT INTO sessions (session_key, channel, message_count, run_count, last_session_seq) "
+    "VALUES (?, ?, ?, ?, ?) ON CONFLICT (session_key) DO UPDATE SET channel=excluded.channel, "
+    "message_count=excluded.message_count, run_count=excluded.run_count, "
+    "last_session_seq=excluded.last_session_seq"
+)
+INSERT_MESSAGE = (
+    "INSERT INTO messages (message_id, session_key, idempotency_key, channel, sender, text, mode, "
+    "disposition, run_id, interrupted_run_id, effective_mode, event_seq, receive_time, causation) "
+    "VALUES (?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?)"
+)
+UPSERT_RUN = (
+    f"INSERT INTO runs ({RUN_COLS}) VALUES ({', '.join('?' * 18)}) ON CONFLICT (run_id) DO UPDATE SET "
+    "state=excluded.state, inputs=excluded.inputs, steered=excluded.steered, "
+    "error_kind=excluded.error_kind, error_message=excluded.error_message, output=excluded.output, "
+    "final_reply_id=excluded.final_reply_id, start_time=excluded.start_time, "
+    "cancel_request_time=excluded.cancel_request_time, end_time=excluded.end_time, "
+    "attempt=excluded.attempt, cancel_reason=excluded.cancel_reason"
+)
+INSERT_REPLY = (
+    "INSERT INTO replies (reply_id, cursor, kind, run_id, session_key, channel, idempotency_key, speech_state, "
+    "data) VALUES (?, ?, ?, ?, ?, ?, ?, ?, ?) ON CONFLICT DO NOTHING"
+)
+MESSAGE_COLS = (
+    "message_id, session_key, idempotency_key, channel, sender, text, mode, disposition, run_id, "
+    "interrupted_run_id, effective_mode, event_seq, receive_time, causation"
+)
+REPLY_COLS = "reply_id, cursor, kind, run_id, session_key, channel, idempotency_key, speech_state, data"
+
+
+def message_from(r: Sequence[object]) -> MessageRow:
+    m = MessageRow(*r)  # type: ignore[arg-type]
+    m.effective_mode, m.causation = bytes(m.effective_mode), bytes(m.causation)
+    return m
+
+
+def reply_from(r: Sequence[object]) -> ReplyRow:
+    row = ReplyRow(*r)  # type: ignore[arg-type]
+    row.data = bytes(row.data)
+    return row
+
+
+def _table(sql: str) -> str:
+    words = sql.split()
+    return words[2] if words[0] in ("INSERT", "DELETE") else words[1]
+
+
+def compact(batch: list[Statement]) -> list[tuple[str, list[tuple[object, ...]]]]:
+    """The batch as few `executemany` groups as possible, with the same effect.
+
+    Tables are independent (no foreign keys), so statements are grouped per table, keeping their
+    order within the table. Sessions and runs are written only by full-row upserts keyed by their
+    first parameter: the last one per key wins. Messages and replies are inserted, then updated
+    (an update always targets a row inserted earlier), so inserts may go first. Queue entries keep
+    their exact order (a position can be inserted, deleted and reused within one batch)."""
+    by_table: dict[str, list[Statement]] = {}
+    for st in batch:
+        by_table.setdefault(_table(st[0]), []).append(st)
+    groups: list[tuple[str, list[tuple[object, ...]]]] = []
+    for table, sts in by_table.items():
+        if table in ("sessions", "runs"):
+            last: dict[object, Statement] = {}
+            for st in sts:
+                last.pop(st[1][0], None)
+                last[st[1][0]] = st
+            sts = list(last.values())
+        elif table in ("messages", "replies"):
+            sts = [st for st in sts if st[0].startswith("INSERT")] + [
+                st for st in sts if not st[0].startswith("INSERT")
+            ]
+        for sql, params in sts:
+            if groups and groups[-1][0] == sql:
+                groups[-1][1].append(params)
+            else:
+                groups.append((sql, [params]))
+    return groups
+
 
 def _expire(overlay: dict[K, tuple[int, V]], number: int) -> None:
-    """Drop overlay rows whose batch (`number` or earlier) is now durable."""
+    """Drop overlay rows whose batch (`number` or earlier) may now be read from the database."""
     for k in [k for k, (n, _) in overlay.items() if n <= number]:
         del overlay[k]
 
 
 class QueueStore:
-    """The embedded store, with pipelined group commit.
+    """Queued writes with group commit, overlays, and asynchronous reads (see the module docstring)."""
 
-    Writes are queued (in order) by the event-loop thread and made durable by `flush()`, which runs
-    them as ONE transaction (one fsync) on a writer connection in a worker thread, so the loop keeps
-    serving while the disk syncs; operations arriving meanwhile form the next batch. Reads use a
-    second connection (WAL: readers never wait for the writer) and see committed data, overlaid with
-    the queued writes they must not miss (dedupe lookups, runs, replies).
-    """
+    backend = "none"
 
-    def __init__(self, directory: Path) -> None:
-        directory.mkdir(parents=True, exist_ok=True)
-        self.path = directory / "run_control.db"
-        self._writer = self._connect()
-        self._writer.executescript(SCHEMA)
-        self._db = self._connect()
-        self._pool = ThreadPoolExecutor(max_workers=1, thread_name_prefix="queue-store")
-        self._pending: list[tuple[str, tuple[object, ...]]] = []
+    def __init__(self) -> None:
+        self._pending: list[Statement] = []
         self._batch = 1  # number of the batch now being filled
-        # Overlays: queued rows, tagged with their batch, dropped once that batch is durable.
+        self._durable = 0  # number of the last durable batch
+        self._reads: dict[int, int] = {}  # durable batch number at a running read's start -> count
         self._msg_by_key: dict[tuple[str, str], tuple[int, MessageRow]] = {}
         self._msg_by_id: dict[str, tuple[int, MessageRow]] = {}
+        self._msg_run: dict[str, tuple[int, str]] = {}
         self._runs: dict[str, tuple[int, RunRow]] = {}
         self._replies: dict[str, tuple[int, ReplyRow]] = {}
         self._reply_keys: dict[tuple[str, str], tuple[int, ReplyRow]] = {}
-        self._finals: dict[str, int] = {}
+        self._finals: dict[str, tuple[int, bool]] = {}
+        self._session_rows: dict[str, tuple[int, SessionRow]] = {}
 
-    def _connect(self) -> sqlite3.Connection:
-        return open_db(Path(self.path))
+    async def close(self) -> None:
+        """Release connections and threads."""
 
-    def close(self) -> None:
-        self._pool.shutdown(wait=True)
-        self._db.close()
-        self._writer.close()
+    def check_writable(self) -> None:
+        """Raise UNAVAILABLE when a new write could not be made durable now (the database is away)."""
 
     # --- batching ------------------------------------------------------------------------------
 
@@ -289,41 +280,51 @@ class QueueStore:
         batch, self._pending = self._pending, []
         number = self._batch
         self._batch += 1
-        await asyncio.get_running_loop().run_in_executor(self._pool, self._commit, batch)
-        _expire(self._msg_by_key, number)
-        _expire(self._msg_by_id, number)
-        _expire(self._runs, number)
-        _expire(self._replies, number)
-        _expire(self._reply_keys, number)
-        for k in [k for k, n in self._finals.items() if n <= number]:
-            del self._finals[k]
-
-    def _commit(self, batch: list[tuple[str, tuple[object, ...]]]) -> None:
         with metrics.COMMIT_SECONDS.time():
-            self._commit_now(batch)
+            await self._commit(batch, number)
         metrics.COMMIT_BATCH.observe(len(batch))
+        self._durable = number
+        self._expire()
 
-    def _commit_now(self, batch: list[tuple[str, tuple[object, ...]]]) -> None:
-        with transaction(self._writer) as db:
-            for sql, params in batch:
-                db.execute(sql, params)
+    async def _commit(self, batch: list[Statement], number: int) -> None:
+        raise NotImplementedError
+
+    def _expire(self) -> None:
+        upto = min([self._durable, *self._reads])
+        _expire(self._msg_by_key, upto)
+        _expire(self._msg_by_id, upto)
+        _expire(self._msg_run, upto)
+        _expire(self._runs, upto)
+        _expire(self._replies, upto)
+        _expire(self._reply_keys, upto)
+        _expire(self._finals, upto)
+        _expire(self._session_rows, upto)
+
+    def _read_started(self) -> int:
+        start = self._durable
+        self._reads[start] = self._reads.get(start, 0) + 1
+        return start
+
+    def _read_done(self, start: int) -> None:
+        self._reads[start] -= 1
+        if not self._reads[start]:
+            del self._reads[start]
 
     # --- writes (queued; durable after flush) -------------------------------------------------
 
     def put_session(self, s: SessionRow) -> None:
         self._queue(
-            "INSERT INTO sessions (session_key, channel, message_count, run_count, last_session_seq) "
-            "VALUES (?, ?, ?, ?, ?) ON CONFLICT (session_key) DO UPDATE SET channel=excluded.channel, "
-            "message_count=excluded.message_count, run_count=excluded.run_count, "
-            "last_session_seq=excluded.last_session_seq",
-            (s.session_key, s.channel, s.message_count, s.run_count, s.last_session_seq),
+            UPSERT_SESSION, (s.session_key, s.channel, s.message_count, s.run_count, s.last_session_seq)
         )
+        self._session_rows[s.session_key] = (self._batch, s)
+
+    def session_durable(self, session_key: str) -> bool:
+        """Whether the session's last write is durable and readable (so it may leave memory)."""
+        return session_key not in self._session_rows
 
     def insert_message(self, m: MessageRow) -> None:
         self._queue(
-            "INSERT INTO messages (message_id, session_key, idempotency_key, channel, sender, text, mode, "
-            "disposition, run_id, interrupted_run_id, effective_mode, event_seq, receive_time, causation) "
-            "VALUES (?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?)",
+            INSERT_MESSAGE,
             (
                 m.message_id, m.session_key, m.idempotency_key, m.channel, m.sender, m.text, m.mode,
                 m.disposition, m.run_id, m.interrupted_run_id, m.effective_mode, m.event_seq,
@@ -335,11 +336,7 @@ class QueueStore:
 
     def set_message_run(self, message_id: str, run_id: str) -> None:
         self._queue("UPDATE messages SET run_id = ? WHERE message_id = ?", (run_id, message_id))
-        m = self.message(message_id)
-        if m is not None:
-            m.run_id = run_id
-            self._msg_by_key[(m.session_key, m.idempotency_key)] = (self._batch, m)
-            self._msg_by_id[m.message_id] = (self._batch, m)
+        self._msg_run[message_id] = (self._batch, run_id)
 
     def put_run(self, r: RunRow) -> None:
         values = (
@@ -348,15 +345,7 @@ class QueueStore:
             r.error_kind, r.error_message, r.output, r.final_reply_id, r.create_time, r.start_time,
             r.cancel_request_time, r.end_time, r.attempt, r.cancel_reason, r.causation,
         )  # fmt: skip
-        self._queue(
-            f"INSERT INTO runs ({_RUN_COLS}) VALUES ({', '.join('?' * 18)}) ON CONFLICT (run_id) DO UPDATE SET "
-            "state=excluded.state, inputs=excluded.inputs, steered=excluded.steered, "
-            "error_kind=excluded.error_kind, error_message=excluded.error_message, output=excluded.output, "
-            "final_reply_id=excluded.final_reply_id, start_time=excluded.start_time, "
-            "cancel_request_time=excluded.cancel_request_time, end_time=excluded.end_time, "
-            "attempt=excluded.attempt, cancel_reason=excluded.cancel_reason",
-            values,
-        )
+        self._queue(UPSERT_RUN, values)
         self._runs[r.run_id] = (self._batch, r)
 
     def append_event(
@@ -367,17 +356,18 @@ class QueueStore:
             (global_seq, session_key, session_seq, type_, data),
         )
 
-    def insert_reply(self, r: ReplyRow) -> bool:
-        """False when the reply is a second final for its run (refused; the unique index backs this up)."""
+    def insert_reply(self, r: ReplyRow, *, final_known: bool = False) -> bool:
+        """False when the reply is a second final for its run (refused). The caller says whether it
+        knows of a final already (`final_known`, from the run row); the overlay covers finals not yet
+        durable, and the database's unique index (one final per run) backs both up."""
         if r.kind == 1:
-            if r.run_id in self._finals or self._final_exists(r.run_id):
+            if final_known or r.run_id in self._finals:
                 return False
-            self._finals[r.run_id] = self._batch
-        if r.reply_id in self._replies or self.reply(r.reply_id) is not None:
+            self._finals[r.run_id] = (self._batch, True)
+        if r.reply_id in self._replies:
             return False
         self._queue(
-            "INSERT OR IGNORE INTO replies (reply_id, cursor, kind, run_id, session_key, channel, "
-            "idempotency_key, speech_state, data) VALUES (?, ?, ?, ?, ?, ?, ?, ?, ?)",
+            INSERT_REPLY,
             (r.reply_id, r.cursor, r.kind, r.run_id, r.session_key, r.channel, r.idempotency_key,
              r.speech_state, r.data),
         )  # fmt: skip
@@ -386,17 +376,15 @@ class QueueStore:
             self._reply_keys[(r.session_key, r.idempotency_key)] = (self._batch, r)
         return True
 
-    def update_reply(self, reply_id: str, cursor: int | None, speech_state: str, data: bytes) -> None:
+    def update_reply(self, r: ReplyRow) -> None:
+        """Write back a reply read with `reply()` and changed (cursor, speech state, data)."""
         self._queue(
             "UPDATE replies SET cursor = ?, speech_state = ?, data = ? WHERE reply_id = ?",
-            (cursor, speech_state, data, reply_id),
+            (r.cursor, r.speech_state, r.data, r.reply_id),
         )
-        r = self.reply(reply_id)
-        if r is not None:
-            r.cursor, r.speech_state, r.data = cursor, speech_state, data
-            self._replies[reply_id] = (self._batch, r)
-            if r.idempotency_key:
-                self._reply_keys[(r.session_key, r.idempotency_key)] = (self._batch, r)
+        self._replies[r.reply_id] = (self._batch, r)
+        if r.idempotency_key:
+            self._reply_keys[(r.session_key, r.idempotency_key)] = (self._batch, r)
 
     def add_queue_entry(self, e: QueueEntryRow) -> None:
         self._queue(
@@ -407,139 +395,142 @@ class QueueStore:
     def remove_queue_entry(self, session_key: str, pos: float) -> None:
         self._queue("DELETE FROM queue_entries WHERE session_key = ? AND pos = ?", (session_key, pos))
 
-    def _final_exists(self, run_id: str) -> bool:
-        row = self._db.execute("SELECT 1 FROM replies WHERE run_id = ? AND kind = 1", (run_id,)).fetchone()
-        return row is not None
+    # --- reads (asynchronous; before an operation, never inside one) -------------------------
 
-    # --- reads -------------------------------------------------------------------------------
+    def _patched(self, m: MessageRow | None) -> MessageRow | None:
+        if m is not None and m.message_id in self._msg_run:
+            m.run_id = self._msg_run[m.message_id][1]
+        return m
 
-    def max_global_seq(self) -> int:
-        row = self._db.execute("SELECT COALESCE(MAX(global_seq), 0) FROM events").fetchone()
-        return int(row[0])
-
-    def max_reply_cursor(self) -> int:
-        row = self._db.execute("SELECT COALESCE(MAX(cursor), 0) FROM replies").fetchone()
-        return int(row[0])
-
-    def sessions(self) -> list[SessionRow]:
-        rows = self._db.execute(
-            "SELECT session_key, channel, message_count, run_count, last_session_seq FROM sessions"
-        ).fetchall()
-        return [SessionRow(*r) for r in rows]
-
-    def session_channel(self, session_key: str) -> str | None:
+    async def session_channel(self, session_key: str) -> str | None:
         """The channel of a stored session (a session evicted from memory keeps its owner)."""
-        row = self._db.execute(
-            "SELECT channel FROM sessions WHERE session_key = ?", (session_key,)
-        ).fetchone()
-        return str(row[0]) if row is not None else None
+        row = await self.session(session_key)
+        return row.channel if row is not None else None
 
-    def message_by_key(self, session_key: str, idempotency_key: str) -> MessageRow | None:
+    async def message_by_key(self, session_key: str, idempotency_key: str) -> MessageRow | None:
         queued = self._msg_by_key.get((session_key, idempotency_key))
         if queued is not None:
-            return queued[1]
-        row = self._db.execute(
-            "SELECT message_id, session_key, idempotency_key, channel, sender, text, mode, disposition, run_id, "
-            "interrupted_run_id, effective_mode, event_seq, receive_time, causation FROM messages "
-            "WHERE session_key = ? AND idempotency_key = ?",
-            (session_key, idempotency_key),
-        ).fetchone()
-        return MessageRow(*row) if row else None
+            return self._patched(queued[1])
+        start = self._read_started()
+        try:
+            row = await self._read_message_by_key(session_key, idempotency_key)
+        finally:
+            self._read_done(start)
+        queued = self._msg_by_key.get((session_key, idempotency_key))  # written while we read
+        return self._patched(queued[1] if queued is not None else row)
 
-    def message(self, message_id: str) -> MessageRow | None:
+    async def message(self, message_id: str) -> MessageRow | None:
         queued = self._msg_by_id.get(message_id)
         if queued is not None:
-            return queued[1]
-        row = self._db.execute(
-            "SELECT message_id, session_key, idempotency_key, channel, sender, text, mode, disposition, run_id, "
-            "interrupted_run_id, effective_mode, event_seq, receive_time, causation FROM messages "
-            "WHERE message_id = ?",
-            (message_id,),
-        ).fetchone()
-        return MessageRow(*row) if row else None
+            return self._patched(queued[1])
+        start = self._read_started()
+        try:
+            row = await self._read_message(message_id)
+        finally:
+            self._read_done(start)
+        queued = self._msg_by_id.get(message_id)
+        return self._patched(queued[1] if queued is not None else row)
 
-    def run(self, run_id: str) -> RunRow | None:
+    async def session(self, session_key: str) -> SessionRow | None:
+        queued = self._session_rows.get(session_key)
+        if queued is not None:
+            return queued[1]
+        start = self._read_started()
+        try:
+            row = await self._read_session(session_key)
+        finally:
+            self._read_done(start)
+        queued = self._session_rows.get(session_key)
+        return queued[1] if queued is not None else row
+
+    async def run(self, run_id: str) -> RunRow | None:
         queued = self._runs.get(run_id)
         if queued is not None:
             return queued[1]
-        row = self._db.execute(f"SELECT {_RUN_COLS} FROM runs WHERE run_id = ?", (run_id,)).fetchone()
-        return _run_from(row) if row else None
+        start = self._read_started()
+        try:
+            row = await self._read_run(run_id)
+        finally:
+            self._read_done(start)
+        queued = self._runs.get(run_id)
+        return queued[1] if queued is not None else row
 
-    def runs_in_states(self, states: tuple[int, ...]) -> list[RunRow]:
-        marks = ", ".join("?" * len(states))
-        rows = self._db.execute(f"SELECT {_RUN_COLS} FROM runs WHERE state IN ({marks}) ORDER BY seq", states)
-        return [_run_from(r) for r in rows.fetchall()]
-
-    def list_runs(
-        self, session_key: str, state: int, before_seq: int, limit: int
-    ) -> list[tuple[int, RunRow]]:
-        where, args = ["seq < ?"], [before_seq]
-        if session_key:
-            where.append("session_key = ?")
-            args.append(session_key)  # type: ignore[arg-type]
-        if state:
-            where.append("state = ?")
-            args.append(state)
-        rows = self._db.execute(
-            f"SELECT seq, {_RUN_COLS} FROM runs WHERE {' AND '.join(where)} ORDER BY seq DESC LIMIT ?",
-            (*args, limit),
-        ).fetchall()
-        return [(int(r[0]), _run_from(tuple(r)[1:])) for r in rows]
-
-    def queue_entries(self) -> list[QueueEntryRow]:
-        rows = self._db.execute(
-            "SELECT session_key, pos, kind, run_id, message_id FROM queue_entries ORDER BY session_key, pos"
-        ).fetchall()
-        return [QueueEntryRow(*r) for r in rows]
-
-    def events_after(
-        self, after_seq: int, session_key: str = "", limit: int = PAGE, upto: int = 1 << 62
-    ) -> list[bytes]:
-        if session_key:
-            rows = self._db.execute(
-                "SELECT data FROM events WHERE session_key = ? AND global_seq > ? AND global_seq <= ? "
-                "ORDER BY global_seq LIMIT ?",
-                (session_key, after_seq, upto, limit),
-            )
-        else:
-            rows = self._db.execute(
-                "SELECT data FROM events WHERE global_seq > ? AND global_seq <= ? ORDER BY global_seq LIMIT ?",
-                (after_seq, upto, limit),
-            )
-        return [bytes(r[0]) for r in rows.fetchall()]
-
-    def replies_after(self, after_cursor: int, limit: int = PAGE, upto: int = 1 << 62) -> list[bytes]:
-        rows = self._db.execute(
-            "SELECT data FROM replies WHERE cursor IS NOT NULL AND cursor > ? AND cursor <= ? ORDER BY cursor LIMIT ?",
-            (after_cursor, upto, limit),
-        )
-        return [bytes(r[0]) for r in rows.fetchall()]
-
-    def reply(self, reply_id: str) -> ReplyRow | None:
+    async def reply(self, reply_id: str) -> ReplyRow | None:
         queued = self._replies.get(reply_id)
         if queued is not None:
             return queued[1]
-        row = self._db.execute(
-            "SELECT reply_id, cursor, kind, run_id, session_key, channel, idempotency_key, speech_state, data "
-            "FROM replies WHERE reply_id = ?",
-            (reply_id,),
-        ).fetchone()
-        return ReplyRow(*row) if row else None
+        start = self._read_started()
+        try:
+            row = await self._read_reply(reply_id)
+        finally:
+            self._read_done(start)
+        queued = self._replies.get(reply_id)
+        return queued[1] if queued is not None else row
 
-    def reply_by_key(self, session_key: str, idempotency_key: str) -> ReplyRow | None:
+    async def reply_by_key(self, session_key: str, idempotency_key: str) -> ReplyRow | None:
         queued = self._reply_keys.get((session_key, idempotency_key))
         if queued is not None:
             return queued[1]
-        row = self._db.execute(
-            "SELECT reply_id, cursor, kind, run_id, session_key, channel, idempotency_key, speech_state, data "
-            "FROM replies WHERE session_key = ? AND idempotency_key = ?",
-            (session_key, idempotency_key),
-        ).fetchone()
-        return ReplyRow(*row) if row else None
+        start = self._read_started()
+        try:
+            row = await self._read_reply_by_key(session_key, idempotency_key)
+        finally:
+            self._read_done(start)
+        queued = self._reply_keys.get((session_key, idempotency_key))
+        return queued[1] if queued is not None else row
 
-    def pending_speech(self) -> list[ReplyRow]:
-        rows = self._db.execute(
-            "SELECT reply_id, cursor, kind, run_id, session_key, channel, idempotency_key, speech_state, data "
-            "FROM replies WHERE speech_state = 'pending' ORDER BY rowid"
-        ).fetchall()
-        return [ReplyRow(*r) for r in rows]
+    # --- backend queries ---------------------------------------------------------------------
+
+    async def _read_message_by_key(self, session_key: str, idempotency_key: str) -> MessageRow | None:
+        raise NotImplementedError
+
+    async def _read_message(self, message_id: str) -> MessageRow | None:
+        raise NotImplementedError
+
+    async def _read_run(self, run_id: str) -> RunRow | None:
+        raise NotImplementedError
+
+    async def _read_session(self, session_key: str) -> SessionRow | None:
+        raise NotImplementedError
+
+    async def _read_reply(self, reply_id: str) -> ReplyRow | None:
+        raise NotImplementedError
+
+    async def _read_reply_by_key(self, session_key: str, idempotency_key: str) -> ReplyRow | None:
+        raise NotImplementedError
+
+    async def max_global_seq(self) -> int:
+        raise NotImplementedError
+
+    async def max_reply_cursor(self) -> int:
+        raise NotImplementedError
+
+    async def sessions_per_channel(self) -> dict[str, int]:
+        """How many sessions each channel has (the per-principal session cap starts from this)."""
+        raise NotImplementedError
+
+    async def busy_sessions(self) -> list[SessionRow]:
+        """Sessions with a queued or active run or a queue entry (what start-up must hold in memory)."""
+        raise NotImplementedError
+
+    async def runs_in_states(self, states: tuple[int, ...]) -> list[RunRow]:
+        raise NotImplementedError
+
+    async def list_runs(
+        self, session_key: str, state: int, before_seq: int, limit: int
+    ) -> list[tuple[int, RunRow]]:
+        raise NotImplementedError
+
+    async def queue_entries(self) -> list[QueueEntryRow]:
+        raise NotImplementedError
+
+    async def events_after(
+        self, after_seq: int, session_key: str = "", limit: int = PAGE, upto: int = 1 << 62
+    ) -> list[bytes]:
+        raise NotImplementedError
+
+    async def replies_after(self, after_cursor: int, limit: int = PAGE, upto: int = 1 << 62) -> list[bytes]:
+        raise NotImplementedError
+
+    async def pending_speech(self) -> list[ReplyRow]:
+        raise NotImplementedError

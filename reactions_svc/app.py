@@ -17,7 +17,7 @@ from reactions_svc.actions import GrpcActionRunner
 from reactions_svc.consumers import StreamConsumer, node_events_consumer, run_events_consumer
 from reactions_svc.reactor import Reactor, RuleSource, config_validator
 from reactions_svc.servicer import ReactionsServicer
-from reactions_svc.store import ReactionStore
+from reactions_svc.store import ReactionStore, open_reaction_store
 
 log = logging.getLogger(__name__)
 
@@ -61,18 +61,27 @@ class ReactionsApp(ServiceApp):
 
             self.watcher = ConfigWatcher(runtime, validator=config_validator)
             self.config = self.watcher
-        self.store = ReactionStore(runtime.settings.data_dir / "reactions")
         self.rule_source = RuleSource(self.config)
-        self.reactor = Reactor(
-            self.store, self.rule_source.current, GrpcActionRunner(runtime), audit=runtime.audit.record
-        )
-        self.servicer = ReactionsServicer(self.reactor)
+        # The store opens in start() (a database connects there); the servicer is added then too.
+        self.store: ReactionStore | None = None
+        self._server: grpc.aio.Server | None = None
         self.consumers: list[StreamConsumer] = []
 
     def register(self, server: grpc.aio.Server) -> None:
-        reactions_pb2_grpc.add_ReactionsServicer_to_server(self.servicer, server)
+        self._server = server
 
     async def start(self) -> None:
+        self.store = await open_reaction_store(self.runtime)
+        self.reactor = Reactor(
+            self.store,
+            self.rule_source.current,
+            GrpcActionRunner(self.runtime),
+            audit=self.runtime.audit.record,
+        )
+        await self.reactor.load()
+        self.servicer = ReactionsServicer(self.reactor)
+        assert self._server is not None
+        reactions_pb2_grpc.add_ReactionsServicer_to_server(self.servicer, self._server)
         if self.watcher is not None:
             await self.watcher.start()
         resumed = await self.reactor.resume_pending()
@@ -95,4 +104,5 @@ class ReactionsApp(ServiceApp):
 
     async def close(self) -> None:
         self.rule_source.close()
-        self.store.close()
+        if self.store is not None:
+            await self.store.close()

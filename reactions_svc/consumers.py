@@ -16,6 +16,8 @@ import grpc
 from flynn.v1 import nodes_pb2, nodes_pb2_grpc, reactions_pb2, run_control_pb2, run_control_pb2_grpc
 
 from flynn_runtime.backoff import Backoff
+from flynn_runtime.database import DATABASE_UNAVAILABLE
+from flynn_runtime.errors import FlynnError
 from flynn_runtime.server import Runtime
 from reactions_svc import metrics
 from reactions_svc.event_mapping import from_node_event, from_run_event
@@ -69,7 +71,7 @@ class StreamConsumer:
         store = self.reactor.store
         while not self.runtime.stopping.is_set():
             try:
-                cursor = store.cursor(self.name)
+                cursor = await store.cursor(self.name)
                 stream = self._open(cursor)
                 self.connected.set()
                 async for item in stream:
@@ -81,7 +83,9 @@ class StreamConsumer:
                             await self.reactor.process(ev)
                     except asyncio.CancelledError:
                         raise
-                    except Exception:
+                    except Exception as e:
+                        if isinstance(e, FlynnError) and e.reason == DATABASE_UNAVAILABLE:
+                            raise  # our own storage is down: retry later, never count it as a poison event
                         n = self._failures.get(seq, 0) + 1
                         self._failures[seq] = n
                         if n < MAX_FAILURES_PER_EVENT:
@@ -92,7 +96,7 @@ class StreamConsumer:
                         )
                         self.runtime.audit.record("reactionEventFailed", consumer=self.name, seq=seq)
                         self._failures.pop(seq, None)
-                    store.set_cursor(self.name, seq)
+                    await store.set_cursor(self.name, seq)
                     cursor = seq
                     self.handled += 1
                     metrics.EVENTS.labels(self.name).inc()

@@ -147,10 +147,7 @@ class Reactor:
         self._audit = audit
         self._clock = clock
         self.state = FireState()
-        for rule_id, key, last, window in store.load_fire_state():
-            self.state.last[(rule_id, key)] = last
-            if window:
-                self.state.windows[(rule_id, key)] = list(window)
+        self._loaded = False
         self._lock = asyncio.Lock()
         self._evaluations = 0
         self._inflight: dict[str, asyncio.Future[None]] = {}
@@ -158,6 +155,16 @@ class Reactor:
     @property
     def rules(self) -> RuleSet:
         return self._rules()
+
+    async def load(self) -> None:
+        """Read the cooldown/fire-window state from the store (once, before the first evaluation)."""
+        if self._loaded:
+            return
+        for rule_id, key, last, window in await self.store.load_fire_state():
+            self.state.last[(rule_id, key)] = last
+            if window:
+                self.state.windows[(rule_id, key)] = list(window)
+        self._loaded = True
 
     # Entry points -------------------------------------------------------------------------------
 
@@ -178,10 +185,11 @@ class Reactor:
         self._inflight[event.event_id] = fut
         try:
             async with self._lock:
-                prepared = self._prepare(event)
+                await self.load()
+                prepared = await self._prepare(event)
             if prepared.pending:
                 await self._act(prepared)
-            return self._result(prepared) if with_result else None
+            return await self._result(prepared) if with_result else None
         finally:
             self._inflight.pop(event.event_id, None)
             fut.set_result(None)
@@ -205,8 +213,8 @@ class Reactor:
     async def resume_pending(self) -> int:
         """Finish the actions of evaluations a crash left pending; returns how many were resumed."""
         n = 0
-        for event_id in self.store.pending_event_ids():
-            stored = self.store.get_evaluation(event_id)
+        for event_id in await self.store.pending_event_ids():
+            stored = await self.store.get_evaluation(event_id)
             if stored is None:
                 continue
             ev = reactions_pb2.ReactionEvent.FromString(stored.event)
@@ -216,8 +224,8 @@ class Reactor:
 
     # Evaluation ---------------------------------------------------------------------------------
 
-    def _prepare(self, event: reactions_pb2.ReactionEvent) -> _Prepared:
-        stored = self.store.get_evaluation(event.event_id)
+    async def _prepare(self, event: reactions_pb2.ReactionEvent) -> _Prepared:
+        stored = await self.store.get_evaluation(event.event_id)
         if stored is not None:
             fired = [
                 (str(t[0]), str(t[4])) for t in stored.traces if t[1] or t[2] == engine.SKIP_ACTION_ERROR
@@ -237,13 +245,13 @@ class Reactor:
         if self._evaluations % STATE_PRUNE_EVERY == 0:
             gone = self.state.prune(rs, now)
             if gone:
-                self.store.delete_fire_state(gone)
+                await self.store.delete_fire_state(gone)
         t0 = time.perf_counter()
         ev = engine.evaluate(event, rs, self.state, now)
         metrics.EVALUATION_SECONDS.observe(time.perf_counter() - t0)
-        return self._persist(event, ev, now, rs)
+        return await self._persist(event, ev, now, rs)
 
-    def _persist(
+    async def _persist(
         self, event: reactions_pb2.ReactionEvent, ev: Evaluation, now: float, rules: RuleSet
     ) -> _Prepared:
         compact: list[list[Any]] = []
@@ -273,7 +281,7 @@ class Reactor:
             stored_event = reactions_pb2.ReactionEvent()
             stored_event.CopyFrom(event)
             stored_event.text = engine.bound_text(event.text)
-        self.store.save_evaluation(
+        await self.store.save_evaluation(
             event_id=event.event_id,
             now=now,
             revision=ev.revision,
@@ -334,14 +342,14 @@ class Reactor:
             for idx, action in enumerate(c.rule.actions):
                 kind = action.WhichOneof("action") or ""
                 key = idempotency_key(event.event_id, rule_id, idx)
-                done = self.store.action_result(key) if resuming else None
+                done = await self.store.action_result(key) if resuming else None
                 if done is not None and done[0]:
                     results.append({"kind": kind, "ok": True, "key": key, "result_id": done[1], "error": ""})
                     continue
                 out = await self._run_action(kind, action, ActionContext(event, rule_id, idx, key, values))
                 if kind in NON_IDEMPOTENT_KINDS:
                     # The downstream cannot deduplicate it: make the outcome durable before anything else.
-                    self.store.save_action_result(key, out.ok, out.result_id, out.error)
+                    await self.store.save_action_result(key, out.ok, out.result_id, out.error)
                 else:
                     # A replay of these is deduplicated downstream by the key; record them with the outcome.
                     action_rows.append((key, out.ok, out.result_id, out.error))
@@ -369,7 +377,7 @@ class Reactor:
                     base,
                     actions=[r["kind"] for r in results],
                 )
-        self.store.finish_evaluation(event.event_id, outcomes, action_rows)
+        await self.store.finish_evaluation(event.event_id, outcomes, action_rows)
         by_tid = {o[0]: o for o in outcomes}
         for t in p.traces:
             o = by_tid.get(str(t[4]))
@@ -400,9 +408,9 @@ class Reactor:
 
     # Reading ------------------------------------------------------------------------------------
 
-    def _result(self, p: _Prepared) -> Result:
+    async def _result(self, p: _Prepared) -> Result:
         ev = p.event
-        matched_rows = self.store.matched_for_event(ev.event_id) if p.fired else {}
+        matched_rows = await self.store.matched_for_event(ev.event_id) if p.fired else {}
         now = self._clock()
         traces = []
         matched_ids = []
@@ -413,13 +421,15 @@ class Reactor:
                 matched_ids.append(str(t[0]))
         return Result(traces, matched_ids, p.revision, duplicate=p.duplicate)
 
-    def traces_for_event(self, event_id: str, matched: bool | None) -> list[reactions_pb2.ReactionTrace]:
+    async def traces_for_event(
+        self, event_id: str, matched: bool | None
+    ) -> list[reactions_pb2.ReactionTrace]:
         event_id = stored_event_id(event_id)
-        stored = self.store.get_evaluation(event_id)
+        stored = await self.store.get_evaluation(event_id)
         if stored is None:
             raise not_found("event", event_id)
         ev = reactions_pb2.ReactionEvent.FromString(stored.event)
-        rows = self.store.matched_for_event(event_id)
+        rows = await self.store.matched_for_event(event_id)
         out = []
         for t in stored.traces:
             row = rows.get(str(t[4]))
@@ -464,8 +474,10 @@ class Reactor:
         tr.time.CopyFrom(_ts(when))
         return tr
 
-    def flag_false_positive(self, match_id: str, reason: str) -> tuple[reactions_pb2.ReactionTrace, bool]:
-        t, already = self.store.flag_false_positive(match_id, reason)
+    async def flag_false_positive(
+        self, match_id: str, reason: str
+    ) -> tuple[reactions_pb2.ReactionTrace, bool]:
+        t, already = await self.store.flag_false_positive(match_id, reason)
         if t is None:
             raise not_found("match", match_id)
         if not already:
@@ -480,8 +492,10 @@ class Reactor:
                 )
         return stored_trace_proto(t), already
 
-    def rule_stats(self, rule_id: str = "") -> tuple[list[reactions_pb2.RuleStats], reactions_pb2.RuleStats]:
-        counters = self.store.counters(rule_id)
+    async def rule_stats(
+        self, rule_id: str = ""
+    ) -> tuple[list[reactions_pb2.RuleStats], reactions_pb2.RuleStats]:
+        counters = await self.store.counters(rule_id)
         ids = set(counters)
         if not rule_id:
             ids |= set(self.rules.by_id)

@@ -92,7 +92,7 @@ class ReactionsServicer(reactions_pb2_grpc.ReactionsServicer):
         self, request: reactions_pb2.ListRulesRequest, context: Ctx
     ) -> reactions_pb2.ListRulesResponse:
         rs = self.reactor.rules
-        fires = self.reactor.store.rule_fires()
+        fires = await self.reactor.store.rule_fires()
         state: FireState = self.reactor.state
         now = time.time()
         out = []
@@ -115,7 +115,7 @@ class ReactionsServicer(reactions_pb2_grpc.ReactionsServicer):
         size = page_size(request.page_size, default=100, maximum=1000)
         only = request.matched if request.HasField("matched") else None
         if request.event_id:
-            traces = self.reactor.traces_for_event(request.event_id, only)
+            traces = await self.reactor.traces_for_event(request.event_id, only)
             if request.rule_id:
                 traces = [t for t in traces if t.rule_id == request.rule_id]
             start = 0
@@ -129,15 +129,16 @@ class ReactionsServicer(reactions_pb2_grpc.ReactionsServicer):
         m_rows: list[tuple[int, StoredTrace]] = []
         s_rows: list[tuple[int, StoredTrace]] = []
         if only is None or only is True:
-            m_rows = store.page_matched(
+            m_rows = await store.page_matched(
                 request.rule_id, m_before, size + 1, only_matched=True if only else None
             )
         if only is None or only is False:
-            s_rows = store.page_skipped(request.rule_id, s_before, size + 1)
+            s_rows = await store.page_skipped(request.rule_id, s_before, size + 1)
             if only is False:
                 # Action errors are skips kept with the matches (they must not be evicted by noise either).
                 s_rows += [
-                    (-seq, t) for seq, t in store.page_matched(request.rule_id, m_before, size + 1, False)
+                    (-seq, t)
+                    for seq, t in await store.page_matched(request.rule_id, m_before, size + 1, False)
                 ]
         merged: list[tuple[str, int, StoredTrace]] = sorted(
             [("m", seq, t) for seq, t in m_rows]
@@ -164,7 +165,7 @@ class ReactionsServicer(reactions_pb2_grpc.ReactionsServicer):
         v = Violations()
         v.id_length("rule_id", request.rule_id)
         v.raise_if_any()
-        per, total = self.reactor.rule_stats(request.rule_id)
+        per, total = await self.reactor.rule_stats(request.rule_id)
         return reactions_pb2.GetRuleStatsResponse(rules=per, total=total)
 
     async def FlagFalsePositive(
@@ -178,5 +179,5 @@ class ReactionsServicer(reactions_pb2_grpc.ReactionsServicer):
         )
         v.text("reason", request.reason, max_bytes=4096)
         v.raise_if_any()
-        trace, already = self.reactor.flag_false_positive(request.match_id, request.reason)
+        trace, already = await self.reactor.flag_false_positive(request.match_id, request.reason)
         return reactions_pb2.FlagFalsePositiveResponse(trace=trace, already_flagged=already)

@@ -48,6 +48,11 @@ if ! "$PY" -c 'import venv, ensurepip' >/dev/null 2>&1; then
 fi
 # promtool and a Prometheus server: tests/observability checks the chart's rules and runs them live.
 apt_install prometheus
+# PostgreSQL 15 server binaries (initdb, pg_ctl under /usr/lib/postgresql/15/bin): the optional
+# database backend's tests and `flynn-dev up --postgres` start their own throwaway server with them.
+if ! ls /usr/lib/postgresql/*/bin/initdb >/dev/null 2>&1; then
+  apt_install postgresql
+fi
 if [ "$WITH_VOICE" = 1 ]; then
   apt_install espeak-ng sox libsox-fmt-all ffmpeg
 fi

@@ -8,6 +8,9 @@ import pytest
 
 from tests.support.mesh import Tokens, make_tokens
 
+# A real PostgreSQL server for the database backend's tests (postgres_server, postgres, postgres_url).
+pytest_plugins = ["tests.support.postgres"]
+
 
 @pytest.fixture
 def tokens(tmp_path: Path) -> Tokens:

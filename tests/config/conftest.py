@@ -15,8 +15,11 @@ from tests.support.mesh import Tokens
 
 
 @pytest.fixture
-async def server(tmp_path: Path, tokens: Tokens) -> AsyncIterator[RunningServer]:
-    async with config_server(tmp_path / "config-svc", tokens, bookmark_seconds=0.5) as srv:
+async def server(tmp_path: Path, tokens: Tokens, database_url: str) -> AsyncIterator[RunningServer]:
+    """The config service on each backend: SQLite files, then a real PostgreSQL."""
+    async with config_server(
+        tmp_path / "config-svc", tokens, bookmark_seconds=0.5, database_url=database_url
+    ) as srv:
         yield srv
 
 

@@ -33,13 +33,26 @@ def config_proc(tmp_path: Path, tokens: Tokens) -> Iterator[ServiceProcess]:
     proc.stop()
 
 
+@pytest.fixture
+def config_proc_any(tmp_path: Path, tokens: Tokens, database_url: str) -> Iterator[ServiceProcess]:
+    """The config process on each backend (SQLite file, PostgreSQL)."""
+    db = ["--database-url", database_url] if database_url else []
+    proc = ServiceProcess(
+        "config", "config_svc.main", tmp_path / "config-svc", tokens, extra=["--bookmark-seconds", "0.5", *db]
+    )
+    proc.start()
+    yield proc
+    proc.stop()
+
+
 def _sync_stub(address: str) -> config_pb2_grpc.ConfigServiceStub:
     return config_pb2_grpc.ConfigServiceStub(grpc.insecure_channel(address))
 
 
 async def test_sigkill_loses_no_committed_revision_and_watchers_resume(
-    config_proc: ServiceProcess, tokens: Tokens, tmp_path: Path
+    config_proc_any: ServiceProcess, tokens: Tokens, tmp_path: Path
 ) -> None:
+    config_proc = config_proc_any
     runtimes = [
         Runtime(client_settings(f"svc{i}", tmp_path / f"svc{i}", tokens, config_proc.address))
         for i in range(3)

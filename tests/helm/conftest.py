@@ -14,6 +14,7 @@ import yaml
 ROOT = Path(__file__).resolve().parents[2]
 CHART = ROOT / "charts" / "flynn"
 PRODUCTION_VALUES = CHART / "ci" / "production-values.yaml"
+DATABASE_VALUES = CHART / "ci" / "database-values.yaml"
 
 _spec = importlib.util.spec_from_file_location("install_helm", ROOT / "scripts" / "install_helm.py")
 assert _spec is not None and _spec.loader is not None
@@ -50,6 +51,12 @@ def default_text(helm: Path) -> str:
 @pytest.fixture(scope="session")
 def production_text(helm: Path) -> str:
     return render(helm, "-f", str(PRODUCTION_VALUES), release="flynn", namespace="prod")
+
+
+@pytest.fixture(scope="session")
+def database_text(helm: Path) -> str:
+    """The stateful services on PostgreSQL (database.existingSecret + urlKey): no PVCs."""
+    return render(helm, "-f", str(DATABASE_VALUES))
 
 
 @pytest.fixture(scope="session")

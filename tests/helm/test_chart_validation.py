@@ -10,7 +10,7 @@ from pathlib import Path
 import pytest
 import yaml
 
-from tests.helm.conftest import CHART, PRODUCTION_VALUES, ROOT, run_helm
+from tests.helm.conftest import CHART, DATABASE_VALUES, PRODUCTION_VALUES, ROOT, run_helm
 
 # kubernetes-validate 1.37.0 ships schemas for 1.25 .. 1.37; the oldest and newest we support.
 KUBE_VERSIONS = ("1.30.0", "1.35.0")
@@ -24,7 +24,9 @@ def kubernetes_validate(path: Path, *versions: str) -> subprocess.CompletedProce
     return subprocess.run([*args, str(path)], capture_output=True, text=True, timeout=300)
 
 
-@pytest.mark.parametrize("values", [None, PRODUCTION_VALUES], ids=["default", "production"])
+@pytest.mark.parametrize(
+    "values", [None, PRODUCTION_VALUES, DATABASE_VALUES], ids=["default", "production", "database"]
+)
 def test_helm_lint_strict(helm: Path, values: Path | None) -> None:
     args = ["lint", "--strict", str(CHART)]
     if values is not None:
@@ -34,7 +36,7 @@ def test_helm_lint_strict(helm: Path, values: Path | None) -> None:
     assert "0 chart(s) failed" in proc.stdout
 
 
-@pytest.mark.parametrize("which", ["default", "production"])
+@pytest.mark.parametrize("which", ["default", "production", "database"])
 def test_rendered_manifests_validate_strictly(
     which: str, request: pytest.FixtureRequest, tmp_path: Path
 ) -> None:
@@ -151,9 +153,16 @@ def test_schema_closes_every_object_it_describes() -> None:
 
     def walk(node: object, path: str) -> None:
         if isinstance(node, dict):
-            # auth's if/then only narrow keys declared beside them, so they stay open.
+            # auth's and database's if/then only narrow keys declared beside them, so they stay open.
             if "properties" in node and node.get("additionalProperties") is not False:
-                if not path.startswith(("/properties/auth/if", "/properties/auth/then")):
+                if not path.startswith(
+                    (
+                        "/properties/auth/if",
+                        "/properties/auth/then",
+                        "/properties/database/if",
+                        "/properties/database/then",
+                    )
+                ):
                     open_objects.append(path or "/")
             for key, value in node.items():
                 walk(value, f"{path}/{key}")

@@ -12,6 +12,7 @@ from tests.support.nodes import NodesHarness, nodes_server
 
 
 @pytest.fixture
-async def harness(tmp_path: Path, tokens: Tokens) -> AsyncIterator[NodesHarness]:
-    async with nodes_server(tmp_path / "data", tokens) as h:
+async def harness(tmp_path: Path, tokens: Tokens, database_url: str) -> AsyncIterator[NodesHarness]:
+    """The nodes service on each backend: SQLite files, then a real PostgreSQL."""
+    async with nodes_server(tmp_path / "data", tokens, database_url=database_url) as h:
         yield h

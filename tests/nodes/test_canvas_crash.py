@@ -1,4 +1,5 @@
-"""The nodes process killed with SIGKILL in the middle of 1,000 canvas puts, then restarted."""
+"""The nodes process killed with SIGKILL in the middle of 1,000 canvas puts, then restarted; on each
+backend (SQLite + files, PostgreSQL)."""
 
 from __future__ import annotations
 
@@ -21,12 +22,17 @@ def _content(i: int) -> bytes:
     return hashlib.sha256(str(i).encode()).digest() * (64 + i % 512)  # 2..18 KiB, distinct per put
 
 
-async def test_sigkill_during_puts_loses_no_acknowledged_put(tmp_path: Path, tokens: Tokens) -> None:
+async def test_sigkill_during_puts_loses_no_acknowledged_put(
+    tmp_path: Path, tokens: Tokens, database_url: str
+) -> None:
     data = tmp_path / "data"
     data.mkdir()
     cfg_file = tmp_path / "nodes.yaml"
     cfg_file.write_text(config_yaml(nodes_config()))
-    proc = ServiceProcess("nodes", "nodes_svc.main", data, tokens, extra=["--nodes-config", str(cfg_file)])
+    db = ["--database-url", database_url] if database_url else []
+    proc = ServiceProcess(
+        "nodes", "nodes_svc.main", data, tokens, extra=["--nodes-config", str(cfg_file), *db]
+    )
     proc.start()
     md = tokens.md("operator")
     acked: dict[tuple[str, int], str] = {}  # (name, version) -> sha256

@@ -1,14 +1,31 @@
-"""Canvas domain (nodes_svc/canvas_store.py) on real files: CAS, names, limits, versions, recovery."""
+"""Canvas domain on each backend (SQLite + files, PostgreSQL bytea): CAS, names, limits, versions,
+recovery (files only)."""
 
 from __future__ import annotations
 
+import asyncio
 import hashlib
+from collections.abc import AsyncIterator, Awaitable, Callable
 from pathlib import Path
 
 import pytest
 
+from flynn_runtime.database import Database
+from flynn_runtime.database_url import parse_database_url
 from flynn_runtime.errors import Code, FlynnError
-from nodes_svc.canvas_store import CanvasLimits, CanvasStore, name_problem, validate_name
+from nodes_svc.canvas_store import (
+    CanvasBackend,
+    CanvasLimits,
+    CanvasStore,
+    SqliteCanvasBackend,
+    name_problem,
+    validate_name,
+)
+from nodes_svc.canvas_store_pg import PgCanvasStore
+from nodes_svc.node_store import SCHEMA
+from nodes_svc.node_store_pg import MIGRATIONS
+
+Factory = Callable[..., Awaitable[CanvasBackend]]
 
 BAD_NAMES = [
     "../x",
@@ -32,6 +49,33 @@ def store(root: Path, **kw: int) -> CanvasStore:
     return s
 
 
+@pytest.fixture
+async def open_store(tmp_path: Path, database_url: str) -> AsyncIterator[Factory]:
+    """Opens the canvas on the backend under test with the given limits."""
+    opened: list[CanvasBackend] = []
+    dbs: list[Database] = []
+
+    async def factory(**kw: int) -> CanvasBackend:
+        b: CanvasBackend
+        if not database_url:
+            b = SqliteCanvasBackend(CanvasStore(tmp_path / "canvas", CanvasLimits(**kw)))
+        else:
+            db = await Database.open(
+                parse_database_url(database_url), service="nodes", schema=SCHEMA, migrations=MIGRATIONS
+            )
+            dbs.append(db)
+            b = PgCanvasStore(db, CanvasLimits(**kw))
+        await b.recover()
+        opened.append(b)
+        return b
+
+    yield factory
+    for b in opened:
+        await b.close()
+    for db in dbs:
+        await db.close()
+
+
 @pytest.mark.parametrize("name", BAD_NAMES)
 def test_bad_names_refused_naming_the_field(name: str) -> None:
     assert name_problem(name) is not None
@@ -46,62 +90,77 @@ def test_good_names(name: str) -> None:
     assert name_problem(name) is None
 
 
-def test_put_get_versions_and_cas(tmp_path: Path) -> None:
-    s = store(tmp_path / "canvas")
-    m1 = s.put("notes/a", "text/plain", b"one", "*", "op")
+async def test_put_get_versions_and_cas(open_store: Factory) -> None:
+    s = await open_store()
+    m1 = await s.put("notes/a", "text/plain", b"one", "*", "op")
     assert m1.version == 1 and m1.sha256 == hashlib.sha256(b"one").hexdigest()
     with pytest.raises(FlynnError) as ei:
-        s.put("notes/a", "text/plain", b"again", "*", "op")  # "*" only creates
+        await s.put("notes/a", "text/plain", b"again", "*", "op")  # "*" only creates
     assert ei.value.code == Code.FAILED_PRECONDITION and ei.value.metadata["current_etag"] == m1.etag
-    m2 = s.put("notes/a", "text/markdown", b"two", m1.etag, "op")
+    m2 = await s.put("notes/a", "text/markdown", b"two", m1.etag, "op")
     with pytest.raises(FlynnError) as ei:
-        s.put("notes/a", "text/plain", b"stale", m1.etag, "op")  # based on an old version
+        await s.put("notes/a", "text/plain", b"stale", m1.etag, "op")  # based on an old version
     assert ei.value.reason == "ETAG_MISMATCH" and ei.value.metadata["current_etag"] == m2.etag
-    meta, content = s.get("notes/a")
+    meta, content = await s.get("notes/a")
     assert (meta.version, content, meta.content_type) == (2, b"two", "text/markdown")
-    assert s.get("notes/a", 1)[1] == b"one"
+    assert (await s.get("notes/a", 1))[1] == b"one"
     with pytest.raises(FlynnError) as ei:
-        s.get("notes/a", 7)
+        await s.get("notes/a", 7)
     assert ei.value.code == Code.NOT_FOUND
     with pytest.raises(FlynnError):
-        s.delete("notes/a", m1.etag)
-    assert s.delete("notes/a", m2.etag) == 2
+        await s.delete("notes/a", m1.etag)
+    assert await s.delete("notes/a", m2.etag) == 2
     with pytest.raises(FlynnError) as ei:
-        s.get("notes/a")
+        await s.get("notes/a")
     assert ei.value.code == Code.NOT_FOUND
     # Versions are never reused after a delete, so an old etag can never match again.
-    m3 = s.put("notes/a", "text/plain", b"one", "*", "op")
+    m3 = await s.put("notes/a", "text/plain", b"one", "*", "op")
     assert m3.version == 3 and m3.etag != m1.etag
 
 
-def test_list_prefix_and_paging(tmp_path: Path) -> None:
-    s = store(tmp_path / "canvas")
+async def test_concurrent_creates_have_one_winner(open_store: Factory) -> None:
+    s = await open_store()
+    results = await asyncio.gather(
+        *(s.put("race", "text/plain", bytes([i]), "*", "op") for i in range(10)), return_exceptions=True
+    )
+    wins = [r for r in results if not isinstance(r, BaseException)]
+    assert len(wins) == 1
+    assert all(isinstance(r, FlynnError) and r.reason == "ETAG_MISMATCH" for r in results if r not in wins)
+
+
+async def test_list_prefix_and_paging(open_store: Factory) -> None:
+    s = await open_store()
     for i in range(7):
-        s.put(f"docs/{i}", "text/plain", b"x", "", "op")
-    s.put("other", "text/plain", b"x", "", "op")
-    page1 = s.list_latest("docs/", "", 3)
+        await s.put(f"docs/{i}", "text/plain", b"x", "", "op")
+    await s.put("other", "text/plain", b"x", "", "op")
+    await s.put("docs/B", "text/plain", b"x", "", "op")  # byte order, as SQLite: digits < "B"
+    page1 = await s.list_latest("docs/", "", 3)
     assert [m.name for m in page1] == ["docs/0", "docs/1", "docs/2"]
-    rest = s.list_latest("docs/", page1[-1].name, 100)
-    assert [m.name for m in rest] == [f"docs/{i}" for i in range(3, 7)]
+    rest = await s.list_latest("docs/", page1[-1].name, 100)
+    assert [m.name for m in rest] == [f"docs/{i}" for i in range(3, 7)] + ["docs/B"]
 
 
-def test_limits_and_version_window(tmp_path: Path) -> None:
-    s = store(tmp_path / "canvas", max_artifact_bytes=100, max_total_bytes=250, max_versions=3)
+async def test_limits_and_version_window(open_store: Factory, tmp_path: Path, database_url: str) -> None:
+    s = await open_store(max_artifact_bytes=100, max_total_bytes=250, max_versions=3)
     with pytest.raises(FlynnError) as ei:
-        s.put("big", "text/plain", b"x" * 101, "", "op")
+        await s.put("big", "text/plain", b"x" * 101, "", "op")
     assert ei.value.code == Code.INVALID_ARGUMENT and ei.value.violations[0].field == "content"
     for i in range(10):  # only the last 3 versions are kept, so rewriting never fills the canvas
-        s.put("a", "text/plain", bytes([i]) * 80, "", "op")
+        await s.put("a", "text/plain", bytes([i]) * 80, "", "op")
     assert s.total_bytes == 240
     with pytest.raises(FlynnError) as ei:
-        s.get("a", 7)
+        await s.get("a", 7)
     assert ei.value.code == Code.NOT_FOUND
-    assert s.get("a", 8)[0].version == 8
-    blobs = list((tmp_path / "canvas" / "blobs").rglob("*.bin"))
-    assert len(blobs) == 3
+    assert (await s.get("a", 8))[0].version == 8
+    if not database_url:
+        blobs = list((tmp_path / "canvas" / "blobs").rglob("*.bin"))
+        assert len(blobs) == 3
     with pytest.raises(FlynnError) as ei:
-        s.put("b", "text/plain", b"y" * 20, "", "op")
+        await s.put("b", "text/plain", b"y" * 20, "", "op")
     assert ei.value.code == Code.RESOURCE_EXHAUSTED and ei.value.reason == "CANVAS_FULL"
+    # A reopened store (another replica, a restart) knows the total from the database.
+    again = await open_store(max_artifact_bytes=100, max_total_bytes=250, max_versions=3)
+    assert again.total_bytes == 240
 
 
 def test_restart_removes_leftovers_and_keeps_committed(tmp_path: Path) -> None:

@@ -31,13 +31,16 @@ async def _metrics(proc: ServiceProcess) -> dict[str, float]:
 
 
 async def test_sigterm_then_sigkill_nodes_come_back_to_one_registration(
-    tmp_path: Path, tokens: Tokens
+    tmp_path: Path, tokens: Tokens, database_url: str
 ) -> None:
     data = tmp_path / "data"
     data.mkdir()
     cfg_file = tmp_path / "nodes.yaml"
     cfg_file.write_text(config_yaml(nodes_config(heartbeat_s=0.5, lease_s=3)))
-    proc = ServiceProcess("nodes", "nodes_svc.main", data, tokens, extra=["--nodes-config", str(cfg_file)])
+    db = ["--database-url", database_url] if database_url else []
+    proc = ServiceProcess(
+        "nodes", "nodes_svc.main", data, tokens, extra=["--nodes-config", str(cfg_file), *db]
+    )
     proc.start()
     md = tokens.md("operator")
     pairs = []

@@ -1,1 +1,21 @@
-"""Run-control tests: fixtures come from tests/conftest.py (tokens) and tests/support/queue.py (servers)."""
+"""Run-control tests: fixtures come from tests/conftest.py (tokens), tests/support/queue.py (servers)
+and tests/support/postgres.py (a real PostgreSQL 15).
+
+Every test here runs against both store backends: `sqlite` (the embedded default) and `postgresql`
+(a fresh database on the session's real server, given to the service as FLYNN_DATABASE_URL, which
+in-process servers and service processes both read).
+"""
+
+from __future__ import annotations
+
+import pytest
+
+
+@pytest.fixture(params=["sqlite", "postgresql"], autouse=True)
+def queue_backend(request: pytest.FixtureRequest, monkeypatch: pytest.MonkeyPatch) -> str:
+    backend = str(request.param)
+    if backend == "postgresql":
+        monkeypatch.setenv("FLYNN_DATABASE_URL", str(request.getfixturevalue("postgres_url")))
+    else:
+        monkeypatch.delenv("FLYNN_DATABASE_URL", raising=False)
+    return backend

@@ -40,7 +40,7 @@ def check_invariants(q: QueueHarness, acked: dict[str, str]) -> None:
     for key, seqs in per_session.items():
         assert seqs == list(range(1, len(seqs) + 1)), key
     terminals = Counter(e.run_id for e in events if e.type in TERMINAL_EVENTS)
-    runs = [r for _, r in q.rc.store.list_runs("", 0, 1 << 62, 1_000_000)]
+    runs = q.runs()
     assert runs, "no runs"
     for r in runs:
         assert terminals[r.run_id] == 1, (r.run_id, r.state, terminals[r.run_id])
@@ -115,9 +115,9 @@ async def test_random_mix_keeps_every_invariant(tmp_path: Path, tokens: Tokens) 
         kinds = Counter(e.type for e in q.events())
         assert kinds[pb.RUN_EVENT_TYPE_MESSAGE_DROPPED] and kinds[pb.RUN_EVENT_TYPE_RUN_CANCELLED]
         assert kinds[pb.RUN_EVENT_TYPE_MESSAGE_STEERED] and kinds[pb.RUN_EVENT_TYPE_RUN_COMPLETED]
-        assert any(len(r.inputs) > 1 for _, r in q.rc.store.list_runs("", 0, 1 << 62, 1_000_000))
+        assert any(len(r.inputs) > 1 for r in q.runs())
         assert metrics.DUPLICATE_FINALS_SUPPRESSED._value.get() == dup_before
         # Everything the stream replays agrees with the store.
-        modes = Counter(r.mode for _, r in q.rc.store.list_runs("", 0, 1 << 62, 1_000_000))
+        modes = Counter(r.mode for r in q.runs())
         assert set(modes) <= {config_pb2.QUEUE_MODE_COLLECT, config_pb2.QUEUE_MODE_FOLLOWUP,
                               config_pb2.QUEUE_MODE_INTERRUPT, config_pb2.QUEUE_MODE_STEER}  # fmt: skip

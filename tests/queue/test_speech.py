@@ -151,7 +151,7 @@ async def test_engine_error_and_empty_audio(tmp_path: Path, tokens: Tokens) -> N
             async with queue_service(
                 tmp_path / f"q-{behaviour}", tokens, TTS % "2s", addresses={"voice": vs.address}
             ) as q:
-                a = await q.submit("s", "x", channel="voice")
+                a = await q.submit(f"s-{behaviour}", "x", channel="voice")  # one database on postgresql
                 r = await final_reply(q, a.run_id)
                 assert (r.delivery, r.tts_fallback_reason) == (pb.DELIVERY_MODE_TEXT_AFTER_FALLBACK, reason)
 

@@ -6,6 +6,8 @@ records every PostReply / SubmitMessage, and grpcurl."""
 from __future__ import annotations
 
 import asyncio
+import dataclasses
+import inspect
 import json
 from collections.abc import AsyncIterator
 from dataclasses import dataclass
@@ -85,12 +87,16 @@ class Mesh:
         return resp.revision
 
     async def wait(self, predicate: object, limit: float = 15.0) -> None:
+        async def check() -> bool:
+            r = predicate()  # type: ignore[operator]
+            return bool(await r) if inspect.isawaitable(r) else bool(r)
+
         deadline = asyncio.get_running_loop().time() + limit
         while asyncio.get_running_loop().time() < deadline:
-            if predicate():  # type: ignore[operator]
+            if await check():
                 return
             await asyncio.sleep(0.02)
-        assert predicate(), "condition not reached in time"  # type: ignore[operator]
+        assert await check(), "condition not reached in time"
 
     def replies(self) -> list[run_control_pb2.Reply]:
         with self.rc.servicer.cond:
@@ -98,19 +104,25 @@ class Mesh:
 
 
 @pytest.fixture
-async def mesh(tmp_path: Path, tokens: Tokens, monkeypatch: pytest.MonkeyPatch) -> AsyncIterator[Mesh]:
+async def mesh(
+    tmp_path: Path, tokens: Tokens, monkeypatch: pytest.MonkeyPatch, database_url: str
+) -> AsyncIterator[Mesh]:
+    """Config and reactions on each backend (on PostgreSQL: one database, a schema per service)."""
     seed = tmp_path / "seed.yaml"
     seed.write_text(SEED)
     monkeypatch.setenv("FLYNN_SEED_FILE", str(seed))
     monkeypatch.setenv("FLYNN_REACTIONS_CONSUME", "run")
     with RunControlServer() as rc:
-        async with running(make_settings("config", tmp_path / "config", tokens), ConfigApp) as cfg:
+        cfg_settings = make_settings("config", tmp_path / "config", tokens)
+        cfg_settings = dataclasses.replace(cfg_settings, database_url=database_url)
+        async with running(cfg_settings, ConfigApp) as cfg:
             settings = make_settings(
                 "reactions",
                 tmp_path / "reactions",
                 tokens,
                 addresses={"config": cfg.address, "queue": rc.address, "nodes": "127.0.0.1:1"},
             )
+            settings = dataclasses.replace(settings, database_url=database_url)
             async with running(settings, ReactionsApp) as rx:
                 app = rx.app
                 assert isinstance(app, ReactionsApp)
@@ -120,6 +132,11 @@ async def mesh(tmp_path: Path, tokens: Tokens, monkeypatch: pytest.MonkeyPatch) 
                     grpc.aio.insecure_channel(cfg.address) as cch,
                 ):
                     yield Mesh(cfg, rx, rc, tokens, ch, cch)
+
+
+async def cursor_is(app: ReactionsApp, name: str, value: int) -> bool:
+    assert app.store is not None
+    return await app.store.cursor(name) == value
 
 
 def violations(e: grpc.aio.AioRpcError) -> dict[str, str]:
@@ -160,7 +177,7 @@ async def test_self_triggering_rule_fires_once(mesh: Mesh) -> None:
     await mesh.wait(lambda: len(mesh.rc.servicer.events) == 2)
     app = mesh.reactions.app
     assert isinstance(app, ReactionsApp)
-    await mesh.wait(lambda: app.store.cursor("run_events") == 2)
+    await mesh.wait(lambda: cursor_is(app, "run_events", 2))
     submitted = mesh.rc.servicer.events[1]
     assert submitted.text == "ping again: ping" and submitted.causation.origin == 2
     second = await mesh.stub.ListTraces(reactions_pb2.ListTracesRequest(event_id="run:2"), metadata=mesh.md)
@@ -193,7 +210,7 @@ async def test_ping_pong_stops_at_max_depth(mesh: Mesh) -> None:
     mesh.rc.servicer.message("s1", "ping")
     app = mesh.reactions.app
     assert isinstance(app, ReactionsApp)
-    await mesh.wait(lambda: app.store.cursor("run_events") == 3)
+    await mesh.wait(lambda: cursor_is(app, "run_events", 3))
     await asyncio.sleep(0.3)
     assert [e.text for e in mesh.rc.servicer.events] == ["ping", "pong", "ping"]
     assert [e.causation.depth for e in mesh.rc.servicer.events] == [0, 1, 2]
@@ -213,7 +230,7 @@ async def test_empty_rule_list_via_config_stops_everything_live(mesh: Mesh) -> N
     mesh.rc.servicer.message("s1", "second, help")
     app = mesh.reactions.app
     assert isinstance(app, ReactionsApp)
-    await mesh.wait(lambda: app.store.cursor("run_events") == 2)
+    await mesh.wait(lambda: cursor_is(app, "run_events", 2))
     assert len(mesh.replies()) == 1
     r = await mesh.stub.EvaluateEvent(
         reactions_pb2.EvaluateEventRequest(

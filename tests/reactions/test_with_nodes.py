@@ -80,7 +80,7 @@ async def test_node_events_drive_canvas_and_invoke(
         await node.stop()
         with contextlib.suppress(Exception):
             await task
-        await eventually(lambda: app.store.cursor("node_events") >= 3, 20, "disconnect consumed")
+        await eventually(lambda: cursor_at_least(app, "node_events", 3), 20, "disconnect consumed")
 
         async with grpc.aio.insecure_channel(app.address) as ch:  # type: ignore[attr-defined]
             rx = reactions_pb2_grpc.ReactionsStub(ch)
@@ -94,3 +94,8 @@ async def test_node_events_drive_canvas_and_invoke(
             assert skip.skip_reason == reactions_pb2.SKIP_REASON_CONDITION
             assert "attributes.reason equals 'lease_expired' failed" in skip.detail
         assert node.stats.invokes == 1
+
+
+async def cursor_at_least(app: ReactionsApp, name: str, value: int) -> bool:
+    assert app.store is not None
+    return await app.store.cursor(name) >= value

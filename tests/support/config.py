@@ -27,6 +27,7 @@ def config_settings(
     bookmark_seconds: float = 15.0,
     watch_queue_size: int = 256,
     listen: str = "127.0.0.1:0",
+    database_url: str = "",
 ) -> settings_mod.Settings:
     s = make_settings("config", data_dir, tokens)
     extra: dict[str, Any] = {
@@ -34,7 +35,7 @@ def config_settings(
         "bookmark_seconds": bookmark_seconds,
         "watch_queue_size": watch_queue_size,
     }
-    return dataclasses.replace(s, listen=listen, extra=extra)
+    return dataclasses.replace(s, listen=listen, extra=extra, database_url=database_url)
 
 
 def client_settings(service: str, data_dir: Path, tokens: Tokens, config_addr: str) -> settings_mod.Settings:

@@ -94,13 +94,19 @@ class NodesHarness:
 
 @contextlib.asynccontextmanager
 async def nodes_server(
-    data_dir: Path, tokens: Tokens, cfg: config_pb2.FlynnConfig | None = None, extra: list[str] | None = None
+    data_dir: Path,
+    tokens: Tokens,
+    cfg: config_pb2.FlynnConfig | None = None,
+    extra: list[str] | None = None,
+    database_url: str = "",
 ) -> AsyncIterator[NodesHarness]:
     static = StaticConfig(cfg if cfg is not None else nodes_config())
     parser = argparse.ArgumentParser()
     add_args(parser)
     settings = dataclasses.replace(
-        make_settings("nodes", data_dir, tokens), extra=vars(parser.parse_args(extra or []))
+        make_settings("nodes", data_dir, tokens),
+        extra=vars(parser.parse_args(extra or [])),
+        database_url=database_url,
     )
     async with running(settings, lambda rt: NodesApp(rt, config=static)) as srv:
         ch = grpc.aio.insecure_channel(srv.address)

@@ -3,6 +3,8 @@
 from __future__ import annotations
 
 import asyncio
+import contextlib
+import sqlite3
 import time
 from collections.abc import AsyncIterator, Callable
 from contextlib import asynccontextmanager
@@ -11,15 +13,20 @@ from pathlib import Path
 from typing import Any
 
 import grpc
+import psycopg
 from flynn.v1 import config_pb2
 from flynn.v1 import run_control_pb2 as pb
 from flynn.v1 import run_control_pb2_grpc as pb_grpc
 
 from flynn_runtime import config_yaml
 from flynn_runtime.config_source import StaticConfig
+from flynn_runtime.database import Database
 from flynn_runtime.server import RunningServer, running
 from queue_svc.app import QueueApp
 from queue_svc.run_control import RunControl
+from queue_svc.store import RUN_COLS, RunRow, run_from
+from queue_svc.store_pg import PgQueueStore
+from queue_svc.store_sqlite import SqliteQueueStore
 from tests.support.mesh import Tokens, make_settings
 
 TERMINAL = (pb.RUN_STATE_CANCELLED, pb.RUN_STATE_COMPLETED, pb.RUN_STATE_ERROR)
@@ -71,6 +78,14 @@ class QueueHarness:
         )
         return resp
 
+    async def post_reply_notice(self, session: str, text: str, channel: str = "test") -> pb.PostReplyResponse:
+        resp: pb.PostReplyResponse = await self.stub.PostReply(
+            pb.PostReplyRequest(kind=pb.REPLY_KIND_NOTICE, session_key=session, channel=channel, text=text,
+                                idempotency_key=f"notice/{session}/{text}"),
+            metadata=self.md, timeout=10,
+        )  # fmt: skip
+        return resp
+
     async def get_run(self, run_id: str) -> pb.Run:
         resp = await self.stub.GetRun(pb.GetRunRequest(run_id=run_id), metadata=self.md, timeout=10)
         return resp.run
@@ -87,25 +102,38 @@ class QueueHarness:
 
         return await wait_for(get, lambda s: not s.active_run_id and not s.queue, within)
 
+    def _read(self, sql: str, params: tuple[object, ...]) -> list[tuple[object, ...]]:
+        """Committed rows read straight from the service's database (SQLite file or PostgreSQL), with
+        a connection of the test's own: a synchronous helper for assertions, not a service path."""
+        store = self.rc.store
+        if isinstance(store, PgQueueStore):
+            kw = Database.connect_kwargs(store.db.settings, store.db.schema, store.db.timeouts, "flynn-tests")
+            with psycopg.connect(**kw) as conn:  # type: ignore[arg-type]
+                return conn.execute(sql.replace("?", "%s"), params).fetchall()
+        assert isinstance(store, SqliteQueueStore)
+        with contextlib.closing(sqlite3.connect(store.path)) as db:
+            return [tuple(r) for r in db.execute(sql, params).fetchall()]
+
     def events(self, session: str = "", exclude_output: bool = False) -> list[pb.RunEvent]:
-        out: list[pb.RunEvent] = []
-        after = 0
-        while True:
-            batch = self.rc.events_after(after, session)
-            if not batch:
-                return [e for e in out if not (exclude_output and e.type == pb.RUN_EVENT_TYPE_RUN_OUTPUT)]
-            out.extend(batch)
-            after = batch[-1].global_seq
+        """Every durable event (of `session` when given), in global order."""
+        rows = self._read(
+            "SELECT data FROM events WHERE (? = '' OR session_key = ?) AND global_seq <= ? ORDER BY global_seq",
+            (session, session, self.rc.global_seq),
+        )
+        out = [pb.RunEvent.FromString(bytes(r[0])) for r in rows]  # type: ignore[call-overload]
+        return [e for e in out if not (exclude_output and e.type == pb.RUN_EVENT_TYPE_RUN_OUTPUT)]
 
     def replies(self) -> list[pb.Reply]:
-        out: list[pb.Reply] = []
-        after = 0
-        while True:
-            batch = self.rc.replies_after(after)
-            if not batch:
-                return out
-            out.extend(batch)
-            after = batch[-1].cursor
+        """Every reply with a cursor (streamed), in cursor order."""
+        rows = self._read(
+            "SELECT data FROM replies WHERE cursor IS NOT NULL AND cursor <= ? ORDER BY cursor",
+            (self.rc.commit.durable_cursor,),
+        )
+        return [pb.Reply.FromString(bytes(r[0])) for r in rows]  # type: ignore[call-overload]
+
+    def runs(self) -> list[RunRow]:
+        """Every run in the store, newest first."""
+        return [run_from(r) for r in self._read(f"SELECT {RUN_COLS} FROM runs ORDER BY seq DESC", ())]
 
 
 async def wait_for(get: Callable[[], Any], ok: Callable[[Any], bool], within: float = 15.0) -> Any:

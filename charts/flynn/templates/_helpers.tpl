@@ -165,6 +165,11 @@ app.kubernetes.io/component: {{ .name }}
 [config, queue, reactions, nodes, voice, gateway]
 {{- end }}
 
+{{/* "true" when the stateful services keep their state in PostgreSQL (database.url or database.urlKey). */}}
+{{- define "flynn.databaseEnabled" -}}
+{{- if or .Values.database.url .Values.database.urlKey }}true{{ end }}
+{{- end }}
+
 {{/* terminationGracePeriodSeconds: stop hook, server.stop and close are each bounded by the grace. */}}
 {{- define "flynn.terminationGrace" -}}
 {{- add (mul 3 (int .graceSeconds)) 5 }}
@@ -253,6 +258,22 @@ spec:
           {{- /* Empty: not deployed (flynn_runtime/settings.py Settings.deployed). */}}
           value: {{ ternary (include "flynn.address" $backendCtx) "" (eq (include "flynn.enabled" $backendCtx) "true") | quote }}
         {{- end }}
+        {{- if and .comp.stateful (include "flynn.databaseEnabled" $root) }}
+        {{- if $root.Values.database.url }}
+        - name: FLYNN_DATABASE_URL
+          value: {{ $root.Values.database.url | quote }}
+        {{- else }}
+        - name: FLYNN_DATABASE_URL
+          valueFrom:
+            secretKeyRef:
+              name: {{ $root.Values.database.existingSecret | quote }}
+              key: {{ $root.Values.database.urlKey | quote }}
+        {{- end }}
+        {{- if $root.Values.database.existingSecret }}
+        - name: FLYNN_DATABASE_PASSWORD_FILE
+          value: /etc/flynn/database/password
+        {{- end }}
+        {{- end }}
         {{- if eq .name "config" }}
         - name: FLYNN_SEED_FILE
           value: /etc/flynn/seed/config.yaml
@@ -327,11 +348,30 @@ spec:
           mountPath: /etc/flynn/seed
           readOnly: true
         {{- end }}
+        {{- if and .comp.stateful (include "flynn.databaseEnabled" $root) $root.Values.database.existingSecret }}
+        - name: database
+          mountPath: /etc/flynn/database
+          readOnly: true
+        {{- end }}
   volumes:
     {{- if not .comp.stateful }}
     - name: data
       emptyDir:
         sizeLimit: {{ $v.dataSizeLimit }}
+    {{- else if include "flynn.databaseEnabled" $root }}
+    # State is in PostgreSQL: /data only holds the audit log, so no PersistentVolumeClaim.
+    - name: data
+      emptyDir:
+        sizeLimit: {{ $root.Values.database.scratchSizeLimit }}
+    {{- end }}
+    {{- if and .comp.stateful (include "flynn.databaseEnabled" $root) $root.Values.database.existingSecret }}
+    - name: database
+      secret:
+        secretName: {{ $root.Values.database.existingSecret | quote }}
+        defaultMode: 0440
+        items:
+          - key: {{ $root.Values.database.passwordKey | quote }}
+            path: password
     {{- end }}
     - name: tmp
       emptyDir:

@@ -1,0 +1,148 @@
+"""Group commit for run control: the operation scope, the flush loop and the durable sequence numbers.
+
+Every domain operation is a synchronous critical section (`with commit.op() as op:`) that mutates
+memory and queues its writes in the store; nothing awaits inside it, so operations never interleave.
+The writes of every operation done while a commit is in flight form the next batch, committed as one
+transaction (one fsync, or one round trip) as soon as the previous one is durable. Only then are the
+batch's events and replies published and its `op.after` actions run (launch an agent run, tell the
+agent about a cancel, start speech): a watcher never sees, and an agent never acts on, anything a
+crash could take back.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+from collections.abc import Callable, Iterator
+from contextlib import contextmanager
+from dataclasses import dataclass, field
+from typing import Protocol
+
+from flynn.v1 import run_control_pb2 as pb
+
+from queue_svc import metrics
+from queue_svc.fanout import Fanout
+from queue_svc.store import RunRow, SessionRow
+
+log = logging.getLogger(__name__)
+
+DELIVERY_NAMES = {
+    pb.DELIVERY_MODE_TEXT: "text",
+    pb.DELIVERY_MODE_AUDIO: "audio",
+    pb.DELIVERY_MODE_TEXT_AFTER_FALLBACK: "text_after_fallback",
+}
+
+
+class BatchStore(Protocol):
+    """What group commit needs of a store: queued writes that `flush()` makes durable at once."""
+
+    def mark(self) -> int: ...
+    def rollback_to(self, mark: int) -> None: ...
+    def put_session(self, s: SessionRow) -> None: ...
+    def put_run(self, r: RunRow) -> None: ...
+    async def flush(self) -> None: ...
+
+
+class HasSessionRow(Protocol):
+    def row(self) -> SessionRow: ...
+
+
+class Op:
+    """What one operation did: written at its end (sessions, runs), published and run after commit."""
+
+    def __init__(self) -> None:
+        self.events: list[pb.RunEvent] = []
+        self.replies: list[pb.Reply] = []
+        self.sessions: dict[str, HasSessionRow] = {}
+        self.runs: dict[str, RunRow] = {}
+        self.after: list[Callable[[], None]] = []
+
+
+@dataclass
+class _Batch:
+    done: asyncio.Future[None]
+    ops: list[Op] = field(default_factory=list)
+
+
+class GroupCommit:
+    """The batch being filled, the batch being committed, and the sequence numbers made durable.
+
+    `gseq` (run events) and `cursor` (replies) are handed out inside operations; `durable_gseq` and
+    `durable_cursor` follow them once the batch that used them is committed, so a reader never gets
+    a cursor past what a crash could take back.
+    """
+
+    def __init__(self, store: BatchStore, events: Fanout[pb.RunEvent], replies: Fanout[pb.Reply]) -> None:
+        self.store = store
+        self.events = events
+        self.replies = replies
+        self.gseq = self.durable_gseq = 0
+        self.cursor = self.durable_cursor = 0
+        self._open = _Batch(asyncio.get_event_loop().create_future())
+        self._inflight: _Batch | None = None
+        self._flusher: asyncio.Task[None] | None = None
+
+    def resume(self, gseq: int, cursor: int) -> None:
+        """Continue the sequences from what the store holds (at start-up)."""
+        self.gseq = self.durable_gseq = gseq
+        self.cursor = self.durable_cursor = cursor
+
+    @contextmanager
+    def op(self) -> Iterator[Op]:
+        """One atomic domain operation. Its writes join the batch being filled (group commit); its
+        events, replies and follow-up actions run only once that batch is durable."""
+        op = Op()
+        mark = self.store.mark()
+        try:
+            yield op
+            for s in op.sessions.values():
+                self.store.put_session(s.row())
+            for row in op.runs.values():
+                self.store.put_run(row)
+        except BaseException:
+            self.store.rollback_to(mark)
+            raise
+        self._open.ops.append(op)
+        if self._flusher is None or self._flusher.done():
+            self._flusher = asyncio.ensure_future(self._flush_loop())
+
+    async def _flush_loop(self) -> None:
+        """Commit batches back to back: while one is syncing, the next one fills."""
+        while self._open.ops:
+            batch, self._open = self._open, _Batch(asyncio.get_running_loop().create_future())
+            self._inflight = batch
+            gseq, cursor = self.gseq, self.cursor
+            try:
+                await self.store.flush()
+            except Exception as e:
+                log.critical("run-control commit failed; the operations of this batch are not acknowledged",
+                             exc_info=True)  # fmt: skip
+                batch.done.set_exception(e)
+                batch.done.exception()  # marked retrieved; waiting callers still get it
+                continue
+            finally:
+                self._inflight = None
+            self.durable_gseq, self.durable_cursor = gseq, cursor
+            batch.done.set_result(None)
+            self._publish(batch)
+
+    def _publish(self, batch: _Batch) -> None:
+        for op in batch.ops:
+            for ev in op.events:
+                self.events.publish(ev)
+            for reply in op.replies:
+                self.replies.publish(reply)
+                metrics.REPLIES_DELIVERED.labels(DELIVERY_NAMES.get(reply.delivery, "text")).inc()
+        for op in batch.ops:
+            for fn in op.after:
+                try:
+                    fn()
+                except Exception:
+                    log.exception("post-commit action failed")
+
+    async def durable(self) -> None:
+        """Wait until every operation done so far is durable (acknowledge after this)."""
+        if self._open.ops:
+            await asyncio.shield(self._open.done)
+        elif self._inflight is not None:
+            await asyncio.shield(self._inflight.done)

@@ -1,0 +1,527 @@
+"""Reactions state in PostgreSQL (schema flynn_reactions): the tables of store_sqlite.py.
+
+Each method is one transaction and returns after COMMIT. An evaluation is inserted once per event id
+(UNIQUE), action outcomes once per idempotency key (PRIMARY KEY, upsert), counters are incremented in
+the database (`count = count + excluded.count`), so concurrent writers never lose an update. Retention
+is enforced by `prune` with the same caps as SQLite.
+"""
+
+from __future__ import annotations
+
+import json
+from collections.abc import Iterable, Sequence
+from pathlib import Path
+from typing import Any
+
+import psycopg
+from psycopg.types.json import Json, Jsonb
+
+from flynn_runtime.database import Database
+from flynn_runtime.db_copy import Counts, SqliteSource, StoreCopier, Table, export_tables, import_tables
+from flynn_runtime.pg_migrations import Migration
+from reactions_svc.store import FP_REASON, SCHEMA, Retention, StoredEvaluation, StoredTrace
+from reactions_svc.store_sqlite import SqliteReactionStore
+
+MIGRATIONS = [
+    Migration(
+        1,
+        "evaluations, traces, action results, fire state, counters, cursors",
+        """
+        CREATE TABLE evaluations (
+          seq BIGSERIAL PRIMARY KEY,
+          event_id TEXT NOT NULL UNIQUE,
+          time DOUBLE PRECISION NOT NULL,
+          revision BIGINT NOT NULL,
+          event_type INTEGER NOT NULL,
+          session_key TEXT NOT NULL,
+          status TEXT NOT NULL,
+          event BYTEA NOT NULL,
+          traces JSONB NOT NULL
+        );
+        CREATE INDEX evaluations_pending ON evaluations(seq) WHERE status = 'pending';
+        CREATE TABLE traces_matched (
+          seq BIGSERIAL PRIMARY KEY,
+          trace_id TEXT NOT NULL UNIQUE,
+          event_id TEXT NOT NULL,
+          rule_id TEXT NOT NULL,
+          matched BOOLEAN NOT NULL,
+          reason INTEGER NOT NULL,
+          detail TEXT NOT NULL,
+          actions JSON NOT NULL,  -- json, not jsonb: keeps the text (and key order) as written
+          time DOUBLE PRECISION NOT NULL,
+          event_type INTEGER NOT NULL,
+          session_key TEXT NOT NULL,
+          false_positive BOOLEAN NOT NULL DEFAULT FALSE,
+          fp_reason TEXT NOT NULL DEFAULT ''
+        );
+        CREATE INDEX traces_matched_rule ON traces_matched(rule_id, seq);
+        CREATE INDEX traces_matched_event ON traces_matched(event_id);
+        CREATE TABLE traces_skipped (
+          seq BIGSERIAL PRIMARY KEY,
+          trace_id TEXT NOT NULL,
+          event_id TEXT NOT NULL,
+          rule_id TEXT NOT NULL,
+          reason INTEGER NOT NULL,
+          detail TEXT NOT NULL,
+          time DOUBLE PRECISION NOT NULL,
+          event_type INTEGER NOT NULL,
+          session_key TEXT NOT NULL
+        );
+        CREATE INDEX traces_skipped_rule ON traces_skipped(rule_id, seq);
+        CREATE TABLE action_results (
+          seq BIGSERIAL,
+          idempotency_key TEXT PRIMARY KEY,
+          ok BOOLEAN NOT NULL,
+          result_id TEXT NOT NULL,
+          error TEXT NOT NULL
+        );
+        CREATE INDEX action_results_seq ON action_results(seq);
+        CREATE TABLE fire_state (
+          rule_id TEXT NOT NULL,
+          key TEXT NOT NULL,
+          last DOUBLE PRECISION NOT NULL,
+          "window" JSONB NOT NULL,
+          PRIMARY KEY (rule_id, key)
+        );
+        CREATE TABLE rule_fires (
+          rule_id TEXT PRIMARY KEY,
+          fire_count BIGINT NOT NULL,
+          last_fire DOUBLE PRECISION NOT NULL
+        );
+        CREATE TABLE counters (
+          rule_id TEXT NOT NULL,
+          reason INTEGER NOT NULL,
+          count BIGINT NOT NULL,
+          PRIMARY KEY (rule_id, reason)
+        );
+        CREATE TABLE cursors (
+          name TEXT PRIMARY KEY,
+          value BIGINT NOT NULL
+        );
+        """,
+    ),
+]
+
+Conn = psycopg.AsyncConnection[tuple[Any, ...]]
+
+_MATCHED_COLS = (
+    "seq, trace_id, event_id, rule_id, matched, reason, detail, actions, time, event_type, session_key,"
+    " false_positive, fp_reason"
+)
+
+
+def _matched_row(r: Sequence[Any]) -> StoredTrace:
+    actions = r[7] if isinstance(r[7], list) else json.loads(r[7])
+    return StoredTrace(
+        trace_id=r[1],
+        event_id=r[2],
+        rule_id=r[3],
+        matched=bool(r[4]),
+        reason=int(r[5]),
+        detail=r[6],
+        actions=actions,
+        time=float(r[8]),
+        event_type=int(r[9]),
+        session_key=r[10],
+        false_positive=bool(r[11]),
+        fp_reason=r[12],
+    )
+
+
+class PgReactionStore:
+    def __init__(self, db: Database, retention: Retention | None = None) -> None:
+        self.db = db
+        self.retention = retention or Retention()
+        self._since_prune = 0
+
+    async def close(self) -> None:
+        """The pool belongs to the runtime, which closes it."""
+
+    # Evaluations --------------------------------------------------------------------------------
+
+    async def get_evaluation(self, event_id: str) -> StoredEvaluation | None:
+        async with self.db.connection() as c:
+            cur = await c.execute(
+                "SELECT event_id, time, revision, status, event, traces FROM evaluations WHERE event_id = %s",
+                (event_id,),
+            )
+            row = await cur.fetchone()
+        if row is None:
+            return None
+        traces = row[5] if isinstance(row[5], list) else json.loads(row[5])
+        return StoredEvaluation(row[0], float(row[1]), int(row[2]), row[3], bytes(row[4]), traces)
+
+    async def pending_event_ids(self, limit: int = 1000) -> list[str]:
+        async with self.db.connection() as c:
+            cur = await c.execute(
+                "SELECT event_id FROM evaluations WHERE status = 'pending' ORDER BY seq LIMIT %s", (limit,)
+            )
+            rows = await cur.fetchall()
+        return [r[0] for r in rows]
+
+    async def save_evaluation(
+        self,
+        *,
+        event_id: str,
+        now: float,
+        revision: int,
+        event_type: int,
+        session_key: str,
+        event: bytes,
+        traces: Sequence[Sequence[object]],
+        matched: Iterable[StoredTrace],
+        skipped: Iterable[StoredTrace],
+        fire_rows: Iterable[tuple[str, str, float, list[float]]],
+        fired_rule_ids: Iterable[str],
+        pending: bool,
+    ) -> None:
+        matched, skipped = list(matched), list(skipped)
+        fire_rows, fired = list(fire_rows), list(fired_rule_ids)
+        async with self.db.transaction() as c, c.cursor() as cur:
+            await cur.execute(
+                "INSERT INTO evaluations(event_id, time, revision, event_type, session_key, status, event, traces)"
+                " VALUES (%s, %s, %s, %s, %s, %s, %s, %s)",
+                (
+                    event_id,
+                    now,
+                    revision,
+                    event_type,
+                    session_key,
+                    "pending" if pending else "done",
+                    event,
+                    Jsonb([list(t) for t in traces]),
+                ),
+            )
+            if matched:
+                await cur.executemany(
+                    "INSERT INTO traces_matched(trace_id, event_id, rule_id, matched, reason, detail, actions, time,"
+                    " event_type, session_key) VALUES (%s, %s, %s, %s, %s, %s, %s, %s, %s, %s)"
+                    " ON CONFLICT (trace_id) DO UPDATE SET event_id = excluded.event_id, rule_id = excluded.rule_id,"
+                    " matched = excluded.matched, reason = excluded.reason, detail = excluded.detail,"
+                    " actions = excluded.actions, time = excluded.time, event_type = excluded.event_type,"
+                    " session_key = excluded.session_key",
+                    [
+                        (
+                            t.trace_id,
+                            t.event_id,
+                            t.rule_id,
+                            t.matched,
+                            t.reason,
+                            t.detail,
+                            Json(t.actions),
+                            t.time,
+                            t.event_type,
+                            t.session_key,
+                        )
+                        for t in matched
+                    ],
+                )
+            if skipped:
+                await cur.executemany(
+                    "INSERT INTO traces_skipped(trace_id, event_id, rule_id, reason, detail, time, event_type,"
+                    " session_key) VALUES (%s, %s, %s, %s, %s, %s, %s, %s)",
+                    [
+                        (
+                            t.trace_id,
+                            t.event_id,
+                            t.rule_id,
+                            t.reason,
+                            t.detail,
+                            t.time,
+                            t.event_type,
+                            t.session_key,
+                        )
+                        for t in skipped
+                    ],
+                )
+            if fire_rows:
+                await cur.executemany(
+                    'INSERT INTO fire_state(rule_id, key, last, "window") VALUES (%s, %s, %s, %s)'
+                    ' ON CONFLICT (rule_id, key) DO UPDATE SET last = excluded.last, "window" = excluded."window"',
+                    [(r, k, last, Jsonb(w)) for r, k, last, w in fire_rows],
+                )
+            if fired:
+                await cur.executemany(
+                    "INSERT INTO rule_fires(rule_id, fire_count, last_fire) VALUES (%s, 1, %s)"
+                    " ON CONFLICT (rule_id) DO UPDATE SET fire_count = rule_fires.fire_count + 1,"
+                    " last_fire = excluded.last_fire",
+                    [(r, now) for r in fired],
+                )
+            await self._bump(cur, ((t.rule_id, t.reason) for t in skipped))
+        await self._maybe_prune()
+
+    async def finish_evaluation(
+        self,
+        event_id: str,
+        outcomes: Iterable[tuple[str, bool, int, str, list[dict[str, object]]]],
+        action_rows: Iterable[tuple[str, bool, str, str]] = (),
+    ) -> None:
+        outcomes, action_rows = list(outcomes), list(action_rows)
+        async with self.db.transaction() as c, c.cursor() as cur:
+            if action_rows:
+                await cur.executemany(_UPSERT_ACTION, action_rows)
+            keys: list[tuple[str, int]] = []
+            for trace_id, matched, reason, detail, actions in outcomes:
+                await cur.execute(
+                    "UPDATE traces_matched SET matched = %s, reason = %s, detail = %s, actions = %s"
+                    " WHERE trace_id = %s RETURNING rule_id, reason",
+                    (matched, reason, detail, Json(actions), trace_id),
+                )
+                row = await cur.fetchone()
+                if row is not None:
+                    keys.append((row[0], int(row[1])))
+            await self._bump(cur, keys)
+            await cur.execute("UPDATE evaluations SET status = 'done' WHERE event_id = %s", (event_id,))
+
+    @staticmethod
+    async def _bump(cur: psycopg.AsyncCursor[tuple[Any, ...]], keys: Iterable[tuple[str, int]]) -> None:
+        counts: dict[tuple[str, int], int] = {}
+        for k in keys:
+            counts[k] = counts.get(k, 0) + 1
+        if counts:
+            await cur.executemany(
+                "INSERT INTO counters(rule_id, reason, count) VALUES (%s, %s, %s)"
+                " ON CONFLICT (rule_id, reason) DO UPDATE SET count = counters.count + excluded.count",
+                [(r, reason, n) for (r, reason), n in sorted(counts.items())],
+            )
+
+    # Action results -----------------------------------------------------------------------------
+
+    async def action_result(self, key: str) -> tuple[bool, str, str] | None:
+        async with self.db.connection() as c:
+            cur = await c.execute(
+                "SELECT ok, result_id, error FROM action_results WHERE idempotency_key = %s", (key,)
+            )
+            row = await cur.fetchone()
+        return None if row is None else (bool(row[0]), row[1], row[2])
+
+    async def save_action_result(self, key: str, ok: bool, result_id: str, error: str) -> None:
+        async with self.db.transaction() as c:
+            await c.execute(_UPSERT_ACTION, (key, ok, result_id, error))
+
+    # Traces -------------------------------------------------------------------------------------
+
+    async def matched_for_event(self, event_id: str) -> dict[str, StoredTrace]:
+        async with self.db.connection() as c:
+            cur = await c.execute(
+                "SELECT " + _MATCHED_COLS + " FROM traces_matched WHERE event_id = %s", (event_id,)
+            )
+            rows = await cur.fetchall()
+        return {str(r[1]): _matched_row(r) for r in rows}
+
+    async def page_matched(
+        self, rule_id: str, before_seq: int, limit: int, only_matched: bool | None = None
+    ) -> list[tuple[int, StoredTrace]]:
+        async with self.db.connection() as c:
+            cur = await c.execute(
+                "SELECT " + _MATCHED_COLS + " FROM traces_matched"
+                " WHERE seq < %(before)s AND (%(rule)s = '' OR rule_id = %(rule)s)"
+                " AND (%(only)s::boolean IS NULL OR matched = %(only)s::boolean)"
+                " ORDER BY seq DESC LIMIT %(limit)s",
+                {"before": before_seq, "rule": rule_id, "only": only_matched, "limit": limit},
+            )
+            rows = await cur.fetchall()
+        return [(int(r[0]), _matched_row(r)) for r in rows]
+
+    async def page_skipped(self, rule_id: str, before_seq: int, limit: int) -> list[tuple[int, StoredTrace]]:
+        async with self.db.connection() as c:
+            cur = await c.execute(
+                "SELECT seq, trace_id, event_id, rule_id, reason, detail, time, event_type, session_key"
+                " FROM traces_skipped WHERE seq < %(before)s AND (%(rule)s = '' OR rule_id = %(rule)s)"
+                " ORDER BY seq DESC LIMIT %(limit)s",
+                {"before": before_seq, "rule": rule_id, "limit": limit},
+            )
+            rows = await cur.fetchall()
+        return [
+            (
+                int(r[0]),
+                StoredTrace(r[1], r[2], r[3], False, int(r[4]), r[5], [], float(r[6]), int(r[7]), r[8]),
+            )
+            for r in rows
+        ]
+
+    async def get_matched(self, trace_id: str) -> StoredTrace | None:
+        async with self.db.connection() as c:
+            cur = await c.execute(
+                "SELECT " + _MATCHED_COLS + " FROM traces_matched WHERE trace_id = %s", (trace_id,)
+            )
+            row = await cur.fetchone()
+        return None if row is None else _matched_row(row)
+
+    async def flag_false_positive(self, trace_id: str, reason: str) -> tuple[StoredTrace | None, bool]:
+        async with self.db.transaction() as c, c.cursor() as cur:
+            await cur.execute(
+                "SELECT " + _MATCHED_COLS + " FROM traces_matched WHERE trace_id = %s FOR UPDATE", (trace_id,)
+            )
+            row = await cur.fetchone()
+            if row is None:
+                return None, False
+            t = _matched_row(row)
+            if t.false_positive:
+                return t, True
+            await cur.execute(
+                "UPDATE traces_matched SET false_positive = TRUE, fp_reason = %s WHERE trace_id = %s",
+                (reason, trace_id),
+            )
+            await self._bump(cur, [(t.rule_id, FP_REASON)])
+        t.false_positive, t.fp_reason = True, reason
+        return t, False
+
+    # Fire state, counters -----------------------------------------------------------------------
+
+    async def load_fire_state(self) -> list[tuple[str, str, float, list[float]]]:
+        async with self.db.connection() as c:
+            rows = await (await c.execute('SELECT rule_id, key, last, "window" FROM fire_state')).fetchall()
+        return [(r[0], r[1], float(r[2]), list(r[3])) for r in rows]
+
+    async def delete_fire_state(self, keys: Iterable[tuple[str, str]]) -> None:
+        keys = list(keys)
+        if not keys:
+            return
+        async with self.db.transaction() as c, c.cursor() as cur:
+            await cur.executemany("DELETE FROM fire_state WHERE rule_id = %s AND key = %s", keys)
+
+    async def rule_fires(self) -> dict[str, tuple[int, float]]:
+        async with self.db.connection() as c:
+            rows = await (await c.execute("SELECT rule_id, fire_count, last_fire FROM rule_fires")).fetchall()
+        return {r[0]: (int(r[1]), float(r[2])) for r in rows}
+
+    async def counters(self, rule_id: str = "") -> dict[str, dict[int, int]]:
+        async with self.db.connection() as c:
+            cur = await c.execute(
+                "SELECT rule_id, reason, count FROM counters WHERE %(rule)s = '' OR rule_id = %(rule)s",
+                {"rule": rule_id},
+            )
+            rows = await cur.fetchall()
+        out: dict[str, dict[int, int]] = {}
+        for r, reason, n in rows:
+            out.setdefault(r, {})[int(reason)] = int(n)
+        return out
+
+    # Cursors ------------------------------------------------------------------------------------
+
+    async def cursor(self, name: str) -> int:
+        async with self.db.connection() as c:
+            row = await (await c.execute("SELECT value FROM cursors WHERE name = %s", (name,))).fetchone()
+        return int(row[0]) if row else 0
+
+    async def set_cursor(self, name: str, value: int) -> None:
+        async with self.db.transaction() as c:
+            await c.execute(
+                "INSERT INTO cursors(name, value) VALUES (%s, %s)"
+                " ON CONFLICT (name) DO UPDATE SET value = excluded.value",
+                (name, value),
+            )
+
+    # Housekeeping -------------------------------------------------------------------------------
+
+    async def _maybe_prune(self) -> None:
+        self._since_prune += 1
+        if self._since_prune < self.retention.prune_every:
+            return
+        self._since_prune = 0
+        await self.prune()
+
+    async def prune(self) -> None:
+        r = self.retention
+        async with self.db.transaction() as c:
+            # Never drop an evaluation whose actions are still pending.
+            await c.execute(
+                "DELETE FROM evaluations WHERE seq <= (SELECT MAX(seq) FROM evaluations) - %s AND status = 'done'",
+                (r.evaluations,),
+            )
+            await c.execute(
+                "DELETE FROM traces_matched WHERE seq <= (SELECT MAX(seq) FROM traces_matched) - %s",
+                (r.matched,),
+            )
+            await c.execute(
+                "DELETE FROM traces_skipped WHERE seq <= (SELECT MAX(seq) FROM traces_skipped) - %s",
+                (r.skipped,),
+            )
+            await c.execute(
+                "DELETE FROM action_results WHERE seq <= (SELECT MAX(seq) FROM action_results) - %s",
+                (r.action_results,),
+            )
+
+
+_UPSERT_ACTION = (
+    "INSERT INTO action_results(idempotency_key, ok, result_id, error) VALUES (%s, %s, %s, %s)"
+    " ON CONFLICT (idempotency_key) DO UPDATE SET ok = excluded.ok, result_id = excluded.result_id,"
+    " error = excluded.error"
+)
+
+
+# flynn db import / export ----------------------------------------------------------------------
+
+_SQLITE_FILE = "reactions/reactions.db"
+
+TABLES = (
+    Table(
+        "evaluations",
+        ("seq", "event_id", "time", "revision", "event_type", "session_key", "status", "event", "traces"),
+        json=("traces",),
+        compact_json=("traces",),
+        serial="seq",
+    ),
+    Table(
+        "traces_matched",
+        (
+            "seq",
+            "trace_id",
+            "event_id",
+            "rule_id",
+            "matched",
+            "reason",
+            "detail",
+            "actions",
+            "time",
+            "event_type",
+            "session_key",
+            "false_positive",
+            "fp_reason",
+        ),
+        json=("actions",),
+        flags=("matched", "false_positive"),
+        serial="seq",
+    ),  # fmt: skip
+    Table(
+        "traces_skipped",
+        ("seq", "trace_id", "event_id", "rule_id", "reason", "detail", "time", "event_type", "session_key"),
+        serial="seq",
+    ),
+    Table(
+        "action_results",
+        ("seq", "idempotency_key", "ok", "result_id", "error"),
+        flags=("ok",),
+        serial="seq",
+        sqlite_exprs=(("seq", "rowid"),),
+    ),
+    Table("fire_state", ("rule_id", "key", "last", "window"), json=("window",)),
+    Table("rule_fires", ("rule_id", "fire_count", "last_fire")),
+    Table("counters", ("rule_id", "reason", "count")),
+    Table("cursors", ("name", "value")),
+)
+
+
+async def import_sqlite(src: SqliteSource, db: Database) -> Counts:
+    with src.open(_SQLITE_FILE) as lite:
+        return await import_tables(lite, db, TABLES)
+
+
+async def export_sqlite(db: Database, dest: Path) -> Counts:
+    store = SqliteReactionStore(dest / "reactions")
+    try:
+        return await export_tables(db, store.db, TABLES)
+    finally:
+        await store.close()
+
+
+COPIER = StoreCopier(
+    service="reactions",
+    schema=SCHEMA,
+    migrations=MIGRATIONS,
+    sqlite_files=(_SQLITE_FILE,),
+    import_sqlite=import_sqlite,
+    export_sqlite=export_sqlite,
+    nonempty_query="SELECT (SELECT count(*) FROM evaluations) + (SELECT count(*) FROM cursors)",
+)

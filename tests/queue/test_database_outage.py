@@ -1,0 +1,134 @@
+"""PostgreSQL killed under load (`pg_ctl stop -m immediate`) and restarted, with run control as a real
+process: it goes NOT_SERVING, refuses new work with UNAVAILABLE naming the database, comes back to
+SERVING by itself, and every acknowledged message is still there; no run gets two terminal events
+and no run two finals."""
+
+from __future__ import annotations
+
+import asyncio
+from collections import Counter
+from collections.abc import Callable
+from pathlib import Path
+
+import grpc
+import pytest
+from flynn.v1 import run_control_pb2 as pb
+from flynn.v1 import run_control_pb2_grpc as pb_grpc
+from grpc_health.v1 import health_pb2, health_pb2_grpc
+
+from flynn_launcher.local_postgres import LocalPostgres
+from tests.queue.test_fault import CONFIG, Consumer
+from tests.support.mesh import ServiceProcess, Tokens
+from tests.support.queue import TERMINAL_EVENTS
+
+SESSIONS = 10
+
+
+async def _health(ch: grpc.aio.Channel) -> int:
+    stub = health_pb2_grpc.HealthStub(ch)
+    try:
+        resp = await stub.Check(health_pb2.HealthCheckRequest(service="flynn.v1.RunControl"), timeout=2)
+    except grpc.aio.AioRpcError:
+        return -1
+    return int(resp.status)
+
+
+async def _wait(cond: Callable[[], bool], within: float, what: str) -> None:
+    for _ in range(int(within / 0.02)):
+        if cond():
+            return
+        await asyncio.sleep(0.02)
+    raise AssertionError(f"timed out waiting for {what}")
+
+
+async def _until(ch: grpc.aio.Channel, status: int, within: float) -> None:
+    for _ in range(int(within / 0.1)):
+        if await _health(ch) == status:
+            return
+        await asyncio.sleep(0.1)
+    raise AssertionError(f"health never became {status}")
+
+
+async def test_postgres_killed_under_load_then_back(
+    tmp_path: Path, tokens: Tokens, queue_backend: str, postgres: LocalPostgres
+) -> None:
+    if queue_backend != "postgresql":
+        pytest.skip("a PostgreSQL outage")
+    cfg = tmp_path / "queue.yaml"
+    cfg.write_text(CONFIG)
+    proc = ServiceProcess(
+        "queue", "queue_svc.main", tmp_path / "data", tokens, extra=["--queue-config-file", str(cfg)]
+    )
+    proc.start()
+    md = tokens.md("operator")
+    acked: dict[tuple[str, str], str] = {}
+    refused: list[str] = []
+    try:
+        ch = grpc.aio.insecure_channel(proc.address)
+        stub = pb_grpc.RunControlStub(ch)
+        consumer = Consumer(stub, md)
+        tasks = [asyncio.ensure_future(consumer.watch()), asyncio.ensure_future(consumer.follow_replies())]
+        stop = asyncio.Event()
+
+        async def load(i: int) -> None:
+            n = 0
+            while not stop.is_set() and n < 400:
+                key = f"s{i}/m{n}"
+                try:
+                    resp = await stub.SubmitMessage(
+                        pb.SubmitMessageRequest(session_key=f"s{i}", channel="t", text=f"m{n}", idempotency_key=key),
+                        metadata=md, timeout=3,
+                    )  # fmt: skip
+                    acked[(f"s{i}", key)] = resp.message_id
+                    n += 1
+                except grpc.aio.AioRpcError as e:  # not acknowledged: the same key is retried
+                    refused.append(f"{e.code().name} {e.details()}")
+                    await asyncio.sleep(0.05)
+                await asyncio.sleep(0.005)
+
+        loaders = [asyncio.ensure_future(load(i)) for i in range(SESSIONS)]
+        await _wait(lambda: len(acked) >= 100, 60, "100 acknowledged messages")
+        await asyncio.to_thread(postgres.kill)
+        await _until(ch, health_pb2.HealthCheckResponse.NOT_SERVING, within=10)
+        await _wait(
+            lambda: any("is unavailable" in r for r in refused), 20, f"UNAVAILABLE; got {refused[-3:]}"
+        )
+        acked_during_outage = len(acked)
+        await asyncio.to_thread(postgres.start)
+        await _until(ch, health_pb2.HealthCheckResponse.SERVING, within=20)
+        await _wait(lambda: len(acked) >= acked_during_outage + 100, 60, "load to go on after the outage")
+        stop.set()
+        await asyncio.gather(*loaders)
+
+        # Every acknowledged message is there: its key answers DUPLICATE with the same id.
+        for (session, key), mid in acked.items():
+            resp = await stub.SubmitMessage(
+                pb.SubmitMessageRequest(session_key=session, channel="t", text="again", idempotency_key=key),
+                metadata=md, timeout=5,
+            )  # fmt: skip
+            assert resp.disposition == pb.DISPOSITION_DUPLICATE and resp.message_id == mid, key
+        for _ in range(3000):
+            sessions = [
+                (
+                    await stub.GetSession(pb.GetSessionRequest(session_key=f"s{i}"), metadata=md, timeout=5)
+                ).session
+                for i in range(SESSIONS)
+            ]
+            if not any(s.active_run_id or s.queue for s in sessions):
+                break
+            await asyncio.sleep(0.02)
+        await asyncio.sleep(0.5)
+        for t in tasks:
+            t.cancel()
+        seqs = [e.global_seq for e in consumer.events]
+        assert seqs == list(range(1, len(seqs) + 1))
+        terminals = Counter(e.run_id for e in consumer.events if e.type in TERMINAL_EVENTS)
+        assert terminals and max(terminals.values()) == 1
+        finals = Counter(r.run_id for r in consumer.replies if r.kind == pb.REPLY_KIND_FINAL)
+        assert finals and max(finals.values()) == 1
+        assert len({r.reply_id for r in consumer.replies}) == len(consumer.replies)
+        await ch.close()
+    finally:
+        proc.stop()
+        if not postgres.running():
+            postgres.start()
