@@ -105,14 +105,11 @@ async def canvas_figures(address: str, token: str, puts: int) -> tuple[float, fl
 
 def run_backend(label: str, base: Path, database_url: str, args: argparse.Namespace) -> dict[str, Any]:
     from bench.config_propagation import scenario
-    from flynn_runtime.auth import Role, generate_token, write_tokens_file
-    from tests.support.mesh import ServiceProcess, Tokens
+    from tests.support.mesh import ServiceProcess, make_tokens
     from tests.support.nodes import config_yaml, nodes_config
 
     base.mkdir(parents=True)
-    toks = {r: generate_token() for r in ("operator", "channel", "service", "node")}
-    write_tokens_file(base / "tokens.yaml", {n: (Role(n), t) for n, t in toks.items()})
-    tokens = Tokens(path=base / "tokens.yaml", **toks)
+    tokens = make_tokens(base)
     db = ["--database-url", database_url] if database_url else []
     nodes_file = base / "nodes.yaml"
     nodes_file.write_text(config_yaml(nodes_config()))
@@ -127,10 +124,10 @@ def run_backend(label: str, base: Path, database_url: str, args: argparse.Namesp
     try:
         config.start(timeout=60)
         nodes.start(timeout=60)
-        out["commit"] = asyncio.run(config_figures(config.address, toks["operator"], args.updates))
+        out["commit"] = asyncio.run(config_figures(config.address, tokens.operator, args.updates))
         print(f"[{label}] {args.watchers} watchers, commit -> applied by all:")
-        scenario(base, config, toks["operator"], args.watchers, 1, args.updates, 0.3, restart=False)
-        out["canvas"] = asyncio.run(canvas_figures(nodes.address, toks["operator"], args.puts))
+        scenario(base, config, tokens.operator, args.watchers, 1, args.updates, 0.3, restart=False)
+        out["canvas"] = asyncio.run(canvas_figures(nodes.address, tokens.operator, args.puts))
     finally:
         for p in (config, nodes):
             with contextlib.suppress(Exception):

@@ -39,9 +39,12 @@ def answered_reasons() -> set[str]:
             for node in ast.walk(ast.parse(path.read_text(encoding="utf-8"))):
                 if not isinstance(node, ast.Call):
                     continue
-                name = (
-                    node.func.attr if isinstance(node.func, ast.Attribute) else getattr(node.func, "id", "")
-                )
+                func = node.func
+                if isinstance(func, ast.Attribute) and not (
+                    isinstance(func.value, ast.Name) and func.value.id == "errors"
+                ):
+                    continue  # a method of some object (db.unavailable(e)), not the errors helper
+                name = func.attr if isinstance(func, ast.Attribute) else getattr(func, "id", "")
                 if name not in HELPERS:
                     continue
                 reason: ast.expr | None = next((k.value for k in node.keywords if k.arg == "reason"), None)
