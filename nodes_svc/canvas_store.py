@@ -381,7 +381,7 @@ class CanvasBackend(Protocol):
     async def recover(self) -> dict[str, int]: ...
 
     async def put(
-        self, name: str, content_type: str, content: bytes, etag: str, actor: str
+        self, name: str, content_type: str, content: bytes, etag: str, actor: str, restore_version: int = 0
     ) -> ArtifactMeta: ...
 
     async def get(self, name: str, version: int = 0) -> tuple[ArtifactMeta, bytes]: ...
@@ -411,8 +411,10 @@ class SqliteCanvasBackend:
     async def recover(self) -> dict[str, int]:
         return await self._run(self.store.recover)
 
-    async def put(self, name: str, content_type: str, content: bytes, etag: str, actor: str) -> ArtifactMeta:
-        return await self._run(self.store.put, name, content_type, content, etag, actor)
+    async def put(
+        self, name: str, content_type: str, content: bytes, etag: str, actor: str, restore_version: int = 0
+    ) -> ArtifactMeta:
+        return await self._run(self.store.put, name, content_type, content, etag, actor, restore_version)
 
     async def get(self, name: str, version: int = 0) -> tuple[ArtifactMeta, bytes]:
         return await self._run(self.store.get, name, version)

@@ -119,7 +119,11 @@ class PgCanvasStore:
             rows = await cur.fetchall()
         return [_meta(r) for r in rows]
 
-    async def put(self, name: str, content_type: str, content: bytes, etag: str, actor: str) -> ArtifactMeta:
+    async def put(
+        self, name: str, content_type: str, content: bytes, etag: str, actor: str, restore_version: int = 0
+    ) -> ArtifactMeta:
+        """Write the next version, or (restore_version > 0) that exact version, which must be above every
+        version of the name still kept (an archive brought back after a purge)."""
         lim = self.limits
         if len(content) > lim.max_artifact_bytes:
             raise FlynnError(
@@ -137,7 +141,8 @@ class PgCanvasStore:
             cur = await c.execute(
                 "SELECT t.total_bytes, a.last_version, v.etag,"
                 " (SELECT COALESCE(SUM(o.size), 0) FROM canvas_versions o"
-                "   WHERE o.name = %(name)s AND o.version <= COALESCE(a.last_version, 0) + 1 - %(keep)s)"
+                "   WHERE o.name = %(name)s AND o.version <= COALESCE(a.last_version, 0) + 1 - %(keep)s),"
+                " COALESCE(a.latest, 0)"
                 " FROM canvas_totals t"
                 " LEFT JOIN canvas_artifacts a ON a.name = %(name)s"
                 " LEFT JOIN canvas_versions v ON v.name = a.name AND v.version = a.latest",
@@ -153,7 +158,23 @@ class PgCanvasStore:
                 raise _mismatch(name, current_etag, etag)
             if etag and etag != "*" and etag != current_etag:
                 raise _mismatch(name, current_etag, etag)
+            latest = int(row[4])
             version = last_version + 1
+            if restore_version:
+                if latest > 0 and latest >= restore_version:
+                    raise errors.failed_precondition(
+                        f"artifact {errors.shown(name)!r} already keeps version {latest}; "
+                        f"version {restore_version} can only be restored above every kept version",
+                        reason="VERSION_NOT_RESTORABLE",
+                        latest_version=str(latest),
+                    )
+                version = restore_version
+                cur = await c.execute(
+                    "SELECT COALESCE(SUM(size), 0) FROM canvas_versions WHERE name = %s AND version <= %s",
+                    (name, version - lim.max_versions),
+                )
+                freed_row = await cur.fetchone()
+                freed = int(freed_row[0]) if freed_row is not None else 0
             cutoff = version - lim.max_versions
             if total - freed + len(content) > lim.max_total_bytes:
                 raise errors.resource_exhausted(
@@ -192,7 +213,8 @@ class PgCanvasStore:
             )
             await c.execute(
                 "INSERT INTO canvas_artifacts(name, latest, last_version) VALUES (%s, %s, %s)"
-                " ON CONFLICT (name) DO UPDATE SET latest = excluded.latest, last_version = excluded.last_version",
+                " ON CONFLICT (name) DO UPDATE SET latest = excluded.latest,"
+                " last_version = GREATEST(canvas_artifacts.last_version, excluded.last_version)",
                 (name, version, version),
             )
             await c.execute("UPDATE canvas_totals SET total_bytes = %s", (new_total,))
