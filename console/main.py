@@ -22,7 +22,7 @@ from aiohttp import web
 from console import audit_tail
 from console.mesh_client import MeshClient
 from console.web import ConsoleState, build_app
-from flynn_runtime import logs, settings
+from flynn_runtime import logs, settings, tls
 from flynn_runtime.audit import AuditLog
 from flynn_runtime.settings import DEFAULT_PORTS, Settings
 
@@ -78,7 +78,7 @@ async def serve(s: Settings) -> None:
     if own.resolve() not in [d.resolve() for d in dirs]:
         dirs.append(own)
     state = ConsoleState(
-        mesh=MeshClient(str(s.extra["gateway_addr"]), s.max_message_bytes),
+        mesh=MeshClient(str(s.extra["gateway_addr"]), s.max_message_bytes, tls.channel_credentials(s.tls)),
         audit=AuditLog(s.data_dir, "console"),
         audit_dirs=dirs,
         secure_cookie=bool(s.extra.get("secure_cookie")),

@@ -1,4 +1,4 @@
-"""One server interceptor for every service: authentication, metrics, and error mapping.
+"""One server interceptor for every service: call limits, authentication, metrics, and error mapping.
 
 Handlers raise FlynnError (from domain code) and the interceptor aborts the RPC with the rich
 status; any other exception is logged with its traceback and returned as a bare INTERNAL, so no
@@ -20,6 +20,13 @@ from flynn_runtime import metrics
 from flynn_runtime.auth import Authenticator, current_principal
 from flynn_runtime.errors import Code, FlynnError
 from flynn_runtime.ids import ulid
+from flynn_runtime.limits import (
+    REFLECTION_POLICY_METHOD,
+    CallLimiter,
+    Limits,
+    is_public_stream,
+    is_reflection,
+)
 from flynn_runtime.rich_status import to_grpc_status
 
 log = logging.getLogger(__name__)
@@ -51,6 +58,8 @@ class _MethodMetrics:
     def __init__(self, method: str, rpc_type: str) -> None:
         self.service, self.name = _split(method)
         self.rpc_type = rpc_type
+        self.public = is_public_stream(method)
+        self.reflection = is_reflection(method)
         self.started = metrics.GRPC_STARTED.labels(self.service, self.name, rpc_type)
         self.handling = metrics.GRPC_HANDLING.labels(self.service, self.name, rpc_type)
         self.sent = metrics.GRPC_MSG_SENT.labels(self.service, self.name, rpc_type)
@@ -68,7 +77,7 @@ class _MethodMetrics:
 class _Call:
     """Bookkeeping of one RPC: auth before, metrics after, error mapping around."""
 
-    __slots__ = ("interceptor", "method", "m", "start", "code")
+    __slots__ = ("interceptor", "method", "m", "start", "code", "slot")
 
     def __init__(self, interceptor: ServerInterceptor, method: str, m: _MethodMetrics) -> None:
         self.interceptor = interceptor
@@ -76,11 +85,18 @@ class _Call:
         self.m = m
         self.start = time.perf_counter()
         self.code = grpc.StatusCode.OK
+        self.slot = False
 
     def begin(self, context: ServicerContext[Any, Any]) -> None:
         self.m.started.inc()
+        ic = self.interceptor
+        ic.limiter.acquire(self.m.public)
+        self.slot = True
         md = {k: v for k, v in (context.invocation_metadata() or ()) if isinstance(v, str)}
-        principal = self.interceptor.authenticator.authenticate(self.method, md, context.peer() or "")
+        policy_method = self.method
+        if self.m.reflection and ic.limiter.limits.reflection_requires_token:
+            policy_method = REFLECTION_POLICY_METHOD
+        principal = ic.authenticator.authenticate(policy_method, md, context.peer() or "")
         current_principal.set(principal)
 
     async def fail(self, context: ServicerContext[Any, Any], exc: BaseException) -> None:
@@ -99,6 +115,9 @@ class _Call:
         await context.abort(grpc.StatusCode.INTERNAL, f"internal error (incident {incident})")
 
     def finish(self, context: ServicerContext[Any, Any], exc: BaseException | None) -> None:
+        if self.slot:
+            self.slot = False
+            self.interceptor.limiter.release(self.m.public)
         if isinstance(exc, (asyncio.CancelledError, GeneratorExit)):
             self.code = grpc.StatusCode.CANCELLED
         elif isinstance(exc, grpc.aio.AbortError) or exc is None:
@@ -159,8 +178,9 @@ def _check(method: str, request: Any, streaming: bool) -> Any:
 
 
 class ServerInterceptor(grpc.aio.ServerInterceptor):  # type: ignore[type-arg]
-    def __init__(self, authenticator: Authenticator) -> None:
+    def __init__(self, authenticator: Authenticator, limits: Limits | None = None) -> None:
         self.authenticator = authenticator
+        self.limiter = CallLimiter(limits or Limits())
         # method -> (the handler we wrapped, its wrapper): handlers are long-lived objects, so the
         # wrapper is built once per method instead of once per call.
         self._wrapped: dict[str, tuple[Any, grpc.RpcMethodHandler[Any, Any]]] = {}

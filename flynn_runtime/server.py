@@ -3,7 +3,9 @@
     def main() -> None:
         run_service(settings.parse("queue"), QueueApp)
 
-gives the service: a grpc.aio server with the shared interceptor (auth, metrics, rich errors),
+gives the service: a grpc.aio server with the shared interceptor (call limits, auth, metrics, rich
+errors), TLS from certificate files that are reloaded when they change and mutual TLS when a mesh CA
+is set (flynn_runtime.tls),
 health (Check and Watch, per service name), server reflection, a Prometheus port, JSON logs, an
 audit log, and a graceful SIGTERM: health goes NOT_SERVING, `runtime.stopping` is set so streams end
 with UNAVAILABLE/SHUTTING_DOWN (clients reconnect), in-flight calls get the grace period, exit 0.
@@ -27,7 +29,7 @@ from grpc_health.v1 import health, health_pb2, health_pb2_grpc
 from grpc_health.v1.health import aio as health_aio  # type: ignore[attr-defined]
 from grpc_reflection.v1alpha import reflection
 
-from flynn_runtime import VERSION, logs, metrics
+from flynn_runtime import VERSION, logs, metrics, tls
 from flynn_runtime.audit import AuditLog
 from flynn_runtime.auth import Authenticator, TokenStore
 from flynn_runtime.channels import client_channel, server_options
@@ -49,15 +51,25 @@ class Runtime:
         self.authenticator = Authenticator(self.tokens)
         self.stopping = asyncio.Event()
         self._channels: dict[str, grpc.aio.Channel] = {}
+        self._credentials: grpc.ChannelCredentials | None = None
 
     def channel(self, backend: str) -> grpc.aio.Channel:
         """A shared channel to another service, carrying this service's bearer token."""
         if backend not in self._channels:
             target = self.settings.address(backend)
             self._channels[backend] = client_channel(
-                target, self.settings.service_token, max_message_bytes=self.settings.max_message_bytes
+                target,
+                self.settings.service_token,
+                max_message_bytes=self.settings.max_message_bytes,
+                credentials=self.channel_credentials(),
             )
         return self._channels[backend]
+
+    def channel_credentials(self) -> grpc.ChannelCredentials | None:
+        """TLS credentials for calls to other services (mutual TLS when a mesh CA is configured)."""
+        if self._credentials is None and self.settings.tls.mesh_tls:
+            self._credentials = tls.channel_credentials(self.settings.tls)
+        return self._credentials
 
     def shutting_down_error(self) -> Exception:
         return shutting_down(self.settings.service)
@@ -121,8 +133,12 @@ async def running(
     runtime = Runtime(settings)
     app = factory(runtime)
     server = grpc.aio.server(
-        interceptors=[ServerInterceptor(runtime.authenticator)],
-        options=server_options(settings.max_message_bytes, settings.max_concurrent_streams),
+        interceptors=[ServerInterceptor(runtime.authenticator, settings.limits)],
+        options=server_options(
+            settings.max_message_bytes,
+            settings.max_concurrent_streams,
+            settings.limits.streams_per_connection,
+        ),
         maximum_concurrent_rpcs=None,
     )
     health_servicer = health_aio.HealthServicer()
@@ -130,7 +146,11 @@ async def running(
     app.register(server)
     names = [*app.service_names, *app.reflection_names, health.SERVICE_NAME, reflection.SERVICE_NAME]
     reflection.enable_server_reflection(names, server)
-    port = server.add_insecure_port(settings.listen)
+    credentials = tls.server_credentials(settings.tls, settings.service)
+    if credentials is None:
+        port = server.add_insecure_port(settings.listen)
+    else:
+        port = server.add_secure_port(settings.listen, credentials)
     if port == 0:
         raise SystemExit(f"cannot listen on {settings.listen}")
     metrics_port = metrics.start_metrics_server(settings.metrics_listen)

@@ -13,6 +13,9 @@ from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
 
+from flynn_runtime.limits import Limits
+from flynn_runtime.tls import CLIENT_AUTH_CHOICES, TlsFiles
+
 # Backend services the gateway (and other services) may call, with their default local ports.
 BACKENDS = ("config", "queue", "reactions", "nodes", "voice")
 DEFAULT_PORTS = {
@@ -41,6 +44,8 @@ class Settings:
     max_message_bytes: int
     max_concurrent_streams: int
     extra: dict[str, object] = field(default_factory=dict)
+    tls: TlsFiles = field(default_factory=TlsFiles)
+    limits: Limits = field(default_factory=Limits)
 
     def address(self, backend: str) -> str:
         return self.addresses.get(backend, "")
@@ -106,7 +111,62 @@ def build_parser(service: str) -> argparse.ArgumentParser:
         default=int(_env("max_concurrent_streams", "4096")),
         help="pending-request limit of the server (FLYNN_MAX_CONCURRENT_STREAMS)",
     )
+    _add_tls_args(p)
+    _add_limit_args(p)
     return p
+
+
+def _path_arg(p: argparse.ArgumentParser, name: str, help: str) -> None:
+    env = name.replace("-", "_")
+    p.add_argument(f"--{name}", default=_env(env, ""), help=f"{help} (FLYNN_{env.upper()})")
+
+
+def _add_tls_args(p: argparse.ArgumentParser) -> None:
+    _path_arg(p, "tls-cert-file", "PEM certificate this server presents; reloaded when it changes")
+    _path_arg(p, "tls-key-file", "PEM private key of --tls-cert-file")
+    _path_arg(
+        p, "tls-ca-file", "mesh CA: calls to services use mutual TLS and this server asks for client certs"
+    )
+    _path_arg(
+        p, "tls-client-cert-file", "client certificate presented to other services (default: --tls-cert-file)"
+    )
+    _path_arg(p, "tls-client-key-file", "private key of --tls-client-cert-file")
+    p.add_argument(
+        "--tls-client-auth",
+        choices=CLIENT_AUTH_CHOICES,
+        default=_env("tls_client_auth", "auto"),
+        help="ask callers for a client certificate: auto = when --tls-ca-file is set, except on the gateway "
+        "(FLYNN_TLS_CLIENT_AUTH)",
+    )
+
+
+def _int_arg(p: argparse.ArgumentParser, name: str, default: int, help: str) -> None:
+    env = name.replace("-", "_")
+    p.add_argument(
+        f"--{name}", type=int, default=int(_env(env, str(default))), help=f"{help} (FLYNN_{env.upper()})"
+    )
+
+
+def _add_limit_args(p: argparse.ArgumentParser) -> None:
+    d = Limits()
+    _int_arg(
+        p, "max-streams-per-connection", d.streams_per_connection, "HTTP/2 concurrent streams per connection"
+    )
+    _int_arg(
+        p, "max-total-calls", d.total_calls, "concurrent calls of all callers; more get RESOURCE_EXHAUSTED"
+    )
+    _int_arg(
+        p,
+        "max-public-streams",
+        d.public_streams,
+        "concurrent unauthenticated health Watch and reflection streams; more get RESOURCE_EXHAUSTED",
+    )
+    p.add_argument(
+        "--reflection-requires-token",
+        default=_env("reflection_requires_token", "false"),
+        choices=("true", "false"),
+        help="server reflection needs a bearer token (FLYNN_REFLECTION_REQUIRES_TOKEN)",
+    )
 
 
 def parse(
@@ -140,4 +200,22 @@ def parse(
         max_message_bytes=ns.max_message_bytes,
         max_concurrent_streams=ns.max_concurrent_streams,
         extra=extra,
+        tls=TlsFiles(
+            cert_file=_opt_path(ns.tls_cert_file),
+            key_file=_opt_path(ns.tls_key_file),
+            ca_file=_opt_path(ns.tls_ca_file),
+            client_cert_file=_opt_path(ns.tls_client_cert_file),
+            client_key_file=_opt_path(ns.tls_client_key_file),
+            client_auth=ns.tls_client_auth,
+        ),
+        limits=Limits(
+            streams_per_connection=ns.max_streams_per_connection,
+            total_calls=ns.max_total_calls,
+            public_streams=ns.max_public_streams,
+            reflection_requires_token=ns.reflection_requires_token == "true",
+        ),
     )
+
+
+def _opt_path(value: str) -> Path | None:
+    return Path(value) if value else None
