@@ -86,6 +86,8 @@ class ServiceProcess:
     grace: float = 5.0
     proc: subprocess.Popen[bytes] | None = None
     log_path: Path | None = None
+    # For a TLS port: what the readiness check presents (CA, and a client certificate under mTLS).
+    credentials: grpc.ChannelCredentials | None = None
 
     def start(self, timeout: float = 30.0) -> ServiceProcess:
         port_file = self.data_dir / f".{self.service}.port"
@@ -122,7 +124,9 @@ class ServiceProcess:
                 raise RuntimeError(f"{self.service} exited with {self.proc.returncode}:\n{self.log_tail()}")
             if port_file.exists():
                 self.port = int(port_file.read_text().split()[0])
-                wait_serving(self.address, timeout=max(deadline - time.monotonic(), 1))
+                wait_serving(
+                    self.address, timeout=max(deadline - time.monotonic(), 1), credentials=self.credentials
+                )
                 return self
             time.sleep(0.02)
         raise TimeoutError(f"{self.service} did not start:\n{self.log_tail()}")
@@ -154,10 +158,18 @@ class ServiceProcess:
                 self.kill9()
 
 
-def wait_serving(address: str, service: str = "", timeout: float = 15.0) -> None:
+def wait_serving(
+    address: str,
+    service: str = "",
+    timeout: float = 15.0,
+    credentials: grpc.ChannelCredentials | None = None,
+) -> None:
     deadline = time.monotonic() + timeout
     last: Exception | None = None
-    with grpc.insecure_channel(address) as ch:
+    channel = (
+        grpc.insecure_channel(address) if credentials is None else grpc.secure_channel(address, credentials)
+    )
+    with channel as ch:
         stub = health_pb2_grpc.HealthStub(ch)
         while time.monotonic() < deadline:
             try:
