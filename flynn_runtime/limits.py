@@ -11,6 +11,11 @@ Three layers, all set per process (flynn_runtime.settings; defaults below):
 
 `reflection_requires_token` (`--reflection-requires-token`, default false; the chart sets it on the
 gateway) makes reflection need an operator or service token.
+
+Voice notes: `audio_seconds` (`--max-audio-seconds`, default 300) is the longest audio the gateway
+and the voice service accept, refused from the container header before decoding; `audio_decoders`
+(`--audio-decoders`, default 2) is how many ffmpeg decodes the voice service runs at once (a request
+waiting over 1 s for one is answered RESOURCE_EXHAUSTED / DECODERS_BUSY).
 """
 
 from __future__ import annotations
@@ -18,6 +23,7 @@ from __future__ import annotations
 from dataclasses import dataclass
 
 from flynn_runtime import errors
+from flynn_runtime.audio_probe import DEFAULT_MAX_SECONDS
 
 REFLECTION_PREFIXES = (
     "/grpc.reflection.v1alpha.ServerReflection/",
@@ -34,6 +40,9 @@ class Limits:
     total_calls: int = 10_000
     public_streams: int = 100
     reflection_requires_token: bool = False
+    # Voice notes (gateway SendMessage, voice Transcribe): longest accepted audio, and ffmpeg decodes at once.
+    audio_seconds: int = DEFAULT_MAX_SECONDS
+    audio_decoders: int = 2
 
 
 def is_reflection(method: str) -> bool:

@@ -161,6 +161,8 @@ def _add_limit_args(p: argparse.ArgumentParser) -> None:
         d.public_streams,
         "concurrent unauthenticated health Watch and reflection streams; more get RESOURCE_EXHAUSTED",
     )
+    _int_arg(p, "max-audio-seconds", d.audio_seconds, "longest voice note accepted, in seconds")
+    _int_arg(p, "audio-decoders", d.audio_decoders, "audio decodes (ffmpeg) run at once by the voice service")
     p.add_argument(
         "--reflection-requires-token",
         default=_env("reflection_requires_token", "false"),
@@ -213,6 +215,8 @@ def parse(
             total_calls=ns.max_total_calls,
             public_streams=ns.max_public_streams,
             reflection_requires_token=ns.reflection_requires_token == "true",
+            audio_seconds=ns.max_audio_seconds,
+            audio_decoders=ns.audio_decoders,
         ),
     )
 

@@ -112,7 +112,7 @@ class ReloadingCertificate:
         return grpc.dynamic_ssl_server_credentials(
             self._initial,
             self.fetch,  # type: ignore[arg-type]  # grpc-stubs: the fetcher may return None (no change)
-            require_client_authentication=self._require
+            require_client_authentication=self._require,
         )
 
 
