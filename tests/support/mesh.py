@@ -88,6 +88,7 @@ class ServiceProcess:
     log_path: Path | None = None
     # For a TLS port: what the readiness check presents (CA, and a client certificate under mTLS).
     credentials: grpc.ChannelCredentials | None = None
+    env: dict[str, str] = field(default_factory=dict)  # extra environment (FLYNN_* settings)
 
     def start(self, timeout: float = 30.0) -> ServiceProcess:
         port_file = self.data_dir / f".{self.service}.port"
@@ -114,6 +115,7 @@ class ServiceProcess:
             args += [f"--{backend}-addr", addr]
         args += self.extra
         env = dict(os.environ, FLYNN_SERVICE_TOKEN=self.tokens.service, PYTHONPATH=f"{ROOT}:{ROOT / 'gen'}")
+        env.update(self.env)
         self.log_path = self.data_dir / f"{self.service}.log"
         self.data_dir.mkdir(parents=True, exist_ok=True)
         with self.log_path.open("ab") as log:
