@@ -17,6 +17,7 @@ import signal
 from pathlib import Path
 from typing import Any
 
+import grpc
 from aiohttp import web
 
 from console import audit_tail
@@ -78,7 +79,7 @@ async def serve(s: Settings) -> None:
     if own.resolve() not in [d.resolve() for d in dirs]:
         dirs.append(own)
     state = ConsoleState(
-        mesh=MeshClient(str(s.extra["gateway_addr"]), s.max_message_bytes, tls.channel_credentials(s.tls)),
+        mesh=MeshClient(str(s.extra["gateway_addr"]), s.max_message_bytes, gateway_credentials(s)),
         audit=AuditLog(s.data_dir, "console"),
         audit_dirs=dirs,
         secure_cookie=bool(s.extra.get("secure_cookie")),
@@ -111,6 +112,16 @@ async def serve(s: Settings) -> None:
     log.info("console stopping")
     state.stopping.set()
     await runner.cleanup()
+
+
+def gateway_credentials(s: Settings) -> grpc.ChannelCredentials | None:
+    """TLS to the gateway when --tls-ca-file is set: verified with that CA, or with the system's roots
+    when the file is absent (a public certificate whose Secret carries no ca.crt)."""
+    if s.tls.ca_file is None:
+        return None
+    if not s.tls.ca_file.exists():
+        return grpc.ssl_channel_credentials()
+    return tls.caller_credentials(str(s.tls.ca_file))
 
 
 def main() -> None:

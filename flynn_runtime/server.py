@@ -153,6 +153,10 @@ async def running(
         port = server.add_secure_port(settings.listen, credentials)
     if port == 0:
         raise SystemExit(f"cannot listen on {settings.listen}")
+    if settings.tls.local_listen and not server.add_insecure_port(
+        tls.check_local_listen(settings.tls.local_listen)
+    ):
+        raise SystemExit(f"cannot listen on {settings.tls.local_listen}")
     metrics_port = metrics.start_metrics_server(settings.metrics_listen)
     metrics.SERVICE_INFO.labels(settings.service, VERSION).set(1)
     await health_servicer.set("", health_pb2.HealthCheckResponse.NOT_SERVING)

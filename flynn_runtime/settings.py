@@ -131,6 +131,7 @@ def _add_tls_args(p: argparse.ArgumentParser) -> None:
         p, "tls-client-cert-file", "client certificate presented to other services (default: --tls-cert-file)"
     )
     _path_arg(p, "tls-client-key-file", "private key of --tls-client-cert-file")
+    _path_arg(p, "local-listen", "extra plaintext port on loopback only, for in-pod probes when TLS is on")
     p.add_argument(
         "--tls-client-auth",
         choices=CLIENT_AUTH_CHOICES,
@@ -209,6 +210,7 @@ def parse(
             client_cert_file=_opt_path(ns.tls_client_cert_file),
             client_key_file=_opt_path(ns.tls_client_key_file),
             client_auth=ns.tls_client_auth,
+            local_listen=ns.local_listen,
         ),
         limits=Limits(
             streams_per_connection=ns.max_streams_per_connection,

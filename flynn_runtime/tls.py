@@ -13,6 +13,9 @@ Settings (flynn_runtime.settings; each flag has its FLYNN_* variable):
   the public one), and this server requires a client certificate signed by it (mutual TLS).
 - `--tls-client-auth`: `auto` (the default: required when a CA is given, except on the gateway, whose
   public callers carry bearer tokens, not certificates), `require` or `none`.
+- `--local-listen`: an extra plaintext port on a loopback address only (127.0.0.1:PORT), for probes run
+  inside the pod (`flynn-healthcheck` as the kubelet's exec probe: its native gRPC probe has no TLS).
+  Loopback traffic never leaves the pod's network namespace.
 """
 
 from __future__ import annotations
@@ -40,6 +43,7 @@ class TlsFiles:
     client_cert_file: Path | None = None
     client_key_file: Path | None = None
     client_auth: str = "auto"
+    local_listen: str = ""
 
     @property
     def serves_tls(self) -> bool:
@@ -114,6 +118,14 @@ class ReloadingCertificate:
             self.fetch,  # type: ignore[arg-type]  # grpc-stubs: the fetcher may return None (no change)
             require_client_authentication=self._require,
         )
+
+
+def check_local_listen(address: str) -> str:
+    """`address` when it is a loopback host:port, else SystemExit (it must never be reachable from outside)."""
+    host = address.rpartition(":")[0].strip("[]")
+    if host not in ("127.0.0.1", "::1", "localhost"):
+        raise SystemExit(f"--local-listen must be a loopback address (127.0.0.1:PORT), not {address!r}")
+    return address
 
 
 def server_credentials(files: TlsFiles, service: str) -> grpc.ServerCredentials | None:
