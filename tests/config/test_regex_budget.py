@@ -23,7 +23,11 @@ def gateway(tmp_path_factory: pytest.TempPathFactory) -> Iterator[tuple[str, Tok
     root = tmp_path_factory.mktemp("regexbudget")
     tokens = make_tokens(root)
     config = ServiceProcess(
-        "config", "config_svc.main", root / "config", tokens, env={"FLYNN_REGEX_MEMORY_BUDGET_BYTES": str(BUDGET)}
+        "config",
+        "config_svc.main",
+        root / "config",
+        tokens,
+        env={"FLYNN_REGEX_MEMORY_BUDGET_BYTES": str(BUDGET)},
     )
     gw = None
     try:
@@ -57,7 +61,9 @@ def _rules(regexes: list[str]) -> config_pb2.FlynnConfig:
 def _update(address: str, tokens: Tokens, cfg: config_pb2.FlynnConfig) -> config_pb2.UpdateConfigResponse:
     with grpc.insecure_channel(address) as ch:
         stub = config_pb2_grpc.ConfigServiceStub(ch)
-        head = stub.GetConfig(config_pb2.GetConfigRequest(), metadata=tokens.md("operator"), timeout=10).revision
+        head = stub.GetConfig(
+            config_pb2.GetConfigRequest(), metadata=tokens.md("operator"), timeout=10
+        ).revision
         resp: config_pb2.UpdateConfigResponse = stub.UpdateConfig(
             config_pb2.UpdateConfigRequest(
                 config=cfg,

@@ -60,7 +60,9 @@ def test_three_hour_mp3_is_refused_within_a_second_naming_the_field(mesh: FlowMe
     assert elapsed < 1.0, elapsed
 
 
-def test_eleven_minute_wav_is_refused_within_a_second_naming_the_field(mesh: FlowMesh, tmp_path: Path) -> None:
+def test_eleven_minute_wav_is_refused_within_a_second_naming_the_field(
+    mesh: FlowMesh, tmp_path: Path
+) -> None:
     path = tmp_path / "11min.wav"
     subprocess.run(
         ["sox", "-n", "-r", "8000", "-c", "1", "-b", "16", str(path), "synth", "660", "sine", "440", "vol", "0.1"],
@@ -74,7 +76,9 @@ def test_eleven_minute_wav_is_refused_within_a_second_naming_the_field(mesh: Flo
     assert elapsed < 1.0, elapsed
 
 
-def test_voice_service_refuses_long_audio_from_the_header_before_decoding(mesh: FlowMesh, tmp_path: Path) -> None:
+def test_voice_service_refuses_long_audio_from_the_header_before_decoding(
+    mesh: FlowMesh, tmp_path: Path
+) -> None:
     """Under the gateway's size limit but over the duration cap: the voice service's own check."""
     from flynn.v1 import voice_pb2, voice_pb2_grpc
 

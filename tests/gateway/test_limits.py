@@ -135,7 +135,9 @@ def test_total_calls_are_capped_with_resource_exhausted(strict_gateway: ServiceP
     assert out.count("RESOURCE_EXHAUSTED/TOO_MANY_CALLS") == 10
 
 
-def test_reflection_at_the_edge_can_require_a_token(strict_gateway: ServiceProcess, mesh: GatewayMesh) -> None:
+def test_reflection_at_the_edge_can_require_a_token(
+    strict_gateway: ServiceProcess, mesh: GatewayMesh
+) -> None:
     anonymous = grpcurl(strict_gateway.address, "list")
     assert anonymous.returncode != 0
     assert "Unauthenticated" in anonymous.stderr or "UNAUTHENTICATED" in anonymous.stderr, anonymous.stderr
@@ -146,4 +148,3 @@ def test_reflection_at_the_edge_can_require_a_token(strict_gateway: ServiceProce
     assert mesh.gateway is not None
     open_list = grpcurl(mesh.gateway.address, "list")
     assert open_list.returncode == 0 and "flynn.v1.Gateway" in open_list.stdout
-

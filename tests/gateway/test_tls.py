@@ -80,14 +80,20 @@ def tls_mesh(tmp_path_factory: pytest.TempPathFactory) -> Iterator[TlsMesh]:
 
 
 def _grpcurl(*args: str) -> subprocess.CompletedProcess[str]:
-    return subprocess.run([grpcurl_path(), "-max-time", "10", *args], capture_output=True, text=True, timeout=30)
+    return subprocess.run(
+        [grpcurl_path(), "-max-time", "10", *args], capture_output=True, text=True, timeout=30
+    )
 
 
 def test_grpcurl_through_the_gateway_works_with_cacert_and_fails_without(tls_mesh: TlsMesh) -> None:
     auth = ["-H", f"authorization: Bearer {tls_mesh.tokens.operator}", "-d", "{}"]
     # The call crosses the gateway (TLS) and the hop to config (mutual TLS, the gateway's certificate).
     ok = _grpcurl(
-        "-cacert", str(tls_mesh.pki.ca_cert), *auth, tls_mesh.gateway.address, "flynn.v1.ConfigService/GetConfig"
+        "-cacert",
+        str(tls_mesh.pki.ca_cert),
+        *auth,
+        tls_mesh.gateway.address,
+        "flynn.v1.ConfigService/GetConfig",
     )
     assert ok.returncode == 0, ok.stderr
     assert '"revision"' in ok.stdout

@@ -139,7 +139,9 @@ def test_audio_probe_never_raises_on_hostile_bytes() -> None:
     from flynn_runtime.audio_probe import duration_seconds
 
     samples = [b"", b"RIFF\x10\x00\x00\x00WAVEjunkjunk", b"OggS" + b"\x00" * 500, b"ID3" + b"\xff" * 20]
-    samples += [b"\xff\xfb" + os.urandom(n) for n in (0, 2, 100, 5000)] + [os.urandom(4096) for _ in range(50)]
+    samples += [b"\xff\xfb" + os.urandom(n) for n in (0, 2, 100, 5000)] + [
+        os.urandom(4096) for _ in range(50)
+    ]
     for data in samples:
         d = duration_seconds(data)
         assert d is None or d >= 0

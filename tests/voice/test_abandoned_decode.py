@@ -64,7 +64,9 @@ def transcribe(address: str, tokens: Tokens, audio: bytes, timeout: float) -> vo
             voice_pb2.TranscribeRequest(
                 audio_content=audio,
                 config=voice_pb2.RecognitionConfig(
-                    encoding=common_pb2.AUDIO_ENCODING_LINEAR16, sample_rate_hertz=16000, engines=["pocketsphinx"]
+                    encoding=common_pb2.AUDIO_ENCODING_LINEAR16,
+                    sample_rate_hertz=16000,
+                    engines=["pocketsphinx"],
                 ),
             ),
             metadata=tokens.md("service"),
