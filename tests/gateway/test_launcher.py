@@ -291,6 +291,23 @@ def test_up_with_tls_prints_a_cacert_call_that_works_as_printed(tmp_path: Path) 
             capture_output=True, text=True, timeout=60,
         )  # fmt: skip
         assert plain.returncode != 0
+        # The operator CLI over TLS too (--cacert / FLYNN_CACERT).
+        token = (lch.data_dir / "secrets" / "operator.token").read_text().strip()
+        flynn = [str(VENV_BIN / "flynn"), "--addr", gw, "--token", token]
+        cli = subprocess.run(
+            [*flynn, "--cacert", str(tls_dir / "ca.pem"), "config", "get", "server.queue"],
+            capture_output=True, text=True, timeout=60, env=env(), cwd=ROOT,
+        )  # fmt: skip
+        assert cli.returncode == 0, cli.stdout + cli.stderr
+        no_ca = subprocess.run(
+            [*flynn, "config", "get", "server.queue"],
+            capture_output=True,
+            text=True,
+            timeout=60,
+            env=env(),
+            cwd=ROOT,
+        )
+        assert no_ca.returncode != 0
         status = subprocess.run(
             [*flynn_dev(), "status", "--data-dir", str(lch.data_dir), "--base-port", str(lch.base_port)],
             capture_output=True, text=True, timeout=60, env=env(), cwd=ROOT,
