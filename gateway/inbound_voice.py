@@ -225,6 +225,10 @@ class InboundVoice:
             rich = from_rpc_error(err)
             cause = (rich.reason if rich is not None and rich.reason else err.code().name).lower()
             detail = err.details() or err.code().name
+            if rich is None and err.code() == grpc.StatusCode.UNAVAILABLE:
+                # The channel's own message names internal hosts and ports: logged, never sent on.
+                log.warning("voice service unreachable", extra={"detail": detail})
+                detail = "the voice service is unavailable"
             code = {
                 grpc.StatusCode.INVALID_ARGUMENT: Code.INVALID_ARGUMENT,
                 grpc.StatusCode.DEADLINE_EXCEEDED: Code.DEADLINE_EXCEEDED,
