@@ -2,8 +2,10 @@
 
 Three layers, all set per process (flynn_runtime.settings; defaults below):
 
-- `streams_per_connection` (`--max-streams-per-connection`, default 1000): HTTP/2
-  SETTINGS_MAX_CONCURRENT_STREAMS. A client opening more on one connection waits for a free stream.
+- `streams_per_connection` (`--max-streams-per-connection`, default 1000 on the gateway, 10000 on
+  internal services, whose one connection from the gateway multiplexes every caller's streams):
+  HTTP/2 SETTINGS_MAX_CONCURRENT_STREAMS. A client opening more on one connection waits for a free
+  stream.
 - `total_calls` (`--max-total-calls`, default 10000): calls in progress on the server, all
   connections together. One more is answered RESOURCE_EXHAUSTED / TOO_MANY_CALLS at once.
 - `public_streams` (`--max-public-streams`, default 100): streams that need no token — health Watch

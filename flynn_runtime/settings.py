@@ -112,7 +112,7 @@ def build_parser(service: str) -> argparse.ArgumentParser:
         help="pending-request limit of the server (FLYNN_MAX_CONCURRENT_STREAMS)",
     )
     _add_tls_args(p)
-    _add_limit_args(p)
+    _add_limit_args(p, service)
     return p
 
 
@@ -148,11 +148,12 @@ def _int_arg(p: argparse.ArgumentParser, name: str, default: int, help: str) -> 
     )
 
 
-def _add_limit_args(p: argparse.ArgumentParser) -> None:
+def _add_limit_args(p: argparse.ArgumentParser, service: str) -> None:
     d = Limits()
-    _int_arg(
-        p, "max-streams-per-connection", d.streams_per_connection, "HTTP/2 concurrent streams per connection"
-    )
+    # The gateway's callers are outside, one connection each; an internal service's one connection from
+    # the gateway carries every caller's streams (1000 nodes' Connect, say), so it gets the total cap.
+    per_connection = d.streams_per_connection if service == "gateway" else d.total_calls
+    _int_arg(p, "max-streams-per-connection", per_connection, "HTTP/2 concurrent streams per connection")
     _int_arg(
         p, "max-total-calls", d.total_calls, "concurrent calls of all callers; more get RESOURCE_EXHAUSTED"
     )

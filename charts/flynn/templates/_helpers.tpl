@@ -226,8 +226,10 @@ spec:
           value: {{ $root.Values.gateway.reflectionRequiresToken | quote }}
         {{- end }}
         {{- with $root.Values.gateway.limits }}
+        {{- if eq $.name "gateway" }}
         - name: FLYNN_MAX_STREAMS_PER_CONNECTION
           value: {{ .streamsPerConnection | quote }}
+        {{- end }}
         - name: FLYNN_MAX_TOTAL_CALLS
           value: {{ .totalCalls | quote }}
         - name: FLYNN_MAX_PUBLIC_STREAMS
