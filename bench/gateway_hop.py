@@ -1,6 +1,6 @@
 """What the gateway hop costs: one unary call direct to a backend vs through the gateway.
 
-    .venv/bin/python -m bench.gateway_hop [--calls 2000] [--backend config|echo]
+    .venv/bin/python -m bench.gateway_hop [--calls 2000] [--backend config|echo] [--modes plaintext,tls,mtls]
 
 Starts real processes (the config service, or the test echo backend, and a gateway in front of
 it), then measures p50/p95/p99 latency and throughput of ConfigService/GetConfig (echo:
@@ -8,6 +8,11 @@ Voice/Synthesize) at 1 and 16 concurrent callers, direct and through the gateway
 iterations. The client sends pre-serialised bytes and does not parse replies, so both paths pay
 the same client cost and the difference is the hop. "bare" is the floor on the same machine at the
 same moment: the gateway's forwarder alone in a plain grpc.aio server (no auth, metrics, errors).
+
+Modes (each with fresh processes; certificates from flynn_launcher.certs, as `flynn-dev up --tls`):
+plaintext; tls = the gateway serves TLS, the hop to the backend stays plaintext; mtls = TLS at the
+gateway and mutual TLS on the hop (the backend requires the gateway's client certificate, and the
+"direct" path presents one too). The closing table gives each mode's cost per call beside plaintext.
 """
 
 from __future__ import annotations
@@ -44,13 +49,24 @@ def _cpu_seconds(pid: int) -> float:
 
 
 async def measure(
-    targets: dict[str, str], method: str, payload: bytes, token: str, callers: int, calls: int, rounds: int
+    targets: dict[str, str],
+    method: str,
+    payload: bytes,
+    token: str,
+    callers: int,
+    calls: int,
+    rounds: int,
+    credentials: dict[str, grpc.ChannelCredentials] | None = None,
 ) -> dict[str, dict[str, float]]:
     """Latency and rate per target; targets alternate in rounds so background load hits both alike."""
     md = (("authorization", f"Bearer {token}"),)
     latencies: dict[str, list[float]] = {name: [] for name in targets}
     wall: dict[str, float] = dict.fromkeys(targets, 0.0)
-    channels = {name: grpc.aio.insecure_channel(addr) for name, addr in targets.items()}
+    creds = credentials or {}
+    channels = {
+        name: grpc.aio.secure_channel(addr, creds[name]) if name in creds else grpc.aio.insecure_channel(addr)
+        for name, addr in targets.items()
+    }
     try:
         calls_of = {name: ch.unary_unary(method, None, None) for name, ch in channels.items()}
         for call in calls_of.values():
@@ -121,6 +137,99 @@ def _start_bare(route: str, backend_addr: str) -> tuple[subprocess.Popen[bytes],
     raise TimeoutError("bare forwarder did not start")
 
 
+Row = tuple[str, str, int, dict[str, float]]
+
+
+def _tls_args(pki: Any, name: str) -> list[str]:
+    return ["--tls-cert-file", str(pki.cert(name)), "--tls-key-file", str(pki.key(name))]
+
+
+def run_mode(mode: str, ns: argparse.Namespace, root: Path) -> tuple[list[Row], list[tuple[int, float]], str]:
+    """Start a backend and a gateway for `mode`, measure, stop them; (rows, gateway CPU per call, method)."""
+    from flynn_launcher import certs
+
+    root.mkdir(parents=True, exist_ok=True)
+    tokens = make_tokens(root)
+    pki = certs.CertPaths(root / "tls")
+    backend_extra: list[str] = []
+    gateway_extra: list[str] = []
+    credentials: dict[str, grpc.ChannelCredentials] = {}
+    backend_creds: grpc.ChannelCredentials | None = None
+    gateway_creds: grpc.ChannelCredentials | None = None
+    if mode != "plaintext":
+        for name in ("backend", "gateway", "client"):
+            certs.issue(pki, name, ["localhost", "127.0.0.1"])
+        ca = pki.ca_cert.read_bytes()
+        gateway_extra = _tls_args(pki, "gateway")
+        gateway_creds = credentials["gateway"] = grpc.ssl_channel_credentials(ca)
+    if mode == "mtls":
+        backend_extra = [*_tls_args(pki, "backend"), "--tls-ca-file", str(pki.ca_cert)]
+        gateway_extra += ["--tls-ca-file", str(pki.ca_cert)]
+        backend_creds = credentials["direct"] = grpc.ssl_channel_credentials(
+            pki.ca_cert.read_bytes(), pki.key("client").read_bytes(), pki.cert("client").read_bytes()
+        )
+    if ns.backend == "config":
+        backend = ServiceProcess(
+            "config",
+            "config_svc.main",
+            root / "config",
+            tokens,
+            extra=backend_extra,
+            credentials=backend_creds,
+        )
+        method, payload = (
+            "/flynn.v1.ConfigService/GetConfig",
+            config_pb2.GetConfigRequest().SerializeToString(),
+        )
+        route = "config"
+    else:
+        backend = ServiceProcess(
+            "voice",
+            "tests.gateway.echo_backend",
+            root / "echo",
+            tokens,
+            extra=backend_extra,
+            credentials=backend_creds,
+        )
+        method = "/flynn.v1.Voice/Synthesize"
+        payload = voice_pb2.SynthesizeRequest(text="x" * 100).SerializeToString()
+        route = "voice"
+    backend.start()
+    gateway = ServiceProcess(
+        "gateway",
+        "gateway.main",
+        root / "gw",
+        tokens,
+        addresses={route: backend.address},
+        extra=gateway_extra,
+        credentials=gateway_creds,
+    )
+    bare: subprocess.Popen[bytes] | None = None
+    rows: list[Row] = []
+    cpu_rows: list[tuple[int, float]] = []
+    try:
+        gateway.start()
+        targets = {"direct": backend.address, "gateway": gateway.address}
+        if mode == "plaintext":
+            bare, targets["bare"] = _start_bare(route, backend.address)
+        assert gateway.proc is not None
+        for callers in (1, 16):
+            cpu0 = _cpu_seconds(gateway.proc.pid)
+            res = asyncio.run(
+                measure(targets, method, payload, tokens.operator, callers, ns.calls, ns.rounds, credentials)
+            )
+            gw_cpu_us = (_cpu_seconds(gateway.proc.pid) - cpu0) / (res["gateway"]["calls"] + WARMUP) * 1e6
+            rows += [(mode, name, callers, r) for name, r in res.items()]
+            cpu_rows.append((callers, gw_cpu_us))
+    finally:
+        if bare is not None:
+            bare.kill()
+            bare.wait(10)
+        gateway.stop()
+        backend.stop()
+    return rows, cpu_rows, method
+
+
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--serve-bare", nargs=3, metavar=("PORT", "ROUTE", "BACKEND"), help=argparse.SUPPRESS)
@@ -128,75 +237,66 @@ def main() -> None:
     parser.add_argument("--rounds", type=int, default=6, help="alternations between direct and gateway")
     default_backend = "config" if importlib.util.find_spec("config_svc.main") else "echo"
     parser.add_argument("--backend", choices=["config", "echo"], default=default_backend)
+    parser.add_argument(
+        "--modes", default="plaintext,tls,mtls", help="comma-separated: plaintext, tls, mtls (all three)"
+    )
     ns = parser.parse_args()
     if ns.serve_bare:
         asyncio.run(serve_bare(int(ns.serve_bare[0]), ns.serve_bare[1], ns.serve_bare[2]))
         return
+    modes = [m.strip() for m in ns.modes.split(",") if m.strip()]
+    unknown = set(modes) - {"plaintext", "tls", "mtls"}
+    if unknown:
+        parser.error(f"unknown mode(s) {', '.join(sorted(unknown))}")
 
+    rows: list[Row] = []
+    cpu: dict[str, list[tuple[int, float]]] = {}
+    method = ""
     with tempfile.TemporaryDirectory(prefix="flynn-bench-") as tmp:
-        root = Path(tmp)
-        tokens = make_tokens(root)
-        if ns.backend == "config":
-            backend = ServiceProcess("config", "config_svc.main", root / "config", tokens)
-            method, payload = (
-                "/flynn.v1.ConfigService/GetConfig",
-                config_pb2.GetConfigRequest().SerializeToString(),
-            )
-            route = "config"
-        else:
-            backend = ServiceProcess("voice", "tests.gateway.echo_backend", root / "echo", tokens)
-            method = "/flynn.v1.Voice/Synthesize"
-            payload = voice_pb2.SynthesizeRequest(text="x" * 100).SerializeToString()
-            route = "voice"
-        backend.start()
-        cpu_rows: list[tuple[int, float]] = []
-        gateway = ServiceProcess(
-            "gateway", "gateway.main", root / "gw", tokens, addresses={route: backend.address}
-        )
-        bare: subprocess.Popen[bytes] | None = None
-        try:
-            gateway.start()
-            bare, bare_addr = _start_bare(route, backend.address)
-            rows = []
-            targets = {"direct": backend.address, "gateway": gateway.address, "bare": bare_addr}
-            assert gateway.proc is not None
-            for callers in (1, 16):
-                cpu0 = _cpu_seconds(gateway.proc.pid)
-                res = asyncio.run(
-                    measure(targets, method, payload, tokens.operator, callers, ns.calls, ns.rounds)
-                )
-                gw_cpu_us = (_cpu_seconds(gateway.proc.pid) - cpu0) / (res["gateway"]["calls"] + WARMUP) * 1e6
-                rows += [(name, callers, r) for name, r in res.items()]
-                cpu_rows.append((callers, gw_cpu_us))
-        finally:
-            if bare is not None:
-                bare.kill()
-                bare.wait(10)
-            gateway.stop()
-            backend.stop()
+        for mode in modes:
+            mode_rows, cpu[mode], method = run_mode(mode, ns, Path(tmp) / mode)
+            rows += mode_rows
 
     print(
         f"{method} ({ns.backend} backend), {ns.calls} calls per cell in {ns.rounds} alternating rounds, "
         f"after {WARMUP} warm-up calls"
     )
-    print(f"{'path':<8} {'callers':>7} {'calls':>6} {'p50 ms':>8} {'p95 ms':>8} {'p99 ms':>8} {'calls/s':>8}")
-    for name, callers, r in rows:
+    print(
+        f"{'mode':<9} {'path':<8} {'callers':>7} {'calls':>6} {'p50 ms':>8} {'p95 ms':>8} {'p99 ms':>8} {'calls/s':>8}"
+    )
+    for mode, name, callers, r in rows:
         print(
-            f"{name:<8} {callers:>7} {int(r['calls']):>6} {r['p50']:>8.3f} {r['p95']:>8.3f} {r['p99']:>8.3f} "
-            f"{r['rate']:>8.0f}"
+            f"{mode:<9} {name:<8} {callers:>7} {int(r['calls']):>6} {r['p50']:>8.3f} {r['p95']:>8.3f} "
+            f"{r['p99']:>8.3f} {r['rate']:>8.0f}"
         )
-    for callers in (1, 16):
-        d = next(r for n, c, r in rows if n == "direct" and c == callers)
-        for hop in ("gateway", "bare"):
-            g = next(r for n, c, r in rows if n == hop and c == callers)
+    for mode in modes:
+        for callers in (1, 16):
+            d = next(r for m, n, c, r in rows if m == mode and n == "direct" and c == callers)
+            for hop in ("gateway", "bare"):
+                g = next((r for m, n, c, r in rows if m == mode and n == hop and c == callers), None)
+                if g is None:
+                    continue
+                print(
+                    f"{mode}: {hop} hop adds at {callers:>2} caller(s): p50 {g['p50'] - d['p50']:+.3f} ms, "
+                    f"p99 {g['p99'] - d['p99']:+.3f} ms, throughput {g['rate'] / d['rate']:.0%} of direct"
+                )
+        for callers, us in cpu[mode]:
             print(
-                f"{hop} hop adds at {callers:>2} caller(s): p50 {g['p50'] - d['p50']:+.3f} ms, "
-                f"p99 {g['p99'] - d['p99']:+.3f} ms, throughput {g['rate'] / d['rate']:.0%} of direct"
+                f"{mode}: gateway CPU per forwarded call at {callers:>2} caller(s): {us:.0f} us "
+                "(server + client side of the hop)"
             )
-    for callers, us in cpu_rows:
-        print(
-            f"gateway CPU per forwarded call at {callers:>2} caller(s): {us:.0f} us (server + client side of the hop)"
-        )
+    if "plaintext" in modes:
+        for mode in (m for m in modes if m != "plaintext"):
+            for callers in (1, 16):
+                base = next(r for m, n, c, r in rows if m == "plaintext" and n == "gateway" and c == callers)
+                g = next(r for m, n, c, r in rows if m == mode and n == "gateway" and c == callers)
+                base_cpu = dict(cpu["plaintext"])[callers]
+                print(
+                    f"{mode} beside plaintext through the gateway at {callers:>2} caller(s): "
+                    f"p50 {g['p50'] - base['p50']:+.3f} ms, p99 {g['p99'] - base['p99']:+.3f} ms, "
+                    f"throughput {g['rate'] / base['rate']:.0%}, gateway CPU per call "
+                    f"{dict(cpu[mode])[callers] - base_cpu:+.0f} us"
+                )
 
 
 if __name__ == "__main__":

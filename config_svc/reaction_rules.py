@@ -9,6 +9,7 @@ No gRPC here.
 from __future__ import annotations
 
 import json
+import os
 import re
 from collections.abc import Callable, Sequence
 
@@ -23,6 +24,10 @@ MAX_REGEX_LEN = 4096
 MAX_ACTIONS = 16
 MAX_TEXT_BYTES = 32 * 1024
 REGEX_MAX_MEM = 8 << 20
+# All regexes of the rule list together: each is compiled with max_mem = its share of this budget
+# (reactions compiles each twice: alone and in the FilteredRE2 prefilter), so RE2 itself keeps their
+# programs and DFA caches within it. A pattern that does not fit its share is refused, naming it.
+REGEX_MEMORY_BUDGET = int(os.environ.get("FLYNN_REGEX_MEMORY_BUDGET_BYTES", str(128 << 20)))
 
 RULE_ID_RE = re.compile(r"^[A-Za-z0-9._:-]{1,128}$")
 
@@ -52,19 +57,40 @@ def re2_options(max_mem: int = REGEX_MAX_MEM) -> re2.Options:
     return o
 
 
-def compile_regex(pattern: str) -> re2._Regexp:
+def regex_share(count: int, budget: int | None = None) -> int:
+    """max_mem of each of `count` regexes sharing the budget (two compilations each), at most REGEX_MAX_MEM."""
+    total = REGEX_MEMORY_BUDGET if budget is None else budget
+    return max(1, min(REGEX_MAX_MEM, total // max(2 * count, 1)))
+
+
+def compile_regex(pattern: str, max_mem: int = REGEX_MAX_MEM) -> re2._Regexp:
     """Compile an RE2 pattern over UTF-8 bytes (the engine searches the text encoded once)."""
-    return re2.compile(pattern.encode("utf-8"), re2_options())
+    return re2.compile(pattern.encode("utf-8"), re2_options(max_mem))
 
 
-def regex_error(pattern: str) -> str | None:
+def _re2_message(e: Exception) -> str:
+    msg = e.args[0] if e.args else e
+    if isinstance(msg, bytes):
+        msg = msg.decode("utf-8", "replace")
+    return str(msg)
+
+
+def regex_error(pattern: str, max_mem: int = REGEX_MAX_MEM, count: int = 1) -> str | None:
     try:
-        compile_regex(pattern)
+        compile_regex(pattern, max_mem)
     except Exception as e:  # re2.error carries the RE2 message as bytes
-        msg = e.args[0] if e.args else e
-        if isinstance(msg, bytes):
-            msg = msg.decode("utf-8", "replace")
-        return f"is not a valid RE2 expression: {msg}"
+        if max_mem < REGEX_MAX_MEM:
+            try:
+                compile_regex(pattern)
+            except Exception:  # noqa: BLE001 - invalid on its own: report that below
+                pass
+            else:
+                return (
+                    f"needs more than its {max_mem} bytes: the {count} regexes of the rule list share a "
+                    f"memory budget of {REGEX_MEMORY_BUDGET} bytes (FLYNN_REGEX_MEMORY_BUDGET_BYTES); "
+                    "simplify it or use fewer regexes"
+                )
+        return f"is not a valid RE2 expression: {_re2_message(e)}"
     return None
 
 
@@ -81,6 +107,8 @@ def validate_rules(
         bad(prefix, f"has {len(rules)} rules; at most {MAX_RULES} allowed")
     seen: dict[str, int] = {}
     known_types = set(config_pb2.ReactionEventType.values()) - {0}
+    regex_count = sum(1 for r in rules if r.trigger.regex)
+    share = regex_share(regex_count)
     for i, r in enumerate(rules):
         p = f"{prefix}[{i}]"
         if not RULE_ID_RE.match(r.id):
@@ -105,7 +133,7 @@ def validate_rules(
             if len(t.regex) > MAX_REGEX_LEN:
                 bad(f"{p}.trigger.regex", f"is {len(t.regex)} characters; at most {MAX_REGEX_LEN} allowed")
             else:
-                err = regex_error(t.regex)
+                err = regex_error(t.regex, share, regex_count)
                 if err:
                     bad(f"{p}.trigger.regex", err)
         for j, c in enumerate(r.conditions):

@@ -17,12 +17,13 @@ import signal
 from pathlib import Path
 from typing import Any
 
+import grpc
 from aiohttp import web
 
 from console import audit_tail
 from console.mesh_client import MeshClient
 from console.web import ConsoleState, build_app
-from flynn_runtime import logs, settings
+from flynn_runtime import logs, settings, tls
 from flynn_runtime.audit import AuditLog
 from flynn_runtime.auth import parse_networks
 from flynn_runtime.settings import DEFAULT_PORTS, Settings
@@ -79,7 +80,7 @@ async def serve(s: Settings) -> None:
     if own.resolve() not in [d.resolve() for d in dirs]:
         dirs.append(own)
     state = ConsoleState(
-        mesh=MeshClient(str(s.extra["gateway_addr"]), s.max_message_bytes),
+        mesh=MeshClient(str(s.extra["gateway_addr"]), s.max_message_bytes, gateway_credentials(s)),
         audit=AuditLog(s.data_dir, "console"),
         audit_dirs=dirs,
         secure_cookie=bool(s.extra.get("secure_cookie")),
@@ -113,6 +114,16 @@ async def serve(s: Settings) -> None:
     log.info("console stopping")
     state.stopping.set()
     await runner.cleanup()
+
+
+def gateway_credentials(s: Settings) -> grpc.ChannelCredentials | None:
+    """TLS to the gateway when --tls-ca-file is set: verified with that CA, or with the system's roots
+    when the file is absent (a public certificate whose Secret carries no ca.crt)."""
+    if s.tls.ca_file is None:
+        return None
+    if not s.tls.ca_file.exists():
+        return grpc.ssl_channel_credentials()
+    return tls.caller_credentials(str(s.tls.ca_file))
 
 
 def main() -> None:

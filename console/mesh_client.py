@@ -101,9 +101,16 @@ def enum_name(enum: Any, number: int) -> str:
 
 
 class MeshClient:
-    def __init__(self, gateway_addr: str, max_message_bytes: int = 16 * 1024 * 1024) -> None:
+    def __init__(
+        self,
+        gateway_addr: str,
+        max_message_bytes: int = 16 * 1024 * 1024,
+        credentials: grpc.ChannelCredentials | None = None,
+    ) -> None:
         self.gateway_addr = gateway_addr
-        self.channel = client_channel(gateway_addr, "", max_message_bytes=max_message_bytes)
+        self.channel = client_channel(
+            gateway_addr, "", max_message_bytes=max_message_bytes, credentials=credentials
+        )
         self.config = config_pb2_grpc.ConfigServiceStub(self.channel)
         self.runs = run_control_pb2_grpc.RunControlStub(self.channel)
         self.reactions = reactions_pb2_grpc.ReactionsStub(self.channel)

@@ -26,6 +26,7 @@ from flynn.v1 import common_pb2, gateway_pb2, gateway_pb2_grpc, run_control_pb2
 
 from flynn_runtime.backoff import Backoff
 from flynn_runtime.channels import auth_metadata, client_channel
+from flynn_runtime.tls import caller_credentials
 
 KIND = {
     run_control_pb2.REPLY_KIND_FINAL: "reply",
@@ -88,7 +89,7 @@ async def read_lines() -> asyncio.Queue[str | None]:
 
 async def main_async(ns: argparse.Namespace) -> int:
     md = auth_metadata(ns.token)
-    async with client_channel(ns.addr) as channel:
+    async with client_channel(ns.addr, credentials=getattr(ns, "credentials", None)) as channel:
         stub = gateway_pb2_grpc.GatewayStub(channel)
         follower = asyncio.create_task(follow_replies(stub, md, ns.channel))
         lines = await read_lines()
@@ -150,13 +151,20 @@ def main() -> None:
     p = argparse.ArgumentParser(description="Chat on stdin/stdout through the Flynn gateway")
     p.add_argument("--addr", default=os.environ.get("FLYNN_ADDR", "127.0.0.1:50050"))
     p.add_argument("--token", default=os.environ.get("FLYNN_TOKEN", ""), help="a channel (or operator) token")
+    p.add_argument(
+        "--cacert",
+        default=os.environ.get("FLYNN_CACERT", ""),
+        help="CA of a gateway serving TLS (flynn-dev up --tls: <data dir>/tls/ca.pem)",
+    )
     p.add_argument("--channel", default="cli")
     p.add_argument("--session", default="cli:local")
     p.add_argument("--sender", default=os.environ.get("USER", "me"))
     p.add_argument(
         "--linger", type=float, default=2.0, help="seconds to keep printing replies after stdin ends"
     )
-    sys.exit(asyncio.run(main_async(p.parse_args())))
+    ns = p.parse_args()
+    ns.credentials = caller_credentials(ns.cacert)  # read here: not inside the event loop
+    sys.exit(asyncio.run(main_async(ns)))
 
 
 if __name__ == "__main__":

@@ -34,6 +34,7 @@ from google.protobuf import timestamp_pb2
 
 from flynn_runtime import tracing
 from flynn_runtime.backoff import Backoff
+from flynn_runtime.tls import caller_credentials
 
 log = logging.getLogger("companion_node")
 _EOF: Any = grpc.aio.EOF  # type: ignore[attr-defined]
@@ -372,10 +373,14 @@ def main(argv: Sequence[str] | None = None) -> None:
     )
     p.add_argument("--backoff-max", type=float, default=30.0, help="longest reconnect delay in seconds")
     p.add_argument("--log-level", default="info")
+    p.add_argument(
+        "--cacert", default="", help="CA of a gateway serving TLS (flynn-dev up --tls: <data dir>/tls/ca.pem)"
+    )
     ns = p.parse_args(argv)
     import signal
 
     logging.basicConfig(level=ns.log_level.upper(), format="%(asctime)s %(levelname)s %(message)s")
+    credentials = caller_credentials(ns.cacert)
 
     async def _run() -> str:
         node = CompanionNode(
@@ -386,6 +391,11 @@ def main(argv: Sequence[str] | None = None) -> None:
             ns.capability or DEFAULT_CAPABILITIES,
             display_name=ns.display_name,
             backoff_max=ns.backoff_max,
+            channel=(
+                grpc.aio.secure_channel(ns.addr, credentials, options=CHANNEL_OPTIONS)
+                if credentials is not None
+                else None
+            ),
         )
         task = node.start()
         loop = asyncio.get_running_loop()

@@ -25,6 +25,12 @@ def build_parser() -> argparse.ArgumentParser:
         help="host:port of the gateway (or of a service directly) (FLYNN_ADDR; default 127.0.0.1:50050)",
     )
     p.add_argument("--token", default=os.environ.get("FLYNN_TOKEN", ""), help="bearer token (FLYNN_TOKEN)")
+    p.add_argument(
+        "--cacert",
+        default=os.environ.get("FLYNN_CACERT", ""),
+        help="CA of a gateway serving TLS, e.g. .flynn-data/tls/ca.pem after `flynn-dev up --tls`; "
+        "without it the call is plaintext (FLYNN_CACERT)",
+    )
     p.add_argument("--timeout", type=float, default=10.0, help="seconds per call (default 10)")
     sub = p.add_subparsers(dest="group", metavar="<group>")
     sub.required = True

@@ -10,12 +10,16 @@ from typing import TypeVar
 import grpc
 
 from flynn_runtime.rich_status import from_rpc_error
+from flynn_runtime.tls import caller_credentials
 
 T = TypeVar("T")
 
 
 def channel(args: argparse.Namespace) -> grpc.Channel:
-    return grpc.insecure_channel(args.addr)
+    credentials = caller_credentials(getattr(args, "cacert", "") or "")
+    if credentials is None:
+        return grpc.insecure_channel(args.addr)
+    return grpc.secure_channel(args.addr, credentials)
 
 
 def metadata(args: argparse.Namespace) -> tuple[tuple[str, str], ...]:

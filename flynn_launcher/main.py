@@ -1,8 +1,12 @@
 """flynn-dev: start the whole mesh locally (`up`) and show its state (`status`).
 
 flynn-dev up [--data-dir DIR] [--host 127.0.0.1] [--base-port 50050] [--only config,gateway,console]
-             [--postgres]
+             [--postgres] [--tls]
 flynn-dev status [--data-dir DIR]
+
+`--tls` makes a local CA and certificates under <data dir>/tls (flynn_launcher/certs.py): the gateway
+serves TLS, every service-to-service hop is mutual TLS, and the printed grpcurl line passes -cacert.
+Without it everything is plaintext (the local default).
 
 After the gRPC services, `up` starts the operator web console (console/) on http://<host>:<base+30>.
 With --postgres, `up` first starts a throwaway PostgreSQL in <data dir>/postgres (initdb + pg_ctl,
@@ -40,7 +44,7 @@ from flynn_launcher.plan import (
 )
 from flynn_launcher.secrets_store import CLI_CHANNEL, MeshTokens, ensure_tokens, operator_name, read_token
 from flynn_launcher.supervisor import Child, StartupError, Supervisor, check_ready, child_env, say
-from flynn_runtime import topology
+from flynn_runtime import tls, topology
 
 ROOT = Path(__file__).resolve().parent.parent
 DEFAULT_SEED = ROOT / "config" / "flynn.yaml"
@@ -78,7 +82,32 @@ def _parser() -> argparse.ArgumentParser:
         action="store_true",
         help="keep every stateful service's state in a throwaway PostgreSQL started in <data dir>/postgres",
     )
+    up.add_argument(
+        "--tls",
+        action="store_true",
+        help="local CA + certificates in <data dir>/tls: TLS at the gateway, mutual TLS between services",
+    )
     return p
+
+
+LAUNCHER_CERT = "flynn-dev"
+
+
+def make_certs(paths: MeshPaths, host: str, names: list[str]) -> None:
+    """A local CA (kept across runs) and a fresh certificate per process, plus the launcher's own
+    client certificate for its health checks (every internal port requires one)."""
+    from flynn_launcher import certs  # cryptography is needed only with --tls
+
+    cp = certs.CertPaths(paths.tls)
+    for name in [*names, LAUNCHER_CERT]:
+        certs.issue(cp, name, certs.local_hosts(host))
+    say(f"TLS: local CA {cp.ca_cert} and certificates for {', '.join(names)}")
+
+
+def launcher_credentials(tls_dir: Path) -> grpc.ChannelCredentials | None:
+    return tls.caller_credentials(
+        str(tls_dir / "ca.pem"), str(tls_dir / f"{LAUNCHER_CERT}.pem"), str(tls_dir / f"{LAUNCHER_CERT}.key")
+    )
 
 
 def venv_command(name: str) -> str:
@@ -116,7 +145,12 @@ def status_command(paths: MeshPaths, host: str, base_port: int) -> list[str]:
 
 
 def _print_banner(
-    paths: MeshPaths, children: list[Child], tokens: MeshTokens, host: str, base_port: int
+    paths: MeshPaths,
+    children: list[Child],
+    tokens: MeshTokens,
+    host: str,
+    base_port: int,
+    use_tls: bool = False,
 ) -> None:
     rows = [("service", "address", "metrics", "pid")]
     rows += [
@@ -139,14 +173,20 @@ def _print_banner(
     if console is not None:
         lines += [f"Console: {console.plan.url} (sign in with the operator token)", ""]
     if gateway is not None:
+        transport = ["-cacert", str((paths.tls / "ca.pem").resolve())] if use_tls else ["-plaintext"]
         call = [
-            venv_command("grpcurl"), "-plaintext", "-H", f"authorization: Bearer {tokens.operator}",
+            venv_command("grpcurl"), *transport, "-H", f"authorization: Bearer {tokens.operator}",
             "-d", "{}", gateway.plan.address, "flynn.v1.System/GetStatus",
         ]  # fmt: skip
         lines += ["First call (through the gateway):", f"  {shlex.join(call)}", ""]
     elif any(c.plan.readiness == "grpc" for c in children):
         first = next(c for c in children if c.plan.readiness == "grpc").plan.address
-        call = [venv_command("grpcurl"), "-plaintext", first, "grpc.health.v1.Health/Check"]
+        transport = (
+            ["-cacert", str((paths.tls / "ca.pem").resolve()), "-cert", str((paths.tls / f"{LAUNCHER_CERT}.pem").resolve()),
+             "-key", str((paths.tls / f"{LAUNCHER_CERT}.key").resolve())]
+            if use_tls else ["-plaintext"]
+        )  # fmt: skip
+        call = [venv_command("grpcurl"), *transport, first, "grpc.health.v1.Health/Check"]
         lines += ["First call:", f"  {shlex.join(call)}", ""]
     lines += [
         f"Logs: {paths.logs.resolve()}/<service>.log",
@@ -159,7 +199,8 @@ def _print_banner(
         token_file = shlex.quote(str(paths.token_file("operator").resolve()))
         lines[-4:-4] = [
             "Operator CLI (any shell, any directory):",
-            f"  export FLYNN_ADDR={gateway.plan.address} FLYNN_TOKEN=$(cat {token_file})",
+            f"  export FLYNN_ADDR={gateway.plan.address} FLYNN_TOKEN=$(cat {token_file})"
+            + (f" FLYNN_CACERT={shlex.quote(str((paths.tls / 'ca.pem').resolve()))}" if use_tls else ""),
             f"  {shlex.join([venv_command('flynn'), 'config', 'get', 'server.queue'])}",
             "",
         ]
@@ -222,10 +263,23 @@ def up(ns: argparse.Namespace) -> int:
         except (OSError, RuntimeError, subprocess.SubprocessError) as e:
             say(f"cannot start PostgreSQL: {e}")
             return 1
+    credentials = None
+    if ns.tls:
+        make_certs(paths, ns.host, [s.name for s in services])
+        credentials = launcher_credentials(paths.tls)
     children = [
         Child(
             s,
-            command(s, paths, ns.host, ns.base_port, ns.grace_seconds, _seed_args(s, ns.seed_file), deployed)
+            command(
+                s,
+                paths,
+                ns.host,
+                ns.base_port,
+                ns.grace_seconds,
+                _seed_args(s, ns.seed_file),
+                deployed,
+                tls=ns.tls,
+            )  # fmt: skip
             + (db_args if topology.SERVICES.get(s.name) and topology.SERVICES[s.name].stateful else []),
         )
         for s in services
@@ -237,7 +291,15 @@ def up(ns: argparse.Namespace) -> int:
 
     signal.signal(signal.SIGTERM, on_signal)
     signal.signal(signal.SIGINT, on_signal)
-    sup = Supervisor(children, paths, child_env(ROOT), stop, ns.grace_seconds)
+    sup = Supervisor(
+        children,
+        paths,
+        child_env(ROOT),
+        stop,
+        ns.grace_seconds,
+        credentials=credentials,
+        tls_dir=paths.tls if ns.tls else None,
+    )
     try:
         try:
             sup.start_all(ns.health_timeout)
@@ -246,7 +308,7 @@ def up(ns: argparse.Namespace) -> int:
                 say(str(err))
                 return 1
             return 0
-        _print_banner(paths, children, tokens, ns.host, ns.base_port)
+        _print_banner(paths, children, tokens, ns.host, ns.base_port, use_tls=ns.tls)
         sup.supervise()
         return 0
     finally:
@@ -273,8 +335,14 @@ def _status_rows(ns: argparse.Namespace, paths: MeshPaths) -> tuple[list[tuple[s
     # Processes System.GetStatus does not report (the console is HTTP, not a gRPC service): checked here.
     http_only = {n: a for n, a in addresses.items() if kinds.get(n) == "http"}
     token = read_token(paths, "operator")
+    credentials = launcher_credentials(Path(str(state["tls_dir"]))) if state.get("tls_dir") else None
     if "gateway" in addresses and token:
-        with grpc.insecure_channel(addresses["gateway"]) as ch:
+        channel = (
+            grpc.insecure_channel(addresses["gateway"])
+            if credentials is None
+            else grpc.secure_channel(addresses["gateway"], credentials)
+        )
+        with channel as ch:
             try:
                 resp = system_pb2_grpc.SystemStub(ch).GetStatus(
                     system_pb2.GetStatusRequest(),
@@ -305,7 +373,7 @@ def _status_rows(ns: argparse.Namespace, paths: MeshPaths) -> tuple[list[tuple[s
     ok = True
     for name, addr in addresses.items():
         kind = kinds.get(name, "grpc")
-        health = check_ready(addr, kind)
+        health = check_ready(addr, kind, credentials=credentials)
         ok = ok and health == "SERVING"
         direct.append((name, addr, pids.get(name, "-"), health, "?" if kind == "grpc" else "-", "-", ""))
     return direct, 0, ok

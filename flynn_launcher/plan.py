@@ -60,6 +60,10 @@ class MeshPaths:
     def state_file(self) -> Path:
         return self.data_dir / "mesh.json"
 
+    @property
+    def tls(self) -> Path:
+        return self.data_dir / "tls"
+
     def token_file(self, role: str) -> Path:
         return self.secrets / f"{role}.token"
 
@@ -114,20 +118,23 @@ def command(
     grace_seconds: float,
     extra: list[str],
     deployed: frozenset[str] | None = None,
+    tls: bool = False,
 ) -> list[str]:
     """The command line of one process. `deployed`: the gRPC services this mesh runs (None: all); the
     others get an empty address, so the mesh reports them as not deployed rather than failing."""
     if svc.name == CONSOLE:
         # Its data dir is a sibling of every service's, so its default audit dirs (<mesh data>/*/audit,
         # console/audit_tail.py) are exactly the services' audit logs.
-        return [
+        console = [
             sys.executable, "-m", svc.module,
             "--http-listen", svc.address,
             "--gateway-addr", f"{host}:{base_port + port_offset('gateway')}",
             "--data-dir", str(svc.data_dir),
             "--grace-seconds", str(grace_seconds),
-            *extra,
         ]  # fmt: skip
+        if tls:  # the gateway's certificate is verified against the local CA
+            console += ["--tls-ca-file", str(paths.tls / "ca.pem")]
+        return console + extra
     args = [
         sys.executable, "-m", svc.module,
         "--listen", svc.address,
@@ -147,4 +154,12 @@ def command(
         # System.GetMetrics scrapes every deployed backend's Prometheus port.
         scrape = (f"{b}={host}:{base_port + METRICS_OFFSET + port_offset(b)}" for b in here)
         args += ["--metrics-addrs", ",".join(scrape)]
+    if tls:
+        # Every service serves TLS with its own certificate and, the mesh CA being set, requires and
+        # presents client certificates (mutual TLS); the gateway asks its public callers for none.
+        args += [
+            "--tls-cert-file", str(paths.tls / f"{svc.name}.pem"),
+            "--tls-key-file", str(paths.tls / f"{svc.name}.key"),
+            "--tls-ca-file", str(paths.tls / "ca.pem"),
+        ]  # fmt: skip
     return args + extra

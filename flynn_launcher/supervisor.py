@@ -29,9 +29,17 @@ def say(message: str) -> None:
     print(f"[flynn-dev] {message}", file=sys.stderr, flush=True)
 
 
-def check_health(address: str, timeout: float = 1.0, service: str = "") -> str:
+def _sync_channel(address: str, credentials: grpc.ChannelCredentials | None) -> grpc.Channel:
+    if credentials is None:
+        return grpc.insecure_channel(address)
+    return grpc.secure_channel(address, credentials)
+
+
+def check_health(
+    address: str, timeout: float = 1.0, service: str = "", credentials: grpc.ChannelCredentials | None = None
+) -> str:
     """SERVING / NOT_SERVING / … or UNREACHABLE (with the reason)."""
-    with grpc.insecure_channel(address) as ch:
+    with _sync_channel(address, credentials) as ch:
         try:
             resp = health_pb2_grpc.HealthStub(ch).Check(
                 health_pb2.HealthCheckRequest(service=service), timeout=timeout
@@ -54,11 +62,13 @@ def check_http_health(address: str, timeout: float = 1.0, path: str = "/healthz"
         return f"UNREACHABLE ({reason})"
 
 
-def check_ready(address: str, readiness: str, timeout: float = 1.0) -> str:
+def check_ready(
+    address: str, readiness: str, timeout: float = 1.0, credentials: grpc.ChannelCredentials | None = None
+) -> str:
     """One readiness check of a process, by its kind: "grpc" (grpc.health.v1) or "http" (/healthz)."""
     if readiness == "http":
         return check_http_health(address, timeout=timeout)
-    return check_health(address, timeout=timeout)
+    return check_health(address, timeout=timeout, credentials=credentials)
 
 
 class StartupError(Exception):
@@ -96,7 +106,11 @@ class Supervisor:
         env: dict[str, str],
         stop: threading.Event,
         grace: float,
+        credentials: grpc.ChannelCredentials | None = None,
+        tls_dir: Path | None = None,
     ) -> None:
+        self.credentials = credentials
+        self.tls_dir = tls_dir
         self.children = children
         self.paths = paths
         self.env = env
@@ -125,7 +139,9 @@ class Supervisor:
                     f"{child.plan.name} exited with code {code} while starting; "
                     f"last lines of {child.plan.log_path}:\n{child.log_tail()}"
                 )
-            status = check_ready(child.plan.address, child.plan.readiness, timeout=1.0)
+            status = check_ready(
+                child.plan.address, child.plan.readiness, timeout=1.0, credentials=self.credentials
+            )
             if status == "SERVING":
                 return
             self.stop.wait(0.1)
@@ -146,6 +162,7 @@ class Supervisor:
     def write_state(self) -> None:
         state = {
             "launcher_pid": os.getpid(),
+            "tls_dir": str(self.tls_dir.resolve()) if self.tls_dir is not None else None,
             "services": [
                 {
                     "name": c.plan.name,

@@ -1,4 +1,4 @@
-"""Client channels between services: bearer token, trace context, keepalive, size limits, and deadline propagation.
+"""Client channels between services: bearer token, TLS, trace context, keepalive, size limits, and deadline propagation.
 
 gRPC propagates cancellation between aio calls but not deadlines, so a handler that calls another
 service passes `downstream_timeout(context)`: the caller's remaining time, capped by a default.
@@ -41,8 +41,12 @@ _RETRY_SERVICE_CONFIG = json.dumps(
 )
 
 
-def server_options(max_message_bytes: int, max_pending: int) -> list[tuple[str, Any]]:
+def server_options(
+    max_message_bytes: int, max_pending: int, streams_per_connection: int = 1000
+) -> list[tuple[str, Any]]:
     return [
+        # HTTP/2 SETTINGS_MAX_CONCURRENT_STREAMS: streams one connection may have open (flynn_runtime.limits).
+        ("grpc.max_concurrent_streams", streams_per_connection),
         ("grpc.max_receive_message_length", max_message_bytes),
         ("grpc.max_send_message_length", max_message_bytes),
         # Many nodes and watchers connect at once: raise the pending-request limit (DESIGN.md §12).
@@ -112,6 +116,7 @@ def client_channel(
     max_message_bytes: int = 16 * 1024 * 1024,
     retries: bool = True,
     extra_options: Sequence[tuple[str, Any]] = (),
+    credentials: grpc.ChannelCredentials | None = None,
 ) -> grpc.aio.Channel:
     options: list[tuple[str, Any]] = [
         ("grpc.max_receive_message_length", max_message_bytes),
@@ -131,7 +136,20 @@ def client_channel(
             _AuthStreamUnary(token, trace),
             _AuthStreamStream(token, trace),
         ]
-    return grpc.aio.insecure_channel(target, options=options, interceptors=interceptors)
+    return open_channel(target, options, credentials, interceptors)
+
+
+def open_channel(
+    target: str,
+    options: Sequence[tuple[str, Any]],
+    credentials: grpc.ChannelCredentials | None,
+    interceptors: Sequence[Any] | None = None,
+) -> grpc.aio.Channel:
+    """The one place a channel to a mesh service is opened: TLS (mutual when the credentials carry a
+    client certificate, flynn_runtime.tls.channel_credentials) or plaintext when `credentials` is None."""
+    if credentials is None:
+        return grpc.aio.insecure_channel(target, options=options, interceptors=interceptors)
+    return grpc.aio.secure_channel(target, credentials, options=options, interceptors=interceptors)
 
 
 def downstream_timeout(

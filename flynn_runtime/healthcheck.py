@@ -10,6 +10,7 @@ only when all of them did. One line per target tells the outcome.
 from __future__ import annotations
 
 import argparse
+import os
 import sys
 import time
 from collections.abc import Sequence
@@ -17,6 +18,8 @@ from dataclasses import dataclass
 
 import grpc
 from grpc_health.v1 import health_pb2, health_pb2_grpc
+
+from flynn_runtime.tls import caller_credentials
 
 
 @dataclass(frozen=True)
@@ -35,10 +38,20 @@ class Target:
         return f"{self.address}/{self.service}"
 
 
-def check(target: Target, deadline: float, interval: float = 1.0) -> tuple[bool, str]:
+def check(
+    target: Target,
+    deadline: float,
+    interval: float = 1.0,
+    credentials: grpc.ChannelCredentials | None = None,
+) -> tuple[bool, str]:
     """Poll one target until SERVING or the deadline; returns (ok, last status or error)."""
     last = "no answer"
-    with grpc.insecure_channel(target.address) as channel:
+    channel_ = (
+        grpc.insecure_channel(target.address)
+        if credentials is None
+        else grpc.secure_channel(target.address, credentials)
+    )
+    with channel_ as channel:
         stub = health_pb2_grpc.HealthStub(channel)
         while True:
             remaining = deadline - time.monotonic()
@@ -57,11 +70,11 @@ def check(target: Target, deadline: float, interval: float = 1.0) -> tuple[bool,
             time.sleep(interval)
 
 
-def run(targets: Sequence[Target], timeout: float) -> int:
+def run(targets: Sequence[Target], timeout: float, credentials: grpc.ChannelCredentials | None = None) -> int:
     deadline = time.monotonic() + timeout
     failed = 0
     for target in targets:
-        ok, status = check(target, deadline)
+        ok, status = check(target, deadline, credentials=credentials)
         print(f"{'ok  ' if ok else 'FAIL'} {target} {status}", flush=True)
         failed += not ok
     return 1 if failed else 0
@@ -73,8 +86,27 @@ def main(argv: Sequence[str] | None = None) -> None:
     parser.add_argument(
         "--timeout", type=float, default=60.0, help="overall deadline in seconds (default 60)"
     )
+    parser.add_argument(
+        "--tls-ca-file",
+        default=os.environ.get("FLYNN_HEALTHCHECK_CA_FILE", ""),
+        help="CA of TLS targets; with it every target is called over TLS (FLYNN_HEALTHCHECK_CA_FILE)",
+    )
+    parser.add_argument(
+        "--tls-cert-file",
+        default=os.environ.get("FLYNN_HEALTHCHECK_CERT_FILE", ""),
+        help="client certificate for targets that require one (mutual TLS) (FLYNN_HEALTHCHECK_CERT_FILE)",
+    )
+    parser.add_argument(
+        "--tls-key-file",
+        default=os.environ.get("FLYNN_HEALTHCHECK_KEY_FILE", ""),
+        help="private key of --tls-cert-file (FLYNN_HEALTHCHECK_KEY_FILE)",
+    )
     args = parser.parse_args(argv)
-    sys.exit(run(args.targets, args.timeout))
+    if args.tls_ca_file and not os.path.exists(args.tls_ca_file):
+        credentials: grpc.ChannelCredentials | None = grpc.ssl_channel_credentials()  # the system's roots
+    else:
+        credentials = caller_credentials(args.tls_ca_file, args.tls_cert_file, args.tls_key_file)
+    sys.exit(run(args.targets, args.timeout, credentials))
 
 
 if __name__ == "__main__":

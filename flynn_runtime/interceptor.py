@@ -1,4 +1,4 @@
-"""One server interceptor for every service: authentication, metrics, traces, and error mapping.
+"""One server interceptor for every service: call limits, authentication, metrics, traces, and error mapping.
 
 Handlers raise FlynnError (from domain code) and the interceptor aborts the RPC with the rich
 status; any other exception is logged with its traceback and returned as a bare INTERNAL, so no
@@ -24,6 +24,13 @@ from flynn_runtime import errors, metrics, tracing
 from flynn_runtime.auth import Authenticator, Principal, current_principal
 from flynn_runtime.errors import Code, FlynnError
 from flynn_runtime.ids import ulid
+from flynn_runtime.limits import (
+    REFLECTION_POLICY_METHOD,
+    CallLimiter,
+    Limits,
+    is_public_stream,
+    is_reflection,
+)
 from flynn_runtime.rich_status import to_grpc_status
 
 log = logging.getLogger(__name__)
@@ -56,6 +63,8 @@ class _MethodMetrics:
         self.service, self.name = _split(method)
         self.rpc_type = rpc_type
         self.by_class = by_class
+        self.public = is_public_stream(method)
+        self.reflection = is_reflection(method)
         self.started = metrics.GRPC_STARTED.labels(self.service, self.name, rpc_type)
         self.handling = metrics.GRPC_HANDLING.labels(self.service, self.name, rpc_type)
         self.sent = metrics.GRPC_MSG_SENT.labels(self.service, self.name, rpc_type)
@@ -75,7 +84,7 @@ class _MethodMetrics:
 class _Call:
     """Bookkeeping of one RPC: auth before, metrics after, error mapping around."""
 
-    __slots__ = ("interceptor", "method", "m", "start", "code", "span")
+    __slots__ = ("interceptor", "method", "m", "start", "code", "span", "slot")
 
     def __init__(self, interceptor: ServerInterceptor, method: str, m: _MethodMetrics) -> None:
         self.interceptor = interceptor
@@ -84,14 +93,21 @@ class _Call:
         self.start = time.perf_counter()
         self.code = grpc.StatusCode.OK
         self.span: Any = None
+        self.slot = False
 
     def begin(self, context: ServicerContext[Any, Any]) -> Principal | None:
         self.m.started.inc()
+        ic = self.interceptor
+        ic.limiter.acquire(self.m.public)
+        self.slot = True
         raw = context.invocation_metadata() or ()
         if tracing.ENABLED:  # the RPC's SERVER span, child of the caller's traceparent, current from here
             self.span = tracing.server_span(self.method, raw)
         md = {k: v for k, v in raw if isinstance(v, str)}
-        principal = self.interceptor.authenticator.authenticate(self.method, md, context.peer() or "")
+        policy_method = self.method
+        if self.m.reflection and ic.limiter.limits.reflection_requires_token:
+            policy_method = REFLECTION_POLICY_METHOD
+        principal = ic.authenticator.authenticate(policy_method, md, context.peer() or "")
         current_principal.set(principal)
         return principal
 
@@ -115,6 +131,9 @@ class _Call:
         await context.abort(grpc.StatusCode.INTERNAL, f"internal error (incident {incident})")
 
     def finish(self, context: ServicerContext[Any, Any], exc: BaseException | None) -> None:
+        if self.slot:
+            self.slot = False
+            self.interceptor.limiter.release(self.m.public)
         if isinstance(exc, (asyncio.CancelledError, GeneratorExit)):
             self.code = grpc.StatusCode.CANCELLED
         elif isinstance(exc, grpc.aio.AbortError) or exc is None:
@@ -207,8 +226,11 @@ def _check(method: str, request: Any, streaming: bool) -> Any:
 
 
 class ServerInterceptor(grpc.aio.ServerInterceptor):  # type: ignore[type-arg]
-    def __init__(self, authenticator: Authenticator, count_calls_by_class: bool = False) -> None:
+    def __init__(
+        self, authenticator: Authenticator, limits: Limits | None = None, count_calls_by_class: bool = False
+    ) -> None:
         self.authenticator = authenticator
+        self.limiter = CallLimiter(limits or Limits())
         # The gateway counts every call it answers by status class (flynn_gateway_calls_total).
         self.count_calls_by_class = count_calls_by_class
         # method -> (the handler we wrapped, its wrapper): handlers are long-lived objects, so the

@@ -3,8 +3,10 @@
     def main() -> None:
         run_service(settings.parse("queue"), QueueApp)
 
-gives the service: a grpc.aio server with the shared interceptor (auth, metrics, traces, rich errors),
-health (Check, Watch and List, per service name), server reflection (method symbols included), a Prometheus port, JSON logs, an
+gives the service: a grpc.aio server with the shared interceptor (call limits, auth, metrics, traces,
+rich errors), TLS from certificate files that are reloaded when they change and mutual TLS when a mesh
+CA is set (flynn_runtime.tls), health (Check, Watch and List, per service name), server reflection
+(method symbols included), a Prometheus port, JSON logs, an
 audit log, and a graceful SIGTERM: health goes NOT_SERVING, `runtime.stopping` is set so streams end
 with UNAVAILABLE/SHUTTING_DOWN (clients reconnect), in-flight calls get the grace period, exit 0.
 """
@@ -27,7 +29,7 @@ from google.rpc import error_details_pb2  # noqa: F401
 from grpc_health.v1 import health, health_pb2, health_pb2_grpc
 from grpc_reflection.v1alpha import reflection
 
-from flynn_runtime import VERSION, logs, metrics, reflection_service, tracing
+from flynn_runtime import VERSION, logs, metrics, reflection_service, tls, tracing
 from flynn_runtime.audit import AuditLog
 from flynn_runtime.auth import Authenticator, TokenStore, parse_networks
 from flynn_runtime.channels import client_channel, server_options
@@ -86,15 +88,25 @@ class Runtime:
         )
         self.databases.append(db)
         return db
+        self._credentials: grpc.ChannelCredentials | None = None
 
     def channel(self, backend: str) -> grpc.aio.Channel:
         """A shared channel to another service, carrying this service's bearer token."""
         if backend not in self._channels:
             target = self.settings.address(backend)
             self._channels[backend] = client_channel(
-                target, self.settings.service_token, max_message_bytes=self.settings.max_message_bytes
+                target,
+                self.settings.service_token,
+                max_message_bytes=self.settings.max_message_bytes,
+                credentials=self.channel_credentials(),
             )
         return self._channels[backend]
+
+    def channel_credentials(self) -> grpc.ChannelCredentials | None:
+        """TLS credentials for calls to other services (mutual TLS when a mesh CA is configured)."""
+        if self._credentials is None and self.settings.tls.mesh_tls:
+            self._credentials = tls.channel_credentials(self.settings.tls)
+        return self._credentials
 
     def shutting_down_error(self) -> Exception:
         return shutting_down(self.settings.service)
@@ -167,8 +179,12 @@ async def running(
     runtime = Runtime(settings)
     app = factory(runtime)
     server = grpc.aio.server(
-        interceptors=[ServerInterceptor(runtime.authenticator, app.counts_calls_by_class)],
-        options=server_options(settings.max_message_bytes, settings.max_concurrent_streams),
+        interceptors=[ServerInterceptor(runtime.authenticator, settings.limits, app.counts_calls_by_class)],
+        options=server_options(
+            settings.max_message_bytes,
+            settings.max_concurrent_streams,
+            settings.limits.streams_per_connection,
+        ),
         maximum_concurrent_rpcs=None,
     )
     health_servicer = HealthServicer()
@@ -176,9 +192,17 @@ async def running(
     app.register(server)
     names = [*app.service_names, *app.reflection_names, health.SERVICE_NAME, reflection.SERVICE_NAME]
     reflection_service.enable(names, server)
-    port = server.add_insecure_port(settings.listen)
+    credentials = tls.server_credentials(settings.tls, settings.service)
+    if credentials is None:
+        port = server.add_insecure_port(settings.listen)
+    else:
+        port = server.add_secure_port(settings.listen, credentials)
     if port == 0:
         raise SystemExit(f"cannot listen on {settings.listen}")
+    if settings.tls.local_listen and not server.add_insecure_port(
+        tls.check_local_listen(settings.tls.local_listen)
+    ):
+        raise SystemExit(f"cannot listen on {settings.tls.local_listen}")
     metrics_port = metrics.start_metrics_server(settings.metrics_listen)
     metrics.SERVICE_INFO.labels(settings.service, VERSION).set(1)
     await health_servicer.set("", health_pb2.HealthCheckResponse.NOT_SERVING)

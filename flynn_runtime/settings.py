@@ -13,6 +13,9 @@ from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
 
+from flynn_runtime.limits import Limits
+from flynn_runtime.tls import CLIENT_AUTH_CHOICES, TlsFiles
+
 # Backend services the gateway (and other services) may call, with their default local ports.
 BACKENDS = ("config", "queue", "reactions", "nodes", "voice")
 DEFAULT_PORTS = {
@@ -47,6 +50,8 @@ class Settings:
     database_url: str = ""
     #: File holding the database password (a mounted Secret); overrides a password in the URL.
     database_password_file: Path | None = None
+    tls: TlsFiles = field(default_factory=TlsFiles)
+    limits: Limits = field(default_factory=Limits)
 
     def address(self, backend: str) -> str:
         return self.addresses.get(backend, "")
@@ -141,7 +146,66 @@ def build_parser(service: str) -> argparse.ArgumentParser:
         default=_env("database_password_file", ""),
         help="file holding the database password, e.g. a mounted Secret (FLYNN_DATABASE_PASSWORD_FILE)",
     )
+    _add_tls_args(p)
+    _add_limit_args(p, service)
     return p
+
+
+def _path_arg(p: argparse.ArgumentParser, name: str, help: str) -> None:
+    env = name.replace("-", "_")
+    p.add_argument(f"--{name}", default=_env(env, ""), help=f"{help} (FLYNN_{env.upper()})")
+
+
+def _add_tls_args(p: argparse.ArgumentParser) -> None:
+    _path_arg(p, "tls-cert-file", "PEM certificate this server presents; reloaded when it changes")
+    _path_arg(p, "tls-key-file", "PEM private key of --tls-cert-file")
+    _path_arg(
+        p, "tls-ca-file", "mesh CA: calls to services use mutual TLS and this server asks for client certs"
+    )
+    _path_arg(
+        p, "tls-client-cert-file", "client certificate presented to other services (default: --tls-cert-file)"
+    )
+    _path_arg(p, "tls-client-key-file", "private key of --tls-client-cert-file")
+    _path_arg(p, "local-listen", "extra plaintext port on loopback only, for in-pod probes when TLS is on")
+    p.add_argument(
+        "--tls-client-auth",
+        choices=CLIENT_AUTH_CHOICES,
+        default=_env("tls_client_auth", "auto"),
+        help="ask callers for a client certificate: auto = when --tls-ca-file is set, except on the gateway "
+        "(FLYNN_TLS_CLIENT_AUTH)",
+    )
+
+
+def _int_arg(p: argparse.ArgumentParser, name: str, default: int, help: str) -> None:
+    env = name.replace("-", "_")
+    p.add_argument(
+        f"--{name}", type=int, default=int(_env(env, str(default))), help=f"{help} (FLYNN_{env.upper()})"
+    )
+
+
+def _add_limit_args(p: argparse.ArgumentParser, service: str) -> None:
+    d = Limits()
+    # The gateway's callers are outside, one connection each; an internal service's one connection from
+    # the gateway carries every caller's streams (1000 nodes' Connect, say), so it gets the total cap.
+    per_connection = d.streams_per_connection if service == "gateway" else d.total_calls
+    _int_arg(p, "max-streams-per-connection", per_connection, "HTTP/2 concurrent streams per connection")
+    _int_arg(
+        p, "max-total-calls", d.total_calls, "concurrent calls of all callers; more get RESOURCE_EXHAUSTED"
+    )
+    _int_arg(
+        p,
+        "max-public-streams",
+        d.public_streams,
+        "concurrent unauthenticated health Watch and reflection streams; more get RESOURCE_EXHAUSTED",
+    )
+    _int_arg(p, "max-audio-seconds", d.audio_seconds, "longest voice note accepted, in seconds")
+    _int_arg(p, "audio-decoders", d.audio_decoders, "audio decodes (ffmpeg) run at once by the voice service")
+    p.add_argument(
+        "--reflection-requires-token",
+        default=_env("reflection_requires_token", "false"),
+        choices=("true", "false"),
+        help="server reflection needs a bearer token (FLYNN_REFLECTION_REQUIRES_TOKEN)",
+    )
 
 
 def parse(
@@ -179,4 +243,25 @@ def parse(
         extra=extra,
         database_url=ns.database_url,
         database_password_file=Path(ns.database_password_file) if ns.database_password_file else None,
+        tls=TlsFiles(
+            cert_file=_opt_path(ns.tls_cert_file),
+            key_file=_opt_path(ns.tls_key_file),
+            ca_file=_opt_path(ns.tls_ca_file),
+            client_cert_file=_opt_path(ns.tls_client_cert_file),
+            client_key_file=_opt_path(ns.tls_client_key_file),
+            client_auth=ns.tls_client_auth,
+            local_listen=ns.local_listen,
+        ),
+        limits=Limits(
+            streams_per_connection=ns.max_streams_per_connection,
+            total_calls=ns.max_total_calls,
+            public_streams=ns.max_public_streams,
+            reflection_requires_token=ns.reflection_requires_token == "true",
+            audio_seconds=ns.max_audio_seconds,
+            audio_decoders=ns.audio_decoders,
+        ),
     )
+
+
+def _opt_path(value: str) -> Path | None:
+    return Path(value) if value else None

@@ -1,7 +1,7 @@
 """One shared channel per backend for the forwarding hop.
 
 The hop forwards the caller's own authorization header, so these channels carry no token of their
-own (and no client interceptor on the hot path). Connect attempts are bounded so a backend that is
+own (and no client interceptor on the hot path); they use mutual TLS when a mesh CA is configured. Connect attempts are bounded so a backend that is
 down fails a call with UNAVAILABLE in about a second instead of hanging; there are no gRPC-level
 retries (the caller decides, guided by RetryInfo).
 """
@@ -12,8 +12,9 @@ from typing import Any
 
 import grpc
 
+from flynn_runtime import tls
 from flynn_runtime.auth import hop_metadata
-from flynn_runtime.channels import KEEPALIVE_OPTIONS
+from flynn_runtime.channels import KEEPALIVE_OPTIONS, open_channel
 from flynn_runtime.settings import Settings
 
 CONNECT_TIMEOUT_MS = 1000
@@ -38,6 +39,7 @@ class Backends:
     def __init__(self, settings: Settings) -> None:
         self._settings = settings
         self._channels: dict[str, grpc.aio.Channel] = {}
+        self._credentials = tls.channel_credentials(settings.tls)
 
     def hop_metadata(self) -> tuple[tuple[str, str], ...]:
         """Headers telling the backend the real client address of the call being served."""
@@ -52,8 +54,8 @@ class Backends:
     def channel(self, backend: str) -> grpc.aio.Channel:
         ch = self._channels.get(backend)
         if ch is None:
-            ch = grpc.aio.insecure_channel(
-                self.address(backend), options=backend_options(self._settings.max_message_bytes)
+            ch = open_channel(
+                self.address(backend), backend_options(self._settings.max_message_bytes), self._credentials
             )
             self._channels[backend] = ch
         return ch

@@ -5,7 +5,8 @@ What crosses the hop unchanged: request and response bytes (never re-serialised)
 the gateway's span of the call instead of the caller's), the caller's remaining deadline,
 cancellation (a cancelled caller cancels the downstream call), and the backend's status code,
 message and trailing metadata (so rich error details such as BadRequest survive). A backend that
-cannot be reached becomes UNAVAILABLE naming it, with ErrorInfo reason BACKEND_UNAVAILABLE.
+cannot be reached becomes UNAVAILABLE naming the service (never its host or port), with ErrorInfo
+reason BACKEND_UNAVAILABLE.
 """
 
 from __future__ import annotations
@@ -90,11 +91,18 @@ def stream_timeout(context: Ctx) -> float | None:
 
 
 def backend_down(backend: str, address: str, err: grpc.aio.AioRpcError) -> FlynnError:
+    """UNAVAILABLE naming the service only: the channel's own message names internal hosts and ports
+    ("failed to connect to all addresses; last error: ... 10.0.3.7:50052"), so it is logged here and
+    never sent past the edge."""
+    log.warning(
+        "backend unavailable",
+        extra={"backend": backend, "address": address, "detail": err.details() or err.code().name},
+    )
     return unavailable(
-        f"{backend} ({address}) unavailable: {err.details()}",
+        f"the {backend} service is unavailable; retry later",
         reason="BACKEND_UNAVAILABLE",
+        retry_after=1.0,
         service=backend,
-        address=address,
     )
 
 

@@ -23,7 +23,7 @@ import grpc
 from flynn.v1 import gateway_pb2, gateway_pb2_grpc, run_control_pb2, run_control_pb2_grpc
 from grpc.aio import ServicerContext
 
-from flynn_runtime import auth, tracing
+from flynn_runtime import audio_probe, auth, tracing
 from flynn_runtime.channels import downstream_timeout
 from flynn_runtime.config_source import ConfigSource
 from flynn_runtime.server import Runtime, until_stopping
@@ -61,8 +61,13 @@ class GatewayServicer(gateway_pb2_grpc.GatewayServicer):
         if not request.text and not has_audio:
             v.add("text", "is required unless audio is given")
         if has_audio:
+            seconds = audio_probe.duration_seconds(request.audio.content)
+            max_seconds = self._runtime.settings.limits.audio_seconds
             if not request.audio.content:
                 v.add("audio.content", "is empty: a voice note needs its audio bytes")
+            elif seconds is not None and seconds > max_seconds:
+                # From the container header: refused before anything is decoded.
+                v.add("audio.content", f"is {seconds:.0f} s of audio; at most {max_seconds} s allowed")
             elif len(request.audio.content) > MAX_AUDIO_BYTES:
                 v.add("audio.content", f"is {len(request.audio.content)} bytes; at most {MAX_AUDIO_BYTES}")
             if request.audio.sample_rate_hertz < 0:

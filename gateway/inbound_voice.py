@@ -6,10 +6,12 @@ channel token may not call them); the message itself is then submitted with the 
 
 from __future__ import annotations
 
+import asyncio
 import dataclasses
 import hashlib
 import logging
 import re
+from collections import OrderedDict
 from dataclasses import dataclass
 from typing import Any
 
@@ -77,14 +79,55 @@ class VoiceNote:
     attachment: common_pb2.Attachment
 
 
+NoteKey = tuple[str, str, str, str]
+RECENT_NOTES = 4096
+
+
 class InboundVoice:
+    """Voice notes in. A replayed note (same channel, session, idempotency key and audio) is found before
+    transcription: concurrent replays wait for the first one's result, later ones get it from a bounded
+    memory of recent notes, and after a restart the canvas artifact already holding the same bytes is
+    not written again. So 256 replays cost one transcription and write one canvas version."""
+
     def __init__(self, runtime: Runtime, config: ConfigSource) -> None:
         self._runtime = runtime
         self._config = config
+        self._recent: OrderedDict[NoteKey, asyncio.Future[VoiceNote]] = OrderedDict()
+        self.transcriptions = 0
 
     async def take(
         self, request: gateway_pb2.SendMessageRequest, context: ServicerContext[Any, Any]
     ) -> VoiceNote:
+        self._check_enabled(request)
+        key = (
+            request.channel,
+            request.session_key,
+            request.idempotency_key,
+            hashlib.sha256(request.audio.content).hexdigest(),
+        )
+        known = self._recent.get(key)
+        if known is not None:
+            self._recent.move_to_end(key)
+            return await asyncio.shield(known)
+        future: asyncio.Future[VoiceNote] = asyncio.get_running_loop().create_future()
+        future.add_done_callback(lambda f: f.exception() if not f.cancelled() else None)
+        self._recent[key] = future
+        while len(self._recent) > RECENT_NOTES:
+            self._recent.popitem(last=False)
+        try:
+            note = await self._transcribe(request, context)
+        except BaseException as e:
+            # A failed or abandoned note is not remembered: the next replay tries again.
+            self._recent.pop(key, None)
+            if isinstance(e, Exception):
+                future.set_exception(e)
+            else:
+                future.cancel()
+            raise
+        future.set_result(note)
+        return note
+
+    def _check_enabled(self, request: gateway_pb2.SendMessageRequest) -> None:
         cfg = self._config.config
         target = targeting.Target(session_key=request.session_key, channel=request.channel)
         decision = targeting.audio_enabled(cfg, target)
@@ -108,6 +151,12 @@ class InboundVoice:
                 session_key=request.session_key,
                 channel=request.channel,
             )
+
+    async def _transcribe(
+        self, request: gateway_pb2.SendMessageRequest, context: ServicerContext[Any, Any]
+    ) -> VoiceNote:
+        cfg = self._config.config
+        self.transcriptions += 1
         audio = request.audio
         deadline = _seconds(cfg.audio.deadline, DEFAULT_DEADLINE)
         rec = voice_pb2.RecognitionConfig(
@@ -146,6 +195,16 @@ class InboundVoice:
         name = artifact_name(request.session_key, request.idempotency_key)
         stub = canvas_pb2_grpc.CanvasStub(self._runtime.channel("nodes"))
         try:
+            held = await stub.GetArtifact(
+                canvas_pb2.GetArtifactRequest(name=name), timeout=downstream_timeout(context, CANVAS_TIMEOUT)
+            )
+            if held.artifact.sha256 == att.sha256:  # a replay after a restart: kept already
+                att.uri = f"canvas://{name}"
+                return att
+        except grpc.aio.AioRpcError as err:
+            if err.code() != grpc.StatusCode.NOT_FOUND:
+                log.warning("canvas lookup of a voice note failed", extra={"code": err.code().name})
+        try:
             await stub.PutArtifact(
                 canvas_pb2.PutArtifactRequest(name=name, content_type=att.content_type, content=content),
                 timeout=downstream_timeout(context, CANVAS_TIMEOUT),
@@ -171,6 +230,10 @@ class InboundVoice:
             rich = from_rpc_error(err)
             cause = (rich.reason if rich is not None and rich.reason else err.code().name).lower()
             detail = err.details() or err.code().name
+            if rich is None and err.code() == grpc.StatusCode.UNAVAILABLE:
+                # The channel's own message names internal hosts and ports: logged, never sent on.
+                log.warning("voice service unreachable", extra={"detail": detail})
+                detail = "the voice service is unavailable"
             code = {
                 grpc.StatusCode.INVALID_ARGUMENT: Code.INVALID_ARGUMENT,
                 grpc.StatusCode.DEADLINE_EXCEEDED: Code.DEADLINE_EXCEEDED,

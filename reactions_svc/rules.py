@@ -17,7 +17,7 @@ from dataclasses import dataclass, field
 import re2
 from flynn.v1 import config_pb2
 
-from config_svc.reaction_rules import PLACEHOLDER_RE, compile_regex, re2_options
+from config_svc.reaction_rules import PLACEHOLDER_RE, compile_regex, re2_options, regex_share
 
 # Words of a text for keyword matching: letters, digits and underscore (Unicode-aware).
 WORD_RE = re.compile(r"\w+")
@@ -121,7 +121,7 @@ def _duration_s(d: object) -> float:
     return float(getattr(d, "seconds", 0)) + float(getattr(d, "nanos", 0)) / 1e9
 
 
-def compile_rule(r: config_pb2.ReactionRule, index: int) -> CompiledRule:
+def compile_rule(r: config_pb2.ReactionRule, index: int, regex_mem: int = 8 << 20) -> CompiledRule:
     words: list[str] = []
     phrases: list[str] = []
     for kw in r.trigger.keywords:
@@ -138,7 +138,7 @@ def compile_rule(r: config_pb2.ReactionRule, index: int) -> CompiledRule:
         senders=frozenset(r.trigger.senders),
         words=tuple(words),
         phrases=tuple(phrases),
-        regex=compile_regex(r.trigger.regex) if r.trigger.regex else None,
+        regex=compile_regex(r.trigger.regex, regex_mem) if r.trigger.regex else None,
         conditions=tuple(_compile_condition(c) for c in r.conditions),
         priority=r.priority,
         cooldown_s=_duration_s(r.cooldown),
@@ -164,7 +164,9 @@ class RuleSet:
     def __init__(self, rules: Sequence[config_pb2.ReactionRule], revision: int = 0) -> None:
         self.revision = revision
         ordered = evaluation_order(rules)
-        self.rules: list[CompiledRule] = [compile_rule(r, i) for i, r in enumerate(ordered)]
+        # Every regex gets its share of the rule list's regex memory budget (config_svc.reaction_rules).
+        share = regex_share(sum(1 for r in ordered if r.trigger.regex))
+        self.rules: list[CompiledRule] = [compile_rule(r, i, share) for i, r in enumerate(ordered)]
         self.by_id = {c.id: c for c in self.rules}
         self.by_type: dict[int, TypeIndex] = {}
         for c in self.rules:
@@ -181,18 +183,18 @@ class RuleSet:
                 ti.regex_rules.append(c)
         for ti in self.by_type.values():
             if len(ti.regex_rules) > 1:
-                ti.regex_filter = _regex_filter([c.rule.trigger.regex for c in ti.regex_rules])
+                ti.regex_filter = _regex_filter([c.rule.trigger.regex for c in ti.regex_rules], share)
 
     def __len__(self) -> int:
         return len(self.rules)
 
 
-def _regex_filter(patterns: list[str]) -> re2.Filter | None:
+def _regex_filter(patterns: list[str], max_mem: int) -> re2.Filter | None:
     """A FilteredRE2 over the patterns (indexes in order), or None when RE2 refuses it (per-rule search then)."""
     try:
         f = re2.Filter()
         for p in patterns:
-            f.Add(p.encode("utf-8"), re2_options())
+            f.Add(p.encode("utf-8"), re2_options(max_mem))
         f.Compile()
         return f
     except Exception:

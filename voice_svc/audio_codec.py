@@ -2,7 +2,10 @@
 
 LINEAR16 is 16-bit little-endian mono PCM inside a WAV container (headerless when streamed);
 OGG_OPUS and MP3 are encoded and decoded by the ffmpeg CLI (Debian package, a GPL build) in a
-subprocess; without ffmpeg those encodings are refused as unsupported. Recognition input is turned into 16 kHz mono PCM here. Bad input raises INVALID_ARGUMENT
+subprocess; without ffmpeg those encodings are refused as unsupported. Recognition input is turned
+into 16 kHz mono PCM here, bounded before decoding: audio longer than the cap (default 300 s) is
+refused from its header, ffmpeg is told the container (never probes), its output is cut at the cap
+and read bounded, and at most a few decodes run at once (DecoderPool). Bad input raises INVALID_ARGUMENT
 naming the field; no grpc in this module.
 """
 
@@ -13,12 +16,15 @@ import contextlib
 import io
 import shutil
 import wave
+from collections.abc import AsyncIterator
 from dataclasses import dataclass
 
 import numpy as np
 from flynn.v1 import common_pb2
 
-from flynn_runtime.errors import Code, FlynnError, invalid_argument
+from flynn_runtime import audio_probe
+from flynn_runtime.audio_probe import DEFAULT_MAX_SECONDS
+from flynn_runtime.errors import Code, FlynnError, invalid_argument, resource_exhausted
 
 RECOGNITION_RATE = 16000
 MIN_RATE = 8000
@@ -136,8 +142,10 @@ async def encode(pcm: Pcm, encoding: int) -> tuple[bytes, int]:
     raise invalid_argument("audio_config.encoding", f"unsupported encoding {encoding}")
 
 
-async def _run_ffmpeg(args: list[str], data: bytes) -> bytes:
-    """Run the ffmpeg CLI (Debian package, a GPL build: kept behind a process boundary)."""
+async def _run_ffmpeg(args: list[str], data: bytes, max_output: int | None = None) -> bytes:
+    """Run the ffmpeg CLI (Debian package, a GPL build: kept behind a process boundary).
+
+    With `max_output`, at most that many bytes (plus one, to tell) are read before ffmpeg is killed."""
     binary = ffmpeg_path()
     if binary is None:
         raise FileNotFoundError("ffmpeg")
@@ -145,12 +153,40 @@ async def _run_ffmpeg(args: list[str], data: bytes) -> bytes:
         binary, "-hide_banner", "-loglevel", "error", "-nostdin", *args,
         stdin=asyncio.subprocess.PIPE, stdout=asyncio.subprocess.PIPE, stderr=asyncio.subprocess.PIPE,
     )  # fmt: skip
+    assert proc.stdin is not None and proc.stdout is not None and proc.stderr is not None
+    stdin, stdout, stderr = proc.stdin, proc.stdout, proc.stderr
+    limit = max_output + 1 if max_output is not None else None
+
+    async def feed() -> None:
+        with contextlib.suppress(BrokenPipeError, ConnectionResetError):
+            stdin.write(data)
+            await stdin.drain()
+            stdin.close()
+
+    async def collect() -> bytes:
+        chunks: list[bytes] = []
+        size = 0
+        while limit is None or size < limit:
+            chunk = await stdout.read(65536 if limit is None else min(65536, limit - size))
+            if not chunk:
+                break
+            chunks.append(chunk)
+            size += len(chunk)
+        return b"".join(chunks)
+
     try:
-        out, err = await asyncio.wait_for(proc.communicate(data), FFMPEG_TIMEOUT)
+        _, out, err = await asyncio.wait_for(
+            asyncio.gather(feed(), collect(), stderr.read(64 * 1024)), FFMPEG_TIMEOUT
+        )
+        if limit is not None and len(out) >= limit:
+            return out  # the caller refuses it; ffmpeg is killed below
+        await asyncio.wait_for(proc.wait(), FFMPEG_TIMEOUT)
     finally:
         if proc.returncode is None:
             with contextlib.suppress(ProcessLookupError):
                 proc.kill()
+            with contextlib.suppress(Exception):
+                await proc.wait()
     if proc.returncode != 0:
         raise ValueError(err.decode(errors="replace").strip()[-300:] or f"ffmpeg exited {proc.returncode}")
     return out
@@ -169,53 +205,120 @@ async def _ffmpeg_encode(pcm: Pcm, fmt: str, codec: str, bit_rate: str) -> bytes
         raise FlynnError(Code.UNAVAILABLE, f"{fmt} encoding failed: {e}", reason="ENCODER_FAILED") from e
 
 
-async def decode_compressed(data: bytes, field: str = "audio_content") -> Pcm:
-    """Decode Ogg/Opus or MP3 to 16 kHz mono PCM; INVALID_ARGUMENT when it cannot be decoded."""
+class DecoderPool:
+    """At most `slots` ffmpeg decodes at once; a request that cannot get a slot within `wait` seconds is
+    refused with RESOURCE_EXHAUSTED / DECODERS_BUSY (retry after a second) instead of queueing."""
+
+    def __init__(self, slots: int = 2, wait: float = 1.0) -> None:
+        self.slots = slots
+        self._sem = asyncio.Semaphore(slots)
+        self._wait = wait
+
+    @contextlib.asynccontextmanager
+    async def slot(self) -> AsyncIterator[None]:
+        try:
+            await asyncio.wait_for(self._sem.acquire(), self._wait)
+        except TimeoutError:
+            raise resource_exhausted(
+                f"all {self.slots} audio decoders are busy; retry later",
+                reason="DECODERS_BUSY",
+                retry_after=1.0,
+            ) from None
+        try:
+            yield
+        finally:
+            self._sem.release()
+
+
+_DEFAULT_POOL: DecoderPool | None = None
+
+
+def _default_pool() -> DecoderPool:
+    global _DEFAULT_POOL
+    if _DEFAULT_POOL is None:
+        _DEFAULT_POOL = DecoderPool()
+    return _DEFAULT_POOL
+
+
+def too_long(field: str, seconds: float, max_seconds: float) -> FlynnError:
+    return invalid_argument(
+        field,
+        f"is {seconds:.0f} s of audio; at most {max_seconds:.0f} s allowed (a voice note, not a recording)",
+        reason="AUDIO_TOO_LONG",
+    )
+
+
+async def decode_compressed(
+    data: bytes,
+    fmt: str,
+    field: str = "audio_content",
+    max_seconds: float = DEFAULT_MAX_SECONDS,
+    pool: DecoderPool | None = None,
+) -> Pcm:
+    """Decode Ogg/Opus or MP3 to 16 kHz mono PCM; INVALID_ARGUMENT when it cannot be decoded or is too long.
+
+    The container is named to ffmpeg (`-f ogg` / `-f mp3`: no format probing of hostile input), the
+    output is cut at max_seconds + 1 and read bounded, and decodes run under the pool's limit."""
     if ffmpeg_path() is None:
         raise invalid_argument(
             "config.encoding", "compressed input needs ffmpeg, which is not installed here"
         )
-    args = ["-i", "pipe:0", "-vn", "-f", "s16le", "-ac", "1", "-ar", str(RECOGNITION_RATE), "pipe:1"]
-    try:
-        out = await _run_ffmpeg(args, data)
-    except (OSError, ValueError, TimeoutError) as e:
-        raise invalid_argument(field, f"cannot be decoded ({str(e)[:200]})") from e
+    cap = max_seconds + 1
+    args = ["-f", fmt, "-i", "pipe:0", "-vn", "-t", f"{cap:g}"]
+    args += ["-f", "s16le", "-ac", "1", "-ar", str(RECOGNITION_RATE), "pipe:1"]
+    max_bytes = int(cap * RECOGNITION_RATE * 2)
+    async with (pool or _default_pool()).slot():
+        try:
+            out = await _run_ffmpeg(args, data, max_output=max_bytes)
+        except (OSError, ValueError, TimeoutError) as e:
+            raise invalid_argument(field, f"cannot be decoded ({str(e)[:200]})") from e
     pcm = Pcm(out[: len(out) // 2 * 2], RECOGNITION_RATE)
     if not pcm.data:
         raise invalid_argument(field, "holds no decodable audio")
+    if pcm.duration_s > max_seconds:
+        raise too_long(field, pcm.duration_s, max_seconds)
     return pcm
 
 
 def sniff(data: bytes) -> str:
     """Container guessed from magic bytes: wav, ogg, mp3 or ''."""
-    if data[:4] == b"RIFF" and data[8:12] == b"WAVE":
-        return "wav"
-    if data[:4] == b"OggS":
-        return "ogg"
-    if data[:3] == b"ID3" or (len(data) > 1 and data[0] == 0xFF and (data[1] & 0xE0) == 0xE0):
-        return "mp3"
-    return ""
+    return audio_probe.container(data)
 
 
-async def recognition_input(data: bytes, encoding: int, sample_rate_hertz: int) -> Pcm:
+async def recognition_input(
+    data: bytes,
+    encoding: int,
+    sample_rate_hertz: int,
+    max_seconds: float = DEFAULT_MAX_SECONDS,
+    pool: DecoderPool | None = None,
+) -> Pcm:
     """The request's audio as 16 kHz mono PCM, or INVALID_ARGUMENT naming the offending field.
 
-    A WAV header's values win (any rate and channel count is resampled/mixed down); headerless
-    LINEAR16 must be 16 kHz mono and must say so in config.sample_rate_hertz.
+    Audio longer than `max_seconds` is refused from its header before any decoding (and again from
+    the decoded length, should a header lie). A WAV header's values win (any rate and channel count
+    is resampled/mixed down); headerless LINEAR16 must be 16 kHz mono and say so in
+    config.sample_rate_hertz.
     """
     kind = sniff(data)
+    claimed = audio_probe.duration_seconds(data)
+    if kind == "" and encoding == LINEAR16:
+        claimed = len(data) / (2 * RECOGNITION_RATE)
+    if claimed is not None and claimed > max_seconds:
+        raise too_long("audio_content", claimed, max_seconds)
     if kind == "wav":
         info = parse_wav(data)
         pcm = Pcm(to_mono(info.frames, info.channels), info.sample_rate)
+        if pcm.duration_s > max_seconds:
+            raise too_long("audio_content", pcm.duration_s, max_seconds)
         return resample(pcm, RECOGNITION_RATE)
     if encoding == OGG_OPUS or (encoding == UNSPECIFIED and kind == "ogg"):
         if kind != "ogg":
             raise invalid_argument("audio_content", "is not an Ogg stream (config.encoding is OGG_OPUS)")
-        return await decode_compressed(data)
+        return await decode_compressed(data, "ogg", max_seconds=max_seconds, pool=pool)
     if encoding == MP3 or (encoding == UNSPECIFIED and kind == "mp3"):
         if kind != "mp3":
             raise invalid_argument("audio_content", "is not MP3 audio (config.encoding is MP3)")
-        return await decode_compressed(data)
+        return await decode_compressed(data, "mp3", max_seconds=max_seconds, pool=pool)
     if encoding == LINEAR16:
         if sample_rate_hertz != RECOGNITION_RATE:
             raise invalid_argument(

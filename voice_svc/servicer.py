@@ -11,7 +11,15 @@ from grpc.aio import ServicerContext
 from flynn_runtime.server import Runtime, until_stopping
 from flynn_runtime.validation import Violations
 from voice_svc import metrics
-from voice_svc.audio_codec import MAX_RATE, MIN_RATE, Pcm, encode, recognition_input, resample
+from voice_svc.audio_codec import (
+    MAX_RATE,
+    MIN_RATE,
+    DecoderPool,
+    Pcm,
+    encode,
+    recognition_input,
+    resample,
+)
 from voice_svc.engines import STT_ENGINES, TTS_ENGINES
 from voice_svc.voice_chain import Attempt, SpokenSentence, VoiceChain
 
@@ -67,6 +75,8 @@ class VoiceServicer(voice_pb2_grpc.VoiceServicer):
     def __init__(self, runtime: Runtime, chain: VoiceChain) -> None:
         self.runtime = runtime
         self.chain = chain
+        self.limits = runtime.settings.limits
+        self.decoders = DecoderPool(self.limits.audio_decoders)
 
     async def Synthesize(
         self, request: voice_pb2.SynthesizeRequest, context: ServicerContext[Any, Any]
@@ -179,7 +189,13 @@ class VoiceServicer(voice_pb2_grpc.VoiceServicer):
             metrics.REQUESTS.labels("Transcribe", "invalid").inc()
         v.raise_if_any()
         try:
-            pcm = await recognition_input(request.audio_content, cfg.encoding, cfg.sample_rate_hertz)
+            pcm = await recognition_input(
+                request.audio_content,
+                cfg.encoding,
+                cfg.sample_rate_hertz,
+                max_seconds=self.limits.audio_seconds,
+                pool=self.decoders,
+            )
         except Exception:
             metrics.REQUESTS.labels("Transcribe", "invalid").inc()
             raise

@@ -232,6 +232,9 @@ def test_voice_service_down_text_still_flows_and_voice_notes_say_why(mesh: FlowM
         assert ei.value.code() == grpc.StatusCode.UNAVAILABLE  # type: ignore[attr-defined]
         info, _ = status_details(ei.value)
         assert info is not None and info.reason == "TRANSCRIPTION_FAILED" and info.metadata["notice_reply_id"]
+        # The edge never names an internal address (issue 15).
+        voice_port = mesh.procs["voice"].address.rpartition(":")[2]
+        assert voice_port not in (ei.value.details() or ""), ei.value.details()  # type: ignore[attr-defined]
         nid = info.metadata["notice_reply_id"]
         spoken = mesh.send("voice-demo:down", "still there?", "vdown-2", channel="voice-demo")
         got = mesh.wait_replies(

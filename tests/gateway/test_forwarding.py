@@ -120,10 +120,14 @@ def test_backend_down_is_unavailable_naming_the_service(mesh: GatewayMesh, chann
     with pytest.raises(grpc.RpcError) as exc:
         stub.GetRun(run_control_pb2.GetRunRequest(run_id="r1"), metadata=md(mesh), timeout=10)
     assert exc.value.code() == grpc.StatusCode.UNAVAILABLE
-    assert f"queue ({mesh.dead['queue']}) unavailable" in (exc.value.details() or "")
+    assert "the queue service is unavailable" in (exc.value.details() or "")
     err = from_rpc_error(exc.value)
     assert err is not None and err.reason == "BACKEND_UNAVAILABLE"
     assert err.metadata["service"] == "queue"
+    # Errors at the edge never name internal hosts or ports (issue 15): not in the message, not in details.
+    host, _, port = mesh.dead["queue"].rpartition(":")
+    everything = (exc.value.details() or "") + repr(exc.value.trailing_metadata())
+    assert port not in everything and f"{host}:" not in everything, everything
 
 
 def test_agent_is_not_routed(mesh: GatewayMesh, channel: grpc.Channel) -> None:

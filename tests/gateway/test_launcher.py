@@ -286,3 +286,61 @@ def test_missing_service_fails_clearly(tmp_path: Path) -> None:
     )  # fmt: skip
     assert out.returncode == 2
     assert "unknown service(s) nosuch" in out.stderr
+
+
+def test_up_with_tls_prints_a_cacert_call_that_works_as_printed(tmp_path: Path) -> None:
+    """`flynn-dev up --tls`: a local CA and certificates, the gateway over TLS, mutual TLS between the
+    services, and a printed grpcurl line with -cacert that works exactly as printed."""
+    lch = Launcher(tmp_path / "data", free_base_port(), ["--tls", "--only", "config,queue,gateway"]).start()
+    try:
+        lch.wait_for("Stop: Ctrl-C")
+        tls_dir = lch.data_dir / "tls"
+        assert (tls_dir / "ca.pem").exists() and (tls_dir / "gateway.pem").exists()
+        i = next(n for n, line in enumerate(lch.lines) if line.startswith("First call"))
+        call = shlex.split(lch.lines[i + 1])
+        assert "-cacert" in call and "-plaintext" not in call, call
+        out = subprocess.run(call, capture_output=True, text=True, timeout=60, env=env())
+        assert out.returncode == 0, out.stderr
+        assert "SERVICE_HEALTH_SERVING" in out.stdout  # the gateway reached config and queue over mTLS
+        gw = f"127.0.0.1:{lch.base_port}"
+        plain = subprocess.run(
+            [str(VENV_BIN / "grpcurl"), "-plaintext", "-max-time", "10", gw, "grpc.health.v1.Health/Check"],
+            capture_output=True, text=True, timeout=60,
+        )  # fmt: skip
+        assert plain.returncode != 0
+        # The operator CLI over TLS too (--cacert / FLYNN_CACERT).
+        token = (lch.data_dir / "secrets" / "operator.token").read_text().strip()
+        flynn = [str(VENV_BIN / "flynn"), "--addr", gw, "--token", token]
+        cli = subprocess.run(
+            [*flynn, "--cacert", str(tls_dir / "ca.pem"), "config", "get", "server.queue"],
+            capture_output=True, text=True, timeout=60, env=env(), cwd=ROOT,
+        )  # fmt: skip
+        assert cli.returncode == 0, cli.stdout + cli.stderr
+        no_ca = subprocess.run(
+            [*flynn, "config", "get", "server.queue"],
+            capture_output=True,
+            text=True,
+            timeout=60,
+            env=env(),
+            cwd=ROOT,
+        )
+        assert no_ca.returncode != 0
+        status = subprocess.run(
+            [*flynn_dev(), "status", "--data-dir", str(lch.data_dir), "--base-port", str(lch.base_port)],
+            capture_output=True, text=True, timeout=60, env=env(), cwd=ROOT,
+        )  # fmt: skip
+        assert status.returncode == 0, status.stdout + status.stderr
+        rows = {
+            line.split()[0]: line.split()[2] for line in status.stdout.splitlines() if "127.0.0.1:" in line
+        }
+        assert {rows[n] for n in ("config", "queue", "gateway")} == {"SERVING"}, status.stdout
+        assert lch.stop() == 0
+    finally:
+        if lch.proc is not None and lch.proc.poll() is None:
+            lch.proc.kill()
+            lch.proc.wait(30)
+        for pid in _child_pids(lch):
+            try:
+                os.kill(pid, signal.SIGKILL)
+            except ProcessLookupError:
+                pass

@@ -96,11 +96,21 @@ def test_probes_hit_the_grpc_port_and_health_name(rendered: list[Manifest]) -> N
         assert env["FLYNN_LISTEN"].startswith("0.0.0.0:"), "kubelet probes reach the pod IP"
         grpc_port = {p["name"]: p["containerPort"] for p in c["ports"]}["grpc"]
         assert grpc_port == listen_port
+        local = env.get("FLYNN_LOCAL_LISTEN")
         for probe in ("startupProbe", "readinessProbe", "livenessProbe"):
-            spec = c[probe]["grpc"]
-            assert spec["port"] == listen_port, (name, probe)
-            assert spec["service"] in topology.SERVICES[name].grpc_services, (name, probe)
-            assert spec["service"] == topology.SERVICES[name].grpc_services[0]
+            if local is None:
+                spec = c[probe]["grpc"]
+                assert spec["port"] == listen_port, (name, probe)
+                service = spec["service"]
+            else:
+                # TLS on the port: the kubelet's gRPC probe has no TLS, so flynn-healthcheck probes the
+                # process's loopback-only plaintext port from inside the pod.
+                assert local.startswith("127.0.0.1:") and "FLYNN_TLS_CERT_FILE" in env, name
+                cmd = c[probe]["exec"]["command"]
+                assert cmd[0] == "flynn-healthcheck" and cmd[-1].startswith(f"{local}/"), (name, cmd)
+                service = cmd[-1].partition("/")[2]
+            assert service in topology.SERVICES[name].grpc_services, (name, probe)
+            assert service == topology.SERVICES[name].grpc_services[0]
 
 
 def test_default_ports_match_the_settings_defaults(default_docs: list[Manifest]) -> None:
@@ -330,9 +340,12 @@ def test_seed_config_is_mounted_for_the_config_service_and_parses(rendered: list
 def test_helm_test_hook_checks_every_health_name(rendered: list[Manifest]) -> None:
     pods = [p for p in by_kind(rendered, "Pod") if p["metadata"]["annotations"].get("helm.sh/hook") == "test"]
     assert len(pods) == 1
-    args = pods[0]["spec"]["containers"][0]["args"]
-    assert args[0] == "flynn-healthcheck"
-    targets = {a for a in args[1:] if "/" in a}
+    targets = set()
+    # One container per trust: the mesh's services, and a gateway serving its own certificate.
+    for container in pods[0]["spec"]["containers"]:
+        args = container["args"]
+        assert args[0] == "flynn-healthcheck"
+        targets |= {a for a in args[1:] if "/" in a}
     w = workloads(rendered)
     expected = set()
     for name, info in topology.SERVICES.items():
@@ -433,7 +446,12 @@ def test_console_runs_flynn_console_with_http_probes_on_its_port(rendered: list[
     volumes = {v["name"]: v for v in d["spec"]["template"]["spec"]["volumes"]}
     mounts = {m["name"]: m["mountPath"] for m in c["volumeMounts"]}
     assert mounts["data"] == env["FLYNN_DATA_DIR"] == "/data" and "emptyDir" in volumes["data"]
-    assert set(volumes) == {"data", "tmp"}, "the console needs no token: operators sign in with theirs"
+    # Only the gateway's CA when the gateway serves TLS (to verify it by).
+    assert set(volumes) - {"gateway-tls"} == {"data", "tmp"}, (
+        "the console needs no token: operators sign in with theirs"
+    )
+    if "gateway-tls" in volumes:
+        assert volumes["gateway-tls"]["secret"]["items"] == [{"key": "ca.crt", "path": "ca.crt"}]
     assert "FLYNN_AUDIT_DIRS" not in env, "the services' audit files are not on its volumes (CONSOLE.md)"
 
 
@@ -471,8 +489,14 @@ def test_console_ingress_is_explicit_and_targets_only_the_console(helm: Path) ->
     # The gateway's Ingress does not bring the console's along.
     gw_only = parse(
         render(
-            helm, "--set", "gateway.ingress.enabled=true", "--set", "gateway.ingress.host=flynn.example.com"
-        )
+            helm,
+            "--set",
+            "gateway.ingress.enabled=true",
+            "--set",
+            "gateway.ingress.host=flynn.example.com",
+            "--set",
+            "gateway.ingress.tlsSecretName=flynn-tls",
+        )  # fmt: skip
     )
     assert exposed(gw_only) == {"gateway"}
     docs = parse(

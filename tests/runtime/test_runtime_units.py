@@ -186,3 +186,42 @@ def test_token_store_reports_hashes_that_stop_being_valid(tmp_path: Path) -> Non
     os.utime(path, (time.time() + 5, time.time() + 5))
     store.poll()
     assert gone[-1] == {auth.hash_token("b-secret")} and store.lookup("b-secret") is None
+
+
+def test_audio_probe_never_raises_on_hostile_bytes() -> None:
+    import os
+
+    from flynn_runtime.audio_probe import duration_seconds
+
+    samples = [b"", b"RIFF\x10\x00\x00\x00WAVEjunkjunk", b"OggS" + b"\x00" * 500, b"ID3" + b"\xff" * 20]
+    samples += [b"\xff\xfb" + os.urandom(n) for n in (0, 2, 100, 5000)] + [
+        os.urandom(4096) for _ in range(50)
+    ]
+    for data in samples:
+        d = duration_seconds(data)
+        assert d is None or d >= 0
+
+
+def test_call_limiter_counts_and_refuses() -> None:
+    from flynn_runtime.errors import Code, FlynnError
+    from flynn_runtime.limits import CallLimiter, Limits
+
+    lim = CallLimiter(Limits(total_calls=3, public_streams=1))
+    lim.acquire(public=True)
+    try:
+        lim.acquire(public=True)
+    except FlynnError as e:
+        assert e.code is Code.RESOURCE_EXHAUSTED and e.reason == "TOO_MANY_PUBLIC_STREAMS"
+    else:
+        raise AssertionError("second public stream accepted")
+    lim.acquire(public=False)
+    lim.acquire(public=False)
+    try:
+        lim.acquire(public=False)
+    except FlynnError as e:
+        assert e.reason == "TOO_MANY_CALLS"
+    else:
+        raise AssertionError("fourth call accepted")
+    lim.release(public=True)
+    lim.acquire(public=True)
+    assert lim.calls == 3 and lim.public == 1 and lim.refused == 2

@@ -106,9 +106,11 @@ class ServiceProcess:
     extra: list[str] = field(default_factory=list)
     port: int = 0
     grace: float = 5.0
-    env: dict[str, str] = field(default_factory=dict)  # added to the environment (e.g. OTEL_*)
+    env: dict[str, str] = field(default_factory=dict)  # added to the environment (OTEL_*, FLYNN_*)
     proc: subprocess.Popen[bytes] | None = None
     log_path: Path | None = None
+    # For a TLS port: what the readiness check presents (CA, and a client certificate under mTLS).
+    credentials: grpc.ChannelCredentials | None = None
 
     def start(self, timeout: float = 30.0) -> ServiceProcess:
         port_file = self.data_dir / f".{self.service}.port"
@@ -139,8 +141,8 @@ class ServiceProcess:
             FLYNN_SERVICE_TOKEN=self.tokens.for_service(self.service),
             FLYNN_AGENT_TOKEN=self.tokens.agent,
             PYTHONPATH=f"{ROOT}:{ROOT / 'gen'}",
-            **self.env,
         )
+        env.update(self.env)
         self.log_path = self.data_dir / f"{self.service}.log"
         self.data_dir.mkdir(parents=True, exist_ok=True)
         with self.log_path.open("ab") as log:
@@ -151,7 +153,9 @@ class ServiceProcess:
                 raise RuntimeError(f"{self.service} exited with {self.proc.returncode}:\n{self.log_tail()}")
             if port_file.exists():
                 self.port = int(port_file.read_text().split()[0])
-                wait_serving(self.address, timeout=max(deadline - time.monotonic(), 1))
+                wait_serving(
+                    self.address, timeout=max(deadline - time.monotonic(), 1), credentials=self.credentials
+                )
                 return self
             time.sleep(0.02)
         raise TimeoutError(f"{self.service} did not start:\n{self.log_tail()}")
@@ -183,10 +187,18 @@ class ServiceProcess:
                 self.kill9()
 
 
-def wait_serving(address: str, service: str = "", timeout: float = 15.0) -> None:
+def wait_serving(
+    address: str,
+    service: str = "",
+    timeout: float = 15.0,
+    credentials: grpc.ChannelCredentials | None = None,
+) -> None:
     deadline = time.monotonic() + timeout
     last: Exception | None = None
-    with grpc.insecure_channel(address) as ch:
+    channel = (
+        grpc.insecure_channel(address) if credentials is None else grpc.secure_channel(address, credentials)
+    )
+    with channel as ch:
         stub = health_pb2_grpc.HealthStub(ch)
         while time.monotonic() < deadline:
             try:

@@ -292,6 +292,48 @@ spec:
         {{- if eq .name "gateway" }}
         - name: FLYNN_METRICS_ADDRS
           value: {{ include "flynn.metricsAddrs" $root | quote }}
+        - name: FLYNN_REFLECTION_REQUIRES_TOKEN
+          value: {{ $root.Values.gateway.reflectionRequiresToken | quote }}
+        {{- end }}
+        {{- with $root.Values.gateway.limits }}
+        {{- if eq $.name "gateway" }}
+        - name: FLYNN_MAX_STREAMS_PER_CONNECTION
+          value: {{ .streamsPerConnection | quote }}
+        {{- end }}
+        - name: FLYNN_MAX_TOTAL_CALLS
+          value: {{ .totalCalls | quote }}
+        - name: FLYNN_MAX_PUBLIC_STREAMS
+          value: {{ .publicStreams | quote }}
+        - name: FLYNN_MAX_AUDIO_SECONDS
+          value: {{ .audioSeconds | quote }}
+        {{- end }}
+        {{- $gwTls := include "flynn.gatewayTlsSecret" $root }}
+        {{- $meshTls := include "flynn.meshTlsSecret" $root }}
+        {{- if and (eq .name "gateway") $gwTls }}
+        - name: FLYNN_TLS_CERT_FILE
+          value: /etc/flynn/tls/tls.crt
+        - name: FLYNN_TLS_KEY_FILE
+          value: /etc/flynn/tls/tls.key
+        {{- end }}
+        {{- if $meshTls }}
+        - name: FLYNN_TLS_CA_FILE
+          value: /etc/flynn/mesh-tls/ca.crt
+        {{- if eq .name "gateway" }}
+        - name: FLYNN_TLS_CLIENT_CERT_FILE
+          value: /etc/flynn/mesh-tls/tls.crt
+        - name: FLYNN_TLS_CLIENT_KEY_FILE
+          value: /etc/flynn/mesh-tls/tls.key
+        {{- else }}
+        - name: FLYNN_TLS_CERT_FILE
+          value: /etc/flynn/mesh-tls/tls.crt
+        - name: FLYNN_TLS_KEY_FILE
+          value: /etc/flynn/mesh-tls/tls.key
+        {{- end }}
+        {{- end }}
+        {{- $tls := include "flynn.servesTls" . }}
+        {{- if $tls }}
+        - name: FLYNN_LOCAL_LISTEN
+          value: "127.0.0.1:{{ include "flynn.localPort" $v }}"
         {{- end }}
         {{- include "flynn.tracingEnv" (dict "root" $root "name" .name) | nindent 8 }}
         {{- with $v.extraEnv }}
@@ -309,22 +351,30 @@ spec:
           containerPort: {{ $v.proxyProtocolPort }}
           protocol: TCP
         {{- end }}
+      {{- /* The kubelet's gRPC probe speaks no TLS: a TLS process is probed from inside the pod, on
+      its loopback-only plaintext port. */}}
+      {{- $probe := "" }}
+      {{- if $tls }}
+      {{- $probe = printf "exec:\n  command: [flynn-healthcheck, --timeout, \"4\", %s]" (printf "127.0.0.1:%s/%s" (include "flynn.localPort" $v) (first .comp.grpcServices) | quote) }}
+      {{- else }}
+      {{- $probe = printf "grpc:\n  port: %d\n  service: %s" (int $v.grpcPort) (first .comp.grpcServices | quote) }}
+      {{- end }}
       startupProbe:
-        grpc:
-          port: {{ $v.grpcPort }}
-          service: {{ first .comp.grpcServices | quote }}
+        {{- $probe | nindent 8 }}
         periodSeconds: {{ $root.Values.probes.startup.periodSeconds }}
         failureThreshold: {{ $root.Values.probes.startup.failureThreshold }}
+        {{- if $tls }}
+        timeoutSeconds: 5
+        {{- end }}
       readinessProbe:
-        grpc:
-          port: {{ $v.grpcPort }}
-          service: {{ first .comp.grpcServices | quote }}
+        {{- $probe | nindent 8 }}
         periodSeconds: {{ $root.Values.probes.readiness.periodSeconds }}
         failureThreshold: {{ $root.Values.probes.readiness.failureThreshold }}
+        {{- if $tls }}
+        timeoutSeconds: 5
+        {{- end }}
       livenessProbe:
-        grpc:
-          port: {{ $v.grpcPort }}
-          service: {{ first .comp.grpcServices | quote }}
+        {{- $probe | nindent 8 }}
         periodSeconds: {{ $root.Values.probes.liveness.periodSeconds }}
         failureThreshold: {{ $root.Values.probes.liveness.failureThreshold }}
         timeoutSeconds: {{ $root.Values.probes.liveness.timeoutSeconds }}
@@ -351,6 +401,17 @@ spec:
         {{- if and .comp.stateful (include "flynn.databaseEnabled" $root) $root.Values.database.existingSecret }}
         - name: database
           mountPath: /etc/flynn/database
+          readOnly: true
+        {{- end }}
+        {{- if and (eq .name "gateway") $gwTls }}
+        # A Secret volume, not subPath: renewals appear in place and the gateway re-reads them.
+        - name: tls
+          mountPath: /etc/flynn/tls
+          readOnly: true
+        {{- end }}
+        {{- if $meshTls }}
+        - name: mesh-tls
+          mountPath: /etc/flynn/mesh-tls
           readOnly: true
         {{- end }}
   volumes:
@@ -394,6 +455,30 @@ spec:
           - key: {{ include "flynn.agentTokenSecretKey" $root }}
             path: agent
           {{- end }}
+    {{- if and (eq .name "gateway") $gwTls }}
+    - name: tls
+      secret:
+        secretName: {{ $gwTls }}
+        defaultMode: 0440
+        items:
+          - key: tls.crt
+            path: tls.crt
+          - key: tls.key
+            path: tls.key
+    {{- end }}
+    {{- if $meshTls }}
+    - name: mesh-tls
+      secret:
+        secretName: {{ $meshTls }}
+        defaultMode: 0440
+        items:
+          - key: tls.crt
+            path: tls.crt
+          - key: tls.key
+            path: tls.key
+          - key: ca.crt
+            path: ca.crt
+    {{- end }}
     {{- if eq .name "config" }}
     - name: seed
       configMap:
@@ -454,4 +539,60 @@ Args: root, name.
   value: "true"
 {{- end }}
 {{- end }}
+{{- end }}
+
+{{/* --- TLS (SECURITY.md "TLS and certificate rotation") ------------------------------------ */}}
+
+{{/* Secret with the gateway's serving certificate (tls.crt, tls.key), or "" when the gateway is plaintext. */}}
+{{- define "flynn.gatewayTlsSecret" -}}
+{{- if .Values.gateway.tls.existingSecret }}
+{{- .Values.gateway.tls.existingSecret }}
+{{- else if .Values.gateway.tls.certManager.enabled }}
+{{- printf "%s-tls" (include "flynn.componentName" (dict "root" . "name" "gateway")) }}
+{{- end }}
+{{- end }}
+
+{{/* Secret with the mesh certificate (tls.crt, tls.key, ca.crt), or "" without mutual TLS. */}}
+{{- define "flynn.meshTlsSecret" -}}
+{{- if .Values.meshTls.enabled }}
+{{- if .Values.meshTls.existingSecret }}
+{{- .Values.meshTls.existingSecret }}
+{{- else if .Values.meshTls.certManager.enabled }}
+{{- printf "%s-mesh-tls" (include "flynn.fullname" .) }}
+{{- else }}
+{{- fail "meshTls.enabled needs meshTls.existingSecret or meshTls.certManager.enabled" }}
+{{- end }}
+{{- end }}
+{{- end }}
+
+{{/* Refuses a gateway reachable from outside the cluster without TLS, unless allowPlaintext. */}}
+{{- define "flynn.checkGatewayTls" -}}
+{{- $gw := .Values.gateway }}
+{{- $external := ne $gw.service.type "ClusterIP" }}
+{{- $plainIngress := and $gw.ingress.enabled (not $gw.ingress.tlsSecretName) }}
+{{- if and (or $external $plainIngress) (not (include "flynn.gatewayTlsSecret" .)) (not $gw.allowPlaintext) }}
+{{- fail (printf "the gateway is reachable from outside (%s) without TLS: set gateway.tls.existingSecret or gateway.tls.certManager.enabled (or gateway.ingress.tlsSecretName), or gateway.allowPlaintext: true to accept tokens in the clear" (ternary (printf "service.type %s" $gw.service.type) "an Ingress without tlsSecretName" $external)) }}
+{{- end }}
+{{- end }}
+
+{{/* In-cluster DNS names of a component's Service. */}}
+{{- define "flynn.dnsNames" -}}
+{{- $name := include "flynn.componentName" . }}
+{{- $ns := .root.Release.Namespace }}
+- {{ $name }}
+- {{ printf "%s.%s" $name $ns }}
+- {{ printf "%s.%s.svc" $name $ns }}
+- {{ printf "%s.%s.svc.%s" $name $ns .root.Values.clusterDomain }}
+{{- end }}
+
+{{/* The loopback-only plaintext port a TLS process also serves, for its exec probes. */}}
+{{- define "flynn.localPort" -}}
+{{- add (int .grpcPort) 10000 }}
+{{- end }}
+
+{{/* Whether component .name serves TLS on its gRPC port ("true" or ""). */}}
+{{- define "flynn.servesTls" -}}
+{{- if eq .name "gateway" }}
+{{- if include "flynn.gatewayTlsSecret" .root }}true{{ end }}
+{{- else if include "flynn.meshTlsSecret" .root }}true{{ end }}
 {{- end }}
