@@ -153,7 +153,14 @@ class Built:
     seconds: float
 
 
-def build(base: str = "published", tag: str = "dev", voice: bool = True, quiet: bool = False) -> Built:
+def build(
+    base: str = "published",
+    tag: str = "dev",
+    voice: bool = True,
+    quiet: bool = False,
+    every_stage: bool = True,
+) -> Built:
+    """Build the images; every_stage=False builds only the two final targets (no per-stage sizes)."""
     start = time.monotonic()
     eng = engine()
     cache = cache_dir()
@@ -162,7 +169,7 @@ def build(base: str = "published", tag: str = "dev", voice: bool = True, quiet: 
         debian_base(cache, eng) if base == "debian" else (published_base() if base == "published" else base)
     )
     log(f"base image: {base_ref}")
-    stages = [s for s in STAGES if voice or "voice" not in s]
+    stages = [s for s in STAGES if (voice or "voice" not in s) and (every_stage or s in FINAL)]
     sizes: dict[str, int] = {}
     for stage in stages:
         ref = FINAL.get(stage, "localhost/flynn-stage") + (f":{tag}" if stage in FINAL else f":{tag}-{stage}")
