@@ -16,10 +16,11 @@
 #   podman build --build-context wheels=/var/cache/flynn/wheelhouse --target voice .
 # and installed with --no-index --no-deps --require-hashes: nothing is resolved or fetched here.
 #
-# Base image: the published python:3.11.14-slim-bookworm, pinned by the digest of its
-# multi-architecture index. A base made locally is passed by its own digest
-# (BASE_IMAGE=localhost/flynn-debian-base@sha256:...); Debian's python3.11 is installed into it.
-ARG BASE_IMAGE=python:3.11.14-slim-bookworm@sha256:65a93d69fa75478d554f4ad27c85c1e69fa184956261b4301ebaf6dbb0a3543d
+# Base image: the published python:3.11.14-slim-bookworm, fully qualified (no engine's short-name
+# settings matter) and pinned by the digest of its multi-architecture index. A base made locally is
+# passed by its own digest (BASE_IMAGE=localhost/flynn-debian-base@sha256:...); Debian's python3.11
+# is installed into it.
+ARG BASE_IMAGE=docker.io/library/python:3.11.14-slim-bookworm@sha256:65a93d69fa75478d554f4ad27c85c1e69fa184956261b4301ebaf6dbb0a3543d
 
 # ---- base: Python 3.11, tini and the flynn user; shared by every stage ---------------------------
 FROM ${BASE_IMAGE} AS base

@@ -9,8 +9,9 @@ Steps, each cached under the cache directory (FLYNN_CACHE_DIR, else /var/cache/f
 1. wheelhouse/: `pip download --no-deps --require-hashes` of every lock the image installs, outside
    the build (PyPI is not reachable with verified TLS from inside a build here, nor at all in an
    air-gapped network); skipped while the locks are unchanged.
-2. with --base debian: base/debian-bookworm-minbase.tar from `mmdebstrap --variant=minbase bookworm`
-   (SOURCE_DATE_EPOCH fixed), imported once as localhost/flynn-debian-base and passed to the build
+2. with --base debian: base/debian-bookworm-minbase-nodoc.tar from `mmdebstrap --variant=minbase
+   bookworm` (SOURCE_DATE_EPOCH fixed; dpkg set to leave out manuals, translations and docs but
+   copyright files), imported once as localhost/flynn-debian-base and passed to the build
    by its own digest.
 3. the build, target by target (base, build, build-voice, voice, runtime), with the wheelhouse as the
    build context "wheels"; then the size of each stage's image is printed.
@@ -49,6 +50,16 @@ DEBIAN_SUITE = "bookworm"
 # with explicit, lower ones.
 ULIMITS = ("--ulimit", "nofile=4096:4096", "--ulimit", "nproc=4096:4096")
 SOURCE_DATE_EPOCH = "1700000000"
+# dpkg in the base (and in every image built on it) leaves out manuals, translations and docs, but
+# keeps each package's copyright file (the licences of the GPL packages ship with the image).
+DPKG_OPTS = (
+    "path-exclude=/usr/share/man/*",
+    "path-exclude=/usr/share/locale/*",
+    "path-exclude=/usr/share/doc/*",
+    "path-include=/usr/share/doc/*/copyright",
+    "path-exclude=/usr/share/info/*",
+)
+BASE_FLAVOUR = "minbase-nodoc"
 
 
 def log(msg: str) -> None:
@@ -114,7 +125,7 @@ def wheelhouse(cache: Path) -> Path:
 
 def debian_base(cache: Path, eng: list[str]) -> str:
     """A Debian minbase made from Debian's packages, imported once; returned pinned by its digest."""
-    tar = cache / "base" / f"debian-{DEBIAN_SUITE}-minbase.tar"
+    tar = cache / "base" / f"debian-{DEBIAN_SUITE}-{BASE_FLAVOUR}.tar"
     if not tar.exists():
         if not shutil.which("mmdebstrap"):
             raise SystemExit("--base debian needs mmdebstrap (scripts/bootstrap.sh --with-image)")
@@ -122,11 +133,9 @@ def debian_base(cache: Path, eng: list[str]) -> str:
         part = tar.with_suffix(".tar.part")
         log(f"base: mmdebstrap --variant=minbase {DEBIAN_SUITE} {tar}")
         env = dict(os.environ, SOURCE_DATE_EPOCH=SOURCE_DATE_EPOCH)
-        subprocess.run(
-            ["mmdebstrap", "--variant=minbase", "--format=tar", "--quiet", DEBIAN_SUITE, str(part)],
-            check=True,
-            env=env,
-        )
+        opts = [f"--dpkgopt={o}" for o in DPKG_OPTS]
+        cmd = ["mmdebstrap", "--variant=minbase", "--format=tar", "--quiet", *opts, DEBIAN_SUITE, str(part)]
+        subprocess.run(cmd, check=True, env=env)
         part.rename(tar)
     tar_sha = hashlib.sha256(tar.read_bytes()).hexdigest()
     ref = f"{DEBIAN_BASE}:{DEBIAN_SUITE}-{tar_sha[:16]}"
@@ -153,7 +162,14 @@ class Built:
     seconds: float
 
 
-def build(base: str = "published", tag: str = "dev", voice: bool = True, quiet: bool = False) -> Built:
+def build(
+    base: str = "published",
+    tag: str = "dev",
+    voice: bool = True,
+    quiet: bool = False,
+    every_stage: bool = True,
+) -> Built:
+    """Build the images; every_stage=False builds only the two final targets (no per-stage sizes)."""
     start = time.monotonic()
     eng = engine()
     cache = cache_dir()
@@ -162,7 +178,7 @@ def build(base: str = "published", tag: str = "dev", voice: bool = True, quiet: 
         debian_base(cache, eng) if base == "debian" else (published_base() if base == "published" else base)
     )
     log(f"base image: {base_ref}")
-    stages = [s for s in STAGES if voice or "voice" not in s]
+    stages = [s for s in STAGES if (voice or "voice" not in s) and (every_stage or s in FINAL)]
     sizes: dict[str, int] = {}
     for stage in stages:
         ref = FINAL.get(stage, "localhost/flynn-stage") + (f":{tag}" if stage in FINAL else f":{tag}-{stage}")

@@ -77,7 +77,9 @@ def test_dockerfile_copies_every_package_the_project_installs() -> None:
 def test_dockerfile_is_non_root_and_pinned() -> None:
     # The published base is pinned by digest (a base made locally is passed by its own digest).
     assert re.search(
-        r"^ARG BASE_IMAGE=python:3\.11\.\d+-slim-bookworm@sha256:[a-f0-9]{64}$", DOCKERFILE, re.M
+        r"^ARG BASE_IMAGE=(docker\.io/library/)?python:3\.11\.\d+-slim-bookworm@sha256:[a-f0-9]{64}$",
+        DOCKERFILE,
+        re.M,
     )
     stages = {
         m.group(1): m.group(2)

@@ -71,7 +71,8 @@ def images() -> Images:
         )
     if shutil.which("podman") is None:
         pytest.fail("podman is not installed: scripts/bootstrap.sh --with-image installs it")
-    built = build_image.build(base=os.environ.get("FLYNN_IMAGE_BASE", "debian"), tag=TAG, quiet=True)
+    base = os.environ.get("FLYNN_IMAGE_BASE", "debian")
+    built = build_image.build(base=base, tag=TAG, quiet=True, every_stage=False)
     return Images(built.runtime, built.voice, built.sizes)
 
 

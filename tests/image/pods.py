@@ -313,10 +313,13 @@ class ChartOnPodman:
     def start(self, pod: Pod) -> None:
         name = f"{self.prefix}-{pod.name}"
         podman("rm", "-f", "-v", "-t", "0", name, check=False)
-        podman(*self.run_args(pod))
         pod.container = name
         if name not in self.containers:
             self.containers.append(name)
+        try:
+            podman(*self.run_args(pod))
+        except HarnessError as e:
+            raise HarnessError(f"pod {pod.name} (image {pod.main['image']}) did not start: {e}") from None
 
     def state(self, pod: Pod) -> tuple[str, int]:
         out = podman("inspect", "--format", "{{.State.Status}} {{.State.ExitCode}}", pod.container).stdout

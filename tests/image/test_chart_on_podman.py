@@ -7,7 +7,8 @@ Then, through the gateway container only: grpcurl with the operator token from t
 message in and a reply out; on the voice channel a spoken reply (piper inside the voice image) and a
 voice note heard by faster-whisper (inside the image); a companion node connecting from the host; the
 voice note's canvas artifact surviving `podman kill` and a new nodes container on the same volume;
-and the `helm test` hook Pod run from the image. Every container, volume and network is removed.
+the `helm test` hook Pod run from the image; and every pod stopping with exit 0 on SIGTERM within its
+grace period. Every container, volume and network is removed.
 """
 
 from __future__ import annotations
@@ -266,3 +267,15 @@ def test_pod_of_a_stateful_set_is_named_like_kubernetes_names_it(mesh: Mesh) -> 
     assert nodes.name.endswith("-0")
     hostname = podman("exec", nodes.container, "cat", "/etc/hostname").stdout.strip()
     assert hostname == nodes.name
+
+
+def test_every_pod_stops_cleanly_on_sigterm_within_its_grace_period(mesh: Mesh) -> None:
+    """Last: what the kubelet does on delete (SIGTERM through tini, then SIGKILL at the grace period)."""
+    for pod in mesh.chart.pods.values():
+        grace = int(pod.spec.get("terminationGracePeriodSeconds", 30))
+        start = time.monotonic()
+        podman("stop", "-t", str(grace), pod.container, timeout=grace + 30)
+        elapsed = time.monotonic() - start
+        status, code = mesh.chart.state(pod)
+        assert status == "exited" and code == 0, f"{pod.name}: exit {code}\n{mesh.chart.logs(pod)}"
+        assert elapsed < grace, f"{pod.name} took {elapsed:.1f} s of its {grace} s grace period"

@@ -20,6 +20,11 @@ BROKEN = {
         "RUN rm -rf /opt/flynn/lib/python3.11/site-packages/yaml",
         ["rel-flynn-config-0", "exited with code", "No module named 'yaml'"],
     ),
+    # A system package the image's entrypoint needs is missing.
+    "missing-system-package": (
+        "RUN rm /usr/bin/tini",
+        ["rel-flynn-config-0", "did not start", "/usr/bin/tini"],
+    ),
     # The process writes a file outside /data and /tmp, which a read-only root filesystem refuses.
     "writes-outside-data": (
         "RUN printf '#!/bin/sh\\nset -e\\ndate > /opt/flynn/started-at\\nexec \"$@\"\\n' > /usr/local/bin/note-start"
