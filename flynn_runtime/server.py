@@ -65,6 +65,7 @@ class Runtime:
         #: The configured PostgreSQL database (None: embedded SQLite under data_dir).
         self.database_settings: DatabaseSettings | None = database_from_settings(settings)
         self.databases: list[Database] = []
+        self._credentials: grpc.ChannelCredentials | None = None
 
     async def open_database(
         self,
@@ -88,7 +89,6 @@ class Runtime:
         )
         self.databases.append(db)
         return db
-        self._credentials: grpc.ChannelCredentials | None = None
 
     def channel(self, backend: str) -> grpc.aio.Channel:
         """A shared channel to another service, carrying this service's bearer token."""
