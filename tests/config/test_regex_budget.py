@@ -86,7 +86,12 @@ def test_regexes_over_the_total_budget_are_refused_naming_each_field(gateway: tu
     rich = from_rpc_error(ei.value)  # type: ignore[arg-type]
     assert rich is not None
     fields = {v.field for v in rich.violations}
-    assert fields == {f"automation.reactions[{i}].trigger.regex" for i in range(1, 20, 2)}
+    heavy_fields = {f"automation.reactions[{i}].trigger.regex" for i in range(1, 20, 2)}
+    # Every heavy regex is named, each once; an error echoes a bounded number of violations and
+    # counts the rest (ErrorInfo violations_omitted), so the trailer stays within gRPC's limits.
+    omitted = int(rich.metadata.get("violations_omitted", "0"))
+    assert fields <= heavy_fields and len(rich.violations) == len(fields)
+    assert len(fields) + omitted == len(heavy_fields), (sorted(fields), omitted)
     assert all("memory budget of 200000 bytes" in v.description for v in rich.violations)
 
 

@@ -331,7 +331,7 @@ def test_up_with_tls_prints_a_cacert_call_that_works_as_printed(tmp_path: Path) 
         )  # fmt: skip
         assert status.returncode == 0, status.stdout + status.stderr
         rows = {
-            line.split()[0]: line.split()[2] for line in status.stdout.splitlines() if "127.0.0.1:" in line
+            line.split()[0]: line.split()[3] for line in status.stdout.splitlines() if "127.0.0.1:" in line
         }
         assert {rows[n] for n in ("config", "queue", "gateway")} == {"SERVING"}, status.stdout
         assert lch.stop() == 0
