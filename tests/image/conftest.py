@@ -99,6 +99,8 @@ def rendered(images: Images, tmp_path_factory: pytest.TempPathFactory) -> Render
                     "name": "image-test-channel",
                     "role": "channel",
                     "sha256": hashlib.sha256(token.encode()).hexdigest(),
+                    # a channel principal serves only its channels (SECURITY.md "Principals")
+                    "channels": [CHANNEL],
                 }
             ]
         },
