@@ -57,6 +57,8 @@ class Runtime:
         #: The configured PostgreSQL database (None: embedded SQLite under data_dir).
         self.database_settings: DatabaseSettings | None = database_from_settings(settings)
         self.databases: list[Database] = []
+        #: The gRPC port actually bound (known before ServiceApp.start; --listen may say port 0).
+        self.bound_port = 0
 
     async def open_database(
         self,
@@ -168,6 +170,7 @@ async def running(
     port = server.add_insecure_port(settings.listen)
     if port == 0:
         raise SystemExit(f"cannot listen on {settings.listen}")
+    runtime.bound_port = port
     metrics_port = metrics.start_metrics_server(settings.metrics_listen)
     metrics.SERVICE_INFO.labels(settings.service, VERSION).set(1)
     await health_servicer.set("", health_pb2.HealthCheckResponse.NOT_SERVING)

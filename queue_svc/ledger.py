@@ -123,6 +123,12 @@ class Ledger:
         self._pins: dict[str, int] = {}  # sessions an operation is being prepared for
         self._depth = 0  # queue entries over all sessions (flynn_queue_depth, without visiting them)
 
+    async def _own(self, key: str) -> None:
+        """Make sure this replica owns the session (several replicas: run_control.py); else no-op."""
+
+    def owns(self, key: str) -> bool:
+        return True
+
     def _op(self) -> AbstractContextManager[Op]:
         return self.commit.op()
 
@@ -168,9 +174,9 @@ class Ledger:
         self._sessions[row.session_key] = s
         return s
 
-    def evict_idle(self, idle_seconds: float) -> int:
+    def evict_idle(self, idle_seconds: float) -> list[str]:
         """Drop from memory the sessions idle for `idle_seconds` whose state is durable: no active run,
-        no queue, no timer, no operation being prepared. Their rows stay in the store. Returns how many."""
+        no queue, no timer, no operation being prepared. Their rows stay in the store. Returns their keys."""
         cutoff = time.monotonic() - idle_seconds
         idle = [
             k for k, s in self._sessions.items()
@@ -179,7 +185,7 @@ class Ledger:
         ]  # fmt: skip
         for k in idle:
             del self._sessions[k]
-        return len(idle)
+        return idle
 
     def _event(
         self,
@@ -299,6 +305,7 @@ class Ledger:
         return out, (rows[-1][0] if more and rows else 0)
 
     async def get_session(self, session_key: str) -> pb.Session:
+        await self._own(session_key)
         s = await self._load_session(session_key)
         if s is None:
             raise errors.not_found("session", session_key)
@@ -345,10 +352,13 @@ class Ledger:
         return self.commit.durable_gseq
 
     async def events_after(self, after_seq: int, session_key: str = "") -> list[pb.RunEvent]:
-        """Durable events only: a cursor never points past what a crash could take back."""
-        rows = await self.store.events_after(after_seq, session_key, upto=self.commit.durable_gseq)
+        """Durable events only: a cursor never points past what a crash could take back. (With several
+        replicas, everything in the database is committed, by every replica: no bound.)"""
+        upto = self.commit.durable_gseq if self.commit.publish_locally else 1 << 62
+        rows = await self.store.events_after(after_seq, session_key, upto=upto)
         return [pb.RunEvent.FromString(b) for b in rows]
 
     async def replies_after(self, after_cursor: int) -> list[pb.Reply]:
-        rows = await self.store.replies_after(after_cursor, upto=self.commit.durable_cursor)
+        upto = self.commit.durable_cursor if self.commit.publish_locally else 1 << 62
+        rows = await self.store.replies_after(after_cursor, upto=upto)
         return [pb.Reply.FromString(b) for b in rows]
