@@ -71,6 +71,11 @@ class Ownership:
             lk = self._locks[key] = asyncio.Lock()
         return lk
 
+    def adopting(self, key: str) -> bool:
+        """Whether the session's adoption (acquire, then load) is in progress."""
+        lk = self._locks.get(key)
+        return lk is not None and lk.locked()
+
     async def acquire(self, key: str) -> leases.Lease:
         """Try to own `key`; on success it is recorded here (the caller then adopts its state)."""
         async with self.db.connection() as conn:

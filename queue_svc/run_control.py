@@ -240,8 +240,10 @@ class RunControl(Ledger):
 
     async def _own(self, key: str) -> None:
         """Make sure this replica owns `key` (adopting it when free); NotOwner names the owner."""
-        if self.ownership is not None and key not in self.ownership.owned:
-            await self.adopt_session(key)
+        own = self.ownership
+        if own is None or (key in own.owned and not own.adopting(key)):
+            return
+        await self.adopt_session(key)  # waits for an adoption in progress (the takeover loop's)
 
     async def adopt_session(self, key: str) -> None:
         """Acquire the session's lease and load its state from the store: runs that were active under
