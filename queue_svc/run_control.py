@@ -233,9 +233,12 @@ class RunControl(Ledger):
         await tailer.start()
         own.start()
         # Busy sessions nobody holds (data from before replicas, or imported): adopt what is free.
-        for srow in await self.store.busy_sessions():
+        keys = [r.session_key for r in await self.store.busy_sessions()]
+        keys += [r.session_key for r in await self.store.pending_speech()]
+        for key in dict.fromkeys(keys):
             with contextlib.suppress(NotOwner):
-                await self.adopt_session(srow.session_key)
+                await self.adopt_session(key)
+        await self.durable()
         self._evictor = asyncio.ensure_future(self._evict_loop())
 
     async def _own(self, key: str) -> None:
