@@ -23,7 +23,6 @@ from queue_svc.run_control import RunControl
 from queue_svc.servicer import RunControlServicer
 from queue_svc.store import QueueStore
 from queue_svc.store_sqlite import SqliteQueueStore
-from queue_svc.tail import Tailer
 from queue_svc.voice_client import VoiceSynthesizer
 
 
@@ -143,9 +142,6 @@ class QueueApp(ServiceApp):
             audit=self.runtime.audit,
             ownership=self.ownership,
         )
-        if self.ownership is not None:
-            assert isinstance(self.store, store_pg.PgQueueStore)
-            self.rc.tailer = Tailer(self.store, self.rc.events, self.rc.replies)
         await self.rc.start()
 
     async def stop(self) -> None:

@@ -8,6 +8,8 @@ sessions and from the store otherwise, and never show past the durable sequence 
 
 from __future__ import annotations
 
+import asyncio
+import logging
 import time
 from collections.abc import Iterator
 from contextlib import AbstractContextManager, contextmanager
@@ -28,9 +30,9 @@ from queue_svc.group_commit import GroupCommit, Op
 from queue_svc.store import QueueStore, RunRow, SessionRow
 
 if TYPE_CHECKING:
-    import asyncio
-
     from queue_svc.agents import AgentRun
+
+log = logging.getLogger(__name__)
 
 QUEUED, STARTED, CANCEL_REQUESTED = pb.RUN_STATE_QUEUED, pb.RUN_STATE_STARTED, pb.RUN_STATE_CANCEL_REQUESTED
 CANCELLED, COMPLETED, ERROR = pb.RUN_STATE_CANCELLED, pb.RUN_STATE_COMPLETED, pb.RUN_STATE_ERROR
@@ -124,10 +126,13 @@ class Ledger:
         self._depth = 0  # queue entries over all sessions (flynn_queue_depth, without visiting them)
 
     async def _own(self, key: str) -> None:
-        """Make sure this replica owns the session (several replicas: run_control.py); else no-op."""
+        """Make sure this replica owns the session (several replicas: replica.py); else nothing."""
 
     def owns(self, key: str) -> bool:
         return True
+
+    async def _evicted(self, keys: list[str]) -> None:
+        """Sessions that left memory (several replicas release their leases: replica.py)."""
 
     def _op(self) -> AbstractContextManager[Op]:
         return self.commit.op()
@@ -173,6 +178,17 @@ class Ledger:
         s.touched = time.monotonic()
         self._sessions[row.session_key] = s
         return s
+
+    async def _evict_loop(self, idle_seconds: float) -> None:
+        """Idle sessions leave memory (their rows stay in the store; an operation loads them back)."""
+        while not self._stopping:
+            await asyncio.sleep(min(idle_seconds, 30.0))
+            evicted = self.evict_idle(idle_seconds)
+            if evicted:
+                log.debug(
+                    "idle sessions evicted", extra={"count": len(evicted), "resident": len(self._sessions)}
+                )
+                await self._evicted(evicted)
 
     def evict_idle(self, idle_seconds: float) -> list[str]:
         """Drop from memory the sessions idle for `idle_seconds` whose state is durable: no active run,
@@ -279,6 +295,15 @@ class Ledger:
     @property
     def _q(self) -> config_pb2.QueueConfig:
         return self.config.config.server.queue
+
+    def _cap(self) -> int:
+        return self._q.cap if self._q.cap > 0 else 20
+
+    def _cancel_deadline(self) -> float:
+        return _seconds(self._q.cancel_deadline, 2.0)
+
+    def _quiet_window(self) -> float:
+        return _seconds(self._q.quiet_window, 0.0)
 
     def effective_mode(self, session_key: str, channel: str, override: int = 0) -> pb.EffectiveMode:
         d = targeting.queue_mode(self.config.config, targeting.Target(session_key, channel), override)

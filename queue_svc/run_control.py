@@ -22,7 +22,6 @@ Invariants the code keeps (and tests check):
 from __future__ import annotations
 
 import asyncio
-import contextlib
 import functools
 import logging
 import time
@@ -31,11 +30,10 @@ from dataclasses import dataclass
 from flynn.v1 import common_pb2, config_pb2
 from flynn.v1 import run_control_pb2 as pb
 
-from flynn_runtime import errors, leases
+from flynn_runtime import errors
 from flynn_runtime.audit import AuditLog
 from flynn_runtime.config_source import ConfigSource
 from flynn_runtime.ids import new_id
-from flynn_runtime.leases import StaleEpoch
 from queue_svc import metrics, speech
 from queue_svc.agent_driver import AgentDriver, AgentProvider
 from queue_svc.agents import (
@@ -66,10 +64,9 @@ from queue_svc.ledger import (
     _ts,
 )
 from queue_svc.outbox import Outbox, reply_id_for_run
-from queue_svc.ownership import NotOwner, Ownership
+from queue_svc.ownership import Ownership
+from queue_svc.replica import Replica
 from queue_svc.store import InputRow, MessageRow, QueueEntryRow, QueueStore, RunRow
-from queue_svc.store_pg import SESSION_SCOPE
-from queue_svc.tail import Tailer
 
 __all__ = [
     "AgentProvider",
@@ -165,7 +162,6 @@ class RunControl(Ledger):
         speech_concurrency: int = 32,
         session_idle_seconds: float = 60.0,
         ownership: Ownership | None = None,
-        tailer: Tailer | None = None,
     ) -> None:
         super().__init__(store, config, audit)
         self.agents = agents
@@ -173,15 +169,15 @@ class RunControl(Ledger):
         self.driver = AgentDriver(self, agents)
         self.session_idle_seconds = session_idle_seconds
         self._evictor: asyncio.Task[None] | None = None
-        self.ownership = ownership
-        self.tailer = tailer
+        #: With PostgreSQL: one of N replicas owning sessions by lease (replica.py).
+        self.replica = Replica(self, ownership) if ownership is not None else None
 
     # --- lifecycle -------------------------------------------------------------------------
 
     async def start(self) -> None:
         """Load state and recover from a crash (DESIGN.md §4 crash policy)."""
-        if self.ownership is not None:
-            await self._start_replica()
+        if self.replica is not None:
+            await self.replica.start()
             return
         self.commit.resume(await self.store.max_global_seq(), await self.store.max_reply_cursor())
         # Scrapes read counters and live runs, never every session.
@@ -199,158 +195,18 @@ class RunControl(Ledger):
                 self._advance(op, s)
             self.outbox.recover(op, pending_speech)
         await self.durable()
-        self._evictor = asyncio.ensure_future(self._evict_loop())
-
-    async def _evict_loop(self) -> None:
-        """Idle sessions leave memory (their rows stay in the store; an operation loads them back);
-        with several replicas their leases are released, so the next call anywhere acquires anew."""
-        while not self._stopping:
-            await asyncio.sleep(min(self.session_idle_seconds, 30.0))
-            evicted = self.evict_idle(self.session_idle_seconds)
-            if evicted:
-                log.debug(
-                    "idle sessions evicted", extra={"count": len(evicted), "resident": len(self._sessions)}
-                )
-            if evicted and self.ownership is not None:
-                await self.ownership.release(self.ownership.forget(evicted))
-
-    # --- several replicas (ownership.py) ---------------------------------------------------------
-
-    async def _start_replica(self) -> None:
-        """Start as one of several replicas: sessions are adopted on demand (a call, or an expired
-        lease of a dead replica), never all at start-up."""
-        own, tailer = self.ownership, self.tailer
-        assert own is not None and tailer is not None
-        self.store.epoch_of = own.epoch_of
-        self.commit.publish_locally = False
-        self.commit.on_commit = tailer.wake
-        self.commit.on_refused = self._refused
-        own.step_down = self.step_down
-        own.adopt = self.adopt_session
-        tailer.progress = self.commit.advance
-        metrics.QUEUE_DEPTH.set_function(lambda: self._depth)
-        metrics.RUNS_ACTIVE.set_function(lambda: sum(1 for r in self._runs.values() if r.row.state in ACTIVE))
-        await tailer.start()
-        own.start()
-        # Busy sessions nobody holds (data from before replicas, or imported): adopt what is free.
-        keys = [r.session_key for r in await self.store.busy_sessions()]
-        keys += [r.session_key for r in await self.store.pending_speech()]
-        for key in dict.fromkeys(keys):
-            with contextlib.suppress(NotOwner):
-                await self.adopt_session(key)
-        await self.durable()
-        self._evictor = asyncio.ensure_future(self._evict_loop())
+        self._evictor = asyncio.ensure_future(self._evict_loop(self.session_idle_seconds))
 
     async def _own(self, key: str) -> None:
-        """Make sure this replica owns `key` (adopting it when free); NotOwner names the owner."""
-        own = self.ownership
-        if own is None or (key in own.owned and not own.adopting(key)):
-            return
-        await self.adopt_session(key)  # waits for an adoption in progress (the takeover loop's)
-
-    async def adopt_session(self, key: str) -> None:
-        """Acquire the session's lease and load its state from the store: runs that were active under
-        the previous owner are recovered with the restart policy, its queue moves on, replies left
-        pending go out as text. Raises NotOwner when another live replica holds it."""
-        own = self.ownership
-        assert own is not None
-        async with own.lock(key):
-            if key in own.owned:
-                return
-            lease = await own.acquire(key)
-            if not lease.held_by(own.holder):
-                raise NotOwner(key, lease.address, lease.expires_in)
-            try:
-                with self._pin(key):
-                    self._drop_session(key)
-                    await self._load_owned(key)
-            except BaseException:
-                self.step_down([key], "loading the session failed")
-                raise
-            metrics.SESSIONS_ADOPTED.inc()
-
-    async def _load_owned(self, key: str) -> None:
-        row = await self.store.session(key)
-        if row is None:
-            return  # a new session: created by the operation that follows
-        runs = await self.store.runs_in_states((QUEUED, STARTED, CANCEL_REQUESTED), key)
-        entries = await self.store.queue_entries(key)
-        collected = {e.message_id: await self.store.message(e.message_id) for e in entries if e.kind != "run"}
-        pending = await self.store.pending_speech(key)
-        s = self._session_from(row)
-        for r in runs:
-            self._runs[r.run_id] = _Live(r)
-        for e in entries:
-            if e.kind == "run":
-                live = self._runs.get(e.run_id)
-                if live is not None:
-                    s.queue.append(
-                        _Entry(e.pos, "run", e.run_id, receive_time=live.row.create_time, mode=live.row.mode)
-                    )
-                    self._depth += 1
-                continue
-            m = collected.get(e.message_id)
-            if m is not None:
-                s.queue.append(
-                    _Entry(e.pos, "collect", message=AgentInput(m.message_id, m.sender, m.text, m.causation),
-                           receive_time=m.receive_time, mode=COLLECT)
-                )  # fmt: skip
-                s.last_collect = max(s.last_collect, m.receive_time)
-                self._depth += 1
-        with self._op() as op:
-            op.sessions[key] = s
-            for live in [self._runs[r.run_id] for r in runs if r.state in ACTIVE]:
-                self._recover_run(op, live)
-            self._advance(op, s)
-            self.outbox.recover(op, pending)
-
-    def step_down(self, keys: list[str], why: str) -> None:
-        """Stop serving these sessions here: forget their leases, drop their state from memory, stop
-        their agent calls without writing anything (the new owner recovers their runs)."""
-        if self.ownership is None:
-            return
-        self.ownership.forget(keys)
-        for key in keys:
-            self._drop_session(key)
-        metrics.SESSIONS_STEPPED_DOWN.labels(why).inc(len(keys))
-        log.warning(
-            "stepped down from sessions", extra={"count": len(keys), "why": why, "sessions": keys[:10]}
-        )
-
-    def _drop_session(self, key: str) -> None:
-        s = self._sessions.pop(key, None)
-        if s is not None:
-            if s.timer is not None:
-                s.timer.cancel()
-            self._depth -= len(s.queue)
-        lives = [live for live in self._runs.values() if live.row.session_key == key]
-        self.driver.stop(lives)
-        for live in lives:
-            self._runs.pop(live.row.run_id, None)
-
-    def _refused(self, e: StaleEpoch, sessions: set[str]) -> None:
-        """A batch was refused (stale epoch). Every session it touched has memory ahead of the
-        database now: step down from them; the ones still ours are handed over (expired at once) so
-        a replica (maybe this one) adopts them from the database."""
-        own = self.ownership
-        if own is None:
-            return
-        mine = [k for k in sessions if k in own.owned and own.owned[k] == e.epochs.get(k, own.owned[k])]
-        still = {k: own.owned[k] for k in mine if k not in e.names}
-        self.step_down(mine, "write refused: stale epoch")
-        if still:
-            asyncio.ensure_future(self._hand_over(still))
-
-    async def _hand_over(self, epochs: dict[str, int]) -> None:
-        assert self.ownership is not None
-        try:
-            async with self.ownership.db.connection() as conn:
-                await leases.hand_over(conn, SESSION_SCOPE, self.ownership.holder, epochs)
-        except Exception as ex:
-            log.warning("handing sessions over failed (they expire by themselves)", extra={"error": str(ex)})
+        if self.replica is not None:
+            await self.replica.own(key)
 
     def owns(self, key: str) -> bool:
-        return self.ownership is None or key in self.ownership.owned
+        return self.replica is None or self.replica.owns(key)
+
+    async def _evicted(self, keys: list[str]) -> None:
+        if self.replica is not None:
+            await self.replica.release(keys)
 
     def _recover_run(self, op: Op, live: _Live) -> None:
         """A run that was active when the process died: the restart policy decides."""
@@ -383,23 +239,9 @@ class RunControl(Ledger):
         if tasks:
             await asyncio.wait(tasks, timeout=5)
         await self.durable()
-        if self.ownership is not None:
-            await self.ownership.stop()
-            await self.ownership.hand_over_all()  # the survivors adopt our sessions now
-        if self.tailer is not None:
-            await self.tailer.stop()
+        if self.replica is not None:
+            await self.replica.stop()  # the survivors adopt our sessions now
         await self.agents.close()
-
-    # --- config ------------------------------------------------------------------------------
-
-    def _cap(self) -> int:
-        return self._q.cap if self._q.cap > 0 else 20
-
-    def _cancel_deadline(self) -> float:
-        return _seconds(self._q.cancel_deadline, 2.0)
-
-    def _quiet_window(self) -> float:
-        return _seconds(self._q.quiet_window, 0.0)
 
     # --- SubmitMessage -----------------------------------------------------------------------
 
@@ -764,9 +606,8 @@ class RunControl(Ledger):
         with self._op() as op:
             self._advance(op, s)
 
-    # --- PostReply -----------------------------------------------------------------------------
-
     async def post_reply(self, reply: pb.Reply, idempotency_key: str, speak: bool) -> tuple[pb.Reply, bool]:
+        """PostReply (outbox.py)."""
         return await self.outbox.post_reply(reply, idempotency_key, speak)
 
     # --- CancelRun -----------------------------------------------------------------------------
@@ -811,7 +652,7 @@ class RunControl(Ledger):
             if req.session_key and row.session_key != req.session_key:
                 # Do not reveal that the run exists elsewhere.
                 raise errors.not_found("run", req.run_id, reason="RUN_NOT_IN_SESSION")
-            if live is None and self.ownership is not None:
+            if live is None and self.replica is not None:
                 await self._own(row.session_key)
                 live = self._runs.get(req.run_id)
                 row = live.row if live is not None else await self.store.run(req.run_id)
