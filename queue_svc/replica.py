@@ -50,7 +50,7 @@ class Replica:
         rc, own, tailer = self.rc, self.ownership, self.tailer
         rc.store.epoch_of = own.epoch_of
         rc.commit.publish_locally = False
-        rc.commit.on_commit = tailer.wake
+        rc.commit.on_commit = tailer.publish_own
         rc.commit.on_refused = self.refused
         own.step_down = self.step_down
         own.adopt = self.adopt
