@@ -84,6 +84,14 @@ class Replica:
 
     async def adopt(self, key: str) -> None:
         """Acquire the session's lease and load its state (see the module docstring)."""
+        own = self.ownership
+        try:
+            await self._adopt(key)
+        finally:
+            if key not in own.owned:
+                own.drop_lock(key)  # a lock per session this replica was merely asked about: not kept
+
+    async def _adopt(self, key: str) -> None:
         own, rc = self.ownership, self.rc
         async with own.lock(key):
             if key in own.owned:
