@@ -63,7 +63,7 @@ async def test_busy_sessions_stay_and_start_up_loads_only_them(tmp_path: Path, t
             await q.submit(f"idle{i}", "hi")
         for i in range(20):
             await q.wait_idle(f"idle{i}")
-        await q.set_config("server: {queue: {mode: collect, quiet_window: 1h}}")
+        await q.set_config("server: {queue: {mode: collect, quiet_window: 1h}, agent: {think_time: 300ms}}")
         # The first message starts a run at once; the second, sent with it, waits in the collect
         # buffer for the (hour-long) quiet window.
         await asyncio.gather(q.submit("busy", "runs"), q.submit("busy", "waits in a collect buffer"))
