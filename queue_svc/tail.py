@@ -96,8 +96,9 @@ class Tailer:
                 await self._listener.execute(f"LISTEN {CHANNEL}")
                 delay = 0.1
                 self.wake()  # anything committed while we were not listening
-                async for _ in self._listener.notifies():
-                    self.wake()
+                async for note in self._listener.notifies():
+                    if note.payload != self.store.writer_id:  # our own commits are handed over directly
+                        self.wake()
             except asyncio.CancelledError:
                 raise
             except Exception as e:
