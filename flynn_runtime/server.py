@@ -66,6 +66,8 @@ class Runtime:
         self.database_settings: DatabaseSettings | None = database_from_settings(settings)
         self.databases: list[Database] = []
         self._credentials: grpc.ChannelCredentials | None = None
+        #: The gRPC port actually bound (known before ServiceApp.start; --listen may say port 0).
+        self.bound_port = 0
 
     async def open_database(
         self,
@@ -203,6 +205,7 @@ async def running(
         tls.check_local_listen(settings.tls.local_listen)
     ):
         raise SystemExit(f"cannot listen on {settings.tls.local_listen}")
+    runtime.bound_port = port
     metrics_port = metrics.start_metrics_server(settings.metrics_listen)
     metrics.SERVICE_INFO.labels(settings.service, VERSION).set(1)
     await health_servicer.set("", health_pb2.HealthCheckResponse.NOT_SERVING)

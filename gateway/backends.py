@@ -14,7 +14,7 @@ import grpc
 
 from flynn_runtime import tls
 from flynn_runtime.auth import hop_metadata
-from flynn_runtime.channels import KEEPALIVE_OPTIONS, open_channel
+from flynn_runtime.channels import BALANCING_OPTIONS, KEEPALIVE_OPTIONS, open_channel
 from flynn_runtime.settings import Settings
 
 CONNECT_TIMEOUT_MS = 1000
@@ -30,6 +30,8 @@ def backend_options(max_message_bytes: int) -> list[tuple[str, Any]]:
         ("grpc.initial_reconnect_backoff_ms", 100),
         ("grpc.max_reconnect_backoff_ms", CONNECT_TIMEOUT_MS),
         *KEEPALIVE_OPTIONS,
+        # Several replicas of a backend (an address list or dns:///headless): spread the calls.
+        *BALANCING_OPTIONS,
     ]
 
 

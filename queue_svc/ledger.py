@@ -130,6 +130,15 @@ class Ledger:
         #: Spans of run phases (queue_svc/run_trace.py); None when tracing is off (nothing to do).
         self._trace: RunTracer | None = RunTracer() if tracing.ENABLED else None
 
+    async def _own(self, key: str) -> None:
+        """Make sure this replica owns the session (several replicas: replica.py); else nothing."""
+
+    def owns(self, key: str) -> bool:
+        return True
+
+    async def _evicted(self, keys: list[str]) -> None:
+        """Sessions that left memory (several replicas release their leases: replica.py)."""
+
     def _op(self) -> AbstractContextManager[Op]:
         return self.commit.op()
 
@@ -200,13 +209,16 @@ class Ledger:
         """Idle sessions leave memory (their rows stay in the store; an operation loads them back)."""
         while not self._stopping:
             await asyncio.sleep(min(idle_seconds, 30.0))
-            n = self.evict_idle(idle_seconds)
-            if n:
-                log.debug("idle sessions evicted", extra={"count": n, "resident": len(self._sessions)})
+            evicted = self.evict_idle(idle_seconds)
+            if evicted:
+                log.debug(
+                    "idle sessions evicted", extra={"count": len(evicted), "resident": len(self._sessions)}
+                )
+                await self._evicted(evicted)
 
-    def evict_idle(self, idle_seconds: float) -> int:
+    def evict_idle(self, idle_seconds: float) -> list[str]:
         """Drop from memory the sessions idle for `idle_seconds` whose state is durable: no active run,
-        no queue, no timer, no operation being prepared. Their rows stay in the store. Returns how many."""
+        no queue, no timer, no operation being prepared. Their rows stay in the store. Returns their keys."""
         cutoff = time.monotonic() - idle_seconds
         idle = [
             k for k, s in self._sessions.items()
@@ -215,7 +227,7 @@ class Ledger:
         ]  # fmt: skip
         for k in idle:
             del self._sessions[k]
-        return len(idle)
+        return idle
 
     def _event(
         self,
@@ -335,6 +347,11 @@ class Ledger:
         row = await self.store.run(run_id)
         if row is None:
             raise errors.not_found("run", run_id)
+        if row.state in ACTIVE and not self.owns(row.session_key):
+            # Its streamed output lives with the session's owner (several replicas): ask there.
+            await self._own(row.session_key)
+            live = self._runs.get(run_id)
+            return live.row if live is not None else row
         return row
 
     async def list_runs(
@@ -347,6 +364,7 @@ class Ledger:
         return out, (rows[-1][0] if more and rows else 0)
 
     async def get_session(self, session_key: str) -> pb.Session:
+        await self._own(session_key)
         s = await self._load_session(session_key)
         if s is None:
             raise errors.not_found("session", session_key)
@@ -398,10 +416,13 @@ class Ledger:
         return self.commit.durable_cursor
 
     async def events_after(self, after_seq: int, session_key: str = "") -> list[pb.RunEvent]:
-        """Durable events only: a cursor never points past what a crash could take back."""
-        rows = await self.store.events_after(after_seq, session_key, upto=self.commit.durable_gseq)
+        """Durable events only: a cursor never points past what a crash could take back. (With several
+        replicas, everything in the database is committed, by every replica: no bound.)"""
+        upto = self.commit.durable_gseq if self.commit.publish_locally else 1 << 62
+        rows = await self.store.events_after(after_seq, session_key, upto=upto)
         return [pb.RunEvent.FromString(b) for b in rows]
 
     async def replies_after(self, after_cursor: int) -> list[pb.Reply]:
-        rows = await self.store.replies_after(after_cursor, upto=self.commit.durable_cursor)
+        upto = self.commit.durable_cursor if self.commit.publish_locally else 1 << 62
+        rows = await self.store.replies_after(after_cursor, upto=upto)
         return [pb.Reply.FromString(b) for b in rows]

@@ -15,11 +15,14 @@ from grpc.aio import ServicerContext
 
 from flynn_runtime import errors, tracing
 from flynn_runtime.auth import actor, principal
+from flynn_runtime.channels import downstream_timeout
 from flynn_runtime.ids import is_id
 from flynn_runtime.server import Runtime
 from flynn_runtime.validation import Violations, page_size
 from queue_svc import access, metrics, run_trace
 from queue_svc.fanout import Fanout, Stopped, Subscription
+from queue_svc.forwarding import OwnerUnreachable, Peers
+from queue_svc.ownership import NotOwner
 from queue_svc.run_control import CancelInput, RunControl, SubmitInput, run_to_proto
 
 MAX_TEXT = 32 * 1024
@@ -68,10 +71,35 @@ class RunControlServicer(pb_grpc.RunControlServicer):
         self._runtime = runtime
         self._rc = rc
         self._max_sessions = max_sessions_per_principal
+        self._peers = Peers(credentials=runtime.channel_credentials())
 
     @property
     def rc(self) -> RunControl:
         return self._rc()
+
+    async def _owned(
+        self, method: str, request: Any, context: ServicerContext[Any, Any], serve: Callable[[], Awaitable[T]]
+    ) -> T | Any:
+        """Serve a call about one session here when this replica owns it (or adopts it), else forward
+        it to the owner (ownership.py). When the owner cannot be reached (it died, or is paused), wait
+        for its lease to expire, then adopt the session here, within the caller's deadline."""
+        deadline = time.monotonic() + downstream_timeout(context, 30.0)
+        while True:
+            try:
+                return await serve()
+            except NotOwner as e:
+                try:
+                    return await self._peers.forward(method, request, context, e.address, deadline)
+                except OwnerUnreachable:
+                    wait = max(e.expires_in, 0.0) + 0.05
+                    if time.monotonic() + wait >= deadline:
+                        raise errors.unavailable(
+                            f"the run-control replica owning session {e.session_key!r} is unreachable; "
+                            "its lease has not expired yet: retry",
+                            reason="SESSION_OWNER_UNREACHABLE",
+                            retry_after=wait,
+                        ) from None
+                    await asyncio.sleep(wait)
 
     async def SubmitMessage(
         self, request: pb.SubmitMessageRequest, context: ServicerContext[Any, Any]
@@ -93,6 +121,9 @@ class RunControlServicer(pb_grpc.RunControlServicer):
         access.check_channel(p, request.channel)
         await access.check_session(p, self.rc, request.session_key)
         await access.check_session_cap(p, self.rc, request.session_key, self._max_sessions)
+        return await self._owned("SubmitMessage", request, context, lambda: self._submit(request))
+
+    async def _submit(self, request: pb.SubmitMessageRequest) -> pb.SubmitMessageResponse:
         res = await self.rc.submit(
             SubmitInput(
                 session_key=request.session_key,
@@ -129,7 +160,7 @@ class RunControlServicer(pb_grpc.RunControlServicer):
             effective_mode=res.effective_mode,
             original_disposition=res.original_disposition,  # type: ignore[arg-type]
             interrupted_run_id=res.interrupted_run_id,
-            event_seq=res.event_seq,
+            event_seq=res.durable_event_seq,
         )
 
     async def CancelRun(
@@ -153,6 +184,9 @@ class RunControlServicer(pb_grpc.RunControlServicer):
         if request.run_id and p is not None and p.channel_scope is not None:
             access.check_channel(p, (await self.rc.get_run(request.run_id)).channel)
         await access.check_session(p, self.rc, request.session_key)
+        return await self._owned("CancelRun", request, context, lambda: self._cancel(request, scope, t0))
+
+    async def _cancel(self, request: pb.CancelRunRequest, scope: int, t0: float) -> pb.CancelRunResponse:
         res = await self.rc.cancel(
             CancelInput(
                 run_id=request.run_id,
@@ -188,6 +222,9 @@ class RunControlServicer(pb_grpc.RunControlServicer):
         v = Violations()
         _run_id(v, "run_id", request.run_id, required=True)
         v.raise_if_any()
+        return await self._owned("GetRun", request, context, lambda: self._get_run(request))
+
+    async def _get_run(self, request: pb.GetRunRequest) -> pb.GetRunResponse:
         row = await self.rc.get_run(request.run_id)
         access.check_channel(principal(), row.channel)
         run = run_to_proto(row)
@@ -215,6 +252,9 @@ class RunControlServicer(pb_grpc.RunControlServicer):
         v.check(len(request.session_key) <= 256, "session_key", "is longer than 256 characters")
         v.raise_if_any()
         await access.check_session(principal(), self.rc, request.session_key)
+        return await self._owned("GetSession", request, context, lambda: self._get_session(request))
+
+    async def _get_session(self, request: pb.GetSessionRequest) -> pb.GetSessionResponse:
         session = await self.rc.get_session(request.session_key)
         await self.rc.durable()
         return pb.GetSessionResponse(session=session)
@@ -335,6 +375,9 @@ class RunControlServicer(pb_grpc.RunControlServicer):
             stamped = tracing.stamp(reply.causation)
             if stamped is not None:
                 reply.causation.CopyFrom(stamped)
+        return await self._owned("PostReply", request, context, lambda: self._post_reply(request, reply))
+
+    async def _post_reply(self, request: pb.PostReplyRequest, reply: pb.Reply) -> pb.PostReplyResponse:
         stored, duplicate = await self.rc.post_reply(reply, request.idempotency_key, request.speak)
         await self.rc.durable()
         return pb.PostReplyResponse(reply=stored, duplicate=duplicate)

@@ -26,10 +26,14 @@ after a COMMIT whose answer was lost finds it applied and does not apply it twic
 wait (bounded by their deadline; new calls are refused with UNAVAILABLE / DATABASE_UNAVAILABLE while
 the writer is down) and the service's health is NOT_SERVING (flynn_runtime/database_health.py).
 
-For fenced ownership (issue 14): every batch is one transaction on one connection, so a batch can
-begin by checking the owner epoch of each session it writes (`SELECT … FOR SHARE` on a lease row, or
-an epoch column compared in each UPDATE) and be refused as a whole when stale; the writer is the one
-place where that check goes.
+Several replicas (replica.py) share this schema. Each batch's transaction starts with the lease
+fence of the sessions it writes (flynn_runtime/leases.py: refused as a whole, SQLSTATE LF409, when an
+epoch is stale), then takes its event numbers and reply cursors from the `seqs` counter row (held
+until COMMIT, so all replicas commit in number order). The rows carry provisional numbers and the
+statements add the batch's base themselves (`NUMBERED`: the column, and the serialized RunEvent /
+Reply with the final number appended, a protobuf singular field's last value winning), so the batch
+still costs one round trip. Each writer marks its batches under its own `meta` key, and NOTIFY
+flynn_queue wakes the other replicas' stream tailers (tail.py).
 """
 
 from __future__ import annotations
@@ -44,15 +48,20 @@ from typing import Generic, TypeVar
 
 import psycopg
 
+from flynn_runtime import leases
 from flynn_runtime.database import Database, database_unavailable
 from flynn_runtime.db_copy import Counts, SqliteSource, StoreCopier, Table, export_tables, import_tables
 from flynn_runtime.pg_migrations import Migration
 from flynn_runtime.sqlite_db import open_db
 from queue_svc.store import (
+    INSERT_EVENT,
+    INSERT_MESSAGE,
+    INSERT_REPLY,
     MESSAGE_COLS,
     PAGE,
     REPLY_COLS,
     RUN_COLS,
+    UPDATE_REPLY,
     MessageRow,
     QueueEntryRow,
     QueueStore,
@@ -62,6 +71,7 @@ from queue_svc.store import (
     Statement,
     compact,
     message_from,
+    provisional_spans,
     reply_from,
     run_from,
 )
@@ -160,9 +170,44 @@ CREATE TABLE queue_entries (
 );
 """,
     ),
+    Migration(
+        2,
+        "run control on several replicas: session leases with fencing epochs, database-wide sequences",
+        leases.MIGRATION_SQL
+        + """
+CREATE TABLE seqs (
+  id INTEGER PRIMARY KEY CHECK (id = 1),
+  gseq BIGINT NOT NULL,        -- last event number handed out
+  cursor BIGINT NOT NULL,      -- last reply cursor handed out
+  g_base BIGINT NOT NULL DEFAULT 0,  -- the current batch's event offset (final = provisional + g_base)
+  c_base BIGINT NOT NULL DEFAULT 0   -- the current batch's cursor offset
+);
+INSERT INTO seqs (id, gseq, cursor) VALUES (1, (SELECT COALESCE(MAX(global_seq), 0) FROM events),
+                                            (SELECT COALESCE(MAX(cursor), 0) FROM replies));
+-- Protobuf encodings appended to a serialized message: for a singular field the last value read
+-- wins, so `data || pb_event_numbers(n)` is the event with global_seq = n, event_id = 'evt_' || n.
+CREATE FUNCTION pb_varint(v BIGINT) RETURNS BYTEA LANGUAGE plpgsql IMMUTABLE STRICT AS $$
+DECLARE out BYTEA := ''::bytea;
+BEGIN
+  LOOP
+    IF v < 128 THEN
+      RETURN out || set_byte('\\x00'::bytea, 0, v::int);
+    END IF;
+    out := out || set_byte('\\x00'::bytea, 0, ((v & 127) | 128)::int);
+    v := v >> 7;
+  END LOOP;
+END $$;
+CREATE FUNCTION pb_event_numbers(n BIGINT) RETURNS BYTEA LANGUAGE sql IMMUTABLE STRICT AS $$
+  SELECT '\\x08'::bytea || pb_varint(n) || '\\x1a'::bytea
+         || set_byte('\\x00'::bytea, 0, octet_length('evt_' || n)) || convert_to('evt_' || n, 'UTF8')
+$$;
+CREATE FUNCTION pb_reply_cursor(n BIGINT) RETURNS BYTEA LANGUAGE sql IMMUTABLE STRICT AS $$
+  SELECT '\\x10'::bytea || pb_varint(n)
+$$;
+DELETE FROM meta WHERE key = 'batch';
+""",
+    ),
 )
-
-MARK_BATCH = "INSERT INTO meta (key, value) VALUES ('batch', %s) ON CONFLICT (key) DO UPDATE SET value = EXCLUDED.value"
 
 _pg_sql: dict[str, str] = {}
 
@@ -173,6 +218,56 @@ def pg(sql: str) -> str:
     if out is None:
         out = _pg_sql[sql] = sql.replace("?", "%s")
     return out
+
+
+#: Each writer process marks its last batch under its own key (several replicas write at once).
+MARK_BATCH = (
+    "INSERT INTO meta (key, value) SELECT %s, %s || ':' || s.g_base || ':' || s.c_base FROM seqs s WHERE s.id = 1 "
+    "ON CONFLICT (key) DO UPDATE SET value = EXCLUDED.value"
+)
+#: Takes the database-wide numbers for a batch's events and replies: the batch's provisional numbers
+#: p (handed out in memory, contiguous within the batch) become p + g_base (events) and p + c_base
+#: (cursors), computed by the statements themselves (NUMBERED below), so no round trip waits for
+#: them. The row lock it takes is held until COMMIT, so batches of all replicas commit in the order
+#: of their numbers: a reader that sees number n committed has seen every number below it.
+TAKE_NUMBERS = (
+    "UPDATE seqs SET g_base = gseq - %s, c_base = cursor - %s, gseq = gseq + %s, cursor = cursor + %s "
+    "WHERE id = 1 RETURNING g_base, c_base"
+)
+_BASES = "(SELECT g_base FROM seqs WHERE id = 1)", "(SELECT c_base FROM seqs WHERE id = 1)"
+#: The statements that carry numbers, as run in a numbered batch: (SQL, how to reorder the params).
+NUMBERED: dict[str, tuple[str, Callable[[tuple[object, ...]], tuple[object, ...]]]] = {
+    INSERT_EVENT: (
+        "INSERT INTO events (global_seq, session_key, session_seq, type, data) "
+        "SELECT %s + s.g_base, %s, %s, %s, %s || pb_event_numbers(%s + s.g_base) FROM seqs s WHERE s.id = 1",
+        lambda p: (p[0], p[1], p[2], p[3], p[4], p[0]),
+    ),
+    INSERT_MESSAGE: (
+        pg(INSERT_MESSAGE).replace(
+            "VALUES (%s, %s, %s, %s, %s, %s, %s, %s, %s, %s, %s, %s, %s, %s)",
+            f"VALUES (%s, %s, %s, %s, %s, %s, %s, %s, %s, %s, %s, %s + {_BASES[0]}, %s, %s)",
+        ),
+        lambda p: p,
+    ),
+    INSERT_REPLY: (
+        "INSERT INTO replies (reply_id, cursor, kind, run_id, session_key, channel, idempotency_key, "
+        "speech_state, data) SELECT %s, %s + s.c_base, %s, %s, %s, %s, %s, %s, "
+        "%s || COALESCE(pb_reply_cursor(%s + s.c_base), ''::bytea) FROM seqs s WHERE s.id = 1 "
+        "ON CONFLICT DO NOTHING",
+        lambda p: (*p[:8], p[8], p[1]),
+    ),
+    UPDATE_REPLY: (
+        "UPDATE replies r SET cursor = %s + s.c_base, speech_state = %s, "
+        "data = %s || COALESCE(pb_reply_cursor(%s + s.c_base), ''::bytea) FROM seqs s "
+        "WHERE s.id = 1 AND r.reply_id = %s",
+        lambda p: (p[0], p[1], p[2], p[0], p[3]),
+    ),
+}
+#: Wakes the other replicas' stream tailers at COMMIT (a wake-up only: they read the tables).
+NOTIFY = "SELECT pg_notify('flynn_queue', %s)"
+CHANNEL = "flynn_queue"
+#: The lease scope of run-control sessions (flynn_runtime/leases.py).
+SESSION_SCOPE = "session"
 
 
 class Coalescer(Generic[K, V]):
@@ -227,12 +322,24 @@ class PgQueueStore(QueueStore):
         #: Tags this process's batch numbers in `meta` (numbers restart at 1 in every process).
         self._writer_id = secrets.token_hex(8)
         self._key_lookups: Coalescer[tuple[str, str], MessageRow] = Coalescer(self._messages_by_keys)
+        #: The lease holder whose epochs fence every batch (run control's replica id); "" = unfenced.
+        self.holder = ""
+        #: With leases: the server ends the writer's session when it sits inside a transaction this
+        #: long (a frozen process), so the FOR SHARE locks of its fence never keep a takeover waiting.
+        self.idle_in_transaction_ms = 0
+        self._tuned_ms = 0
         self._session_lookups: Coalescer[str, SessionRow] = Coalescer(self._sessions_by_keys)
 
     @classmethod
     async def open(cls, db: Database) -> PgQueueStore:
         store = cls(db)
         await asyncio.get_running_loop().run_in_executor(store._thread, store._connect_writer)
+        # Numbers continue past anything imported (flynn db import) after the counters were made.
+        async with db.transaction() as conn:
+            await conn.execute(
+                "UPDATE seqs SET gseq = GREATEST(gseq, (SELECT COALESCE(MAX(global_seq), 0) FROM events)), "
+                "cursor = GREATEST(cursor, (SELECT COALESCE(MAX(cursor), 0) FROM replies)) WHERE id = 1"
+            )
         return store
 
     def _kwargs(self, name: str) -> dict[str, object]:
@@ -254,21 +361,41 @@ class PgQueueStore(QueueStore):
         if self._reader is not None:
             await self._reader.close()
 
+    @property
+    def writer_id(self) -> str:
+        """This process's writer (the payload of its NOTIFY wake-ups)."""
+        return self._writer_id
+
     def check_writable(self) -> None:
         if not self.writer_ok:
             raise database_unavailable(self.db.settings, "run control's writer is waiting for the database")
 
     # --- commit (the writer thread) ------------------------------------------------------------
 
-    async def _commit(self, batch: list[Statement], number: int) -> None:
+    async def _commit(self, batch: list[Statement], number: int, epochs: dict[str, int]) -> None:
         loop = asyncio.get_running_loop()
         delay = 0.05
         while True:
             try:
-                await loop.run_in_executor(self._thread, self._commit_once, batch, number)
+                self.offsets = await loop.run_in_executor(
+                    self._thread, self._commit_once, batch, number, epochs
+                )
                 self.writer_ok = True
                 return
-            except (psycopg.OperationalError, psycopg.InterfaceError) as e:
+            except psycopg.DatabaseError as e:
+                stale = leases.stale_from(e, SESSION_SCOPE)
+                if stale is not None:
+                    self.writer_ok = True
+                    raise stale from None
+                if not isinstance(e, psycopg.OperationalError):
+                    raise
+                if self._closed:
+                    raise
+                self.writer_ok = False
+                log.warning(
+                    "run-control commit failed; retrying the batch", extra={"batch": number, "error": str(e)}
+                )
+            except psycopg.InterfaceError as e:
                 if self._closed:
                     raise
                 self.writer_ok = False
@@ -278,31 +405,64 @@ class PgQueueStore(QueueStore):
             await asyncio.sleep(delay)
             delay = min(delay * 2, 1.0)
 
-    def _commit_once(self, batch: list[Statement], number: int) -> None:
-        """One transaction, pipelined: the statements go out without waiting, then COMMIT."""
+    def _commit_once(self, batch: list[Statement], number: int, epochs: dict[str, int]) -> tuple[int, int]:
+        """One transaction, pipelined: the fence, the numbers (TAKE_NUMBERS), the statements and COMMIT
+        go out without waiting for each other: one round trip plus the WAL flush. Returns the offsets
+        the database added to the batch's provisional event numbers and reply cursors."""
         conn = self._writer
+        g_span, c_span = provisional_spans(batch)
         if conn is None or conn.closed or conn.broken:
             conn = self._connect_writer()
-            if self._applied(conn, number):
-                return  # committed before the connection broke; only the answer was lost
-        groups = compact(batch)
+            self._tuned_ms = 0
+            applied = self._applied(conn, number)
+            if applied is not None:
+                return applied  # committed before the connection broke; only the answer was lost
+        if self._tuned_ms != self.idle_in_transaction_ms:
+            conn.execute(
+                "SELECT set_config('idle_in_transaction_session_timeout', %s, false)",
+                (str(self.idle_in_transaction_ms),),
+            )
+            conn.commit()
+            self._tuned_ms = self.idle_in_transaction_ms
+        numbers = conn.cursor()
         with conn.pipeline(), conn.transaction():
             cur = conn.cursor()
-            cur.execute(MARK_BATCH, (f"{self._writer_id}:{number}",))
-            for sql, rows in groups:
-                if len(rows) == 1:
-                    cur.execute(pg(sql), rows[0])
+            if self.holder and epochs:
+                cur.execute(*leases.fence(SESSION_SCOPE, self.holder, epochs))
+            g_first, g_last = g_span or (1, 0)
+            c_first, c_last = c_span or (1, 0)
+            numbers.execute(
+                TAKE_NUMBERS, (g_first - 1, c_first - 1, g_last - g_first + 1, c_last - c_first + 1)
+            )
+            cur.execute(MARK_BATCH, (f"batch:{self._writer_id}", str(number)))
+            for sql, rows in compact(batch):
+                numbered = NUMBERED.get(sql)
+                if numbered is not None:
+                    sql_pg, reorder = numbered
+                    rows = [reorder(r) for r in rows]
                 else:
-                    cur.executemany(pg(sql), rows)
+                    sql_pg = pg(sql)
+                if len(rows) == 1:
+                    cur.execute(sql_pg, rows[0])
+                else:
+                    cur.executemany(sql_pg, rows)
+            if g_span or c_span:
+                cur.execute(NOTIFY, (self._writer_id,))
+        row = numbers.fetchone()
+        assert row is not None
+        g_off = int(row[0]) if g_span else 0  # type: ignore[call-overload]
+        c_off = int(row[1]) if c_span else 0  # type: ignore[call-overload]
+        return g_off, c_off
 
-    def _applied(self, conn: psycopg.Connection[tuple[object, ...]], number: int) -> bool:
-        """Whether batch `number` of this process is committed (its COMMIT's answer was lost)."""
-        row = conn.execute("SELECT value FROM meta WHERE key = 'batch'").fetchone()
+    def _applied(self, conn: psycopg.Connection[tuple[object, ...]], number: int) -> tuple[int, int] | None:
+        """The offsets of batch `number` of this process when it is committed (its COMMIT's answer was
+        lost), else None."""
+        row = conn.execute("SELECT value FROM meta WHERE key = %s", (f"batch:{self._writer_id}",)).fetchone()
         conn.commit()
         if row is None:
-            return False
-        writer, _, last = str(row[0]).partition(":")
-        return writer == self._writer_id and int(last) >= number
+            return None
+        last, g_off, c_off = (int(x) for x in str(row[0]).split(":"))
+        return (g_off, c_off) if last >= number else None
 
     # --- reads -------------------------------------------------------------------------------
 
@@ -390,10 +550,16 @@ class PgQueueStore(QueueStore):
     async def _read_session(self, session_key: str) -> SessionRow | None:
         return await self._session_lookups.get(session_key)
 
-    async def runs_in_states(self, states: tuple[int, ...]) -> list[RunRow]:
-        rows = await self._all(
-            f"SELECT {RUN_COLS} FROM runs WHERE state = ANY(?) ORDER BY seq", (list(states),)
-        )
+    async def runs_in_states(self, states: tuple[int, ...], session_key: str | None = None) -> list[RunRow]:
+        if session_key is None:
+            rows = await self._all(
+                f"SELECT {RUN_COLS} FROM runs WHERE state = ANY(?) ORDER BY seq", (list(states),)
+            )
+        else:
+            rows = await self._all(
+                f"SELECT {RUN_COLS} FROM runs WHERE state = ANY(?) AND session_key = ? ORDER BY seq",
+                (list(states), session_key),
+            )
         return [run_from(r) for r in rows]
 
     async def list_runs(
@@ -412,10 +578,17 @@ class PgQueueStore(QueueStore):
         )
         return [(int(r[0]), run_from(r[1:])) for r in rows]  # type: ignore[call-overload]
 
-    async def queue_entries(self) -> list[QueueEntryRow]:
-        rows = await self._all(
-            "SELECT session_key, pos, kind, run_id, message_id FROM queue_entries ORDER BY session_key, pos"
-        )
+    async def queue_entries(self, session_key: str | None = None) -> list[QueueEntryRow]:
+        if session_key is None:
+            rows = await self._all(
+                "SELECT session_key, pos, kind, run_id, message_id FROM queue_entries ORDER BY session_key, pos"
+            )
+        else:
+            rows = await self._all(
+                "SELECT session_key, pos, kind, run_id, message_id FROM queue_entries WHERE session_key = ? "
+                "ORDER BY pos",
+                (session_key,),
+            )
         return [QueueEntryRow(*r) for r in rows]  # type: ignore[arg-type]
 
     async def events_after(
@@ -441,10 +614,16 @@ class PgQueueStore(QueueStore):
         )
         return [bytes(r[0]) for r in rows]  # type: ignore[call-overload]
 
-    async def pending_speech(self) -> list[ReplyRow]:
-        rows = await self._all(
-            f"SELECT {REPLY_COLS} FROM replies WHERE speech_state = 'pending' ORDER BY seq"
-        )
+    async def pending_speech(self, session_key: str | None = None) -> list[ReplyRow]:
+        if session_key is None:
+            rows = await self._all(
+                f"SELECT {REPLY_COLS} FROM replies WHERE speech_state = 'pending' ORDER BY seq"
+            )
+        else:
+            rows = await self._all(
+                f"SELECT {REPLY_COLS} FROM replies WHERE speech_state = 'pending' AND session_key = ? ORDER BY seq",
+                (session_key,),
+            )
         return [reply_from(r) for r in rows]
 
 
