@@ -66,9 +66,14 @@ class ConfigEditor:
         if problems:
             raise invalid_fields(problems, reason="INVALID_SEED")
         diff = config_yaml.diff(config_pb2.FlynnConfig(), cfg)
-        stored = await self.store.append(
-            KIND_SEED, actor, reason, diff, cfg.SerializeToString(), expected_head=0
-        )
+        try:
+            stored = await self.store.append(
+                KIND_SEED, actor, reason, diff, cfg.SerializeToString(), expected_head=0
+            )
+        except StaleHead:
+            # Another process sharing the database seeded first: take its history as it is.
+            await self.load()
+            return None
         self._head_rev, self._head_cfg = stored.revision, cfg
         return stored
 

@@ -1,18 +1,20 @@
 """A stateful service started against a database it cannot use exits non-zero with ONE line naming
-the cause (no traceback): malformed URL, wrong password, refused connection, schema newer than the code."""
+the cause (no traceback): malformed URL, wrong password, refused connection, schema newer than the code.
+Two processes starting at once against an empty database both start, and migrate it once."""
 
 from __future__ import annotations
 
 import os
 import subprocess
 import sys
+from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 
 import psycopg
 import pytest
 
 from flynn_launcher.local_postgres import LocalPostgres, free_port
-from tests.support.mesh import Tokens
+from tests.support.mesh import ServiceProcess, Tokens
 
 ROOT = Path(__file__).resolve().parents[2]
 
@@ -82,3 +84,28 @@ def test_schema_newer_than_the_code(tmp_path: Path, tokens: Tokens, postgres_url
         c.execute("INSERT INTO flynn_reactions.schema_version VALUES (99, 'from the future', now(), 'test')")
     line = one_line(start("reactions", tmp_path, tokens, "--database-url", postgres_url, "--consume", ""))
     assert "schema flynn_reactions is at version 99 but this Flynn knows versions up to 1" in line
+
+
+def test_two_config_processes_starting_at_once_on_an_empty_database(
+    tmp_path: Path, tokens: Tokens, postgres_url: str
+) -> None:
+    """Both serve; the schema was migrated once and the history seeded once."""
+    procs = [
+        ServiceProcess(
+            "config",
+            "config_svc.main",
+            tmp_path / f"config{i}",
+            tokens,
+            extra=["--database-url", postgres_url],
+        )
+        for i in range(2)
+    ]
+    try:
+        with ThreadPoolExecutor(2) as pool:
+            list(pool.map(lambda p: p.start(timeout=60), procs))
+        with psycopg.connect(postgres_url) as c:
+            assert c.execute("SELECT count(*) FROM flynn_config.schema_version").fetchone() == (1,)
+            assert c.execute("SELECT revision, kind FROM flynn_config.revisions").fetchall() == [(1, 1)]
+    finally:
+        for p in procs:
+            p.stop()
