@@ -227,6 +227,7 @@ class PgQueueStore(QueueStore):
         #: Tags this process's batch numbers in `meta` (numbers restart at 1 in every process).
         self._writer_id = secrets.token_hex(8)
         self._key_lookups: Coalescer[tuple[str, str], MessageRow] = Coalescer(self._messages_by_keys)
+        self._session_lookups: Coalescer[str, SessionRow] = Coalescer(self._sessions_by_keys)
 
     @classmethod
     async def open(cls, db: Database) -> PgQueueStore:
@@ -325,18 +326,30 @@ class PgQueueStore(QueueStore):
             f"SELECT {MESSAGE_COLS} FROM messages WHERE (session_key, idempotency_key) IN "
             "(SELECT * FROM unnest(?::text[], ?::text[]))"
         )
-        params = ([k[0] for k in keys], [k[1] for k in keys])
+        rows = await self._hot_read(sql, ([k[0] for k in keys], [k[1] for k in keys]))
+        found = [message_from(r) for r in rows]
+        return {(m.session_key, m.idempotency_key): m for m in found}
+
+    async def _hot_read(self, sql: str, params: Sequence[object]) -> list[tuple[object, ...]]:
+        """A query of the submit path on the store's own reader connection (no pool checkout)."""
         try:
             if self._reader is None or self._reader.closed or self._reader.broken:
                 self._reader = None
                 kwargs = {**self._kwargs("flynn-queue-reader"), "autocommit": True}
                 self._reader = await psycopg.AsyncConnection.connect(**kwargs)  # type: ignore[arg-type]
             cur = await self._reader.execute(sql, params)
-            rows = await cur.fetchall()
+            return await cur.fetchall()
         except (psycopg.OperationalError, psycopg.InterfaceError) as e:
             raise self.db.unavailable(e) from e
-        found = [message_from(r) for r in rows]
-        return {(m.session_key, m.idempotency_key): m for m in found}
+
+    async def _sessions_by_keys(self, keys: list[str]) -> dict[str, SessionRow]:
+        """Sessions loaded back into memory, several callers' in one query."""
+        rows = await self._hot_read(
+            pg("SELECT session_key, channel, message_count, run_count, last_session_seq FROM sessions "
+               "WHERE session_key = ANY(?)"),
+            (keys,),
+        )  # fmt: skip
+        return {str(r[0]): SessionRow(*r) for r in rows}  # type: ignore[arg-type]
 
     async def _read_message(self, message_id: str) -> MessageRow | None:
         row = await self._one(f"SELECT {MESSAGE_COLS} FROM messages WHERE message_id = ?", (message_id,))
@@ -371,11 +384,7 @@ class PgQueueStore(QueueStore):
         return [SessionRow(*r) for r in rows]  # type: ignore[arg-type]
 
     async def _read_session(self, session_key: str) -> SessionRow | None:
-        row = await self._one(
-            "SELECT session_key, channel, message_count, run_count, last_session_seq FROM sessions WHERE session_key = ?",
-            (session_key,),
-        )
-        return SessionRow(*row) if row else None  # type: ignore[arg-type]
+        return await self._session_lookups.get(session_key)
 
     async def runs_in_states(self, states: tuple[int, ...]) -> list[RunRow]:
         rows = await self._all(
