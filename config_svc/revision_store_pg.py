@@ -45,7 +45,25 @@ MIGRATIONS = [
         INSERT INTO head (id, revision) VALUES (TRUE, 0);
         """,
     ),
+    Migration(
+        2,
+        "notify replicas of each committed revision",
+        # Sent at COMMIT, to every replica LISTENing on the channel (revision_feed.py). Only a
+        # wake-up: readers re-read the revisions table from their last revision, never the payload.
+        """
+        CREATE FUNCTION notify_revision() RETURNS trigger LANGUAGE plpgsql AS $$
+        BEGIN
+            PERFORM pg_notify('flynn_config_revision', NEW.revision::text);
+            RETURN NULL;
+        END $$;
+        CREATE TRIGGER revisions_notify AFTER INSERT ON revisions
+            FOR EACH ROW EXECUTE FUNCTION notify_revision();
+        """,
+    ),
 ]
+
+#: The LISTEN/NOTIFY channel of committed revisions (migration 2).
+NOTIFY_CHANNEL = "flynn_config_revision"
 
 SELECT = (
     "SELECT revision, kind, actor, reason, create_time_ns, diff, restored_revision, config FROM revisions"

@@ -20,6 +20,7 @@ from grpc.aio import ServicerContext
 from config_svc import metrics
 from config_svc.config_editor import ChangeResult, ConfigEditor
 from config_svc.explain import explain
+from config_svc.revision_feed import RevisionFeed
 from config_svc.revision_store import StoredRevision
 from config_svc.watch_hub import WatchHub
 from config_svc.watcher_registry import WatcherEntry, WatcherRegistry
@@ -91,6 +92,8 @@ class ConfigServicer:
         self.registry = registry
         self.bookmark_seconds = bookmark_seconds
         self._write_lock = asyncio.Lock()
+        #: Set by the app when revisions may be committed by other replicas too (PostgreSQL).
+        self.feed: RevisionFeed | None = None
         self._snapshot: tuple[int, bytes] = (0, b"")
         hub.head = editor.head_revision
 
@@ -184,9 +187,14 @@ class ConfigServicer:
 
     async def _write(self, fn: Callable[[], Awaitable[ChangeResult]]) -> ChangeResult:
         async with self._write_lock:
+            if self.feed is not None:
+                await self.feed.catch_up()  # so the head we check against is the table's
             result = await fn()
             if result.committed is not None:
-                self.publish(result.committed)
+                if self.feed is not None:
+                    self.feed.committed(result.committed)
+                else:
+                    self.publish(result.committed)
                 c = result.committed
                 self.runtime.audit.record(
                     "configChange",
