@@ -57,6 +57,8 @@ class Runtime:
         #: The configured PostgreSQL database (None: embedded SQLite under data_dir).
         self.database_settings: DatabaseSettings | None = database_from_settings(settings)
         self.databases: list[Database] = []
+        #: The port the gRPC server is bound to (set before ServiceApp.start; see advertise_address).
+        self.listen_port = 0
 
     async def open_database(
         self,
@@ -89,6 +91,12 @@ class Runtime:
                 target, self.settings.service_token, max_message_bytes=self.settings.max_message_bytes
             )
         return self._channels[backend]
+
+    def advertise_address(self) -> str:
+        """host:port other replicas reach this process at (flynn_runtime/replica.py)."""
+        from flynn_runtime.replica import advertise_address
+
+        return advertise_address(self.settings.listen, self.listen_port)
 
     def shutting_down_error(self) -> Exception:
         return shutting_down(self.settings.service)
@@ -168,6 +176,7 @@ async def running(
     port = server.add_insecure_port(settings.listen)
     if port == 0:
         raise SystemExit(f"cannot listen on {settings.listen}")
+    runtime.listen_port = port
     metrics_port = metrics.start_metrics_server(settings.metrics_listen)
     metrics.SERVICE_INFO.labels(settings.service, VERSION).set(1)
     await health_servicer.set("", health_pb2.HealthCheckResponse.NOT_SERVING)
