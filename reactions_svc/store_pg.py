@@ -16,6 +16,7 @@ from typing import Any
 import psycopg
 from psycopg.types.json import Json, Jsonb
 
+from flynn_runtime import leases
 from flynn_runtime.database import Database
 from flynn_runtime.db_copy import Counts, SqliteSource, StoreCopier, Table, export_tables, import_tables
 from flynn_runtime.pg_migrations import Migration
@@ -100,6 +101,7 @@ MIGRATIONS = [
         );
         """,
     ),
+    Migration(2, "partition and replica leases (several replicas)", leases.MIGRATION_SQL),
 ]
 
 Conn = psycopg.AsyncConnection[tuple[Any, ...]]
@@ -412,6 +414,25 @@ class PgReactionStore:
                 " ON CONFLICT (name) DO UPDATE SET value = excluded.value",
                 (name, value),
             )
+
+    async def set_cursor_fenced(
+        self, name: str, value: int, scope: str, holder: str, lease: str, epoch: int
+    ) -> None:
+        """set_cursor, refused (leases.StaleEpoch) unless `holder` still holds `lease` at `epoch`."""
+        q, params = leases.fence(scope, holder, {lease: epoch})
+        try:
+            async with self.db.transaction() as c:
+                await c.execute(q, params)
+                await c.execute(
+                    "INSERT INTO cursors(name, value) VALUES (%s, %s)"
+                    " ON CONFLICT (name) DO UPDATE SET value = excluded.value",
+                    (name, value),
+                )
+        except psycopg.Error as e:
+            stale = leases.stale_from(e, scope)
+            if stale is not None:
+                raise stale from None
+            raise
 
     # Housekeeping -------------------------------------------------------------------------------
 
