@@ -19,6 +19,7 @@ from __future__ import annotations
 import argparse
 import asyncio
 import importlib.util
+import os
 import tempfile
 import time
 import urllib.request
@@ -126,6 +127,13 @@ async def run(
     return acks, settles
 
 
+def cpu_seconds(proc: ServiceProcess) -> float:
+    """User + system CPU of a service process so far."""
+    assert proc.proc is not None
+    fields = Path(f"/proc/{proc.proc.pid}/stat").read_text().rsplit(")", 1)[1].split()
+    return (int(fields[11]) + int(fields[12])) / os.sysconf("SC_CLK_TCK")
+
+
 def scrape(proc: ServiceProcess) -> str:
     """The queue process's /metrics text (the port file holds '<grpc> <metrics>')."""
     port_file = proc.data_dir / f".{proc.service}.port"
@@ -184,6 +192,7 @@ def main() -> None:
                 address = gw.address
             results = []
             before = scrape(queue)
+            cpu_before = {p.service: cpu_seconds(p) for p in procs}
             for callers in phases:
                 acks, settles = asyncio.run(
                     run(
@@ -197,8 +206,10 @@ def main() -> None:
                     )
                 )
                 after = scrape(queue)
-                results.append((callers, acks, settles, before, after))
-                before = after
+                cpu_after = {p.service: cpu_seconds(p) for p in procs}
+                cpu = {k: cpu_after[k] - cpu_before[k] for k in cpu_after}
+                results.append((callers, acks, settles, before, after, cpu))
+                before, cpu_before = after, cpu_after
         finally:
             for p in reversed(procs):
                 p.stop()
@@ -207,7 +218,7 @@ def main() -> None:
         if via_gateway
         else "direct to queue_svc (RunControl/CancelRun)"
     )
-    for callers, acks, settles, before, after in results:
+    for callers, acks, settles, before, after, cpu in results:
         print(
             f"cancel latency, {args.sessions} sessions streaming, {len(acks)} cancels, {callers} cancelling "
             f"caller(s) at a time, {path}"
@@ -218,6 +229,8 @@ def main() -> None:
         print(
             f"  cancel-to-cancelled: p50 {pct(settles, 50):.2f} ms  p95 {pct(settles, 95):.2f} ms  p99 {pct(settles, 99):.2f} ms"
         )
+        per = ", ".join(f"{k} {v / len(acks) * 1000:.2f} ms" for k, v in cpu.items())
+        print(f"  CPU per cancel (whole phase: streaming runs, watch, submits included): {per}")
         print("  server side (queue_svc histograms over this phase, bucket bounds):")
         for name in (
             "flynn_cancel_to_ack_seconds",

@@ -109,7 +109,7 @@ def cancels(root: Path, url: str, args: argparse.Namespace) -> dict[str, object]
             )
             out[f"cancel{callers}"] = acks
         after = cancel_latency.scrape(queue)
-        out["commit"] = cancel_latency.delta(
+        out["queue_commit"] = cancel_latency.delta(
             cancel_latency.histogram(before, "flynn_queue_commit_seconds"),
             cancel_latency.histogram(after, "flynn_queue_commit_seconds"),
         )
@@ -214,7 +214,7 @@ def report(results: dict[str, dict[str, object]], args: argparse.Namespace) -> N
         print(_row(f"cancel-to-ack via gateway, {callers} at a time p50/p99", vals))
     vals = []
     for n in names:
-        commit = results[n]["commit"]
+        commit = results[n]["queue_commit"]
         assert isinstance(commit, tuple)
         total, count = float(commit[1]), float(commit[2])
         vals.append(f"{total / count * 1000:.2f}" if count else "n/a")

@@ -39,6 +39,22 @@ _RETRY_SERVICE_CONFIG = json.dumps(
 )
 
 
+#: Calls (not connections) are spread over every address a target resolves to: a list of replicas
+#: ("10.0.0.1:7002,10.0.0.2:7002") or a headless Service ("dns:///flynn-queue-headless:7002").
+#: With one address it behaves as the default (pick_first).
+BALANCING_OPTIONS: list[tuple[str, Any]] = [("grpc.lb_policy_name", "round_robin")]
+
+
+def grpc_target(address: str) -> str:
+    """The gRPC target for an address setting: `host:port`, `dns:///name:port` (every A record, kept
+    up to date), or a comma-separated list of `ip:port` replicas (the `ipv4:`/`ipv6:` scheme)."""
+    if "," not in address or ":///" in address or address.startswith(("ipv4:", "ipv6:")):
+        return address
+    parts = [a.strip() for a in address.split(",") if a.strip()]
+    scheme = "ipv6" if all(p.startswith("[") for p in parts) else "ipv4"
+    return f"{scheme}:{','.join(parts)}"
+
+
 def server_options(max_message_bytes: int, max_pending: int) -> list[tuple[str, Any]]:
     return [
         ("grpc.max_receive_message_length", max_message_bytes),
@@ -112,6 +128,7 @@ def client_channel(
         ("grpc.max_send_message_length", max_message_bytes),
         ("grpc.enable_retries", 1 if retries else 0),
         *KEEPALIVE_OPTIONS,
+        *BALANCING_OPTIONS,
         *extra_options,
     ]
     if retries:
@@ -124,7 +141,7 @@ def client_channel(
             _AuthStreamUnary(token),
             _AuthStreamStream(token),
         ]
-    return grpc.aio.insecure_channel(target, options=options, interceptors=interceptors)
+    return grpc.aio.insecure_channel(grpc_target(target), options=options, interceptors=interceptors)
 
 
 def downstream_timeout(

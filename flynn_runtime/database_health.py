@@ -86,6 +86,15 @@ class DatabaseHealth:
     async def _run(self) -> None:
         while True:
             ok = await self.probe()
+            if ok and not self.up:
+                # Back: replace the pool's broken connections now (its own reconnects back off), so
+                # the first calls after SERVING find working connections.
+                try:
+                    async with asyncio.timeout(self.timeout * 2):
+                        await self.db.pool.check()
+                except (TimeoutError, psycopg.Error) as e:
+                    log.warning("pool check after the database came back failed", extra={"error": str(e)})
+                    ok = False
             if ok != self.up:
                 self.up = ok
                 DATABASE_UP.labels(self.service).set(1 if ok else 0)

@@ -9,11 +9,14 @@ replica's clock.
     if lease.holder == replica_id: …own it, at lease.epoch…      # else: lease.address owns it
     held = await leases.renew(conn, "session", replica_id, ttl=5)  # {name: epoch} still ours
     sql, params = leases.fence("session", replica_id, {key: epoch})  # FIRST statement of a write txn
-    await leases.release(conn, "session", replica_id, {key: epoch})  # hand over at once
+    await leases.release(conn, "session", replica_id, {key: epoch})  # free it (idle)
+    await leases.hand_over(conn, "session", replica_id, {key: epoch})  # expire now: survivors adopt it
 
 Rules:
-- `acquire` succeeds when the lease is free, released, or expired, and then ALWAYS bumps the epoch
-  (a new incarnation): writes queued under an older epoch, even by the same holder, are refused.
+- `acquire` succeeds when the lease is free, released, expired, or already the caller's (a restarted
+  process with the same holder id, or a holder that forgot it), and then ALWAYS bumps the epoch (a
+  new incarnation): writes queued under an older epoch, even by the same holder, are refused. Holder
+  ids must therefore be unique among live processes (e.g. host + listen address).
   When another holder's lease is live, it returns that holder's row (holder, address) unchanged.
 - `renew` extends every lease the holder still holds (one statement) and returns them; a name
   missing from the answer was taken over: step down from it.
@@ -94,6 +97,8 @@ class StaleEpoch(Exception):
         super().__init__(f"stale lease epoch for {len(names)} {scope}(s): {', '.join(names[:5])}")
         self.scope = scope
         self.names = tuple(names)
+        #: The epochs the refused transaction was fenced with (set by the writer that knows them).
+        self.epochs: dict[str, int] = {}
 
 
 def stale_from(e: BaseException, scope: str) -> StaleEpoch | None:
@@ -123,7 +128,7 @@ INSERT INTO leases AS l (scope, name, holder, address, epoch, expires_at)
 VALUES (%s, %s, %s, %s, 1, now() + %s * interval '1 second')
 ON CONFLICT (scope, name) DO UPDATE SET holder = EXCLUDED.holder, address = EXCLUDED.address,
   epoch = l.epoch + 1, expires_at = EXCLUDED.expires_at
-WHERE l.holder = '' OR l.expires_at <= now()
+WHERE l.holder = '' OR l.expires_at <= now() OR l.holder = EXCLUDED.holder
 RETURNING l.holder, l.address, l.epoch, EXTRACT(EPOCH FROM l.expires_at - now())::float8
 """
 
@@ -179,12 +184,28 @@ async def release(conn: Conn, scope: str, holder: str, epochs: Mapping[str, int]
     return cur.rowcount
 
 
-async def expired(conn: Conn, scope: str, limit: int = 500) -> list[Lease]:
-    """Leases whose holder stopped renewing (expired, not released): what a survivor takes over."""
+async def hand_over(conn: Conn, scope: str, holder: str, epochs: Mapping[str, int]) -> int:
+    """Expire these leases now, keeping them listed by `expired` (epoch + 1): a graceful stop hands
+    its things to the survivors at once, without waiting for the expiry. Returns how many."""
+    if not epochs:
+        return 0
+    names = sorted(epochs)
+    cur = await conn.execute(
+        "UPDATE leases l SET epoch = l.epoch + 1, expires_at = now() - interval '1 second' "
+        "FROM unnest(%s::text[], %s::bigint[]) AS n(name, epoch) "
+        "WHERE l.scope = %s AND l.name = n.name AND l.holder = %s AND l.epoch = n.epoch",
+        (names, [int(epochs[n]) for n in names], scope, holder),
+    )
+    return cur.rowcount
+
+
+async def expired(conn: Conn, scope: str, limit: int = 500, or_holder: str = "") -> list[Lease]:
+    """Leases whose holder stopped renewing (expired, or handed over; not released): what a survivor
+    takes over. `or_holder` adds the live leases of that holder id (a restarted process's own)."""
     cur = await conn.execute(
         "SELECT name, holder, address, epoch, EXTRACT(EPOCH FROM expires_at - now())::float8 FROM leases "
-        "WHERE scope = %s AND holder <> '' AND expires_at <= now() ORDER BY expires_at LIMIT %s",
-        (scope, limit),
+        "WHERE scope = %s AND holder <> '' AND (expires_at <= now() OR holder = %s) ORDER BY expires_at LIMIT %s",
+        (scope, or_holder, limit),
     )
     return [
         Lease(scope, str(r[0]), str(r[1]), str(r[2]), int(r[3]), float(r[4])) for r in await cur.fetchall()

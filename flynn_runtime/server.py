@@ -57,8 +57,8 @@ class Runtime:
         #: The configured PostgreSQL database (None: embedded SQLite under data_dir).
         self.database_settings: DatabaseSettings | None = database_from_settings(settings)
         self.databases: list[Database] = []
-        #: The port the gRPC server is bound to (set before ServiceApp.start; see advertise_address).
-        self.listen_port = 0
+        #: The gRPC port actually bound (known before ServiceApp.start; --listen may say port 0).
+        self.bound_port = 0
 
     async def open_database(
         self,
@@ -96,7 +96,7 @@ class Runtime:
         """host:port other replicas reach this process at (flynn_runtime/replica.py)."""
         from flynn_runtime.replica import advertise_address
 
-        return advertise_address(self.settings.listen, self.listen_port)
+        return advertise_address(self.settings.listen, self.bound_port)
 
     def shutting_down_error(self) -> Exception:
         return shutting_down(self.settings.service)
@@ -176,7 +176,7 @@ async def running(
     port = server.add_insecure_port(settings.listen)
     if port == 0:
         raise SystemExit(f"cannot listen on {settings.listen}")
-    runtime.listen_port = port
+    runtime.bound_port = port
     metrics_port = metrics.start_metrics_server(settings.metrics_listen)
     metrics.SERVICE_INFO.labels(settings.service, VERSION).set(1)
     await health_servicer.set("", health_pb2.HealthCheckResponse.NOT_SERVING)

@@ -12,7 +12,7 @@ from typing import Any
 
 import grpc
 
-from flynn_runtime.channels import KEEPALIVE_OPTIONS
+from flynn_runtime.channels import BALANCING_OPTIONS, KEEPALIVE_OPTIONS, grpc_target
 from flynn_runtime.settings import Settings
 
 CONNECT_TIMEOUT_MS = 1000
@@ -28,6 +28,8 @@ def backend_options(max_message_bytes: int) -> list[tuple[str, Any]]:
         ("grpc.initial_reconnect_backoff_ms", 100),
         ("grpc.max_reconnect_backoff_ms", CONNECT_TIMEOUT_MS),
         *KEEPALIVE_OPTIONS,
+        # Several replicas of a backend (an address list or dns:///headless): spread the calls.
+        *BALANCING_OPTIONS,
     ]
 
 
@@ -45,7 +47,7 @@ class Backends:
         ch = self._channels.get(backend)
         if ch is None:
             ch = grpc.aio.insecure_channel(
-                self.address(backend), options=backend_options(self._settings.max_message_bytes)
+                grpc_target(self.address(backend)), options=backend_options(self._settings.max_message_bytes)
             )
             self._channels[backend] = ch
         return ch

@@ -113,7 +113,7 @@ class AgentDriver:
             self.rc._finish(live, outcome)
 
     def _on_chunk(self, live: _Live, text: str) -> None:
-        if live.row.state not in ACTIVE or not text:
+        if live.row.state not in ACTIVE or not text or self.rc._runs.get(live.row.run_id) is not live:
             return
         s = self.rc._sessions[live.row.session_key]
         with self.rc._op() as op:
@@ -124,7 +124,7 @@ class AgentDriver:
 
     def _on_steer_result(self, live: _Live, accepted: bool, ids: list[str]) -> None:
         taken = [live.pending_steer.pop(i) for i in ids if i in live.pending_steer]
-        if not taken:
+        if not taken or self.rc._runs.get(live.row.run_id) is not live:
             return
         s = self.rc._sessions[live.row.session_key]
         with self.rc._op() as op:

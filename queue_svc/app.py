@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import argparse
 import os
+import socket
 from pathlib import Path
 
 import grpc
@@ -17,6 +18,7 @@ from queue_svc.agent_driver import AgentProvider
 from queue_svc.agents import EchoAgent, EchoSettings
 from queue_svc.grpc_agent import GrpcAgent
 from queue_svc.ledger import _seconds
+from queue_svc.ownership import Ownership, OwnershipSettings
 from queue_svc.run_control import RunControl
 from queue_svc.servicer import RunControlServicer
 from queue_svc.store import QueueStore
@@ -34,6 +36,25 @@ def add_args(p: argparse.ArgumentParser) -> None:
         default=_flag("queue_config_file", ""),
         help="YAML FlynnConfig used instead of watching the config service (FLYNN_QUEUE_CONFIG_FILE; "
         "for tools, benchmarks and tests without the mesh)",
+    )
+    p.add_argument(
+        "--advertise-address",
+        default=_flag("advertise_address", ""),
+        help="host:port other run-control replicas forward calls to (FLYNN_ADVERTISE_ADDRESS; default: "
+        "the listen address, with $POD_IP or the host name when listening on all interfaces)",
+    )
+    p.add_argument(
+        "--replica-id",
+        default=_flag("replica_id", ""),
+        help="unique id of this replica among live ones (FLYNN_REPLICA_ID; default: host name + advertised "
+        "address, stable across restarts of the same pod, so a restart takes its sessions back at once)",
+    )
+    p.add_argument(
+        "--session-lease-seconds",
+        type=float,
+        default=float(_flag("session_lease_seconds", "5")),
+        help="session ownership lease with PostgreSQL (FLYNN_SESSION_LEASE_SECONDS, 1..60; default 5): a "
+        "dead replica's sessions are taken over this long after its last renewal",
     )
 
 
@@ -57,6 +78,7 @@ class QueueApp(ServiceApp):
             self.config = self.watcher
         self.store: QueueStore | None = None
         self.rc: RunControl | None = None
+        self.ownership: Ownership | None = None
 
     def _echo_settings(self) -> EchoSettings:
         a = self.config.config.server.agent
@@ -85,7 +107,26 @@ class QueueApp(ServiceApp):
         if self.runtime.database_settings is None:
             return SqliteQueueStore(self.runtime.settings.data_dir / "queue")
         db = await self.runtime.open_database(store_pg.SCHEMA, store_pg.MIGRATIONS)
-        return await store_pg.PgQueueStore.open(db)
+        store = await store_pg.PgQueueStore.open(db)
+        settings = self._ownership_settings()
+        store.holder = settings.holder
+        self.ownership = Ownership(db, settings)
+        return store
+
+    def _ownership_settings(self) -> OwnershipSettings:
+        """With PostgreSQL, run control is one of N replicas (N >= 1) that own sessions by lease."""
+        extra = self.runtime.settings.extra
+        ttl = float(str(extra.get("session_lease_seconds") or 5.0))
+        if not 1.0 <= ttl <= 60.0:
+            raise SystemExit("--session-lease-seconds must be between 1 and 60")
+        address = str(extra.get("advertise_address") or "")
+        if not address:
+            host = self.runtime.settings.listen.rpartition(":")[0].strip("[]")
+            if host in ("", "0.0.0.0", "::"):
+                host = os.environ.get("POD_IP") or socket.gethostname()
+            address = f"{host}:{self.runtime.bound_port}"
+        holder = str(extra.get("replica_id") or "") or f"{socket.gethostname()}/{address}"
+        return OwnershipSettings(holder=holder, address=address, ttl=ttl, takeover_seconds=min(0.5, ttl / 4))
 
     async def start(self) -> None:
         if self.watcher is not None:
@@ -99,6 +140,7 @@ class QueueApp(ServiceApp):
             agents,
             synthesizer=VoiceSynthesizer(self._voice_channel),
             audit=self.runtime.audit,
+            ownership=self.ownership,
         )
         await self.rc.start()
 

@@ -20,6 +20,9 @@ from typing import Protocol
 
 from flynn.v1 import run_control_pb2 as pb
 
+from flynn_runtime import errors
+from flynn_runtime.errors import FlynnError
+from flynn_runtime.leases import StaleEpoch
 from queue_svc import metrics
 from queue_svc.fanout import Fanout
 from queue_svc.store import RunRow, SessionRow
@@ -35,6 +38,8 @@ DELIVERY_NAMES = {
 
 class BatchStore(Protocol):
     """What group commit needs of a store: queued writes that `flush()` makes durable at once."""
+
+    offsets: tuple[int, int]
 
     def mark(self) -> int: ...
     def rollback_to(self, mark: int) -> None: ...
@@ -81,6 +86,13 @@ class GroupCommit:
         self._open = _Batch(asyncio.get_event_loop().create_future())
         self._inflight: _Batch | None = None
         self._flusher: asyncio.Task[None] | None = None
+        #: Several replicas (store_pg.py): the database numbers events and replies, and a tailer
+        #: (tail.py) publishes every replica's commits in the database's order; this process then only
+        #: wakes the tailer (`on_commit`) instead of publishing its own batch out of that order.
+        self.publish_locally = True
+        self.on_commit: Callable[[], None] | None = None
+        #: A batch refused because its owner epoch is stale (run control steps down from its sessions).
+        self.on_refused: Callable[[StaleEpoch, set[str]], None] | None = None
 
     def resume(self, gseq: int, cursor: int) -> None:
         """Continue the sequences from what the store holds (at start-up)."""
@@ -115,16 +127,37 @@ class GroupCommit:
             try:
                 await self.store.flush()
             except Exception as e:
-                log.critical("run-control commit failed; the operations of this batch are not acknowledged",
-                             exc_info=True)  # fmt: skip
+                if isinstance(e, StaleEpoch):
+                    sessions = {k for op in batch.ops for k in op.sessions} | {
+                        r.session_key for op in batch.ops for r in op.runs.values()
+                    }
+                    log.warning("a batch was refused: stale owner epoch", extra={"stale": list(e.names)[:20]})
+                    if self.on_refused is not None:
+                        self.on_refused(e, sessions)
+                    e = _refused()
+                else:
+                    log.critical("run-control commit failed; the operations of this batch are not acknowledged",
+                                 exc_info=True)  # fmt: skip
                 batch.done.set_exception(e)
                 batch.done.exception()  # marked retrieved; waiting callers still get it
                 continue
             finally:
                 self._inflight = None
-            self.durable_gseq, self.durable_cursor = gseq, cursor
+            g_off, c_off = self.store.offsets
+            if g_off or c_off:
+                _renumber(batch, g_off, c_off)
             batch.done.set_result(None)
-            self._publish(batch)
+            if self.publish_locally:
+                self.durable_gseq, self.durable_cursor = gseq, cursor
+                self._publish(batch)
+            else:
+                self.advance(
+                    max((ev.global_seq for op in batch.ops for ev in op.events), default=0),
+                    max((r.cursor for op in batch.ops for r in op.replies), default=0),
+                )
+                if self.on_commit is not None:
+                    self.on_commit()
+                self._after(batch)
 
     def _publish(self, batch: _Batch) -> None:
         for op in batch.ops:
@@ -132,6 +165,11 @@ class GroupCommit:
                 self.events.publish(ev)
             for reply in op.replies:
                 self.replies.publish(reply)
+        self._after(batch)
+
+    def _after(self, batch: _Batch) -> None:
+        for op in batch.ops:
+            for reply in op.replies:
                 metrics.REPLIES_DELIVERED.labels(DELIVERY_NAMES.get(reply.delivery, "text")).inc()
         for op in batch.ops:
             for fn in op.after:
@@ -140,9 +178,35 @@ class GroupCommit:
                 except Exception:
                     log.exception("post-commit action failed")
 
+    def advance(self, gseq: int, cursor: int) -> None:
+        """Several replicas: the highest numbers known committed (by this replica or the tailer)."""
+        self.durable_gseq = max(self.durable_gseq, gseq)
+        self.durable_cursor = max(self.durable_cursor, cursor)
+
     async def durable(self) -> None:
         """Wait until every operation done so far is durable (acknowledge after this)."""
         if self._open.ops:
             await asyncio.shield(self._open.done)
         elif self._inflight is not None:
             await asyncio.shield(self._inflight.done)
+
+
+def _renumber(batch: _Batch, g_off: int, c_off: int) -> None:
+    """Give the batch's events and replies (as callers hold them) the numbers the database gave them."""
+    for op in batch.ops:
+        if g_off:
+            for ev in op.events:
+                ev.global_seq += g_off
+                ev.event_id = f"evt_{ev.global_seq}"
+        if c_off:
+            for reply in op.replies:
+                reply.cursor += c_off
+
+
+def _refused() -> FlynnError:
+    """What callers of a refused batch get: retry (the session is served by its new owner)."""
+    return errors.unavailable(
+        "this run-control replica no longer owns the session (another replica took it over); retry",
+        reason="SESSION_OWNER_MOVED",
+        retry_after=0.1,
+    )

@@ -8,6 +8,8 @@ sessions and from the store otherwise, and never show past the durable sequence 
 
 from __future__ import annotations
 
+import asyncio
+import logging
 import time
 from collections.abc import Iterator
 from contextlib import AbstractContextManager, contextmanager
@@ -28,9 +30,9 @@ from queue_svc.group_commit import GroupCommit, Op
 from queue_svc.store import QueueStore, RunRow, SessionRow
 
 if TYPE_CHECKING:
-    import asyncio
-
     from queue_svc.agents import AgentRun
+
+log = logging.getLogger(__name__)
 
 QUEUED, STARTED, CANCEL_REQUESTED = pb.RUN_STATE_QUEUED, pb.RUN_STATE_STARTED, pb.RUN_STATE_CANCEL_REQUESTED
 CANCELLED, COMPLETED, ERROR = pb.RUN_STATE_CANCELLED, pb.RUN_STATE_COMPLETED, pb.RUN_STATE_ERROR
@@ -123,6 +125,15 @@ class Ledger:
         self._pins: dict[str, int] = {}  # sessions an operation is being prepared for
         self._depth = 0  # queue entries over all sessions (flynn_queue_depth, without visiting them)
 
+    async def _own(self, key: str) -> None:
+        """Make sure this replica owns the session (several replicas: replica.py); else nothing."""
+
+    def owns(self, key: str) -> bool:
+        return True
+
+    async def _evicted(self, keys: list[str]) -> None:
+        """Sessions that left memory (several replicas release their leases: replica.py)."""
+
     def _op(self) -> AbstractContextManager[Op]:
         return self.commit.op()
 
@@ -168,9 +179,20 @@ class Ledger:
         self._sessions[row.session_key] = s
         return s
 
-    def evict_idle(self, idle_seconds: float) -> int:
+    async def _evict_loop(self, idle_seconds: float) -> None:
+        """Idle sessions leave memory (their rows stay in the store; an operation loads them back)."""
+        while not self._stopping:
+            await asyncio.sleep(min(idle_seconds, 30.0))
+            evicted = self.evict_idle(idle_seconds)
+            if evicted:
+                log.debug(
+                    "idle sessions evicted", extra={"count": len(evicted), "resident": len(self._sessions)}
+                )
+                await self._evicted(evicted)
+
+    def evict_idle(self, idle_seconds: float) -> list[str]:
         """Drop from memory the sessions idle for `idle_seconds` whose state is durable: no active run,
-        no queue, no timer, no operation being prepared. Their rows stay in the store. Returns how many."""
+        no queue, no timer, no operation being prepared. Their rows stay in the store. Returns their keys."""
         cutoff = time.monotonic() - idle_seconds
         idle = [
             k for k, s in self._sessions.items()
@@ -179,7 +201,7 @@ class Ledger:
         ]  # fmt: skip
         for k in idle:
             del self._sessions[k]
-        return len(idle)
+        return idle
 
     def _event(
         self,
@@ -274,6 +296,15 @@ class Ledger:
     def _q(self) -> config_pb2.QueueConfig:
         return self.config.config.server.queue
 
+    def _cap(self) -> int:
+        return self._q.cap if self._q.cap > 0 else 20
+
+    def _cancel_deadline(self) -> float:
+        return _seconds(self._q.cancel_deadline, 2.0)
+
+    def _quiet_window(self) -> float:
+        return _seconds(self._q.quiet_window, 0.0)
+
     def effective_mode(self, session_key: str, channel: str, override: int = 0) -> pb.EffectiveMode:
         d = targeting.queue_mode(self.config.config, targeting.Target(session_key, channel), override)
         return pb.EffectiveMode(mode=d.value, source=d.source, config_revision=self.config.revision)  # type: ignore[arg-type]
@@ -299,6 +330,7 @@ class Ledger:
         return out, (rows[-1][0] if more and rows else 0)
 
     async def get_session(self, session_key: str) -> pb.Session:
+        await self._own(session_key)
         s = await self._load_session(session_key)
         if s is None:
             raise errors.not_found("session", session_key)
@@ -345,10 +377,13 @@ class Ledger:
         return self.commit.durable_gseq
 
     async def events_after(self, after_seq: int, session_key: str = "") -> list[pb.RunEvent]:
-        """Durable events only: a cursor never points past what a crash could take back."""
-        rows = await self.store.events_after(after_seq, session_key, upto=self.commit.durable_gseq)
+        """Durable events only: a cursor never points past what a crash could take back. (With several
+        replicas, everything in the database is committed, by every replica: no bound.)"""
+        upto = self.commit.durable_gseq if self.commit.publish_locally else 1 << 62
+        rows = await self.store.events_after(after_seq, session_key, upto=upto)
         return [pb.RunEvent.FromString(b) for b in rows]
 
     async def replies_after(self, after_cursor: int) -> list[pb.Reply]:
-        rows = await self.store.replies_after(after_cursor, upto=self.commit.durable_cursor)
+        upto = self.commit.durable_cursor if self.commit.publish_locally else 1 << 62
+        rows = await self.store.replies_after(after_cursor, upto=upto)
         return [pb.Reply.FromString(b) for b in rows]

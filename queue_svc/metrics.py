@@ -50,3 +50,17 @@ COMMIT_BATCH = Histogram(
     "Statements per group commit.",
     buckets=(1, 5, 10, 25, 50, 100, 250, 500, 1000),
 )
+SESSIONS_ADOPTED = Counter(
+    "flynn_queue_sessions_adopted_total",
+    "Sessions this run-control replica took ownership of (first call, or taken over after a lease expired).",
+)
+SESSIONS_STEPPED_DOWN = Counter(
+    "flynn_queue_sessions_stepped_down_total",
+    "Sessions this run-control replica stopped owning, by why (lease taken over, write refused: stale epoch…).",
+    ["why"],
+)
+SESSIONS_FORWARDED = Counter(
+    "flynn_queue_calls_forwarded_total",
+    "Calls this run-control replica forwarded to the session's owner, by method.",
+    ["method"],
+)

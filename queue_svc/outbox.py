@@ -119,6 +119,7 @@ class Outbox:
         reply.create_time.CopyFrom(_ts(time.time()))
         target = targeting.Target(reply.session_key, reply.channel)
         want_speech = speak and targeting.tts_enabled(self.ledger.config.config, target).value
+        await self.ledger._own(reply.session_key)
         await self.ledger._load_session(reply.session_key)  # no await after this: stays in memory
         self.ledger.store.check_writable()
         with self.ledger._op() as op:
@@ -138,8 +139,8 @@ class Outbox:
             request = req or speech.request_for(self.ledger.config.config, reply.text)
             outcome = await speech.speak(self.synthesizer, request)
         row = await self.ledger.store.reply(reply.reply_id)
-        if self._stopping or row is None:
-            return
+        if self._stopping or row is None or not self.ledger.owns(reply.session_key):
+            return  # stopping, or stepped down: the session's new owner sends it as text
         s = await self.ledger._load_session(reply.session_key)
         if s is None:
             return

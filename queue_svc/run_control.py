@@ -64,6 +64,8 @@ from queue_svc.ledger import (
     _ts,
 )
 from queue_svc.outbox import Outbox, reply_id_for_run
+from queue_svc.ownership import Ownership
+from queue_svc.replica import Replica
 from queue_svc.store import InputRow, MessageRow, QueueEntryRow, QueueStore, RunRow
 
 __all__ = [
@@ -112,6 +114,13 @@ class SubmitResult:
     original_disposition: int = 0
     interrupted_run_id: str = ""
     event_seq: int = 0
+    #: The MESSAGE_RECEIVED event: its global_seq is final once the operation is durable (with
+    #: several replicas the database numbers it at commit).
+    event: pb.RunEvent | None = None
+
+    @property
+    def durable_event_seq(self) -> int:
+        return self.event.global_seq if self.event is not None else self.event_seq
 
 
 @dataclass(frozen=True)
@@ -152,6 +161,7 @@ class RunControl(Ledger):
         audit: AuditLog | None = None,
         speech_concurrency: int = 32,
         session_idle_seconds: float = 60.0,
+        ownership: Ownership | None = None,
     ) -> None:
         super().__init__(store, config, audit)
         self.agents = agents
@@ -159,11 +169,16 @@ class RunControl(Ledger):
         self.driver = AgentDriver(self, agents)
         self.session_idle_seconds = session_idle_seconds
         self._evictor: asyncio.Task[None] | None = None
+        #: With PostgreSQL: one of N replicas owning sessions by lease (replica.py).
+        self.replica = Replica(self, ownership) if ownership is not None else None
 
     # --- lifecycle -------------------------------------------------------------------------
 
     async def start(self) -> None:
         """Load state and recover from a crash (DESIGN.md §4 crash policy)."""
+        if self.replica is not None:
+            await self.replica.start()
+            return
         self.commit.resume(await self.store.max_global_seq(), await self.store.max_reply_cursor())
         # Scrapes read counters and live runs, never every session.
         metrics.QUEUE_DEPTH.set_function(lambda: self._depth)
@@ -180,15 +195,18 @@ class RunControl(Ledger):
                 self._advance(op, s)
             self.outbox.recover(op, pending_speech)
         await self.durable()
-        self._evictor = asyncio.ensure_future(self._evict_loop())
+        self._evictor = asyncio.ensure_future(self._evict_loop(self.session_idle_seconds))
 
-    async def _evict_loop(self) -> None:
-        """Idle sessions leave memory (their rows stay in the store; an operation loads them back)."""
-        while not self._stopping:
-            await asyncio.sleep(min(self.session_idle_seconds, 30.0))
-            n = self.evict_idle(self.session_idle_seconds)
-            if n:
-                log.debug("idle sessions evicted", extra={"count": n, "resident": len(self._sessions)})
+    async def _own(self, key: str) -> None:
+        if self.replica is not None:
+            await self.replica.own(key)
+
+    def owns(self, key: str) -> bool:
+        return self.replica is None or self.replica.owns(key)
+
+    async def _evicted(self, keys: list[str]) -> None:
+        if self.replica is not None:
+            await self.replica.release(keys)
 
     def _recover_run(self, op: Op, live: _Live) -> None:
         """A run that was active when the process died: the restart policy decides."""
@@ -221,23 +239,15 @@ class RunControl(Ledger):
         if tasks:
             await asyncio.wait(tasks, timeout=5)
         await self.durable()
+        if self.replica is not None:
+            await self.replica.stop()  # the survivors adopt our sessions now
         await self.agents.close()
-
-    # --- config ------------------------------------------------------------------------------
-
-    def _cap(self) -> int:
-        return self._q.cap if self._q.cap > 0 else 20
-
-    def _cancel_deadline(self) -> float:
-        return _seconds(self._q.cancel_deadline, 2.0)
-
-    def _quiet_window(self) -> float:
-        return _seconds(self._q.quiet_window, 0.0)
 
     # --- SubmitMessage -----------------------------------------------------------------------
 
     async def submit(self, req: SubmitInput) -> SubmitResult:
         with self._pin(req.session_key):
+            await self._own(req.session_key)
             await self._load_session(req.session_key)
             return await self._submit(req)
 
@@ -278,7 +288,7 @@ class RunControl(Ledger):
                 )  # fmt: skip
             )
         metrics.MESSAGES.labels(DISPOSITION_NAMES[disposition]).inc()
-        return SubmitResult(mid, disposition, run_id, eff, 0, interrupted, ev.global_seq)
+        return SubmitResult(mid, disposition, run_id, eff, 0, interrupted, ev.global_seq, ev)
 
     def _duplicate(self, m: MessageRow) -> SubmitResult:
         metrics.MESSAGES.labels("duplicate").inc()
@@ -483,8 +493,8 @@ class RunControl(Ledger):
 
     def _finish(self, live: _Live, outcome: Outcome) -> None:
         row = live.row
-        if row.state in TERMINAL:
-            return
+        if row.state in TERMINAL or self._runs.get(row.run_id) is not live:
+            return  # ended, or this replica stepped down from its session
         s = self._sessions[row.session_key]
         with self._op() as op:
             if row.state == CANCEL_REQUESTED:
@@ -596,9 +606,8 @@ class RunControl(Ledger):
         with self._op() as op:
             self._advance(op, s)
 
-    # --- PostReply -----------------------------------------------------------------------------
-
     async def post_reply(self, reply: pb.Reply, idempotency_key: str, speak: bool) -> tuple[pb.Reply, bool]:
+        """PostReply (outbox.py)."""
         return await self.outbox.post_reply(reply, idempotency_key, speak)
 
     # --- CancelRun -----------------------------------------------------------------------------
@@ -643,9 +652,15 @@ class RunControl(Ledger):
             if req.session_key and row.session_key != req.session_key:
                 # Do not reveal that the run exists elsewhere.
                 raise errors.not_found("run", req.run_id, reason="RUN_NOT_IN_SESSION")
+            if live is None and self.replica is not None:
+                await self._own(row.session_key)
+                live = self._runs.get(req.run_id)
+                row = live.row if live is not None else await self.store.run(req.run_id)
+                assert row is not None
             s = await self._load_session(row.session_key)
             assert s is not None, "a run's session is in the store"
             return s, live, row
+        await self._own(req.session_key)
         s = await self._load_session(req.session_key)
         if s is None:
             raise errors.not_found("session", req.session_key)

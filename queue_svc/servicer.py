@@ -15,11 +15,14 @@ from grpc.aio import ServicerContext
 
 from flynn_runtime import errors
 from flynn_runtime.auth import actor
+from flynn_runtime.channels import downstream_timeout
 from flynn_runtime.ids import is_id
 from flynn_runtime.server import Runtime
 from flynn_runtime.validation import Violations, page_size
 from queue_svc import metrics
 from queue_svc.fanout import Fanout, Stopped, Subscription
+from queue_svc.forwarding import OwnerUnreachable, Peers
+from queue_svc.ownership import NotOwner
 from queue_svc.run_control import CancelInput, RunControl, SubmitInput, run_to_proto
 
 MAX_TEXT = 32 * 1024
@@ -56,10 +59,35 @@ class RunControlServicer(pb_grpc.RunControlServicer):
     def __init__(self, runtime: Runtime, rc: Callable[[], RunControl]) -> None:
         self._runtime = runtime
         self._rc = rc
+        self._peers = Peers()
 
     @property
     def rc(self) -> RunControl:
         return self._rc()
+
+    async def _owned(
+        self, method: str, request: Any, context: ServicerContext[Any, Any], serve: Callable[[], Awaitable[T]]
+    ) -> T | Any:
+        """Serve a call about one session here when this replica owns it (or adopts it), else forward
+        it to the owner (ownership.py). When the owner cannot be reached (it died, or is paused), wait
+        for its lease to expire, then adopt the session here, within the caller's deadline."""
+        deadline = time.monotonic() + downstream_timeout(context, 30.0)
+        while True:
+            try:
+                return await serve()
+            except NotOwner as e:
+                try:
+                    return await self._peers.forward(method, request, context, e.address, deadline)
+                except OwnerUnreachable:
+                    wait = max(e.expires_in, 0.0) + 0.05
+                    if time.monotonic() + wait >= deadline:
+                        raise errors.unavailable(
+                            f"the run-control replica owning session {e.session_key!r} is unreachable; "
+                            "its lease has not expired yet: retry",
+                            reason="SESSION_OWNER_UNREACHABLE",
+                            retry_after=wait,
+                        ) from None
+                    await asyncio.sleep(wait)
 
     async def SubmitMessage(
         self, request: pb.SubmitMessageRequest, context: ServicerContext[Any, Any]
@@ -76,6 +104,9 @@ class RunControlServicer(pb_grpc.RunControlServicer):
         v.check(len(request.idempotency_key) <= 256, "idempotency_key", "is longer than 256 characters")
         v.enum_known("mode_override", request.mode_override, QUEUE_MODES)
         v.raise_if_any()
+        return await self._owned("SubmitMessage", request, context, lambda: self._submit(request))
+
+    async def _submit(self, request: pb.SubmitMessageRequest) -> pb.SubmitMessageResponse:
         res = await self.rc.submit(
             SubmitInput(
                 session_key=request.session_key,
@@ -96,7 +127,7 @@ class RunControlServicer(pb_grpc.RunControlServicer):
             effective_mode=res.effective_mode,
             original_disposition=res.original_disposition,  # type: ignore[arg-type]
             interrupted_run_id=res.interrupted_run_id,
-            event_seq=res.event_seq,
+            event_seq=res.durable_event_seq,
         )
 
     async def CancelRun(
@@ -116,6 +147,9 @@ class RunControlServicer(pb_grpc.RunControlServicer):
         if scope != pb.CANCEL_SCOPE_RUN and not request.session_key and not request.run_id:
             v.add("session_key", "is required to cancel a session")
         v.raise_if_any()
+        return await self._owned("CancelRun", request, context, lambda: self._cancel(request, scope, t0))
+
+    async def _cancel(self, request: pb.CancelRunRequest, scope: int, t0: float) -> pb.CancelRunResponse:
         res = await self.rc.cancel(
             CancelInput(
                 run_id=request.run_id,
@@ -165,6 +199,9 @@ class RunControlServicer(pb_grpc.RunControlServicer):
         v.text("session_key", request.session_key, required=True, max_bytes=1024)
         v.check(len(request.session_key) <= 256, "session_key", "is longer than 256 characters")
         v.raise_if_any()
+        return await self._owned("GetSession", request, context, lambda: self._get_session(request))
+
+    async def _get_session(self, request: pb.GetSessionRequest) -> pb.GetSessionResponse:
         session = await self.rc.get_session(request.session_key)
         await self.rc.durable()
         return pb.GetSessionResponse(session=session)
@@ -255,6 +292,9 @@ class RunControlServicer(pb_grpc.RunControlServicer):
         )
         if request.HasField("causation"):
             reply.causation.CopyFrom(request.causation)
+        return await self._owned("PostReply", request, context, lambda: self._post_reply(request, reply))
+
+    async def _post_reply(self, request: pb.PostReplyRequest, reply: pb.Reply) -> pb.PostReplyResponse:
         stored, duplicate = await self.rc.post_reply(reply, request.idempotency_key, request.speak)
         await self.rc.durable()
         return pb.PostReplyResponse(reply=stored, duplicate=duplicate)

@@ -18,10 +18,13 @@ file, WAL, fsync per batch) and store_pg.py (a dedicated writer connection, pool
 from __future__ import annotations
 
 import json
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
 from typing import TypeVar
 
+from flynn.v1 import run_control_pb2 as pb
+
+from flynn_runtime.leases import StaleEpoch
 from queue_svc import metrics
 
 PAGE = 500
@@ -226,9 +229,63 @@ def compact(batch: list[Statement]) -> list[tuple[str, list[tuple[object, ...]]]
     return groups
 
 
+INSERT_EVENT = "INSERT INTO events (global_seq, session_key, session_seq, type, data) VALUES (?, ?, ?, ?, ?)"
+UPDATE_REPLY = "UPDATE replies SET cursor = ?, speech_state = ?, data = ? WHERE reply_id = ?"
+
+
+def provisional_spans(batch: list[Statement]) -> tuple[tuple[int, int] | None, tuple[int, int] | None]:
+    """(first, last) of the provisional event numbers and reply cursors a batch uses (None: none)."""
+    seqs: list[int] = []
+    cursors: list[int] = []
+    for sql, params in batch:
+        if sql == INSERT_EVENT:
+            seqs.append(int(params[0]))  # type: ignore[call-overload]
+        elif sql == INSERT_REPLY and params[1] is not None:
+            cursors.append(int(params[1]))  # type: ignore[call-overload]
+        elif sql == UPDATE_REPLY and params[0] is not None:
+            cursors.append(int(params[0]))  # type: ignore[call-overload]
+    return (
+        (min(seqs), max(seqs)) if seqs else None,
+        (min(cursors), max(cursors)) if cursors else None,
+    )
+
+
+def renumber(batch: list[Statement], g_off: int, c_off: int) -> list[Statement]:
+    """The batch with its provisional event numbers and reply cursors moved by (g_off, c_off): the
+    columns and the serialized RunEvent / Reply in `data` alike (store_pg.py numbers them from the
+    database's counters, so several replicas share one gapless-ordered sequence)."""
+    if not g_off and not c_off:
+        return batch
+    out: list[Statement] = []
+    for sql, params in batch:
+        if sql == INSERT_EVENT and g_off:
+            ev = pb.RunEvent.FromString(params[4])  # type: ignore[arg-type]
+            ev.global_seq += g_off
+            ev.event_id = f"evt_{ev.global_seq}"
+            params = (ev.global_seq, params[1], params[2], params[3], ev.SerializeToString())
+        elif sql == INSERT_MESSAGE and g_off:
+            params = (*params[:11], int(params[11]) + g_off, *params[12:])  # type: ignore[call-overload]
+        elif sql == INSERT_REPLY and c_off and params[1] is not None:
+            reply = pb.Reply.FromString(params[8])  # type: ignore[arg-type]
+            reply.cursor += c_off
+            params = (*params[:1], reply.cursor, *params[2:8], reply.SerializeToString())
+        elif sql == UPDATE_REPLY and c_off and params[0] is not None:
+            reply = pb.Reply.FromString(params[2])  # type: ignore[arg-type]
+            reply.cursor += c_off
+            params = (reply.cursor, params[1], reply.SerializeToString(), params[3])
+        out.append((sql, params))
+    return out
+
+
 def _expire(overlay: dict[K, tuple[int, V]], number: int) -> None:
     """Drop overlay rows whose batch (`number` or earlier) may now be read from the database."""
     for k in [k for k, (n, _) in overlay.items() if n <= number]:
+        del overlay[k]
+
+
+def _drop(overlay: dict[K, tuple[int, V]], number: int) -> None:
+    """Drop the overlay rows of batch `number` exactly (it was refused)."""
+    for k in [k for k, (n, _) in overlay.items() if n == number]:
         del overlay[k]
 
 
@@ -250,6 +307,13 @@ class QueueStore:
         self._reply_keys: dict[tuple[str, str], tuple[int, ReplyRow]] = {}
         self._finals: dict[str, tuple[int, bool]] = {}
         self._session_rows: dict[str, tuple[int, SessionRow]] = {}
+        #: Fencing (several replicas, store_pg.py): the owner epoch of each session a queued write
+        #: touches, taken when the write is queued; `epoch_of` is set by run control's ownership.
+        self.epoch_of: Callable[[str], int] | None = None
+        self._pending_epochs: dict[str, int] = {}
+        #: (event offset, cursor offset) the last commit added to the provisional numbers of its
+        #: batch (store_pg.py numbers events and replies in the database; SQLite keeps them: 0, 0).
+        self.offsets: tuple[int, int] = (0, 0)
 
     async def close(self) -> None:
         """Release connections and threads."""
@@ -270,24 +334,44 @@ class QueueStore:
         """Forget writes queued after `mark` (an operation that raised)."""
         del self._pending[mark:]
 
-    def _queue(self, sql: str, params: tuple[object, ...]) -> None:
+    def _queue(self, sql: str, params: tuple[object, ...], session: str = "") -> None:
         self._pending.append((sql, params))
+        if session and self.epoch_of is not None and session not in self._pending_epochs:
+            self._pending_epochs[session] = self.epoch_of(session)
 
     async def flush(self) -> None:
         """Make every queued write durable (one transaction); raises when the commit failed."""
         if not self._pending:
             return
         batch, self._pending = self._pending, []
+        epochs, self._pending_epochs = self._pending_epochs, {}
         number = self._batch
         self._batch += 1
-        with metrics.COMMIT_SECONDS.time():
-            await self._commit(batch, number)
+        try:
+            with metrics.COMMIT_SECONDS.time():
+                await self._commit(batch, number, epochs)
+        except BaseException as e:
+            self._forget(number)  # nothing of this batch exists: the overlays must not say otherwise
+            if isinstance(e, StaleEpoch):
+                e.epochs = epochs
+            raise
         metrics.COMMIT_BATCH.observe(len(batch))
         self._durable = number
         self._expire()
 
-    async def _commit(self, batch: list[Statement], number: int) -> None:
+    async def _commit(self, batch: list[Statement], number: int, epochs: dict[str, int]) -> None:
         raise NotImplementedError
+
+    def _forget(self, number: int) -> None:
+        """Drop the overlay rows of batch `number`, which was refused (never committed)."""
+        _drop(self._msg_by_key, number)
+        _drop(self._msg_by_id, number)
+        _drop(self._msg_run, number)
+        _drop(self._runs, number)
+        _drop(self._replies, number)
+        _drop(self._reply_keys, number)
+        _drop(self._finals, number)
+        _drop(self._session_rows, number)
 
     def _expire(self) -> None:
         upto = min([self._durable, *self._reads])
@@ -314,7 +398,9 @@ class QueueStore:
 
     def put_session(self, s: SessionRow) -> None:
         self._queue(
-            UPSERT_SESSION, (s.session_key, s.channel, s.message_count, s.run_count, s.last_session_seq)
+            UPSERT_SESSION,
+            (s.session_key, s.channel, s.message_count, s.run_count, s.last_session_seq),
+            s.session_key,
         )
         self._session_rows[s.session_key] = (self._batch, s)
 
@@ -330,6 +416,7 @@ class QueueStore:
                 m.disposition, m.run_id, m.interrupted_run_id, m.effective_mode, m.event_seq,
                 m.receive_time, m.causation,
             ),
+            m.session_key,
         )  # fmt: skip
         self._msg_by_key[(m.session_key, m.idempotency_key)] = (self._batch, m)
         self._msg_by_id[m.message_id] = (self._batch, m)
@@ -345,15 +432,16 @@ class QueueStore:
             r.error_kind, r.error_message, r.output, r.final_reply_id, r.create_time, r.start_time,
             r.cancel_request_time, r.end_time, r.attempt, r.cancel_reason, r.causation,
         )  # fmt: skip
-        self._queue(UPSERT_RUN, values)
+        self._queue(UPSERT_RUN, values, r.session_key)
         self._runs[r.run_id] = (self._batch, r)
 
     def append_event(
         self, global_seq: int, session_key: str, session_seq: int, type_: int, data: bytes
     ) -> None:
         self._queue(
-            "INSERT INTO events (global_seq, session_key, session_seq, type, data) VALUES (?, ?, ?, ?, ?)",
+            INSERT_EVENT,
             (global_seq, session_key, session_seq, type_, data),
+            session_key,
         )
 
     def insert_reply(self, r: ReplyRow, *, final_known: bool = False) -> bool:
@@ -370,6 +458,7 @@ class QueueStore:
             INSERT_REPLY,
             (r.reply_id, r.cursor, r.kind, r.run_id, r.session_key, r.channel, r.idempotency_key,
              r.speech_state, r.data),
+            r.session_key,
         )  # fmt: skip
         self._replies[r.reply_id] = (self._batch, r)
         if r.idempotency_key:
@@ -379,8 +468,9 @@ class QueueStore:
     def update_reply(self, r: ReplyRow) -> None:
         """Write back a reply read with `reply()` and changed (cursor, speech state, data)."""
         self._queue(
-            "UPDATE replies SET cursor = ?, speech_state = ?, data = ? WHERE reply_id = ?",
+            UPDATE_REPLY,
             (r.cursor, r.speech_state, r.data, r.reply_id),
+            r.session_key,
         )
         self._replies[r.reply_id] = (self._batch, r)
         if r.idempotency_key:
@@ -390,10 +480,13 @@ class QueueStore:
         self._queue(
             "INSERT INTO queue_entries (session_key, pos, kind, run_id, message_id) VALUES (?, ?, ?, ?, ?)",
             (e.session_key, e.pos, e.kind, e.run_id, e.message_id),
+            e.session_key,
         )
 
     def remove_queue_entry(self, session_key: str, pos: float) -> None:
-        self._queue("DELETE FROM queue_entries WHERE session_key = ? AND pos = ?", (session_key, pos))
+        self._queue(
+            "DELETE FROM queue_entries WHERE session_key = ? AND pos = ?", (session_key, pos), session_key
+        )
 
     # --- reads (asynchronous; before an operation, never inside one) -------------------------
 
@@ -504,7 +597,8 @@ class QueueStore:
         """Sessions with a queued or active run or a queue entry (what start-up must hold in memory)."""
         raise NotImplementedError
 
-    async def runs_in_states(self, states: tuple[int, ...]) -> list[RunRow]:
+    async def runs_in_states(self, states: tuple[int, ...], session_key: str | None = None) -> list[RunRow]:
+        """Runs in these states (of one session when `session_key` is given), in creation order."""
         raise NotImplementedError
 
     async def list_runs(
@@ -512,7 +606,7 @@ class QueueStore:
     ) -> list[tuple[int, RunRow]]:
         raise NotImplementedError
 
-    async def queue_entries(self) -> list[QueueEntryRow]:
+    async def queue_entries(self, session_key: str | None = None) -> list[QueueEntryRow]:
         raise NotImplementedError
 
     async def events_after(
@@ -523,5 +617,5 @@ class QueueStore:
     async def replies_after(self, after_cursor: int, limit: int = PAGE, upto: int = 1 << 62) -> list[bytes]:
         raise NotImplementedError
 
-    async def pending_speech(self) -> list[ReplyRow]:
+    async def pending_speech(self, session_key: str | None = None) -> list[ReplyRow]:
         raise NotImplementedError

@@ -44,6 +44,7 @@ from typing import Generic, TypeVar
 
 import psycopg
 
+from flynn_runtime import leases
 from flynn_runtime.database import Database, database_unavailable
 from flynn_runtime.db_copy import Counts, SqliteSource, StoreCopier, Table, export_tables, import_tables
 from flynn_runtime.pg_migrations import Migration
@@ -62,6 +63,8 @@ from queue_svc.store import (
     Statement,
     compact,
     message_from,
+    provisional_spans,
+    renumber,
     reply_from,
     run_from,
 )
@@ -160,9 +163,32 @@ CREATE TABLE queue_entries (
 );
 """,
     ),
+    Migration(
+        2,
+        "run control on several replicas: session leases with fencing epochs, database-wide sequences",
+        leases.MIGRATION_SQL
+        + """
+CREATE TABLE seqs (id INTEGER PRIMARY KEY CHECK (id = 1), gseq BIGINT NOT NULL, cursor BIGINT NOT NULL);
+INSERT INTO seqs VALUES (1, (SELECT COALESCE(MAX(global_seq), 0) FROM events),
+                            (SELECT COALESCE(MAX(cursor), 0) FROM replies));
+DELETE FROM meta WHERE key = 'batch';
+""",
+    ),
 )
 
-MARK_BATCH = "INSERT INTO meta (key, value) VALUES ('batch', %s) ON CONFLICT (key) DO UPDATE SET value = EXCLUDED.value"
+#: Each writer process marks its last batch under its own key (several replicas write at once).
+MARK_BATCH = (
+    "INSERT INTO meta (key, value) VALUES (%s, %s) ON CONFLICT (key) DO UPDATE SET value = EXCLUDED.value"
+)
+#: Takes the database-wide numbers for a batch's events and replies. The row lock it takes is held
+#: until COMMIT, so batches of all replicas commit in the order of their numbers: a reader that sees
+#: number n committed has seen every number below it (no gap for a stream reading in order).
+TAKE_NUMBERS = "UPDATE seqs SET gseq = gseq + %s, cursor = cursor + %s WHERE id = 1 RETURNING gseq, cursor"
+#: Wakes the other replicas' stream tailers at COMMIT (a wake-up only: they read the tables).
+NOTIFY = "SELECT pg_notify('flynn_queue', %s)"
+CHANNEL = "flynn_queue"
+#: The lease scope of run-control sessions (flynn_runtime/leases.py).
+SESSION_SCOPE = "session"
 
 _pg_sql: dict[str, str] = {}
 
@@ -227,12 +253,20 @@ class PgQueueStore(QueueStore):
         #: Tags this process's batch numbers in `meta` (numbers restart at 1 in every process).
         self._writer_id = secrets.token_hex(8)
         self._key_lookups: Coalescer[tuple[str, str], MessageRow] = Coalescer(self._messages_by_keys)
+        #: The lease holder whose epochs fence every batch (run control's replica id); "" = unfenced.
+        self.holder = ""
         self._session_lookups: Coalescer[str, SessionRow] = Coalescer(self._sessions_by_keys)
 
     @classmethod
     async def open(cls, db: Database) -> PgQueueStore:
         store = cls(db)
         await asyncio.get_running_loop().run_in_executor(store._thread, store._connect_writer)
+        # Numbers continue past anything imported (flynn db import) after the counters were made.
+        async with db.transaction() as conn:
+            await conn.execute(
+                "UPDATE seqs SET gseq = GREATEST(gseq, (SELECT COALESCE(MAX(global_seq), 0) FROM events)), "
+                "cursor = GREATEST(cursor, (SELECT COALESCE(MAX(cursor), 0) FROM replies)) WHERE id = 1"
+            )
         return store
 
     def _kwargs(self, name: str) -> dict[str, object]:
@@ -260,15 +294,30 @@ class PgQueueStore(QueueStore):
 
     # --- commit (the writer thread) ------------------------------------------------------------
 
-    async def _commit(self, batch: list[Statement], number: int) -> None:
+    async def _commit(self, batch: list[Statement], number: int, epochs: dict[str, int]) -> None:
         loop = asyncio.get_running_loop()
         delay = 0.05
         while True:
             try:
-                await loop.run_in_executor(self._thread, self._commit_once, batch, number)
+                self.offsets = await loop.run_in_executor(
+                    self._thread, self._commit_once, batch, number, epochs
+                )
                 self.writer_ok = True
                 return
-            except (psycopg.OperationalError, psycopg.InterfaceError) as e:
+            except psycopg.DatabaseError as e:
+                stale = leases.stale_from(e, SESSION_SCOPE)
+                if stale is not None:
+                    self.writer_ok = True
+                    raise stale from None
+                if not isinstance(e, psycopg.OperationalError):
+                    raise
+                if self._closed:
+                    raise
+                self.writer_ok = False
+                log.warning(
+                    "run-control commit failed; retrying the batch", extra={"batch": number, "error": str(e)}
+                )
+            except psycopg.InterfaceError as e:
                 if self._closed:
                     raise
                 self.writer_ok = False
@@ -278,31 +327,51 @@ class PgQueueStore(QueueStore):
             await asyncio.sleep(delay)
             delay = min(delay * 2, 1.0)
 
-    def _commit_once(self, batch: list[Statement], number: int) -> None:
-        """One transaction, pipelined: the statements go out without waiting, then COMMIT."""
+    def _commit_once(self, batch: list[Statement], number: int, epochs: dict[str, int]) -> tuple[int, int]:
+        """One transaction, pipelined: the fence and the numbers first (one round trip, their answer is
+        needed), then the statements go out without waiting, then COMMIT. Returns the offsets added to
+        the batch's provisional event numbers and reply cursors."""
         conn = self._writer
+        spans = provisional_spans(batch)
         if conn is None or conn.closed or conn.broken:
             conn = self._connect_writer()
-            if self._applied(conn, number):
-                return  # committed before the connection broke; only the answer was lost
-        groups = compact(batch)
+            applied = self._applied(conn, number)
+            if applied is not None:
+                return applied  # committed before the connection broke; only the answer was lost
         with conn.pipeline(), conn.transaction():
             cur = conn.cursor()
-            cur.execute(MARK_BATCH, (f"{self._writer_id}:{number}",))
-            for sql, rows in groups:
+            if self.holder and epochs:
+                cur.execute(*leases.fence(SESSION_SCOPE, self.holder, epochs))
+            g_off = c_off = 0
+            (g_span, c_span) = spans
+            if g_span or c_span:
+                g_n = g_span[1] - g_span[0] + 1 if g_span else 0
+                c_n = c_span[1] - c_span[0] + 1 if c_span else 0
+                cur.execute(TAKE_NUMBERS, (g_n, c_n))
+                row = cur.fetchone()
+                assert row is not None
+                g_off = int(row[0]) - g_span[1] if g_span else 0  # type: ignore[call-overload]
+                c_off = int(row[1]) - c_span[1] if c_span else 0  # type: ignore[call-overload]
+                batch = renumber(batch, g_off, c_off)
+            cur.execute(MARK_BATCH, (f"batch:{self._writer_id}", f"{number}:{g_off}:{c_off}"))
+            for sql, rows in compact(batch):
                 if len(rows) == 1:
                     cur.execute(pg(sql), rows[0])
                 else:
                     cur.executemany(pg(sql), rows)
+            if g_span or c_span:
+                cur.execute(NOTIFY, (self._writer_id,))
+        return g_off, c_off
 
-    def _applied(self, conn: psycopg.Connection[tuple[object, ...]], number: int) -> bool:
-        """Whether batch `number` of this process is committed (its COMMIT's answer was lost)."""
-        row = conn.execute("SELECT value FROM meta WHERE key = 'batch'").fetchone()
+    def _applied(self, conn: psycopg.Connection[tuple[object, ...]], number: int) -> tuple[int, int] | None:
+        """The offsets of batch `number` of this process when it is committed (its COMMIT's answer was
+        lost), else None."""
+        row = conn.execute("SELECT value FROM meta WHERE key = %s", (f"batch:{self._writer_id}",)).fetchone()
         conn.commit()
         if row is None:
-            return False
-        writer, _, last = str(row[0]).partition(":")
-        return writer == self._writer_id and int(last) >= number
+            return None
+        last, g_off, c_off = (int(x) for x in str(row[0]).split(":"))
+        return (g_off, c_off) if last >= number else None
 
     # --- reads -------------------------------------------------------------------------------
 
@@ -386,10 +455,16 @@ class PgQueueStore(QueueStore):
     async def _read_session(self, session_key: str) -> SessionRow | None:
         return await self._session_lookups.get(session_key)
 
-    async def runs_in_states(self, states: tuple[int, ...]) -> list[RunRow]:
-        rows = await self._all(
-            f"SELECT {RUN_COLS} FROM runs WHERE state = ANY(?) ORDER BY seq", (list(states),)
-        )
+    async def runs_in_states(self, states: tuple[int, ...], session_key: str | None = None) -> list[RunRow]:
+        if session_key is None:
+            rows = await self._all(
+                f"SELECT {RUN_COLS} FROM runs WHERE state = ANY(?) ORDER BY seq", (list(states),)
+            )
+        else:
+            rows = await self._all(
+                f"SELECT {RUN_COLS} FROM runs WHERE state = ANY(?) AND session_key = ? ORDER BY seq",
+                (list(states), session_key),
+            )
         return [run_from(r) for r in rows]
 
     async def list_runs(
@@ -408,10 +483,17 @@ class PgQueueStore(QueueStore):
         )
         return [(int(r[0]), run_from(r[1:])) for r in rows]  # type: ignore[call-overload]
 
-    async def queue_entries(self) -> list[QueueEntryRow]:
-        rows = await self._all(
-            "SELECT session_key, pos, kind, run_id, message_id FROM queue_entries ORDER BY session_key, pos"
-        )
+    async def queue_entries(self, session_key: str | None = None) -> list[QueueEntryRow]:
+        if session_key is None:
+            rows = await self._all(
+                "SELECT session_key, pos, kind, run_id, message_id FROM queue_entries ORDER BY session_key, pos"
+            )
+        else:
+            rows = await self._all(
+                "SELECT session_key, pos, kind, run_id, message_id FROM queue_entries WHERE session_key = ? "
+                "ORDER BY pos",
+                (session_key,),
+            )
         return [QueueEntryRow(*r) for r in rows]  # type: ignore[arg-type]
 
     async def events_after(
@@ -437,10 +519,16 @@ class PgQueueStore(QueueStore):
         )
         return [bytes(r[0]) for r in rows]  # type: ignore[call-overload]
 
-    async def pending_speech(self) -> list[ReplyRow]:
-        rows = await self._all(
-            f"SELECT {REPLY_COLS} FROM replies WHERE speech_state = 'pending' ORDER BY seq"
-        )
+    async def pending_speech(self, session_key: str | None = None) -> list[ReplyRow]:
+        if session_key is None:
+            rows = await self._all(
+                f"SELECT {REPLY_COLS} FROM replies WHERE speech_state = 'pending' ORDER BY seq"
+            )
+        else:
+            rows = await self._all(
+                f"SELECT {REPLY_COLS} FROM replies WHERE speech_state = 'pending' AND session_key = ? ORDER BY seq",
+                (session_key,),
+            )
         return [reply_from(r) for r in rows]
 
 

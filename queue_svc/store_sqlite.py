@@ -137,7 +137,7 @@ class SqliteQueueStore(QueueStore):
         self._db.close()
         self._writer.close()
 
-    async def _commit(self, batch: list[Statement], number: int) -> None:
+    async def _commit(self, batch: list[Statement], number: int, epochs: dict[str, int]) -> None:
         await asyncio.get_running_loop().run_in_executor(self._pool, self._commit_now, batch)
 
     def _commit_now(self, batch: list[Statement]) -> None:
@@ -196,9 +196,15 @@ class SqliteQueueStore(QueueStore):
         )
         return SessionRow(*row) if row else None  # type: ignore[arg-type]
 
-    async def runs_in_states(self, states: tuple[int, ...]) -> list[RunRow]:
+    async def runs_in_states(self, states: tuple[int, ...], session_key: str | None = None) -> list[RunRow]:
         marks = ", ".join("?" * len(states))
-        rows = self._all(f"SELECT {RUN_COLS} FROM runs WHERE state IN ({marks}) ORDER BY seq", states)
+        if session_key is None:
+            rows = self._all(f"SELECT {RUN_COLS} FROM runs WHERE state IN ({marks}) ORDER BY seq", states)
+        else:
+            rows = self._all(
+                f"SELECT {RUN_COLS} FROM runs WHERE state IN ({marks}) AND session_key = ? ORDER BY seq",
+                (*states, session_key),
+            )
         return [run_from(r) for r in rows]
 
     async def list_runs(
@@ -217,10 +223,17 @@ class SqliteQueueStore(QueueStore):
         )
         return [(int(r[0]), run_from(r[1:])) for r in rows]  # type: ignore[call-overload]
 
-    async def queue_entries(self) -> list[QueueEntryRow]:
-        rows = self._all(
-            "SELECT session_key, pos, kind, run_id, message_id FROM queue_entries ORDER BY session_key, pos"
-        )
+    async def queue_entries(self, session_key: str | None = None) -> list[QueueEntryRow]:
+        if session_key is None:
+            rows = self._all(
+                "SELECT session_key, pos, kind, run_id, message_id FROM queue_entries ORDER BY session_key, pos"
+            )
+        else:
+            rows = self._all(
+                "SELECT session_key, pos, kind, run_id, message_id FROM queue_entries WHERE session_key = ? "
+                "ORDER BY pos",
+                (session_key,),
+            )
         return [QueueEntryRow(*r) for r in rows]  # type: ignore[arg-type]
 
     async def events_after(
@@ -246,6 +259,14 @@ class SqliteQueueStore(QueueStore):
         )
         return [bytes(r[0]) for r in rows]  # type: ignore[call-overload]
 
-    async def pending_speech(self) -> list[ReplyRow]:
-        rows = self._all(f"SELECT {REPLY_COLS} FROM replies WHERE speech_state = 'pending' ORDER BY rowid")
+    async def pending_speech(self, session_key: str | None = None) -> list[ReplyRow]:
+        if session_key is None:
+            rows = self._all(
+                f"SELECT {REPLY_COLS} FROM replies WHERE speech_state = 'pending' ORDER BY rowid"
+            )
+        else:
+            rows = self._all(
+                f"SELECT {REPLY_COLS} FROM replies WHERE speech_state = 'pending' AND session_key = ? ORDER BY rowid",
+                (session_key,),
+            )
         return [reply_from(r) for r in rows]

@@ -25,7 +25,7 @@ async def test_evicted_sessions_reload_on_demand(tmp_path: Path, tokens: Tokens)
         await q.rc.durable()
         before = {s: (await q.stub.GetSession(pb.GetSessionRequest(session_key=s), metadata=q.md)).session
                   for s in ("s0", "s1", "s2")}  # fmt: skip
-        assert q.rc.evict_idle(0) == 3 and not q.rc._sessions
+        assert len(q.rc.evict_idle(0)) == 3 and not q.rc._sessions
 
         # GetSession reads it back as it was.
         got = (await q.stub.GetSession(pb.GetSessionRequest(session_key="s0"), metadata=q.md)).session
@@ -63,13 +63,13 @@ async def test_busy_sessions_stay_and_start_up_loads_only_them(tmp_path: Path, t
             await q.submit(f"idle{i}", "hi")
         for i in range(20):
             await q.wait_idle(f"idle{i}")
-        await q.set_config("server: {queue: {mode: collect, quiet_window: 1h}}")
+        await q.set_config("server: {queue: {mode: collect, quiet_window: 1h}, agent: {think_time: 300ms}}")
         # The first message starts a run at once; the second, sent with it, waits in the collect
         # buffer for the (hour-long) quiet window.
         await asyncio.gather(q.submit("busy", "runs"), q.submit("busy", "waits in a collect buffer"))
         await wait_for(lambda: asyncio.sleep(0, q.rc.session_active_state("busy")), lambda st: st == 0)
         await q.rc.durable()
-        assert q.rc.evict_idle(0) == 20
+        assert len(q.rc.evict_idle(0)) == 20
         assert set(q.rc._sessions) == {"busy"}  # a session with a queue is never evicted
     async with queue_service(tmp_path, tokens, "server: {queue: {mode: collect, quiet_window: 1h}}") as q:
         assert set(q.rc._sessions) == {"busy"}

@@ -1,0 +1,216 @@
+"""Run control scaled out: 1, 2, 3 replica processes on one PostgreSQL 15, behind the gateway.
+
+    .venv/bin/python -m bench.scale_out [--replicas 1,2,3] [--messages 2000] [--concurrency 32]
+        [--sessions 100] [--cancel-sessions 50] [--cancel-rounds 2] [--kills 20] [--lease 5]
+
+Starts a throwaway PostgreSQL (initdb + pg_ctl, fsync on), then for each replica count a fresh
+database, N run-control processes (`--database-url`, default lease unless --lease) and a gateway whose
+queue address is the list of replicas (calls balanced round-robin; a call reaching a replica that does
+not own its session is forwarded to the owner). Prints per replica count:
+
+- sustained msg/s and submit->final p50/p99: `--concurrency` callers submit `--messages` messages over
+  `--sessions` sessions (followup mode, built-in agent at zero think time) through the gateway; the
+  final is seen on a StreamReplies stream through the gateway;
+- cancel-to-ack p50/p99 through the gateway, cancels one at a time, with `--cancel-sessions` runs
+  streaming (bench/cancel_latency's load);
+- failover pause (N >= 2): SIGKILL the replica owning the most sessions, then call SubmitMessage on a
+  session it owned until one succeeds: kill -> first successful call, p50/max over `--kills` kills (the
+  killed replica is restarted, with the same id, between kills).
+
+On 2 cores shared by the replicas, the gateway, PostgreSQL and the load generator, throughput does not
+grow with replicas: every process competes for the same CPU, and 2/3 of the calls pay a forwarding hop.
+"""
+
+from __future__ import annotations
+
+import argparse
+import asyncio
+import tempfile
+import time
+from pathlib import Path
+
+import grpc
+from flynn.v1 import run_control_pb2 as pb
+from flynn.v1 import run_control_pb2_grpc as pb_grpc
+
+from bench import cancel_latency
+from flynn_launcher.local_postgres import LocalPostgres
+from tests.support.mesh import make_tokens
+from tests.support.replicas import QueueReplicas
+
+pct = cancel_latency.pct
+
+THROUGHPUT_CONFIG = """
+server:
+  queue: {mode: followup, cap: 1000}
+  agent: {think_time: 0s}
+"""
+
+
+async def throughput(
+    address: str, token: str, messages: int, concurrency: int, sessions: int
+) -> dict[str, float]:
+    md = (("authorization", f"Bearer {token}"),)
+    async with grpc.aio.insecure_channel(address) as ch:
+        stub = pb_grpc.RunControlStub(ch)
+        submitted: dict[str, float] = {}
+        finals: dict[str, float] = {}
+        done = asyncio.Event()
+
+        async def follow() -> None:
+            async for resp in stub.StreamReplies(pb.StreamRepliesRequest(), metadata=md):
+                r = resp.reply
+                if r.kind == pb.REPLY_KIND_FINAL:
+                    finals[r.run_id] = time.perf_counter()
+                    if len(finals) >= messages:
+                        done.set()
+
+        follower = asyncio.ensure_future(follow())
+        await asyncio.sleep(0.3)
+        counter = iter(range(messages))
+
+        async def caller(c: int) -> None:
+            for i in counter:
+                t0 = time.perf_counter()
+                resp = await stub.SubmitMessage(
+                    pb.SubmitMessageRequest(session_key=f"tp{i % sessions}", channel="bench", text=f"m{i}",
+                                            idempotency_key=f"tp-{i}"),
+                    metadata=md, timeout=30,
+                )  # fmt: skip
+                submitted[resp.run_id] = t0
+
+        t0 = time.perf_counter()
+        await asyncio.gather(*(caller(c) for c in range(concurrency)))
+        acked = time.perf_counter() - t0
+        await asyncio.wait_for(done.wait(), 120)
+        follower.cancel()
+        lat = [(finals[r] - t) * 1000 for r, t in submitted.items() if r in finals]
+        return {"rate": messages / acked, "final_p50": pct(lat, 50), "final_p99": pct(lat, 99)}
+
+
+async def failover(mesh: QueueReplicas, token: str, kills: int) -> list[float]:
+    """Seconds from SIGKILL of the busiest replica to the first successful call on a session it owned."""
+    assert mesh.gateway is not None
+    md = (("authorization", f"Bearer {token}"),)
+    pauses: list[float] = []
+    async with grpc.aio.insecure_channel(mesh.gateway.address) as ch:
+        stub = pb_grpc.RunControlStub(ch)
+        for i in range(20):  # sessions spread over the replicas
+            await stub.SubmitMessage(
+                pb.SubmitMessageRequest(session_key=f"fo{i}", channel="bench", text="hi", idempotency_key=f"fo{i}-0"),
+                metadata=md, timeout=30,
+            )  # fmt: skip
+        for k in range(kills):
+            victim = mesh.busiest()
+            moved = sorted(s for s, (h, _) in mesh.leases().items() if h == mesh.holder(victim))
+            session = moved[0]
+            mesh.queue[victim].kill9()
+            t0 = time.perf_counter()
+            n = 0
+            while True:
+                n += 1
+                try:
+                    await stub.SubmitMessage(
+                        pb.SubmitMessageRequest(session_key=session, channel="bench", text="after",
+                                                idempotency_key=f"{session}-k{k}"),
+                        metadata=md, timeout=30,
+                    )  # fmt: skip
+                    break
+                except grpc.aio.AioRpcError as e:
+                    if e.code() not in (grpc.StatusCode.UNAVAILABLE, grpc.StatusCode.DEADLINE_EXCEEDED):
+                        raise
+                    await asyncio.sleep(0.02)
+            pauses.append(time.perf_counter() - t0)
+            print(f"  kill {k + 1}/{kills}: replica {victim} ({len(moved)} sessions) -> "
+                  f"{pauses[-1]:.2f} s, {n} attempts", flush=True)  # fmt: skip
+            mesh.queue[victim].start(timeout=60)  # back with the same id and port
+    return pauses
+
+
+def measure(root: Path, server: LocalPostgres, n: int, args: argparse.Namespace) -> dict[str, object]:
+    tokens = make_tokens(root)
+    out: dict[str, object] = {}
+    url = server.create_database(f"scale_tp_{n}")
+    mesh = QueueReplicas(
+        root / "tp", tokens, url, replicas=n, config_yaml=THROUGHPUT_CONFIG, lease_seconds=args.lease
+    )
+    mesh.start()
+    try:
+        assert mesh.gateway is not None
+        out.update(
+            asyncio.run(
+                throughput(
+                    mesh.gateway.address, tokens.operator, args.messages, args.concurrency, args.sessions
+                )
+            )
+        )
+    finally:
+        mesh.stop()
+    url = server.create_database(f"scale_cx_{n}")
+    mesh = QueueReplicas(
+        root / "cx", tokens, url, replicas=n, config_yaml=cancel_latency.CONFIG, lease_seconds=args.lease
+    )
+    mesh.start()
+    try:
+        assert mesh.gateway is not None
+        acks, _ = asyncio.run(
+            cancel_latency.run(mesh.gateway.address, tokens.operator, True, args.cancel_sessions,
+                               args.cancel_rounds, 1, f"n{n}")
+        )  # fmt: skip
+        out["cancel_p50"], out["cancel_p99"] = pct(acks, 50), pct(acks, 99)
+        if n >= 2 and args.kills > 0:
+            pauses = asyncio.run(failover(mesh, tokens.operator, args.kills))
+            out["pause_p50"], out["pause_max"], out["kills"] = pct(pauses, 50), max(pauses), len(pauses)
+    finally:
+        mesh.stop()
+    return out
+
+
+def main() -> None:
+    ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    ap.add_argument("--replicas", default="1,2,3")
+    ap.add_argument("--messages", type=int, default=2000)
+    ap.add_argument("--concurrency", type=int, default=32)
+    ap.add_argument("--sessions", type=int, default=100)
+    ap.add_argument("--cancel-sessions", type=int, default=50)
+    ap.add_argument("--cancel-rounds", type=int, default=2)
+    ap.add_argument("--kills", type=int, default=20)
+    ap.add_argument("--lease", type=float, default=5.0, help="session lease seconds (the default is 5)")
+    args = ap.parse_args()
+    results: dict[int, dict[str, object]] = {}
+    with tempfile.TemporaryDirectory(prefix="flynn-bench-scale-") as d:
+        root = Path(d)
+        root.chmod(0o755)
+        pg_dir = root / "pg"
+        pg_dir.mkdir()
+        pg_dir.chmod(0o755)
+        server = LocalPostgres(pg_dir, fsync=True)
+        server.init()
+        server.start()
+        try:
+            for n in (int(x) for x in args.replicas.split(",")):
+                print(f"-- {n} replica(s)", flush=True)
+                results[n] = measure(root / f"r{n}", server, n, args)
+                print(f"   {results[n]}", flush=True)
+        finally:
+            server.stop("fast")
+    cols = list(results)
+    print(f"\nrun control on PostgreSQL, lease {args.lease:g} s; columns: replicas")
+    print(f"{'':44}" + "".join(f"{n:>12}" for n in cols))
+
+    def row(label: str, key: str, fmt: str = "{:.2f}") -> None:
+        cells = [fmt.format(results[n][key]) if key in results[n] else "-" for n in cols]
+        print(f"{label:44}" + "".join(f"{c:>12}" for c in cells))
+
+    row(f"sustained msg/s ({args.concurrency} callers)", "rate", "{:.0f}")
+    row("submit->final p50 (ms)", "final_p50")
+    row("submit->final p99 (ms)", "final_p99")
+    row("cancel-to-ack via gateway p50 (ms)", "cancel_p50")
+    row("cancel-to-ack via gateway p99 (ms)", "cancel_p99")
+    row("failover pause p50 (s)", "pause_p50")
+    row("failover pause max (s)", "pause_max")
+    row("kills", "kills", "{}")
+
+
+if __name__ == "__main__":
+    main()

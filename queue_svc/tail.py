@@ -1,0 +1,120 @@
+"""Live streams when several run-control replicas share one PostgreSQL (store_pg.py).
+
+Every replica commits events and replies under database-wide numbers, in the order of those numbers
+(store_pg.TAKE_NUMBERS). A client's WatchRunEvents or StreamReplies may reach any replica, so each
+replica runs one `Tailer`: it reads what was committed after the last number it published, in order,
+and publishes it to the replica's fan-outs (fanout.py), which feed the streams exactly as before.
+It is woken by this replica's own commits (at once) and by the others' through LISTEN/NOTIFY
+(`flynn_queue`, sent at their COMMIT); a notification is a wake-up only: the tables are the truth,
+and a poll every `poll_seconds` covers a notification lost while the listener reconnected.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+from collections.abc import Callable
+from typing import Any
+
+import psycopg
+from flynn.v1 import run_control_pb2 as pb
+
+from queue_svc.fanout import Fanout
+from queue_svc.store import PAGE
+from queue_svc.store_pg import CHANNEL, PgQueueStore
+
+log = logging.getLogger(__name__)
+
+
+class Tailer:
+    def __init__(
+        self,
+        store: PgQueueStore,
+        events: Fanout[pb.RunEvent],
+        replies: Fanout[pb.Reply],
+        poll_seconds: float = 1.0,
+    ) -> None:
+        self.store = store
+        self.events = events
+        self.replies = replies
+        self.poll_seconds = poll_seconds
+        self.last_seq = 0
+        self.last_cursor = 0
+        self._wake = asyncio.Event()
+        self._tasks: list[asyncio.Task[None]] = []
+        self._listener: psycopg.AsyncConnection[tuple[Any, ...]] | None = None
+        #: Told the highest (event, cursor) numbers published so far.
+        self.progress: Callable[[int, int], None] = lambda seq, cursor: None
+
+    async def start(self) -> None:
+        self.last_seq = await self.store.max_global_seq()
+        self.last_cursor = await self.store.max_reply_cursor()
+        self.progress(self.last_seq, self.last_cursor)
+        self._tasks = [asyncio.ensure_future(self._listen()), asyncio.ensure_future(self._tail())]
+
+    async def stop(self) -> None:
+        for t in self._tasks:
+            t.cancel()
+        await asyncio.gather(*self._tasks, return_exceptions=True)
+        if self._listener is not None:
+            await self._listener.close()
+
+    def wake(self) -> None:
+        self._wake.set()
+
+    async def _listen(self) -> None:
+        delay = 0.1
+        while True:
+            try:
+                kwargs = {**self.store._kwargs("flynn-queue-listener"), "autocommit": True}
+                self._listener = await psycopg.AsyncConnection.connect(**kwargs)  # type: ignore[arg-type]
+                await self._listener.execute(f"LISTEN {CHANNEL}")
+                delay = 0.1
+                self.wake()  # anything committed while we were not listening
+                async for _ in self._listener.notifies():
+                    self.wake()
+            except asyncio.CancelledError:
+                raise
+            except Exception as e:
+                log.warning("run-control listener lost; reconnecting", extra={"error": str(e)})
+            finally:
+                if self._listener is not None:
+                    await self._listener.close()
+                    self._listener = None
+            await asyncio.sleep(delay)
+            delay = min(delay * 2, 2.0)
+
+    async def _tail(self) -> None:
+        while True:
+            try:
+                await asyncio.wait_for(self._wake.wait(), self.poll_seconds)
+            except TimeoutError:
+                pass
+            self._wake.clear()
+            try:
+                await self._catch_up()
+            except asyncio.CancelledError:
+                raise
+            except Exception as e:
+                log.warning("run-control tailer read failed; retrying", extra={"error": str(e)})
+                await asyncio.sleep(0.2)
+                self._wake.set()
+
+    async def _catch_up(self) -> None:
+        while True:
+            rows = await self.store.events_after(self.last_seq)
+            for data in rows:
+                ev = pb.RunEvent.FromString(data)
+                self.last_seq = ev.global_seq
+                self.events.publish(ev)
+            if len(rows) < PAGE:
+                break
+        while True:
+            replies = await self.store.replies_after(self.last_cursor)
+            for data in replies:
+                reply = pb.Reply.FromString(data)
+                self.last_cursor = reply.cursor
+                self.replies.publish(reply)
+            if len(replies) < PAGE:
+                break
+        self.progress(self.last_seq, self.last_cursor)
