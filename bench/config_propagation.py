@@ -368,22 +368,29 @@ def replicas_driver(args: argparse.Namespace) -> None:
         pg.init()
         pg.start()
         try:
-            for n in [int(x) for x in args.replicas.split(",")]:
-                url = pg.create_database(f"bench_{n}")
+            for spec in args.replicas.split(","):
+                sqlite = spec == "sqlite"
+                n = 1 if sqlite else int(spec)
+                db = [] if sqlite else ["--database-url", pg.create_database(f"bench_{n}")]
                 procs = [
                     ServiceProcess(
                         "config",
                         "config_svc.main",
-                        base / f"config-{n}-{i}",
+                        base / f"config-{spec}-{i}",
                         tokens,
-                        extra=["--bookmark-seconds", "15", "--log-level", "warning", "--database-url", url],
+                        extra=["--bookmark-seconds", "15", "--log-level", "warning", *db],
                     )  # fmt: skip
                     for i in range(n)
                 ]
                 for p in procs:
                     p.start(timeout=60)
+                label = "SQLite, 1 config replica" if sqlite else f"PostgreSQL, {n} config replica(s)"
                 try:
-                    print(f"[PostgreSQL, {n} config replica(s), {args.big} watchers, {args.updates} updates]")
+                    if args.raw:
+                        print(f"[{label}, {args.big} BARE WatchConfig streams, {args.updates} updates]")
+                        scenario(base, procs[0], toks["operator"], args.big, args.procs, args.updates,
+                                 args.spacing, restart=False, raw=True, others=procs[1:])  # fmt: skip
+                    print(f"[{label}, {args.big} ConfigWatchers, {args.updates} updates]")
                     scenario(base, procs[0], toks["operator"], args.big, args.procs, args.updates,
                              args.spacing, restart=False, others=procs[1:])  # fmt: skip
                 finally:
