@@ -87,10 +87,10 @@ class GroupCommit:
         self._inflight: _Batch | None = None
         self._flusher: asyncio.Task[None] | None = None
         #: Several replicas (store_pg.py): the database numbers events and replies, and a tailer
-        #: (tail.py) publishes every replica's commits in the database's order; this process then only
-        #: wakes the tailer (`on_commit`) instead of publishing its own batch out of that order.
+        #: (tail.py) publishes every replica's commits in the database's order; this process hands its
+        #: own batch to the tailer (`on_commit`), which publishes it only in that order.
         self.publish_locally = True
-        self.on_commit: Callable[[], None] | None = None
+        self.on_commit: Callable[[list[pb.RunEvent], list[pb.Reply]], None] | None = None
         #: A batch refused because its owner epoch is stale (run control steps down from its sessions).
         self.on_refused: Callable[[StaleEpoch, set[str]], None] | None = None
 
@@ -151,12 +151,11 @@ class GroupCommit:
                 self.durable_gseq, self.durable_cursor = gseq, cursor
                 self._publish(batch)
             else:
-                self.advance(
-                    max((ev.global_seq for op in batch.ops for ev in op.events), default=0),
-                    max((r.cursor for op in batch.ops for r in op.replies), default=0),
-                )
+                events = [ev for op in batch.ops for ev in op.events]
+                replies = [r for op in batch.ops for r in op.replies]
+                self.advance(events[-1].global_seq if events else 0, replies[-1].cursor if replies else 0)
                 if self.on_commit is not None:
-                    self.on_commit()
+                    self.on_commit(events, replies)
                 self._after(batch)
 
     def _publish(self, batch: _Batch) -> None:

@@ -318,6 +318,11 @@ class Ledger:
         row = await self.store.run(run_id)
         if row is None:
             raise errors.not_found("run", run_id)
+        if row.state in ACTIVE and not self.owns(row.session_key):
+            # Its streamed output lives with the session's owner (several replicas): ask there.
+            await self._own(row.session_key)
+            live = self._runs.get(run_id)
+            return live.row if live is not None else row
         return row
 
     async def list_runs(

@@ -71,6 +71,11 @@ class Ownership:
             lk = self._locks[key] = asyncio.Lock()
         return lk
 
+    def drop_lock(self, key: str) -> None:
+        lk = self._locks.get(key)
+        if lk is not None and not lk.locked():
+            del self._locks[key]
+
     def adopting(self, key: str) -> bool:
         """Whether the session's adoption (acquire, then load) is in progress."""
         lk = self._locks.get(key)

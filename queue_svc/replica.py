@@ -50,7 +50,7 @@ class Replica:
         rc, own, tailer = self.rc, self.ownership, self.tailer
         rc.store.epoch_of = own.epoch_of
         rc.commit.publish_locally = False
-        rc.commit.on_commit = tailer.wake
+        rc.commit.on_commit = tailer.publish_own
         rc.commit.on_refused = self.refused
         own.step_down = self.step_down
         own.adopt = self.adopt
@@ -84,6 +84,14 @@ class Replica:
 
     async def adopt(self, key: str) -> None:
         """Acquire the session's lease and load its state (see the module docstring)."""
+        own = self.ownership
+        try:
+            await self._adopt(key)
+        finally:
+            if key not in own.owned:
+                own.drop_lock(key)  # a lock per session this replica was merely asked about: not kept
+
+    async def _adopt(self, key: str) -> None:
         own, rc = self.ownership, self.rc
         async with own.lock(key):
             if key in own.owned:

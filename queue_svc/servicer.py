@@ -175,6 +175,9 @@ class RunControlServicer(pb_grpc.RunControlServicer):
         v = Violations()
         _run_id(v, "run_id", request.run_id, required=True)
         v.raise_if_any()
+        return await self._owned("GetRun", request, context, lambda: self._get_run(request))
+
+    async def _get_run(self, request: pb.GetRunRequest) -> pb.GetRunResponse:
         run = run_to_proto(await self.rc.get_run(request.run_id))
         await self.rc.durable()  # never show a state a crash could take back
         return pb.GetRunResponse(run=run)

@@ -26,10 +26,12 @@ after a COMMIT whose answer was lost finds it applied and does not apply it twic
 wait (bounded by their deadline; new calls are refused with UNAVAILABLE / DATABASE_UNAVAILABLE while
 the writer is down) and the service's health is NOT_SERVING (flynn_runtime/database_health.py).
 
-For fenced ownership (issue 14): every batch is one transaction on one connection, so a batch can
-begin by checking the owner epoch of each session it writes (`SELECT … FOR SHARE` on a lease row, or
-an epoch column compared in each UPDATE) and be refused as a whole when stale; the writer is the one
-place where that check goes.
+Several replicas (replica.py) share this schema. Each batch's transaction starts with the lease
+fence of the sessions it writes (flynn_runtime/leases.py: refused as a whole, SQLSTATE LF409, when an
+epoch is stale), then takes its event numbers and reply cursors from the `seqs` counter row (held
+until COMMIT, so all replicas commit in number order) and renumbers its rows; that costs one round
+trip more per batch (the answer is needed before the rows go out). Each writer marks its batches
+under its own `meta` key, and NOTIFY flynn_queue wakes the other replicas' stream tailers (tail.py).
 """
 
 from __future__ import annotations
