@@ -131,6 +131,11 @@ class ServiceApp:
     async def start(self) -> None:
         """Called before the server accepts calls (open storage, start background tasks)."""
 
+    def ready(self) -> bool:
+        """With a database: whether this replica may serve besides the database answering (for
+        example its liveness lease is held). Health (and so readiness) goes NOT_SERVING when not."""
+        return True
+
     async def stop(self) -> None:
         """Called on SIGTERM after health went NOT_SERVING and runtime.stopping was set."""
 
@@ -190,7 +195,7 @@ async def running(
     await server.start()
     await _set_health(health_servicer, app, True)
     watchers = [
-        DatabaseHealth(db, settings.service, _health_setter(health_servicer, app, runtime))
+        DatabaseHealth(db, settings.service, _health_setter(health_servicer, app, runtime), ready=app.ready)
         for db in runtime.databases
     ]
     for w in watchers:

@@ -173,6 +173,9 @@ class NodesApp(ServiceApp):
         log.info("canvas ready", extra={"recovered": recovered, "total_bytes": self.canvas.store.total_bytes})
         self._tasks.append(asyncio.create_task(self._sweep()))
 
+    def ready(self) -> bool:
+        return self.presence is None or self.presence.lease_ok
+
     def _on_config(self, old: config_pb2.FlynnConfig, new: config_pb2.FlynnConfig, revision: int) -> None:
         if self.store is not None:
             self.registry.apply_config()

@@ -160,6 +160,9 @@ class ReactionsApp(ServiceApp):
         for c in self.consumers:
             c.start()
 
+    def ready(self) -> bool:
+        return self.owner is None or self.owner.lease_ok
+
     async def consumed_upto(self, stream: str) -> int:
         """The stream's cursor: with partitions, the highest of their cursors (one replica reads
         the stream in order, so every event up to it was handled or belongs to another replica)."""
