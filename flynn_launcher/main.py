@@ -1,13 +1,15 @@
 """flynn-dev: start the whole mesh locally (`up`) and show its state (`status`).
 
 flynn-dev up [--data-dir DIR] [--host 127.0.0.1] [--base-port 50050] [--only config,gateway,console]
-             [--postgres]
+             [--postgres [--replicas N]]
 flynn-dev status [--data-dir DIR]
 
 After the gRPC services, `up` starts the operator web console (console/) on http://<host>:<base+30>.
 With --postgres, `up` first starts a throwaway PostgreSQL in <data dir>/postgres (initdb + pg_ctl,
 127.0.0.1, a free port, no system service) and points every stateful service at it
 (--database-url, password in <data dir>/secrets/database.password); it stops it on exit.
+With --replicas N (needs --postgres) each stateful service runs N times ("config", "config-2", …;
+replica i on its port + 1000·i), and every caller gets the comma list of its replicas (round_robin).
 """
 
 from __future__ import annotations
@@ -33,6 +35,7 @@ from flynn_launcher.plan import (
     PROCESS_NAMES,
     MeshPaths,
     ServicePlan,
+    backend_addresses,
     command,
     module_available,
     plan,
@@ -78,6 +81,12 @@ def _parser() -> argparse.ArgumentParser:
         action="store_true",
         help="keep every stateful service's state in a throwaway PostgreSQL started in <data dir>/postgres",
     )
+    up.add_argument(
+        "--replicas",
+        type=int,
+        default=1,
+        help="run each stateful service (config, queue, reactions, nodes) this many times; needs --postgres (1)",
+    )
     return p
 
 
@@ -92,7 +101,7 @@ def venv_command(name: str) -> str:
 
 def _seed_args(svc: ServicePlan, seed: Path) -> list[str]:
     """`--seed-file` for the config service, when it supports the flag and the file exists."""
-    if svc.name != "config" or not seed.exists():
+    if svc.of != "config" or not seed.exists():
         return []
     try:
         out = subprocess.run(
@@ -169,7 +178,13 @@ def up(ns: argparse.Namespace) -> int:
     if unknown:
         say(f"unknown service(s) {', '.join(unknown)}; known: {', '.join(PROCESS_NAMES)}")
         return 2
-    services = plan(paths, ns.host, ns.base_port, only)
+    if ns.replicas < 1 or ns.replicas > 5:
+        say("--replicas must be between 1 and 5")
+        return 2
+    if ns.replicas > 1 and not ns.postgres:
+        say("--replicas needs --postgres: replicas of a stateful service share one database")
+        return 2
+    services = plan(paths, ns.host, ns.base_port, only, replicas=ns.replicas)
     missing = [s for s in services if not module_available(s.module)]
     if missing and not ns.skip_missing:
         names = ", ".join(f"{s.name} ({s.module})" for s in missing)
@@ -194,11 +209,12 @@ def up(ns: argparse.Namespace) -> int:
         except (OSError, RuntimeError, subprocess.SubprocessError) as e:
             say(f"cannot start PostgreSQL: {e}")
             return 1
+    addresses = backend_addresses(services, ns.host, ns.base_port)
     children = [
         Child(
             s,
-            command(s, paths, ns.host, ns.base_port, ns.grace_seconds, _seed_args(s, ns.seed_file))
-            + (db_args if topology.SERVICES.get(s.name) and topology.SERVICES[s.name].stateful else []),
+            command(s, paths, ns.host, ns.base_port, ns.grace_seconds, _seed_args(s, ns.seed_file), addresses)
+            + (db_args if topology.SERVICES.get(s.of) and topology.SERVICES[s.of].stateful else []),
         )
         for s in services
     ]
@@ -263,6 +279,15 @@ def _status_rows(ns: argparse.Namespace, paths: MeshPaths) -> tuple[list[tuple[s
                         ok = False
                     rev = str(s.applied_revision) if s.applied_revision else "-"
                     rows.append((s.service, s.address, health, rev, s.version or "-", s.detail))
+                # Replicas beyond the first ("config-2", …): the gateway reports each service once
+                # (its calls are spread over the replicas), so each replica is checked here.
+                reported = {s.service for s in resp.services}
+                for name, addr in addresses.items():
+                    if name in reported or name in http_only:
+                        continue
+                    health = check_ready(addr, "grpc")
+                    ok = ok and health == "SERVING"
+                    rows.append((name, addr, health, "-", "-", "replica"))
                 for name, addr in http_only.items():
                     health = check_ready(addr, "http")
                     ok = ok and health == "SERVING"
