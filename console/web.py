@@ -28,7 +28,14 @@ from google.protobuf import json_format
 from console import audit_tail, rollout_gates
 from console.mesh_client import MeshClient, MeshError, read_stream
 from console.reply_tally import ReplyTally
-from console.sign_in import COOKIE, ConsoleSession, SessionTable, SignInLimiter, clean_operator_name
+from console.sign_in import (
+    COOKIE,
+    ConsoleSession,
+    MemorySessions,
+    SessionStore,
+    SignInLimiter,
+    clean_operator_name,
+)
 from flynn_cli.gates_cmds import evaluate as evaluate_gates
 from flynn_runtime.audit import AuditLog
 
@@ -76,7 +83,7 @@ class ConsoleState:
     mesh: MeshClient
     audit: AuditLog
     audit_dirs: list[Path]
-    sessions: SessionTable = field(default_factory=SessionTable)
+    sessions: SessionStore = field(default_factory=MemorySessions)
     sign_in_limiter: SignInLimiter = field(default_factory=SignInLimiter)
     trend: rollout_gates.TrendWindow = field(default_factory=rollout_gates.TrendWindow)
     # label -> (time taken, GetMetrics answer, its gate rows)
@@ -130,7 +137,7 @@ async def require_session(request: web.Request, handler: Handler) -> web.StreamR
     if not request.path.startswith("/api/"):
         return await handler(request)
     st = _state(request)
-    s = st.sessions.get(request.cookies.get(COOKIE))
+    s = await st.sessions.get(request.cookies.get(COOKIE))
     if s is None:
         return _error("UNAUTHENTICATED", "sign in first", 401)
     if request.method not in ("GET", "HEAD") and request.headers.get(CSRF_HEADER) != s.csrf:
@@ -140,7 +147,7 @@ async def require_session(request: web.Request, handler: Handler) -> web.StreamR
         return await handler(request)
     except MeshError as e:
         if e.code == "UNAUTHENTICATED":  # the token was revoked or rotated: the session is over
-            st.sessions.drop(s.session_id)
+            await st.sessions.drop(s.session_id)
         return _error(e.code, e.message, e.http_status, e.violations)
 
 
@@ -154,7 +161,7 @@ def _signin_page(error: str = "", operator: str = "") -> str:
 
 
 async def signin_get(request: web.Request) -> web.StreamResponse:
-    if _state(request).sessions.get(request.cookies.get(COOKIE)) is not None:
+    if await _state(request).sessions.get(request.cookies.get(COOKIE)) is not None:
         raise web.HTTPSeeOther("/")
     return web.Response(text=_signin_page(), content_type="text/html")
 
@@ -195,7 +202,7 @@ async def signin_post(request: web.Request) -> web.StreamResponse:
             else f"The gateway could not be asked ({problem.code}: {problem.message})."
         )
         return web.Response(text=_signin_page(msg, operator), status=401, content_type="text/html")
-    s = st.sessions.create(token, operator)
+    s = await st.sessions.create(token, operator)
     st.audit.record("consoleSignIn", actor=s.actor, token_fingerprint=fingerprint, peer=request.remote)
     resp = web.HTTPSeeOther("/")
     resp.set_cookie(COOKIE, s.session_id, httponly=True, samesite="Strict", secure=st.secure_cookie, path="/")
@@ -204,20 +211,20 @@ async def signin_post(request: web.Request) -> web.StreamResponse:
 
 async def signout(request: web.Request) -> web.StreamResponse:
     st = _state(request)
-    s = st.sessions.get(request.cookies.get(COOKIE))
+    s = await st.sessions.get(request.cookies.get(COOKIE))
     if s is not None:
         form = await request.post()
         if form.get("csrf") != s.csrf:
             return _error("PERMISSION_DENIED", "missing or wrong csrf field", 403)
         st.audit.record("consoleSignOut", actor=s.actor, token_fingerprint=s.token_fingerprint)
-        st.sessions.drop(s.session_id)
+        await st.sessions.drop(s.session_id)
     resp = web.HTTPSeeOther("/signin")
     resp.del_cookie(COOKIE, path="/")
     raise resp
 
 
 async def index(request: web.Request) -> web.StreamResponse:
-    if _state(request).sessions.get(request.cookies.get(COOKIE)) is None:
+    if await _state(request).sessions.get(request.cookies.get(COOKIE)) is None:
         raise web.HTTPSeeOther("/signin")
     return web.FileResponse(STATIC / "index.html", headers={"Content-Type": "text/html; charset=utf-8"})
 
@@ -868,7 +875,7 @@ async def sse_poll(request: web.Request) -> web.StreamResponse:
                 break
             except TimeoutError:
                 pass
-            if st.sessions.get(s.session_id) is None:
+            if await st.sessions.get(s.session_id) is None:
                 await _send(resp, "error", {"code": "UNAUTHENTICATED", "message": "signed out"})
                 break
             try:

@@ -141,3 +141,23 @@ def test_schema_refuses_replicas_without_a_database(helm: Path, name: str) -> No
         "--set", "database.url=postgresql://flynn@db:5432/flynn",
     )  # fmt: skip
     assert ok.returncode == 0, ok.stderr
+
+
+def test_console_keeps_sessions_in_the_database_and_may_run_replicas(database_text: str) -> None:
+    docs = parse(database_text)
+    console = next(
+        d
+        for d in docs
+        if d["kind"] == "Deployment" and d["metadata"]["labels"]["app.kubernetes.io/component"] == "console"
+    )
+    assert console["spec"]["replicas"] == 2  # charts/flynn/ci/database-values.yaml
+    env = _env(console)
+    assert env["FLYNN_DATABASE_URL"] == {"secretKeyRef": {"name": "flynn-db-app", "key": "uri"}}
+    assert env["FLYNN_DATABASE_PASSWORD_FILE"] == "/etc/flynn/database/password"
+    pod = console["spec"]["template"]["spec"]
+    assert {v["name"] for v in pod["volumes"]} >= {"database", "data", "tmp"}
+
+
+def test_schema_refuses_console_replicas_without_a_database(helm: Path) -> None:
+    proc = run_helm(helm, "template", "rel", str(CHART), "--set", "console.replicas=2")
+    assert proc.returncode != 0 and "/console/replicas" in proc.stderr, proc.stderr
