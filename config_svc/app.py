@@ -17,8 +17,10 @@ from config_svc.revision_store_pg import NOTIFY_CHANNEL, PgRevisionStore
 from config_svc.service import ConfigServicer, add_to_server
 from config_svc.watch_hub import WatchHub
 from config_svc.watcher_registry import WatcherRegistry
+from config_svc.watcher_table import WatcherTable
 from flynn_runtime import config_yaml
 from flynn_runtime.pg_listen import Listener
+from flynn_runtime.replica import new_replica_id
 from flynn_runtime.server import Runtime, ServiceApp
 
 log = logging.getLogger(__name__)
@@ -78,6 +80,7 @@ class ConfigApp(ServiceApp):
         )
         self.feed: RevisionFeed | None = None
         self.listener: Listener | None = None
+        self.watcher_table: WatcherTable | None = None
 
     def register(self, server: grpc.aio.Server) -> None:
         # The servicer needs the store, which opens in start(); it is added there, before serving.
@@ -117,6 +120,12 @@ class ConfigApp(ServiceApp):
                 self.store.db, (NOTIFY_CHANNEL,), self.feed.wake, poll_seconds=self.poll_seconds
             )
             self.listener.start()
+            self.watcher_table = WatcherTable(
+                self.store.db, self.registry, new_replica_id("config"), self.runtime.advertise_address()
+            )
+            await self.watcher_table.join()
+            self.servicer.watcher_table = self.watcher_table
+            self.watcher_table.start()
         log.info("config ready", extra={"head_revision": self.editor.head_revision})
 
     async def stop(self) -> None:
@@ -125,6 +134,8 @@ class ConfigApp(ServiceApp):
         if self.feed is not None:
             await self.feed.stop()
         self.hub.close()
+        if self.watcher_table is not None:
+            await self.watcher_table.stop()
 
     async def close(self) -> None:
         if self.store is not None:

@@ -18,6 +18,7 @@ from psycopg.types.json import Jsonb
 from config_svc.revision_store import SCHEMA, StaleHead, StoredRevision
 from config_svc.revision_store_sqlite import SELECT as SQLITE_SELECT
 from config_svc.revision_store_sqlite import SqliteRevisionStore, row_to_revision
+from config_svc.watcher_table import MIGRATION_SQL as WATCHERS_SQL
 from flynn_runtime.database import Database
 from flynn_runtime.db_copy import Counts, SqliteSource, StoreCopier
 from flynn_runtime.pg_migrations import Migration
@@ -60,6 +61,7 @@ MIGRATIONS = [
             FOR EACH ROW EXECUTE FUNCTION notify_revision();
         """,
     ),
+    Migration(3, "every replica's watchers; replica liveness leases", WATCHERS_SQL),
 ]
 
 #: The LISTEN/NOTIFY channel of committed revisions (migration 2).

@@ -24,6 +24,7 @@ from config_svc.revision_feed import RevisionFeed
 from config_svc.revision_store import StoredRevision
 from config_svc.watch_hub import WatchHub
 from config_svc.watcher_registry import WatcherEntry, WatcherRegistry
+from config_svc.watcher_table import WatcherTable
 from flynn_runtime import auth, errors, targeting
 from flynn_runtime.server import Runtime
 from flynn_runtime.validation import Violations, page_size
@@ -94,6 +95,7 @@ class ConfigServicer:
         self._write_lock = asyncio.Lock()
         #: Set by the app when revisions may be committed by other replicas too (PostgreSQL).
         self.feed: RevisionFeed | None = None
+        self.watcher_table: WatcherTable | None = None
         self._snapshot: tuple[int, bytes] = (0, b"")
         hub.head = editor.head_revision
 
@@ -279,9 +281,12 @@ class ConfigServicer:
     ) -> config_pb2.ListWatchersResponse:
         size = page_size(request.page_size, default=100, maximum=1000)
         offset = _untoken("offset", request.page_token)
-        entries = self.registry.sorted()
-        page = entries[offset : offset + size]
-        more = offset + size < len(entries)
+        if self.watcher_table is not None:  # several replicas: every replica's watchers
+            page, more = await self.watcher_table.page(offset, size)
+        else:
+            entries = self.registry.sorted()
+            page = entries[offset : offset + size]
+            more = offset + size < len(entries)
         return config_pb2.ListWatchersResponse(
             watchers=[_watcher_proto(e) for e in page],
             head_revision=self.editor.head_revision,

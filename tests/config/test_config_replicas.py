@@ -141,3 +141,49 @@ async def test_concurrent_writes_through_both_replicas_one_wins(
     finally:
         await ch_a.close()
         await ch_b.close()
+
+
+async def test_list_watchers_through_any_replica_shows_every_replicas_watchers(
+    replicas: list[ServiceProcess], tokens: Tokens
+) -> None:
+    a, b = replicas
+    ch_a, ch_b = client_channel(a.address, tokens.operator), client_channel(b.address, tokens.operator)
+    try:
+        op_a, op_b = Stub(ch_a), Stub(ch_b)
+        calls = {}
+        for name, op in (("on-a", op_a), ("on-b", op_b)):
+            call = op.WatchConfig(
+                config_pb2.WatchConfigRequest(
+                    identity=config_pb2.WatcherIdentity(service="probe", instance_id=name, version="t")
+                ),
+                timeout=30,
+            )
+            await call.read()  # the snapshot: the watch is registered
+            calls[name] = call
+        await op_b.ReportStatus(
+            config_pb2.ReportStatusRequest(
+                identity=config_pb2.WatcherIdentity(service="probe", instance_id="on-a"), applied_revision=1
+            ),
+            timeout=5,
+        )
+
+        async def listed(op: Stub) -> dict[str, tuple[bool, int]]:
+            resp = await op.ListWatchers(config_pb2.ListWatchersRequest(page_size=100), timeout=5)
+            return {
+                w.identity.instance_id: (w.connected, w.applied_revision)
+                for w in resp.watchers
+                if w.identity.service == "probe"
+            }
+
+        want = {"on-a": (True, 1), "on-b": (True, 0)}
+        async with asyncio.timeout(10):
+            while await listed(op_a) != want or await listed(op_b) != want:  # noqa: ASYNC110
+                await asyncio.sleep(0.1)
+        calls["on-b"].cancel()
+        async with asyncio.timeout(10):
+            while (await listed(op_a)).get("on-b") != (False, 0):  # noqa: ASYNC110
+                await asyncio.sleep(0.1)
+        calls["on-a"].cancel()
+    finally:
+        await ch_a.close()
+        await ch_b.close()

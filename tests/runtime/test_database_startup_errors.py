@@ -104,8 +104,8 @@ def test_two_config_processes_starting_at_once_on_an_empty_database(
         with ThreadPoolExecutor(2) as pool:
             list(pool.map(lambda p: p.start(timeout=60), procs))
         with psycopg.connect(postgres_url) as c:
-            # Each of the two migrations recorded once (not once per process).
-            assert c.execute("SELECT count(*) FROM flynn_config.schema_version").fetchone() == (2,)
+            # Each of the three migrations recorded once (not once per process).
+            assert c.execute("SELECT count(*) FROM flynn_config.schema_version").fetchone() == (3,)
             assert c.execute("SELECT revision, kind FROM flynn_config.revisions").fetchall() == [(1, 1)]
     finally:
         for p in procs:
