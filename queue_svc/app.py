@@ -110,6 +110,7 @@ class QueueApp(ServiceApp):
         store = await store_pg.PgQueueStore.open(db)
         settings = self._ownership_settings()
         store.holder = settings.holder
+        store.idle_in_transaction_ms = int(settings.ttl * 1000 / 2)
         self.ownership = Ownership(db, settings)
         return store
 

@@ -141,6 +141,14 @@ class Ledger:
         """Wait until every operation done so far is durable (acknowledge after this)."""
         await self.commit.durable()
 
+    async def settle(self, within: float) -> None:
+        """Wait for the last batch, at most `within` seconds: with the database away it may never
+        commit (nothing of it was acknowledged), and stopping must not hang on it."""
+        try:
+            await asyncio.wait_for(self.durable(), within)
+        except Exception:
+            log.warning("stopping with the last batch not committed", exc_info=True)
+
     def _session(self, op: Op, key: str, channel: str) -> _Session:
         """The session in memory, or a new one. Callers load it first (`_load_session`, under `_pin`):
         a session missing here after that does not exist in the store either."""

@@ -7,9 +7,10 @@ the epochs of the sessions it touches (store_pg.py), so a replica that lost a se
 its lease, partitioned, or replaced) has its writes refused and steps down (run_control.py).
 
 This module holds the bookkeeping (which sessions this replica owns, at which epoch) and the loops:
-- renew: every ttl/3 one statement extends all our leases; a session missing from the answer was
-  taken over: step down. When renewing fails for most of a ttl (the database is away), step down
-  from everything: after the ttl someone else may own it.
+- renew: every ttl/3 one statement (bounded by ttl/3) extends all our leases; a session missing
+  from the answer was taken over: step down. A watchdog steps down from every session whose lease
+  has not been renewed for 0.7 × ttl (the database is away, or this replica is cut off), so its
+  agent calls stop before anyone else can adopt the session and recover them.
 - takeover: every `takeover_seconds`, expired leases (their owner died or was paused) are adopted
   by whichever surviving replica acquires them first; the adopter loads the session's state and
   recovers its runs with the restart policy (RunControl.adopt).
@@ -58,6 +59,9 @@ class Ownership:
         self._claimed_at: dict[str, float] = {}
         self._locks: dict[str, asyncio.Lock] = {}
         self._tasks: list[asyncio.Task[None]] = []
+        #: time.monotonic() when the last successful renewal started (the leases last at least until
+        #: then + ttl by the database's clock).
+        self._renewed = time.monotonic()
         self.step_down: Callable[[list[str], str], None] = lambda keys, why: None
         self.adopt: Callable[[str], Awaitable[None]] | None = None
 
@@ -136,20 +140,17 @@ class Ownership:
 
     async def _renew_loop(self) -> None:
         ttl = self.settings.ttl
-        last_ok = time.monotonic()
         while True:
             await asyncio.sleep(ttl / 3)
             started = time.monotonic()
             try:
-                async with self.db.connection() as conn:
-                    held = await leases.renew(conn, SESSION_SCOPE, self.holder, ttl)
+                async with asyncio.timeout(ttl / 3):
+                    async with self.db.connection() as conn:
+                        held = await leases.renew(conn, SESSION_SCOPE, self.holder, ttl)
             except Exception as e:
-                if time.monotonic() - last_ok > ttl * 0.8 and self.owned:
-                    log.error("cannot renew session leases; stepping down from every session",
-                              extra={"error": str(e), "sessions": len(self.owned)})  # fmt: skip
-                    self.step_down(list(self.owned), "lease renewal failed")
+                log.warning("renewing session leases failed", extra={"error": str(e) or type(e).__name__})
                 continue
-            last_ok = started
+            self._renewed = started
             lost = [
                 k for k, e in self.owned.items()
                 if held.get(k) != e and self._claimed_at.get(k, 0.0) < started
@@ -157,6 +158,20 @@ class Ownership:
             if lost:
                 log.warning("session leases taken over; stepping down", extra={"sessions": lost[:20]})
                 self.step_down(lost, "lease taken over")
+
+    async def _watchdog(self) -> None:
+        """Step down from everything once renewals have failed for 0.7 × the lease: before the leases
+        can expire and another replica adopt the sessions, this one stops its agent calls."""
+        ttl = self.settings.ttl
+        while True:
+            await asyncio.sleep(ttl / 10)
+            cutoff = time.monotonic() - 0.7 * ttl
+            if self._renewed >= cutoff:
+                continue
+            stale = [k for k in self.owned if self._claimed_at.get(k, 0.0) < cutoff]
+            if stale:
+                log.error("cannot renew session leases; stepping down", extra={"sessions": len(stale)})
+                self.step_down(stale, "lease renewal failed")
 
     async def _takeover_loop(self) -> None:
         while True:

@@ -238,7 +238,7 @@ class RunControl(Ledger):
         tasks.extend(self.outbox.stop())
         if tasks:
             await asyncio.wait(tasks, timeout=5)
-        await self.durable()
+        await self.settle(10.0)
         if self.replica is not None:
             await self.replica.stop()  # the survivors adopt our sessions now
         await self.agents.close()

@@ -257,6 +257,10 @@ class PgQueueStore(QueueStore):
         self._key_lookups: Coalescer[tuple[str, str], MessageRow] = Coalescer(self._messages_by_keys)
         #: The lease holder whose epochs fence every batch (run control's replica id); "" = unfenced.
         self.holder = ""
+        #: With leases: the server ends the writer's session when it sits inside a transaction this
+        #: long (a frozen process), so the FOR SHARE locks of its fence never keep a takeover waiting.
+        self.idle_in_transaction_ms = 0
+        self._tuned_ms = 0
         self._session_lookups: Coalescer[str, SessionRow] = Coalescer(self._sessions_by_keys)
 
     @classmethod
@@ -337,9 +341,17 @@ class PgQueueStore(QueueStore):
         spans = provisional_spans(batch)
         if conn is None or conn.closed or conn.broken:
             conn = self._connect_writer()
+            self._tuned_ms = 0
             applied = self._applied(conn, number)
             if applied is not None:
                 return applied  # committed before the connection broke; only the answer was lost
+        if self._tuned_ms != self.idle_in_transaction_ms:
+            conn.execute(
+                "SELECT set_config('idle_in_transaction_session_timeout', %s, false)",
+                (str(self.idle_in_transaction_ms),),
+            )
+            conn.commit()
+            self._tuned_ms = self.idle_in_transaction_ms
         with conn.pipeline(), conn.transaction():
             cur = conn.cursor()
             if self.holder and epochs:

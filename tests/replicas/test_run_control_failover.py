@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import asyncio
 import time
+import urllib.request
 from collections import Counter
 from pathlib import Path
 
@@ -80,6 +81,11 @@ async def _submit(
             if e.code() not in RETRYABLE or time.monotonic() > deadline:
                 raise
             await asyncio.sleep(0.05)
+
+
+def _get(url: str) -> str:
+    with urllib.request.urlopen(url, timeout=5) as r:
+        return str(r.read().decode())
 
 
 async def _wait_owned_again(mesh: QueueReplicas, lost: set[str], dead: int, within: float) -> float:
@@ -215,8 +221,8 @@ async def test_a_paused_owner_is_fenced_and_steps_down(
     tmp_path: Path, tokens: Tokens, postgres_url: str
 ) -> None:
     """SIGSTOP the owner of a session with a run streaming output for longer than the lease, let the
-    other replica take the session over, SIGCONT: the old owner's writes are refused by the epoch
-    (or its renewal tells it first), it steps down, and the session has one writer in the database."""
+    other replica take the session over, SIGCONT: the old owner's writes are refused by the epoch, it
+    steps down, and the session has one writer in the database."""
     cfg = (
         "server: {queue: {mode: followup, restart_policy: rerun}, agent: {chunks: 40, chunk_interval: 50ms}}"
     )
@@ -247,8 +253,13 @@ async def test_a_paused_owner_is_fenced_and_steps_down(
             await asyncio.sleep(0.05)
         else:
             raise AssertionError("the paused owner did not step down")
-        text = log.read_text()
-        print("old owner refused by the epoch:", "a batch was refused: stale owner epoch" in text)
+        # Its output chunks kept coming after SIGCONT: their batch was refused by the epoch.
+        for _ in range(100):
+            if "a batch was refused: stale owner epoch" in log.read_text():
+                break
+            await asyncio.sleep(0.05)
+        else:
+            raise AssertionError("the paused owner's writes were not refused by the epoch")
         assert mesh.leases()["p"][0] == mesh.holder(other)
         for _ in range(300):
             r1 = (await stub.GetRun(pb.GetRunRequest(run_id=first.run_id), metadata=md)).run
@@ -277,6 +288,53 @@ async def test_a_paused_owner_is_fenced_and_steps_down(
         terminals = Counter(pb.RunEvent.FromString(bytes(r[0])).run_id for r in terminal_rows)
         assert set(terminals) == {first.run_id, second.run_id} and all(n == 1 for n in terminals.values())
         assert all(n == 1 for _, n in finals)
+        await ch.close()
+    finally:
+        mesh.stop()
+
+
+async def test_a_cancel_through_any_replica_reaches_the_agent_on_the_owner(
+    tmp_path: Path, tokens: Tokens, postgres_url: str
+) -> None:
+    """Runs streaming on two replicas; cancels through the gateway land on either replica (round-robin)
+    and are forwarded to the owner, whose agent stops: every run ends cancelled by the agent (not
+    forced past the cancel deadline), and the forwarded cancels are counted."""
+    cfg = (
+        "server: {queue: {mode: followup, cancel_deadline: 30s}, agent: {chunks: 400, chunk_interval: 50ms}}"
+    )
+    mesh = QueueReplicas(tmp_path, tokens, postgres_url, replicas=2, config_yaml=cfg)
+    mesh.start()
+    md = tokens.md("operator")
+    try:
+        assert mesh.gateway is not None
+        ch = grpc.aio.insecure_channel(mesh.gateway.address)
+        stub = pb_grpc.RunControlStub(ch)
+        runs = [(await _submit(stub, md, f"c{i}", f"c{i}/1", "stream")).run_id for i in range(8)]
+        assert len(set(mesh.owners())) == 2, mesh.owners()  # the sessions are on both replicas
+        await asyncio.sleep(0.3)
+        for run_id in reversed(runs):  # round-robin: most cancels land on the replica not owning the run
+            resp = await stub.CancelRun(
+                pb.CancelRunRequest(run_id=run_id, reason="stop"), metadata=md, timeout=10
+            )
+            assert resp.outcome == pb.CANCEL_OUTCOME_CANCEL_REQUESTED, resp
+        for run_id in runs:
+            for _ in range(100):
+                run = (await stub.GetRun(pb.GetRunRequest(run_id=run_id), metadata=md, timeout=10)).run
+                if run.state == pb.RUN_STATE_CANCELLED:
+                    break
+                await asyncio.sleep(0.05)
+            assert run.state == pb.RUN_STATE_CANCELLED and run.cancel_reason == "stop", run
+        forwarded = 0
+        for proc in mesh.queue:
+            assert proc.proc is not None
+            port = int((proc.data_dir / ".queue.port").read_text().split()[1])
+            text = await asyncio.to_thread(_get, f"http://127.0.0.1:{port}/metrics")
+            forwarded += sum(
+                int(float(line.rsplit(" ", 1)[1]))
+                for line in text.splitlines()
+                if line.startswith('flynn_queue_calls_forwarded_total{method="CancelRun"}')
+            )
+        assert forwarded >= 1  # round-robin sent some cancels to the replica not owning the run
         await ch.close()
     finally:
         mesh.stop()
