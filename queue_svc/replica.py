@@ -80,6 +80,7 @@ class Replica:
         own = self.ownership
         if key in own.owned and not own.adopting(key):
             return
+        self.rc.store.check_writable()  # the database is away: say so now, not after a pool timeout
         await self.adopt(key)  # also waits for an adoption in progress (the takeover loop's)
 
     async def adopt(self, key: str) -> None:

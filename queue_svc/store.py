@@ -22,8 +22,6 @@ from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
 from typing import TypeVar
 
-from flynn.v1 import run_control_pb2 as pb
-
 from flynn_runtime.leases import StaleEpoch
 from queue_svc import metrics
 
@@ -248,33 +246,6 @@ def provisional_spans(batch: list[Statement]) -> tuple[tuple[int, int] | None, t
         (min(seqs), max(seqs)) if seqs else None,
         (min(cursors), max(cursors)) if cursors else None,
     )
-
-
-def renumber(batch: list[Statement], g_off: int, c_off: int) -> list[Statement]:
-    """The batch with its provisional event numbers and reply cursors moved by (g_off, c_off): the
-    columns and the serialized RunEvent / Reply in `data` alike (store_pg.py numbers them from the
-    database's counters, so several replicas share one gapless-ordered sequence)."""
-    if not g_off and not c_off:
-        return batch
-    out: list[Statement] = []
-    for sql, params in batch:
-        if sql == INSERT_EVENT and g_off:
-            ev = pb.RunEvent.FromString(params[4])  # type: ignore[arg-type]
-            ev.global_seq += g_off
-            ev.event_id = f"evt_{ev.global_seq}"
-            params = (ev.global_seq, params[1], params[2], params[3], ev.SerializeToString())
-        elif sql == INSERT_MESSAGE and g_off:
-            params = (*params[:11], int(params[11]) + g_off, *params[12:])  # type: ignore[call-overload]
-        elif sql == INSERT_REPLY and c_off and params[1] is not None:
-            reply = pb.Reply.FromString(params[8])  # type: ignore[arg-type]
-            reply.cursor += c_off
-            params = (*params[:1], reply.cursor, *params[2:8], reply.SerializeToString())
-        elif sql == UPDATE_REPLY and c_off and params[0] is not None:
-            reply = pb.Reply.FromString(params[2])  # type: ignore[arg-type]
-            reply.cursor += c_off
-            params = (reply.cursor, params[1], reply.SerializeToString(), params[3])
-        out.append((sql, params))
-    return out
 
 
 def _expire(overlay: dict[K, tuple[int, V]], number: int) -> None:

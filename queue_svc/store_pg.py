@@ -29,9 +29,11 @@ the writer is down) and the service's health is NOT_SERVING (flynn_runtime/datab
 Several replicas (replica.py) share this schema. Each batch's transaction starts with the lease
 fence of the sessions it writes (flynn_runtime/leases.py: refused as a whole, SQLSTATE LF409, when an
 epoch is stale), then takes its event numbers and reply cursors from the `seqs` counter row (held
-until COMMIT, so all replicas commit in number order) and renumbers its rows; that costs one round
-trip more per batch (the answer is needed before the rows go out). Each writer marks its batches
-under its own `meta` key, and NOTIFY flynn_queue wakes the other replicas' stream tailers (tail.py).
+until COMMIT, so all replicas commit in number order). The rows carry provisional numbers and the
+statements add the batch's base themselves (`NUMBERED`: the column, and the serialized RunEvent /
+Reply with the final number appended, a protobuf singular field's last value winning), so the batch
+still costs one round trip. Each writer marks its batches under its own `meta` key, and NOTIFY
+flynn_queue wakes the other replicas' stream tailers (tail.py).
 """
 
 from __future__ import annotations
@@ -52,10 +54,14 @@ from flynn_runtime.db_copy import Counts, SqliteSource, StoreCopier, Table, expo
 from flynn_runtime.pg_migrations import Migration
 from flynn_runtime.sqlite_db import open_db
 from queue_svc.store import (
+    INSERT_EVENT,
+    INSERT_MESSAGE,
+    INSERT_REPLY,
     MESSAGE_COLS,
     PAGE,
     REPLY_COLS,
     RUN_COLS,
+    UPDATE_REPLY,
     MessageRow,
     QueueEntryRow,
     QueueStore,
@@ -66,7 +72,6 @@ from queue_svc.store import (
     compact,
     message_from,
     provisional_spans,
-    renumber,
     reply_from,
     run_from,
 )
@@ -170,27 +175,39 @@ CREATE TABLE queue_entries (
         "run control on several replicas: session leases with fencing epochs, database-wide sequences",
         leases.MIGRATION_SQL
         + """
-CREATE TABLE seqs (id INTEGER PRIMARY KEY CHECK (id = 1), gseq BIGINT NOT NULL, cursor BIGINT NOT NULL);
-INSERT INTO seqs VALUES (1, (SELECT COALESCE(MAX(global_seq), 0) FROM events),
-                            (SELECT COALESCE(MAX(cursor), 0) FROM replies));
+CREATE TABLE seqs (
+  id INTEGER PRIMARY KEY CHECK (id = 1),
+  gseq BIGINT NOT NULL,        -- last event number handed out
+  cursor BIGINT NOT NULL,      -- last reply cursor handed out
+  g_base BIGINT NOT NULL DEFAULT 0,  -- the current batch's event offset (final = provisional + g_base)
+  c_base BIGINT NOT NULL DEFAULT 0   -- the current batch's cursor offset
+);
+INSERT INTO seqs (id, gseq, cursor) VALUES (1, (SELECT COALESCE(MAX(global_seq), 0) FROM events),
+                                            (SELECT COALESCE(MAX(cursor), 0) FROM replies));
+-- Protobuf encodings appended to a serialized message: for a singular field the last value read
+-- wins, so `data || pb_event_numbers(n)` is the event with global_seq = n, event_id = 'evt_' || n.
+CREATE FUNCTION pb_varint(v BIGINT) RETURNS BYTEA LANGUAGE plpgsql IMMUTABLE STRICT AS $$
+DECLARE out BYTEA := ''::bytea;
+BEGIN
+  LOOP
+    IF v < 128 THEN
+      RETURN out || set_byte('\\x00'::bytea, 0, v::int);
+    END IF;
+    out := out || set_byte('\\x00'::bytea, 0, ((v & 127) | 128)::int);
+    v := v >> 7;
+  END LOOP;
+END $$;
+CREATE FUNCTION pb_event_numbers(n BIGINT) RETURNS BYTEA LANGUAGE sql IMMUTABLE STRICT AS $$
+  SELECT '\\x08'::bytea || pb_varint(n) || '\\x1a'::bytea
+         || set_byte('\\x00'::bytea, 0, octet_length('evt_' || n)) || convert_to('evt_' || n, 'UTF8')
+$$;
+CREATE FUNCTION pb_reply_cursor(n BIGINT) RETURNS BYTEA LANGUAGE sql IMMUTABLE STRICT AS $$
+  SELECT '\\x10'::bytea || pb_varint(n)
+$$;
 DELETE FROM meta WHERE key = 'batch';
 """,
     ),
 )
-
-#: Each writer process marks its last batch under its own key (several replicas write at once).
-MARK_BATCH = (
-    "INSERT INTO meta (key, value) VALUES (%s, %s) ON CONFLICT (key) DO UPDATE SET value = EXCLUDED.value"
-)
-#: Takes the database-wide numbers for a batch's events and replies. The row lock it takes is held
-#: until COMMIT, so batches of all replicas commit in the order of their numbers: a reader that sees
-#: number n committed has seen every number below it (no gap for a stream reading in order).
-TAKE_NUMBERS = "UPDATE seqs SET gseq = gseq + %s, cursor = cursor + %s WHERE id = 1 RETURNING gseq, cursor"
-#: Wakes the other replicas' stream tailers at COMMIT (a wake-up only: they read the tables).
-NOTIFY = "SELECT pg_notify('flynn_queue', %s)"
-CHANNEL = "flynn_queue"
-#: The lease scope of run-control sessions (flynn_runtime/leases.py).
-SESSION_SCOPE = "session"
 
 _pg_sql: dict[str, str] = {}
 
@@ -201,6 +218,56 @@ def pg(sql: str) -> str:
     if out is None:
         out = _pg_sql[sql] = sql.replace("?", "%s")
     return out
+
+
+#: Each writer process marks its last batch under its own key (several replicas write at once).
+MARK_BATCH = (
+    "INSERT INTO meta (key, value) SELECT %s, %s || ':' || s.g_base || ':' || s.c_base FROM seqs s WHERE s.id = 1 "
+    "ON CONFLICT (key) DO UPDATE SET value = EXCLUDED.value"
+)
+#: Takes the database-wide numbers for a batch's events and replies: the batch's provisional numbers
+#: p (handed out in memory, contiguous within the batch) become p + g_base (events) and p + c_base
+#: (cursors), computed by the statements themselves (NUMBERED below), so no round trip waits for
+#: them. The row lock it takes is held until COMMIT, so batches of all replicas commit in the order
+#: of their numbers: a reader that sees number n committed has seen every number below it.
+TAKE_NUMBERS = (
+    "UPDATE seqs SET g_base = gseq - %s, c_base = cursor - %s, gseq = gseq + %s, cursor = cursor + %s "
+    "WHERE id = 1 RETURNING g_base, c_base"
+)
+_BASES = "(SELECT g_base FROM seqs WHERE id = 1)", "(SELECT c_base FROM seqs WHERE id = 1)"
+#: The statements that carry numbers, as run in a numbered batch: (SQL, how to reorder the params).
+NUMBERED: dict[str, tuple[str, Callable[[tuple[object, ...]], tuple[object, ...]]]] = {
+    INSERT_EVENT: (
+        "INSERT INTO events (global_seq, session_key, session_seq, type, data) "
+        "SELECT %s + s.g_base, %s, %s, %s, %s || pb_event_numbers(%s + s.g_base) FROM seqs s WHERE s.id = 1",
+        lambda p: (p[0], p[1], p[2], p[3], p[4], p[0]),
+    ),
+    INSERT_MESSAGE: (
+        pg(INSERT_MESSAGE).replace(
+            "VALUES (%s, %s, %s, %s, %s, %s, %s, %s, %s, %s, %s, %s, %s, %s)",
+            f"VALUES (%s, %s, %s, %s, %s, %s, %s, %s, %s, %s, %s, %s + {_BASES[0]}, %s, %s)",
+        ),
+        lambda p: p,
+    ),
+    INSERT_REPLY: (
+        "INSERT INTO replies (reply_id, cursor, kind, run_id, session_key, channel, idempotency_key, "
+        "speech_state, data) SELECT %s, %s + s.c_base, %s, %s, %s, %s, %s, %s, "
+        "%s || COALESCE(pb_reply_cursor(%s + s.c_base), ''::bytea) FROM seqs s WHERE s.id = 1 "
+        "ON CONFLICT DO NOTHING",
+        lambda p: (*p[:8], p[8], p[1]),
+    ),
+    UPDATE_REPLY: (
+        "UPDATE replies r SET cursor = %s + s.c_base, speech_state = %s, "
+        "data = %s || COALESCE(pb_reply_cursor(%s + s.c_base), ''::bytea) FROM seqs s "
+        "WHERE s.id = 1 AND r.reply_id = %s",
+        lambda p: (p[0], p[1], p[2], p[0], p[3]),
+    ),
+}
+#: Wakes the other replicas' stream tailers at COMMIT (a wake-up only: they read the tables).
+NOTIFY = "SELECT pg_notify('flynn_queue', %s)"
+CHANNEL = "flynn_queue"
+#: The lease scope of run-control sessions (flynn_runtime/leases.py).
+SESSION_SCOPE = "session"
 
 
 class Coalescer(Generic[K, V]):
@@ -334,11 +401,11 @@ class PgQueueStore(QueueStore):
             delay = min(delay * 2, 1.0)
 
     def _commit_once(self, batch: list[Statement], number: int, epochs: dict[str, int]) -> tuple[int, int]:
-        """One transaction, pipelined: the fence and the numbers first (one round trip, their answer is
-        needed), then the statements go out without waiting, then COMMIT. Returns the offsets added to
-        the batch's provisional event numbers and reply cursors."""
+        """One transaction, pipelined: the fence, the numbers (TAKE_NUMBERS), the statements and COMMIT
+        go out without waiting for each other: one round trip plus the WAL flush. Returns the offsets
+        the database added to the batch's provisional event numbers and reply cursors."""
         conn = self._writer
-        spans = provisional_spans(batch)
+        g_span, c_span = provisional_spans(batch)
         if conn is None or conn.closed or conn.broken:
             conn = self._connect_writer()
             self._tuned_ms = 0
@@ -352,29 +419,34 @@ class PgQueueStore(QueueStore):
             )
             conn.commit()
             self._tuned_ms = self.idle_in_transaction_ms
+        numbers = conn.cursor()
         with conn.pipeline(), conn.transaction():
             cur = conn.cursor()
             if self.holder and epochs:
                 cur.execute(*leases.fence(SESSION_SCOPE, self.holder, epochs))
-            g_off = c_off = 0
-            (g_span, c_span) = spans
-            if g_span or c_span:
-                g_n = g_span[1] - g_span[0] + 1 if g_span else 0
-                c_n = c_span[1] - c_span[0] + 1 if c_span else 0
-                cur.execute(TAKE_NUMBERS, (g_n, c_n))
-                row = cur.fetchone()
-                assert row is not None
-                g_off = int(row[0]) - g_span[1] if g_span else 0  # type: ignore[call-overload]
-                c_off = int(row[1]) - c_span[1] if c_span else 0  # type: ignore[call-overload]
-                batch = renumber(batch, g_off, c_off)
-            cur.execute(MARK_BATCH, (f"batch:{self._writer_id}", f"{number}:{g_off}:{c_off}"))
+            g_first, g_last = g_span or (1, 0)
+            c_first, c_last = c_span or (1, 0)
+            numbers.execute(
+                TAKE_NUMBERS, (g_first - 1, c_first - 1, g_last - g_first + 1, c_last - c_first + 1)
+            )
+            cur.execute(MARK_BATCH, (f"batch:{self._writer_id}", str(number)))
             for sql, rows in compact(batch):
-                if len(rows) == 1:
-                    cur.execute(pg(sql), rows[0])
+                numbered = NUMBERED.get(sql)
+                if numbered is not None:
+                    sql_pg, reorder = numbered
+                    rows = [reorder(r) for r in rows]
                 else:
-                    cur.executemany(pg(sql), rows)
+                    sql_pg = pg(sql)
+                if len(rows) == 1:
+                    cur.execute(sql_pg, rows[0])
+                else:
+                    cur.executemany(sql_pg, rows)
             if g_span or c_span:
                 cur.execute(NOTIFY, (self._writer_id,))
+        row = numbers.fetchone()
+        assert row is not None
+        g_off = int(row[0]) if g_span else 0  # type: ignore[call-overload]
+        c_off = int(row[1]) if c_span else 0  # type: ignore[call-overload]
         return g_off, c_off
 
     def _applied(self, conn: psycopg.Connection[tuple[object, ...]], number: int) -> tuple[int, int] | None:
