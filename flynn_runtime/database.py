@@ -45,6 +45,10 @@ class Timeouts:
     statement_ms: int = 15_000
     #: How long a call waits for a pooled connection before answering UNAVAILABLE.
     acquire_seconds: float = 3.0
+    #: PostgreSQL ends a session left idle inside a transaction this long. A replica that is paused
+    #: (SIGSTOP, a VM freeze) in the middle of a transaction would otherwise keep its row locks for as
+    #: long as it is paused and block the replica taking its leases over (SCALING.md).
+    idle_in_transaction_ms: int = 5_000
 
 
 def database_unavailable(db: DatabaseSettings, detail: str) -> FlynnError:
@@ -99,8 +103,9 @@ class Database:
         kw: dict[str, object] = dict(settings.conninfo_kwargs())
         options = str(kw.pop("options", ""))
         kw["options"] = (
-            f"{options} -c search_path={schema} -c statement_timeout={int(timeouts.statement_ms)}".strip()
-        )
+            f"{options} -c search_path={schema} -c statement_timeout={int(timeouts.statement_ms)}"
+            f" -c idle_in_transaction_session_timeout={int(timeouts.idle_in_transaction_ms)}"
+        ).strip()
         kw.setdefault("connect_timeout", str(int(timeouts.connect_seconds)))
         kw.setdefault("application_name", application_name)
         return kw

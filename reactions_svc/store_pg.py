@@ -260,6 +260,15 @@ class PgReactionStore:
     ) -> None:
         outcomes, action_rows = list(outcomes), list(action_rows)
         async with self.db.transaction() as c, c.cursor() as cur:
+            # Finished once: with several replicas a paused one and the replica that took its partition
+            # over may both finish the same evaluation; the row lock orders them and the second, finding
+            # it done, records nothing (outcomes and counters count each event once).
+            await cur.execute(
+                "UPDATE evaluations SET status = 'done' WHERE event_id = %s AND status = 'pending' RETURNING 1",
+                (event_id,),
+            )
+            if await cur.fetchone() is None:
+                return
             if action_rows:
                 await cur.executemany(_UPSERT_ACTION, action_rows)
             keys: list[tuple[str, int]] = []
@@ -273,7 +282,6 @@ class PgReactionStore:
                 if row is not None:
                     keys.append((row[0], int(row[1])))
             await self._bump(cur, keys)
-            await cur.execute("UPDATE evaluations SET status = 'done' WHERE event_id = %s", (event_id,))
 
     @staticmethod
     async def _bump(cur: psycopg.AsyncCursor[tuple[Any, ...]], keys: Iterable[tuple[str, int]]) -> None:

@@ -5,6 +5,7 @@ Every event is evaluated once and every action done once."""
 
 from __future__ import annotations
 
+import signal
 import time
 import urllib.request
 from collections import Counter
@@ -121,4 +122,66 @@ def test_two_replicas_one_sigkilled_every_action_exactly_once(
             assert b.terminate() == 0
         finally:
             for p in procs:
+                p.stop()
+
+
+def test_a_paused_replica_loses_its_partitions_and_acts_on_nothing_twice(
+    tmp_path: Path, tokens: Tokens, postgres_url: str
+) -> None:
+    """SIGSTOP one replica longer than the partition lease, then SIGCONT: the other took its
+    partitions (epoch + 1); the paused one's late work is fenced or deduplicated."""
+    rules = tmp_path / "rules.yaml"
+    rules.write_text(RULES)
+    sessions = 16
+    with RunControlServer() as rc:
+        svc = rc.servicer
+        procs = [
+            ServiceProcess(
+                "reactions",
+                "reactions_svc.main",
+                tmp_path / f"reactions-{name}",
+                tokens,
+                addresses={"queue": rc.address, "config": "127.0.0.1:1", "nodes": "127.0.0.1:1"},
+                extra=["--rules-file", str(rules), "--consume", "run", "--database-url", postgres_url],
+            )
+            for name in ("a", "b")
+        ]
+        a, b = procs
+        try:
+            a.start()
+            b.start()
+            time.sleep(5)  # partitions divided between a and b
+            for i in range(100):
+                svc.message(f"s{i % sessions}", f"message {i}")
+            assert svc.wait_for(lambda: len(svc.rec.replies) >= 60, timeout=60), a.log_tail() + b.log_tail()
+            assert a.proc is not None
+            a.proc.send_signal(signal.SIGSTOP)
+            for i in range(100, 200):
+                svc.message(f"s{i % sessions}", f"message {i}")
+            # b takes a's partitions once their lease (5 s) expires and handles everything.
+            assert svc.wait_for(lambda: len(svc.rec.replies) >= 400, timeout=60), b.log_tail()
+            a.proc.send_signal(signal.SIGCONT)
+            for i in range(200, 250):
+                svc.message(f"s{i % sessions}", f"message {i}")
+            total = 250
+            assert svc.wait_for(lambda: len(svc.rec.replies) >= 2 * total, timeout=60), (
+                a.log_tail() + b.log_tail()
+            )
+            time.sleep(2.0)  # a's late attempts, if any, have had their chance
+            with svc.cond:
+                replies = list(svc.rec.replies.values())
+            per = Counter((r.kind, r.reply_to_message_id or r.text) for r in replies)
+            assert len(replies) == 2 * total and all(n == 1 for n in per.values())
+            with grpc.insecure_channel(b.address) as ch:
+                stats = reactions_pb2_grpc.ReactionsStub(ch).GetRuleStats(
+                    reactions_pb2.GetRuleStatsRequest(), metadata=tokens.md("operator"), timeout=10
+                )
+            assert {s.rule_id: s.matches for s in stats.rules} == {"ack-all": total, "echo": total}
+            # a noticed it lost partitions while it was stopped (renewal or a fenced cursor write).
+            log = a.log_tail(2000)
+            assert '"removed": [' in log and "partitions changed" in log, log[-2000:]
+        finally:
+            for p in procs:
+                if p.proc is not None and p.proc.poll() is None:
+                    p.proc.send_signal(signal.SIGCONT)
                 p.stop()
