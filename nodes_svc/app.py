@@ -180,9 +180,13 @@ class NodesApp(ServiceApp):
         if self.store is not None:
             self.registry.apply_config()
 
-    async def _presence_renewed(self) -> None:
-        """After each renewal of this replica's lease: nodes of replicas that died go offline."""
+    async def _presence_renewed(self, rejoined: bool) -> None:
+        """After each renewal of this replica's lease: nodes of replicas that died go offline; after
+        this replica lost its lease and took it again, the streams still open here are online again."""
         assert self.presence is not None and isinstance(self.store, PgNodeStore)
+        if rejoined:
+            back = await self.presence.reassert(self.registry.held_epochs())
+            log.warning("presence lease was lost and taken again", extra={"nodes_reasserted": back})
         dead = await self.presence.dead_owners()
         if dead:
             log.warning("nodes replicas gone; their nodes go offline", extra={"replicas": dead})

@@ -60,12 +60,31 @@ class Presence:
         self.lease_ok = lease.held_by(self.replica_id)
 
     async def renew(self) -> bool:
+        """Renew the liveness lease; True when it had been lost and was taken again (rejoined)."""
         async with self.db.connection() as c:
             held = await leases.renew(c, SCOPE, self.replica_id, self.ttl)
         self.lease_ok = self.replica_id in held
-        if not self.lease_ok:  # expired and taken over (we were paused or partitioned): rejoin
-            await self.join()
-        return self.lease_ok
+        if self.lease_ok:
+            return False
+        # Lost (we were paused or partitioned past the lease): take it again. A survivor may have
+        # marked our nodes offline meanwhile; the caller re-asserts the streams still open here.
+        await self.join()
+        return True
+
+    async def reassert(self, held: dict[str, int]) -> int:
+        """Mark online again, owned here, the nodes whose streams are open here at the epoch the
+        database still has (none registered elsewhere since); returns how many."""
+        if not held:
+            return 0
+        ids = sorted(held)
+        async with self.db.connection() as c:
+            cur = await c.execute(
+                "UPDATE nodes n SET online = TRUE, offline_reason = '', owner = %s, owner_address = %s"
+                " FROM unnest(%s::text[], %s::bigint[]) AS h(node_id, epoch)"
+                " WHERE n.node_id = h.node_id AND n.epoch = h.epoch AND NOT n.online",
+                (self.replica_id, self.address, ids, [held[i] for i in ids]),
+            )
+            return cur.rowcount
 
     async def leave(self) -> None:
         with contextlib.suppress(FlynnError):
@@ -75,8 +94,8 @@ class Presence:
                     await leases.release(c, SCOPE, self.replica_id, {self.replica_id: lease.epoch})
         self.lease_ok = False
 
-    def start(self, sweep: Callable[[], Awaitable[None]]) -> None:
-        """Renew the lease every ttl/3 and call `sweep` after each renewal."""
+    def start(self, sweep: Callable[[bool], Awaitable[None]]) -> None:
+        """Renew the lease every ttl/3 and call `sweep(rejoined)` after each renewal."""
         if self._task is None:
             self._task = asyncio.create_task(self._run(sweep), name="nodes-presence")
 
@@ -87,12 +106,12 @@ class Presence:
                 await self._task
             self._task = None
 
-    async def _run(self, sweep: Callable[[], Awaitable[None]]) -> None:
+    async def _run(self, sweep: Callable[[bool], Awaitable[None]]) -> None:
         while True:
             await asyncio.sleep(self.ttl / 3)
             try:
-                await self.renew()
-                await sweep()
+                rejoined = await self.renew()
+                await sweep(rejoined)
             except FlynnError as e:
                 self.lease_ok = False
                 log.warning("presence lease not renewed", extra={"error": e.message[:200]})

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import asyncio
 import json
+import signal
 import time
 from collections.abc import Iterator
 from pathlib import Path
@@ -165,4 +166,46 @@ async def test_invoke_fails_fast_when_the_owner_replica_is_gone(
                 await _invoke(sb, md, "phone")
             assert err2.value.code() == grpc.StatusCode.FAILED_PRECONDITION
         finally:
+            await stop_all(pairs)
+
+
+async def test_a_paused_replica_comes_back_with_its_node_online_and_listed_once(
+    replicas: list[ServiceProcess], tokens: Tokens
+) -> None:
+    """SIGSTOP the replica holding a node's stream past the presence lease: the other replica marks
+    the node offline (replica_lost); after SIGCONT the node is online again, listed once, invocable
+    through either replica (the stream reasserted, or the node registered again)."""
+    a, b = replicas
+    md = tokens.md("operator")
+    async with grpc.aio.insecure_channel(a.address) as ch_a, grpc.aio.insecure_channel(b.address) as ch_b:
+        sa, sb = nodes_pb2_grpc.NodesStub(ch_a), nodes_pb2_grpc.NodesStub(ch_b)
+        tok = await sa.IssueNodeToken(
+            nodes_pb2.IssueNodeTokenRequest(node_id="tablet", role="desktop"), metadata=md, timeout=10
+        )
+        node = CompanionNode(a.address, "tablet", tok.token, "desktop", backoff_initial=0.05, backoff_max=0.5)
+        pairs = [(node, await started(node))]
+        try:
+            assert a.proc is not None
+            a.proc.send_signal(signal.SIGSTOP)
+
+            async def offline_on_b() -> bool:
+                nodes = await _list(sb, md)
+                return bool(nodes) and nodes[0].status == nodes_pb2.NODE_STATUS_OFFLINE
+
+            await eventually(offline_on_b, 20, "the paused replica's node marked offline by b")
+            a.proc.send_signal(signal.SIGCONT)
+
+            async def online_everywhere() -> bool:
+                lists = [await _list(s, md) for s in (sa, sb)]
+                return all(
+                    [(n.node_id, n.status) for n in nodes] == [("tablet", nodes_pb2.NODE_STATUS_ONLINE)]
+                    for nodes in lists
+                )
+
+            await eventually(online_everywhere, 20, "the node online again, listed once")
+            for stub in (sa, sb):
+                assert (await _invoke(stub, md, "tablet")).ok
+        finally:
+            if a.proc is not None and a.proc.poll() is None:
+                a.proc.send_signal(signal.SIGCONT)
             await stop_all(pairs)
