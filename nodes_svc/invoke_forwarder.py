@@ -22,6 +22,7 @@ from flynn_runtime import errors
 from flynn_runtime.channels import client_channel
 from flynn_runtime.errors import Code, FlynnError
 from flynn_runtime.rich_status import from_rpc_error
+from nodes_svc import metrics
 
 #: Metadata key set on a forwarded call (value: the forwarding replica's id).
 FORWARDED_BY = "x-flynn-forwarded-by"
@@ -67,10 +68,12 @@ class InvokeForwarder:
         call = stub.InvokeNode(
             req, timeout=timeout_s + HOP_MARGIN, metadata=((FORWARDED_BY, self.replica_id),)
         )
+        outcome = "ok"
         try:
             async for item in call:
                 yield item
         except grpc.aio.AioRpcError as e:
+            outcome = e.code().name.lower()
             rich = from_rpc_error(e)
             if rich is not None:
                 raise rich from None
@@ -97,6 +100,7 @@ class InvokeForwarder:
             ) from None
         finally:
             call.cancel()
+            metrics.INVOKES_FORWARDED.labels(outcome).inc()
 
     async def close(self) -> None:
         for ch in self._channels.values():

@@ -607,7 +607,7 @@ class NodeRegistry:
                 "replaced", "the node connected to another replica; this stream is replaced"
             ):
                 closed += 1
-                metrics.RECONNECTS.labels("success", "replaced_elsewhere").inc()
+                metrics.STREAMS_FENCED.inc()
         return closed
 
     def owners_lost(self, owners: list[str], mark: Callable[[list[str]], Awaitable[object]]) -> None:

@@ -30,6 +30,7 @@ from collections.abc import Callable
 from flynn_runtime import leases, rollout
 from flynn_runtime.database import Database
 from flynn_runtime.errors import FlynnError
+from reactions_svc import metrics
 
 log = logging.getLogger(__name__)
 
@@ -81,7 +82,9 @@ class PartitionOwner:
 
     def dropped(self, p: int) -> None:
         """A fenced write was refused: we lost `p` without noticing; stop acting on it now."""
+        metrics.PARTITIONS_FENCED.inc()
         if self.held.pop(p, None) is not None:
+            metrics.PARTITIONS_HELD.set(len(self.held))
             log.warning("partition taken over by another replica", extra={"partition": p})
             if self.on_change is not None:
                 self.on_change(set(), {p})
@@ -125,6 +128,7 @@ class PartitionOwner:
                     if lease.held_by(self.replica_id):
                         self.held[p] = lease.epoch
         after = set(self.held)
+        metrics.PARTITIONS_HELD.set(len(after))
         if after != before and self.on_change is not None:
             self.on_change(after - before, before - after)
         self.balanced.set()
