@@ -20,7 +20,6 @@ from config_svc.watcher_registry import WatcherRegistry
 from config_svc.watcher_table import WatcherTable
 from flynn_runtime import config_yaml
 from flynn_runtime.pg_listen import Listener
-from flynn_runtime.replica import new_replica_id
 from flynn_runtime.server import Runtime, ServiceApp
 
 log = logging.getLogger(__name__)
@@ -121,7 +120,7 @@ class ConfigApp(ServiceApp):
             )
             self.listener.start()
             self.watcher_table = WatcherTable(
-                self.store.db, self.registry, new_replica_id("config"), self.runtime.advertise_address()
+                self.store.db, self.registry, self.runtime.replica_id, self.runtime.advertise_address()
             )
             await self.watcher_table.join()
             self.servicer.watcher_table = self.watcher_table

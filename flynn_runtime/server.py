@@ -38,6 +38,7 @@ from flynn_runtime.database_url import DatabaseSettingError, DatabaseSettings, d
 from flynn_runtime.errors import shutting_down
 from flynn_runtime.interceptor import ServerInterceptor
 from flynn_runtime.pg_migrations import Migration
+from flynn_runtime.replica import new_replica_id
 from flynn_runtime.settings import Settings
 
 log = logging.getLogger(__name__)
@@ -59,6 +60,8 @@ class Runtime:
         self.databases: list[Database] = []
         #: The gRPC port actually bound (known before ServiceApp.start; --listen may say port 0).
         self.bound_port = 0
+        #: This process among the replicas of its service (leases, presence, database session names).
+        self.replica_id = new_replica_id(settings.service)
 
     async def open_database(
         self,
@@ -79,6 +82,7 @@ class Runtime:
             migrations=migrations,
             max_size=max_size,
             timeouts=timeouts,
+            replica_id=self.replica_id,
         )
         self.databases.append(db)
         return db

@@ -16,8 +16,8 @@ from flynn.v1 import canvas_pb2_grpc, config_pb2, nodes_pb2_grpc
 from flynn_runtime import config_yaml
 from flynn_runtime.config_source import ConfigSource, StaticConfig
 from flynn_runtime.errors import FlynnError
+from flynn_runtime.fencing import Fencer
 from flynn_runtime.pg_listen import Listener
-from flynn_runtime.replica import new_replica_id
 from flynn_runtime.server import Runtime, ServiceApp
 from nodes_svc.canvas_servicer import CanvasServicer
 from nodes_svc.canvas_store import (
@@ -101,6 +101,7 @@ class NodesApp(ServiceApp):
         self.presence: Presence | None = None
         self.forwarder: InvokeForwarder | None = None
         self.listener: Listener | None = None
+        self.fencer = Fencer("nodes", runtime.replica_id)
         self._fence_wake = asyncio.Event()
         self._unsubscribe = config.subscribe(self._on_config, key="server.nodes")
 
@@ -127,10 +128,11 @@ class NodesApp(ServiceApp):
         forwarder: InvokeForwarder | None = None
         if isinstance(self.store, PgNodeStore):
             # Several replicas may share this database: presence, fencing and invoke forwarding.
-            replica_id = new_replica_id("nodes")
+            replica_id = self.runtime.replica_id
             address = self.runtime.advertise_address()
             self.store.owner, self.store.owner_address = replica_id, address
             self.presence = Presence(self.store.db, replica_id, address)
+            self.fencer = Fencer("nodes", replica_id)
             self.registry.shared = True
             forwarder = InvokeForwarder(
                 self.runtime.settings.service_token, replica_id, self.runtime.settings.max_message_bytes
@@ -187,6 +189,10 @@ class NodesApp(ServiceApp):
         if rejoined:
             back = await self.presence.reassert(self.registry.held_epochs())
             log.warning("presence lease was lost and taken again", extra={"nodes_reasserted": back})
+        async with self.store.db.connection() as c:
+            # Replicas whose lease expired may be frozen inside a transaction (a registration's row
+            # lock): end their sessions first.
+            await self.fencer.end_dead_sessions(c)
         dead = await self.presence.dead_owners()
         if dead:
             log.warning("nodes replicas gone; their nodes go offline", extra={"replicas": dead})

@@ -15,7 +15,6 @@ from flynn.v1 import reactions_pb2, reactions_pb2_grpc
 from flynn_runtime import config_yaml
 from flynn_runtime.config_source import ConfigSource, StaticConfig
 from flynn_runtime.errors import FlynnError
-from flynn_runtime.replica import new_replica_id
 from flynn_runtime.server import Runtime, ServiceApp
 from reactions_svc.actions import GrpcActionRunner
 from reactions_svc.consumers import (
@@ -128,7 +127,7 @@ class ReactionsApp(ServiceApp):
         """Several replicas may share the database: consume only the partitions leased here."""
         self.owner = PartitionOwner(
             store.db,
-            new_replica_id("reactions"),
+            self.runtime.replica_id,
             self.runtime.advertise_address(),
             count=self.partition_count,
             on_change=self._partitions_changed,

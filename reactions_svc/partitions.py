@@ -30,6 +30,7 @@ from collections.abc import Callable
 from flynn_runtime import leases, rollout
 from flynn_runtime.database import Database
 from flynn_runtime.errors import FlynnError
+from flynn_runtime.fencing import Fencer
 from reactions_svc import metrics
 
 log = logging.getLogger(__name__)
@@ -70,6 +71,7 @@ class PartitionOwner:
         self.ttl = ttl
         self.on_change = on_change
         self.held: dict[int, int] = {}  # partition -> epoch
+        self.fencer = Fencer("reactions", replica_id)
         self.lease_ok = False
         self.balanced = asyncio.Event()  # set after the first successful round
         self._task: asyncio.Task[None] | None = None
@@ -104,6 +106,9 @@ class PartitionOwner:
                 )
             held = await leases.renew(c, SCOPE, self.replica_id, self.ttl)
             self.held = {int(n[1:]): e for n, e in held.items()}
+            # A replica whose lease expired may be frozen inside a transaction: end its sessions
+            # before taking its partitions, so its row locks cannot block us.
+            await self.fencer.end_dead_sessions(c)
             replicas = max(1, len(await leases.held(c, REPLICA_SCOPE)))
             share = math.ceil(self.count / replicas)
             if len(self.held) > share:
