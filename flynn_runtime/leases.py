@@ -29,6 +29,11 @@ Rules:
 - `release` bumps the epoch and frees the row, so in-flight writes of the releasing holder are
   refused too (it has forgotten the state they were built on).
 - Row locks are always taken in (scope, name) order, so renew and fence never deadlock.
+- A process frozen inside a fenced transaction (SIGSTOP, a VM pause) keeps its FOR SHARE locks and
+  so keeps a takeover waiting: give the writing connection `idle_in_transaction_session_timeout`
+  (about ttl/2; run control's writer does) so the server ends such a session and frees the locks.
+- `expired(conn, scope, or_holder=me)` lists what survivors should adopt (leases that expired or
+  were handed over), plus the live ones of `me` (a restarted process's own, taken back at once).
 """
 
 from __future__ import annotations

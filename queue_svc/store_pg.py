@@ -361,6 +361,11 @@ class PgQueueStore(QueueStore):
         if self._reader is not None:
             await self._reader.close()
 
+    @property
+    def writer_id(self) -> str:
+        """This process's writer (the payload of its NOTIFY wake-ups)."""
+        return self._writer_id
+
     def check_writable(self) -> None:
         if not self.writer_ok:
             raise database_unavailable(self.db.settings, "run control's writer is waiting for the database")

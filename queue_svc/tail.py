@@ -67,6 +67,12 @@ class Tailer:
         published (nothing of another replica's in between: the usual case, and always with one
         replica); otherwise read it, in order, from the database. Either way nothing is published
         twice or out of order."""
+        if events and not self.events.subscribers:
+            self.last_seq = max(self.last_seq, events[-1].global_seq)  # see _catch_up
+            events = []
+        if replies and not self.replies.subscribers:
+            self.last_cursor = max(self.last_cursor, replies[-1].cursor)
+            replies = []
         if events and events[0].global_seq == self.last_seq + 1:
             for ev in events:
                 self.events.publish(ev)
@@ -90,8 +96,9 @@ class Tailer:
                 await self._listener.execute(f"LISTEN {CHANNEL}")
                 delay = 0.1
                 self.wake()  # anything committed while we were not listening
-                async for _ in self._listener.notifies():
-                    self.wake()
+                async for note in self._listener.notifies():
+                    if note.payload != self.store.writer_id:  # our own commits are handed over directly
+                        self.wake()
             except asyncio.CancelledError:
                 raise
             except Exception as e:
@@ -120,6 +127,18 @@ class Tailer:
                 self._wake.set()
 
     async def _catch_up(self) -> None:
+        """Publish what was committed after the last numbers published. A fan-out nobody subscribes to
+        only moves its number to the head (one index lookup): a subscriber that arrives later reads
+        its backlog from the store itself (servicer.replay_then_live), and it subscribes before that
+        read, so checking for subscribers AFTER the head was read never skips an item it needs."""
+        if not self.events.subscribers:
+            head = await self.store.max_global_seq()
+            if not self.events.subscribers:
+                self.last_seq = max(self.last_seq, head)
+        if not self.replies.subscribers:
+            head = await self.store.max_reply_cursor()
+            if not self.replies.subscribers:
+                self.last_cursor = max(self.last_cursor, head)
         while True:
             rows = await self.store.events_after(self.last_seq)
             for data in rows:
