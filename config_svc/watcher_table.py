@@ -19,6 +19,7 @@ from config_svc.watcher_registry import WatcherEntry, WatcherRegistry
 from flynn_runtime import leases
 from flynn_runtime.database import Database
 from flynn_runtime.errors import FlynnError
+from flynn_runtime.fencing import Fencer
 
 log = logging.getLogger(__name__)
 
@@ -80,6 +81,7 @@ class WatcherTable:
         self.address = address
         self._lock = asyncio.Lock()
         self._task: asyncio.Task[None] | None = None
+        self.fencer = Fencer("config", replica_id)
 
     async def join(self) -> None:
         async with self.db.connection() as c:
@@ -148,6 +150,9 @@ class WatcherTable:
                 if loop.time() >= renew_due:
                     async with self.db.connection() as c:
                         held = await leases.renew(c, SCOPE, self.replica_id, TTL)
+                        # A config replica frozen inside a write holds the head row's lock and would
+                        # stop every write: end the sessions of replicas whose lease expired.
+                        await self.fencer.end_dead_sessions(c)
                     if self.replica_id not in held:
                         await self.join()
                     renew_due = loop.time() + TTL / 3
