@@ -1,6 +1,12 @@
 """Config propagation: UpdateConfig returning -> the change applied in EVERY watcher; and a restart storm.
 
     .venv/bin/python -m bench.config_propagation [--updates 30] [--big 1000] [--procs 4]
+    .venv/bin/python -m bench.config_propagation --replicas 1,2 --updates 50 --spacing 0.5   # PostgreSQL
+
+With --replicas, the config service runs as N processes on one throwaway PostgreSQL (initdb + pg_ctl
+in a temp dir), client process i watches replica i % N, every update goes through the first replica
+(so half the watchers learn of it over NOTIFY + a read of the revision table), and the server CPU
+per change is the CPU time of all replicas over the update loop divided by the number of updates.
 
 What is measured (real processes, real ConfigWatcher instances, not bare streams):
 - the config service runs as its own process (python -m config_svc.main);
@@ -156,7 +162,10 @@ def pct(values: list[float], p: float) -> float:
 
 
 class Clients:
-    def __init__(self, base: Path, addr: str, token: str, total: int, procs: int, raw: bool = False) -> None:
+    def __init__(
+        self, base: Path, addr: str | list[str], token: str, total: int, procs: int, raw: bool = False
+    ) -> None:
+        addrs = [addr] if isinstance(addr, str) else addr  # client process i watches replica i % len
         self.procs: list[tuple[subprocess.Popen[str], Path]] = []
         per = [total // procs + (1 if i < total % procs else 0) for i in range(procs)]
         env = dict(os.environ, PYTHONPATH=f"{ROOT}:{ROOT / 'gen'}", FLYNN_LOG_LEVEL="warning")
@@ -166,7 +175,7 @@ class Clients:
             out = base / f"client{i}.json"
             d = base / f"client{i}"
             p = subprocess.Popen(
-                [sys.executable, "-m", "bench.config_propagation", "--client", "--addr", addr, "--token", token,
+                [sys.executable, "-m", "bench.config_propagation", "--client", "--addr", addrs[i % len(addrs)], "--token", token,
                  "--count", str(count), "--name", f"p{i}", "--data-dir", str(d), "--out", str(out),
                  *(["--raw"] if raw else [])],
                 stdout=subprocess.PIPE, stderr=subprocess.DEVNULL, text=True, env=env, cwd=ROOT,
@@ -227,8 +236,14 @@ def _update(stub: Any, cap: int) -> tuple[int, float]:
     return int(resp.revision), time.monotonic()
 
 
+def cpu_seconds(pid: int) -> float:
+    """User + system CPU time of a process so far (/proc/<pid>/stat)."""
+    fields = Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()
+    return (int(fields[11]) + int(fields[12])) / os.sysconf("SC_CLK_TCK")
+
+
 def scenario(base: Path, proc: Any, token: str, watchers: int, procs: int, updates: int, spacing: float,
-             restart: bool, raw: bool = False) -> None:  # fmt: skip
+             restart: bool, raw: bool = False, others: list[Any] | None = None) -> None:  # fmt: skip
     import grpc
     from flynn.v1 import config_pb2_grpc
 
@@ -242,16 +257,25 @@ def scenario(base: Path, proc: Any, token: str, watchers: int, procs: int, updat
             return lambda req, **kw: fn(req, metadata=md, **kw)
 
     s = _Stub()
-    clients = Clients(base / f"w{watchers}{'raw' if raw else ''}", proc.address, token, watchers, procs, raw)
+    servers = [proc, *(others or [])]
+    addrs = [p.address for p in servers]
+    clients = Clients(
+        base / f"w{watchers}{'raw' if raw else ''}{len(servers)}", addrs, token, watchers, procs, raw
+    )
     try:
         t = time.monotonic()
         clients.wait_ready()
-        print(f"  {watchers} watchers ready in {time.monotonic() - t:.2f} s ({procs} client processes)")
+        print(
+            f"  {watchers} watchers ready in {time.monotonic() - t:.2f} s ({procs} client processes"
+            f" over {len(servers)} config replica(s); updates go through the first)"
+        )
         returned: dict[int, float] = {}
+        cpu0 = sum(cpu_seconds(p.proc.pid) for p in servers)
         for i in range(updates):
             rev, t_ret = _update(s, 1000 + i)
             returned[rev] = t_ret
             time.sleep(spacing)
+        cpu = sum(cpu_seconds(p.proc.pid) for p in servers) - cpu0
         restart_figures = None
         if restart:
             restart_figures = _restart(proc, s, watchers)
@@ -275,6 +299,10 @@ def scenario(base: Path, proc: Any, token: str, watchers: int, procs: int, updat
         + (f"  ({incomplete} updates not seen by every watcher)" if incomplete else "")
     )
     print(f"  (first watcher to apply: p50 {pct(first, 50):.1f} ms  p99 {pct(first, 99):.1f} ms)")
+    print(
+        f"  server CPU per change (all {len(servers)} replica(s), idle time between changes included):"
+        f" {cpu / max(1, updates) * 1000:.1f} ms"
+    )
     if restart_figures is not None:
         t_back, t_current, total, lost = restart_figures
         print(
@@ -322,6 +350,52 @@ def _restart(proc: Any, s: Any, watchers: int) -> tuple[float, float, int, int]:
         watchers,
         lost,
     )
+
+
+def replicas_driver(args: argparse.Namespace) -> None:
+    """--replicas 1,2: config on a throwaway PostgreSQL, watchers spread over N replicas."""
+    from flynn_launcher.local_postgres import LocalPostgres
+    from tests.support.mesh import ServiceProcess, make_tokens
+
+    with tempfile.TemporaryDirectory(prefix="flynn-bench-config-") as tmp:
+        base = Path(tmp)
+        base.chmod(0o755)
+        tokens = make_tokens(base)
+        pg = LocalPostgres(base / "pg")
+        pg.init()
+        pg.start()
+        try:
+            for spec in args.replicas.split(","):
+                sqlite = spec == "sqlite"
+                n = 1 if sqlite else int(spec)
+                db = [] if sqlite else ["--database-url", pg.create_database(f"bench_{n}")]
+                procs = [
+                    ServiceProcess(
+                        "config",
+                        "config_svc.main",
+                        base / f"config-{spec}-{i}",
+                        tokens,
+                        extra=["--bookmark-seconds", "15", "--log-level", "warning", *db],
+                    )  # fmt: skip
+                    for i in range(n)
+                ]
+                for p in procs:
+                    p.start(timeout=60)
+                label = "SQLite, 1 config replica" if sqlite else f"PostgreSQL, {n} config replica(s)"
+                try:
+                    if args.raw:
+                        print(f"[{label}, {args.big} BARE WatchConfig streams, {args.updates} updates]")
+                        scenario(base, procs[0], tokens.operator, args.big, args.procs, args.updates,
+                                 args.spacing, restart=False, raw=True, others=procs[1:])  # fmt: skip
+                    print(f"[{label}, {args.big} ConfigWatchers, {args.updates} updates]")
+                    scenario(base, procs[0], tokens.operator, args.big, args.procs, args.updates,
+                             args.spacing, restart=False, others=procs[1:])  # fmt: skip
+                finally:
+                    for p in procs:
+                        with contextlib.suppress(Exception):
+                            p.stop()
+        finally:
+            pg.stop("immediate")
 
 
 def driver(args: argparse.Namespace) -> None:
@@ -381,9 +455,18 @@ def main() -> None:
     p.add_argument("--big", type=int, default=1000, help="watchers of the large scenario (default 1000)")
     p.add_argument("--procs", type=int, default=4, help="client processes of the large scenario (default 4)")
     p.add_argument("--spacing", type=float, default=1.5, help="seconds between updates, large scenario")
+    p.add_argument(
+        "--replicas",
+        default="",
+        help="e.g. 1,2: run the large scenario on a throwaway PostgreSQL with that many config replicas"
+        " (watchers spread over them, updates through the first) instead of the SQLite scenarios",
+    )
     args = p.parse_args()
     if args.client:
         asyncio.run(client_main(args))
+    elif args.replicas:
+        sys.path[:0] = [str(ROOT), str(ROOT / "gen")]
+        replicas_driver(args)
     else:
         driver(args)
 

@@ -14,11 +14,15 @@ from config_svc import metrics
 from config_svc.config_editor import ConfigEditor
 from config_svc.principal_store import PrincipalStore
 from config_svc.principals_servicer import PrincipalsServicer
+from config_svc.revision_feed import RevisionFeed
 from config_svc.revision_store import RevisionStore, open_revision_store
+from config_svc.revision_store_pg import NOTIFY_CHANNEL, PgRevisionStore
 from config_svc.service import ConfigServicer, add_to_server
 from config_svc.watch_hub import WatchHub
 from config_svc.watcher_registry import WatcherRegistry
+from config_svc.watcher_table import WatcherTable
 from flynn_runtime import config_yaml, topology
+from flynn_runtime.pg_listen import Listener
 from flynn_runtime.server import Runtime, ServiceApp
 
 log = logging.getLogger(__name__)
@@ -37,6 +41,13 @@ def add_args(p: argparse.ArgumentParser) -> None:
         type=float,
         default=float(os.environ.get("FLYNN_BOOKMARK_SECONDS", "15")),
         help="interval of WatchConfig bookmarks on a silent stream (FLYNN_BOOKMARK_SECONDS)",
+    )
+    p.add_argument(
+        "--revision-poll-seconds",
+        type=float,
+        default=float(os.environ.get("FLYNN_REVISION_POLL_SECONDS", "1")),
+        help="with a database: how often a replica re-reads the revision table even without a"
+        " NOTIFY wake-up, the safety net for a lost notification (FLYNN_REVISION_POLL_SECONDS)",
     )
     p.add_argument(
         "--watch-queue-size",
@@ -69,6 +80,12 @@ class ConfigApp(ServiceApp):
         self.principal_store = PrincipalStore(runtime.settings.data_dir / "config" / "principals.db")
         self.principals = PrincipalsServicer(runtime, self.principal_store)
         self._server: grpc.aio.Server | None = None
+        self.poll_seconds = float(
+            str(extra.get("revision_poll_seconds") or os.environ.get("FLYNN_REVISION_POLL_SECONDS", "1"))
+        )
+        self.feed: RevisionFeed | None = None
+        self.listener: Listener | None = None
+        self.watcher_table: WatcherTable | None = None
 
     def register(self, server: grpc.aio.Server) -> None:
         # The config servicer needs the store, which opens in start(); it is added there, before serving.
@@ -100,10 +117,31 @@ class ConfigApp(ServiceApp):
                 )
         self.hub.head = self.editor.head_revision
         metrics.HEAD_REVISION.set(self.editor.head_revision)
+        if isinstance(self.store, PgRevisionStore):
+            # Other replicas may commit too: follow the table, woken by NOTIFY, polled as a safety net.
+            self.feed = RevisionFeed(self.editor, self.servicer.publish)
+            self.servicer.feed = self.feed
+            self.feed.start()
+            self.listener = Listener(
+                self.store.db, (NOTIFY_CHANNEL,), self.feed.wake, poll_seconds=self.poll_seconds
+            )
+            self.listener.start()
+            self.watcher_table = WatcherTable(
+                self.store.db, self.registry, self.runtime.replica_id, self.runtime.advertise_address()
+            )
+            await self.watcher_table.join()
+            self.servicer.watcher_table = self.watcher_table
+            self.watcher_table.start()
         log.info("config ready", extra={"head_revision": self.editor.head_revision})
 
     async def stop(self) -> None:
+        if self.listener is not None:
+            await self.listener.stop()
+        if self.feed is not None:
+            await self.feed.stop()
         self.hub.close()
+        if self.watcher_table is not None:
+            await self.watcher_table.stop()
 
     async def close(self) -> None:
         if self.store is not None:

@@ -1,7 +1,9 @@
 """The config's write side: seed, update by field mask, rollback; validation before every commit.
 
 Plain domain code (no gRPC): the servicer awaits these calls one at a time (its write lock); the
-store's round trips are awaited, never run on the event loop's thread.
+store's round trips are awaited, never run on the event loop's thread. With several replicas on one
+database the in-memory head may lag the table by a wake-up: the servicer catches up before a write,
+and the store's compare-and-set refuses a write based on a stale head in any case.
 A change equal to the head commits nothing (`unchanged`), so the history only holds real changes.
 """
 
@@ -48,6 +50,11 @@ class ConfigEditor:
             assert stored is not None
             self._head_rev, self._head_cfg = head, _parse(stored.config)
 
+    def adopt(self, s: StoredRevision) -> None:
+        """Take `s` as the head when it is newer (a revision committed here or through another replica)."""
+        if s.revision > self._head_rev:
+            self._head_rev, self._head_cfg = s.revision, _parse(s.config)
+
     @property
     def head_revision(self) -> int:
         return self._head_rev
@@ -74,7 +81,8 @@ class ConfigEditor:
             # Another process sharing the database seeded first: take its history as it is.
             await self.load()
             return None
-        self._head_rev, self._head_cfg = stored.revision, cfg
+        if stored.revision > self._head_rev:
+            self._head_rev, self._head_cfg = stored.revision, cfg
         return stored
 
     async def revision(self, revision: int) -> tuple[StoredRevision, config_pb2.FlynnConfig]:
@@ -166,7 +174,8 @@ class ConfigEditor:
             )
         except StaleHead as e:
             raise _stale(expected or self._head_rev, e.head) from None
-        self._head_rev, self._head_cfg = stored.revision, new
+        if stored.revision > self._head_rev:  # another replica's newer revision may already be adopted
+            self._head_rev, self._head_cfg = stored.revision, new
         return ChangeResult(stored.revision, new, diff, stored)
 
 

@@ -18,6 +18,7 @@ from psycopg.types.json import Jsonb
 from config_svc.revision_store import SCHEMA, StaleHead, StoredRevision
 from config_svc.revision_store_sqlite import SELECT as SQLITE_SELECT
 from config_svc.revision_store_sqlite import SqliteRevisionStore, row_to_revision
+from config_svc.watcher_table import MIGRATION_SQL as WATCHERS_SQL
 from flynn_runtime.database import Database
 from flynn_runtime.db_copy import Counts, SqliteSource, StoreCopier
 from flynn_runtime.pg_migrations import Migration
@@ -45,7 +46,26 @@ MIGRATIONS = [
         INSERT INTO head (id, revision) VALUES (TRUE, 0);
         """,
     ),
+    Migration(
+        2,
+        "notify replicas of each committed revision",
+        # Sent at COMMIT, to every replica LISTENing on the channel (revision_feed.py). Only a
+        # wake-up: readers re-read the revisions table from their last revision, never the payload.
+        """
+        CREATE FUNCTION notify_revision() RETURNS trigger LANGUAGE plpgsql AS $$
+        BEGIN
+            PERFORM pg_notify('flynn_config_revision', NEW.revision::text);
+            RETURN NULL;
+        END $$;
+        CREATE TRIGGER revisions_notify AFTER INSERT ON revisions
+            FOR EACH ROW EXECUTE FUNCTION notify_revision();
+        """,
+    ),
+    Migration(3, "every replica's watchers; replica liveness leases", WATCHERS_SQL),
 ]
+
+#: The LISTEN/NOTIFY channel of committed revisions (migration 2).
+NOTIFY_CHANNEL = "flynn_config_revision"
 
 SELECT = (
     "SELECT revision, kind, actor, reason, create_time_ns, diff, restored_revision, config FROM revisions"

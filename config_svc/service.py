@@ -20,9 +20,11 @@ from grpc.aio import ServicerContext
 from config_svc import metrics
 from config_svc.config_editor import ChangeResult, ConfigEditor
 from config_svc.explain import explain
+from config_svc.revision_feed import RevisionFeed
 from config_svc.revision_store import StoredRevision
 from config_svc.watch_hub import WatchHub
 from config_svc.watcher_registry import WatcherEntry, WatcherRegistry
+from config_svc.watcher_table import WatcherTable
 from flynn_runtime import auth, errors, targeting
 from flynn_runtime.server import Runtime
 from flynn_runtime.validation import Violations, page_size
@@ -93,6 +95,9 @@ class ConfigServicer:
         self.registry = registry
         self.bookmark_seconds = bookmark_seconds
         self._write_lock = asyncio.Lock()
+        #: Set by the app when revisions may be committed by other replicas too (PostgreSQL).
+        self.feed: RevisionFeed | None = None
+        self.watcher_table: WatcherTable | None = None
         self._snapshot: tuple[int, bytes] = (0, b"")
         hub.head = editor.head_revision
 
@@ -196,9 +201,14 @@ class ConfigServicer:
 
     async def _write(self, fn: Callable[[], Awaitable[ChangeResult]]) -> ChangeResult:
         async with self._write_lock:
+            if self.feed is not None:
+                await self.feed.catch_up()  # so the head we check against is the table's
             result = await fn()
             if result.committed is not None:
-                self.publish(result.committed)
+                if self.feed is not None:
+                    self.feed.committed(result.committed)
+                else:
+                    self.publish(result.committed)
                 c = result.committed
                 self.runtime.audit.record(
                     "configChange",
@@ -283,9 +293,12 @@ class ConfigServicer:
     ) -> config_pb2.ListWatchersResponse:
         size = page_size(request.page_size, default=100, maximum=1000)
         offset = _untoken("offset", request.page_token)
-        entries = self.registry.sorted()
-        page = entries[offset : offset + size]
-        more = offset + size < len(entries)
+        if self.watcher_table is not None:  # several replicas: every replica's watchers
+            page, more = await self.watcher_table.page(offset, size)
+        else:
+            entries = self.registry.sorted()
+            page = entries[offset : offset + size]
+            more = offset + size < len(entries)
         return config_pb2.ListWatchersResponse(
             watchers=[_watcher_proto(e) for e in page],
             head_revision=self.editor.head_revision,

@@ -1,4 +1,8 @@
-"""In-memory registry of the service instances watching the config (what ListWatchers shows). Bounded."""
+"""In-memory registry of the service instances watching the config (what ListWatchers shows). Bounded.
+
+With several config replicas on PostgreSQL each replica's registry is also written to a shared table
+(config_svc/watcher_table.py): `dirty` names the entries changed since the last write.
+"""
 
 from __future__ import annotations
 
@@ -27,6 +31,7 @@ class WatcherRegistry:
     def __init__(self, max_entries: int = 10_000) -> None:
         self.max_entries = max_entries
         self._entries: dict[tuple[str, str], WatcherEntry] = {}
+        self.dirty: set[tuple[str, str]] = set()
 
     def _entry(self, service: str, instance_id: str, version: str) -> WatcherEntry:
         key = (service, instance_id)
@@ -38,6 +43,7 @@ class WatcherRegistry:
         if version:
             e.version = version
         e.last_seen = time.time()
+        self.dirty.add(key)
         return e
 
     def _evict(self) -> None:
@@ -56,6 +62,7 @@ class WatcherRegistry:
         if e is not None:
             e.streams = max(0, e.streams - 1)
             e.last_seen = time.time()
+            self.dirty.add((service, instance_id))
 
     def report(
         self, service: str, instance_id: str, version: str, applied: int, nack_revision: int, nack_reason: str
@@ -66,6 +73,10 @@ class WatcherRegistry:
         if nack_revision:
             e.last_nack_revision, e.last_nack_reason = nack_revision, nack_reason
         return e
+
+    def take_dirty(self) -> list[WatcherEntry]:
+        keys, self.dirty = self.dirty, set()
+        return [e for k in keys if (e := self._entries.get(k)) is not None]
 
     def sorted(self) -> list[WatcherEntry]:
         return sorted(self._entries.values(), key=lambda e: (e.service, e.instance_id))

@@ -2,7 +2,8 @@
 
 Serves the operator web console over HTTP on --http-listen (FLYNN_HTTP_LISTEN, default
 127.0.0.1:50080) and reads everything through the gateway at --gateway-addr (FLYNN_GATEWAY_ADDR) with
-the signed-in operator's token. --audit-dir (repeatable, FLYNN_AUDIT_DIRS colon-separated) names the
+the signed-in operator's token. With --database-url (FLYNN_DATABASE_URL) the sign-in sessions live in
+PostgreSQL (console/session_store_pg.py), so a restart or a second replica signs nobody out. --audit-dir (repeatable, FLYNN_AUDIT_DIRS colon-separated) names the
 audit directories the Audit view tails; by default the <service>/audit siblings of --data-dir, which
 is where flynn-dev puts every service's audit log.
 """
@@ -14,6 +15,7 @@ import asyncio
 import logging
 import os
 import signal
+import sys
 from pathlib import Path
 from typing import Any
 
@@ -22,10 +24,13 @@ from aiohttp import web
 
 from console import audit_tail
 from console.mesh_client import MeshClient
+from console.session_store_pg import MIGRATIONS, SCHEMA, PgSessions
 from console.web import ConsoleState, build_app
 from flynn_runtime import logs, settings, tls
 from flynn_runtime.audit import AuditLog
 from flynn_runtime.auth import parse_networks
+from flynn_runtime.database import Database
+from flynn_runtime.database_url import DatabaseSettingError, database_from_settings
 from flynn_runtime.settings import DEFAULT_PORTS, Settings
 
 log = logging.getLogger("console")
@@ -86,6 +91,14 @@ async def serve(s: Settings) -> None:
         secure_cookie=bool(s.extra.get("secure_cookie")),
         trusted_proxies=parse_networks(s.trusted_proxies),
     )
+    db: Database | None = None
+    database = database_from_settings(s)
+    if database is not None:
+        # Sign-in sessions in the database: a restart or another console replica signs nobody out.
+        db = await Database.open(
+            database, service="console", schema=SCHEMA, migrations=MIGRATIONS, max_size=4
+        )
+        state.sessions = PgSessions(db)
     app = build_app(state)
     runner = web.AppRunner(app, shutdown_timeout=s.grace_seconds, handle_signals=False)
     await runner.setup()
@@ -114,6 +127,8 @@ async def serve(s: Settings) -> None:
     log.info("console stopping")
     state.stopping.set()
     await runner.cleanup()
+    if db is not None:
+        await db.close()
 
 
 def gateway_credentials(s: Settings) -> grpc.ChannelCredentials | None:
@@ -129,7 +144,11 @@ def gateway_credentials(s: Settings) -> grpc.ChannelCredentials | None:
 def main() -> None:
     s = settings.parse("console", add_args=add_args)
     logs.configure("console", s.log_level)
-    asyncio.run(serve(s))
+    try:
+        asyncio.run(serve(s))
+    except DatabaseSettingError as e:
+        print(f"flynn-console: {e}", file=sys.stderr)
+        raise SystemExit(2) from None
 
 
 if __name__ == "__main__":

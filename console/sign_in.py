@@ -13,6 +13,7 @@ import time
 from collections import OrderedDict
 from collections.abc import Callable
 from dataclasses import dataclass, field
+from typing import Protocol
 
 COOKIE = "flynn_console"
 IDLE_SECONDS = 8 * 3600
@@ -82,6 +83,33 @@ class SessionTable:
 
     def __len__(self) -> int:
         return len(self._sessions)
+
+
+class SessionStore(Protocol):
+    """Where sign-in sessions live: this process's memory (MemorySessions) or, with a database, the
+    shared table of console/session_store_pg.py (a restart or another console replica keeps them)."""
+
+    async def create(self, token: str, operator: str) -> ConsoleSession: ...
+
+    async def get(self, session_id: str | None) -> ConsoleSession | None: ...
+
+    async def drop(self, session_id: str | None) -> None: ...
+
+
+class MemorySessions:
+    """SessionStore over a SessionTable (no database configured)."""
+
+    def __init__(self, table: SessionTable | None = None) -> None:
+        self.table = table or SessionTable()
+
+    async def create(self, token: str, operator: str) -> ConsoleSession:
+        return self.table.create(token, operator)
+
+    async def get(self, session_id: str | None) -> ConsoleSession | None:
+        return self.table.get(session_id)
+
+    async def drop(self, session_id: str | None) -> None:
+        self.table.drop(session_id)
 
 
 def clean_operator_name(raw: str) -> str:

@@ -29,7 +29,7 @@ from google.protobuf import json_format
 from console import audit_tail, rollout_gates
 from console.mesh_client import MeshClient, MeshError, read_stream
 from console.reply_tally import ReplyTally
-from console.sign_in import COOKIE, ConsoleSession, SessionTable, SignInLimiter
+from console.sign_in import COOKIE, ConsoleSession, MemorySessions, SessionStore, SignInLimiter
 from flynn_runtime.audit import AuditLog
 from flynn_runtime.auth import IPNetwork, client_from_forwarded
 from flynn_runtime.gates import evaluate as evaluate_gates
@@ -78,7 +78,7 @@ class ConsoleState:
     mesh: MeshClient
     audit: AuditLog
     audit_dirs: list[Path]
-    sessions: SessionTable = field(default_factory=SessionTable)
+    sessions: SessionStore = field(default_factory=MemorySessions)
     sign_in_limiter: SignInLimiter = field(default_factory=SignInLimiter)
     trend: rollout_gates.TrendWindow = field(default_factory=rollout_gates.TrendWindow)
     # label -> (time taken, GetMetrics answer, its gate rows)
@@ -134,7 +134,7 @@ async def require_session(request: web.Request, handler: Handler) -> web.StreamR
     if not request.path.startswith("/api/"):
         return await handler(request)
     st = _state(request)
-    s = st.sessions.get(request.cookies.get(COOKIE))
+    s = await st.sessions.get(request.cookies.get(COOKIE))
     if s is None:
         return _error("UNAUTHENTICATED", "sign in first", 401)
     if request.method not in ("GET", "HEAD") and request.headers.get(CSRF_HEADER) != s.csrf:
@@ -144,7 +144,7 @@ async def require_session(request: web.Request, handler: Handler) -> web.StreamR
         return await handler(request)
     except MeshError as e:
         if e.code == "UNAUTHENTICATED":  # the token was revoked or rotated: the session is over
-            st.sessions.drop(s.session_id)
+            await st.sessions.drop(s.session_id)
         return _error(e.code, e.message, e.http_status, e.violations)
 
 
@@ -196,7 +196,7 @@ def _same_origin(request: web.Request) -> bool:
 
 
 async def signin_get(request: web.Request) -> web.StreamResponse:
-    if _state(request).sessions.get(request.cookies.get(COOKIE)) is not None:
+    if await _state(request).sessions.get(request.cookies.get(COOKIE)) is not None:
         raise web.HTTPSeeOther("/")
     return _signin_response(request)
 
@@ -239,7 +239,7 @@ async def signin_post(request: web.Request) -> web.StreamResponse:
             else f"The gateway could not be asked ({problem.code}: {problem.message})."
         )
         return _signin_response(request, msg, 401)
-    s = st.sessions.create(token, operator)
+    s = await st.sessions.create(token, operator)
     st.audit.record("consoleSignIn", actor=s.actor, token_fingerprint=fingerprint, peer=peer)
     resp = web.HTTPSeeOther("/")
     resp.set_cookie(COOKIE, s.session_id, httponly=True, samesite="Strict", secure=st.secure_cookie, path="/")
@@ -249,20 +249,20 @@ async def signin_post(request: web.Request) -> web.StreamResponse:
 
 async def signout(request: web.Request) -> web.StreamResponse:
     st = _state(request)
-    s = st.sessions.get(request.cookies.get(COOKIE))
+    s = await st.sessions.get(request.cookies.get(COOKIE))
     if s is not None:
         form = await request.post()
         if form.get("csrf") != s.csrf:
             return _error("PERMISSION_DENIED", "missing or wrong csrf field", 403)
         st.audit.record("consoleSignOut", actor=s.actor, token_fingerprint=s.token_fingerprint)
-        st.sessions.drop(s.session_id)
+        await st.sessions.drop(s.session_id)
     resp = web.HTTPSeeOther("/signin")
     resp.del_cookie(COOKIE, path="/")
     raise resp
 
 
 async def index(request: web.Request) -> web.StreamResponse:
-    if _state(request).sessions.get(request.cookies.get(COOKIE)) is None:
+    if await _state(request).sessions.get(request.cookies.get(COOKIE)) is None:
         raise web.HTTPSeeOther("/signin")
     return web.FileResponse(STATIC / "index.html", headers={"Content-Type": "text/html; charset=utf-8"})
 
@@ -915,7 +915,7 @@ async def sse_poll(request: web.Request) -> web.StreamResponse:
                 break
             except TimeoutError:
                 pass
-            if st.sessions.get(s.session_id) is None:
+            if await st.sessions.get(s.session_id) is None:
                 await _send(resp, "error", {"code": "UNAUTHENTICATED", "message": "signed out"})
                 break
             try:

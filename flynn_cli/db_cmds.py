@@ -17,9 +17,13 @@ import sys
 from pathlib import Path
 from typing import Any
 
-from flynn_runtime.database import Database
+from flynn_runtime.database import Database, Timeouts
 from flynn_runtime.database_url import DatabaseSettingError, parse_database_url
 from flynn_runtime.db_copy import CopyError, SqliteSource, copiers, ensure_empty, service_dir
+
+#: A copy reads SQLite inside its PostgreSQL transaction (a large table takes a while) and may run
+#: long statements: neither is a paused replica, so no idle-in-transaction or statement limit.
+COPY_TIMEOUTS = Timeouts(statement_ms=0, idle_in_transaction_ms=0)
 
 
 def register(sub: Any) -> None:
@@ -83,7 +87,13 @@ async def _import(args: argparse.Namespace) -> int:
     if not todo:
         raise CopyError(f"no store files found under {args.data_dir}")
     for copier, root in todo:
-        db = await Database.open(settings, service="cli", schema=copier.schema, migrations=copier.migrations)
+        db = await Database.open(
+            settings,
+            service="cli",
+            schema=copier.schema,
+            migrations=copier.migrations,
+            timeouts=COPY_TIMEOUTS,
+        )
         try:
             await ensure_empty(db, copier)
             counts = await copier.import_sqlite(SqliteSource(root), db)
@@ -100,7 +110,13 @@ async def _export(args: argparse.Namespace) -> int:
         existing = [dest / f for f in copier.sqlite_files if (dest / f).exists()]
         if existing:
             raise CopyError(f"{existing[0]} already exists; export into a new data dir")
-        db = await Database.open(settings, service="cli", schema=copier.schema, migrations=copier.migrations)
+        db = await Database.open(
+            settings,
+            service="cli",
+            schema=copier.schema,
+            migrations=copier.migrations,
+            timeouts=COPY_TIMEOUTS,
+        )
         try:
             counts = await copier.export_sqlite(db, dest)
         finally:

@@ -1,7 +1,7 @@
 """flynn-dev: start the whole mesh locally (`up`) and show its state (`status`).
 
 flynn-dev up [--data-dir DIR] [--host 127.0.0.1] [--base-port 50050] [--only config,gateway,console]
-             [--postgres] [--tls]
+             [--postgres [--replicas N]] [--tls]
 flynn-dev status [--data-dir DIR]
 
 `--tls` makes a local CA and certificates under <data dir>/tls (flynn_launcher/certs.py): the gateway
@@ -12,6 +12,8 @@ After the gRPC services, `up` starts the operator web console (console/) on http
 With --postgres, `up` first starts a throwaway PostgreSQL in <data dir>/postgres (initdb + pg_ctl,
 127.0.0.1, a free port, no system service) and points every stateful service at it
 (--database-url, password in <data dir>/secrets/database.password); it stops it on exit.
+With --replicas N (needs --postgres) each stateful service runs N times ("config", "config-2", …;
+replica i on its port + 1000·i), and every caller gets the comma list of its replicas (round_robin).
 """
 
 from __future__ import annotations
@@ -37,6 +39,7 @@ from flynn_launcher.plan import (
     PROCESS_NAMES,
     MeshPaths,
     ServicePlan,
+    backend_addresses,
     command,
     module_available,
     plan,
@@ -87,6 +90,12 @@ def _parser() -> argparse.ArgumentParser:
         action="store_true",
         help="local CA + certificates in <data dir>/tls: TLS at the gateway, mutual TLS between services",
     )
+    up.add_argument(
+        "--replicas",
+        type=int,
+        default=1,
+        help="run each stateful service (config, queue, reactions, nodes) this many times; needs --postgres (1)",
+    )
     return p
 
 
@@ -121,7 +130,7 @@ def venv_command(name: str) -> str:
 
 def _seed_args(svc: ServicePlan, seed: Path) -> list[str]:
     """`--seed-file` for the config service, when it supports the flag and the file exists."""
-    if svc.name != "config" or not seed.exists():
+    if svc.of != "config" or not seed.exists():
         return []
     try:
         out = subprocess.run(
@@ -236,7 +245,13 @@ def up(ns: argparse.Namespace) -> int:
     if unknown:
         say(f"unknown service(s) {', '.join(unknown)}; known: {', '.join(PROCESS_NAMES)}")
         return 2
-    services = plan(paths, ns.host, ns.base_port, only)
+    if ns.replicas < 1 or ns.replicas > 5:
+        say("--replicas must be between 1 and 5")
+        return 2
+    if ns.replicas > 1 and not ns.postgres:
+        say("--replicas needs --postgres: replicas of a stateful service share one database")
+        return 2
+    services = plan(paths, ns.host, ns.base_port, only, replicas=ns.replicas)
     missing = [s for s in services if not module_available(s.module)]
     if missing and not ns.skip_missing:
         names = ", ".join(f"{s.name} ({s.module})" for s in missing)
@@ -254,7 +269,7 @@ def up(ns: argparse.Namespace) -> int:
     paths.logs.mkdir(parents=True, exist_ok=True)
     tokens = ensure_tokens(paths)
     # Services left out (--only, or missing) are not deployed: the mesh reports them so, not as failing.
-    deployed = frozenset(s.name for s in services)
+    deployed = frozenset(s.of for s in services)
     database: LocalPostgres | None = None
     db_args: list[str] = []
     if ns.postgres:
@@ -267,6 +282,7 @@ def up(ns: argparse.Namespace) -> int:
     if ns.tls:
         make_certs(paths, ns.host, [s.name for s in services])
         credentials = launcher_credentials(paths.tls)
+    addresses = backend_addresses(services, ns.host, ns.base_port)
     children = [
         Child(
             s,
@@ -279,8 +295,9 @@ def up(ns: argparse.Namespace) -> int:
                 _seed_args(s, ns.seed_file),
                 deployed,
                 tls=ns.tls,
+                addresses=addresses,
             )  # fmt: skip
-            + (db_args if topology.SERVICES.get(s.name) and topology.SERVICES[s.name].stateful else []),
+            + (db_args if topology.SERVICES.get(s.of) and topology.SERVICES[s.of].stateful else []),
         )
         for s in services
     ]
@@ -362,6 +379,15 @@ def _status_rows(ns: argparse.Namespace, paths: MeshPaths) -> tuple[list[tuple[s
                     rev = str(s.applied_revision) if s.applied_revision else "-"
                     pid = pids.get(s.service, "-")
                     rows.append((s.service, s.address or "-", pid, health, rev, s.version or "-", s.detail))
+                # Replicas beyond the first ("config-2", …): the gateway reports each service once
+                # (its calls are spread over the replicas), so each replica is checked here.
+                reported = {s.service for s in resp.services}
+                for name, addr in addresses.items():
+                    if name in reported or name in http_only:
+                        continue
+                    health = check_ready(addr, "grpc", credentials=credentials)
+                    ok = ok and health == "SERVING"
+                    rows.append((name, addr, pids.get(name, "-"), health, "-", "-", "replica"))
                 for name, addr in http_only.items():
                     health = check_ready(addr, "http")
                     ok = ok and health == "SERVING"

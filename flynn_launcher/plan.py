@@ -11,6 +11,9 @@ from flynn_runtime import topology
 from flynn_runtime.settings import BACKENDS, DEFAULT_PORTS
 
 METRICS_OFFSET = 100
+#: Replica i (from 0) of a stateful service listens on its port + i * REPLICA_PORT_STRIDE (and so
+#: does its metrics port); it is named "<service>-<i+1>" from the second one on.
+REPLICA_PORT_STRIDE = 1000
 # The operator web console (console/): an HTTP process, not a gRPC service, so not in topology.
 CONSOLE = "console"
 CONSOLE_MODULE = "console.main"
@@ -30,6 +33,12 @@ class ServicePlan:
     # How the supervisor decides the process is up: "grpc" (grpc.health.v1 on port) or "http"
     # (GET /healthz on port answers 200).
     readiness: str = "grpc"
+    #: The service this process is a replica of (its name without the replica suffix).
+    service: str = ""
+
+    @property
+    def of(self) -> str:
+        return self.service or self.name
 
     @property
     def address(self) -> str:
@@ -79,21 +88,29 @@ def module_available(module: str) -> bool:
         return False
 
 
-def plan(paths: MeshPaths, host: str, base_port: int, only: list[str] | None = None) -> list[ServicePlan]:
-    """The gRPC services in start order, then the console (it reads everything through the gateway)."""
+def plan(
+    paths: MeshPaths, host: str, base_port: int, only: list[str] | None = None, replicas: int = 1
+) -> list[ServicePlan]:
+    """The gRPC services in start order (each stateful one `replicas` times: they share a database),
+    then the console (it reads everything through the gateway)."""
     names = [n for n in topology.START_ORDER if only is None or n in only]
-    services = [
-        ServicePlan(
-            name=n,
-            module=topology.SERVICES[n].module,
-            host=host,
-            port=base_port + port_offset(n),
-            metrics_port=base_port + METRICS_OFFSET + port_offset(n),
-            data_dir=paths.data_dir / n,
-            log_path=paths.logs / f"{n}.log",
-        )
-        for n in names
-    ]
+    services = []
+    for n in names:
+        count = replicas if topology.SERVICES[n].stateful else 1
+        for i in range(count):
+            name = n if i == 0 else f"{n}-{i + 1}"
+            services.append(
+                ServicePlan(
+                    name=name,
+                    module=topology.SERVICES[n].module,
+                    host=host,
+                    port=base_port + port_offset(n) + i * REPLICA_PORT_STRIDE,
+                    metrics_port=base_port + METRICS_OFFSET + port_offset(n) + i * REPLICA_PORT_STRIDE,
+                    data_dir=paths.data_dir / name,
+                    log_path=paths.logs / f"{name}.log",
+                    service=n,
+                )
+            )
     if only is None or CONSOLE in only:
         services.append(
             ServicePlan(
@@ -110,6 +127,17 @@ def plan(paths: MeshPaths, host: str, base_port: int, only: list[str] | None = N
     return services
 
 
+def backend_addresses(services: list[ServicePlan], host: str, base_port: int) -> dict[str, str]:
+    """--<backend>-addr of every service: its default port, or the comma list of its replicas (gRPC
+    round_robin over them, flynn_runtime/channels.py)."""
+    out = {b: f"{host}:{base_port + port_offset(b)}" for b in BACKENDS}
+    for b in BACKENDS:
+        replicas = [s.address for s in services if s.of == b]
+        if len(replicas) > 1:
+            out[b] = ",".join(replicas)
+    return out
+
+
 def command(
     svc: ServicePlan,
     paths: MeshPaths,
@@ -119,9 +147,11 @@ def command(
     extra: list[str],
     deployed: frozenset[str] | None = None,
     tls: bool = False,
+    addresses: dict[str, str] | None = None,
 ) -> list[str]:
     """The command line of one process. `deployed`: the gRPC services this mesh runs (None: all); the
-    others get an empty address, so the mesh reports them as not deployed rather than failing."""
+    others get an empty address, so the mesh reports them as not deployed rather than failing.
+    `addresses`: --<backend>-addr values (a comma list of a service's replicas), else the defaults."""
     if svc.name == CONSOLE:
         # Its data dir is a sibling of every service's, so its default audit dirs (<mesh data>/*/audit,
         # console/audit_tail.py) are exactly the services' audit logs.
@@ -141,14 +171,14 @@ def command(
         "--metrics-listen", f"{svc.host}:{svc.metrics_port}",
         "--data-dir", str(svc.data_dir),
         "--tokens-file", str(paths.tokens_file),
-        "--service-token-file", str(paths.token_file(f"service-{svc.name}")),
+        "--service-token-file", str(paths.token_file(f"service-{svc.of}")),
         "--grace-seconds", str(grace_seconds),
     ]  # fmt: skip
     here = [b for b in BACKENDS if deployed is None or b in deployed]
     for backend in BACKENDS:
-        addr = f"{host}:{base_port + port_offset(backend)}" if backend in here else ""
-        args += [f"--{backend}-addr", addr]
-    if svc.name == "queue":
+        default = f"{host}:{base_port + port_offset(backend)}"
+        args += [f"--{backend}-addr", (addresses or {}).get(backend, default) if backend in here else ""]
+    if svc.of == "queue":
         args += ["--agent-token-file", str(paths.token_file("agent"))]
     if svc.name == "gateway":
         # System.GetMetrics scrapes every deployed backend's Prometheus port.

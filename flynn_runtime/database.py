@@ -45,6 +45,10 @@ class Timeouts:
     statement_ms: int = 15_000
     #: How long a call waits for a pooled connection before answering UNAVAILABLE.
     acquire_seconds: float = 3.0
+    #: When positive, PostgreSQL ends a session left idle inside a transaction this long (0: never,
+    #: the default). A replica frozen mid-transaction is ended by the replica taking over instead
+    #: (flynn_runtime/fencing.py), which also covers a transaction frozen mid-pipeline.
+    idle_in_transaction_ms: int = 0
 
 
 def database_unavailable(db: DatabaseSettings, detail: str) -> FlynnError:
@@ -99,8 +103,12 @@ class Database:
         kw: dict[str, object] = dict(settings.conninfo_kwargs())
         options = str(kw.pop("options", ""))
         kw["options"] = (
-            f"{options} -c search_path={schema} -c statement_timeout={int(timeouts.statement_ms)}".strip()
-        )
+            f"{options} -c search_path={schema} -c statement_timeout={int(timeouts.statement_ms)}"
+        ).strip()
+        if timeouts.idle_in_transaction_ms > 0:
+            kw["options"] = (
+                f"{kw['options']} -c idle_in_transaction_session_timeout={int(timeouts.idle_in_transaction_ms)}"
+            )
         kw.setdefault("connect_timeout", str(int(timeouts.connect_seconds)))
         kw.setdefault("application_name", application_name)
         return kw
@@ -116,12 +124,17 @@ class Database:
         min_size: int = 1,
         max_size: int = 8,
         timeouts: Timeouts | None = None,
+        replica_id: str = "",
     ) -> Database:
-        """Connect (checking the cause of any failure), migrate `schema`, open the pool."""
+        """Connect (checking the cause of any failure), migrate `schema`, open the pool. With
+        `replica_id` the connections are named `flynn-<service>/<replica id>` (application_name), so
+        a replica taking over from a dead or frozen one can end that one's database sessions
+        (flynn_runtime/fencing.py)."""
         if not schema.isidentifier() or not schema.islower():
             raise ValueError(f"schema name {schema!r} must be a lower-case identifier")
         t = timeouts or Timeouts()
-        kwargs = cls.connect_kwargs(settings, schema, t, f"flynn-{service}")
+        name = f"flynn-{service}/{replica_id}" if replica_id else f"flynn-{service}"
+        kwargs = cls.connect_kwargs(settings, schema, t, name[:63])
         try:
             conn = await psycopg.AsyncConnection.connect(**kwargs)  # type: ignore[arg-type]
         except psycopg.Error as e:

@@ -34,12 +34,17 @@ class DatabaseHealth:
         *,
         interval: float = 1.0,
         timeout: float = 2.0,
+        ready: Callable[[], bool] | None = None,
     ) -> None:
         self.db = db
         self.service = service
         self.interval = interval
         self.timeout = timeout
         self.up = True
+        #: What health says: the database answers AND the service's own `ready()` (for a replica:
+        #: its liveness lease is held), so readiness reflects lease and database state.
+        self.serving = True
+        self._ready = ready
         self.last_error = ""
         self._on_change = on_change
         self._conn: psycopg.AsyncConnection[tuple[Any, ...]] | None = None
@@ -105,8 +110,13 @@ class DatabaseHealth:
                         "database unreachable; not serving",
                         extra={"database": self.db.settings.display(), "error": self.last_error},
                     )
+            serving = ok and (self._ready is None or self._ready())
+            if serving != self.serving:
+                self.serving = serving
+                if ok and not serving:
+                    log.warning("not ready (the service's lease is not held); not serving")
                 try:
-                    await self._on_change(ok)
+                    await self._on_change(serving)
                 except Exception:
                     log.exception("database health hook failed")
             await asyncio.sleep(self.interval)

@@ -42,6 +42,7 @@ from flynn_runtime.interceptor import ServerInterceptor
 from flynn_runtime.pg_migrations import Migration
 from flynn_runtime.principal_feed import PrincipalFeed
 from flynn_runtime.proxy_front import ProxyFront
+from flynn_runtime.replica import new_replica_id
 from flynn_runtime.settings import Settings
 
 log = logging.getLogger(__name__)
@@ -68,6 +69,8 @@ class Runtime:
         self._credentials: grpc.ChannelCredentials | None = None
         #: The gRPC port actually bound (known before ServiceApp.start; --listen may say port 0).
         self.bound_port = 0
+        #: This process among the replicas of its service (leases, presence, database session names).
+        self.replica_id = new_replica_id(settings.service)
 
     async def open_database(
         self,
@@ -88,6 +91,7 @@ class Runtime:
             migrations=migrations,
             max_size=max_size,
             timeouts=timeouts,
+            replica_id=self.replica_id,
         )
         self.databases.append(db)
         return db
@@ -109,6 +113,12 @@ class Runtime:
         if self._credentials is None and self.settings.tls.mesh_tls:
             self._credentials = tls.channel_credentials(self.settings.tls)
         return self._credentials
+
+    def advertise_address(self) -> str:
+        """host:port other replicas reach this process at (flynn_runtime/replica.py)."""
+        from flynn_runtime.replica import advertise_address
+
+        return advertise_address(self.settings.listen, self.bound_port)
 
     def shutting_down_error(self) -> Exception:
         return shutting_down(self.settings.service)
@@ -147,6 +157,11 @@ class ServiceApp:
 
     async def start(self) -> None:
         """Called before the server accepts calls (open storage, start background tasks)."""
+
+    def ready(self) -> bool:
+        """With a database: whether this replica may serve besides the database answering (for
+        example its liveness lease is held). Health (and so readiness) goes NOT_SERVING when not."""
+        return True
 
     async def stop(self) -> None:
         """Called on SIGTERM after health went NOT_SERVING and runtime.stopping was set."""
@@ -229,7 +244,7 @@ async def running(
         await front.start()
     await _set_health(health_servicer, app, True)
     watchers = [
-        DatabaseHealth(db, settings.service, _health_setter(health_servicer, app, runtime))
+        DatabaseHealth(db, settings.service, _health_setter(health_servicer, app, runtime), ready=app.ready)
         for db in runtime.databases
     ]
     for w in watchers:

@@ -15,6 +15,9 @@ from flynn.v1 import canvas_pb2_grpc, config_pb2, nodes_pb2_grpc
 
 from flynn_runtime import config_yaml
 from flynn_runtime.config_source import ConfigSource, StaticConfig
+from flynn_runtime.errors import FlynnError
+from flynn_runtime.fencing import Fencer
+from flynn_runtime.pg_listen import Listener
 from flynn_runtime.server import Runtime, ServiceApp
 from nodes_svc.canvas_servicer import CanvasServicer
 from nodes_svc.canvas_store import (
@@ -27,8 +30,12 @@ from nodes_svc.canvas_store import (
     CanvasStore,
     SqliteCanvasBackend,
 )
+from nodes_svc.invoke_forwarder import InvokeForwarder
 from nodes_svc.node_registry import NodeRegistry
 from nodes_svc.node_store import NodeStore, open_node_store
+from nodes_svc.node_store_pg import PgNodeStore
+from nodes_svc.presence import NOTIFY_CHANNEL as PRESENCE_CHANNEL
+from nodes_svc.presence import Presence
 from nodes_svc.servicer import NodesServicer
 
 log = logging.getLogger(__name__)
@@ -91,6 +98,11 @@ class NodesApp(ServiceApp):
         self.store: NodeStore | None = None
         self._server: grpc.aio.Server | None = None
         self._tasks: list[asyncio.Task[None]] = []
+        self.presence: Presence | None = None
+        self.forwarder: InvokeForwarder | None = None
+        self.listener: Listener | None = None
+        self.fencer = Fencer("nodes", runtime.replica_id)
+        self._fence_wake = asyncio.Event()
         self._unsubscribe = config.subscribe(self._on_config, key="server.nodes")
 
     def _config_source(self) -> ConfigSource:
@@ -113,6 +125,19 @@ class NodesApp(ServiceApp):
     async def _open_stores(self) -> None:
         self.store = await open_node_store(self.runtime)
         self.registry = NodeRegistry(self.store, self.config, self.runtime.audit)
+        forwarder: InvokeForwarder | None = None
+        if isinstance(self.store, PgNodeStore):
+            # Several replicas may share this database: presence, fencing and invoke forwarding.
+            replica_id = self.runtime.replica_id
+            address = self.runtime.advertise_address()
+            self.store.owner, self.store.owner_address = replica_id, address
+            self.presence = Presence(self.store.db, replica_id, address)
+            self.fencer = Fencer("nodes", replica_id)
+            self.registry.shared = True
+            forwarder = InvokeForwarder(
+                self.runtime.settings.service_token, replica_id, self.runtime.settings.max_message_bytes
+            )
+            self.forwarder = forwarder
         backend: CanvasBackend
         if self.runtime.databases:
             from nodes_svc.canvas_store_pg import PgCanvasStore
@@ -127,21 +152,72 @@ class NodesApp(ServiceApp):
             on_change=self.registry.record_canvas_change,
         )
         assert self._server is not None
-        nodes_pb2_grpc.add_NodesServicer_to_server(NodesServicer(self.runtime, self.registry), self._server)
+        nodes_pb2_grpc.add_NodesServicer_to_server(
+            NodesServicer(self.runtime, self.registry, self.presence, forwarder), self._server
+        )
         canvas_pb2_grpc.add_CanvasServicer_to_server(CanvasServicer(self.canvas), self._server)
 
     async def start(self) -> None:
         await self._open_stores()
         if self._watcher is not None:
             await self._watcher.start()  # type: ignore[attr-defined]
+        if self.presence is not None:
+            await self.presence.join()
         await self.registry.start()
+        if self.presence is not None and isinstance(self.store, PgNodeStore):
+            self.presence.start(self._presence_renewed)
+            self._tasks.append(asyncio.create_task(self._fence_loop(), name="nodes-fence"))
+            self.listener = Listener(
+                self.store.db, (PRESENCE_CHANNEL,), self._fence_wake.set, poll_seconds=2.0
+            )
+            self.listener.start()
         recovered = await self.canvas.start()
         log.info("canvas ready", extra={"recovered": recovered, "total_bytes": self.canvas.store.total_bytes})
         self._tasks.append(asyncio.create_task(self._sweep()))
 
+    def ready(self) -> bool:
+        return self.presence is None or self.presence.lease_ok
+
     def _on_config(self, old: config_pb2.FlynnConfig, new: config_pb2.FlynnConfig, revision: int) -> None:
         if self.store is not None:
             self.registry.apply_config()
+
+    async def _presence_renewed(self, rejoined: bool) -> None:
+        """After each renewal of this replica's lease: nodes of replicas that died go offline; after
+        this replica lost its lease and took it again, the streams still open here are online again."""
+        assert self.presence is not None and isinstance(self.store, PgNodeStore)
+        if rejoined:
+            back = await self.presence.reassert(self.registry.held_epochs())
+            log.warning("presence lease was lost and taken again", extra={"nodes_reasserted": back})
+        async with self.store.db.connection() as c:
+            # Replicas whose lease expired may be frozen inside a transaction (a registration's row
+            # lock): end their sessions first.
+            await self.fencer.end_dead_sessions(c)
+        dead = await self.presence.dead_owners()
+        if dead:
+            log.warning("nodes replicas gone; their nodes go offline", extra={"replicas": dead})
+            store = self.store
+            self.registry.owners_lost(dead, lambda owners: store.mark_owners_offline(owners, "replica_lost"))
+
+    async def _fence_loop(self) -> None:
+        """Woken by NOTIFY (or the poll): close streams whose node registered again elsewhere."""
+        assert self.presence is not None
+        while True:
+            await self._fence_wake.wait()
+            self._fence_wake.clear()
+            try:
+                stale = await self.presence.stale_sessions(self.registry.held_epochs())
+                assert isinstance(self.store, PgNodeStore)
+                revoked = await self.store.revoked_tokens(self.registry.held_tokens())
+            except FlynnError as e:
+                log.warning("presence check failed", extra={"error": e.message[:200]})
+                await asyncio.sleep(0.5)
+                continue
+            if stale:
+                closed = self.registry.close_replaced(stale)
+                log.info("streams replaced on another replica closed", extra={"streams": closed})
+            if revoked:
+                self.registry.close_revoked(revoked)
 
     async def _sweep(self) -> None:
         since_prune = 0.0
@@ -167,6 +243,13 @@ class NodesApp(ServiceApp):
 
     async def close(self) -> None:
         self._unsubscribe()
+        if self.listener is not None:
+            await self.listener.stop()
+        if self.presence is not None:
+            await self.presence.stop()
+            await self.presence.leave()
+        if self.forwarder is not None:
+            await self.forwarder.close()
         for t in self._tasks:
             t.cancel()
             with contextlib.suppress(asyncio.CancelledError):

@@ -39,3 +39,11 @@ CANVAS_LATENCY = Histogram(
     "canvas_op_latency_seconds", "Canvas operation latency by op.", ["op"], buckets=LATENCY_BUCKETS
 )
 CANVAS_BYTES = Gauge("canvas_stored_bytes", "Bytes of artifact content stored (all kept versions).")
+INVOKES_FORWARDED = Counter(
+    "nodes_invokes_forwarded_total",
+    "InvokeNode calls forwarded to the replica holding the node's stream, by outcome.",
+    ["outcome"],
+)
+STREAMS_FENCED = Counter(
+    "nodes_streams_fenced_total", "Streams closed because the node registered again on another replica."
+)

@@ -32,7 +32,7 @@ from flynn_runtime.errors import Code, FlynnError
 from flynn_runtime.ids import new_id
 from flynn_runtime.ordered_writer import OrderedWriter
 from nodes_svc import metrics
-from nodes_svc.node_store import EventRecord, NewEvent, NodeRecord, NodeStore, TokenRecord
+from nodes_svc.node_store import EpochConflict, EventRecord, NewEvent, NodeRecord, NodeStore, TokenRecord
 
 log = logging.getLogger(__name__)
 
@@ -58,6 +58,7 @@ CLOSE_REASONS: dict[str, tuple[bool, Code]] = {
     "role_not_allowed": (False, Code.PERMISSION_DENIED),
     "token_revoked": (False, Code.UNAUTHENTICATED),
     "replaced": (False, Code.ABORTED),
+    "replica_lost": (True, Code.UNAVAILABLE),
     "shutdown": (True, Code.UNAVAILABLE),
     "lease_expired": (True, Code.UNAVAILABLE),
     "slow_consumer": (True, Code.UNAVAILABLE),
@@ -278,6 +279,9 @@ class NodeRegistry:
         # writes keep their order, and promises (tokens, registrations) are awaited until committed.
         self.writes = OrderedWriter("nodes")
         self._register_lock = asyncio.Lock()
+        #: Several replicas share the store (PostgreSQL): a node without a stream here may be online
+        #: on another replica, so the stored `online` flag is the answer for it.
+        self.shared = False
 
     # lifecycle ----------------------------------------------------------------------------
 
@@ -399,7 +403,16 @@ class NodeRegistry:
         """Authenticate and register (the Register message is already validated); raises FlynnError.
         Registrations are serialized, so two streams of one node never compute the same epoch."""
         async with self._register_lock:
-            return await self._register(reg, peer)
+            for _ in range(4):
+                try:
+                    return await self._register(reg, peer)
+                except EpochConflict:
+                    continue  # another replica registered this node meanwhile: read its epoch again
+            raise errors.unavailable(
+                f"node {reg.node_id!r} is registering on several replicas at once; retry",
+                reason="REGISTRATION_CONFLICT",
+                retry_after=0.5,
+            )
 
     async def _register(
         self, reg: nodes_pb2.NodeRegister, peer: str
@@ -420,7 +433,14 @@ class NodeRegistry:
                 known,
                 False,
             )
-        tok = self._tokens.get(hash_token(reg.token))
+        sha = hash_token(reg.token)
+        tok = self._tokens.get(sha)
+        if self.shared:
+            # Issued or revoked through another replica: the database is the truth.
+            tok = await self.store.get_token(sha)
+            if tok is not None:
+                self._tokens[sha] = tok
+                self._token_nodes.add(tok.node_id)
         if tok is None:
             # One answer for "unknown node" and "wrong token", so callers cannot enumerate node ids;
             # the audit record keeps which one it was.
@@ -561,6 +581,43 @@ class NodeRegistry:
         self.audit.record(
             "nodeDisconnect", actor="system", node_id=session.node_id, epoch=session.epoch, reason=reason
         )
+
+    def has_stream(self, node_id: str) -> bool:
+        s = self.sessions.get(node_id)
+        return s is not None and not s.closed
+
+    def held_epochs(self) -> dict[str, int]:
+        """{node_id: epoch} of the streams open on this replica."""
+        return {n: s.epoch for n, s in self.sessions.items() if not s.closed}
+
+    def held_tokens(self) -> list[str]:
+        return sorted({s.token_id for s in self.sessions.values() if not s.closed and s.token_id})
+
+    def close_revoked(self, token_ids: list[str]) -> int:
+        """Tokens revoked through another replica: close the streams here that use them."""
+        closed = 0
+        revoked = set(token_ids)
+        for s in list(self.sessions.values()):
+            if s.token_id in revoked and s.close("token_revoked", f"token {s.token_id} was revoked"):
+                closed += 1
+        return closed
+
+    def close_replaced(self, node_ids: list[str]) -> int:
+        """Fence: these nodes registered again on another replica; their streams here end."""
+        closed = 0
+        for node_id in node_ids:
+            s = self.sessions.get(node_id)
+            if s is not None and s.close(
+                "replaced", "the node connected to another replica; this stream is replaced"
+            ):
+                closed += 1
+                metrics.STREAMS_FENCED.inc()
+        return closed
+
+    def owners_lost(self, owners: list[str], mark: Callable[[list[str]], Awaitable[object]]) -> None:
+        """Replicas that died with nodes online: `mark` them offline (queued with the other writes)."""
+        if owners:
+            self._background(lambda: mark(owners), notify=True)
 
     # traffic from the node ----------------------------------------------------------------
 
@@ -810,7 +867,7 @@ class NodeRegistry:
         last_seen = rec.last_seen
         if s is not None:
             last_seen = max(last_seen, time.time() - (time.monotonic() - s.last_seen))
-        online = s is not None and not s.closed
+        online = (not s.closed) if s is not None else (self.shared and rec.online)
         return nodes_pb2.Node(
             node_id=rec.node_id,
             role=rec.role,

@@ -17,6 +17,15 @@ from flynn_runtime.server import Runtime
 SCHEMA = "flynn_nodes"
 
 
+class EpochConflict(Exception):
+    """Another replica registered the node meanwhile (its epoch moved): re-read and register again."""
+
+    def __init__(self, node_id: str, epoch: int) -> None:
+        super().__init__(f"node {node_id} is at epoch {epoch} already")
+        self.node_id = node_id
+        self.epoch = epoch
+
+
 @dataclass(frozen=True)
 class TokenRecord:
     token_id: str
@@ -78,6 +87,10 @@ class NodeStore(Protocol):
         ...
 
     async def all_tokens(self) -> list[TokenRecord]: ...
+
+    async def get_token(self, sha256: str) -> TokenRecord | None:
+        """The token with this hash (replicas sharing a database read tokens issued elsewhere)."""
+        ...
 
     async def get_node(self, node_id: str) -> NodeRecord | None: ...
 

@@ -17,6 +17,7 @@ from typing import Any
 
 import psycopg
 
+from flynn_runtime import leases
 from flynn_runtime.database import Database
 from flynn_runtime.db_copy import (
     CopyError,
@@ -31,7 +32,7 @@ from flynn_runtime.pg_migrations import Migration
 from flynn_runtime.sqlite_db import transaction
 from nodes_svc.canvas_store import CanvasStore
 from nodes_svc.canvas_store_pg import MIGRATION as CANVAS_MIGRATION
-from nodes_svc.node_store import SCHEMA, EventRecord, NewEvent, NodeRecord, TokenRecord
+from nodes_svc.node_store import SCHEMA, EpochConflict, EventRecord, NewEvent, NodeRecord, TokenRecord
 from nodes_svc.node_store_sqlite import SqliteNodeStore
 
 NODES_MIGRATION = Migration(
@@ -82,8 +83,30 @@ NODES_MIGRATION = Migration(
     """,
 )
 
+PRESENCE_MIGRATION = Migration(
+    3,
+    "presence across replicas: node owner, replica leases, epoch notifications",
+    """
+    ALTER TABLE nodes ADD COLUMN owner TEXT NOT NULL DEFAULT '';
+    ALTER TABLE nodes ADD COLUMN owner_address TEXT NOT NULL DEFAULT '';
+    CREATE INDEX nodes_online_owner ON nodes(owner) WHERE online;
+    """
+    + leases.MIGRATION_SQL
+    + """
+    CREATE FUNCTION notify_presence() RETURNS trigger LANGUAGE plpgsql AS $$
+    BEGIN
+        PERFORM pg_notify('flynn_nodes_presence', NEW.node_id);
+        RETURN NULL;
+    END $$;
+    CREATE TRIGGER nodes_presence_notify AFTER UPDATE OF epoch ON nodes
+        FOR EACH ROW WHEN (OLD.epoch IS DISTINCT FROM NEW.epoch) EXECUTE FUNCTION notify_presence();
+    CREATE TRIGGER tokens_revoked_notify AFTER UPDATE OF revoked ON tokens
+        FOR EACH ROW WHEN (NEW.revoked IS NOT NULL) EXECUTE FUNCTION notify_presence();
+    """,
+)
+
 #: Every migration of schema flynn_nodes (nodes and canvas share the schema of their service).
-MIGRATIONS = [NODES_MIGRATION, CANVAS_MIGRATION]
+MIGRATIONS = [NODES_MIGRATION, CANVAS_MIGRATION, PRESENCE_MIGRATION]
 
 _NODE_COLS = (
     "node_id, role, capabilities, epoch, online, last_seen, connect_time, reconnect_count,"
@@ -117,8 +140,11 @@ def _token(r: Sequence[Any]) -> TokenRecord:
 
 
 class PgNodeStore:
-    def __init__(self, db: Database) -> None:
+    def __init__(self, db: Database, owner: str = "", owner_address: str = "") -> None:
         self.db = db
+        #: This replica (nodes_svc/presence.py): written on each registration it accepts.
+        self.owner = owner
+        self.owner_address = owner_address
 
     async def close(self) -> None:
         """The pool belongs to the runtime, which closes it."""
@@ -153,6 +179,23 @@ class PgNodeStore:
             rows = await (await c.execute("SELECT " + _TOKEN_COLS + " FROM tokens")).fetchall()
         return [_token(r) for r in rows]
 
+    async def get_token(self, sha256: str) -> TokenRecord | None:
+        async with self.db.connection() as c:
+            cur = await c.execute("SELECT " + _TOKEN_COLS + " FROM tokens WHERE sha256 = %s", (sha256,))
+            row = await cur.fetchone()
+        return _token(row) if row else None
+
+    async def revoked_tokens(self, token_ids: Sequence[str]) -> list[str]:
+        """Of these token ids, the revoked ones (a revocation through another replica)."""
+        if not token_ids:
+            return []
+        async with self.db.connection() as c:
+            cur = await c.execute(
+                "SELECT token_id FROM tokens WHERE revoked IS NOT NULL AND token_id = ANY(%s::text[])",
+                (list(token_ids),),
+            )
+            return [str(r[0]) for r in await cur.fetchall()]
+
     # nodes --------------------------------------------------------------------------------
 
     async def get_node(self, node_id: str) -> NodeRecord | None:
@@ -183,8 +226,19 @@ class PgNodeStore:
         return {str(r[0]) for r in rows}
 
     async def save_registration(self, rec: NodeRecord, event: NewEvent) -> int:
+        """Compare-and-set on the epoch: `rec.epoch` must be the stored epoch + 1 (or 1 for a new
+        node), else EpochConflict (another replica registered the node since it was read)."""
         async with self.db.transaction() as c:
+            cur = await c.execute("SELECT epoch FROM nodes WHERE node_id = %s FOR UPDATE", (rec.node_id,))
+            row = await cur.fetchone()
+            current = int(row[0]) if row else 0
+            if rec.epoch != current + 1:
+                raise EpochConflict(rec.node_id, current)
             await self._upsert(c, rec)
+            await c.execute(
+                "UPDATE nodes SET owner = %s, owner_address = %s WHERE node_id = %s",
+                (self.owner, self.owner_address, rec.node_id),
+            )
             return await self._append(c, event)
 
     @staticmethod
@@ -228,10 +282,31 @@ class PgNodeStore:
             return await self._append(c, event)
 
     async def mark_all_offline(self, reason: str) -> list[NodeRecord]:
+        """At start-up: nodes left online by a replica that is gone (its liveness lease expired, or
+        it had this replica's address: the previous process here), never another live replica's."""
         async with self.db.transaction() as c:
             cur = await c.execute(
-                "UPDATE nodes SET online = FALSE, offline_reason = %s WHERE online RETURNING " + _NODE_COLS,
-                (reason,),
+                "UPDATE nodes n SET online = FALSE, offline_reason = %s WHERE n.online AND ("
+                " (n.owner_address <> '' AND n.owner_address = %s) OR NOT EXISTS ("
+                " SELECT 1 FROM leases l WHERE l.scope = 'replica' AND l.name = n.owner"
+                " AND l.holder = n.owner AND l.expires_at > now())) RETURNING " + _NODE_COLS,
+                (reason, self.owner_address),
+            )
+            rows = [_node(r) for r in await cur.fetchall()]
+            now = time.time()
+            for r in sorted(rows, key=lambda n: n.node_id):
+                await self._append(c, NewEvent(3, r.node_id, r.role, r.epoch, reason, "", now))
+            return rows
+
+    async def mark_owners_offline(self, owners: Sequence[str], reason: str) -> list[NodeRecord]:
+        """Nodes whose owning replica died: offline, with a DISCONNECTED event each."""
+        if not owners:
+            return []
+        async with self.db.transaction() as c:
+            cur = await c.execute(
+                "UPDATE nodes SET online = FALSE, offline_reason = %s WHERE online AND owner = ANY(%s::text[])"
+                " RETURNING " + _NODE_COLS,
+                (reason, list(owners)),
             )
             rows = [_node(r) for r in await cur.fetchall()]
             now = time.time()

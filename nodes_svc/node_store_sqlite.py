@@ -137,6 +137,10 @@ class SqliteNodeStore:
     async def all_tokens(self) -> list[TokenRecord]:
         return [_token(r) for r in self._db.execute("SELECT * FROM tokens")]
 
+    async def get_token(self, sha256: str) -> TokenRecord | None:
+        row = self._db.execute("SELECT * FROM tokens WHERE sha256=?", (sha256,)).fetchone()
+        return _token(row) if row else None
+
     # nodes --------------------------------------------------------------------------------
 
     async def get_node(self, node_id: str) -> NodeRecord | None:

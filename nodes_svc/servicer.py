@@ -17,7 +17,9 @@ from flynn_runtime import auth, errors
 from flynn_runtime.errors import FlynnError
 from flynn_runtime.server import Runtime
 from flynn_runtime.validation import Violations, page_size
+from nodes_svc.invoke_forwarder import FORWARDED_BY, InvokeForwarder
 from nodes_svc.node_registry import PROTOCOL_VERSION, NodeRegistry, NodeSession, SessionClose
+from nodes_svc.presence import Presence
 
 NODE_ID_RE = re.compile(r"^[A-Za-z0-9._-]{1,128}$")
 ROLE_RE = re.compile(r"^[A-Za-z0-9._-]{1,64}$")
@@ -72,9 +74,19 @@ def decode_page_token(token: str) -> str:
 
 
 class NodesServicer(nodes_pb2_grpc.NodesServicer):
-    def __init__(self, runtime: Runtime, registry: NodeRegistry) -> None:
+    def __init__(
+        self,
+        runtime: Runtime,
+        registry: NodeRegistry,
+        presence: Presence | None = None,
+        forwarder: InvokeForwarder | None = None,
+    ) -> None:
         self.runtime = runtime
         self.registry = registry
+        #: Set with several replicas on one database: invokes for a node whose stream is on another
+        #: replica are forwarded there.
+        self.presence = presence
+        self.forwarder = forwarder
 
     # Connect ------------------------------------------------------------------------------
 
@@ -163,6 +175,17 @@ class NodesServicer(nodes_pb2_grpc.NodesServicer):
             caller = remaining - DEADLINE_MARGIN
             timeout = min(timeout, caller) if request.timeout_ms else caller
         timeout = max(timeout, 0.001)
+        if (
+            self.presence is not None
+            and self.forwarder is not None
+            and not self.registry.has_stream(request.node_id)
+        ):
+            forwarded = any(k == FORWARDED_BY for k, _ in (context.invocation_metadata() or ()))
+            owner = None if forwarded else await self.presence.owner_of(request.node_id)
+            if owner is not None:
+                async for item in self.forwarder.invoke(owner.address, request.node_id, request, timeout):
+                    yield item
+                return
         async for item in self.registry.invoke(
             request.node_id, request.command, request.args_json or "{}", timeout, request.idempotency_key
         ):

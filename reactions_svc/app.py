@@ -3,21 +3,35 @@
 from __future__ import annotations
 
 import argparse
+import asyncio
 import logging
 import os
+from collections.abc import Callable
 from pathlib import Path
 
 import grpc
-from flynn.v1 import reactions_pb2_grpc
+from flynn.v1 import reactions_pb2, reactions_pb2_grpc
 
 from flynn_runtime import config_yaml
 from flynn_runtime.config_source import ConfigSource, StaticConfig
+from flynn_runtime.errors import FlynnError
 from flynn_runtime.server import Runtime, ServiceApp
 from reactions_svc.actions import GrpcActionRunner
-from reactions_svc.consumers import StreamConsumer, node_events_consumer, run_events_consumer
+from reactions_svc.consumers import (
+    NODE_CURSOR,
+    RUN_CURSOR,
+    StreamConsumer,
+    node_events_consumer,
+    node_events_source,
+    run_events_consumer,
+    run_events_source,
+)
+from reactions_svc.partitioned_consumer import PartitionedConsumer, event_key
+from reactions_svc.partitions import DEFAULT_COUNT, PartitionOwner, partition_name, partition_of
 from reactions_svc.reactor import Reactor, RuleSource, config_validator
 from reactions_svc.servicer import ReactionsServicer
 from reactions_svc.store import ReactionStore, open_reaction_store
+from reactions_svc.store_pg import PgReactionStore
 
 log = logging.getLogger(__name__)
 
@@ -32,6 +46,13 @@ def add_args(p: argparse.ArgumentParser) -> None:
         default=_flag("reactions_rules_file", ""),
         help="YAML config whose automation.reactions is used instead of watching the config service "
         "(FLYNN_REACTIONS_RULES_FILE; for tools and tests without the mesh)",
+    )
+    p.add_argument(
+        "--partitions",
+        type=int,
+        default=int(_flag("reactions_partitions", str(DEFAULT_COUNT))),
+        help="with a database: how many partitions the event streams are divided into among replicas;"
+        " the same on every replica, chosen once (FLYNN_REACTIONS_PARTITIONS)",
     )
     p.add_argument(
         "--consume",
@@ -65,7 +86,12 @@ class ReactionsApp(ServiceApp):
         # The store opens in start() (a database connects there); the servicer is added then too.
         self.store: ReactionStore | None = None
         self._server: grpc.aio.Server | None = None
-        self.consumers: list[StreamConsumer] = []
+        self.consumers: list[StreamConsumer | PartitionedConsumer] = []
+        self.owner: PartitionOwner | None = None
+        self._resumes: set[asyncio.Task[None]] = set()
+        self.partition_count = int(
+            str(extra.get("partitions") or _flag("reactions_partitions", str(DEFAULT_COUNT)))
+        )
 
     def register(self, server: grpc.aio.Server) -> None:
         self._server = server
@@ -84,6 +110,9 @@ class ReactionsApp(ServiceApp):
         reactions_pb2_grpc.add_ReactionsServicer_to_server(self.servicer, self._server)
         if self.watcher is not None:
             await self.watcher.start()
+        if isinstance(self.store, PgReactionStore):
+            await self._start_partitioned(self.store)
+            return
         resumed = await self.reactor.resume_pending()
         if resumed:
             log.info("resumed pending reactions", extra={"events": resumed})
@@ -96,9 +125,87 @@ class ReactionsApp(ServiceApp):
         for c in self.consumers:
             c.start()
 
+    async def _start_partitioned(self, store: PgReactionStore) -> None:
+        """Several replicas may share the database: consume only the partitions leased here."""
+        self.owner = PartitionOwner(
+            store.db,
+            self.runtime.replica_id,
+            self.runtime.advertise_address(),
+            count=self.partition_count,
+            on_change=self._partitions_changed,
+        )
+        if "run" in self.consume:
+            self.consumers.append(
+                PartitionedConsumer(
+                    RUN_CURSOR,
+                    self.runtime,
+                    self.reactor,
+                    store,
+                    self.owner,
+                    *run_events_source(self.runtime),
+                )
+            )
+        if "node" in self.consume:
+            self.consumers.append(
+                PartitionedConsumer(
+                    NODE_CURSOR,
+                    self.runtime,
+                    self.reactor,
+                    store,
+                    self.owner,
+                    *node_events_source(self.runtime),
+                )
+            )
+        await self.owner.balance()
+        self.owner.start()
+        for c in self.consumers:
+            c.start()
+
+    def ready(self) -> bool:
+        return self.owner is None or self.owner.lease_ok
+
+    async def consumed_upto(self, stream: str) -> int:
+        """The stream's cursor: with partitions, the highest of their cursors (one replica reads
+        the stream in order, so every event up to it was handled or belongs to another replica)."""
+        assert self.store is not None
+        if self.owner is None:
+            return await self.store.cursor(stream)
+        names = [f"{stream}/{partition_name(p)}" for p in range(self.owner.count)]
+        return max([await self.store.cursor(n) for n in names], default=0)
+
+    def _partitions_changed(self, added: set[int], removed: set[int]) -> None:
+        log.info("partitions changed", extra={"added": sorted(added), "removed": sorted(removed)})
+        for c in self.consumers:
+            if isinstance(c, PartitionedConsumer):
+                c.partitions_changed(added)
+        if added and self.owner is not None:
+            owner = self.owner
+
+            def mine(ev: reactions_pb2.ReactionEvent) -> bool:
+                return partition_of(event_key(ev), owner.count) in added and owner.holds(
+                    partition_of(event_key(ev), owner.count)
+                )
+
+            task = asyncio.create_task(self._resume(mine), name="reactions-resume")
+            self._resumes.add(task)
+            task.add_done_callback(self._resumes.discard)
+
+    async def _resume(self, only: Callable[[reactions_pb2.ReactionEvent], bool]) -> None:
+        try:
+            resumed = await self.reactor.resume_pending(only)
+        except FlynnError as e:
+            log.warning("resuming pending reactions failed", extra={"error": e.message[:200]})
+            return
+        if resumed:
+            log.info("resumed pending reactions of partitions taken over", extra={"events": resumed})
+
     async def stop(self) -> None:
+        if self.owner is not None:
+            await self.owner.stop()
         for c in self.consumers:
             await c.stop()
+        if self.owner is not None:
+            await self.owner.leave()
         if self.watcher is not None:
             await self.watcher.stop()
 

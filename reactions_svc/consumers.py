@@ -121,28 +121,42 @@ class StreamConsumer:
 
 
 def run_events_consumer(runtime: Runtime, reactor: Reactor) -> StreamConsumer:
-    def open_stream(cursor: int) -> AsyncIterator[Any]:
+    return StreamConsumer(RUN_CURSOR, runtime, reactor, *run_events_source(runtime))
+
+
+def run_events_source(
+    runtime: Runtime,
+) -> tuple[Callable[[int], Any], Callable[[Any], tuple[int, reactions_pb2.ReactionEvent | None]]]:
+    """(open the stream after a cursor, map a response to (seq, event)) for run events."""
+
+    def open_stream(cursor: int) -> Any:
         stub = run_control_pb2_grpc.RunControlStub(runtime.channel("queue"))
         call = stub.WatchRunEvents(
             run_control_pb2.WatchRunEventsRequest(after_seq=cursor, exclude_output=True)
         )
-        return call.__aiter__()
+        return call
 
     def to_event(
         resp: run_control_pb2.WatchRunEventsResponse,
     ) -> tuple[int, reactions_pb2.ReactionEvent | None]:
         return resp.event.global_seq, from_run_event(resp.event)
 
-    return StreamConsumer(RUN_CURSOR, runtime, reactor, open_stream, to_event)
+    return open_stream, to_event
 
 
 def node_events_consumer(runtime: Runtime, reactor: Reactor) -> StreamConsumer:
-    def open_stream(cursor: int) -> AsyncIterator[Any]:
+    return StreamConsumer(NODE_CURSOR, runtime, reactor, *node_events_source(runtime))
+
+
+def node_events_source(
+    runtime: Runtime,
+) -> tuple[Callable[[int], Any], Callable[[Any], tuple[int, reactions_pb2.ReactionEvent | None]]]:
+    def open_stream(cursor: int) -> Any:
         stub = nodes_pb2_grpc.NodesStub(runtime.channel("nodes"))
         call = stub.WatchNodeEvents(nodes_pb2.WatchNodeEventsRequest(after_seq=cursor))
-        return call.__aiter__()
+        return call
 
     def to_event(resp: nodes_pb2.WatchNodeEventsResponse) -> tuple[int, reactions_pb2.ReactionEvent | None]:
         return resp.event.seq, from_node_event(resp.event)
 
-    return StreamConsumer(NODE_CURSOR, runtime, reactor, open_stream, to_event)
+    return open_stream, to_event

@@ -4,7 +4,7 @@ from __future__ import annotations
 
 from typing import Any
 
-from prometheus_client import Counter, Histogram
+from prometheus_client import Counter, Gauge, Histogram
 
 from reactions_svc.engine import reason_name
 
@@ -24,6 +24,13 @@ ACTIONS = Counter(
     "reactions_actions_total", "Actions run by fired rules, by kind and outcome.", ["kind", "outcome"]
 )
 EVENTS = Counter("reactions_events_total", "Events consumed from the streams, by source.", ["source"])
+PARTITIONS_HELD = Gauge(
+    "reactions_partitions_held", "Event partitions this replica holds (several replicas)."
+)
+PARTITIONS_FENCED = Counter(
+    "reactions_partition_writes_fenced_total",
+    "Cursor writes refused because another replica took the partition over (this one steps down).",
+)
 CURSOR = Counter("reactions_consumer_reconnects_total", "Consumer stream reconnects, by source.", ["source"])
 
 

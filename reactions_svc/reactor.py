@@ -210,14 +210,17 @@ class Reactor:
         traces = [self._trace_proto(event, t, "", now, dry_run=True) for t in ev.traces]
         return Result(traces, [c.id for c in ev.matched], rs.revision)
 
-    async def resume_pending(self) -> int:
-        """Finish the actions of evaluations a crash left pending; returns how many were resumed."""
+    async def resume_pending(self, only: Callable[[reactions_pb2.ReactionEvent], bool] | None = None) -> int:
+        """Finish the actions of evaluations a crash left pending; returns how many were resumed.
+        `only` restricts it to some events (with several replicas: those of partitions held here)."""
         n = 0
         for event_id in await self.store.pending_event_ids():
             stored = await self.store.get_evaluation(event_id)
             if stored is None:
                 continue
             ev = reactions_pb2.ReactionEvent.FromString(stored.event)
+            if only is not None and not only(ev):
+                continue
             await self.process(ev)
             n += 1
         return n

@@ -16,6 +16,7 @@ from typing import Any
 import psycopg
 from psycopg.types.json import Json, Jsonb
 
+from flynn_runtime import leases
 from flynn_runtime.database import Database
 from flynn_runtime.db_copy import Counts, SqliteSource, StoreCopier, Table, export_tables, import_tables
 from flynn_runtime.pg_migrations import Migration
@@ -100,6 +101,7 @@ MIGRATIONS = [
         );
         """,
     ),
+    Migration(2, "partition and replica leases (several replicas)", leases.MIGRATION_SQL),
 ]
 
 Conn = psycopg.AsyncConnection[tuple[Any, ...]]
@@ -258,6 +260,15 @@ class PgReactionStore:
     ) -> None:
         outcomes, action_rows = list(outcomes), list(action_rows)
         async with self.db.transaction() as c, c.cursor() as cur:
+            # Finished once: with several replicas a paused one and the replica that took its partition
+            # over may both finish the same evaluation; the row lock orders them and the second, finding
+            # it done, records nothing (outcomes and counters count each event once).
+            await cur.execute(
+                "UPDATE evaluations SET status = 'done' WHERE event_id = %s AND status = 'pending' RETURNING 1",
+                (event_id,),
+            )
+            if await cur.fetchone() is None:
+                return
             if action_rows:
                 await cur.executemany(_UPSERT_ACTION, action_rows)
             keys: list[tuple[str, int]] = []
@@ -271,7 +282,6 @@ class PgReactionStore:
                 if row is not None:
                     keys.append((row[0], int(row[1])))
             await self._bump(cur, keys)
-            await cur.execute("UPDATE evaluations SET status = 'done' WHERE event_id = %s", (event_id,))
 
     @staticmethod
     async def _bump(cur: psycopg.AsyncCursor[tuple[Any, ...]], keys: Iterable[tuple[str, int]]) -> None:
@@ -412,6 +422,25 @@ class PgReactionStore:
                 " ON CONFLICT (name) DO UPDATE SET value = excluded.value",
                 (name, value),
             )
+
+    async def set_cursor_fenced(
+        self, name: str, value: int, scope: str, holder: str, lease: str, epoch: int
+    ) -> None:
+        """set_cursor, refused (leases.StaleEpoch) unless `holder` still holds `lease` at `epoch`."""
+        q, params = leases.fence(scope, holder, {lease: epoch})
+        try:
+            async with self.db.transaction() as c:
+                await c.execute(q, params)
+                await c.execute(
+                    "INSERT INTO cursors(name, value) VALUES (%s, %s)"
+                    " ON CONFLICT (name) DO UPDATE SET value = excluded.value",
+                    (name, value),
+                )
+        except psycopg.Error as e:
+            stale = leases.stale_from(e, scope)
+            if stale is not None:
+                raise stale from None
+            raise
 
     # Housekeeping -------------------------------------------------------------------------------
 

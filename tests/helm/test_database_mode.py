@@ -84,3 +84,80 @@ def test_database_url_with_a_password_secret(helm: Path) -> None:
 def test_schema_refuses_a_bad_database(helm: Path, args: list[str], expect: str) -> None:
     proc = run_helm(helm, "template", "rel", str(CHART), *args)
     assert proc.returncode != 0 and expect in proc.stderr, proc.stderr
+
+
+def test_database_allows_replicas_with_pdb_and_round_robin_routing(database_text: str) -> None:
+    docs = parse(database_text)
+    w = _workloads(docs)
+    want = {"config": 2, "queue": 3, "reactions": 2, "nodes": 2}  # charts/flynn/ci/database-values.yaml
+    for name, n in want.items():
+        assert w[name]["kind"] == "StatefulSet" and w[name]["spec"]["replicas"] == n, name
+        assert w[name]["spec"]["podManagementPolicy"] == "Parallel", name
+        env = _env(w[name])
+        # Replicas forward to each other at the pod IP.
+        assert env["POD_IP"] == {"fieldRef": {"fieldPath": "status.podIP"}}
+        assert env["FLYNN_ADVERTISE_ADDRESS"].startswith("$(POD_IP):")
+    pdbs = {
+        d["metadata"]["labels"]["app.kubernetes.io/component"]: d
+        for d in docs
+        if d["kind"] == "PodDisruptionBudget"
+    }
+    for name in want:
+        assert pdbs[name]["spec"]["maxUnavailable"] == 1, name
+    headless = {
+        d["metadata"]["labels"]["app.kubernetes.io/component"]: d
+        for d in docs
+        if d["kind"] == "Service" and d["metadata"]["name"].endswith("-headless")
+    }
+    for name in want:
+        # Round-robin callers must only see ready replicas.
+        assert headless[name]["spec"]["publishNotReadyAddresses"] is False, name
+    # Every caller reaches the stateful services through their headless Service, spread per call.
+    gw = _env(w["gateway"])
+    for name in want:
+        assert gw[f"FLYNN_{name.upper()}_ADDR"].startswith(f"dns:///rel-flynn-{name}-headless."), gw
+    assert not gw["FLYNN_VOICE_ADDR"].startswith("dns:///")
+
+
+def test_default_keeps_one_replica_and_no_stateful_pdb(default_docs: list[Manifest]) -> None:
+    w = _workloads(default_docs)
+    for name in STATEFUL:
+        assert w[name]["spec"]["replicas"] == 1
+        assert not _env(w[name]).get("FLYNN_ADVERTISE_ADDRESS")
+    pdbs = {
+        d["metadata"]["labels"]["app.kubernetes.io/component"]
+        for d in default_docs
+        if d["kind"] == "PodDisruptionBudget"
+    }
+    assert not pdbs & STATEFUL
+
+
+@pytest.mark.parametrize("name", sorted(STATEFUL))
+def test_schema_refuses_replicas_without_a_database(helm: Path, name: str) -> None:
+    proc = run_helm(helm, "template", "rel", str(CHART), "--set", f"{name}.replicas=2")
+    assert proc.returncode != 0 and f"/{name}/replicas" in proc.stderr, proc.stderr
+    ok = run_helm(
+        helm, "template", "rel", str(CHART), "--set", f"{name}.replicas=2",
+        "--set", "database.url=postgresql://flynn@db:5432/flynn",
+    )  # fmt: skip
+    assert ok.returncode == 0, ok.stderr
+
+
+def test_console_keeps_sessions_in_the_database_and_may_run_replicas(database_text: str) -> None:
+    docs = parse(database_text)
+    console = next(
+        d
+        for d in docs
+        if d["kind"] == "Deployment" and d["metadata"]["labels"]["app.kubernetes.io/component"] == "console"
+    )
+    assert console["spec"]["replicas"] == 2  # charts/flynn/ci/database-values.yaml
+    env = _env(console)
+    assert env["FLYNN_DATABASE_URL"] == {"secretKeyRef": {"name": "flynn-db-app", "key": "uri"}}
+    assert env["FLYNN_DATABASE_PASSWORD_FILE"] == "/etc/flynn/database/password"
+    pod = console["spec"]["template"]["spec"]
+    assert {v["name"] for v in pod["volumes"]} >= {"database", "data", "tmp"}
+
+
+def test_schema_refuses_console_replicas_without_a_database(helm: Path) -> None:
+    proc = run_helm(helm, "template", "rel", str(CHART), "--set", "console.replicas=2")
+    assert proc.returncode != 0 and "/console/replicas" in proc.stderr, proc.stderr

@@ -75,7 +75,9 @@ def test_every_service_is_deployed_with_the_right_kind(rendered: list[Manifest])
     assert every == set(topology.SERVICES) | {CONSOLE}
     for name in STATEFUL:
         assert w[name]["kind"] == "StatefulSet", name
-        assert w[name]["spec"]["replicas"] == 1, "stateful services do not shard yet (SCALING.md)"
+        assert w[name]["spec"]["replicas"] == 1, (
+            "without a database: one replica of each stateful service (SCALING.md)"
+        )
     for name in STATELESS:
         assert w[name]["kind"] == "Deployment", name
         assert w[name]["spec"]["replicas"] >= 2, name
@@ -428,7 +430,9 @@ def test_metrics_listen_matches_the_metrics_port(rendered: list[Manifest], name:
 
 def test_console_runs_flynn_console_with_http_probes_on_its_port(rendered: list[Manifest]) -> None:
     d = console_workload(rendered)
-    assert d["spec"]["replicas"] == 1, "sign-in sessions live in one process's memory (CONSOLE.md)"
+    assert d["spec"]["replicas"] == 1, (
+        "without a database sign-in sessions live in one process's memory (CONSOLE.md)"
+    )
     c = main_container(d)
     assert "command" not in c and c["args"] == ["flynn-console"]
     env = env_of(c)

@@ -136,7 +136,7 @@ async def mesh(
 
 async def cursor_is(app: ReactionsApp, name: str, value: int) -> bool:
     assert app.store is not None
-    return await app.store.cursor(name) == value
+    return await app.consumed_upto(name) == value
 
 
 def violations(e: grpc.aio.AioRpcError) -> dict[str, str]:
@@ -163,6 +163,8 @@ async def test_rules_come_from_the_config_service_and_act_on_run_events(mesh: Me
     # Causation of what the reaction produced: reaction origin, same chain, one hop deeper.
     cz = by_kind[run_control_pb2.REPLY_KIND_REACTION].causation
     assert cz.chain_id == "run:1" and cz.depth == 1 and list(cz.fired_rule_ids) == ["help-reply"]
+    # The outcomes (action results) commit just after the replies were posted.
+    await mesh.wait(lambda: cursor_is(mesh.reactions.app, "run_events", 1))  # type: ignore[arg-type]
     traces = await mesh.stub.ListTraces(reactions_pb2.ListTracesRequest(event_id="run:1"), metadata=mesh.md)
     assert [(t.rule_id, t.matched) for t in traces.traces] == [("ack-all", True), ("help-reply", True)]
     assert {a.idempotency_key for t in traces.traces for a in t.actions} == {

@@ -98,4 +98,4 @@ async def test_node_events_drive_canvas_and_invoke(
 
 async def cursor_at_least(app: ReactionsApp, name: str, value: int) -> bool:
     assert app.store is not None
-    return await app.store.cursor(name) >= value
+    return await app.consumed_upto(name) >= value

@@ -77,3 +77,49 @@ def test_up_postgres(data_dir: Path) -> None:
                 os.kill(pid, signal.SIGKILL)
             except ProcessLookupError:
                 pass
+
+
+def test_up_postgres_with_two_replicas_of_each_stateful_service(data_dir: Path) -> None:
+    lch = Launcher(
+        data_dir / "data",
+        free_base_port(),
+        ["--postgres", "--replicas", "2", "--only", "config,queue,reactions,nodes,gateway"],
+    ).start()
+    try:
+        lch.wait_for("Flynn mesh is up", timeout=240)
+        state = lch.state()
+        stateful = ("config", "queue", "reactions", "nodes")
+        assert set(state) == {*stateful, *(f"{s}-2" for s in stateful), "gateway"}
+        status = subprocess.run(
+            [*flynn_dev(), "status", "--data-dir", str(lch.data_dir), "--base-port", str(lch.base_port)],
+            capture_output=True, text=True, timeout=60, cwd=ROOT, env=env(),
+        )  # fmt: skip
+        rows = {
+            line.split()[0]: line
+            for line in status.stdout.splitlines()[1:]
+            if line.split() and not line.startswith("config head revision")
+        }
+        for name in (*stateful, *(f"{s}-2" for s in stateful), "gateway"):
+            assert name in rows and "SERVING" in rows[name], status.stdout
+        # The gateway reports each service once, its address the list of replicas it spreads calls over.
+        assert rows["config"].split()[1] == f"{state['config']['address']},{state['config-2']['address']}"
+        assert lch.stop() == 0
+    finally:
+        if lch.proc is not None and lch.proc.poll() is None:
+            lch.proc.send_signal(signal.SIGTERM)
+            try:
+                lch.proc.wait(60)
+            except subprocess.TimeoutExpired:
+                lch.proc.kill()
+        server = LocalPostgres(data_dir / "data" / "postgres")
+        if server.running():
+            server.stop("immediate")
+        for pid in (
+            [int(str(s["pid"])) for s in lch.state().values()]
+            if (lch.data_dir / "mesh.json").exists()
+            else []
+        ):
+            try:
+                os.kill(pid, signal.SIGKILL)
+            except ProcessLookupError:
+                pass

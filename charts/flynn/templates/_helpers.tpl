@@ -119,10 +119,16 @@ app.kubernetes.io/component: {{ .name }}
 {{- end }}
 {{- end }}
 
-{{/* In-cluster DNS address of a component's ClusterIP Service: host:port. */}}
+{{/* In-cluster address of a component: host:port of its ClusterIP Service; with a database, the
+stateful ones as dns:///<headless>:port, every ready replica, calls spread by gRPC round_robin. */}}
 {{- define "flynn.address" -}}
 {{- $v := index .root.Values .name }}
+{{- $stateful := has .name (list "config" "queue" "reactions" "nodes") }}
+{{- if and $stateful (include "flynn.databaseEnabled" .root) }}
+{{- printf "dns:///%s-headless.%s.svc.%s:%d" (include "flynn.componentName" .) .root.Release.Namespace .root.Values.clusterDomain (int $v.grpcPort) }}
+{{- else }}
 {{- printf "%s.%s.svc.%s:%d" (include "flynn.componentName" .) .root.Release.Namespace .root.Values.clusterDomain (int $v.grpcPort) }}
+{{- end }}
 {{- end }}
 
 {{/* The gateway's System.GetMetrics scrapes each backend's metrics port: FLYNN_METRICS_ADDRS. */}}
@@ -259,6 +265,13 @@ spec:
           value: {{ ternary (include "flynn.address" $backendCtx) "" (eq (include "flynn.enabled" $backendCtx) "true") | quote }}
         {{- end }}
         {{- if and .comp.stateful (include "flynn.databaseEnabled" $root) }}
+        # Replicas forward to each other (a node's stream, a session's owner) at the pod IP.
+        - name: POD_IP
+          valueFrom:
+            fieldRef:
+              fieldPath: status.podIP
+        - name: FLYNN_ADVERTISE_ADDRESS
+          value: "$(POD_IP):{{ $v.grpcPort }}"
         {{- if $root.Values.database.url }}
         - name: FLYNN_DATABASE_URL
           value: {{ $root.Values.database.url | quote }}
