@@ -221,7 +221,9 @@ SERVICE_SCOPES: Mapping[str, frozenset[str]] = {
         "/flynn.v1.Canvas/PutArtifact",
         "/flynn.v1.Canvas/GetArtifact",
     },
-    "nodes": _CONFIG_CLIENT,
+    # InvokeNode: a replica forwards an invoke to the replica holding the node's stream (the caller
+    # was authorized by the replica it reached).
+    "nodes": _CONFIG_CLIENT | {"/flynn.v1.Nodes/InvokeNode"},
     "voice": _CONFIG_CLIENT,
     "gateway": _CONFIG_CLIENT
     | {

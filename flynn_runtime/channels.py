@@ -43,8 +43,15 @@ _RETRY_SERVICE_CONFIG = json.dumps(
 
 #: Calls (not connections) are spread over every address a target resolves to: a list of replicas
 #: ("10.0.0.1:7002,10.0.0.2:7002") or a headless Service ("dns:///flynn-queue-headless:7002").
-#: With one address it behaves as the default (pick_first).
 BALANCING_OPTIONS: list[tuple[str, Any]] = [("grpc.lb_policy_name", "round_robin")]
+
+
+def balancing_options(address: str) -> list[tuple[str, Any]]:
+    """round_robin for an address that may name several replicas (a list, dns:///, ipv4:/ipv6:);
+    one `host:port` keeps gRPC's default pick_first, whose reconnect after a restart of that one
+    process is immediate (round_robin fails calls fast while its only subchannel reconnects)."""
+    several = "," in address or ":///" in address or address.startswith(("ipv4:", "ipv6:", "dns:"))
+    return BALANCING_OPTIONS if several else []
 
 
 def grpc_target(address: str) -> str:
@@ -139,7 +146,7 @@ def client_channel(
         ("grpc.max_send_message_length", max_message_bytes),
         ("grpc.enable_retries", 1 if retries else 0),
         *KEEPALIVE_OPTIONS,
-        *BALANCING_OPTIONS,
+        *balancing_options(target),
         *extra_options,
     ]
     if retries:

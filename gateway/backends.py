@@ -14,13 +14,13 @@ import grpc
 
 from flynn_runtime import tls
 from flynn_runtime.auth import hop_metadata
-from flynn_runtime.channels import BALANCING_OPTIONS, KEEPALIVE_OPTIONS, open_channel
+from flynn_runtime.channels import KEEPALIVE_OPTIONS, balancing_options, open_channel
 from flynn_runtime.settings import Settings
 
 CONNECT_TIMEOUT_MS = 1000
 
 
-def backend_options(max_message_bytes: int) -> list[tuple[str, Any]]:
+def backend_options(max_message_bytes: int, address: str = "") -> list[tuple[str, Any]]:
     return [
         ("grpc.max_receive_message_length", max_message_bytes),
         ("grpc.max_send_message_length", max_message_bytes),
@@ -31,7 +31,7 @@ def backend_options(max_message_bytes: int) -> list[tuple[str, Any]]:
         ("grpc.max_reconnect_backoff_ms", CONNECT_TIMEOUT_MS),
         *KEEPALIVE_OPTIONS,
         # Several replicas of a backend (an address list or dns:///headless): spread the calls.
-        *BALANCING_OPTIONS,
+        *balancing_options(address),
     ]
 
 
@@ -57,7 +57,9 @@ class Backends:
         ch = self._channels.get(backend)
         if ch is None:
             ch = open_channel(
-                self.address(backend), backend_options(self._settings.max_message_bytes), self._credentials
+                self.address(backend),
+                backend_options(self._settings.max_message_bytes, self.address(backend)),
+                self._credentials,
             )
             self._channels[backend] = ch
         return ch
