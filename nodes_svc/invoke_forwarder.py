@@ -25,7 +25,8 @@ from flynn_runtime.rich_status import from_rpc_error
 from nodes_svc import metrics
 
 #: Metadata key set on a forwarded call (value: the forwarding replica's id).
-FORWARDED_BY = "x-flynn-forwarded-by"
+# Not the gateway's x-flynn-forwarded-by (flynn_runtime/auth.py), which every call through the gateway carries.
+FORWARDED_BY = "x-flynn-nodes-forwarded-from"
 #: Extra time the forwarding hop gives the owner beyond the invoke's own deadline, so the owner's
 #: INVOKE_DEADLINE_EXCEEDED (naming the node) arrives rather than a bare hop deadline.
 HOP_MARGIN = 0.25
