@@ -45,6 +45,9 @@ class Timeouts:
     statement_ms: int = 15_000
     #: How long a call waits for a pooled connection before answering UNAVAILABLE.
     acquire_seconds: float = 3.0
+    #: The same wait while the health probe finds the database unreachable: calls fail fast with
+    #: UNAVAILABLE instead of queueing behind each other for `acquire_seconds` each.
+    acquire_when_down_seconds: float = 0.2
     #: When positive, PostgreSQL ends a session left idle inside a transaction this long (0: never,
     #: the default). A replica frozen mid-transaction is ended by the replica taking over instead
     #: (flynn_runtime/fencing.py), which also covers a transaction frozen mid-pipeline.
@@ -95,6 +98,8 @@ class Database:
         self.pool = pool
         self.timeouts = timeouts
         self.schema_version = 0
+        #: False while flynn_runtime/database_health.py's probe finds the database unreachable.
+        self.reachable = True
 
     @staticmethod
     def connect_kwargs(
@@ -180,6 +185,10 @@ class Database:
     async def close(self) -> None:
         await self.pool.close()
 
+    def _acquire_timeout(self) -> float:
+        t = self.timeouts
+        return t.acquire_seconds if self.reachable else min(t.acquire_seconds, t.acquire_when_down_seconds)
+
     def unavailable(self, e: BaseException) -> FlynnError:
         if isinstance(e, psycopg_pool.PoolTimeout):
             return database_unavailable(self.settings, "no connection within the acquire timeout")
@@ -189,7 +198,7 @@ class Database:
     async def connection(self) -> AsyncIterator[psycopg.AsyncConnection[tuple[Any, ...]]]:
         """A pooled autocommit connection for reads; database failures become DATABASE_UNAVAILABLE."""
         try:
-            async with self.pool.connection() as conn:
+            async with self.pool.connection(timeout=self._acquire_timeout()) as conn:
                 await conn.set_autocommit(True)
                 yield conn
         except (psycopg.OperationalError, psycopg.InterfaceError, psycopg_pool.PoolTimeout) as e:
@@ -205,7 +214,7 @@ class Database:
         pipeline=True runs the transaction in libpq pipeline mode: statements whose results are not
         read are sent together (with BEGIN and COMMIT) instead of one round trip each."""
         try:
-            async with self.pool.connection() as conn:
+            async with self.pool.connection(timeout=self._acquire_timeout()) as conn:
                 await conn.set_autocommit(False)
                 if pipeline:
                     async with conn.pipeline(), conn.transaction():

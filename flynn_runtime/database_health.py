@@ -102,6 +102,7 @@ class DatabaseHealth:
                     ok = False
             if ok != self.up:
                 self.up = ok
+                self.db.reachable = ok
                 DATABASE_UP.labels(self.service).set(1 if ok else 0)
                 if ok:
                     log.warning("database is back; serving", extra={"database": self.db.settings.display()})

@@ -205,8 +205,9 @@ class NodesApp(ServiceApp):
         while True:
             await self._fence_wake.wait()
             self._fence_wake.clear()
+            held = self.registry.held_epochs()
             try:
-                stale = await self.presence.stale_sessions(self.registry.held_epochs())
+                stale = await self.presence.stale_sessions(held)
                 assert isinstance(self.store, PgNodeStore)
                 revoked = await self.store.revoked_tokens(self.registry.held_tokens())
             except FlynnError as e:
@@ -214,7 +215,7 @@ class NodesApp(ServiceApp):
                 await asyncio.sleep(0.5)
                 continue
             if stale:
-                closed = self.registry.close_replaced(stale)
+                closed = self.registry.close_replaced({n: held[n] for n in stale})
                 log.info("streams replaced on another replica closed", extra={"streams": closed})
             if revoked:
                 self.registry.close_revoked(revoked)

@@ -602,13 +602,17 @@ class NodeRegistry:
                 closed += 1
         return closed
 
-    def close_replaced(self, node_ids: list[str]) -> int:
-        """Fence: these nodes registered again on another replica; their streams here end."""
+    def close_replaced(self, stale: dict[str, int]) -> int:
+        """Fence: these nodes ({node_id: epoch of the stream found stale}) registered again on
+        another replica; their streams here end. A stream that registered again on this replica
+        since the check (a newer epoch) is not the one found stale and stays open."""
         closed = 0
-        for node_id in node_ids:
+        for node_id, epoch in stale.items():
             s = self.sessions.get(node_id)
-            if s is not None and s.close(
-                "replaced", "the node connected to another replica; this stream is replaced"
+            if (
+                s is not None
+                and s.epoch == epoch
+                and s.close("replaced", "the node connected to another replica; this stream is replaced")
             ):
                 closed += 1
                 metrics.STREAMS_FENCED.inc()

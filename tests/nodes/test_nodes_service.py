@@ -61,8 +61,15 @@ async def test_reconnect_same_identity_keeps_one_registration(harness: NodesHarn
     await second.stop()
     await asyncio.wait_for(t2, 10)
     await eventually(lambda: "desk-1" not in h.app.registry.sessions, what="offline")
+
+    async def offline() -> bool:
+        # The offline mark is a background write: it commits just after the stream is gone.
+        got = await h.nodes.GetNode(nodes_pb2.GetNodeRequest(node_id="desk-1"), metadata=h.op(), timeout=10)
+        return got.node.status == nodes_pb2.NODE_STATUS_OFFLINE
+
+    await eventually(offline, within=5, what="offline in the store")
     got = await h.nodes.GetNode(nodes_pb2.GetNodeRequest(node_id="desk-1"), metadata=h.op(), timeout=10)
-    assert got.node.status == nodes_pb2.NODE_STATUS_OFFLINE and got.node.offline_reason == "stream_closed"
+    assert got.node.offline_reason == "stream_closed"
     third = CompanionNode(h.address, "desk-1", tok, "desktop")
     t3 = await started(third)
     nodes = await _list(h)

@@ -49,11 +49,10 @@ async def _until(ch: grpc.aio.Channel, status: int, within: float) -> None:
     raise AssertionError(f"health never became {status}")
 
 
+@pytest.mark.backends("postgresql")
 async def test_postgres_killed_under_load_then_back(
     tmp_path: Path, tokens: Tokens, queue_backend: str, postgres: LocalPostgres
 ) -> None:
-    if queue_backend != "postgresql":
-        pytest.skip("a PostgreSQL outage")
     cfg = tmp_path / "queue.yaml"
     cfg.write_text(CONFIG)
     proc = ServiceProcess(
