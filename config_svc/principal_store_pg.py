@@ -19,7 +19,7 @@ import psycopg
 from psycopg.types.json import Jsonb
 
 from config_svc.principal_store import IssuedRecord, PrincipalSet
-from config_svc.principal_store_sqlite import COLUMNS, row_to_record
+from config_svc.principal_store_sqlite import row_to_record
 from flynn_runtime.auth import Role, generate_token, hash_token
 from flynn_runtime.database import Database
 from flynn_runtime.db_copy import Counts, Table, copy_tables, export_tables
@@ -60,6 +60,21 @@ CREATE TRIGGER principals_notify AFTER UPDATE ON principals_head
 """
 
 _BUMP = "UPDATE principals_head SET version = version + 1 RETURNING version"
+# Static statements; the columns are those row_to_record reads.
+_SELECT_ISSUED = (
+    "SELECT sha256, name, role, channels, issued_by, issue_time, revoke_time"
+    " FROM principals_issued ORDER BY issue_time, sha256"
+)
+_INSERT_ISSUED = (
+    "INSERT INTO principals_issued (sha256, name, role, channels, issued_by, issue_time, revoke_time)"
+    " VALUES (%s, %s, %s, %s, %s, %s, NULL)"
+)
+_REVOKE_ISSUED = (
+    "UPDATE principals_issued SET revoke_time = %(now)s, revoked_by = %(by)s"
+    " WHERE revoke_time IS NULL AND ((%(name)s <> '' AND name = %(name)s)"
+    " OR (%(fp)s <> '' AND left(sha256, 16) = %(fp)s))"
+    " RETURNING sha256, name, role, channels, issued_by, issue_time, revoke_time"
+)
 
 #: The SQLite file's tables and their PostgreSQL twins (flynn db import / export).
 TABLES = (
@@ -94,9 +109,7 @@ class PgPrincipalStore:
         async with self.db.transaction() as c:
             await c.execute("SET TRANSACTION ISOLATION LEVEL REPEATABLE READ READ ONLY")
             head = await (await c.execute("SELECT version FROM principals_head")).fetchone()
-            issued = await (
-                await c.execute(f"SELECT {COLUMNS} FROM principals_issued ORDER BY issue_time, sha256")
-            ).fetchall()
+            issued = await (await c.execute(_SELECT_ISSUED)).fetchall()
             revoked = await (
                 await c.execute("SELECT sha256, revoke_time FROM principals_revoked_file")
             ).fetchall()
@@ -113,7 +126,7 @@ class PgPrincipalStore:
         rec = IssuedRecord(hash_token(token), name, role, tuple(channels), issued_by, time.time(), None)
         async with self.db.transaction() as c:
             await c.execute(
-                f"INSERT INTO principals_issued ({COLUMNS}) VALUES (%s, %s, %s, %s, %s, %s, NULL)",
+                _INSERT_ISSUED,
                 (rec.sha256, name, role.value, Jsonb(list(channels)), issued_by, rec.issue_time),
             )
             await c.execute(_BUMP)
@@ -124,10 +137,7 @@ class PgPrincipalStore:
         async with self.db.transaction() as c:
             rows = await (
                 await c.execute(
-                    "UPDATE principals_issued SET revoke_time = %(now)s, revoked_by = %(by)s"
-                    " WHERE revoke_time IS NULL AND ((%(name)s <> '' AND name = %(name)s)"
-                    " OR (%(fp)s <> '' AND left(sha256, 16) = %(fp)s))"
-                    f" RETURNING {COLUMNS}",
+                    _REVOKE_ISSUED,
                     {"now": now, "by": by, "name": name, "fp": fingerprint},
                 )
             ).fetchall()

@@ -38,11 +38,9 @@ CREATE TABLE IF NOT EXISTS revoked_file (
 );
 """
 
-COLUMNS = "sha256, name, role, channels, issued_by, issue_time, revoke_time"
-
 
 def row_to_record(r: tuple[object, ...]) -> IssuedRecord:
-    """A row of COLUMNS (channels as JSON text in SQLite, a list from PostgreSQL's JSONB)."""
+    """A row of (sha256, name, role, channels, issued_by, issue_time, revoke_time) (channels as JSON text in SQLite, a list from PostgreSQL's JSONB)."""
     channels = r[3] if isinstance(r[3], list) else json.loads(str(r[3]))
     revoke = r[6]
     return IssuedRecord(
@@ -82,7 +80,10 @@ class SqlitePrincipalStore:
         with self._lock:
             issued = tuple(
                 row_to_record(r)
-                for r in self._db.execute(f"SELECT {COLUMNS} FROM issued ORDER BY issue_time, sha256")
+                for r in self._db.execute(
+                    "SELECT sha256, name, role, channels, issued_by, issue_time, revoke_time"
+                    " FROM issued ORDER BY issue_time, sha256"
+                )
             )
             revoked = {
                 str(h): float(t) for h, t in self._db.execute("SELECT sha256, revoke_time FROM revoked_file")
@@ -99,7 +100,8 @@ class SqlitePrincipalStore:
         rec = IssuedRecord(hash_token(token), name, role, tuple(channels), issued_by, time.time(), None)
         with self._lock, transaction(self._db) as db:
             db.execute(
-                f"INSERT INTO issued ({COLUMNS}) VALUES (?, ?, ?, ?, ?, ?, NULL)",
+                "INSERT INTO issued (sha256, name, role, channels, issued_by, issue_time, revoke_time)"
+                " VALUES (?, ?, ?, ?, ?, ?, NULL)",
                 (rec.sha256, name, role.value, json.dumps(list(channels)), issued_by, rec.issue_time),
             )
             self._version += 1
@@ -114,7 +116,8 @@ class SqlitePrincipalStore:
             hits = [
                 row_to_record(r)
                 for r in db.execute(
-                    f"SELECT {COLUMNS} FROM issued WHERE revoke_time IS NULL"
+                    "SELECT sha256, name, role, channels, issued_by, issue_time, revoke_time"
+                    " FROM issued WHERE revoke_time IS NULL"
                     " AND ((? <> '' AND name = ?) OR (? <> '' AND substr(sha256, 1, 16) = ?))"
                     " ORDER BY issue_time, sha256",
                     (name, name, fingerprint, fingerprint),
