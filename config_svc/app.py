@@ -13,8 +13,10 @@ from flynn.v1 import principals_pb2_grpc
 from config_svc import metrics
 from config_svc.config_editor import ConfigEditor
 from config_svc.principal_cache import PrincipalCache
+from config_svc.principal_store import SQLITE_FILE as PRINCIPALS_FILE
 from config_svc.principal_store import PrincipalStore, open_principal_store
 from config_svc.principal_store_pg import NOTIFY_CHANNEL as PRINCIPALS_CHANNEL
+from config_svc.principal_store_pg import adopt_sqlite_file
 from config_svc.principals_servicer import PrincipalsServicer
 from config_svc.revision_feed import RevisionFeed
 from config_svc.revision_store import RevisionStore, open_revision_store
@@ -99,6 +101,14 @@ class ConfigApp(ServiceApp):
         self.store = await open_revision_store(self.runtime)
         # Principals live next to the revisions: the same SQLite data dir, or the same database.
         shared = self.store.db if isinstance(self.store, PgRevisionStore) else None
+        if shared is not None:
+            leftover = self.runtime.settings.data_dir / PRINCIPALS_FILE
+            adopted = await adopt_sqlite_file(shared, leftover)
+            if adopted:
+                log.warning(
+                    "merged a leftover principals file into the database",
+                    extra={"path": str(leftover), **adopted},
+                )
         self.principal_store = open_principal_store(self.runtime, shared)
         self.principal_cache = await self.principals.attach(self.principal_store)
         self.editor = ConfigEditor(self.store)

@@ -11,8 +11,11 @@ orders concurrent changes through different replicas. Every method returns after
 
 from __future__ import annotations
 
+import asyncio
+import json
 import sqlite3
 import time
+from pathlib import Path
 from typing import Any
 
 import psycopg
@@ -172,3 +175,64 @@ async def import_rows(lite: sqlite3.Connection, cur: psycopg.AsyncCursor[Any], s
 async def export_rows(db: Database, lite: sqlite3.Connection) -> Counts:
     counts = await export_tables(db, lite, TABLES)
     return {"principals": counts["issued"], "revoked file principals": counts["revoked_file"]}
+
+
+# A principals.db left in the data dir by a release that kept principals in SQLite even with a database
+
+_ADOPT_ISSUED = (
+    "INSERT INTO principals_issued AS p"
+    " (sha256, name, role, channels, issued_by, issue_time, revoke_time, revoked_by)"
+    " VALUES (%s, %s, %s, %s, %s, %s, %s, %s)"
+    " ON CONFLICT (sha256) DO UPDATE SET"
+    " revoke_time = COALESCE(p.revoke_time, EXCLUDED.revoke_time),"
+    " revoked_by = CASE WHEN p.revoke_time IS NULL THEN EXCLUDED.revoked_by ELSE p.revoked_by END"
+)
+_ADOPT_REVOKED_FILE = (
+    "INSERT INTO principals_revoked_file (sha256, name, revoke_time, revoked_by)"
+    " VALUES (%s, %s, %s, %s) ON CONFLICT (sha256) DO NOTHING"
+)
+
+
+async def adopt_sqlite_file(db: Database, path: Path) -> Counts:
+    """Merge a leftover `<data>/config/principals.db` into the tables, then rename it `*.adopted`.
+
+    Earlier releases kept the principals in the config service's data dir even with a database, so a
+    replica may still hold some (a `flynn-dev up --postgres` data dir does). Merging is idempotent and
+    safe with several replicas each bringing their own file: issued principals are added, and a
+    revocation is never undone (a revoked row stays revoked; a row revoked in the file is revoked)."""
+    found = await asyncio.to_thread(_read_leftover, path)
+    if found is None:
+        return {}
+    issued, revoked = found
+    async with db.transaction() as c, c.cursor() as cur:
+        if issued:
+            await cur.executemany(
+                _ADOPT_ISSUED, [(r[0], r[1], r[2], Jsonb(json.loads(r[3])), *r[4:]) for r in issued]
+            )
+        if revoked:
+            await cur.executemany(_ADOPT_REVOKED_FILE, revoked)
+        await cur.execute(_BUMP)
+    await asyncio.to_thread(_set_aside, path)
+    return {"principals": len(issued), "revoked file principals": len(revoked)}
+
+
+def _read_leftover(path: Path) -> tuple[list[tuple[Any, ...]], list[tuple[Any, ...]]] | None:
+    if not path.exists():
+        return None
+    lite = sqlite3.connect(f"file:{path}?mode=ro", uri=True)
+    try:
+        issued = lite.execute(
+            "SELECT sha256, name, role, channels, issued_by, issue_time, revoke_time, revoked_by FROM issued"
+        ).fetchall()
+        revoked = lite.execute("SELECT sha256, name, revoke_time, revoked_by FROM revoked_file").fetchall()
+    finally:
+        lite.close()
+    return issued, revoked
+
+
+def _set_aside(path: Path) -> None:
+    """principals.db (and its WAL) -> principals.db.adopted: merged once, kept for the operator."""
+    for suffix in ("", "-wal", "-shm"):
+        part = path.with_name(path.name + suffix)
+        if part.exists():
+            part.rename(path.with_name(path.name + ".adopted" + suffix))

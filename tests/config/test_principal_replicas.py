@@ -3,7 +3,8 @@
 authenticates through B and at the nodes service; revoked through A, its open streams on B and on
 the nodes service end with UNAUTHENTICATED (TOKEN_REVOKED) within a second. Both replicas run a 30 s
 safety poll, so only the NOTIFY wake-up can meet that bound. Then every config replica is replaced
-by a new process with an empty data dir: the principals and revocations are still there."""
+by a new process with an empty data dir: the principals and revocations are still there. And a
+principals file left in a data dir by an earlier release is merged into the database at start."""
 
 from __future__ import annotations
 
@@ -24,6 +25,8 @@ from flynn.v1 import (
     principals_pb2_grpc,
 )
 
+from config_svc.principal_store_sqlite import SqlitePrincipalStore
+from flynn_runtime.auth import Role, hash_token
 from flynn_runtime.channels import client_channel
 from flynn_runtime.rich_status import from_rpc_error
 from tests.support.mesh import ServiceProcess, Tokens
@@ -31,6 +34,7 @@ from tests.support.mesh import ServiceProcess, Tokens
 OPERATOR = principals_pb2.PRINCIPAL_ROLE_OPERATOR
 CHANNEL = principals_pb2.PRINCIPAL_ROLE_CHANNEL
 POLL = ["--revision-poll-seconds", "30"]
+OPERATOR_ROLE = Role.OPERATOR
 
 
 def config_replica(root: Path, name: str, tokens: Tokens, url: str) -> ServiceProcess:
@@ -216,3 +220,32 @@ async def test_principals_survive_replacing_every_config_replica(
     finally:
         for p in again:
             p.stop()
+
+
+async def test_a_leftover_principals_file_is_merged_at_start(
+    tmp_path: Path, tokens: Tokens, postgres_url: str
+) -> None:
+    """A data dir from a release that kept principals in SQLite even with a database (flynn-dev up
+    --postgres keeps its data dir): they are merged into the database, so nothing issued is lost and,
+    above all, nothing revoked comes back."""
+    proc = config_replica(tmp_path, "old", tokens, postgres_url)
+    old = SqlitePrincipalStore(proc.data_dir / "config" / "principals.db")
+    _, legacy = await old.issue("legacy", OPERATOR_ROLE, [], "operator:operator")
+    await old.revoke_file_hash(hash_token(tokens.channel), "channel", "operator:operator")
+    await old.close()
+    proc.start()
+    try:
+        ch = client_channel(proc.address, "")
+        try:
+            me = await principals(ch).WhoAmI(
+                principals_pb2.WhoAmIRequest(), metadata=bearer(legacy), timeout=5
+            )
+            assert me.principal.name == "legacy"
+            with pytest.raises(grpc.aio.AioRpcError) as e:
+                await principals(ch).WhoAmI(principals_pb2.WhoAmIRequest(), metadata=bearer(tokens.channel))
+            assert e.value.code() == grpc.StatusCode.UNAUTHENTICATED
+        finally:
+            await ch.close()
+        assert (proc.data_dir / "config" / "principals.db.adopted").exists()
+    finally:
+        proc.stop()

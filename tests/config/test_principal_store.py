@@ -15,7 +15,7 @@ import pytest
 
 from config_svc.principal_cache import PrincipalCache
 from config_svc.principal_store import PrincipalSet, PrincipalStore
-from config_svc.principal_store_pg import NOTIFY_CHANNEL, PgPrincipalStore
+from config_svc.principal_store_pg import NOTIFY_CHANNEL, PgPrincipalStore, adopt_sqlite_file
 from config_svc.principal_store_sqlite import SqlitePrincipalStore
 from config_svc.revision_store import SCHEMA
 from config_svc.revision_store_pg import MIGRATIONS
@@ -149,3 +149,38 @@ async def test_a_change_through_one_replica_wakes_the_others_cache_by_notify(ope
     finally:
         await listener.stop()
         await cache.stop()
+
+
+@pytest.mark.parametrize("database_url", ["postgres"], indirect=True)
+async def test_leftover_sqlite_files_of_several_replicas_merge_without_undoing_a_revocation(
+    tmp_path: Path, open_store: Opener
+) -> None:
+    # Replica a's file: x and y issued, y revoked, a tokens-file hash revoked. Replica b's file
+    # started as a copy, then revoked x and issued z.
+    a_file = tmp_path / "a" / "principals.db"
+    a = SqlitePrincipalStore(a_file)
+    x, _ = await a.issue("x", Role.OPERATOR, [], "operator:admin")
+    y, _ = await a.issue("y", Role.CHANNEL, ["web", "sms"], "operator:admin")
+    await a.revoke_issued("y", "", "operator:admin")
+    await a.revoke_file_hash("ef" * 32, "channel", "operator:admin")
+    await a.close()
+    b_file = tmp_path / "b" / "principals.db"
+    b_file.parent.mkdir()
+    b_file.write_bytes(a_file.read_bytes())
+    b = SqlitePrincipalStore(b_file)
+    await b.revoke_issued("x", "", "operator:b")
+    z, _ = await b.issue("z", Role.AGENT, [], "operator:b")
+    await b.close()
+
+    store = await open_store()
+    assert isinstance(store, PgPrincipalStore)
+    assert await adopt_sqlite_file(store.db, b_file) == {"principals": 3, "revoked file principals": 1}
+    assert await adopt_sqlite_file(store.db, a_file) == {"principals": 2, "revoked file principals": 1}
+    got = await store.load()
+    assert [r.sha256 for r in got.active()] == [
+        z.sha256
+    ]  # a's file, where x is active, did not undo b's revocation
+    assert got.revoked_hashes() == {x.sha256, y.sha256, "ef" * 32}
+    assert next(r for r in got.issued if r.name == "y").channels == ("web", "sms")
+    assert not a_file.exists() and (a_file.parent / "principals.db.adopted").exists()
+    assert await adopt_sqlite_file(store.db, a_file) == {}  # once
