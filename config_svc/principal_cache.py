@@ -4,26 +4,21 @@ The store is the truth. This replica's own changes are applied right after their
 from the servicer). Changes committed through another replica (PostgreSQL) arrive as a wake-up: the
 trigger on `principals_head` NOTIFYs `flynn_config_principals`, heard by the config service's one
 LISTEN connection (flynn_runtime/pg_listen.py, which also calls `wake` on every safety poll, so a
-lost notification costs at most one poll interval). A wake-up reads the version (one small query)
-and loads everything only when it moved; `on_change` then gets the new set (the servicer applies it
-to this process's authenticator, which ends a revoked credential's streams, and pushes it to every
-WatchPrincipals stream). A set older than the one applied is never published. Plain domain code: no
-gRPC.
+lost notification costs at most one poll interval) and handled by the same `Follower` loop as the
+revision feed (config_svc/revision_feed.py). A wake-up reads the version (one small query) and
+loads everything only when it moved; `on_change` then gets the new set (the servicer applies it to
+this process's authenticator, which ends a revoked credential's streams, and pushes it to every
+WatchPrincipals stream). A set older than the one applied is never published. Plain domain code:
+no gRPC.
 """
 
 from __future__ import annotations
 
 import asyncio
-import contextlib
-import logging
 from collections.abc import Callable
 
 from config_svc.principal_store import PrincipalSet, PrincipalStore
-from flynn_runtime.errors import FlynnError
-
-log = logging.getLogger(__name__)
-
-RETRY_SECONDS = 0.5
+from flynn_runtime.pg_listen import Follower
 
 
 class PrincipalCache:
@@ -33,8 +28,7 @@ class PrincipalCache:
         self.current = PrincipalSet(version=-1)
         self.loads = 0
         self._lock = asyncio.Lock()
-        self._wake = asyncio.Event()
-        self._task: asyncio.Task[None] | None = None
+        self._follower = Follower("config-principal-cache", self.refresh)
 
     async def refresh(self) -> PrincipalSet:
         """Publish the store's principals if they changed since the last publication."""
@@ -49,26 +43,10 @@ class PrincipalCache:
             return self.current
 
     def wake(self) -> None:
-        self._wake.set()
+        self._follower.wake()
 
     def start(self) -> None:
-        if self._task is None:
-            self._task = asyncio.create_task(self._run(), name="config-principal-cache")
+        self._follower.start()
 
     async def stop(self) -> None:
-        if self._task is not None:
-            self._task.cancel()
-            with contextlib.suppress(asyncio.CancelledError):
-                await self._task
-            self._task = None
-
-    async def _run(self) -> None:
-        while True:
-            await self._wake.wait()
-            self._wake.clear()
-            try:
-                await self.refresh()
-            except FlynnError as e:  # the database is down: the next wake-up (or poll) retries
-                log.warning("principals not re-read", extra={"error": e.message[:200]})
-                await asyncio.sleep(RETRY_SECONDS)
-                self._wake.set()
+        await self._follower.stop()
