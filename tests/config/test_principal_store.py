@@ -1,8 +1,9 @@
 """The principal store on both backends (embedded SQLite, a real PostgreSQL): issue, revoke by name
 and by fingerprint, tokens-file revocations, versions, only hashes stored, and state that survives a
 reopen. On PostgreSQL also: two stores (two replicas' pools) on one database see each other's
-changes, concurrent revocations revoke once, and a change through one wakes the other's cache by
-NOTIFY alone."""
+changes, concurrent revocations revoke once, a change through one wakes the other's cache by
+NOTIFY alone (or, when the notification is lost, by the safety poll), and leftover SQLite files of
+an earlier release merge without undoing a revocation."""
 
 from __future__ import annotations
 
@@ -91,7 +92,16 @@ async def test_file_revocations_and_only_hashes_stored(open_store: Opener) -> No
     _, token = await store.issue("carol", Role.AGENT, [], "operator:admin")
     loaded = await store.load()
     assert set(loaded.revoked_file) == {"ab" * 32} and loaded.revoked_hashes() == {"ab" * 32}
-    assert token not in repr(loaded) and token.split("_", 1)[-1] not in repr(loaded)
+    # What is stored, read straight from the backend's table: hashes, never the token.
+    if isinstance(store, PgPrincipalStore):
+        async with store.db.connection() as c:
+            rows = await (await c.execute("SELECT * FROM principals_issued")).fetchall()
+    else:
+        assert isinstance(store, SqlitePrincipalStore)
+        rows = store.sqlite.execute("SELECT * FROM issued").fetchall()
+    stored = repr(rows)
+    assert hash_token(token) in stored
+    assert token not in stored and token.split("_", 1)[-1] not in stored and token not in repr(loaded)
 
 
 async def test_state_survives_a_reopen(open_store: Opener) -> None:
@@ -184,3 +194,28 @@ async def test_leftover_sqlite_files_of_several_replicas_merge_without_undoing_a
     assert next(r for r in got.issued if r.name == "y").channels == ("web", "sms")
     assert not a_file.exists() and (a_file.parent / "principals.db.adopted").exists()
     assert await adopt_sqlite_file(store.db, a_file) == {}  # once
+
+
+@pytest.mark.parametrize("database_url", ["postgres"], indirect=True)
+async def test_a_lost_notification_is_made_up_by_the_safety_poll(open_store: Opener) -> None:
+    a, b = await open_store(), await open_store()
+    assert isinstance(b, PgPrincipalStore)
+    seen: list[PrincipalSet] = []
+    cache = PrincipalCache(b, seen.append)
+    await cache.refresh()
+    cache.start()
+    # Listening on a channel nobody notifies: only the 0.2 s poll can wake the cache.
+    listener = Listener(b.db, ("flynn_test_silence",), cache.wake, poll_seconds=0.2)
+    listener.start()
+    try:
+        rec, _ = await a.issue("fay", Role.OPERATOR, [], "operator:admin")
+        async with asyncio.timeout(5):
+            while rec.sha256 not in {r.sha256 for r in seen[-1].active()}:  # noqa: ASYNC110
+                await asyncio.sleep(0.01)
+        assert listener.notifications == 0
+        loads = cache.loads
+        await asyncio.sleep(0.7)  # quiet polls read the version only
+        assert cache.loads == loads
+    finally:
+        await listener.stop()
+        await cache.stop()
