@@ -63,6 +63,9 @@ CREATE TRIGGER principals_notify AFTER UPDATE ON principals_head
 """
 
 _BUMP = "UPDATE principals_head SET version = version + 1 RETURNING version"
+# After copying from SQLite, whose in-memory version starts at the start time in milliseconds: the
+# version keeps growing across the move.
+_BUMP_PAST_SQLITE = "UPDATE principals_head SET version = GREATEST(version + 1, %s)"
 # Static statements; the columns are those row_to_record reads.
 _SELECT_ISSUED = (
     "SELECT sha256, name, role, channels, issued_by, issue_time, revoke_time"
@@ -168,7 +171,7 @@ async def import_rows(lite: sqlite3.Connection, cur: psycopg.AsyncCursor[Any], s
     """Copy a principals.db into the principal tables, inside the caller's transaction; the version
     moves on so replicas that load the copy publish it."""
     counts = await copy_tables(lite, cur, schema, TABLES)
-    await cur.execute(_BUMP)
+    await cur.execute(_BUMP_PAST_SQLITE, (int(time.time() * 1000),))
     return {"principals": counts["issued"], "revoked file principals": counts["revoked_file"]}
 
 
@@ -211,7 +214,7 @@ async def adopt_sqlite_file(db: Database, path: Path) -> Counts:
             )
         if revoked:
             await cur.executemany(_ADOPT_REVOKED_FILE, revoked)
-        await cur.execute(_BUMP)
+        await cur.execute(_BUMP_PAST_SQLITE, (int(time.time() * 1000),))
     await asyncio.to_thread(_set_aside, path)
     return {"principals": len(issued), "revoked file principals": len(revoked)}
 
