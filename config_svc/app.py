@@ -12,7 +12,11 @@ from flynn.v1 import principals_pb2_grpc
 
 from config_svc import metrics
 from config_svc.config_editor import ConfigEditor
-from config_svc.principal_store import PrincipalStore
+from config_svc.principal_cache import PrincipalCache
+from config_svc.principal_store import SQLITE_FILE as PRINCIPALS_FILE
+from config_svc.principal_store import PrincipalStore, open_principal_store
+from config_svc.principal_store_pg import NOTIFY_CHANNEL as PRINCIPALS_CHANNEL
+from config_svc.principal_store_pg import adopt_sqlite_file
 from config_svc.principals_servicer import PrincipalsServicer
 from config_svc.revision_feed import RevisionFeed
 from config_svc.revision_store import RevisionStore, open_revision_store
@@ -46,8 +50,8 @@ def add_args(p: argparse.ArgumentParser) -> None:
         "--revision-poll-seconds",
         type=float,
         default=float(os.environ.get("FLYNN_REVISION_POLL_SECONDS", "1")),
-        help="with a database: how often a replica re-reads the revision table even without a"
-        " NOTIFY wake-up, the safety net for a lost notification (FLYNN_REVISION_POLL_SECONDS)",
+        help="with a database: how often a replica re-reads the revision and principal tables even"
+        " without a NOTIFY wake-up, the safety net for a lost notification (FLYNN_REVISION_POLL_SECONDS)",
     )
     p.add_argument(
         "--watch-queue-size",
@@ -77,8 +81,9 @@ class ConfigApp(ServiceApp):
         self.store: RevisionStore | None = None
         self.hub = WatchHub(queue_size=queue_size)
         self.registry = WatcherRegistry()
-        self.principal_store = PrincipalStore(runtime.settings.data_dir / "config" / "principals.db")
-        self.principals = PrincipalsServicer(runtime, self.principal_store)
+        self.principal_store: PrincipalStore | None = None
+        self.principal_cache: PrincipalCache | None = None
+        self.principals = PrincipalsServicer(runtime)
         self._server: grpc.aio.Server | None = None
         self.poll_seconds = float(
             str(extra.get("revision_poll_seconds") or os.environ.get("FLYNN_REVISION_POLL_SECONDS", "1"))
@@ -94,6 +99,18 @@ class ConfigApp(ServiceApp):
 
     async def start(self) -> None:
         self.store = await open_revision_store(self.runtime)
+        # Principals live next to the revisions: the same SQLite data dir, or the same database.
+        shared = self.store.db if isinstance(self.store, PgRevisionStore) else None
+        if shared is not None:
+            leftover = self.runtime.settings.data_dir / PRINCIPALS_FILE
+            adopted = await adopt_sqlite_file(shared, leftover)
+            if adopted:
+                log.warning(
+                    "merged a leftover principals file into the database",
+                    extra={"path": str(leftover), **adopted},
+                )
+        self.principal_store = open_principal_store(self.runtime, shared)
+        self.principal_cache = await self.principals.attach(self.principal_store)
         self.editor = ConfigEditor(self.store)
         await self.editor.load()
         self.servicer = ConfigServicer(
@@ -118,12 +135,20 @@ class ConfigApp(ServiceApp):
         self.hub.head = self.editor.head_revision
         metrics.HEAD_REVISION.set(self.editor.head_revision)
         if isinstance(self.store, PgRevisionStore):
-            # Other replicas may commit too: follow the table, woken by NOTIFY, polled as a safety net.
+            # Other replicas may commit revisions and principals too: follow the tables, woken by
+            # NOTIFY on one LISTEN connection, polled as a safety net.
             self.feed = RevisionFeed(self.editor, self.servicer.publish)
             self.servicer.feed = self.feed
             self.feed.start()
+            self.principal_cache.start()
+            feed, principals = self.feed, self.principal_cache
+
+            def wake() -> None:
+                feed.wake()
+                principals.wake()
+
             self.listener = Listener(
-                self.store.db, (NOTIFY_CHANNEL,), self.feed.wake, poll_seconds=self.poll_seconds
+                self.store.db, (NOTIFY_CHANNEL, PRINCIPALS_CHANNEL), wake, poll_seconds=self.poll_seconds
             )
             self.listener.start()
             self.watcher_table = WatcherTable(
@@ -139,6 +164,8 @@ class ConfigApp(ServiceApp):
             await self.listener.stop()
         if self.feed is not None:
             await self.feed.stop()
+        if self.principal_cache is not None:
+            await self.principal_cache.stop()
         self.hub.close()
         if self.watcher_table is not None:
             await self.watcher_table.stop()
@@ -146,4 +173,5 @@ class ConfigApp(ServiceApp):
     async def close(self) -> None:
         if self.store is not None:
             await self.store.close()
-        self.principal_store.close()
+        if self.principal_store is not None:
+            await self.principal_store.close()

@@ -1,8 +1,10 @@
 """flynn.v1.Principals: issue, list and revoke tokens; tell a caller who it is; push the issued
 principals and revocations to every service (WatchPrincipals).
 
-Every change is applied to this process's own token store at once and sent to every open watch, so a
-revoked credential's open streams end within a second everywhere (flynn_runtime/interceptor.py).
+Writes go to the store (config_svc/principal_store.py: SQLite, or PostgreSQL shared by every
+replica). Every change, made here or through another replica, reaches this process's own token store
+and every open watch through the PrincipalCache (config_svc/principal_cache.py), so a revoked
+credential's open streams end within a second everywhere (flynn_runtime/interceptor.py).
 """
 
 from __future__ import annotations
@@ -16,7 +18,15 @@ from flynn.v1 import principals_pb2_grpc as pb_grpc
 from google.protobuf import timestamp_pb2
 from grpc.aio import ServicerContext
 
-from config_svc.principal_store import ISSUABLE_ROLES, NAME_RE, IssuedRecord, PrincipalStore
+from config_svc.principal_cache import PrincipalCache
+from config_svc.principal_store import (
+    FINGERPRINT_LEN,
+    ISSUABLE_ROLES,
+    NAME_RE,
+    IssuedRecord,
+    PrincipalSet,
+    PrincipalStore,
+)
 from flynn_runtime import auth, errors
 from flynn_runtime.auth import Principal, Role
 from flynn_runtime.principal_feed import PROTO_TO_ROLE, ROLE_TO_PROTO, apply_snapshot
@@ -25,7 +35,6 @@ from flynn_runtime.validation import Violations
 
 Ctx = ServicerContext[Any, Any]
 MAX_CHANNELS = 32
-FINGERPRINT_LEN = 16
 
 
 def _ts(t: float | None) -> timestamp_pb2.Timestamp | None:
@@ -63,27 +72,52 @@ def issued_proto(r: IssuedRecord) -> pb.Principal:
 
 
 class PrincipalsServicer(pb_grpc.PrincipalsServicer):
-    def __init__(self, runtime: Runtime, store: PrincipalStore) -> None:
+    """Serves once `attach`ed to the store (the config app does that in start(), before serving)."""
+
+    def __init__(self, runtime: Runtime) -> None:
         self._runtime = runtime
-        self._store = store
+        self._cache: PrincipalCache | None = None
         self._changed = asyncio.Event()
         self._lock = asyncio.Lock()
-        self.publish()
+
+    async def attach(self, store: PrincipalStore) -> PrincipalCache:
+        """Load the store and apply it; returns the cache that follows the store from now on."""
+        self._cache = PrincipalCache(store, self.publish)
+        await self._cache.refresh()
+        return self._cache
+
+    @property
+    def cache(self) -> PrincipalCache:
+        assert self._cache is not None, "PrincipalsServicer used before attach()"
+        return self._cache
+
+    @property
+    def _store(self) -> PrincipalStore:
+        return self.cache.store
 
     def snapshot(self) -> pb.WatchPrincipalsResponse:
-        snap = pb.WatchPrincipalsResponse(version=self._store.version)
-        for r in self._store.issued(include_revoked=False):
+        current = self.cache.current
+        snap = pb.WatchPrincipalsResponse(version=max(current.version, 0))
+        for r in current.active():
             snap.credentials.add(
                 sha256=r.sha256, name=r.name, role=ROLE_TO_PROTO[r.role], channels=r.channels
             )
-        snap.revoked_sha256.extend(sorted(self._store.revoked_hashes()))
+        snap.revoked_sha256.extend(sorted(current.revoked_hashes()))
         return snap
 
-    def publish(self) -> None:
-        """Apply the store to this process's own authenticator and wake every watch."""
+    def publish(self, _: PrincipalSet | None = None) -> None:
+        """Apply the cache to this process's own authenticator and wake every watch."""
         apply_snapshot(self._runtime, self.snapshot())
         self._changed.set()
         self._changed = asyncio.Event()
+
+    async def _after_write(self) -> None:
+        """Publish this replica's own change at once; if the store cannot be re-read right now (the
+        write did commit), the cache's loop retries."""
+        try:
+            await self.cache.refresh()
+        except errors.FlynnError:
+            self.cache.wake()
 
     async def IssueToken(self, request: pb.IssueTokenRequest, context: Ctx) -> pb.IssueTokenResponse:
         v = Violations()
@@ -107,10 +141,8 @@ class PrincipalsServicer(pb_grpc.PrincipalsServicer):
         v.raise_if_any()
         assert role is not None
         async with self._lock:
-            rec, token = await asyncio.to_thread(
-                self._store.issue, request.name, role, list(request.channels), auth.actor()
-            )
-            self.publish()
+            rec, token = await self._store.issue(request.name, role, list(request.channels), auth.actor())
+            await self._after_write()
         self._runtime.audit.record(
             "tokenIssued",
             name=rec.name,
@@ -123,7 +155,8 @@ class PrincipalsServicer(pb_grpc.PrincipalsServicer):
     async def ListPrincipals(
         self, request: pb.ListPrincipalsRequest, context: Ctx
     ) -> pb.ListPrincipalsResponse:
-        revoked_file = self._store.revoked_file()
+        current = await self._store.load()  # the store, not this replica's copy: the latest truth
+        revoked_file = current.revoked_file
         out = pb.ListPrincipalsResponse()
         for p in sorted(self._runtime.tokens.file_principals(), key=lambda p: (p.role.value, p.name)):
             gone = p.sha256 in revoked_file
@@ -133,7 +166,7 @@ class PrincipalsServicer(pb_grpc.PrincipalsServicer):
             if gone:
                 item.revoke_time.FromNanoseconds(int(revoked_file[p.sha256] * 1e9))
             out.principals.append(item)
-        for r in self._store.issued(include_revoked=request.include_revoked):
+        for r in current.issued if request.include_revoked else current.active():
             out.principals.append(issued_proto(r))
         return out
 
@@ -153,19 +186,17 @@ class PrincipalsServicer(pb_grpc.PrincipalsServicer):
         by = auth.actor()
         out = pb.RevokeTokenResponse()
         async with self._lock:
-            for r in await asyncio.to_thread(
-                self._store.revoke_issued, request.name, request.fingerprint, by
-            ):
+            for r in await self._store.revoke_issued(request.name, request.fingerprint, by):
                 out.revoked.append(issued_proto(r))
             for p in self._runtime.tokens.file_principals():
                 if (request.name and p.name == request.name) or (
                     request.fingerprint and p.fingerprint == request.fingerprint
                 ):
-                    if await asyncio.to_thread(self._store.revoke_file_hash, p.sha256, p.name, by):
+                    if await self._store.revoke_file_hash(p.sha256, p.name, by):
                         out.revoked.append(principal_proto(p, "file", True))
             if not out.revoked:
                 raise errors.not_found("principal", request.name or request.fingerprint)
-            self.publish()
+            await self._after_write()
         for p_out in out.revoked:
             self._runtime.audit.record(
                 "tokenRevoked",
@@ -181,8 +212,8 @@ class PrincipalsServicer(pb_grpc.PrincipalsServicer):
         p = auth.principal()
         if p is None:  # unreachable: the policy requires a token
             raise errors.unauthenticated("no credential", reason="MISSING_TOKEN")
-        issued = {r.sha256: r for r in self._store.issued(include_revoked=False)}
-        rec = issued.get(p.sha256)
+        # The caller was authenticated from this replica's copy, so it holds the caller's record.
+        rec = next((r for r in self.cache.current.active() if r.sha256 == p.sha256), None)
         proto = issued_proto(rec) if rec is not None else principal_proto(p, "file")
         return pb.WhoAmIResponse(principal=proto, client_address=auth.client_address())
 

@@ -18,15 +18,11 @@ code: no gRPC.
 from __future__ import annotations
 
 import asyncio
-import contextlib
-import logging
 from collections.abc import Callable
 
 from config_svc.config_editor import ConfigEditor
 from config_svc.revision_store import StoredRevision
-from flynn_runtime.errors import FlynnError
-
-log = logging.getLogger(__name__)
+from flynn_runtime.pg_listen import Follower
 
 BATCH = 256
 
@@ -37,9 +33,8 @@ class RevisionFeed:
         self.publish = publish
         self.applied = editor.head_revision
         self.catch_ups = 0
-        self._wake = asyncio.Event()
         self._lock = asyncio.Lock()
-        self._task: asyncio.Task[None] | None = None
+        self._follower = Follower("config-revision-feed", self.catch_up)
 
     def committed(self, s: StoredRevision) -> None:
         """This replica committed `s` (called right after COMMIT, before anything else awaits)."""
@@ -49,7 +44,7 @@ class RevisionFeed:
             self.wake()  # others committed in between and we have not read them yet
 
     def wake(self) -> None:
-        self._wake.set()
+        self._follower.wake()
 
     async def catch_up(self) -> None:
         """Publish every revision after `applied`, in order, reading the table."""
@@ -69,23 +64,7 @@ class RevisionFeed:
         self.applied = s.revision
 
     def start(self) -> None:
-        if self._task is None:
-            self._task = asyncio.create_task(self._run(), name="config-revision-feed")
+        self._follower.start()
 
     async def stop(self) -> None:
-        if self._task is not None:
-            self._task.cancel()
-            with contextlib.suppress(asyncio.CancelledError):
-                await self._task
-            self._task = None
-
-    async def _run(self) -> None:
-        while True:
-            await self._wake.wait()
-            self._wake.clear()
-            try:
-                await self.catch_up()
-            except FlynnError as e:  # the database is down: the next wake-up (or poll) retries
-                log.warning("config feed cannot read revisions", extra={"error": e.message[:200]})
-                await asyncio.sleep(0.5)
-                self._wake.set()
+        await self._follower.stop()

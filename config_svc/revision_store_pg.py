@@ -15,6 +15,10 @@ from pathlib import Path
 
 from psycopg.types.json import Jsonb
 
+from config_svc import principal_store_pg
+from config_svc.principal_store import SQLITE_FILE as PRINCIPALS_FILE
+from config_svc.principal_store_pg import MIGRATION_SQL as PRINCIPALS_SQL
+from config_svc.principal_store_sqlite import SqlitePrincipalStore
 from config_svc.revision_store import SCHEMA, StaleHead, StoredRevision
 from config_svc.revision_store_sqlite import SELECT as SQLITE_SELECT
 from config_svc.revision_store_sqlite import SqliteRevisionStore, row_to_revision
@@ -62,6 +66,7 @@ MIGRATIONS = [
         """,
     ),
     Migration(3, "every replica's watchers; replica liveness leases", WATCHERS_SQL),
+    Migration(4, "issued principals and revocations, shared by every replica", PRINCIPALS_SQL),
 ]
 
 #: The LISTEN/NOTIFY channel of committed revisions (migration 2).
@@ -170,9 +175,14 @@ _SQLITE_FILE = "config/config.db"
 
 
 async def import_sqlite(src: SqliteSource, db: Database) -> Counts:
+    """The revisions and (when the data dir has them) the issued principals, in one transaction."""
     with src.open(_SQLITE_FILE) as lite:
         rows = [row_to_revision(r) for r in lite.execute(SQLITE_SELECT + " ORDER BY revision")]
+    principals: Counts = {}
     async with db.transaction() as c, c.cursor() as cur:
+        if src.path(PRINCIPALS_FILE).exists():
+            with src.open(PRINCIPALS_FILE) as plite:
+                principals = await principal_store_pg.import_rows(plite, cur, db.schema)
         await cur.executemany(
             "INSERT INTO revisions (revision, kind, actor, reason, create_time_ns, diff, restored_revision, config)"
             " VALUES (%s, %s, %s, %s, %s, %s, %s, %s)",
@@ -191,7 +201,7 @@ async def import_sqlite(src: SqliteSource, db: Database) -> Counts:
             ],
         )
         await cur.execute("UPDATE head SET revision = %s", (max((s.revision for s in rows), default=0),))
-    return {"revisions": len(rows)}
+    return {"revisions": len(rows), **principals}
 
 
 async def export_sqlite(db: Database, dest: Path) -> Counts:
@@ -219,15 +229,21 @@ async def export_sqlite(db: Database, dest: Path) -> Counts:
             )
     finally:
         await store.close()
-    return {"revisions": len(rows)}
+    principals = SqlitePrincipalStore(dest / PRINCIPALS_FILE)
+    try:
+        counts = await principal_store_pg.export_rows(db, principals.sqlite)
+    finally:
+        await principals.close()
+    return {"revisions": len(rows), **counts}
 
 
 COPIER = StoreCopier(
     service="config",
     schema=SCHEMA,
     migrations=MIGRATIONS,
-    sqlite_files=(_SQLITE_FILE,),
+    sqlite_files=(_SQLITE_FILE, PRINCIPALS_FILE),
     import_sqlite=import_sqlite,
     export_sqlite=export_sqlite,
-    nonempty_query="SELECT count(*) FROM revisions",
+    nonempty_query="SELECT (SELECT count(*) FROM revisions) + (SELECT count(*) FROM principals_issued)"
+    " + (SELECT count(*) FROM principals_revoked_file)",
 )

@@ -25,6 +25,7 @@ import logging
 import os
 import random
 import struct
+import threading
 import time
 import zlib
 from pathlib import Path
@@ -46,7 +47,8 @@ _HEADER = struct.Struct(">qI")  # revision, crc32 of the config bytes
 def write_cache(path: Path, revision: int, blob: bytes) -> None:
     """Crash-safe: temp file, fsync, rename over, fsync the directory."""
     path.parent.mkdir(parents=True, exist_ok=True)
-    tmp = path.with_name(f".{path.name}.{os.getpid()}.tmp")
+    # A temp file per thread: the watch loop's write and stop()'s final write may overlap.
+    tmp = path.with_name(f".{path.name}.{os.getpid()}.{threading.get_ident()}.tmp")
     data = _MAGIC + _HEADER.pack(revision, zlib.crc32(blob)) + blob
     fd = os.open(tmp, os.O_WRONLY | os.O_CREAT | os.O_TRUNC, 0o600)
     try:

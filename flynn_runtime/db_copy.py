@@ -25,6 +25,9 @@ from collections.abc import Awaitable, Callable, Iterator, Sequence
 from contextlib import contextmanager
 from dataclasses import dataclass
 from pathlib import Path
+from typing import Any
+
+import psycopg
 
 from flynn_runtime.database import Database
 from flynn_runtime.pg_migrations import Migration
@@ -130,6 +133,13 @@ class Table:
     sqlite_exprs: tuple[tuple[str, str], ...] = ()
     #: JSON columns the SQLite store writes compactly (no spaces, UTF-8 kept), so an export is byte-equal.
     compact_json: tuple[str, ...] = ()
+    #: The PostgreSQL table when its name differs from the SQLite one.
+    pg_name: str = ""
+
+    @property
+    def target(self) -> str:
+        """The table's name in PostgreSQL."""
+        return self.pg_name or self.name
 
 
 def _quoted(columns: Sequence[str]) -> str:
@@ -138,41 +148,47 @@ def _quoted(columns: Sequence[str]) -> str:
 
 async def import_tables(lite: sqlite3.Connection, db: Database, tables: Sequence[Table]) -> Counts:
     """Copy `tables` from SQLite into the (empty) schema of `db` in one transaction."""
+    async with db.transaction() as c, c.cursor() as cur:
+        return await copy_tables(lite, cur, db.schema, tables)
+
+
+async def copy_tables(
+    lite: sqlite3.Connection, cur: psycopg.AsyncCursor[Any], schema: str, tables: Sequence[Table]
+) -> Counts:
+    """Copy `tables` from SQLite through `cur`, inside the caller's transaction (a store that copies
+    more than plain tables keeps everything in its one transaction)."""
     from psycopg import sql
 
     counts: Counts = {}
-    async with db.transaction() as c, c.cursor() as cur:
-        for t in tables:
-            exprs = dict(t.sqlite_exprs)
-            select = (
-                "SELECT " + ", ".join(exprs.get(col, f'"{col}"') for col in t.columns) + f' FROM "{t.name}"'
+    for t in tables:
+        exprs = dict(t.sqlite_exprs)
+        select = "SELECT " + ", ".join(exprs.get(col, f'"{col}"') for col in t.columns) + f' FROM "{t.name}"'
+        rows = lite.execute(select).fetchall()
+        out = []
+        for row in rows:
+            values: list[object] = []
+            for col, v in zip(t.columns, row, strict=True):
+                # JSON columns go over as their SQLite text (an untyped literal PostgreSQL casts to
+                # json or jsonb), so a json column keeps the exact text.
+                if col in t.flags:
+                    v = bool(v)
+                values.append(v)
+            out.append(tuple(values))
+        insert = sql.SQL("INSERT INTO {} ({}) VALUES ({})").format(
+            sql.Identifier(t.target),
+            sql.SQL(", ").join(sql.Identifier(col) for col in t.columns),
+            sql.SQL(", ").join(sql.Placeholder() for _ in t.columns),
+        )
+        if out:
+            await cur.executemany(insert, out)
+        if t.serial:
+            await cur.execute(
+                sql.SQL(
+                    "SELECT setval(pg_get_serial_sequence(%s, %s), COALESCE((SELECT MAX({}) FROM {}), 0) + 1, false)"
+                ).format(sql.Identifier(t.serial), sql.Identifier(t.target)),
+                (f"{schema}.{t.target}", t.serial),
             )
-            rows = lite.execute(select).fetchall()
-            out = []
-            for row in rows:
-                values: list[object] = []
-                for col, v in zip(t.columns, row, strict=True):
-                    # JSON columns go over as their SQLite text (an untyped literal PostgreSQL casts to
-                    # json or jsonb), so a json column keeps the exact text.
-                    if col in t.flags:
-                        v = bool(v)
-                    values.append(v)
-                out.append(tuple(values))
-            insert = sql.SQL("INSERT INTO {} ({}) VALUES ({})").format(
-                sql.Identifier(t.name),
-                sql.SQL(", ").join(sql.Identifier(col) for col in t.columns),
-                sql.SQL(", ").join(sql.Placeholder() for _ in t.columns),
-            )
-            if out:
-                await cur.executemany(insert, out)
-            if t.serial:
-                await cur.execute(
-                    sql.SQL(
-                        "SELECT setval(pg_get_serial_sequence(%s, %s), COALESCE((SELECT MAX({}) FROM {}), 0) + 1, false)"
-                    ).format(sql.Identifier(t.serial), sql.Identifier(t.name)),
-                    (f"{db.schema}.{t.name}", t.serial),
-                )
-            counts[t.name] = len(out)
+        counts[t.name] = len(out)
     return counts
 
 
@@ -185,7 +201,7 @@ async def export_tables(db: Database, lite: sqlite3.Connection, tables: Sequence
     async with db.connection() as c:
         for t in tables:
             query = sql.SQL("SELECT {} FROM {}").format(
-                sql.SQL(", ").join(sql.Identifier(col) for col in t.columns), sql.Identifier(t.name)
+                sql.SQL(", ").join(sql.Identifier(col) for col in t.columns), sql.Identifier(t.target)
             )
             fetched[t.name] = list(await (await c.execute(query)).fetchall())
     lite.execute("BEGIN IMMEDIATE")

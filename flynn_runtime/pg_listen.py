@@ -11,7 +11,9 @@ never trusted. `on_wake` is also called after every (re)connect, because notific
 the connection was down are lost.
 
 The connection is not from the pool (a LISTENing connection must stay checked out for as long as it
-listens); it reconnects with jittered backoff after any failure.
+listens); it reconnects with jittered backoff after any failure. `Follower` is the usual `on_wake`:
+a task that re-reads the table after each wake-up (config_svc/revision_feed.py,
+config_svc/principal_cache.py).
 """
 
 from __future__ import annotations
@@ -19,13 +21,14 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import logging
-from collections.abc import Callable, Sequence
+from collections.abc import Awaitable, Callable, Sequence
 
 import psycopg
 from psycopg import sql
 
 from flynn_runtime.backoff import Backoff
 from flynn_runtime.database import Database
+from flynn_runtime.errors import FlynnError
 
 log = logging.getLogger(__name__)
 
@@ -92,3 +95,48 @@ class Listener:
             finally:
                 with contextlib.suppress(Exception):
                     await conn.close()
+
+
+class Follower:
+    """The other half of a Listener: runs `catch_up` (re-read the table from where it stopped) after
+    wake-ups, one run at a time. Wake-ups that arrive during a run are folded into one more run; a
+    FlynnError (the database is down) is logged and retried after `retry_seconds`.
+
+        follower = Follower("config-revision-feed", feed.catch_up)
+        follower.start()
+        Listener(db, channels, follower.wake, poll_seconds).start()
+    """
+
+    def __init__(
+        self, name: str, catch_up: Callable[[], Awaitable[object]], retry_seconds: float = 0.5
+    ) -> None:
+        self.name = name
+        self.catch_up = catch_up
+        self.retry_seconds = retry_seconds
+        self._wake = asyncio.Event()
+        self._task: asyncio.Task[None] | None = None
+
+    def wake(self) -> None:
+        self._wake.set()
+
+    def start(self) -> None:
+        if self._task is None:
+            self._task = asyncio.create_task(self._run(), name=self.name)
+
+    async def stop(self) -> None:
+        if self._task is not None:
+            self._task.cancel()
+            with contextlib.suppress(asyncio.CancelledError):
+                await self._task
+            self._task = None
+
+    async def _run(self) -> None:
+        while True:
+            await self._wake.wait()
+            self._wake.clear()
+            try:
+                await self.catch_up()
+            except FlynnError as e:  # the database is down: retry (the next wake-up or poll would too)
+                log.warning("cannot catch up", extra={"follower": self.name, "error": e.message[:200]})
+                await asyncio.sleep(self.retry_seconds)
+                self._wake.set()

@@ -1,5 +1,6 @@
 """`flynn db import` then `flynn db export` round-trips a SQLite data dir through a real PostgreSQL:
-the same config revisions, reactions state and traces, nodes, tokens, events and artifact bytes."""
+the same config revisions and principals (issued, revoked, revoked tokens-file hashes), reactions
+state and traces, nodes, tokens, events and artifact bytes."""
 
 from __future__ import annotations
 
@@ -11,9 +12,14 @@ from pathlib import Path
 
 from flynn.v1 import config_pb2, nodes_pb2, reactions_pb2
 
+from config_svc.principal_store_pg import PgPrincipalStore
+from config_svc.principal_store_sqlite import SqlitePrincipalStore
+from config_svc.revision_store import SCHEMA as CONFIG_SCHEMA
+from config_svc.revision_store_pg import MIGRATIONS as CONFIG_MIGRATIONS
 from config_svc.revision_store_sqlite import SqliteRevisionStore
 from flynn_launcher.local_postgres import LocalPostgres
 from flynn_runtime.audit import AuditLog
+from flynn_runtime.auth import Role
 from flynn_runtime.config_source import StaticConfig
 from flynn_runtime.database import Database
 from flynn_runtime.database_url import parse_database_url
@@ -46,6 +52,15 @@ async def make_data_dir(mesh: Path) -> None:
     for i in range(30):
         await revs.append(2, "op", f"change {i}", [("a.b", str(i), str(i + 1))], f"config {i}".encode())
     await revs.close()
+
+    principals = SqlitePrincipalStore(mesh / "config" / "config" / "principals.db")
+    await principals.issue("alice", Role.OPERATOR, [], "operator:admin")
+    await principals.issue("telegram-bot", Role.CHANNEL, ["telegram", "télé"], "operator:alice")
+    await principals.issue("old-bot", Role.CHANNEL, ["sms"], "operator:alice")
+    await principals.issue("agent-1", Role.AGENT, [], "operator:alice")
+    await principals.revoke_issued("old-bot", "", "operator:alice")
+    await principals.revoke_file_hash("ab" * 32, "channel", "operator:alice")
+    await principals.close()
 
     store = SqliteReactionStore(mesh / "reactions" / "reactions")
     rs = RuleSet(
@@ -147,7 +162,7 @@ async def test_import_then_export_round_trips_a_data_dir(
 
     imported = flynn("db", "import", "--data-dir", str(a), *common)
     assert imported.returncode == 0, imported.stderr
-    assert "config: imported 30 revisions" in imported.stdout
+    assert "config: imported 30 revisions, 4 principals, 1 revoked file principals" in imported.stdout
     assert "artifact_versions" in imported.stdout
     assert "queue: imported 4 sessions" in imported.stdout, imported.stdout
 
@@ -155,7 +170,21 @@ async def test_import_then_export_round_trips_a_data_dir(
     again = flynn("db", "import", "--data-dir", str(a), *common)
     assert again.returncode == 2 and "schema flynn_config" in again.stderr and "already holds" in again.stderr
 
-    # The PostgreSQL backend serves what was copied (bytes and hashes included).
+    # The PostgreSQL backends serve what was copied (principals, bytes and hashes included).
+    config_db = await Database.open(
+        parse_database_url(url, pw), service="t", schema=CONFIG_SCHEMA, migrations=CONFIG_MIGRATIONS
+    )
+    try:
+        got = await PgPrincipalStore(config_db).load()
+        assert got.version > 0
+        assert [(r.name, r.channels) for r in got.active()] == [
+            ("alice", ()),
+            ("telegram-bot", ("telegram", "télé")),
+            ("agent-1", ()),
+        ]
+        assert len(got.revoked_hashes()) == 2 and "ab" * 32 in got.revoked_hashes()
+    finally:
+        await config_db.close()
     db = await Database.open(
         parse_database_url(url, pw), service="t", schema=NODES_SCHEMA, migrations=NODES_MIGRATIONS
     )
@@ -174,6 +203,7 @@ async def test_import_then_export_round_trips_a_data_dir(
     assert exported.returncode == 0, exported.stderr
     for rel in (
         "config/config/config.db",
+        "config/config/principals.db",
         "reactions/reactions/reactions.db",
         "nodes/nodes/nodes.sqlite",
         "nodes/canvas/index.sqlite",
