@@ -21,7 +21,7 @@ from flynn_runtime.server import Runtime
 from flynn_runtime.validation import Violations, page_size
 from queue_svc import access, metrics, run_trace
 from queue_svc.fanout import Fanout, Stopped, Subscription
-from queue_svc.forwarding import OwnerUnreachable, Peers
+from queue_svc.forwarding import OwnerMoved, OwnerUnreachable, Peers
 from queue_svc.ownership import NotOwner
 from queue_svc.run_control import CancelInput, RunControl, SubmitInput, run_to_proto
 
@@ -89,8 +89,12 @@ class RunControlServicer(pb_grpc.RunControlServicer):
                 return await serve()
             except NotOwner as e:
                 try:
-                    return await self._peers.forward(method, request, context, e.address, deadline)
+                    return await self._peers.forward(method, request, context, e.address, deadline, e.hinted)
+                except OwnerMoved:
+                    self.rc.forget_owner(e.session_key)  # a stale hint: look the owner up afresh
+                    continue
                 except OwnerUnreachable:
+                    self.rc.forget_owner(e.session_key)
                     wait = max(e.expires_in, 0.0) + 0.05
                     if time.monotonic() + wait >= deadline:
                         raise errors.unavailable(
