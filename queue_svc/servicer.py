@@ -84,26 +84,33 @@ class RunControlServicer(pb_grpc.RunControlServicer):
         it to the owner (ownership.py). When the owner cannot be reached (it died, or is paused), wait
         for its lease to expire, then adopt the session here, within the caller's deadline."""
         deadline = time.monotonic() + downstream_timeout(context, 30.0)
+        unreachable: set[str] = set()
         while True:
             try:
                 return await serve()
             except NotOwner as e:
-                try:
-                    return await self._peers.forward(method, request, context, e.address, deadline, e.hinted)
-                except OwnerMoved:
-                    self.rc.forget_owner(e.session_key)  # a stale hint: look the owner up afresh
-                    continue
-                except OwnerUnreachable:
-                    self.rc.forget_owner(e.session_key)
-                    wait = max(e.expires_in, 0.0) + 0.05
-                    if time.monotonic() + wait >= deadline:
-                        raise errors.unavailable(
-                            f"the run-control replica owning session {e.session_key!r} is unreachable; "
-                            "its lease has not expired yet: retry",
-                            reason="SESSION_OWNER_UNREACHABLE",
-                            retry_after=wait,
-                        ) from None
-                    await asyncio.sleep(wait)
+                if e.address not in unreachable:
+                    try:
+                        return await self._peers.forward(
+                            method, request, context, e.address, deadline, e.hinted
+                        )
+                    except OwnerMoved:
+                        self.rc.forget_owner(e.session_key)  # a stale hint: look the owner up afresh
+                        continue
+                    except OwnerUnreachable:
+                        self.rc.forget_owner(e.session_key)
+                        unreachable.add(e.address)
+                        if e.hinted:
+                            continue  # the lease read afresh says who owns it now, or how long to wait
+                wait = max(e.expires_in, 0.0) + 0.05
+                if time.monotonic() + wait >= deadline:
+                    raise errors.unavailable(
+                        f"the run-control replica owning session {e.session_key!r} is unreachable; "
+                        "its lease has not expired yet: retry",
+                        reason="SESSION_OWNER_UNREACHABLE",
+                        retry_after=wait,
+                    ) from None
+                await asyncio.sleep(wait)
 
     async def SubmitMessage(
         self, request: pb.SubmitMessageRequest, context: ServicerContext[Any, Any]
