@@ -26,6 +26,10 @@ from flynn_runtime.channels import client_channel
 from queue_svc import metrics
 
 FORWARDED = "x-flynn-forwarded"
+#: Trailing metadata of a call about a session served by its owner: the owner's advertised address,
+#: so a gateway that reaches the replicas through a list of addresses can send the session's next
+#: calls (a cancel above all) straight there instead of paying a forwarding hop.
+OWNER = "x-flynn-owner"
 #: One forwarded attempt's timeout: far above a healthy owner's answer (ms), short enough that a
 #: paused owner costs about one lease, not the caller's whole deadline.
 ATTEMPT_SECONDS = 2.0
@@ -87,7 +91,12 @@ class Peers:
         metrics.SESSIONS_FORWARDED.labels(method).inc()
         t0 = time.perf_counter()
         try:
-            return await getattr(self.stub(address), method)(request, timeout=timeout, metadata=metadata)
+            call = getattr(self.stub(address), method)(request, timeout=timeout, metadata=metadata)
+            response = await call
+            owner = [(k, v) for k, v in _pairs(await call.trailing_metadata()) if k == OWNER]
+            if owner:
+                context.set_trailing_metadata(owner)
+            return response
         except grpc.aio.AioRpcError as e:
             code = e.code()
             trailing = _pairs(e.trailing_metadata())

@@ -14,10 +14,12 @@ from __future__ import annotations
 
 import asyncio
 import time
+import urllib.request
 from pathlib import Path
 
 import grpc
 import psycopg
+from flynn.v1 import gateway_pb2, gateway_pb2_grpc
 from flynn.v1 import run_control_pb2 as pb
 from flynn.v1 import run_control_pb2_grpc as pb_grpc
 
@@ -103,3 +105,62 @@ def _epoch(mesh: QueueReplicas) -> int:
         ).fetchone()
     assert row is not None
     return int(row[0])
+
+
+def _forwarded_cancels(mesh: QueueReplicas) -> int:
+    total = 0
+    for i, proc in enumerate(mesh.queue):
+        if i in mesh.dead:
+            continue
+        port = int((proc.data_dir / ".queue.port").read_text().split()[1])
+        with urllib.request.urlopen(f"http://127.0.0.1:{port}/metrics", timeout=5) as r:
+            text = r.read().decode()
+        total += sum(
+            int(float(line.rsplit(" ", 1)[1]))
+            for line in text.splitlines()
+            if line.startswith('flynn_queue_calls_forwarded_total{method="CancelRun"}')
+        )
+    return total
+
+
+async def test_the_gateway_sends_cancels_straight_to_the_owner(
+    tmp_path: Path, tokens: Tokens, postgres_url: str
+) -> None:
+    """Gateway/SendMessage learns each session's owner from the replica's answer (x-flynn-owner), so
+    Gateway/CancelRun reaches the owner directly: no cancel is forwarded between replicas. When that
+    owner dies, the cancel goes to any replica instead, which waits for the lease and answers."""
+    mesh = QueueReplicas(tmp_path, tokens, postgres_url, replicas=3, config_yaml=CONFIG, lease_seconds=2.0)
+    mesh.start()
+    md = tokens.md("operator")
+    try:
+        assert mesh.gateway is not None
+        async with grpc.aio.insecure_channel(mesh.gateway.address) as ch:
+            gw = gateway_pb2_grpc.GatewayStub(ch)
+
+            async def send(session: str) -> str:
+                r = await gw.SendMessage(
+                    gateway_pb2.SendMessageRequest(channel="t", session_key=session, text="work", idempotency_key="k"),
+                    metadata=md, timeout=10,
+                )  # fmt: skip
+                return str(r.run_id)
+
+            runs = [await send(f"g{i}") for i in range(9)]
+            assert len(mesh.owners()) == 3, mesh.owners()  # round-robin spread the sessions
+            for run_id in runs:
+                resp = await gw.CancelRun(
+                    gateway_pb2.GatewayCancelRunRequest(run_id=run_id, reason="stop"), metadata=md, timeout=10
+                )
+                assert resp.outcome == pb.CANCEL_OUTCOME_CANCEL_REQUESTED, resp
+            assert await asyncio.to_thread(_forwarded_cancels, mesh) == 0
+
+            # The remembered owner dies: the cancel still gets its answer (another replica adopts).
+            run_id = await send("g-last")
+            victim = mesh.index_of(mesh.leases()["g-last"][0])
+            mesh.kill(victim)
+            resp = await gw.CancelRun(
+                gateway_pb2.GatewayCancelRunRequest(run_id=run_id, reason="stop"), metadata=md, timeout=15
+            )
+            assert resp.run_id == run_id
+            assert mesh.index_of(mesh.leases()["g-last"][0]) != victim
+    finally:
+        mesh.stop()
