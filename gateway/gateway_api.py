@@ -51,10 +51,9 @@ class Owners:
     or stale entry costs nothing but that hop: the replica reached forwards to the real owner."""
 
     def __init__(self, replicas: str) -> None:
-        listed = (
-            [a.strip() for a in replicas.split(",")] if "," in replicas and ":///" not in replicas else []
-        )
-        self.replicas = frozenset(a for a in listed if a and not a.startswith(("ipv4:", "ipv6:")))
+        bare = replicas.removeprefix("ipv4:").removeprefix("ipv6:")
+        listed = [a.strip() for a in bare.split(",")] if "," in bare and ":///" not in bare else []
+        self.replicas = frozenset(a for a in listed if a)
         self._by_key: dict[str, str] = {}
 
     def remember(self, trailing: object, *keys: str) -> None:
