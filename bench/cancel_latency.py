@@ -209,7 +209,7 @@ def main() -> None:
                 after = scrape(queue)
                 cpu_after = {p.service: cpu_seconds(p) for p in procs}
                 cpu = {k: cpu_after[k] - cpu_before[k] for k in cpu_after}
-                results.append((callers, acks, settles, before, after, cpu))
+                results.append((callers, acks, settles, before, after, cpu, os.getloadavg()[0]))
                 before, cpu_before = after, cpu_after
         finally:
             for p in reversed(procs):
@@ -219,10 +219,10 @@ def main() -> None:
         if via_gateway
         else "direct to queue_svc (RunControl/CancelRun)"
     )
-    for callers, acks, settles, before, after, cpu in results:
+    for callers, acks, settles, before, after, cpu, load in results:
         print(
             f"cancel latency, {args.sessions} sessions streaming, {len(acks)} cancels, {callers} cancelling "
-            f"caller(s) at a time, {path}"
+            f"caller(s) at a time, {path} (load average {load:.1f} at the end of the phase)"
         )
         print(
             f"  cancel-to-ack:       p50 {pct(acks, 50):.2f} ms  p95 {pct(acks, 95):.2f} ms  p99 {pct(acks, 99):.2f} ms"
