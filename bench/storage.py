@@ -189,7 +189,8 @@ def main() -> None:
         from bench import storage_queue
 
         storage_queue.print_rows(results, args)
-    print("(commit -> applied by all watchers: the two `propagation to ALL` lines above)")
+    if not args.only_cancel:
+        print("(commit -> applied by all watchers: the two `propagation to ALL` lines above)")
 
 
 if __name__ == "__main__":
