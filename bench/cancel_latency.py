@@ -209,7 +209,7 @@ def main() -> None:
                 after = scrape(queue)
                 cpu_after = {p.service: cpu_seconds(p) for p in procs}
                 cpu = {k: cpu_after[k] - cpu_before[k] for k in cpu_after}
-                results.append((callers, acks, settles, before, after, cpu))
+                results.append((callers, acks, settles, before, after, cpu, os.getloadavg()[0]))
                 before, cpu_before = after, cpu_after
         finally:
             for p in reversed(procs):
@@ -219,10 +219,10 @@ def main() -> None:
         if via_gateway
         else "direct to queue_svc (RunControl/CancelRun)"
     )
-    for callers, acks, settles, before, after, cpu in results:
+    for callers, acks, settles, before, after, cpu, load in results:
         print(
             f"cancel latency, {args.sessions} sessions streaming, {len(acks)} cancels, {callers} cancelling "
-            f"caller(s) at a time, {path}"
+            f"caller(s) at a time, {path} (load average {load:.1f} at the end of the phase)"
         )
         print(
             f"  cancel-to-ack:       p50 {pct(acks, 50):.2f} ms  p95 {pct(acks, 95):.2f} ms  p99 {pct(acks, 99):.2f} ms"
@@ -233,15 +233,25 @@ def main() -> None:
         per = ", ".join(f"{k} {v / len(acks) * 1000:.2f} ms" for k, v in cpu.items())
         print(f"  CPU per cancel (whole phase: streaming runs, watch, submits included): {per}")
         print("  server side (queue_svc histograms over this phase, bucket bounds):")
+        means: dict[str, float] = {}
         for name in (
             "flynn_cancel_to_ack_seconds",
             "flynn_cancel_to_cancelled_seconds",
+            "flynn_queue_batch_wait_seconds",
             "flynn_queue_commit_seconds",
         ):
             b, total, n = delta(histogram(before, name), histogram(after, name))
             qs = "  ".join(f"p{int(q * 100)} {bucket_quantile(b, n, q)}" for q in (0.5, 0.95, 0.99))
             mean = f", mean {total / n * 1000:.2f} ms" if n else ""
+            means[name] = total / n * 1000 if n else float("nan")
             print(f"    {name}: {qs}  (n={int(n)}{mean})")
+        outside = sum(acks) / len(acks) - means["flynn_cancel_to_ack_seconds"]
+        print(
+            f"  where the time goes (means): server handler->ack {means['flynn_cancel_to_ack_seconds']:.2f} ms "
+            f"(of which: a batch waits for the one in flight {means['flynn_queue_batch_wait_seconds']:.2f} ms, "
+            f"a commit takes {means['flynn_queue_commit_seconds']:.2f} ms); outside the handler "
+            f"({'gateway, ' if via_gateway else ''}transport, client) {outside:.2f} ms"
+        )
 
 
 def delta(

@@ -3,6 +3,8 @@
     .venv/bin/python -m bench.scale_out [--replicas 1,2,3] [--messages 2000] [--concurrency 32]
         [--sessions 100] [--cancel-sessions 50] [--cancel-rounds 2] [--kills 20] [--lease 5]
 
+(`--messages 0 --kills 0`: only the cancel rows.)
+
 Starts a throwaway PostgreSQL (initdb + pg_ctl, fsync on), then for each replica count a fresh
 database, N run-control processes (`--database-url`, default lease unless --lease) and a gateway whose
 queue address is the list of replicas (calls balanced round-robin; a call reaching a replica that does
@@ -12,7 +14,8 @@ not own its session is forwarded to the owner). Prints per replica count:
   `--sessions` sessions (followup mode, built-in agent at zero think time) through the gateway; the
   final is seen on a StreamReplies stream through the gateway;
 - cancel-to-ack p50/p99 through the gateway, cancels one at a time, with `--cancel-sessions` runs
-  streaming (bench/cancel_latency's load);
+  streaming (bench/cancel_latency's load), the share of cancels a replica forwarded to the session's
+  owner and the mean forwarding hop (flynn_queue_forward_seconds);
 - failover pause (N >= 2): SIGKILL the replica owning the most sessions, then call SubmitMessage on a
   session it owned until one succeeds: kill -> first successful call, p50/max over `--kills` kills (the
   killed replica is restarted, with the same id, between kills).
@@ -39,6 +42,8 @@ from tests.support.mesh import make_tokens
 from tests.support.replicas import QueueReplicas
 
 pct = cancel_latency.pct
+#: The forwarding hop of CancelRun (queue_svc/forwarding.py), from the replicas' /metrics.
+FORWARD_CANCEL = "flynn_queue_forward_seconds"
 
 THROUGHPUT_CONFIG = """
 server:
@@ -130,22 +135,23 @@ async def failover(mesh: QueueReplicas, token: str, kills: int) -> list[float]:
 def measure(root: Path, server: LocalPostgres, n: int, args: argparse.Namespace) -> dict[str, object]:
     tokens = make_tokens(root)
     out: dict[str, object] = {}
-    url = server.create_database(f"scale_tp_{n}")
-    mesh = QueueReplicas(
-        root / "tp", tokens, url, replicas=n, config_yaml=THROUGHPUT_CONFIG, lease_seconds=args.lease
-    )
-    mesh.start()
-    try:
-        assert mesh.gateway is not None
-        out.update(
-            asyncio.run(
-                throughput(
-                    mesh.gateway.address, tokens.operator, args.messages, args.concurrency, args.sessions
+    if args.messages > 0:
+        url = server.create_database(f"scale_tp_{n}")
+        mesh = QueueReplicas(
+            root / "tp", tokens, url, replicas=n, config_yaml=THROUGHPUT_CONFIG, lease_seconds=args.lease
+        )
+        mesh.start()
+        try:
+            assert mesh.gateway is not None
+            out.update(
+                asyncio.run(
+                    throughput(
+                        mesh.gateway.address, tokens.operator, args.messages, args.concurrency, args.sessions
+                    )
                 )
             )
-        )
-    finally:
-        mesh.stop()
+        finally:
+            mesh.stop()
     url = server.create_database(f"scale_cx_{n}")
     mesh = QueueReplicas(
         root / "cx", tokens, url, replicas=n, config_yaml=cancel_latency.CONFIG, lease_seconds=args.lease
@@ -158,6 +164,16 @@ def measure(root: Path, server: LocalPostgres, n: int, args: argparse.Namespace)
                                args.cancel_rounds, 1, f"n{n}")
         )  # fmt: skip
         out["cancel_p50"], out["cancel_p99"] = pct(acks, 50), pct(acks, 99)
+        hops = total = 0.0
+        for q in mesh.queue:
+            for line in cancel_latency.scrape(q).splitlines():
+                if line.startswith(f'{FORWARD_CANCEL}_count{{method="CancelRun"}}'):
+                    hops += float(line.rsplit(" ", 1)[1])
+                elif line.startswith(f'{FORWARD_CANCEL}_sum{{method="CancelRun"}}'):
+                    total += float(line.rsplit(" ", 1)[1])
+        out["forwarded"] = hops / len(acks) * 100 if acks else 0.0
+        if hops:
+            out["forward_mean"] = total / hops * 1000
         if n >= 2 and args.kills > 0:
             pauses = asyncio.run(failover(mesh, tokens.operator, args.kills))
             out["pause_p50"], out["pause_max"], out["kills"] = pct(pauses, 50), max(pauses), len(pauses)
@@ -169,7 +185,7 @@ def measure(root: Path, server: LocalPostgres, n: int, args: argparse.Namespace)
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("--replicas", default="1,2,3")
-    ap.add_argument("--messages", type=int, default=2000)
+    ap.add_argument("--messages", type=int, default=2000, help="0: leave the throughput phase out")
     ap.add_argument("--concurrency", type=int, default=32)
     ap.add_argument("--sessions", type=int, default=100)
     ap.add_argument("--cancel-sessions", type=int, default=50)
@@ -207,6 +223,8 @@ def main() -> None:
     row("submit->final p99 (ms)", "final_p99")
     row("cancel-to-ack via gateway p50 (ms)", "cancel_p50")
     row("cancel-to-ack via gateway p99 (ms)", "cancel_p99")
+    row("cancels forwarded to the owner (%)", "forwarded", "{:.0f}")
+    row("forwarding hop mean (ms)", "forward_mean")
     row("failover pause p50 (s)", "pause_p50")
     row("failover pause max (s)", "pause_max")
     row("kills", "kills", "{}")

@@ -14,7 +14,8 @@ asserted. Bounded: every call has a timeout; the run takes about two minutes.
 
 Run control's figures (bench/storage_queue.py, the same loads as bench/message_throughput and
 bench/cancel_latency): submit->ack p50/p99 unloaded and with 32 callers, sustained msg/s, and
-cancel-to-ack p50/p99 through the gateway one at a time and 8 at once. `--no-queue` leaves them out.
+cancel-to-ack p50/p99 through the gateway one at a time and 8 at once. `--no-queue` leaves them out;
+`--only-cancel` prints only the cancel-to-ack rows (about a minute).
 """
 
 from __future__ import annotations
@@ -145,6 +146,8 @@ def main() -> None:
     p.add_argument("--concurrency", type=int, default=32, help="run control: submitting callers")
     p.add_argument("--sessions", type=int, default=100, help="run control: streaming runs per cancel round")
     p.add_argument("--rounds", type=int, default=3, help="run control: cancel rounds per phase")
+    p.add_argument("--only-cancel", action="store_true",
+                   help="only run control's cancel-to-ack rows (skips config, canvas and message throughput)")  # fmt: skip
     args = p.parse_args()
     sys.path[:0] = [str(ROOT), str(ROOT / "gen")]
     from flynn_launcher.local_postgres import LocalPostgres
@@ -156,11 +159,13 @@ def main() -> None:
         server.init()
         server.start()
         url = server.create_database("bench")
-        results = {
-            "SQLite": run_backend("SQLite", tmp / "sqlite", "", args),
-            "PostgreSQL": run_backend("PostgreSQL", tmp / "pg", url, args),
-        }
-        if not args.no_queue:
+        results: dict[str, dict[str, Any]] = {"SQLite": {}, "PostgreSQL": {}}
+        if not args.only_cancel:
+            results = {
+                "SQLite": run_backend("SQLite", tmp / "sqlite", "", args),
+                "PostgreSQL": run_backend("PostgreSQL", tmp / "pg", url, args),
+            }
+        if not args.no_queue or args.only_cancel:
             from bench import storage_queue
 
             for label, qurl in (("SQLite", ""), ("PostgreSQL", server.create_database("bench_queue"))):
@@ -178,13 +183,14 @@ def main() -> None:
         ("canvas 64 KiB put p99 (ms)", "canvas", 1),
         ("canvas 64 KiB puts/s, 4 callers", "canvas", 2),
     ]
-    for name, key, i in rows:
+    for name, key, i in rows if not args.only_cancel else []:
         print(f"{name:44} {results['SQLite'][key][i]:12.2f} {results['PostgreSQL'][key][i]:12.2f}")
-    if not args.no_queue:
+    if not args.no_queue or args.only_cancel:
         from bench import storage_queue
 
         storage_queue.print_rows(results, args)
-    print("(commit -> applied by all watchers: the two `propagation to ALL` lines above)")
+    if not args.only_cancel:
+        print("(commit -> applied by all watchers: the two `propagation to ALL` lines above)")
 
 
 if __name__ == "__main__":

@@ -1,6 +1,7 @@
 """Run control on each storage backend: SQLite (embedded default) and PostgreSQL 15, in one run.
 
     .venv/bin/python -m bench.storage_queue [--messages 3000] [--concurrency 32] [--sessions 100] [--rounds 3]
+        [--backends sqlite,postgresql] [--only-cancel]
 
 (bench/storage runs this too, beside the config and canvas figures.)
 
@@ -24,7 +25,7 @@ import asyncio
 import os
 import tempfile
 import time
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from contextlib import contextmanager
 from pathlib import Path
 
@@ -122,7 +123,7 @@ def cancels(root: Path, url: str, args: argparse.Namespace) -> dict[str, object]
 def figures(base: Path, url: str, server: LocalPostgres, args: argparse.Namespace) -> dict[str, object]:
     """Run control's figures on one backend ("" = SQLite); each phase gets a fresh database."""
     base.mkdir(parents=True)
-    t = throughput(base / "tp", url, args)
+    t = {} if getattr(args, "only_cancel", False) else throughput(base / "tp", url, args)
     url2 = server.create_database(f"{url.rsplit('/', 1)[1]}_cancel") if url else ""
     return {**t, **cancels(base / "cx", url2, args)}
 
@@ -148,6 +149,8 @@ def print_rows(results: dict[str, dict[str, object]], args: argparse.Namespace) 
         ("cancel-to-ack via gateway, 8 at once p50", "cancel8", 0),
         ("cancel-to-ack via gateway, 8 at once p99", "cancel8", 1),
     ]
+    if getattr(args, "only_cancel", False):
+        rows = [r for r in rows if r[1].startswith("cancel")]
     for name, key, i in rows:
         print(f"{name:44} " + " ".join(f"{cell(n, key, i):>12}" for n in names))
 
@@ -159,6 +162,9 @@ def main() -> None:
     ap.add_argument("--sessions", type=int, default=100, help="streaming runs per cancel round")
     ap.add_argument("--rounds", type=int, default=3)
     ap.add_argument("--backends", default="sqlite,postgresql", help="which columns to measure")
+    ap.add_argument(
+        "--only-cancel", action="store_true", help="only the cancel-to-ack phases (no throughput)"
+    )
     args = ap.parse_args()
     results: dict[str, dict[str, object]] = {}
     with tempfile.TemporaryDirectory(prefix="flynn-bench-storage-") as d:
@@ -191,20 +197,8 @@ def report(results: dict[str, dict[str, object]], args: argparse.Namespace) -> N
     def f(key: str) -> list[str]:
         return [f"{float(results[n][key]):.2f}" for n in names]  # type: ignore[arg-type]
 
-    print(
-        _row(
-            "submit->ack unloaded p50 / p99 (ms)",
-            [f"{a} / {b}" for a, b in zip(f("solo_p50"), f("solo_p99"), strict=True)],
-        )
-    )
-    print(
-        _row(
-            f"submit->ack {args.concurrency} callers p50 / p99 (ms)",
-            [f"{a} / {b}" for a, b in zip(f("ack_p50"), f("ack_p99"), strict=True)],
-        )
-    )
-    rates = [f"{float(results[n]['rate']):.0f}" for n in names]  # type: ignore[arg-type]
-    print(_row("sustained msg/s (submit->final, followup)", rates))
+    if not args.only_cancel:
+        print_throughput(names, results, args, f)
     for callers in (1, 8):
         vals = []
         for n in names:
@@ -219,6 +213,28 @@ def report(results: dict[str, dict[str, object]], args: argparse.Namespace) -> N
         total, count = float(commit[1]), float(commit[2])
         vals.append(f"{total / count * 1000:.2f}" if count else "n/a")
     print(_row("group commit mean during cancels (ms)", vals))
+
+
+def print_throughput(
+    names: list[str],
+    results: dict[str, dict[str, object]],
+    args: argparse.Namespace,
+    f: Callable[[str], list[str]],
+) -> None:
+    print(
+        _row(
+            "submit->ack unloaded p50 / p99 (ms)",
+            [f"{a} / {b}" for a, b in zip(f("solo_p50"), f("solo_p99"), strict=True)],
+        )
+    )
+    print(
+        _row(
+            f"submit->ack {args.concurrency} callers p50 / p99 (ms)",
+            [f"{a} / {b}" for a, b in zip(f("ack_p50"), f("ack_p99"), strict=True)],
+        )
+    )
+    rates = [f"{float(results[n]['rate']):.0f}" for n in names]  # type: ignore[arg-type]
+    print(_row("sustained msg/s (submit->final, followup)", rates))
 
 
 if __name__ == "__main__":

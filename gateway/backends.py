@@ -64,6 +64,17 @@ class Backends:
             self._channels[backend] = ch
         return ch
 
+    def replica_channel(self, backend: str, address: str) -> grpc.aio.Channel:
+        """A channel to one replica of a backend whose address setting lists several (kept)."""
+        key = f"{backend}@{address}"
+        ch = self._channels.get(key)
+        if ch is None:
+            ch = open_channel(
+                address, backend_options(self._settings.max_message_bytes, address), self._credentials
+            )
+            self._channels[key] = ch
+        return ch
+
     async def close(self) -> None:
         for ch in self._channels.values():
             await ch.close(None)

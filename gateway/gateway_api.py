@@ -38,12 +38,67 @@ UNARY_TIMEOUT = 30.0
 MAX_TEXT_BYTES = 32 * 1024
 
 
+#: Trailing metadata in which a run-control replica names the session's owner (queue_svc/forwarding.py).
+OWNER_HEADER = "x-flynn-owner"
+#: Sessions and runs whose owner replica is remembered (the oldest are forgotten first).
+MAX_OWNERS = 20_000
+
+
+class Owners:
+    """Which run-control replica owns a session (and so its runs), as the replicas said in their
+    answers. Used only when run control is a list of addresses and only for an address of that list:
+    a cancel goes straight to the owner instead of to any replica that would forward it there. A wrong
+    or stale entry costs nothing but that hop: the replica reached forwards to the real owner."""
+
+    def __init__(self, replicas: str) -> None:
+        bare = replicas.removeprefix("ipv4:").removeprefix("ipv6:")
+        listed = [a.strip() for a in bare.split(",")] if "," in bare and ":///" not in bare else []
+        self.replicas = frozenset(a for a in listed if a)
+        self._by_key: dict[str, str] = {}
+
+    def remember(self, trailing: object, *keys: str) -> None:
+        owner = next((str(v) for k, v in cast(Any, trailing or ()) if k == OWNER_HEADER), "")
+        if owner not in self.replicas:
+            return
+        for key in keys:
+            if key:
+                self._by_key.pop(key, None)
+                if len(self._by_key) >= MAX_OWNERS:
+                    del self._by_key[next(iter(self._by_key))]
+                self._by_key[key] = owner
+
+    def of(self, *keys: str) -> str:
+        return next((self._by_key[k] for k in keys if k in self._by_key), "")
+
+    def forget(self, *keys: str) -> None:
+        for key in keys:
+            self._by_key.pop(key, None)
+
+
+def _answered(err: grpc.aio.AioRpcError) -> bool:
+    """Whether a service answered (rich status details), rather than the channel failing."""
+    return any(k == "grpc-status-details-bin" for k, _ in cast(Any, err.trailing_metadata() or ()))
+
+
 class GatewayServicer(gateway_pb2_grpc.GatewayServicer):
     def __init__(self, runtime: Runtime, backends: Backends, config: ConfigSource) -> None:
         self._runtime = runtime
         self._backends = backends
         self._stub = run_control_pb2_grpc.RunControlStub(backends.channel(RUN_CONTROL))
         self._voice = InboundVoice(runtime, config)
+        self._owners = Owners(backends.address(RUN_CONTROL) if backends.deployed(RUN_CONTROL) else "")
+        self._replica_stubs: dict[str, run_control_pb2_grpc.RunControlStub] = {}
+
+    def _stub_for(self, owner: str) -> run_control_pb2_grpc.RunControlStub:
+        """The owner replica's own channel when it is known, else the balanced one."""
+        if not owner:
+            return self._stub
+        stub = self._replica_stubs.get(owner)
+        if stub is None:
+            stub = self._replica_stubs[owner] = run_control_pb2_grpc.RunControlStub(
+                self._backends.replica_channel(RUN_CONTROL, owner)
+            )
+        return stub
 
     async def _fail(self, context: Ctx, err: grpc.aio.AioRpcError) -> None:
         await relay_error(context, err, RUN_CONTROL, self._backends.address(RUN_CONTROL))
@@ -105,14 +160,19 @@ class GatewayServicer(gateway_pb2_grpc.GatewayServicer):
             attachments=attachments,
         )
         try:
-            resp = await self._stub.SubmitMessage(
+            call: Any = self._stub.SubmitMessage(
                 submit,
                 timeout=downstream_timeout(context, UNARY_TIMEOUT),
                 metadata=forward_metadata(context, self._backends.hop_metadata()),
             )
+            resp = await call
         except grpc.aio.AioRpcError as err:
             await self._fail(context, err)
             raise
+        if self._owners.replicas:
+            self._owners.remember(
+                await call.trailing_metadata(), f"s:{request.session_key}", f"r:{resp.run_id}"
+            )
         if tracing.ENABLED:
             tracing.set_attributes({"flynn.message.id": resp.message_id, "flynn.run.id": resp.run_id or None})
         return gateway_pb2.SendMessageResponse(
@@ -161,15 +221,31 @@ class GatewayServicer(gateway_pb2_grpc.GatewayServicer):
         cancel = run_control_pb2.CancelRunRequest(
             run_id=request.run_id, session_key=request.session_key, scope=request.scope, reason=request.reason
         )
-        try:
-            resp = await self._stub.CancelRun(
-                cancel,
-                timeout=downstream_timeout(context, UNARY_TIMEOUT),
-                metadata=forward_metadata(context, self._backends.hop_metadata()),
-            )
-        except grpc.aio.AioRpcError as err:
-            await self._fail(context, err)
-            raise
+        # Straight to the session's owner when a replica named it (several replicas listed), so the
+        # cancel does not pay a forwarding hop; any replica would forward it there otherwise.
+        keys = (
+            f"r:{request.run_id}" if request.run_id else "",
+            f"s:{request.session_key}" if request.session_key else "",
+        )
+        owner = self._owners.of(*keys) if self._owners.replicas else ""
+        while True:
+            try:
+                call: Any = self._stub_for(owner).CancelRun(
+                    cancel,
+                    timeout=downstream_timeout(context, UNARY_TIMEOUT),
+                    metadata=forward_metadata(context, self._backends.hop_metadata()),
+                )
+                resp = await call
+                break
+            except grpc.aio.AioRpcError as err:
+                self._owners.forget(*keys)
+                if owner and err.code() == grpc.StatusCode.UNAVAILABLE and not _answered(err):
+                    owner = ""  # the remembered owner is gone: any replica finds the new one
+                    continue
+                await self._fail(context, err)
+                raise
+        if self._owners.replicas:
+            self._owners.remember(await call.trailing_metadata(), *keys)
         return gateway_pb2.GatewayCancelRunResponse(
             outcome=resp.outcome, run_id=resp.run_id, state=resp.state, dropped_messages=resp.dropped_messages
         )

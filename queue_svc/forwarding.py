@@ -21,11 +21,15 @@ import grpc
 from flynn.v1 import run_control_pb2_grpc as pb_grpc
 from grpc.aio import ServicerContext
 
-from flynn_runtime import errors
+from flynn_runtime import errors, rich_status
 from flynn_runtime.channels import client_channel
 from queue_svc import metrics
 
 FORWARDED = "x-flynn-forwarded"
+#: Trailing metadata of a call about a session served by its owner: the owner's advertised address,
+#: so a gateway that reaches the replicas through a list of addresses can send the session's next
+#: calls (a cancel above all) straight there instead of paying a forwarding hop.
+OWNER = "x-flynn-owner"
 #: One forwarded attempt's timeout: far above a healthy owner's answer (ms), short enough that a
 #: paused owner costs about one lease, not the caller's whole deadline.
 ATTEMPT_SECONDS = 2.0
@@ -37,6 +41,10 @@ def _pairs(md: Any) -> list[tuple[str, str | bytes]]:
 
 class OwnerUnreachable(Exception):
     """The owner's address did not answer: it is dead or paused; its lease will expire."""
+
+
+class OwnerMoved(Exception):
+    """The replica a remembered owner hint named answered that it no longer owns the session."""
 
 
 class Peers:
@@ -60,7 +68,13 @@ class Peers:
         return stub
 
     async def forward(
-        self, method: str, request: Any, context: ServicerContext[Any, Any], address: str, deadline: float
+        self,
+        method: str,
+        request: Any,
+        context: ServicerContext[Any, Any],
+        address: str,
+        deadline: float,
+        hinted: bool = False,
     ) -> Any:
         incoming = _pairs(context.invocation_metadata())
         if any(k == FORWARDED for k, _ in incoming):
@@ -75,8 +89,14 @@ class Peers:
         remaining = deadline - time.monotonic()
         timeout = max(min(self.attempt_seconds, remaining), 0.001)
         metrics.SESSIONS_FORWARDED.labels(method).inc()
+        t0 = time.perf_counter()
         try:
-            return await getattr(self.stub(address), method)(request, timeout=timeout, metadata=metadata)
+            call = getattr(self.stub(address), method)(request, timeout=timeout, metadata=metadata)
+            response = await call
+            owner = [(k, v) for k, v in _pairs(await call.trailing_metadata()) if k == OWNER]
+            if owner:
+                context.set_trailing_metadata(owner)
+            return response
         except grpc.aio.AioRpcError as e:
             code = e.code()
             trailing = _pairs(e.trailing_metadata())
@@ -86,8 +106,14 @@ class Peers:
                 or (code == grpc.StatusCode.DEADLINE_EXCEEDED and timeout < remaining)
             ):
                 raise OwnerUnreachable(address) from None
+            if hinted and code == grpc.StatusCode.UNAVAILABLE:
+                err = rich_status.from_rpc_error(e)
+                if err is not None and err.reason == "SESSION_OWNER_MOVED":
+                    raise OwnerMoved(address) from None
             await context.abort(code, e.details() or "", trailing)
             raise  # abort raises; for the type checker
+        finally:
+            metrics.FORWARD_SECONDS.labels(method).observe(time.perf_counter() - t0)
 
     async def close(self) -> None:
         for ch in self._channels.values():

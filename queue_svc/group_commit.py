@@ -7,15 +7,23 @@ transaction (one fsync, or one round trip) as soon as the previous one is durabl
 batch's events and replies published and its `op.after` actions run (launch an agent run, tell the
 agent about a cancel, start speech): a watcher never sees, and an agent never acts on, anything a
 crash could take back.
+
+Latency of an acknowledgement (a cancel's above all): a caller waits for the batch its operation
+joined; when a batch is already in flight that is the rest of that one plus its own. The callers of a
+batch are woken in the very loop callback that learns the commit is done (the store's `on_durable`,
+store.py `in_thread`), each through a future of its own: not one loop turn later when the flush task
+resumes, and not through a shared future behind `asyncio.shield` (two more turns). Publishing the
+batch and its follow-up actions happen in the flush task's next turn, as before.
 """
 
 from __future__ import annotations
 
 import asyncio
+import functools
 import logging
+import time
 from collections.abc import Callable, Iterator
 from contextlib import contextmanager
-from dataclasses import dataclass, field
 from typing import Protocol
 
 from flynn.v1 import run_control_pb2 as pb
@@ -45,7 +53,7 @@ class BatchStore(Protocol):
     def rollback_to(self, mark: int) -> None: ...
     def put_session(self, s: SessionRow) -> None: ...
     def put_run(self, r: RunRow) -> None: ...
-    async def flush(self) -> None: ...
+    async def flush(self, on_durable: Callable[[], None] | None = None) -> None: ...
 
 
 class HasSessionRow(Protocol):
@@ -63,10 +71,41 @@ class Op:
         self.after: list[Callable[[], None]] = []
 
 
-@dataclass
 class _Batch:
-    done: asyncio.Future[None]
-    ops: list[Op] = field(default_factory=list)
+    """The operations committed together, and the callers waiting for them (a future each, so a
+    cancelled caller cancels only its own wait)."""
+
+    __slots__ = ("ops", "waiters", "acked", "error", "opened")
+
+    def __init__(self) -> None:
+        self.ops: list[Op] = []
+        self.opened = 0.0  # time.perf_counter() of its first operation
+        self.waiters: list[asyncio.Future[None]] = []
+        self.acked = False
+        self.error: BaseException | None = None
+
+    async def wait(self) -> None:
+        if self.error is not None:
+            raise self.error
+        if self.acked:
+            return
+        fut: asyncio.Future[None] = asyncio.get_running_loop().create_future()
+        self.waiters.append(fut)
+        await fut
+
+    def settle(self, error: BaseException | None = None) -> None:
+        """Wake every waiter: durable (error None) or refused/failed."""
+        if error is None:
+            self.acked = True
+        else:
+            self.error = error
+        waiters, self.waiters = self.waiters, []
+        for fut in waiters:
+            if not fut.done():
+                if error is None:
+                    fut.set_result(None)
+                else:
+                    fut.set_exception(error)
 
 
 class GroupCommit:
@@ -83,7 +122,7 @@ class GroupCommit:
         self.replies = replies
         self.gseq = self.durable_gseq = 0
         self.cursor = self.durable_cursor = 0
-        self._open = _Batch(asyncio.get_event_loop().create_future())
+        self._open = _Batch()
         self._inflight: _Batch | None = None
         self._flusher: asyncio.Task[None] | None = None
         #: Several replicas (store_pg.py): the database numbers events and replies, and a tailer
@@ -114,6 +153,8 @@ class GroupCommit:
         except BaseException:
             self.store.rollback_to(mark)
             raise
+        if not self._open.ops:
+            self._open.opened = time.perf_counter()
         self._open.ops.append(op)
         if self._flusher is None or self._flusher.done():
             self._flusher = asyncio.ensure_future(self._flush_loop())
@@ -121,11 +162,12 @@ class GroupCommit:
     async def _flush_loop(self) -> None:
         """Commit batches back to back: while one is syncing, the next one fills."""
         while self._open.ops:
-            batch, self._open = self._open, _Batch(asyncio.get_running_loop().create_future())
+            batch, self._open = self._open, _Batch()
             self._inflight = batch
             gseq, cursor = self.gseq, self.cursor
+            metrics.BATCH_WAIT.observe(time.perf_counter() - batch.opened)
             try:
-                await self.store.flush()
+                await self.store.flush(on_durable=functools.partial(self._acknowledge, batch, gseq, cursor))
             except Exception as e:
                 if isinstance(e, StaleEpoch):
                     sessions = {k for op in batch.ops for k in op.sessions} | {
@@ -138,25 +180,37 @@ class GroupCommit:
                 else:
                     log.critical("run-control commit failed; the operations of this batch are not acknowledged",
                                  exc_info=True)  # fmt: skip
-                batch.done.set_exception(e)
-                batch.done.exception()  # marked retrieved; waiting callers still get it
+                batch.settle(e)
                 continue
             finally:
                 self._inflight = None
-            g_off, c_off = self.store.offsets
-            if g_off or c_off:
-                _renumber(batch, g_off, c_off)
-            batch.done.set_result(None)
+            if not batch.acked:  # nothing to write (the store answered without a commit)
+                self._acknowledge(batch, gseq, cursor)
             if self.publish_locally:
-                self.durable_gseq, self.durable_cursor = gseq, cursor
                 self._publish(batch)
             else:
-                events = [ev for op in batch.ops for ev in op.events]
-                replies = [r for op in batch.ops for r in op.replies]
-                self.advance(events[-1].global_seq if events else 0, replies[-1].cursor if replies else 0)
                 if self.on_commit is not None:
+                    events = [ev for op in batch.ops for ev in op.events]
+                    replies = [r for op in batch.ops for r in op.replies]
                     self.on_commit(events, replies)
                 self._after(batch)
+
+    def _acknowledge(self, batch: _Batch, gseq: int, cursor: int) -> None:
+        """The batch is durable: give it its final numbers and wake its callers (called by the store in
+        the loop callback that learns of the commit, before the flush task resumes)."""
+        g_off, c_off = self.store.offsets
+        if g_off or c_off:
+            _renumber(batch, g_off, c_off)
+        if self.publish_locally:
+            self.durable_gseq, self.durable_cursor = gseq, cursor
+        else:
+            last_event = next((op.events[-1] for op in reversed(batch.ops) if op.events), None)
+            last_reply = next((op.replies[-1] for op in reversed(batch.ops) if op.replies), None)
+            self.advance(
+                last_event.global_seq if last_event is not None else 0,
+                last_reply.cursor if last_reply is not None else 0,
+            )
+        batch.settle()
 
     def _publish(self, batch: _Batch) -> None:
         for op in batch.ops:
@@ -185,9 +239,9 @@ class GroupCommit:
     async def durable(self) -> None:
         """Wait until every operation done so far is durable (acknowledge after this)."""
         if self._open.ops:
-            await asyncio.shield(self._open.done)
+            await self._open.wait()
         elif self._inflight is not None:
-            await asyncio.shield(self._inflight.done)
+            await self._inflight.wait()
 
 
 def _renumber(batch: _Batch, g_off: int, c_off: int) -> None:

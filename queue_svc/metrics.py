@@ -60,6 +60,12 @@ COMMIT_SECONDS = Histogram(
     "Duration of one group commit (one fsync) of the run-control store.",
     buckets=LATENCY_BUCKETS,
 )
+BATCH_WAIT = Histogram(
+    "flynn_queue_batch_wait_seconds",
+    "How long the first operation of a group-commit batch waited for the batch in flight before its own "
+    "commit started (zero when the writer was idle).",
+    buckets=LATENCY_BUCKETS,
+)
 COMMIT_BATCH = Histogram(
     "flynn_queue_commit_statements",
     "Statements per group commit.",
@@ -78,4 +84,10 @@ SESSIONS_FORWARDED = Counter(
     "flynn_queue_calls_forwarded_total",
     "Calls this run-control replica forwarded to the session's owner, by method.",
     ["method"],
+)
+FORWARD_SECONDS = Histogram(
+    "flynn_queue_forward_seconds",
+    "Time a call forwarded to the session's owner replica took there and back (the forwarding hop), by method.",
+    ["method"],
+    buckets=(0.0005, 0.001, 0.0025, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1.0, 2.5),
 )

@@ -11,6 +11,11 @@ This module holds the bookkeeping (which sessions this replica owns, at which ep
   from the answer was taken over: step down. A watchdog steps down from every session whose lease
   has not been renewed for 0.7 × ttl (the database is away, or this replica is cut off), so its
   agent calls stop before anyone else can adopt the session and recover them.
+- owner hints: a replica asked about a session another live replica owns reads the lease (a plain
+  SELECT: no write, no row lock that would hold up the owner's fenced commits) and remembers the
+  owner's address until that lease's expiry, so the next calls about the session are forwarded at
+  once without a database round trip (`owner_hint`). A hint is dropped when its owner does not answer
+  or answers that it no longer owns the session; acting on a stale one only costs a retry.
 - takeover: every `takeover_seconds`, expired leases (their owner died or was paused) are adopted
   by whichever surviving replica acquires them first; the adopter loads the session's state and
   recovers its runs with the restart policy (RunControl.adopt).
@@ -35,11 +40,17 @@ log = logging.getLogger(__name__)
 class NotOwner(Exception):
     """Another live replica owns the session: serve the call there (servicer.py forwards it)."""
 
-    def __init__(self, session_key: str, address: str, expires_in: float) -> None:
+    def __init__(self, session_key: str, address: str, expires_in: float, hinted: bool = False) -> None:
         super().__init__(f"session {session_key!r} is owned by the run-control replica at {address}")
         self.session_key = session_key
         self.address = address
         self.expires_in = expires_in
+        #: From a remembered owner (`owner_hint`), not read from the database for this call.
+        self.hinted = hinted
+
+
+#: At most this many owner hints are kept (the oldest go first).
+MAX_HINTS = 10_000
 
 
 @dataclass(frozen=True)
@@ -62,6 +73,8 @@ class Ownership:
         #: time.monotonic() when the last successful renewal started (the leases last at least until
         #: then + ttl by the database's clock).
         self._renewed = time.monotonic()
+        #: session -> (owner's address, time.monotonic() until which its lease is known to hold)
+        self._hints: dict[str, tuple[str, float]] = {}
         self.step_down: Callable[[list[str], str], None] = lambda keys, why: None
         self.adopt: Callable[[str], Awaitable[None]] | None = None
 
@@ -85,15 +98,39 @@ class Ownership:
         lk = self._locks.get(key)
         return lk is not None and lk.locked()
 
+    def owner_hint(self, key: str) -> NotOwner | None:
+        """The live replica that owns `key` as last read here, while its lease is known to hold."""
+        hint = self._hints.get(key)
+        if hint is None:
+            return None
+        address, until = hint
+        left = until - time.monotonic()
+        if left <= 0:
+            del self._hints[key]
+            return None
+        return NotOwner(key, address, left, hinted=True)
+
+    def drop_hint(self, key: str) -> None:
+        """The hinted owner did not answer, or no longer owns the session: look it up afresh."""
+        self._hints.pop(key, None)
+
     async def acquire(self, key: str) -> leases.Lease:
-        """Try to own `key`; on success it is recorded here (the caller then adopts its state)."""
+        """Try to own `key`; on success it is recorded here (the caller then adopts its state). A lease
+        another live replica holds is only read (no write, no row lock) and remembered as a hint."""
         async with self.db.connection() as conn:
-            lease = await leases.acquire(
-                conn, SESSION_SCOPE, key, self.holder, self.settings.address, self.settings.ttl
-            )
+            lease = await leases.read(conn, SESSION_SCOPE, key)
+            if lease is None or lease.holder in ("", self.holder) or lease.expires_in <= 0:
+                lease = await leases.acquire(
+                    conn, SESSION_SCOPE, key, self.holder, self.settings.address, self.settings.ttl
+                )
         if lease.held_by(self.holder):
             self.owned[key] = lease.epoch
             self._claimed_at[key] = time.monotonic()
+            self._hints.pop(key, None)
+        elif lease.address and lease.expires_in > 0:
+            if len(self._hints) >= MAX_HINTS:
+                del self._hints[next(iter(self._hints))]
+            self._hints[key] = (lease.address, time.monotonic() + lease.expires_in)
         return lease
 
     def forget(self, keys: list[str]) -> dict[str, int]:

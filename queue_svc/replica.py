@@ -80,6 +80,9 @@ class Replica:
         own = self.ownership
         if key in own.owned and not own.adopting(key):
             return
+        hint = own.owner_hint(key)
+        if hint is not None and not own.adopting(key):
+            raise hint  # another live replica owns it (read less than a lease ago): forward at once
         self.rc.store.check_writable()  # the database is away: say so now, not after a pool timeout
         await self.adopt(key)  # also waits for an adoption in progress (the takeover loop's)
 

@@ -204,6 +204,11 @@ class RunControl(Ledger):
     def owns(self, key: str) -> bool:
         return self.replica is None or self.replica.owns(key)
 
+    def forget_owner(self, key: str) -> None:
+        """The owner remembered for `key` did not serve a forwarded call: look it up afresh next time."""
+        if self.replica is not None:
+            self.replica.ownership.drop_hint(key)
+
     async def _evicted(self, keys: list[str]) -> None:
         if self.replica is not None:
             await self.replica.release(keys)

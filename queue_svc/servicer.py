@@ -21,7 +21,7 @@ from flynn_runtime.server import Runtime
 from flynn_runtime.validation import Violations, page_size
 from queue_svc import access, metrics, run_trace
 from queue_svc.fanout import Fanout, Stopped, Subscription
-from queue_svc.forwarding import OwnerUnreachable, Peers
+from queue_svc.forwarding import OWNER, OwnerMoved, OwnerUnreachable, Peers
 from queue_svc.ownership import NotOwner
 from queue_svc.run_control import CancelInput, RunControl, SubmitInput, run_to_proto
 
@@ -78,28 +78,49 @@ class RunControlServicer(pb_grpc.RunControlServicer):
         return self._rc()
 
     async def _owned(
-        self, method: str, request: Any, context: ServicerContext[Any, Any], serve: Callable[[], Awaitable[T]]
+        self,
+        method: str,
+        request: Any,
+        context: ServicerContext[Any, Any],
+        serve: Callable[[], Awaitable[T]],
+        says_owner: bool = True,
     ) -> T | Any:
         """Serve a call about one session here when this replica owns it (or adopts it), else forward
         it to the owner (ownership.py). When the owner cannot be reached (it died, or is paused), wait
-        for its lease to expire, then adopt the session here, within the caller's deadline."""
+        for its lease to expire, then adopt the session here, within the caller's deadline. A call served
+        by the owner names it in its trailing metadata (`says_owner`; forwarding.OWNER)."""
         deadline = time.monotonic() + downstream_timeout(context, 30.0)
+        unreachable: set[str] = set()
         while True:
             try:
-                return await serve()
+                served = await serve()
             except NotOwner as e:
-                try:
-                    return await self._peers.forward(method, request, context, e.address, deadline)
-                except OwnerUnreachable:
-                    wait = max(e.expires_in, 0.0) + 0.05
-                    if time.monotonic() + wait >= deadline:
-                        raise errors.unavailable(
-                            f"the run-control replica owning session {e.session_key!r} is unreachable; "
-                            "its lease has not expired yet: retry",
-                            reason="SESSION_OWNER_UNREACHABLE",
-                            retry_after=wait,
-                        ) from None
-                    await asyncio.sleep(wait)
+                if e.address not in unreachable:
+                    try:
+                        return await self._peers.forward(
+                            method, request, context, e.address, deadline, e.hinted
+                        )
+                    except OwnerMoved:
+                        self.rc.forget_owner(e.session_key)  # a stale hint: look the owner up afresh
+                        continue
+                    except OwnerUnreachable:
+                        self.rc.forget_owner(e.session_key)
+                        unreachable.add(e.address)
+                        if e.hinted:
+                            continue  # the lease read afresh says who owns it now, or how long to wait
+                wait = max(e.expires_in, 0.0) + 0.05
+                if time.monotonic() + wait >= deadline:
+                    raise errors.unavailable(
+                        f"the run-control replica owning session {e.session_key!r} is unreachable; "
+                        "its lease has not expired yet: retry",
+                        reason="SESSION_OWNER_UNREACHABLE",
+                        retry_after=wait,
+                    ) from None
+                await asyncio.sleep(wait)
+                continue
+            if says_owner and self.rc.replica is not None:
+                context.set_trailing_metadata(((OWNER, self.rc.replica.ownership.settings.address),))
+            return served
 
     async def SubmitMessage(
         self, request: pb.SubmitMessageRequest, context: ServicerContext[Any, Any]
@@ -222,7 +243,7 @@ class RunControlServicer(pb_grpc.RunControlServicer):
         v = Violations()
         _run_id(v, "run_id", request.run_id, required=True)
         v.raise_if_any()
-        return await self._owned("GetRun", request, context, lambda: self._get_run(request))
+        return await self._owned("GetRun", request, context, lambda: self._get_run(request), says_owner=False)
 
     async def _get_run(self, request: pb.GetRunRequest) -> pb.GetRunResponse:
         row = await self.rc.get_run(request.run_id)

@@ -17,13 +17,18 @@ file, WAL, fsync per batch) and store_pg.py (a dedicated writer connection, pool
 
 from __future__ import annotations
 
+import asyncio
 import json
+import logging
 from collections.abc import Callable, Sequence
+from concurrent.futures import Executor
 from dataclasses import dataclass, field
 from typing import TypeVar
 
 from flynn_runtime.leases import StaleEpoch
 from queue_svc import metrics
+
+log = logging.getLogger(__name__)
 
 PAGE = 500
 
@@ -248,6 +253,45 @@ def provisional_spans(batch: list[Statement]) -> tuple[tuple[int, int] | None, t
     )
 
 
+def _nothing() -> None:
+    pass
+
+
+R = TypeVar("R")
+
+
+async def in_thread(pool: Executor, fn: Callable[[], R], then: Callable[[R], None]) -> R:
+    """`fn()` on the writer's thread; `then(result)` runs on the loop thread in the callback that
+    receives the result, so whatever waits on it is woken in that loop turn. (`run_in_executor`
+    resumes its awaiting coroutine one turn later, and a caller behind a shared, shielded future two
+    turns after that: on a busy loop each turn is a queue of other callbacks.)"""
+    loop = asyncio.get_running_loop()
+    fut: asyncio.Future[R] = loop.create_future()
+
+    def settle(result: R | None, error: BaseException | None) -> None:
+        if fut.cancelled():
+            return
+        if error is not None:
+            fut.set_exception(error)
+            return
+        try:
+            then(result)  # type: ignore[arg-type]  # first: the callers it wakes run before the coroutine
+        except Exception:
+            log.exception("post-commit callback failed")
+        fut.set_result(result)  # type: ignore[arg-type]
+
+    def work() -> None:
+        try:
+            result = fn()
+        except BaseException as e:  # noqa: BLE001 - handed to the awaiting coroutine
+            loop.call_soon_threadsafe(settle, None, e)
+            return
+        loop.call_soon_threadsafe(settle, result, None)
+
+    pool.submit(work)
+    return await fut
+
+
 def _expire(overlay: dict[K, tuple[int, V]], number: int) -> None:
     """Drop overlay rows whose batch (`number` or earlier) may now be read from the database."""
     for k in [k for k, (n, _) in overlay.items() if n <= number]:
@@ -310,8 +354,11 @@ class QueueStore:
         if session and self.epoch_of is not None and session not in self._pending_epochs:
             self._pending_epochs[session] = self.epoch_of(session)
 
-    async def flush(self) -> None:
-        """Make every queued write durable (one transaction); raises when the commit failed."""
+    async def flush(self, on_durable: Callable[[], None] | None = None) -> None:
+        """Make every queued write durable (one transaction); raises when the commit failed.
+
+        `on_durable` runs on the loop thread as soon as the commit is known (in the callback that
+        learns it, `in_thread`), before this coroutine resumes: group commit wakes its callers there."""
         if not self._pending:
             return
         batch, self._pending = self._pending, []
@@ -320,7 +367,7 @@ class QueueStore:
         self._batch += 1
         try:
             with metrics.COMMIT_SECONDS.time():
-                await self._commit(batch, number, epochs)
+                await self._commit(batch, number, epochs, on_durable or _nothing)
         except BaseException as e:
             self._forget(number)  # nothing of this batch exists: the overlays must not say otherwise
             if isinstance(e, StaleEpoch):
@@ -330,7 +377,10 @@ class QueueStore:
         self._durable = number
         self._expire()
 
-    async def _commit(self, batch: list[Statement], number: int, epochs: dict[str, int]) -> None:
+    async def _commit(
+        self, batch: list[Statement], number: int, epochs: dict[str, int], on_durable: Callable[[], None]
+    ) -> None:
+        """One transaction; call `on_durable()` on the loop thread the moment it is committed."""
         raise NotImplementedError
 
     def _forget(self, number: int) -> None:

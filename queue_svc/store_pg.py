@@ -70,6 +70,7 @@ from queue_svc.store import (
     SessionRow,
     Statement,
     compact,
+    in_thread,
     message_from,
     provisional_spans,
     reply_from,
@@ -270,6 +271,15 @@ CHANNEL = "flynn_queue"
 SESSION_SCOPE = "session"
 
 
+def _pg_group(sql: str, rows: list[tuple[object, ...]]) -> tuple[str, list[tuple[object, ...]]]:
+    """A compacted statement group as the writer sends it (numbered statements add the batch's base)."""
+    numbered = NUMBERED.get(sql)
+    if numbered is None:
+        return pg(sql), rows
+    sql_pg, reorder = numbered
+    return sql_pg, [reorder(r) for r in rows]
+
+
 class Coalescer(Generic[K, V]):
     """Lookups by key gathered into one query: while a query is in flight, the keys asked for meanwhile
     wait for the next one (the read-side twin of group commit). A submit storm costs one round trip
@@ -372,15 +382,25 @@ class PgQueueStore(QueueStore):
 
     # --- commit (the writer thread) ------------------------------------------------------------
 
-    async def _commit(self, batch: list[Statement], number: int, epochs: dict[str, int]) -> None:
-        loop = asyncio.get_running_loop()
+    async def _commit(
+        self, batch: list[Statement], number: int, epochs: dict[str, int], on_durable: Callable[[], None]
+    ) -> None:
         delay = 0.05
+        # Prepared on the loop: the writer thread needs the GIL (which the busy loop holds) as little
+        # as it can, each time it wants it back costing up to a switch interval.
+        groups = [_pg_group(sql, rows) for sql, rows in compact(batch)]
+        spans = provisional_spans(batch)
+
+        def committed(offsets: tuple[int, int]) -> None:
+            self.offsets = offsets
+            self.writer_ok = True
+            on_durable()
+
         while True:
             try:
-                self.offsets = await loop.run_in_executor(
-                    self._thread, self._commit_once, batch, number, epochs
+                await in_thread(
+                    self._thread, lambda: self._commit_once(groups, spans, number, epochs), committed
                 )
-                self.writer_ok = True
                 return
             except psycopg.DatabaseError as e:
                 stale = leases.stale_from(e, SESSION_SCOPE)
@@ -405,12 +425,18 @@ class PgQueueStore(QueueStore):
             await asyncio.sleep(delay)
             delay = min(delay * 2, 1.0)
 
-    def _commit_once(self, batch: list[Statement], number: int, epochs: dict[str, int]) -> tuple[int, int]:
+    def _commit_once(
+        self,
+        groups: list[tuple[str, list[tuple[object, ...]]]],  # PostgreSQL text, parameters
+        spans: tuple[tuple[int, int] | None, tuple[int, int] | None],
+        number: int,
+        epochs: dict[str, int],
+    ) -> tuple[int, int]:
         """One transaction, pipelined: the fence, the numbers (TAKE_NUMBERS), the statements and COMMIT
         go out without waiting for each other: one round trip plus the WAL flush. Returns the offsets
         the database added to the batch's provisional event numbers and reply cursors."""
         conn = self._writer
-        g_span, c_span = provisional_spans(batch)
+        g_span, c_span = spans
         if conn is None or conn.closed or conn.broken:
             conn = self._connect_writer()
             self._tuned_ms = 0
@@ -435,13 +461,7 @@ class PgQueueStore(QueueStore):
                 TAKE_NUMBERS, (g_first - 1, c_first - 1, g_last - g_first + 1, c_last - c_first + 1)
             )
             cur.execute(MARK_BATCH, (f"batch:{self._writer_id}", str(number)))
-            for sql, rows in compact(batch):
-                numbered = NUMBERED.get(sql)
-                if numbered is not None:
-                    sql_pg, reorder = numbered
-                    rows = [reorder(r) for r in rows]
-                else:
-                    sql_pg = pg(sql)
+            for sql_pg, rows in groups:
                 if len(rows) == 1:
                     cur.execute(sql_pg, rows[0])
                 else:
