@@ -58,6 +58,7 @@ class _Api:
     context: Any = None
     Link: Any = None
     SpanKind: Any = None
+    SpanContext: Any = None
     Status: Any = None
     StatusCode: Any = None
     root: Any = None  # an empty context: the parent of a span that starts a trace
@@ -99,7 +100,7 @@ def configure(service: str, environ: Mapping[str, str] | None = None) -> bool:
     _tracer = provider.get_tracer("flynn")
     _propagator = TraceContextTextMapPropagator()
     _api.trace, _api.context = trace, otel_context
-    _api.Link, _api.SpanKind = trace.Link, trace.SpanKind
+    _api.Link, _api.SpanKind, _api.SpanContext = trace.Link, trace.SpanKind, trace.SpanContext
     _api.Status, _api.StatusCode = trace.Status, trace.StatusCode
     _api.root = otel_context.Context()
     CAPTURE_CONTENT = _truthy(env.get(CAPTURE_ENV))
@@ -141,19 +142,31 @@ def extract(carrier: Mapping[str, str]) -> Context:
     return ctx
 
 
+# traceparent, tracestate -> the context they name: a run's phases (and its exemplars) use the context
+# of the message's traceparent several times; stamp() puts the ones it writes here (no parsing at all).
+_CONTEXTS_MAX = 4096
+_contexts: dict[tuple[str, str], Context] = {}
+
+
 def context_of(traceparent: str, tracestate: str = "") -> Context | None:
     """The context a traceparent names (None for ""). Cached: a run's phases parse the same one."""
     if not traceparent:
         return None
-    return _context_of(traceparent, tracestate)
+    key = (traceparent, tracestate)
+    ctx = _contexts.get(key)
+    if ctx is None:
+        carrier = {TRACEPARENT: traceparent}
+        if tracestate:
+            carrier[TRACESTATE] = tracestate
+        ctx = _remember_context(key, extract(carrier))
+    return ctx
 
 
-@functools.lru_cache(maxsize=4096)
-def _context_of(traceparent: str, tracestate: str) -> Context:
-    carrier = {TRACEPARENT: traceparent}
-    if tracestate:
-        carrier[TRACESTATE] = tracestate
-    return extract(carrier)
+def _remember_context(key: tuple[str, str], ctx: Context) -> Context:
+    if len(_contexts) >= _CONTEXTS_MAX:
+        del _contexts[next(iter(_contexts))]  # the oldest: its run's phases are long recorded
+    _contexts[key] = ctx
+    return ctx
 
 
 def sampled(traceparent: str) -> bool:
@@ -222,6 +235,13 @@ def stamp(causation: common_pb2.Causation | None) -> common_pb2.Causation | None
         out.CopyFrom(causation)
     out.traceparent = c.get(TRACEPARENT, "")
     out.tracestate = c.get(TRACESTATE, "")
+    # The run's phases will want this context: the one extract() would give, without parsing it.
+    sc = _api.trace.get_current_span().get_span_context()
+    remote = _api.SpanContext(sc.trace_id, sc.span_id, True, sc.trace_flags, sc.trace_state)
+    _remember_context(
+        (out.traceparent, out.tracestate),
+        _api.trace.set_span_in_context(_api.trace.NonRecordingSpan(remote), _api.root),
+    )
     return out
 
 
@@ -277,8 +297,11 @@ def activated(span: Span | None) -> Iterator[None]:
         yield
         return
 
-    with _api.trace.use_span(span, end_on_exit=False, record_exception=False, set_status_on_exception=False):
+    token = _api.context.attach(_api.trace.set_span_in_context(span))  # use_span() without its extras
+    try:
         yield
+    finally:
+        _api.context.detach(token)
 
 
 @contextlib.contextmanager

@@ -76,15 +76,15 @@ class GatewayServicer(gateway_pb2_grpc.GatewayServicer):
         p = auth.principal()
         if p is not None and not p.serves(request.channel):  # the door refuses before any work
             raise auth.channel_denied(p, request.channel)
-        if tracing.ENABLED:
+        if tracing.ENABLED:  # (the two flags only when true: each attribute costs its span's export)
             tracing.set_attributes(
                 {
                     "flynn.session": request.session_key,
                     "flynn.channel": request.channel,
-                    "flynn.voice_note": has_audio,
-                    "flynn.traceparent_from_channel": any(
-                        k == tracing.TRACEPARENT for k, _ in context.invocation_metadata() or ()
-                    ),
+                    "flynn.voice_note": True if has_audio else None,
+                    "flynn.traceparent_from_channel": True
+                    if any(k == tracing.TRACEPARENT for k, _ in context.invocation_metadata() or ())
+                    else None,
                 }
             )
         text = request.text
