@@ -114,7 +114,7 @@ class GatewayServicer(gateway_pb2_grpc.GatewayServicer):
             await self._fail(context, err)
             raise
         if tracing.ENABLED:
-            tracing.set_attributes({"flynn.message.id": resp.message_id, "flynn.run.id": resp.run_id or None})
+            tracing.set_attributes({"flynn.message.id": resp.message_id})  # (the run: on SubmitMessage)
         return gateway_pb2.SendMessageResponse(
             message_id=resp.message_id,
             disposition=resp.disposition,

@@ -197,7 +197,9 @@ class RunTracer:
         if ev.type == pb.RUN_EVENT_TYPE_RUN_COMPLETED:
             # The final reply is written as the run ends: an event of the running span (an instant span
             # of its own, ending with it, would cost a whole span's recording and export per message).
-            final: dict[str, Any] = {"flynn.reply.id": row.final_reply_id} if row and row.final_reply_id else {}
+            final: dict[str, Any] = (
+                {"flynn.reply.id": row.final_reply_id} if row and row.final_reply_id else {}
+            )
             final.update(tracing.content("flynn.reply.text", ev.text))
             if running is not None:
                 running.add_event("flynn.run.final", final, timestamp=int(now * 1e9))
