@@ -94,7 +94,9 @@ def configure(service: str, environ: Mapping[str, str] | None = None) -> bool:
         attrs["service.name"] = f"flynn-{service}"
     # The sampler comes from OTEL_TRACES_SAMPLER(_ARG); the exporter from OTEL_EXPORTER_OTLP_*.
     created = Resource.create(attrs)
-    provider = TracerProvider(resource=_resource_hashed_once(Resource)(created.attributes, created.schema_url))
+    provider = TracerProvider(
+        resource=_resource_hashed_once(Resource)(created.attributes, created.schema_url)
+    )
     provider.add_span_processor(BatchSpanProcessor(OTLPSpanExporter()))
     trace.set_tracer_provider(provider)
     _provider = provider
