@@ -185,15 +185,16 @@ class RunTracer:
             )  # fmt: skip
             tracing.end_span(s, end_time=now)
         running = self._running.pop(ev.run_id, None)
-        if running is None and row is not None and row.start_time is not None:
+        ending: dict[str, Any] = {}  # what the running span's end adds (it has the run's ids already)
+        if running is not None:
+            ending = {k: v for k, v in attrs.items() if k not in _RUNNING_HAS}
+        elif row is not None and row.start_time is not None:
             # Started before a restart (its open span died with the process): record the phase now.
             attrs = _run(attrs, ev, row)
             attrs["flynn.run.recorded_after_restart"] = True
             running = tracing.start_span(
                 "flynn.run.running", parent=tp, attributes=attrs, start_time=row.start_time
             )
-        else:  # the running span has the run's ids already: only what the end adds
-            attrs = {k: v for k, v in attrs.items() if k not in _RUNNING_HAS}
         if ev.type == pb.RUN_EVENT_TYPE_RUN_COMPLETED:
             # The final reply is written as the run ends: an event of the running span (an instant span
             # of its own, ending with it, would cost a whole span's recording and export per message).
@@ -206,7 +207,8 @@ class RunTracer:
             else:  # no row to recreate the running span from: the phase as an instant span
                 self._instant("flynn.run.final", tp, dict(attrs, **final))
         if running is not None:
-            running.set_attributes(attrs)
+            if ending:
+                running.set_attributes(ending)
             error = f"{ev.error_kind}: {ev.reason}" if ev.type == pb.RUN_EVENT_TYPE_RUN_ERROR else ""
             tracing.end_span(running, end_time=now, error=error)
 
