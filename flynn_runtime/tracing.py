@@ -392,7 +392,9 @@ def server_span(method: str, metadata: Iterable[tuple[str, Any]]) -> Span | None
         elif k == TRACESTATE and isinstance(v, str):
             ts = v
     name, attrs = _method_span(method)
-    s = start_span(name, parent=context_of(tp, ts) if tp else _api.root, attributes=attrs, server=True)
+    # The caller's context is parsed, not cached: each call has its own (the cache is for run phases).
+    parent = extract({TRACEPARENT: tp, TRACESTATE: ts} if ts else {TRACEPARENT: tp}) if tp else _api.root
+    s = start_span(name, parent=parent, attributes=attrs, server=True)
     # Each RPC runs in its own task (its own contextvars copy): no detach needed.
     _api.context.attach(_api.trace.set_span_in_context(s))
     return s
@@ -427,6 +429,8 @@ def exemplar(traceparent: str = "") -> dict[str, str] | None:
         return None
 
     if traceparent:
+        if not sampled(traceparent):  # the flag says it: no context to look up
+            return None
         sc = span_context_of(traceparent)
     else:
         sc = _api.trace.get_current_span().get_span_context()
