@@ -24,7 +24,8 @@ OTEL_TRACES_EXPORTER=otlp, parentbased sampler at r, exporting to a real OTLP/gR
 process, tests/support/otlp.py). The settings take turns, `rounds` times, each turn a latency pass
 (one caller, `latency-messages` messages) and a throughput pass (`messages / rounds` messages,
 `concurrency` callers), so the machine's background load falls on every setting alike. Per setting:
-latency p50/p99, messages/s, the CPU the mesh's processes spent per message, and spans received.
+latency p50/p99, messages/s, the CPU the mesh's processes spent per message (in all and by service),
+and spans received.
 """
 
 from __future__ import annotations
