@@ -20,8 +20,8 @@ Bounded: every wait has a timeout.
 
 --tracing compares tracing settings side by side in one run instead (docs/operations/OBSERVABILITY.md):
 one mesh per setting, all started at once ("off": no OTEL_* variables, as today; a ratio r:
-OTEL_TRACES_EXPORTER=otlp, parentbased sampler at r, exporting to a real OTLP/gRPC receiver in this
-process, tests/support/otlp.py). The settings take turns, `rounds` times, each turn a latency pass
+OTEL_TRACES_EXPORTER=otlp, parentbased sampler at r, exporting to a real OTLP/gRPC receiver in its
+own process, tests/support/otlp.py). The settings take turns, `rounds` times, each turn a latency pass
 (one caller, `latency-messages` messages) and a throughput pass (`messages / rounds` messages,
 `concurrency` callers), so the machine's background load falls on every setting alike. Per setting:
 latency p50/p99, messages/s, the CPU the mesh's processes spent per message (in all and by service),
