@@ -20,11 +20,12 @@ Bounded: every wait has a timeout.
 
 --tracing compares tracing settings side by side in one run instead (docs/operations/OBSERVABILITY.md):
 one mesh per setting, all started at once ("off": no OTEL_* variables, as today; a ratio r:
-OTEL_TRACES_EXPORTER=otlp, parentbased sampler at r, exporting to a real OTLP/gRPC receiver in this
-process, tests/support/otlp.py). The settings take turns, `rounds` times, each turn a latency pass
+OTEL_TRACES_EXPORTER=otlp, parentbased sampler at r, exporting to a real OTLP/gRPC receiver in its
+own process, tests/support/otlp.py). The settings take turns, `rounds` times, each turn a latency pass
 (one caller, `latency-messages` messages) and a throughput pass (`messages / rounds` messages,
 `concurrency` callers), so the machine's background load falls on every setting alike. Per setting:
-latency p50/p99, messages/s, the CPU the mesh's processes spent per message, and spans received.
+latency p50/p99, messages/s, the CPU the mesh's processes spent per message (in all and by service),
+and spans received.
 """
 
 from __future__ import annotations
@@ -284,19 +285,19 @@ class Channel:
         self.stream.cancel()
 
 
-def cpu_seconds(mesh: FlowMesh) -> float:
-    """User + system CPU time spent so far by the mesh's service processes (/proc/<pid>/stat)."""
+def cpu_by_service(mesh: FlowMesh) -> dict[str, float]:
+    """User + system CPU time spent so far by each of the mesh's service processes (/proc/<pid>/stat)."""
     import os
 
     tick = os.sysconf("SC_CLK_TCK")
-    total = 0
-    for proc in mesh.procs.values():
+    out: dict[str, float] = {}
+    for name, proc in mesh.procs.items():
         if proc.proc is None:
             continue
         with open(f"/proc/{proc.proc.pid}/stat") as f:
             fields = f.read().rsplit(")", 1)[1].split()
-        total += int(fields[11]) + int(fields[12])  # utime, stime (fields 14 and 15 of stat)
-    return total / tick
+        out[name] = (int(fields[11]) + int(fields[12])) / tick  # utime, stime (fields 14 and 15 of stat)
+    return out
 
 
 def setting_label(setting: str) -> str:
@@ -315,6 +316,7 @@ async def tracing_overhead(
     load: dict[str, list[float]] = {k: [] for k in meshes}
     wall: dict[str, float] = dict.fromkeys(meshes, 0.0)
     cpu: dict[str, float] = dict.fromkeys(meshes, 0.0)
+    by_service: dict[str, dict[str, float]] = {k: {} for k in meshes}
     sent: dict[str, int] = dict.fromkeys(meshes, 0)
     per_round = max(messages // rounds, concurrency)
     try:
@@ -325,7 +327,7 @@ async def tracing_overhead(
             order = list(meshes) if rnd % 2 == 0 else list(reversed(meshes))
             for k in order:
                 c = clients[k]
-                cpu0 = cpu_seconds(meshes[k])
+                cpu0 = cpu_by_service(meshes[k])
                 for i in range(latency_messages // rounds):
                     lat[k].append(await c.send("bench:lat", f"lat-{rnd}-{i}"))
                 queue: asyncio.Queue[int] = asyncio.Queue()
@@ -342,7 +344,9 @@ async def tracing_overhead(
                 t0 = time.perf_counter()
                 await asyncio.gather(*(worker() for _ in range(concurrency)))
                 wall[k] += time.perf_counter() - t0
-                cpu[k] += cpu_seconds(meshes[k]) - cpu0
+                for name, spent in cpu_by_service(meshes[k]).items():
+                    by_service[k][name] = by_service[k].get(name, 0.0) + spent - cpu0.get(name, 0.0)
+                    cpu[k] += spent - cpu0.get(name, 0.0)
                 sent[k] += per_round + latency_messages // rounds
     finally:
         for c in clients.values():
@@ -371,6 +375,12 @@ async def tracing_overhead(
             f" {pct(load[k], 50) * 1000:>6.1f} ms {pct(load[k], 99) * 1000:>5.1f} ms | {rate:>7.0f} {vs:>7} |"
             f" {cpu[k] / max(sent[k], 1) * 1000:>5.2f} ms"
         )
+    print("  CPU per message by service (ms):")
+    for k in meshes:
+        parts = "  ".join(
+            f"{name} {spent / max(sent[k], 1) * 1000:.2f}" for name, spent in sorted(by_service[k].items())
+        )
+        print(f"  {setting_label(k):<22} {parts}")
     spans, requests, size = receiver.counts()
     print(
         f"  OTLP receiver (its own process): {spans} spans in {requests} export requests ({size / 1e6:.1f} MB)"

@@ -146,7 +146,7 @@ class _Call:
             counter.inc()
         self.m.handling.observe(time.perf_counter() - self.start)
         if self.span is not None:
-            tracing.end_server_span(self.span, self.code.name, self.code.value[0])
+            tracing.end_server_span(self.span, self.code.name)
 
 
 def _preset_code(context: ServicerContext[Any, Any]) -> grpc.StatusCode | None:

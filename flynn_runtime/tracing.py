@@ -58,6 +58,7 @@ class _Api:
     context: Any = None
     Link: Any = None
     SpanKind: Any = None
+    SpanContext: Any = None
     Status: Any = None
     StatusCode: Any = None
     root: Any = None  # an empty context: the parent of a span that starts a trace
@@ -92,14 +93,17 @@ def configure(service: str, environ: Mapping[str, str] | None = None) -> bool:
     if not env.get("OTEL_SERVICE_NAME"):
         attrs["service.name"] = f"flynn-{service}"
     # The sampler comes from OTEL_TRACES_SAMPLER(_ARG); the exporter from OTEL_EXPORTER_OTLP_*.
-    provider = TracerProvider(resource=Resource.create(attrs))
+    created = Resource.create(attrs)
+    provider = TracerProvider(
+        resource=_resource_hashed_once(Resource)(created.attributes, created.schema_url)
+    )
     provider.add_span_processor(BatchSpanProcessor(OTLPSpanExporter()))
     trace.set_tracer_provider(provider)
     _provider = provider
     _tracer = provider.get_tracer("flynn")
     _propagator = TraceContextTextMapPropagator()
     _api.trace, _api.context = trace, otel_context
-    _api.Link, _api.SpanKind = trace.Link, trace.SpanKind
+    _api.Link, _api.SpanKind, _api.SpanContext = trace.Link, trace.SpanKind, trace.SpanContext
     _api.Status, _api.StatusCode = trace.Status, trace.StatusCode
     _api.root = otel_context.Context()
     CAPTURE_CONTENT = _truthy(env.get(CAPTURE_ENV))
@@ -114,6 +118,22 @@ def configure(service: str, environ: Mapping[str, str] | None = None) -> bool:
         },
     )
     return True
+
+
+def _resource_hashed_once(resource_class: Any) -> Any:
+    """A Resource subclass whose hash is computed once. The OTLP encoder groups each exported span by
+    its resource (a dict lookup per span) and Resource.__hash__ is a sorted JSON dump of all its
+    attributes: a quarter of the cost of encoding a span. A resource is immutable, so its hash is too."""
+
+    class HashedOnce(resource_class):  # type: ignore[misc, valid-type]
+        def __init__(self, attributes: Any, schema_url: str | None = None) -> None:
+            super().__init__(attributes, schema_url)
+            self._hash = super().__hash__()
+
+        def __hash__(self) -> int:
+            return self._hash  # type: ignore[no-any-return]
+
+    return HashedOnce
 
 
 def shutdown() -> None:
@@ -141,19 +161,31 @@ def extract(carrier: Mapping[str, str]) -> Context:
     return ctx
 
 
+# traceparent, tracestate -> the context they name: a run's phases (and its exemplars) use the context
+# of the message's traceparent several times; stamp() puts the ones it writes here (no parsing at all).
+_CONTEXTS_MAX = 4096
+_contexts: dict[tuple[str, str], Context] = {}
+
+
 def context_of(traceparent: str, tracestate: str = "") -> Context | None:
     """The context a traceparent names (None for ""). Cached: a run's phases parse the same one."""
     if not traceparent:
         return None
-    return _context_of(traceparent, tracestate)
+    key = (traceparent, tracestate)
+    ctx = _contexts.get(key)
+    if ctx is None:
+        carrier = {TRACEPARENT: traceparent}
+        if tracestate:
+            carrier[TRACESTATE] = tracestate
+        ctx = _remember_context(key, extract(carrier))
+    return ctx
 
 
-@functools.lru_cache(maxsize=4096)
-def _context_of(traceparent: str, tracestate: str) -> Context:
-    carrier = {TRACEPARENT: traceparent}
-    if tracestate:
-        carrier[TRACESTATE] = tracestate
-    return extract(carrier)
+def _remember_context(key: tuple[str, str], ctx: Context) -> Context:
+    if len(_contexts) >= _CONTEXTS_MAX:
+        del _contexts[next(iter(_contexts))]  # the oldest: its run's phases are long recorded
+    _contexts[key] = ctx
+    return ctx
 
 
 def sampled(traceparent: str) -> bool:
@@ -222,6 +254,13 @@ def stamp(causation: common_pb2.Causation | None) -> common_pb2.Causation | None
         out.CopyFrom(causation)
     out.traceparent = c.get(TRACEPARENT, "")
     out.tracestate = c.get(TRACESTATE, "")
+    # The run's phases will want this context: the one extract() would give, without parsing it.
+    sc = _api.trace.get_current_span().get_span_context()
+    remote = _api.SpanContext(sc.trace_id, sc.span_id, True, sc.trace_flags, sc.trace_state)
+    _remember_context(
+        (out.traceparent, out.tracestate),
+        _api.trace.set_span_in_context(_api.trace.NonRecordingSpan(remote), _api.root),
+    )
     return out
 
 
@@ -277,8 +316,11 @@ def activated(span: Span | None) -> Iterator[None]:
         yield
         return
 
-    with _api.trace.use_span(span, end_on_exit=False, record_exception=False, set_status_on_exception=False):
+    token = _api.context.attach(_api.trace.set_span_in_context(span))  # use_span() without its extras
+    try:
         yield
+    finally:
+        _api.context.detach(token)
 
 
 @contextlib.contextmanager
@@ -350,7 +392,9 @@ def server_span(method: str, metadata: Iterable[tuple[str, Any]]) -> Span | None
         elif k == TRACESTATE and isinstance(v, str):
             ts = v
     name, attrs = _method_span(method)
-    s = start_span(name, parent=context_of(tp, ts) if tp else _api.root, attributes=attrs, server=True)
+    # The caller's context is parsed, not cached: each call has its own (the cache is for run phases).
+    parent = extract({TRACEPARENT: tp, TRACESTATE: ts} if ts else {TRACEPARENT: tp}) if tp else _api.root
+    s = start_span(name, parent=parent, attributes=attrs, server=True)
     # Each RPC runs in its own task (its own contextvars copy): no detach needed.
     _api.context.attach(_api.trace.set_span_in_context(s))
     return s
@@ -358,12 +402,16 @@ def server_span(method: str, metadata: Iterable[tuple[str, Any]]) -> Span | None
 
 @functools.lru_cache(maxsize=512)
 def _method_span(method: str) -> tuple[str, dict[str, str]]:
+    """The span name and attributes of an RPC, after OpenTelemetry's current RPC conventions:
+    `rpc.system.name` and the fully-qualified `rpc.method` (the span's name, `<service>/<method>`)."""
     _, service, name = method.split("/", 2) if method.count("/") >= 2 else ("", "unknown", method)
-    return f"{service}/{name}", {"rpc.system": "grpc", "rpc.service": service, "rpc.method": name}
+    full = f"{service}/{name}"
+    return full, {"rpc.system.name": "grpc", "rpc.method": full}
 
 
-def end_server_span(s: Span, code_name: str, code_value: int) -> None:
-    s.set_attribute("rpc.grpc.status_code", code_value)
+def end_server_span(s: Span, code_name: str) -> None:
+    """End an RPC's span with `rpc.response.status_code` (the status code's name, e.g. "OK")."""
+    s.set_attribute("rpc.response.status_code", code_name)
     end_span(s, error=code_name if code_name in _SERVER_ERRORS else "")
 
 
@@ -381,6 +429,8 @@ def exemplar(traceparent: str = "") -> dict[str, str] | None:
         return None
 
     if traceparent:
+        if not sampled(traceparent):  # the flag says it: no context to look up
+            return None
         sc = span_context_of(traceparent)
     else:
         sc = _api.trace.get_current_span().get_span_context()

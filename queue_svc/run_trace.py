@@ -12,7 +12,7 @@ Spans (docs/operations/OBSERVABILITY.md, "Traces"), all children of the run's co
     flynn.run.running           started -> terminal; open while the run runs (the agent call is its child)
     flynn.run.cancel_requested  the cancel; links to the span that asked for it (CancelRun, an interrupt)
     flynn.run.cancelled         cancel requested -> cancelled
-    flynn.run.final             the final reply written (completed)
+    flynn.run.final             the final reply written (completed): an event of flynn.run.running
     flynn.message.dropped       a message dropped (cap, cancel of its queue); child of the message
     flynn.reply.tts_fallback    the reply went out as text because speech failed
     flynn.reply.speech          synthesis of a spoken reply (the Voice/Synthesize call is its child)
@@ -43,6 +43,10 @@ _DELIVERIES: dict[int, str] = {
 _MODES: dict[int, str] = {
     int(v): k.removeprefix("QUEUE_MODE_").lower() for k, v in config_pb2.QueueMode.items()
 }
+
+
+# What the running span carries from its start (not set again when it ends).
+_RUNNING_HAS = frozenset({"flynn.run.id", "flynn.session"})
 
 
 def _base(ev: pb.RunEvent) -> dict[str, Any]:
@@ -173,29 +177,38 @@ class RunTracer:
         attrs["flynn.run.state"] = state
         if row is not None and row.start_time is None:  # ended while queued
             self._phase("flynn.run.queued", tp, _queued(attrs, row), row.create_time, now)
-        parent = self._parent(ev.run_id, tp)
         if ev.type == pb.RUN_EVENT_TYPE_RUN_CANCELLED:
             start = row.cancel_request_time if row is not None else None
             s = tracing.start_span(
-                "flynn.run.cancelled", parent=parent, attributes=attrs, start_time=start or now
-            )
+                "flynn.run.cancelled", parent=self._parent(ev.run_id, tp), attributes=attrs,
+                start_time=start or now,
+            )  # fmt: skip
             tracing.end_span(s, end_time=now)
-        elif ev.type == pb.RUN_EVENT_TYPE_RUN_COMPLETED:
-            final = dict(attrs)
-            if row is not None and row.final_reply_id:
-                final["flynn.reply.id"] = row.final_reply_id
-            final.update(tracing.content("flynn.reply.text", ev.text))
-            self._instant("flynn.run.final", parent, final)
         running = self._running.pop(ev.run_id, None)
-        if running is None and row is not None and row.start_time is not None:
+        ending: dict[str, Any] = {}  # what the running span's end adds (it has the run's ids already)
+        if running is not None:
+            ending = {k: v for k, v in attrs.items() if k not in _RUNNING_HAS}
+        elif row is not None and row.start_time is not None:
             # Started before a restart (its open span died with the process): record the phase now.
             attrs = _run(attrs, ev, row)
             attrs["flynn.run.recorded_after_restart"] = True
             running = tracing.start_span(
                 "flynn.run.running", parent=tp, attributes=attrs, start_time=row.start_time
             )
+        if ev.type == pb.RUN_EVENT_TYPE_RUN_COMPLETED:
+            # The final reply is written as the run ends: an event of the running span (an instant span
+            # of its own, ending with it, would cost a whole span's recording and export per message).
+            final: dict[str, Any] = (
+                {"flynn.reply.id": row.final_reply_id} if row and row.final_reply_id else {}
+            )
+            final.update(tracing.content("flynn.reply.text", ev.text))
+            if running is not None:
+                running.add_event("flynn.run.final", final, timestamp=int(now * 1e9))
+            else:  # no row to recreate the running span from: the phase as an instant span
+                self._instant("flynn.run.final", tp, dict(attrs, **final))
         if running is not None:
-            running.set_attributes(attrs)
+            if ending:
+                running.set_attributes(ending)
             error = f"{ev.error_kind}: {ev.reason}" if ev.type == pb.RUN_EVENT_TYPE_RUN_ERROR else ""
             tracing.end_span(running, end_time=now, error=error)
 
