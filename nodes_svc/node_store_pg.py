@@ -32,6 +32,7 @@ from flynn_runtime.pg_migrations import Migration
 from flynn_runtime.sqlite_db import transaction
 from nodes_svc.canvas_store import CanvasStore
 from nodes_svc.canvas_store_pg import MIGRATION as CANVAS_MIGRATION
+from nodes_svc.canvas_store_pg import PUT_MIGRATION as CANVAS_PUT_MIGRATION
 from nodes_svc.node_store import SCHEMA, EpochConflict, EventRecord, NewEvent, NodeRecord, TokenRecord
 from nodes_svc.node_store_sqlite import SqliteNodeStore
 
@@ -106,7 +107,7 @@ PRESENCE_MIGRATION = Migration(
 )
 
 #: Every migration of schema flynn_nodes (nodes and canvas share the schema of their service).
-MIGRATIONS = [NODES_MIGRATION, CANVAS_MIGRATION, PRESENCE_MIGRATION]
+MIGRATIONS = [NODES_MIGRATION, CANVAS_MIGRATION, PRESENCE_MIGRATION, CANVAS_PUT_MIGRATION]
 
 _NODE_COLS = (
     "node_id, role, capabilities, epoch, online, last_seen, connect_time, reconnect_count,"
