@@ -220,9 +220,7 @@ class PgCanvasStore:
                 used_bytes=str(total),
                 max_total_bytes=str(lim.max_total_bytes),
             )
-        meta = ArtifactMeta(
-            name, version, str(row[2]), content_type, digest, len(content), now, actor, ""
-        )
+        meta = ArtifactMeta(name, version, str(row[2]), content_type, digest, len(content), now, actor, "")
         assert meta.etag == make_etag(digest, version), "canvas_put and make_etag disagree"
         self._total = total
         return meta

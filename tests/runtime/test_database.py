@@ -190,7 +190,9 @@ async def test_pooled_connections_ended_by_the_server_are_replaced_not_handed_ou
     try:
         await db.pool.wait(timeout=10)
         async with db.connection() as c:
-            await c.execute("INSERT INTO items(id, name) VALUES (%s, %s) ON CONFLICT DO NOTHING", (7, "seven"))
+            await c.execute(
+                "INSERT INTO items(id, name) VALUES (%s, %s) ON CONFLICT DO NOTHING", (7, "seven")
+            )
         with postgres.connect(settings.dbname) as admin:
             cur = admin.execute(
                 "SELECT count(pg_terminate_backend(pid)) FROM pg_stat_activity "
