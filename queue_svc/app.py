@@ -148,7 +148,11 @@ class QueueApp(ServiceApp):
         return store
 
     def _session_idle_seconds(self) -> float:
-        idle = float(str(self.runtime.settings.extra.get("session_idle_seconds") or 60.0))
+        idle = float(
+            str(
+                self.runtime.settings.extra.get("session_idle_seconds") or _flag("session_idle_seconds", "60")
+            )
+        )
         if idle <= 0:
             raise SystemExit("--session-idle-seconds must be positive")
         return idle

@@ -116,8 +116,13 @@ class Replica:
             return  # a new session: created by the operation that follows
         runs = await rc.store.runs_in_states((QUEUED, STARTED, CANCEL_REQUESTED), key)
         entries = await rc.store.queue_entries(key)
-        collected = {e.message_id: await rc.store.message(e.message_id) for e in entries if e.kind != "run"}
         pending = await rc.store.pending_speech(key)
+        if not runs and not entries and not pending:
+            # An idle session (the common case): in memory as stored. Nothing to recover, so nothing
+            # to write: a read of it (GetSession) must not cost a commit.
+            rc._session_from(row)
+            return
+        collected = {e.message_id: await rc.store.message(e.message_id) for e in entries if e.kind != "run"}
         s = rc._session_from(row)
         for r in runs:
             rc._runs[r.run_id] = _Live(r)
