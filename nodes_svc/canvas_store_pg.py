@@ -20,7 +20,7 @@ from flynn_runtime import errors
 from flynn_runtime.database import Database
 from flynn_runtime.errors import Code, FieldViolation, FlynnError
 from flynn_runtime.pg_migrations import Migration
-from nodes_svc.canvas_store import ArtifactMeta, CanvasLimits, _mismatch, make_etag
+from nodes_svc.canvas_store import ArtifactMeta, CanvasLimits, _mismatch, make_etag, prefix_end
 
 MIGRATION = Migration(
     2,
@@ -113,6 +113,14 @@ PUT_MIGRATION = Migration(
 _COLS = "v.name, v.version, v.etag, v.content_type, v.sha256, v.size, v.update_time, v.actor"
 
 
+_LIST = (
+    "SELECT "
+    + _COLS
+    + " FROM canvas_artifacts a JOIN canvas_versions v ON v.name = a.name AND v.version = a.latest"
+    " WHERE a.latest > 0 AND a.name > %s AND a.name >= %s"
+)
+
+
 def _meta(r: Sequence[Any]) -> ArtifactMeta:
     return ArtifactMeta(
         str(r[0]), int(r[1]), str(r[2]), str(r[3]), str(r[4]), int(r[5]), float(r[6]), str(r[7]), ""
@@ -169,12 +177,15 @@ class PgCanvasStore:
 
     async def list_latest(self, prefix: str, after: str, limit: int) -> list[ArtifactMeta]:
         async with self.db.connection() as c:
-            cur = await c.execute(
-                "SELECT " + _COLS + " FROM canvas_artifacts a JOIN canvas_versions v"
-                " ON v.name = a.name AND v.version = a.latest"
-                " WHERE a.latest > 0 AND a.name > %s AND left(a.name, %s) = %s ORDER BY a.name LIMIT %s",
-                (after, len(prefix), prefix, limit),
-            )
+            # An index range (prefix <= name < prefix_end), so a page costs `limit` rows, not a scan of
+            # every name (the planner cannot bound a filter on left(name, n)).
+            end = prefix_end(prefix)
+            if end:
+                cur = await c.execute(
+                    _LIST + " AND a.name < %s ORDER BY a.name LIMIT %s", (after, prefix, end, limit)
+                )
+            else:
+                cur = await c.execute(_LIST + " ORDER BY a.name LIMIT %s", (after, prefix, limit))
             rows = await cur.fetchall()
         return [_meta(r) for r in rows]
 

@@ -19,6 +19,7 @@ from nodes_svc.canvas_store import (
     CanvasStore,
     SqliteCanvasBackend,
     name_problem,
+    prefix_end,
     validate_name,
 )
 from nodes_svc.canvas_store_pg import PgCanvasStore
@@ -138,6 +139,32 @@ async def test_list_prefix_and_paging(open_store: Factory) -> None:
     assert [m.name for m in page1] == ["docs/0", "docs/1", "docs/2"]
     rest = await s.list_latest("docs/", page1[-1].name, 100)
     assert [m.name for m in rest] == [f"docs/{i}" for i in range(3, 7)] + ["docs/B"]
+
+
+async def test_list_prefix_is_an_exact_range(open_store: Factory) -> None:
+    """The prefix is an index range (prefix_end): names just outside it on either side stay out."""
+    s = await open_store()
+    for name in ("doc", "docs", "docs-", "docs/a", "docs/z/9", "docs0", "doct", "a", "z"):
+        await s.put(name, "text/plain", b"x", "", "op")
+    assert [m.name for m in await s.list_latest("docs/", "", 100)] == ["docs/a", "docs/z/9"]
+    assert [m.name for m in await s.list_latest("docs", "", 100)] == [
+        "docs",
+        "docs-",
+        "docs/a",
+        "docs/z/9",
+        "docs0",
+    ]
+    assert [m.name for m in await s.list_latest("docs", "docs-", 100)] == ["docs/a", "docs/z/9", "docs0"]
+    assert len(await s.list_latest("", "", 100)) == 9
+
+
+def test_prefix_end() -> None:
+    assert prefix_end("docs/") == "docs0"
+    assert prefix_end("a") == "b"
+    assert prefix_end("") == ""
+    assert prefix_end("a\U0010ffff") == "b"
+    assert prefix_end("\U0010ffff") == ""
+    assert prefix_end("x\ud7ff") == "x\ue000"
 
 
 async def test_limits_and_version_window(open_store: Factory, tmp_path: Path, database_url: str) -> None:
