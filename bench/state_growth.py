@@ -161,7 +161,7 @@ async def queue_figures(address: str, token: str, scale: Scale, full: bool) -> d
 
         for i in range(FIRST_PAGE + 10):  # both stores: a full first page of fresh runs
             await submit(f"seed{i}", f"seed{i}")
-        await asyncio.sleep(2.5)  # the seed sessions leave memory (--session-idle-seconds 1)
+        await asyncio.sleep(3.5)  # the seed sessions leave memory (--session-idle-seconds 1)
         lr = []
         for _ in range(scale.samples):
             t0 = time.perf_counter()

@@ -4,7 +4,8 @@ The schemas are the services' own (each service is started once on the empty sto
 creates its tables or runs its migrations), the rows are the ones the services write:
 
 - run control (queue_svc): per session one completed run, its message, its final reply and
-  `events / sessions` run events (serialized RunEvents, numbered like the store numbers them);
+  `events / sessions` run events (serialized RunEvents, numbered like the store numbers them), and
+  on PostgreSQL its released lease;
 - config (config_svc): revisions 2..N after the seed, each the seed with `server.queue.cap` changed,
   with the head row following (PostgreSQL);
 - canvas (nodes_svc): N artifacts of `size` bytes, one version each: on SQLite a blob file per
@@ -94,11 +95,17 @@ def fill_queue_sqlite(path: Path, sessions: int, events: int) -> None:
 
 
 def fill_queue_pg(conn: psycopg.Connection[Row], sessions: int, events: int) -> None:
+    """The rows, plus the released lease each session leaves behind on PostgreSQL (a session that
+    lived on a replica and went idle keeps its lease row, free, with its last epoch)."""
     with conn.cursor() as cur:
         for table, chunk in queue_rows(sessions, events):
             with cur.copy(f"COPY flynn_queue.{table} ({QUEUE_COLS[table]}) FROM STDIN") as copy:  # type: ignore[arg-type]
                 for r in chunk:
                     copy.write_row(r)
+        cur.execute(
+            "INSERT INTO flynn_queue.leases (scope, name, holder, address, epoch, expires_at)"
+            " SELECT 'session', session_key, '', '', 2, now() FROM flynn_queue.sessions WHERE session_key LIKE 'g%'"
+        )
     conn.commit()
 
 
