@@ -37,7 +37,7 @@ import os
 import tempfile
 import time
 import urllib.request
-from collections.abc import Callable
+from collections.abc import Awaitable, Callable
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -146,168 +146,221 @@ def scrape_ms(proc: ServiceProcess, n: int = 5) -> float:
 # --- per-request figures ------------------------------------------------------------------------
 
 
-async def queue_figures(address: str, token: str, scale: Scale, full: bool) -> dict[str, float]:
-    md = (("authorization", f"Bearer {token}"),)
-    async with grpc.aio.insecure_channel(address) as ch:
-        stub = pb_grpc.RunControlStub(ch)
+@dataclass
+class Stack:
+    """One store's three running services ("empty" or "full")."""
 
-        async def submit(key: str, idem: str) -> float:
-            t0 = time.perf_counter()
-            await stub.SubmitMessage(
-                pb.SubmitMessageRequest(session_key=key, channel="bench", text="hi", idempotency_key=idem),
-                metadata=md, timeout=10,
-            )  # fmt: skip
-            return ms_since(t0)
+    state: str
+    url: str
+    tokens: Tokens
+    procs: dict[str, ServiceProcess]
+    fill_seconds: float = 0.0
 
+    @property
+    def full(self) -> bool:
+        return self.state == "full"
+
+    @property
+    def md(self) -> tuple[tuple[str, str]]:
+        return (("authorization", f"Bearer {self.tokens.operator}"),)
+
+
+def turns(stacks: list[Stack], i: int) -> list[Stack]:
+    """Both stores in turn, the first one alternating: load and noise of a shared machine fall on both."""
+    return stacks if i % 2 == 0 else stacks[::-1]
+
+
+async def timed(call: Awaitable[object]) -> float:
+    t0 = time.perf_counter()
+    await call
+    return ms_since(t0)
+
+
+Samples = dict[str, dict[str, list[float]]]
+
+
+def samples(stacks: list[Stack], *keys: str) -> Samples:
+    return {s.state: {k: [] for k in keys} for s in stacks}
+
+
+async def queue_figures(stacks: list[Stack], scale: Scale) -> Samples:
+    out = samples(stacks, "list_runs", "get_session_store", "get_session_memory", "acks")
+    chans = {s.state: grpc.aio.insecure_channel(s.procs["queue"].address) for s in stacks}
+    stubs = {k: pb_grpc.RunControlStub(c) for k, c in chans.items()}
+
+    def submit(s: Stack, key: str, idem: str) -> Awaitable[object]:
+        return stubs[s.state].SubmitMessage(
+            pb.SubmitMessageRequest(session_key=key, channel="bench", text="hi", idempotency_key=idem),
+            metadata=s.md, timeout=10,
+        )  # fmt: skip
+
+    try:
         for i in range(FIRST_PAGE + 10):  # both stores: a full first page of fresh runs
-            await submit(f"seed{i}", f"seed{i}")
+            for s in turns(stacks, i):
+                await submit(s, f"seed{i}", f"seed{i}")
         await asyncio.sleep(3.5)  # the seed sessions leave memory (--session-idle-seconds 1)
-        lr = []
-        for _ in range(scale.samples):
-            t0 = time.perf_counter()
-            await stub.ListRuns(pb.ListRunsRequest(page_size=FIRST_PAGE), metadata=md, timeout=10)
-            lr.append(ms_since(t0))
-        stored: list[float] = []
-        resident: list[float] = []
         for i in range(scale.samples):
-            # Full: a stored idle session of the fill; empty: one of the seed sessions, now out of memory.
-            key = f"g{(i * 997) % scale.sessions}" if full else f"seed{i % (FIRST_PAGE + 10)}"
-            for out in (stored, resident):  # the first call loads it, the second finds it in memory
-                t0 = time.perf_counter()
-                await stub.GetSession(pb.GetSessionRequest(session_key=key), metadata=md, timeout=10)
-                out.append(ms_since(t0))
-        acks = []
+            for s in turns(stacks, i):
+                lr = pb.ListRunsRequest(page_size=FIRST_PAGE)
+                out[s.state]["list_runs"].append(
+                    await timed(stubs[s.state].ListRuns(lr, metadata=s.md, timeout=10))
+                )
+        for i in range(scale.samples):
+            for s in turns(stacks, i):
+                # Full: a stored idle session of the fill; empty: a seed session, now out of memory.
+                key = f"g{(i * 997) % scale.sessions}" if s.full else f"seed{i % (FIRST_PAGE + 10)}"
+                req = pb.GetSessionRequest(session_key=key)
+                for k in ("get_session_store", "get_session_memory"):  # loads it, then finds it in memory
+                    out[s.state][k].append(
+                        await timed(stubs[s.state].GetSession(req, metadata=s.md, timeout=10))
+                    )
         for i in range(scale.acks):
-            # Sessions not in memory: stored idle ones (full), new ones (empty): a read, then the writes.
-            key = f"g{(i * 331 + 17) % scale.sessions}" if full else f"new{i}"
-            acks.append(await submit(key, f"new{i}"))
-    return {
-        "list_runs": pct(lr, 50),
-        "get_session_store": pct(stored, 50),
-        "get_session_memory": pct(resident, 50),
-        "ack_p50": pct(acks, 50),
-        "ack_p99": pct(acks, 99),
-    }
+            for s in turns(stacks, i):
+                # Sessions not in memory: stored idle ones (full), new ones (empty): a read, then the writes.
+                key = f"g{(i * 331 + 17) % scale.sessions}" if s.full else f"new{i}"
+                out[s.state]["acks"].append(await timed(submit(s, key, f"new{i}")))
+    finally:
+        for c in chans.values():
+            await c.close(None)
+    return out
 
 
-async def config_figures(address: str, token: str, scale: Scale) -> dict[str, float]:
-    md = (("authorization", f"Bearer {token}"),)
-    async with grpc.aio.insecure_channel(address) as ch:
-        stub = config_pb2_grpc.ConfigServiceStub(ch)
-        head = (await stub.GetConfig(config_pb2.GetConfigRequest(), metadata=md, timeout=10)).revision
-        commits = []
+async def config_figures(stacks: list[Stack], scale: Scale) -> Samples:
+    out = samples(stacks, "commits", "list_revisions", "watch_snapshot")
+    chans = {s.state: grpc.aio.insecure_channel(s.procs["config"].address) for s in stacks}
+    stubs = {k: config_pb2_grpc.ConfigServiceStub(c) for k, c in chans.items()}
+    try:
+        head = {}
+        for s in stacks:
+            got = await stubs[s.state].GetConfig(config_pb2.GetConfigRequest(), metadata=s.md, timeout=10)
+            head[s.state] = got.revision
+            # The fill is what the service reads: every revision of it.
+            assert got.revision == (scale.revisions if s.full else 1), (s.state, got.revision)
         for i in range(FIRST_PAGE + 10):  # both stores: a full first page, and commit->ack
-            t0 = time.perf_counter()
-            r = await stub.UpdateConfig(
-                config_pb2.UpdateConfigRequest(
+            for s in turns(stacks, i):
+                req = config_pb2.UpdateConfigRequest(
                     config=config_yaml.dict_to_config({"server.queue.cap": 5000 + i}),
                     update_mask=field_mask_pb2.FieldMask(paths=["server.queue.cap"]),
-                    expected_revision=head,
+                    expected_revision=head[s.state],
                     reason="bench",
-                ),
-                metadata=md,
-                timeout=10,
-            )
-            commits.append(ms_since(t0))
-            head = r.revision
-        lists, snaps = [], []
-        for _ in range(scale.samples):
-            t0 = time.perf_counter()
-            await stub.ListRevisions(
-                config_pb2.ListRevisionsRequest(page_size=FIRST_PAGE), metadata=md, timeout=10
-            )
-            lists.append(ms_since(t0))
+                )
+                t0 = time.perf_counter()
+                r = await stubs[s.state].UpdateConfig(req, metadata=s.md, timeout=10)
+                out[s.state]["commits"].append(ms_since(t0))
+                head[s.state] = r.revision
         for i in range(scale.samples):
-            ident = config_pb2.WatcherIdentity(service="bench", instance_id=f"growth-{i}", version="1")
-            t0 = time.perf_counter()
-            call = stub.WatchConfig(config_pb2.WatchConfigRequest(identity=ident), metadata=md, timeout=10)
-            first = await call.read()
-            snaps.append(ms_since(t0))
-            call.cancel()
-            assert isinstance(first, config_pb2.WatchConfigResponse)
-            assert first.kind == config_pb2.WATCH_EVENT_KIND_SNAPSHOT and first.revision == head
-    return {
-        "commit_p50": pct(commits, 50),
-        "list_revisions": pct(lists, 50),
-        "watch_snapshot": pct(snaps, 50),
-        "head_after": float(head),
-    }
+            for s in turns(stacks, i):
+                lrev = config_pb2.ListRevisionsRequest(page_size=FIRST_PAGE)
+                t = await timed(stubs[s.state].ListRevisions(lrev, metadata=s.md, timeout=10))
+                out[s.state]["list_revisions"].append(t)
+        for i in range(scale.samples):
+            for s in turns(stacks, i):
+                ident = config_pb2.WatcherIdentity(service="bench", instance_id=f"growth-{i}", version="1")
+                t0 = time.perf_counter()
+                call = stubs[s.state].WatchConfig(
+                    config_pb2.WatchConfigRequest(identity=ident), metadata=s.md, timeout=10
+                )
+                first = await call.read()
+                out[s.state]["watch_snapshot"].append(ms_since(t0))
+                call.cancel()
+                assert isinstance(first, config_pb2.WatchConfigResponse)
+                assert first.kind == config_pb2.WATCH_EVENT_KIND_SNAPSHOT and first.revision == head[s.state]
+    finally:
+        for c in chans.values():
+            await c.close(None)
+    return out
 
 
-async def canvas_figures(address: str, token: str, scale: Scale, full: bool) -> dict[str, float]:
-    md = (("authorization", f"Bearer {token}"),)
-    async with grpc.aio.insecure_channel(address) as ch:
-        stub = canvas_pb2_grpc.CanvasStub(ch)
-        puts = []
+async def canvas_figures(stacks: list[Stack], scale: Scale) -> Samples:
+    out = samples(stacks, "puts", "list_artifacts", "get_artifact")
+    chans = {s.state: grpc.aio.insecure_channel(s.procs["nodes"].address) for s in stacks}
+    stubs = {k: canvas_pb2_grpc.CanvasStub(c) for k, c in chans.items()}
+    try:
+        for s in stacks:
+            if s.full:  # the fill is there, whole (the store checks the sha256 of what it returns)
+                got = await stubs[s.state].GetArtifact(
+                    canvas_pb2.GetArtifactRequest(name="fill/000000"), metadata=s.md, timeout=10
+                )
+                assert len(got.artifact.content) == scale.artifact_bytes
         for i in range(scale.puts):  # over 64 names: both stores get a full first page of them
-            body = os.urandom(32) * 2048  # 64 KiB
-            t0 = time.perf_counter()
-            await stub.PutArtifact(
-                canvas_pb2.PutArtifactRequest(
-                    name=f"bench/{i % 64:02d}", content_type="application/octet-stream", content=body
-                ),
-                metadata=md,
-                timeout=10,
-            )
-            puts.append(ms_since(t0))
-        if full:  # the fill is there, whole (the store checks the sha256 of what it returns)
-            got = await stub.GetArtifact(
-                canvas_pb2.GetArtifactRequest(name="fill/000000"), metadata=md, timeout=10
-            )
-            assert len(got.artifact.content) == scale.artifact_bytes
-        lists, gets = [], []
-        for _ in range(scale.samples):
-            t0 = time.perf_counter()
-            await stub.ListArtifacts(
-                canvas_pb2.ListArtifactsRequest(page_size=FIRST_PAGE), metadata=md, timeout=10
-            )
-            lists.append(ms_since(t0))
+            for s in turns(stacks, i):
+                put = canvas_pb2.PutArtifactRequest(
+                    name=f"bench/{i % 64:02d}",
+                    content_type="application/octet-stream",
+                    content=os.urandom(32) * 2048,
+                )  # 64 KiB
+                out[s.state]["puts"].append(
+                    await timed(stubs[s.state].PutArtifact(put, metadata=s.md, timeout=10))
+                )
         for i in range(scale.samples):
-            t0 = time.perf_counter()
-            await stub.GetArtifact(
-                canvas_pb2.GetArtifactRequest(name=f"bench/{i % min(64, scale.puts):02d}"),
-                metadata=md,
-                timeout=10,
-            )
-            gets.append(ms_since(t0))
-    return {
-        "put_p50": pct(puts, 50),
-        "put_p99": pct(puts, 99),
-        "list_artifacts": pct(lists, 50),
-        "get_artifact": pct(gets, 50),
-    }
+            for s in turns(stacks, i):
+                lreq = canvas_pb2.ListArtifactsRequest(page_size=FIRST_PAGE)
+                t = await timed(stubs[s.state].ListArtifacts(lreq, metadata=s.md, timeout=10))
+                out[s.state]["list_artifacts"].append(t)
+        for i in range(scale.samples):
+            for s in turns(stacks, i):
+                req2 = canvas_pb2.GetArtifactRequest(name=f"bench/{i % min(64, scale.puts):02d}")
+                out[s.state]["get_artifact"].append(
+                    await timed(stubs[s.state].GetArtifact(req2, metadata=s.md, timeout=10))
+                )
+    finally:
+        for c in chans.values():
+            await c.close(None)
+    return out
 
 
-def measure(root: Path, url: str, scale: Scale, full: bool) -> dict[str, float]:
-    """One column: the stores made by their services, filled when `full`, then the figures."""
+def prepare(root: Path, state: str, url: str, scale: Scale) -> Stack:
+    """A store made by its services (tables, migrations, the config seed: one start each), then filled
+    when `state` is "full". Nothing is left running."""
     tokens = make_tokens(root)
-    procs = services(root, tokens)
-    out: dict[str, float] = {}
+    stack = Stack(state, url, tokens, services(root, tokens))
     with database_env(url):
-        for p in procs.values():  # tables, migrations and the config seed, made by each service
+        for p in stack.procs.values():
             p.start(timeout=120)
             p.stop()
-        if full:
-            t0 = time.perf_counter()
-            fill_stores(procs, url, scale)
-            out["fill_seconds"] = time.perf_counter() - t0
-        try:
-            for name, p in procs.items():
-                t0 = time.perf_counter()
-                p.start(timeout=300)
-                out[f"startup_{name}"] = time.perf_counter() - t0
-            op = tokens.operator
-            out.update(asyncio.run(queue_figures(procs["queue"].address, op, scale, full)))
-            out.update(asyncio.run(config_figures(procs["config"].address, op, scale)))
-            out.update(asyncio.run(canvas_figures(procs["nodes"].address, op, scale, full)))
-            # The fill is what the services read: every revision (plus the seed's successors here).
-            assert out.pop("head_after") == (scale.revisions if full else 1) + FIRST_PAGE + 10
-            for name, p in procs.items():
+    if stack.full:
+        t0 = time.perf_counter()
+        fill_stores(stack.procs, url, scale)
+        stack.fill_seconds = time.perf_counter() - t0
+    return stack
+
+
+def measure(stacks: list[Stack], scale: Scale) -> dict[str, dict[str, float]]:
+    """Both stores' figures: start-ups one after the other, then every request in turns."""
+    out: dict[str, dict[str, float]] = {s.state: {"fill_seconds": s.fill_seconds} for s in stacks}
+    try:
+        for s in stacks:
+            with database_env(s.url):
+                for name, p in s.procs.items():
+                    t0 = time.perf_counter()
+                    p.start(timeout=300)
+                    out[s.state][f"startup_{name}"] = time.perf_counter() - t0
+        raw: Samples = samples(stacks)
+        for phase in (queue_figures, config_figures, canvas_figures):
+            for state, got in asyncio.run(phase(stacks, scale)).items():
+                raw[state].update(got)
+        for s in stacks:
+            r, o = raw[s.state], out[s.state]
+            o.update(list_runs=pct(r["list_runs"], 50), get_session_store=pct(r["get_session_store"], 50),
+                     get_session_memory=pct(r["get_session_memory"], 50), ack_p50=pct(r["acks"], 50),
+                     ack_p99=pct(r["acks"], 99), commit_p50=pct(r["commits"], 50),
+                     list_revisions=pct(r["list_revisions"], 50), watch_snapshot=pct(r["watch_snapshot"], 50),
+                     put_p50=pct(r["puts"], 50), put_p99=pct(r["puts"], 99),
+                     list_artifacts=pct(r["list_artifacts"], 50), get_artifact=pct(r["get_artifact"], 50))  # fmt: skip
+        for i in range(5):  # scrapes in turns too
+            for s in turns(stacks, i):
+                for name, p in s.procs.items():
+                    out[s.state].setdefault(f"scrapes_{name}", 0.0)
+                    raw[s.state].setdefault(f"scrape_{name}", []).append(scrape_ms(p, 1))
+        for s in stacks:
+            for name, p in s.procs.items():
                 assert p.proc is not None
-                out[f"rss_{name}"] = rss_mib(p.proc.pid)
-                out[f"scrape_{name}"] = scrape_ms(p)
-        finally:
-            for p in procs.values():
+                out[s.state][f"rss_{name}"] = rss_mib(p.proc.pid)
+                out[s.state][f"scrape_{name}"] = pct(raw[s.state][f"scrape_{name}"], 50)
+                out[s.state].pop(f"scrapes_{name}")
+    finally:
+        for s in stacks:
+            for p in s.procs.values():
                 p.stop()
     return out
 
@@ -410,10 +463,12 @@ def main() -> None:
         try:
             for backend in args.backends.split(","):
                 load0 = os.getloadavg()[0]
-                cols = {}
-                for state in ("empty", "full"):
-                    url = server.create_database(f"growth_{state}") if backend == "postgresql" else ""
-                    cols[state] = measure(root / backend / state, url, scale, state == "full")
+                stacks = [
+                    prepare(root / backend / state, state, server.create_database(f"growth_{state}")
+                            if backend == "postgresql" else "", scale)
+                    for state in ("empty", "full")
+                ]  # fmt: skip
+                cols = measure(stacks, scale)
                 load = f"{load0:.1f} -> {os.getloadavg()[0]:.1f}"
                 name = {"sqlite": "SQLite", "postgresql": "PostgreSQL"}.get(backend, backend)
                 out += report(name, cols["empty"], cols["full"], scale, load)
