@@ -94,8 +94,9 @@ async def check_quiet_connection(conn: psycopg.AsyncConnection[Any]) -> None:
     pooled call one more round trip to the server."""
     if conn.closed or conn.broken:
         raise psycopg.OperationalError("the connection is closed")
-    readable, _, _ = select.select([conn.pgconn.socket], [], [], 0)
-    if readable:
+    poller = select.poll()  # poll, not select: a busy process may hold descriptors above FD_SETSIZE
+    poller.register(conn.pgconn.socket, select.POLLIN)
+    if poller.poll(0):
         await psycopg_pool.AsyncConnectionPool.check_connection(conn)
 
 
