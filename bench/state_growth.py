@@ -21,7 +21,7 @@ ratio:
 - config: UpdateConfig commit->ack p50 (60 changes, which also fill the first page on both stores),
   ListRevisions first page, WatchConfig snapshot (stream opened -> SNAPSHOT received);
 - canvas: 64 KiB PutArtifact p50/p99 (over 64 names, which fill the first page on both stores),
-  ListArtifacts first page, GetArtifact of a 64 KiB artifact.
+  ListArtifacts first page and with a prefix only 10 names share, GetArtifact of a 64 KiB artifact.
 
 Targets (issue 13): start-up <= 10 s, memory that does not grow with idle state, every per-request
 figure within 1.5x of the empty store. Figures are printed, never asserted; the machine's load
@@ -272,7 +272,7 @@ async def config_figures(stacks: list[Stack], scale: Scale) -> Samples:
 
 
 async def canvas_figures(stacks: list[Stack], scale: Scale) -> Samples:
-    out = samples(stacks, "puts", "list_artifacts", "get_artifact")
+    out = samples(stacks, "puts", "list_artifacts", "list_prefix", "get_artifact")
     chans = {s.state: grpc.aio.insecure_channel(s.procs["nodes"].address) for s in stacks}
     stubs = {k: canvas_pb2_grpc.CanvasStub(c) for k, c in chans.items()}
     try:
@@ -297,6 +297,11 @@ async def canvas_figures(stacks: list[Stack], scale: Scale) -> Samples:
                 lreq = canvas_pb2.ListArtifactsRequest(page_size=FIRST_PAGE)
                 t = await timed(stubs[s.state].ListArtifacts(lreq, metadata=s.md, timeout=10))
                 out[s.state]["list_artifacts"].append(t)
+                # A prefix few names share (bench/0*): the page must not cost a scan of every name after it.
+                pre = canvas_pb2.ListArtifactsRequest(prefix="bench/0", page_size=FIRST_PAGE)
+                out[s.state]["list_prefix"].append(
+                    await timed(stubs[s.state].ListArtifacts(pre, metadata=s.md, timeout=10))
+                )
         for i in range(scale.samples):
             for s in turns(stacks, i):
                 req2 = canvas_pb2.GetArtifactRequest(name=f"bench/{i % min(64, scale.puts):02d}")
@@ -346,7 +351,7 @@ def measure(stacks: list[Stack], scale: Scale) -> dict[str, dict[str, float]]:
                      ack_p99=pct(r["acks"], 99), commit_p50=pct(r["commits"], 50),
                      list_revisions=pct(r["list_revisions"], 50), watch_snapshot=pct(r["watch_snapshot"], 50),
                      put_p50=pct(r["puts"], 50), put_p99=pct(r["puts"], 99),
-                     list_artifacts=pct(r["list_artifacts"], 50), get_artifact=pct(r["get_artifact"], 50))  # fmt: skip
+                     list_artifacts=pct(r["list_artifacts"], 50), list_prefix=pct(r["list_prefix"], 50), get_artifact=pct(r["get_artifact"], 50))  # fmt: skip
         for i in range(5):  # scrapes in turns too
             for s in turns(stacks, i):
                 for name, p in s.procs.items():
@@ -403,6 +408,7 @@ def rows() -> list[tuple[str, str, str, str, Check]]:
         ("canvas: 64 KiB put p50 (ms)", "put_p50"),
         ("canvas: 64 KiB put p99 (ms)", "put_p99"),
         ("canvas: ListArtifacts first page p50 (ms)", "list_artifacts"),
+        ("canvas: ListArtifacts prefix bench/0 p50 (ms)", "list_prefix"),
         ("canvas: GetArtifact 64 KiB p50 (ms)", "get_artifact"),
     ):
         out.append((label, key, "{:.2f}", "<= 1.5x", within_1_5))
