@@ -330,6 +330,24 @@ def prepare(root: Path, state: str, url: str, scale: Scale) -> Stack:
     return stack
 
 
+#: (figure, samples, percentile) of the per-request figures.
+FIGURES = (
+    ("list_runs", "list_runs", 50),
+    ("get_session_store", "get_session_store", 50),
+    ("get_session_memory", "get_session_memory", 50),
+    ("ack_p50", "acks", 50),
+    ("ack_p99", "acks", 99),
+    ("commit_p50", "commits", 50),
+    ("list_revisions", "list_revisions", 50),
+    ("watch_snapshot", "watch_snapshot", 50),
+    ("put_p50", "puts", 50),
+    ("put_p99", "puts", 99),
+    ("list_artifacts", "list_artifacts", 50),
+    ("list_prefix", "list_prefix", 50),
+    ("get_artifact", "get_artifact", 50),
+)
+
+
 def measure(stacks: list[Stack], scale: Scale) -> dict[str, dict[str, float]]:
     """Both stores' figures: start-ups one after the other, then every request in turns."""
     out: dict[str, dict[str, float]] = {s.state: {"fill_seconds": s.fill_seconds} for s in stacks}
@@ -344,25 +362,18 @@ def measure(stacks: list[Stack], scale: Scale) -> dict[str, dict[str, float]]:
         for phase in (queue_figures, config_figures, canvas_figures):
             for state, got in asyncio.run(phase(stacks, scale)).items():
                 raw[state].update(got)
-        for s in stacks:
-            r, o = raw[s.state], out[s.state]
-            o.update(list_runs=pct(r["list_runs"], 50), get_session_store=pct(r["get_session_store"], 50),
-                     get_session_memory=pct(r["get_session_memory"], 50), ack_p50=pct(r["acks"], 50),
-                     ack_p99=pct(r["acks"], 99), commit_p50=pct(r["commits"], 50),
-                     list_revisions=pct(r["list_revisions"], 50), watch_snapshot=pct(r["watch_snapshot"], 50),
-                     put_p50=pct(r["puts"], 50), put_p99=pct(r["puts"], 99),
-                     list_artifacts=pct(r["list_artifacts"], 50), list_prefix=pct(r["list_prefix"], 50), get_artifact=pct(r["get_artifact"], 50))  # fmt: skip
         for i in range(5):  # scrapes in turns too
             for s in turns(stacks, i):
                 for name, p in s.procs.items():
-                    out[s.state].setdefault(f"scrapes_{name}", 0.0)
                     raw[s.state].setdefault(f"scrape_{name}", []).append(scrape_ms(p, 1))
         for s in stacks:
-            for name, p in s.procs.items():
-                assert p.proc is not None
-                out[s.state][f"rss_{name}"] = rss_mib(p.proc.pid)
-                out[s.state][f"scrape_{name}"] = pct(raw[s.state][f"scrape_{name}"], 50)
-                out[s.state].pop(f"scrapes_{name}")
+            r, o = raw[s.state], out[s.state]
+            for key, samples_key, percentile in FIGURES:
+                o[key] = pct(r[samples_key], percentile)
+            for name, proc in s.procs.items():
+                assert proc.proc is not None
+                o[f"rss_{name}"] = rss_mib(proc.proc.pid)
+                o[f"scrape_{name}"] = pct(r[f"scrape_{name}"], 50)
     finally:
         for s in stacks:
             for p in s.procs.values():
