@@ -399,6 +399,9 @@ class CanvasBackend(Protocol):
     """What the async face needs from a storage backend (SQLite + files, or PostgreSQL bytea)."""
 
     limits: CanvasLimits
+    #: Whether a put or delete appends its nodes event itself, in its own transaction (PostgreSQL);
+    #: otherwise the registry appends it after the change (SQLite: another file).
+    records_events: bool
 
     @property
     def total_bytes(self) -> int: ...
@@ -420,6 +423,8 @@ class CanvasBackend(Protocol):
 
 class SqliteCanvasBackend:
     """The SQLite + files store on its one worker thread (serializes compare-and-set, fsyncs off the loop)."""
+
+    records_events = False
 
     def __init__(self, store: CanvasStore) -> None:
         self.store = store

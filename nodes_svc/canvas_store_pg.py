@@ -16,6 +16,8 @@ import time
 from collections.abc import Sequence
 from typing import Any
 
+from flynn.v1 import nodes_pb2
+
 from flynn_runtime import errors
 from flynn_runtime.database import Database
 from flynn_runtime.errors import Code, FieldViolation, FlynnError
@@ -51,8 +53,9 @@ MIGRATION = Migration(
     """,
 )
 
-#: A put as ONE statement (one round trip, its own transaction): the lock, the read, the checks and the
-#: writes run inside the server. In READ COMMITTED each statement of a (VOLATILE) PL/pgSQL function
+#: A put as ONE statement (one round trip, its own transaction): the lock, the read, the checks, the
+#: writes and the nodes event of the change (CANVAS_CHANGED, so that a put costs one WAL flush, and
+#: its event is durable with it) run inside the server. Locks: canvas_totals, then event_head. In READ COMMITTED each statement of a (VOLATILE) PL/pgSQL function
 #: takes a new snapshot, so the read after the lock sees every put committed before the lock was
 #: granted, exactly as the two pipelined batches did before. A refused put (etag, restore, full)
 #: writes nothing and says why in `o_outcome`. The etag is `make_etag` (canvas_store.py) in SQL.
@@ -63,8 +66,9 @@ PUT_MIGRATION = Migration(
     CREATE FUNCTION canvas_put(
         p_name TEXT, p_content_type TEXT, p_content BYTEA, p_sha256 TEXT, p_etag TEXT, p_actor TEXT,
         p_restore_version BIGINT, p_keep BIGINT, p_max_total BIGINT, p_update_time DOUBLE PRECISION,
+        p_event_type INTEGER,
         OUT o_outcome TEXT, OUT o_version BIGINT, OUT o_etag TEXT, OUT o_current_etag TEXT,
-        OUT o_total BIGINT, OUT o_latest BIGINT
+        OUT o_total BIGINT, OUT o_latest BIGINT, OUT o_event_seq BIGINT
     ) LANGUAGE plpgsql AS $$
     DECLARE
         v_last BIGINT;
@@ -105,10 +109,16 @@ PUT_MIGRATION = Migration(
                 last_version = GREATEST(a.last_version, excluded.last_version);
         o_total := o_total - v_freed + v_size;
         UPDATE canvas_totals SET total_bytes = o_total;
+        -- The nodes event of the change, in the same transaction (one WAL flush for both).
+        UPDATE event_head SET seq = seq + 1 RETURNING seq INTO o_event_seq;
+        INSERT INTO events (seq, type, node_id, role, epoch, reason, artifact_name, time)
+        VALUES (o_event_seq, p_event_type, '', '', 0, 'put', p_name, p_update_time);
         o_outcome := 'OK';
     END $$;
     """,
 )
+
+CANVAS_CHANGED = nodes_pb2.NODE_EVENT_TYPE_CANVAS_CHANGED
 
 _COLS = "v.name, v.version, v.etag, v.content_type, v.sha256, v.size, v.update_time, v.actor"
 
@@ -128,6 +138,9 @@ def _meta(r: Sequence[Any]) -> ArtifactMeta:
 
 
 class PgCanvasStore:
+    #: Puts and deletes append their nodes event (CANVAS_CHANGED) in their own transaction.
+    records_events = True
+
     def __init__(self, db: Database, limits: CanvasLimits | None = None) -> None:
         self.db = db
         self.limits = limits or CanvasLimits()
@@ -207,9 +220,9 @@ class PgCanvasStore:
         async with self.db.connection() as c:
             cur = await c.execute(
                 "SELECT o_outcome, o_version, o_etag, o_current_etag, o_total, o_latest FROM"
-                " canvas_put(%s, %s, %s, %s, %s, %s, %s, %s, %s, %s)",
+                " canvas_put(%s, %s, %s, %s, %s, %s, %s, %s, %s, %s, %s)",
                 (name, content_type, content, digest, etag, actor, restore_version,
-                 lim.max_versions, lim.max_total_bytes, now),
+                 lim.max_versions, lim.max_total_bytes, now, CANVAS_CHANGED),
             )  # fmt: skip
             row = await cur.fetchone()
         assert row is not None
@@ -255,6 +268,12 @@ class PgCanvasStore:
             await c.execute("UPDATE canvas_artifacts SET latest = 0 WHERE name = %s", (name,))
             new_total = total - sum(sizes)
             await c.execute("UPDATE canvas_totals SET total_bytes = %s", (new_total,))
+            await c.execute(
+                "WITH h AS (UPDATE event_head SET seq = seq + 1 RETURNING seq)"
+                " INSERT INTO events(seq, type, node_id, role, epoch, reason, artifact_name, time)"
+                " SELECT h.seq, %s, '', '', 0, 'delete', %s, %s FROM h",
+                (CANVAS_CHANGED, name, time.time()),
+            )
         self._total = new_total
         return len(sizes)
 

@@ -9,6 +9,7 @@ from collections.abc import AsyncIterator, Awaitable, Callable
 from pathlib import Path
 
 import pytest
+from flynn.v1 import nodes_pb2
 
 from flynn_runtime.database import Database
 from flynn_runtime.database_url import parse_database_url
@@ -156,6 +157,27 @@ async def test_list_prefix_is_an_exact_range(open_store: Factory) -> None:
     ]
     assert [m.name for m in await s.list_latest("docs", "docs-", 100)] == ["docs/a", "docs/z/9", "docs0"]
     assert len(await s.list_latest("", "", 100)) == 9
+
+
+async def test_changes_append_their_nodes_event_in_their_own_transaction(open_store: Factory) -> None:
+    """PostgreSQL: a put and a delete append their CANVAS_CHANGED event themselves (one transaction,
+    one WAL flush); a refused put appends nothing. SQLite leaves it to the registry (another file)."""
+    s = await open_store()
+    if not s.records_events:
+        assert isinstance(s, SqliteCanvasBackend)
+        return
+    assert isinstance(s, PgCanvasStore)
+    first = await s.put("notes/a", "text/plain", b"one", "", "op")
+    with pytest.raises(FlynnError):
+        await s.put("notes/a", "text/plain", b"two", '"v9-stale"', "op")  # refused: etag
+    await s.delete("notes/a", first.etag)
+    async with s.db.connection() as c:
+        cur = await c.execute("SELECT seq, type, reason, artifact_name FROM events ORDER BY seq")
+        rows = await cur.fetchall()
+        head = await (await c.execute("SELECT seq FROM event_head")).fetchone()
+    changed = nodes_pb2.NODE_EVENT_TYPE_CANVAS_CHANGED
+    assert [tuple(r[1:]) for r in rows] == [(changed, "put", "notes/a"), (changed, "delete", "notes/a")]
+    assert head is not None and head[0] == rows[-1][0]
 
 
 def test_prefix_end() -> None:
