@@ -20,7 +20,7 @@ ratio:
   fill, new sessions on the empty store: the same reads and writes);
 - config: UpdateConfig commit->ack p50 (60 changes, which also fill the first page on both stores),
   ListRevisions first page, WatchConfig snapshot (stream opened -> SNAPSHOT received);
-- canvas: 64 KiB PutArtifact p50/p99 (over 64 names, which fill the first page on both stores),
+- canvas: 64 KiB PutArtifact p50/p99 (300, over 64 names, which fill the first page on both stores),
   ListArtifacts first page and with a prefix only 10 names share, GetArtifact of a 64 KiB artifact.
 
 Targets (issue 13): start-up <= 10 s, memory that does not grow with idle state, every per-request
@@ -454,7 +454,7 @@ def main() -> None:
     ap.add_argument("--artifacts", type=int, default=0, help="canvas artifacts (default 10,000 x scale)")
     ap.add_argument("--artifact-bytes", type=int, default=4096, help="size of each filled artifact")
     ap.add_argument("--acks", type=int, default=300, help="submits timed for submit->ack")
-    ap.add_argument("--puts", type=int, default=100, help="64 KiB canvas puts timed")
+    ap.add_argument("--puts", type=int, default=300, help="64 KiB canvas puts timed")
     ap.add_argument("--samples", type=int, default=20, help="calls timed for each p50 figure")
     ap.add_argument("--backends", default="sqlite,postgresql")
     args = ap.parse_args()

@@ -12,8 +12,8 @@ creates its tables or runs its migrations), the rows are the ones the services w
   version under canvas/blobs plus its index row, on PostgreSQL the bytea row; the total follows.
 
 PostgreSQL is filled with COPY and then VACUUM ANALYZEd, as an operator does after a bulk restore
-(docs/operations/DATABASE.md), so the figures are those of a settled database, not of a minute in
-which autovacuum is still catching up with a million fresh rows.
+(docs/operations/DATABASE.md), and checkpointed, so the figures are those of a settled database, not
+of a minute in which autovacuum and the checkpointer are still catching up with a million fresh rows.
 """
 
 from __future__ import annotations
@@ -213,7 +213,9 @@ def fill_canvas_pg(conn: psycopg.Connection[Row], artifacts: int, size: int) -> 
 
 def settle_pg(url: str) -> None:
     """VACUUM ANALYZE every table of the services' schemas: planner statistics and visibility map of a
-    settled database (what an operator runs after a bulk restore)."""
+    settled database (what an operator runs after a bulk restore); then a CHECKPOINT, so the fill's
+    hundreds of MB of dirty pages are written out before the measurement, not during it (the WAL is
+    the whole server's: that I/O would stall the empty store's commits as much as the full one's)."""
     with psycopg.connect(url, autocommit=True) as conn:
         tables = conn.execute(
             "SELECT schemaname, tablename FROM pg_tables WHERE schemaname LIKE 'flynn\\_%' ORDER BY 1, 2"
@@ -224,3 +226,4 @@ def settle_pg(url: str) -> None:
                     sql.Identifier(str(schema)), sql.Identifier(str(table))
                 )
             )
+        conn.execute("CHECKPOINT")
