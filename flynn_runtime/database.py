@@ -18,6 +18,7 @@ Nothing here blocks the event loop: every round trip is awaited.
 from __future__ import annotations
 
 import logging
+import select
 from collections.abc import AsyncIterator, Sequence
 from contextlib import asynccontextmanager
 from dataclasses import dataclass
@@ -81,6 +82,22 @@ def describe_connect_error(db: DatabaseSettings, e: BaseException) -> str:
     if "could not translate host name" in low or "name or service not known" in low:
         return f"unknown host {db.host!r} in --database-url"
     return f"cannot connect to {where}: {text}"
+
+
+async def check_quiet_connection(conn: psycopg.AsyncConnection[Any]) -> None:
+    """The pool's check of a connection it hands out, without a round trip while the connection is quiet.
+
+    A pooled connection sits idle with nothing to read. When the server ends it (a restart, a crash, a
+    fencing `pg_terminate_backend`) it sends an error and closes the socket, which makes the socket
+    readable: only then is the full check (an empty query) run, so that the pool replaces a dead
+    connection instead of handing it out. Checking every checkout with a query would cost every
+    pooled call one more round trip to the server."""
+    if conn.closed or conn.broken:
+        raise psycopg.OperationalError("the connection is closed")
+    poller = select.poll()  # poll, not select: a busy process may hold descriptors above FD_SETSIZE
+    poller.register(conn.pgconn.socket, select.POLLIN)
+    if poller.poll(0):
+        await psycopg_pool.AsyncConnectionPool.check_connection(conn)
 
 
 class Database:
@@ -164,7 +181,7 @@ class Database:
             open=False,
             timeout=t.acquire_seconds,
             reconnect_timeout=24 * 3600.0,
-            check=psycopg_pool.AsyncConnectionPool.check_connection,
+            check=check_quiet_connection,
             name=f"flynn-{service}",
         )
         try:

@@ -149,13 +149,17 @@ class NodesApp(ServiceApp):
             backend,
             self.runtime.audit,
             enabled=self.registry.canvas_service_enabled,
-            on_change=self.registry.record_canvas_change,
+            # PostgreSQL appends the change's event in the put's own transaction: only wake watchers.
+            on_change=self._canvas_recorded if backend.records_events else self.registry.record_canvas_change,
         )
         assert self._server is not None
         nodes_pb2_grpc.add_NodesServicer_to_server(
             NodesServicer(self.runtime, self.registry, self.presence, forwarder), self._server
         )
         canvas_pb2_grpc.add_CanvasServicer_to_server(CanvasServicer(self.canvas), self._server)
+
+    def _canvas_recorded(self, name: str, op: str) -> None:
+        self.registry.wake_watchers()
 
     async def start(self) -> None:
         await self._open_stores()

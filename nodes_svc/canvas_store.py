@@ -127,6 +127,31 @@ class CanvasLimits:
     max_versions: int = DEFAULT_MAX_VERSIONS
 
 
+def prefix_end(prefix: str) -> str:
+    """The smallest string above every string that starts with `prefix` ("" when there is none), so a
+    prefix is the index range `prefix <= name < prefix_end(prefix)`: code-point order, which is the
+    byte order of UTF-8 that both stores compare names in (SQLite BINARY, PostgreSQL COLLATE "C")."""
+    for i in range(len(prefix) - 1, -1, -1):
+        c = ord(prefix[i]) + 1
+        if c == 0xD800:  # past the surrogates
+            c = 0xE000
+        if c <= 0x10FFFF:
+            return prefix[:i] + chr(c)
+    return ""
+
+
+#: Listing by name from `after`, within a prefix: an index range scan that stops after `limit` names,
+#: whatever the number of artifacts (a filter on the prefix alone scanned every name after `after`).
+LIST_LATEST_SQLITE = (
+    "SELECT v.* FROM artifacts a JOIN versions v ON v.name=a.name AND v.version=a.latest"
+    " WHERE a.latest > 0 AND a.name > ? AND a.name >= ? ORDER BY a.name LIMIT ?"
+)
+LIST_LATEST_SQLITE_BOUNDED = (
+    "SELECT v.* FROM artifacts a JOIN versions v ON v.name=a.name AND v.version=a.latest"
+    " WHERE a.latest > 0 AND a.name > ? AND a.name >= ? AND a.name < ? ORDER BY a.name LIMIT ?"
+)
+
+
 def make_etag(sha256: str, version: int) -> str:
     return f'"v{version}-{sha256[:16]}"'
 
@@ -235,11 +260,11 @@ class CanvasStore:
         return meta, content
 
     def list_latest(self, prefix: str, after: str, limit: int) -> list[ArtifactMeta]:
-        rows = self._db.execute(
-            "SELECT v.* FROM artifacts a JOIN versions v ON v.name=a.name AND v.version=a.latest"
-            " WHERE a.latest > 0 AND a.name > ? AND substr(a.name, 1, ?) = ? ORDER BY a.name LIMIT ?",
-            (after, len(prefix), prefix, limit),
-        )
+        end = prefix_end(prefix)
+        if end:
+            rows = self._db.execute(LIST_LATEST_SQLITE_BOUNDED, (after, prefix, end, limit))
+        else:
+            rows = self._db.execute(LIST_LATEST_SQLITE, (after, prefix, limit))
         return [_meta(r) for r in rows]
 
     # writes -------------------------------------------------------------------------------
@@ -374,6 +399,9 @@ class CanvasBackend(Protocol):
     """What the async face needs from a storage backend (SQLite + files, or PostgreSQL bytea)."""
 
     limits: CanvasLimits
+    #: Whether a put or delete appends its nodes event itself, in its own transaction (PostgreSQL);
+    #: otherwise the registry appends it after the change (SQLite: another file).
+    records_events: bool
 
     @property
     def total_bytes(self) -> int: ...
@@ -395,6 +423,8 @@ class CanvasBackend(Protocol):
 
 class SqliteCanvasBackend:
     """The SQLite + files store on its one worker thread (serializes compare-and-set, fsyncs off the loop)."""
+
+    records_events = False
 
     def __init__(self, store: CanvasStore) -> None:
         self.store = store

@@ -4,8 +4,8 @@ Same contract as the SQLite + files store (canvas_store.py): versions are never 
 survives deletes), the newest `max_versions` versions of a name are kept, `max_artifact_bytes` and
 `max_total_bytes` are enforced, etags are compare-and-set. Every write takes the row lock of the
 one-row `canvas_totals` table first, so puts and deletes from any number of callers or replicas are
-serialized there and the total stays exact; a put is one locking read, then its writes and COMMIT in
-one pipelined batch. The call returns after COMMIT (an ack means committed).
+serialized there and the total stays exact. A put is one statement, `canvas_put` (PUT_MIGRATION): one
+round trip, its own transaction. The call returns after COMMIT (an ack means committed).
 Reads verify the sha256 of what they return.
 """
 
@@ -16,11 +16,13 @@ import time
 from collections.abc import Sequence
 from typing import Any
 
+from flynn.v1 import nodes_pb2
+
 from flynn_runtime import errors
 from flynn_runtime.database import Database
 from flynn_runtime.errors import Code, FieldViolation, FlynnError
 from flynn_runtime.pg_migrations import Migration
-from nodes_svc.canvas_store import ArtifactMeta, CanvasLimits, _mismatch, make_etag
+from nodes_svc.canvas_store import ArtifactMeta, CanvasLimits, _mismatch, make_etag, prefix_end
 
 MIGRATION = Migration(
     2,
@@ -51,7 +53,82 @@ MIGRATION = Migration(
     """,
 )
 
+#: A put as ONE statement (one round trip, its own transaction): the lock, the read, the checks, the
+#: writes and the nodes event of the change (CANVAS_CHANGED, so that a put costs one WAL flush, and
+#: its event is durable with it) run inside the server. Locks: canvas_totals, then event_head. In READ COMMITTED each statement of a (VOLATILE) PL/pgSQL function
+#: takes a new snapshot, so the read after the lock sees every put committed before the lock was
+#: granted, exactly as the two pipelined batches did before. A refused put (etag, restore, full)
+#: writes nothing and says why in `o_outcome`. The etag is `make_etag` (canvas_store.py) in SQL.
+PUT_MIGRATION = Migration(
+    4,
+    "canvas put in one statement (one round trip)",
+    """
+    CREATE FUNCTION canvas_put(
+        p_name TEXT, p_content_type TEXT, p_content BYTEA, p_sha256 TEXT, p_etag TEXT, p_actor TEXT,
+        p_restore_version BIGINT, p_keep BIGINT, p_max_total BIGINT, p_update_time DOUBLE PRECISION,
+        p_event_type INTEGER,
+        OUT o_outcome TEXT, OUT o_version BIGINT, OUT o_etag TEXT, OUT o_current_etag TEXT,
+        OUT o_total BIGINT, OUT o_latest BIGINT, OUT o_event_seq BIGINT
+    ) LANGUAGE plpgsql AS $$
+    DECLARE
+        v_last BIGINT;
+        v_freed BIGINT;
+        v_size BIGINT := octet_length(p_content);
+    BEGIN
+        SELECT t.total_bytes INTO o_total FROM canvas_totals t FOR UPDATE;
+        SELECT a.last_version, a.latest, v.etag INTO v_last, o_latest, o_current_etag
+          FROM canvas_artifacts a LEFT JOIN canvas_versions v ON v.name = a.name AND v.version = a.latest
+         WHERE a.name = p_name;
+        v_last := COALESCE(v_last, 0);
+        o_latest := COALESCE(o_latest, 0);
+        o_current_etag := COALESCE(o_current_etag, '');
+        IF (p_etag = '*' AND o_current_etag <> '') OR (p_etag NOT IN ('', '*') AND p_etag <> o_current_etag) THEN
+            o_outcome := 'ETAG_MISMATCH';
+            RETURN;
+        END IF;
+        o_version := v_last + 1;
+        IF p_restore_version > 0 THEN
+            IF o_latest > 0 AND o_latest >= p_restore_version THEN
+                o_outcome := 'VERSION_NOT_RESTORABLE';
+                RETURN;
+            END IF;
+            o_version := p_restore_version;
+        END IF;
+        SELECT COALESCE(SUM(o.size), 0) INTO v_freed FROM canvas_versions o
+         WHERE o.name = p_name AND o.version <= o_version - p_keep;
+        IF o_total - v_freed + v_size > p_max_total THEN
+            o_outcome := 'CANVAS_FULL';
+            RETURN;
+        END IF;
+        o_etag := '"v' || o_version || '-' || left(p_sha256, 16) || '"';
+        DELETE FROM canvas_versions o WHERE o.name = p_name AND o.version <= o_version - p_keep;
+        INSERT INTO canvas_versions (name, version, etag, content_type, sha256, size, update_time, actor, content)
+        VALUES (p_name, o_version, o_etag, p_content_type, p_sha256, v_size, p_update_time, p_actor, p_content);
+        INSERT INTO canvas_artifacts AS a (name, latest, last_version) VALUES (p_name, o_version, o_version)
+            ON CONFLICT (name) DO UPDATE SET latest = excluded.latest,
+                last_version = GREATEST(a.last_version, excluded.last_version);
+        o_total := o_total - v_freed + v_size;
+        UPDATE canvas_totals SET total_bytes = o_total;
+        -- The nodes event of the change, in the same transaction (one WAL flush for both).
+        UPDATE event_head SET seq = seq + 1 RETURNING seq INTO o_event_seq;
+        INSERT INTO events (seq, type, node_id, role, epoch, reason, artifact_name, time)
+        VALUES (o_event_seq, p_event_type, '', '', 0, 'put', p_name, p_update_time);
+        o_outcome := 'OK';
+    END $$;
+    """,
+)
+
+CANVAS_CHANGED = nodes_pb2.NODE_EVENT_TYPE_CANVAS_CHANGED
+
 _COLS = "v.name, v.version, v.etag, v.content_type, v.sha256, v.size, v.update_time, v.actor"
+
+
+_LIST = (
+    "SELECT "
+    + _COLS
+    + " FROM canvas_artifacts a JOIN canvas_versions v ON v.name = a.name AND v.version = a.latest"
+    " WHERE a.latest > 0 AND a.name > %s AND a.name >= %s"
+)
 
 
 def _meta(r: Sequence[Any]) -> ArtifactMeta:
@@ -61,6 +138,9 @@ def _meta(r: Sequence[Any]) -> ArtifactMeta:
 
 
 class PgCanvasStore:
+    #: Puts and deletes append their nodes event (CANVAS_CHANGED) in their own transaction.
+    records_events = True
+
     def __init__(self, db: Database, limits: CanvasLimits | None = None) -> None:
         self.db = db
         self.limits = limits or CanvasLimits()
@@ -110,12 +190,15 @@ class PgCanvasStore:
 
     async def list_latest(self, prefix: str, after: str, limit: int) -> list[ArtifactMeta]:
         async with self.db.connection() as c:
-            cur = await c.execute(
-                "SELECT " + _COLS + " FROM canvas_artifacts a JOIN canvas_versions v"
-                " ON v.name = a.name AND v.version = a.latest"
-                " WHERE a.latest > 0 AND a.name > %s AND left(a.name, %s) = %s ORDER BY a.name LIMIT %s",
-                (after, len(prefix), prefix, limit),
-            )
+            # An index range (prefix <= name < prefix_end), so a page costs `limit` rows, not a scan of
+            # every name (the planner cannot bound a filter on left(name, n)).
+            end = prefix_end(prefix)
+            if end:
+                cur = await c.execute(
+                    _LIST + " AND a.name < %s ORDER BY a.name LIMIT %s", (after, prefix, end, limit)
+                )
+            else:
+                cur = await c.execute(_LIST + " ORDER BY a.name LIMIT %s", (after, prefix, limit))
             rows = await cur.fetchall()
         return [_meta(r) for r in rows]
 
@@ -133,92 +216,37 @@ class PgCanvasStore:
                 violations=[FieldViolation("content", f"at most {lim.max_artifact_bytes} bytes")],
             )
         digest = hashlib.sha256(content).hexdigest()
-        # Two round trips: BEGIN + the lock + the read, then the writes and COMMIT, each batch pipelined.
-        # The read is its own statement after the lock, so its snapshot includes every put committed
-        # before the lock was granted (a join inside the locking statement would see an older one).
-        async with self.db.transaction(pipeline=True) as c:
-            await c.execute("SELECT total_bytes FROM canvas_totals FOR UPDATE")
+        now = time.time()
+        async with self.db.connection() as c:
             cur = await c.execute(
-                "SELECT t.total_bytes, a.last_version, v.etag,"
-                " (SELECT COALESCE(SUM(o.size), 0) FROM canvas_versions o"
-                "   WHERE o.name = %(name)s AND o.version <= COALESCE(a.last_version, 0) + 1 - %(keep)s),"
-                " COALESCE(a.latest, 0)"
-                " FROM canvas_totals t"
-                " LEFT JOIN canvas_artifacts a ON a.name = %(name)s"
-                " LEFT JOIN canvas_versions v ON v.name = a.name AND v.version = a.latest",
-                {"name": name, "keep": lim.max_versions},
-            )
+                "SELECT o_outcome, o_version, o_etag, o_current_etag, o_total, o_latest FROM"
+                " canvas_put(%s, %s, %s, %s, %s, %s, %s, %s, %s, %s, %s)",
+                (name, content_type, content, digest, etag, actor, restore_version,
+                 lim.max_versions, lim.max_total_bytes, now, CANVAS_CHANGED),
+            )  # fmt: skip
             row = await cur.fetchone()
-            assert row is not None
-            total = int(row[0])
-            last_version = int(row[1]) if row[1] is not None else 0
-            current_etag = str(row[2]) if row[2] is not None else ""
-            freed = int(row[3])
-            if etag == "*" and current_etag:
-                raise _mismatch(name, current_etag, etag)
-            if etag and etag != "*" and etag != current_etag:
-                raise _mismatch(name, current_etag, etag)
-            latest = int(row[4])
-            version = last_version + 1
-            if restore_version:
-                if latest > 0 and latest >= restore_version:
-                    raise errors.failed_precondition(
-                        f"artifact {errors.shown(name)!r} already keeps version {latest}; "
-                        f"version {restore_version} can only be restored above every kept version",
-                        reason="VERSION_NOT_RESTORABLE",
-                        latest_version=str(latest),
-                    )
-                version = restore_version
-                cur = await c.execute(
-                    "SELECT COALESCE(SUM(size), 0) FROM canvas_versions WHERE name = %s AND version <= %s",
-                    (name, version - lim.max_versions),
-                )
-                freed_row = await cur.fetchone()
-                freed = int(freed_row[0]) if freed_row is not None else 0
-            cutoff = version - lim.max_versions
-            if total - freed + len(content) > lim.max_total_bytes:
-                raise errors.resource_exhausted(
-                    f"canvas is full: {total} of {lim.max_total_bytes} bytes used; delete artifacts first",
-                    reason="CANVAS_FULL",
-                    used_bytes=str(total),
-                    max_total_bytes=str(lim.max_total_bytes),
-                )
-            meta = ArtifactMeta(
-                name,
-                version,
-                make_etag(digest, version),
-                content_type,
-                digest,
-                len(content),
-                time.time(),
-                actor,
-                "",
+        assert row is not None
+        outcome, version, total = str(row[0]), int(row[1] or 0), int(row[4])
+        if outcome == "ETAG_MISMATCH":
+            raise _mismatch(name, str(row[3]), etag)
+        if outcome == "VERSION_NOT_RESTORABLE":
+            latest = int(row[5])
+            raise errors.failed_precondition(
+                f"artifact {errors.shown(name)!r} already keeps version {latest}; "
+                f"version {restore_version} can only be restored above every kept version",
+                reason="VERSION_NOT_RESTORABLE",
+                latest_version=str(latest),
             )
-            new_total = total - freed + len(content)
-            await c.execute("DELETE FROM canvas_versions WHERE name = %s AND version <= %s", (name, cutoff))
-            await c.execute(
-                "INSERT INTO canvas_versions(name, version, etag, content_type, sha256, size, update_time, actor, content)"
-                " VALUES (%s, %s, %s, %s, %s, %s, %s, %s, %s)",
-                (
-                    name,
-                    version,
-                    meta.etag,
-                    content_type,
-                    digest,
-                    len(content),
-                    meta.update_time,
-                    actor,
-                    content,
-                ),
+        if outcome == "CANVAS_FULL":
+            raise errors.resource_exhausted(
+                f"canvas is full: {total} of {lim.max_total_bytes} bytes used; delete artifacts first",
+                reason="CANVAS_FULL",
+                used_bytes=str(total),
+                max_total_bytes=str(lim.max_total_bytes),
             )
-            await c.execute(
-                "INSERT INTO canvas_artifacts(name, latest, last_version) VALUES (%s, %s, %s)"
-                " ON CONFLICT (name) DO UPDATE SET latest = excluded.latest,"
-                " last_version = GREATEST(canvas_artifacts.last_version, excluded.last_version)",
-                (name, version, version),
-            )
-            await c.execute("UPDATE canvas_totals SET total_bytes = %s", (new_total,))
-        self._total = new_total
+        meta = ArtifactMeta(name, version, str(row[2]), content_type, digest, len(content), now, actor, "")
+        assert meta.etag == make_etag(digest, version), "canvas_put and make_etag disagree"
+        self._total = total
         return meta
 
     async def delete(self, name: str, etag: str) -> int:
@@ -240,6 +268,12 @@ class PgCanvasStore:
             await c.execute("UPDATE canvas_artifacts SET latest = 0 WHERE name = %s", (name,))
             new_total = total - sum(sizes)
             await c.execute("UPDATE canvas_totals SET total_bytes = %s", (new_total,))
+            await c.execute(
+                "WITH h AS (UPDATE event_head SET seq = seq + 1 RETURNING seq)"
+                " INSERT INTO events(seq, type, node_id, role, epoch, reason, artifact_name, time)"
+                " SELECT h.seq, %s, '', '', 0, 'delete', %s, %s FROM h",
+                (CANVAS_CHANGED, name, time.time()),
+            )
         self._total = new_total
         return len(sizes)
 

@@ -32,6 +32,7 @@ from flynn_runtime.pg_migrations import Migration
 from flynn_runtime.sqlite_db import transaction
 from nodes_svc.canvas_store import CanvasStore
 from nodes_svc.canvas_store_pg import MIGRATION as CANVAS_MIGRATION
+from nodes_svc.canvas_store_pg import PUT_MIGRATION as CANVAS_PUT_MIGRATION
 from nodes_svc.node_store import SCHEMA, EpochConflict, EventRecord, NewEvent, NodeRecord, TokenRecord
 from nodes_svc.node_store_sqlite import SqliteNodeStore
 
@@ -106,7 +107,7 @@ PRESENCE_MIGRATION = Migration(
 )
 
 #: Every migration of schema flynn_nodes (nodes and canvas share the schema of their service).
-MIGRATIONS = [NODES_MIGRATION, CANVAS_MIGRATION, PRESENCE_MIGRATION]
+MIGRATIONS = [NODES_MIGRATION, CANVAS_MIGRATION, PRESENCE_MIGRATION, CANVAS_PUT_MIGRATION]
 
 _NODE_COLS = (
     "node_id, role, capabilities, epoch, online, last_seen, connect_time, reconnect_count,"
@@ -347,8 +348,18 @@ class PgNodeStore:
         return seq
 
     async def append_event(self, e: NewEvent) -> int:
-        async with self.db.transaction() as c:
-            return await self._append(c, e)
+        # One statement, its own transaction: one round trip (every canvas put and presence change
+        # appends one). The head row's lock serializes appenders, so numbers stay gapless and ordered.
+        async with self.db.connection() as c:
+            cur = await c.execute(
+                "WITH h AS (UPDATE event_head SET seq = seq + 1 RETURNING seq)"
+                " INSERT INTO events(seq, type, node_id, role, epoch, reason, artifact_name, time)"
+                " SELECT h.seq, %s, %s, %s, %s, %s, %s, %s FROM h RETURNING seq",
+                (e.type, e.node_id, e.role, e.epoch, e.reason, e.artifact_name, e.time),
+            )
+            row = await cur.fetchone()
+        assert row is not None
+        return int(row[0])
 
     async def insert_event_exact(self, r: EventRecord) -> None:
         """Copy one event with its seq (flynn db import)."""

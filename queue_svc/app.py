@@ -70,6 +70,13 @@ def add_args(p: argparse.ArgumentParser) -> None:
         help="session ownership lease with PostgreSQL (FLYNN_SESSION_LEASE_SECONDS, 1..60; default 5): a "
         "dead replica's sessions are taken over this long after its last renewal",
     )
+    p.add_argument(
+        "--session-idle-seconds",
+        type=float,
+        default=float(_flag("session_idle_seconds", "60")),
+        help="an idle session leaves memory this long after its last operation (FLYNN_SESSION_IDLE_SECONDS, "
+        "default 60); its rows stay in the store and the next operation loads it back",
+    )
 
 
 class QueueApp(ServiceApp):
@@ -140,6 +147,16 @@ class QueueApp(ServiceApp):
         self.ownership = Ownership(db, settings)
         return store
 
+    def _session_idle_seconds(self) -> float:
+        idle = float(
+            str(
+                self.runtime.settings.extra.get("session_idle_seconds") or _flag("session_idle_seconds", "60")
+            )
+        )
+        if idle <= 0:
+            raise SystemExit("--session-idle-seconds must be positive")
+        return idle
+
     def _ownership_settings(self) -> OwnershipSettings:
         """With PostgreSQL, run control is one of N replicas (N >= 1) that own sessions by lease."""
         extra = self.runtime.settings.extra
@@ -168,6 +185,7 @@ class QueueApp(ServiceApp):
             synthesizer=VoiceSynthesizer(self._voice_channel),
             audit=self.runtime.audit,
             ownership=self.ownership,
+            session_idle_seconds=self._session_idle_seconds(),
         )
         await self.rc.start()
 

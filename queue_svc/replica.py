@@ -40,6 +40,7 @@ class Replica:
     def __init__(self, rc: RunControl, ownership: Ownership) -> None:
         assert isinstance(rc.store, PgQueueStore), "replicas need the PostgreSQL store"
         self.rc = rc
+        self.store: PgQueueStore = rc.store
         self.ownership = ownership
         self.tailer = Tailer(rc.store, rc.events, rc.replies)
 
@@ -113,14 +114,20 @@ class Replica:
             metrics.SESSIONS_ADOPTED.inc()
 
     async def _load(self, key: str) -> None:
-        rc = self.rc
-        row = await rc.store.session(key)
+        rc, store = self.rc, self.store
+        # The row and whether there is anything to recover, read at once (two index probes, one wait).
+        row, busy = await asyncio.gather(store.session(key), store.session_busy(key))
         if row is None:
             return  # a new session: created by the operation that follows
-        runs = await rc.store.runs_in_states((QUEUED, STARTED, CANCEL_REQUESTED), key)
-        entries = await rc.store.queue_entries(key)
+        if not busy:
+            # An idle session (the common case): in memory as stored. Nothing to recover, so nothing
+            # to write: a read of it (GetSession) must not cost a commit.
+            rc._session_from(row)
+            return
+        runs = await store.runs_in_states((QUEUED, STARTED, CANCEL_REQUESTED), key)
+        entries = await store.queue_entries(key)
+        pending = await store.pending_speech(key)
         collected = {e.message_id: await rc.store.message(e.message_id) for e in entries if e.kind != "run"}
-        pending = await rc.store.pending_speech(key)
         s = rc._session_from(row)
         for r in runs:
             rc._runs[r.run_id] = _Live(r)

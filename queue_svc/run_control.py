@@ -178,6 +178,8 @@ class RunControl(Ledger):
         """Load state and recover from a crash (DESIGN.md §4 crash policy)."""
         if self.replica is not None:
             await self.replica.start()
+            # Idle sessions leave memory on PostgreSQL too (their leases are released: replica.py).
+            self._evictor = asyncio.ensure_future(self._evict_loop(self.session_idle_seconds))
             return
         self.commit.resume(await self.store.max_global_seq(), await self.store.max_reply_cursor())
         # Scrapes read counters and live runs, never every session.

@@ -208,7 +208,17 @@ $$;
 DELETE FROM meta WHERE key = 'batch';
 """,
     ),
+    Migration(
+        3,
+        "unfinished runs by session (loading a session reads only its unfinished runs, not its history)",
+        # States 1, 2, 3: queued, started, cancel requested (RunState). The index holds only the runs
+        # not yet finished, so it stays small however long the history of runs grows.
+        "CREATE INDEX runs_unfinished ON runs (session_key, seq) WHERE state IN (1, 2, 3);",
+    ),
 )
+
+#: RunStates of the runs_unfinished index (migration 3).
+UNFINISHED = frozenset({1, 2, 3})
 
 _pg_sql: dict[str, str] = {}
 
@@ -575,12 +585,30 @@ class PgQueueStore(QueueStore):
             rows = await self._all(
                 f"SELECT {RUN_COLS} FROM runs WHERE state = ANY(?) ORDER BY seq", (list(states),)
             )
+        elif UNFINISHED.issuperset(states):
+            # The literal IN lets every plan (generic ones too) use runs_unfinished (migration 3).
+            rows = await self._all(
+                f"SELECT {RUN_COLS} FROM runs WHERE state IN (1, 2, 3) AND state = ANY(?) AND session_key = ? "
+                "ORDER BY seq",
+                (list(states), session_key),
+            )
         else:
             rows = await self._all(
                 f"SELECT {RUN_COLS} FROM runs WHERE state = ANY(?) AND session_key = ? ORDER BY seq",
                 (list(states), session_key),
             )
         return [run_from(r) for r in rows]
+
+    async def session_busy(self, session_key: str) -> bool:
+        """Whether a stored session has anything to recover when it is loaded (an unfinished run, a
+        queue entry, a reply awaiting speech): one query, each part an index probe."""
+        row = await self._one(
+            "SELECT EXISTS (SELECT 1 FROM runs WHERE state IN (1, 2, 3) AND session_key = ?)"
+            " OR EXISTS (SELECT 1 FROM queue_entries WHERE session_key = ?)"
+            " OR EXISTS (SELECT 1 FROM replies WHERE speech_state = 'pending' AND session_key = ?)",
+            (session_key, session_key, session_key),
+        )
+        return bool(row and row[0])
 
     async def list_runs(
         self, session_key: str, state: int, before_seq: int, limit: int

@@ -9,6 +9,7 @@ from collections.abc import AsyncIterator, Awaitable, Callable
 from pathlib import Path
 
 import pytest
+from flynn.v1 import nodes_pb2
 
 from flynn_runtime.database import Database
 from flynn_runtime.database_url import parse_database_url
@@ -19,6 +20,7 @@ from nodes_svc.canvas_store import (
     CanvasStore,
     SqliteCanvasBackend,
     name_problem,
+    prefix_end,
     validate_name,
 )
 from nodes_svc.canvas_store_pg import PgCanvasStore
@@ -138,6 +140,53 @@ async def test_list_prefix_and_paging(open_store: Factory) -> None:
     assert [m.name for m in page1] == ["docs/0", "docs/1", "docs/2"]
     rest = await s.list_latest("docs/", page1[-1].name, 100)
     assert [m.name for m in rest] == [f"docs/{i}" for i in range(3, 7)] + ["docs/B"]
+
+
+async def test_list_prefix_is_an_exact_range(open_store: Factory) -> None:
+    """The prefix is an index range (prefix_end): names just outside it on either side stay out."""
+    s = await open_store()
+    for name in ("doc", "docs", "docs-", "docs/a", "docs/z/9", "docs0", "doct", "a", "z"):
+        await s.put(name, "text/plain", b"x", "", "op")
+    assert [m.name for m in await s.list_latest("docs/", "", 100)] == ["docs/a", "docs/z/9"]
+    assert [m.name for m in await s.list_latest("docs", "", 100)] == [
+        "docs",
+        "docs-",
+        "docs/a",
+        "docs/z/9",
+        "docs0",
+    ]
+    assert [m.name for m in await s.list_latest("docs", "docs-", 100)] == ["docs/a", "docs/z/9", "docs0"]
+    assert len(await s.list_latest("", "", 100)) == 9
+
+
+async def test_changes_append_their_nodes_event_in_their_own_transaction(open_store: Factory) -> None:
+    """PostgreSQL: a put and a delete append their CANVAS_CHANGED event themselves (one transaction,
+    one WAL flush); a refused put appends nothing. SQLite leaves it to the registry (another file)."""
+    s = await open_store()
+    if not s.records_events:
+        assert isinstance(s, SqliteCanvasBackend)
+        return
+    assert isinstance(s, PgCanvasStore)
+    first = await s.put("notes/a", "text/plain", b"one", "", "op")
+    with pytest.raises(FlynnError):
+        await s.put("notes/a", "text/plain", b"two", '"v9-stale"', "op")  # refused: etag
+    await s.delete("notes/a", first.etag)
+    async with s.db.connection() as c:
+        cur = await c.execute("SELECT seq, type, reason, artifact_name FROM events ORDER BY seq")
+        rows = await cur.fetchall()
+        head = await (await c.execute("SELECT seq FROM event_head")).fetchone()
+    changed = nodes_pb2.NODE_EVENT_TYPE_CANVAS_CHANGED
+    assert [tuple(r[1:]) for r in rows] == [(changed, "put", "notes/a"), (changed, "delete", "notes/a")]
+    assert head is not None and head[0] == rows[-1][0]
+
+
+def test_prefix_end() -> None:
+    assert prefix_end("docs/") == "docs0"
+    assert prefix_end("a") == "b"
+    assert prefix_end("") == ""
+    assert prefix_end("a\U0010ffff") == "b"
+    assert prefix_end("\U0010ffff") == ""
+    assert prefix_end("x\ud7ff") == "x\ue000"
 
 
 async def test_limits_and_version_window(open_store: Factory, tmp_path: Path, database_url: str) -> None:

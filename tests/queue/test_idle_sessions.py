@@ -5,8 +5,11 @@ only the sessions that have work (a queued or active run, a queue entry)."""
 from __future__ import annotations
 
 import asyncio
+import os
 from pathlib import Path
 
+import psycopg
+import pytest
 from flynn.v1 import run_control_pb2 as pb
 
 from tests.support.mesh import Tokens
@@ -77,3 +80,30 @@ async def test_busy_sessions_stay_and_start_up_loads_only_them(tmp_path: Path, t
         assert s.message_count == 1 and s.run_count == 1
         busy = (await q.stub.GetSession(pb.GetSessionRequest(session_key="busy"), metadata=q.md)).session
         assert len(busy.queue) == 1
+
+
+async def test_idle_sessions_leave_memory_by_themselves_and_reading_one_writes_nothing(
+    tmp_path: Path, tokens: Tokens, monkeypatch: pytest.MonkeyPatch, queue_backend: str
+) -> None:
+    """The eviction loop runs on both backends (--session-idle-seconds); on PostgreSQL an evicted
+    session's lease is released. Loading an idle session back (GetSession) commits nothing."""
+    monkeypatch.setenv("FLYNN_SESSION_IDLE_SECONDS", "0.3")
+    async with queue_service(tmp_path, tokens, CFG) as q:
+        for i in range(3):
+            await q.submit(f"s{i}", "hi")
+        for i in range(3):
+            await q.wait_idle(f"s{i}")
+        await wait_for(lambda: asyncio.sleep(0, len(q.rc._sessions)), lambda n: n == 0)
+        if queue_backend == "postgresql":
+
+            async def held() -> int:
+                async with await psycopg.AsyncConnection.connect(os.environ["FLYNN_DATABASE_URL"]) as c:
+                    cur = await c.execute("SELECT count(*) FROM flynn_queue.leases WHERE holder <> ''")
+                    row = await cur.fetchone()
+                    return int(row[0]) if row else -1
+
+            assert await wait_for(held, lambda n: n == 0) == 0
+        batch = q.rc.store._batch
+        got = (await q.stub.GetSession(pb.GetSessionRequest(session_key="s1"), metadata=q.md)).session
+        assert (got.message_count, got.run_count) == (1, 1)
+        assert q.rc.store._batch == batch  # nothing was written to read it

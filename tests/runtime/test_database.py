@@ -8,6 +8,7 @@ import sys
 from pathlib import Path
 
 import psycopg
+import psycopg_pool
 import pytest
 
 from flynn_launcher.local_postgres import LocalPostgres, free_port
@@ -172,5 +173,46 @@ async def test_database_outage_is_unavailable_then_recovers(
             except FlynnError:
                 await asyncio.sleep(0.1)
         assert row == ("kept",)
+    finally:
+        await db.close()
+
+
+async def test_pooled_connections_ended_by_the_server_are_replaced_not_handed_out(
+    postgres: LocalPostgres, postgres_url: str
+) -> None:
+    """The pool's check costs no round trip on a quiet connection (check_quiet_connection), yet a
+    connection the server ended while it sat in the pool (here pg_terminate_backend, as fencing does)
+    is never handed to a caller: every call after it succeeds on a fresh connection."""
+    settings = parse_database_url(postgres_url)
+    db = await Database.open(
+        settings, service="t", schema="flynn_t", migrations=MIGRATIONS, min_size=3, max_size=3
+    )
+    try:
+        await db.pool.wait(timeout=10)
+        async with db.connection() as c:
+            await c.execute(
+                "INSERT INTO items(id, name) VALUES (%s, %s) ON CONFLICT DO NOTHING", (7, "seven")
+            )
+        with postgres.connect(settings.dbname) as admin:
+            cur = admin.execute(
+                "SELECT count(pg_terminate_backend(pid)) FROM pg_stat_activity "
+                "WHERE application_name = 'flynn-t' AND pid <> pg_backend_pid()"
+            )
+            row = cur.fetchone()
+            assert row is not None and row[0] >= 3
+        await asyncio.sleep(0.2)  # the server's goodbye reaches the sockets
+        answers: list[object] = []
+        for _ in range(40):
+            try:
+                async with db.connection() as c:
+                    got = await (await c.execute("SELECT name FROM items WHERE id = %s", (7,))).fetchone()
+                answers.append(got)
+                if len(answers) >= 6:
+                    break
+            except FlynnError as e:
+                # While the pool reconnects a call may wait for a connection in vain; it is never
+                # handed one of the dead ones (that would fail with the connection's own error).
+                assert isinstance(e.__cause__, psycopg_pool.PoolTimeout), repr(e.__cause__)
+        assert answers == [("seven",)] * 6
     finally:
         await db.close()
