@@ -25,7 +25,22 @@ from contextlib import AbstractContextManager
 from pathlib import Path
 
 from flynn_runtime.sqlite_db import open_db, transaction
-from reactions_svc.store import FP_REASON, Retention, StoredEvaluation, StoredTrace
+from reactions_svc.store import (
+    FP_REASON,
+    MATCHED_COLS,
+    SKIPPED_COLS,
+    ActionRow,
+    CompactTrace,
+    Retention,
+    StoredEvaluation,
+    StoredTrace,
+    TraceOutcome,
+    matched_trace,
+    skipped_trace,
+    traces_json,
+    traces_of,
+)
+from reactions_svc.trace_paging import TracePage, TraceQuery, page_traces
 
 SCHEMA = """
 CREATE TABLE IF NOT EXISTS evaluations (
@@ -120,7 +135,7 @@ class SqliteReactionStore:
         ).fetchone()
         if row is None:
             return None
-        return StoredEvaluation(row[0], row[1], row[2], row[3], row[4], json.loads(row[5]))
+        return StoredEvaluation(row[0], row[1], row[2], row[3], row[4], traces_of(row[5]))
 
     async def pending_event_ids(self, limit: int = 1000) -> list[str]:
         rows = self.db.execute(
@@ -137,7 +152,7 @@ class SqliteReactionStore:
         event_type: int,
         session_key: str,
         event: bytes,
-        traces: Sequence[Sequence[object]],
+        traces: Sequence[CompactTrace],
         matched: Iterable[StoredTrace],
         skipped: Iterable[StoredTrace],
         fire_rows: Iterable[tuple[str, str, float, list[float]]],
@@ -158,7 +173,7 @@ class SqliteReactionStore:
                     session_key,
                     "pending" if pending else "done",
                     event,
-                    json.dumps(traces, ensure_ascii=False, separators=(",", ":")),
+                    json.dumps(traces_json(traces), ensure_ascii=False, separators=(",", ":")),
                 ),
             )
             self.db.executemany(
@@ -213,8 +228,8 @@ class SqliteReactionStore:
     async def finish_evaluation(
         self,
         event_id: str,
-        outcomes: Iterable[tuple[str, bool, int, str, list[dict[str, object]]]],
-        action_rows: Iterable[tuple[str, bool, str, str]] = (),
+        outcomes: Iterable[TraceOutcome],
+        action_rows: Iterable[ActionRow] = (),
     ) -> None:
         """Record each fired rule's final outcome (match or action_error) and mark the event done."""
         outcomes = list(outcomes)
@@ -223,17 +238,17 @@ class SqliteReactionStore:
                 "INSERT INTO action_results(idempotency_key, ok, result_id, error) VALUES (?,?,?,?) "
                 "ON CONFLICT(idempotency_key) DO UPDATE SET ok = excluded.ok, result_id = excluded.result_id, "
                 "error = excluded.error",
-                [(k, int(ok), rid, err) for k, ok, rid, err in action_rows],
+                [(a.key, int(a.ok), a.result_id, a.error) for a in action_rows],
             )
-            for trace_id, matched, reason, detail, actions in outcomes:
+            for o in outcomes:
                 self.db.execute(
                     "UPDATE traces_matched SET matched = ?, reason = ?, detail = ?, actions = ? WHERE trace_id = ?",
-                    (int(matched), reason, detail, json.dumps(actions), trace_id),
+                    (int(o.matched), o.reason, o.detail, json.dumps(o.actions), o.trace_id),
                 )
             rows = []
             for o in outcomes:
                 row = self.db.execute(
-                    "SELECT rule_id, reason FROM traces_matched WHERE trace_id = ?", (o[0],)
+                    "SELECT rule_id, reason FROM traces_matched WHERE trace_id = ?", (o.trace_id,)
                 ).fetchone()
                 if row is not None:
                     rows.append(row)
@@ -270,33 +285,11 @@ class SqliteReactionStore:
 
     # Traces -------------------------------------------------------------------------------------
 
-    _MATCHED_COLS = (
-        "seq, trace_id, event_id, rule_id, matched, reason, detail, actions, time, event_type, session_key, "
-        "false_positive, fp_reason"
-    )
-
-    @staticmethod
-    def _matched_row(row: Sequence[object]) -> StoredTrace:
-        return StoredTrace(
-            trace_id=str(row[1]),
-            event_id=str(row[2]),
-            rule_id=str(row[3]),
-            matched=bool(row[4]),
-            reason=int(row[5]),  # type: ignore[call-overload]
-            detail=str(row[6]),
-            actions=json.loads(str(row[7])),
-            time=float(row[8]),  # type: ignore[arg-type]
-            event_type=int(row[9]),  # type: ignore[call-overload]
-            session_key=str(row[10]),
-            false_positive=bool(row[11]),
-            fp_reason=str(row[12]),
-        )
-
     async def matched_for_event(self, event_id: str) -> dict[str, StoredTrace]:
         rows = self.db.execute(
-            f"SELECT {self._MATCHED_COLS} FROM traces_matched WHERE event_id = ?", (event_id,)
+            f"SELECT {MATCHED_COLS} FROM traces_matched WHERE event_id = ?", (event_id,)
         ).fetchall()
-        return {str(r[1]): self._matched_row(r) for r in rows}
+        return {str(r[1]): matched_trace(r) for r in rows}
 
     async def page_matched(
         self, rule_id: str, before_seq: int, limit: int, only_matched: bool | None = None
@@ -311,32 +304,28 @@ class SqliteReactionStore:
             where.append("matched = ?")
             args.append(int(only_matched))
         rows = self.db.execute(
-            f"SELECT {self._MATCHED_COLS} FROM traces_matched WHERE {' AND '.join(where)} ORDER BY seq DESC LIMIT ?",
+            f"SELECT {MATCHED_COLS} FROM traces_matched WHERE {' AND '.join(where)} ORDER BY seq DESC LIMIT ?",
             (*args, limit),
         ).fetchall()
-        return [(int(r[0]), self._matched_row(r)) for r in rows]
+        return [(int(r[0]), matched_trace(r)) for r in rows]
 
     async def page_skipped(self, rule_id: str, before_seq: int, limit: int) -> list[tuple[int, StoredTrace]]:
         where = "seq < ?" + (" AND rule_id = ?" if rule_id else "")
         args: tuple[object, ...] = (before_seq, rule_id) if rule_id else (before_seq,)
         rows = self.db.execute(
-            "SELECT seq, trace_id, event_id, rule_id, reason, detail, time, event_type, session_key "
-            f"FROM traces_skipped WHERE {where} ORDER BY seq DESC LIMIT ?",
+            f"SELECT {SKIPPED_COLS} FROM traces_skipped WHERE {where} ORDER BY seq DESC LIMIT ?",
             (*args, limit),
         ).fetchall()
-        return [
-            (
-                int(r[0]),
-                StoredTrace(r[1], r[2], r[3], False, int(r[4]), r[5], [], float(r[6]), int(r[7]), r[8]),
-            )
-            for r in rows
-        ]
+        return [(int(r[0]), skipped_trace(r)) for r in rows]
+
+    async def page_traces(self, query: TraceQuery) -> TracePage:
+        return await page_traces(self, query)
 
     async def get_matched(self, trace_id: str) -> StoredTrace | None:
         row = self.db.execute(
-            f"SELECT {self._MATCHED_COLS} FROM traces_matched WHERE trace_id = ?", (trace_id,)
+            f"SELECT {MATCHED_COLS} FROM traces_matched WHERE trace_id = ?", (trace_id,)
         ).fetchone()
-        return None if row is None else self._matched_row(row)
+        return None if row is None else matched_trace(row)
 
     async def flag_false_positive(self, trace_id: str, reason: str) -> tuple[StoredTrace | None, bool]:
         """(trace, already_flagged); trace None when no match has this id."""
