@@ -21,6 +21,7 @@ from flynn_runtime import auth, errors
 from flynn_runtime.auth import Principal, Role
 from flynn_runtime.principal_feed import PROTO_TO_ROLE, ROLE_TO_PROTO, apply_snapshot
 from flynn_runtime.server import Runtime, until_stopping
+from flynn_runtime.timestamps import timestamp
 from flynn_runtime.validation import Violations
 
 Ctx = ServicerContext[Any, Any]
@@ -29,11 +30,7 @@ FINGERPRINT_LEN = 16
 
 
 def _ts(t: float | None) -> timestamp_pb2.Timestamp | None:
-    if t is None:
-        return None
-    ts = timestamp_pb2.Timestamp()
-    ts.FromNanoseconds(int(t * 1e9))
-    return ts
+    return None if t is None else timestamp(t)
 
 
 def principal_proto(p: Principal, source: str, revoked: bool = False) -> pb.Principal:

@@ -17,6 +17,7 @@ import re2
 from flynn.v1 import config_pb2
 
 from flynn_runtime.errors import FieldViolation
+from flynn_runtime.timestamps import duration_value
 
 MAX_RULES = 5000
 MAX_KEYWORDS = 200
@@ -166,7 +167,7 @@ def validate_rules(
             bad(f"{p}.cooldown_key", f"unknown value {r.cooldown_key}")
         if r.fire_cap.max_fires < 0 or r.fire_cap.max_fires > 100_000:
             bad(f"{p}.fire_cap.max_fires", "must be between 0 and 100000")
-        w = r.fire_cap.window.seconds + r.fire_cap.window.nanos / 1e9
+        w = duration_value(r.fire_cap.window)
         if r.fire_cap.max_fires > 0 and (w <= 0 or w > 7 * 86400):
             bad(f"{p}.fire_cap.window", "must be between 0 (exclusive) and 7 days when max_fires is set")
         elif w < 0 or r.fire_cap.window.nanos < 0:

@@ -26,10 +26,11 @@ from flynn.v1 import (
 )
 from google.protobuf import field_mask_pb2, json_format
 from google.protobuf.message import Message
-from google.rpc import error_details_pb2, status_pb2
 
 from flynn_runtime import config_yaml
 from flynn_runtime.channels import client_channel
+from flynn_runtime.enum_names import short_name
+from flynn_runtime.rich_status import from_rpc_error
 
 CALL_TIMEOUT = 10.0
 _EOF: Any = grpc.aio.EOF  # type: ignore[attr-defined]
@@ -66,18 +67,10 @@ class MeshError(Exception):
 
     @classmethod
     def from_rpc(cls, err: grpc.aio.AioRpcError) -> MeshError:
-        violations: list[dict[str, str]] = []
-        trailers: Any = err.trailing_metadata() or ()
-        for key, value in trailers:
-            if key == "grpc-status-details-bin" and isinstance(value, bytes):
-                st = status_pb2.Status.FromString(value)
-                for detail in st.details:
-                    if detail.Is(error_details_pb2.BadRequest.DESCRIPTOR):
-                        br = error_details_pb2.BadRequest()
-                        detail.Unpack(br)
-                        violations += [
-                            {"field": v.field, "description": v.description} for v in br.field_violations
-                        ]
+        rich = from_rpc_error(err)
+        violations = [
+            {"field": v.field, "description": v.description} for v in (rich.violations if rich else [])
+        ]
         code = err.code()
         return cls(code.name, err.details() or code.name, _HTTP_STATUS.get(code, 502), violations)
 
@@ -92,12 +85,7 @@ def _page_size(n: int, default: int = 50) -> int:
 
 def enum_name(enum: Any, number: int) -> str:
     """RUN_STATE_COMPLETED -> "COMPLETED" (the enum's prefix dropped); unknown numbers as digits."""
-    desc = enum.DESCRIPTOR
-    v = desc.values_by_number.get(number)
-    if v is None:
-        return str(number)
-    prefix = "".join("_" + c if c.isupper() and i else c for i, c in enumerate(desc.name)).upper() + "_"
-    return str(v.name).removeprefix(prefix)
+    return short_name(enum, number, lower=False)
 
 
 class MeshClient:

@@ -32,6 +32,7 @@ from console.reply_tally import ReplyTally
 from console.sign_in import COOKIE, ConsoleSession, MemorySessions, SessionStore, SignInLimiter
 from flynn_runtime.audit import AuditLog
 from flynn_runtime.auth import IPNetwork, client_from_forwarded
+from flynn_runtime.enum_names import short_name
 from flynn_runtime.gates import evaluate as evaluate_gates
 
 log = logging.getLogger("console")
@@ -831,14 +832,12 @@ def _reply_convert(st: ConsoleState) -> Callable[[Any], dict[str, Any]]:
         d = {
             "reply_id": r.reply_id,
             "cursor": r.cursor,
-            "kind": str(run_control_pb2.ReplyKind.Name(r.kind)).removeprefix("REPLY_KIND_").lower(),
+            "kind": short_name(run_control_pb2.ReplyKind, r.kind),
             "run_id": r.run_id,
             "session_key": r.session_key,
             "channel": r.channel,
             "text": r.text[:300],
-            "delivery": str(run_control_pb2.DeliveryMode.Name(r.delivery))
-            .removeprefix("DELIVERY_MODE_")
-            .lower(),
+            "delivery": short_name(run_control_pb2.DeliveryMode, r.delivery),
             "tts_fallback_reason": r.tts_fallback_reason,
             "engine": r.audio.voice,
             "has_audio": bool(r.audio.content),

@@ -48,6 +48,7 @@ from flynn_launcher.plan import (
 from flynn_launcher.secrets_store import CLI_CHANNEL, MeshTokens, ensure_tokens, operator_name, read_token
 from flynn_launcher.supervisor import Child, StartupError, Supervisor, check_ready, child_env, say
 from flynn_runtime import tls, topology
+from flynn_runtime.enum_names import short_name
 
 ROOT = Path(__file__).resolve().parent.parent
 DEFAULT_SEED = ROOT / "config" / "flynn.yaml"
@@ -372,7 +373,7 @@ def _status_rows(ns: argparse.Namespace, paths: MeshPaths) -> tuple[list[tuple[s
                 rows: list[tuple[str, ...]] = []
                 ok = True
                 for s in resp.services:
-                    health = system_pb2.ServiceHealth.Name(s.health).removeprefix("SERVICE_HEALTH_")
+                    health = short_name(system_pb2.ServiceHealth, s.health, lower=False)
                     # NOT_DEPLOYED (left out on purpose) is not a failure.
                     if s.service in addresses and health not in ("SERVING", "NOT_DEPLOYED"):
                         ok = False

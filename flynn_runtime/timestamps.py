@@ -17,7 +17,12 @@ def seconds_of(ts: timestamp_pb2.Timestamp) -> float:
     return ts.ToNanoseconds() / 1e9
 
 
-def duration_seconds(d: duration_pb2.Duration | object, default: float = 0.0) -> float:
+def duration_value(d: duration_pb2.Duration) -> float:
+    """A Duration as float seconds, as it is (zero when unset, negative when negative)."""
+    return d.seconds + d.nanos / 1e9
+
+
+def duration_seconds(d: duration_pb2.Duration, default: float = 0.0) -> float:
     """A Duration as float seconds; `default` when it is unset, zero or negative."""
-    value = float(getattr(d, "seconds", 0)) + float(getattr(d, "nanos", 0)) / 1e9
+    value = duration_value(d)
     return value if value > 0 else default

@@ -18,11 +18,12 @@ from typing import TYPE_CHECKING
 
 from flynn.v1 import config_pb2
 from flynn.v1 import run_control_pb2 as pb
-from google.protobuf import duration_pb2, timestamp_pb2
 
 from flynn_runtime import errors, targeting, tracing
 from flynn_runtime.audit import AuditLog
 from flynn_runtime.config_source import ConfigSource
+from flynn_runtime.enum_names import short_names
+from flynn_runtime.timestamps import duration_seconds, timestamp
 from queue_svc import metrics
 from queue_svc.agents import AgentInput
 from queue_svc.fanout import Fanout
@@ -43,22 +44,7 @@ ACTIVE = (STARTED, CANCEL_REQUESTED)
 COLLECT, FOLLOWUP = config_pb2.QUEUE_MODE_COLLECT, config_pb2.QUEUE_MODE_FOLLOWUP
 INTERRUPT, STEER = config_pb2.QUEUE_MODE_INTERRUPT, config_pb2.QUEUE_MODE_STEER
 
-STATE_NAMES = {
-    0: "none", QUEUED: "queued", STARTED: "started", CANCEL_REQUESTED: "cancel_requested",
-    CANCELLED: "cancelled", COMPLETED: "completed", ERROR: "error",
-}  # fmt: skip
-
-
-def _seconds(d: object, default: float) -> float:
-    assert isinstance(d, duration_pb2.Duration)
-    s = d.seconds + d.nanos / 1e9
-    return s if s > 0 else default
-
-
-def _ts(t: float) -> timestamp_pb2.Timestamp:
-    ts = timestamp_pb2.Timestamp()
-    ts.FromNanoseconds(int(t * 1e9))
-    return ts
+STATE_NAMES = {**short_names(pb.RunState), 0: "none"}
 
 
 # --- in-memory state ---------------------------------------------------------------------------
@@ -261,7 +247,7 @@ class Ledger:
             reason=reason,
             text=text,
             sender=sender,
-            time=_ts(time.time()),
+            time=timestamp(time.time()),
         )
         cz = causation or (run.causation if run else b"")
         if cz:
@@ -329,10 +315,10 @@ class Ledger:
         return self._q.cap if self._q.cap > 0 else 20
 
     def _cancel_deadline(self) -> float:
-        return _seconds(self._q.cancel_deadline, 2.0)
+        return duration_seconds(self._q.cancel_deadline, 2.0)
 
     def _quiet_window(self) -> float:
-        return _seconds(self._q.quiet_window, 0.0)
+        return duration_seconds(self._q.quiet_window, 0.0)
 
     def effective_mode(self, session_key: str, channel: str, override: int = 0) -> pb.EffectiveMode:
         d = targeting.queue_mode(self.config.config, targeting.Target(session_key, channel), override)
@@ -396,7 +382,7 @@ class Ledger:
             m = AgentInput(first.message_id, first.sender, first.text)
         return pb.QueuedMessage(
             message_id=m.message_id, text=m.text, sender=m.sender, mode=e.mode,  # type: ignore[arg-type]
-            receive_time=_ts(e.receive_time),
+            receive_time=timestamp(e.receive_time),
         )  # fmt: skip
 
     def session_active_state(self, session_key: str) -> int:

@@ -33,7 +33,9 @@ from flynn.v1 import run_control_pb2 as pb
 from flynn_runtime import errors, tracing
 from flynn_runtime.audit import AuditLog
 from flynn_runtime.config_source import ConfigSource
+from flynn_runtime.enum_names import short_names
 from flynn_runtime.ids import new_id
+from flynn_runtime.timestamps import timestamp
 from queue_svc import metrics, speech
 from queue_svc.agent_driver import AgentDriver, AgentProvider
 from queue_svc.agents import (
@@ -59,9 +61,7 @@ from queue_svc.ledger import (
     Ledger,
     _Entry,
     _Live,
-    _seconds,
     _Session,
-    _ts,
 )
 from queue_svc.outbox import Outbox, reply_id_for_run
 from queue_svc.ownership import Ownership
@@ -75,7 +75,6 @@ __all__ = [
     "SubmitInput",
     "reply_id_for_run",
     "run_to_proto",
-    "_seconds",
 ]
 
 log = logging.getLogger(__name__)
@@ -85,9 +84,7 @@ _ALREADY: dict[int, int] = {
     CANCELLED: pb.CANCEL_OUTCOME_ALREADY_CANCELLED,
     ERROR: pb.CANCEL_OUTCOME_ALREADY_ERROR,
 }
-DISPOSITION_NAMES: dict[int, str] = {
-    v: k.removeprefix("DISPOSITION_").lower() for k, v in pb.Disposition.items()
-}
+DISPOSITION_NAMES: dict[int, str] = short_names(pb.Disposition)
 
 
 # --- inputs and results of operations --------------------------------------------------------
@@ -700,15 +697,15 @@ def run_to_proto(row: RunRow) -> pb.Run:
         error_message=row.error_message,
         output=row.output,
         final_reply_id=row.final_reply_id,
-        create_time=_ts(row.create_time),
+        create_time=timestamp(row.create_time),
         attempt=row.attempt,
         steered_texts=row.steered,
         cancel_reason=row.cancel_reason,
     )
     if row.start_time is not None:
-        r.start_time.CopyFrom(_ts(row.start_time))
+        r.start_time.CopyFrom(timestamp(row.start_time))
     if row.cancel_request_time is not None:
-        r.cancel_request_time.CopyFrom(_ts(row.cancel_request_time))
+        r.cancel_request_time.CopyFrom(timestamp(row.cancel_request_time))
     if row.end_time is not None:
-        r.end_time.CopyFrom(_ts(row.end_time))
+        r.end_time.CopyFrom(timestamp(row.end_time))
     return r
