@@ -715,6 +715,45 @@ async def _send(resp: web.StreamResponse, event: str, data: Any, event_id: str |
     await resp.write(text.encode())
 
 
+_Relayed = dict[str, Any] | MeshError | None
+
+
+async def _next_batch(
+    queue: asyncio.Queue[_Relayed], *, catching_up: bool, tally: ReplyTally | None
+) -> tuple[deque[dict[str, Any]], int, MeshError | None | bool]:
+    """The next batch of relayed items: (the newest FEED_KEEP, how many came, the stream's end: False
+    while it goes on, None when it ended, the MeshError it ended with)."""
+    batch: deque[dict[str, Any]] = deque(maxlen=FEED_KEEP)
+    count = 0
+    item: _Relayed
+    try:
+        item = await asyncio.wait_for(queue.get(), timeout=HEARTBEAT_SECONDS / 3)
+    except TimeoutError:
+        item = {}
+    deadline = time.monotonic() + (CATCH_UP_SECONDS if catching_up else FLUSH_SECONDS)
+    while True:
+        if item is None or isinstance(item, MeshError):
+            return batch, count, item
+        if item:
+            batch.append(item)
+            count += 1
+            if tally is not None:
+                tally.add(item)
+        now = time.monotonic()
+        if queue.empty():
+            if now >= deadline:
+                break
+            # Catching up: a short lull means the replay has drained.
+            wait = min(deadline - now, 0.1) if catching_up else max(deadline - now, 0.01)
+            try:
+                item = await asyncio.wait_for(queue.get(), timeout=wait)
+            except TimeoutError:
+                break
+        else:
+            item = queue.get_nowait()
+    return batch, count, False
+
+
 async def _stream_batches(
     request: web.Request,
     event: str,
@@ -737,7 +776,7 @@ async def _stream_batches(
     resp = await _sse_start(request)
     if resp is None:
         return web.Response(status=204)
-    queue: asyncio.Queue[dict[str, Any] | MeshError | None] = asyncio.Queue(maxsize=10_000)
+    queue: asyncio.Queue[_Relayed] = asyncio.Queue(maxsize=10_000)
     call = open_call(after)
 
     async def reader() -> None:
@@ -753,35 +792,7 @@ async def _stream_batches(
     catching_up = True
     try:
         while not st.stopping.is_set():
-            batch: deque[dict[str, Any]] = deque(maxlen=FEED_KEEP)
-            count = 0
-            ended: MeshError | None | bool = False
-            try:
-                item = await asyncio.wait_for(queue.get(), timeout=HEARTBEAT_SECONDS / 3)
-            except TimeoutError:
-                item = {}
-            deadline = time.monotonic() + (CATCH_UP_SECONDS if catching_up else FLUSH_SECONDS)
-            while True:
-                if item is None or isinstance(item, MeshError):
-                    ended = item
-                    break
-                if item:
-                    batch.append(item)
-                    count += 1
-                    if tally is not None:
-                        tally.add(item)
-                now = time.monotonic()
-                if queue.empty():
-                    if now >= deadline:
-                        break
-                    # Catching up: a short lull means the replay has drained.
-                    wait = min(deadline - now, 0.1) if catching_up else max(deadline - now, 0.01)
-                    try:
-                        item = await asyncio.wait_for(queue.get(), timeout=wait)
-                    except TimeoutError:
-                        break
-                else:
-                    item = queue.get_nowait()
+            batch, count, ended = await _next_batch(queue, catching_up=catching_up, tally=tally)
             if count:
                 catching_up = False
                 payload: dict[str, Any] = {"items": list(batch), "skipped": count - len(batch)}

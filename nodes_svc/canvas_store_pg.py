@@ -18,9 +18,18 @@ from typing import Any
 
 from flynn_runtime import errors
 from flynn_runtime.database import Database
-from flynn_runtime.errors import Code, FieldViolation, FlynnError
+from flynn_runtime.errors import Code, FlynnError
 from flynn_runtime.pg_migrations import Migration
-from nodes_svc.canvas_store import ArtifactMeta, CanvasLimits, _mismatch, make_etag
+from nodes_svc.canvas_store import (
+    ArtifactMeta,
+    CanvasLimits,
+    _mismatch,
+    check_etag,
+    check_restorable,
+    check_room,
+    check_size,
+    make_etag,
+)
 
 MIGRATION = Migration(
     2,
@@ -125,13 +134,7 @@ class PgCanvasStore:
         """Write the next version, or (restore_version > 0) that exact version, which must be above every
         version of the name still kept (an archive brought back after a purge)."""
         lim = self.limits
-        if len(content) > lim.max_artifact_bytes:
-            raise FlynnError(
-                Code.INVALID_ARGUMENT,
-                f"content is {len(content)} bytes; at most {lim.max_artifact_bytes} allowed per artifact",
-                reason="ARTIFACT_TOO_LARGE",
-                violations=[FieldViolation("content", f"at most {lim.max_artifact_bytes} bytes")],
-            )
+        check_size(content, lim)
         digest = hashlib.sha256(content).hexdigest()
         # Two round trips: BEGIN + the lock + the read, then the writes and COMMIT, each batch pipelined.
         # The read is its own statement after the lock, so its snapshot includes every put committed
@@ -154,20 +157,11 @@ class PgCanvasStore:
             last_version = int(row[1]) if row[1] is not None else 0
             current_etag = str(row[2]) if row[2] is not None else ""
             freed = int(row[3])
-            if etag == "*" and current_etag:
-                raise _mismatch(name, current_etag, etag)
-            if etag and etag != "*" and etag != current_etag:
-                raise _mismatch(name, current_etag, etag)
+            check_etag(name, current_etag, etag)
             latest = int(row[4])
             version = last_version + 1
             if restore_version:
-                if latest > 0 and latest >= restore_version:
-                    raise errors.failed_precondition(
-                        f"artifact {errors.shown(name)!r} already keeps version {latest}; "
-                        f"version {restore_version} can only be restored above every kept version",
-                        reason="VERSION_NOT_RESTORABLE",
-                        latest_version=str(latest),
-                    )
+                check_restorable(name, latest, restore_version)
                 version = restore_version
                 cur = await c.execute(
                     "SELECT COALESCE(SUM(size), 0) FROM canvas_versions WHERE name = %s AND version <= %s",
@@ -176,13 +170,7 @@ class PgCanvasStore:
                 freed_row = await cur.fetchone()
                 freed = int(freed_row[0]) if freed_row is not None else 0
             cutoff = version - lim.max_versions
-            if total - freed + len(content) > lim.max_total_bytes:
-                raise errors.resource_exhausted(
-                    f"canvas is full: {total} of {lim.max_total_bytes} bytes used; delete artifacts first",
-                    reason="CANVAS_FULL",
-                    used_bytes=str(total),
-                    max_total_bytes=str(lim.max_total_bytes),
-                )
+            check_room(total, freed, len(content), lim)
             meta = ArtifactMeta(
                 name,
                 version,

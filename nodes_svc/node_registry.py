@@ -17,7 +17,7 @@ import random
 import secrets
 import time
 from collections.abc import AsyncIterator, Awaitable, Callable
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 
 from flynn.v1 import config_pb2, nodes_pb2
 
@@ -194,19 +194,8 @@ class NodeRegistry:
             raise errors.not_found("token_id", token_id, reason="TOKEN_NOT_FOUND")
         already = before.revoked is not None
         if not already:
-            self._tokens[before.sha256] = TokenRecord(
-                before.token_id,
-                before.sha256,
-                before.node_id,
-                before.role,
-                before.description,
-                before.created,
-                time.time(),
-            )
-        closed = 0
-        for s in list(self.sessions.values()):
-            if s.token_id == token_id and s.close("token_revoked", f"token {token_id} was revoked"):
-                closed += 1
+            self._tokens[before.sha256] = replace(before, revoked=time.time())
+        closed = self.close_revoked([token_id])
         self.audit.record(
             "tokenRevoked",
             token_id=token_id,
@@ -555,25 +544,7 @@ class NodeRegistry:
     # reads --------------------------------------------------------------------------------
 
     def node_proto(self, rec: NodeRecord) -> nodes_pb2.Node:
-        s = self.sessions.get(rec.node_id)
-        last_seen = rec.last_seen
-        if s is not None:
-            last_seen = max(last_seen, time.time() - (time.monotonic() - s.last_seen))
-        online = (not s.closed) if s is not None else (self.shared and rec.online)
-        return nodes_pb2.Node(
-            node_id=rec.node_id,
-            role=rec.role,
-            capabilities=rec.capabilities,
-            status=nodes_pb2.NODE_STATUS_ONLINE if online else nodes_pb2.NODE_STATUS_OFFLINE,
-            epoch=rec.epoch,
-            last_seen_time=timestamp(last_seen),
-            reconnect_count=rec.reconnect_count,
-            protocol_version=rec.protocol_version,
-            display_name=rec.display_name,
-            platform=rec.platform,
-            offline_reason="" if online else rec.offline_reason,
-            connect_time=timestamp(rec.connect_time),
-        )
+        return node_proto(rec, self.sessions.get(rec.node_id), shared=self.shared)
 
     async def get_node(self, node_id: str) -> nodes_pb2.Node:
         rec = await self.store.get_node(node_id)
@@ -620,15 +591,39 @@ class NodeRegistry:
             if len(rows) < batch:
                 await changed.wait()
 
-    @staticmethod
-    def event_proto(r: EventRecord) -> nodes_pb2.NodeEvent:
-        return nodes_pb2.NodeEvent(
-            seq=r.seq,
-            type=r.type,  # type: ignore[arg-type]
-            node_id=r.node_id,
-            role=r.role,
-            epoch=r.epoch,
-            reason=r.reason,
-            artifact_name=r.artifact_name,
-            time=timestamp(r.time),
-        )
+
+def node_proto(rec: NodeRecord, s: NodeSession | None, *, shared: bool) -> nodes_pb2.Node:
+    """The Node message of a stored node; `s` is its stream here, if any. Without a stream here the
+    stored online flag counts only when several replicas share the store (`shared`)."""
+    last_seen = rec.last_seen
+    if s is not None:
+        last_seen = max(last_seen, time.time() - (time.monotonic() - s.last_seen))
+    online = (not s.closed) if s is not None else (shared and rec.online)
+    return nodes_pb2.Node(
+        node_id=rec.node_id,
+        role=rec.role,
+        capabilities=rec.capabilities,
+        status=nodes_pb2.NODE_STATUS_ONLINE if online else nodes_pb2.NODE_STATUS_OFFLINE,
+        epoch=rec.epoch,
+        last_seen_time=timestamp(last_seen),
+        reconnect_count=rec.reconnect_count,
+        protocol_version=rec.protocol_version,
+        display_name=rec.display_name,
+        platform=rec.platform,
+        offline_reason="" if online else rec.offline_reason,
+        connect_time=timestamp(rec.connect_time),
+    )
+
+
+def event_proto(r: EventRecord) -> nodes_pb2.NodeEvent:
+    """The NodeEvent message of a stored event."""
+    return nodes_pb2.NodeEvent(
+        seq=r.seq,
+        type=r.type,
+        node_id=r.node_id,
+        role=r.role,
+        epoch=r.epoch,
+        reason=r.reason,
+        artifact_name=r.artifact_name,
+        time=timestamp(r.time),
+    )

@@ -18,7 +18,7 @@ from flynn_runtime.errors import FlynnError
 from flynn_runtime.server import Runtime
 from flynn_runtime.validation import Violations, page_size
 from nodes_svc.invoke_forwarder import FORWARDED_BY, InvokeForwarder
-from nodes_svc.node_registry import PROTOCOL_VERSION, NodeRegistry, NodeSession, SessionClose
+from nodes_svc.node_registry import PROTOCOL_VERSION, NodeRegistry, NodeSession, SessionClose, event_proto
 from nodes_svc.presence import Presence
 
 NODE_ID_RE = re.compile(r"^[A-Za-z0-9._-]{1,128}$")
@@ -247,5 +247,5 @@ class NodesServicer(nodes_pb2_grpc.NodesServicer):
         if request.after_seq < 0:
             raise errors.invalid_argument("after_seq", "must be >= 0")
         async for item in self.registry.watch_events(request.after_seq, self.runtime.stopping):
-            yield nodes_pb2.WatchNodeEventsResponse(event=self.registry.event_proto(item))
+            yield nodes_pb2.WatchNodeEventsResponse(event=event_proto(item))
         raise self.runtime.shutting_down_error()  # the service is stopping: reconnect with the cursor

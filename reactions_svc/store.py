@@ -150,6 +150,18 @@ def skipped_trace(r: Sequence[Any]) -> StoredTrace:
     )
 
 
+def matched_params(t: StoredTrace, actions: object) -> tuple[object, ...]:
+    """A traces_matched row to insert (`actions` encoded by the backend), in the stores' column order."""
+    return (
+        t.trace_id, t.event_id, t.rule_id, t.matched, t.reason, t.detail, actions, t.time, t.event_type, t.session_key,
+    )  # fmt: skip
+
+
+def skipped_params(t: StoredTrace) -> tuple[object, ...]:
+    """A traces_skipped row to insert, in the stores' column order."""
+    return (t.trace_id, t.event_id, t.rule_id, t.reason, t.detail, t.time, t.event_type, t.session_key)
+
+
 MATCHED_COLS = (
     "seq, trace_id, event_id, rule_id, matched, reason, detail, actions, time, event_type, session_key,"
     " false_positive, fp_reason"

@@ -30,7 +30,9 @@ from reactions_svc.store import (
     StoredEvaluation,
     StoredTrace,
     TraceOutcome,
+    matched_params,
     matched_trace,
+    skipped_params,
     skipped_trace,
     traces_json,
     traces_of,
@@ -193,39 +195,13 @@ class PgReactionStore:
                     " matched = excluded.matched, reason = excluded.reason, detail = excluded.detail,"
                     " actions = excluded.actions, time = excluded.time, event_type = excluded.event_type,"
                     " session_key = excluded.session_key",
-                    [
-                        (
-                            t.trace_id,
-                            t.event_id,
-                            t.rule_id,
-                            t.matched,
-                            t.reason,
-                            t.detail,
-                            Json(t.actions),
-                            t.time,
-                            t.event_type,
-                            t.session_key,
-                        )
-                        for t in matched
-                    ],
+                    [matched_params(t, Json(t.actions)) for t in matched],
                 )
             if skipped:
                 await cur.executemany(
                     "INSERT INTO traces_skipped(trace_id, event_id, rule_id, reason, detail, time, event_type,"
                     " session_key) VALUES (%s, %s, %s, %s, %s, %s, %s, %s)",
-                    [
-                        (
-                            t.trace_id,
-                            t.event_id,
-                            t.rule_id,
-                            t.reason,
-                            t.detail,
-                            t.time,
-                            t.event_type,
-                            t.session_key,
-                        )
-                        for t in skipped
-                    ],
+                    [skipped_params(t) for t in skipped],
                 )
             if fire_rows:
                 await cur.executemany(

@@ -35,7 +35,9 @@ from reactions_svc.store import (
     StoredEvaluation,
     StoredTrace,
     TraceOutcome,
+    matched_params,
     matched_trace,
+    skipped_params,
     skipped_trace,
     traces_json,
     traces_of,
@@ -179,38 +181,12 @@ class SqliteReactionStore:
             self.db.executemany(
                 "INSERT OR REPLACE INTO traces_matched(trace_id, event_id, rule_id, matched, reason, detail, actions, time, "
                 "event_type, session_key) VALUES (?,?,?,?,?,?,?,?,?,?)",
-                [
-                    (
-                        t.trace_id,
-                        t.event_id,
-                        t.rule_id,
-                        int(t.matched),
-                        t.reason,
-                        t.detail,
-                        json.dumps(t.actions),
-                        t.time,
-                        t.event_type,
-                        t.session_key,
-                    )
-                    for t in matched
-                ],
+                [matched_params(t, json.dumps(t.actions)) for t in matched],
             )
             self.db.executemany(
                 "INSERT INTO traces_skipped(trace_id, event_id, rule_id, reason, detail, time, event_type, session_key) "
                 "VALUES (?,?,?,?,?,?,?,?)",
-                [
-                    (
-                        t.trace_id,
-                        t.event_id,
-                        t.rule_id,
-                        t.reason,
-                        t.detail,
-                        t.time,
-                        t.event_type,
-                        t.session_key,
-                    )
-                    for t in skipped
-                ],
+                [skipped_params(t) for t in skipped],
             )
             self.db.executemany(
                 "INSERT INTO fire_state(rule_id, key, last, window) VALUES (?,?,?,?) "
