@@ -25,6 +25,7 @@ from pathlib import Path
 
 import grpc
 import psycopg
+from flynn.v1 import config_pb2
 from flynn.v1 import run_control_pb2 as pb
 from flynn.v1 import run_control_pb2_grpc as pb_grpc
 
@@ -55,7 +56,7 @@ def rows(sessions: int, events: int) -> Iterator[tuple[str, list[tuple[object, .
         for i in range(base, min(base + chunk, sessions)):
             key, run_id, mid = f"g{i}", f"run_G{i:025d}", f"msg_G{i:025d}"
             ses.append((key, "bench", 1, 1, per))
-            eff = pb.EffectiveMode(mode=2).SerializeToString()  # type: ignore[arg-type]
+            eff = pb.EffectiveMode(mode=config_pb2.QUEUE_MODE_FOLLOWUP).SerializeToString()
             msgs.append((mid, key, f"k{i}", "bench", "u", "hello", 2, 1, run_id, "", eff, gseq + 1, 1.0, b""))
             inputs = json.dumps([{"id": mid, "sender": "u", "text": "hello"}])
             runs.append((run_id, key, "bench", COMPLETED, 2, inputs, "[]", "", "", "echo: hello",
@@ -101,7 +102,7 @@ def fill_sqlite(path: Path, sessions: int, events: int) -> None:
 def fill_pg(url: str, sessions: int, events: int) -> None:
     with psycopg.connect(url) as conn, conn.cursor() as cur:
         for table, chunk in rows(sessions, events):
-            with cur.copy(f"COPY flynn_queue.{table} ({COLS[table]}) FROM STDIN") as copy:  # type: ignore[arg-type]
+            with cur.copy(f"COPY flynn_queue.{table} ({COLS[table]}) FROM STDIN") as copy:
                 for r in chunk:
                     copy.write_row(r)
         conn.commit()

@@ -47,7 +47,7 @@ def revision_proto(s: StoredRevision) -> config_pb2.ConfigRevision:
     )
     return config_pb2.ConfigRevision(
         revision=s.revision,
-        kind=s.kind,  # type: ignore[arg-type]
+        kind=s.kind,
         actor=s.actor,
         reason=s.reason,
         create_time=ts,
@@ -180,7 +180,7 @@ class ConfigServicer:
             return config_pb2.ExplainConfigResponse(
                 key=e.key,
                 value=e.value_json,
-                source=e.source,  # type: ignore[arg-type]
+                source=e.source,
                 bucket=e.bucket,
                 basis_points=e.basis_points,
                 hashed_key=e.hashed_key,
@@ -407,7 +407,7 @@ def _length_delimited(field_number: int, payload: bytes) -> bytes:
 
 
 def _passthrough(m: Any) -> bytes:
-    return m if isinstance(m, bytes) else m.SerializeToString()  # type: ignore[no-any-return]
+    return m if isinstance(m, bytes) else m.SerializeToString()
 
 
 def add_to_server(servicer: ConfigServicer, server: grpc.aio.Server) -> None:

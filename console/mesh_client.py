@@ -146,13 +146,14 @@ class MeshClient:
     # --- runs ----------------------------------------------------------------------------------
 
     async def list_runs(
-        self, token: str, session_key: str = "", state: int = 0, page_size: int = 50, page_token: str = ""
+        self, token: str, *, session_key: str = "", state: int = 0, page_size: int = 50, page_token: str = ""
     ) -> dict[str, Any]:
+        """A page of runs, newest first (RunControl.ListRuns)."""
         resp = await self.call(
             self.runs.ListRuns,
             run_control_pb2.ListRunsRequest(
                 session_key=session_key,
-                state=state,  # type: ignore[arg-type]
+                state=run_control_pb2.RunState.ValueType(state),
                 page_size=_page_size(page_size),
                 page_token=page_token,
             ),
@@ -269,14 +270,15 @@ class MeshClient:
         )
 
     async def cancel(
-        self, token: str, run_id: str, session_key: str, scope: int, reason: str
+        self, token: str, *, run_id: str, session_key: str, scope: int, reason: str
     ) -> dict[str, Any]:
+        """Cancel a run or a session's active run (RunControl.CancelRun)."""
         resp = await self.call(
             self.runs.CancelRun,
             run_control_pb2.CancelRunRequest(
                 run_id=run_id,
                 session_key=session_key,
-                scope=scope,  # type: ignore[arg-type]
+                scope=run_control_pb2.CancelScope.ValueType(scope),
                 reason=reason,
             ),
             token,
@@ -306,8 +308,9 @@ class MeshClient:
         }
 
     async def update_key(
-        self, token: str, key: str, value: Any, reason: str, expected_revision: int, dry_run: bool
+        self, token: str, *, key: str, value: Any, reason: str, expected_revision: int, dry_run: bool
     ) -> dict[str, Any]:
+        """Set one config key, or preview it with `dry_run` (ConfigService.UpdateConfig)."""
         if config_yaml.field_path_error(config_pb2.FlynnConfig.DESCRIPTOR, key) is not None:
             raise MeshError(
                 "INVALID_ARGUMENT",
@@ -446,8 +449,16 @@ class MeshClient:
         return {"rules": [one(r) for r in resp.rules], "total": one(resp.total)}
 
     async def traces(
-        self, token: str, rule_id: str, event_id: str, matched: bool | None, page_size: int, page_token: str
+        self,
+        token: str,
+        *,
+        rule_id: str,
+        event_id: str,
+        matched: bool | None,
+        page_size: int,
+        page_token: str,
     ) -> dict[str, Any]:
+        """A page of reaction traces (Reactions.ListTraces)."""
         req = reactions_pb2.ListTracesRequest(
             rule_id=rule_id, event_id=event_id, page_size=_page_size(page_size), page_token=page_token
         )
@@ -477,7 +488,7 @@ class MeshClient:
         resp = await self.call(
             self.nodes.ListNodes,
             nodes_pb2.ListNodesRequest(
-                status=status,  # type: ignore[arg-type]
+                status=nodes_pb2.NodeStatus.ValueType(status),
                 page_size=_page_size(page_size),
                 page_token=page_token,
             ),
@@ -570,8 +581,9 @@ class MeshClient:
         return d
 
     async def put_artifact(
-        self, token: str, name: str, content_type: str, content: bytes, etag: str
+        self, token: str, *, name: str, content_type: str, content: bytes, etag: str
     ) -> dict[str, Any]:
+        """Write the next version of a canvas artifact (Canvas.PutArtifact)."""
         resp = await self.call(
             self.canvas.PutArtifact,
             canvas_pb2.PutArtifactRequest(name=name, content_type=content_type, content=content, etag=etag),

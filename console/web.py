@@ -339,10 +339,10 @@ async def api_runs(request: web.Request) -> web.StreamResponse:
     state = _RUN_STATES.get(request.query.get("state", ""), 0)
     data = await _state(request).mesh.list_runs(
         _session(request).token,
-        request.query.get("session_key", ""),
-        state,
-        _int(request, "page_size", 50),
-        request.query.get("page_token", ""),
+        session_key=request.query.get("session_key", ""),
+        state=state,
+        page_size=_int(request, "page_size", 50),
+        page_token=request.query.get("page_token", ""),
     )
     return _json(data)
 
@@ -371,7 +371,9 @@ async def api_cancel(request: web.Request) -> web.StreamResponse:
         request,
         "consoleCancelRun",
         {"run_id": run_id or None, "session": session_key or None, "scope": scope_name, "reason": reason},
-        lambda: _state(request).mesh.cancel(s.token, run_id, session_key, _SCOPES[scope_name], reason),
+        lambda: _state(request).mesh.cancel(
+            s.token, run_id=run_id, session_key=session_key, scope=_SCOPES[scope_name], reason=reason
+        ),
     )
 
 
@@ -403,11 +405,11 @@ async def api_config_preview(request: web.Request) -> web.StreamResponse:
     key = str(body.get("key", "")).strip()
     data = await _state(request).mesh.update_key(
         s.token,
-        key,
-        _yaml_value(body),
-        _reason(body, s, "preview"),
-        int(body.get("expected_revision") or 0),
-        True,
+        key=key,
+        value=_yaml_value(body),
+        reason=_reason(body, s, "preview"),
+        expected_revision=int(body.get("expected_revision") or 0),
+        dry_run=True,
     )
     return _json(data)
 
@@ -432,7 +434,9 @@ async def api_config_apply(request: web.Request) -> web.StreamResponse:
             "reason": reason,
             "expected_revision": expected,
         },
-        lambda: _state(request).mesh.update_key(s.token, key, value, reason, expected, False),
+        lambda: _state(request).mesh.update_key(
+            s.token, key=key, value=value, reason=reason, expected_revision=expected, dry_run=False
+        ),
     )
 
 
@@ -553,11 +557,11 @@ async def api_traces(request: web.Request) -> web.StreamResponse:
     return _json(
         await _state(request).mesh.traces(
             _session(request).token,
-            q.get("rule_id", ""),
-            q.get("event_id", ""),
-            matched,
-            _int(request, "page_size", 50),
-            q.get("page_token", ""),
+            rule_id=q.get("rule_id", ""),
+            event_id=q.get("event_id", ""),
+            matched=matched,
+            page_size=_int(request, "page_size", 50),
+            page_token=q.get("page_token", ""),
         )
     )
 
@@ -642,7 +646,9 @@ async def api_canvas_put(request: web.Request) -> web.StreamResponse:
         request,
         "consoleCanvasPut",
         {"name": name, "content_type": ct, "size_bytes": len(content), "etag": etag or None},
-        lambda: _state(request).mesh.put_artifact(s.token, name, ct, content, etag),
+        lambda: _state(request).mesh.put_artifact(
+            s.token, name=name, content_type=ct, content=content, etag=etag
+        ),
     )
 
 

@@ -376,7 +376,7 @@ def _status_rows(ns: argparse.Namespace, paths: MeshPaths) -> tuple[list[tuple[s
                     timeout=5,
                 )
             except grpc.RpcError as err:
-                say(f"gateway GetStatus failed ({err.code().name}); checking each service directly")  # type: ignore[attr-defined]
+                say(f"gateway GetStatus failed ({err.code().name}); checking each service directly")
             else:
                 rows: list[tuple[str, ...]] = []
                 ok = True

@@ -7,6 +7,7 @@ from collections.abc import Sequence
 
 import grpc
 from google.protobuf import any_pb2, duration_pb2
+from google.protobuf.message import Message
 from google.rpc import code_pb2, error_details_pb2, status_pb2
 from grpc_status import rpc_status
 
@@ -99,9 +100,9 @@ def to_grpc_status(err: FlynnError) -> grpc.Status:
     return status
 
 
-def _pack(msg: object) -> any_pb2.Any:
+def _pack(msg: Message) -> any_pb2.Any:
     out = any_pb2.Any()
-    out.Pack(msg)  # type: ignore[arg-type]
+    out.Pack(msg)
     return out
 
 

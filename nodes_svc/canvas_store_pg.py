@@ -83,7 +83,7 @@ class PgCanvasStore:
     async def recover(self) -> dict[str, int]:
         async with self.db.connection() as c:
             row = await (await c.execute("SELECT total_bytes FROM canvas_totals")).fetchone()
-        self._total = int(row[0]) if row else 0  # type: ignore[call-overload]
+        self._total = int(row[0]) if row else 0
         return {"temp_files_removed": 0, "orphan_blobs_removed": 0, "missing_blobs": 0}
 
     async def close(self) -> None:
@@ -108,7 +108,7 @@ class PgCanvasStore:
         if row is None:
             what = f"{name}@{version}" if version else name
             raise errors.not_found("artifact", what, reason="ARTIFACT_NOT_FOUND")
-        meta, content = _meta(row), bytes(row[8])  # type: ignore[call-overload]
+        meta, content = _meta(row), bytes(row[8])
         if hashlib.sha256(content).hexdigest() != meta.sha256:
             raise FlynnError(
                 Code.INTERNAL,
@@ -212,7 +212,7 @@ class PgCanvasStore:
     async def delete(self, name: str, etag: str) -> int:
         async with self.db.transaction() as c:
             row = await (await c.execute("SELECT total_bytes FROM canvas_totals FOR UPDATE")).fetchone()
-            total = int(row[0]) if row else 0  # type: ignore[call-overload]
+            total = int(row[0]) if row else 0
             cur = await c.execute(
                 "SELECT v.etag FROM canvas_artifacts a JOIN canvas_versions v"
                 " ON v.name = a.name AND v.version = a.latest WHERE a.name = %s",
@@ -224,7 +224,7 @@ class PgCanvasStore:
             if etag and etag != str(found[0]):
                 raise _mismatch(name, str(found[0]), etag)
             cur = await c.execute("DELETE FROM canvas_versions WHERE name = %s RETURNING size", (name,))
-            sizes = [int(r[0]) for r in await cur.fetchall()]  # type: ignore[call-overload]
+            sizes = [int(r[0]) for r in await cur.fetchall()]
             await c.execute("UPDATE canvas_artifacts SET latest = 0 WHERE name = %s", (name,))
             new_total = total - sum(sizes)
             await c.execute("UPDATE canvas_totals SET total_bytes = %s", (new_total,))

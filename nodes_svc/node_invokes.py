@@ -216,7 +216,7 @@ class Invokes:
         return deadline_error(p, f"no answer within {timeout_s:.3f} s")
 
     async def invoke(
-        self, node_id: str, command: str, args_json: str, timeout_s: float, idempotency_key: str = ""
+        self, node_id: str, command: str, args_json: str, *, timeout_s: float, idempotency_key: str = ""
     ) -> AsyncIterator[nodes_pb2.InvokeNodeResponse]:
         """Run `command` on the node: yields progress, then the result; raises FlynnError otherwise.
 

@@ -459,10 +459,12 @@ class NodeRegistry:
         self.invokes.on_result(session, result)
 
     def invoke(
-        self, node_id: str, command: str, args_json: str, timeout_s: float, idempotency_key: str = ""
+        self, node_id: str, command: str, args_json: str, *, timeout_s: float, idempotency_key: str = ""
     ) -> AsyncIterator[nodes_pb2.InvokeNodeResponse]:
         """Run `command` on the node: yields progress, then the result (`Invokes.invoke`)."""
-        return self.invokes.invoke(node_id, command, args_json, timeout_s, idempotency_key)
+        return self.invokes.invoke(
+            node_id, command, args_json, timeout_s=timeout_s, idempotency_key=idempotency_key
+        )
 
     # gates --------------------------------------------------------------------------------
 

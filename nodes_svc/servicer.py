@@ -90,7 +90,7 @@ class NodesServicer(nodes_pb2_grpc.NodesServicer):
 
     # Connect ------------------------------------------------------------------------------
 
-    async def Connect(  # type: ignore[override]
+    async def Connect(
         self, request_iterator: AsyncIterator[nodes_pb2.ConnectRequest], context: Ctx
     ) -> AsyncIterator[nodes_pb2.ConnectResponse]:
         if self.runtime.stopping.is_set():
@@ -155,7 +155,7 @@ class NodesServicer(nodes_pb2_grpc.NodesServicer):
 
     # Invoke -------------------------------------------------------------------------------
 
-    async def InvokeNode(  # type: ignore[override]
+    async def InvokeNode(
         self, request: nodes_pb2.InvokeNodeRequest, context: Ctx
     ) -> AsyncIterator[nodes_pb2.InvokeNodeResponse]:
         v = Violations()
@@ -187,7 +187,11 @@ class NodesServicer(nodes_pb2_grpc.NodesServicer):
                     yield item
                 return
         async for item in self.registry.invoke(
-            request.node_id, request.command, request.args_json or "{}", timeout, request.idempotency_key
+            request.node_id,
+            request.command,
+            request.args_json or "{}",
+            timeout_s=timeout,
+            idempotency_key=request.idempotency_key,
         ):
             yield item
 
@@ -241,7 +245,7 @@ class NodesServicer(nodes_pb2_grpc.NodesServicer):
 
     # Events -------------------------------------------------------------------------------
 
-    async def WatchNodeEvents(  # type: ignore[override]
+    async def WatchNodeEvents(
         self, request: nodes_pb2.WatchNodeEventsRequest, context: Ctx
     ) -> AsyncIterator[nodes_pb2.WatchNodeEventsResponse]:
         if request.after_seq < 0:

@@ -115,7 +115,7 @@ class GrpcAgent:
     def __init__(self, address: str, token: str = "") -> None:
         self.address = address
         self._channel = client_channel(address, token, retries=False)
-        self._stub: agent_pb2_grpc.AgentAsyncStub = agent_pb2_grpc.AgentStub(self._channel)  # type: ignore[assignment]
+        self._stub: agent_pb2_grpc.AgentAsyncStub = agent_pb2_grpc.AgentStub(self._channel)
 
     def open(self, spec: RunSpec, hooks: AgentHooks) -> AgentRun:
         return _GrpcRun(self._stub, spec, hooks)

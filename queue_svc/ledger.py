@@ -29,7 +29,7 @@ from queue_svc.agents import AgentInput
 from queue_svc.fanout import Fanout
 from queue_svc.group_commit import GroupCommit, Op
 from queue_svc.run_trace import RunTracer
-from queue_svc.store import QueueStore, RunRow, SessionRow
+from queue_svc.store import QueueMode, QueueStore, RunRow, RunState, SessionRow
 
 if TYPE_CHECKING:
     from queue_svc.agents import AgentRun
@@ -57,7 +57,7 @@ class _Entry:
     run_id: str = ""
     message: AgentInput | None = None
     receive_time: float = 0.0
-    mode: int = 0
+    mode: QueueMode = config_pb2.QUEUE_MODE_UNSPECIFIED
 
 
 @dataclass
@@ -219,11 +219,11 @@ class Ledger:
         self,
         op: Op,
         s: _Session,
-        type_: int,
+        type_: pb.RunEventType.ValueType,
         *,
         run: RunRow | None = None,
         message_id: str = "",
-        state: int = 0,
+        state: RunState = pb.RUN_STATE_UNSPECIFIED,
         reason: str = "",
         text: str = "",
         sender: str = "",
@@ -237,12 +237,12 @@ class Ledger:
             global_seq=self.commit.gseq,
             session_seq=s.last_seq,
             event_id=f"evt_{self.commit.gseq}",
-            type=type_,  # type: ignore[arg-type]
+            type=type_,
             session_key=s.key,
             channel=s.channel,
             run_id=run.run_id if run else "",
             message_id=message_id,
-            state=state,  # type: ignore[arg-type]
+            state=state,
             error_kind=error_kind,
             reason=reason,
             text=text,
@@ -260,7 +260,7 @@ class Ledger:
         return ev
 
     def _audit_transition(
-        self, row: RunRow, old: int, new: int, reason: str, actor: str, **extra: str
+        self, row: RunRow, old: RunState, new: RunState, reason: str, actor: str, **extra: str
     ) -> None:
         metrics.RUNS.labels(STATE_NAMES[new]).inc()
         if self.audit is not None:
@@ -320,9 +320,11 @@ class Ledger:
     def _quiet_window(self) -> float:
         return duration_seconds(self._q.quiet_window, 0.0)
 
-    def effective_mode(self, session_key: str, channel: str, override: int = 0) -> pb.EffectiveMode:
+    def effective_mode(
+        self, session_key: str, channel: str, override: QueueMode = config_pb2.QUEUE_MODE_UNSPECIFIED
+    ) -> pb.EffectiveMode:
         d = targeting.queue_mode(self.config.config, targeting.Target(session_key, channel), override)
-        return pb.EffectiveMode(mode=d.value, source=d.source, config_revision=self.config.revision)  # type: ignore[arg-type]
+        return pb.EffectiveMode(mode=d.value, source=d.source, config_revision=self.config.revision)
 
     # --- reads ---------------------------------------------------------------------------------
 
@@ -364,7 +366,7 @@ class Ledger:
             effective_mode=self.effective_mode(s.key, s.channel),
         )
         if s.active and s.active in self._runs:
-            out.active_run_state = self._runs[s.active].row.state  # type: ignore[assignment]
+            out.active_run_state = self._runs[s.active].row.state
         for e in s.queue:
             queued = self._queued_message(e)
             if queued is not None:
@@ -381,7 +383,7 @@ class Ledger:
             first = live.row.inputs[0]
             m = AgentInput(first.message_id, first.sender, first.text)
         return pb.QueuedMessage(
-            message_id=m.message_id, text=m.text, sender=m.sender, mode=e.mode,  # type: ignore[arg-type]
+            message_id=m.message_id, text=m.text, sender=m.sender, mode=e.mode,
             receive_time=timestamp(e.receive_time),
         )  # fmt: skip
 

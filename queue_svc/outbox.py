@@ -13,6 +13,7 @@ import asyncio
 import logging
 import time
 
+from flynn.v1 import config_pb2
 from flynn.v1 import run_control_pb2 as pb
 
 from flynn_runtime import targeting
@@ -195,4 +196,11 @@ class Outbox:
     def _run_row_for_event(reply: pb.Reply) -> RunRow | None:
         if not reply.run_id:
             return None
-        return RunRow(reply.run_id, reply.session_key, reply.channel, 0, 0, [])
+        return RunRow(
+            reply.run_id,
+            reply.session_key,
+            reply.channel,
+            pb.RUN_STATE_UNSPECIFIED,
+            config_pb2.QUEUE_MODE_UNSPECIFIED,
+            [],
+        )

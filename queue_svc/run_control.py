@@ -66,7 +66,16 @@ from queue_svc.ledger import (
 from queue_svc.outbox import Outbox, reply_id_for_run
 from queue_svc.ownership import Ownership
 from queue_svc.replica import Replica
-from queue_svc.store import InputRow, MessageRow, QueueEntryRow, QueueStore, RunRow
+from queue_svc.store import (
+    Disposition,
+    InputRow,
+    MessageRow,
+    QueueEntryRow,
+    QueueMode,
+    QueueStore,
+    RunRow,
+    RunState,
+)
 
 __all__ = [
     "AgentProvider",
@@ -97,7 +106,7 @@ class SubmitInput:
     sender: str
     text: str
     idempotency_key: str
-    mode_override: int = 0
+    mode_override: QueueMode = config_pb2.QUEUE_MODE_UNSPECIFIED
     causation: common_pb2.Causation | None = None
     actor: str = "system"
 
@@ -105,10 +114,10 @@ class SubmitInput:
 @dataclass(frozen=True)
 class SubmitResult:
     message_id: str
-    disposition: int
+    disposition: Disposition
     run_id: str
     effective_mode: pb.EffectiveMode
-    original_disposition: int = 0
+    original_disposition: Disposition = pb.DISPOSITION_UNSPECIFIED
     interrupted_run_id: str = ""
     event_seq: int = 0
     #: The MESSAGE_RECEIVED event: its global_seq is final once the operation is durable (with
@@ -288,7 +297,9 @@ class RunControl(Ledger):
             )
         metrics.MESSAGES.labels(DISPOSITION_NAMES[disposition]).inc()
         metrics.MESSAGES_BY_MODE.labels(metrics.QUEUE_MODE_NAMES.get(eff.mode, "unspecified")).inc()
-        return SubmitResult(mid, disposition, run_id, eff, 0, interrupted, ev.global_seq, ev)
+        return SubmitResult(
+            mid, disposition, run_id, eff, pb.DISPOSITION_UNSPECIFIED, interrupted, ev.global_seq, ev
+        )
 
     def _duplicate(self, m: MessageRow) -> SubmitResult:
         metrics.MESSAGES.labels("duplicate").inc()
@@ -303,8 +314,8 @@ class RunControl(Ledger):
         )
 
     def _route(
-        self, op: Op, s: _Session, mode: int, inp: AgentInput, now: float, cz: bytes, actor: str
-    ) -> tuple[int, str, str]:
+        self, op: Op, s: _Session, mode: QueueMode, inp: AgentInput, now: float, cz: bytes, actor: str
+    ) -> tuple[Disposition, str, str]:
         """Decide what happens to a new message; returns (disposition, run id, interrupted run id)."""
         active = self._runs.get(s.active) if s.active else None
         if active is None and not s.queue:
@@ -423,7 +434,7 @@ class RunControl(Ledger):
     # --- runs --------------------------------------------------------------------------------
 
     def _new_run(
-        self, op: Op, s: _Session, mode: int, inputs: list[AgentInput], now: float, cz: bytes
+        self, op: Op, s: _Session, mode: QueueMode, inputs: list[AgentInput], now: float, cz: bytes
     ) -> _Live:
         row = RunRow(
             run_id=new_id("run"),
@@ -440,7 +451,9 @@ class RunControl(Ledger):
         s.run_count += 1
         op.runs[row.run_id] = row
         self._event(op, s, pb.RUN_EVENT_TYPE_RUN_QUEUED, run=row, state=QUEUED)
-        self._audit_transition(row, 0, QUEUED, "", "system", mode=config_pb2.QueueMode.Name(mode))  # type: ignore[arg-type]
+        self._audit_transition(
+            row, pb.RUN_STATE_UNSPECIFIED, QUEUED, "", "system", mode=config_pb2.QueueMode.Name(mode)
+        )
         return live
 
     def _transition(
@@ -448,8 +461,8 @@ class RunControl(Ledger):
         op: Op,
         s: _Session,
         live: _Live,
-        new: int,
-        ev_type: int,
+        new: RunState,
+        ev_type: pb.RunEventType.ValueType,
         reason: str,
         actor: str,
         error_kind: str = "",
@@ -518,7 +531,7 @@ class RunControl(Ledger):
         op: Op,
         s: _Session,
         live: _Live,
-        state: int,
+        state: RunState,
         *,
         reason: str = "",
         actor: str,
@@ -533,11 +546,11 @@ class RunControl(Ledger):
         row.end_time = time.time()
         if state == ERROR:
             row.error_kind, row.error_message = error_kind, error_message
-        ev_type: int = {
+        ev_type = {
             CANCELLED: pb.RUN_EVENT_TYPE_RUN_CANCELLED,
             COMPLETED: pb.RUN_EVENT_TYPE_RUN_COMPLETED,
             ERROR: pb.RUN_EVENT_TYPE_RUN_ERROR,
-        }[state]  # type: ignore[index]
+        }[state]
         self._transition(op, s, live, state, ev_type, reason, actor, error_kind=error_kind, text=text)
         if live.force is not None:
             live.force.cancel()
@@ -690,9 +703,9 @@ def run_to_proto(row: RunRow) -> pb.Run:
         run_id=row.run_id,
         session_key=row.session_key,
         channel=row.channel,
-        state=row.state,  # type: ignore[arg-type]
+        state=row.state,
         message_ids=[i.message_id for i in row.inputs],
-        mode=row.mode,  # type: ignore[arg-type]
+        mode=row.mode,
         error_kind=row.error_kind,
         error_message=row.error_message,
         output=row.output,

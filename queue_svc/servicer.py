@@ -152,10 +152,10 @@ class RunControlServicer(pb_grpc.RunControlServicer):
         await self.rc.durable()  # persisted before acknowledged
         return pb.SubmitMessageResponse(
             message_id=res.message_id,
-            disposition=res.disposition,  # type: ignore[arg-type]
+            disposition=res.disposition,
             run_id=res.run_id,
             effective_mode=res.effective_mode,
-            original_disposition=res.original_disposition,  # type: ignore[arg-type]
+            original_disposition=res.original_disposition,
             interrupted_run_id=res.interrupted_run_id,
             event_seq=res.durable_event_seq,
         )

@@ -33,7 +33,15 @@ from reactions_svc.engine import Evaluation, FireState, Trace, reason_name
 from reactions_svc.event_mapping import stored_event_id
 from reactions_svc.proposed_rules import validate_rule_list
 from reactions_svc.rules import RuleSet
-from reactions_svc.store import FP_REASON, ActionRow, CompactTrace, ReactionStore, StoredTrace, TraceOutcome
+from reactions_svc.store import (
+    FP_REASON,
+    ActionRow,
+    CompactTrace,
+    ReactionStore,
+    SkipReason,
+    StoredTrace,
+    TraceOutcome,
+)
 from reactions_svc.trace_paging import TraceCursor, TraceQuery
 
 log = logging.getLogger(__name__)
@@ -566,7 +574,7 @@ class Reactor:
                 reactions_pb2.RuleStats(
                     rule_id=rid,
                     matches=m,
-                    skips=[reactions_pb2.SkipCount(reason=r, count=n) for r, n in skips],  # type: ignore[arg-type]
+                    skips=[reactions_pb2.SkipCount(reason=SkipReason(r), count=n) for r, n in skips],
                     false_positives=f,
                     false_positive_rate=f / m if m else 0.0,
                 )
@@ -574,7 +582,9 @@ class Reactor:
         total = reactions_pb2.RuleStats(
             rule_id="*",
             matches=tm,
-            skips=[reactions_pb2.SkipCount(reason=r, count=n) for r, n in sorted(total_skips.items())],  # type: ignore[arg-type]
+            skips=[
+                reactions_pb2.SkipCount(reason=SkipReason(r), count=n) for r, n in sorted(total_skips.items())
+            ],
             false_positives=tf,
             false_positive_rate=tf / tm if tm else 0.0,
         )

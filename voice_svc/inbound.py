@@ -71,6 +71,7 @@ async def handle_inbound_audio(
     target: targeting.Target,
     audio: common_pb2.Audio,
     transcriber: Transcriber,
+    *,
     language_code: str = "",
     uri_prefix: str = "voice-note://sha256/",
 ) -> InboundOutcome:
