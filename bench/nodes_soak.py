@@ -24,6 +24,7 @@ import subprocess
 import sys
 import tempfile
 import time
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
@@ -159,15 +160,20 @@ async def wait_status(path: Path, pred: Any, within: float) -> dict[str, Any]:
     return st
 
 
-async def _invokes_connected(
-    ns: argparse.Namespace,
-    nodes: Any,
-    creds: list[tuple[str, str]],
-    md: Any,
-    proc: Any,
-    figures: dict[str, str],
-) -> None:
+@dataclass
+class _Soak:
+    """What every phase of the soak reads: the options, the server, the nodes' credentials, the figures."""
+
+    ns: argparse.Namespace
+    proc: Any
+    md: Any
+    creds: list[tuple[str, str]]
+    figures: dict[str, str]
+
+
+async def _invokes_connected(soak: _Soak, nodes: Any) -> None:
     """Invoke round trips with everyone connected."""
+    ns, proc, md, creds, figures = soak.ns, soak.proc, soak.md, soak.creds, soak.figures
     lat: list[float] = []
     failures: dict[str, int] = {}
     cpu0 = cpu_seconds(proc.proc.pid)
@@ -255,15 +261,9 @@ async def _reconnect_storm(ns: argparse.Namespace, proc: Any, status: Path, figu
     print("storm:", figures["reconnect storm share"], "|", figures["reconnect storm 100%"], flush=True)
 
 
-async def _after_storm(
-    ns: argparse.Namespace,
-    nodes: Any,
-    creds: list[tuple[str, str]],
-    md: Any,
-    proc: Any,
-    figures: dict[str, str],
-) -> None:
+async def _after_storm(soak: _Soak, nodes: Any) -> None:
     """The registry and invokes once the fleet is back."""
+    ns, proc, md, creds, figures = soak.ns, soak.proc, soak.md, soak.creds, soak.figures
     got = await nodes.ListNodes(nodes_pb2.ListNodesRequest(page_size=1000), metadata=md, timeout=10)
     more = got.next_page_token
     epochs = statistics.mean(n.epoch for n in got.nodes) if got.nodes else 0
@@ -361,12 +361,13 @@ async def drive(ns: argparse.Namespace) -> None:
         )
         figures["online (server view)"] = f"{len(online.nodes)} (first page of up to 1000)"
 
-        await _invokes_connected(ns, nodes, creds, md, proc, figures)
+        soak = _Soak(ns, proc, md, creds, figures)
+        await _invokes_connected(soak, nodes)
         await _canvas_puts(ns, ch, md, figures)
         await ch.close(None)
         await _reconnect_storm(ns, proc, status, figures)
         ch = grpc.aio.insecure_channel(proc.address)
-        await _after_storm(ns, nodes_pb2_grpc.NodesStub(ch), creds, md, proc, figures)
+        await _after_storm(soak, nodes_pb2_grpc.NodesStub(ch))
         await ch.close(None)
     finally:
         if fleet is not None:

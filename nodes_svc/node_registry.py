@@ -17,7 +17,7 @@ import random
 import secrets
 import time
 from collections.abc import AsyncIterator, Awaitable, Callable
-from dataclasses import dataclass, replace
+from dataclasses import asdict, dataclass, replace
 
 from flynn.v1 import config_pb2, nodes_pb2
 
@@ -618,14 +618,7 @@ def node_proto(rec: NodeRecord, s: NodeSession | None, *, shared: bool) -> nodes
 
 
 def event_proto(r: EventRecord) -> nodes_pb2.NodeEvent:
-    """The NodeEvent message of a stored event."""
-    return nodes_pb2.NodeEvent(
-        seq=r.seq,
-        type=r.type,
-        node_id=r.node_id,
-        role=r.role,
-        epoch=r.epoch,
-        reason=r.reason,
-        artifact_name=r.artifact_name,
-        time=timestamp(r.time),
-    )
+    """The NodeEvent message of a stored event (the record's fields are the message's, by name)."""
+    fields = asdict(r)
+    fields["time"] = timestamp(r.time)
+    return nodes_pb2.NodeEvent(**fields)

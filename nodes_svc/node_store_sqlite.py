@@ -19,16 +19,8 @@ from contextlib import contextmanager
 from pathlib import Path
 
 from flynn_runtime.sqlite_db import open_db, transaction
-from nodes_svc.node_store import (
-    DISCONNECTED,
-    EVENT_COLS,
-    EventRecord,
-    NewEvent,
-    NodeRecord,
-    TokenRecord,
-    event_record,
-    node_params,
-)
+from nodes_svc import node_store
+from nodes_svc.node_store import EventRecord, NewEvent, NodeRecord, TokenRecord
 
 _SCHEMA = """
 CREATE TABLE IF NOT EXISTS tokens (
@@ -183,7 +175,7 @@ class SqliteNodeStore:
                 " connect_time=excluded.connect_time, reconnect_count=excluded.reconnect_count,"
                 " protocol_version=excluded.protocol_version, display_name=excluded.display_name,"
                 " platform=excluded.platform, offline_reason=excluded.offline_reason, token_id=excluded.token_id",
-                node_params(rec),
+                node_store.node_params(rec),
             )
             return self._append(db, event)
 
@@ -207,7 +199,9 @@ class SqliteNodeStore:
             db.execute("UPDATE nodes SET online=0, offline_reason=? WHERE online=1", (reason,))
             now = time.time()
             for r in rows:
-                self._append(db, NewEvent(DISCONNECTED, r.node_id, r.role, r.epoch, reason, "", now))
+                self._append(
+                    db, NewEvent(node_store.DISCONNECTED, r.node_id, r.role, r.epoch, reason, "", now)
+                )
             return rows
 
     async def touch_many(self, seen: Iterable[tuple[str, float]]) -> None:
@@ -234,9 +228,10 @@ class SqliteNodeStore:
 
     async def events_after(self, after_seq: int, limit: int) -> list[EventRecord]:
         rows = self._db.execute(
-            f"SELECT {EVENT_COLS} FROM events WHERE seq > ? ORDER BY seq LIMIT ?", (after_seq, limit)
+            f"SELECT {node_store.EVENT_COLS} FROM events WHERE seq > ? ORDER BY seq LIMIT ?",
+            (after_seq, limit),
         )
-        return [event_record(r) for r in rows]
+        return [node_store.event_record(r) for r in rows]
 
     async def last_seq(self) -> int:
         row = self._db.execute("SELECT MAX(seq) FROM events").fetchone()

@@ -22,19 +22,7 @@ from flynn_runtime.enum_names import short_names
 from flynn_runtime.targeting import Target, rule_in_rollout
 from reactions_svc.rules import WORD_RE, CompiledRule, RuleSet, StaticTraces, TypeIndex
 from reactions_svc.rules import event_type_name as event_type_name
-from reactions_svc.trace import (
-    MATCHED,
-    SKIP_ACTION_ERROR,
-    SKIP_CONDITION,
-    SKIP_COOLDOWN,
-    SKIP_DISABLED,
-    SKIP_EXCLUSIVE,
-    SKIP_MAX_FIRES,
-    SKIP_RECURSION,
-    SKIP_ROLLOUT,
-    SKIP_SCOPE,
-    Trace,
-)
+from reactions_svc.trace import Trace
 
 __all__ = [
     "MATCHED",
@@ -58,6 +46,17 @@ __all__ = [
 ]
 
 MAX_EVAL_BYTES = 64 * 1024
+
+MATCHED = reactions_pb2.SKIP_REASON_UNSPECIFIED
+SKIP_SCOPE = reactions_pb2.SKIP_REASON_SCOPE
+SKIP_CONDITION = reactions_pb2.SKIP_REASON_CONDITION
+SKIP_COOLDOWN = reactions_pb2.SKIP_REASON_COOLDOWN
+SKIP_MAX_FIRES = reactions_pb2.SKIP_REASON_MAX_FIRES
+SKIP_RECURSION = reactions_pb2.SKIP_REASON_RECURSION_GUARD
+SKIP_DISABLED = reactions_pb2.SKIP_REASON_DISABLED
+SKIP_ROLLOUT = reactions_pb2.SKIP_REASON_ROLLOUT
+SKIP_EXCLUSIVE = reactions_pb2.SKIP_REASON_EXCLUSIVE
+SKIP_ACTION_ERROR = reactions_pb2.SKIP_REASON_ACTION_ERROR
 
 REASON_NAMES: dict[int, str] = short_names(reactions_pb2.SkipReason, with_zero=False)
 

@@ -15,12 +15,12 @@ from collections.abc import Callable, Iterable, Sequence
 from dataclasses import dataclass, field
 
 import re2
-from flynn.v1 import config_pb2
+from flynn.v1 import config_pb2, reactions_pb2
 
 from config_svc.reaction_rules import PLACEHOLDER_RE, compile_regex, re2_options, regex_share
 from flynn_runtime.enum_names import short_name, short_names
 from flynn_runtime.timestamps import duration_seconds
-from reactions_svc.trace import SKIP_DISABLED, SKIP_SCOPE, Trace
+from reactions_svc.trace import Trace
 
 # Words of a text for keyword matching: letters, digits and underscore (Unicode-aware).
 WORD_RE = re.compile(r"\w+")
@@ -192,6 +192,10 @@ class RuleSet:
 
     def __len__(self) -> int:
         return len(self.rules)
+
+
+SKIP_SCOPE = reactions_pb2.SKIP_REASON_SCOPE
+SKIP_DISABLED = reactions_pb2.SKIP_REASON_DISABLED
 
 
 class StaticTraces:

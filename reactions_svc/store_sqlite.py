@@ -25,23 +25,7 @@ from contextlib import AbstractContextManager
 from pathlib import Path
 
 from flynn_runtime.sqlite_db import open_db, transaction
-from reactions_svc.store import (
-    FP_REASON,
-    MATCHED_COLS,
-    SKIPPED_COLS,
-    ActionRow,
-    CompactTrace,
-    Retention,
-    StoredEvaluation,
-    StoredTrace,
-    TraceOutcome,
-    matched_params,
-    matched_trace,
-    skipped_params,
-    skipped_trace,
-    traces_json,
-    traces_of,
-)
+from reactions_svc import store as rs
 from reactions_svc.trace_paging import TracePage, TraceQuery, page_traces
 
 SCHEMA = """
@@ -118,10 +102,10 @@ CREATE TABLE IF NOT EXISTS cursors (
 
 
 class SqliteReactionStore:
-    def __init__(self, directory: Path, retention: Retention | None = None) -> None:
+    def __init__(self, directory: Path, retention: rs.Retention | None = None) -> None:
         directory.mkdir(parents=True, exist_ok=True)
         self.path = directory / "reactions.db"
-        self.retention = retention or Retention()
+        self.retention = retention or rs.Retention()
         self.db = open_db(self.path, schema=SCHEMA)
         self._since_prune = 0
 
@@ -130,14 +114,14 @@ class SqliteReactionStore:
 
     # Evaluations --------------------------------------------------------------------------------
 
-    async def get_evaluation(self, event_id: str) -> StoredEvaluation | None:
+    async def get_evaluation(self, event_id: str) -> rs.StoredEvaluation | None:
         row = self.db.execute(
             "SELECT event_id, time, revision, status, event, traces FROM evaluations WHERE event_id = ?",
             (event_id,),
         ).fetchone()
         if row is None:
             return None
-        return StoredEvaluation(row[0], row[1], row[2], row[3], row[4], traces_of(row[5]))
+        return rs.StoredEvaluation(row[0], row[1], row[2], row[3], row[4], rs.traces_of(row[5]))
 
     async def pending_event_ids(self, limit: int = 1000) -> list[str]:
         rows = self.db.execute(
@@ -154,9 +138,9 @@ class SqliteReactionStore:
         event_type: int,
         session_key: str,
         event: bytes,
-        traces: Sequence[CompactTrace],
-        matched: Iterable[StoredTrace],
-        skipped: Iterable[StoredTrace],
+        traces: Sequence[rs.CompactTrace],
+        matched: Iterable[rs.StoredTrace],
+        skipped: Iterable[rs.StoredTrace],
         fire_rows: Iterable[tuple[str, str, float, list[float]]],
         fired_rule_ids: Iterable[str],
         pending: bool,
@@ -175,18 +159,18 @@ class SqliteReactionStore:
                     session_key,
                     "pending" if pending else "done",
                     event,
-                    json.dumps(traces_json(traces), ensure_ascii=False, separators=(",", ":")),
+                    json.dumps(rs.traces_json(traces), ensure_ascii=False, separators=(",", ":")),
                 ),
             )
             self.db.executemany(
                 "INSERT OR REPLACE INTO traces_matched(trace_id, event_id, rule_id, matched, reason, detail, actions, time, "
                 "event_type, session_key) VALUES (?,?,?,?,?,?,?,?,?,?)",
-                [matched_params(t, json.dumps(t.actions)) for t in matched],
+                [rs.matched_params(t, json.dumps(t.actions)) for t in matched],
             )
             self.db.executemany(
                 "INSERT INTO traces_skipped(trace_id, event_id, rule_id, reason, detail, time, event_type, session_key) "
                 "VALUES (?,?,?,?,?,?,?,?)",
-                [skipped_params(t) for t in skipped],
+                [rs.skipped_params(t) for t in skipped],
             )
             self.db.executemany(
                 "INSERT INTO fire_state(rule_id, key, last, window) VALUES (?,?,?,?) "
@@ -204,8 +188,8 @@ class SqliteReactionStore:
     async def finish_evaluation(
         self,
         event_id: str,
-        outcomes: Iterable[TraceOutcome],
-        action_rows: Iterable[ActionRow] = (),
+        outcomes: Iterable[rs.TraceOutcome],
+        action_rows: Iterable[rs.ActionRow] = (),
     ) -> None:
         """Record each fired rule's final outcome (match or action_error) and mark the event done."""
         outcomes = list(outcomes)
@@ -261,15 +245,15 @@ class SqliteReactionStore:
 
     # Traces -------------------------------------------------------------------------------------
 
-    async def matched_for_event(self, event_id: str) -> dict[str, StoredTrace]:
+    async def matched_for_event(self, event_id: str) -> dict[str, rs.StoredTrace]:
         rows = self.db.execute(
-            f"SELECT {MATCHED_COLS} FROM traces_matched WHERE event_id = ?", (event_id,)
+            f"SELECT {rs.MATCHED_COLS} FROM traces_matched WHERE event_id = ?", (event_id,)
         ).fetchall()
-        return {str(r[1]): matched_trace(r) for r in rows}
+        return {str(r[1]): rs.matched_trace(r) for r in rows}
 
     async def page_matched(
         self, rule_id: str, before_seq: int, limit: int, only_matched: bool | None = None
-    ) -> list[tuple[int, StoredTrace]]:
+    ) -> list[tuple[int, rs.StoredTrace]]:
         """Rows of traces_matched newest first. only_matched=False gives the action errors (skips)."""
         where = ["seq < ?"]
         args: list[object] = [before_seq]
@@ -280,30 +264,32 @@ class SqliteReactionStore:
             where.append("matched = ?")
             args.append(int(only_matched))
         rows = self.db.execute(
-            f"SELECT {MATCHED_COLS} FROM traces_matched WHERE {' AND '.join(where)} ORDER BY seq DESC LIMIT ?",
+            f"SELECT {rs.MATCHED_COLS} FROM traces_matched WHERE {' AND '.join(where)} ORDER BY seq DESC LIMIT ?",
             (*args, limit),
         ).fetchall()
-        return [(int(r[0]), matched_trace(r)) for r in rows]
+        return [(int(r[0]), rs.matched_trace(r)) for r in rows]
 
-    async def page_skipped(self, rule_id: str, before_seq: int, limit: int) -> list[tuple[int, StoredTrace]]:
+    async def page_skipped(
+        self, rule_id: str, before_seq: int, limit: int
+    ) -> list[tuple[int, rs.StoredTrace]]:
         where = "seq < ?" + (" AND rule_id = ?" if rule_id else "")
         args: tuple[object, ...] = (before_seq, rule_id) if rule_id else (before_seq,)
         rows = self.db.execute(
-            f"SELECT {SKIPPED_COLS} FROM traces_skipped WHERE {where} ORDER BY seq DESC LIMIT ?",
+            f"SELECT {rs.SKIPPED_COLS} FROM traces_skipped WHERE {where} ORDER BY seq DESC LIMIT ?",
             (*args, limit),
         ).fetchall()
-        return [(int(r[0]), skipped_trace(r)) for r in rows]
+        return [(int(r[0]), rs.skipped_trace(r)) for r in rows]
 
     async def page_traces(self, query: TraceQuery) -> TracePage:
         return await page_traces(self, query)
 
-    async def get_matched(self, trace_id: str) -> StoredTrace | None:
+    async def get_matched(self, trace_id: str) -> rs.StoredTrace | None:
         row = self.db.execute(
-            f"SELECT {MATCHED_COLS} FROM traces_matched WHERE trace_id = ?", (trace_id,)
+            f"SELECT {rs.MATCHED_COLS} FROM traces_matched WHERE trace_id = ?", (trace_id,)
         ).fetchone()
-        return None if row is None else matched_trace(row)
+        return None if row is None else rs.matched_trace(row)
 
-    async def flag_false_positive(self, trace_id: str, reason: str) -> tuple[StoredTrace | None, bool]:
+    async def flag_false_positive(self, trace_id: str, reason: str) -> tuple[rs.StoredTrace | None, bool]:
         """(trace, already_flagged); trace None when no match has this id."""
         with self._tx():
             t = await self.get_matched(trace_id)
@@ -315,7 +301,7 @@ class SqliteReactionStore:
                 "UPDATE traces_matched SET false_positive = 1, fp_reason = ? WHERE trace_id = ?",
                 (reason, trace_id),
             )
-            self._bump([(t.rule_id, FP_REASON)])
+            self._bump([(t.rule_id, rs.FP_REASON)])
         t.false_positive, t.fp_reason = True, reason
         return t, False
 
