@@ -503,20 +503,15 @@ class Reactor:
     ) -> reactions_pb2.ReactionTrace:
         if row is not None:
             return stored_trace_proto(row)
-        return reactions_pb2.ReactionTrace(
-            trace_id=t.trace_id,
-            event_id=ev.event_id,
-            rule_id=t.rule_id,
-            matched=t.matched,
-            skip_reason=t.reason,
-            detail=t.detail,
-            event_type=ev.type,
-            session_key=ev.session_key,
-            time=timestamp(when),
-        )
+        return self._trace_proto(ev, t, t.trace_id, when)
 
+    @staticmethod
     def _trace_proto(
-        self, ev: reactions_pb2.ReactionEvent, t: Trace, trace_id: str, when: float, dry_run: bool = False
+        ev: reactions_pb2.ReactionEvent,
+        t: Trace | CompactTrace,
+        trace_id: str,
+        when: float,
+        dry_run: bool = False,
     ) -> reactions_pb2.ReactionTrace:
         return reactions_pb2.ReactionTrace(
             trace_id=trace_id,
