@@ -128,7 +128,7 @@ class PrincipalsServicer(pb_grpc.PrincipalsServicer):
                 continue
             item = principal_proto(p, "file", gone)
             if gone:
-                item.revoke_time.FromNanoseconds(int(revoked_file[p.sha256] * 1e9))
+                item.revoke_time.CopyFrom(timestamp(revoked_file[p.sha256]))
             out.principals.append(item)
         for r in self._store.issued(include_revoked=request.include_revoked):
             out.principals.append(issued_proto(r))

@@ -32,6 +32,7 @@ from flynn.v1 import run_control_pb2 as pb
 
 from flynn_runtime import tracing
 from flynn_runtime.enum_names import short_name, short_names
+from flynn_runtime.timestamps import seconds_of
 from queue_svc.store import RunRow
 
 QUEUED_MIN_SECONDS = 0.001  # below this a run started in the operation that made it: no queued span
@@ -100,7 +101,7 @@ class RunTracer:
         if t == pb.RUN_EVENT_TYPE_RUN_OUTPUT or not tracing.sampled(tp):
             return  # no trace to join (accepted while tracing was off), or not sampled: nothing recorded
         if t == pb.RUN_EVENT_TYPE_MESSAGE_RECEIVED:
-            self._remember(ev.message_id, tp, ev.time.ToNanoseconds() / 1e9)
+            self._remember(ev.message_id, tp, seconds_of(ev.time))
             return
         now = time.time()
         attrs = _base(ev)
