@@ -88,6 +88,52 @@ def enum_name(enum: Any, number: int) -> str:
     return short_name(enum, number, lower=False)
 
 
+def run_event_dict(ev: run_control_pb2.RunEvent) -> dict[str, Any]:
+    """A RunEvent as the console's JSON."""
+    return {
+        "global_seq": ev.global_seq,
+        "session_seq": ev.session_seq,
+        "type": enum_name(run_control_pb2.RunEventType, ev.type),
+        "session_key": ev.session_key,
+        "channel": ev.channel,
+        "run_id": ev.run_id,
+        "message_id": ev.message_id,
+        "state": enum_name(run_control_pb2.RunState, ev.state) if ev.state else "",
+        "error_kind": ev.error_kind,
+        "reason": ev.reason,
+        "text": ev.text[:500],
+        "time": ev.time.ToJsonString() if ev.HasField("time") else "",
+    }
+
+
+def node_event_dict(ev: nodes_pb2.NodeEvent) -> dict[str, Any]:
+    """A NodeEvent as the console's JSON."""
+    return {
+        "seq": ev.seq,
+        "type": enum_name(nodes_pb2.NodeEventType, ev.type),
+        "node_id": ev.node_id,
+        "role": ev.role,
+        "epoch": ev.epoch,
+        "reason": ev.reason,
+        "artifact_name": ev.artifact_name,
+        "time": ev.time.ToJsonString() if ev.HasField("time") else "",
+    }
+
+
+def artifact_dict(a: canvas_pb2.Artifact) -> dict[str, Any]:
+    """An artifact's metadata as the console's JSON."""
+    return {
+        "name": a.name,
+        "version": a.version,
+        "etag": a.etag,
+        "content_type": a.content_type,
+        "sha256": a.sha256,
+        "size_bytes": a.size_bytes,
+        "update_time": a.update_time.ToJsonString() if a.HasField("update_time") else "",
+        "actor": a.actor,
+    }
+
+
 class MeshClient:
     def __init__(
         self,
@@ -239,30 +285,13 @@ class MeshClient:
                 seen += 1
                 ev = resp.event
                 if ev.run_id == run_id or (ev.message_id and not ev.run_id):
-                    out.append(self.event(ev))
+                    out.append(run_event_dict(ev))
         except grpc.aio.AioRpcError as err:
             if err.code() != grpc.StatusCode.DEADLINE_EXCEEDED:
                 raise MeshError.from_rpc(err) from None
         finally:
             call.cancel()
         return out
-
-    @staticmethod
-    def event(ev: run_control_pb2.RunEvent) -> dict[str, Any]:
-        return {
-            "global_seq": ev.global_seq,
-            "session_seq": ev.session_seq,
-            "type": enum_name(run_control_pb2.RunEventType, ev.type),
-            "session_key": ev.session_key,
-            "channel": ev.channel,
-            "run_id": ev.run_id,
-            "message_id": ev.message_id,
-            "state": enum_name(run_control_pb2.RunState, ev.state) if ev.state else "",
-            "error_kind": ev.error_kind,
-            "reason": ev.reason,
-            "text": ev.text[:500],
-            "time": ev.time.ToJsonString() if ev.HasField("time") else "",
-        }
 
     def watch_run_events(self, token: str, after_seq: int) -> Any:
         return self.runs.WatchRunEvents(
@@ -508,32 +537,6 @@ class MeshClient:
             nodes_pb2.WatchNodeEventsRequest(after_seq=after_seq), metadata=self.md(token)
         )
 
-    @staticmethod
-    def node_event(ev: nodes_pb2.NodeEvent) -> dict[str, Any]:
-        return {
-            "seq": ev.seq,
-            "type": enum_name(nodes_pb2.NodeEventType, ev.type),
-            "node_id": ev.node_id,
-            "role": ev.role,
-            "epoch": ev.epoch,
-            "reason": ev.reason,
-            "artifact_name": ev.artifact_name,
-            "time": ev.time.ToJsonString() if ev.HasField("time") else "",
-        }
-
-    @staticmethod
-    def _artifact_meta(a: canvas_pb2.Artifact) -> dict[str, Any]:
-        return {
-            "name": a.name,
-            "version": a.version,
-            "etag": a.etag,
-            "content_type": a.content_type,
-            "sha256": a.sha256,
-            "size_bytes": a.size_bytes,
-            "update_time": a.update_time.ToJsonString() if a.HasField("update_time") else "",
-            "actor": a.actor,
-        }
-
     async def list_artifacts(
         self, token: str, prefix: str, page_size: int, page_token: str
     ) -> dict[str, Any]:
@@ -545,7 +548,7 @@ class MeshClient:
             token,
         )
         return {
-            "artifacts": [self._artifact_meta(a) for a in resp.artifacts],
+            "artifacts": [artifact_dict(a) for a in resp.artifacts],
             "next_page_token": resp.next_page_token,
         }
 
@@ -558,7 +561,7 @@ class MeshClient:
 
     async def artifact_view(self, token: str, name: str, version: int) -> dict[str, Any]:
         a = await self.get_artifact(token, name, version)
-        d = self._artifact_meta(a)
+        d = artifact_dict(a)
         ct = a.content_type.split(";")[0].strip().lower()
         if ct.startswith("image/"):
             d["render"] = "image"
@@ -589,7 +592,7 @@ class MeshClient:
             canvas_pb2.PutArtifactRequest(name=name, content_type=content_type, content=content, etag=etag),
             token,
         )
-        return self._artifact_meta(resp.artifact)
+        return artifact_dict(resp.artifact)
 
     async def delete_artifact(self, token: str, name: str, etag: str) -> dict[str, Any]:
         resp = await self.call(

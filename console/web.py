@@ -27,7 +27,7 @@ from flynn.v1 import nodes_pb2, run_control_pb2, system_pb2
 from google.protobuf import json_format
 
 from console import audit_tail, rollout_gates
-from console.mesh_client import MeshClient, MeshError, read_stream
+from console.mesh_client import MeshClient, MeshError, node_event_dict, read_stream, run_event_dict
 from console.reply_tally import ReplyTally
 from console.sign_in import COOKIE, ConsoleSession, MemorySessions, SessionStore, SignInLimiter
 from flynn_runtime.audit import AuditLog
@@ -827,7 +827,7 @@ async def sse_runs(request: web.Request) -> web.StreamResponse:
         request,
         "runs",
         lambda after: mesh.watch_run_events(token, after),
-        lambda m: mesh.event(m.event),
+        lambda m: run_event_dict(m.event),
         lambda d: int(d["global_seq"]),
     )
 
@@ -838,7 +838,7 @@ async def sse_node_events(request: web.Request) -> web.StreamResponse:
         request,
         "nodes",
         lambda after: mesh.watch_node_events(token, after),
-        lambda m: mesh.node_event(m.event),
+        lambda m: node_event_dict(m.event),
         lambda d: int(d["seq"]),
     )
 
