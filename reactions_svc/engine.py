@@ -245,26 +245,29 @@ class _EventView:
             self._lowered = self.text().lower()
         return self._lowered
 
-    def keyword_hit(self, c: CompiledRule) -> bool:
-        lowered = self.lowered()
+    def keyword_hits(self) -> set[int]:
+        """Indexes of the rules one of whose single-word keywords is a word of the text."""
         if self._keyword_hits is None:
             self._keyword_hits = set()
             idx = self.ti.keyword_index
             if idx:
-                for w in set(WORD_RE.findall(lowered)).intersection(idx):
+                for w in set(WORD_RE.findall(self.lowered())).intersection(idx):
                     self._keyword_hits.update(idx[w])
-        return c.index in self._keyword_hits or bool(c.phrases and any(p in lowered for p in c.phrases))
+        return self._keyword_hits
 
-    def regex_hit(self, c: CompiledRule) -> bool:
-        assert c.regex is not None
+    def raw(self) -> bytes:
         if self._raw is None:
             self._raw = self.text().encode("utf-8", "replace")
+        return self._raw
+
+    def regex_hits(self) -> set[int] | None:
+        """Regex slots whose regex matches the text, when the type's regexes share a filter."""
         f = self.ti.regex_filter
         if f is None:
-            return c.regex.search(self._raw) is not None
+            return None
         if self._regex_hits is None:
-            self._regex_hits = set(f.Match(self._raw) or ())
-        return c.regex_slot in self._regex_hits
+            self._regex_hits = set(f.Match(self.raw()) or ())
+        return self._regex_hits
 
     def field(self, name: str) -> str:
         if self._get_field is None:
@@ -285,19 +288,46 @@ class _EventView:
 # The checks, in the order of the module docstring: each returns the skip trace, or None to go on.
 
 
-def _scope(c: CompiledRule, v: _EventView, statics: StaticTraces) -> Trace | None:
-    i = c.index
-    if c.channels and v.channel not in c.channels:
-        return statics.channel[i]
-    if c.sessions and v.session not in c.sessions:
-        return statics.session[i]
-    if c.senders and v.sender not in c.senders:
-        return statics.sender[i]
-    if (c.words or c.phrases) and not v.keyword_hit(c):
-        return statics.keyword[i]
-    if c.regex is not None and not v.regex_hit(c):
-        return statics.regex[i]
-    return None
+def _scope_pass(
+    ti: TypeIndex, v: _EventView, statics: StaticTraces, traces: list[Trace]
+) -> list[CompiledRule]:
+    """The scope check (channel, session, sender, keywords, regex) of every rule listening to the
+    event's type, in one pass: out-of-scope rules get their static trace, the others are returned in
+    order. Scope depends on nothing but the event, so checking it for all rules first gives the
+    same traces as checking rule by rule; most rules stop here, so this loop calls nothing per rule."""
+    channel, session, sender = v.channel, v.session, v.sender
+    keyword_hits: set[int] | None = None
+    lowered = ""
+    regex_hits: set[int] | None = None
+    in_scope: list[CompiledRule] = []
+    for c in ti.rules:
+        i = c.index
+        if c.channels and channel not in c.channels:
+            traces[i] = statics.channel[i]
+            continue
+        if c.sessions and session not in c.sessions:
+            traces[i] = statics.session[i]
+            continue
+        if c.senders and sender not in c.senders:
+            traces[i] = statics.sender[i]
+            continue
+        if c.words or c.phrases:
+            if keyword_hits is None:
+                keyword_hits, lowered = v.keyword_hits(), v.lowered()
+            if i not in keyword_hits and not (c.phrases and any(p in lowered for p in c.phrases)):
+                traces[i] = statics.keyword[i]
+                continue
+        if c.regex is not None:
+            if regex_hits is None:
+                regex_hits = v.regex_hits()
+            hit = (
+                c.regex_slot in regex_hits if regex_hits is not None else c.regex.search(v.raw()) is not None
+            )
+            if not hit:
+                traces[i] = statics.regex[i]
+                continue
+        in_scope.append(c)
+    return in_scope
 
 
 def _condition(c: CompiledRule, v: _EventView) -> Trace | None:
@@ -332,11 +362,8 @@ def _recursion(c: CompiledRule, v: _EventView) -> Trace | None:
 
 
 def _rollout(c: CompiledRule, v: _EventView) -> Trace | None:
-    if c.has_rollout:
-        inside, why = _in_rollout(c, v.session, v.channel)
-        if not inside:
-            return Trace(c.id, False, SKIP_ROLLOUT, why)
-    return None
+    inside, why = _in_rollout(c, v.session, v.channel)
+    return None if inside else Trace(c.id, False, SKIP_ROLLOUT, why)
 
 
 def _exclusive(c: CompiledRule, exclusive_by: str) -> Trace | None:
@@ -385,12 +412,11 @@ def evaluate(
         return Evaluation(ev.event_id, rules.revision, traces, matched)
     v = _EventView(ev, ti)
     exclusive_by = ""
-    for c in ti.rules:
+    for c in _scope_pass(ti, v, statics, traces):
         skip = (
-            _scope(c, v, statics)
-            or (_condition(c, v) if c.conditions else None)
+            (_condition(c, v) if c.conditions else None)
             or _recursion(c, v)
-            or _rollout(c, v)
+            or (_rollout(c, v) if c.has_rollout else None)
             or _exclusive(c, exclusive_by)
         )
         if skip is not None:
