@@ -37,6 +37,7 @@ from reactions_svc.store import (
     FP_REASON,
     ActionRow,
     CompactTrace,
+    NewEvaluation,
     ReactionStore,
     SkipReason,
     StoredTrace,
@@ -305,18 +306,20 @@ class Reactor:
             stored_event.CopyFrom(event)
             stored_event.text = engine.bound_text(event.text)
         await self.store.save_evaluation(
-            event_id=event.event_id,
-            now=now,
-            revision=ev.revision,
-            event_type=et,
-            session_key=sk,
-            event=stored_event.SerializeToString(),
-            traces=compact,
-            matched=matched,
-            skipped=skipped,
-            fire_rows=fire_rows,
-            fired_rule_ids=[f.rule_id for f in fired],
-            pending=bool(fired),
+            NewEvaluation(
+                event_id=event.event_id,
+                now=now,
+                revision=ev.revision,
+                event_type=et,
+                session_key=sk,
+                event=stored_event.SerializeToString(),
+                traces=compact,
+                matched=matched,
+                skipped=skipped,
+                fire_rows=fire_rows,
+                fired_rule_ids=[f.rule_id for f in fired],
+                pending=bool(fired),
+            )
         )
         scope_skips: list[str] = []
         for s in skipped:

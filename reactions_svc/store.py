@@ -105,6 +105,25 @@ class ActionRow:
     error: str
 
 
+@dataclass(slots=True, frozen=True)
+class NewEvaluation:
+    """What `save_evaluation` writes in one transaction: the evaluation and its traces, the rows of
+    the traces that listen (matched, skipped), the fire state it changed and the rules it fired."""
+
+    event_id: str
+    now: float
+    revision: int
+    event_type: int
+    session_key: str
+    event: bytes
+    traces: list[CompactTrace]
+    matched: list[StoredTrace]
+    skipped: list[StoredTrace]
+    fire_rows: list[tuple[str, str, float, list[float]]]
+    fired_rule_ids: list[str]
+    pending: bool
+
+
 @dataclass
 class StoredEvaluation:
     event_id: str
@@ -178,22 +197,7 @@ class ReactionStore(Protocol):
 
     async def pending_event_ids(self, limit: int = 1000) -> list[str]: ...
 
-    async def save_evaluation(
-        self,
-        *,
-        event_id: str,
-        now: float,
-        revision: int,
-        event_type: int,
-        session_key: str,
-        event: bytes,
-        traces: Sequence[CompactTrace],
-        matched: Iterable[StoredTrace],
-        skipped: Iterable[StoredTrace],
-        fire_rows: Iterable[tuple[str, str, float, list[float]]],
-        fired_rule_ids: Iterable[str],
-        pending: bool,
-    ) -> None:
+    async def save_evaluation(self, e: NewEvaluation) -> None:
         """One transaction: the evaluation, its traces, the fire state it changed, skip counters."""
         ...
 

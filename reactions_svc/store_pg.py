@@ -8,7 +8,7 @@ is enforced by `prune` with the same caps as SQLite.
 
 from __future__ import annotations
 
-from collections.abc import Iterable, Sequence
+from collections.abc import Iterable
 from pathlib import Path
 from typing import Any
 
@@ -25,7 +25,7 @@ from reactions_svc.store import (
     SCHEMA,
     SKIPPED_COLS,
     ActionRow,
-    CompactTrace,
+    NewEvaluation,
     Retention,
     StoredEvaluation,
     StoredTrace,
@@ -154,37 +154,22 @@ class PgReactionStore:
             rows = await cur.fetchall()
         return [r[0] for r in rows]
 
-    async def save_evaluation(
-        self,
-        *,
-        event_id: str,
-        now: float,
-        revision: int,
-        event_type: int,
-        session_key: str,
-        event: bytes,
-        traces: Sequence[CompactTrace],
-        matched: Iterable[StoredTrace],
-        skipped: Iterable[StoredTrace],
-        fire_rows: Iterable[tuple[str, str, float, list[float]]],
-        fired_rule_ids: Iterable[str],
-        pending: bool,
-    ) -> None:
-        matched, skipped = list(matched), list(skipped)
-        fire_rows, fired = list(fire_rows), list(fired_rule_ids)
+    async def save_evaluation(self, e: NewEvaluation) -> None:
+        matched, skipped = list(e.matched), list(e.skipped)
+        fire_rows, fired = list(e.fire_rows), list(e.fired_rule_ids)
         async with self.db.transaction() as c, c.cursor() as cur:
             await cur.execute(
                 "INSERT INTO evaluations(event_id, time, revision, event_type, session_key, status, event, traces)"
                 " VALUES (%s, %s, %s, %s, %s, %s, %s, %s)",
                 (
-                    event_id,
-                    now,
-                    revision,
-                    event_type,
-                    session_key,
-                    "pending" if pending else "done",
-                    event,
-                    Jsonb(traces_json(traces)),
+                    e.event_id,
+                    e.now,
+                    e.revision,
+                    e.event_type,
+                    e.session_key,
+                    "pending" if e.pending else "done",
+                    e.event,
+                    Jsonb(traces_json(e.traces)),
                 ),
             )
             if matched:
@@ -214,7 +199,7 @@ class PgReactionStore:
                     "INSERT INTO rule_fires(rule_id, fire_count, last_fire) VALUES (%s, 1, %s)"
                     " ON CONFLICT (rule_id) DO UPDATE SET fire_count = rule_fires.fire_count + 1,"
                     " last_fire = excluded.last_fire",
-                    [(r, now) for r in fired],
+                    [(r, e.now) for r in fired],
                 )
             await self._bump(cur, ((t.rule_id, t.reason) for t in skipped))
         await self._maybe_prune()

@@ -20,7 +20,7 @@ from __future__ import annotations
 
 import json
 import sqlite3
-from collections.abc import Iterable, Sequence
+from collections.abc import Iterable
 from contextlib import AbstractContextManager
 from pathlib import Path
 
@@ -129,43 +129,28 @@ class SqliteReactionStore:
         ).fetchall()
         return [r[0] for r in rows]
 
-    async def save_evaluation(
-        self,
-        *,
-        event_id: str,
-        now: float,
-        revision: int,
-        event_type: int,
-        session_key: str,
-        event: bytes,
-        traces: Sequence[rs.CompactTrace],
-        matched: Iterable[rs.StoredTrace],
-        skipped: Iterable[rs.StoredTrace],
-        fire_rows: Iterable[tuple[str, str, float, list[float]]],
-        fired_rule_ids: Iterable[str],
-        pending: bool,
-    ) -> None:
+    async def save_evaluation(self, e: rs.NewEvaluation) -> None:
         """One transaction: the evaluation, its traces, the fire state it changed, skip counters."""
-        skipped = list(skipped)
+        skipped = list(e.skipped)
         with self._tx():
             self.db.execute(
                 "INSERT INTO evaluations(event_id, time, revision, event_type, session_key, status, event, traces) "
                 "VALUES (?,?,?,?,?,?,?,?)",
                 (
-                    event_id,
-                    now,
-                    revision,
-                    event_type,
-                    session_key,
-                    "pending" if pending else "done",
-                    event,
-                    json.dumps(rs.traces_json(traces), ensure_ascii=False, separators=(",", ":")),
+                    e.event_id,
+                    e.now,
+                    e.revision,
+                    e.event_type,
+                    e.session_key,
+                    "pending" if e.pending else "done",
+                    e.event,
+                    json.dumps(rs.traces_json(e.traces), ensure_ascii=False, separators=(",", ":")),
                 ),
             )
             self.db.executemany(
                 "INSERT OR REPLACE INTO traces_matched(trace_id, event_id, rule_id, matched, reason, detail, actions, time, "
                 "event_type, session_key) VALUES (?,?,?,?,?,?,?,?,?,?)",
-                [rs.matched_params(t, json.dumps(t.actions)) for t in matched],
+                [rs.matched_params(t, json.dumps(t.actions)) for t in e.matched],
             )
             self.db.executemany(
                 "INSERT INTO traces_skipped(trace_id, event_id, rule_id, reason, detail, time, event_type, session_key) "
@@ -175,12 +160,12 @@ class SqliteReactionStore:
             self.db.executemany(
                 "INSERT INTO fire_state(rule_id, key, last, window) VALUES (?,?,?,?) "
                 "ON CONFLICT(rule_id, key) DO UPDATE SET last = excluded.last, window = excluded.window",
-                [(r, k, last, json.dumps(w)) for r, k, last, w in fire_rows],
+                [(r, k, last, json.dumps(w)) for r, k, last, w in e.fire_rows],
             )
             self.db.executemany(
                 "INSERT INTO rule_fires(rule_id, fire_count, last_fire) VALUES (?, 1, ?) "
                 "ON CONFLICT(rule_id) DO UPDATE SET fire_count = fire_count + 1, last_fire = excluded.last_fire",
-                [(r, now) for r in fired_rule_ids],
+                [(r, e.now) for r in e.fired_rule_ids],
             )
             self._bump((t.rule_id, t.reason) for t in skipped)
         await self._maybe_prune()
