@@ -209,6 +209,7 @@ class _EventView:
         "reaction_origin",
         "fired_in_chain",
         "chain",
+        "in_chain",
         "_text",
         "_lowered",
         "_keyword_hits",
@@ -227,6 +228,8 @@ class _EventView:
         self.reaction_origin = cz.origin == common_pb2.ORIGIN_REACTION or cz.depth > 0
         self.fired_in_chain = frozenset(cz.fired_rule_ids) if cz.fired_rule_ids else frozenset()
         self.chain = cz.chain_id or ev.event_id
+        # The recursion guard can only skip a rule for an event caused by reactions.
+        self.in_chain = self.reaction_origin or bool(self.fired_in_chain)
         self._text: str | None = None
         self._lowered: str | None = None
         self._keyword_hits: set[int] | None = None
@@ -366,10 +369,8 @@ def _rollout(c: CompiledRule, v: _EventView) -> Trace | None:
     return None if inside else Trace(c.id, False, SKIP_ROLLOUT, why)
 
 
-def _exclusive(c: CompiledRule, exclusive_by: str) -> Trace | None:
-    if exclusive_by:
-        return Trace(c.id, False, SKIP_EXCLUSIVE, f"exclusive rule {exclusive_by!r} fired first")
-    return None
+def _exclusive(c: CompiledRule, exclusive_by: str) -> Trace:
+    return Trace(c.id, False, SKIP_EXCLUSIVE, f"exclusive rule {exclusive_by!r} fired first")
 
 
 def _limits(c: CompiledRule, key: str, state: FireState, now: float) -> Trace | None:
@@ -413,17 +414,19 @@ def evaluate(
     v = _EventView(ev, ti)
     exclusive_by = ""
     for c in _scope_pass(ti, v, statics, traces):
-        skip = (
-            (_condition(c, v) if c.conditions else None)
-            or _recursion(c, v)
-            or (_rollout(c, v) if c.has_rollout else None)
-            or _exclusive(c, exclusive_by)
-        )
+        # The later checks in order, each only where it can apply (most rules in scope need few).
+        skip = _condition(c, v) if c.conditions else None
+        if skip is None and v.in_chain:
+            skip = _recursion(c, v)
+        if skip is None and c.has_rollout:
+            skip = _rollout(c, v)
+        if skip is None and exclusive_by:
+            skip = _exclusive(c, exclusive_by)
         if skip is not None:
             traces[c.index] = skip
             continue
         key = v.cooldown_key(c)
-        skip = _limits(c, key, state, now)
+        skip = _limits(c, key, state, now) if c.cooldown_s > 0 or c.max_fires > 0 else None
         if skip is not None:
             traces[c.index] = skip
             continue
