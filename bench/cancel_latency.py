@@ -191,7 +191,7 @@ def main() -> None:
                 gw.start()
                 procs.append(gw)
                 address = gw.address
-            results = []
+            results: list[Phase] = []
             before = scrape(queue)
             cpu_before = {p.service: cpu_seconds(p) for p in procs}
             for callers in phases:
@@ -214,6 +214,14 @@ def main() -> None:
         finally:
             for p in reversed(procs):
                 p.stop()
+    report(results, args.sessions, via_gateway)
+
+
+Phase = tuple[int, list[float], list[float], str, str, dict[str, float], float]
+
+
+def report(results: list[Phase], sessions: int, via_gateway: bool) -> None:
+    """Print each phase: client-side percentiles, CPU, the server's histograms and where the time goes."""
     path = (
         "through the gateway (Gateway/CancelRun)"
         if via_gateway
@@ -221,7 +229,7 @@ def main() -> None:
     )
     for callers, acks, settles, before, after, cpu, load in results:
         print(
-            f"cancel latency, {args.sessions} sessions streaming, {len(acks)} cancels, {callers} cancelling "
+            f"cancel latency, {sessions} sessions streaming, {len(acks)} cancels, {callers} cancelling "
             f"caller(s) at a time, {path} (load average {load:.1f} at the end of the phase)"
         )
         print(

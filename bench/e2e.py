@@ -68,9 +68,9 @@ def pct(values: list[float], p: float) -> float:
 
 def seed() -> dict[str, object]:
     s = copy.deepcopy(FLOW_SEED)
-    s["server"]["queue"]["mode"] = "followup"  # type: ignore[index]
-    s["server"]["queue"]["cap"] = 1000  # type: ignore[index]
-    s["server"]["agent"] = {"think_time": "0s", "chunks": 1, "chunk_interval": "0s", "run_timeout": "60s"}  # type: ignore[index]
+    s["server"]["queue"]["mode"] = "followup"
+    s["server"]["queue"]["cap"] = 1000
+    s["server"]["agent"] = {"think_time": "0s", "chunks": 1, "chunk_interval": "0s", "run_timeout": "60s"}
     s["tts"] = {"enabled": False, "enabled_channels": []}
     s["automation"] = {"reactions": []}
     return s
@@ -182,13 +182,13 @@ def flipped(mesh: FlowMesh, step: str, node: CompanionNode | None, n: int) -> bo
             )
             return False
         except grpc.RpcError as e:
-            return e.code() == grpc.StatusCode.FAILED_PRECONDITION  # type: ignore[attr-defined]
+            return e.code() == grpc.StatusCode.FAILED_PRECONDITION
     if step == "voice":
         try:
             mesh.send("bench:v", "", f"v-{time.monotonic_ns()}", audio=common_pb2.Audio(content=b"RIFFxxxx"))
             return False
         except grpc.RpcError as e:
-            return e.code() == grpc.StatusCode.FAILED_PRECONDITION  # type: ignore[attr-defined]
+            return e.code() == grpc.StatusCode.FAILED_PRECONDITION
     assert node is not None
     return not node.registered.is_set()
 

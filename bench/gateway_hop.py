@@ -144,6 +144,27 @@ def _tls_args(pki: Any, name: str) -> list[str]:
     return ["--tls-cert-file", str(pki.cert(name)), "--tls-key-file", str(pki.key(name))]
 
 
+def _backend(
+    kind: str, root: Path, tokens: Any, extra: list[str], creds: grpc.ChannelCredentials | None
+) -> tuple[ServiceProcess, str, bytes, str]:
+    """The backend behind the gateway: (process, method called, request, gateway route)."""
+    if kind == "config":
+        backend = ServiceProcess(
+            "config", "config_svc.main", root / "config", tokens, extra=extra, credentials=creds
+        )
+        return (
+            backend,
+            "/flynn.v1.ConfigService/GetConfig",
+            config_pb2.GetConfigRequest().SerializeToString(),
+            "config",
+        )
+    backend = ServiceProcess(
+        "voice", "tests.gateway.echo_backend", root / "echo", tokens, extra=extra, credentials=creds
+    )
+    payload = voice_pb2.SynthesizeRequest(text="x" * 100).SerializeToString()
+    return backend, "/flynn.v1.Voice/Synthesize", payload, "voice"
+
+
 def run_mode(mode: str, ns: argparse.Namespace, root: Path) -> tuple[list[Row], list[tuple[int, float]], str]:
     """Start a backend and a gateway for `mode`, measure, stop them; (rows, gateway CPU per call, method)."""
     from flynn_launcher import certs
@@ -168,32 +189,7 @@ def run_mode(mode: str, ns: argparse.Namespace, root: Path) -> tuple[list[Row], 
         backend_creds = credentials["direct"] = grpc.ssl_channel_credentials(
             pki.ca_cert.read_bytes(), pki.key("client").read_bytes(), pki.cert("client").read_bytes()
         )
-    if ns.backend == "config":
-        backend = ServiceProcess(
-            "config",
-            "config_svc.main",
-            root / "config",
-            tokens,
-            extra=backend_extra,
-            credentials=backend_creds,
-        )
-        method, payload = (
-            "/flynn.v1.ConfigService/GetConfig",
-            config_pb2.GetConfigRequest().SerializeToString(),
-        )
-        route = "config"
-    else:
-        backend = ServiceProcess(
-            "voice",
-            "tests.gateway.echo_backend",
-            root / "echo",
-            tokens,
-            extra=backend_extra,
-            credentials=backend_creds,
-        )
-        method = "/flynn.v1.Voice/Synthesize"
-        payload = voice_pb2.SynthesizeRequest(text="x" * 100).SerializeToString()
-        route = "voice"
+    backend, method, payload, route = _backend(ns.backend, root, tokens, backend_extra, backend_creds)
     backend.start()
     gateway = ServiceProcess(
         "gateway",

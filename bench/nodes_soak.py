@@ -24,6 +24,7 @@ import subprocess
 import sys
 import tempfile
 import time
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
@@ -159,6 +160,150 @@ async def wait_status(path: Path, pred: Any, within: float) -> dict[str, Any]:
     return st
 
 
+@dataclass
+class _Soak:
+    """What every phase of the soak reads: the options, the server, the nodes' credentials, the figures."""
+
+    ns: argparse.Namespace
+    proc: Any
+    md: Any
+    creds: list[tuple[str, str]]
+    figures: dict[str, str]
+
+
+async def _invokes_connected(soak: _Soak, nodes: Any) -> None:
+    """Invoke round trips with everyone connected."""
+    ns, proc, md, creds, figures = soak.ns, soak.proc, soak.md, soak.creds, soak.figures
+    lat: list[float] = []
+    failures: dict[str, int] = {}
+    cpu0 = cpu_seconds(proc.proc.pid)
+    for _ in range(ns.invokes):
+        nid = creds[random.randrange(len(creds))][0]
+        t = time.perf_counter()
+        try:
+            async for _m in nodes.InvokeNode(
+                nodes_pb2.InvokeNodeRequest(node_id=nid, command="device.info", timeout_ms=5000),
+                metadata=md,
+                timeout=10,
+            ):
+                pass
+            lat.append(time.perf_counter() - t)
+        except grpc.aio.AioRpcError as e:
+            failures[e.code().name] = failures.get(e.code().name, 0) + 1
+    per_invoke = (cpu_seconds(proc.proc.pid) - cpu0) / max(ns.invokes, 1)
+    figures["invoke round trip"] = fmt_ms(lat) + (f" failures={failures}" if failures else "")
+    figures["server CPU per invoke"] = f"{per_invoke * 1e6:.0f} µs (heartbeats of {ns.nodes} nodes included)"
+    print("invoke:", figures["invoke round trip"], flush=True)
+
+
+async def _canvas_puts(
+    ns: argparse.Namespace, ch: grpc.aio.Channel, md: Any, figures: dict[str, str]
+) -> None:
+    """Canvas puts of 64 KiB with everyone connected."""
+    canvas = canvas_pb2_grpc.CanvasStub(ch)
+    body = os.urandom(64 * 1024)
+    put_lat: list[float] = []
+    for i in range(ns.puts):
+        t = time.perf_counter()
+        await canvas.PutArtifact(
+            canvas_pb2.PutArtifactRequest(
+                name=f"soak/{i % 50}", content_type="application/octet-stream", content=body
+            ),
+            metadata=md,
+            timeout=10,
+        )
+        put_lat.append(time.perf_counter() - t)
+    figures["canvas put 64 KiB"] = fmt_ms(put_lat)
+    print("canvas put:", figures["canvas put 64 KiB"], flush=True)
+    await ch.close(None)
+
+
+async def _reconnect_storm(ns: argparse.Namespace, proc: Any, status: Path, figures: dict[str, str]) -> None:
+    """kill -9 and the reconnect storm."""
+    before = read_status(status)
+    t_kill = time.time()
+    proc.kill9()
+    down = await wait_status(status, lambda s: s["registered"] == 0, 30)
+    figures["after kill"] = (
+        f"{down['registered']} still registered {down['time'] - t_kill:.2f} s after the kill"
+    )
+    proc.start()
+    t_serving = time.time()
+    samples: list[tuple[float, int]] = []
+    end = time.monotonic() + ns.storm_timeout
+    st = read_status(status)
+    while time.monotonic() < end:
+        st = read_status(status)
+        samples.append((float(st["time"]), int(st["registered"])))
+        if st["registered"] >= ns.nodes and st["registrations"] >= before["registrations"] + ns.nodes:
+            break
+        await asyncio.sleep(0.02)
+    done_t = st["time"] if st["registered"] >= ns.nodes else None
+
+    def share_at(after_s: float) -> float:
+        best = 0
+        for t, n in samples:
+            if t <= t_serving + after_s:
+                best = max(best, n)
+        return 100.0 * best / int(ns.nodes)
+
+    marks = ", ".join(f"{share_at(s):.1f}% at +{s:g} s" for s in (1, 2, 5, 10))
+    figures["reconnect storm share"] = f"{marks} (after the restarted process served)"
+    if done_t is not None:
+        figures["reconnect storm 100%"] = (
+            f"{done_t - t_serving:.2f} s after serving again, {done_t - t_kill:.2f} s after the kill "
+            f"(restart took {t_serving - t_kill:.2f} s)"
+        )
+    else:
+        figures["reconnect storm 100%"] = (
+            f"NOT reached in {ns.storm_timeout:.0f} s: {st['registered']}/{ns.nodes}"
+        )
+    print("storm:", figures["reconnect storm share"], "|", figures["reconnect storm 100%"], flush=True)
+
+
+async def _after_storm(soak: _Soak, nodes: Any) -> None:
+    """The registry and invokes once the fleet is back."""
+    ns, proc, md, creds, figures = soak.ns, soak.proc, soak.md, soak.creds, soak.figures
+    got = await nodes.ListNodes(nodes_pb2.ListNodesRequest(page_size=1000), metadata=md, timeout=10)
+    more = got.next_page_token
+    epochs = statistics.mean(n.epoch for n in got.nodes) if got.nodes else 0
+    figures["registry after storm"] = (
+        f"{len(got.nodes)} nodes listed (duplicates: {len(got.nodes) - len({n.node_id for n in got.nodes})}, "
+        f"more pages: {bool(more)}), mean epoch {epochs:.2f}, "
+        f"online {sum(1 for n in got.nodes if n.status == nodes_pb2.NODE_STATUS_ONLINE)}"
+    )
+    lat2: list[float] = []
+    for _ in range(min(ns.invokes, 500)):
+        nid = creds[random.randrange(len(creds))][0]
+        t = time.perf_counter()
+        async for _m in nodes.InvokeNode(
+            nodes_pb2.InvokeNodeRequest(node_id=nid, command="device.info"), metadata=md, timeout=10
+        ):
+            pass
+        lat2.append(time.perf_counter() - t)
+    figures["invoke after storm"] = fmt_ms(lat2)
+    m = await asyncio.to_thread(scrape, proc)
+    ok = sum(v for k, v in m.items() if k.startswith("nodes_reconnects_total{") and "result=success" in k)
+    bad = sum(v for k, v in m.items() if k.startswith("nodes_reconnects_total{") and "result=failure" in k)
+    figures["reconnect success"] = (
+        f"{ok:.0f} ok / {bad:.0f} refused = {100 * ok / max(ok + bad, 1):.2f}% (nodes_reconnects_total, restarted process)"
+    )
+
+
+async def _issue_tokens(ns: argparse.Namespace, nodes: Any, md: Any) -> list[tuple[str, str]]:
+    t0 = time.perf_counter()
+    creds = []
+    for i in range(ns.nodes):
+        r = await nodes.IssueNodeToken(
+            nodes_pb2.IssueNodeTokenRequest(node_id=f"soak-{i:04d}", role="desktop"),
+            metadata=md,
+            timeout=10,
+        )
+        creds.append((r.node_id, r.token))
+    print(f"issued {ns.nodes} tokens in {time.perf_counter() - t0:.2f} s", flush=True)
+    return creds
+
+
 async def drive(ns: argparse.Namespace) -> None:
     from tests.support.mesh import ServiceProcess, make_tokens
     from tests.support.nodes import config_yaml, nodes_config
@@ -181,16 +326,7 @@ async def drive(ns: argparse.Namespace) -> None:
     try:
         ch = grpc.aio.insecure_channel(proc.address)
         nodes = nodes_pb2_grpc.NodesStub(ch)
-        t0 = time.perf_counter()
-        creds = []
-        for i in range(ns.nodes):
-            r = await nodes.IssueNodeToken(
-                nodes_pb2.IssueNodeTokenRequest(node_id=f"soak-{i:04d}", role="desktop"),
-                metadata=md,
-                timeout=10,
-            )
-            creds.append((r.node_id, r.token))
-        print(f"issued {ns.nodes} tokens in {time.perf_counter() - t0:.2f} s", flush=True)
+        creds = await _issue_tokens(ns, nodes, md)
         tokens_json = work / "node-tokens.json"
         tokens_json.write_text(json.dumps(creds))
         status = work / "fleet-status.json"
@@ -225,116 +361,13 @@ async def drive(ns: argparse.Namespace) -> None:
         )
         figures["online (server view)"] = f"{len(online.nodes)} (first page of up to 1000)"
 
-        # Invoke round trips with everyone connected.
-        lat: list[float] = []
-        failures: dict[str, int] = {}
-        cpu0 = cpu_seconds(proc.proc.pid)
-        for _ in range(ns.invokes):
-            nid = creds[random.randrange(len(creds))][0]
-            t = time.perf_counter()
-            try:
-                async for _m in nodes.InvokeNode(
-                    nodes_pb2.InvokeNodeRequest(node_id=nid, command="device.info", timeout_ms=5000),
-                    metadata=md,
-                    timeout=10,
-                ):
-                    pass
-                lat.append(time.perf_counter() - t)
-            except grpc.aio.AioRpcError as e:
-                failures[e.code().name] = failures.get(e.code().name, 0) + 1
-        per_invoke = (cpu_seconds(proc.proc.pid) - cpu0) / max(ns.invokes, 1)
-        figures["invoke round trip"] = fmt_ms(lat) + (f" failures={failures}" if failures else "")
-        figures["server CPU per invoke"] = (
-            f"{per_invoke * 1e6:.0f} µs (heartbeats of {ns.nodes} nodes included)"
-        )
-        print("invoke:", figures["invoke round trip"], flush=True)
-
-        # Canvas puts of 64 KiB with everyone connected.
-        canvas = canvas_pb2_grpc.CanvasStub(ch)
-        body = os.urandom(64 * 1024)
-        put_lat: list[float] = []
-        for i in range(ns.puts):
-            t = time.perf_counter()
-            await canvas.PutArtifact(
-                canvas_pb2.PutArtifactRequest(
-                    name=f"soak/{i % 50}", content_type="application/octet-stream", content=body
-                ),
-                metadata=md,
-                timeout=10,
-            )
-            put_lat.append(time.perf_counter() - t)
-        figures["canvas put 64 KiB"] = fmt_ms(put_lat)
-        print("canvas put:", figures["canvas put 64 KiB"], flush=True)
+        soak = _Soak(ns, proc, md, creds, figures)
+        await _invokes_connected(soak, nodes)
+        await _canvas_puts(ns, ch, md, figures)
         await ch.close(None)
-
-        # kill -9 and the reconnect storm.
-        before = read_status(status)
-        t_kill = time.time()
-        proc.kill9()
-        down = await wait_status(status, lambda s: s["registered"] == 0, 30)
-        figures["after kill"] = (
-            f"{down['registered']} still registered {down['time'] - t_kill:.2f} s after the kill"
-        )
-        proc.start()
-        t_serving = time.time()
-        samples: list[tuple[float, int]] = []
-        end = time.monotonic() + ns.storm_timeout
-        st = read_status(status)
-        while time.monotonic() < end:
-            st = read_status(status)
-            samples.append((float(st["time"]), int(st["registered"])))
-            if st["registered"] >= ns.nodes and st["registrations"] >= before["registrations"] + ns.nodes:
-                break
-            await asyncio.sleep(0.02)
-        done_t = st["time"] if st["registered"] >= ns.nodes else None
-
-        def share_at(after_s: float) -> float:
-            best = 0
-            for t, n in samples:
-                if t <= t_serving + after_s:
-                    best = max(best, n)
-            return 100.0 * best / int(ns.nodes)
-
-        marks = ", ".join(f"{share_at(s):.1f}% at +{s:g} s" for s in (1, 2, 5, 10))
-        figures["reconnect storm share"] = f"{marks} (after the restarted process served)"
-        if done_t is not None:
-            figures["reconnect storm 100%"] = (
-                f"{done_t - t_serving:.2f} s after serving again, {done_t - t_kill:.2f} s after the kill "
-                f"(restart took {t_serving - t_kill:.2f} s)"
-            )
-        else:
-            figures["reconnect storm 100%"] = (
-                f"NOT reached in {ns.storm_timeout:.0f} s: {st['registered']}/{ns.nodes}"
-            )
-        print("storm:", figures["reconnect storm share"], "|", figures["reconnect storm 100%"], flush=True)
+        await _reconnect_storm(ns, proc, status, figures)
         ch = grpc.aio.insecure_channel(proc.address)
-        nodes = nodes_pb2_grpc.NodesStub(ch)
-        got = await nodes.ListNodes(nodes_pb2.ListNodesRequest(page_size=1000), metadata=md, timeout=10)
-        more = got.next_page_token
-        epochs = statistics.mean(n.epoch for n in got.nodes) if got.nodes else 0
-        figures["registry after storm"] = (
-            f"{len(got.nodes)} nodes listed (duplicates: {len(got.nodes) - len({n.node_id for n in got.nodes})}, "
-            f"more pages: {bool(more)}), mean epoch {epochs:.2f}, "
-            f"online {sum(1 for n in got.nodes if n.status == nodes_pb2.NODE_STATUS_ONLINE)}"
-        )
-        lat2: list[float] = []
-        for _ in range(min(ns.invokes, 500)):
-            nid = creds[random.randrange(len(creds))][0]
-            t = time.perf_counter()
-            async for _m in nodes.InvokeNode(
-                nodes_pb2.InvokeNodeRequest(node_id=nid, command="device.info"), metadata=md, timeout=10
-            ):
-                pass
-            lat2.append(time.perf_counter() - t)
-        figures["invoke after storm"] = fmt_ms(lat2)
-        m = await asyncio.to_thread(scrape, proc)
-        ok = sum(v for k, v in m.items() if k.startswith("nodes_reconnects_total{") and "result=success" in k)
-        bad = sum(
-            v for k, v in m.items() if k.startswith("nodes_reconnects_total{") and "result=failure" in k
-        )
-        figures["reconnect success"] = (
-            f"{ok:.0f} ok / {bad:.0f} refused = {100 * ok / max(ok + bad, 1):.2f}% (nodes_reconnects_total, restarted process)"
-        )
+        await _after_storm(soak, nodes_pb2_grpc.NodesStub(ch))
         await ch.close(None)
     finally:
         if fleet is not None:

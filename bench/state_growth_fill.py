@@ -51,7 +51,7 @@ def queue_rows(sessions: int, events: int) -> Iterator[tuple[str, list[Row]]]:
     per = max(events // max(sessions, 1), 4)
     gseq = 0
     chunk = 5000
-    eff = pb.EffectiveMode(mode=2).SerializeToString()  # type: ignore[arg-type]
+    eff = pb.EffectiveMode(mode=config_pb2.QUEUE_MODE_FOLLOWUP).SerializeToString()
     for base in range(0, sessions, chunk):
         ses: list[Row] = []
         msgs: list[Row] = []
@@ -99,7 +99,7 @@ def fill_queue_pg(conn: psycopg.Connection[Row], sessions: int, events: int) -> 
     lived on a replica and went idle keeps its lease row, free, with its last epoch)."""
     with conn.cursor() as cur:
         for table, chunk in queue_rows(sessions, events):
-            with cur.copy(f"COPY flynn_queue.{table} ({QUEUE_COLS[table]}) FROM STDIN") as copy:  # type: ignore[arg-type]
+            with cur.copy(f"COPY flynn_queue.{table} ({QUEUE_COLS[table]}) FROM STDIN") as copy:
                 for r in chunk:
                     copy.write_row(r)
         cur.execute(
@@ -144,7 +144,7 @@ def fill_config_pg(conn: psycopg.Connection[Row], revisions: int) -> None:
     row = conn.execute("SELECT config FROM flynn_config.revisions WHERE revision = 1").fetchone()
     assert row is not None, "the config service seeds revision 1 at its first start"
     with conn.cursor() as cur:
-        with cur.copy(f"COPY flynn_config.revisions ({REVISION_COLS}) FROM STDIN") as copy:  # type: ignore[arg-type]
+        with cur.copy(f"COPY flynn_config.revisions ({REVISION_COLS}) FROM STDIN") as copy:
             for r in revision_rows(bytes(row[0]), revisions):  # type: ignore[call-overload]
                 copy.write_row(r)
         cur.execute("UPDATE flynn_config.head SET revision = GREATEST(revision, %s)", (revisions,))
@@ -196,7 +196,7 @@ def fill_canvas_pg(conn: psycopg.Connection[Row], artifacts: int, size: int) -> 
     cols = "name, version, etag, content_type, sha256, size, update_time, actor, content"
     with conn.cursor() as cur:
         with (
-            cur.copy(f"COPY flynn_nodes.canvas_versions ({cols}) FROM STDIN") as versions,  # type: ignore[arg-type]
+            cur.copy(f"COPY flynn_nodes.canvas_versions ({cols}) FROM STDIN") as versions,
         ):
             for row, content, _ in artifact_rows(artifacts, size):
                 versions.write_row((*row, content))

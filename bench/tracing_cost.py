@@ -89,7 +89,7 @@ class Replay:
         causation = self.timed(tr.stamp, None).SerializeToString()
         mid, rid = f"msg_{i:020d}", f"run_{i:020d}"
         now = time.time()
-        row = RunRow(run_id=rid, session_key=f"bench:s{i % 200}", channel="bench", state=1,
+        row = RunRow(run_id=rid, session_key=f"bench:s{i % 200}", channel="bench", state=pb.RUN_STATE_QUEUED,
                      mode=config_pb2.QUEUE_MODE_FOLLOWUP, inputs=[InputRow(mid, "b", "hi")],
                      create_time=now, causation=causation)  # fmt: skip
 

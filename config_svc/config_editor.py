@@ -15,7 +15,7 @@ from typing import Any
 from flynn.v1 import config_pb2
 from google.protobuf import field_mask_pb2
 
-from config_svc.revision_store import RevisionStore, StaleHead, StoredRevision
+from config_svc.revision_store import RevisionKind, RevisionStore, StaleHead, StoredRevision
 from config_svc.validation import validate_config, validate_mask
 from flynn_runtime import config_yaml
 from flynn_runtime.errors import FieldViolation, FlynnError, failed_precondition, invalid_fields, not_found
@@ -147,7 +147,7 @@ class ConfigEditor:
     async def _commit(
         self,
         new: config_pb2.FlynnConfig,
-        kind: int,
+        kind: RevisionKind,
         reason: str,
         actor: str,
         dry_run: bool,

@@ -21,7 +21,7 @@ Source = config_pb2.ValueSource
 class Explanation:
     key: str
     value_json: str
-    source: int
+    source: config_pb2.ValueSource.ValueType
     bucket: int = 0
     basis_points: int = 0
     hashed_key: str = ""

@@ -31,6 +31,7 @@ from flynn_runtime import auth, errors
 from flynn_runtime.auth import Principal, Role
 from flynn_runtime.principal_feed import PROTO_TO_ROLE, ROLE_TO_PROTO, apply_snapshot
 from flynn_runtime.server import Runtime, until_stopping
+from flynn_runtime.timestamps import timestamp
 from flynn_runtime.validation import Violations
 
 Ctx = ServicerContext[Any, Any]
@@ -38,11 +39,7 @@ MAX_CHANNELS = 32
 
 
 def _ts(t: float | None) -> timestamp_pb2.Timestamp | None:
-    if t is None:
-        return None
-    ts = timestamp_pb2.Timestamp()
-    ts.FromNanoseconds(int(t * 1e9))
-    return ts
+    return None if t is None else timestamp(t)
 
 
 def principal_proto(p: Principal, source: str, revoked: bool = False) -> pb.Principal:
@@ -164,7 +161,7 @@ class PrincipalsServicer(pb_grpc.PrincipalsServicer):
                 continue
             item = principal_proto(p, "file", gone)
             if gone:
-                item.revoke_time.FromNanoseconds(int(revoked_file[p.sha256] * 1e9))
+                item.revoke_time.CopyFrom(timestamp(revoked_file[p.sha256]))
             out.principals.append(item)
         for r in current.issued if request.include_revoked else current.active():
             out.principals.append(issued_proto(r))

@@ -17,6 +17,7 @@ import re2
 from flynn.v1 import config_pb2
 
 from flynn_runtime.errors import FieldViolation
+from flynn_runtime.timestamps import duration_value
 
 MAX_RULES = 5000
 MAX_KEYWORDS = 200
@@ -106,7 +107,6 @@ def validate_rules(
     if len(rules) > MAX_RULES:
         bad(prefix, f"has {len(rules)} rules; at most {MAX_RULES} allowed")
     seen: dict[str, int] = {}
-    known_types = set(config_pb2.ReactionEventType.values()) - {0}
     regex_count = sum(1 for r in rules if r.trigger.regex)
     share = regex_share(regex_count)
     for i, r in enumerate(rules):
@@ -117,66 +117,10 @@ def validate_rules(
             bad(f"{p}.id", f"duplicates the id of {prefix}[{seen[r.id]}]")
         else:
             seen[r.id] = i
-        t = r.trigger
-        if t.event not in known_types:
-            bad(f"{p}.trigger.event", "must name an event type (message_received, run_completed, …)")
-        for name in ("channels", "sessions", "senders"):
-            for j, v in enumerate(getattr(t, name)):
-                if not v or len(v) > 256:
-                    bad(f"{p}.trigger.{name}[{j}]", "must be 1..256 characters")
-        if len(t.keywords) > MAX_KEYWORDS:
-            bad(f"{p}.trigger.keywords", f"has {len(t.keywords)} keywords; at most {MAX_KEYWORDS} allowed")
-        for j, kw in enumerate(t.keywords):
-            if not kw.strip() or len(kw) > 256:
-                bad(f"{p}.trigger.keywords[{j}]", "must be 1..256 non-blank characters")
-        if t.regex:
-            if len(t.regex) > MAX_REGEX_LEN:
-                bad(f"{p}.trigger.regex", f"is {len(t.regex)} characters; at most {MAX_REGEX_LEN} allowed")
-            else:
-                err = regex_error(t.regex, share, regex_count)
-                if err:
-                    bad(f"{p}.trigger.regex", err)
+        _validate_trigger(r.trigger, f"{p}.trigger", bad, share=share, regex_count=regex_count)
         for j, c in enumerate(r.conditions):
-            cp = f"{p}.conditions[{j}]"
-            if not (c.field in CONDITION_FIELDS or (c.field.startswith("attributes.") and len(c.field) > 11)):
-                bad(
-                    f"{cp}.field",
-                    f"unknown field {c.field!r}; one of {', '.join(CONDITION_FIELDS)} or attributes.<name>",
-                )
-            if c.operator not in set(config_pb2.ConditionOperator.values()) - {0}:
-                bad(
-                    f"{cp}.operator",
-                    "must be equals, not_equals, contains, greater_than, less_than or exists",
-                )
-            elif c.operator in (
-                config_pb2.CONDITION_OPERATOR_GREATER_THAN,
-                config_pb2.CONDITION_OPERATOR_LESS_THAN,
-            ):
-                try:
-                    float(c.value)
-                except ValueError:
-                    bad(
-                        f"{cp}.value", f"must be a number for {config_pb2.ConditionOperator.Name(c.operator)}"
-                    )
-        if r.priority < -1_000_000 or r.priority > 1_000_000:
-            bad(f"{p}.priority", "must be between -1000000 and 1000000")
-        if r.cooldown.seconds < 0 or r.cooldown.nanos < 0 or r.cooldown.seconds > 7 * 86400:
-            bad(f"{p}.cooldown", "must be between 0 and 7 days")
-        if r.cooldown_key not in config_pb2.CooldownKey.values():
-            bad(f"{p}.cooldown_key", f"unknown value {r.cooldown_key}")
-        if r.fire_cap.max_fires < 0 or r.fire_cap.max_fires > 100_000:
-            bad(f"{p}.fire_cap.max_fires", "must be between 0 and 100000")
-        w = r.fire_cap.window.seconds + r.fire_cap.window.nanos / 1e9
-        if r.fire_cap.max_fires > 0 and (w <= 0 or w > 7 * 86400):
-            bad(f"{p}.fire_cap.window", "must be between 0 (exclusive) and 7 days when max_fires is set")
-        elif w < 0 or r.fire_cap.window.nanos < 0:
-            bad(f"{p}.fire_cap.window", "must not be negative")
-        if r.HasField("rollout") and not 0 <= r.rollout.basis_points <= 10000:
-            bad(f"{p}.rollout.basis_points", "must be between 0 and 10000")
-        if r.rollout.stickiness not in config_pb2.Stickiness.values():
-            bad(f"{p}.rollout.stickiness", f"unknown value {r.rollout.stickiness}")
-        if r.max_depth < 0 or r.max_depth > 16:
-            bad(f"{p}.max_depth", "must be between 0 and 16")
+            _validate_condition(c, f"{p}.conditions[{j}]", bad)
+        _validate_limits(r, p, bad)
         if not r.actions:
             bad(f"{p}.actions", "at least one action is required")
         if len(r.actions) > MAX_ACTIONS:
@@ -184,6 +128,67 @@ def validate_rules(
         for j, a in enumerate(r.actions):
             _validate_action(a, f"{p}.actions[{j}]", bad)
     return out
+
+
+def _validate_trigger(
+    t: config_pb2.ReactionTrigger, tp: str, bad: Callable[[str, str], None], *, share: int, regex_count: int
+) -> None:
+    if t.event not in set(config_pb2.ReactionEventType.values()) - {0}:
+        bad(f"{tp}.event", "must name an event type (message_received, run_completed, …)")
+    for name in ("channels", "sessions", "senders"):
+        for j, v in enumerate(getattr(t, name)):
+            if not v or len(v) > 256:
+                bad(f"{tp}.{name}[{j}]", "must be 1..256 characters")
+    if len(t.keywords) > MAX_KEYWORDS:
+        bad(f"{tp}.keywords", f"has {len(t.keywords)} keywords; at most {MAX_KEYWORDS} allowed")
+    for j, kw in enumerate(t.keywords):
+        if not kw.strip() or len(kw) > 256:
+            bad(f"{tp}.keywords[{j}]", "must be 1..256 non-blank characters")
+    if t.regex:
+        if len(t.regex) > MAX_REGEX_LEN:
+            bad(f"{tp}.regex", f"is {len(t.regex)} characters; at most {MAX_REGEX_LEN} allowed")
+        else:
+            err = regex_error(t.regex, share, regex_count)
+            if err:
+                bad(f"{tp}.regex", err)
+
+
+def _validate_condition(c: config_pb2.ReactionCondition, cp: str, bad: Callable[[str, str], None]) -> None:
+    if not (c.field in CONDITION_FIELDS or (c.field.startswith("attributes.") and len(c.field) > 11)):
+        bad(
+            f"{cp}.field",
+            f"unknown field {c.field!r}; one of {', '.join(CONDITION_FIELDS)} or attributes.<name>",
+        )
+    if c.operator not in set(config_pb2.ConditionOperator.values()) - {0}:
+        bad(f"{cp}.operator", "must be equals, not_equals, contains, greater_than, less_than or exists")
+    elif c.operator in (config_pb2.CONDITION_OPERATOR_GREATER_THAN, config_pb2.CONDITION_OPERATOR_LESS_THAN):
+        try:
+            float(c.value)
+        except ValueError:
+            bad(f"{cp}.value", f"must be a number for {config_pb2.ConditionOperator.Name(c.operator)}")
+
+
+def _validate_limits(r: config_pb2.ReactionRule, p: str, bad: Callable[[str, str], None]) -> None:
+    """Priority, cooldown, fire cap, rollout and recursion depth."""
+    if r.priority < -1_000_000 or r.priority > 1_000_000:
+        bad(f"{p}.priority", "must be between -1000000 and 1000000")
+    if r.cooldown.seconds < 0 or r.cooldown.nanos < 0 or r.cooldown.seconds > 7 * 86400:
+        bad(f"{p}.cooldown", "must be between 0 and 7 days")
+    if r.cooldown_key not in config_pb2.CooldownKey.values():
+        bad(f"{p}.cooldown_key", f"unknown value {r.cooldown_key}")
+    if r.fire_cap.max_fires < 0 or r.fire_cap.max_fires > 100_000:
+        bad(f"{p}.fire_cap.max_fires", "must be between 0 and 100000")
+    w = duration_value(r.fire_cap.window)
+    if r.fire_cap.max_fires > 0 and (w <= 0 or w > 7 * 86400):
+        bad(f"{p}.fire_cap.window", "must be between 0 (exclusive) and 7 days when max_fires is set")
+    elif w < 0 or r.fire_cap.window.nanos < 0:
+        bad(f"{p}.fire_cap.window", "must not be negative")
+    if r.HasField("rollout") and not 0 <= r.rollout.basis_points <= 10000:
+        bad(f"{p}.rollout.basis_points", "must be between 0 and 10000")
+    if r.rollout.stickiness not in config_pb2.Stickiness.values():
+        bad(f"{p}.rollout.stickiness", f"unknown value {r.rollout.stickiness}")
+    if r.max_depth < 0 or r.max_depth > 16:
+        bad(f"{p}.max_depth", "must be between 0 and 16")
 
 
 def _validate_action(a: config_pb2.ReactionAction, ap: str, bad: Callable[[str, str], None]) -> None:

@@ -10,17 +10,22 @@ crash keeps the whole revision or none of it, a revision number is never reused,
 from __future__ import annotations
 
 from dataclasses import dataclass, field
-from typing import Protocol
+from typing import Protocol, TypeAlias
+
+from flynn.v1 import config_pb2
 
 from flynn_runtime.server import Runtime
 
 SCHEMA = "flynn_config"
 
 
+RevisionKind: TypeAlias = config_pb2.ConfigRevisionKind.ValueType
+
+
 @dataclass(frozen=True)
 class StoredRevision:
     revision: int
-    kind: int
+    kind: RevisionKind
     actor: str
     reason: str
     create_time_ns: int
@@ -40,7 +45,7 @@ class RevisionStore(Protocol):
 
     async def append(
         self,
-        kind: int,
+        kind: RevisionKind,
         actor: str,
         reason: str,
         diff: list[tuple[str, str, str]],

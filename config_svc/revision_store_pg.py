@@ -19,7 +19,7 @@ from config_svc import principal_store_pg
 from config_svc.principal_store import SQLITE_FILE as PRINCIPALS_FILE
 from config_svc.principal_store_pg import MIGRATION_SQL as PRINCIPALS_SQL
 from config_svc.principal_store_sqlite import SqlitePrincipalStore
-from config_svc.revision_store import SCHEMA, StaleHead, StoredRevision
+from config_svc.revision_store import SCHEMA, RevisionKind, StaleHead, StoredRevision
 from config_svc.revision_store_sqlite import SELECT as SQLITE_SELECT
 from config_svc.revision_store_sqlite import SqliteRevisionStore, row_to_revision
 from config_svc.watcher_table import MIGRATION_SQL as WATCHERS_SQL
@@ -87,11 +87,11 @@ class PgRevisionStore:
     async def head(self) -> int:
         async with self.db.connection() as c:
             row = await (await c.execute("SELECT revision FROM head")).fetchone()
-        return int(row[0]) if row else 0  # type: ignore[call-overload]
+        return int(row[0]) if row else 0
 
     async def append(
         self,
-        kind: int,
+        kind: RevisionKind,
         actor: str,
         reason: str,
         diff: list[tuple[str, str, str]],
@@ -165,7 +165,7 @@ class PgRevisionStore:
 
     async def _query(self, q: str, args: tuple[object, ...]) -> list[StoredRevision]:
         async with self.db.connection() as c:
-            rows = await (await c.execute(q, args)).fetchall()  # type: ignore[arg-type]
+            rows = await (await c.execute(q, args)).fetchall()
         return [row_to_revision(r) for r in rows]
 
 

@@ -13,7 +13,7 @@ from collections.abc import Sequence
 from pathlib import Path
 from typing import Any
 
-from config_svc.revision_store import StaleHead, StoredRevision
+from config_svc.revision_store import RevisionKind, StaleHead, StoredRevision
 from flynn_runtime.sqlite_db import open_db, transaction
 
 SCHEMA = """
@@ -54,7 +54,7 @@ class SqliteRevisionStore:
 
     async def append(
         self,
-        kind: int,
+        kind: RevisionKind,
         actor: str,
         reason: str,
         diff: list[tuple[str, str, str]],
@@ -68,7 +68,7 @@ class SqliteRevisionStore:
 
     def _append(
         self,
-        kind: int,
+        kind: RevisionKind,
         actor: str,
         reason: str,
         diff: list[tuple[str, str, str]],
@@ -132,7 +132,7 @@ def row_to_revision(r: Sequence[Any]) -> StoredRevision:
     diff = r[5] if isinstance(r[5], list) else json.loads(str(r[5]))
     return StoredRevision(
         revision=int(r[0]),
-        kind=int(r[1]),
+        kind=RevisionKind(int(r[1])),
         actor=str(r[2]),
         reason=str(r[3]),
         create_time_ns=int(r[4]),

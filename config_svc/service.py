@@ -26,7 +26,9 @@ from config_svc.watch_hub import WatchHub
 from config_svc.watcher_registry import WatcherEntry, WatcherRegistry
 from config_svc.watcher_table import WatcherTable
 from flynn_runtime import auth, errors, targeting
+from flynn_runtime.enum_names import short_names
 from flynn_runtime.server import Runtime
+from flynn_runtime.timestamps import timestamp
 from flynn_runtime.validation import Violations, page_size
 
 log = logging.getLogger(__name__)
@@ -36,10 +38,7 @@ Ctx = ServicerContext[Any, Any]
 MAX_REPLAY = 1000
 # The most sessions one ExplainConfig call may ask about (its bulk form).
 MAX_EXPLAIN_SESSIONS = 5000
-_KIND_NAMES = {
-    v.number: v.name.removeprefix("CONFIG_REVISION_KIND_").lower()
-    for v in config_pb2.ConfigRevisionKind.DESCRIPTOR.values
-}
+_KIND_NAMES = short_names(config_pb2.ConfigRevisionKind)
 
 
 def revision_proto(s: StoredRevision) -> config_pb2.ConfigRevision:
@@ -48,7 +47,7 @@ def revision_proto(s: StoredRevision) -> config_pb2.ConfigRevision:
     )
     return config_pb2.ConfigRevision(
         revision=s.revision,
-        kind=s.kind,  # type: ignore[arg-type]
+        kind=s.kind,
         actor=s.actor,
         reason=s.reason,
         create_time=ts,
@@ -181,7 +180,7 @@ class ConfigServicer:
             return config_pb2.ExplainConfigResponse(
                 key=e.key,
                 value=e.value_json,
-                source=e.source,  # type: ignore[arg-type]
+                source=e.source,
                 bucket=e.bucket,
                 basis_points=e.basis_points,
                 hashed_key=e.hashed_key,
@@ -379,8 +378,7 @@ class ConfigServicer:
 
 
 def _watcher_proto(e: WatcherEntry) -> config_pb2.WatcherStatus:
-    seen = timestamp_pb2.Timestamp()
-    seen.FromNanoseconds(int(e.last_seen * 1e9))
+    seen = timestamp(e.last_seen)
     return config_pb2.WatcherStatus(
         identity=config_pb2.WatcherIdentity(service=e.service, instance_id=e.instance_id, version=e.version),
         connected=e.connected,
@@ -409,7 +407,7 @@ def _length_delimited(field_number: int, payload: bytes) -> bytes:
 
 
 def _passthrough(m: Any) -> bytes:
-    return m if isinstance(m, bytes) else m.SerializeToString()  # type: ignore[no-any-return]
+    return m if isinstance(m, bytes) else m.SerializeToString()
 
 
 def add_to_server(servicer: ConfigServicer, server: grpc.aio.Server) -> None:

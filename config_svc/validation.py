@@ -24,6 +24,7 @@ from flynn_runtime.config_yaml import enum_choices, field_path_error
 from flynn_runtime.errors import FieldViolation
 from flynn_runtime.histograms import CANCEL_DEADLINE_MAX_S
 from flynn_runtime.rollout import BASIS_POINTS_MAX
+from flynn_runtime.timestamps import duration_value
 
 FD = pb_descriptor.FieldDescriptor
 # Descriptor stubs mark nested types Optional; field handling code works on them untyped.
@@ -129,7 +130,7 @@ def _scalar(
 def _check_queue(q: config_pb2.QueueConfig, path: str, out: list[FieldViolation]) -> None:
     if q.HasField("rollout") and q.rollout.rollout.basis_points > 0 and q.rollout.mode == 0:
         out.append(FieldViolation(f"{path}.rollout.mode", "is required when the rollout has basis points"))
-    deadline = q.cancel_deadline.seconds + q.cancel_deadline.nanos / 1e9
+    deadline = duration_value(q.cancel_deadline)
     if deadline > CANCEL_DEADLINE_MAX_S:
         # The cancel histograms' buckets end past this, so a forced cancel is always measured.
         out.append(

@@ -26,10 +26,11 @@ from flynn.v1 import (
 )
 from google.protobuf import field_mask_pb2, json_format
 from google.protobuf.message import Message
-from google.rpc import error_details_pb2, status_pb2
 
 from flynn_runtime import config_yaml
 from flynn_runtime.channels import client_channel
+from flynn_runtime.enum_names import short_name
+from flynn_runtime.rich_status import from_rpc_error
 
 CALL_TIMEOUT = 10.0
 _EOF: Any = grpc.aio.EOF  # type: ignore[attr-defined]
@@ -66,18 +67,10 @@ class MeshError(Exception):
 
     @classmethod
     def from_rpc(cls, err: grpc.aio.AioRpcError) -> MeshError:
-        violations: list[dict[str, str]] = []
-        trailers: Any = err.trailing_metadata() or ()
-        for key, value in trailers:
-            if key == "grpc-status-details-bin" and isinstance(value, bytes):
-                st = status_pb2.Status.FromString(value)
-                for detail in st.details:
-                    if detail.Is(error_details_pb2.BadRequest.DESCRIPTOR):
-                        br = error_details_pb2.BadRequest()
-                        detail.Unpack(br)
-                        violations += [
-                            {"field": v.field, "description": v.description} for v in br.field_violations
-                        ]
+        rich = from_rpc_error(err)
+        violations = [
+            {"field": v.field, "description": v.description} for v in (rich.violations if rich else [])
+        ]
         code = err.code()
         return cls(code.name, err.details() or code.name, _HTTP_STATUS.get(code, 502), violations)
 
@@ -92,12 +85,53 @@ def _page_size(n: int, default: int = 50) -> int:
 
 def enum_name(enum: Any, number: int) -> str:
     """RUN_STATE_COMPLETED -> "COMPLETED" (the enum's prefix dropped); unknown numbers as digits."""
-    desc = enum.DESCRIPTOR
-    v = desc.values_by_number.get(number)
-    if v is None:
-        return str(number)
-    prefix = "".join("_" + c if c.isupper() and i else c for i, c in enumerate(desc.name)).upper() + "_"
-    return str(v.name).removeprefix(prefix)
+    return short_name(enum, number, lower=False)
+
+
+def run_event_dict(ev: run_control_pb2.RunEvent) -> dict[str, Any]:
+    """A RunEvent as the console's JSON."""
+    return {
+        "global_seq": ev.global_seq,
+        "session_seq": ev.session_seq,
+        "type": enum_name(run_control_pb2.RunEventType, ev.type),
+        "session_key": ev.session_key,
+        "channel": ev.channel,
+        "run_id": ev.run_id,
+        "message_id": ev.message_id,
+        "state": enum_name(run_control_pb2.RunState, ev.state) if ev.state else "",
+        "error_kind": ev.error_kind,
+        "reason": ev.reason,
+        "text": ev.text[:500],
+        "time": ev.time.ToJsonString() if ev.HasField("time") else "",
+    }
+
+
+def node_event_dict(ev: nodes_pb2.NodeEvent) -> dict[str, Any]:
+    """A NodeEvent as the console's JSON."""
+    return {
+        "seq": ev.seq,
+        "type": enum_name(nodes_pb2.NodeEventType, ev.type),
+        "node_id": ev.node_id,
+        "role": ev.role,
+        "epoch": ev.epoch,
+        "reason": ev.reason,
+        "artifact_name": ev.artifact_name,
+        "time": ev.time.ToJsonString() if ev.HasField("time") else "",
+    }
+
+
+def artifact_dict(a: canvas_pb2.Artifact) -> dict[str, Any]:
+    """An artifact's metadata as the console's JSON."""
+    return {
+        "name": a.name,
+        "version": a.version,
+        "etag": a.etag,
+        "content_type": a.content_type,
+        "sha256": a.sha256,
+        "size_bytes": a.size_bytes,
+        "update_time": a.update_time.ToJsonString() if a.HasField("update_time") else "",
+        "actor": a.actor,
+    }
 
 
 class MeshClient:
@@ -158,13 +192,14 @@ class MeshClient:
     # --- runs ----------------------------------------------------------------------------------
 
     async def list_runs(
-        self, token: str, session_key: str = "", state: int = 0, page_size: int = 50, page_token: str = ""
+        self, token: str, *, session_key: str = "", state: int = 0, page_size: int = 50, page_token: str = ""
     ) -> dict[str, Any]:
+        """A page of runs, newest first (RunControl.ListRuns)."""
         resp = await self.call(
             self.runs.ListRuns,
             run_control_pb2.ListRunsRequest(
                 session_key=session_key,
-                state=state,  # type: ignore[arg-type]
+                state=run_control_pb2.RunState.ValueType(state),
                 page_size=_page_size(page_size),
                 page_token=page_token,
             ),
@@ -250,7 +285,7 @@ class MeshClient:
                 seen += 1
                 ev = resp.event
                 if ev.run_id == run_id or (ev.message_id and not ev.run_id):
-                    out.append(self.event(ev))
+                    out.append(run_event_dict(ev))
         except grpc.aio.AioRpcError as err:
             if err.code() != grpc.StatusCode.DEADLINE_EXCEEDED:
                 raise MeshError.from_rpc(err) from None
@@ -258,37 +293,21 @@ class MeshClient:
             call.cancel()
         return out
 
-    @staticmethod
-    def event(ev: run_control_pb2.RunEvent) -> dict[str, Any]:
-        return {
-            "global_seq": ev.global_seq,
-            "session_seq": ev.session_seq,
-            "type": enum_name(run_control_pb2.RunEventType, ev.type),
-            "session_key": ev.session_key,
-            "channel": ev.channel,
-            "run_id": ev.run_id,
-            "message_id": ev.message_id,
-            "state": enum_name(run_control_pb2.RunState, ev.state) if ev.state else "",
-            "error_kind": ev.error_kind,
-            "reason": ev.reason,
-            "text": ev.text[:500],
-            "time": ev.time.ToJsonString() if ev.HasField("time") else "",
-        }
-
     def watch_run_events(self, token: str, after_seq: int) -> Any:
         return self.runs.WatchRunEvents(
             run_control_pb2.WatchRunEventsRequest(after_seq=after_seq), metadata=self.md(token)
         )
 
     async def cancel(
-        self, token: str, run_id: str, session_key: str, scope: int, reason: str
+        self, token: str, *, run_id: str, session_key: str, scope: int, reason: str
     ) -> dict[str, Any]:
+        """Cancel a run or a session's active run (RunControl.CancelRun)."""
         resp = await self.call(
             self.runs.CancelRun,
             run_control_pb2.CancelRunRequest(
                 run_id=run_id,
                 session_key=session_key,
-                scope=scope,  # type: ignore[arg-type]
+                scope=run_control_pb2.CancelScope.ValueType(scope),
                 reason=reason,
             ),
             token,
@@ -318,8 +337,9 @@ class MeshClient:
         }
 
     async def update_key(
-        self, token: str, key: str, value: Any, reason: str, expected_revision: int, dry_run: bool
+        self, token: str, *, key: str, value: Any, reason: str, expected_revision: int, dry_run: bool
     ) -> dict[str, Any]:
+        """Set one config key, or preview it with `dry_run` (ConfigService.UpdateConfig)."""
         if config_yaml.field_path_error(config_pb2.FlynnConfig.DESCRIPTOR, key) is not None:
             raise MeshError(
                 "INVALID_ARGUMENT",
@@ -458,8 +478,16 @@ class MeshClient:
         return {"rules": [one(r) for r in resp.rules], "total": one(resp.total)}
 
     async def traces(
-        self, token: str, rule_id: str, event_id: str, matched: bool | None, page_size: int, page_token: str
+        self,
+        token: str,
+        *,
+        rule_id: str,
+        event_id: str,
+        matched: bool | None,
+        page_size: int,
+        page_token: str,
     ) -> dict[str, Any]:
+        """A page of reaction traces (Reactions.ListTraces)."""
         req = reactions_pb2.ListTracesRequest(
             rule_id=rule_id, event_id=event_id, page_size=_page_size(page_size), page_token=page_token
         )
@@ -489,7 +517,7 @@ class MeshClient:
         resp = await self.call(
             self.nodes.ListNodes,
             nodes_pb2.ListNodesRequest(
-                status=status,  # type: ignore[arg-type]
+                status=nodes_pb2.NodeStatus.ValueType(status),
                 page_size=_page_size(page_size),
                 page_token=page_token,
             ),
@@ -509,32 +537,6 @@ class MeshClient:
             nodes_pb2.WatchNodeEventsRequest(after_seq=after_seq), metadata=self.md(token)
         )
 
-    @staticmethod
-    def node_event(ev: nodes_pb2.NodeEvent) -> dict[str, Any]:
-        return {
-            "seq": ev.seq,
-            "type": enum_name(nodes_pb2.NodeEventType, ev.type),
-            "node_id": ev.node_id,
-            "role": ev.role,
-            "epoch": ev.epoch,
-            "reason": ev.reason,
-            "artifact_name": ev.artifact_name,
-            "time": ev.time.ToJsonString() if ev.HasField("time") else "",
-        }
-
-    @staticmethod
-    def _artifact_meta(a: canvas_pb2.Artifact) -> dict[str, Any]:
-        return {
-            "name": a.name,
-            "version": a.version,
-            "etag": a.etag,
-            "content_type": a.content_type,
-            "sha256": a.sha256,
-            "size_bytes": a.size_bytes,
-            "update_time": a.update_time.ToJsonString() if a.HasField("update_time") else "",
-            "actor": a.actor,
-        }
-
     async def list_artifacts(
         self, token: str, prefix: str, page_size: int, page_token: str
     ) -> dict[str, Any]:
@@ -546,7 +548,7 @@ class MeshClient:
             token,
         )
         return {
-            "artifacts": [self._artifact_meta(a) for a in resp.artifacts],
+            "artifacts": [artifact_dict(a) for a in resp.artifacts],
             "next_page_token": resp.next_page_token,
         }
 
@@ -559,7 +561,7 @@ class MeshClient:
 
     async def artifact_view(self, token: str, name: str, version: int) -> dict[str, Any]:
         a = await self.get_artifact(token, name, version)
-        d = self._artifact_meta(a)
+        d = artifact_dict(a)
         ct = a.content_type.split(";")[0].strip().lower()
         if ct.startswith("image/"):
             d["render"] = "image"
@@ -582,14 +584,15 @@ class MeshClient:
         return d
 
     async def put_artifact(
-        self, token: str, name: str, content_type: str, content: bytes, etag: str
+        self, token: str, *, name: str, content_type: str, content: bytes, etag: str
     ) -> dict[str, Any]:
+        """Write the next version of a canvas artifact (Canvas.PutArtifact)."""
         resp = await self.call(
             self.canvas.PutArtifact,
             canvas_pb2.PutArtifactRequest(name=name, content_type=content_type, content=content, etag=etag),
             token,
         )
-        return self._artifact_meta(resp.artifact)
+        return artifact_dict(resp.artifact)
 
     async def delete_artifact(self, token: str, name: str, etag: str) -> dict[str, Any]:
         resp = await self.call(

@@ -27,11 +27,12 @@ from flynn.v1 import nodes_pb2, run_control_pb2, system_pb2
 from google.protobuf import json_format
 
 from console import audit_tail, rollout_gates
-from console.mesh_client import MeshClient, MeshError, read_stream
+from console.mesh_client import MeshClient, MeshError, node_event_dict, read_stream, run_event_dict
 from console.reply_tally import ReplyTally
 from console.sign_in import COOKIE, ConsoleSession, MemorySessions, SessionStore, SignInLimiter
 from flynn_runtime.audit import AuditLog
 from flynn_runtime.auth import IPNetwork, client_from_forwarded
+from flynn_runtime.enum_names import short_name
 from flynn_runtime.gates import evaluate as evaluate_gates
 
 log = logging.getLogger("console")
@@ -338,10 +339,10 @@ async def api_runs(request: web.Request) -> web.StreamResponse:
     state = _RUN_STATES.get(request.query.get("state", ""), 0)
     data = await _state(request).mesh.list_runs(
         _session(request).token,
-        request.query.get("session_key", ""),
-        state,
-        _int(request, "page_size", 50),
-        request.query.get("page_token", ""),
+        session_key=request.query.get("session_key", ""),
+        state=state,
+        page_size=_int(request, "page_size", 50),
+        page_token=request.query.get("page_token", ""),
     )
     return _json(data)
 
@@ -370,7 +371,9 @@ async def api_cancel(request: web.Request) -> web.StreamResponse:
         request,
         "consoleCancelRun",
         {"run_id": run_id or None, "session": session_key or None, "scope": scope_name, "reason": reason},
-        lambda: _state(request).mesh.cancel(s.token, run_id, session_key, _SCOPES[scope_name], reason),
+        lambda: _state(request).mesh.cancel(
+            s.token, run_id=run_id, session_key=session_key, scope=_SCOPES[scope_name], reason=reason
+        ),
     )
 
 
@@ -402,11 +405,11 @@ async def api_config_preview(request: web.Request) -> web.StreamResponse:
     key = str(body.get("key", "")).strip()
     data = await _state(request).mesh.update_key(
         s.token,
-        key,
-        _yaml_value(body),
-        _reason(body, s, "preview"),
-        int(body.get("expected_revision") or 0),
-        True,
+        key=key,
+        value=_yaml_value(body),
+        reason=_reason(body, s, "preview"),
+        expected_revision=int(body.get("expected_revision") or 0),
+        dry_run=True,
     )
     return _json(data)
 
@@ -431,7 +434,9 @@ async def api_config_apply(request: web.Request) -> web.StreamResponse:
             "reason": reason,
             "expected_revision": expected,
         },
-        lambda: _state(request).mesh.update_key(s.token, key, value, reason, expected, False),
+        lambda: _state(request).mesh.update_key(
+            s.token, key=key, value=value, reason=reason, expected_revision=expected, dry_run=False
+        ),
     )
 
 
@@ -552,11 +557,11 @@ async def api_traces(request: web.Request) -> web.StreamResponse:
     return _json(
         await _state(request).mesh.traces(
             _session(request).token,
-            q.get("rule_id", ""),
-            q.get("event_id", ""),
-            matched,
-            _int(request, "page_size", 50),
-            q.get("page_token", ""),
+            rule_id=q.get("rule_id", ""),
+            event_id=q.get("event_id", ""),
+            matched=matched,
+            page_size=_int(request, "page_size", 50),
+            page_token=q.get("page_token", ""),
         )
     )
 
@@ -641,7 +646,9 @@ async def api_canvas_put(request: web.Request) -> web.StreamResponse:
         request,
         "consoleCanvasPut",
         {"name": name, "content_type": ct, "size_bytes": len(content), "etag": etag or None},
-        lambda: _state(request).mesh.put_artifact(s.token, name, ct, content, etag),
+        lambda: _state(request).mesh.put_artifact(
+            s.token, name=name, content_type=ct, content=content, etag=etag
+        ),
     )
 
 
@@ -714,6 +721,45 @@ async def _send(resp: web.StreamResponse, event: str, data: Any, event_id: str |
     await resp.write(text.encode())
 
 
+_Relayed = dict[str, Any] | MeshError | None
+
+
+async def _next_batch(
+    queue: asyncio.Queue[_Relayed], *, catching_up: bool, tally: ReplyTally | None
+) -> tuple[deque[dict[str, Any]], int, MeshError | None | bool]:
+    """The next batch of relayed items: (the newest FEED_KEEP, how many came, the stream's end: False
+    while it goes on, None when it ended, the MeshError it ended with)."""
+    batch: deque[dict[str, Any]] = deque(maxlen=FEED_KEEP)
+    count = 0
+    item: _Relayed
+    try:
+        item = await asyncio.wait_for(queue.get(), timeout=HEARTBEAT_SECONDS / 3)
+    except TimeoutError:
+        item = {}
+    deadline = time.monotonic() + (CATCH_UP_SECONDS if catching_up else FLUSH_SECONDS)
+    while True:
+        if item is None or isinstance(item, MeshError):
+            return batch, count, item
+        if item:
+            batch.append(item)
+            count += 1
+            if tally is not None:
+                tally.add(item)
+        now = time.monotonic()
+        if queue.empty():
+            if now >= deadline:
+                break
+            # Catching up: a short lull means the replay has drained.
+            wait = min(deadline - now, 0.1) if catching_up else max(deadline - now, 0.01)
+            try:
+                item = await asyncio.wait_for(queue.get(), timeout=wait)
+            except TimeoutError:
+                break
+        else:
+            item = queue.get_nowait()
+    return batch, count, False
+
+
 async def _stream_batches(
     request: web.Request,
     event: str,
@@ -736,7 +782,7 @@ async def _stream_batches(
     resp = await _sse_start(request)
     if resp is None:
         return web.Response(status=204)
-    queue: asyncio.Queue[dict[str, Any] | MeshError | None] = asyncio.Queue(maxsize=10_000)
+    queue: asyncio.Queue[_Relayed] = asyncio.Queue(maxsize=10_000)
     call = open_call(after)
 
     async def reader() -> None:
@@ -752,35 +798,7 @@ async def _stream_batches(
     catching_up = True
     try:
         while not st.stopping.is_set():
-            batch: deque[dict[str, Any]] = deque(maxlen=FEED_KEEP)
-            count = 0
-            ended: MeshError | None | bool = False
-            try:
-                item = await asyncio.wait_for(queue.get(), timeout=HEARTBEAT_SECONDS / 3)
-            except TimeoutError:
-                item = {}
-            deadline = time.monotonic() + (CATCH_UP_SECONDS if catching_up else FLUSH_SECONDS)
-            while True:
-                if item is None or isinstance(item, MeshError):
-                    ended = item
-                    break
-                if item:
-                    batch.append(item)
-                    count += 1
-                    if tally is not None:
-                        tally.add(item)
-                now = time.monotonic()
-                if queue.empty():
-                    if now >= deadline:
-                        break
-                    # Catching up: a short lull means the replay has drained.
-                    wait = min(deadline - now, 0.1) if catching_up else max(deadline - now, 0.01)
-                    try:
-                        item = await asyncio.wait_for(queue.get(), timeout=wait)
-                    except TimeoutError:
-                        break
-                else:
-                    item = queue.get_nowait()
+            batch, count, ended = await _next_batch(queue, catching_up=catching_up, tally=tally)
             if count:
                 catching_up = False
                 payload: dict[str, Any] = {"items": list(batch), "skipped": count - len(batch)}
@@ -809,7 +827,7 @@ async def sse_runs(request: web.Request) -> web.StreamResponse:
         request,
         "runs",
         lambda after: mesh.watch_run_events(token, after),
-        lambda m: mesh.event(m.event),
+        lambda m: run_event_dict(m.event),
         lambda d: int(d["global_seq"]),
     )
 
@@ -820,7 +838,7 @@ async def sse_node_events(request: web.Request) -> web.StreamResponse:
         request,
         "nodes",
         lambda after: mesh.watch_node_events(token, after),
-        lambda m: mesh.node_event(m.event),
+        lambda m: node_event_dict(m.event),
         lambda d: int(d["seq"]),
     )
 
@@ -831,14 +849,12 @@ def _reply_convert(st: ConsoleState) -> Callable[[Any], dict[str, Any]]:
         d = {
             "reply_id": r.reply_id,
             "cursor": r.cursor,
-            "kind": str(run_control_pb2.ReplyKind.Name(r.kind)).removeprefix("REPLY_KIND_").lower(),
+            "kind": short_name(run_control_pb2.ReplyKind, r.kind),
             "run_id": r.run_id,
             "session_key": r.session_key,
             "channel": r.channel,
             "text": r.text[:300],
-            "delivery": str(run_control_pb2.DeliveryMode.Name(r.delivery))
-            .removeprefix("DELIVERY_MODE_")
-            .lower(),
+            "delivery": short_name(run_control_pb2.DeliveryMode, r.delivery),
             "tts_fallback_reason": r.tts_fallback_reason,
             "engine": r.audio.voice,
             "has_audio": bool(r.audio.content),

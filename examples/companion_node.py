@@ -227,38 +227,13 @@ class CompanionNode:
                 msg: nodes_pb2.ConnectResponse = got
                 kind = msg.WhichOneof("message")
                 if kind == "registered":
-                    r = msg.registered
-                    self.epoch = r.epoch
-                    self.gates = r.gates
-                    self.stats.registrations += 1
-                    self.stats.epochs.append(r.epoch)
-                    self.stats.last_registered_at = time.monotonic()
-                    self.registered.set()
-                    interval = max(r.heartbeat_interval_ms, 50) / 1000
-                    hb_task = asyncio.create_task(self._heartbeats(call, interval))
-                elif kind == "heartbeat":
-                    self.stats.heartbeats_received += 1
-                elif kind == "invoke":
-                    inv_id = msg.invoke.invoke_id
-                    t = asyncio.create_task(self._invoke(call, msg.invoke))
-                    self._tasks.add(t)
-                    self._running[inv_id] = t
-                    t.add_done_callback(self._forget)
-                elif kind == "cancel":
-                    running = self._running.pop(msg.cancel.invoke_id, None)
-                    self.stats.cancelled.append((msg.cancel.invoke_id, msg.cancel.reason))
-                    if running is not None and not running.done():
-                        if msg.cancel.reason == "deadline_exceeded":
-                            # The server saw the deadline pass before our own timer fired.
-                            self.stats.deadline_missed.append(msg.cancel.invoke_id)
-                        running.cancel()
-                elif kind == "gates":
-                    self.gates = msg.gates.gates
-                    self.stats.gate_updates.append(msg.gates.gates)
+                    hb_task = self._on_registered(call, msg.registered)
                 elif kind == "close":
                     self.stats.closes.append(msg.close)
                     if not msg.close.reconnect:
                         final = f"closed by server: {msg.close.reason}"
+                else:
+                    self._on_message(call, msg, kind)
         except grpc.aio.AioRpcError as e:
             self.stats.stream_errors.append((e.code().name, e.details() or ""))
             if e.code() in FATAL_CODES and not final and not self.registered.is_set():
@@ -282,6 +257,39 @@ class CompanionNode:
         if final:
             log.info("node %s stops: %s", self.node_id, final)
         return final
+
+    def _on_registered(self, call: Any, r: nodes_pb2.NodeRegistered) -> asyncio.Task[None]:
+        """Registered: remember the epoch and gates, start heartbeating at the server's interval."""
+        self.epoch = r.epoch
+        self.gates = r.gates
+        self.stats.registrations += 1
+        self.stats.epochs.append(r.epoch)
+        self.stats.last_registered_at = time.monotonic()
+        self.registered.set()
+        interval = max(r.heartbeat_interval_ms, 50) / 1000
+        return asyncio.create_task(self._heartbeats(call, interval))
+
+    def _on_message(self, call: Any, msg: nodes_pb2.ConnectResponse, kind: str | None) -> None:
+        """A heartbeat, an invoke, a cancel or a gate update from the server."""
+        if kind == "heartbeat":
+            self.stats.heartbeats_received += 1
+        elif kind == "invoke":
+            inv_id = msg.invoke.invoke_id
+            t = asyncio.create_task(self._invoke(call, msg.invoke))
+            self._tasks.add(t)
+            self._running[inv_id] = t
+            t.add_done_callback(self._forget)
+        elif kind == "cancel":
+            running = self._running.pop(msg.cancel.invoke_id, None)
+            self.stats.cancelled.append((msg.cancel.invoke_id, msg.cancel.reason))
+            if running is not None and not running.done():
+                if msg.cancel.reason == "deadline_exceeded":
+                    # The server saw the deadline pass before our own timer fired.
+                    self.stats.deadline_missed.append(msg.cancel.invoke_id)
+                running.cancel()
+        elif kind == "gates":
+            self.gates = msg.gates.gates
+            self.stats.gate_updates.append(msg.gates.gates)
 
     def _forget(self, task: asyncio.Task[None]) -> None:
         self._tasks.discard(task)

@@ -16,14 +16,10 @@ from google.protobuf import field_mask_pb2
 
 from flynn_cli import rpc
 from flynn_runtime import config_yaml
+from flynn_runtime.enum_names import short_names
 
-_SOURCES = {
-    v.number: v.name.removeprefix("VALUE_SOURCE_").lower() for v in config_pb2.ValueSource.DESCRIPTOR.values
-}
-_KINDS = {
-    v.number: v.name.removeprefix("CONFIG_REVISION_KIND_").lower()
-    for v in config_pb2.ConfigRevisionKind.DESCRIPTOR.values
-}
+_SOURCES = short_names(config_pb2.ValueSource)
+_KINDS = short_names(config_pb2.ConfigRevisionKind)
 
 
 def register(sub: Any) -> None:

@@ -21,6 +21,7 @@ from flynn.v1 import principals_pb2, principals_pb2_grpc
 from google.protobuf import json_format
 
 from flynn_cli import rpc
+from flynn_runtime.enum_names import short_name
 
 ROLES = {
     "operator": principals_pb2.PRINCIPAL_ROLE_OPERATOR,
@@ -62,7 +63,7 @@ def _kw(args: argparse.Namespace) -> dict[str, Any]:
 
 
 def _role(role: int) -> str:
-    return principals_pb2.PrincipalRole.Name(role).removeprefix("PRINCIPAL_ROLE_").lower()  # type: ignore[arg-type]
+    return short_name(principals_pb2.PrincipalRole, role)
 
 
 def describe(p: principals_pb2.Principal) -> str:

@@ -48,6 +48,7 @@ from flynn_launcher.plan import (
 from flynn_launcher.secrets_store import CLI_CHANNEL, MeshTokens, ensure_tokens, operator_name, read_token
 from flynn_launcher.supervisor import Child, StartupError, Supervisor, check_ready, child_env, say
 from flynn_runtime import tls, topology
+from flynn_runtime.enum_names import short_name
 
 ROOT = Path(__file__).resolve().parent.parent
 DEFAULT_SEED = ROOT / "config" / "flynn.yaml"
@@ -238,19 +239,19 @@ def start_postgres(paths: MeshPaths) -> tuple[LocalPostgres, list[str]]:
     ]
 
 
-def up(ns: argparse.Namespace) -> int:
-    paths = MeshPaths(ns.data_dir)
+def _planned_services(ns: argparse.Namespace, paths: MeshPaths) -> list[ServicePlan] | None:
+    """The processes `up` starts, after checking the arguments (None, said why, when they are wrong)."""
     only = [s.strip() for s in ns.only.split(",") if s.strip()] or None
     unknown = [s for s in only or () if s not in PROCESS_NAMES]
     if unknown:
         say(f"unknown service(s) {', '.join(unknown)}; known: {', '.join(PROCESS_NAMES)}")
-        return 2
+        return None
     if ns.replicas < 1 or ns.replicas > 5:
         say("--replicas must be between 1 and 5")
-        return 2
+        return None
     if ns.replicas > 1 and not ns.postgres:
         say("--replicas needs --postgres: replicas of a stateful service share one database")
-        return 2
+        return None
     services = plan(paths, ns.host, ns.base_port, only, replicas=ns.replicas)
     missing = [s for s in services if not module_available(s.module)]
     if missing and not ns.skip_missing:
@@ -259,13 +260,21 @@ def up(ns: argparse.Namespace) -> int:
             f"not implemented yet: {names}. Start the others with "
             f"--only {','.join(s.name for s in services if s not in missing)} (or --skip-missing)"
         )
-        return 2
+        return None
     services = [s for s in services if s not in missing]
     if not services:
         say("nothing to start")
-        return 2
+        return None
     for s in missing:
         say(f"skipping {s.name}: {s.module} does not exist yet")
+    return services
+
+
+def up(ns: argparse.Namespace) -> int:
+    paths = MeshPaths(ns.data_dir)
+    services = _planned_services(ns, paths)
+    if services is None:
+        return 2
     paths.logs.mkdir(parents=True, exist_ok=True)
     tokens = ensure_tokens(paths)
     # Services left out (--only, or missing) are not deployed: the mesh reports them so, not as failing.
@@ -367,12 +376,12 @@ def _status_rows(ns: argparse.Namespace, paths: MeshPaths) -> tuple[list[tuple[s
                     timeout=5,
                 )
             except grpc.RpcError as err:
-                say(f"gateway GetStatus failed ({err.code().name}); checking each service directly")  # type: ignore[attr-defined]
+                say(f"gateway GetStatus failed ({err.code().name}); checking each service directly")
             else:
                 rows: list[tuple[str, ...]] = []
                 ok = True
                 for s in resp.services:
-                    health = system_pb2.ServiceHealth.Name(s.health).removeprefix("SERVICE_HEALTH_")
+                    health = short_name(system_pb2.ServiceHealth, s.health, lower=False)
                     # NOT_DEPLOYED (left out on purpose) is not a failure.
                     if s.service in addresses and health not in ("SERVING", "NOT_DEPLOYED"):
                         ok = False

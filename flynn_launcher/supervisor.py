@@ -45,7 +45,7 @@ def check_health(
                 health_pb2.HealthCheckRequest(service=service), timeout=timeout
             )
         except grpc.RpcError as err:
-            return f"UNREACHABLE ({err.code().name})"  # type: ignore[attr-defined]
+            return f"UNREACHABLE ({err.code().name})"
     return str(health_pb2.HealthCheckResponse.ServingStatus.Name(resp.status))
 
 

@@ -22,6 +22,7 @@ from google.protobuf import descriptor as pb_descriptor
 from google.protobuf import duration_pb2
 from google.protobuf import message as pb_message
 
+from flynn_runtime.enum_names import enum_prefix, short_name
 from flynn_runtime.errors import FieldViolation
 
 FD = pb_descriptor.FieldDescriptor
@@ -114,10 +115,7 @@ def _set_duration(d: duration_pb2.Duration, ns: int) -> None:
 
 
 def _enum_prefix(enum: Any) -> str:
-    zero = enum.values_by_number.get(0)
-    if zero is not None and zero.name.endswith("UNSPECIFIED"):
-        return str(zero.name)[: -len("UNSPECIFIED")]
-    return ""
+    return enum_prefix(enum)
 
 
 def enum_from_text(enum: Any, value: object) -> int:
@@ -140,13 +138,9 @@ def enum_from_text(enum: Any, value: object) -> int:
 
 
 def enum_to_text(enum: Any, number: int) -> str | int:
-    v = enum.values_by_number.get(number)
-    if v is None:
+    if number not in enum.values_by_number:
         return number
-    prefix = _enum_prefix(enum)
-    full = str(v.name)
-    name = full[len(prefix) :] if prefix and full.startswith(prefix) else full
-    return name.lower()
+    return short_name(enum, number)
 
 
 def enum_choices(enum: Any) -> list[str]:

@@ -61,7 +61,7 @@ async def schema_version(conn: psycopg.AsyncConnection[tuple[Any, ...]], schema:
         sql.SQL("SELECT COALESCE(MAX(version), 0) FROM {}.schema_version").format(sql.Identifier(schema))
     )
     row = await cur.fetchone()
-    return int(row[0]) if row else 0  # type: ignore[call-overload]
+    return int(row[0]) if row else 0
 
 
 async def migrate(

@@ -88,10 +88,10 @@ class ProxyFront:
         PROXIED_CLIENTS[key] = client
         task = asyncio.current_task()
         if task is not None:
-            self._open.add(task)  # type: ignore[arg-type]
+            self._open.add(task)
         try:
             await asyncio.gather(_pipe(reader, up_writer), _pipe(up_reader, writer))
         finally:
             PROXIED_CLIENTS.pop(key, None)
             if task is not None:
-                self._open.discard(task)  # type: ignore[arg-type]
+                self._open.discard(task)

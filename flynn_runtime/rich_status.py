@@ -7,10 +7,12 @@ from collections.abc import Sequence
 
 import grpc
 from google.protobuf import any_pb2, duration_pb2
+from google.protobuf.message import Message
 from google.rpc import code_pb2, error_details_pb2, status_pb2
 from grpc_status import rpc_status
 
 from flynn_runtime.errors import ERROR_DOMAIN, MAX_VIOLATIONS, Code, FieldViolation, FlynnError
+from flynn_runtime.timestamps import duration_seconds
 
 GRPC_CODE = {c: getattr(grpc.StatusCode, c.value) for c in Code}
 
@@ -98,15 +100,19 @@ def to_grpc_status(err: FlynnError) -> grpc.Status:
     return status
 
 
-def _pack(msg: object) -> any_pb2.Any:
+def _pack(msg: Message) -> any_pb2.Any:
     out = any_pb2.Any()
-    out.Pack(msg)  # type: ignore[arg-type]
+    out.Pack(msg)
     return out
 
 
 def from_rpc_error(err: grpc.RpcError) -> FlynnError | None:
-    """Read a rich status back from a client-side error (None when the status carries no details)."""
-    status = rpc_status.from_call(err)  # type: ignore[arg-type]
+    """Read a rich status back from a client-side error (None when the status carries no details, or
+    details that do not match the call's code and message)."""
+    try:
+        status = rpc_status.from_call(err)  # type: ignore[arg-type]
+    except ValueError:
+        return None
     if status is None:
         return None
     violations: list[FieldViolation] = []
@@ -126,7 +132,7 @@ def from_rpc_error(err: grpc.RpcError) -> FlynnError | None:
         elif detail.Is(error_details_pb2.RetryInfo.DESCRIPTOR):
             ri = error_details_pb2.RetryInfo()
             detail.Unpack(ri)
-            retry = ri.retry_delay.seconds + ri.retry_delay.nanos / 1e9
+            retry = duration_seconds(ri.retry_delay)
     code = Code(grpc.StatusCode(_code_tuple(status.code)).name) if status.code else Code.INTERNAL
     return FlynnError(code, status.message, reason, metadata, violations, retry)
 

@@ -123,6 +123,14 @@ def build_parser(service: str) -> argparse.ArgumentParser:
         default=int(_env("max_concurrent_streams", "4096")),
         help="pending-request limit of the server (FLYNN_MAX_CONCURRENT_STREAMS)",
     )
+    _add_network_args(p)
+    _add_tls_args(p)
+    _add_limit_args(p, service)
+    return p
+
+
+def _add_network_args(p: argparse.ArgumentParser) -> None:
+    """Proxies in front of the service, and the shared database."""
     p.add_argument(
         "--trusted-proxies",
         default=_env("trusted_proxies", ""),
@@ -146,9 +154,6 @@ def build_parser(service: str) -> argparse.ArgumentParser:
         default=_env("database_password_file", ""),
         help="file holding the database password, e.g. a mounted Secret (FLYNN_DATABASE_PASSWORD_FILE)",
     )
-    _add_tls_args(p)
-    _add_limit_args(p, service)
-    return p
 
 
 def _path_arg(p: argparse.ArgumentParser, name: str, help: str) -> None:

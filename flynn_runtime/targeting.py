@@ -28,7 +28,7 @@ class Target:
 @dataclass(frozen=True)
 class Decision(Generic[T]):
     value: T
-    source: int  # config_pb2.ValueSource
+    source: config_pb2.ValueSource.ValueType
     bucket: int = -1
     basis_points: int = 0
     hashed_key: str = ""
@@ -62,8 +62,10 @@ def rollout_decision(
 
 
 def queue_mode(
-    cfg: config_pb2.FlynnConfig, target: Target, message_override: int = config_pb2.QUEUE_MODE_UNSPECIFIED
-) -> Decision[int]:
+    cfg: config_pb2.FlynnConfig,
+    target: Target,
+    message_override: config_pb2.QueueMode.ValueType = config_pb2.QUEUE_MODE_UNSPECIFIED,
+) -> Decision[config_pb2.QueueMode.ValueType]:
     q = cfg.server.queue
     if message_override != config_pb2.QUEUE_MODE_UNSPECIFIED:
         return Decision(
@@ -90,7 +92,7 @@ def queue_mode(
     return _global_mode(q)
 
 
-def _global_mode(q: config_pb2.QueueConfig) -> Decision[int]:
+def _global_mode(q: config_pb2.QueueConfig) -> Decision[config_pb2.QueueMode.ValueType]:
     if q.mode == config_pb2.QUEUE_MODE_UNSPECIFIED:
         return Decision(
             config_pb2.QUEUE_MODE_COLLECT, Source.VALUE_SOURCE_DEFAULT, explanation="default collect"

@@ -125,7 +125,7 @@ def _resource_hashed_once(resource_class: Any) -> Any:
     its resource (a dict lookup per span) and Resource.__hash__ is a sorted JSON dump of all its
     attributes: a quarter of the cost of encoding a span. A resource is immutable, so its hash is too."""
 
-    class HashedOnce(resource_class):  # type: ignore[misc, valid-type]
+    class HashedOnce(resource_class):  # type: ignore[misc]
         def __init__(self, attributes: Any, schema_url: str | None = None) -> None:
             super().__init__(attributes, schema_url)
             self._hash = super().__hash__()

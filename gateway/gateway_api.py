@@ -183,7 +183,7 @@ class GatewayServicer(gateway_pb2_grpc.GatewayServicer):
             effective_mode=resp.effective_mode,
         )
 
-    async def StreamReplies(  # type: ignore[override]
+    async def StreamReplies(
         self, request: gateway_pb2.GatewayStreamRepliesRequest, context: Ctx
     ) -> AsyncIterator[gateway_pb2.GatewayStreamRepliesResponse]:
         p = auth.principal()

@@ -34,6 +34,7 @@ from flynn_runtime.config_source import ConfigSource
 from flynn_runtime.errors import Code, FlynnError, failed_precondition
 from flynn_runtime.rich_status import from_rpc_error
 from flynn_runtime.server import Runtime
+from flynn_runtime.timestamps import duration_seconds
 
 log = logging.getLogger(__name__)
 
@@ -66,11 +67,6 @@ def name_segment(value: str) -> str:
 
 def artifact_name(session_key: str, idempotency_key: str) -> str:
     return f"inbound/{name_segment(session_key)}/{name_segment(idempotency_key)}"
-
-
-def _seconds(d: Any, default: float) -> float:
-    value = float(d.seconds) + d.nanos / 1e9
-    return value if value > 0 else default
 
 
 @dataclass(frozen=True)
@@ -158,7 +154,7 @@ class InboundVoice:
         cfg = self._config.config
         self.transcriptions += 1
         audio = request.audio
-        deadline = _seconds(cfg.audio.deadline, DEFAULT_DEADLINE)
+        deadline = duration_seconds(cfg.audio.deadline, DEFAULT_DEADLINE)
         rec = voice_pb2.RecognitionConfig(
             encoding=audio.encoding,
             sample_rate_hertz=audio.sample_rate_hertz,

@@ -5,10 +5,10 @@ from __future__ import annotations
 from typing import Any
 
 from flynn.v1 import canvas_pb2, canvas_pb2_grpc
-from google.protobuf import timestamp_pb2
 from grpc.aio import ServicerContext
 
 from flynn_runtime.auth import actor
+from flynn_runtime.timestamps import timestamp
 from flynn_runtime.validation import Violations, page_size
 from nodes_svc.canvas_store import MAX_NAME_LEN, ArtifactMeta, Canvas, content_type_problem, name_problem
 from nodes_svc.servicer import decode_page_token, encode_page_token
@@ -30,8 +30,7 @@ def _prefix(v: Violations, prefix: str) -> None:
 
 
 def artifact_proto(m: ArtifactMeta, content: bytes | None = None) -> canvas_pb2.Artifact:
-    ts = timestamp_pb2.Timestamp()
-    ts.FromNanoseconds(int(m.update_time * 1e9))
+    ts = timestamp(m.update_time)
     a = canvas_pb2.Artifact(
         name=m.name,
         version=m.version,

@@ -188,6 +188,52 @@ def _mismatch(name: str, current: str, wanted: str) -> FlynnError:
     return errors.failed_precondition(msg, reason="ETAG_MISMATCH", name=name, current_etag=current)
 
 
+def check_size(content: bytes, lim: CanvasLimits) -> None:
+    """A put's content fits one artifact (both backends)."""
+    if len(content) > lim.max_artifact_bytes:
+        raise FlynnError(
+            Code.INVALID_ARGUMENT,
+            f"content is {len(content)} bytes; at most {lim.max_artifact_bytes} allowed per artifact",
+            reason="ARTIFACT_TOO_LARGE",
+            violations=[FieldViolation("content", f"at most {lim.max_artifact_bytes} bytes")],
+        )
+
+
+def check_etag(name: str, current_etag: str, etag: str) -> None:
+    """A put's etag: "" writes anyway, "*" only creates, any other must be the current one."""
+    if etag == "*" and current_etag:
+        raise _mismatch(name, current_etag, etag)
+    if etag and etag != "*" and etag != current_etag:
+        raise _mismatch(name, current_etag, etag)
+
+
+def check_restorable(name: str, latest: int, restore_version: int) -> None:
+    """A version brought back from an archive must be above every version of the name still kept."""
+    if latest > 0 and latest >= restore_version:
+        raise errors.failed_precondition(
+            f"artifact {errors.shown(name)!r} already keeps version {latest}; "
+            f"version {restore_version} can only be restored above every kept version",
+            reason="VERSION_NOT_RESTORABLE",
+            latest_version=str(latest),
+        )
+
+
+def canvas_full(total: int, lim: CanvasLimits) -> FlynnError:
+    """The error of a put that does not fit the canvas's total (both backends)."""
+    return errors.resource_exhausted(
+        f"canvas is full: {total} of {lim.max_total_bytes} bytes used; delete artifacts first",
+        reason="CANVAS_FULL",
+        used_bytes=str(total),
+        max_total_bytes=str(lim.max_total_bytes),
+    )
+
+
+def check_room(total: int, freed: int, size: int, lim: CanvasLimits) -> None:
+    """The canvas stays within its total once the put's `size` is in and `freed` bytes are pruned."""
+    if total - freed + size > lim.max_total_bytes:
+        raise canvas_full(total, lim)
+
+
 class CanvasStore:
     def __init__(self, root: Path, limits: CanvasLimits | None = None) -> None:
         self.root = root
@@ -275,43 +321,21 @@ class CanvasStore:
         """Write the next version, or (restore_version > 0) that exact version, which must be above every
         version of the name still kept (an archive brought back after a purge)."""
         lim = self.limits
-        if len(content) > lim.max_artifact_bytes:
-            raise FlynnError(
-                Code.INVALID_ARGUMENT,
-                f"content is {len(content)} bytes; at most {lim.max_artifact_bytes} allowed per artifact",
-                reason="ARTIFACT_TOO_LARGE",
-                violations=[FieldViolation("content", f"at most {lim.max_artifact_bytes} bytes")],
-            )
+        check_size(content, lim)
         current = self._latest(name)
-        current_etag = current.etag if current else ""
-        if etag == "*" and current is not None:
-            raise _mismatch(name, current_etag, etag)
-        if etag and etag != "*" and etag != current_etag:
-            raise _mismatch(name, current_etag, etag)
+        check_etag(name, current.etag if current else "", etag)
         row = self._db.execute("SELECT last_version FROM artifacts WHERE name=?", (name,)).fetchone()
         last_version = int(row[0]) if row else 0
         version = last_version + 1
         if restore_version:
-            if current is not None and current.version >= restore_version:
-                raise errors.failed_precondition(
-                    f"artifact {errors.shown(name)!r} already keeps version {current.version}; "
-                    f"version {restore_version} can only be restored above every kept version",
-                    reason="VERSION_NOT_RESTORABLE",
-                    latest_version=str(current.version),
-                )
+            check_restorable(name, current.version if current is not None else 0, restore_version)
             version = restore_version
         # Versions this put pushes out of the window are freed by it, so count them out of the total.
         freed = self._db.execute(
             "SELECT COALESCE(SUM(size), 0) FROM versions WHERE name=? AND version <= ?",
             (name, version - lim.max_versions),
         ).fetchone()[0]
-        if self.total_bytes - int(freed) + len(content) > lim.max_total_bytes:
-            raise errors.resource_exhausted(
-                f"canvas is full: {self.total_bytes} of {lim.max_total_bytes} bytes used; delete artifacts first",
-                reason="CANVAS_FULL",
-                used_bytes=str(self.total_bytes),
-                max_total_bytes=str(lim.max_total_bytes),
-            )
+        check_room(self.total_bytes, int(freed), len(content), lim)
         digest = hashlib.sha256(content).hexdigest()
         key = hashlib.sha256(name.encode("utf-8")).hexdigest()[:40]
         blob = f"{key[:2]}/{key}-{version}.bin"

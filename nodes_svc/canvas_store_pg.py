@@ -20,9 +20,18 @@ from flynn.v1 import nodes_pb2
 
 from flynn_runtime import errors
 from flynn_runtime.database import Database
-from flynn_runtime.errors import Code, FieldViolation, FlynnError
+from flynn_runtime.errors import Code, FlynnError
 from flynn_runtime.pg_migrations import Migration
-from nodes_svc.canvas_store import ArtifactMeta, CanvasLimits, _mismatch, make_etag, prefix_end
+from nodes_svc.canvas_store import (
+    ArtifactMeta,
+    CanvasLimits,
+    _mismatch,
+    canvas_full,
+    check_restorable,
+    check_size,
+    make_etag,
+    prefix_end,
+)
 
 MIGRATION = Migration(
     2,
@@ -154,7 +163,7 @@ class PgCanvasStore:
     async def recover(self) -> dict[str, int]:
         async with self.db.connection() as c:
             row = await (await c.execute("SELECT total_bytes FROM canvas_totals")).fetchone()
-        self._total = int(row[0]) if row else 0  # type: ignore[call-overload]
+        self._total = int(row[0]) if row else 0
         return {"temp_files_removed": 0, "orphan_blobs_removed": 0, "missing_blobs": 0}
 
     async def close(self) -> None:
@@ -179,7 +188,7 @@ class PgCanvasStore:
         if row is None:
             what = f"{name}@{version}" if version else name
             raise errors.not_found("artifact", what, reason="ARTIFACT_NOT_FOUND")
-        meta, content = _meta(row), bytes(row[8])  # type: ignore[call-overload]
+        meta, content = _meta(row), bytes(row[8])
         if hashlib.sha256(content).hexdigest() != meta.sha256:
             raise FlynnError(
                 Code.INTERNAL,
@@ -208,13 +217,7 @@ class PgCanvasStore:
         """Write the next version, or (restore_version > 0) that exact version, which must be above every
         version of the name still kept (an archive brought back after a purge)."""
         lim = self.limits
-        if len(content) > lim.max_artifact_bytes:
-            raise FlynnError(
-                Code.INVALID_ARGUMENT,
-                f"content is {len(content)} bytes; at most {lim.max_artifact_bytes} allowed per artifact",
-                reason="ARTIFACT_TOO_LARGE",
-                violations=[FieldViolation("content", f"at most {lim.max_artifact_bytes} bytes")],
-            )
+        check_size(content, lim)
         digest = hashlib.sha256(content).hexdigest()
         now = time.time()
         async with self.db.connection() as c:
@@ -230,20 +233,9 @@ class PgCanvasStore:
         if outcome == "ETAG_MISMATCH":
             raise _mismatch(name, str(row[3]), etag)
         if outcome == "VERSION_NOT_RESTORABLE":
-            latest = int(row[5])
-            raise errors.failed_precondition(
-                f"artifact {errors.shown(name)!r} already keeps version {latest}; "
-                f"version {restore_version} can only be restored above every kept version",
-                reason="VERSION_NOT_RESTORABLE",
-                latest_version=str(latest),
-            )
+            check_restorable(name, int(row[5]), restore_version)
         if outcome == "CANVAS_FULL":
-            raise errors.resource_exhausted(
-                f"canvas is full: {total} of {lim.max_total_bytes} bytes used; delete artifacts first",
-                reason="CANVAS_FULL",
-                used_bytes=str(total),
-                max_total_bytes=str(lim.max_total_bytes),
-            )
+            raise canvas_full(total, lim)
         meta = ArtifactMeta(name, version, str(row[2]), content_type, digest, len(content), now, actor, "")
         assert meta.etag == make_etag(digest, version), "canvas_put and make_etag disagree"
         self._total = total
@@ -252,7 +244,7 @@ class PgCanvasStore:
     async def delete(self, name: str, etag: str) -> int:
         async with self.db.transaction() as c:
             row = await (await c.execute("SELECT total_bytes FROM canvas_totals FOR UPDATE")).fetchone()
-            total = int(row[0]) if row else 0  # type: ignore[call-overload]
+            total = int(row[0]) if row else 0
             cur = await c.execute(
                 "SELECT v.etag FROM canvas_artifacts a JOIN canvas_versions v"
                 " ON v.name = a.name AND v.version = a.latest WHERE a.name = %s",
@@ -264,7 +256,7 @@ class PgCanvasStore:
             if etag and etag != str(found[0]):
                 raise _mismatch(name, str(found[0]), etag)
             cur = await c.execute("DELETE FROM canvas_versions WHERE name = %s RETURNING size", (name,))
-            sizes = [int(r[0]) for r in await cur.fetchall()]  # type: ignore[call-overload]
+            sizes = [int(r[0]) for r in await cur.fetchall()]
             await c.execute("UPDATE canvas_artifacts SET latest = 0 WHERE name = %s", (name,))
             new_total = total - sum(sizes)
             await c.execute("UPDATE canvas_totals SET total_bytes = %s", (new_total,))

@@ -12,26 +12,26 @@ last_seen to SQLite in one batch, so 1,000 nodes heartbeating cost no per-beat d
 from __future__ import annotations
 
 import asyncio
-import hashlib
 import logging
 import random
 import secrets
 import time
-from collections import OrderedDict
 from collections.abc import AsyncIterator, Awaitable, Callable
-from dataclasses import dataclass
+from dataclasses import asdict, dataclass, replace
 
 from flynn.v1 import config_pb2, nodes_pb2
-from google.protobuf import timestamp_pb2
 
-from flynn_runtime import errors, targeting, tracing
+from flynn_runtime import errors, targeting
 from flynn_runtime.audit import AuditLog
 from flynn_runtime.auth import FailureLimiter, hash_token
 from flynn_runtime.config_source import ConfigSource
-from flynn_runtime.errors import Code, FlynnError
+from flynn_runtime.errors import FlynnError
 from flynn_runtime.ids import new_id
 from flynn_runtime.ordered_writer import OrderedWriter
+from flynn_runtime.timestamps import duration_seconds, timestamp
 from nodes_svc import metrics
+from nodes_svc.node_invokes import Invokes
+from nodes_svc.node_session import LAST_SEEN_FLUSH, NodeSession, SessionClose
 from nodes_svc.node_store import EpochConflict, EventRecord, NewEvent, NodeRecord, NodeStore, TokenRecord
 
 log = logging.getLogger(__name__)
@@ -39,12 +39,7 @@ log = logging.getLogger(__name__)
 PROTOCOL_VERSION = 1
 DEFAULT_HEARTBEAT = 5.0
 DEFAULT_LEASE = 15.0
-OUTBOUND_MAX = 1024
-LAST_SEEN_FLUSH = 5.0  # seconds between last_seen writes of one node (phases spread, batched per tick)
 CLOSE_GRACE = 5.0  # seconds a closed stream gets to deliver its NodeClose before the session is dropped
-IDEMPOTENCY_MAX = 10_000
-QUEUE_PROGRESS_MAX = 1000
-HISTORY_MAX = 100  # progress messages kept per invoke for late-attaching callers
 EVENTS_KEPT = 100_000
 
 CONNECTED = nodes_pb2.NODE_EVENT_TYPE_CONNECTED
@@ -52,30 +47,7 @@ RECONNECTED = nodes_pb2.NODE_EVENT_TYPE_RECONNECTED
 DISCONNECTED = nodes_pb2.NODE_EVENT_TYPE_DISCONNECTED
 CANVAS_CHANGED = nodes_pb2.NODE_EVENT_TYPE_CANVAS_CHANGED
 
-# Why a stream is closed by the server: (NodeClose.reconnect, status the stream ends with).
-CLOSE_REASONS: dict[str, tuple[bool, Code]] = {
-    "nodes_disabled": (True, Code.UNAVAILABLE),
-    "role_not_allowed": (False, Code.PERMISSION_DENIED),
-    "token_revoked": (False, Code.UNAUTHENTICATED),
-    "replaced": (False, Code.ABORTED),
-    "replica_lost": (True, Code.UNAVAILABLE),
-    "shutdown": (True, Code.UNAVAILABLE),
-    "lease_expired": (True, Code.UNAVAILABLE),
-    "slow_consumer": (True, Code.UNAVAILABLE),
-    "protocol_error": (False, Code.INVALID_ARGUMENT),
-    "stream_closed": (True, Code.UNAVAILABLE),
-}
-
-
-def _ts(seconds: float) -> timestamp_pb2.Timestamp:
-    ts = timestamp_pb2.Timestamp()
-    ts.FromNanoseconds(int(seconds * 1e9))
-    return ts
-
-
-def _duration(d: object, default: float) -> float:
-    seconds = getattr(d, "seconds", 0) + getattr(d, "nanos", 0) / 1e9
-    return float(seconds) if seconds > 0 else default
+__all__ = ["PROTOCOL_VERSION", "NodeRegistry", "NodeSession", "NodesPolicy", "SessionClose"]
 
 
 @dataclass(frozen=True)
@@ -90,162 +62,9 @@ class NodesPolicy:
     @classmethod
     def of(cls, cfg: config_pb2.FlynnConfig) -> NodesPolicy:
         n = cfg.server.nodes
-        hb = _duration(n.heartbeat_interval, DEFAULT_HEARTBEAT)
-        lease = _duration(n.lease, DEFAULT_LEASE)
+        hb = duration_seconds(n.heartbeat_interval, DEFAULT_HEARTBEAT)
+        lease = duration_seconds(n.lease, DEFAULT_LEASE)
         return cls(n.enabled, frozenset(n.allowed_roles), hb, max(lease, hb))
-
-
-@dataclass(frozen=True)
-class SessionClose:
-    """Put on a session's outbound queue: send NodeClose, then end the stream with `code`."""
-
-    reason: str
-    reconnect: bool
-    message: str
-    code: Code
-
-
-class PendingInvoke:
-    """One dispatched invoke: its progress history and result, fanned out to every waiting caller."""
-
-    __slots__ = (
-        "invoke_id",
-        "node_id",
-        "command",
-        "fingerprint",
-        "session",
-        "started",
-        "history",
-        "result",
-        "error",
-        "subscribers",
-        "idem_key",
-    )
-
-    def __init__(
-        self,
-        invoke_id: str,
-        node_id: str,
-        command: str,
-        fingerprint: str,
-        session: NodeSession,
-        idem_key: str,
-    ) -> None:
-        self.invoke_id = invoke_id
-        self.node_id = node_id
-        self.command = command
-        self.fingerprint = fingerprint
-        self.session = session
-        self.idem_key = idem_key
-        self.started = time.perf_counter()
-        self.history: list[nodes_pb2.InvokeNodeResponse] = []
-        self.result: nodes_pb2.InvokeResult | None = None
-        self.error: FlynnError | None = None
-        self.subscribers: list[asyncio.Queue[nodes_pb2.InvokeNodeResponse | FlynnError]] = []
-
-    @property
-    def done(self) -> bool:
-        return self.result is not None or self.error is not None
-
-    def publish(self, item: nodes_pb2.InvokeNodeResponse | FlynnError) -> None:
-        if isinstance(item, FlynnError):
-            self.error = item
-        elif item.HasField("result") or len(self.history) < HISTORY_MAX:
-            # Kept for callers that attach later (idempotent retries); a chatty node cannot grow it unbounded.
-            self.history.append(item)
-            if item.HasField("result"):
-                self.result = item.result
-        progress = not isinstance(item, FlynnError) and item.HasField("progress")
-        for q in self.subscribers:
-            if progress and q.qsize() >= QUEUE_PROGRESS_MAX:
-                continue  # a caller that does not keep up loses progress, never the result
-            q.put_nowait(item)
-
-
-class NodeSession:
-    """A live Connect stream of one node at one epoch."""
-
-    __slots__ = (
-        "node_id",
-        "role",
-        "epoch",
-        "capabilities",
-        "token_id",
-        "outbound",
-        "last_seen",
-        "last_sent",
-        "closed",
-        "closed_at",
-        "ended",
-        "close_reason",
-        "invokes",
-        "canvas",
-        "connected_at",
-        "flushed_seen",
-        "flush_due",
-    )
-
-    def __init__(self, rec: NodeRecord, canvas: bool, now: float) -> None:
-        self.node_id = rec.node_id
-        self.role = rec.role
-        self.epoch = rec.epoch
-        self.capabilities = frozenset(rec.capabilities)
-        self.token_id = rec.token_id
-        self.outbound: asyncio.Queue[nodes_pb2.ConnectResponse | SessionClose] = asyncio.Queue(OUTBOUND_MAX)
-        self.last_seen = now  # monotonic; renewed by anything the node sends
-        self.last_sent = now  # monotonic; when the server last sent something
-        self.flushed_seen = now
-        self.flush_due = now + random.uniform(0, LAST_SEEN_FLUSH)  # spread the batched writes
-        self.closed = False
-        self.closed_at = 0.0  # monotonic, when close() was asked
-        self.ended = False  # end_session ran
-        self.close_reason = ""
-        self.invokes: dict[str, PendingInvoke] = {}
-        self.canvas = canvas
-        self.connected_at = time.time()
-
-    def send(self, msg: nodes_pb2.ConnectResponse) -> bool:
-        if self.closed:
-            return False
-        try:
-            self.outbound.put_nowait(msg)
-        except asyncio.QueueFull:
-            self.close("slow_consumer", "the node does not read its stream")
-            return False
-        self.last_sent = time.monotonic()
-        return True
-
-    def close(self, reason: str, message: str = "") -> bool:
-        """Ask the stream to send NodeClose and end; fails in-flight invokes at once. False if already closing."""
-        if self.closed:
-            return False
-        self.closed = True
-        self.closed_at = time.monotonic()
-        self.close_reason = reason
-        reconnect, code = CLOSE_REASONS.get(reason, (True, Code.UNAVAILABLE))
-        while True:  # make room: the close must get through even when the queue is full
-            try:
-                self.outbound.put_nowait(
-                    SessionClose(reason, reconnect, message or reason.replace("_", " "), code)
-                )
-                break
-            except asyncio.QueueFull:
-                self.outbound.get_nowait()
-        self.fail_invokes(reason)
-        return True
-
-    def fail_invokes(self, reason: str) -> None:
-        pending, self.invokes = self.invokes, {}
-        for p in pending.values():
-            if not p.done:
-                p.publish(
-                    errors.unavailable(
-                        f"node {self.node_id!r} disconnected ({reason}) before answering invoke {p.invoke_id}",
-                        reason="NODE_DISCONNECTED",
-                        node_id=self.node_id,
-                        invoke_id=p.invoke_id,
-                    )
-                )
 
 
 @dataclass(frozen=True)
@@ -256,7 +75,33 @@ class IssuedToken:
     role: str
 
 
+def _registration(
+    reg: nodes_pb2.NodeRegister, existing: NodeRecord | None, token_id: str, now: float
+) -> tuple[NodeRecord, NewEvent]:
+    """The node's record at its next epoch, and its CONNECTED/RECONNECTED event."""
+    epoch = 1 if existing is None else existing.epoch + 1
+    reconnects = 0 if existing is None else existing.reconnect_count + 1
+    rec = NodeRecord(
+        node_id=reg.node_id,
+        role=reg.role,
+        capabilities=sorted(set(reg.capabilities)),
+        epoch=epoch,
+        online=True,
+        last_seen=now,
+        connect_time=now,
+        reconnect_count=reconnects,
+        protocol_version=reg.protocol_version,
+        display_name=reg.display_name,
+        platform=reg.platform,
+        token_id=token_id,
+    )
+    etype = CONNECTED if existing is None else RECONNECTED
+    return rec, NewEvent(etype, reg.node_id, reg.role, epoch, "", "", now)
+
+
 class NodeRegistry:
+    """The node streams held by this process, their tokens, presence and events (`Invokes` runs invokes)."""
+
     def __init__(
         self,
         store: NodeStore,
@@ -271,7 +116,6 @@ class NodeRegistry:
         self.sessions: dict[str, NodeSession] = {}
         self._tokens: dict[str, TokenRecord] = {}  # sha256 -> record
         self._token_nodes: set[str] = set()
-        self._idem: OrderedDict[tuple[str, str], PendingInvoke] = OrderedDict()
         self._events_changed = asyncio.Event()
         self._policy = NodesPolicy.of(config.config)
         self._closed = False  # set by shutdown(): handlers finishing late must not touch the closed store
@@ -282,6 +126,7 @@ class NodeRegistry:
         #: Several replicas share the store (PostgreSQL): a node without a stream here may be online
         #: on another replica, so the stored `online` flag is the answer for it.
         self.shared = False
+        self.invokes = Invokes(self.sessions, store)
 
     # lifecycle ----------------------------------------------------------------------------
 
@@ -349,19 +194,8 @@ class NodeRegistry:
             raise errors.not_found("token_id", token_id, reason="TOKEN_NOT_FOUND")
         already = before.revoked is not None
         if not already:
-            self._tokens[before.sha256] = TokenRecord(
-                before.token_id,
-                before.sha256,
-                before.node_id,
-                before.role,
-                before.description,
-                before.created,
-                time.time(),
-            )
-        closed = 0
-        for s in list(self.sessions.values()):
-            if s.token_id == token_id and s.close("token_revoked", f"token {token_id} was revoked"):
-                closed += 1
+            self._tokens[before.sha256] = replace(before, revoked=time.time())
+        closed = self.close_revoked([token_id])
         self.audit.record(
             "tokenRevoked",
             token_id=token_id,
@@ -375,8 +209,16 @@ class NodeRegistry:
     # registration -------------------------------------------------------------------------
 
     def _refuse(
-        self, err: FlynnError, node_id: str, peer: str, known: bool, auth_failure: bool, detail: str = ""
+        self,
+        err: FlynnError,
+        *,
+        node_id: str,
+        peer: str,
+        known: bool,
+        auth_failure: bool,
+        detail: str = "",
     ) -> FlynnError:
+        """Count, audit and return the error a registration is refused with."""
         if auth_failure:
             # A wrong token for a claimed node id from a real client address: counted per (node id,
             # address) and per address; a valid token is never checked against these counts.
@@ -417,10 +259,31 @@ class NodeRegistry:
     async def _register(
         self, reg: nodes_pb2.NodeRegister, peer: str
     ) -> tuple[NodeSession, nodes_pb2.NodeRegistered]:
-        node_id = reg.node_id
-        existing = await self.store.get_node(node_id)
-        known = existing is not None
+        existing = await self.store.get_node(reg.node_id)
         policy = self._policy
+        tok = await self._admit(reg, peer, known=existing is not None, policy=policy)
+        rec, event = _registration(reg, existing, tok.token_id, time.time())
+        await self.writes.submit(lambda: self.store.save_registration(rec, event), awaited=True)
+        old = self.sessions.get(reg.node_id)
+        if old is not None:
+            old.close("replaced", "the node connected again; this stream is replaced")
+        self._notify_events()
+        session = self._open_session(rec, policy)
+        self._record_registration(rec, peer, known=existing is not None, replaced=old is not None)
+        registered = nodes_pb2.NodeRegistered(
+            epoch=rec.epoch,
+            gates=self._gates(session.canvas),
+            heartbeat_interval_ms=int(policy.heartbeat_interval * 1000),
+            lease_ms=int(policy.lease * 1000),
+            resumed=existing is not None,
+        )
+        return session, registered
+
+    async def _admit(
+        self, reg: nodes_pb2.NodeRegister, peer: str, *, known: bool, policy: NodesPolicy
+    ) -> TokenRecord:
+        """The checks a registration passes, in order: nodes enabled, token, role allowed."""
+        node_id = reg.node_id
         if not policy.enabled:
             raise self._refuse(
                 errors.unavailable(
@@ -428,54 +291,12 @@ class NodeRegistry:
                     reason="NODES_DISABLED",
                     retry_after=5.0,
                 ),
-                node_id,
-                peer,
-                known,
-                False,
+                node_id=node_id,
+                peer=peer,
+                known=known,
+                auth_failure=False,
             )
-        sha = hash_token(reg.token)
-        tok = self._tokens.get(sha)
-        if self.shared:
-            # Issued or revoked through another replica: the database is the truth.
-            tok = await self.store.get_token(sha)
-            if tok is not None:
-                self._tokens[sha] = tok
-                self._token_nodes.add(tok.node_id)
-        if tok is None:
-            # One answer for "unknown node" and "wrong token", so callers cannot enumerate node ids;
-            # the audit record keeps which one it was.
-            detail = "wrong_token" if node_id in self._token_nodes or known else "unknown_node"
-            raise self._refuse(
-                errors.unauthenticated(
-                    f"unknown node or wrong token for node {node_id!r}", reason="INVALID_TOKEN"
-                ),
-                node_id,
-                peer,
-                known,
-                True,
-                detail,
-            )
-        if tok.revoked is not None:
-            raise self._refuse(
-                errors.unauthenticated(f"token {tok.token_id} was revoked", reason="TOKEN_REVOKED"),
-                node_id,
-                peer,
-                known,
-                True,
-            )
-        if tok.node_id != node_id or tok.role != reg.role:
-            raise self._refuse(
-                errors.permission_denied(
-                    f"token {tok.token_id} is for node {tok.node_id!r} with role {tok.role!r}",
-                    reason="TOKEN_SCOPE",
-                    node_id=node_id,
-                    role=reg.role,
-                ),
-                node_id,
-                peer,
-                known,
-                True,
-            )
+        tok = await self._authenticate(reg, peer, known=known)
         if reg.role not in policy.allowed_roles:
             raise self._refuse(
                 errors.permission_denied(
@@ -483,68 +304,70 @@ class NodeRegistry:
                     reason="ROLE_NOT_ALLOWED",
                     role=reg.role,
                 ),
-                node_id,
-                peer,
-                known,
-                False,
+                node_id=node_id,
+                peer=peer,
+                known=known,
+                auth_failure=False,
             )
-        now = time.time()
-        if existing is None:
-            epoch, reconnects, etype, kind = 1, 0, CONNECTED, "new"
-        else:
-            epoch, reconnects, etype, kind = (
-                existing.epoch + 1,
-                existing.reconnect_count + 1,
-                RECONNECTED,
-                "resumed",
+        return tok
+
+    async def _lookup_token(self, sha: str) -> TokenRecord | None:
+        tok = self._tokens.get(sha)
+        if self.shared:
+            # Issued or revoked through another replica: the database is the truth.
+            tok = await self.store.get_token(sha)
+            if tok is not None:
+                self._tokens[sha] = tok
+                self._token_nodes.add(tok.node_id)
+        return tok
+
+    async def _authenticate(self, reg: nodes_pb2.NodeRegister, peer: str, *, known: bool) -> TokenRecord:
+        """The registration's token: known, not revoked, and issued for this node id and role."""
+        node_id = reg.node_id
+        tok = await self._lookup_token(hash_token(reg.token))
+        if tok is None:
+            # One answer for "unknown node" and "wrong token", so callers cannot enumerate node ids;
+            # the audit record keeps which one it was.
+            detail = "wrong_token" if node_id in self._token_nodes or known else "unknown_node"
+            err = errors.unauthenticated(
+                f"unknown node or wrong token for node {node_id!r}", reason="INVALID_TOKEN"
             )
-        rec = NodeRecord(
-            node_id=node_id,
-            role=reg.role,
-            capabilities=sorted(set(reg.capabilities)),
-            epoch=epoch,
-            online=True,
-            last_seen=now,
-            connect_time=now,
-            reconnect_count=reconnects,
-            protocol_version=reg.protocol_version,
-            display_name=reg.display_name,
-            platform=reg.platform,
-            token_id=tok.token_id,
-        )
-        event = NewEvent(etype, node_id, reg.role, epoch, "", "", now)
-        await self.writes.submit(lambda: self.store.save_registration(rec, event), awaited=True)
-        old = self.sessions.get(node_id)
-        if old is not None:
-            old.close("replaced", "the node connected again; this stream is replaced")
-        self._notify_events()
-        canvas = self._canvas_gate(node_id)
-        session = NodeSession(rec, canvas, time.monotonic())
+            raise self._refuse(err, node_id=node_id, peer=peer, known=known, auth_failure=True, detail=detail)
+        if tok.revoked is not None:
+            err = errors.unauthenticated(f"token {tok.token_id} was revoked", reason="TOKEN_REVOKED")
+            raise self._refuse(err, node_id=node_id, peer=peer, known=known, auth_failure=True)
+        if tok.node_id != node_id or tok.role != reg.role:
+            err = errors.permission_denied(
+                f"token {tok.token_id} is for node {tok.node_id!r} with role {tok.role!r}",
+                reason="TOKEN_SCOPE",
+                node_id=node_id,
+                role=reg.role,
+            )
+            raise self._refuse(err, node_id=node_id, peer=peer, known=known, auth_failure=True)
+        return tok
+
+    def _open_session(self, rec: NodeRecord, policy: NodesPolicy) -> NodeSession:
+        session = NodeSession(rec, self._canvas_gate(rec.node_id), time.monotonic())
         # Random heartbeat phase: after a reconnect storm the server's heartbeats do not go out in one burst.
         session.last_sent -= random.uniform(0, policy.heartbeat_interval)
-        self.sessions[node_id] = session
+        self.sessions[rec.node_id] = session
         metrics.ONLINE.set(len(self.sessions))
-        metrics.REGISTRATIONS.labels("ok", kind).inc()
+        return session
+
+    def _record_registration(self, rec: NodeRecord, peer: str, *, known: bool, replaced: bool) -> None:
+        metrics.REGISTRATIONS.labels("ok", "resumed" if known else "new").inc()
         if known:
-            metrics.RECONNECTS.labels("success", "replaced" if old is not None else "resumed").inc()
+            metrics.RECONNECTS.labels("success", "replaced" if replaced else "resumed").inc()
         self.audit.record(
             "nodeReconnect" if known else "nodeRegister",
-            actor=f"node:{node_id}",
-            node_id=node_id,
-            role=reg.role,
-            epoch=epoch,
-            reconnect_count=reconnects,
-            replaced_stream=old is not None,
+            actor=f"node:{rec.node_id}",
+            node_id=rec.node_id,
+            role=rec.role,
+            epoch=rec.epoch,
+            reconnect_count=rec.reconnect_count,
+            replaced_stream=replaced,
             peer=peer,
         )
-        registered = nodes_pb2.NodeRegistered(
-            epoch=epoch,
-            gates=self._gates(canvas),
-            heartbeat_interval_ms=int(policy.heartbeat_interval * 1000),
-            lease_ms=int(policy.lease * 1000),
-            resumed=known,
-        )
-        return session, registered
 
     def end_session(self, session: NodeSession, reason: str = "") -> None:
         """The stream of `session` ended (any cause). Idempotent."""
@@ -630,161 +453,17 @@ class NodeRegistry:
         session.last_seen = time.monotonic()
 
     def on_progress(self, session: NodeSession, progress: nodes_pb2.InvokeProgress) -> None:
-        session.last_seen = time.monotonic()
-        p = session.invokes.get(progress.invoke_id)
-        if p is not None and not p.done:
-            p.publish(nodes_pb2.InvokeNodeResponse(progress=progress))
+        self.invokes.on_progress(session, progress)
 
     def on_result(self, session: NodeSession, result: nodes_pb2.InvokeResult) -> None:
-        session.last_seen = time.monotonic()
-        p = session.invokes.pop(result.invoke_id, None)
-        if p is None or p.done:
-            return
-        metrics.INVOKE_LATENCY.observe(time.perf_counter() - p.started)
-        if not result.ok and result.error_code == "deadline_exceeded":
-            p.publish(self._deadline_error(p, "the node reported that the deadline passed"))
-        else:
-            p.publish(nodes_pb2.InvokeNodeResponse(result=result))
+        self.invokes.on_result(session, result)
 
-    # invoke -------------------------------------------------------------------------------
-
-    @staticmethod
-    def _deadline_error(p: PendingInvoke, why: str) -> FlynnError:
-        return FlynnError(
-            Code.DEADLINE_EXCEEDED,
-            f"invoke {p.invoke_id} of {p.command!r} on node {p.node_id!r} missed its deadline: {why}",
-            reason="INVOKE_DEADLINE_EXCEEDED",
-            metadata={"node_id": p.node_id, "invoke_id": p.invoke_id},
-        )
-
-    async def _dispatch(
-        self,
-        node_id: str,
-        command: str,
-        args_json: str,
-        deadline_wall: float,
-        idem_key: str,
-        fingerprint: str,
-    ) -> PendingInvoke:
-        session = self.sessions.get(node_id)
-        if session is None or session.closed:
-            known = await self.store.get_node(node_id) is not None
-            if not known:
-                raise errors.not_found("node_id", node_id, reason="NODE_NOT_FOUND")
-            raise errors.failed_precondition(
-                f"node {node_id!r} is not online", reason="NODE_OFFLINE", node_id=node_id
-            )
-        if command not in session.capabilities:
-            raise errors.failed_precondition(
-                f"node {node_id!r} did not declare command {command!r}",
-                reason="COMMAND_NOT_DECLARED",
-                node_id=node_id,
-                command=command,
-            )
-        if command.startswith("canvas.") and not session.canvas:
-            raise errors.failed_precondition(
-                "canvas commands are off (server.nodes.feature_gates.ui.canvas)",
-                reason="CANVAS_DISABLED",
-                command=command,
-            )
-        p = PendingInvoke(new_id("inv"), node_id, command, fingerprint, session, idem_key)
-        session.invokes[p.invoke_id] = p
-        msg = nodes_pb2.ConnectResponse(
-            invoke=nodes_pb2.InvokeRequest(
-                invoke_id=p.invoke_id, command=command, args_json=args_json, deadline=_ts(deadline_wall)
-            )
-        )
-        if tracing.ENABLED:  # the node continues the InvokeNode call's trace from its invoke message
-            trace_carrier = tracing.carrier()
-            msg.invoke.traceparent = trace_carrier.get(tracing.TRACEPARENT, "")
-            msg.invoke.tracestate = trace_carrier.get(tracing.TRACESTATE, "")
-        if not session.send(msg):
-            session.invokes.pop(p.invoke_id, None)
-            raise errors.unavailable(
-                f"node {node_id!r} is disconnecting", reason="NODE_DISCONNECTED", node_id=node_id
-            )
-        return p
-
-    async def invoke(
-        self, node_id: str, command: str, args_json: str, timeout_s: float, idempotency_key: str = ""
+    def invoke(
+        self, node_id: str, command: str, args_json: str, *, timeout_s: float, idempotency_key: str = ""
     ) -> AsyncIterator[nodes_pb2.InvokeNodeResponse]:
-        """Run `command` on the node: yields progress, then the result; raises FlynnError otherwise.
-
-        The node gets the absolute deadline now + timeout_s; the same deadline is enforced here.
-        """
-        deadline_wall = time.time() + timeout_s
-        loop_deadline = asyncio.get_running_loop().time() + timeout_s
-        fingerprint = hashlib.sha256(f"{command}\x00{args_json}".encode()).hexdigest()
-        key = (node_id, idempotency_key)
-        p = self._idem.get(key) if idempotency_key else None
-        if p is not None:
-            if p.fingerprint != fingerprint:
-                metrics.INVOKES.labels("refused").inc()
-                raise errors.invalid_argument(
-                    "idempotency_key",
-                    "was used for a different command or arguments on this node",
-                    reason="IDEMPOTENCY_KEY_REUSED",
-                )
-            if p.error is not None:  # failed attempts are not cached: a retry dispatches again
-                del self._idem[key]
-                p = None
-            else:
-                self._idem.move_to_end(key)
-        if p is None:
-            try:
-                p = await self._dispatch(
-                    node_id, command, args_json, deadline_wall, idempotency_key, fingerprint
-                )
-            except FlynnError:
-                metrics.INVOKES.labels("refused").inc()
-                raise
-            if idempotency_key:
-                self._idem[key] = p
-                while len(self._idem) > IDEMPOTENCY_MAX:
-                    self._idem.popitem(last=False)
-        q: asyncio.Queue[nodes_pb2.InvokeNodeResponse | FlynnError] = asyncio.Queue()
-        for seen in p.history:
-            q.put_nowait(seen)
-        if p.error is not None:
-            q.put_nowait(p.error)
-        p.subscribers.append(q)
-        outcome = "cached" if p.done else "cancelled"
-        try:
-            async with asyncio.timeout_at(loop_deadline):
-                while True:
-                    item = await q.get()
-                    if isinstance(item, FlynnError):
-                        outcome = (
-                            "deadline_exceeded" if item.code == Code.DEADLINE_EXCEEDED else "unavailable"
-                        )
-                        raise item
-                    yield item
-                    if item.HasField("result"):
-                        if outcome != "cached":
-                            outcome = "ok" if item.result.ok else "error"
-                        return
-        except TimeoutError:
-            outcome = "deadline_exceeded"
-            if not p.done:
-                p.session.invokes.pop(p.invoke_id, None)
-                p.publish(self._deadline_error(p, f"no answer within {timeout_s:.3f} s"))
-                self._cancel_on_node(p, "deadline_exceeded")
-            raise self._deadline_error(p, f"no answer within {timeout_s:.3f} s") from None
-        finally:
-            if q in p.subscribers:
-                p.subscribers.remove(q)
-            if not p.subscribers and not p.done and not p.idem_key:
-                # Nobody waits and no retry can attach: tell the node to stop, drop a late answer.
-                p.session.invokes.pop(p.invoke_id, None)
-                self._cancel_on_node(p, "cancelled")
-            metrics.INVOKES.labels(outcome).inc()
-            if p.error is not None and p.idem_key and self._idem.get((node_id, p.idem_key)) is p:
-                del self._idem[(node_id, p.idem_key)]
-
-    @staticmethod
-    def _cancel_on_node(p: PendingInvoke, reason: str) -> None:
-        p.session.send(
-            nodes_pb2.ConnectResponse(cancel=nodes_pb2.InvokeCancel(invoke_id=p.invoke_id, reason=reason))
+        """Run `command` on the node: yields progress, then the result (`Invokes.invoke`)."""
+        return self.invokes.invoke(
+            node_id, command, args_json, timeout_s=timeout_s, idempotency_key=idempotency_key
         )
 
     # gates --------------------------------------------------------------------------------
@@ -842,7 +521,7 @@ class NodeRegistry:
             if now - s.last_sent >= policy.heartbeat_interval:
                 s.send(
                     nodes_pb2.ConnectResponse(
-                        heartbeat=nodes_pb2.NodeHeartbeat(time=_ts(wall), epoch=s.epoch)
+                        heartbeat=nodes_pb2.NodeHeartbeat(time=timestamp(wall), epoch=s.epoch)
                     )
                 )
             if now >= s.flush_due:
@@ -867,25 +546,7 @@ class NodeRegistry:
     # reads --------------------------------------------------------------------------------
 
     def node_proto(self, rec: NodeRecord) -> nodes_pb2.Node:
-        s = self.sessions.get(rec.node_id)
-        last_seen = rec.last_seen
-        if s is not None:
-            last_seen = max(last_seen, time.time() - (time.monotonic() - s.last_seen))
-        online = (not s.closed) if s is not None else (self.shared and rec.online)
-        return nodes_pb2.Node(
-            node_id=rec.node_id,
-            role=rec.role,
-            capabilities=rec.capabilities,
-            status=nodes_pb2.NODE_STATUS_ONLINE if online else nodes_pb2.NODE_STATUS_OFFLINE,
-            epoch=rec.epoch,
-            last_seen_time=_ts(last_seen),
-            reconnect_count=rec.reconnect_count,
-            protocol_version=rec.protocol_version,
-            display_name=rec.display_name,
-            platform=rec.platform,
-            offline_reason="" if online else rec.offline_reason,
-            connect_time=_ts(rec.connect_time),
-        )
+        return node_proto(rec, self.sessions.get(rec.node_id), shared=self.shared)
 
     async def get_node(self, node_id: str) -> nodes_pb2.Node:
         rec = await self.store.get_node(node_id)
@@ -932,15 +593,32 @@ class NodeRegistry:
             if len(rows) < batch:
                 await changed.wait()
 
-    @staticmethod
-    def event_proto(r: EventRecord) -> nodes_pb2.NodeEvent:
-        return nodes_pb2.NodeEvent(
-            seq=r.seq,
-            type=r.type,  # type: ignore[arg-type]
-            node_id=r.node_id,
-            role=r.role,
-            epoch=r.epoch,
-            reason=r.reason,
-            artifact_name=r.artifact_name,
-            time=_ts(r.time),
-        )
+
+def node_proto(rec: NodeRecord, s: NodeSession | None, *, shared: bool) -> nodes_pb2.Node:
+    """The Node message of a stored node; `s` is its stream here, if any. Without a stream here the
+    stored online flag counts only when several replicas share the store (`shared`)."""
+    last_seen = rec.last_seen
+    if s is not None:
+        last_seen = max(last_seen, time.time() - (time.monotonic() - s.last_seen))
+    online = (not s.closed) if s is not None else (shared and rec.online)
+    return nodes_pb2.Node(
+        node_id=rec.node_id,
+        role=rec.role,
+        capabilities=rec.capabilities,
+        status=nodes_pb2.NODE_STATUS_ONLINE if online else nodes_pb2.NODE_STATUS_OFFLINE,
+        epoch=rec.epoch,
+        last_seen_time=timestamp(last_seen),
+        reconnect_count=rec.reconnect_count,
+        protocol_version=rec.protocol_version,
+        display_name=rec.display_name,
+        platform=rec.platform,
+        offline_reason="" if online else rec.offline_reason,
+        connect_time=timestamp(rec.connect_time),
+    )
+
+
+def event_proto(r: EventRecord) -> nodes_pb2.NodeEvent:
+    """The NodeEvent message of a stored event (the record's fields are the message's, by name)."""
+    fields = asdict(r)
+    fields["time"] = timestamp(r.time)
+    return nodes_pb2.NodeEvent(**fields)

@@ -7,10 +7,13 @@ also holds the canvas tables of canvas_store_pg.py). Writes return after their c
 
 from __future__ import annotations
 
+import json
 import time
-from collections.abc import Iterable
+from collections.abc import Iterable, Sequence
 from dataclasses import dataclass, field
-from typing import Protocol
+from typing import Any, Protocol, TypeAlias
+
+from flynn.v1 import nodes_pb2
 
 from flynn_runtime.server import Runtime
 
@@ -54,10 +57,17 @@ class NodeRecord:
     token_id: str = ""
 
 
+EventType: TypeAlias = nodes_pb2.NodeEventType.ValueType
+DISCONNECTED = nodes_pb2.NODE_EVENT_TYPE_DISCONNECTED
+
+# The columns of an events row, in the order `event_record` reads them.
+EVENT_COLS = "seq, type, node_id, role, epoch, reason, artifact_name, time"
+
+
 @dataclass(frozen=True)
 class EventRecord:
     seq: int
-    type: int
+    type: EventType
     node_id: str
     role: str
     epoch: int
@@ -68,7 +78,7 @@ class EventRecord:
 
 @dataclass(frozen=True)
 class NewEvent:
-    type: int
+    type: EventType
     node_id: str = ""
     role: str = ""
     epoch: int = 0
@@ -129,3 +139,29 @@ async def open_node_store(runtime: Runtime) -> NodeStore:
     from nodes_svc.node_store_pg import MIGRATIONS, PgNodeStore
 
     return PgNodeStore(await runtime.open_database(SCHEMA, MIGRATIONS))
+
+
+def event_record(r: Sequence[Any]) -> EventRecord:
+    """An events row (columns EVENT_COLS) of either backend."""
+    return EventRecord(
+        int(r[0]), EventType(int(r[1])), str(r[2]), str(r[3]), int(r[4]), str(r[5]), str(r[6]), float(r[7])
+    )
+
+
+def node_params(rec: NodeRecord) -> tuple[object, ...]:
+    """The values of a nodes row in the order of the stores' column list (capabilities as JSON)."""
+    return (
+        rec.node_id,
+        rec.role,
+        json.dumps(rec.capabilities),
+        rec.epoch,
+        rec.online,
+        rec.last_seen,
+        rec.connect_time,
+        rec.reconnect_count,
+        rec.protocol_version,
+        rec.display_name,
+        rec.platform,
+        rec.offline_reason,
+        rec.token_id,
+    )

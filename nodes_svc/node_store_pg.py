@@ -33,7 +33,18 @@ from flynn_runtime.sqlite_db import transaction
 from nodes_svc.canvas_store import CanvasStore
 from nodes_svc.canvas_store_pg import MIGRATION as CANVAS_MIGRATION
 from nodes_svc.canvas_store_pg import PUT_MIGRATION as CANVAS_PUT_MIGRATION
-from nodes_svc.node_store import SCHEMA, EpochConflict, EventRecord, NewEvent, NodeRecord, TokenRecord
+from nodes_svc.node_store import (
+    DISCONNECTED,
+    EVENT_COLS,
+    SCHEMA,
+    EpochConflict,
+    EventRecord,
+    NewEvent,
+    NodeRecord,
+    TokenRecord,
+    event_record,
+    node_params,
+)
 from nodes_svc.node_store_sqlite import SqliteNodeStore
 
 NODES_MIGRATION = Migration(
@@ -252,21 +263,7 @@ class PgNodeStore:
             " connect_time = excluded.connect_time, reconnect_count = excluded.reconnect_count,"
             " protocol_version = excluded.protocol_version, display_name = excluded.display_name,"
             " platform = excluded.platform, offline_reason = excluded.offline_reason, token_id = excluded.token_id",
-            (
-                rec.node_id,
-                rec.role,
-                json.dumps(rec.capabilities),
-                rec.epoch,
-                rec.online,
-                rec.last_seen,
-                rec.connect_time,
-                rec.reconnect_count,
-                rec.protocol_version,
-                rec.display_name,
-                rec.platform,
-                rec.offline_reason,
-                rec.token_id,
-            ),
+            node_params(rec),
         )
 
     async def mark_offline(
@@ -296,7 +293,7 @@ class PgNodeStore:
             rows = [_node(r) for r in await cur.fetchall()]
             now = time.time()
             for r in sorted(rows, key=lambda n: n.node_id):
-                await self._append(c, NewEvent(3, r.node_id, r.role, r.epoch, reason, "", now))
+                await self._append(c, NewEvent(DISCONNECTED, r.node_id, r.role, r.epoch, reason, "", now))
             return rows
 
     async def mark_owners_offline(self, owners: Sequence[str], reason: str) -> list[NodeRecord]:
@@ -312,7 +309,7 @@ class PgNodeStore:
             rows = [_node(r) for r in await cur.fetchall()]
             now = time.time()
             for r in sorted(rows, key=lambda n: n.node_id):
-                await self._append(c, NewEvent(3, r.node_id, r.role, r.epoch, reason, "", now))
+                await self._append(c, NewEvent(DISCONNECTED, r.node_id, r.role, r.epoch, reason, "", now))
             return rows
 
     async def touch_many(self, seen: Iterable[tuple[str, float]]) -> None:
@@ -371,14 +368,11 @@ class PgNodeStore:
     async def events_after(self, after_seq: int, limit: int) -> list[EventRecord]:
         async with self.db.connection() as c:
             cur = await c.execute(
-                "SELECT seq, type, node_id, role, epoch, reason, artifact_name, time FROM events"
-                " WHERE seq > %s ORDER BY seq LIMIT %s",
+                "SELECT " + EVENT_COLS + " FROM events WHERE seq > %s ORDER BY seq LIMIT %s",
                 (after_seq, limit),
             )
             rows = await cur.fetchall()
-        return [
-            EventRecord(int(r[0]), int(r[1]), r[2], r[3], int(r[4]), r[5], r[6], float(r[7])) for r in rows
-        ]
+        return [event_record(r) for r in rows]
 
     async def last_seq(self) -> int:
         async with self.db.connection() as c:

@@ -19,6 +19,7 @@ from contextlib import contextmanager
 from pathlib import Path
 
 from flynn_runtime.sqlite_db import open_db, transaction
+from nodes_svc import node_store
 from nodes_svc.node_store import EventRecord, NewEvent, NodeRecord, TokenRecord
 
 _SCHEMA = """
@@ -174,21 +175,7 @@ class SqliteNodeStore:
                 " connect_time=excluded.connect_time, reconnect_count=excluded.reconnect_count,"
                 " protocol_version=excluded.protocol_version, display_name=excluded.display_name,"
                 " platform=excluded.platform, offline_reason=excluded.offline_reason, token_id=excluded.token_id",
-                (
-                    rec.node_id,
-                    rec.role,
-                    json.dumps(rec.capabilities),
-                    rec.epoch,
-                    int(rec.online),
-                    rec.last_seen,
-                    rec.connect_time,
-                    rec.reconnect_count,
-                    rec.protocol_version,
-                    rec.display_name,
-                    rec.platform,
-                    rec.offline_reason,
-                    rec.token_id,
-                ),
+                node_store.node_params(rec),
             )
             return self._append(db, event)
 
@@ -212,7 +199,9 @@ class SqliteNodeStore:
             db.execute("UPDATE nodes SET online=0, offline_reason=? WHERE online=1", (reason,))
             now = time.time()
             for r in rows:
-                self._append(db, NewEvent(3, r.node_id, r.role, r.epoch, reason, "", now))
+                self._append(
+                    db, NewEvent(node_store.DISCONNECTED, r.node_id, r.role, r.epoch, reason, "", now)
+                )
             return rows
 
     async def touch_many(self, seen: Iterable[tuple[str, float]]) -> None:
@@ -238,20 +227,11 @@ class SqliteNodeStore:
             return self._append(db, e)
 
     async def events_after(self, after_seq: int, limit: int) -> list[EventRecord]:
-        rows = self._db.execute("SELECT * FROM events WHERE seq > ? ORDER BY seq LIMIT ?", (after_seq, limit))
-        return [
-            EventRecord(
-                r["seq"],
-                r["type"],
-                r["node_id"],
-                r["role"],
-                r["epoch"],
-                r["reason"],
-                r["artifact_name"],
-                r["time"],
-            )
-            for r in rows
-        ]
+        rows = self._db.execute(
+            f"SELECT {node_store.EVENT_COLS} FROM events WHERE seq > ? ORDER BY seq LIMIT ?",
+            (after_seq, limit),
+        )
+        return [node_store.event_record(r) for r in rows]
 
     async def last_seq(self) -> int:
         row = self._db.execute("SELECT MAX(seq) FROM events").fetchone()

@@ -18,7 +18,7 @@ from flynn_runtime.errors import FlynnError
 from flynn_runtime.server import Runtime
 from flynn_runtime.validation import Violations, page_size
 from nodes_svc.invoke_forwarder import FORWARDED_BY, InvokeForwarder
-from nodes_svc.node_registry import PROTOCOL_VERSION, NodeRegistry, NodeSession, SessionClose
+from nodes_svc.node_registry import PROTOCOL_VERSION, NodeRegistry, NodeSession, SessionClose, event_proto
 from nodes_svc.presence import Presence
 
 NODE_ID_RE = re.compile(r"^[A-Za-z0-9._-]{1,128}$")
@@ -90,7 +90,7 @@ class NodesServicer(nodes_pb2_grpc.NodesServicer):
 
     # Connect ------------------------------------------------------------------------------
 
-    async def Connect(  # type: ignore[override]
+    async def Connect(
         self, request_iterator: AsyncIterator[nodes_pb2.ConnectRequest], context: Ctx
     ) -> AsyncIterator[nodes_pb2.ConnectResponse]:
         if self.runtime.stopping.is_set():
@@ -155,7 +155,7 @@ class NodesServicer(nodes_pb2_grpc.NodesServicer):
 
     # Invoke -------------------------------------------------------------------------------
 
-    async def InvokeNode(  # type: ignore[override]
+    async def InvokeNode(
         self, request: nodes_pb2.InvokeNodeRequest, context: Ctx
     ) -> AsyncIterator[nodes_pb2.InvokeNodeResponse]:
         v = Violations()
@@ -187,7 +187,11 @@ class NodesServicer(nodes_pb2_grpc.NodesServicer):
                     yield item
                 return
         async for item in self.registry.invoke(
-            request.node_id, request.command, request.args_json or "{}", timeout, request.idempotency_key
+            request.node_id,
+            request.command,
+            request.args_json or "{}",
+            timeout_s=timeout,
+            idempotency_key=request.idempotency_key,
         ):
             yield item
 
@@ -241,11 +245,11 @@ class NodesServicer(nodes_pb2_grpc.NodesServicer):
 
     # Events -------------------------------------------------------------------------------
 
-    async def WatchNodeEvents(  # type: ignore[override]
+    async def WatchNodeEvents(
         self, request: nodes_pb2.WatchNodeEventsRequest, context: Ctx
     ) -> AsyncIterator[nodes_pb2.WatchNodeEventsResponse]:
         if request.after_seq < 0:
             raise errors.invalid_argument("after_seq", "must be >= 0")
         async for item in self.registry.watch_events(request.after_seq, self.runtime.stopping):
-            yield nodes_pb2.WatchNodeEventsResponse(event=self.registry.event_proto(item))
+            yield nodes_pb2.WatchNodeEventsResponse(event=event_proto(item))
         raise self.runtime.shutting_down_error()  # the service is stopping: reconnect with the cursor

@@ -18,8 +18,9 @@ from typing import TYPE_CHECKING
 from flynn.v1 import config_pb2
 from flynn.v1 import run_control_pb2 as pb
 
+from flynn_runtime.timestamps import duration_seconds
 from queue_svc.agents import Agent, AgentHooks, AgentInput, Cancelled, Failure, Outcome, RunSpec
-from queue_svc.ledger import ACTIVE, CANCEL_REQUESTED, _Live, _seconds
+from queue_svc.ledger import ACTIVE, CANCEL_REQUESTED, _Live
 
 if TYPE_CHECKING:
     from queue_svc.run_control import RunControl
@@ -78,7 +79,7 @@ class AgentDriver:
             channel=live.row.channel,
             inputs=tuple(AgentInput(i.message_id, i.sender, i.text) for i in live.row.inputs),
             attempt=live.row.attempt,
-            deadline=time.time() + _seconds(a.run_timeout, 120.0),
+            deadline=time.time() + duration_seconds(a.run_timeout, 120.0),
         )
         hooks = AgentHooks(
             on_chunk=lambda text: self._on_chunk(live, text),

@@ -13,12 +13,12 @@ from flynn.v1 import run_control_pb2_grpc
 from flynn_runtime import config_yaml
 from flynn_runtime.config_source import ConfigSource, StaticConfig
 from flynn_runtime.server import Runtime, ServiceApp
+from flynn_runtime.timestamps import duration_seconds
 from queue_svc import store_pg
 from queue_svc.access import DEFAULT_MAX_SESSIONS_PER_PRINCIPAL
 from queue_svc.agent_driver import AgentProvider
 from queue_svc.agents import EchoAgent, EchoSettings
 from queue_svc.grpc_agent import GrpcAgent
-from queue_svc.ledger import _seconds
 from queue_svc.ownership import Ownership, OwnershipSettings
 from queue_svc.run_control import RunControl
 from queue_svc.servicer import RunControlServicer
@@ -104,9 +104,9 @@ class QueueApp(ServiceApp):
     def _echo_settings(self) -> EchoSettings:
         a = self.config.config.server.agent
         return EchoSettings(
-            think_time=_seconds(a.think_time, 0.0),
+            think_time=duration_seconds(a.think_time, 0.0),
             chunks=max(a.chunks, 1),
-            chunk_interval=_seconds(a.chunk_interval, 0.0),
+            chunk_interval=duration_seconds(a.chunk_interval, 0.0),
         )
 
     def _voice_channel(self) -> grpc.aio.Channel | None:

@@ -64,7 +64,7 @@ class Peers:
         if stub is None:
             channel = client_channel(address, retries=False, credentials=self._credentials)
             self._channels[address] = channel
-            stub = self._stubs[address] = pb_grpc.RunControlStub(channel)  # type: ignore[no-untyped-call]
+            stub = self._stubs[address] = pb_grpc.RunControlStub(channel)
         return stub
 
     async def forward(

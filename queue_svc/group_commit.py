@@ -29,6 +29,7 @@ from typing import Protocol
 from flynn.v1 import run_control_pb2 as pb
 
 from flynn_runtime import errors
+from flynn_runtime.enum_names import short_names
 from flynn_runtime.errors import FlynnError
 from flynn_runtime.leases import StaleEpoch
 from queue_svc import metrics
@@ -37,11 +38,7 @@ from queue_svc.store import RunRow, SessionRow
 
 log = logging.getLogger(__name__)
 
-DELIVERY_NAMES = {
-    pb.DELIVERY_MODE_TEXT: "text",
-    pb.DELIVERY_MODE_AUDIO: "audio",
-    pb.DELIVERY_MODE_TEXT_AFTER_FALLBACK: "text_after_fallback",
-}
+DELIVERY_NAMES = short_names(pb.DeliveryMode, with_zero=False)
 
 
 class BatchStore(Protocol):

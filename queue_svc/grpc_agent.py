@@ -14,9 +14,9 @@ import time
 
 import grpc
 from flynn.v1 import agent_pb2, agent_pb2_grpc
-from google.protobuf import timestamp_pb2
 
 from flynn_runtime.channels import client_channel
+from flynn_runtime.timestamps import timestamp
 from queue_svc.agents import AgentHooks, AgentInput, AgentRun, Cancelled, Failure, Final, Outcome, RunSpec
 
 log = logging.getLogger(__name__)
@@ -56,8 +56,7 @@ class _GrpcRun:
             raise
 
     async def _writer(self) -> None:
-        deadline = timestamp_pb2.Timestamp()
-        deadline.FromNanoseconds(int(self._spec.deadline * 1e9))
+        deadline = timestamp(self._spec.deadline)
         start = agent_pb2.RunStart(
             run_id=self._spec.run_id,
             session_key=self._spec.session_key,
@@ -116,7 +115,7 @@ class GrpcAgent:
     def __init__(self, address: str, token: str = "") -> None:
         self.address = address
         self._channel = client_channel(address, token, retries=False)
-        self._stub: agent_pb2_grpc.AgentAsyncStub = agent_pb2_grpc.AgentStub(self._channel)  # type: ignore[assignment]
+        self._stub: agent_pb2_grpc.AgentAsyncStub = agent_pb2_grpc.AgentStub(self._channel)
 
     def open(self, spec: RunSpec, hooks: AgentHooks) -> AgentRun:
         return _GrpcRun(self._stub, spec, hooks)

@@ -18,17 +18,18 @@ from typing import TYPE_CHECKING
 
 from flynn.v1 import config_pb2
 from flynn.v1 import run_control_pb2 as pb
-from google.protobuf import duration_pb2, timestamp_pb2
 
 from flynn_runtime import errors, targeting, tracing
 from flynn_runtime.audit import AuditLog
 from flynn_runtime.config_source import ConfigSource
+from flynn_runtime.enum_names import short_names
+from flynn_runtime.timestamps import duration_seconds, timestamp
 from queue_svc import metrics
 from queue_svc.agents import AgentInput
 from queue_svc.fanout import Fanout
 from queue_svc.group_commit import GroupCommit, Op
 from queue_svc.run_trace import RunTracer
-from queue_svc.store import QueueStore, RunRow, SessionRow
+from queue_svc.store import QueueMode, QueueStore, RunRow, RunState, SessionRow
 
 if TYPE_CHECKING:
     from queue_svc.agents import AgentRun
@@ -43,22 +44,7 @@ ACTIVE = (STARTED, CANCEL_REQUESTED)
 COLLECT, FOLLOWUP = config_pb2.QUEUE_MODE_COLLECT, config_pb2.QUEUE_MODE_FOLLOWUP
 INTERRUPT, STEER = config_pb2.QUEUE_MODE_INTERRUPT, config_pb2.QUEUE_MODE_STEER
 
-STATE_NAMES = {
-    0: "none", QUEUED: "queued", STARTED: "started", CANCEL_REQUESTED: "cancel_requested",
-    CANCELLED: "cancelled", COMPLETED: "completed", ERROR: "error",
-}  # fmt: skip
-
-
-def _seconds(d: object, default: float) -> float:
-    assert isinstance(d, duration_pb2.Duration)
-    s = d.seconds + d.nanos / 1e9
-    return s if s > 0 else default
-
-
-def _ts(t: float) -> timestamp_pb2.Timestamp:
-    ts = timestamp_pb2.Timestamp()
-    ts.FromNanoseconds(int(t * 1e9))
-    return ts
+STATE_NAMES = {**short_names(pb.RunState), 0: "none"}
 
 
 # --- in-memory state ---------------------------------------------------------------------------
@@ -71,7 +57,7 @@ class _Entry:
     run_id: str = ""
     message: AgentInput | None = None
     receive_time: float = 0.0
-    mode: int = 0
+    mode: QueueMode = config_pb2.QUEUE_MODE_UNSPECIFIED
 
 
 @dataclass
@@ -233,11 +219,11 @@ class Ledger:
         self,
         op: Op,
         s: _Session,
-        type_: int,
+        type_: pb.RunEventType.ValueType,
         *,
         run: RunRow | None = None,
         message_id: str = "",
-        state: int = 0,
+        state: RunState = pb.RUN_STATE_UNSPECIFIED,
         reason: str = "",
         text: str = "",
         sender: str = "",
@@ -251,17 +237,17 @@ class Ledger:
             global_seq=self.commit.gseq,
             session_seq=s.last_seq,
             event_id=f"evt_{self.commit.gseq}",
-            type=type_,  # type: ignore[arg-type]
+            type=type_,
             session_key=s.key,
             channel=s.channel,
             run_id=run.run_id if run else "",
             message_id=message_id,
-            state=state,  # type: ignore[arg-type]
+            state=state,
             error_kind=error_kind,
             reason=reason,
             text=text,
             sender=sender,
-            time=_ts(time.time()),
+            time=timestamp(time.time()),
         )
         cz = causation or (run.causation if run else b"")
         if cz:
@@ -274,7 +260,7 @@ class Ledger:
         return ev
 
     def _audit_transition(
-        self, row: RunRow, old: int, new: int, reason: str, actor: str, **extra: str
+        self, row: RunRow, old: RunState, new: RunState, reason: str, actor: str, **extra: str
     ) -> None:
         metrics.RUNS.labels(STATE_NAMES[new]).inc()
         if self.audit is not None:
@@ -329,14 +315,16 @@ class Ledger:
         return self._q.cap if self._q.cap > 0 else 20
 
     def _cancel_deadline(self) -> float:
-        return _seconds(self._q.cancel_deadline, 2.0)
+        return duration_seconds(self._q.cancel_deadline, 2.0)
 
     def _quiet_window(self) -> float:
-        return _seconds(self._q.quiet_window, 0.0)
+        return duration_seconds(self._q.quiet_window, 0.0)
 
-    def effective_mode(self, session_key: str, channel: str, override: int = 0) -> pb.EffectiveMode:
+    def effective_mode(
+        self, session_key: str, channel: str, override: QueueMode = config_pb2.QUEUE_MODE_UNSPECIFIED
+    ) -> pb.EffectiveMode:
         d = targeting.queue_mode(self.config.config, targeting.Target(session_key, channel), override)
-        return pb.EffectiveMode(mode=d.value, source=d.source, config_revision=self.config.revision)  # type: ignore[arg-type]
+        return pb.EffectiveMode(mode=d.value, source=d.source, config_revision=self.config.revision)
 
     # --- reads ---------------------------------------------------------------------------------
 
@@ -378,7 +366,7 @@ class Ledger:
             effective_mode=self.effective_mode(s.key, s.channel),
         )
         if s.active and s.active in self._runs:
-            out.active_run_state = self._runs[s.active].row.state  # type: ignore[assignment]
+            out.active_run_state = self._runs[s.active].row.state
         for e in s.queue:
             queued = self._queued_message(e)
             if queued is not None:
@@ -395,8 +383,8 @@ class Ledger:
             first = live.row.inputs[0]
             m = AgentInput(first.message_id, first.sender, first.text)
         return pb.QueuedMessage(
-            message_id=m.message_id, text=m.text, sender=m.sender, mode=e.mode,  # type: ignore[arg-type]
-            receive_time=_ts(e.receive_time),
+            message_id=m.message_id, text=m.text, sender=m.sender, mode=e.mode,
+            receive_time=timestamp(e.receive_time),
         )  # fmt: skip
 
     def session_active_state(self, session_key: str) -> int:

@@ -5,6 +5,7 @@ from __future__ import annotations
 from flynn.v1 import config_pb2
 from prometheus_client import Counter, Gauge, Histogram
 
+from flynn_runtime.enum_names import short_names
 from flynn_runtime.histograms import CANCEL_BUCKETS
 
 LATENCY_BUCKETS = (0.001, 0.0025, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1.0, 2.5, 5.0)
@@ -19,9 +20,7 @@ MESSAGES = Counter("flynn_messages_total", "Messages submitted, by disposition."
 MESSAGES_BY_MODE = Counter(
     "flynn_messages_by_mode_total", "Messages submitted, by the queue mode that applied to them.", ["mode"]
 )
-QUEUE_MODE_NAMES = {
-    v: k.removeprefix("QUEUE_MODE_").lower() for k, v in config_pb2.QueueMode.items() if v != 0
-}
+QUEUE_MODE_NAMES = short_names(config_pb2.QueueMode, with_zero=False)
 for _name in QUEUE_MODE_NAMES.values():
     MESSAGES_BY_MODE.labels(_name)
 MESSAGES_DROPPED = Counter("flynn_messages_dropped_total", "Queued messages dropped, by reason.", ["reason"])

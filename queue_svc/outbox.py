@@ -13,13 +13,15 @@ import asyncio
 import logging
 import time
 
+from flynn.v1 import config_pb2
 from flynn.v1 import run_control_pb2 as pb
 
 from flynn_runtime import targeting
 from flynn_runtime.ids import new_id
+from flynn_runtime.timestamps import timestamp
 from queue_svc import metrics, speech
 from queue_svc.group_commit import Op
-from queue_svc.ledger import Ledger, _Live, _Session, _ts
+from queue_svc.ledger import Ledger, _Live, _Session
 from queue_svc.store import ReplyRow, RunRow
 
 log = logging.getLogger(__name__)
@@ -101,7 +103,7 @@ class Outbox:
         speak = targeting.tts_enabled(self.ledger.config.config, targeting.Target(s.key, s.channel)).value
         reply = pb.Reply(
             reply_id=reply_id, kind=pb.REPLY_KIND_FINAL, run_id=row.run_id, session_key=s.key, channel=s.channel,
-            text=text, create_time=_ts(time.time()),
+            text=text, create_time=timestamp(time.time()),
         )  # fmt: skip
         if row.causation:
             reply.causation.ParseFromString(row.causation)
@@ -116,7 +118,7 @@ class Outbox:
         if known is not None:
             return pb.Reply.FromString(known.data), True
         reply.reply_id = new_id("rpl")
-        reply.create_time.CopyFrom(_ts(time.time()))
+        reply.create_time.CopyFrom(timestamp(time.time()))
         target = targeting.Target(reply.session_key, reply.channel)
         want_speech = speak and targeting.tts_enabled(self.ledger.config.config, target).value
         await self.ledger._own(reply.session_key)
@@ -194,4 +196,11 @@ class Outbox:
     def _run_row_for_event(reply: pb.Reply) -> RunRow | None:
         if not reply.run_id:
             return None
-        return RunRow(reply.run_id, reply.session_key, reply.channel, 0, 0, [])
+        return RunRow(
+            reply.run_id,
+            reply.session_key,
+            reply.channel,
+            pb.RUN_STATE_UNSPECIFIED,
+            config_pb2.QUEUE_MODE_UNSPECIFIED,
+            [],
+        )

@@ -33,7 +33,9 @@ from flynn.v1 import run_control_pb2 as pb
 from flynn_runtime import errors, tracing
 from flynn_runtime.audit import AuditLog
 from flynn_runtime.config_source import ConfigSource
+from flynn_runtime.enum_names import short_names
 from flynn_runtime.ids import new_id
+from flynn_runtime.timestamps import timestamp
 from queue_svc import metrics, speech
 from queue_svc.agent_driver import AgentDriver, AgentProvider
 from queue_svc.agents import (
@@ -59,14 +61,21 @@ from queue_svc.ledger import (
     Ledger,
     _Entry,
     _Live,
-    _seconds,
     _Session,
-    _ts,
 )
 from queue_svc.outbox import Outbox, reply_id_for_run
 from queue_svc.ownership import Ownership
 from queue_svc.replica import Replica
-from queue_svc.store import InputRow, MessageRow, QueueEntryRow, QueueStore, RunRow
+from queue_svc.store import (
+    Disposition,
+    InputRow,
+    MessageRow,
+    QueueEntryRow,
+    QueueMode,
+    QueueStore,
+    RunRow,
+    RunState,
+)
 
 __all__ = [
     "AgentProvider",
@@ -75,7 +84,6 @@ __all__ = [
     "SubmitInput",
     "reply_id_for_run",
     "run_to_proto",
-    "_seconds",
 ]
 
 log = logging.getLogger(__name__)
@@ -85,9 +93,7 @@ _ALREADY: dict[int, int] = {
     CANCELLED: pb.CANCEL_OUTCOME_ALREADY_CANCELLED,
     ERROR: pb.CANCEL_OUTCOME_ALREADY_ERROR,
 }
-DISPOSITION_NAMES: dict[int, str] = {
-    v: k.removeprefix("DISPOSITION_").lower() for k, v in pb.Disposition.items()
-}
+DISPOSITION_NAMES: dict[int, str] = short_names(pb.Disposition)
 
 
 # --- inputs and results of operations --------------------------------------------------------
@@ -100,7 +106,7 @@ class SubmitInput:
     sender: str
     text: str
     idempotency_key: str
-    mode_override: int = 0
+    mode_override: QueueMode = config_pb2.QUEUE_MODE_UNSPECIFIED
     causation: common_pb2.Causation | None = None
     actor: str = "system"
 
@@ -108,10 +114,10 @@ class SubmitInput:
 @dataclass(frozen=True)
 class SubmitResult:
     message_id: str
-    disposition: int
+    disposition: Disposition
     run_id: str
     effective_mode: pb.EffectiveMode
-    original_disposition: int = 0
+    original_disposition: Disposition = pb.DISPOSITION_UNSPECIFIED
     interrupted_run_id: str = ""
     event_seq: int = 0
     #: The MESSAGE_RECEIVED event: its global_seq is final once the operation is durable (with
@@ -298,7 +304,9 @@ class RunControl(Ledger):
             )
         metrics.MESSAGES.labels(DISPOSITION_NAMES[disposition]).inc()
         metrics.MESSAGES_BY_MODE.labels(metrics.QUEUE_MODE_NAMES.get(eff.mode, "unspecified")).inc()
-        return SubmitResult(mid, disposition, run_id, eff, 0, interrupted, ev.global_seq, ev)
+        return SubmitResult(
+            mid, disposition, run_id, eff, pb.DISPOSITION_UNSPECIFIED, interrupted, ev.global_seq, ev
+        )
 
     def _duplicate(self, m: MessageRow) -> SubmitResult:
         metrics.MESSAGES.labels("duplicate").inc()
@@ -313,8 +321,8 @@ class RunControl(Ledger):
         )
 
     def _route(
-        self, op: Op, s: _Session, mode: int, inp: AgentInput, now: float, cz: bytes, actor: str
-    ) -> tuple[int, str, str]:
+        self, op: Op, s: _Session, mode: QueueMode, inp: AgentInput, now: float, cz: bytes, actor: str
+    ) -> tuple[Disposition, str, str]:
         """Decide what happens to a new message; returns (disposition, run id, interrupted run id)."""
         active = self._runs.get(s.active) if s.active else None
         if active is None and not s.queue:
@@ -433,7 +441,7 @@ class RunControl(Ledger):
     # --- runs --------------------------------------------------------------------------------
 
     def _new_run(
-        self, op: Op, s: _Session, mode: int, inputs: list[AgentInput], now: float, cz: bytes
+        self, op: Op, s: _Session, mode: QueueMode, inputs: list[AgentInput], now: float, cz: bytes
     ) -> _Live:
         row = RunRow(
             run_id=new_id("run"),
@@ -450,7 +458,9 @@ class RunControl(Ledger):
         s.run_count += 1
         op.runs[row.run_id] = row
         self._event(op, s, pb.RUN_EVENT_TYPE_RUN_QUEUED, run=row, state=QUEUED)
-        self._audit_transition(row, 0, QUEUED, "", "system", mode=config_pb2.QueueMode.Name(mode))  # type: ignore[arg-type]
+        self._audit_transition(
+            row, pb.RUN_STATE_UNSPECIFIED, QUEUED, "", "system", mode=config_pb2.QueueMode.Name(mode)
+        )
         return live
 
     def _transition(
@@ -458,8 +468,8 @@ class RunControl(Ledger):
         op: Op,
         s: _Session,
         live: _Live,
-        new: int,
-        ev_type: int,
+        new: RunState,
+        ev_type: pb.RunEventType.ValueType,
         reason: str,
         actor: str,
         error_kind: str = "",
@@ -528,7 +538,7 @@ class RunControl(Ledger):
         op: Op,
         s: _Session,
         live: _Live,
-        state: int,
+        state: RunState,
         *,
         reason: str = "",
         actor: str,
@@ -543,11 +553,11 @@ class RunControl(Ledger):
         row.end_time = time.time()
         if state == ERROR:
             row.error_kind, row.error_message = error_kind, error_message
-        ev_type: int = {
+        ev_type = {
             CANCELLED: pb.RUN_EVENT_TYPE_RUN_CANCELLED,
             COMPLETED: pb.RUN_EVENT_TYPE_RUN_COMPLETED,
             ERROR: pb.RUN_EVENT_TYPE_RUN_ERROR,
-        }[state]  # type: ignore[index]
+        }[state]
         self._transition(op, s, live, state, ev_type, reason, actor, error_kind=error_kind, text=text)
         if live.force is not None:
             live.force.cancel()
@@ -700,22 +710,22 @@ def run_to_proto(row: RunRow) -> pb.Run:
         run_id=row.run_id,
         session_key=row.session_key,
         channel=row.channel,
-        state=row.state,  # type: ignore[arg-type]
+        state=row.state,
         message_ids=[i.message_id for i in row.inputs],
-        mode=row.mode,  # type: ignore[arg-type]
+        mode=row.mode,
         error_kind=row.error_kind,
         error_message=row.error_message,
         output=row.output,
         final_reply_id=row.final_reply_id,
-        create_time=_ts(row.create_time),
+        create_time=timestamp(row.create_time),
         attempt=row.attempt,
         steered_texts=row.steered,
         cancel_reason=row.cancel_reason,
     )
     if row.start_time is not None:
-        r.start_time.CopyFrom(_ts(row.start_time))
+        r.start_time.CopyFrom(timestamp(row.start_time))
     if row.cancel_request_time is not None:
-        r.cancel_request_time.CopyFrom(_ts(row.cancel_request_time))
+        r.cancel_request_time.CopyFrom(timestamp(row.cancel_request_time))
     if row.end_time is not None:
-        r.end_time.CopyFrom(_ts(row.end_time))
+        r.end_time.CopyFrom(timestamp(row.end_time))
     return r

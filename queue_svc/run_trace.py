@@ -31,18 +31,16 @@ from flynn.v1 import config_pb2
 from flynn.v1 import run_control_pb2 as pb
 
 from flynn_runtime import tracing
+from flynn_runtime.enum_names import short_name, short_names
+from flynn_runtime.timestamps import seconds_of
 from queue_svc.store import RunRow
 
 QUEUED_MIN_SECONDS = 0.001  # below this a run started in the operation that made it: no queued span
 MAX_REMEMBERED = 100_000  # traceparents of messages not yet in a run (collect buffers, pending steers)
 
-_KINDS: dict[int, str] = {int(v): k.removeprefix("REPLY_KIND_").lower() for k, v in pb.ReplyKind.items()}
-_DELIVERIES: dict[int, str] = {
-    int(v): k.removeprefix("DELIVERY_MODE_").lower() for k, v in pb.DeliveryMode.items()
-}
-_MODES: dict[int, str] = {
-    int(v): k.removeprefix("QUEUE_MODE_").lower() for k, v in config_pb2.QueueMode.items()
-}
+_KINDS: dict[int, str] = short_names(pb.ReplyKind)
+_DELIVERIES: dict[int, str] = short_names(pb.DeliveryMode)
+_MODES: dict[int, str] = short_names(config_pb2.QueueMode)
 
 
 # What the running span carries from its start (not set again when it ends).
@@ -107,7 +105,7 @@ class RunTracer:
         if t == pb.RUN_EVENT_TYPE_RUN_OUTPUT or not tracing.sampled(tp):
             return  # no trace to join (accepted while tracing was off), or not sampled: nothing recorded
         if t == pb.RUN_EVENT_TYPE_MESSAGE_RECEIVED:
-            self._remember(ev.message_id, tp, ev.time.ToNanoseconds() / 1e9)
+            self._remember(ev.message_id, tp, seconds_of(ev.time))
             return
         now = time.time()
         attrs = _base(ev)
@@ -173,7 +171,7 @@ class RunTracer:
     def _terminal(
         self, ev: pb.RunEvent, row: RunRow | None, tp: str, attrs: dict[str, Any], now: float
     ) -> None:
-        state = pb.RunState.Name(ev.state).removeprefix("RUN_STATE_").lower()
+        state = short_name(pb.RunState, ev.state)
         attrs["flynn.run.state"] = state
         if row is not None and row.start_time is None:  # ended while queued
             self._phase("flynn.run.queued", tp, _queued(attrs, row), row.create_time, now)

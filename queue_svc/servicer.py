@@ -16,6 +16,7 @@ from grpc.aio import ServicerContext
 from flynn_runtime import errors, tracing
 from flynn_runtime.auth import actor, principal
 from flynn_runtime.channels import downstream_timeout
+from flynn_runtime.enum_names import short_name
 from flynn_runtime.ids import is_id
 from flynn_runtime.server import Runtime
 from flynn_runtime.validation import Violations, page_size
@@ -164,22 +165,18 @@ class RunControlServicer(pb_grpc.RunControlServicer):
                     "flynn.session": request.session_key,
                     "flynn.message.id": res.message_id,
                     "flynn.run.id": res.run_id or None,
-                    "flynn.disposition": pb.Disposition.Name(res.disposition)  # type: ignore[arg-type]
-                    .removeprefix("DISPOSITION_")
-                    .lower(),
-                    "flynn.queue.mode": config_pb2.QueueMode.Name(res.effective_mode.mode)
-                    .removeprefix("QUEUE_MODE_")
-                    .lower(),
+                    "flynn.disposition": short_name(pb.Disposition, res.disposition),
+                    "flynn.queue.mode": short_name(config_pb2.QueueMode, res.effective_mode.mode),
                     **tracing.content("flynn.message.text", request.text),
                 }
             )
         await self.rc.durable()  # persisted before acknowledged
         return pb.SubmitMessageResponse(
             message_id=res.message_id,
-            disposition=res.disposition,  # type: ignore[arg-type]
+            disposition=res.disposition,
             run_id=res.run_id,
             effective_mode=res.effective_mode,
-            original_disposition=res.original_disposition,  # type: ignore[arg-type]
+            original_disposition=res.original_disposition,
             interrupted_run_id=res.interrupted_run_id,
             event_seq=res.durable_event_seq,
         )
@@ -225,9 +222,7 @@ class RunControlServicer(pb_grpc.RunControlServicer):
                 {
                     "flynn.session": request.session_key or None,
                     "flynn.run.id": res.run_id or None,
-                    "flynn.cancel.outcome": pb.CancelOutcome.Name(res.outcome)  # type: ignore[arg-type]
-                    .removeprefix("CANCEL_OUTCOME_")
-                    .lower(),
+                    "flynn.cancel.outcome": short_name(pb.CancelOutcome, res.outcome),
                 }
             )
         return pb.CancelRunResponse(

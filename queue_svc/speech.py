@@ -37,7 +37,7 @@ class SpeechFailure(Exception):
 @dataclass(frozen=True)
 class SpeechRequest:
     text: str
-    encoding: int  # common_pb2.AudioEncoding
+    encoding: common_pb2.AudioEncoding.ValueType
     voice: str
     engines: tuple[str, ...]
     timeout: float

@@ -23,7 +23,10 @@ import logging
 from collections.abc import Callable, Sequence
 from concurrent.futures import Executor
 from dataclasses import dataclass, field
-from typing import TypeVar
+from typing import Any, TypeAlias, TypeVar
+
+from flynn.v1 import config_pb2
+from flynn.v1 import run_control_pb2 as pb
 
 from flynn_runtime.leases import StaleEpoch
 from queue_svc import metrics
@@ -31,6 +34,11 @@ from queue_svc import metrics
 log = logging.getLogger(__name__)
 
 PAGE = 500
+
+RunState: TypeAlias = pb.RunState.ValueType
+QueueMode: TypeAlias = config_pb2.QueueMode.ValueType
+Disposition: TypeAlias = pb.Disposition.ValueType
+ReplyKind: TypeAlias = pb.ReplyKind.ValueType
 
 
 @dataclass
@@ -52,8 +60,8 @@ class RunRow:
     run_id: str
     session_key: str
     channel: str
-    state: int
-    mode: int
+    state: RunState
+    mode: QueueMode
     inputs: list[InputRow]
     steered: list[str] = field(default_factory=list)
     error_kind: str = ""
@@ -77,8 +85,8 @@ class MessageRow:
     channel: str
     sender: str
     text: str
-    mode: int
-    disposition: int
+    mode: QueueMode
+    disposition: Disposition
     run_id: str
     interrupted_run_id: str
     effective_mode: bytes
@@ -109,7 +117,7 @@ class QueueEntryRow:
 class ReplyRow:
     reply_id: str
     cursor: int | None
-    kind: int
+    kind: ReplyKind
     run_id: str
     session_key: str
     channel: str
@@ -124,28 +132,28 @@ RUN_COLS = (
 )
 
 
-def run_from(row: Sequence[object]) -> RunRow:
+def run_from(row: Sequence[Any]) -> RunRow:
     """A RunRow from the columns of RUN_COLS, in order."""
     r = tuple(row)
     return RunRow(
         run_id=str(r[0]),
         session_key=str(r[1]),
         channel=str(r[2]),
-        state=int(r[3]),  # type: ignore[call-overload]
-        mode=int(r[4]),  # type: ignore[call-overload]
+        state=RunState(int(r[3])),
+        mode=QueueMode(int(r[4])),
         inputs=[InputRow.from_json(d) for d in json.loads(str(r[5]))],
         steered=list(json.loads(str(r[6]))),
         error_kind=str(r[7]),
         error_message=str(r[8]),
         output=str(r[9]),
         final_reply_id=str(r[10]),
-        create_time=float(r[11]),  # type: ignore[arg-type]
-        start_time=None if r[12] is None else float(r[12]),  # type: ignore[arg-type]
-        cancel_request_time=None if r[13] is None else float(r[13]),  # type: ignore[arg-type]
-        end_time=None if r[14] is None else float(r[14]),  # type: ignore[arg-type]
-        attempt=int(r[15]),  # type: ignore[call-overload]
+        create_time=float(r[11]),
+        start_time=None if r[12] is None else float(r[12]),
+        cancel_request_time=None if r[13] is None else float(r[13]),
+        end_time=None if r[14] is None else float(r[14]),
+        attempt=int(r[15]),
         cancel_reason=str(r[16]),
-        causation=bytes(r[17]),  # type: ignore[call-overload]
+        causation=bytes(r[17]),
     )
 
 
@@ -184,14 +192,14 @@ MESSAGE_COLS = (
 REPLY_COLS = "reply_id, cursor, kind, run_id, session_key, channel, idempotency_key, speech_state, data"
 
 
-def message_from(r: Sequence[object]) -> MessageRow:
-    m = MessageRow(*r)  # type: ignore[arg-type]
+def message_from(r: Sequence[Any]) -> MessageRow:
+    m = MessageRow(*r)
     m.effective_mode, m.causation = bytes(m.effective_mode), bytes(m.causation)
     return m
 
 
-def reply_from(r: Sequence[object]) -> ReplyRow:
-    row = ReplyRow(*r)  # type: ignore[arg-type]
+def reply_from(r: Sequence[Any]) -> ReplyRow:
+    row = ReplyRow(*r)
     row.data = bytes(row.data)
     return row
 

@@ -26,7 +26,7 @@ class VoiceSynthesizer:
         req = voice_pb2.SynthesizeRequest(
             text=request.text[:5000],
             voice=voice_pb2.VoiceSelection(name=request.voice),
-            audio_config=voice_pb2.AudioConfig(encoding=request.encoding),  # type: ignore[arg-type]
+            audio_config=voice_pb2.AudioConfig(encoding=request.encoding),
             engines=list(request.engines),
         )
         try:

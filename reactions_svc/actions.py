@@ -23,6 +23,7 @@ from flynn.v1 import (
 
 from flynn_runtime import tracing
 from flynn_runtime.server import Runtime
+from flynn_runtime.timestamps import duration_value
 from reactions_svc.engine import child_causation
 from reactions_svc.reactor import ActionContext, ActionOutcome
 from reactions_svc.rules import substitute
@@ -136,7 +137,7 @@ class GrpcActionRunner:
             node = a2.node_id or ev.node_id
             if not node:
                 return ActionOutcome(False, error="invoke_node: no node (set invoke_node.node_id)")
-            t = a2.timeout.seconds + a2.timeout.nanos / 1e9 or 5.0
+            t = duration_value(a2.timeout) or 5.0
             call = nodes_pb2_grpc.NodesStub(self.runtime.channel("nodes")).InvokeNode(
                 nodes_pb2.InvokeNodeRequest(
                     node_id=node,

@@ -14,15 +14,40 @@ from __future__ import annotations
 
 from collections.abc import Callable
 from dataclasses import dataclass
+from typing import cast
 
 from flynn.v1 import common_pb2, config_pb2, reactions_pb2
 
+from flynn_runtime.enum_names import short_names
 from flynn_runtime.targeting import Target, rule_in_rollout
-from reactions_svc.rules import WORD_RE, CompiledRule, RuleSet
+from reactions_svc.rules import WORD_RE, CompiledRule, RuleSet, StaticTraces, TypeIndex
 from reactions_svc.rules import event_type_name as event_type_name
+from reactions_svc.trace import Trace
+
+__all__ = [
+    "MATCHED",
+    "SKIP_ACTION_ERROR",
+    "SKIP_CONDITION",
+    "SKIP_COOLDOWN",
+    "SKIP_DISABLED",
+    "SKIP_EXCLUSIVE",
+    "SKIP_MAX_FIRES",
+    "SKIP_RECURSION",
+    "SKIP_ROLLOUT",
+    "SKIP_SCOPE",
+    "Evaluation",
+    "FireState",
+    "Trace",
+    "bound_text",
+    "child_causation",
+    "evaluate",
+    "event_type_name",
+    "reason_name",
+]
 
 MAX_EVAL_BYTES = 64 * 1024
 
+MATCHED = reactions_pb2.SKIP_REASON_UNSPECIFIED
 SKIP_SCOPE = reactions_pb2.SKIP_REASON_SCOPE
 SKIP_CONDITION = reactions_pb2.SKIP_REASON_CONDITION
 SKIP_COOLDOWN = reactions_pb2.SKIP_REASON_COOLDOWN
@@ -33,33 +58,11 @@ SKIP_ROLLOUT = reactions_pb2.SKIP_REASON_ROLLOUT
 SKIP_EXCLUSIVE = reactions_pb2.SKIP_REASON_EXCLUSIVE
 SKIP_ACTION_ERROR = reactions_pb2.SKIP_REASON_ACTION_ERROR
 
-REASON_NAMES: dict[int, str] = {
-    v: k.removeprefix("SKIP_REASON_").lower() for k, v in reactions_pb2.SkipReason.items() if v != 0
-}
-
-_COOLDOWN_KEY_NAMES = {
-    config_pb2.COOLDOWN_KEY_SESSION: "session",
-    config_pb2.COOLDOWN_KEY_CHANNEL: "channel",
-    config_pb2.COOLDOWN_KEY_SENDER: "sender",
-    config_pb2.COOLDOWN_KEY_GLOBAL: "global",
-}
+REASON_NAMES: dict[int, str] = short_names(reactions_pb2.SkipReason, with_zero=False)
 
 
 def reason_name(reason: int) -> str:
     return REASON_NAMES.get(reason, "match" if reason == 0 else str(reason))
-
-
-@dataclass(slots=True)
-class Trace:
-    """One (event, rule) outcome. Static skips (disabled, other event type) are shared between events."""
-
-    rule_id: str
-    matched: bool
-    reason: int
-    detail: str
-    # False when the rule does not listen to this event type (or is disabled): noise for per-rule views.
-    listening: bool = True
-    cooldown_key: str = ""
 
 
 @dataclass(slots=True)
@@ -177,59 +180,6 @@ def _field_getter(ev: reactions_pb2.ReactionEvent, text: str) -> Callable[[str],
     return get
 
 
-class _StaticTraces:
-    """Traces that never change for a rule set, built once: per event type the rules that cannot fire on
-    it (disabled, other type), and per rule its scope skips, so most skips cost no allocation."""
-
-    def __init__(self, rules: RuleSet) -> None:
-        self._rules = rules
-        self._by_type: dict[int, list[Trace | None]] = {}
-        self.channel = [
-            Trace(c.id, False, SKIP_SCOPE, "channel not in trigger.channels") for c in rules.rules
-        ]
-        self.session = [
-            Trace(c.id, False, SKIP_SCOPE, "session not in trigger.sessions") for c in rules.rules
-        ]
-        self.sender = [Trace(c.id, False, SKIP_SCOPE, "sender not in trigger.senders") for c in rules.rules]
-        self.keyword = [Trace(c.id, False, SKIP_SCOPE, "no trigger keyword in text") for c in rules.rules]
-        self.regex = [
-            Trace(c.id, False, SKIP_SCOPE, "trigger.regex did not match the text") for c in rules.rules
-        ]
-
-    def for_type(self, t: int) -> list[Trace | None]:
-        got = self._by_type.get(t)
-        if got is None:
-            name = event_type_name(t)
-            got = []
-            for c in self._rules.rules:
-                if not c.enabled:
-                    got.append(
-                        Trace(c.id, False, SKIP_DISABLED, "rule is disabled", listening=c.event_type == t)
-                    )
-                elif c.event_type != t:
-                    got.append(
-                        Trace(
-                            c.id,
-                            False,
-                            SKIP_SCOPE,
-                            f"rule listens to {event_type_name(c.event_type)}, event is {name}",
-                            listening=False,
-                        )
-                    )
-                else:
-                    got.append(None)
-            self._by_type[t] = got
-        return got
-
-
-def _statics(rules: RuleSet) -> _StaticTraces:
-    st: _StaticTraces | None = getattr(rules, "_statics", None)
-    if st is None:
-        st = _StaticTraces(rules)
-        rules._statics = st  # type: ignore[attr-defined]
-    return st
-
-
 _ROLLOUT_CACHE_MAX = 4096
 
 
@@ -245,6 +195,205 @@ def _in_rollout(c: CompiledRule, session: str, channel: str) -> tuple[bool, str]
     return got
 
 
+class _EventView:
+    """What the checks read of one event: its scope fields and causation up front, its text, keyword
+    hits, regex hits, fields and cooldown keys computed the first time a rule needs them."""
+
+    __slots__ = (
+        "ev",
+        "ti",
+        "channel",
+        "session",
+        "sender",
+        "depth",
+        "reaction_origin",
+        "fired_in_chain",
+        "chain",
+        "in_chain",
+        "_text",
+        "_lowered",
+        "_keyword_hits",
+        "_regex_hits",
+        "_raw",
+        "_get_field",
+        "_keys",
+    )
+
+    def __init__(self, ev: reactions_pb2.ReactionEvent, ti: TypeIndex) -> None:
+        self.ev = ev
+        self.ti = ti
+        self.channel, self.session, self.sender = ev.channel, ev.session_key, ev.sender
+        cz = ev.causation
+        self.depth = cz.depth
+        self.reaction_origin = cz.origin == common_pb2.ORIGIN_REACTION or cz.depth > 0
+        self.fired_in_chain = frozenset(cz.fired_rule_ids) if cz.fired_rule_ids else frozenset()
+        self.chain = cz.chain_id or ev.event_id
+        # The recursion guard can only skip a rule for an event caused by reactions.
+        self.in_chain = self.reaction_origin or bool(self.fired_in_chain)
+        self._text: str | None = None
+        self._lowered: str | None = None
+        self._keyword_hits: set[int] | None = None
+        self._regex_hits: set[int] | None = None
+        self._raw: bytes | None = None
+        self._get_field: Callable[[str], str] | None = None
+        self._keys: dict[int, str] | None = None
+
+    def text(self) -> str:
+        if self._text is None:
+            self._text = bound_text(self.ev.text)
+        return self._text
+
+    def lowered(self) -> str:
+        if self._lowered is None:
+            self._lowered = self.text().lower()
+        return self._lowered
+
+    def keyword_hits(self) -> set[int]:
+        """Indexes of the rules one of whose single-word keywords is a word of the text."""
+        if self._keyword_hits is None:
+            self._keyword_hits = set()
+            idx = self.ti.keyword_index
+            if idx:
+                for w in set(WORD_RE.findall(self.lowered())).intersection(idx):
+                    self._keyword_hits.update(idx[w])
+        return self._keyword_hits
+
+    def raw(self) -> bytes:
+        if self._raw is None:
+            self._raw = self.text().encode("utf-8", "replace")
+        return self._raw
+
+    def regex_hits(self) -> set[int] | None:
+        """Regex slots whose regex matches the text, when the type's regexes share a filter."""
+        f = self.ti.regex_filter
+        if f is None:
+            return None
+        if self._regex_hits is None:
+            self._regex_hits = set(f.Match(self.raw()) or ())
+        return self._regex_hits
+
+    def field(self, name: str) -> str:
+        if self._get_field is None:
+            self._get_field = _field_getter(self.ev, self.text())
+        return self._get_field(name)
+
+    def cooldown_key(self, c: CompiledRule) -> str:
+        if self._keys is None:
+            self._keys = {
+                config_pb2.COOLDOWN_KEY_SESSION: f"session:{self.session}",
+                config_pb2.COOLDOWN_KEY_CHANNEL: f"channel:{self.channel}",
+                config_pb2.COOLDOWN_KEY_SENDER: f"sender:{self.sender}",
+                config_pb2.COOLDOWN_KEY_GLOBAL: "global",
+            }
+        return self._keys[c.cooldown_key]
+
+
+# The checks, in the order of the module docstring: each returns the skip trace, or None to go on.
+
+
+def _scope_pass(
+    ti: TypeIndex, v: _EventView, statics: StaticTraces, traces: list[Trace]
+) -> list[CompiledRule]:
+    """The scope check (channel, session, sender, keywords, regex) of every rule listening to the
+    event's type, in one pass: out-of-scope rules get their static trace, the others are returned in
+    order. Scope depends on nothing but the event, so checking it for all rules first gives the
+    same traces as checking rule by rule; most rules stop here, so this loop calls nothing per rule."""
+    channel, session, sender = v.channel, v.session, v.sender
+    keyword_hits: set[int] | None = None
+    lowered = ""
+    regex_hits: set[int] | None = None
+    in_scope: list[CompiledRule] = []
+    for c in ti.rules:
+        i = c.index
+        if c.channels and channel not in c.channels:
+            traces[i] = statics.channel[i]
+            continue
+        if c.sessions and session not in c.sessions:
+            traces[i] = statics.session[i]
+            continue
+        if c.senders and sender not in c.senders:
+            traces[i] = statics.sender[i]
+            continue
+        if c.words or c.phrases:
+            if keyword_hits is None:
+                keyword_hits, lowered = v.keyword_hits(), v.lowered()
+            if i not in keyword_hits and not (c.phrases and any(p in lowered for p in c.phrases)):
+                traces[i] = statics.keyword[i]
+                continue
+        if c.regex is not None:
+            if regex_hits is None:
+                regex_hits = v.regex_hits()
+            hit = (
+                c.regex_slot in regex_hits if regex_hits is not None else c.regex.search(v.raw()) is not None
+            )
+            if not hit:
+                traces[i] = statics.regex[i]
+                continue
+        in_scope.append(c)
+    return in_scope
+
+
+def _condition(c: CompiledRule, v: _EventView) -> Trace | None:
+    for cond in c.conditions:
+        got = v.field(cond.field)
+        if not cond.test(got):
+            shown = got if len(got) <= 40 else got[:40] + "…"
+            return Trace(c.id, False, SKIP_CONDITION, f"condition {cond.describe} failed (got {shown!r})")
+    return None
+
+
+def _recursion(c: CompiledRule, v: _EventView) -> Trace | None:
+    if v.reaction_origin:
+        if not c.allow_reaction_origin:
+            return Trace(
+                c.id,
+                False,
+                SKIP_RECURSION,
+                f"event caused by a reaction (chain {v.chain}, depth {v.depth}); "
+                "rule does not allow reaction origin",
+            )
+        if v.depth > c.max_depth:
+            return Trace(
+                c.id,
+                False,
+                SKIP_RECURSION,
+                f"chain {v.chain} depth {v.depth} exceeds max_depth {c.max_depth}",
+            )
+    if v.fired_in_chain and c.id in v.fired_in_chain:
+        return Trace(c.id, False, SKIP_RECURSION, f"rule already fired in chain {v.chain}")
+    return None
+
+
+def _rollout(c: CompiledRule, v: _EventView) -> Trace | None:
+    inside, why = _in_rollout(c, v.session, v.channel)
+    return None if inside else Trace(c.id, False, SKIP_ROLLOUT, why)
+
+
+def _exclusive(c: CompiledRule, exclusive_by: str) -> Trace:
+    return Trace(c.id, False, SKIP_EXCLUSIVE, f"exclusive rule {exclusive_by!r} fired first")
+
+
+def _limits(c: CompiledRule, key: str, state: FireState, now: float) -> Trace | None:
+    """Cooldown, then the fire cap (flood breaker), for the rule's cooldown key value."""
+    if c.cooldown_s > 0:
+        left = state.cooldown_left(c.id, key, c.cooldown_s, now)
+        if left > 0:
+            return Trace(
+                c.id, False, SKIP_COOLDOWN, f"cooldown {left:.1f} s left for {key}", cooldown_key=key
+            )
+    if c.max_fires > 0:
+        n = state.window_count(c.id, key, c.window_s, now)
+        if n >= c.max_fires:
+            return Trace(
+                c.id,
+                False,
+                SKIP_MAX_FIRES,
+                f"held by the flood breaker: {n} fires in {c.window_s:g} s for {key} (cap {c.max_fires})",
+                cooldown_key=key,
+            )
+    return None
+
+
 def evaluate(
     ev: reactions_pb2.ReactionEvent,
     rules: RuleSet,
@@ -254,150 +403,36 @@ def evaluate(
     dry_run: bool = False,
 ) -> Evaluation:
     """Evaluate `ev` against every rule, in order; record fires in `state` unless dry_run."""
-    t = ev.type
-    statics = _statics(rules)
-    traces: list[Trace] = list(statics.for_type(t))  # type: ignore[arg-type]
+    statics = rules.statics
+    # Rules that cannot fire on this type (disabled, listening to another) have their trace already;
+    # the None slots are filled below.
+    traces = cast(list[Trace], list(statics.for_type(ev.type)))
     matched: list[CompiledRule] = []
-    ti = rules.by_type.get(t)
+    ti = rules.by_type.get(ev.type)
     if ti is None:
         return Evaluation(ev.event_id, rules.revision, traces, matched)
-
-    channel, session, sender = ev.channel, ev.session_key, ev.sender
-    cz = ev.causation
-    depth = cz.depth
-    reaction_origin = cz.origin == 2 or depth > 0  # ORIGIN_REACTION
-    fired_in_chain = frozenset(cz.fired_rule_ids) if cz.fired_rule_ids else frozenset()
-    chain = cz.chain_id or ev.event_id
-
-    text: str | None = None
-    lowered: str | None = None
-    keyword_hits: set[int] | None = None
-    regex_hits: set[int] | None = None
-    raw: bytes | None = None
-    get_field: Callable[[str], str] | None = None
-    keys: dict[int, str] | None = None
+    v = _EventView(ev, ti)
     exclusive_by = ""
-    s_channel, s_session, s_sender, s_keyword, s_regex = (
-        statics.channel,
-        statics.session,
-        statics.sender,
-        statics.keyword,
-        statics.regex,
-    )
-
-    for c in ti.rules:
-        i = c.index
-        if c.channels and channel not in c.channels:
-            traces[i] = s_channel[i]
+    for c in _scope_pass(ti, v, statics, traces):
+        # The later checks in order, each only where it can apply (most rules in scope need few).
+        skip = _condition(c, v) if c.conditions else None
+        if skip is None and v.in_chain:
+            skip = _recursion(c, v)
+        if skip is None and c.has_rollout:
+            skip = _rollout(c, v)
+        if skip is None and exclusive_by:
+            skip = _exclusive(c, exclusive_by)
+        if skip is not None:
+            traces[c.index] = skip
             continue
-        if c.sessions and session not in c.sessions:
-            traces[i] = s_session[i]
+        key = v.cooldown_key(c)
+        skip = _limits(c, key, state, now) if c.cooldown_s > 0 or c.max_fires > 0 else None
+        if skip is not None:
+            traces[c.index] = skip
             continue
-        if c.senders and sender not in c.senders:
-            traces[i] = s_sender[i]
-            continue
-        if c.words or c.phrases:
-            if lowered is None:
-                if text is None:
-                    text = bound_text(ev.text)
-                lowered = text.lower()
-            if keyword_hits is None:
-                keyword_hits = set()
-                idx = ti.keyword_index
-                if idx:
-                    for w in set(WORD_RE.findall(lowered)).intersection(idx):
-                        keyword_hits.update(idx[w])
-            if i not in keyword_hits and not (c.phrases and any(p in lowered for p in c.phrases)):
-                traces[i] = s_keyword[i]
-                continue
-        if c.regex is not None:
-            if raw is None:
-                if text is None:
-                    text = bound_text(ev.text)
-                raw = text.encode("utf-8", "replace")
-            if ti.regex_filter is not None:
-                if regex_hits is None:
-                    regex_hits = set(ti.regex_filter.Match(raw) or ())
-                hit = c.regex_slot in regex_hits
-            else:
-                hit = c.regex.search(raw) is not None
-            if not hit:
-                traces[i] = s_regex[i]
-                continue
-        if c.conditions:
-            if get_field is None:
-                if text is None:
-                    text = bound_text(ev.text)
-                get_field = _field_getter(ev, text)
-            failed = None
-            for cond in c.conditions:
-                if not cond.test(get_field(cond.field)):
-                    failed = cond
-                    break
-            if failed is not None:
-                got = get_field(failed.field)
-                shown = got if len(got) <= 40 else got[:40] + "…"
-                traces[i] = Trace(
-                    c.id, False, SKIP_CONDITION, f"condition {failed.describe} failed (got {shown!r})"
-                )
-                continue
-        if reaction_origin:
-            if not c.allow_reaction_origin:
-                traces[i] = Trace(
-                    c.id,
-                    False,
-                    SKIP_RECURSION,
-                    f"event caused by a reaction (chain {chain}, depth {depth}); rule does not allow reaction origin",
-                )
-                continue
-            if depth > c.max_depth:
-                traces[i] = Trace(
-                    c.id,
-                    False,
-                    SKIP_RECURSION,
-                    f"chain {chain} depth {depth} exceeds max_depth {c.max_depth}",
-                )
-                continue
-        if fired_in_chain and c.id in fired_in_chain:
-            traces[i] = Trace(c.id, False, SKIP_RECURSION, f"rule already fired in chain {chain}")
-            continue
-        if c.has_rollout:
-            inside, why = _in_rollout(c, session, channel)
-            if not inside:
-                traces[i] = Trace(c.id, False, SKIP_ROLLOUT, why)
-                continue
-        if exclusive_by:
-            traces[i] = Trace(c.id, False, SKIP_EXCLUSIVE, f"exclusive rule {exclusive_by!r} fired first")
-            continue
-        if keys is None:
-            keys = {
-                config_pb2.COOLDOWN_KEY_SESSION: f"session:{session}",
-                config_pb2.COOLDOWN_KEY_CHANNEL: f"channel:{channel}",
-                config_pb2.COOLDOWN_KEY_SENDER: f"sender:{sender}",
-                config_pb2.COOLDOWN_KEY_GLOBAL: "global",
-            }
-        key = keys[c.cooldown_key]
-        if c.cooldown_s > 0:
-            left = state.cooldown_left(c.id, key, c.cooldown_s, now)
-            if left > 0:
-                traces[i] = Trace(
-                    c.id, False, SKIP_COOLDOWN, f"cooldown {left:.1f} s left for {key}", cooldown_key=key
-                )
-                continue
-        if c.max_fires > 0:
-            n = state.window_count(c.id, key, c.window_s, now)
-            if n >= c.max_fires:
-                traces[i] = Trace(
-                    c.id,
-                    False,
-                    SKIP_MAX_FIRES,
-                    f"held by the flood breaker: {n} fires in {c.window_s:g} s for {key} (cap {c.max_fires})",
-                    cooldown_key=key,
-                )
-                continue
         if not dry_run:
             state.record(c, key, now)
-        traces[i] = Trace(c.id, True, 0, "fired for " + key, cooldown_key=key)
+        traces[c.index] = Trace(c.id, True, MATCHED, "fired for " + key, cooldown_key=key)
         matched.append(c)
         if c.exclusive:
             exclusive_by = c.id

@@ -23,17 +23,27 @@ from dataclasses import dataclass, field
 from typing import Any, Protocol
 
 from flynn.v1 import config_pb2, reactions_pb2
-from google.protobuf import timestamp_pb2
 
 from config_svc.reaction_rules import validate_rules
 from flynn_runtime.config_source import ConfigSource
 from flynn_runtime.errors import FlynnError, invalid_fields, not_found
+from flynn_runtime.timestamps import timestamp
 from reactions_svc import engine, metrics
 from reactions_svc.engine import Evaluation, FireState, Trace, reason_name
 from reactions_svc.event_mapping import stored_event_id
 from reactions_svc.proposed_rules import validate_rule_list
 from reactions_svc.rules import RuleSet
-from reactions_svc.store import FP_REASON, ReactionStore, StoredTrace
+from reactions_svc.store import (
+    FP_REASON,
+    ActionRow,
+    CompactTrace,
+    NewEvaluation,
+    ReactionStore,
+    SkipReason,
+    StoredTrace,
+    TraceOutcome,
+)
+from reactions_svc.trace_paging import TraceCursor, TraceQuery
 
 log = logging.getLogger(__name__)
 
@@ -51,7 +61,7 @@ def idempotency_key(event_id: str, rule_id: str, index: int) -> str:
     return "rx/" + hashlib.sha256(key.encode("utf-8")).hexdigest()[:48]
 
 
-@dataclass
+@dataclass(slots=True)
 class ActionContext:
     event: reactions_pb2.ReactionEvent
     rule_id: str
@@ -60,7 +70,7 @@ class ActionContext:
     values: dict[str, str]
 
 
-@dataclass
+@dataclass(slots=True)
 class ActionOutcome:
     ok: bool
     result_id: str = ""
@@ -112,7 +122,7 @@ def config_validator(cfg: config_pb2.FlynnConfig) -> None:
         raise invalid_fields(violations)
 
 
-@dataclass
+@dataclass(slots=True)
 class Result:
     traces: list[reactions_pb2.ReactionTrace]
     matched_rule_ids: list[str]
@@ -120,12 +130,20 @@ class Result:
     duplicate: bool = False
 
 
-@dataclass
+@dataclass(slots=True, frozen=True)
+class Fired:
+    """A rule that fired for the event, and its trace."""
+
+    rule_id: str
+    trace_id: str
+
+
+@dataclass(slots=True)
 class _Prepared:
     event: reactions_pb2.ReactionEvent
     revision: int
-    traces: list[list[Any]]  # [rule_id, matched, reason, detail, trace_id, listening]
-    fired: list[tuple[str, str]] = field(default_factory=list)  # (rule_id, trace_id)
+    traces: list[CompactTrace]
+    fired: list[Fired] = field(default_factory=list)
     duplicate: bool = False
     pending: bool = False
     # The rule set the event was evaluated with (None for a stored evaluation: the current set acts).
@@ -231,7 +249,9 @@ class Reactor:
         stored = await self.store.get_evaluation(event.event_id)
         if stored is not None:
             fired = [
-                (str(t[0]), str(t[4])) for t in stored.traces if t[1] or t[2] == engine.SKIP_ACTION_ERROR
+                Fired(t.rule_id, t.trace_id)
+                for t in stored.traces
+                if t.matched or t.reason == engine.SKIP_ACTION_ERROR
             ]
             stored_event = reactions_pb2.ReactionEvent.FromString(stored.event)
             return _Prepared(
@@ -257,27 +277,28 @@ class Reactor:
     async def _persist(
         self, event: reactions_pb2.ReactionEvent, ev: Evaluation, now: float, rules: RuleSet
     ) -> _Prepared:
-        compact: list[list[Any]] = []
+        compact: list[CompactTrace] = []
         matched: list[StoredTrace] = []
         skipped: list[StoredTrace] = []
-        fired: list[tuple[str, str]] = []
+        fired: list[Fired] = []
         et, sk = event.type, event.session_key
         for t in ev.traces:
             if not t.listening:
-                compact.append([t.rule_id, False, t.reason, t.detail, "", False])
+                compact.append(CompactTrace(t.rule_id, False, t.reason, t.detail, "", False))
                 continue
             # Deterministic: an event id is evaluated once, so (event, rule) names the trace.
             tid = f"{event.event_id}/{t.rule_id}"
-            compact.append([t.rule_id, t.matched, t.reason, t.detail, tid, True])
+            compact.append(CompactTrace(t.rule_id, t.matched, t.reason, t.detail, tid, True))
             st = StoredTrace(tid, event.event_id, t.rule_id, t.matched, t.reason, t.detail, [], now, et, sk)
             if t.matched:
                 matched.append(st)
-                fired.append((t.rule_id, tid))
+                fired.append(Fired(t.rule_id, tid))
             else:
                 skipped.append(st)
         fire_rows = []
-        for k in self.state.dirty:
-            fire_rows.append((k[0], k[1], self.state.last.get(k, now), self.state.windows.get(k, [])))
+        for rule_id, key in self.state.dirty:
+            k = (rule_id, key)
+            fire_rows.append((rule_id, key, self.state.last.get(k, now), self.state.windows.get(k, [])))
         self.state.dirty.clear()
         stored_event = event
         if len(event.text) > engine.MAX_EVAL_BYTES // 4:
@@ -285,18 +306,20 @@ class Reactor:
             stored_event.CopyFrom(event)
             stored_event.text = engine.bound_text(event.text)
         await self.store.save_evaluation(
-            event_id=event.event_id,
-            now=now,
-            revision=ev.revision,
-            event_type=et,
-            session_key=sk,
-            event=stored_event.SerializeToString(),
-            traces=compact,
-            matched=matched,
-            skipped=skipped,
-            fire_rows=fire_rows,
-            fired_rule_ids=[r for r, _ in fired],
-            pending=bool(fired),
+            NewEvaluation(
+                event_id=event.event_id,
+                now=now,
+                revision=ev.revision,
+                event_type=et,
+                session_key=sk,
+                event=stored_event.SerializeToString(),
+                traces=compact,
+                matched=matched,
+                skipped=skipped,
+                fire_rows=fire_rows,
+                fired_rule_ids=[f.rule_id for f in fired],
+                pending=bool(fired),
+            )
         )
         scope_skips: list[str] = []
         for s in skipped:
@@ -325,68 +348,83 @@ class Reactor:
     # Actions ------------------------------------------------------------------------------------
 
     async def _act(self, p: _Prepared) -> None:
+        """Run the actions of every rule that fired, record their outcomes, mark the event done."""
         rules = p.rules or self.rules
-        event = p.event
-        values = placeholder_values(event)
-        outcomes: list[tuple[str, bool, int, str, list[dict[str, object]]]] = []
-        action_rows: list[tuple[str, bool, str, str]] = []
-        details = {str(t[4]): str(t[3]) for t in p.traces if t[4]}
-        resuming = p.duplicate
-        for rule_id, trace_id in p.fired:
-            c = rules.by_id.get(rule_id)
+        values = placeholder_values(p.event)
+        outcomes: list[TraceOutcome] = []
+        action_rows: list[ActionRow] = []
+        details = {t.trace_id: t.detail for t in p.traces if t.trace_id}
+        for f in p.fired:
+            c = rules.by_id.get(f.rule_id)
             if c is None:
                 # The rule went away between evaluation and a resume: report it rather than guess.
                 outcomes.append(
-                    (trace_id, False, engine.SKIP_ACTION_ERROR, "rule no longer in the config", [])
+                    TraceOutcome(
+                        f.trace_id, False, engine.SKIP_ACTION_ERROR, "rule no longer in the config", []
+                    )
                 )
                 continue
-            results: list[dict[str, object]] = []
-            failed = ""
-            for idx, action in enumerate(c.rule.actions):
-                kind = action.WhichOneof("action") or ""
-                key = idempotency_key(event.event_id, rule_id, idx)
-                done = await self.store.action_result(key) if resuming else None
-                if done is not None and done[0]:
-                    results.append({"kind": kind, "ok": True, "key": key, "result_id": done[1], "error": ""})
-                    continue
-                out = await self._run_action(kind, action, ActionContext(event, rule_id, idx, key, values))
-                if kind in NON_IDEMPOTENT_KINDS:
-                    # The downstream cannot deduplicate it: make the outcome durable before anything else.
-                    await self.store.save_action_result(key, out.ok, out.result_id, out.error)
-                else:
-                    # A replay of these is deduplicated downstream by the key; record them with the outcome.
-                    action_rows.append((key, out.ok, out.result_id, out.error))
-                metrics.ACTIONS.labels(kind, "ok" if out.ok else "error").inc()
-                results.append(
-                    {"kind": kind, "ok": out.ok, "key": key, "result_id": out.result_id, "error": out.error}
-                )
-                if not out.ok:
-                    failed = f"action[{idx}] {kind} failed: {out.error}"
-                    break
-            base = details.get(trace_id, "")
-            if failed:
-                outcomes.append((trace_id, False, engine.SKIP_ACTION_ERROR, failed, results))
-                metrics.skip(rule_id, engine.SKIP_ACTION_ERROR)
-                self._record_audit("reactionSkip", event, rule_id, trace_id, "action_error", failed)
-            else:
-                outcomes.append((trace_id, True, 0, base, results))
-                metrics.MATCHES.labels(rule_id).inc()
-                self._record_audit(
-                    "reactionMatch",
-                    event,
-                    rule_id,
-                    trace_id,
-                    None,
-                    base,
-                    actions=[r["kind"] for r in results],
-                )
-        await self.store.finish_evaluation(event.event_id, outcomes, action_rows)
-        by_tid = {o[0]: o for o in outcomes}
+            results, failed = await self._run_rule_actions(p, c.rule, f.rule_id, values, action_rows)
+            outcomes.append(self._rule_outcome(p.event, f, results, failed, details.get(f.trace_id, "")))
+        await self.store.finish_evaluation(p.event.event_id, outcomes, action_rows)
+        by_tid = {o.trace_id: o for o in outcomes}
         for t in p.traces:
-            o = by_tid.get(str(t[4]))
+            o = by_tid.get(t.trace_id)
             if o is not None:
-                t[1], t[2], t[3] = o[1], o[2], o[3]
+                t.matched, t.reason, t.detail = o.matched, o.reason, o.detail
         p.pending = False
+
+    async def _run_rule_actions(
+        self,
+        p: _Prepared,
+        rule: config_pb2.ReactionRule,
+        rule_id: str,
+        values: dict[str, str],
+        action_rows: list[ActionRow],
+    ) -> tuple[list[dict[str, object]], str]:
+        """One fired rule's actions in order, up to the first failure: (results, failure or "")."""
+        event = p.event
+        results: list[dict[str, object]] = []
+        for idx, action in enumerate(rule.actions):
+            kind = action.WhichOneof("action") or ""
+            key = idempotency_key(event.event_id, rule_id, idx)
+            done = await self.store.action_result(key) if p.duplicate else None
+            if done is not None and done[0]:
+                ok, result_id, _ = done
+                results.append({"kind": kind, "ok": ok, "key": key, "result_id": result_id, "error": ""})
+                continue
+            out = await self._run_action(kind, action, ActionContext(event, rule_id, idx, key, values))
+            if kind in NON_IDEMPOTENT_KINDS:
+                # The downstream cannot deduplicate it: make the outcome durable before anything else.
+                await self.store.save_action_result(key, out.ok, out.result_id, out.error)
+            else:
+                # A replay of these is deduplicated downstream by the key; record them with the outcome.
+                action_rows.append(ActionRow(key, out.ok, out.result_id, out.error))
+            metrics.ACTIONS.labels(kind, "ok" if out.ok else "error").inc()
+            results.append(
+                {"kind": kind, "ok": out.ok, "key": key, "result_id": out.result_id, "error": out.error}
+            )
+            if not out.ok:
+                return results, f"action[{idx}] {kind} failed: {out.error}"
+        return results, ""
+
+    def _rule_outcome(
+        self,
+        event: reactions_pb2.ReactionEvent,
+        f: Fired,
+        results: list[dict[str, object]],
+        failed: str,
+        detail: str,
+    ) -> TraceOutcome:
+        if failed:
+            metrics.skip(f.rule_id, engine.SKIP_ACTION_ERROR)
+            self._record_audit("reactionSkip", event, f.rule_id, f.trace_id, "action_error", failed)
+            return TraceOutcome(f.trace_id, False, engine.SKIP_ACTION_ERROR, failed, results)
+        metrics.MATCHES.labels(f.rule_id).inc()
+        self._record_audit(
+            "reactionMatch", event, f.rule_id, f.trace_id, None, detail, actions=[r["kind"] for r in results]
+        )
+        return TraceOutcome(f.trace_id, True, engine.MATCHED, detail, results)
 
     async def _run_action(
         self, kind: str, action: config_pb2.ReactionAction, ctx: ActionContext
@@ -418,10 +456,10 @@ class Reactor:
         traces = []
         matched_ids = []
         for t in p.traces:
-            row = matched_rows.get(str(t[4]))
+            row = matched_rows.get(t.trace_id)
             traces.append(self._compact_proto(ev, t, row, now))
-            if row.matched if row is not None else t[1]:
-                matched_ids.append(str(t[0]))
+            if row.matched if row is not None else t.matched:
+                matched_ids.append(t.rule_id)
         return Result(traces, matched_ids, p.revision, duplicate=p.duplicate)
 
     async def traces_for_event(
@@ -435,47 +473,61 @@ class Reactor:
         rows = await self.store.matched_for_event(event_id)
         out = []
         for t in stored.traces:
-            row = rows.get(str(t[4]))
-            is_match = bool(row.matched) if row is not None else bool(t[1])
+            row = rows.get(t.trace_id)
+            is_match = row.matched if row is not None else t.matched
             if matched is not None and is_match != matched:
                 continue
             out.append(self._compact_proto(ev, t, row, stored.time))
         return out
 
+    async def list_traces(
+        self, rule_id: str, only_matched: bool | None, cursor: TraceCursor, size: int
+    ) -> tuple[list[reactions_pb2.ReactionTrace], TraceCursor | None]:
+        """Stored traces newest first (all events), and the cursor of the next page (None on the last)."""
+        page = await self.store.page_traces(TraceQuery(rule_id, only_matched, cursor, size))
+        return [stored_trace_proto(t) for t in page.traces], page.next
+
+    async def rule_states(self) -> list[reactions_pb2.RuleState]:
+        """Every rule of the applied set with its fire count, last fire and flood-breaker hold."""
+        fires = await self.store.rule_fires()
+        now = time.time()
+        out = []
+        for c in self.rules.rules:
+            st = reactions_pb2.RuleState(rule=c.rule, held=bool(self.state.held_keys(c, now)))
+            n, last = fires.get(c.id, (0, 0.0))
+            st.fire_count = n
+            if last:
+                st.last_fire_time.CopyFrom(timestamp(last))
+            out.append(st)
+        return out
+
     def _compact_proto(
-        self, ev: reactions_pb2.ReactionEvent, t: list[Any], row: StoredTrace | None, when: float
+        self, ev: reactions_pb2.ReactionEvent, t: CompactTrace, row: StoredTrace | None, when: float
     ) -> reactions_pb2.ReactionTrace:
         if row is not None:
             return stored_trace_proto(row)
-        tr = reactions_pb2.ReactionTrace(
-            trace_id=str(t[4]),
-            event_id=ev.event_id,
-            rule_id=str(t[0]),
-            matched=bool(t[1]),
-            skip_reason=int(t[2]),  # type: ignore[arg-type]
-            detail=str(t[3]),
-            event_type=ev.type,
-            session_key=ev.session_key,
-        )
-        tr.time.CopyFrom(_ts(when))
-        return tr
+        return self._trace_proto(ev, t, t.trace_id, when)
 
+    @staticmethod
     def _trace_proto(
-        self, ev: reactions_pb2.ReactionEvent, t: Trace, trace_id: str, when: float, dry_run: bool = False
+        ev: reactions_pb2.ReactionEvent,
+        t: Trace | CompactTrace,
+        trace_id: str,
+        when: float,
+        dry_run: bool = False,
     ) -> reactions_pb2.ReactionTrace:
-        tr = reactions_pb2.ReactionTrace(
+        return reactions_pb2.ReactionTrace(
             trace_id=trace_id,
             event_id=ev.event_id,
             rule_id=t.rule_id,
             matched=t.matched,
-            skip_reason=t.reason,  # type: ignore[arg-type]
+            skip_reason=t.reason,
             detail=t.detail,
             dry_run=dry_run,
             event_type=ev.type,
             session_key=ev.session_key,
+            time=timestamp(when),
         )
-        tr.time.CopyFrom(_ts(when))
-        return tr
 
     async def flag_false_positive(
         self, match_id: str, reason: str
@@ -520,7 +572,7 @@ class Reactor:
                 reactions_pb2.RuleStats(
                     rule_id=rid,
                     matches=m,
-                    skips=[reactions_pb2.SkipCount(reason=r, count=n) for r, n in skips],  # type: ignore[arg-type]
+                    skips=[reactions_pb2.SkipCount(reason=SkipReason(r), count=n) for r, n in skips],
                     false_positives=f,
                     false_positive_rate=f / m if m else 0.0,
                 )
@@ -528,7 +580,9 @@ class Reactor:
         total = reactions_pb2.RuleStats(
             rule_id="*",
             matches=tm,
-            skips=[reactions_pb2.SkipCount(reason=r, count=n) for r, n in sorted(total_skips.items())],  # type: ignore[arg-type]
+            skips=[
+                reactions_pb2.SkipCount(reason=SkipReason(r), count=n) for r, n in sorted(total_skips.items())
+            ],
             false_positives=tf,
             false_positive_rate=tf / tm if tm else 0.0,
         )
@@ -563,14 +617,14 @@ class Reactor:
 
 
 def stored_trace_proto(t: StoredTrace) -> reactions_pb2.ReactionTrace:
-    tr = reactions_pb2.ReactionTrace(
+    return reactions_pb2.ReactionTrace(
         trace_id=t.trace_id,
         event_id=t.event_id,
         rule_id=t.rule_id,
         matched=t.matched,
-        skip_reason=t.reason,  # type: ignore[arg-type]
+        skip_reason=t.reason,
         detail=t.detail,
-        event_type=t.event_type,  # type: ignore[arg-type]
+        event_type=t.event_type,
         session_key=t.session_key,
         false_positive=t.false_positive,
         dry_run=t.dry_run,
@@ -584,9 +638,8 @@ def stored_trace_proto(t: StoredTrace) -> reactions_pb2.ReactionTrace:
             )
             for a in t.actions
         ],
+        time=timestamp(t.time),
     )
-    tr.time.CopyFrom(_ts(t.time))
-    return tr
 
 
 def placeholder_values(ev: reactions_pb2.ReactionEvent) -> dict[str, str]:
@@ -599,9 +652,3 @@ def placeholder_values(ev: reactions_pb2.ReactionEvent) -> dict[str, str]:
         "error_kind": ev.error_kind,
         "node_id": ev.node_id,
     }
-
-
-def _ts(t: float) -> timestamp_pb2.Timestamp:
-    ts = timestamp_pb2.Timestamp()
-    ts.FromNanoseconds(int(t * 1e9))
-    return ts

@@ -15,17 +15,18 @@ from collections.abc import Callable, Iterable, Sequence
 from dataclasses import dataclass, field
 
 import re2
-from flynn.v1 import config_pb2
+from flynn.v1 import config_pb2, reactions_pb2
 
 from config_svc.reaction_rules import PLACEHOLDER_RE, compile_regex, re2_options, regex_share
+from flynn_runtime.enum_names import short_name, short_names
+from flynn_runtime.timestamps import duration_seconds
+from reactions_svc.trace import Trace
 
 # Words of a text for keyword matching: letters, digits and underscore (Unicode-aware).
 WORD_RE = re.compile(r"\w+")
 _WORD_ONLY_RE = re.compile(r"^\w+$")
 
-EVENT_TYPE_NAMES: dict[int, str] = {
-    v: k.removeprefix("REACTION_EVENT_TYPE_").lower() for k, v in config_pb2.ReactionEventType.items()
-}
+EVENT_TYPE_NAMES: dict[int, str] = short_names(config_pb2.ReactionEventType)
 
 
 def event_type_name(value: int) -> str:
@@ -47,7 +48,7 @@ class Condition:
 def _compile_condition(c: config_pb2.ReactionCondition) -> Condition:
     op = c.operator
     v = c.value
-    name = config_pb2.ConditionOperator.Name(op).removeprefix("CONDITION_OPERATOR_").lower()
+    name = short_name(config_pb2.ConditionOperator, op)
     describe = (
         f"{c.field} {name} {v!r}" if op != config_pb2.CONDITION_OPERATOR_EXISTS else f"{c.field} exists"
     )
@@ -117,10 +118,6 @@ class TypeIndex:
     regex_filter: re2.Filter | None = None
 
 
-def _duration_s(d: object) -> float:
-    return float(getattr(d, "seconds", 0)) + float(getattr(d, "nanos", 0)) / 1e9
-
-
 def compile_rule(r: config_pb2.ReactionRule, index: int, regex_mem: int = 8 << 20) -> CompiledRule:
     words: list[str] = []
     phrases: list[str] = []
@@ -141,10 +138,10 @@ def compile_rule(r: config_pb2.ReactionRule, index: int, regex_mem: int = 8 << 2
         regex=compile_regex(r.trigger.regex, regex_mem) if r.trigger.regex else None,
         conditions=tuple(_compile_condition(c) for c in r.conditions),
         priority=r.priority,
-        cooldown_s=_duration_s(r.cooldown),
+        cooldown_s=duration_seconds(r.cooldown),
         cooldown_key=r.cooldown_key or config_pb2.COOLDOWN_KEY_SESSION,
         max_fires=r.fire_cap.max_fires,
-        window_s=_duration_s(r.fire_cap.window),
+        window_s=duration_seconds(r.fire_cap.window),
         exclusive=r.exclusive,
         has_rollout=r.HasField("rollout"),
         allow_reaction_origin=r.allow_reaction_origin,
@@ -184,9 +181,66 @@ class RuleSet:
         for ti in self.by_type.values():
             if len(ti.regex_rules) > 1:
                 ti.regex_filter = _regex_filter([c.rule.trigger.regex for c in ti.regex_rules], share)
+        self._statics: StaticTraces | None = None
+
+    @property
+    def statics(self) -> StaticTraces:
+        """The skip traces that never change for this rule set (built on the first evaluation)."""
+        if self._statics is None:
+            self._statics = StaticTraces(self)
+        return self._statics
 
     def __len__(self) -> int:
         return len(self.rules)
+
+
+SKIP_SCOPE = reactions_pb2.SKIP_REASON_SCOPE
+SKIP_DISABLED = reactions_pb2.SKIP_REASON_DISABLED
+
+
+class StaticTraces:
+    """Traces that never change for a rule set, built once: per event type the rules that cannot fire on
+    it (disabled, other type), and per rule its scope skips, so most skips cost no allocation."""
+
+    def __init__(self, rules: RuleSet) -> None:
+        self._rules = rules
+        self._by_type: dict[int, list[Trace | None]] = {}
+        self.channel = [
+            Trace(c.id, False, SKIP_SCOPE, "channel not in trigger.channels") for c in rules.rules
+        ]
+        self.session = [
+            Trace(c.id, False, SKIP_SCOPE, "session not in trigger.sessions") for c in rules.rules
+        ]
+        self.sender = [Trace(c.id, False, SKIP_SCOPE, "sender not in trigger.senders") for c in rules.rules]
+        self.keyword = [Trace(c.id, False, SKIP_SCOPE, "no trigger keyword in text") for c in rules.rules]
+        self.regex = [
+            Trace(c.id, False, SKIP_SCOPE, "trigger.regex did not match the text") for c in rules.rules
+        ]
+
+    def for_type(self, t: int) -> list[Trace | None]:
+        got = self._by_type.get(t)
+        if got is None:
+            name = event_type_name(t)
+            got = []
+            for c in self._rules.rules:
+                if not c.enabled:
+                    got.append(
+                        Trace(c.id, False, SKIP_DISABLED, "rule is disabled", listening=c.event_type == t)
+                    )
+                elif c.event_type != t:
+                    got.append(
+                        Trace(
+                            c.id,
+                            False,
+                            SKIP_SCOPE,
+                            f"rule listens to {event_type_name(c.event_type)}, event is {name}",
+                            listening=False,
+                        )
+                    )
+                else:
+                    got.append(None)
+            self._by_type[t] = got
+        return got
 
 
 def _regex_filter(patterns: list[str], max_mem: int) -> re2.Filter | None:

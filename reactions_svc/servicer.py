@@ -3,7 +3,6 @@
 from __future__ import annotations
 
 import base64
-import time
 from typing import Any
 
 import grpc
@@ -11,12 +10,10 @@ from flynn.v1 import config_pb2, reactions_pb2, reactions_pb2_grpc
 
 from flynn_runtime.errors import invalid_argument
 from flynn_runtime.validation import Violations, page_size
-from reactions_svc.engine import FireState
-from reactions_svc.reactor import Reactor, stored_trace_proto
-from reactions_svc.store import StoredTrace
+from reactions_svc.reactor import Reactor
+from reactions_svc.trace_paging import TraceCursor
 
 Ctx = grpc.aio.ServicerContext[Any, Any]
-MAX_SEQ = 1 << 62
 
 
 def _validate_event(ev: reactions_pb2.ReactionEvent, v: Violations, path: str = "event") -> None:
@@ -43,16 +40,16 @@ def _validate_event(ev: reactions_pb2.ReactionEvent, v: Violations, path: str = 
     v.id_list(f"{path}.causation.fired_rule_ids", ev.causation.fired_rule_ids, max_items=256)
 
 
-def _encode_token(a: int, b: int) -> str:
-    return base64.urlsafe_b64encode(f"{a}:{b}".encode()).decode()
+def _encode_token(cursor: TraceCursor) -> str:
+    return base64.urlsafe_b64encode(f"{cursor.matched_before}:{cursor.skipped_before}".encode()).decode()
 
 
-def _decode_token(token: str) -> tuple[int, int]:
+def _decode_token(token: str) -> TraceCursor:
     if not token:
-        return MAX_SEQ, MAX_SEQ
+        return TraceCursor()
     try:
         a, b = base64.urlsafe_b64decode(token.encode()).decode().split(":")
-        return int(a), int(b)
+        return TraceCursor(int(a), int(b))
     except Exception:
         raise invalid_argument("page_token", "is not a token from a previous response") from None
 
@@ -91,19 +88,10 @@ class ReactionsServicer(reactions_pb2_grpc.ReactionsServicer):
     async def ListRules(
         self, request: reactions_pb2.ListRulesRequest, context: Ctx
     ) -> reactions_pb2.ListRulesResponse:
-        rs = self.reactor.rules
-        fires = await self.reactor.store.rule_fires()
-        state: FireState = self.reactor.state
-        now = time.time()
-        out = []
-        for c in rs.rules:
-            st = reactions_pb2.RuleState(rule=c.rule, held=bool(state.held_keys(c, now)))
-            n, last = fires.get(c.id, (0, 0.0))
-            st.fire_count = n
-            if last:
-                st.last_fire_time.FromNanoseconds(int(last * 1e9))
-            out.append(st)
-        return reactions_pb2.ListRulesResponse(rules=out, config_revision=rs.revision)
+        revision = self.reactor.rules.revision
+        return reactions_pb2.ListRulesResponse(
+            rules=await self.reactor.rule_states(), config_revision=revision
+        )
 
     async def ListTraces(
         self, request: reactions_pb2.ListTracesRequest, context: Ctx
@@ -120,43 +108,15 @@ class ReactionsServicer(reactions_pb2_grpc.ReactionsServicer):
                 traces = [t for t in traces if t.rule_id == request.rule_id]
             start = 0
             if request.page_token:
-                start = _decode_token(request.page_token)[0]
+                start = _decode_token(request.page_token).matched_before
             page = traces[start : start + size]
-            nxt = _encode_token(start + size, 0) if start + size < len(traces) else ""
+            nxt = _encode_token(TraceCursor(start + size, 0)) if start + size < len(traces) else ""
             return reactions_pb2.ListTracesResponse(traces=page, next_page_token=nxt)
-        m_before, s_before = _decode_token(request.page_token)
-        store = self.reactor.store
-        m_rows: list[tuple[int, StoredTrace]] = []
-        s_rows: list[tuple[int, StoredTrace]] = []
-        if only is None or only is True:
-            m_rows = await store.page_matched(
-                request.rule_id, m_before, size + 1, only_matched=True if only else None
-            )
-        if only is None or only is False:
-            s_rows = await store.page_skipped(request.rule_id, s_before, size + 1)
-            if only is False:
-                # Action errors are skips kept with the matches (they must not be evicted by noise either).
-                s_rows += [
-                    (-seq, t)
-                    for seq, t in await store.page_matched(request.rule_id, m_before, size + 1, False)
-                ]
-        merged: list[tuple[str, int, StoredTrace]] = sorted(
-            [("m", seq, t) for seq, t in m_rows]
-            + [("s" if seq > 0 else "e", abs(seq), t) for seq, t in s_rows],
-            key=lambda x: (x[2].time, x[1]),
-            reverse=True,
+        found, cursor = await self.reactor.list_traces(
+            request.rule_id, only, _decode_token(request.page_token), size
         )
-        chosen = merged[:size]
-        next_m, next_s = m_before, s_before
-        for kind, seq, _ in chosen:
-            if kind in ("m", "e"):
-                next_m = min(next_m, seq)
-            else:
-                next_s = min(next_s, seq)
-        more = len(merged) > size
         return reactions_pb2.ListTracesResponse(
-            traces=[stored_trace_proto(t) for _, _, t in chosen],
-            next_page_token=_encode_token(next_m, next_s) if more else "",
+            traces=found, next_page_token=_encode_token(cursor) if cursor is not None else ""
         )
 
     async def GetRuleStats(

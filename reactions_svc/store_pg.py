@@ -8,8 +8,7 @@ is enforced by `prune` with the same caps as SQLite.
 
 from __future__ import annotations
 
-import json
-from collections.abc import Iterable, Sequence
+from collections.abc import Iterable
 from pathlib import Path
 from typing import Any
 
@@ -20,8 +19,26 @@ from flynn_runtime import leases
 from flynn_runtime.database import Database
 from flynn_runtime.db_copy import Counts, SqliteSource, StoreCopier, Table, export_tables, import_tables
 from flynn_runtime.pg_migrations import Migration
-from reactions_svc.store import FP_REASON, SCHEMA, Retention, StoredEvaluation, StoredTrace
+from reactions_svc.store import (
+    FP_REASON,
+    MATCHED_COLS,
+    SCHEMA,
+    SKIPPED_COLS,
+    ActionRow,
+    NewEvaluation,
+    Retention,
+    StoredEvaluation,
+    StoredTrace,
+    TraceOutcome,
+    matched_params,
+    matched_trace,
+    skipped_params,
+    skipped_trace,
+    traces_json,
+    traces_of,
+)
 from reactions_svc.store_sqlite import SqliteReactionStore
+from reactions_svc.trace_paging import TracePage, TraceQuery, page_traces
 
 MIGRATIONS = [
     Migration(
@@ -106,29 +123,6 @@ MIGRATIONS = [
 
 Conn = psycopg.AsyncConnection[tuple[Any, ...]]
 
-_MATCHED_COLS = (
-    "seq, trace_id, event_id, rule_id, matched, reason, detail, actions, time, event_type, session_key,"
-    " false_positive, fp_reason"
-)
-
-
-def _matched_row(r: Sequence[Any]) -> StoredTrace:
-    actions = r[7] if isinstance(r[7], list) else json.loads(r[7])
-    return StoredTrace(
-        trace_id=r[1],
-        event_id=r[2],
-        rule_id=r[3],
-        matched=bool(r[4]),
-        reason=int(r[5]),
-        detail=r[6],
-        actions=actions,
-        time=float(r[8]),
-        event_type=int(r[9]),
-        session_key=r[10],
-        false_positive=bool(r[11]),
-        fp_reason=r[12],
-    )
-
 
 class PgReactionStore:
     def __init__(self, db: Database, retention: Retention | None = None) -> None:
@@ -150,8 +144,7 @@ class PgReactionStore:
             row = await cur.fetchone()
         if row is None:
             return None
-        traces = row[5] if isinstance(row[5], list) else json.loads(row[5])
-        return StoredEvaluation(row[0], float(row[1]), int(row[2]), row[3], bytes(row[4]), traces)
+        return StoredEvaluation(row[0], float(row[1]), int(row[2]), row[3], bytes(row[4]), traces_of(row[5]))
 
     async def pending_event_ids(self, limit: int = 1000) -> list[str]:
         async with self.db.connection() as c:
@@ -161,37 +154,22 @@ class PgReactionStore:
             rows = await cur.fetchall()
         return [r[0] for r in rows]
 
-    async def save_evaluation(
-        self,
-        *,
-        event_id: str,
-        now: float,
-        revision: int,
-        event_type: int,
-        session_key: str,
-        event: bytes,
-        traces: Sequence[Sequence[object]],
-        matched: Iterable[StoredTrace],
-        skipped: Iterable[StoredTrace],
-        fire_rows: Iterable[tuple[str, str, float, list[float]]],
-        fired_rule_ids: Iterable[str],
-        pending: bool,
-    ) -> None:
-        matched, skipped = list(matched), list(skipped)
-        fire_rows, fired = list(fire_rows), list(fired_rule_ids)
+    async def save_evaluation(self, e: NewEvaluation) -> None:
+        matched, skipped = list(e.matched), list(e.skipped)
+        fire_rows, fired = list(e.fire_rows), list(e.fired_rule_ids)
         async with self.db.transaction() as c, c.cursor() as cur:
             await cur.execute(
                 "INSERT INTO evaluations(event_id, time, revision, event_type, session_key, status, event, traces)"
                 " VALUES (%s, %s, %s, %s, %s, %s, %s, %s)",
                 (
-                    event_id,
-                    now,
-                    revision,
-                    event_type,
-                    session_key,
-                    "pending" if pending else "done",
-                    event,
-                    Jsonb([list(t) for t in traces]),
+                    e.event_id,
+                    e.now,
+                    e.revision,
+                    e.event_type,
+                    e.session_key,
+                    "pending" if e.pending else "done",
+                    e.event,
+                    Jsonb(traces_json(e.traces)),
                 ),
             )
             if matched:
@@ -202,39 +180,13 @@ class PgReactionStore:
                     " matched = excluded.matched, reason = excluded.reason, detail = excluded.detail,"
                     " actions = excluded.actions, time = excluded.time, event_type = excluded.event_type,"
                     " session_key = excluded.session_key",
-                    [
-                        (
-                            t.trace_id,
-                            t.event_id,
-                            t.rule_id,
-                            t.matched,
-                            t.reason,
-                            t.detail,
-                            Json(t.actions),
-                            t.time,
-                            t.event_type,
-                            t.session_key,
-                        )
-                        for t in matched
-                    ],
+                    [matched_params(t, Json(t.actions)) for t in matched],
                 )
             if skipped:
                 await cur.executemany(
                     "INSERT INTO traces_skipped(trace_id, event_id, rule_id, reason, detail, time, event_type,"
                     " session_key) VALUES (%s, %s, %s, %s, %s, %s, %s, %s)",
-                    [
-                        (
-                            t.trace_id,
-                            t.event_id,
-                            t.rule_id,
-                            t.reason,
-                            t.detail,
-                            t.time,
-                            t.event_type,
-                            t.session_key,
-                        )
-                        for t in skipped
-                    ],
+                    [skipped_params(t) for t in skipped],
                 )
             if fire_rows:
                 await cur.executemany(
@@ -247,7 +199,7 @@ class PgReactionStore:
                     "INSERT INTO rule_fires(rule_id, fire_count, last_fire) VALUES (%s, 1, %s)"
                     " ON CONFLICT (rule_id) DO UPDATE SET fire_count = rule_fires.fire_count + 1,"
                     " last_fire = excluded.last_fire",
-                    [(r, now) for r in fired],
+                    [(r, e.now) for r in fired],
                 )
             await self._bump(cur, ((t.rule_id, t.reason) for t in skipped))
         await self._maybe_prune()
@@ -255,8 +207,8 @@ class PgReactionStore:
     async def finish_evaluation(
         self,
         event_id: str,
-        outcomes: Iterable[tuple[str, bool, int, str, list[dict[str, object]]]],
-        action_rows: Iterable[tuple[str, bool, str, str]] = (),
+        outcomes: Iterable[TraceOutcome],
+        action_rows: Iterable[ActionRow] = (),
     ) -> None:
         outcomes, action_rows = list(outcomes), list(action_rows)
         async with self.db.transaction() as c, c.cursor() as cur:
@@ -270,13 +222,15 @@ class PgReactionStore:
             if await cur.fetchone() is None:
                 return
             if action_rows:
-                await cur.executemany(_UPSERT_ACTION, action_rows)
+                await cur.executemany(
+                    _UPSERT_ACTION, [(a.key, a.ok, a.result_id, a.error) for a in action_rows]
+                )
             keys: list[tuple[str, int]] = []
-            for trace_id, matched, reason, detail, actions in outcomes:
+            for o in outcomes:
                 await cur.execute(
                     "UPDATE traces_matched SET matched = %s, reason = %s, detail = %s, actions = %s"
                     " WHERE trace_id = %s RETURNING rule_id, reason",
-                    (matched, reason, detail, Json(actions), trace_id),
+                    (o.matched, o.reason, o.detail, Json(o.actions), o.trace_id),
                 )
                 row = await cur.fetchone()
                 if row is not None:
@@ -314,59 +268,57 @@ class PgReactionStore:
     async def matched_for_event(self, event_id: str) -> dict[str, StoredTrace]:
         async with self.db.connection() as c:
             cur = await c.execute(
-                "SELECT " + _MATCHED_COLS + " FROM traces_matched WHERE event_id = %s", (event_id,)
+                "SELECT " + MATCHED_COLS + " FROM traces_matched WHERE event_id = %s", (event_id,)
             )
             rows = await cur.fetchall()
-        return {str(r[1]): _matched_row(r) for r in rows}
+        return {str(r[1]): matched_trace(r) for r in rows}
 
     async def page_matched(
         self, rule_id: str, before_seq: int, limit: int, only_matched: bool | None = None
     ) -> list[tuple[int, StoredTrace]]:
         async with self.db.connection() as c:
             cur = await c.execute(
-                "SELECT " + _MATCHED_COLS + " FROM traces_matched"
+                "SELECT " + MATCHED_COLS + " FROM traces_matched"
                 " WHERE seq < %(before)s AND (%(rule)s = '' OR rule_id = %(rule)s)"
                 " AND (%(only)s::boolean IS NULL OR matched = %(only)s::boolean)"
                 " ORDER BY seq DESC LIMIT %(limit)s",
                 {"before": before_seq, "rule": rule_id, "only": only_matched, "limit": limit},
             )
             rows = await cur.fetchall()
-        return [(int(r[0]), _matched_row(r)) for r in rows]
+        return [(int(r[0]), matched_trace(r)) for r in rows]
 
     async def page_skipped(self, rule_id: str, before_seq: int, limit: int) -> list[tuple[int, StoredTrace]]:
         async with self.db.connection() as c:
             cur = await c.execute(
-                "SELECT seq, trace_id, event_id, rule_id, reason, detail, time, event_type, session_key"
-                " FROM traces_skipped WHERE seq < %(before)s AND (%(rule)s = '' OR rule_id = %(rule)s)"
+                "SELECT "
+                + SKIPPED_COLS
+                + " FROM traces_skipped WHERE seq < %(before)s AND (%(rule)s = '' OR rule_id = %(rule)s)"
                 " ORDER BY seq DESC LIMIT %(limit)s",
                 {"before": before_seq, "rule": rule_id, "limit": limit},
             )
             rows = await cur.fetchall()
-        return [
-            (
-                int(r[0]),
-                StoredTrace(r[1], r[2], r[3], False, int(r[4]), r[5], [], float(r[6]), int(r[7]), r[8]),
-            )
-            for r in rows
-        ]
+        return [(int(r[0]), skipped_trace(r)) for r in rows]
+
+    async def page_traces(self, query: TraceQuery) -> TracePage:
+        return await page_traces(self, query)
 
     async def get_matched(self, trace_id: str) -> StoredTrace | None:
         async with self.db.connection() as c:
             cur = await c.execute(
-                "SELECT " + _MATCHED_COLS + " FROM traces_matched WHERE trace_id = %s", (trace_id,)
+                "SELECT " + MATCHED_COLS + " FROM traces_matched WHERE trace_id = %s", (trace_id,)
             )
             row = await cur.fetchone()
-        return None if row is None else _matched_row(row)
+        return None if row is None else matched_trace(row)
 
     async def flag_false_positive(self, trace_id: str, reason: str) -> tuple[StoredTrace | None, bool]:
         async with self.db.transaction() as c, c.cursor() as cur:
             await cur.execute(
-                "SELECT " + _MATCHED_COLS + " FROM traces_matched WHERE trace_id = %s FOR UPDATE", (trace_id,)
+                "SELECT " + MATCHED_COLS + " FROM traces_matched WHERE trace_id = %s FOR UPDATE", (trace_id,)
             )
             row = await cur.fetchone()
             if row is None:
                 return None, False
-            t = _matched_row(row)
+            t = matched_trace(row)
             if t.false_positive:
                 return t, True
             await cur.execute(

@@ -20,12 +20,13 @@ from __future__ import annotations
 
 import json
 import sqlite3
-from collections.abc import Iterable, Sequence
+from collections.abc import Iterable
 from contextlib import AbstractContextManager
 from pathlib import Path
 
 from flynn_runtime.sqlite_db import open_db, transaction
-from reactions_svc.store import FP_REASON, Retention, StoredEvaluation, StoredTrace
+from reactions_svc import store as rs
+from reactions_svc.trace_paging import TracePage, TraceQuery, page_traces
 
 SCHEMA = """
 CREATE TABLE IF NOT EXISTS evaluations (
@@ -101,10 +102,10 @@ CREATE TABLE IF NOT EXISTS cursors (
 
 
 class SqliteReactionStore:
-    def __init__(self, directory: Path, retention: Retention | None = None) -> None:
+    def __init__(self, directory: Path, retention: rs.Retention | None = None) -> None:
         directory.mkdir(parents=True, exist_ok=True)
         self.path = directory / "reactions.db"
-        self.retention = retention or Retention()
+        self.retention = retention or rs.Retention()
         self.db = open_db(self.path, schema=SCHEMA)
         self._since_prune = 0
 
@@ -113,14 +114,14 @@ class SqliteReactionStore:
 
     # Evaluations --------------------------------------------------------------------------------
 
-    async def get_evaluation(self, event_id: str) -> StoredEvaluation | None:
+    async def get_evaluation(self, event_id: str) -> rs.StoredEvaluation | None:
         row = self.db.execute(
             "SELECT event_id, time, revision, status, event, traces FROM evaluations WHERE event_id = ?",
             (event_id,),
         ).fetchone()
         if row is None:
             return None
-        return StoredEvaluation(row[0], row[1], row[2], row[3], row[4], json.loads(row[5]))
+        return rs.StoredEvaluation(row[0], row[1], row[2], row[3], row[4], rs.traces_of(row[5]))
 
     async def pending_event_ids(self, limit: int = 1000) -> list[str]:
         rows = self.db.execute(
@@ -128,84 +129,43 @@ class SqliteReactionStore:
         ).fetchall()
         return [r[0] for r in rows]
 
-    async def save_evaluation(
-        self,
-        *,
-        event_id: str,
-        now: float,
-        revision: int,
-        event_type: int,
-        session_key: str,
-        event: bytes,
-        traces: Sequence[Sequence[object]],
-        matched: Iterable[StoredTrace],
-        skipped: Iterable[StoredTrace],
-        fire_rows: Iterable[tuple[str, str, float, list[float]]],
-        fired_rule_ids: Iterable[str],
-        pending: bool,
-    ) -> None:
+    async def save_evaluation(self, e: rs.NewEvaluation) -> None:
         """One transaction: the evaluation, its traces, the fire state it changed, skip counters."""
-        skipped = list(skipped)
+        skipped = list(e.skipped)
         with self._tx():
             self.db.execute(
                 "INSERT INTO evaluations(event_id, time, revision, event_type, session_key, status, event, traces) "
                 "VALUES (?,?,?,?,?,?,?,?)",
                 (
-                    event_id,
-                    now,
-                    revision,
-                    event_type,
-                    session_key,
-                    "pending" if pending else "done",
-                    event,
-                    json.dumps(traces, ensure_ascii=False, separators=(",", ":")),
+                    e.event_id,
+                    e.now,
+                    e.revision,
+                    e.event_type,
+                    e.session_key,
+                    "pending" if e.pending else "done",
+                    e.event,
+                    json.dumps(rs.traces_json(e.traces), ensure_ascii=False, separators=(",", ":")),
                 ),
             )
             self.db.executemany(
                 "INSERT OR REPLACE INTO traces_matched(trace_id, event_id, rule_id, matched, reason, detail, actions, time, "
                 "event_type, session_key) VALUES (?,?,?,?,?,?,?,?,?,?)",
-                [
-                    (
-                        t.trace_id,
-                        t.event_id,
-                        t.rule_id,
-                        int(t.matched),
-                        t.reason,
-                        t.detail,
-                        json.dumps(t.actions),
-                        t.time,
-                        t.event_type,
-                        t.session_key,
-                    )
-                    for t in matched
-                ],
+                [rs.matched_params(t, json.dumps(t.actions)) for t in e.matched],
             )
             self.db.executemany(
                 "INSERT INTO traces_skipped(trace_id, event_id, rule_id, reason, detail, time, event_type, session_key) "
                 "VALUES (?,?,?,?,?,?,?,?)",
-                [
-                    (
-                        t.trace_id,
-                        t.event_id,
-                        t.rule_id,
-                        t.reason,
-                        t.detail,
-                        t.time,
-                        t.event_type,
-                        t.session_key,
-                    )
-                    for t in skipped
-                ],
+                [rs.skipped_params(t) for t in skipped],
             )
             self.db.executemany(
                 "INSERT INTO fire_state(rule_id, key, last, window) VALUES (?,?,?,?) "
                 "ON CONFLICT(rule_id, key) DO UPDATE SET last = excluded.last, window = excluded.window",
-                [(r, k, last, json.dumps(w)) for r, k, last, w in fire_rows],
+                [(r, k, last, json.dumps(w)) for r, k, last, w in e.fire_rows],
             )
             self.db.executemany(
                 "INSERT INTO rule_fires(rule_id, fire_count, last_fire) VALUES (?, 1, ?) "
                 "ON CONFLICT(rule_id) DO UPDATE SET fire_count = fire_count + 1, last_fire = excluded.last_fire",
-                [(r, now) for r in fired_rule_ids],
+                [(r, e.now) for r in e.fired_rule_ids],
             )
             self._bump((t.rule_id, t.reason) for t in skipped)
         await self._maybe_prune()
@@ -213,8 +173,8 @@ class SqliteReactionStore:
     async def finish_evaluation(
         self,
         event_id: str,
-        outcomes: Iterable[tuple[str, bool, int, str, list[dict[str, object]]]],
-        action_rows: Iterable[tuple[str, bool, str, str]] = (),
+        outcomes: Iterable[rs.TraceOutcome],
+        action_rows: Iterable[rs.ActionRow] = (),
     ) -> None:
         """Record each fired rule's final outcome (match or action_error) and mark the event done."""
         outcomes = list(outcomes)
@@ -223,17 +183,17 @@ class SqliteReactionStore:
                 "INSERT INTO action_results(idempotency_key, ok, result_id, error) VALUES (?,?,?,?) "
                 "ON CONFLICT(idempotency_key) DO UPDATE SET ok = excluded.ok, result_id = excluded.result_id, "
                 "error = excluded.error",
-                [(k, int(ok), rid, err) for k, ok, rid, err in action_rows],
+                [(a.key, int(a.ok), a.result_id, a.error) for a in action_rows],
             )
-            for trace_id, matched, reason, detail, actions in outcomes:
+            for o in outcomes:
                 self.db.execute(
                     "UPDATE traces_matched SET matched = ?, reason = ?, detail = ?, actions = ? WHERE trace_id = ?",
-                    (int(matched), reason, detail, json.dumps(actions), trace_id),
+                    (int(o.matched), o.reason, o.detail, json.dumps(o.actions), o.trace_id),
                 )
             rows = []
             for o in outcomes:
                 row = self.db.execute(
-                    "SELECT rule_id, reason FROM traces_matched WHERE trace_id = ?", (o[0],)
+                    "SELECT rule_id, reason FROM traces_matched WHERE trace_id = ?", (o.trace_id,)
                 ).fetchone()
                 if row is not None:
                     rows.append(row)
@@ -270,37 +230,15 @@ class SqliteReactionStore:
 
     # Traces -------------------------------------------------------------------------------------
 
-    _MATCHED_COLS = (
-        "seq, trace_id, event_id, rule_id, matched, reason, detail, actions, time, event_type, session_key, "
-        "false_positive, fp_reason"
-    )
-
-    @staticmethod
-    def _matched_row(row: Sequence[object]) -> StoredTrace:
-        return StoredTrace(
-            trace_id=str(row[1]),
-            event_id=str(row[2]),
-            rule_id=str(row[3]),
-            matched=bool(row[4]),
-            reason=int(row[5]),  # type: ignore[call-overload]
-            detail=str(row[6]),
-            actions=json.loads(str(row[7])),
-            time=float(row[8]),  # type: ignore[arg-type]
-            event_type=int(row[9]),  # type: ignore[call-overload]
-            session_key=str(row[10]),
-            false_positive=bool(row[11]),
-            fp_reason=str(row[12]),
-        )
-
-    async def matched_for_event(self, event_id: str) -> dict[str, StoredTrace]:
+    async def matched_for_event(self, event_id: str) -> dict[str, rs.StoredTrace]:
         rows = self.db.execute(
-            f"SELECT {self._MATCHED_COLS} FROM traces_matched WHERE event_id = ?", (event_id,)
+            f"SELECT {rs.MATCHED_COLS} FROM traces_matched WHERE event_id = ?", (event_id,)
         ).fetchall()
-        return {str(r[1]): self._matched_row(r) for r in rows}
+        return {str(r[1]): rs.matched_trace(r) for r in rows}
 
     async def page_matched(
         self, rule_id: str, before_seq: int, limit: int, only_matched: bool | None = None
-    ) -> list[tuple[int, StoredTrace]]:
+    ) -> list[tuple[int, rs.StoredTrace]]:
         """Rows of traces_matched newest first. only_matched=False gives the action errors (skips)."""
         where = ["seq < ?"]
         args: list[object] = [before_seq]
@@ -311,34 +249,32 @@ class SqliteReactionStore:
             where.append("matched = ?")
             args.append(int(only_matched))
         rows = self.db.execute(
-            f"SELECT {self._MATCHED_COLS} FROM traces_matched WHERE {' AND '.join(where)} ORDER BY seq DESC LIMIT ?",
+            f"SELECT {rs.MATCHED_COLS} FROM traces_matched WHERE {' AND '.join(where)} ORDER BY seq DESC LIMIT ?",
             (*args, limit),
         ).fetchall()
-        return [(int(r[0]), self._matched_row(r)) for r in rows]
+        return [(int(r[0]), rs.matched_trace(r)) for r in rows]
 
-    async def page_skipped(self, rule_id: str, before_seq: int, limit: int) -> list[tuple[int, StoredTrace]]:
+    async def page_skipped(
+        self, rule_id: str, before_seq: int, limit: int
+    ) -> list[tuple[int, rs.StoredTrace]]:
         where = "seq < ?" + (" AND rule_id = ?" if rule_id else "")
         args: tuple[object, ...] = (before_seq, rule_id) if rule_id else (before_seq,)
         rows = self.db.execute(
-            "SELECT seq, trace_id, event_id, rule_id, reason, detail, time, event_type, session_key "
-            f"FROM traces_skipped WHERE {where} ORDER BY seq DESC LIMIT ?",
+            f"SELECT {rs.SKIPPED_COLS} FROM traces_skipped WHERE {where} ORDER BY seq DESC LIMIT ?",
             (*args, limit),
         ).fetchall()
-        return [
-            (
-                int(r[0]),
-                StoredTrace(r[1], r[2], r[3], False, int(r[4]), r[5], [], float(r[6]), int(r[7]), r[8]),
-            )
-            for r in rows
-        ]
+        return [(int(r[0]), rs.skipped_trace(r)) for r in rows]
 
-    async def get_matched(self, trace_id: str) -> StoredTrace | None:
+    async def page_traces(self, query: TraceQuery) -> TracePage:
+        return await page_traces(self, query)
+
+    async def get_matched(self, trace_id: str) -> rs.StoredTrace | None:
         row = self.db.execute(
-            f"SELECT {self._MATCHED_COLS} FROM traces_matched WHERE trace_id = ?", (trace_id,)
+            f"SELECT {rs.MATCHED_COLS} FROM traces_matched WHERE trace_id = ?", (trace_id,)
         ).fetchone()
-        return None if row is None else self._matched_row(row)
+        return None if row is None else rs.matched_trace(row)
 
-    async def flag_false_positive(self, trace_id: str, reason: str) -> tuple[StoredTrace | None, bool]:
+    async def flag_false_positive(self, trace_id: str, reason: str) -> tuple[rs.StoredTrace | None, bool]:
         """(trace, already_flagged); trace None when no match has this id."""
         with self._tx():
             t = await self.get_matched(trace_id)
@@ -350,7 +286,7 @@ class SqliteReactionStore:
                 "UPDATE traces_matched SET false_positive = 1, fp_reason = ? WHERE trace_id = ?",
                 (reason, trace_id),
             )
-            self._bump([(t.rule_id, FP_REASON)])
+            self._bump([(t.rule_id, rs.FP_REASON)])
         t.false_positive, t.fp_reason = True, reason
         return t, False
 

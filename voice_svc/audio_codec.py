@@ -251,6 +251,7 @@ def too_long(field: str, seconds: float, max_seconds: float) -> FlynnError:
 async def decode_compressed(
     data: bytes,
     fmt: str,
+    *,
     field: str = "audio_content",
     max_seconds: float = DEFAULT_MAX_SECONDS,
     pool: DecoderPool | None = None,
@@ -289,6 +290,7 @@ async def recognition_input(
     data: bytes,
     encoding: int,
     sample_rate_hertz: int,
+    *,
     max_seconds: float = DEFAULT_MAX_SECONDS,
     pool: DecoderPool | None = None,
 ) -> Pcm:

@@ -17,6 +17,7 @@ from flynn.v1 import common_pb2, config_pb2
 
 from flynn_runtime import targeting
 from flynn_runtime.errors import failed_precondition
+from flynn_runtime.timestamps import duration_seconds
 
 CONTENT_TYPES = {
     common_pb2.AUDIO_ENCODING_UNSPECIFIED: "audio/wav",
@@ -62,9 +63,7 @@ def attachment_for(
 
 
 def transcription_deadline(cfg: config_pb2.FlynnConfig, default: float = 20.0) -> float:
-    d = cfg.audio.deadline
-    secs = d.seconds + d.nanos / 1e9 if cfg.audio.HasField("deadline") else 0.0
-    return secs if secs > 0 else default
+    return duration_seconds(cfg.audio.deadline, default)
 
 
 async def handle_inbound_audio(
@@ -72,6 +71,7 @@ async def handle_inbound_audio(
     target: targeting.Target,
     audio: common_pb2.Audio,
     transcriber: Transcriber,
+    *,
     language_code: str = "",
     uri_prefix: str = "voice-note://sha256/",
 ) -> InboundOutcome:

@@ -14,11 +14,13 @@ from __future__ import annotations
 import asyncio
 import logging
 import time
-from collections.abc import AsyncIterator, Sequence
+from collections.abc import AsyncIterator, Awaitable, Callable, Sequence
 from dataclasses import dataclass
+from typing import TypeVar
 
 from flynn_runtime.config_source import ConfigSource
 from flynn_runtime.errors import FlynnError, unavailable
+from flynn_runtime.timestamps import duration_seconds
 from voice_svc import metrics
 from voice_svc.audio_codec import Pcm, is_silent
 from voice_svc.engines import (
@@ -39,6 +41,7 @@ from voice_svc.engines import (
 )
 
 log = logging.getLogger(__name__)
+T = TypeVar("T")
 
 DEFAULT_TTS_DEADLINE = 3.0
 DEFAULT_STT_DEADLINE = 20.0
@@ -76,11 +79,6 @@ class Recognition:
     transcript: Transcript
     engine: str
     attempts: list[Attempt]
-
-
-def _seconds(d: object) -> float:
-    secs = float(getattr(d, "seconds", 0)) + float(getattr(d, "nanos", 0)) / 1e9
-    return secs
 
 
 def all_failed(kind: str, attempts: Sequence[Attempt]) -> FlynnError:
@@ -133,20 +131,10 @@ class VoiceChain:
         return list(requested) or list(self.config.config.audio.engines) or list(DEFAULT_STT_CHAIN)
 
     def tts_deadline(self) -> float:
-        t = self.config.config.tts
-        return (
-            _seconds(t.deadline)
-            if t.HasField("deadline") and _seconds(t.deadline) > 0
-            else DEFAULT_TTS_DEADLINE
-        )
+        return duration_seconds(self.config.config.tts.deadline, DEFAULT_TTS_DEADLINE)
 
     def stt_deadline(self) -> float:
-        a = self.config.config.audio
-        return (
-            _seconds(a.deadline)
-            if a.HasField("deadline") and _seconds(a.deadline) > 0
-            else DEFAULT_STT_DEADLINE
-        )
+        return duration_seconds(self.config.config.audio.deadline, DEFAULT_STT_DEADLINE)
 
     @staticmethod
     def _budget(configured: float, caller_remaining: float | None) -> float:
@@ -189,6 +177,36 @@ class VoiceChain:
             extra={"engine": name, "cause": cause, "detail": detail, "elapsed_ms": elapsed},
         )
 
+    async def _first_success(
+        self,
+        kind: str,
+        chain: Sequence[str],
+        deadline: float,
+        attempt: Callable[[str, float], Awaitable[T]],
+        *,
+        waiting_for: str = "result",
+    ) -> tuple[str, T, float, list[Attempt]]:
+        """Try the engines of `chain` in order until one succeeds: (engine, its result, seconds it took,
+        attempts). Fair share: each engine gets the time left divided by the engines left, so a
+        hanging first engine cannot eat the budget of the fallbacks. Raises ALL_ENGINES_FAILED."""
+        attempts: list[Attempt] = []
+        for i, name in enumerate(chain):
+            started = time.monotonic()
+            share = (deadline - started) / (len(chain) - i)
+            if share <= 0:
+                self._fail(kind, attempts, name, TIMEOUT, "no time left in the deadline", started)
+                continue
+            try:
+                result = await attempt(name, share)
+            except Exception as e:  # an engine bug must not become INTERNAL: the chain moves on
+                cause, detail = _cause(e, share, waiting_for)
+                self._fail(kind, attempts, name, cause, detail, started)
+                continue
+            elapsed = time.monotonic() - started
+            attempts.append(Attempt(name, True, "", "", int(elapsed * 1000)))
+            return name, result, elapsed, attempts
+        raise all_failed(kind, attempts)
+
     async def synthesize(
         self,
         text: str,
@@ -199,37 +217,24 @@ class VoiceChain:
         engines: Sequence[str] = (),
         caller_remaining: float | None = None,
     ) -> Synthesis:
-        chain = self.tts_chain(engines)
+        """The whole text spoken by the first engine of the chain that succeeds."""
+
+        async def attempt(name: str, share: float) -> tuple[Pcm, str]:
+            engine, picked = self._prepare(name, voice, language_code)
+            opts = SpeechOptions(picked, speaking_rate or 1.0, self.faults.mode(name))
+            pcm = await asyncio.wait_for(_collect(engine.synthesize([text], opts)), share)
+            if is_silent(pcm):
+                raise EngineFailure(ENGINE_ERROR, "engine reported success but produced no audible audio")
+            return pcm, picked
+
         deadline = time.monotonic() + self._budget(self.tts_deadline(), caller_remaining)
-        attempts: list[Attempt] = []
-        for i, name in enumerate(chain):
-            started = time.monotonic()
-            share = (deadline - started) / (len(chain) - i)
-            if share <= 0:
-                self._fail("tts", attempts, name, TIMEOUT, "no time left in the deadline", started)
-                continue
-            try:
-                engine, picked = self._prepare(name, voice, language_code)
-                opts = SpeechOptions(picked, speaking_rate or 1.0, self.faults.mode(name))
-                pcm = await asyncio.wait_for(_collect(engine.synthesize([text], opts)), share)
-                if is_silent(pcm):
-                    raise EngineFailure(ENGINE_ERROR, "engine reported success but produced no audible audio")
-            except TimeoutError:
-                self._fail("tts", attempts, name, TIMEOUT, f"no audio within {share * 1000:.0f} ms", started)
-                continue
-            except EngineFailure as e:
-                self._fail("tts", attempts, name, e.cause, e.detail, started)
-                continue
-            except Exception as e:  # an engine bug must not become INTERNAL: the chain moves on
-                self._fail("tts", attempts, name, ENGINE_ERROR, f"{type(e).__name__}: {e}", started)
-                continue
-            elapsed = time.monotonic() - started
-            attempts.append(Attempt(name, True, "", "", int(elapsed * 1000)))
-            metrics.SYNTH_SECONDS.labels(name).observe(elapsed)
-            if pcm.duration_s > 0:
-                metrics.SYNTH_RTF.labels(name).observe(elapsed / pcm.duration_s)
-            return Synthesis(pcm, name, picked, attempts)
-        raise all_failed("tts", attempts)
+        name, (pcm, picked), elapsed, attempts = await self._first_success(
+            "tts", self.tts_chain(engines), deadline, attempt, waiting_for="audio"
+        )
+        metrics.SYNTH_SECONDS.labels(name).observe(elapsed)
+        if pcm.duration_s > 0:
+            metrics.SYNTH_RTF.labels(name).observe(elapsed / pcm.duration_s)
+        return Synthesis(pcm, name, picked, attempts)
 
     async def stream_synthesize(
         self,
@@ -244,67 +249,57 @@ class VoiceChain:
         """Sentences as they are spoken. The chain falls over only before the first chunk; each
         later sentence must come within the tts deadline, else the stream ends UNAVAILABLE."""
         sentences = split_sentences(text) or [text]
-        chain = self.tts_chain(engines)
         per_sentence = self.tts_deadline()
-        deadline = time.monotonic() + self._budget(per_sentence, caller_remaining)
-        attempts: list[Attempt] = []
-        for i, name in enumerate(chain):
-            started = time.monotonic()
-            share = (deadline - started) / (len(chain) - i)
-            if share <= 0:
-                self._fail("tts", attempts, name, TIMEOUT, "no time left in the deadline", started)
-                continue
-            gen: AsyncIterator[Pcm] | None = None
+
+        async def first_sentence(name: str, share: float) -> tuple[AsyncIterator[Pcm], Pcm]:
+            engine, picked = self._prepare(name, voice, language_code)
+            opts = SpeechOptions(picked, speaking_rate or 1.0, self.faults.mode(name))
+            gen = engine.synthesize(sentences, opts)
             try:
-                engine, picked = self._prepare(name, voice, language_code)
-                opts = SpeechOptions(picked, speaking_rate or 1.0, self.faults.mode(name))
-                gen = engine.synthesize(sentences, opts)
                 first = await asyncio.wait_for(anext(gen), share)
                 if is_silent(first) and len(sentences) == 1:
                     raise EngineFailure(ENGINE_ERROR, "engine reported success but produced no audible audio")
-            except (TimeoutError, EngineFailure, StopAsyncIteration, Exception) as e:
-                if gen is not None:
-                    await _aclose(gen)
-                cause, detail = _cause(e, share)
-                self._fail("tts", attempts, name, cause, detail, started)
-                continue
-            elapsed = time.monotonic() - started
-            attempts.append(Attempt(name, True, "", "", int(elapsed * 1000)))
-            metrics.SYNTH_FIRST_CHUNK_SECONDS.labels(name).observe(elapsed)
-            total_audio = first.duration_s
-            try:
-                yield SpokenSentence(first, sentences[0], name, attempts)
-                for sentence in sentences[1:]:
-                    try:
-                        pcm = await asyncio.wait_for(anext(gen), per_sentence)
-                    except (TimeoutError, EngineFailure, StopAsyncIteration) as e:
-                        cause, detail = _cause(e, per_sentence)
-                        self._fail("tts", attempts, name, cause, detail, time.monotonic())
-                        raise unavailable(
-                            f"{name} failed mid-stream ({cause}): {detail}",
-                            reason="ENGINE_FAILED_MID_STREAM",
-                            engine=name,
-                            cause=cause,
-                        ) from e
-                    total_audio += pcm.duration_s
-                    yield SpokenSentence(pcm, sentence, name, attempts)
-                # Read the engine's end of request so a warm worker is not killed as abandoned.
-                try:
-                    extra = await asyncio.wait_for(anext(gen), per_sentence)
-                    log.warning(
-                        "engine produced more pieces than sentences",
-                        extra={"engine": name, "samples": extra.samples},
-                    )
-                except (StopAsyncIteration, TimeoutError, EngineFailure):
-                    pass
-            finally:
+            except Exception:
                 await _aclose(gen)
-            took = time.monotonic() - started
-            metrics.SYNTH_SECONDS.labels(name).observe(took)
-            if total_audio > 0:
-                metrics.SYNTH_RTF.labels(name).observe(took / total_audio)
-            return
-        raise all_failed("tts", attempts)
+                raise
+            return gen, first
+
+        deadline = time.monotonic() + self._budget(per_sentence, caller_remaining)
+        name, (gen, first), elapsed, attempts = await self._first_success(
+            "tts", self.tts_chain(engines), deadline, first_sentence
+        )
+        metrics.SYNTH_FIRST_CHUNK_SECONDS.labels(name).observe(elapsed)
+        started = time.monotonic() - elapsed
+        total_audio = first.duration_s
+        try:
+            yield SpokenSentence(first, sentences[0], name, attempts)
+            for sentence in sentences[1:]:
+                pcm = await self._next_sentence(gen, name, attempts, per_sentence)
+                total_audio += pcm.duration_s
+                yield SpokenSentence(pcm, sentence, name, attempts)
+            await _drain_end(gen, name, per_sentence)
+        finally:
+            await _aclose(gen)
+        took = time.monotonic() - started
+        metrics.SYNTH_SECONDS.labels(name).observe(took)
+        if total_audio > 0:
+            metrics.SYNTH_RTF.labels(name).observe(took / total_audio)
+
+    async def _next_sentence(
+        self, gen: AsyncIterator[Pcm], name: str, attempts: list[Attempt], per_sentence: float
+    ) -> Pcm:
+        """The next sentence's audio of a stream past its first chunk; a failure ends the stream."""
+        try:
+            return await asyncio.wait_for(anext(gen), per_sentence)
+        except (TimeoutError, EngineFailure, StopAsyncIteration) as e:
+            cause, detail = _cause(e, per_sentence)
+            self._fail("tts", attempts, name, cause, detail, time.monotonic())
+            raise unavailable(
+                f"{name} failed mid-stream ({cause}): {detail}",
+                reason="ENGINE_FAILED_MID_STREAM",
+                engine=name,
+                cause=cause,
+            ) from e
 
     # Recognition --------------------------------------------------------------------------
 
@@ -316,42 +311,44 @@ class VoiceChain:
         engines: Sequence[str] = (),
         caller_remaining: float | None = None,
     ) -> Recognition:
-        chain = self.stt_chain(engines)
-        deadline = time.monotonic() + self._budget(self.stt_deadline(), caller_remaining)
-        attempts: list[Attempt] = []
-        for i, name in enumerate(chain):
-            started = time.monotonic()
-            share = (deadline - started) / (len(chain) - i)
-            if share <= 0:
-                self._fail("stt", attempts, name, TIMEOUT, "no time left in the deadline", started)
-                continue
+        """The transcript of the first engine of the chain that succeeds."""
+
+        async def attempt(name: str, share: float) -> Transcript:
             engine = self.stt.get(name)
-            try:
-                if engine is None:
-                    raise EngineFailure(UNAVAILABLE, f"no engine named {name!r} in this build")
-                if (why := engine.unavailable_reason()) is not None:
-                    raise EngineFailure(UNAVAILABLE, why)
-                if not engine.supports_language(language_code):
-                    raise EngineFailure(UNSUPPORTED, f"language {language_code!r} not supported")
-                result = await asyncio.wait_for(
-                    engine.transcribe(pcm, language_code, self.faults.mode(name)), share
-                )
-            except Exception as e:
-                cause, detail = _cause(e, share)
-                self._fail("stt", attempts, name, cause, detail, started)
-                continue
-            elapsed = time.monotonic() - started
-            attempts.append(Attempt(name, True, "", "", int(elapsed * 1000)))
-            metrics.TRANSCRIBE_SECONDS.labels(name).observe(elapsed)
-            if pcm.duration_s > 0:
-                metrics.TRANSCRIBE_RTF.labels(name).observe(elapsed / pcm.duration_s)
-            return Recognition(result, name, attempts)
-        raise all_failed("stt", attempts)
+            if engine is None:
+                raise EngineFailure(UNAVAILABLE, f"no engine named {name!r} in this build")
+            if (why := engine.unavailable_reason()) is not None:
+                raise EngineFailure(UNAVAILABLE, why)
+            if not engine.supports_language(language_code):
+                raise EngineFailure(UNSUPPORTED, f"language {language_code!r} not supported")
+            return await asyncio.wait_for(
+                engine.transcribe(pcm, language_code, self.faults.mode(name)), share
+            )
+
+        deadline = time.monotonic() + self._budget(self.stt_deadline(), caller_remaining)
+        name, result, elapsed, attempts = await self._first_success(
+            "stt", self.stt_chain(engines), deadline, attempt
+        )
+        metrics.TRANSCRIBE_SECONDS.labels(name).observe(elapsed)
+        if pcm.duration_s > 0:
+            metrics.TRANSCRIBE_RTF.labels(name).observe(elapsed / pcm.duration_s)
+        return Recognition(result, name, attempts)
 
 
-def _cause(e: BaseException, budget: float) -> tuple[str, str]:
+async def _drain_end(gen: AsyncIterator[Pcm], name: str, per_sentence: float) -> None:
+    """Read the engine's end of request so a warm worker is not killed as abandoned."""
+    try:
+        extra = await asyncio.wait_for(anext(gen), per_sentence)
+        log.warning(
+            "engine produced more pieces than sentences", extra={"engine": name, "samples": extra.samples}
+        )
+    except (StopAsyncIteration, TimeoutError, EngineFailure):
+        pass
+
+
+def _cause(e: BaseException, budget: float, waiting_for: str = "result") -> tuple[str, str]:
     if isinstance(e, TimeoutError):
-        return TIMEOUT, f"no result within {budget * 1000:.0f} ms"
+        return TIMEOUT, f"no {waiting_for} within {budget * 1000:.0f} ms"
     if isinstance(e, EngineFailure):
         return e.cause, e.detail
     if isinstance(e, StopAsyncIteration):

@@ -83,153 +83,158 @@ def ev(event_id: str, type_: str, at: float, **fields: Any) -> dict[str, Any]:
     return {"event_id": event_id, "type": type_, **fields, "_at": at}
 
 
-def main() -> None:
-    rows: list[dict[str, Any]] = []
-    t = 0.0
-    n = 0
+class _Corpus:
+    """The rows being built, with the running clock `t` and the event counters `n` (runs) and `m` (nodes)."""
 
-    def add(event: dict[str, Any], expected: list[str], note: str) -> None:
+    def __init__(self) -> None:
+        self.rows: list[dict[str, Any]] = []
+        self.t = 0.0
+        self.n = 0
+        self.m = 0
+
+    def add(self, event: dict[str, Any], expected: list[str], note: str) -> None:
         at = event.pop("_at")
-        rows.append({"at": at, "event": event, "expected": sorted(expected), "note": note})
+        self.rows.append({"at": at, "event": event, "expected": sorted(expected), "note": note})
 
-    # 1. Every message on several channels, each in its own session.
-    for rep, channel in enumerate(CHANNELS[:4]):
-        for i, (text, helpy, urgent) in enumerate(MESSAGES):
-            n += 1
-            t += 1
-            session = f"{channel}:u{rep}-{i}"
-            if urgent:
-                expected = ["urgent-page"]
-            else:
-                expected = (["ack-received"] if channel in ACK_CHANNELS else []) + (
-                    ["help-desk"] if helpy else []
+    def messages(self) -> None:
+        """1. Every message on several channels, each in its own session."""
+        for rep, channel in enumerate(CHANNELS[:4]):
+            for i, (text, helpy, urgent) in enumerate(MESSAGES):
+                self.n += 1
+                self.t += 1
+                n, session = self.n, f"{channel}:u{rep}-{i}"
+                if urgent:
+                    expected = ["urgent-page"]
+                else:
+                    expected = (["ack-received"] if channel in ACK_CHANNELS else []) + (
+                        ["help-desk"] if helpy else []
+                    )
+                self.add(
+                    ev(
+                        f"run:{n}",
+                        "message_received",
+                        self.t,
+                        session_key=session,
+                        channel=channel,
+                        sender=f"user{i}",
+                        text=text,
+                        message_id=f"msg_{n}",
+                    ),
+                    expected,
+                    "urgent" if urgent else ("help request" if helpy else "chat"),
                 )
-            add(
-                ev(
-                    f"run:{n}",
-                    "message_received",
-                    t,
-                    session_key=session,
-                    channel=channel,
-                    sender=f"user{i}",
-                    text=text,
-                    message_id=f"msg_{n}",
-                ),
-                expected,
-                "urgent" if urgent else ("help request" if helpy else "chat"),
-            )
 
-    # 2. Cooldowns: a second help request in the same session within 10 minutes gets no second reply;
-    #    a second urgent message within 2 minutes is not paged again (so the others run on it).
-    for i in range(8):
-        session = f"telegram:cool-{i}"
-        for k, (text, dt) in enumerate(
-            (("help, my build is broken", 0.0), ("still need help with it", 120.0))
-        ):
-            n += 1
-            add(
-                ev(
-                    f"run:{n}",
-                    "message_received",
-                    t + 5000 + i * 1000 + dt,
-                    session_key=session,
-                    channel="telegram",
-                    sender="dana",
-                    text=text,
-                    message_id=f"msg_{n}",
-                ),
-                ["ack-received", "help-desk"] if k == 0 else ["ack-received"],
-                "help cooldown" if k else "help",
-            )
-        for k, (text, dt) in enumerate((("urgent: the site is down", 200.0), ("urgent: still down", 260.0))):
-            n += 1
-            add(
-                ev(
-                    f"run:{n}",
-                    "message_received",
-                    t + 5000 + i * 1000 + dt,
-                    session_key=f"slack:ucool-{i}",
-                    channel="slack",
-                    sender="erin",
-                    text=text,
-                    message_id=f"msg_{n}",
-                ),
-                ["urgent-page"] if k == 0 else ["ack-received"],
-                "urgent cooldown" if k else "urgent",
-            )
-    t += 20000
-
-    # 3. Messages caused by reactions never trigger anything (default recursion guard).
-    for i in range(12):
-        n += 1
-        t += 1
-        add(
+    def _message(
+        self, at: float, session: str, channel: str, sender: str, text: str, expected: list[str], note: str
+    ) -> None:
+        self.n += 1
+        n = self.n
+        self.add(
             ev(
                 f"run:{n}",
                 "message_received",
-                t,
-                session_key=f"telegram:r{i}",
-                channel="telegram",
-                sender="reaction:help-desk",
-                text="Hi user, the help desk will get back to you shortly. urgent?",
+                at,
+                session_key=session,
+                channel=channel,
+                sender=sender,
+                text=text,
                 message_id=f"msg_{n}",
-                causation={
-                    "origin": "reaction",
-                    "chain_id": f"run:{i + 1}",
-                    "depth": 1,
-                    "fired_rule_ids": ["help-desk"],
-                },
-            ),
-            [],
-            "reaction origin",
-        )
-
-    # 4. Run events.
-    kinds = ["timeout", "agent", "restart", "cancel_deadline", "timeout", "agent"]
-    for i in range(24):
-        n += 1
-        t += 100
-        kind = kinds[i % len(kinds)]
-        expected = ([] if kind == "restart" else ["run-error-apology"]) + (
-            ["run-timeout-status"] if kind == "timeout" else []
-        )
-        add(
-            ev(
-                f"run:{n}",
-                "run_error",
-                t,
-                session_key=f"cli:e{i}",
-                channel="cli",
-                run_id=f"run_{i}",
-                error_kind=kind,
             ),
             expected,
-            f"run error {kind}",
+            note,
         )
-        if i < 6 and kind != "restart":
-            # A second error in the same session within a minute: no second apology.
-            n += 1
-            add(
+
+    def cooldowns(self) -> None:
+        """2. Cooldowns: a second help request in the same session within 10 minutes gets no second
+        reply; a second urgent message within 2 minutes is not paged again (so the others run on it)."""
+        t = self.t
+        for i in range(8):
+            session = f"telegram:cool-{i}"
+            for k, (text, dt) in enumerate(
+                (("help, my build is broken", 0.0), ("still need help with it", 120.0))
+            ):
+                expected = ["ack-received", "help-desk"] if k == 0 else ["ack-received"]
+                at = t + 5000 + i * 1000 + dt
+                self._message(
+                    at, session, "telegram", "dana", text, expected, "help cooldown" if k else "help"
+                )
+            for k, (text, dt) in enumerate(
+                (("urgent: the site is down", 200.0), ("urgent: still down", 260.0))
+            ):
+                expected = ["urgent-page"] if k == 0 else ["ack-received"]
+                at = t + 5000 + i * 1000 + dt
+                note = "urgent cooldown" if k else "urgent"
+                self._message(at, f"slack:ucool-{i}", "slack", "erin", text, expected, note)
+        self.t += 20000
+
+    def reaction_origin(self) -> None:
+        """3. Messages caused by reactions never trigger anything (default recursion guard)."""
+        for i in range(12):
+            self.n += 1
+            self.t += 1
+            n = self.n
+            self.add(
                 ev(
                     f"run:{n}",
-                    "run_error",
-                    t + 10,
-                    session_key=f"cli:e{i}",
-                    channel="cli",
-                    run_id=f"run_b{i}",
-                    error_kind="agent",
+                    "message_received",
+                    self.t,
+                    session_key=f"telegram:r{i}",
+                    channel="telegram",
+                    sender="reaction:help-desk",
+                    text="Hi user, the help desk will get back to you shortly. urgent?",
+                    message_id=f"msg_{n}",
+                    causation={
+                        "origin": "reaction",
+                        "chain_id": f"run:{i + 1}",
+                        "depth": 1,
+                        "fired_rule_ids": ["help-desk"],
+                    },
                 ),
                 [],
-                "run error apology cooldown",
+                "reaction origin",
             )
-    for i in range(4):  # a run started by a reaction's message fails: no reaction to it
-        n += 1
-        t += 100
-        add(
-            ev(
-                f"run:{n}",
+
+    def _run_event(self, type_: str, at: float, expected: list[str], note: str, **fields: Any) -> None:
+        self.n += 1
+        self.add(ev(f"run:{self.n}", type_, at, **fields), expected, note)
+
+    def run_errors(self) -> None:
+        """4a. Run errors, their apology cooldown, and errors of runs a reaction started."""
+        kinds = ["timeout", "agent", "restart", "cancel_deadline", "timeout", "agent"]
+        for i in range(24):
+            self.t += 100
+            kind = kinds[i % len(kinds)]
+            expected = ([] if kind == "restart" else ["run-error-apology"]) + (
+                ["run-timeout-status"] if kind == "timeout" else []
+            )
+            fields = {"session_key": f"cli:e{i}", "channel": "cli"}
+            self._run_event(
                 "run_error",
-                t,
+                self.t,
+                expected,
+                f"run error {kind}",
+                **fields,
+                run_id=f"run_{i}",
+                error_kind=kind,
+            )
+            if i < 6 and kind != "restart":
+                # A second error in the same session within a minute: no second apology.
+                self._run_event(
+                    "run_error",
+                    self.t + 10,
+                    [],
+                    "run error apology cooldown",
+                    **fields,
+                    run_id=f"run_b{i}",
+                    error_kind="agent",
+                )
+        for i in range(4):  # a run started by a reaction's message fails: no reaction to it
+            self.t += 100
+            self._run_event(
+                "run_error",
+                self.t,
+                [],
+                "reaction-caused run error",
                 session_key=f"cli:re{i}",
                 channel="cli",
                 run_id=f"run_r{i}",
@@ -240,106 +245,114 @@ def main() -> None:
                     "depth": 1,
                     "fired_rule_ids": ["help-desk"],
                 },
-            ),
-            [],
-            "reaction-caused run error",
-        )
-    for i, length in enumerate([10, 500, 1999, 2000, 2001, 5000, 12000, 80]):
-        n += 1
-        t += 1
-        add(
-            ev(
-                f"run:{n}",
+            )
+
+    def run_events(self) -> None:
+        """4b. Completed (long answers), cancelled and started runs."""
+        for i, length in enumerate([10, 500, 1999, 2000, 2001, 5000, 12000, 80]):
+            self.t += 1
+            self._run_event(
                 "run_completed",
-                t,
+                self.t,
+                ["long-answer-canvas"] if length > 2000 else [],
+                f"answer of {length} characters",
                 session_key=f"cli:c{i}",
                 channel="cli",
                 run_id=f"run_c{i}",
                 text="x" * length,
-            ),
-            ["long-answer-canvas"] if length > 2000 else [],
-            f"answer of {length} characters",
-        )
-    for i, channel in enumerate(["telegram", "slack", "telegram", "cli", "telegram", "voice-demo"]):
-        n += 1
-        t += 1
-        add(
-            ev(
-                f"run:{n}",
+            )
+        for i, channel in enumerate(["telegram", "slack", "telegram", "cli", "telegram", "voice-demo"]):
+            self.t += 1
+            self._run_event(
                 "run_cancelled",
-                t,
+                self.t,
+                ["cancel-ack"] if channel == "telegram" else [],
+                "run cancelled",
                 session_key=f"{channel}:x{i}",
                 channel=channel,
                 run_id=f"run_x{i}",
                 attributes={"reason": "user"},
-            ),
-            ["cancel-ack"] if channel == "telegram" else [],
-            "run cancelled",
-        )
-    for i in range(6):
-        n += 1
-        t += 1
-        add(
-            ev(f"run:{n}", "run_started", t, session_key=f"cli:s{i}", channel="cli", run_id=f"run_s{i}"),
-            [],
-            "run started",
-        )
+            )
+        for i in range(6):
+            self.t += 1
+            self._run_event(
+                "run_started",
+                self.t,
+                [],
+                "run started",
+                session_key=f"cli:s{i}",
+                channel="cli",
+                run_id=f"run_s{i}",
+            )
 
-    # 5. Node and canvas events.
-    m = 0
-    for i, role in enumerate(["desktop", "phone", "desktop", "desktop", "phone", "kiosk"]):
-        m += 1
-        t += 1
-        add(
-            ev(
-                f"node:{m}",
-                "node_connected",
-                t,
-                node_id=f"node-{i}",
-                node_role=role,
-                attributes={"reconnected": "true" if i % 2 else "false"},
-            ),
-            ["desktop-welcome"] if role == "desktop" else [],
-            f"{role} connected",
-        )
-    for i, reason in enumerate(
-        ["lease_expired", "stream_closed", "lease_expired", "shutdown", "token_revoked", "lease_expired"]
-    ):
-        m += 1
-        t += 1
-        add(
-            ev(
-                f"node:{m}",
-                "node_disconnected",
-                t,
-                node_id=f"node-{i}",
-                node_role="desktop",
-                attributes={"reason": reason},
-            ),
-            ["node-lost-alert"] if reason == "lease_expired" else [],
-            f"disconnect {reason}",
-        )
-    for i in range(4):
-        m += 1
-        t += 1
-        add(ev(f"node:{m}", "canvas_changed", t, artifact_name=f"welcome/node-{i}"), [], "canvas changed")
-    for i, channel in enumerate(["voice-demo", "voice-demo", "telegram", "voice-demo"]):
-        n += 1
-        t += 1
-        add(
-            ev(
-                f"tts:{i}",
-                "tts_fallback",
-                t,
-                session_key=f"{channel}:v{i}",
-                channel=channel,
-                attributes={"reason": "timeout"},
-            ),
-            ["tts-fallback-note"] if channel == "voice-demo" else [],
-            "tts fallback",
-        )
+    def node_events(self) -> None:
+        """5. Node and canvas events, and tts fallbacks."""
+        for i, role in enumerate(["desktop", "phone", "desktop", "desktop", "phone", "kiosk"]):
+            self.m += 1
+            self.t += 1
+            self.add(
+                ev(
+                    f"node:{self.m}",
+                    "node_connected",
+                    self.t,
+                    node_id=f"node-{i}",
+                    node_role=role,
+                    attributes={"reconnected": "true" if i % 2 else "false"},
+                ),
+                ["desktop-welcome"] if role == "desktop" else [],
+                f"{role} connected",
+            )
+        for i, reason in enumerate(
+            ["lease_expired", "stream_closed", "lease_expired", "shutdown", "token_revoked", "lease_expired"]
+        ):
+            self.m += 1
+            self.t += 1
+            self.add(
+                ev(
+                    f"node:{self.m}",
+                    "node_disconnected",
+                    self.t,
+                    node_id=f"node-{i}",
+                    node_role="desktop",
+                    attributes={"reason": reason},
+                ),
+                ["node-lost-alert"] if reason == "lease_expired" else [],
+                f"disconnect {reason}",
+            )
+        for i in range(4):
+            self.m += 1
+            self.t += 1
+            self.add(
+                ev(f"node:{self.m}", "canvas_changed", self.t, artifact_name=f"welcome/node-{i}"),
+                [],
+                "canvas changed",
+            )
+        for i, channel in enumerate(["voice-demo", "voice-demo", "telegram", "voice-demo"]):
+            self.n += 1
+            self.t += 1
+            self.add(
+                ev(
+                    f"tts:{i}",
+                    "tts_fallback",
+                    self.t,
+                    session_key=f"{channel}:v{i}",
+                    channel=channel,
+                    attributes={"reason": "timeout"},
+                ),
+                ["tts-fallback-note"] if channel == "voice-demo" else [],
+                "tts fallback",
+            )
 
-    rows.sort(key=lambda r: r["at"])
+
+def main() -> None:
+    corpus = _Corpus()
+    corpus.messages()
+    corpus.cooldowns()
+    corpus.reaction_origin()
+    corpus.run_errors()
+    corpus.run_events()
+    corpus.node_events()
+    rows = sorted(corpus.rows, key=lambda r: r["at"])
     with OUT.open("w", encoding="utf-8") as f:
         for r in rows:
             f.write(json.dumps(r, ensure_ascii=False) + "\n")

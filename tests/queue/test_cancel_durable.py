@@ -92,25 +92,32 @@ async def test_cancel_acked_during_a_submit_storm_survives_sigkill(tmp_path: Pat
         assert acked, "no cancel was acknowledged before the kill"
 
         proc.start()
-        ch = grpc.aio.insecure_channel(proc.address)
-        stub = pb_grpc.RunControlStub(ch)
-        for run_id in acked:
-            got = (await stub.GetRun(pb.GetRunRequest(run_id=run_id), metadata=md, timeout=5)).run
-            assert got.state == pb.RUN_STATE_CANCELLED, (run_id, pb.RunState.Name(got.state))
-            assert got.cancel_reason == "stop" and got.final_reply_id == ""
-        # Every run of the cancelled sessions ended exactly once (acknowledged or not).
-        terminals: Counter[str] = Counter()
-        seen = 0
-        async for resp in stub.WatchRunEvents(
-            pb.WatchRunEventsRequest(exclude_output=True), metadata=md, timeout=5
-        ):
-            seen = resp.event.global_seq
-            if resp.event.type in TERMINAL_EVENTS:
-                terminals[resp.event.run_id] += 1
-            if all(terminals[r] >= 1 for r in runs):
-                break
-        assert seen > 0
-        assert all(terminals[r] == 1 for r in runs), {r: terminals[r] for r in runs if terminals[r] != 1}
-        await ch.close()
+        await _check_after_restart(proc, md, runs, acked)
     finally:
         proc.stop()
+
+
+async def _check_after_restart(
+    proc: ServiceProcess, md: tuple[tuple[str, str], ...], runs: list[str], acked: list[str]
+) -> None:
+    """Every acknowledged cancel ended its run CANCELLED; every run has exactly one terminal event."""
+    ch = grpc.aio.insecure_channel(proc.address)
+    stub = pb_grpc.RunControlStub(ch)
+    for run_id in acked:
+        got = (await stub.GetRun(pb.GetRunRequest(run_id=run_id), metadata=md, timeout=5)).run
+        assert got.state == pb.RUN_STATE_CANCELLED, (run_id, pb.RunState.Name(got.state))
+        assert got.cancel_reason == "stop" and got.final_reply_id == ""
+    # Every run of the cancelled sessions ended exactly once (acknowledged or not).
+    terminals: Counter[str] = Counter()
+    seen = 0
+    async for resp in stub.WatchRunEvents(
+        pb.WatchRunEventsRequest(exclude_output=True), metadata=md, timeout=5
+    ):
+        seen = resp.event.global_seq
+        if resp.event.type in TERMINAL_EVENTS:
+            terminals[resp.event.run_id] += 1
+        if all(terminals[r] >= 1 for r in runs):
+            break
+    assert seen > 0
+    assert all(terminals[r] == 1 for r in runs), {r: terminals[r] for r in runs if terminals[r] != 1}
+    await ch.close()

@@ -237,7 +237,7 @@ class FlowMesh:
                     call.cancel()  # type: ignore[no-untyped-call]
                     return out
         except grpc.RpcError as e:
-            if e.code() == grpc.StatusCode.CANCELLED and pred(out):  # type: ignore[attr-defined]
+            if e.code() == grpc.StatusCode.CANCELLED and pred(out):
                 return out
             raise AssertionError(f"reply stream ended before the condition held ({e}); got {len(out)}") from e
         raise AssertionError(f"reply stream ended before the condition held; got {len(out)}")
