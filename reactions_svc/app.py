@@ -103,6 +103,7 @@ class ReactionsApp(ServiceApp):
             self.rule_source.current,
             GrpcActionRunner(self.runtime),
             audit=self.runtime.audit.record,
+            claim_shared_keys=isinstance(self.store, PgReactionStore),
         )
         await self.reactor.load()
         self.servicer = ReactionsServicer(self.reactor)

@@ -91,6 +91,9 @@ class FireState:
         self.last: dict[tuple[str, str], float] = {}
         self.windows: dict[tuple[str, str], list[float]] = {}
         self.dirty: set[tuple[str, str]] = set()
+        #: What each dirty key held before this evaluation recorded a fire: the value another replica
+        #: must not have moved (`rollback` puts it back when the evaluation is not committed).
+        self.prior: dict[tuple[str, str], tuple[float | None, list[float]]] = {}
 
     def cooldown_left(self, rule_id: str, key: str, cooldown_s: float, now: float) -> float:
         last = self.last.get((rule_id, key))
@@ -109,6 +112,8 @@ class FireState:
 
     def record(self, c: CompiledRule, key: str, now: float) -> None:
         k = (c.id, key)
+        if k not in self.prior:
+            self.prior[k] = (self.last.get(k), list(self.windows.get(k, ())))
         self.last[k] = now
         if c.max_fires > 0:
             w = self.windows.setdefault(k, [])
@@ -121,6 +126,28 @@ class FireState:
                 del w[: len(w) - c.max_fires]
         self.dirty.add(k)
 
+    def committed(self) -> None:
+        """The dirty keys are in the store: nothing left to write or to take back."""
+        self.dirty.clear()
+        self.prior.clear()
+
+    def rollback(self) -> None:
+        """Forget the fires recorded since the last commit (the evaluation was not stored)."""
+        for k, (last, window) in self.prior.items():
+            self.put(k, last, window)
+        self.committed()
+
+    def put(self, k: tuple[str, str], last: float | None, window: list[float]) -> None:
+        """Set one key's state as the store has it (a fire by another replica)."""
+        if last is None or last <= 0:
+            self.last.pop(k, None)
+        else:
+            self.last[k] = last
+        if window:
+            self.windows[k] = list(window)
+        else:
+            self.windows.pop(k, None)
+
     def held_keys(self, c: CompiledRule, now: float) -> list[str]:
         """Keys for which the flood breaker holds the rule now."""
         if c.max_fires <= 0:
@@ -131,21 +158,29 @@ class FireState:
             if rid == c.id and self.window_count(rid, key, c.window_s, now) >= c.max_fires
         ]
 
-    def prune(self, rules: RuleSet, now: float) -> list[tuple[str, str]]:
-        """Forget keys whose cooldown and fire window are over (or whose rule is gone); returns them.
+    def prune(self, rules: RuleSet, now: float) -> list[tuple[str, str, float]]:
+        """Forget keys whose cooldown and fire window are over (or whose rule is gone); returns them
+        as (rule id, key, last fire), so a store shared by replicas deletes only rows nobody moved since.
 
         Keys are (rule, session/channel/sender), so without this the state grows with every session seen.
         """
-        gone: list[tuple[str, str]] = []
+        gone: list[tuple[str, str, float]] = []
         for k, last in list(self.last.items()):
             c = rules.by_id.get(k[0])
             keep_for = max(c.cooldown_s, c.window_s if c.max_fires > 0 else 0.0) if c is not None else 0.0
             if now - last >= keep_for:
-                gone.append(k)
+                gone.append((k[0], k[1], last))
                 del self.last[k]
                 self.windows.pop(k, None)
                 self.dirty.discard(k)
+                self.prior.pop(k, None)
         return gone
+
+
+def shared_key(key: str) -> bool:
+    """A cooldown key that events of several sessions share (channel, sender, global): with replicas
+    those events are evaluated on different replicas, so its state is claimed in the store."""
+    return not key.startswith("session:")
 
 
 def cooldown_key_value(c: CompiledRule, ev: reactions_pb2.ReactionEvent) -> str:

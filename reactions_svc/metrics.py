@@ -20,6 +20,10 @@ EVALUATION_SECONDS = Histogram(
     "Time to evaluate one event against the rule set (engine only, no I/O).",
     buckets=(0.00005, 0.0001, 0.00025, 0.0005, 0.001, 0.0025, 0.005, 0.01, 0.025, 0.1),
 )
+FIRE_STATE_CLAIMS_LOST = Counter(
+    "reactions_fire_state_claims_lost_total",
+    "Evaluations taken again because another replica fired a shared cooldown key first (replicas).",
+)
 ACTIONS = Counter(
     "reactions_actions_total", "Actions run by fired rules, by kind and outcome.", ["kind", "outcome"]
 )

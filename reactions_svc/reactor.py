@@ -25,8 +25,9 @@ from typing import Any, Protocol
 from flynn.v1 import config_pb2, reactions_pb2
 
 from config_svc.reaction_rules import validate_rules
+from flynn_runtime import errors
 from flynn_runtime.config_source import ConfigSource
-from flynn_runtime.errors import FlynnError, invalid_fields, not_found
+from flynn_runtime.errors import FlynnError, invalid_fields, not_found, unavailable
 from flynn_runtime.timestamps import timestamp
 from reactions_svc import engine, metrics
 from reactions_svc.engine import Evaluation, FireState, Trace, reason_name
@@ -37,6 +38,7 @@ from reactions_svc.store import (
     FP_REASON,
     ActionRow,
     CompactTrace,
+    FireStateMoved,
     NewEvaluation,
     ReactionStore,
     SkipReason,
@@ -52,6 +54,8 @@ TEXT_PLACEHOLDER_MAX = 4000
 NON_IDEMPOTENT_KINDS = frozenset({"put_canvas"})
 ACTION_ATTEMPTS = 3
 STATE_PRUNE_EVERY = 1000
+#: Evaluations of one event when other replicas keep firing its shared cooldown keys in between.
+CLAIM_ATTEMPTS = 5
 
 
 def idempotency_key(event_id: str, rule_id: str, index: int) -> str:
@@ -158,8 +162,11 @@ class Reactor:
         runner: ActionRunner | None,
         audit: AuditFn | None = None,
         clock: Callable[[], float] = time.time,
+        claim_shared_keys: bool = False,
     ) -> None:
         self.store = store
+        #: Replicas share the store: fires of cooldown keys several sessions share are claimed in it.
+        self.claim_shared_keys = claim_shared_keys
         self._rules = rules
         self.runner = runner
         self._audit = audit
@@ -269,10 +276,26 @@ class Reactor:
             gone = self.state.prune(rs, now)
             if gone:
                 await self.store.delete_fire_state(gone)
-        t0 = time.perf_counter()
-        ev = engine.evaluate(event, rs, self.state, now)
-        metrics.EVALUATION_SECONDS.observe(time.perf_counter() - t0)
-        return await self._persist(event, ev, now, rs)
+        for _ in range(CLAIM_ATTEMPTS):
+            t0 = time.perf_counter()
+            ev = engine.evaluate(event, rs, self.state, now)
+            metrics.EVALUATION_SECONDS.observe(time.perf_counter() - t0)
+            try:
+                return await self._persist(event, ev, now, rs)
+            except FireStateMoved as moved:
+                # Another replica fired a shared key since this one read it: take the store's state
+                # and evaluate again (the rule now sees that fire's cooldown or window).
+                self.state.rollback()
+                for rule_id, key, last, window in moved.current:
+                    self.state.put((rule_id, key), last, window)
+                metrics.FIRE_STATE_CLAIMS_LOST.inc()
+            except BaseException:
+                self.state.rollback()  # not stored: the event is evaluated again, from the same state
+                raise
+        raise unavailable(
+            f"event {errors.shown(event.event_id)}: shared cooldown state kept moving; try again",
+            reason="FIRE_STATE_CONTENDED",
+        )
 
     async def _persist(
         self, event: reactions_pb2.ReactionEvent, ev: Evaluation, now: float, rules: RuleSet
@@ -296,10 +319,12 @@ class Reactor:
             else:
                 skipped.append(st)
         fire_rows = []
+        claims: dict[tuple[str, str], float] = {}
         for rule_id, key in self.state.dirty:
             k = (rule_id, key)
             fire_rows.append((rule_id, key, self.state.last.get(k, now), self.state.windows.get(k, [])))
-        self.state.dirty.clear()
+            if self.claim_shared_keys and engine.shared_key(key):
+                claims[k] = self.state.prior.get(k, (None, []))[0] or 0.0
         stored_event = event
         if len(event.text) > engine.MAX_EVAL_BYTES // 4:
             stored_event = reactions_pb2.ReactionEvent()
@@ -319,8 +344,10 @@ class Reactor:
                 fire_rows=fire_rows,
                 fired_rule_ids=[f.rule_id for f in fired],
                 pending=bool(fired),
+                claims=claims,
             )
         )
+        self.state.committed()
         scope_skips: list[str] = []
         for s in skipped:
             metrics.skip(s.rule_id, s.reason)

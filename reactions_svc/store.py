@@ -11,7 +11,7 @@ from __future__ import annotations
 import json
 import time
 from collections.abc import Iterable, Sequence
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from pathlib import Path
 from typing import TYPE_CHECKING, Any, Protocol, TypeAlias
 
@@ -122,6 +122,18 @@ class NewEvaluation:
     fire_rows: list[tuple[str, str, float, list[float]]]
     fired_rule_ids: list[str]
     pending: bool
+    #: (rule id, key) -> the last fire this evaluation saw (0: none), for keys events of several
+    #: sessions share. A store shared by replicas claims them: when another replica moved one since,
+    #: nothing is written and FireStateMoved says what the store holds.
+    claims: dict[tuple[str, str], float] = field(default_factory=dict)
+
+
+class FireStateMoved(Exception):
+    """Another replica fired a shared cooldown key since this replica read it: evaluate again."""
+
+    def __init__(self, current: list[tuple[str, str, float, list[float]]]) -> None:
+        super().__init__(f"{len(current)} shared cooldown key(s) moved")
+        self.current = current
 
 
 @dataclass
@@ -238,7 +250,9 @@ class ReactionStore(Protocol):
 
     async def load_fire_state(self) -> list[tuple[str, str, float, list[float]]]: ...
 
-    async def delete_fire_state(self, keys: Iterable[tuple[str, str]]) -> None: ...
+    async def delete_fire_state(self, keys: Iterable[tuple[str, str, float]]) -> None:
+        """Delete (rule id, key) rows whose last fire is still the one given."""
+        ...
 
     async def rule_fires(self) -> dict[str, tuple[int, float]]: ...
 

@@ -25,6 +25,7 @@ from reactions_svc.store import (
     SCHEMA,
     SKIPPED_COLS,
     ActionRow,
+    FireStateMoved,
     NewEvaluation,
     Retention,
     StoredEvaluation,
@@ -124,6 +125,28 @@ MIGRATIONS = [
 Conn = psycopg.AsyncConnection[tuple[Any, ...]]
 
 
+async def _claim_fire_state(cur: psycopg.AsyncCursor[Any], claims: dict[tuple[str, str], float]) -> None:
+    """Lock the shared cooldown keys an evaluation fired (in one order, so replicas never deadlock)
+    and refuse with FireStateMoved when another replica fired one since this one read it."""
+    keys = sorted(claims)
+    await cur.executemany(
+        "INSERT INTO fire_state(rule_id, key, last, \"window\") VALUES (%s, %s, 0, '[]')"
+        " ON CONFLICT (rule_id, key) DO NOTHING",
+        keys,
+    )
+    moved: list[tuple[str, str, float, list[float]]] = []
+    for rule_id, key in keys:
+        await cur.execute(
+            'SELECT last, "window" FROM fire_state WHERE rule_id = %s AND key = %s FOR UPDATE', (rule_id, key)
+        )
+        row = await cur.fetchone()
+        assert row is not None
+        if float(row[0]) != claims[(rule_id, key)]:
+            moved.append((rule_id, key, float(row[0]), list(row[1])))
+    if moved:
+        raise FireStateMoved(moved)
+
+
 class PgReactionStore:
     def __init__(self, db: Database, retention: Retention | None = None) -> None:
         self.db = db
@@ -158,6 +181,8 @@ class PgReactionStore:
         matched, skipped = list(e.matched), list(e.skipped)
         fire_rows, fired = list(e.fire_rows), list(e.fired_rule_ids)
         async with self.db.transaction() as c, c.cursor() as cur:
+            if e.claims:
+                await _claim_fire_state(cur, e.claims)
             await cur.execute(
                 "INSERT INTO evaluations(event_id, time, revision, event_type, session_key, status, event, traces)"
                 " VALUES (%s, %s, %s, %s, %s, %s, %s, %s)",
@@ -336,12 +361,15 @@ class PgReactionStore:
             rows = await (await c.execute('SELECT rule_id, key, last, "window" FROM fire_state')).fetchall()
         return [(r[0], r[1], float(r[2]), list(r[3])) for r in rows]
 
-    async def delete_fire_state(self, keys: Iterable[tuple[str, str]]) -> None:
+    async def delete_fire_state(self, keys: Iterable[tuple[str, str, float]]) -> None:
         keys = list(keys)
         if not keys:
             return
         async with self.db.transaction() as c, c.cursor() as cur:
-            await cur.executemany("DELETE FROM fire_state WHERE rule_id = %s AND key = %s", keys)
+            # A row another replica fired since (a shared key) has a later `last` and stays.
+            await cur.executemany(
+                "DELETE FROM fire_state WHERE rule_id = %s AND key = %s AND last <= %s", keys
+            )
 
     async def rule_fires(self) -> dict[str, tuple[int, float]]:
         async with self.db.connection() as c:

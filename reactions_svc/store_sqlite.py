@@ -296,9 +296,11 @@ class SqliteReactionStore:
         rows = self.db.execute("SELECT rule_id, key, last, window FROM fire_state").fetchall()
         return [(r[0], r[1], float(r[2]), json.loads(r[3])) for r in rows]
 
-    async def delete_fire_state(self, keys: Iterable[tuple[str, str]]) -> None:
+    async def delete_fire_state(self, keys: Iterable[tuple[str, str, float]]) -> None:
         with self._tx():
-            self.db.executemany("DELETE FROM fire_state WHERE rule_id = ? AND key = ?", list(keys))
+            self.db.executemany(
+                "DELETE FROM fire_state WHERE rule_id = ? AND key = ? AND last <= ?", list(keys)
+            )
 
     async def rule_fires(self) -> dict[str, tuple[int, float]]:
         return {r[0]: (int(r[1]), float(r[2])) for r in self.db.execute("SELECT * FROM rule_fires")}

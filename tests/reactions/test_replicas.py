@@ -185,3 +185,76 @@ def test_a_paused_replica_loses_its_partitions_and_acts_on_nothing_twice(
                 if p.proc is not None and p.proc.poll() is None:
                     p.proc.send_signal(signal.SIGCONT)
                 p.stop()
+
+
+SHARED_RULES = """
+automation:
+  reactions:
+    - id: once-globally
+      enabled: true
+      trigger: {event: message_received}
+      cooldown: 1h
+      cooldown_key: global
+      actions:
+        - reply: {text: "global fire"}
+    - id: once-per-channel
+      enabled: true
+      trigger: {event: message_received}
+      cooldown: 1h
+      cooldown_key: channel
+      actions:
+        - reply: {text: "channel fire"}
+"""
+
+
+def test_cooldowns_shared_by_sessions_hold_across_replicas(
+    tmp_path: Path, tokens: Tokens, postgres_url: str
+) -> None:
+    """Rules whose cooldown key spans sessions (global, channel) fire once per window in total, not
+    once per replica: events of different sessions are evaluated on different replicas, and a fire of
+    a shared key is claimed in the database (the replica that loses evaluates again and skips)."""
+    rules = tmp_path / "rules.yaml"
+    rules.write_text(SHARED_RULES)
+    sessions, channels = 16, ("cli", "tg")
+    with RunControlServer() as rc:
+        svc = rc.servicer
+        procs = [
+            ServiceProcess(
+                "reactions",
+                "reactions_svc.main",
+                tmp_path / f"reactions-{name}",
+                tokens,
+                addresses={"queue": rc.address, "config": "127.0.0.1:1", "nodes": "127.0.0.1:1"},
+                extra=["--rules-file", str(rules), "--consume", "run", "--database-url", postgres_url],
+            )
+            for name in ("a", "b")
+        ]
+        a, b = procs
+        try:
+            a.start()
+            b.start()
+            deadline = time.monotonic() + 20
+            while time.monotonic() < deadline and "partitions changed" not in b.log_tail(200):
+                time.sleep(0.1)
+            time.sleep(4)  # partitions divided between a and b
+            total = 96
+            for i in range(total):
+                svc.message(f"s{i % sessions}", f"message {i}", channel=channels[i % 2])
+            assert svc.wait_for(lambda: _events_handled(a) + _events_handled(b) >= total, timeout=60), (
+                a.log_tail() + b.log_tail()
+            )
+            handled_a, handled_b = _events_handled(a), _events_handled(b)
+            assert handled_a > 0 and handled_b > 0, (handled_a, handled_b)  # both replicas evaluated
+            time.sleep(1.0)  # any second fire would have arrived by now
+            with svc.cond:
+                texts = Counter(r.text for r in svc.rec.replies.values())
+            assert texts == {"global fire": 1, "channel fire": len(channels)}, texts
+            with grpc.insecure_channel(b.address) as ch:
+                stats = reactions_pb2_grpc.ReactionsStub(ch).GetRuleStats(
+                    reactions_pb2.GetRuleStatsRequest(), metadata=tokens.md("operator"), timeout=10
+                )
+            matches = {s.rule_id: s.matches for s in stats.rules}
+            assert matches == {"once-globally": 1, "once-per-channel": len(channels)}, matches
+        finally:
+            for p in procs:
+                p.stop()
