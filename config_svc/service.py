@@ -134,9 +134,7 @@ class ConfigServicer:
     def publish(self, s: StoredRevision) -> None:
         metrics.HEAD_REVISION.set(s.revision)
         metrics.REVISIONS_COMMITTED.labels(_KIND_NAMES.get(s.kind, str(s.kind))).inc()
-        slow = self.hub.publish(s.revision, self.change_payload(s))
-        if slow:
-            metrics.WATCHERS_TOO_SLOW.inc(slow)
+        self.hub.publish(s.revision, self.change_payload(s))
 
     # --- reads ----------------------------------------------------------------------------------
 
@@ -331,27 +329,33 @@ class ConfigServicer:
             else:
                 yield self.bookmark_payload(head)
             while True:
-                batch = await sub.next_batch(self.bookmark_seconds)
+                batch = await sub.next_batch(last)
                 if sub.closed:
                     raise self.runtime.shutting_down_error()
+                if batch is None:  # the bookmark tick: say the stream is alive, and at which revision
+                    yield self.bookmark_payload(last)
+                    continue
                 if sub.overflowed:
+                    metrics.WATCHERS_TOO_SLOW.inc()
                     raise errors.unavailable(
                         "this watch fell too far behind; reconnect with after_revision to resume",
                         reason="WATCHER_TOO_SLOW",
                         retry_after=0.1,
                     )
-                if batch is None:  # silence: say the stream is alive, and at which revision it is
-                    yield self.bookmark_payload(last)
-                    continue
+                head = self.hub.head
                 for rev, payload in batch:
                     if rev <= last:
                         continue
-                    if rev > last + 1:  # defensive: never leave a gap
+                    if rev > last + 1:  # no longer in the hub's log: never leave a gap
                         for grev, gpayload in await self._replay(last, rev - 1):
                             yield gpayload
                             last = grev
                     yield payload
                     last = rev
+                if last < head:  # the newest ones were not in the log either
+                    for grev, gpayload in await self._replay(last, head):
+                        yield gpayload
+                        last = grev
         finally:
             self.hub.unsubscribe(sub)
             self.registry.closed(service, instance)
