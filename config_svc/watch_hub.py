@@ -45,7 +45,9 @@ class Subscription:
 
 
 class WatchHub:
-    def __init__(self, queue_size: int = 256, replay_cache: int = 512, bookmark_seconds: float = 15.0) -> None:
+    def __init__(
+        self, queue_size: int = 256, replay_cache: int = 512, bookmark_seconds: float = 15.0
+    ) -> None:
         self.queue_size = queue_size
         self.replay_cache = max(replay_cache, queue_size)
         self.bookmark_seconds = bookmark_seconds
