@@ -124,7 +124,7 @@ class ConfigWatcher(ConfigSource):
         self._report_event = asyncio.Event()
         self._persist_timer: asyncio.TimerHandle | None = None
         self._report_timer: asyncio.TimerHandle | None = None
-        self._stub: tuple[grpc.aio.Channel, config_pb2_grpc.ConfigServiceStub] | None = None
+        self._stub: tuple[grpc.aio.Channel, config_pb2_grpc.ConfigServiceAsyncStub] | None = None
         self._stopped = False
         self._connection = 0
 
@@ -174,7 +174,7 @@ class ConfigWatcher(ConfigSource):
     def channel(self) -> grpc.aio.Channel:
         return self._channel or self.runtime.channel("config")
 
-    def _config_stub(self) -> config_pb2_grpc.ConfigServiceStub:
+    def _config_stub(self) -> config_pb2_grpc.ConfigServiceAsyncStub:
         """The stub of the current channel, built once per channel (a stub builds every method's callable)."""
         channel = self.channel
         if self._stub is None or self._stub[0] is not channel:
