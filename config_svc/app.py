@@ -143,7 +143,7 @@ class ConfigApp(ServiceApp):
             await self.listener.stop()
         if self.feed is not None:
             await self.feed.stop()
-        self.hub.close()
+        await self.hub.aclose()
         if self.watcher_table is not None:
             await self.watcher_table.stop()
 
