@@ -51,7 +51,8 @@ class ConfigSource:
         self._revision = 0
         self._validator = validator
         self._subs: list[_Subscription] = []
-        self._changed = asyncio.Condition() if _has_loop() else None
+        # wait_for_revision callers: (revision, future), resolved by apply (nothing to do when empty).
+        self._waiters: list[tuple[int, asyncio.Future[None]]] = []
 
     @property
     def config(self) -> config_pb2.FlynnConfig:
@@ -68,13 +69,19 @@ class ConfigSource:
         self._subs.append(sub)
         return lambda: self._subs.remove(sub) if sub in self._subs else None
 
-    async def apply(self, config: config_pb2.FlynnConfig, revision: int) -> None:
-        """Validate (raises on refusal, keeping the old config), swap, then notify subscribers."""
+    async def apply(self, config: config_pb2.FlynnConfig, revision: int, *, owned: bool = False) -> None:
+        """Validate (raises on refusal, keeping the old config), swap, then notify subscribers.
+
+        `owned`: the caller hands `config` over and never touches it again (a message just parsed
+        from the wire), so it is kept as is instead of copied."""
         if self._validator is not None:
             self._validator(config)
         old = self._config
-        fresh = config_pb2.FlynnConfig()
-        fresh.CopyFrom(config)
+        if owned:
+            fresh = config
+        else:
+            fresh = config_pb2.FlynnConfig()
+            fresh.CopyFrom(config)
         self._config, self._revision = fresh, revision
         for sub in list(self._subs):
             if not _key_changed(old, fresh, sub.key):
@@ -85,26 +92,31 @@ class ConfigSource:
                     await result
             except Exception:
                 log.exception("config subscriber failed", extra={"key": sub.key, "revision": revision})
-        if self._changed is None:
-            self._changed = asyncio.Condition()
-        async with self._changed:
-            self._changed.notify_all()
+        if self._waiters:
+            waiting, self._waiters = self._waiters, []
+            for want, fut in waiting:
+                if fut.done():
+                    continue
+                if revision >= want:
+                    fut.set_result(None)
+                else:
+                    self._waiters.append((want, fut))
 
     async def wait_for_revision(self, revision: int, within_seconds: float) -> bool:
         """Wait until a revision >= `revision` is applied; False on timeout."""
-        if self._changed is None:
-            self._changed = asyncio.Condition()
-
-        async def _wait() -> None:
-            assert self._changed is not None
-            async with self._changed:
-                await self._changed.wait_for(lambda: self._revision >= revision)
-
+        if self._revision >= revision:
+            return True
+        fut: asyncio.Future[None] = asyncio.get_running_loop().create_future()
+        entry = (revision, fut)
+        self._waiters.append(entry)
         try:
-            await asyncio.wait_for(_wait(), within_seconds)
+            await asyncio.wait_for(fut, within_seconds)
             return True
         except TimeoutError:
             return False
+        finally:
+            if entry in self._waiters:
+                self._waiters.remove(entry)
 
 
 class StaticConfig(ConfigSource):
@@ -115,11 +127,3 @@ class StaticConfig(ConfigSource):
         if config is not None:
             self._config = config
             self._revision = revision
-
-
-def _has_loop() -> bool:
-    try:
-        asyncio.get_running_loop()
-        return True
-    except RuntimeError:
-        return False

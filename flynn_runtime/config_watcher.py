@@ -13,7 +13,9 @@
   NACK (reported with its reason; the last good config stays); applied revisions are ACKed. Reports
   are sent by a background task that coalesces them and spreads them out (0.25-1 s after the
   apply), so reporting never slows applying, nor the config service's fan-out to other watchers.
-  The cache file is written 0.2-0.4 s after an apply (one write per burst) and on stop().
+  The cache file is written 0.2-0.4 s after an apply (one write per burst) and on stop(). Both are
+  scheduled with one timer each (no task wakes up at apply time: a process with many watchers
+  receives the rest of a fan-out undisturbed) and the timer is not re-armed while one is pending.
 - Metrics: config_applied_revision, config_staleness_seconds (time since the last message, bookmarks
   included).
 """
@@ -122,6 +124,9 @@ class ConfigWatcher(ConfigSource):
         self._persist_pending: tuple[int, config_pb2.FlynnConfig] | None = None
         self._persist_event = asyncio.Event()
         self._report_event = asyncio.Event()
+        self._persist_timer: asyncio.TimerHandle | None = None
+        self._report_timer: asyncio.TimerHandle | None = None
+        self._stub: tuple[grpc.aio.Channel, config_pb2_grpc.ConfigServiceAsyncStub] | None = None
         self._stopped = False
         self._connection = 0
 
@@ -147,6 +152,10 @@ class ConfigWatcher(ConfigSource):
 
     async def stop(self) -> None:
         self._stopped = True
+        for timer in (self._persist_timer, self._report_timer):
+            if timer is not None:
+                timer.cancel()
+        self._persist_timer = self._report_timer = None
         for t in self._tasks:
             t.cancel()
         for t in self._tasks:
@@ -167,12 +176,19 @@ class ConfigWatcher(ConfigSource):
     def channel(self) -> grpc.aio.Channel:
         return self._channel or self.runtime.channel("config")
 
+    def _config_stub(self) -> config_pb2_grpc.ConfigServiceAsyncStub:
+        """The stub of the current channel, built once per channel (a stub builds every method's callable)."""
+        channel = self.channel
+        if self._stub is None or self._stub[0] is not channel:
+            self._stub = (channel, config_pb2_grpc.ConfigServiceStub(channel))
+        return self._stub[1]
+
     # --- the watch ------------------------------------------------------------------------------
 
     async def _follow(self) -> None:
         backoff = Backoff(self.backoff_initial, self.backoff_max)
         while not self._stopped:
-            stub = config_pb2_grpc.ConfigServiceStub(self.channel)
+            stub = self._config_stub()
             call = stub.WatchConfig(
                 config_pb2.WatchConfigRequest(after_revision=self.revision, identity=self.identity)
             )
@@ -182,7 +198,7 @@ class ConfigWatcher(ConfigSource):
                         self.connected = True
                         backoff.reset()
                         self._connection += 1  # a restarted config service forgot our status: report again
-                        self._report_event.set()
+                        self._schedule_report()
                     self.last_heard = time.monotonic()
                     await self._handle(resp)
                 log.info("config watch ended; reconnecting")
@@ -205,26 +221,47 @@ class ConfigWatcher(ConfigSource):
         if resp.kind == config_pb2.WATCH_EVENT_KIND_CHANGE and resp.revision <= self.revision:
             return  # already applied (a replay overlapping what we hold)
         try:
-            await self.apply(resp.config, resp.revision)
+            await self.apply(resp.config, resp.revision, owned=True)  # the response is ours alone
         except Exception as e:  # noqa: BLE001 - a refused revision is a NACK, never a crash
             reason = str(e) or type(e).__name__
             log.warning("config revision %d refused: %s", resp.revision, reason)
             self.last_nack = (resp.revision, reason[:4000])
-            self._report_event.set()
+            self._schedule_report()
             return
         metrics.CONFIG_APPLIED_REVISION.set(resp.revision)
         self._persist_pending = (resp.revision, self.config)  # applied configs are replaced, never mutated
-        self._persist_event.set()
-        self._report_event.set()
+        self._schedule_persist()
+        self._schedule_report()
 
     # --- background: persist and report ---------------------------------------------------------
+
+    def _schedule_persist(self) -> None:
+        # A burst of revisions costs one write, not one each, and the write (an fsync) stays out of the way of
+        # applying; stop() flushes what is still pending.
+        if self._persist_timer is None and not self._stopped:
+            self._persist_timer = asyncio.get_running_loop().call_later(
+                self.persist_delay * (1 + random.random()), self._persist_due
+            )
+
+    def _persist_due(self) -> None:
+        self._persist_timer = None
+        self._persist_event.set()
+
+    def _schedule_report(self) -> None:
+        # Spread ACKs out: a thousand instances ACKing the same revision at once would compete with the
+        # config service's fan-out of that very revision. The delay never holds back applying.
+        if self._report_timer is None and not self._stopped:
+            self._report_timer = asyncio.get_running_loop().call_later(
+                self.report_delay + random.uniform(0, self.report_jitter), self._report_due
+            )
+
+    def _report_due(self) -> None:
+        self._report_timer = None
+        self._report_event.set()
 
     async def _persist_loop(self) -> None:
         while True:
             await self._persist_event.wait()
-            # A burst of revisions costs one write, not one each, and the write (an fsync) stays out of the way of
-            # applying; stop() flushes what is still pending.
-            await asyncio.sleep(self.persist_delay * (1 + random.random()))
             self._persist_event.clear()
             pending, self._persist_pending = self._persist_pending, None
             if pending is None:
@@ -239,9 +276,6 @@ class ConfigWatcher(ConfigSource):
         reported: tuple[int, int, int] = (-1, -1, -1)
         while True:
             await self._report_event.wait()
-            # Spread ACKs out: a thousand instances ACKing the same revision at once would compete with the
-            # config service's fan-out of that very revision. The delay never holds back applying.
-            await asyncio.sleep(self.report_delay + random.uniform(0, self.report_jitter))
             self._report_event.clear()
             state = (self.revision, self.last_nack[0], self._connection)
             if state == reported:
@@ -253,11 +287,9 @@ class ConfigWatcher(ConfigSource):
                 nack_reason=self.last_nack[1],
             )
             try:
-                await config_pb2_grpc.ConfigServiceStub(self.channel).ReportStatus(
-                    req, timeout=self.report_timeout
-                )
+                await self._config_stub().ReportStatus(req, timeout=self.report_timeout)
                 reported = state
             except grpc.aio.AioRpcError as e:
                 log.debug("config status report failed: %s", e.code().name)
                 await asyncio.sleep(0.5 + random.random())
-                self._report_event.set()  # retry with the latest state
+                self._schedule_report()  # retry with the latest state

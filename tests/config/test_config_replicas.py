@@ -188,3 +188,64 @@ async def test_list_watchers_through_any_replica_shows_every_replicas_watchers(
     finally:
         await ch_a.close()
         await ch_b.close()
+
+
+async def test_rapid_commits_through_both_replicas_reach_every_watcher_in_order(
+    replicas: list[ServiceProcess], tokens: Tokens
+) -> None:
+    """Two writers commit back to back, one through each replica; every watch on either replica (and
+    one that joins midway with after_revision) sees every revision once, in order, without a gap,
+    although a wake-up may find several new revisions at once."""
+    a, b = replicas
+    ch_a, ch_b = client_channel(a.address, tokens.operator), client_channel(b.address, tokens.operator)
+    op_a, op_b = Stub(ch_a), Stub(ch_b)
+    try:
+        start = int((await op_a.GetConfig(config_pb2.GetConfigRequest(), timeout=5)).revision)
+        per_writer = 15
+        want = start + 2 * per_writer
+        seen: list[list[int]] = [[] for _ in range(16)]
+        caps: list[list[int]] = [[] for _ in range(16)]
+        watches = [
+            asyncio.create_task(_watch(op_a if i % 2 else op_b, seen[i], caps[i], want)) for i in range(16)
+        ]
+        await asyncio.sleep(0.3)  # every watch holds its snapshot
+
+        async def writer(op: Stub, base: int) -> None:
+            done = 0
+            for _ in range(2000):  # bounded: each attempt either commits or loses a race
+                if done == per_writer:
+                    return
+                head = int((await op.GetConfig(config_pb2.GetConfigRequest(), timeout=5)).revision)
+                try:
+                    await _update(op, head, base + done)
+                    done += 1
+                except grpc.aio.AioRpcError as e:
+                    assert from_rpc_error(e).reason == "STALE_REVISION", e
+            pytest.fail("a writer never finished")
+
+        async def late_watch() -> list[int]:
+            while int((await op_b.GetConfig(config_pb2.GetConfigRequest(), timeout=5)).revision) < start + 5:  # noqa: ASYNC110
+                await asyncio.sleep(0.005)
+            got: list[int] = []
+            call = op_b.WatchConfig(config_pb2.WatchConfigRequest(after_revision=start + 5), timeout=30)
+            async for resp in call:
+                if resp.kind == config_pb2.WATCH_EVENT_KIND_CHANGE:
+                    got.append(resp.revision)
+                    if resp.revision >= want:
+                        call.cancel()
+                        break
+            return got
+
+        late = asyncio.create_task(late_watch())
+        await asyncio.gather(writer(op_a, 1000), writer(op_b, 2000))
+        async with asyncio.timeout(15):
+            await asyncio.gather(*watches)
+            late_seen = await late
+        for s in seen:
+            assert s == list(range(s[0], want + 1)), s  # in order, no gap, no duplicate
+        assert late_seen == list(range(start + 6, want + 1)), late_seen
+        last_caps = {c[-1] for c in caps}
+        assert len(last_caps) == 1 and last_caps <= {1000 + per_writer - 1, 2000 + per_writer - 1}
+    finally:
+        await ch_a.close()
+        await ch_b.close()

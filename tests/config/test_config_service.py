@@ -316,18 +316,34 @@ async def test_nack_is_recorded_in_list_watchers(
 
 
 async def test_watch_hub_closes_a_watcher_that_falls_behind() -> None:
-    hub = WatchHub(queue_size=3)
+    hub = WatchHub(queue_size=3, bookmark_seconds=0.05)
     slow, fast = hub.subscribe(), hub.subscribe()
     for rev in range(1, 3):
         hub.publish(rev, b"x")
-    assert await fast.next_batch(1) == [(1, b"x"), (2, b"x")]
+    assert await fast.next_batch(0) == [(1, b"x"), (2, b"x")]
     for rev in range(3, 6):
         hub.publish(rev, b"x")
-    assert slow.overflowed and not fast.overflowed
-    assert [r for r, _ in await fast.next_batch(1) or []] == [3, 4, 5]
-    assert await fast.next_batch(0.01) is None  # nothing new: bookmark time
+    assert await slow.next_batch(0) == [] and slow.overflowed and not fast.overflowed
+    assert [r for r, _ in await fast.next_batch(2) or []] == [3, 4, 5]
+    assert await fast.next_batch(5) is None  # nothing new: the bookmark tick woke it
     hub.close()
     assert fast.closed
+    await hub.aclose()
+
+
+async def test_watch_hub_wakes_every_waiting_watch_once_per_revision() -> None:
+    hub = WatchHub(queue_size=8, bookmark_seconds=30)
+    subs = [hub.subscribe() for _ in range(50)]
+    waits = [asyncio.create_task(s.next_batch(0)) for s in subs]
+    await asyncio.sleep(0)
+    waits[0].cancel()  # a watch that goes away leaves the others' wake-up alone
+    hub.publish(1, b"one")
+    got = await asyncio.gather(*waits[1:])
+    assert got == [[(1, b"one")]] * 49
+    # A revision missing from the log (older than it keeps) is left out; the servicer replays it.
+    hub.publish(3, b"three")
+    assert await subs[1].next_batch(1) == [(3, b"three")]
+    await hub.aclose()
 
 
 async def test_slow_watcher_is_closed_and_resumes_from_its_revision(tmp_path: Path, tokens: Tokens) -> None:
