@@ -299,6 +299,28 @@ def scenario(base: Path, proc: Any, token: str, watchers: int, procs: int, updat
     finally:
         clients.kill()
         channel.close()
+    _report(
+        returned, applied, reconnects, restart_figures, watchers=watchers, procs=procs, servers=len(servers),
+        updates=updates, spacing=spacing, cpu=cpu, fanout_cpu=fanout_cpu, client_cpu=client_cpu,
+    )  # fmt: skip
+
+
+def _report(
+    returned: dict[int, float],
+    applied: dict[int, Any],
+    reconnects: int,
+    restart_figures: tuple[float, float, int, int] | None,
+    *,
+    watchers: int,
+    procs: int,
+    servers: int,
+    updates: int,
+    spacing: float,
+    cpu: float,
+    fanout_cpu: float,
+    client_cpu: float,
+) -> None:
+    """Print one scenario's figures: propagation to every watcher, CPU per change, the restart."""
     lat, first = [], []
     incomplete = 0
     for rev, t_ret in returned.items():
@@ -315,7 +337,7 @@ def scenario(base: Path, proc: Any, token: str, watchers: int, procs: int, updat
     )
     print(f"  (first watcher to apply: p50 {pct(first, 50):.1f} ms  p99 {pct(first, 99):.1f} ms)")
     print(
-        f"  server CPU per change (all {len(servers)} replica(s), idle time between changes included):"
+        f"  server CPU per change (all {servers} replica(s), idle time between changes included):"
         f" {cpu / max(1, updates) * 1000:.1f} ms, of which {fanout_cpu / max(1, updates) * 1000:.1f} ms"
         f" within {min(FANOUT_WINDOW, spacing) * 1000:.0f} ms of the commit (commit + fan-out; ConfigWatchers"
         " ACK 250-1000 ms after applying)"
