@@ -20,6 +20,7 @@ from flynn_runtime import leases
 from flynn_runtime.database import Database
 from flynn_runtime.errors import FlynnError
 from flynn_runtime.fencing import Fencer
+from flynn_runtime.tasks import cancel_and_wait
 
 log = logging.getLogger(__name__)
 
@@ -137,11 +138,8 @@ class WatcherTable:
             self._task = asyncio.create_task(self._run(), name="config-watcher-table")
 
     async def stop(self) -> None:
-        if self._task is not None:
-            self._task.cancel()
-            with contextlib.suppress(asyncio.CancelledError):
-                await self._task
-            self._task = None
+        task, self._task = self._task, None
+        await cancel_and_wait(task)
         with contextlib.suppress(FlynnError):
             await self.flush()
 

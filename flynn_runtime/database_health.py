@@ -19,6 +19,7 @@ import psycopg
 from prometheus_client import Gauge
 
 from flynn_runtime.database import Database, describe_connect_error
+from flynn_runtime.tasks import cancel_and_wait
 
 log = logging.getLogger(__name__)
 
@@ -55,11 +56,8 @@ class DatabaseHealth:
         self._task = asyncio.create_task(self._run(), name=f"database-health-{self.service}")
 
     async def stop(self) -> None:
-        if self._task is not None:
-            self._task.cancel()
-            with contextlib.suppress(asyncio.CancelledError):
-                await self._task
-            self._task = None
+        task, self._task = self._task, None
+        await cancel_and_wait(task)
         await self._drop()
 
     async def probe(self) -> bool:

@@ -12,10 +12,11 @@ of growing memory while the database is down.
 from __future__ import annotations
 
 import asyncio
-import contextlib
 import logging
 from collections.abc import Awaitable, Callable
 from typing import Any, TypeVar
+
+from flynn_runtime.tasks import cancel_and_wait
 
 log = logging.getLogger(__name__)
 
@@ -56,11 +57,8 @@ class OrderedWriter:
 
     async def close(self) -> None:
         await self.drain()
-        if self._task is not None:
-            self._task.cancel()
-            with contextlib.suppress(asyncio.CancelledError):
-                await self._task
-            self._task = None
+        task, self._task = self._task, None
+        await cancel_and_wait(task)
 
     async def _run(self) -> None:
         while True:

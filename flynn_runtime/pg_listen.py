@@ -29,6 +29,7 @@ from psycopg import sql
 from flynn_runtime.backoff import Backoff
 from flynn_runtime.database import Database
 from flynn_runtime.errors import FlynnError
+from flynn_runtime.tasks import cancel_and_wait
 
 log = logging.getLogger(__name__)
 
@@ -58,11 +59,8 @@ class Listener:
             self._task = asyncio.create_task(self._run(), name=f"listen:{','.join(self.channels)}")
 
     async def stop(self) -> None:
-        if self._task is not None:
-            self._task.cancel()
-            with contextlib.suppress(asyncio.CancelledError):
-                await self._task
-            self._task = None
+        task, self._task = self._task, None
+        await cancel_and_wait(task)
 
     async def _run(self) -> None:
         backoff = Backoff(0.1, 2.0)
@@ -124,11 +122,8 @@ class Follower:
             self._task = asyncio.create_task(self._run(), name=self.name)
 
     async def stop(self) -> None:
-        if self._task is not None:
-            self._task.cancel()
-            with contextlib.suppress(asyncio.CancelledError):
-                await self._task
-            self._task = None
+        task, self._task = self._task, None
+        await cancel_and_wait(task)
 
     async def _run(self) -> None:
         while True:

@@ -27,6 +27,7 @@ from dataclasses import dataclass
 from flynn_runtime import leases
 from flynn_runtime.database import Database
 from flynn_runtime.errors import FlynnError
+from flynn_runtime.tasks import cancel_and_wait
 
 log = logging.getLogger(__name__)
 
@@ -100,11 +101,8 @@ class Presence:
             self._task = asyncio.create_task(self._run(sweep), name="nodes-presence")
 
     async def stop(self) -> None:
-        if self._task is not None:
-            self._task.cancel()
-            with contextlib.suppress(asyncio.CancelledError):
-                await self._task
-            self._task = None
+        task, self._task = self._task, None
+        await cancel_and_wait(task)
 
     async def _run(self, sweep: Callable[[bool], Awaitable[None]]) -> None:
         while True:

@@ -31,6 +31,7 @@ from flynn_runtime import leases, rollout
 from flynn_runtime.database import Database
 from flynn_runtime.errors import FlynnError
 from flynn_runtime.fencing import Fencer
+from flynn_runtime.tasks import cancel_and_wait
 from reactions_svc import metrics
 
 log = logging.getLogger(__name__)
@@ -152,11 +153,8 @@ class PartitionOwner:
             await asyncio.sleep(self.ttl / 3)
 
     async def stop(self) -> None:
-        if self._task is not None:
-            self._task.cancel()
-            with contextlib.suppress(asyncio.CancelledError):
-                await self._task
-            self._task = None
+        task, self._task = self._task, None
+        await cancel_and_wait(task)
 
     async def leave(self) -> None:
         """Hand every partition over at once (clean shutdown): no one waits for a lease to expire."""

@@ -128,6 +128,12 @@ class NewEvaluation:
     claims: dict[tuple[str, str], float] = field(default_factory=dict)
 
 
+def evaluation_params(e: NewEvaluation, traces: object) -> tuple[object, ...]:
+    """The `evaluations` row of `e` in column order (`traces` as the backend stores JSON)."""
+    status = "pending" if e.pending else "done"
+    return (e.event_id, e.now, e.revision, e.event_type, e.session_key, status, e.event, traces)
+
+
 class FireStateMoved(Exception):
     """Another replica fired a shared cooldown key since this replica read it: evaluate again."""
 

@@ -31,6 +31,7 @@ from reactions_svc.store import (
     StoredEvaluation,
     StoredTrace,
     TraceOutcome,
+    evaluation_params,
     matched_params,
     matched_trace,
     skipped_params,
@@ -186,16 +187,7 @@ class PgReactionStore:
             await cur.execute(
                 "INSERT INTO evaluations(event_id, time, revision, event_type, session_key, status, event, traces)"
                 " VALUES (%s, %s, %s, %s, %s, %s, %s, %s)",
-                (
-                    e.event_id,
-                    e.now,
-                    e.revision,
-                    e.event_type,
-                    e.session_key,
-                    "pending" if e.pending else "done",
-                    e.event,
-                    Jsonb(traces_json(e.traces)),
-                ),
+                evaluation_params(e, Jsonb(traces_json(e.traces))),
             )
             if matched:
                 await cur.executemany(

@@ -136,15 +136,8 @@ class SqliteReactionStore:
             self.db.execute(
                 "INSERT INTO evaluations(event_id, time, revision, event_type, session_key, status, event, traces) "
                 "VALUES (?,?,?,?,?,?,?,?)",
-                (
-                    e.event_id,
-                    e.now,
-                    e.revision,
-                    e.event_type,
-                    e.session_key,
-                    "pending" if e.pending else "done",
-                    e.event,
-                    json.dumps(rs.traces_json(e.traces), ensure_ascii=False, separators=(",", ":")),
+                rs.evaluation_params(
+                    e, json.dumps(rs.traces_json(e.traces), ensure_ascii=False, separators=(",", ":"))
                 ),
             )
             self.db.executemany(

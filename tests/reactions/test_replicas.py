@@ -47,6 +47,32 @@ def _events_handled(proc: ServiceProcess) -> float:
     return 0.0
 
 
+def _replicas(
+    tmp_path: Path, tokens: Tokens, queue: str, rules: Path, postgres_url: str
+) -> list[ServiceProcess]:
+    """Two reactions replicas (a, b) consuming run events from `queue`, on one PostgreSQL."""
+    return [
+        ServiceProcess(
+            "reactions",
+            "reactions_svc.main",
+            tmp_path / f"reactions-{name}",
+            tokens,
+            addresses={"queue": queue, "config": "127.0.0.1:1", "nodes": "127.0.0.1:1"},
+            extra=["--rules-file", str(rules), "--consume", "run", "--database-url", postgres_url],
+        )
+        for name in ("a", "b")
+    ]
+
+
+def _start_divided(a: ServiceProcess, b: ServiceProcess) -> None:
+    """Start both; return once b has joined (a released partitions to it)."""
+    a.start()
+    b.start()
+    deadline = time.monotonic() + 20
+    while time.monotonic() < deadline and "partitions changed" not in b.log_tail(200):
+        time.sleep(0.1)
+
+
 def test_two_replicas_one_sigkilled_every_action_exactly_once(
     tmp_path: Path, tokens: Tokens, postgres_url: str
 ) -> None:
@@ -56,25 +82,11 @@ def test_two_replicas_one_sigkilled_every_action_exactly_once(
     first_batch, second_batch = 300, 100
     with RunControlServer() as rc:
         svc = rc.servicer
-        procs = [
-            ServiceProcess(
-                "reactions",
-                "reactions_svc.main",
-                tmp_path / f"reactions-{name}",
-                tokens,
-                addresses={"queue": rc.address, "config": "127.0.0.1:1", "nodes": "127.0.0.1:1"},
-                extra=["--rules-file", str(rules), "--consume", "run", "--database-url", postgres_url],
-            )
-            for name in ("a", "b")
-        ]
+        procs = _replicas(tmp_path, tokens, rc.address, rules, postgres_url)
         a, b = procs
         try:
-            a.start()
-            b.start()
             # Both replicas hold partitions before the load starts (b joined: a released half).
-            deadline = time.monotonic() + 20
-            while time.monotonic() < deadline and "partitions changed" not in b.log_tail(200):
-                time.sleep(0.1)
+            _start_divided(a, b)
             time.sleep(4)  # a releases its extras on its next round, b acquires them on its next
             for i in range(first_batch):
                 svc.message(f"s{i % sessions}", f"message {i}")
@@ -135,17 +147,7 @@ def test_a_paused_replica_loses_its_partitions_and_acts_on_nothing_twice(
     sessions = 16
     with RunControlServer() as rc:
         svc = rc.servicer
-        procs = [
-            ServiceProcess(
-                "reactions",
-                "reactions_svc.main",
-                tmp_path / f"reactions-{name}",
-                tokens,
-                addresses={"queue": rc.address, "config": "127.0.0.1:1", "nodes": "127.0.0.1:1"},
-                extra=["--rules-file", str(rules), "--consume", "run", "--database-url", postgres_url],
-            )
-            for name in ("a", "b")
-        ]
+        procs = _replicas(tmp_path, tokens, rc.address, rules, postgres_url)
         a, b = procs
         try:
             a.start()
@@ -218,24 +220,10 @@ def test_cooldowns_shared_by_sessions_hold_across_replicas(
     sessions, channels = 16, ("cli", "tg")
     with RunControlServer() as rc:
         svc = rc.servicer
-        procs = [
-            ServiceProcess(
-                "reactions",
-                "reactions_svc.main",
-                tmp_path / f"reactions-{name}",
-                tokens,
-                addresses={"queue": rc.address, "config": "127.0.0.1:1", "nodes": "127.0.0.1:1"},
-                extra=["--rules-file", str(rules), "--consume", "run", "--database-url", postgres_url],
-            )
-            for name in ("a", "b")
-        ]
+        procs = _replicas(tmp_path, tokens, rc.address, rules, postgres_url)
         a, b = procs
         try:
-            a.start()
-            b.start()
-            deadline = time.monotonic() + 20
-            while time.monotonic() < deadline and "partitions changed" not in b.log_tail(200):
-                time.sleep(0.1)
+            _start_divided(a, b)
             time.sleep(4)  # partitions divided between a and b
             total = 96
             for i in range(total):
