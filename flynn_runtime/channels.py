@@ -22,6 +22,15 @@ KEEPALIVE_OPTIONS: list[tuple[str, Any]] = [
     ("grpc.http2.max_pings_without_data", 0),
 ]
 
+#: The longest a channel waits between attempts to reconnect to a service that went away. gRPC's
+#: default grows to 120 s, so after a long outage a restarted service could be ignored for two
+#: minutes; inside the mesh a peer is back within seconds (a restarted pod), so retry every 2 s at most.
+MAX_RECONNECT_BACKOFF_S = 2.0
+RECONNECT_OPTIONS: list[tuple[str, Any]] = [
+    ("grpc.initial_reconnect_backoff_ms", 200),
+    ("grpc.max_reconnect_backoff_ms", int(MAX_RECONNECT_BACKOFF_S * 1000)),
+]
+
 # Retry only when the call never reached a handler (UNAVAILABLE), a few times, with backoff.
 _RETRY_SERVICE_CONFIG = json.dumps(
     {
@@ -146,6 +155,7 @@ def client_channel(
         ("grpc.max_send_message_length", max_message_bytes),
         ("grpc.enable_retries", 1 if retries else 0),
         *KEEPALIVE_OPTIONS,
+        *RECONNECT_OPTIONS,
         *balancing_options(target),
         *extra_options,
     ]

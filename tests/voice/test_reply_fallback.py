@@ -20,6 +20,7 @@ from flynn.v1 import config_pb2, config_pb2_grpc, run_control_pb2_grpc
 from flynn.v1 import run_control_pb2 as rc_pb2
 from google.protobuf import field_mask_pb2
 
+from flynn_runtime.channels import MAX_RECONNECT_BACKOFF_S
 from tests.support.mesh import ServiceProcess, Tokens, free_port, make_tokens
 from tests.support.voice import inspect_wav
 
@@ -217,6 +218,9 @@ def test_every_reply_is_delivered_as_text_when_voice_fails(
         mesh.stop_voice(kill=True)  # SIGKILL: nothing listens on the voice port any more
     else:
         mesh.start_voice(*flags)
+        # Run control's channel to voice may be between reconnect attempts (an earlier case killed
+        # voice on this port): it tries again within MAX_RECONNECT_BACKOFF_S, then reaches it.
+        time.sleep(MAX_RECONNECT_BACKOFF_S + 0.3)
     sessions = mesh.submit(4)
     replies = assert_all_delivered_once(mesh.finals(sessions))
     for r in replies:
