@@ -12,11 +12,7 @@ exactly as the piper and faster-whisper workers are. Protocol:
 
 from __future__ import annotations
 
-import json
-import sys
-import time
-
-from voice_svc.worker_process import send_frame, worker_stdout
+from voice_svc.worker_process import send_frame, serve_transcriptions, worker_stdout
 
 
 def main() -> None:
@@ -24,33 +20,16 @@ def main() -> None:
     from pocketsphinx import Decoder  # type: ignore[import-untyped]
 
     decoder = Decoder(samprate=16000, logfn="/dev/null")
+
+    def transcribe(audio: bytes) -> tuple[str, float]:
+        decoder.start_utt()
+        decoder.process_raw(audio, no_search=False, full_utt=True)
+        decoder.end_utt()
+        hyp = decoder.hyp()
+        return (hyp.hypstr if hyp is not None else ""), 0.0  # pocketsphinx gives no calibrated confidence
+
     send_frame(out, {"ready": True, "model": "en-us"})
-    stdin = sys.stdin.buffer
-    while True:
-        line = stdin.readline()
-        if not line:
-            return
-        if not line.strip():
-            continue
-        try:
-            req = json.loads(line)
-            audio = stdin.read(int(req.get("bytes", 0)))
-            fault = req.get("fault", "")
-            if fault == "hang":
-                while True:
-                    time.sleep(3600)
-            if fault == "fail":
-                send_frame(out, {"error": "fault injected: pocketsphinx made to fail"})
-                continue
-            decoder.start_utt()
-            decoder.process_raw(audio, no_search=False, full_utt=True)
-            decoder.end_utt()
-            hyp = decoder.hyp()
-            # pocketsphinx gives no calibrated confidence
-            send_frame(out, {"text": hyp.hypstr if hyp is not None else "", "confidence": 0.0})
-            send_frame(out, {"done": True})
-        except Exception as e:  # one bad request must not kill the warm worker
-            send_frame(out, {"error": f"{type(e).__name__}: {e}"})
+    serve_transcriptions(out, "pocketsphinx", transcribe)
 
 
 if __name__ == "__main__":

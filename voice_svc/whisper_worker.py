@@ -12,12 +12,9 @@ by killing this process (a thread could not be interrupted). Protocol (voice_svc
 from __future__ import annotations
 
 import argparse
-import json
 import math
-import sys
-import time
 
-from voice_svc.worker_process import send_frame, worker_stdout
+from voice_svc.worker_process import send_frame, serve_transcriptions, worker_stdout
 
 CPU_THREADS = 2
 
@@ -32,36 +29,19 @@ def main() -> None:
     from faster_whisper import WhisperModel  # type: ignore[import-untyped]
 
     model = WhisperModel(args.model, device="cpu", compute_type="int8", cpu_threads=CPU_THREADS)
+
+    def transcribe(audio: bytes) -> tuple[str, float]:
+        floats = np.frombuffer(audio, dtype="<i2").astype(np.float32) / 32768.0
+        segments, _info = model.transcribe(floats, language="en", beam_size=1, vad_filter=False)
+        parts, logprobs = [], []
+        for seg in segments:
+            parts.append(seg.text.strip())
+            logprobs.append(seg.avg_logprob)
+        confidence = math.exp(sum(logprobs) / len(logprobs)) if logprobs else 0.0
+        return " ".join(t for t in parts if t), max(0.0, min(1.0, confidence))
+
     send_frame(out, {"ready": True, "model": "tiny.en"})
-    stdin = sys.stdin.buffer
-    while True:
-        line = stdin.readline()
-        if not line:
-            return
-        if not line.strip():
-            continue
-        try:
-            req = json.loads(line)
-            audio = stdin.read(int(req.get("bytes", 0)))
-            fault = req.get("fault", "")
-            if fault == "hang":
-                while True:
-                    time.sleep(3600)
-            if fault == "fail":
-                send_frame(out, {"error": "fault injected: faster-whisper made to fail"})
-                continue
-            floats = np.frombuffer(audio, dtype="<i2").astype(np.float32) / 32768.0
-            segments, _info = model.transcribe(floats, language="en", beam_size=1, vad_filter=False)
-            parts, logprobs = [], []
-            for seg in segments:
-                parts.append(seg.text.strip())
-                logprobs.append(seg.avg_logprob)
-            confidence = math.exp(sum(logprobs) / len(logprobs)) if logprobs else 0.0
-            text = " ".join(t for t in parts if t)
-            send_frame(out, {"text": text, "confidence": max(0.0, min(1.0, confidence))})
-            send_frame(out, {"done": True})
-        except Exception as e:  # one bad request must not kill the warm worker
-            send_frame(out, {"error": f"{type(e).__name__}: {e}"})
+    serve_transcriptions(out, "faster-whisper", transcribe)
 
 
 if __name__ == "__main__":

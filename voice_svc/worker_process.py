@@ -17,7 +17,7 @@ import contextlib
 import json
 import logging
 import sys
-from collections.abc import AsyncIterator
+from collections.abc import AsyncIterator, Callable
 from pathlib import Path
 from typing import Any
 
@@ -182,3 +182,33 @@ def worker_stdout() -> Any:
 def send_frame(out: Any, obj: dict[str, Any], payload: bytes = b"") -> None:
     out.write(json.dumps(obj).encode() + b"\n" + payload)
     out.flush()
+
+
+def serve_transcriptions(out: Any, engine: str, transcribe: Callable[[bytes], tuple[str, float]]) -> None:
+    """A recognition worker's request loop (stdin until EOF): each request line names the size of
+    the PCM that follows and an optional injected fault; the answer is {"text", "confidence"} then
+    {"done"}, or {"error"}. One bad request never ends the warm worker."""
+    import time
+
+    stdin = sys.stdin.buffer
+    while True:
+        line = stdin.readline()
+        if not line:
+            return
+        if not line.strip():
+            continue
+        try:
+            req = json.loads(line)
+            audio = stdin.read(int(req.get("bytes", 0)))
+            fault = req.get("fault", "")
+            if fault == "hang":
+                while True:
+                    time.sleep(3600)
+            if fault == "fail":
+                send_frame(out, {"error": f"fault injected: {engine} made to fail"})
+                continue
+            text, confidence = transcribe(audio)
+            send_frame(out, {"text": text, "confidence": confidence})
+            send_frame(out, {"done": True})
+        except Exception as e:
+            send_frame(out, {"error": f"{type(e).__name__}: {e}"})
