@@ -8,8 +8,11 @@ watcher never sees an event the store could lose. The pieces:
 
 - ledger.py: the in-memory sessions and live runs, event writing, and the reads;
 - group_commit.py: the operation scope, the flush loop, the durable sequence numbers;
+- queue_modes.py: where a submitted message goes (steer, interrupt, followup, collect), the
+  sessions' queues and the drop policy;
 - outbox.py: finals and posted replies, and their delivery as text or speech;
-- this module: what the operations do (submit, cancel, the queue modes, the life of a run).
+- agent_driver.py: the agent side of a started run (launch, stream, cancel signal, forced cancel);
+- this module: what the operations do (submit, cancel, the life of a run and its one terminal event).
 
 Invariants the code keeps (and tests check):
 - a session has at most one active run (started or cancel_requested);
@@ -53,10 +56,8 @@ from queue_svc.ledger import (
     COMPLETED,
     ERROR,
     FOLLOWUP,
-    INTERRUPT,
     QUEUED,
     STARTED,
-    STEER,
     TERMINAL,
     Ledger,
     _Entry,
@@ -65,12 +66,12 @@ from queue_svc.ledger import (
 )
 from queue_svc.outbox import Outbox, reply_id_for_run
 from queue_svc.ownership import Ownership
+from queue_svc.queue_modes import QueueModes
 from queue_svc.replica import Replica
 from queue_svc.store import (
     Disposition,
     InputRow,
     MessageRow,
-    QueueEntryRow,
     QueueMode,
     QueueStore,
     RunRow,
@@ -154,8 +155,10 @@ class RunControl(Ledger):
     after `await durable()`. What an operation must do *outside* the store is deferred to `op.after`,
     run by group commit once the batch is durable: launching the agent for a started run, telling
     the agent about a cancel (`AgentDriver.signal_cancel`: the hop between "cancel acknowledged" and
-    "agent told"), and starting speech for a reply (outbox.py). So an agent never acts on a state a crash could take back, and a
-    cancel reaches the agent one commit after it was requested, not inside the CancelRun call.
+    "agent told"), and starting speech for a reply (outbox.py). So an agent never acts on a state a
+    crash could take back, and a cancel reaches the agent one commit after it was requested, not
+    inside the CancelRun call. Where a submitted message goes is decided by `self.modes`
+    (queue_modes.py), which calls back into the run life cycle here (new run, start, cancel, end).
     """
 
     def __init__(
@@ -173,6 +176,7 @@ class RunControl(Ledger):
         self.agents = agents
         self.outbox = Outbox(self, synthesizer, speech_concurrency)
         self.driver = AgentDriver(self, agents)
+        self.modes = QueueModes(self)
         self.session_idle_seconds = session_idle_seconds
         self._evictor: asyncio.Task[None] | None = None
         #: With PostgreSQL: one of N replicas owning sessions by lease (replica.py).
@@ -283,7 +287,7 @@ class RunControl(Ledger):
                 causation=cz,
             )  # fmt: skip
             inp = AgentInput(mid, req.sender, req.text, cz)
-            disposition, run_id, interrupted = self._route(op, s, eff.mode, inp, now, cz, req.actor)
+            disposition, run_id, interrupted = self.modes.route(op, s, eff.mode, inp, now, cz, req.actor)
             self.store.insert_message(
                 MessageRow(
                     mid,
@@ -319,124 +323,6 @@ class RunControl(Ledger):
             interrupted_run_id=m.interrupted_run_id,
             event_seq=m.event_seq,
         )
-
-    def _route(
-        self, op: Op, s: _Session, mode: QueueMode, inp: AgentInput, now: float, cz: bytes, actor: str
-    ) -> tuple[Disposition, str, str]:
-        """Decide what happens to a new message; returns (disposition, run id, interrupted run id)."""
-        active = self._runs.get(s.active) if s.active else None
-        if active is None and not s.queue:
-            live = self._new_run(op, s, mode, [inp], now, cz)
-            self._start(op, s, live)
-            return pb.DISPOSITION_STARTED, live.row.run_id, ""
-        if (
-            mode == STEER
-            and active is not None
-            and active.row.state == STARTED
-            and active.agent_run is not None
-        ):
-            taken = active.agent_run.offer_steer([inp])
-            if taken is True:
-                self._steered(op, s, active, inp)
-                return pb.DISPOSITION_STEERED, active.row.run_id, ""
-            if taken is None:
-                active.pending_steer[inp.message_id] = inp
-                return pb.DISPOSITION_STEERED, active.row.run_id, ""
-        if mode == STEER:
-            # No active run that can take it (idle with a queue, cancelling, or a non-steerable agent).
-            mode = FOLLOWUP
-        if mode == INTERRUPT:
-            # Earlier interrupters that have not started yet are superseded by this one.
-            for e in [e for e in s.queue if e.kind == "run" and e.mode == INTERRUPT]:
-                self._cancel_queued(op, s, e, reason="superseded", actor=actor)
-            if not self._make_room(op, s, inp, now):
-                return pb.DISPOSITION_DROPPED, "", ""
-            interrupted = ""
-            if active is not None:
-                interrupted = active.row.run_id
-                if active.row.state == STARTED:
-                    self._request_cancel(op, s, active, reason="interrupt", actor=actor)
-            live = self._new_run(op, s, INTERRUPT, [inp], now, cz)
-            self._enqueue(
-                op,
-                s,
-                _Entry(s.next_pos(front=True), "run", live.row.run_id, receive_time=now, mode=INTERRUPT),
-            )
-            self._advance(op, s)
-            if interrupted:
-                return pb.DISPOSITION_INTERRUPTED_PREVIOUS, live.row.run_id, interrupted
-            started = s.active == live.row.run_id
-            return (pb.DISPOSITION_STARTED if started else pb.DISPOSITION_QUEUED), live.row.run_id, ""
-        if not self._make_room(op, s, inp, now):
-            return pb.DISPOSITION_DROPPED, "", ""
-        if mode == FOLLOWUP:
-            live = self._new_run(op, s, FOLLOWUP, [inp], now, cz)
-            self._enqueue(
-                op, s, _Entry(s.next_pos(), "run", live.row.run_id, receive_time=now, mode=FOLLOWUP)
-            )
-            return pb.DISPOSITION_QUEUED, live.row.run_id, ""
-        # collect
-        self._enqueue(op, s, _Entry(s.next_pos(), "collect", message=inp, receive_time=now, mode=COLLECT))
-        s.last_collect = now
-        if not s.active:
-            self._advance(op, s)
-        return pb.DISPOSITION_COLLECTED, "", ""
-
-    def _make_room(self, op: Op, s: _Session, inp: AgentInput, now: float) -> bool:
-        """Apply the cap and drop policy before queueing `inp`; False when `inp` itself is dropped."""
-        if len(s.queue) < self._cap():
-            return True
-        if self._q.drop == config_pb2.DROP_POLICY_NEW:
-            self._event(
-                op, s, pb.RUN_EVENT_TYPE_MESSAGE_DROPPED, message_id=inp.message_id, reason="queue_full_new"
-            )
-            metrics.MESSAGES_DROPPED.labels("queue_full_new").inc()
-            return False
-        while len(s.queue) >= self._cap():
-            oldest = min(s.queue, key=lambda e: e.receive_time)
-            self._drop_entry(op, s, oldest, "queue_full_old", "system")
-        return True
-
-    def _enqueue(self, op: Op, s: _Session, e: _Entry) -> None:
-        if e.pos < (s.queue[0].pos if s.queue else 2.0):
-            s.queue.insert(0, e)
-        else:
-            s.queue.append(e)
-        self._depth += 1
-        self.store.add_queue_entry(
-            QueueEntryRow(s.key, e.pos, e.kind, e.run_id, e.message.message_id if e.message else "")
-        )
-
-    def _dequeue(self, s: _Session, e: _Entry) -> None:
-        s.queue.remove(e)
-        self._depth -= 1
-        self.store.remove_queue_entry(s.key, e.pos)
-
-    def _drop_entry(self, op: Op, s: _Session, e: _Entry, reason: str, actor: str) -> int:
-        if e.kind == "collect":
-            assert e.message is not None
-            self._dequeue(s, e)
-            self._event(
-                op, s, pb.RUN_EVENT_TYPE_MESSAGE_DROPPED, message_id=e.message.message_id, reason=reason
-            )
-            metrics.MESSAGES_DROPPED.labels(reason).inc()
-            return 1
-        live = self._runs[e.run_id]
-        for i in live.row.inputs:
-            self._event(
-                op, s, pb.RUN_EVENT_TYPE_MESSAGE_DROPPED, run=live.row, message_id=i.message_id, reason=reason
-            )
-            metrics.MESSAGES_DROPPED.labels(reason).inc()
-        self._cancel_queued(op, s, e, reason, actor)
-        return len(live.row.inputs)
-
-    def _cancel_queued(self, op: Op, s: _Session, e: _Entry, reason: str, actor: str) -> None:
-        live = self._runs[e.run_id]
-        self._dequeue(s, e)
-        live.row.cancel_request_time = time.time()
-        live.row.cancel_reason = reason
-        self._transition(op, s, live, CANCEL_REQUESTED, pb.RUN_EVENT_TYPE_RUN_CANCEL_REQUESTED, reason, actor)
-        self._terminal(op, s, live, CANCELLED, reason=reason, actor=actor)
 
     # --- runs --------------------------------------------------------------------------------
 
@@ -497,11 +383,13 @@ class RunControl(Ledger):
     def _steer_fallback(self, op: Op, s: _Session, inp: AgentInput) -> None:
         """A steer the agent could not take becomes a followup run (never lost)."""
         now = time.time()
-        if not self._make_room(op, s, inp, now):
+        if not self.modes.make_room(op, s, inp, now):
             self.store.set_message_run(inp.message_id, "")
             return
         live = self._new_run(op, s, FOLLOWUP, [inp], now, self._causation_of([inp]))
-        self._enqueue(op, s, _Entry(s.next_pos(), "run", live.row.run_id, receive_time=now, mode=FOLLOWUP))
+        self.modes.enqueue(
+            op, s, _Entry(s.next_pos(), "run", live.row.run_id, receive_time=now, mode=FOLLOWUP)
+        )
         self.store.set_message_run(inp.message_id, live.row.run_id)
 
     def _request_cancel(self, op: Op, s: _Session, live: _Live, reason: str, actor: str) -> None:
@@ -588,7 +476,7 @@ class RunControl(Ledger):
             return
         head = s.queue[0]
         if head.kind == "run":
-            self._dequeue(s, head)
+            self.modes.dequeue(s, head)
             self._start(op, s, self._runs[head.run_id])
             return
         ready = s.last_collect + self._quiet_window()
@@ -603,7 +491,7 @@ class RunControl(Ledger):
             batch.append(e)
         inputs = [e.message for e in batch if e.message is not None]
         for e in batch:
-            self._dequeue(s, e)
+            self.modes.dequeue(s, e)
         live = self._new_run(op, s, COLLECT, inputs, now, self._causation_of(inputs))
         for i in inputs:
             self.store.set_message_run(i.message_id, live.row.run_id)
@@ -650,7 +538,7 @@ class RunControl(Ledger):
                 for e in list(s.queue):
                     if live is not None and e.run_id == live.row.run_id:
                         continue
-                    dropped += self._drop_entry(op, s, e, reason, req.actor)
+                    dropped += self.modes.drop_entry(op, s, e, reason, req.actor)
             if row is None:
                 return CancelResult(pb.CANCEL_OUTCOME_NO_ACTIVE_RUN, "", 0, dropped)
             if row.state in TERMINAL:
@@ -663,7 +551,7 @@ class RunControl(Ledger):
             if row.state == QUEUED:
                 entry = next((e for e in s.queue if e.run_id == row.run_id), None)
                 if entry is not None:
-                    self._cancel_queued(op, s, entry, reason, req.actor)
+                    self.modes.cancel_queued(op, s, entry, reason, req.actor)
                 return CancelResult(pb.CANCEL_OUTCOME_CANCEL_REQUESTED, row.run_id, live.row.state, dropped)
             self._request_cancel(op, s, live, reason, req.actor)
             return CancelResult(pb.CANCEL_OUTCOME_CANCEL_REQUESTED, row.run_id, CANCEL_REQUESTED, dropped)

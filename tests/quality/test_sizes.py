@@ -27,12 +27,6 @@ _FAULT_SCENARIO = (
 
 # "path::qualified name": why it stays longer than the limit.
 ALLOWED: dict[str, str] = {
-    "queue_svc/run_control.py::RunControl": (
-        "the operations of run control on one ledger (submit, the queue modes, the run life cycle, "
-        "cancel), each a critical section over the same session state; the group commit, outbox, "
-        "agent driver and ledger already left it (issue 19 item 1). It is about 40 lines over, and the cancel "
-        "path is being reworked in parallel; the next split (the queue-mode routing) goes with that"
-    ),
     "tests/runtime/test_database_outage.py::test_postgres_crash_under_load": _FAULT_SCENARIO,
     "tests/flow/test_fault.py::test_mixed_load_survives_kill9_of_each_stateful_service": _FAULT_SCENARIO,
     "tests/queue/test_fault.py::test_sigkill_mid_load_loses_nothing_and_doubles_nothing": _FAULT_SCENARIO,
