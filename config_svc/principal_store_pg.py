@@ -24,7 +24,7 @@ from psycopg.types.json import Jsonb
 from config_svc.principal_store import IssuedRecord, PrincipalSet
 from config_svc.principal_store_sqlite import row_to_record
 from flynn_runtime.auth import Role, generate_token, hash_token
-from flynn_runtime.database import Database
+from flynn_runtime.database import Database, PooledStore
 from flynn_runtime.db_copy import Counts, Table, copy_tables, export_tables
 
 #: The LISTEN/NOTIFY channel of principal changes (migration 4 of config_svc/revision_store_pg.py).
@@ -98,17 +98,9 @@ TABLES = (
 )
 
 
-class PgPrincipalStore:
-    def __init__(self, db: Database) -> None:
-        self.db = db
-
-    async def close(self) -> None:
-        """The pool belongs to the runtime, which closes it."""
-
+class PgPrincipalStore(PooledStore):
     async def version(self) -> int:
-        async with self.db.connection() as c:
-            row = await (await c.execute("SELECT version FROM principals_head")).fetchone()
-        return int(row[0]) if row else 0
+        return await self.db.read_int("SELECT version FROM principals_head")
 
     async def load(self) -> PrincipalSet:
         # One snapshot of the three tables: the version and the rows it stands for agree.

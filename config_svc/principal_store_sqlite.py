@@ -2,7 +2,7 @@
 
 The embedded default: one config process, so `version` lives in memory (it starts at the start-up
 time in milliseconds, so it still grows across restarts in practice) and grows with every change.
-One connection behind a lock; every call runs on a worker thread, off the event loop.
+Every call runs on a worker thread, off the event loop (sqlite_db.LockedSqliteStore).
 """
 
 from __future__ import annotations
@@ -10,13 +10,12 @@ from __future__ import annotations
 import asyncio
 import json
 import sqlite3
-import threading
 import time
 from pathlib import Path
 
 from config_svc.principal_store import IssuedRecord, PrincipalSet
 from flynn_runtime.auth import Role, generate_token, hash_token
-from flynn_runtime.sqlite_db import open_db, transaction
+from flynn_runtime.sqlite_db import LockedSqliteStore, transaction
 
 SCHEMA = """
 CREATE TABLE IF NOT EXISTS issued (
@@ -54,21 +53,15 @@ def row_to_record(r: tuple[object, ...]) -> IssuedRecord:
     )
 
 
-class SqlitePrincipalStore:
+class SqlitePrincipalStore(LockedSqliteStore):
     def __init__(self, path: Path) -> None:
-        self.path = path
-        self._lock = threading.Lock()
-        self._db = open_db(path, schema=SCHEMA)
+        super().__init__(path, schema=SCHEMA)
         self._version = int(time.time() * 1000)
 
     @property
     def sqlite(self) -> sqlite3.Connection:
         """The connection itself (flynn db export writes the copied rows through it)."""
         return self._db
-
-    async def close(self) -> None:
-        with self._lock:
-            self._db.close()
 
     async def version(self) -> int:
         return self._version

@@ -23,7 +23,7 @@ from config_svc.revision_store import SCHEMA, RevisionKind, StaleHead, StoredRev
 from config_svc.revision_store_sqlite import SELECT as SQLITE_SELECT
 from config_svc.revision_store_sqlite import SqliteRevisionStore, row_to_revision
 from config_svc.watcher_table import MIGRATION_SQL as WATCHERS_SQL
-from flynn_runtime.database import Database
+from flynn_runtime.database import Database, PooledStore
 from flynn_runtime.db_copy import Counts, SqliteSource, StoreCopier
 from flynn_runtime.pg_migrations import Migration
 from flynn_runtime.sqlite_db import transaction
@@ -77,17 +77,9 @@ SELECT = (
 )
 
 
-class PgRevisionStore:
-    def __init__(self, db: Database) -> None:
-        self.db = db
-
-    async def close(self) -> None:
-        """The pool belongs to the runtime, which closes it."""
-
+class PgRevisionStore(PooledStore):
     async def head(self) -> int:
-        async with self.db.connection() as c:
-            row = await (await c.execute("SELECT revision FROM head")).fetchone()
-        return int(row[0]) if row else 0
+        return await self.db.read_int("SELECT revision FROM head")
 
     async def append(
         self,

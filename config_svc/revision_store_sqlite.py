@@ -1,20 +1,19 @@
 """Revision history in SQLite (WAL, synchronous=FULL) under <data_dir>/config/config.db.
 
-One connection behind a lock; every call runs on a worker thread, off the event loop.
+Every call runs on a worker thread, off the event loop (sqlite_db.LockedSqliteStore).
 """
 
 from __future__ import annotations
 
 import asyncio
 import json
-import threading
 import time
 from collections.abc import Sequence
 from pathlib import Path
 from typing import Any
 
 from config_svc.revision_store import RevisionKind, StaleHead, StoredRevision
-from flynn_runtime.sqlite_db import open_db, transaction
+from flynn_runtime.sqlite_db import LockedSqliteStore, transaction
 
 SCHEMA = """
 CREATE TABLE IF NOT EXISTS revisions (
@@ -34,15 +33,9 @@ SELECT = (
 )
 
 
-class SqliteRevisionStore:
+class SqliteRevisionStore(LockedSqliteStore):
     def __init__(self, path: Path) -> None:
-        self.path = path
-        self._lock = threading.Lock()
-        self._db = open_db(path, schema=SCHEMA)
-
-    async def close(self) -> None:
-        with self._lock:
-            self._db.close()
+        super().__init__(path, schema=SCHEMA)
 
     async def head(self) -> int:
         return await asyncio.to_thread(self._head)

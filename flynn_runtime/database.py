@@ -241,3 +241,19 @@ class Database:
                         yield conn
         except (psycopg.OperationalError, psycopg.InterfaceError, psycopg_pool.PoolTimeout) as e:
             raise self.unavailable(e) from e
+
+    async def read_int(self, sql: str, params: Sequence[object] = ()) -> int:
+        """The first column of the first row of a read, as an int; 0 when there is no row."""
+        async with self.connection() as c:
+            row = await (await c.execute(sql, params)).fetchone()
+        return int(row[0]) if row else 0
+
+
+class PooledStore:
+    """The base of a store over a service's `Database`: the runtime opens and closes the pool."""
+
+    def __init__(self, db: Database) -> None:
+        self.db = db
+
+    async def close(self) -> None:
+        """The pool belongs to the runtime, which closes it."""

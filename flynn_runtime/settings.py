@@ -66,6 +66,16 @@ def _env(name: str, default: str) -> str:
     return os.environ.get(f"FLYNN_{name.upper().replace('-', '_')}", default)
 
 
+def env_arg(
+    p: argparse.ArgumentParser, name: str, default: str, help: str, *, type: Callable[[str], object] = str
+) -> None:
+    """Add `--name`, whose default is $FLYNN_NAME when set, else `default`; the help names the variable."""
+    env = name.replace("-", "_")
+    p.add_argument(
+        f"--{name}", type=type, default=type(_env(env, default)), help=f"{help} (FLYNN_{env.upper()})"
+    )
+
+
 def build_parser(service: str) -> argparse.ArgumentParser:
     p = argparse.ArgumentParser(prog=f"flynn-{service}", description=f"Flynn {service} service")
     port = DEFAULT_PORTS.get(service, 0)
@@ -157,8 +167,7 @@ def _add_network_args(p: argparse.ArgumentParser) -> None:
 
 
 def _path_arg(p: argparse.ArgumentParser, name: str, help: str) -> None:
-    env = name.replace("-", "_")
-    p.add_argument(f"--{name}", default=_env(env, ""), help=f"{help} (FLYNN_{env.upper()})")
+    env_arg(p, name, "", help)
 
 
 def _add_tls_args(p: argparse.ArgumentParser) -> None:
@@ -182,10 +191,7 @@ def _add_tls_args(p: argparse.ArgumentParser) -> None:
 
 
 def _int_arg(p: argparse.ArgumentParser, name: str, default: int, help: str) -> None:
-    env = name.replace("-", "_")
-    p.add_argument(
-        f"--{name}", type=int, default=int(_env(env, str(default))), help=f"{help} (FLYNN_{env.upper()})"
-    )
+    env_arg(p, name, str(default), help, type=int)
 
 
 def _add_limit_args(p: argparse.ArgumentParser, service: str) -> None:

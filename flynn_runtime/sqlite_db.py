@@ -8,6 +8,7 @@ Connections run in autocommit mode (isolation_level=None) so transactions are ex
 from __future__ import annotations
 
 import sqlite3
+import threading
 from collections.abc import Iterator
 from contextlib import contextmanager
 from pathlib import Path
@@ -48,3 +49,17 @@ def transaction(db: sqlite3.Connection) -> Iterator[sqlite3.Connection]:
         db.execute("ROLLBACK")
         raise
     db.execute("COMMIT")
+
+
+class LockedSqliteStore:
+    """The base of a store on one SQLite connection behind a lock: its blocking calls run on worker
+    threads (`asyncio.to_thread`), each holding `_lock` while it uses `_db`."""
+
+    def __init__(self, path: Path, *, schema: str) -> None:
+        self.path = path
+        self._lock = threading.Lock()
+        self._db = open_db(path, schema=schema)
+
+    async def close(self) -> None:
+        with self._lock:
+            self._db.close()

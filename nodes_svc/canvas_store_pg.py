@@ -19,7 +19,7 @@ from typing import Any
 from flynn.v1 import nodes_pb2
 
 from flynn_runtime import errors
-from flynn_runtime.database import Database
+from flynn_runtime.database import Database, PooledStore
 from flynn_runtime.errors import Code, FlynnError
 from flynn_runtime.pg_migrations import Migration
 from nodes_svc.canvas_store import (
@@ -146,12 +146,12 @@ def _meta(r: Sequence[Any]) -> ArtifactMeta:
     )
 
 
-class PgCanvasStore:
+class PgCanvasStore(PooledStore):
     #: Puts and deletes append their nodes event (CANVAS_CHANGED) in their own transaction.
     records_events = True
 
     def __init__(self, db: Database, limits: CanvasLimits | None = None) -> None:
-        self.db = db
+        super().__init__(db)
         self.limits = limits or CanvasLimits()
         self._total = 0
 
@@ -161,13 +161,8 @@ class PgCanvasStore:
         return self._total
 
     async def recover(self) -> dict[str, int]:
-        async with self.db.connection() as c:
-            row = await (await c.execute("SELECT total_bytes FROM canvas_totals")).fetchone()
-        self._total = int(row[0]) if row else 0
+        self._total = await self.db.read_int("SELECT total_bytes FROM canvas_totals")
         return {"temp_files_removed": 0, "orphan_blobs_removed": 0, "missing_blobs": 0}
-
-    async def close(self) -> None:
-        """The pool belongs to the runtime, which closes it."""
 
     async def get(self, name: str, version: int = 0) -> tuple[ArtifactMeta, bytes]:
         async with self.db.connection() as c:

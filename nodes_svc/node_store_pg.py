@@ -18,7 +18,7 @@ from typing import Any
 import psycopg
 
 from flynn_runtime import leases
-from flynn_runtime.database import Database
+from flynn_runtime.database import Database, PooledStore
 from flynn_runtime.db_copy import (
     CopyError,
     Counts,
@@ -151,15 +151,12 @@ def _token(r: Sequence[Any]) -> TokenRecord:
     return TokenRecord(r[0], r[1], r[2], r[3], r[4], float(r[5]), None if r[6] is None else float(r[6]))
 
 
-class PgNodeStore:
+class PgNodeStore(PooledStore):
     def __init__(self, db: Database, owner: str = "", owner_address: str = "") -> None:
-        self.db = db
+        super().__init__(db)
         #: This replica (nodes_svc/presence.py): written on each registration it accepts.
         self.owner = owner
         self.owner_address = owner_address
-
-    async def close(self) -> None:
-        """The pool belongs to the runtime, which closes it."""
 
     # tokens -------------------------------------------------------------------------------
 
@@ -375,9 +372,7 @@ class PgNodeStore:
         return [event_record(r) for r in rows]
 
     async def last_seq(self) -> int:
-        async with self.db.connection() as c:
-            row = await (await c.execute("SELECT seq FROM event_head")).fetchone()
-        return int(row[0]) if row else 0
+        return await self.db.read_int("SELECT seq FROM event_head")
 
     async def prune_events(self, keep: int) -> int:
         async with self.db.transaction() as c:

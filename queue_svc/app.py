@@ -13,6 +13,7 @@ from flynn.v1 import run_control_pb2_grpc
 from flynn_runtime import config_yaml
 from flynn_runtime.config_source import ConfigSource, StaticConfig
 from flynn_runtime.server import Runtime, ServiceApp
+from flynn_runtime.settings import env_arg
 from flynn_runtime.timestamps import duration_seconds
 from queue_svc import store_pg
 from queue_svc.access import DEFAULT_MAX_SESSIONS_PER_PRINCIPAL
@@ -51,31 +52,35 @@ def add_args(p: argparse.ArgumentParser) -> None:
         help="file holding the credential presented to external agents; it grants nothing in the mesh "
         "(FLYNN_AGENT_TOKEN_FILE; FLYNN_AGENT_TOKEN is read when no file is given)",
     )
-    p.add_argument(
-        "--advertise-address",
-        default=_flag("advertise_address", ""),
-        help="host:port other run-control replicas forward calls to (FLYNN_ADVERTISE_ADDRESS; default: "
-        "the listen address, with $POD_IP or the host name when listening on all interfaces)",
+    env_arg(
+        p,
+        "advertise-address",
+        "",
+        "host:port other run-control replicas forward calls to (default: the listen address, with $POD_IP "
+        "or the host name when listening on all interfaces)",
     )
-    p.add_argument(
-        "--replica-id",
-        default=_flag("replica_id", ""),
-        help="unique id of this replica among live ones (FLYNN_REPLICA_ID; default: host name + advertised "
-        "address, stable across restarts of the same pod, so a restart takes its sessions back at once)",
+    env_arg(
+        p,
+        "replica-id",
+        "",
+        "unique id of this replica among live ones (default: host name + advertised address, stable across "
+        "restarts of the same pod, so a restart takes its sessions back at once)",
     )
-    p.add_argument(
-        "--session-lease-seconds",
+    env_arg(
+        p,
+        "session-lease-seconds",
+        "5",
+        "session ownership lease with PostgreSQL (1..60; default 5): a dead replica's sessions are taken "
+        "over this long after its last renewal",
         type=float,
-        default=float(_flag("session_lease_seconds", "5")),
-        help="session ownership lease with PostgreSQL (FLYNN_SESSION_LEASE_SECONDS, 1..60; default 5): a "
-        "dead replica's sessions are taken over this long after its last renewal",
     )
-    p.add_argument(
-        "--session-idle-seconds",
+    env_arg(
+        p,
+        "session-idle-seconds",
+        "60",
+        "an idle session leaves memory this long after its last operation (default 60); its rows stay in "
+        "the store and the next operation loads it back",
         type=float,
-        default=float(_flag("session_idle_seconds", "60")),
-        help="an idle session leaves memory this long after its last operation (FLYNN_SESSION_IDLE_SECONDS, "
-        "default 60); its rows stay in the store and the next operation loads it back",
     )
 
 

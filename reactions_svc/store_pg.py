@@ -16,7 +16,7 @@ import psycopg
 from psycopg.types.json import Json, Jsonb
 
 from flynn_runtime import leases
-from flynn_runtime.database import Database
+from flynn_runtime.database import Database, PooledStore
 from flynn_runtime.db_copy import Counts, SqliteSource, StoreCopier, Table, export_tables, import_tables
 from flynn_runtime.pg_migrations import Migration
 from reactions_svc.store import (
@@ -148,14 +148,11 @@ async def _claim_fire_state(cur: psycopg.AsyncCursor[Any], claims: dict[tuple[st
         raise FireStateMoved(moved)
 
 
-class PgReactionStore:
+class PgReactionStore(PooledStore):
     def __init__(self, db: Database, retention: Retention | None = None) -> None:
-        self.db = db
+        super().__init__(db)
         self.retention = retention or Retention()
         self._since_prune = 0
-
-    async def close(self) -> None:
-        """The pool belongs to the runtime, which closes it."""
 
     # Evaluations --------------------------------------------------------------------------------
 
@@ -383,9 +380,7 @@ class PgReactionStore:
     # Cursors ------------------------------------------------------------------------------------
 
     async def cursor(self, name: str) -> int:
-        async with self.db.connection() as c:
-            row = await (await c.execute("SELECT value FROM cursors WHERE name = %s", (name,))).fetchone()
-        return int(row[0]) if row else 0
+        return await self.db.read_int("SELECT value FROM cursors WHERE name = %s", (name,))
 
     async def set_cursor(self, name: str, value: int) -> None:
         async with self.db.transaction() as c:

@@ -21,7 +21,7 @@ from voice_svc.audio_codec import (
     resample,
 )
 from voice_svc.engines import STT_ENGINES, TTS_ENGINES
-from voice_svc.voice_chain import Attempt, SpokenSentence, VoiceChain
+from voice_svc.voice_chain import Attempt, SpeechRequest, SpokenSentence, VoiceChain
 
 MAX_TEXT_CHARS = 5000
 MAX_AUDIO_BYTES = 10 * 1024 * 1024
@@ -105,12 +105,14 @@ class VoiceServicer(voice_pb2_grpc.VoiceServicer):
         v.raise_if_any()
         try:
             result = await self.chain.synthesize(
-                request.text,
-                voice=request.voice.name,
-                language_code=request.voice.language_code,
-                speaking_rate=cfg.speaking_rate or 1.0,
-                engines=list(request.engines),
-                caller_remaining=_remaining(context),
+                SpeechRequest(
+                    request.text,
+                    voice=request.voice.name,
+                    language_code=request.voice.language_code,
+                    speaking_rate=cfg.speaking_rate or 1.0,
+                    engines=list(request.engines),
+                    caller_remaining=_remaining(context),
+                )
             )
         except Exception:
             metrics.REQUESTS.labels("Synthesize", "failed").inc()
@@ -143,11 +145,13 @@ class VoiceServicer(voice_pb2_grpc.VoiceServicer):
         v.raise_if_any()
 
         source = self.chain.stream_synthesize(
-            request.text,
-            voice=request.voice.name,
-            language_code=request.voice.language_code,
-            engines=list(request.engines),
-            caller_remaining=_remaining(context),
+            SpeechRequest(
+                request.text,
+                voice=request.voice.name,
+                language_code=request.voice.language_code,
+                engines=list(request.engines),
+                caller_remaining=_remaining(context),
+            )
         )
         first = True
         outcome = "failed"

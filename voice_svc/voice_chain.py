@@ -59,6 +59,19 @@ class Attempt:
 
 
 @dataclass(frozen=True)
+class SpeechRequest:
+    """What to speak, and how: the input of `synthesize` and `stream_synthesize`."""
+
+    text: str
+    voice: str = ""
+    language_code: str = ""
+    speaking_rate: float = 1.0
+    engines: Sequence[str] = ()
+    #: Seconds left of the caller's own deadline (None: no deadline); it shortens the chain's budget.
+    caller_remaining: float | None = None
+
+
+@dataclass(frozen=True)
 class Synthesis:
     pcm: Pcm
     engine: str
@@ -207,53 +220,35 @@ class VoiceChain:
             return name, result, elapsed, attempts
         raise all_failed(kind, attempts)
 
-    async def synthesize(
-        self,
-        text: str,
-        *,
-        voice: str = "",
-        language_code: str = "",
-        speaking_rate: float = 1.0,
-        engines: Sequence[str] = (),
-        caller_remaining: float | None = None,
-    ) -> Synthesis:
+    async def synthesize(self, req: SpeechRequest) -> Synthesis:
         """The whole text spoken by the first engine of the chain that succeeds."""
 
         async def attempt(name: str, share: float) -> tuple[Pcm, str]:
-            engine, picked = self._prepare(name, voice, language_code)
-            opts = SpeechOptions(picked, speaking_rate or 1.0, self.faults.mode(name))
-            pcm = await asyncio.wait_for(_collect(engine.synthesize([text], opts)), share)
+            engine, picked = self._prepare(name, req.voice, req.language_code)
+            opts = SpeechOptions(picked, req.speaking_rate or 1.0, self.faults.mode(name))
+            pcm = await asyncio.wait_for(_collect(engine.synthesize([req.text], opts)), share)
             if is_silent(pcm):
                 raise EngineFailure(ENGINE_ERROR, "engine reported success but produced no audible audio")
             return pcm, picked
 
-        deadline = time.monotonic() + self._budget(self.tts_deadline(), caller_remaining)
+        deadline = time.monotonic() + self._budget(self.tts_deadline(), req.caller_remaining)
         name, (pcm, picked), elapsed, attempts = await self._first_success(
-            "tts", self.tts_chain(engines), deadline, attempt, waiting_for="audio"
+            "tts", self.tts_chain(req.engines), deadline, attempt, waiting_for="audio"
         )
         metrics.SYNTH_SECONDS.labels(name).observe(elapsed)
         if pcm.duration_s > 0:
             metrics.SYNTH_RTF.labels(name).observe(elapsed / pcm.duration_s)
         return Synthesis(pcm, name, picked, attempts)
 
-    async def stream_synthesize(
-        self,
-        text: str,
-        *,
-        voice: str = "",
-        language_code: str = "",
-        speaking_rate: float = 1.0,
-        engines: Sequence[str] = (),
-        caller_remaining: float | None = None,
-    ) -> AsyncIterator[SpokenSentence]:
+    async def stream_synthesize(self, req: SpeechRequest) -> AsyncIterator[SpokenSentence]:
         """Sentences as they are spoken. The chain falls over only before the first chunk; each
         later sentence must come within the tts deadline, else the stream ends UNAVAILABLE."""
-        sentences = split_sentences(text) or [text]
+        sentences = split_sentences(req.text) or [req.text]
         per_sentence = self.tts_deadline()
 
         async def first_sentence(name: str, share: float) -> tuple[AsyncIterator[Pcm], Pcm]:
-            engine, picked = self._prepare(name, voice, language_code)
-            opts = SpeechOptions(picked, speaking_rate or 1.0, self.faults.mode(name))
+            engine, picked = self._prepare(name, req.voice, req.language_code)
+            opts = SpeechOptions(picked, req.speaking_rate or 1.0, self.faults.mode(name))
             gen = engine.synthesize(sentences, opts)
             try:
                 first = await asyncio.wait_for(anext(gen), share)
@@ -264,9 +259,9 @@ class VoiceChain:
                 raise
             return gen, first
 
-        deadline = time.monotonic() + self._budget(per_sentence, caller_remaining)
+        deadline = time.monotonic() + self._budget(per_sentence, req.caller_remaining)
         name, (gen, first), elapsed, attempts = await self._first_success(
-            "tts", self.tts_chain(engines), deadline, first_sentence
+            "tts", self.tts_chain(req.engines), deadline, first_sentence
         )
         metrics.SYNTH_FIRST_CHUNK_SECONDS.labels(name).observe(elapsed)
         started = time.monotonic() - elapsed

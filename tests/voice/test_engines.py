@@ -17,7 +17,7 @@ from voice_svc.audio_codec import wav_bytes
 from voice_svc.engines import FaultSwitch, split_sentences
 from voice_svc.espeak_engine import EspeakEngine
 from voice_svc.piper_engine import PiperEngine
-from voice_svc.voice_chain import VoiceChain
+from voice_svc.voice_chain import SpeechRequest, VoiceChain
 
 SENTENCE = "The weather today is sunny and warm, with a light breeze from the west."
 N_WORDS = len(SENTENCE.split())
@@ -56,21 +56,21 @@ def assert_plausible_speech(wav: bytes, rate: int) -> None:
 
 @pytest.mark.parametrize("engine", ["piper", "espeak-ng"])
 async def test_engine_produces_wav_of_expected_rate_and_duration(chain: VoiceChain, engine: str) -> None:
-    result = await chain.synthesize(SENTENCE, engines=[engine])
+    result = await chain.synthesize(SpeechRequest(SENTENCE, engines=[engine]))
     assert result.engine == engine
     assert [(a.engine, a.ok) for a in result.attempts] == [(engine, True)]
     assert_plausible_speech(wav_bytes(result.pcm), 22050)
 
 
 async def test_default_chain_prefers_piper(chain: VoiceChain) -> None:
-    result = await chain.synthesize("Hello there.")
+    result = await chain.synthesize(SpeechRequest("Hello there."))
     assert result.engine == "piper"
 
 
 async def test_piper_failing_falls_back_to_espeak_and_records_attempts() -> None:
     chain = await make_chain(FaultSwitch(fail=frozenset({"piper"})))
     try:
-        result = await chain.synthesize(SENTENCE)
+        result = await chain.synthesize(SpeechRequest(SENTENCE))
         assert result.engine == "espeak-ng"
         assert [(a.engine, a.ok, a.cause) for a in result.attempts] == [
             ("piper", False, "engine_error"),
@@ -91,7 +91,7 @@ async def test_piper_hanging_is_timed_out_killed_and_restarted() -> None:
     try:
         first_pid = piper.pid
         assert first_pid is not None
-        result = await chain.synthesize(SENTENCE)
+        result = await chain.synthesize(SpeechRequest(SENTENCE))
         assert [(a.engine, a.cause) for a in result.attempts] == [("piper", "timeout"), ("espeak-ng", "")]
         assert result.engine == "espeak-ng"
         # The hung worker was killed; a fresh one is being started to be warm for the next request.
@@ -100,7 +100,7 @@ async def test_piper_hanging_is_timed_out_killed_and_restarted() -> None:
                 os.kill(first_pid, 0)
                 await asyncio.sleep(0.05)
         chain.faults = FaultSwitch()
-        ok = await chain.synthesize("Back again.", engines=["piper"], caller_remaining=60)
+        ok = await chain.synthesize(SpeechRequest("Back again.", engines=["piper"], caller_remaining=60))
         assert ok.engine == "piper" and piper.pid not in (None, first_pid)
     finally:
         await chain.close()
@@ -110,7 +110,7 @@ async def test_all_engines_failing_is_unavailable_with_attempts() -> None:
     chain = await make_chain(FaultSwitch(fail=frozenset({"piper", "espeak-ng"})))
     try:
         with pytest.raises(FlynnError) as ei:
-            await chain.synthesize(SENTENCE)
+            await chain.synthesize(SpeechRequest(SENTENCE))
         err = ei.value
         assert err.code is Code.UNAVAILABLE and err.reason == "ALL_ENGINES_FAILED"
         assert err.metadata["engine.piper"] == "engine_error"
@@ -125,15 +125,15 @@ async def test_chain_and_voice_follow_live_config(chain: VoiceChain) -> None:
     cfg.tts.engines.append("espeak-ng")
     assert isinstance(chain.config, StaticConfig)
     await chain.config.apply(cfg, 2)
-    assert (await chain.synthesize("Config says espeak.")).engine == "espeak-ng"
+    assert (await chain.synthesize(SpeechRequest("Config says espeak."))).engine == "espeak-ng"
     # A voice only espeak-ng has: piper is skipped as unsupported.
-    result = await chain.synthesize("Bonjour.", voice="fr", engines=["piper", "espeak-ng"])
+    result = await chain.synthesize(SpeechRequest("Bonjour.", voice="fr", engines=["piper", "espeak-ng"]))
     assert [(a.engine, a.cause) for a in result.attempts] == [("piper", "unsupported"), ("espeak-ng", "")]
 
 
 async def test_stream_yields_one_chunk_per_sentence(chain: VoiceChain) -> None:
     text = "First sentence here. Second one follows! Is this the third?"
-    pieces = [s async for s in chain.stream_synthesize(text)]
+    pieces = [s async for s in chain.stream_synthesize(SpeechRequest(text))]
     assert (
         [p.text for p in pieces]
         == split_sentences(text)
