@@ -397,35 +397,20 @@ def _restart(proc: Any, s: Any, watchers: int) -> tuple[float, float, int, int]:
 
 def replicas_driver(args: argparse.Namespace) -> None:
     """--replicas 1,2: config on a throwaway PostgreSQL, watchers spread over N replicas."""
-    from flynn_launcher.local_postgres import LocalPostgres
-    from tests.support.mesh import ServiceProcess, make_tokens
+    from bench.config_replicas import ConfigSetups, replica_count
+    from tests.support.mesh import make_tokens
 
     with tempfile.TemporaryDirectory(prefix="flynn-bench-config-") as tmp:
         base = Path(tmp)
         base.chmod(0o755)
         tokens = make_tokens(base)
-        pg = LocalPostgres(base / "pg")
-        pg.init()
-        pg.start()
-        try:
+        with ConfigSetups(base, tokens) as setups:
             for spec in args.replicas.split(","):
-                sqlite = spec == "sqlite"
-                n = 1 if sqlite else int(spec)
-                db = [] if sqlite else ["--database-url", pg.create_database(f"bench_{n}")]
-                procs = [
-                    ServiceProcess(
-                        "config",
-                        "config_svc.main",
-                        base / f"config-{spec}-{i}",
-                        tokens,
-                        extra=["--bookmark-seconds", "15", "--log-level", "warning", *db],
-                    )  # fmt: skip
-                    for i in range(n)
-                ]
-                for p in procs:
-                    p.start(timeout=60)
-                label = "SQLite, 1 config replica" if sqlite else f"PostgreSQL, {n} config replica(s)"
-                try:
+                n = replica_count(spec)
+                label = (
+                    "SQLite, 1 config replica" if spec == "sqlite" else f"PostgreSQL, {n} config replica(s)"
+                )
+                with setups.started(spec, ["--bookmark-seconds", "15", "--log-level", "warning"]) as procs:
                     if args.raw:
                         print(f"[{label}, {args.big} BARE WatchConfig streams, {args.updates} updates]")
                         scenario(base, procs[0], tokens.operator, args.big, args.procs, args.updates,
@@ -433,12 +418,6 @@ def replicas_driver(args: argparse.Namespace) -> None:
                     print(f"[{label}, {args.big} ConfigWatchers, {args.updates} updates]")
                     scenario(base, procs[0], tokens.operator, args.big, args.procs, args.updates,
                              args.spacing, restart=False, others=procs[1:])  # fmt: skip
-                finally:
-                    for p in procs:
-                        with contextlib.suppress(Exception):
-                            p.stop()
-        finally:
-            pg.stop("immediate")
 
 
 def driver(args: argparse.Namespace) -> None:

@@ -101,38 +101,18 @@ async def rounds(first: str, last: str, operator: str, service: str, n: int) -> 
 
 def run(args: argparse.Namespace) -> None:
     sys.path[:0] = [str(ROOT), str(ROOT / "gen")]
-    from flynn_launcher.local_postgres import LocalPostgres
-    from tests.support.mesh import ServiceProcess, make_tokens
+    from bench.config_replicas import ConfigSetups, replica_count
+    from tests.support.mesh import make_tokens
 
     with tempfile.TemporaryDirectory(prefix="flynn-bench-principals-") as tmp:
         base = Path(tmp)
         base.chmod(0o755)
         tokens = make_tokens(base)
-        pg: LocalPostgres | None = None
-        try:
+        with ConfigSetups(base, tokens) as setups:
             for spec in args.setups.split(","):
                 sqlite = spec == "sqlite"
-                n = 1 if sqlite else int(spec)
-                db: list[str] = []
-                if not sqlite:
-                    if pg is None:
-                        pg = LocalPostgres(base / "pg")
-                        pg.init()
-                        pg.start()
-                    db = ["--database-url", pg.create_database(f"bench_{n}")]
-                procs = [
-                    ServiceProcess(
-                        "config",
-                        "config_svc.main",
-                        base / f"config-{spec}-{i}",
-                        tokens,
-                        extra=["--log-level", "warning", *db],
-                    )  # fmt: skip
-                    for i in range(n)
-                ]
-                try:
-                    for p in procs:
-                        p.start(timeout=60)
+                n = replica_count(spec)
+                with setups.started(spec, ["--log-level", "warning"]) as procs:
                     label = "SQLite, 1 replica" if sqlite else f"PostgreSQL, {n} replica(s)"
                     where = "the same replica" if n == 1 else "another replica"
                     res = asyncio.run(
@@ -152,13 +132,6 @@ def run(args: argparse.Namespace) -> None:
                         print(
                             f"  {k:<22} p50 {pct(xs, 0.5):7.1f} ms   p99 {pct(xs, 0.99):7.1f} ms   max {max(xs) * 1000:7.1f} ms"
                         )
-                finally:
-                    for p in procs:
-                        with contextlib.suppress(Exception):
-                            p.stop()
-        finally:
-            if pg is not None:
-                pg.stop("immediate")
 
 
 def main() -> None:

@@ -21,37 +21,31 @@ from config_svc.principal_store_sqlite import SqlitePrincipalStore
 from config_svc.revision_store import SCHEMA
 from config_svc.revision_store_pg import MIGRATIONS
 from flynn_runtime.auth import Role, hash_token
-from flynn_runtime.database import Database
-from flynn_runtime.database_url import parse_database_url
 from flynn_runtime.pg_listen import Listener
+from tests.support.postgres import Databases
 
 Opener = Callable[[], Awaitable[PrincipalStore]]
 
 
 @pytest.fixture
-async def open_store(tmp_path: Path, database_url: str) -> AsyncIterator[Opener]:
+async def open_store(tmp_path: Path, database_url: str, databases: Databases) -> AsyncIterator[Opener]:
     """Opens another store on the same state (a restart, or another replica on PostgreSQL)."""
     stores: list[PrincipalStore] = []
-    dbs: list[Database] = []
 
     async def opener() -> PrincipalStore:
         store: PrincipalStore
         if not database_url:
             store = SqlitePrincipalStore(tmp_path / "config" / "principals.db")
         else:
-            db = await Database.open(
-                parse_database_url(database_url), service="t", schema=SCHEMA, migrations=MIGRATIONS
+            store = PgPrincipalStore(
+                await databases.open(database_url, service="t", schema=SCHEMA, migrations=MIGRATIONS)
             )
-            dbs.append(db)
-            store = PgPrincipalStore(db)
         stores.append(store)
         return store
 
     yield opener
     for s in stores:
         await s.close()
-    for db in dbs:
-        await db.close()
 
 
 async def test_issue_and_revoke_by_name_and_fingerprint(open_store: Opener) -> None:

@@ -11,22 +11,19 @@ import pytest
 from config_svc.revision_store import SCHEMA, RevisionStore, StaleHead
 from config_svc.revision_store_pg import MIGRATIONS, PgRevisionStore
 from config_svc.revision_store_sqlite import SqliteRevisionStore
-from flynn_runtime.database import Database
-from flynn_runtime.database_url import parse_database_url
+from tests.support.postgres import Databases
 
 
 @pytest.fixture
-async def store(tmp_path: Path, database_url: str) -> AsyncIterator[RevisionStore]:
+async def store(tmp_path: Path, database_url: str, databases: Databases) -> AsyncIterator[RevisionStore]:
     if not database_url:
         s: RevisionStore = SqliteRevisionStore(tmp_path / "config.db")
         yield s
         await s.close()
         return
-    db = await Database.open(
-        parse_database_url(database_url), service="config", schema=SCHEMA, migrations=MIGRATIONS
+    yield PgRevisionStore(
+        await databases.open(database_url, service="config", schema=SCHEMA, migrations=MIGRATIONS)
     )
-    yield PgRevisionStore(db)
-    await db.close()
 
 
 async def test_append_get_range_and_pages(store: RevisionStore) -> None:

@@ -11,8 +11,6 @@ from pathlib import Path
 import pytest
 from flynn.v1 import nodes_pb2
 
-from flynn_runtime.database import Database
-from flynn_runtime.database_url import parse_database_url
 from flynn_runtime.errors import Code, FlynnError
 from nodes_svc.canvas_store import (
     CanvasBackend,
@@ -26,6 +24,7 @@ from nodes_svc.canvas_store import (
 from nodes_svc.canvas_store_pg import PgCanvasStore
 from nodes_svc.node_store import SCHEMA
 from nodes_svc.node_store_pg import MIGRATIONS
+from tests.support.postgres import Databases
 
 Factory = Callable[..., Awaitable[CanvasBackend]]
 
@@ -52,20 +51,16 @@ def store(root: Path, **kw: int) -> CanvasStore:
 
 
 @pytest.fixture
-async def open_store(tmp_path: Path, database_url: str) -> AsyncIterator[Factory]:
+async def open_store(tmp_path: Path, database_url: str, databases: Databases) -> AsyncIterator[Factory]:
     """Opens the canvas on the backend under test with the given limits."""
     opened: list[CanvasBackend] = []
-    dbs: list[Database] = []
 
     async def factory(**kw: int) -> CanvasBackend:
         b: CanvasBackend
         if not database_url:
             b = SqliteCanvasBackend(CanvasStore(tmp_path / "canvas", CanvasLimits(**kw)))
         else:
-            db = await Database.open(
-                parse_database_url(database_url), service="nodes", schema=SCHEMA, migrations=MIGRATIONS
-            )
-            dbs.append(db)
+            db = await databases.open(database_url, service="nodes", schema=SCHEMA, migrations=MIGRATIONS)
             b = PgCanvasStore(db, CanvasLimits(**kw))
         await b.recover()
         opened.append(b)
@@ -74,8 +69,6 @@ async def open_store(tmp_path: Path, database_url: str) -> AsyncIterator[Factory
     yield factory
     for b in opened:
         await b.close()
-    for db in dbs:
-        await db.close()
 
 
 @pytest.mark.parametrize("name", BAD_NAMES)

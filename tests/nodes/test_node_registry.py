@@ -11,26 +11,23 @@ from flynn.v1 import nodes_pb2
 
 from flynn_runtime.audit import AuditLog
 from flynn_runtime.config_source import StaticConfig
-from flynn_runtime.database import Database
-from flynn_runtime.database_url import parse_database_url
 from flynn_runtime.errors import Code, FlynnError
 from nodes_svc.node_registry import NodeRegistry, SessionClose
 from nodes_svc.node_store import SCHEMA, NodeStore
 from nodes_svc.node_store_pg import MIGRATIONS, PgNodeStore
 from nodes_svc.node_store_sqlite import SqliteNodeStore
 from tests.support.nodes import nodes_config
+from tests.support.postgres import Databases
 
 
 @pytest.fixture
-async def store(tmp_path: Path, database_url: str) -> AsyncIterator[NodeStore]:
+async def store(tmp_path: Path, database_url: str, databases: Databases) -> AsyncIterator[NodeStore]:
     if not database_url:
         yield SqliteNodeStore(tmp_path / "nodes.sqlite")
         return
-    db = await Database.open(
-        parse_database_url(database_url), service="nodes", schema=SCHEMA, migrations=MIGRATIONS
+    yield PgNodeStore(
+        await databases.open(database_url, service="nodes", schema=SCHEMA, migrations=MIGRATIONS)
     )
-    yield PgNodeStore(db)
-    await db.close()
 
 
 async def make(store: NodeStore, tmp_path: Path, **kw: object) -> tuple[NodeRegistry, StaticConfig]:

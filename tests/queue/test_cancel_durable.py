@@ -15,6 +15,7 @@ from flynn.v1 import run_control_pb2_grpc as pb_grpc
 
 from tests.support.mesh import ServiceProcess, Tokens
 from tests.support.queue import TERMINAL_EVENTS
+from tests.support.queue_process import start_queue_process
 
 CONFIG = """
 server:
@@ -26,12 +27,7 @@ STORM_SESSIONS = 16
 
 
 async def test_cancel_acked_during_a_submit_storm_survives_sigkill(tmp_path: Path, tokens: Tokens) -> None:
-    cfg = tmp_path / "queue.yaml"
-    cfg.write_text(CONFIG)
-    proc = ServiceProcess(
-        "queue", "queue_svc.main", tmp_path / "data", tokens, extra=["--queue-config-file", str(cfg)]
-    )
-    proc.start()
+    proc = start_queue_process(tmp_path, tokens, CONFIG)
     md = tokens.md("operator")
     try:
         ch = grpc.aio.insecure_channel(proc.address)

@@ -17,9 +17,10 @@ from flynn.v1 import run_control_pb2_grpc as pb_grpc
 from grpc_health.v1 import health_pb2, health_pb2_grpc
 
 from flynn_launcher.local_postgres import LocalPostgres
-from tests.queue.test_fault import CONFIG, Consumer
-from tests.support.mesh import ServiceProcess, Tokens
+from tests.queue.test_fault import CONFIG
+from tests.support.mesh import Tokens
 from tests.support.queue import TERMINAL_EVENTS
+from tests.support.queue_process import Consumer, sessions_idle, start_queue_process
 
 SESSIONS = 10
 
@@ -53,12 +54,7 @@ async def _until(ch: grpc.aio.Channel, status: int, within: float) -> None:
 async def test_postgres_killed_under_load_then_back(
     tmp_path: Path, tokens: Tokens, queue_backend: str, postgres: LocalPostgres
 ) -> None:
-    cfg = tmp_path / "queue.yaml"
-    cfg.write_text(CONFIG)
-    proc = ServiceProcess(
-        "queue", "queue_svc.main", tmp_path / "data", tokens, extra=["--queue-config-file", str(cfg)]
-    )
-    proc.start()
+    proc = start_queue_process(tmp_path, tokens, CONFIG)
     md = tokens.md("operator")
     acked: dict[tuple[str, str], str] = {}
     refused: list[str] = []
@@ -66,7 +62,7 @@ async def test_postgres_killed_under_load_then_back(
         ch = grpc.aio.insecure_channel(proc.address)
         stub = pb_grpc.RunControlStub(ch)
         consumer = Consumer(stub, md)
-        tasks = [asyncio.ensure_future(consumer.watch()), asyncio.ensure_future(consumer.follow_replies())]
+        tasks = consumer.start()
         stop = asyncio.Event()
 
         async def load(i: int) -> None:
@@ -106,16 +102,9 @@ async def test_postgres_killed_under_load_then_back(
                 metadata=md, timeout=5,
             )  # fmt: skip
             assert resp.disposition == pb.DISPOSITION_DUPLICATE and resp.message_id == mid, key
-        for _ in range(3000):
-            sessions = [
-                (
-                    await stub.GetSession(pb.GetSessionRequest(session_key=f"s{i}"), metadata=md, timeout=5)
-                ).session
-                for i in range(SESSIONS)
-            ]
-            if not any(s.active_run_id or s.queue for s in sessions):
-                break
-            await asyncio.sleep(0.02)
+        await sessions_idle(
+            stub, md, [f"s{i}" for i in range(SESSIONS)], polls=3000, every=0.02, call_timeout=5
+        )
         await asyncio.sleep(0.5)
         for t in tasks:
             t.cancel()

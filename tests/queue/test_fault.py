@@ -10,8 +10,9 @@ import grpc
 from flynn.v1 import run_control_pb2 as pb
 from flynn.v1 import run_control_pb2_grpc as pb_grpc
 
-from tests.support.mesh import ServiceProcess, Tokens
+from tests.support.mesh import Tokens
 from tests.support.queue import TERMINAL_EVENTS
+from tests.support.queue_process import Consumer, sessions_idle, start_queue_process
 
 CONFIG = """
 server:
@@ -21,51 +22,15 @@ server:
 SESSIONS = 20
 
 
-class Consumer:
-    """A WatchRunEvents + StreamReplies consumer that keeps its cursors across reconnects."""
-
-    def __init__(self, stub: pb_grpc.RunControlStub, md: tuple[tuple[str, str], ...]) -> None:
-        self.stub, self.md = stub, md
-        self.events: list[pb.RunEvent] = []
-        self.replies: list[pb.Reply] = []
-        self.cursor = 0
-        self.reply_cursor = 0
-
-    async def watch(self) -> None:
-        try:
-            async for resp in self.stub.WatchRunEvents(
-                pb.WatchRunEventsRequest(after_seq=self.cursor), metadata=self.md
-            ):
-                assert resp.event.global_seq == self.cursor + 1, (resp.event.global_seq, self.cursor)
-                self.events.append(resp.event)
-                self.cursor = resp.event.global_seq
-        except grpc.aio.AioRpcError:
-            return
-
-    async def follow_replies(self) -> None:
-        try:
-            req = pb.StreamRepliesRequest(after_cursor=self.reply_cursor)
-            async for resp in self.stub.StreamReplies(req, metadata=self.md):
-                self.replies.append(resp.reply)
-                self.reply_cursor = resp.reply.cursor
-        except grpc.aio.AioRpcError:
-            return
-
-
 async def test_sigkill_mid_load_loses_nothing_and_doubles_nothing(tmp_path: Path, tokens: Tokens) -> None:
-    cfg = tmp_path / "queue.yaml"
-    cfg.write_text(CONFIG)
-    proc = ServiceProcess(
-        "queue", "queue_svc.main", tmp_path / "data", tokens, extra=["--queue-config-file", str(cfg)]
-    )
-    proc.start()
+    proc = start_queue_process(tmp_path, tokens, CONFIG)
     md = tokens.md("operator")
     acked: dict[tuple[str, str], str] = {}  # (session, key) -> message id
     try:
         ch = grpc.aio.insecure_channel(proc.address)
         stub = pb_grpc.RunControlStub(ch)
         consumer = Consumer(stub, md)
-        tasks = [asyncio.ensure_future(consumer.watch()), asyncio.ensure_future(consumer.follow_replies())]
+        tasks = consumer.start()
         stop = asyncio.Event()
 
         async def load(i: int) -> None:
@@ -98,7 +63,7 @@ async def test_sigkill_mid_load_loses_nothing_and_doubles_nothing(tmp_path: Path
         ch = grpc.aio.insecure_channel(proc.address)
         stub = pb_grpc.RunControlStub(ch)
         consumer.stub = stub
-        tasks = [asyncio.ensure_future(consumer.watch()), asyncio.ensure_future(consumer.follow_replies())]
+        tasks = consumer.start()
         # Every acknowledged message is still there: its key answers DUPLICATE with the same id.
         for (session, key), mid in acked.items():
             resp = await stub.SubmitMessage(
@@ -107,21 +72,10 @@ async def test_sigkill_mid_load_loses_nothing_and_doubles_nothing(tmp_path: Path
             )  # fmt: skip
             assert resp.disposition == pb.DISPOSITION_DUPLICATE and resp.message_id == mid, key
 
-        async def settled() -> bool:
-            for i in range(SESSIONS):
-                s = (
-                    await stub.GetSession(pb.GetSessionRequest(session_key=f"s{i}"), metadata=md, timeout=5)
-                ).session
-                if s.active_run_id or s.queue:
-                    return False
-            return True
-
-        for _ in range(3000):
-            if await settled():
-                break
-            await asyncio.sleep(0.02)
-        else:
-            raise AssertionError("sessions did not settle")
+        keys = [f"s{i}" for i in range(SESSIONS)]
+        assert await sessions_idle(stub, md, keys, polls=3000, every=0.02, call_timeout=5), (
+            "sessions did not settle"
+        )
         # Let the consumer catch up with the head, then stop it.
         for _ in range(500):
             runs_head = (await stub.ListRuns(pb.ListRunsRequest(page_size=1), metadata=md)).runs

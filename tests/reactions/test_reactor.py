@@ -10,14 +10,13 @@ import pytest
 from flynn.v1 import config_pb2, reactions_pb2
 
 from flynn_runtime.config_source import StaticConfig
-from flynn_runtime.database import Database
-from flynn_runtime.database_url import parse_database_url
 from flynn_runtime.errors import FlynnError
 from reactions_svc import engine
 from reactions_svc.reactor import ActionContext, ActionOutcome, Reactor, RuleSource
 from reactions_svc.store import SCHEMA, ReactionStore, Retention
 from reactions_svc.store_pg import MIGRATIONS, PgReactionStore
 from reactions_svc.store_sqlite import SqliteReactionStore
+from tests.support.postgres import Databases
 from tests.support.reactions import ack_action, rule
 
 MSG = config_pb2.REACTION_EVENT_TYPE_MESSAGE_RECEIVED
@@ -41,22 +40,16 @@ Opener = Callable[[Retention | None], Awaitable[ReactionStore]]
 
 
 @pytest.fixture
-async def stores(tmp_path: Path, database_url: str) -> AsyncIterator[Opener]:
+async def stores(tmp_path: Path, database_url: str, databases: Databases) -> AsyncIterator[Opener]:
     """Opens the store under test; opening again reopens the same state (a restart)."""
-    dbs: list[Database] = []
 
     async def open_store(retention: Retention | None) -> ReactionStore:
         if not database_url:
             return SqliteReactionStore(tmp_path / "reactions", retention)
-        db = await Database.open(
-            parse_database_url(database_url), service="reactions", schema=SCHEMA, migrations=MIGRATIONS
-        )
-        dbs.append(db)
+        db = await databases.open(database_url, service="reactions", schema=SCHEMA, migrations=MIGRATIONS)
         return PgReactionStore(db, retention)
 
     yield open_store
-    for db in dbs:
-        await db.close()
 
 
 async def make(

@@ -15,7 +15,6 @@ from __future__ import annotations
 import asyncio
 import time
 import urllib.request
-from pathlib import Path
 
 import grpc
 import psycopg
@@ -23,6 +22,7 @@ from flynn.v1 import gateway_pb2, gateway_pb2_grpc
 from flynn.v1 import run_control_pb2 as pb
 from flynn.v1 import run_control_pb2_grpc as pb_grpc
 
+from tests.replicas.conftest import StartReplicas
 from tests.support.mesh import Tokens
 from tests.support.replicas import QueueReplicas
 
@@ -37,10 +37,9 @@ def _stub(mesh: QueueReplicas, i: int) -> tuple[grpc.aio.Channel, pb_grpc.RunCon
 
 
 async def test_stale_owner_hints_cost_neither_the_lease_nor_an_error(
-    tmp_path: Path, tokens: Tokens, postgres_url: str
+    start_replicas: StartReplicas, tokens: Tokens
 ) -> None:
-    mesh = QueueReplicas(tmp_path, tokens, postgres_url, replicas=3, config_yaml=CONFIG, lease_seconds=LEASE)
-    mesh.start()
+    mesh = start_replicas(replicas=3, config_yaml=CONFIG, lease_seconds=LEASE)
     md = tokens.md("operator")
     channels: list[grpc.aio.Channel] = []
     try:
@@ -95,7 +94,6 @@ async def test_stale_owner_hints_cost_neither_the_lease_nor_an_error(
     finally:
         for ch in channels:
             await ch.close()
-        mesh.stop()
 
 
 def _epoch(mesh: QueueReplicas) -> int:
@@ -124,43 +122,39 @@ def _forwarded_cancels(mesh: QueueReplicas) -> int:
 
 
 async def test_the_gateway_sends_cancels_straight_to_the_owner(
-    tmp_path: Path, tokens: Tokens, postgres_url: str
+    start_replicas: StartReplicas, tokens: Tokens
 ) -> None:
     """Gateway/SendMessage learns each session's owner from the replica's answer (x-flynn-owner), so
     Gateway/CancelRun reaches the owner directly: no cancel is forwarded between replicas. When that
     owner dies, the cancel goes to any replica instead, which waits for the lease and answers."""
-    mesh = QueueReplicas(tmp_path, tokens, postgres_url, replicas=3, config_yaml=CONFIG, lease_seconds=2.0)
-    mesh.start()
+    mesh = start_replicas(replicas=3, config_yaml=CONFIG, lease_seconds=2.0)
     md = tokens.md("operator")
-    try:
-        assert mesh.gateway is not None
-        async with grpc.aio.insecure_channel(mesh.gateway.address) as ch:
-            gw = gateway_pb2_grpc.GatewayStub(ch)
+    assert mesh.gateway is not None
+    async with grpc.aio.insecure_channel(mesh.gateway.address) as ch:
+        gw = gateway_pb2_grpc.GatewayStub(ch)
 
-            async def send(session: str) -> str:
-                r = await gw.SendMessage(
-                    gateway_pb2.SendMessageRequest(channel="t", session_key=session, text="work", idempotency_key="k"),
-                    metadata=md, timeout=10,
-                )  # fmt: skip
-                return str(r.run_id)
+        async def send(session: str) -> str:
+            r = await gw.SendMessage(
+                gateway_pb2.SendMessageRequest(channel="t", session_key=session, text="work", idempotency_key="k"),
+                metadata=md, timeout=10,
+            )  # fmt: skip
+            return str(r.run_id)
 
-            runs = [await send(f"g{i}") for i in range(9)]
-            assert len(mesh.owners()) == 3, mesh.owners()  # round-robin spread the sessions
-            for run_id in runs:
-                resp = await gw.CancelRun(
-                    gateway_pb2.GatewayCancelRunRequest(run_id=run_id, reason="stop"), metadata=md, timeout=10
-                )
-                assert resp.outcome == pb.CANCEL_OUTCOME_CANCEL_REQUESTED, resp
-            assert await asyncio.to_thread(_forwarded_cancels, mesh) == 0
-
-            # The remembered owner dies: the cancel still gets its answer (another replica adopts).
-            run_id = await send("g-last")
-            victim = mesh.index_of(mesh.leases()["g-last"][0])
-            mesh.kill(victim)
+        runs = [await send(f"g{i}") for i in range(9)]
+        assert len(mesh.owners()) == 3, mesh.owners()  # round-robin spread the sessions
+        for run_id in runs:
             resp = await gw.CancelRun(
-                gateway_pb2.GatewayCancelRunRequest(run_id=run_id, reason="stop"), metadata=md, timeout=15
+                gateway_pb2.GatewayCancelRunRequest(run_id=run_id, reason="stop"), metadata=md, timeout=10
             )
-            assert resp.run_id == run_id
-            assert mesh.index_of(mesh.leases()["g-last"][0]) != victim
-    finally:
-        mesh.stop()
+            assert resp.outcome == pb.CANCEL_OUTCOME_CANCEL_REQUESTED, resp
+        assert await asyncio.to_thread(_forwarded_cancels, mesh) == 0
+
+        # The remembered owner dies: the cancel still gets its answer (another replica adopts).
+        run_id = await send("g-last")
+        victim = mesh.index_of(mesh.leases()["g-last"][0])
+        mesh.kill(victim)
+        resp = await gw.CancelRun(
+            gateway_pb2.GatewayCancelRunRequest(run_id=run_id, reason="stop"), metadata=md, timeout=15
+        )
+        assert resp.run_id == run_id
+        assert mesh.index_of(mesh.leases()["g-last"][0]) != victim

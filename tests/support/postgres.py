@@ -3,6 +3,7 @@
     def test_x(postgres_url: str) -> None: …          # postgresql://flynn:…@127.0.0.1:<port>/t_<n>
     def test_y(postgres: PostgresFixture) -> None:   # the server itself: .kill(), .start(), .url(db)
     def test_z(database_url: str) -> None:           # once with "" (SQLite), once with PostgreSQL
+    async def test_w(databases: Databases) -> None:  # await databases.open(url, service=…, schema=…, …)
 
 The server is started by the fixtures (initdb + pg_ctl in a temp dir owned by the `postgres` user
 when the tests run as root, 127.0.0.1 on a free port, fsync off: tests crash processes, not the
@@ -17,12 +18,15 @@ from __future__ import annotations
 import itertools
 import shutil
 import tempfile
-from collections.abc import Iterator
+from collections.abc import AsyncIterator, Iterator, Sequence
 from pathlib import Path
 
 import pytest
 
 from flynn_launcher.local_postgres import LocalPostgres, find_bin_dir
+from flynn_runtime.database import Database
+from flynn_runtime.database_url import parse_database_url
+from flynn_runtime.pg_migrations import Migration
 
 PostgresFixture = LocalPostgres
 
@@ -75,3 +79,26 @@ def database_url(request: pytest.FixtureRequest) -> str:
     if request.param == "sqlite":
         return ""
     return str(request.getfixturevalue("postgres_url"))
+
+
+class Databases:
+    """The `Database` pools a test opens (one per store, as each replica or restart has its own),
+    all closed when the test ends."""
+
+    def __init__(self) -> None:
+        self.opened: list[Database] = []
+
+    async def open(self, url: str, *, service: str, schema: str, migrations: Sequence[Migration]) -> Database:
+        db = await Database.open(
+            parse_database_url(url), service=service, schema=schema, migrations=migrations
+        )
+        self.opened.append(db)
+        return db
+
+
+@pytest.fixture
+async def databases() -> AsyncIterator[Databases]:
+    opened = Databases()
+    yield opened
+    for db in opened.opened:
+        await db.close()
