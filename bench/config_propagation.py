@@ -398,26 +398,20 @@ def _restart(proc: Any, s: Any, watchers: int) -> tuple[float, float, int, int]:
 def replicas_driver(args: argparse.Namespace) -> None:
     """--replicas 1,2: config on a throwaway PostgreSQL, watchers spread over N replicas."""
     from bench.config_replicas import ConfigSetups, replica_count
-    from tests.support.mesh import make_tokens
 
-    with tempfile.TemporaryDirectory(prefix="flynn-bench-config-") as tmp:
-        base = Path(tmp)
-        base.chmod(0o755)
-        tokens = make_tokens(base)
-        with ConfigSetups(base, tokens) as setups:
-            for spec in args.replicas.split(","):
-                n = replica_count(spec)
-                label = (
-                    "SQLite, 1 config replica" if spec == "sqlite" else f"PostgreSQL, {n} config replica(s)"
-                )
-                with setups.started(spec, ["--bookmark-seconds", "15", "--log-level", "warning"]) as procs:
-                    if args.raw:
-                        print(f"[{label}, {args.big} BARE WatchConfig streams, {args.updates} updates]")
-                        scenario(base, procs[0], tokens.operator, args.big, args.procs, args.updates,
-                                 args.spacing, restart=False, raw=True, others=procs[1:])  # fmt: skip
-                    print(f"[{label}, {args.big} ConfigWatchers, {args.updates} updates]")
+    with ConfigSetups("flynn-bench-config-") as setups:
+        base, tokens = setups.base, setups.tokens
+        for spec in args.replicas.split(","):
+            n = replica_count(spec)
+            label = "SQLite, 1 config replica" if spec == "sqlite" else f"PostgreSQL, {n} config replica(s)"
+            with setups.started(spec, ["--bookmark-seconds", "15", "--log-level", "warning"]) as procs:
+                if args.raw:
+                    print(f"[{label}, {args.big} BARE WatchConfig streams, {args.updates} updates]")
                     scenario(base, procs[0], tokens.operator, args.big, args.procs, args.updates,
-                             args.spacing, restart=False, others=procs[1:])  # fmt: skip
+                             args.spacing, restart=False, raw=True, others=procs[1:])  # fmt: skip
+                print(f"[{label}, {args.big} ConfigWatchers, {args.updates} updates]")
+                scenario(base, procs[0], tokens.operator, args.big, args.procs, args.updates,
+                         args.spacing, restart=False, others=procs[1:])  # fmt: skip
 
 
 def driver(args: argparse.Namespace) -> None:

@@ -1,7 +1,7 @@
 """Config-service processes for the benchmarks that compare setups: "sqlite" (one process on its
 SQLite files) or "N" (N replicas on a fresh database of a throwaway PostgreSQL, started on first use).
 
-    with ConfigSetups(base, tokens) as setups:
+    with ConfigSetups("flynn-bench-x-") as setups:      # a temp dir (setups.base) and tokens
         for spec in "sqlite,1,2".split(","):
             with setups.started(spec, ["--log-level", "warning"]) as procs: ...
 """
@@ -9,12 +9,13 @@ SQLite files) or "N" (N replicas on a fresh database of a throwaway PostgreSQL, 
 from __future__ import annotations
 
 import contextlib
+import tempfile
 from collections.abc import Iterator
 from pathlib import Path
 from types import TracebackType
 
 from flynn_launcher.local_postgres import LocalPostgres
-from tests.support.mesh import ServiceProcess, Tokens
+from tests.support.mesh import ServiceProcess, Tokens, make_tokens
 
 
 def replica_count(spec: str) -> int:
@@ -23,9 +24,11 @@ def replica_count(spec: str) -> int:
 
 
 class ConfigSetups:
-    def __init__(self, base: Path, tokens: Tokens) -> None:
-        self.base = base
-        self.tokens = tokens
+    def __init__(self, prefix: str) -> None:
+        self._tmp = tempfile.TemporaryDirectory(prefix=prefix)
+        self.base = Path(self._tmp.name)
+        self.base.chmod(0o755)  # PostgreSQL runs as its own user below it
+        self.tokens: Tokens = make_tokens(self.base)
         self._pg: LocalPostgres | None = None
 
     def database_args(self, spec: str) -> list[str]:
@@ -67,5 +70,8 @@ class ConfigSetups:
     def __exit__(
         self, kind: type[BaseException] | None, exc: BaseException | None, tb: TracebackType | None
     ) -> None:
-        if self._pg is not None:
-            self._pg.stop("immediate")
+        try:
+            if self._pg is not None:
+                self._pg.stop("immediate")
+        finally:
+            self._tmp.cleanup()

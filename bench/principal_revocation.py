@@ -20,7 +20,6 @@ import asyncio
 import contextlib
 import os
 import sys
-import tempfile
 import time
 from pathlib import Path
 
@@ -37,6 +36,7 @@ async def rounds(first: str, last: str, operator: str, service: str, n: int) -> 
     from flynn.v1 import config_pb2, config_pb2_grpc, principals_pb2, principals_pb2_grpc
 
     from flynn_runtime.channels import client_channel
+    from tests.support.config import until_credential_pushed
 
     admin = (("authorization", f"Bearer {operator}"),)
     ch_a, ch_z = client_channel(first, ""), client_channel(last, "")
@@ -59,14 +59,8 @@ async def rounds(first: str, last: str, operator: str, service: str, n: int) -> 
             )
             t0 = time.monotonic()
             md = (("authorization", f"Bearer {issued.token}"),)
-            # Known on the last replica when its WatchPrincipals snapshot carries the token's hash
-            # (polling WhoAmI instead would trip the failed-authentication limiter).
-            async with asyncio.timeout(10):
-                while True:
-                    snap = await feed.read()
-                    assert isinstance(snap, principals_pb2.WatchPrincipalsResponse)
-                    if issued.principal.fingerprint in {c.sha256[:16] for c in snap.credentials}:
-                        break
+            # Known on the last replica when its WatchPrincipals snapshot carries the token's hash.
+            await until_credential_pushed(feed, issued.principal.fingerprint, within=10)
             await pz.WhoAmI(principals_pb2.WhoAmIRequest(), metadata=md, timeout=5)
             out["issue -> known"].append(time.monotonic() - t0)
             watch = config_pb2_grpc.ConfigServiceStub(ch_z).WatchConfig(
@@ -102,36 +96,30 @@ async def rounds(first: str, last: str, operator: str, service: str, n: int) -> 
 def run(args: argparse.Namespace) -> None:
     sys.path[:0] = [str(ROOT), str(ROOT / "gen")]
     from bench.config_replicas import ConfigSetups, replica_count
-    from tests.support.mesh import make_tokens
 
-    with tempfile.TemporaryDirectory(prefix="flynn-bench-principals-") as tmp:
-        base = Path(tmp)
-        base.chmod(0o755)
-        tokens = make_tokens(base)
-        with ConfigSetups(base, tokens) as setups:
-            for spec in args.setups.split(","):
-                sqlite = spec == "sqlite"
-                n = replica_count(spec)
-                with setups.started(spec, ["--log-level", "warning"]) as procs:
-                    label = "SQLite, 1 replica" if sqlite else f"PostgreSQL, {n} replica(s)"
-                    where = "the same replica" if n == 1 else "another replica"
-                    res = asyncio.run(
-                        rounds(
-                            procs[0].address,
-                            procs[-1].address,
-                            tokens.operator,
-                            tokens.for_service("queue"),
-                            args.rounds,
-                        )
+    with ConfigSetups("flynn-bench-principals-") as setups:
+        tokens = setups.tokens
+        for spec in args.setups.split(","):
+            sqlite = spec == "sqlite"
+            n = replica_count(spec)
+            with setups.started(spec, ["--log-level", "warning"]) as procs:
+                label = "SQLite, 1 replica" if sqlite else f"PostgreSQL, {n} replica(s)"
+                where = "the same replica" if n == 1 else "another replica"
+                res = asyncio.run(
+                    rounds(
+                        procs[0].address,
+                        procs[-1].address,
+                        tokens.operator,
+                        tokens.for_service("queue"),
+                        args.rounds,
                     )
-                    load = os.getloadavg()
+                )
+                load = os.getloadavg()
+                print(f"[{label}; stream and WhoAmI on {where}; {args.rounds} rounds; load {load[0]:.2f}]")
+                for k, xs in res.items():
                     print(
-                        f"[{label}; stream and WhoAmI on {where}; {args.rounds} rounds; load {load[0]:.2f}]"
+                        f"  {k:<22} p50 {pct(xs, 0.5):7.1f} ms   p99 {pct(xs, 0.99):7.1f} ms   max {max(xs) * 1000:7.1f} ms"
                     )
-                    for k, xs in res.items():
-                        print(
-                            f"  {k:<22} p50 {pct(xs, 0.5):7.1f} ms   p99 {pct(xs, 0.99):7.1f} ms   max {max(xs) * 1000:7.1f} ms"
-                        )
 
 
 def main() -> None:

@@ -29,6 +29,7 @@ from config_svc.principal_store_sqlite import SqlitePrincipalStore
 from flynn_runtime.auth import Role, hash_token
 from flynn_runtime.channels import client_channel
 from flynn_runtime.rich_status import from_rpc_error
+from tests.support.config import until_credential_pushed
 from tests.support.mesh import ServiceProcess, Tokens
 
 OPERATOR = principals_pb2.PRINCIPAL_ROLE_OPERATOR
@@ -129,13 +130,8 @@ async def test_issue_on_a_authenticates_on_b_and_revoke_on_a_cuts_streams_everyw
             return await principals(ch_b).WhoAmI(principals_pb2.WhoAmIRequest(), metadata=pat, timeout=5)
 
         # B applies a change to its own authenticator before it pushes it: once B's snapshot holds
-        # the token, WhoAmI through B accepts it (polling WhoAmI would trip the failed-auth limiter).
-        async with asyncio.timeout(5):
-            while True:
-                snap = await pushed.read()
-                assert isinstance(snap, principals_pb2.WatchPrincipalsResponse)
-                if issued.principal.fingerprint in {c.sha256[:16] for c in snap.credentials}:
-                    break
+        # the token, WhoAmI through B accepts it.
+        await until_credential_pushed(pushed, issued.principal.fingerprint, within=5)
         waited = time.monotonic() - answered
         assert waited < 1.0, f"B knew the token {waited:.3f}s after the issue"
         me = await whoami_b()

@@ -3,7 +3,7 @@
 from __future__ import annotations
 
 import asyncio
-from collections import Counter, defaultdict
+from collections import defaultdict
 from pathlib import Path
 
 import grpc
@@ -12,7 +12,7 @@ from flynn.v1 import run_control_pb2_grpc as pb_grpc
 
 from tests.support.mesh import Tokens
 from tests.support.queue import TERMINAL_EVENTS
-from tests.support.queue_process import Consumer, sessions_idle, start_queue_process
+from tests.support.queue_process import Consumer, all_runs, sessions_idle, start_queue_process
 
 CONFIG = """
 server:
@@ -91,18 +91,8 @@ async def test_sigkill_mid_load_loses_nothing_and_doubles_nothing(tmp_path: Path
         assert seqs == list(range(1, len(seqs) + 1)) and seqs[-1] > cursor_at_kill
 
         # Every run: exactly one terminal event; at most one final (exactly one when completed).
-        runs: list[pb.Run] = []
-        token = ""
-        while True:
-            page = await stub.ListRuns(pb.ListRunsRequest(page_size=500, page_token=token), metadata=md)
-            runs.extend(page.runs)
-            token = page.next_page_token
-            if not token:
-                break
-        terminals = Counter(e.run_id for e in consumer.events if e.type in TERMINAL_EVENTS)
-        assert all(terminals[r.run_id] == 1 for r in runs), [
-            r.run_id for r in runs if terminals[r.run_id] != 1
-        ]
+        runs = await all_runs(stub, md)
+        consumer.assert_one_terminal_each(runs)
         finals: dict[str, set[str]] = defaultdict(set)
         for r in consumer.replies:
             if r.kind == pb.REPLY_KIND_FINAL:

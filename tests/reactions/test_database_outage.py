@@ -5,17 +5,15 @@ exactly once (no event missed across the outage, no action done twice)."""
 from __future__ import annotations
 
 import time
-from collections import Counter
 from pathlib import Path
 
 import grpc
-from flynn.v1 import reactions_pb2, reactions_pb2_grpc, run_control_pb2
 from grpc_health.v1 import health_pb2, health_pb2_grpc
 
 from flynn_launcher.local_postgres import LocalPostgres
 from tests.reactions.test_restart import RULES
 from tests.support.mesh import ServiceProcess, Tokens
-from tests.support.reactions import RunControlServer
+from tests.support.reactions import RunControlServer, replies_once_per_message, wait_rule_matches
 
 
 def wait_health(address: str, want: int, within: float) -> float:
@@ -67,24 +65,9 @@ def test_postgres_crash_mid_stream(
             )
             assert svc.wait_for(lambda: len(svc.rec.replies) >= 2 * total, timeout=120), proc.log_tail()
 
-            with svc.cond:
-                replies = list(svc.rec.replies.values())
-            per = Counter((r.kind, r.reply_to_message_id or r.text) for r in replies)
-            assert len(replies) == 2 * total and all(n == 1 for n in per.values())
-            acked = {r.reply_to_message_id for r in replies if r.kind == run_control_pb2.REPLY_KIND_ACK}
-            assert acked == {e.message_id for e in svc.events}
-            # Every event evaluated and counted exactly once (the last outcome commits just after its reply).
-            want = {"ack-all": total, "echo": total}
-            with grpc.insecure_channel(proc.address) as ch:
-                stub = reactions_pb2_grpc.ReactionsStub(ch)
-                for _ in range(50):
-                    stats = stub.GetRuleStats(
-                        reactions_pb2.GetRuleStatsRequest(), metadata=tokens.md("operator"), timeout=10
-                    )
-                    if {s.rule_id: s.matches for s in stats.rules} == want:
-                        break
-                    time.sleep(0.1)
-            assert {s.rule_id: s.matches for s in stats.rules} == want
+            replies_once_per_message(svc, total)
+            # Every event evaluated and counted exactly once.
+            wait_rule_matches(proc.address, tokens.md("operator"), {"ack-all": total, "echo": total})
             assert proc.terminate() == 0
         finally:
             proc.stop()

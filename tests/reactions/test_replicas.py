@@ -18,7 +18,7 @@ from flynn.v1 import reactions_pb2, reactions_pb2_grpc, run_control_pb2
 from prometheus_client.parser import text_string_to_metric_families
 
 from tests.support.mesh import ServiceProcess, Tokens
-from tests.support.reactions import RunControlServer
+from tests.support.reactions import RunControlServer, replies_once_per_message, wait_rule_matches
 
 RULES = """
 automation:
@@ -112,32 +112,17 @@ def test_two_replicas_one_sigkilled_every_action_exactly_once(
         # b takes a's partitions over once a's leases expire (5 s) and finishes the stream.
         assert svc.wait_for(lambda: len(svc.rec.replies) >= 2 * total, timeout=90), b.log_tail()
         time.sleep(1.0)  # nothing more may arrive
+        replies = replies_once_per_message(svc, total)
         with svc.cond:
-            replies = list(svc.rec.replies.values())
             calls = len(svc.rec.post_reply_calls)
-        per = Counter((r.kind, r.reply_to_message_id or r.text) for r in replies)
-        assert len(replies) == 2 * total
-        assert all(n == 1 for n in per.values())
-        acked = {r.reply_to_message_id for r in replies if r.kind == run_control_pb2.REPLY_KIND_ACK}
-        assert acked == {e.message_id for e in svc.events}
         texts = {r.text for r in replies if r.kind == run_control_pb2.REPLY_KIND_REACTION}
         assert texts == {f"got message {i}" for i in range(total)}
         # Repeated calls (same idempotency key, deduplicated by run control) are at most the
         # events a was handling when it was killed.
         print(f"replies at kill {at_kill}; PostReply calls {calls}, distinct replies {len(replies)}")
         assert calls - len(replies) <= 4
-        with grpc.insecure_channel(b.address) as ch:
-            stub = reactions_pb2_grpc.ReactionsStub(ch)
-            want = {"ack-all": total, "echo": total}
-            for _ in range(50):
-                stats = stub.GetRuleStats(
-                    reactions_pb2.GetRuleStatsRequest(), metadata=tokens.md("operator"), timeout=10
-                )
-                if {s.rule_id: s.matches for s in stats.rules} == want:
-                    break
-                time.sleep(0.1)
-            # Evaluated once each: the counters (one per evaluation) equal the number of events.
-            assert {s.rule_id: s.matches for s in stats.rules} == want
+        # Evaluated once each: the counters (one per evaluation) equal the number of events.
+        wait_rule_matches(b.address, tokens.md("operator"), {"ack-all": total, "echo": total})
         # Both replicas did part of the work before the kill: the stream really was divided.
         print(f"events handled before the kill: a {handled_a}, b {handled_b}")
         assert handled_a > 0 and handled_b > 0

@@ -4,15 +4,13 @@ no event missed, no action duplicated."""
 
 from __future__ import annotations
 
-import time
-from collections import Counter
 from pathlib import Path
 
 import grpc
 from flynn.v1 import reactions_pb2, reactions_pb2_grpc, run_control_pb2
 
 from tests.support.mesh import ServiceProcess, Tokens
-from tests.support.reactions import RunControlServer
+from tests.support.reactions import RunControlServer, replies_once_per_message, wait_rule_matches
 
 RULES = """
 automation:
@@ -65,34 +63,20 @@ def test_sigkill_mid_stream_misses_nothing_and_duplicates_nothing(
             total = first_batch + second_batch
             assert svc.wait_for(lambda: len(svc.rec.replies) >= 2 * total, timeout=90), proc.log_tail()
 
-            with svc.cond:
-                replies = list(svc.rec.replies.values())
-                calls = len(svc.rec.post_reply_calls)
             # One ack and one reply per message: nothing missed, nothing acted twice.
-            per = Counter((r.kind, r.reply_to_message_id or r.text) for r in replies)
-            assert len(replies) == 2 * total
-            assert all(n == 1 for n in per.values())
-            acked = {r.reply_to_message_id for r in replies if r.kind == run_control_pb2.REPLY_KIND_ACK}
-            assert acked == {e.message_id for e in svc.events}
+            replies = replies_once_per_message(svc, total)
+            with svc.cond:
+                calls = len(svc.rec.post_reply_calls)
             texts = {r.text for r in replies if r.kind == run_control_pb2.REPLY_KIND_REACTION}
             assert texts == {f"got message {i}" for i in range(total)}
             # Calls repeated after the kill (same idempotency key) are at most the ones in flight.
             print(f"PostReply calls {calls}, distinct replies {len(replies)}")
             assert calls - len(replies) <= 4
 
+            # Every event was evaluated (and counted) exactly once, across the kill.
+            wait_rule_matches(proc.address, tokens.md("operator"), {"ack-all": total, "echo": total})
             with grpc.insecure_channel(proc.address) as ch:
                 stub = reactions_pb2_grpc.ReactionsStub(ch)
-                # Every event was evaluated (and counted) exactly once, across the kill. The last
-                # outcome commits just after its reply was posted, so give it a moment.
-                want = {"ack-all": total, "echo": total}
-                for _ in range(50):
-                    stats = stub.GetRuleStats(
-                        reactions_pb2.GetRuleStatsRequest(), metadata=tokens.md("operator"), timeout=10
-                    )
-                    if {s.rule_id: s.matches for s in stats.rules} == want:
-                        break
-                    time.sleep(0.1)
-                assert {s.rule_id: s.matches for s in stats.rules} == want
                 last = stub.ListTraces(
                     reactions_pb2.ListTracesRequest(event_id=f"run:{total}"),
                     metadata=tokens.md("operator"),

@@ -7,6 +7,7 @@ import asyncio
 import time
 import urllib.request
 from collections import Counter
+from pathlib import Path
 
 import grpc
 import psycopg
@@ -16,7 +17,7 @@ from flynn.v1 import run_control_pb2_grpc as pb_grpc
 from tests.replicas.conftest import StartReplicas
 from tests.support.mesh import Tokens
 from tests.support.queue import TERMINAL_EVENTS
-from tests.support.queue_process import Consumer, sessions_idle
+from tests.support.queue_process import Consumer, all_runs, sessions_idle
 from tests.support.replicas import QueueReplicas
 
 CONFIG = """
@@ -49,6 +50,15 @@ async def _submit(
 def _get(url: str) -> str:
     with urllib.request.urlopen(url, timeout=5) as r:
         return str(r.read().decode())
+
+
+async def _until_logged(log: Path, text: str, failure: str) -> None:
+    """Wait (5 s at most) until the process log `log` holds `text`; else fail with `failure`."""
+    for _ in range(100):
+        if text in await asyncio.to_thread(log.read_text):
+            return
+        await asyncio.sleep(0.05)
+    raise AssertionError(failure)
 
 
 async def _wait_owned_again(mesh: QueueReplicas, lost: set[str], dead: int, within: float) -> float:
@@ -135,16 +145,8 @@ async def test_three_replicas_sigkill_the_busiest_twice(
     assert [e.global_seq for e in consumer.events] == list(range(1, head[0] + 1))
     assert [r.cursor for r in consumer.replies] == list(range(1, reply_head[0] + 1))
 
-    runs: list[pb.Run] = []
-    token = ""
-    while True:
-        page = await stub.ListRuns(pb.ListRunsRequest(page_size=500, page_token=token), metadata=md)
-        runs.extend(page.runs)
-        token = page.next_page_token
-        if not token:
-            break
-    terminals = Counter(e.run_id for e in consumer.events if e.type in TERMINAL_EVENTS)
-    assert all(terminals[r.run_id] == 1 for r in runs), [r.run_id for r in runs if terminals[r.run_id] != 1]
+    runs = await all_runs(stub, md)
+    consumer.assert_one_terminal_each(runs)
     finals = Counter(r.run_id for r in consumer.replies if r.kind == pb.REPLY_KIND_FINAL)
     assert all(n == 1 for n in finals.values()), "a run got two finals"
     assert set(finals) == {r.run_id for r in runs if r.state == pb.RUN_STATE_COMPLETED}
@@ -189,19 +191,13 @@ async def test_a_paused_owner_is_fenced_and_steps_down(
         mesh.resume(owner)
     log = mesh.queue[owner].log_path
     assert log is not None
-    for _ in range(100):
-        if "stepped down from sessions" in log.read_text():
-            break
-        await asyncio.sleep(0.05)
-    else:
-        raise AssertionError("the paused owner did not step down")
+    await _until_logged(log, "stepped down from sessions", "the paused owner did not step down")
     # Its output chunks kept coming after SIGCONT: their batch was refused by the epoch.
-    for _ in range(100):
-        if "a batch was refused: stale owner epoch" in log.read_text():
-            break
-        await asyncio.sleep(0.05)
-    else:
-        raise AssertionError("the paused owner's writes were not refused by the epoch")
+    await _until_logged(
+        log,
+        "a batch was refused: stale owner epoch",
+        "the paused owner's writes were not refused by the epoch",
+    )
     assert mesh.leases()["p"][0] == mesh.holder(other)
     for _ in range(300):
         r1 = (await stub.GetRun(pb.GetRunRequest(run_id=first.run_id), metadata=md)).run

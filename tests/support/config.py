@@ -2,14 +2,16 @@
 
 from __future__ import annotations
 
+import asyncio
 import contextlib
 import dataclasses
 from collections.abc import AsyncIterator
 from pathlib import Path
 from typing import Any
 
+import grpc
 import yaml
-from flynn.v1 import config_pb2_grpc
+from flynn.v1 import config_pb2_grpc, principals_pb2
 
 from flynn_runtime import settings as settings_mod
 from flynn_runtime.channels import client_channel
@@ -59,3 +61,16 @@ def stub(address: str, token: str) -> config_pb2_grpc.ConfigServiceStub:
 def write_seed(path: Path, data: dict[str, Any]) -> Path:
     path.write_text(yaml.safe_dump(data, allow_unicode=True))
     return path
+
+
+async def until_credential_pushed(
+    stream: grpc.aio.UnaryStreamCall[Any, Any], fingerprint: str, within: float
+) -> None:
+    """Read a WatchPrincipals stream until a snapshot carries the credential `fingerprint` (at most
+    `within` seconds). Polling WhoAmI instead would trip the failed-authentication limiter."""
+    async with asyncio.timeout(within):
+        while True:
+            snap = await stream.read()
+            assert isinstance(snap, principals_pb2.WatchPrincipalsResponse)
+            if fingerprint in {c.sha256[:16] for c in snap.credentials}:
+                return

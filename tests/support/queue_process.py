@@ -4,16 +4,20 @@ across crashes and failovers, and wait until its sessions are idle."""
 from __future__ import annotations
 
 import asyncio
-from collections.abc import Iterable
+from collections import Counter
+from collections.abc import AsyncIterator, Callable, Iterable
 from pathlib import Path
+from typing import TypeVar
 
 import grpc
 from flynn.v1 import run_control_pb2 as pb
 from flynn.v1 import run_control_pb2_grpc as pb_grpc
 
 from tests.support.mesh import ServiceProcess, Tokens
+from tests.support.queue import TERMINAL_EVENTS
 
 Metadata = tuple[tuple[str, str], ...]
+T = TypeVar("T")
 
 
 def start_queue_process(tmp_path: Path, tokens: Tokens, config_yaml: str) -> ServiceProcess:
@@ -50,34 +54,49 @@ class Consumer:
         return [asyncio.ensure_future(self.watch()), asyncio.ensure_future(self.follow_replies())]
 
     async def watch(self) -> None:
+        await self._follow(
+            lambda: self.stub.WatchRunEvents(
+                pb.WatchRunEventsRequest(after_seq=self.cursor), metadata=self.md
+            ),
+            self._event,
+        )
+
+    async def follow_replies(self) -> None:
+        await self._follow(
+            lambda: self.stub.StreamReplies(
+                pb.StreamRepliesRequest(after_cursor=self.reply_cursor), metadata=self.md
+            ),
+            self._reply,
+        )
+
+    def _event(self, resp: pb.WatchRunEventsResponse) -> None:
+        assert resp.event.global_seq == self.cursor + 1, (resp.event.global_seq, self.cursor)
+        self.events.append(resp.event)
+        self.cursor = resp.event.global_seq
+
+    def _reply(self, resp: pb.StreamRepliesResponse) -> None:
+        if self.reconnect:
+            assert resp.reply.cursor == self.reply_cursor + 1, (resp.reply.cursor, self.reply_cursor)
+        self.replies.append(resp.reply)
+        self.reply_cursor = resp.reply.cursor
+
+    async def _follow(self, open_stream: Callable[[], AsyncIterator[T]], take: Callable[[T], None]) -> None:
+        """Read a stream opened from the current cursor; after it ends, again if reconnecting."""
         while True:
             try:
-                req = pb.WatchRunEventsRequest(after_seq=self.cursor)
-                async for resp in self.stub.WatchRunEvents(req, metadata=self.md):
-                    assert resp.event.global_seq == self.cursor + 1, (resp.event.global_seq, self.cursor)
-                    self.events.append(resp.event)
-                    self.cursor = resp.event.global_seq
+                async for resp in open_stream():
+                    take(resp)
             except grpc.aio.AioRpcError:
                 pass
             if not await self._again():
                 return
 
-    async def follow_replies(self) -> None:
-        while True:
-            try:
-                req = pb.StreamRepliesRequest(after_cursor=self.reply_cursor)
-                async for resp in self.stub.StreamReplies(req, metadata=self.md):
-                    if self.reconnect:
-                        assert resp.reply.cursor == self.reply_cursor + 1, (
-                            resp.reply.cursor,
-                            self.reply_cursor,
-                        )
-                    self.replies.append(resp.reply)
-                    self.reply_cursor = resp.reply.cursor
-            except grpc.aio.AioRpcError:
-                pass
-            if not await self._again():
-                return
+    def assert_one_terminal_each(self, runs: list[pb.Run]) -> None:
+        """Every run in `runs` has exactly one terminal event in what this consumer read."""
+        terminals = Counter(e.run_id for e in self.events if e.type in TERMINAL_EVENTS)
+        assert all(terminals[r.run_id] == 1 for r in runs), [
+            r.run_id for r in runs if terminals[r.run_id] != 1
+        ]
 
     async def _again(self) -> bool:
         """After a stream ended: whether to open it again (from the cursor), after a short pause."""
@@ -113,3 +132,17 @@ async def sessions_idle(
             return True
         await asyncio.sleep(every)
     return False
+
+
+async def all_runs(stub: pb_grpc.RunControlStub, md: Metadata) -> list[pb.Run]:
+    """Every run, read page by page (ListRuns, 500 a page)."""
+    runs: list[pb.Run] = []
+    token = ""
+    while True:
+        page = await stub.ListRuns(
+            pb.ListRunsRequest(page_size=500, page_token=token), metadata=md, timeout=10
+        )
+        runs.extend(page.runs)
+        token = page.next_page_token
+        if not token:
+            return runs

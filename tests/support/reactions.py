@@ -11,16 +11,26 @@ from __future__ import annotations
 
 import threading
 import time
+from collections import Counter
 from collections.abc import Iterator
 from concurrent import futures
 from dataclasses import dataclass, field
 from typing import Any
 
 import grpc
-from flynn.v1 import common_pb2, config_pb2, run_control_pb2, run_control_pb2_grpc
+from flynn.v1 import (
+    common_pb2,
+    config_pb2,
+    reactions_pb2,
+    reactions_pb2_grpc,
+    run_control_pb2,
+    run_control_pb2_grpc,
+)
 from google.protobuf import duration_pb2
 
 from flynn_runtime import config_yaml
+
+Metadata = tuple[tuple[str, str], ...]
 
 
 def rules_from_yaml(text: str) -> list[config_pb2.ReactionRule]:
@@ -221,3 +231,28 @@ class RunControlServer:
         with self.servicer.cond:
             self.servicer.cond.notify_all()
         self.server.stop(grace=0.5).wait(5)
+
+
+def replies_once_per_message(svc: RecordingRunControl, total: int) -> list[run_control_pb2.Reply]:
+    """Assert that run control got one ack and one reaction reply per message of the `total` sent, and
+    nothing twice; returns those replies."""
+    with svc.cond:
+        replies = list(svc.rec.replies.values())
+    per = Counter((r.kind, r.reply_to_message_id or r.text) for r in replies)
+    assert len(replies) == 2 * total and all(n == 1 for n in per.values()), (len(replies), total)
+    acked = {r.reply_to_message_id for r in replies if r.kind == run_control_pb2.REPLY_KIND_ACK}
+    assert acked == {e.message_id for e in svc.events}
+    return replies
+
+
+def wait_rule_matches(address: str, md: Metadata, want: dict[str, int]) -> None:
+    """Assert that the reactions service at `address` counts `want` matches per rule: every event
+    evaluated once. The last outcome commits just after its reply was posted, so this polls (5 s at most)."""
+    with grpc.insecure_channel(address) as ch:
+        stub = reactions_pb2_grpc.ReactionsStub(ch)
+        for _ in range(50):
+            stats = stub.GetRuleStats(reactions_pb2.GetRuleStatsRequest(), metadata=md, timeout=10)
+            if {s.rule_id: s.matches for s in stats.rules} == want:
+                return
+            time.sleep(0.1)
+    assert {s.rule_id: s.matches for s in stats.rules} == want
