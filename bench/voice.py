@@ -22,6 +22,7 @@ import grpc
 from flynn.v1 import run_control_pb2 as rc_pb2
 from flynn.v1 import run_control_pb2_grpc, voice_pb2, voice_pb2_grpc
 
+from flynn_runtime.timestamps import seconds_of
 from tests.support.mesh import ServiceProcess, free_port, make_tokens
 from tests.support.voice import voice_process
 
@@ -139,7 +140,7 @@ def bench_hang_delivery(root: Path, runs: int, deadline: float) -> None:
                     for resp in stream:
                         r = resp.reply
                         if r.kind == rc_pb2.REPLY_KIND_FINAL and r.session_key == s:
-                            lat.append(time.time() - r.create_time.ToNanoseconds() / 1e9)
+                            lat.append(time.time() - seconds_of(r.create_time))
                             mode = rc_pb2.DeliveryMode.Name(r.delivery)
                             key = f"{mode}({r.tts_fallback_reason})" if r.tts_fallback_reason else mode
                             modes[key] = modes.get(key, 0) + 1

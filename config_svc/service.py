@@ -14,7 +14,6 @@ from typing import Any
 
 import grpc
 from flynn.v1 import config_pb2
-from google.protobuf import timestamp_pb2
 from grpc.aio import ServicerContext
 
 from config_svc import metrics
@@ -29,7 +28,7 @@ from flynn_runtime import auth, errors, targeting
 from flynn_runtime import metrics as grpc_metrics
 from flynn_runtime.enum_names import short_names
 from flynn_runtime.server import Runtime
-from flynn_runtime.timestamps import timestamp
+from flynn_runtime.timestamps import timestamp, timestamp_ns
 from flynn_runtime.validation import Violations, page_size
 
 log = logging.getLogger(__name__)
@@ -45,9 +44,7 @@ _KIND_NAMES = short_names(config_pb2.ConfigRevisionKind)
 
 
 def revision_proto(s: StoredRevision) -> config_pb2.ConfigRevision:
-    ts = timestamp_pb2.Timestamp(
-        seconds=s.create_time_ns // 1_000_000_000, nanos=s.create_time_ns % 1_000_000_000
-    )
+    ts = timestamp_ns(s.create_time_ns)
     return config_pb2.ConfigRevision(
         revision=s.revision,
         kind=s.kind,

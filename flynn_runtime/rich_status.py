@@ -2,17 +2,17 @@
 
 from __future__ import annotations
 
-import math
-from collections.abc import Sequence
+from collections.abc import Iterable, Sequence
+from typing import Any, cast
 
 import grpc
-from google.protobuf import any_pb2, duration_pb2
+from google.protobuf import any_pb2
 from google.protobuf.message import Message
 from google.rpc import code_pb2, error_details_pb2, status_pb2
 from grpc_status import rpc_status
 
 from flynn_runtime.errors import ERROR_DOMAIN, MAX_VIOLATIONS, Code, FieldViolation, FlynnError
-from flynn_runtime.timestamps import duration_seconds
+from flynn_runtime.timestamps import duration, duration_seconds
 
 GRPC_CODE = {c: getattr(grpc.StatusCode, c.value) for c in Code}
 
@@ -86,10 +86,7 @@ def to_status_proto(err: FlynnError) -> status_pb2.Status:
     )
     details.append(_pack(info))
     if err.retry_after_seconds is not None:
-        frac, whole = math.modf(max(err.retry_after_seconds, 0.0))
-        retry = error_details_pb2.RetryInfo(
-            retry_delay=duration_pb2.Duration(seconds=int(whole), nanos=int(frac * 1e9))
-        )
+        retry = error_details_pb2.RetryInfo(retry_delay=duration(max(err.retry_after_seconds, 0.0)))
         details.append(_pack(retry))
     message = _cut(err.message, MAX_MESSAGE_CHARS)
     return status_pb2.Status(code=getattr(code_pb2, err.code.value), message=message, details=details)
@@ -104,6 +101,17 @@ def _pack(msg: Message) -> any_pb2.Any:
     out = any_pb2.Any()
     out.Pack(msg)
     return out
+
+
+#: The trailing metadata key of a rich status (google.rpc.Status with details).
+DETAILS_KEY = "grpc-status-details-bin"
+
+
+def answered(err: grpc.aio.AioRpcError) -> bool:
+    """Whether a service answered with a rich status (its details in the trailing metadata), rather
+    than the channel failing on the way (no details: the peer was unreachable, reset or timed out)."""
+    trailing: Iterable[tuple[str, object]] = cast(Any, err.trailing_metadata() or ())
+    return any(k == DETAILS_KEY for k, _ in trailing)
 
 
 def from_rpc_error(err: grpc.RpcError) -> FlynnError | None:

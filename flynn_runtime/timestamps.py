@@ -12,6 +12,20 @@ def timestamp(seconds: float) -> timestamp_pb2.Timestamp:
     return ts
 
 
+def timestamp_ns(ns: int) -> timestamp_pb2.Timestamp:
+    """A Timestamp for a Unix time in integer nanoseconds (exact)."""
+    ts = timestamp_pb2.Timestamp()
+    ts.FromNanoseconds(ns)
+    return ts
+
+
+def duration(seconds: float) -> duration_pb2.Duration:
+    """A Duration of float seconds (nanosecond resolution)."""
+    d = duration_pb2.Duration()
+    d.FromNanoseconds(round(seconds * 1e9))
+    return d
+
+
 def seconds_of(ts: timestamp_pb2.Timestamp) -> float:
     """A Timestamp as float Unix seconds."""
     return ts.ToNanoseconds() / 1e9

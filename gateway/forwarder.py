@@ -20,7 +20,7 @@ import grpc
 from flynn.v1 import nodes_pb2
 from grpc.aio import ServicerContext
 
-from flynn_runtime import tracing
+from flynn_runtime import rich_status, tracing
 from flynn_runtime.auth import HOP_BY_HEADER, HOP_CLIENT_HEADER
 from flynn_runtime.channels import downstream_timeout
 from flynn_runtime.errors import Code, FlynnError, shutting_down, unavailable
@@ -47,7 +47,6 @@ _HOP_BY_HOP = frozenset(
         "user-agent",
     }
 )
-_DETAILS_KEY = "grpc-status-details-bin"
 _HOP_HEADERS = frozenset({HOP_BY_HEADER, HOP_CLIENT_HEADER, "x-forwarded-for", "x-real-ip", "forwarded"})
 
 # What a stream is told, in its own protocol, before the gateway ends it on SIGTERM.
@@ -111,7 +110,7 @@ async def relay_error(context: Ctx, err: grpc.aio.AioRpcError, backend: str, add
     a failure of the channel itself (no backend status) becomes BACKEND_UNAVAILABLE naming it."""
     trailing = cast(tuple[tuple[str, str | bytes], ...], tuple(err.trailing_metadata() or ()))
     code = err.code()
-    if code == grpc.StatusCode.UNAVAILABLE and not any(k == _DETAILS_KEY for k, _ in trailing):
+    if code == grpc.StatusCode.UNAVAILABLE and not rich_status.answered(err):
         await abort_with(context, backend_down(backend, address, err))
     await context.abort(code, err.details() or "", trailing_metadata=trailing)
 

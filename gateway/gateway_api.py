@@ -23,7 +23,7 @@ import grpc
 from flynn.v1 import gateway_pb2, gateway_pb2_grpc, run_control_pb2, run_control_pb2_grpc
 from grpc.aio import ServicerContext
 
-from flynn_runtime import audio_probe, auth, tracing
+from flynn_runtime import audio_probe, auth, rich_status, tracing
 from flynn_runtime.channels import downstream_timeout
 from flynn_runtime.config_source import ConfigSource
 from flynn_runtime.server import Runtime, until_stopping
@@ -73,11 +73,6 @@ class Owners:
     def forget(self, *keys: str) -> None:
         for key in keys:
             self._by_key.pop(key, None)
-
-
-def _answered(err: grpc.aio.AioRpcError) -> bool:
-    """Whether a service answered (rich status details), rather than the channel failing."""
-    return any(k == "grpc-status-details-bin" for k, _ in cast(Any, err.trailing_metadata() or ()))
 
 
 class GatewayServicer(gateway_pb2_grpc.GatewayServicer):
@@ -239,7 +234,7 @@ class GatewayServicer(gateway_pb2_grpc.GatewayServicer):
                 break
             except grpc.aio.AioRpcError as err:
                 self._owners.forget(*keys)
-                if owner and err.code() == grpc.StatusCode.UNAVAILABLE and not _answered(err):
+                if owner and err.code() == grpc.StatusCode.UNAVAILABLE and not rich_status.answered(err):
                     owner = ""  # the remembered owner is gone: any replica finds the new one
                     continue
                 await self._fail(context, err)

@@ -100,8 +100,7 @@ class Peers:
         except grpc.aio.AioRpcError as e:
             code = e.code()
             trailing = _pairs(e.trailing_metadata())
-            answered = any(k == "grpc-status-details-bin" for k, _ in trailing)
-            if not answered and (
+            if not rich_status.answered(e) and (
                 code == grpc.StatusCode.UNAVAILABLE
                 or (code == grpc.StatusCode.DEADLINE_EXCEEDED and timeout < remaining)
             ):
