@@ -26,6 +26,7 @@ from typing import Any
 
 import psycopg
 import psycopg_pool
+from psycopg.conninfo import make_conninfo
 
 from flynn_runtime.database_url import DatabaseSettingError, DatabaseSettings
 from flynn_runtime.errors import FlynnError, unavailable
@@ -119,10 +120,11 @@ class Database:
         self.reachable = True
 
     @staticmethod
-    def connect_kwargs(
-        settings: DatabaseSettings, schema: str, timeouts: Timeouts, application_name: str
-    ) -> dict[str, object]:
-        kw: dict[str, object] = dict(settings.conninfo_kwargs())
+    def conninfo(
+        settings: DatabaseSettings, schema: str, timeouts: Timeouts, application_name: str, **overrides: str
+    ) -> str:
+        """The connection string of a connection to the service's schema (psycopg.connect, the pool)."""
+        kw: dict[str, str] = dict(settings.conninfo_kwargs())
         options = str(kw.pop("options", ""))
         kw["options"] = (
             f"{options} -c search_path={schema} -c statement_timeout={int(timeouts.statement_ms)}"
@@ -133,7 +135,7 @@ class Database:
             )
         kw.setdefault("connect_timeout", str(int(timeouts.connect_seconds)))
         kw.setdefault("application_name", application_name)
-        return kw
+        return make_conninfo("", **{**kw, **overrides})
 
     @classmethod
     async def open(
@@ -156,9 +158,9 @@ class Database:
             raise ValueError(f"schema name {schema!r} must be a lower-case identifier")
         t = timeouts or Timeouts()
         name = f"flynn-{service}/{replica_id}" if replica_id else f"flynn-{service}"
-        kwargs = cls.connect_kwargs(settings, schema, t, name[:63])
+        conninfo = cls.conninfo(settings, schema, t, name[:63])
         try:
-            conn = await psycopg.AsyncConnection.connect(**kwargs)  # type: ignore[arg-type]
+            conn = await psycopg.AsyncConnection.connect(conninfo)
         except psycopg.Error as e:
             raise DatabaseStartupError(describe_connect_error(settings, e)) from None
         try:
@@ -174,8 +176,7 @@ class Database:
         finally:
             await conn.close()
         pool = psycopg_pool.AsyncConnectionPool(
-            conninfo="",
-            kwargs=kwargs,
+            conninfo=conninfo,
             min_size=min_size,
             max_size=max_size,
             open=False,

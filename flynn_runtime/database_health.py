@@ -64,11 +64,14 @@ class DatabaseHealth:
         try:
             async with asyncio.timeout(self.timeout):
                 if self._conn is None or self._conn.closed:
-                    kwargs = Database.connect_kwargs(
-                        self.db.settings, self.db.schema, self.db.timeouts, f"flynn-{self.service}-health"
+                    conninfo = Database.conninfo(
+                        self.db.settings,
+                        self.db.schema,
+                        self.db.timeouts,
+                        f"flynn-{self.service}-health",
+                        connect_timeout=str(max(1, int(self.timeout))),
                     )
-                    kwargs["connect_timeout"] = str(max(1, int(self.timeout)))
-                    self._conn = await psycopg.AsyncConnection.connect(autocommit=True, **kwargs)  # type: ignore[arg-type]
+                    self._conn = await psycopg.AsyncConnection.connect(conninfo, autocommit=True)
                 await self._conn.execute("SELECT 1")
             return True
         except (TimeoutError, psycopg.Error, OSError) as e:

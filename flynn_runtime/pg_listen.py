@@ -64,12 +64,12 @@ class Listener:
 
     async def _run(self) -> None:
         backoff = Backoff(0.1, 2.0)
-        kwargs = Database.connect_kwargs(
+        conninfo = Database.conninfo(
             self.db.settings, self.db.schema, self.db.timeouts, f"flynn-listen-{self.db.schema}"
         )
         while True:
             try:
-                conn = await psycopg.AsyncConnection.connect(autocommit=True, **kwargs)  # type: ignore[arg-type]
+                conn = await psycopg.AsyncConnection.connect(conninfo, autocommit=True)
             except psycopg.Error as e:
                 log.warning("LISTEN connection failed, polling meanwhile", extra={"error": str(e)[:200]})
                 self.on_wake()

@@ -89,7 +89,7 @@ __all__ = [
 
 log = logging.getLogger(__name__)
 
-_ALREADY: dict[int, int] = {
+_ALREADY: dict[RunState, pb.CancelOutcome.ValueType] = {
     COMPLETED: pb.CANCEL_OUTCOME_ALREADY_COMPLETED,
     CANCELLED: pb.CANCEL_OUTCOME_ALREADY_CANCELLED,
     ERROR: pb.CANCEL_OUTCOME_ALREADY_ERROR,
@@ -132,9 +132,9 @@ class SubmitResult:
 
 @dataclass(frozen=True)
 class CancelResult:
-    outcome: int
+    outcome: pb.CancelOutcome.ValueType
     run_id: str
-    state: int
+    state: RunState
     dropped_messages: int = 0
 
 
@@ -540,7 +540,7 @@ class RunControl(Ledger):
                         continue
                     dropped += self.modes.drop_entry(op, s, e, reason, req.actor)
             if row is None:
-                return CancelResult(pb.CANCEL_OUTCOME_NO_ACTIVE_RUN, "", 0, dropped)
+                return CancelResult(pb.CANCEL_OUTCOME_NO_ACTIVE_RUN, "", pb.RUN_STATE_UNSPECIFIED, dropped)
             if row.state in TERMINAL:
                 return CancelResult(_ALREADY[row.state], row.run_id, row.state, dropped)
             if row.state == CANCEL_REQUESTED:

@@ -226,9 +226,9 @@ class RunControlServicer(pb_grpc.RunControlServicer):
                 }
             )
         return pb.CancelRunResponse(
-            outcome=res.outcome,  # type: ignore[arg-type]
+            outcome=res.outcome,
             run_id=res.run_id,
-            state=res.state,  # type: ignore[arg-type]
+            state=res.state,
             dropped_messages=res.dropped_messages,
         )
 

@@ -161,6 +161,8 @@ K = TypeVar("K")
 V = TypeVar("V")
 
 Statement = tuple[str, tuple[object, ...]]
+#: A row as the database driver returns it: its values are typed by the schema, not by the driver.
+Row: TypeAlias = tuple[Any, ...]
 
 UPSERT_SESSION = (
     "INSERT INTO sessions (session_key, channel, message_count, run_count, last_session_seq) "
@@ -250,15 +252,21 @@ def provisional_spans(batch: list[Statement]) -> tuple[tuple[int, int] | None, t
     cursors: list[int] = []
     for sql, params in batch:
         if sql == INSERT_EVENT:
-            seqs.append(int(params[0]))  # type: ignore[call-overload]
+            seqs.append(_number(params[0]))
         elif sql == INSERT_REPLY and params[1] is not None:
-            cursors.append(int(params[1]))  # type: ignore[call-overload]
+            cursors.append(_number(params[1]))
         elif sql == UPDATE_REPLY and params[0] is not None:
-            cursors.append(int(params[0]))  # type: ignore[call-overload]
+            cursors.append(_number(params[0]))
     return (
         (min(seqs), max(seqs)) if seqs else None,
         (min(cursors), max(cursors)) if cursors else None,
     )
+
+
+def _number(value: object) -> int:
+    """A sequence number or cursor of a queued statement (the ledger writes them as ints)."""
+    assert isinstance(value, int), value
+    return value
 
 
 def _nothing() -> None:
@@ -276,25 +284,26 @@ async def in_thread(pool: Executor, fn: Callable[[], R], then: Callable[[R], Non
     loop = asyncio.get_running_loop()
     fut: asyncio.Future[R] = loop.create_future()
 
-    def settle(result: R | None, error: BaseException | None) -> None:
+    def settle(result: R) -> None:
         if fut.cancelled():
             return
-        if error is not None:
-            fut.set_exception(error)
-            return
         try:
-            then(result)  # type: ignore[arg-type]  # first: the callers it wakes run before the coroutine
+            then(result)  # first: the callers it wakes run before the coroutine
         except Exception:
             log.exception("post-commit callback failed")
-        fut.set_result(result)  # type: ignore[arg-type]
+        fut.set_result(result)
+
+    def fail(error: BaseException) -> None:
+        if not fut.cancelled():
+            fut.set_exception(error)
 
     def work() -> None:
         try:
             result = fn()
         except BaseException as e:  # noqa: BLE001 - handed to the awaiting coroutine
-            loop.call_soon_threadsafe(settle, None, e)
+            loop.call_soon_threadsafe(fail, e)
             return
-        loop.call_soon_threadsafe(settle, result, None)
+        loop.call_soon_threadsafe(settle, result)
 
     pool.submit(work)
     return await fut

@@ -66,6 +66,7 @@ from queue_svc.store import (
     QueueEntryRow,
     QueueStore,
     ReplyRow,
+    Row,
     RunRow,
     SessionRow,
     Statement,
@@ -334,9 +335,9 @@ class PgQueueStore(QueueStore):
     def __init__(self, db: Database) -> None:
         super().__init__()
         self.db = db
-        self._writer: psycopg.Connection[tuple[object, ...]] | None = None
+        self._writer: psycopg.Connection[Row] | None = None
         self._thread = ThreadPoolExecutor(max_workers=1, thread_name_prefix="queue-pg-writer")
-        self._reader: psycopg.AsyncConnection[tuple[object, ...]] | None = None
+        self._reader: psycopg.AsyncConnection[Row] | None = None
         self.writer_ok = True
         self._closed = False
         #: Tags this process's batch numbers in `meta` (numbers restart at 1 in every process).
@@ -362,15 +363,15 @@ class PgQueueStore(QueueStore):
             )
         return store
 
-    def _kwargs(self, name: str) -> dict[str, object]:
-        return Database.connect_kwargs(self.db.settings, self.db.schema, self.db.timeouts, name)
+    def _conninfo(self, name: str) -> str:
+        return Database.conninfo(self.db.settings, self.db.schema, self.db.timeouts, name)
 
-    def _connect_writer(self) -> psycopg.Connection[tuple[object, ...]]:
+    def _connect_writer(self) -> psycopg.Connection[Row]:
         """(Re)connect the writer; runs in the writer thread."""
         if self._writer is not None:
             self._writer.close()
             self._writer = None
-        self._writer = psycopg.connect(**self._kwargs("flynn-queue-writer"))  # type: ignore[arg-type]
+        self._writer = psycopg.connect(self._conninfo("flynn-queue-writer"))
         return self._writer
 
     async def close(self) -> None:
@@ -480,11 +481,11 @@ class PgQueueStore(QueueStore):
                 cur.execute(NOTIFY, (self._writer_id,))
         row = numbers.fetchone()
         assert row is not None
-        g_off = int(row[0]) if g_span else 0  # type: ignore[call-overload]
-        c_off = int(row[1]) if c_span else 0  # type: ignore[call-overload]
+        g_off = int(row[0]) if g_span else 0
+        c_off = int(row[1]) if c_span else 0
         return g_off, c_off
 
-    def _applied(self, conn: psycopg.Connection[tuple[object, ...]], number: int) -> tuple[int, int] | None:
+    def _applied(self, conn: psycopg.Connection[Row], number: int) -> tuple[int, int] | None:
         """The offsets of batch `number` of this process when it is committed (its COMMIT's answer was
         lost), else None."""
         row = conn.execute("SELECT value FROM meta WHERE key = %s", (f"batch:{self._writer_id}",)).fetchone()
@@ -496,12 +497,12 @@ class PgQueueStore(QueueStore):
 
     # --- reads -------------------------------------------------------------------------------
 
-    async def _one(self, sql: str, params: Sequence[object] = ()) -> tuple[object, ...] | None:
+    async def _one(self, sql: str, params: Sequence[object] = ()) -> Row | None:
         async with self.db.connection() as conn:
             cur = await conn.execute(pg(sql), params)
             return await cur.fetchone()
 
-    async def _all(self, sql: str, params: Sequence[object] = ()) -> list[tuple[object, ...]]:
+    async def _all(self, sql: str, params: Sequence[object] = ()) -> list[Row]:
         async with self.db.connection() as conn:
             cur = await conn.execute(pg(sql), params)
             return await cur.fetchall()
@@ -520,13 +521,14 @@ class PgQueueStore(QueueStore):
         found = [message_from(r) for r in rows]
         return {(m.session_key, m.idempotency_key): m for m in found}
 
-    async def _hot_read(self, sql: str, params: Sequence[object]) -> list[tuple[object, ...]]:
+    async def _hot_read(self, sql: str, params: Sequence[object]) -> list[Row]:
         """A query of the submit path on the store's own reader connection (no pool checkout)."""
         try:
             if self._reader is None or self._reader.closed or self._reader.broken:
                 self._reader = None
-                kwargs = {**self._kwargs("flynn-queue-reader"), "autocommit": True}
-                self._reader = await psycopg.AsyncConnection.connect(**kwargs)  # type: ignore[arg-type]
+                self._reader = await psycopg.AsyncConnection.connect(
+                    self._conninfo("flynn-queue-reader"), autocommit=True
+                )
             cur = await self._reader.execute(sql, params)
             return await cur.fetchall()
         except (psycopg.OperationalError, psycopg.InterfaceError) as e:
@@ -539,7 +541,7 @@ class PgQueueStore(QueueStore):
                "WHERE session_key = ANY(?)"),
             (keys,),
         )  # fmt: skip
-        return {str(r[0]): SessionRow(*r) for r in rows}  # type: ignore[arg-type]
+        return {str(r[0]): SessionRow(*r) for r in rows}
 
     async def _read_message(self, message_id: str) -> MessageRow | None:
         row = await self._one(f"SELECT {MESSAGE_COLS} FROM messages WHERE message_id = ?", (message_id,))
@@ -560,22 +562,22 @@ class PgQueueStore(QueueStore):
 
     async def max_global_seq(self) -> int:
         row = await self._one("SELECT COALESCE(MAX(global_seq), 0) FROM events")
-        return int(row[0]) if row else 0  # type: ignore[call-overload]
+        return int(row[0]) if row else 0
 
     async def max_reply_cursor(self) -> int:
         row = await self._one("SELECT COALESCE(MAX(cursor), 0) FROM replies")
-        return int(row[0]) if row else 0  # type: ignore[call-overload]
+        return int(row[0]) if row else 0
 
     async def sessions_per_channel(self) -> dict[str, int]:
         rows = await self._all("SELECT channel, COUNT(*) FROM sessions GROUP BY channel")
-        return {str(r[0]): int(r[1]) for r in rows}  # type: ignore[call-overload]
+        return {str(r[0]): int(r[1]) for r in rows}
 
     async def busy_sessions(self) -> list[SessionRow]:
         rows = await self._all(
             "SELECT session_key, channel, message_count, run_count, last_session_seq FROM sessions WHERE session_key IN "
             "(SELECT session_key FROM runs WHERE state IN (1, 2, 3) UNION SELECT session_key FROM queue_entries)"
         )
-        return [SessionRow(*r) for r in rows]  # type: ignore[arg-type]
+        return [SessionRow(*r) for r in rows]
 
     async def _read_session(self, session_key: str) -> SessionRow | None:
         return await self._session_lookups.get(session_key)
@@ -613,10 +615,11 @@ class PgQueueStore(QueueStore):
     async def list_runs(
         self, session_key: str, state: int, before_seq: int, limit: int
     ) -> list[tuple[int, RunRow]]:
-        where, args = ["seq < ?"], [before_seq]
+        where = ["seq < ?"]
+        args: list[object] = [before_seq]
         if session_key:
             where.append("session_key = ?")
-            args.append(session_key)  # type: ignore[arg-type]
+            args.append(session_key)
         if state:
             where.append("state = ?")
             args.append(state)
@@ -624,7 +627,7 @@ class PgQueueStore(QueueStore):
             f"SELECT seq, {RUN_COLS} FROM runs WHERE {' AND '.join(where)} ORDER BY seq DESC LIMIT ?",
             (*args, limit),
         )
-        return [(int(r[0]), run_from(r[1:])) for r in rows]  # type: ignore[call-overload]
+        return [(int(r[0]), run_from(r[1:])) for r in rows]
 
     async def queue_entries(self, session_key: str | None = None) -> list[QueueEntryRow]:
         if session_key is None:
@@ -637,7 +640,7 @@ class PgQueueStore(QueueStore):
                 "ORDER BY pos",
                 (session_key,),
             )
-        return [QueueEntryRow(*r) for r in rows]  # type: ignore[arg-type]
+        return [QueueEntryRow(*r) for r in rows]
 
     async def events_after(
         self, after_seq: int, session_key: str = "", limit: int = PAGE, upto: int = 1 << 62
@@ -653,14 +656,14 @@ class PgQueueStore(QueueStore):
                 "SELECT data FROM events WHERE global_seq > ? AND global_seq <= ? ORDER BY global_seq LIMIT ?",
                 (after_seq, upto, limit),
             )
-        return [bytes(r[0]) for r in rows]  # type: ignore[call-overload]
+        return [bytes(r[0]) for r in rows]
 
     async def replies_after(self, after_cursor: int, limit: int = PAGE, upto: int = 1 << 62) -> list[bytes]:
         rows = await self._all(
             "SELECT data FROM replies WHERE cursor IS NOT NULL AND cursor > ? AND cursor <= ? ORDER BY cursor LIMIT ?",
             (after_cursor, upto, limit),
         )
-        return [bytes(r[0]) for r in rows]  # type: ignore[call-overload]
+        return [bytes(r[0]) for r in rows]
 
     async def pending_speech(self, session_key: str | None = None) -> list[ReplyRow]:
         if session_key is None:

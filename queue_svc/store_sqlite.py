@@ -26,6 +26,7 @@ from queue_svc.store import (
     QueueEntryRow,
     QueueStore,
     ReplyRow,
+    Row,
     RunRow,
     SessionRow,
     Statement,
@@ -151,11 +152,11 @@ class SqliteQueueStore(QueueStore):
             for sql, rows in groups:
                 db.executemany(sql, rows)
 
-    def _one(self, sql: str, params: tuple[object, ...]) -> tuple[object, ...] | None:
+    def _one(self, sql: str, params: tuple[object, ...]) -> Row | None:
         row = self._db.execute(sql, params).fetchone()
         return tuple(row) if row is not None else None
 
-    def _all(self, sql: str, params: tuple[object, ...] = ()) -> list[tuple[object, ...]]:
+    def _all(self, sql: str, params: tuple[object, ...] = ()) -> list[Row]:
         return [tuple(r) for r in self._db.execute(sql, params).fetchall()]
 
     async def _read_message_by_key(self, session_key: str, idempotency_key: str) -> MessageRow | None:
@@ -182,29 +183,29 @@ class SqliteQueueStore(QueueStore):
 
     async def max_global_seq(self) -> int:
         row = self._one("SELECT COALESCE(MAX(global_seq), 0) FROM events", ())
-        return int(row[0]) if row else 0  # type: ignore[call-overload]
+        return int(row[0]) if row else 0
 
     async def max_reply_cursor(self) -> int:
         row = self._one("SELECT COALESCE(MAX(cursor), 0) FROM replies", ())
-        return int(row[0]) if row else 0  # type: ignore[call-overload]
+        return int(row[0]) if row else 0
 
     async def sessions_per_channel(self) -> dict[str, int]:
         rows = self._all("SELECT channel, COUNT(*) FROM sessions GROUP BY channel")
-        return {str(r[0]): int(r[1]) for r in rows}  # type: ignore[call-overload]
+        return {str(r[0]): int(r[1]) for r in rows}
 
     async def busy_sessions(self) -> list[SessionRow]:
         rows = self._all(
             "SELECT session_key, channel, message_count, run_count, last_session_seq FROM sessions WHERE session_key IN "
             "(SELECT session_key FROM runs WHERE state IN (1, 2, 3) UNION SELECT session_key FROM queue_entries)"
         )
-        return [SessionRow(*r) for r in rows]  # type: ignore[arg-type]
+        return [SessionRow(*r) for r in rows]
 
     async def _read_session(self, session_key: str) -> SessionRow | None:
         row = self._one(
             "SELECT session_key, channel, message_count, run_count, last_session_seq FROM sessions WHERE session_key = ?",
             (session_key,),
         )
-        return SessionRow(*row) if row else None  # type: ignore[arg-type]
+        return SessionRow(*row) if row else None
 
     async def runs_in_states(self, states: tuple[int, ...], session_key: str | None = None) -> list[RunRow]:
         marks = ", ".join("?" * len(states))
@@ -220,10 +221,11 @@ class SqliteQueueStore(QueueStore):
     async def list_runs(
         self, session_key: str, state: int, before_seq: int, limit: int
     ) -> list[tuple[int, RunRow]]:
-        where, args = ["seq < ?"], [before_seq]
+        where = ["seq < ?"]
+        args: list[object] = [before_seq]
         if session_key:
             where.append("session_key = ?")
-            args.append(session_key)  # type: ignore[arg-type]
+            args.append(session_key)
         if state:
             where.append("state = ?")
             args.append(state)
@@ -231,7 +233,7 @@ class SqliteQueueStore(QueueStore):
             f"SELECT seq, {RUN_COLS} FROM runs WHERE {' AND '.join(where)} ORDER BY seq DESC LIMIT ?",
             (*args, limit),
         )
-        return [(int(r[0]), run_from(r[1:])) for r in rows]  # type: ignore[call-overload]
+        return [(int(r[0]), run_from(r[1:])) for r in rows]
 
     async def queue_entries(self, session_key: str | None = None) -> list[QueueEntryRow]:
         if session_key is None:
@@ -244,7 +246,7 @@ class SqliteQueueStore(QueueStore):
                 "ORDER BY pos",
                 (session_key,),
             )
-        return [QueueEntryRow(*r) for r in rows]  # type: ignore[arg-type]
+        return [QueueEntryRow(*r) for r in rows]
 
     async def events_after(
         self, after_seq: int, session_key: str = "", limit: int = PAGE, upto: int = 1 << 62
@@ -260,14 +262,14 @@ class SqliteQueueStore(QueueStore):
                 "SELECT data FROM events WHERE global_seq > ? AND global_seq <= ? ORDER BY global_seq LIMIT ?",
                 (after_seq, upto, limit),
             )
-        return [bytes(r[0]) for r in rows]  # type: ignore[call-overload]
+        return [bytes(r[0]) for r in rows]
 
     async def replies_after(self, after_cursor: int, limit: int = PAGE, upto: int = 1 << 62) -> list[bytes]:
         rows = self._all(
             "SELECT data FROM replies WHERE cursor IS NOT NULL AND cursor > ? AND cursor <= ? ORDER BY cursor LIMIT ?",
             (after_cursor, upto, limit),
         )
-        return [bytes(r[0]) for r in rows]  # type: ignore[call-overload]
+        return [bytes(r[0]) for r in rows]
 
     async def pending_speech(self, session_key: str | None = None) -> list[ReplyRow]:
         if session_key is None:

@@ -91,8 +91,8 @@ class Tailer:
         delay = 0.1
         while True:
             try:
-                kwargs = {**self.store._kwargs("flynn-queue-listener"), "autocommit": True}
-                self._listener = await psycopg.AsyncConnection.connect(**kwargs)  # type: ignore[arg-type]
+                conninfo = self.store._conninfo("flynn-queue-listener")
+                self._listener = await psycopg.AsyncConnection.connect(conninfo, autocommit=True)
                 await self._listener.execute(f"LISTEN {CHANNEL}")
                 delay = 0.1
                 self.wake()  # anything committed while we were not listening

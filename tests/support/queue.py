@@ -107,8 +107,8 @@ class QueueHarness:
         a connection of the test's own: a synchronous helper for assertions, not a service path."""
         store = self.rc.store
         if isinstance(store, PgQueueStore):
-            kw = Database.connect_kwargs(store.db.settings, store.db.schema, store.db.timeouts, "flynn-tests")
-            with psycopg.connect(**kw) as conn:  # type: ignore[arg-type]
+            conninfo = Database.conninfo(store.db.settings, store.db.schema, store.db.timeouts, "flynn-tests")
+            with psycopg.connect(conninfo) as conn:
                 return conn.execute(sql.replace("?", "%s"), params).fetchall()
         assert isinstance(store, SqliteQueueStore)
         with contextlib.closing(sqlite3.connect(store.path)) as db:
