@@ -13,7 +13,7 @@ from google.protobuf import field_mask_pb2
 
 from flynn_runtime import config_yaml
 from flynn_runtime.rich_status import from_rpc_error
-from tests.support.mesh import ServiceProcess, Tokens, free_port, make_tokens
+from tests.support.mesh import ServiceProcess, Tokens, as_call, free_port, make_tokens
 
 BUDGET = 200_000  # bytes: 20 regexes get 5,000 bytes each (two compilations per regex)
 
@@ -82,7 +82,7 @@ def test_regexes_over_the_total_budget_are_refused_naming_each_field(gateway: tu
     heavy = [r"\w{500}" if i % 2 else r"\bhello\b" for i in range(20)]
     with pytest.raises(grpc.RpcError) as ei:
         _update(address, tokens, _rules(heavy))
-    assert ei.value.code() == grpc.StatusCode.INVALID_ARGUMENT  # type: ignore[attr-defined]
+    assert as_call(ei.value).code() == grpc.StatusCode.INVALID_ARGUMENT
     rich = from_rpc_error(ei.value)  # type: ignore[arg-type]
     assert rich is not None
     fields = {v.field for v in rich.violations}

@@ -22,6 +22,7 @@ from flynn.v1 import (
 
 from examples.companion_node import CompanionNode
 from tests.support.flow import FlowMesh, assert_gates_hold_after_kills, poll
+from tests.support.mesh import as_call
 from tests.support.voice import status_details
 
 FINAL = run_control_pb2.REPLY_KIND_FINAL
@@ -229,12 +230,12 @@ def test_voice_service_down_text_still_flows_and_voice_notes_say_why(mesh: FlowM
     try:
         with pytest.raises(grpc.RpcError) as ei:
             mesh.send("cli:vdown", "", "vdown-1", audio=common_pb2.Audio(content=b"RIFF....WAVEfmt "))
-        assert ei.value.code() == grpc.StatusCode.UNAVAILABLE  # type: ignore[attr-defined]
+        assert as_call(ei.value).code() == grpc.StatusCode.UNAVAILABLE
         info, _ = status_details(ei.value)
         assert info is not None and info.reason == "TRANSCRIPTION_FAILED" and info.metadata["notice_reply_id"]
         # The edge never names an internal address (issue 15).
         voice_port = mesh.procs["voice"].address.rpartition(":")[2]
-        assert voice_port not in (ei.value.details() or ""), ei.value.details()  # type: ignore[attr-defined]
+        assert voice_port not in (as_call(ei.value).details() or ""), as_call(ei.value).details()
         nid = info.metadata["notice_reply_id"]
         spoken = mesh.send("voice-demo:down", "still there?", "vdown-2", channel="voice-demo")
         got = mesh.wait_replies(

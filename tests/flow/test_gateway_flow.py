@@ -17,7 +17,7 @@ import pytest
 from flynn.v1 import canvas_pb2, canvas_pb2_grpc, common_pb2, gateway_pb2, run_control_pb2
 
 from tests.support.flow import FlowMesh, poll
-from tests.support.mesh import ROOT, grpcurl
+from tests.support.mesh import ROOT, as_call, grpcurl
 from tests.support.voice import status_details
 
 FINAL = run_control_pb2.REPLY_KIND_FINAL
@@ -117,7 +117,7 @@ def test_voice_note_that_cannot_be_understood_tells_the_user(mesh: FlowMesh) -> 
         with pytest.raises(grpc.RpcError) as ei:
             mesh.send("cli:voice-bad", "", key, audio=common_pb2.Audio(content=content))
         err = ei.value
-        assert err.code() != grpc.StatusCode.INTERNAL  # type: ignore[attr-defined]
+        assert as_call(err).code() != grpc.StatusCode.INTERNAL
         info, _ = status_details(err)
         assert info is not None and info.reason == "TRANSCRIPTION_FAILED", err
         notice_id = info.metadata["notice_reply_id"]
@@ -133,7 +133,7 @@ def test_voice_notes_refused_when_audio_disabled_and_audited(mesh: FlowMesh) -> 
     try:
         with pytest.raises(grpc.RpcError) as ei:
             mesh.send("cli:voice-off", "", "voice-off-1", audio=common_pb2.Audio(content=silent_wav()))
-        assert ei.value.code() == grpc.StatusCode.FAILED_PRECONDITION  # type: ignore[attr-defined]
+        assert as_call(ei.value).code() == grpc.StatusCode.FAILED_PRECONDITION
         info, _ = status_details(ei.value)
         assert info is not None and info.reason == "AUDIO_DISABLED"
         audit = mesh.root / "gateway" / "audit" / "gateway.jsonl"

@@ -19,7 +19,7 @@ from flynn_runtime import topology
 from gateway.descriptors import find_service
 from gateway.routes import build_routes
 from tests.support.flow import FlowMesh
-from tests.support.mesh import grpcurl, wait_serving
+from tests.support.mesh import as_call, grpcurl, wait_serving
 from tests.support.voice import status_details
 
 BAD_CODES = {grpc.StatusCode.INTERNAL, grpc.StatusCode.UNKNOWN}
@@ -126,7 +126,7 @@ def call(channel: grpc.Channel, path: str, m: Any, body: bytes, md: Any) -> tupl
                 pass
         return grpc.StatusCode.OK, "", None
     except grpc.RpcError as e:
-        return e.code(), e.details() or "", e  # type: ignore[attr-defined]
+        return as_call(e).code(), as_call(e).details() or "", e
 
 
 def test_channel_token_is_refused_on_operator_methods_with_grpcurl(mesh: FlowMesh) -> None:
@@ -150,7 +150,7 @@ def test_oversized_voice_note_is_refused_naming_the_field(mesh: FlowMesh) -> Non
 
     with pytest.raises(grpc.RpcError) as ei:
         mesh.send("cli:big", "", "big-1", audio=common_pb2.Audio(content=b"\0" * (11 << 20)))
-    assert ei.value.code() == grpc.StatusCode.INVALID_ARGUMENT  # type: ignore[attr-defined]
+    assert as_call(ei.value).code() == grpc.StatusCode.INVALID_ARGUMENT
     _, fields = status_details(ei.value)
     assert fields == ["audio.content"]
 

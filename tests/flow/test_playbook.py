@@ -26,6 +26,7 @@ from flynn.v1 import (
 from examples.companion_node import CompanionNode
 from flynn_runtime.gates import GATE_NAMES
 from tests.support.flow import NO_GATE_FAILED, FlowMesh, poll
+from tests.support.mesh import as_call
 from tests.support.voice import status_details
 
 FINAL = run_control_pb2.REPLY_KIND_FINAL
@@ -175,8 +176,8 @@ async def test_every_rollback_command_flips_its_behaviour_everywhere(mesh: FlowM
                 metadata=mesh.md("operator"),
                 timeout=10,
             )
-        assert ei.value.code() == grpc.StatusCode.FAILED_PRECONDITION  # type: ignore[attr-defined]
-        assert "canvas" in (ei.value.details() or "")  # type: ignore[attr-defined]
+        assert as_call(ei.value).code() == grpc.StatusCode.FAILED_PRECONDITION
+        assert "canvas" in (as_call(ei.value).details() or "")
         gated = await asyncio.to_thread(
             lambda: poll(lambda: not node.gates.canvas or None, what="canvas gate pushed")
         )

@@ -22,7 +22,7 @@ from flynn.v1 import (
 )
 
 from tests.support.flow import FlowMesh, poll
-from tests.support.mesh import ROOT
+from tests.support.mesh import ROOT, as_call
 
 
 def _first(call: grpc.Call) -> object:
@@ -96,7 +96,7 @@ def test_from_now_streams_skip_history_and_say_their_cursor(mesh: FlowMesh) -> N
         next(iter(bad))
         raise AssertionError("accepted from_now with after_seq")
     except grpc.RpcError as err:
-        assert err.code() == grpc.StatusCode.INVALID_ARGUMENT  # type: ignore[attr-defined]
+        assert as_call(err).code() == grpc.StatusCode.INVALID_ARGUMENT
 
     # One event id everywhere: ListTraces takes the id the RunEvent carries (and the old form).
     reactions = reactions_pb2_grpc.ReactionsStub(mesh.channel())
@@ -164,7 +164,7 @@ def test_explain_config_answers_many_sessions_in_one_call(mesh: FlowMesh, tmp_pa
         )
         raise AssertionError("5001 sessions accepted")
     except grpc.RpcError as err:
-        assert err.code() == grpc.StatusCode.INVALID_ARGUMENT  # type: ignore[attr-defined]
+        assert as_call(err).code() == grpc.StatusCode.INVALID_ARGUMENT
 
     # A closed pipe (`| head`) ends any flynn command quietly: no traceback, SIGPIPE's exit status.
     env = dict(

@@ -27,7 +27,7 @@ from flynn_runtime.auth import Authenticator, TokenStore
 from flynn_runtime.interceptor import ServerInterceptor
 from flynn_runtime.rich_status import from_rpc_error
 from tests.support.gateway import RealMesh
-from tests.support.mesh import grpcurl
+from tests.support.mesh import as_call, grpcurl
 
 BIG_ID = "r" * 100_000
 MANY = 20_000
@@ -136,10 +136,10 @@ def _fails(call: object, code: grpc.StatusCode) -> grpc.RpcError:
             for _ in result:
                 pass
     except grpc.RpcError as err:
-        assert err.code() == code, (err.code(), err.details())  # type: ignore[attr-defined]
+        assert as_call(err).code() == code, (as_call(err).code(), as_call(err).details())
         rich = from_rpc_error(err)
         assert rich is not None, "the rich status details were lost"
-        assert len(err.details() or "") <= 1000  # type: ignore[attr-defined]
+        assert len(as_call(err).details() or "") <= 1000
         return err
     raise AssertionError("the call succeeded")
 
@@ -321,7 +321,7 @@ def test_config_validation_reports_each_invalid_field_once(
         )
         raise AssertionError("an invalid rule was accepted")
     except grpc.RpcError as err:
-        assert err.code() == grpc.StatusCode.INVALID_ARGUMENT  # type: ignore[attr-defined]
+        assert as_call(err).code() == grpc.StatusCode.INVALID_ARGUMENT
         rich = from_rpc_error(err)
     assert rich is not None
     # One spelling for an invalid field, the old one kept in the metadata for clients branching on it.

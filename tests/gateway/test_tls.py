@@ -17,7 +17,7 @@ import pytest
 from grpc_health.v1 import health_pb2, health_pb2_grpc
 
 from flynn_launcher import certs
-from tests.support.mesh import ServiceProcess, Tokens, free_port, grpcurl_path, make_tokens
+from tests.support.mesh import ServiceProcess, Tokens, as_call, free_port, grpcurl_path, make_tokens
 
 HOSTS = ["localhost", "127.0.0.1"]
 
@@ -109,7 +109,7 @@ def _health(address: str, credentials: grpc.ChannelCredentials) -> str:
         try:
             resp = health_pb2_grpc.HealthStub(ch).Check(health_pb2.HealthCheckRequest(), timeout=5)
         except grpc.RpcError as err:
-            return f"refused: {err.code().name}"  # type: ignore[attr-defined]
+            return f"refused: {as_call(err).code().name}"
     return str(health_pb2.HealthCheckResponse.ServingStatus.Name(resp.status))
 
 

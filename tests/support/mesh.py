@@ -49,6 +49,13 @@ class Tokens:
         return self.services.get(service, self.service)
 
 
+def as_call(err: BaseException) -> grpc.Call | grpc.aio.AioRpcError:
+    """A failed call's error with its status readable (`.code()`, `.details()`): grpc's synchronous
+    errors are also `grpc.Call`s, the asyncio ones `AioRpcError`s; `grpc.RpcError` alone says neither."""
+    assert isinstance(err, grpc.Call | grpc.aio.AioRpcError), repr(err)
+    return err
+
+
 def make_tokens(directory: Path, operator_name: str = "operator") -> Tokens:
     """Test credentials; the operator principal is named `operator_name` (the audit actor)."""
     toks = {r: generate_token() for r in ("operator", "channel", "service", "node", "agent")}
