@@ -226,7 +226,7 @@ def test_session_cookie_is_httponly_strict_and_posts_need_the_csrf_header(
     assert mesh.tokens.operator not in c["value"]
     page = signed_in.new_page()
     try:
-        page.goto(mesh.console.url + "/#/runs")  # type: ignore[union-attr]
+        page.goto(mesh.console_url + "/#/runs")
         page.wait_for_selector("#sessions-box")
         assert page.evaluate("document.cookie") == ""  # not readable by scripts
         status = page.evaluate(
@@ -246,7 +246,7 @@ def test_a_run_appears_streams_and_completes_live(
 ) -> None:
     page = signed_in.new_page()
     try:
-        page.goto(mesh.console.url + "/#/runs")  # type: ignore[union-attr]
+        page.goto(mesh.console_url + "/#/runs")
         page.wait_for_selector("#run-feed")
         time.sleep(0.5)  # the event stream is open
         session = f"web:live-{uuid.uuid4().hex[:8]}"
@@ -279,7 +279,7 @@ def test_cancel_a_run_from_the_page(signed_in: Any, mesh: ConsoleMesh, gw: grpc.
     try:
         session = f"web:cancel-{uuid.uuid4().hex[:8]}"
         run_id = send(gw, mesh, session, "think long")
-        page.goto(mesh.console.url + f"/#/runs/{run_id}")  # type: ignore[union-attr]
+        page.goto(mesh.console_url + f"/#/runs/{run_id}")
         page.wait_for_selector("#run-state:has-text('started')")
         page.click("#run-cancel")
         page.wait_for_selector("#run-state:has-text('cancelled')", timeout=30_000)
@@ -318,7 +318,7 @@ def test_flip_a_gate_see_every_service_apply_it_and_roll_back(
     page = signed_in.new_page()
     page.on("dialog", lambda d: d.accept("undo the flip"))
     try:
-        page.goto(mesh.console.url + "/#/gates")  # type: ignore[union-attr]
+        page.goto(mesh.console_url + "/#/gates")
         page.wait_for_selector("#config-revision")
         before = int(page.inner_text("#config-revision"))
         page.fill("#gate-key", "server.queue.mode")
@@ -388,7 +388,7 @@ def test_nodes_and_canvas_artifacts(signed_in: Any, mesh: ConsoleMesh, gw: grpc.
         cwd=ROOT, env=dict(os.environ, PYTHONPATH=f"{ROOT}:{ROOT / 'gen'}"),
     )  # fmt: skip
     try:
-        page.goto(mesh.console.url + "/#/nodes")  # type: ignore[union-attr]
+        page.goto(mesh.console_url + "/#/nodes")
         page.wait_for_selector("#nodes-table")
         # The companion node connects through the gateway: it shows up live, with role and epoch.
         row = f"#nodes-table tr[data-node='{node_id}']"
@@ -450,7 +450,7 @@ def test_tts_fallback_is_counted_after_breaking_the_voice_engine(
 ) -> None:
     page = signed_in.new_page()
     try:
-        page.goto(mesh.console.url + "/#/voice")  # type: ignore[union-attr]
+        page.goto(mesh.console_url + "/#/voice")
         page.wait_for_selector("#voice-fallbacks")
         send(gw, mesh, f"{VOICE_CHANNEL}:ok-{uuid.uuid4().hex[:6]}", "say this aloud", channel=VOICE_CHANNEL)
         page.wait_for_selector("#voice-replies li[data-delivery='audio'] audio", timeout=30_000)
@@ -493,7 +493,7 @@ def test_reactions_stats_why_not_and_false_positive_flag(
         send(gw, mesh, f"web:react-{uuid.uuid4().hex[:6]}", "ping the team")
         quiet = f"web:quiet-{uuid.uuid4().hex[:6]}"
         send(gw, mesh, quiet, "nothing to see here")
-        page.goto(mesh.console.url + "/#/reactions")  # type: ignore[union-attr]
+        page.goto(mesh.console_url + "/#/reactions")
         stats = "#rule-stats tr[data-rule='ping-ack']"
         page.wait_for_selector(stats)
         wait_for("the match counted", lambda: page.inner_text(stats).split("\t")[1].strip() not in ("", "0"))
@@ -522,7 +522,7 @@ def test_reactions_stats_why_not_and_false_positive_flag(
 def test_rollout_reactions_and_audit_views(signed_in: Any, mesh: ConsoleMesh) -> None:
     page = signed_in.new_page()
     try:
-        page.goto(mesh.console.url + "/#/rollout")  # type: ignore[union-attr]
+        page.goto(mesh.console_url + "/#/rollout")
         page.wait_for_selector("#gates-table, #rollout-unavailable")
         if page.query_selector("#gates-table"):
             page.click("#snap-before")
@@ -551,7 +551,7 @@ def test_rollout_reactions_and_audit_views(signed_in: Any, mesh: ConsoleMesh) ->
             page.wait_for_selector("#gates-table svg.trend polyline", state="attached")
         shot(page, "09-rollout")
 
-        page.goto(mesh.console.url + "/#/audit")  # type: ignore[union-attr]
+        page.goto(mesh.console_url + "/#/audit")
         page.wait_for_selector("#audit-table")
         page.fill("#audit-actor", f"operator:{OPERATOR_NAME}")
         page.fill("#audit-event", "consoleSignIn")
@@ -581,7 +581,7 @@ def test_rollout_reactions_and_audit_views(signed_in: Any, mesh: ConsoleMesh) ->
         shot(page, "11-audit")
 
         # Keyboard: the nav is reachable and its links are real links.
-        page.goto(mesh.console.url + "/#/runs")  # type: ignore[union-attr]
+        page.goto(mesh.console_url + "/#/runs")
         page.reload()
         page.wait_for_selector("#sessions-box")
         focused = []
@@ -600,12 +600,12 @@ def test_rollout_reactions_and_audit_views(signed_in: Any, mesh: ConsoleMesh) ->
 def test_sign_out_ends_the_session(signed_in: Any, mesh: ConsoleMesh) -> None:
     page = signed_in.new_page()
     try:
-        page.goto(mesh.console.url + "/#/runs")  # type: ignore[union-attr]
+        page.goto(mesh.console_url + "/#/runs")
         page.wait_for_selector("#whoami:has-text('operator:')")
         old = [c["value"] for c in signed_in.cookies() if c["name"] == "flynn_console"][0]
         page.click("#signout-form button")
         page.wait_for_url("**/signin")
-        status, _, _ = _get(mesh.console.url + "/api/config", cookie=f"flynn_console={old}")  # type: ignore[union-attr]
+        status, _, _ = _get(mesh.console_url + "/api/config", cookie=f"flynn_console={old}")
         assert status == 401
     finally:
         page.close()

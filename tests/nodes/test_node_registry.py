@@ -12,7 +12,7 @@ from flynn.v1 import nodes_pb2
 from flynn_runtime.audit import AuditLog
 from flynn_runtime.config_source import StaticConfig
 from flynn_runtime.errors import Code, FlynnError
-from nodes_svc.node_registry import NodeRegistry, SessionClose
+from nodes_svc.node_registry import NodeRegistry, NodeSession, SessionClose
 from nodes_svc.node_store import SCHEMA, NodeStore
 from nodes_svc.node_store_pg import MIGRATIONS, PgNodeStore
 from nodes_svc.node_store_sqlite import SqliteNodeStore
@@ -30,8 +30,10 @@ async def store(tmp_path: Path, database_url: str, databases: Databases) -> Asyn
     )
 
 
-async def make(store: NodeStore, tmp_path: Path, **kw: object) -> tuple[NodeRegistry, StaticConfig]:
-    cfg = StaticConfig(nodes_config(**kw))  # type: ignore[arg-type]
+async def make(
+    store: NodeStore, tmp_path: Path, *, heartbeat_s: float = 1.0, lease_s: float = 5.0
+) -> tuple[NodeRegistry, StaticConfig]:
+    cfg = StaticConfig(nodes_config(heartbeat_s=heartbeat_s, lease_s=lease_s))
     reg = NodeRegistry(store, cfg, AuditLog(tmp_path, "nodes"))
     await reg.start()
     return reg, cfg
@@ -39,7 +41,7 @@ async def make(store: NodeStore, tmp_path: Path, **kw: object) -> tuple[NodeRegi
 
 async def register(
     reg: NodeRegistry, node_id: str, token: str, role: str = "desktop"
-) -> tuple[object, nodes_pb2.NodeRegistered]:
+) -> tuple[NodeSession, nodes_pb2.NodeRegistered]:
     return await reg.register(
         nodes_pb2.NodeRegister(
             node_id=node_id, token=token, role=role, capabilities=["device.info"], protocol_version=1
@@ -54,12 +56,12 @@ async def test_epochs_replace_and_one_row(store: NodeStore, tmp_path: Path) -> N
     s1, r1 = await register(reg, "a", tok.token)
     s2, r2 = await register(reg, "a", tok.token)
     assert (r1.epoch, r1.resumed, r2.epoch, r2.resumed) == (1, False, 2, True)
-    msg = s1.outbound.get_nowait()  # type: ignore[attr-defined]
+    msg = s1.outbound.get_nowait()
     assert isinstance(msg, SessionClose) and msg.reason == "replaced" and not msg.reconnect
-    reg.end_session(s1)  # type: ignore[arg-type]
+    reg.end_session(s1)
     assert reg.sessions["a"] is s2
     assert [n.node_id for n in await reg.store.list_nodes("", 10, None)] == ["a"]
-    reg.end_session(s2)  # type: ignore[arg-type]
+    reg.end_session(s2)
     await reg.writes.drain()
     node = await reg.get_node("a")
     assert (
@@ -91,15 +93,15 @@ async def test_lease_and_live_config(store: NodeStore, tmp_path: Path) -> None:
     b = await reg.issue_token("b", "phone", "")
     sa, _ = await register(reg, "a", a.token)
     sb, _ = await register(reg, "b", b.token, "phone")
-    sa.last_seen -= 1.0  # type: ignore[attr-defined]  # silent for 1 s > lease 0.1 s
-    sb.last_seen -= 1.0  # type: ignore[attr-defined]
-    reg.on_heartbeat(sb)  # type: ignore[arg-type]  # b heartbeats: lease renewed
+    sa.last_seen -= 1.0  # silent for 1 s > lease 0.1 s
+    sb.last_seen -= 1.0
+    reg.on_heartbeat(sb)  # b heartbeats: lease renewed
     reg.tick()
-    assert sa.closed and sa.close_reason == "lease_expired"  # type: ignore[attr-defined]
-    assert not sb.closed  # type: ignore[attr-defined]
+    assert sa.closed and sa.close_reason == "lease_expired"
+    assert not sb.closed
     await cfg.apply(nodes_config(roles=("desktop",)), 2)
     reg.apply_config()
-    assert sb.closed and sb.close_reason == "role_not_allowed"  # type: ignore[attr-defined]
+    assert sb.closed and sb.close_reason == "role_not_allowed"
     await cfg.apply(nodes_config(enabled=False), 3)
     reg.apply_config()
     with pytest.raises(FlynnError) as ei:

@@ -105,6 +105,12 @@ class ConsoleMesh:
     def mesh_dir(self) -> Path:
         return self.root / "mesh"
 
+    @property
+    def console_url(self) -> str:
+        """The started console's base URL."""
+        assert self.console is not None, "the mesh is not started"
+        return self.console.url
+
     def start(self) -> ConsoleMesh:
         ports = {name: free_port() for name in topology.START_ORDER}
         self.addresses = {n: f"127.0.0.1:{p}" for n, p in ports.items() if n != "gateway"}
