@@ -25,6 +25,7 @@ import sqlite3
 import time
 from collections.abc import Iterator
 from pathlib import Path
+from typing import Any
 
 import psycopg
 from flynn.v1 import config_pb2
@@ -140,12 +141,12 @@ def fill_config_sqlite(path: Path, revisions: int) -> None:
         db.close()
 
 
-def fill_config_pg(conn: psycopg.Connection[Row], revisions: int) -> None:
+def fill_config_pg(conn: psycopg.Connection[tuple[Any, ...]], revisions: int) -> None:
     row = conn.execute("SELECT config FROM flynn_config.revisions WHERE revision = 1").fetchone()
     assert row is not None, "the config service seeds revision 1 at its first start"
     with conn.cursor() as cur:
         with cur.copy(f"COPY flynn_config.revisions ({REVISION_COLS}) FROM STDIN") as copy:
-            for r in revision_rows(bytes(row[0]), revisions):  # type: ignore[call-overload]
+            for r in revision_rows(bytes(row[0]), revisions):
                 copy.write_row(r)
         cur.execute("UPDATE flynn_config.head SET revision = GREATEST(revision, %s)", (revisions,))
     conn.commit()

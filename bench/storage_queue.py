@@ -128,6 +128,12 @@ def figures(base: Path, url: str, server: LocalPostgres, args: argparse.Namespac
     return {**t, **cancels(base / "cx", url2, args)}
 
 
+def _number(value: object) -> float:
+    """A figure of the results (an int or a float)."""
+    assert isinstance(value, int | float), repr(value)
+    return float(value)
+
+
 def print_rows(results: dict[str, dict[str, object]], args: argparse.Namespace) -> None:
     """Rows for bench/storage's table (columns SQLite, PostgreSQL)."""
     names = list(results)
@@ -136,7 +142,7 @@ def print_rows(results: dict[str, dict[str, object]], args: argparse.Namespace) 
         v = results[n][key]
         if isinstance(v, list):
             return f"{pct(v, 50 if i == 0 else 99):.2f}"
-        return f"{float(v):.2f}"  # type: ignore[arg-type]
+        return f"{_number(v):.2f}"
 
     rows = [
         ("run control submit->ack unloaded p50 (ms)", "solo_p50", None),
@@ -195,7 +201,7 @@ def report(results: dict[str, dict[str, object]], args: argparse.Namespace) -> N
     print(_row("", names))
 
     def f(key: str) -> list[str]:
-        return [f"{float(results[n][key]):.2f}" for n in names]  # type: ignore[arg-type]
+        return [f"{_number(results[n][key]):.2f}" for n in names]
 
     if not args.only_cancel:
         print_throughput(names, results, args, f)
@@ -233,7 +239,7 @@ def print_throughput(
             [f"{a} / {b}" for a, b in zip(f("ack_p50"), f("ack_p99"), strict=True)],
         )
     )
-    rates = [f"{float(results[n]['rate']):.0f}" for n in names]  # type: ignore[arg-type]
+    rates = [f"{_number(results[n]['rate']):.0f}" for n in names]
     print(_row("sustained msg/s (submit->final, followup)", rates))
 
 

@@ -11,7 +11,9 @@ import asyncio
 import json
 import sqlite3
 import time
+from collections.abc import Sequence
 from pathlib import Path
+from typing import Any
 
 from config_svc.principal_store import IssuedRecord, PrincipalSet
 from flynn_runtime.auth import Role, generate_token, hash_token
@@ -38,7 +40,7 @@ CREATE TABLE IF NOT EXISTS revoked_file (
 """
 
 
-def row_to_record(r: tuple[object, ...]) -> IssuedRecord:
+def row_to_record(r: Sequence[Any]) -> IssuedRecord:
     """A row of (sha256, name, role, channels, issued_by, issue_time, revoke_time) (channels as JSON text in SQLite, a list from PostgreSQL's JSONB)."""
     channels = r[3] if isinstance(r[3], list) else json.loads(str(r[3]))
     revoke = r[6]
@@ -48,8 +50,8 @@ def row_to_record(r: tuple[object, ...]) -> IssuedRecord:
         role=Role(str(r[2])),
         channels=tuple(str(c) for c in channels),
         issued_by=str(r[4]),
-        issue_time=float(r[5]),  # type: ignore[arg-type]
-        revoke_time=float(revoke) if revoke is not None else None,  # type: ignore[arg-type]
+        issue_time=float(r[5]),
+        revoke_time=float(revoke) if revoke is not None else None,
     )
 
 

@@ -13,12 +13,13 @@ lost and steps down. Each (replica, lease epoch) is terminated once.
 from __future__ import annotations
 
 import logging
+from typing import Any
 
 import psycopg
 
 log = logging.getLogger(__name__)
 
-Conn = psycopg.AsyncConnection[tuple[object, ...]]
+Conn = psycopg.AsyncConnection[tuple[Any, ...]]
 
 _EXPIRED = "SELECT name, epoch FROM leases WHERE scope = %s AND holder <> '' AND holder <> %s AND expires_at <= now()"
 _TERMINATE = (
@@ -39,7 +40,7 @@ class Fencer:
         """Terminate the sessions of every replica of this service whose liveness lease expired
         (once per lease epoch); returns their replica ids."""
         cur = await conn.execute(_EXPIRED, (self.scope, self.replica_id))
-        dead = [(str(r[0]), int(r[1])) for r in await cur.fetchall()]  # type: ignore[call-overload]
+        dead = [(str(r[0]), int(r[1])) for r in await cur.fetchall()]
         ended = []
         for name, epoch in dead:
             if (name, epoch) in self._done:
@@ -47,7 +48,7 @@ class Fencer:
             self._done.add((name, epoch))
             app = f"flynn-{self.service}/{name}"[:63]
             row = await (await conn.execute(_TERMINATE, (app,))).fetchone()
-            n = int(row[0]) if row else 0  # type: ignore[call-overload]
+            n = int(row[0]) if row else 0
             self.terminated += n
             ended.append(name)
             if n:

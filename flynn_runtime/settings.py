@@ -56,6 +56,12 @@ class Settings:
     def address(self, backend: str) -> str:
         return self.addresses.get(backend, "")
 
+    def extra_int(self, name: str, default: int) -> int:
+        """A service's own integer flag (parsed into `extra` by its add_args); `default` when absent."""
+        value = self.extra.get(name, default)
+        assert isinstance(value, int | str), f"{name}: {value!r}"
+        return int(value)
+
     def deployed(self, backend: str) -> bool:
         """False when the backend is left out of this deployment on purpose: its address is set empty
         (`--voice-addr ""`, FLYNN_VOICE_ADDR="", what the chart sets for `voice.enabled: false`)."""

@@ -9,6 +9,7 @@ import importlib
 import logging
 import os
 from pathlib import Path
+from typing import TYPE_CHECKING
 
 import grpc
 from flynn.v1 import canvas_pb2_grpc, config_pb2, nodes_pb2_grpc
@@ -37,6 +38,9 @@ from nodes_svc.node_store_pg import PgNodeStore
 from nodes_svc.presence import NOTIFY_CHANNEL as PRESENCE_CHANNEL
 from nodes_svc.presence import Presence
 from nodes_svc.servicer import NodesServicer
+
+if TYPE_CHECKING:
+    from flynn_runtime.config_watcher import ConfigWatcher
 
 log = logging.getLogger(__name__)
 
@@ -85,14 +89,14 @@ class NodesApp(ServiceApp):
     def __init__(self, runtime: Runtime, config: ConfigSource | None = None) -> None:
         super().__init__(runtime)
         s = runtime.settings
-        self._watcher: object | None = None
+        self._watcher: ConfigWatcher | None = None
         if config is None:
             config = self._config_source()
         self.config = config
         self.limits = CanvasLimits(
-            max_artifact_bytes=int(s.extra.get("canvas_max_artifact_bytes", DEFAULT_MAX_ARTIFACT_BYTES)),  # type: ignore[call-overload]
-            max_total_bytes=int(s.extra.get("canvas_max_total_bytes", DEFAULT_MAX_TOTAL_BYTES)),  # type: ignore[call-overload]
-            max_versions=int(s.extra.get("canvas_max_versions", DEFAULT_MAX_VERSIONS)),  # type: ignore[call-overload]
+            max_artifact_bytes=s.extra_int("canvas_max_artifact_bytes", DEFAULT_MAX_ARTIFACT_BYTES),
+            max_total_bytes=s.extra_int("canvas_max_total_bytes", DEFAULT_MAX_TOTAL_BYTES),
+            max_versions=s.extra_int("canvas_max_versions", DEFAULT_MAX_VERSIONS),
         )
         # The stores open in start() (a database connects there); servicers are added then too.
         self.store: NodeStore | None = None
@@ -164,7 +168,7 @@ class NodesApp(ServiceApp):
     async def start(self) -> None:
         await self._open_stores()
         if self._watcher is not None:
-            await self._watcher.start()  # type: ignore[attr-defined]
+            await self._watcher.start()
         if self.presence is not None:
             await self.presence.join()
         await self.registry.start()
@@ -264,6 +268,6 @@ class NodesApp(ServiceApp):
         self.registry.shutdown()
         await self.registry.drain()
         if self._watcher is not None:
-            await self._watcher.stop()  # type: ignore[attr-defined]
+            await self._watcher.stop()
         await self.canvas.close()
         await self.store.close()

@@ -24,7 +24,7 @@ from flynn_runtime.database import Database
 from flynn_runtime.server import RunningServer, running
 from queue_svc.app import QueueApp
 from queue_svc.run_control import RunControl
-from queue_svc.store import RUN_COLS, RunRow, run_from
+from queue_svc.store import RUN_COLS, Row, RunRow, run_from
 from queue_svc.store_pg import PgQueueStore
 from queue_svc.store_sqlite import SqliteQueueStore
 from tests.support.mesh import Tokens, make_settings
@@ -102,7 +102,7 @@ class QueueHarness:
 
         return await wait_for(get, lambda s: not s.active_run_id and not s.queue, within)
 
-    def _read(self, sql: str, params: tuple[object, ...]) -> list[tuple[object, ...]]:
+    def _read(self, sql: str, params: tuple[object, ...]) -> list[Row]:
         """Committed rows read straight from the service's database (SQLite file or PostgreSQL), with
         a connection of the test's own: a synchronous helper for assertions, not a service path."""
         store = self.rc.store
@@ -120,7 +120,7 @@ class QueueHarness:
             "SELECT data FROM events WHERE (? = '' OR session_key = ?) AND global_seq <= ? ORDER BY global_seq",
             (session, session, self.rc.global_seq),
         )
-        out = [pb.RunEvent.FromString(bytes(r[0])) for r in rows]  # type: ignore[call-overload]
+        out = [pb.RunEvent.FromString(bytes(r[0])) for r in rows]
         return [e for e in out if not (exclude_output and e.type == pb.RUN_EVENT_TYPE_RUN_OUTPUT)]
 
     def replies(self) -> list[pb.Reply]:
@@ -129,7 +129,7 @@ class QueueHarness:
             "SELECT data FROM replies WHERE cursor IS NOT NULL AND cursor <= ? ORDER BY cursor",
             (self.rc.commit.durable_cursor,),
         )
-        return [pb.Reply.FromString(bytes(r[0])) for r in rows]  # type: ignore[call-overload]
+        return [pb.Reply.FromString(bytes(r[0])) for r in rows]
 
     def runs(self) -> list[RunRow]:
         """Every run in the store, newest first."""
