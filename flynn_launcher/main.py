@@ -350,7 +350,8 @@ def _status_rows(ns: argparse.Namespace, paths: MeshPaths) -> tuple[list[tuple[s
     state: dict[str, object] = {}
     if paths.state_file.exists():
         state = json.loads(paths.state_file.read_text())
-    services: list[dict[str, object]] = list(state.get("services", []))  # type: ignore[call-overload]
+    listed = state.get("services", [])
+    services: list[dict[str, object]] = list(listed) if isinstance(listed, list) else []
     started = {str(s["name"]): str(s["address"]) for s in services}
     pids = {str(s["name"]): str(s.get("pid") or "-") for s in services}
     kinds = {str(s["name"]): str(s.get("readiness", "grpc")) for s in services}

@@ -21,15 +21,11 @@ from flynn.v1 import (
 )
 
 from examples.companion_node import CompanionNode
-from tests.support.flow import FlowMesh, assert_gates_hold_after_kills, poll
+from tests.support.flow import FlowMesh, assert_gates_hold_after_kills, final_for, poll
 from tests.support.mesh import as_call
 from tests.support.voice import status_details
 
 FINAL = run_control_pb2.REPLY_KIND_FINAL
-
-
-def final_for(run_id: str):  # type: ignore[no-untyped-def]
-    return lambda rs: any(r.kind == FINAL and r.run_id == run_id for r in rs)
 
 
 def run_state(mesh: FlowMesh, run_id: str) -> int:

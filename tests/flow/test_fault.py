@@ -11,9 +11,9 @@ import contextlib
 import hashlib
 import random
 import time
-from collections.abc import AsyncIterator
+from collections.abc import AsyncIterator, Awaitable, Callable
 from dataclasses import dataclass, field
-from typing import cast
+from typing import TypeVar, cast
 
 import grpc
 import pytest
@@ -54,7 +54,10 @@ class Ledger:
     stop: asyncio.Event = field(default_factory=asyncio.Event)
 
 
-async def retry(fn, ledger: Ledger, deadline: float):  # type: ignore[no-untyped-def]
+T = TypeVar("T")
+
+
+async def retry(fn: Callable[[], Awaitable[T]], ledger: Ledger, deadline: float) -> T:
     delay = 0.05
     while True:
         try:

@@ -16,15 +16,11 @@ import grpc
 import pytest
 from flynn.v1 import canvas_pb2, canvas_pb2_grpc, common_pb2, gateway_pb2, run_control_pb2
 
-from tests.support.flow import FlowMesh, poll
+from tests.support.flow import FlowMesh, final_for, poll
 from tests.support.mesh import ROOT, as_call, grpcurl
 from tests.support.voice import status_details
 
 FINAL = run_control_pb2.REPLY_KIND_FINAL
-
-
-def final_for(run_id: str):  # type: ignore[no-untyped-def]
-    return lambda rs: any(r.kind == FINAL and r.run_id == run_id for r in rs)
 
 
 def spoken_wav(text: str, tmp: Path) -> bytes:

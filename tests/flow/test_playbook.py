@@ -25,16 +25,12 @@ from flynn.v1 import (
 
 from examples.companion_node import CompanionNode
 from flynn_runtime.gates import GATE_NAMES
-from tests.support.flow import NO_GATE_FAILED, FlowMesh, poll
+from tests.support.flow import NO_GATE_FAILED, FlowMesh, final_for, poll
 from tests.support.mesh import as_call
 from tests.support.voice import status_details
 
 FINAL = run_control_pb2.REPLY_KIND_FINAL
 FLIP_BOUND = 5.0  # generous: the measured figure is in bench/e2e.py
-
-
-def final_for(run_id: str):  # type: ignore[no-untyped-def]
-    return lambda rs: any(r.kind == FINAL and r.run_id == run_id for r in rs)
 
 
 def silent_wav() -> bytes:

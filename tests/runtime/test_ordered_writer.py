@@ -4,6 +4,7 @@ background failures logged, a full queue drops background writes only."""
 from __future__ import annotations
 
 import asyncio
+from collections.abc import Awaitable, Callable
 
 import pytest
 
@@ -14,7 +15,7 @@ async def test_order_results_and_failures() -> None:
     w = OrderedWriter("t")
     applied: list[int] = []
 
-    def write(i: int, delay: float, fail: bool = False):  # type: ignore[no-untyped-def]
+    def write(i: int, delay: float, fail: bool = False) -> Callable[[], Awaitable[int]]:
         async def run() -> int:
             await asyncio.sleep(delay)
             if fail:
@@ -41,7 +42,7 @@ async def test_full_queue_drops_background_writes_but_never_awaited_ones() -> No
     gate = asyncio.Event()
     applied: list[str] = []
 
-    def write(name: str):  # type: ignore[no-untyped-def]
+    def write(name: str) -> Callable[[], Awaitable[None]]:
         async def run() -> None:
             await gate.wait()
             applied.append(name)

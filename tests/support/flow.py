@@ -320,3 +320,8 @@ def flow_mesh(root: Path, tokens: Tokens, **kw: Any) -> Iterator[FlowMesh]:
         yield mesh
     finally:
         mesh.stop()
+
+
+def final_for(run_id: str) -> Callable[[list[run_control_pb2.Reply]], bool]:
+    """A wait_replies predicate: the replies hold the final of run `run_id`."""
+    return lambda rs: any(r.kind == run_control_pb2.REPLY_KIND_FINAL and r.run_id == run_id for r in rs)
