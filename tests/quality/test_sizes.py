@@ -30,13 +30,11 @@ ALLOWED: dict[str, str] = {
     "tests/runtime/test_database_outage.py::test_postgres_crash_under_load": _FAULT_SCENARIO,
     "tests/flow/test_fault.py::test_mixed_load_survives_kill9_of_each_stateful_service": _FAULT_SCENARIO,
     "tests/queue/test_fault.py::test_sigkill_mid_load_loses_nothing_and_doubles_nothing": _FAULT_SCENARIO,
-    "tests/replicas/test_run_control_failover.py::test_three_replicas_sigkill_the_busiest_twice": _FAULT_SCENARIO,
     "tests/reactions/test_with_queue.py::test_real_queue_sigkill_mid_stream_and_recursion_guard": _FAULT_SCENARIO,
     "tests/nodes/test_canvas_crash.py::test_sigkill_during_puts_loses_no_acknowledged_put": _FAULT_SCENARIO,
     "tests/config/test_config_process.py::test_sigkill_loses_no_committed_revision_and_watchers_resume": (
         _FAULT_SCENARIO
     ),
-    "tests/queue/test_database_outage.py::test_postgres_killed_under_load_then_back": _FAULT_SCENARIO,
     "tests/gateway/test_rough_edges.py::test_huge_ids_and_many_bad_entries_keep_the_error_model": (
         "a table of bad inputs against one running mesh, each row a call and its expected error; "
         "the length is the table"

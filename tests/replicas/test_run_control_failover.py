@@ -74,6 +74,20 @@ async def _wait_owned_again(mesh: QueueReplicas, lost: set[str], dead: int, with
     raise AssertionError(f"{len(missing)} sessions not owned again within {within} s: {missing[:5]}")
 
 
+def _heads_of_one_writer(postgres_url: str) -> tuple[int, int]:
+    """(last event number, last reply cursor) in the database, after checking that no two writers
+    wrote the same session sequence number."""
+    with psycopg.connect(postgres_url, autocommit=True) as conn:
+        head = conn.execute("SELECT COALESCE(MAX(global_seq), 0) FROM flynn_queue.events").fetchone()
+        reply_head = conn.execute("SELECT COALESCE(MAX(cursor), 0) FROM flynn_queue.replies").fetchone()
+        dup_seq = conn.execute(
+            "SELECT session_key, session_seq FROM flynn_queue.events GROUP BY 1, 2 HAVING count(*) > 1"
+        ).fetchall()
+    assert head is not None and reply_head is not None
+    assert not dup_seq, f"two writers wrote the same session sequence number: {dup_seq[:5]}"
+    return int(head[0]), int(reply_head[0])
+
+
 async def test_three_replicas_sigkill_the_busiest_twice(
     start_replicas: StartReplicas, tokens: Tokens, postgres_url: str
 ) -> None:
@@ -125,16 +139,9 @@ async def test_three_replicas_sigkill_the_busiest_twice(
         "sessions did not settle"
     )
 
-    with psycopg.connect(postgres_url, autocommit=True) as conn:
-        head = conn.execute("SELECT COALESCE(MAX(global_seq), 0) FROM flynn_queue.events").fetchone()
-        reply_head = conn.execute("SELECT COALESCE(MAX(cursor), 0) FROM flynn_queue.replies").fetchone()
-        dup_seq = conn.execute(
-            "SELECT session_key, session_seq FROM flynn_queue.events GROUP BY 1, 2 HAVING count(*) > 1"
-        ).fetchall()
-    assert head is not None and reply_head is not None
-    assert not dup_seq, f"two writers wrote the same session sequence number: {dup_seq[:5]}"
+    head, reply_head = _heads_of_one_writer(postgres_url)
     for _ in range(600):
-        if consumer.cursor >= head[0] and consumer.reply_cursor >= reply_head[0]:
+        if consumer.cursor >= head and consumer.reply_cursor >= reply_head:
             break
         await asyncio.sleep(0.05)
     for t in streams:
@@ -142,8 +149,8 @@ async def test_three_replicas_sigkill_the_busiest_twice(
     await asyncio.gather(*streams, return_exceptions=True)
 
     # Streams: from 1 to the head without a gap or a repeat, across both failovers.
-    assert [e.global_seq for e in consumer.events] == list(range(1, head[0] + 1))
-    assert [r.cursor for r in consumer.replies] == list(range(1, reply_head[0] + 1))
+    assert [e.global_seq for e in consumer.events] == list(range(1, head + 1))
+    assert [r.cursor for r in consumer.replies] == list(range(1, reply_head + 1))
 
     runs = await all_runs(stub, md)
     consumer.assert_one_terminal_each(runs)
