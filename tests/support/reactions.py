@@ -245,6 +245,19 @@ def replies_once_per_message(svc: RecordingRunControl, total: int) -> list[run_c
     return replies
 
 
+def echoed_once_across_a_kill(svc: RecordingRunControl, total: int) -> None:
+    """Assert what the ack-all + echo rules leave after a replica was killed mid-stream: one ack and one
+    "got message <i>" reply per message of the `total` sent, and at most 4 PostReply calls repeated
+    (the ones in flight at the kill, same idempotency key, deduplicated by run control)."""
+    replies = replies_once_per_message(svc, total)
+    with svc.cond:
+        calls = len(svc.rec.post_reply_calls)
+    texts = {r.text for r in replies if r.kind == run_control_pb2.REPLY_KIND_REACTION}
+    assert texts == {f"got message {i}" for i in range(total)}
+    print(f"PostReply calls {calls}, distinct replies {len(replies)}")
+    assert calls - len(replies) <= 4
+
+
 def wait_rule_matches(address: str, md: Metadata, want: dict[str, int]) -> None:
     """Assert that the reactions service at `address` counts `want` matches per rule: every event
     evaluated once. The last outcome commits just after its reply was posted, so this polls (5 s at most)."""
