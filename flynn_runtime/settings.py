@@ -73,13 +73,18 @@ def _env(name: str, default: str) -> str:
 
 
 def env_arg(
-    p: argparse.ArgumentParser, name: str, default: str, help: str, *, type: Callable[[str], object] = str
+    p: argparse.ArgumentParser,
+    name: str,
+    default: str,
+    help: str,
+    *,
+    type: Callable[[str], object] = str,
+    env: str = "",
 ) -> None:
-    """Add `--name`, whose default is $FLYNN_NAME when set, else `default`; the help names the variable."""
-    env = name.replace("-", "_")
-    p.add_argument(
-        f"--{name}", type=type, default=type(_env(env, default)), help=f"{help} (FLYNN_{env.upper()})"
-    )
+    """Add `--name`, whose default is $FLYNN_NAME (or $FLYNN_<env> when the variable is named
+    otherwise) when set, else `default`; the help names the variable."""
+    var = (env or name).replace("-", "_").upper()
+    p.add_argument(f"--{name}", type=type, default=type(_env(var, default)), help=f"{help} (FLYNN_{var})")
 
 
 def build_parser(service: str) -> argparse.ArgumentParser:

@@ -7,7 +7,6 @@ import asyncio
 import contextlib
 import importlib
 import logging
-import os
 from pathlib import Path
 from typing import TYPE_CHECKING
 
@@ -20,6 +19,7 @@ from flynn_runtime.errors import FlynnError
 from flynn_runtime.fencing import Fencer
 from flynn_runtime.pg_listen import Listener
 from flynn_runtime.server import Runtime, ServiceApp
+from flynn_runtime.settings import env_arg
 from nodes_svc.canvas_servicer import CanvasServicer
 from nodes_svc.canvas_store import (
     DEFAULT_MAX_ARTIFACT_BYTES,
@@ -48,33 +48,23 @@ SWEEP_INTERVAL = 0.1
 PRUNE_INTERVAL = 600.0
 
 
-def _env(name: str, default: str) -> str:
-    return os.environ.get(f"FLYNN_{name}", default)
-
-
 def add_args(p: argparse.ArgumentParser) -> None:
-    p.add_argument(
-        "--canvas-max-artifact-bytes",
-        type=int,
-        default=int(_env("CANVAS_MAX_ARTIFACT_BYTES", str(DEFAULT_MAX_ARTIFACT_BYTES))),
-        help="largest artifact version (FLYNN_CANVAS_MAX_ARTIFACT_BYTES)",
+    env_arg(
+        p, "canvas-max-artifact-bytes", str(DEFAULT_MAX_ARTIFACT_BYTES), "largest artifact version", type=int
     )
-    p.add_argument(
-        "--canvas-max-total-bytes",
+    env_arg(
+        p,
+        "canvas-max-total-bytes",
+        str(DEFAULT_MAX_TOTAL_BYTES),
+        "bytes of all kept versions together; beyond it puts get RESOURCE_EXHAUSTED",
         type=int,
-        default=int(_env("CANVAS_MAX_TOTAL_BYTES", str(DEFAULT_MAX_TOTAL_BYTES))),
-        help="bytes of all kept versions together; beyond it puts get RESOURCE_EXHAUSTED (FLYNN_CANVAS_MAX_TOTAL_BYTES)",
     )
-    p.add_argument(
-        "--canvas-max-versions",
-        type=int,
-        default=int(_env("CANVAS_MAX_VERSIONS", str(DEFAULT_MAX_VERSIONS))),
-        help="versions kept per artifact (FLYNN_CANVAS_MAX_VERSIONS)",
-    )
-    p.add_argument(
-        "--nodes-config",
-        default=_env("NODES_CONFIG", ""),
-        help="YAML/JSON FlynnConfig to use instead of watching the config service (tools, tests, bench) (FLYNN_NODES_CONFIG)",
+    env_arg(p, "canvas-max-versions", str(DEFAULT_MAX_VERSIONS), "versions kept per artifact", type=int)
+    env_arg(
+        p,
+        "nodes-config",
+        "",
+        "YAML/JSON FlynnConfig to use instead of watching the config service (tools, tests, bench)",
     )
 
 

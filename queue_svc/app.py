@@ -33,24 +33,26 @@ def _flag(name: str, default: str) -> str:
 
 
 def add_args(p: argparse.ArgumentParser) -> None:
-    p.add_argument(
-        "--queue-config-file",
-        default=_flag("queue_config_file", ""),
-        help="YAML FlynnConfig used instead of watching the config service (FLYNN_QUEUE_CONFIG_FILE; "
-        "for tools, benchmarks and tests without the mesh)",
+    env_arg(
+        p,
+        "queue-config-file",
+        "",
+        "YAML FlynnConfig used instead of watching the config service (for tools, benchmarks and tests "
+        "without the mesh)",
     )
-    p.add_argument(
-        "--max-sessions-per-principal",
+    env_arg(
+        p,
+        "max-sessions-per-principal",
+        str(DEFAULT_MAX_SESSIONS_PER_PRINCIPAL),
+        "sessions one channel principal may open over its channels, 0 = no limit",
         type=int,
-        default=int(_flag("max_sessions_per_principal", str(DEFAULT_MAX_SESSIONS_PER_PRINCIPAL))),
-        help="sessions one channel principal may open over its channels, 0 = no limit "
-        "(FLYNN_MAX_SESSIONS_PER_PRINCIPAL)",
     )
-    p.add_argument(
-        "--agent-token-file",
-        default=_flag("agent_token_file", ""),
-        help="file holding the credential presented to external agents; it grants nothing in the mesh "
-        "(FLYNN_AGENT_TOKEN_FILE; FLYNN_AGENT_TOKEN is read when no file is given)",
+    env_arg(
+        p,
+        "agent-token-file",
+        "",
+        "file holding the credential presented to external agents; it grants nothing in the mesh "
+        "(FLYNN_AGENT_TOKEN is read when no file is given)",
     )
     env_arg(
         p,

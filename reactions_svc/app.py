@@ -16,6 +16,7 @@ from flynn_runtime import config_yaml
 from flynn_runtime.config_source import ConfigSource, StaticConfig
 from flynn_runtime.errors import FlynnError
 from flynn_runtime.server import Runtime, ServiceApp
+from flynn_runtime.settings import env_arg
 from reactions_svc.actions import GrpcActionRunner
 from reactions_svc.consumers import (
     NODE_CURSOR,
@@ -41,23 +42,29 @@ def _flag(name: str, default: str) -> str:
 
 
 def add_args(p: argparse.ArgumentParser) -> None:
-    p.add_argument(
-        "--rules-file",
-        default=_flag("reactions_rules_file", ""),
-        help="YAML config whose automation.reactions is used instead of watching the config service "
-        "(FLYNN_REACTIONS_RULES_FILE; for tools and tests without the mesh)",
+    env_arg(
+        p,
+        "rules-file",
+        "",
+        "YAML config whose automation.reactions is used instead of watching the config service (for "
+        "tools and tests without the mesh)",
+        env="reactions_rules_file",
     )
-    p.add_argument(
-        "--partitions",
+    env_arg(
+        p,
+        "partitions",
+        str(DEFAULT_COUNT),
+        "with a database: how many partitions the event streams are divided into among replicas; the "
+        "same on every replica, chosen once",
         type=int,
-        default=int(_flag("reactions_partitions", str(DEFAULT_COUNT))),
-        help="with a database: how many partitions the event streams are divided into among replicas;"
-        " the same on every replica, chosen once (FLYNN_REACTIONS_PARTITIONS)",
+        env="reactions_partitions",
     )
-    p.add_argument(
-        "--consume",
-        default=_flag("reactions_consume", "run,node"),
-        help="event streams to consume: comma list of run, node; empty for none (FLYNN_REACTIONS_CONSUME)",
+    env_arg(
+        p,
+        "consume",
+        "run,node",
+        "event streams to consume: comma list of run, node; empty for none",
+        env="reactions_consume",
     )
 
 

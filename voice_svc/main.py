@@ -9,7 +9,6 @@ from __future__ import annotations
 
 import argparse
 import logging
-import os
 from pathlib import Path
 
 import grpc
@@ -19,6 +18,7 @@ from flynn_runtime import config_yaml, settings
 from flynn_runtime.config_source import ConfigSource, StaticConfig
 from flynn_runtime.config_watcher import ConfigWatcher
 from flynn_runtime.server import Runtime, ServiceApp, run_service
+from flynn_runtime.settings import env_arg
 from voice_svc.engines import FaultSwitch
 from voice_svc.espeak_engine import EspeakEngine
 from voice_svc.piper_engine import PiperEngine
@@ -30,21 +30,26 @@ log = logging.getLogger(__name__)
 
 
 def add_args(p: argparse.ArgumentParser) -> None:
-    p.add_argument(
-        "--fail-engines",
-        default=os.environ.get("FLYNN_VOICE_FAIL_ENGINES", ""),
-        help="FAULT INJECTION: comma-separated engines that fail with engine_error (FLYNN_VOICE_FAIL_ENGINES)",
+    env_arg(
+        p,
+        "fail-engines",
+        "",
+        "FAULT INJECTION: comma-separated engines that fail with engine_error",
+        env="voice_fail_engines",
     )
-    p.add_argument(
-        "--hang-engines",
-        default=os.environ.get("FLYNN_VOICE_HANG_ENGINES", ""),
-        help="FAULT INJECTION: comma-separated engines that never answer (FLYNN_VOICE_HANG_ENGINES)",
+    env_arg(
+        p,
+        "hang-engines",
+        "",
+        "FAULT INJECTION: comma-separated engines that never answer",
+        env="voice_hang_engines",
     )
-    p.add_argument(
-        "--voice-config-file",
-        default=os.environ.get("FLYNN_VOICE_CONFIG_FILE", ""),
-        help="YAML FlynnConfig used instead of watching the config service (FLYNN_VOICE_CONFIG_FILE; "
-        "for tools, benchmarks and tests without the mesh)",
+    env_arg(
+        p,
+        "voice-config-file",
+        "",
+        "YAML FlynnConfig used instead of watching the config service (for tools, benchmarks and tests "
+        "without the mesh)",
     )
 
 
