@@ -40,14 +40,14 @@ def rules_from_yaml(text: str) -> list[config_pb2.ReactionRule]:
 
 def rule(
     rule_id: str,
-    event: int = config_pb2.REACTION_EVENT_TYPE_MESSAGE_RECEIVED,
+    event: config_pb2.ReactionEventType.ValueType = config_pb2.REACTION_EVENT_TYPE_MESSAGE_RECEIVED,
     *,
     priority: int = 0,
     keywords: tuple[str, ...] = (),
     regex: str = "",
     exclusive: bool = False,
     cooldown_s: float = 0,
-    cooldown_key: int = 0,
+    cooldown_key: config_pb2.CooldownKey.ValueType = config_pb2.COOLDOWN_KEY_UNSPECIFIED,
     max_fires: int = 0,
     window_s: float = 0,
     allow_reaction_origin: bool = False,
@@ -61,10 +61,10 @@ def rule(
         enabled=enabled,
         priority=priority,
         exclusive=exclusive,
-        cooldown_key=cooldown_key,  # type: ignore[arg-type]
+        cooldown_key=cooldown_key,
         allow_reaction_origin=allow_reaction_origin,
         max_depth=max_depth,
-        trigger=config_pb2.ReactionTrigger(event=event, keywords=list(keywords), regex=regex, **trigger),  # type: ignore[arg-type]
+        trigger=config_pb2.ReactionTrigger(event=event, keywords=list(keywords), regex=regex, **trigger),
         actions=actions
         or [config_pb2.ReactionAction(reply=config_pb2.ReplyAction(text=f"{rule_id} saw {{text}}"))],
     )
