@@ -32,9 +32,6 @@ ALLOWED: dict[str, str] = {
     "tests/queue/test_fault.py::test_sigkill_mid_load_loses_nothing_and_doubles_nothing": _FAULT_SCENARIO,
     "tests/reactions/test_with_queue.py::test_real_queue_sigkill_mid_stream_and_recursion_guard": _FAULT_SCENARIO,
     "tests/nodes/test_canvas_crash.py::test_sigkill_during_puts_loses_no_acknowledged_put": _FAULT_SCENARIO,
-    "tests/config/test_config_process.py::test_sigkill_loses_no_committed_revision_and_watchers_resume": (
-        _FAULT_SCENARIO
-    ),
     "tests/gateway/test_rough_edges.py::test_huge_ids_and_many_bad_entries_keep_the_error_model": (
         "a table of bad inputs against one running mesh, each row a call and its expected error; "
         "the length is the table"
