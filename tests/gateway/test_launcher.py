@@ -96,6 +96,14 @@ class Launcher:
             self.proc.send_signal(signal.SIGTERM)
         return self.proc.wait(timeout=90)
 
+    def kill_children(self) -> None:
+        """SIGKILL every service the launcher's state file names: none is left behind, whatever happened."""
+        for pid in _child_pids(self):
+            try:
+                os.kill(pid, signal.SIGKILL)
+            except ProcessLookupError:
+                pass
+
 
 @contextlib.contextmanager
 def launched(data_dir: Path, args: list[str]) -> Iterator[Launcher]:
@@ -106,11 +114,7 @@ def launched(data_dir: Path, args: list[str]) -> Iterator[Launcher]:
     finally:
         if lch.proc is not None and lch.proc.poll() is None:
             lch.stop()
-        for pid in _child_pids(lch):
-            try:
-                os.kill(pid, signal.SIGKILL)
-            except ProcessLookupError:
-                pass
+        lch.kill_children()
 
 
 @pytest.fixture
@@ -122,12 +126,7 @@ def launcher(tmp_path: Path) -> Iterator[Launcher]:
         if lch.proc is not None and lch.proc.poll() is None:
             lch.proc.kill()
             lch.proc.wait(30)
-        # Leave no orphan service behind, whatever happened.
-        for pid in _child_pids(lch):
-            try:
-                os.kill(pid, signal.SIGKILL)
-            except ProcessLookupError:
-                pass
+        lch.kill_children()
 
 
 def _child_pids(lch: Launcher) -> list[int]:
@@ -339,8 +338,4 @@ def test_up_with_tls_prints_a_cacert_call_that_works_as_printed(tmp_path: Path) 
         if lch.proc is not None and lch.proc.poll() is None:
             lch.proc.kill()
             lch.proc.wait(30)
-        for pid in _child_pids(lch):
-            try:
-                os.kill(pid, signal.SIGKILL)
-            except ProcessLookupError:
-                pass
+        lch.kill_children()

@@ -3,7 +3,6 @@ service pointed at it (one schema each), `flynn-dev status` SERVING, the server 
 
 from __future__ import annotations
 
-import os
 import shutil
 import signal
 import subprocess
@@ -47,10 +46,7 @@ def test_up_postgres(data_dir: Path) -> None:
             }
             assert schemas == {"flynn_config", "flynn_reactions", "flynn_nodes"}
             assert c.execute("SELECT count(*) FROM flynn_config.revisions").fetchone() == (1,)
-        status = subprocess.run(
-            [*flynn_dev(), "status", "--data-dir", str(lch.data_dir), "--base-port", str(lch.base_port)],
-            capture_output=True, text=True, timeout=60, cwd=ROOT, env=env(),
-        )  # fmt: skip
+        status = _status(lch)
         for svc in ("config", "reactions", "nodes"):
             assert any(
                 line.split()[:1] == [svc] and "SERVING" in line for line in status.stdout.splitlines()
@@ -59,24 +55,7 @@ def test_up_postgres(data_dir: Path) -> None:
         assert "[flynn-dev] PostgreSQL stopped" in lch.lines
         assert not LocalPostgres(data_dir / "data" / "postgres").running()
     finally:
-        if lch.proc is not None and lch.proc.poll() is None:
-            lch.proc.send_signal(signal.SIGTERM)
-            try:
-                lch.proc.wait(60)
-            except subprocess.TimeoutExpired:
-                lch.proc.kill()
-        server = LocalPostgres(data_dir / "data" / "postgres")
-        if server.running():
-            server.stop("immediate")
-        for pid in (
-            [int(str(s["pid"])) for s in lch.state().values()]
-            if (lch.data_dir / "mesh.json").exists()
-            else []
-        ):
-            try:
-                os.kill(pid, signal.SIGKILL)
-            except ProcessLookupError:
-                pass
+        _leave_nothing_running(lch, data_dir)
 
 
 def test_up_postgres_with_two_replicas_of_each_stateful_service(data_dir: Path) -> None:
@@ -90,10 +69,7 @@ def test_up_postgres_with_two_replicas_of_each_stateful_service(data_dir: Path) 
         state = lch.state()
         stateful = ("config", "queue", "reactions", "nodes")
         assert set(state) == {*stateful, *(f"{s}-2" for s in stateful), "gateway"}
-        status = subprocess.run(
-            [*flynn_dev(), "status", "--data-dir", str(lch.data_dir), "--base-port", str(lch.base_port)],
-            capture_output=True, text=True, timeout=60, cwd=ROOT, env=env(),
-        )  # fmt: skip
+        status = _status(lch)
         rows = {
             line.split()[0]: line
             for line in status.stdout.splitlines()[1:]
@@ -105,21 +81,26 @@ def test_up_postgres_with_two_replicas_of_each_stateful_service(data_dir: Path) 
         assert rows["config"].split()[1] == f"{state['config']['address']},{state['config-2']['address']}"
         assert lch.stop() == 0
     finally:
-        if lch.proc is not None and lch.proc.poll() is None:
-            lch.proc.send_signal(signal.SIGTERM)
-            try:
-                lch.proc.wait(60)
-            except subprocess.TimeoutExpired:
-                lch.proc.kill()
-        server = LocalPostgres(data_dir / "data" / "postgres")
-        if server.running():
-            server.stop("immediate")
-        for pid in (
-            [int(str(s["pid"])) for s in lch.state().values()]
-            if (lch.data_dir / "mesh.json").exists()
-            else []
-        ):
-            try:
-                os.kill(pid, signal.SIGKILL)
-            except ProcessLookupError:
-                pass
+        _leave_nothing_running(lch, data_dir)
+
+
+def _status(lch: Launcher) -> subprocess.CompletedProcess[str]:
+    """`flynn-dev status` of the launcher's mesh."""
+    return subprocess.run(
+        [*flynn_dev(), "status", "--data-dir", str(lch.data_dir), "--base-port", str(lch.base_port)],
+        capture_output=True, text=True, timeout=60, cwd=ROOT, env=env(),
+    )  # fmt: skip
+
+
+def _leave_nothing_running(lch: Launcher, data_dir: Path) -> None:
+    """After a test, pass or fail: the launcher stopped, its PostgreSQL stopped, no child left."""
+    if lch.proc is not None and lch.proc.poll() is None:
+        lch.proc.send_signal(signal.SIGTERM)
+        try:
+            lch.proc.wait(60)
+        except subprocess.TimeoutExpired:
+            lch.proc.kill()
+    server = LocalPostgres(data_dir / "data" / "postgres")
+    if server.running():
+        server.stop("immediate")
+    lch.kill_children()
