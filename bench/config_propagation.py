@@ -225,20 +225,11 @@ class Clients:
 
 def _update(stub: Any, cap: int) -> tuple[int, float]:
     from flynn.v1 import config_pb2
-    from google.protobuf import field_mask_pb2
 
-    from flynn_runtime import config_yaml
+    from tests.support.config import field_update
 
     head = stub.GetConfig(config_pb2.GetConfigRequest(), timeout=10, wait_for_ready=True).revision
-    resp = stub.UpdateConfig(
-        config_pb2.UpdateConfigRequest(
-            config=config_yaml.dict_to_config({"server.queue.cap": cap}),
-            update_mask=field_mask_pb2.FieldMask(paths=["server.queue.cap"]),
-            expected_revision=head,
-            reason="bench",
-        ),
-        timeout=10,
-    )
+    resp = stub.UpdateConfig(field_update("server.queue.cap", cap, head=head, reason="bench"), timeout=10)
     return int(resp.revision), time.monotonic()
 
 

@@ -46,12 +46,11 @@ import psycopg
 from flynn.v1 import canvas_pb2, canvas_pb2_grpc, config_pb2, config_pb2_grpc
 from flynn.v1 import run_control_pb2 as pb
 from flynn.v1 import run_control_pb2_grpc as pb_grpc
-from google.protobuf import field_mask_pb2
 
 from bench import state_growth_fill as fill
 from bench.storage_queue import database_env
 from flynn_launcher.local_postgres import LocalPostgres
-from flynn_runtime import config_yaml
+from tests.support.config import field_update
 from tests.support.mesh import ServiceProcess, Tokens, make_tokens
 from tests.support.nodes import config_yaml as nodes_yaml
 from tests.support.nodes import nodes_config
@@ -238,12 +237,7 @@ async def config_figures(stacks: list[Stack], scale: Scale) -> Samples:
             assert got.revision == (scale.revisions if s.full else 1), (s.state, got.revision)
         for i in range(FIRST_PAGE + 10):  # both stores: a full first page, and commit->ack
             for s in turns(stacks, i):
-                req = config_pb2.UpdateConfigRequest(
-                    config=config_yaml.dict_to_config({"server.queue.cap": 5000 + i}),
-                    update_mask=field_mask_pb2.FieldMask(paths=["server.queue.cap"]),
-                    expected_revision=head[s.state],
-                    reason="bench",
-                )
+                req = field_update("server.queue.cap", 5000 + i, head=head[s.state], reason="bench")
                 t0 = time.perf_counter()
                 r = await stubs[s.state].UpdateConfig(req, metadata=s.md, timeout=10)
                 out[s.state]["commits"].append(ms_since(t0))

@@ -44,9 +44,8 @@ def pct(xs: list[float], p: float) -> float:
 async def config_figures(address: str, token: str, updates: int) -> tuple[float, float]:
     import grpc
     from flynn.v1 import config_pb2, config_pb2_grpc
-    from google.protobuf import field_mask_pb2
 
-    from flynn_runtime import config_yaml
+    from tests.support.config import field_update
 
     md = (("authorization", f"Bearer {token}"),)
     lat: list[float] = []
@@ -56,12 +55,7 @@ async def config_figures(address: str, token: str, updates: int) -> tuple[float,
         for i in range(updates):
             t0 = time.perf_counter()
             r = await stub.UpdateConfig(
-                config_pb2.UpdateConfigRequest(
-                    config=config_yaml.dict_to_config({"server.queue.cap": 100 + i}),
-                    update_mask=field_mask_pb2.FieldMask(paths=["server.queue.cap"]),
-                    expected_revision=head,
-                    reason="bench",
-                ),
+                field_update("server.queue.cap", 100 + i, head=head, reason="bench"),
                 metadata=md,
                 timeout=10,
             )

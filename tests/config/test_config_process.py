@@ -12,14 +12,12 @@ from pathlib import Path
 import grpc
 import pytest
 from flynn.v1 import config_pb2, config_pb2_grpc
-from google.protobuf import field_mask_pb2
 
 from flynn_cli.main import run as cli
-from flynn_runtime import config_yaml
 from flynn_runtime.channels import client_channel
 from flynn_runtime.config_watcher import ConfigWatcher
 from flynn_runtime.server import Runtime
-from tests.support.config import client_settings
+from tests.support.config import client_settings, field_update
 from tests.support.mesh import ROOT, ServiceProcess, Tokens, grpcurl
 
 
@@ -49,16 +47,6 @@ def _sync_stub(address: str) -> config_pb2_grpc.ConfigServiceStub:
     return config_pb2_grpc.ConfigServiceStub(grpc.insecure_channel(address))
 
 
-def _one_field(path: str, value: object, head: int, reason: str) -> config_pb2.UpdateConfigRequest:
-    """UpdateConfig of the one field `path`, expected at revision `head`."""
-    return config_pb2.UpdateConfigRequest(
-        config=config_yaml.dict_to_config({path: value}),
-        update_mask=field_mask_pb2.FieldMask(paths=[path]),
-        expected_revision=head,
-        reason=reason,
-    )
-
-
 async def test_sigkill_loses_no_committed_revision_and_watchers_resume(
     config_proc_any: ServiceProcess, tokens: Tokens, tmp_path: Path
 ) -> None:
@@ -81,7 +69,7 @@ async def test_sigkill_loses_no_committed_revision_and_watchers_resume(
             try:
                 head = (await stub.GetConfig(config_pb2.GetConfigRequest(), timeout=2)).revision
                 resp = await stub.UpdateConfig(
-                    _one_field("server.queue.cap", cap, head, f"cap {cap}"), timeout=2
+                    field_update("server.queue.cap", cap, head=head, reason=f"cap {cap}"), timeout=2
                 )
                 acknowledged[resp.revision] = cap
                 cap += 1
@@ -113,7 +101,7 @@ async def test_sigkill_loses_no_committed_revision_and_watchers_resume(
         assert [r.revision for r in listed] == list(range(head, 0, -1))  # no gap, no half-written row
         # Watchers come back by themselves and follow new changes.
         resp = await stub.UpdateConfig(
-            _one_field("server.queue.mode", "interrupt", head, "after restart"), timeout=5
+            field_update("server.queue.mode", "interrupt", head=head, reason="after restart"), timeout=5
         )
         for w in watchers:
             assert await w.wait_for_revision(resp.revision, 20)

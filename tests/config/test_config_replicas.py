@@ -10,11 +10,10 @@ from pathlib import Path
 import grpc
 import pytest
 from flynn.v1 import config_pb2, config_pb2_grpc
-from google.protobuf import field_mask_pb2
 
-from flynn_runtime import config_yaml
 from flynn_runtime.channels import client_channel
 from flynn_runtime.rich_status import from_rpc_error
+from tests.support.config import field_update
 from tests.support.mesh import ServiceProcess, Tokens
 
 Stub = config_pb2_grpc.ConfigServiceStub
@@ -51,13 +50,7 @@ def replicas(tmp_path: Path, tokens: Tokens, postgres_url: str) -> Iterator[list
 
 async def _update(op: Stub, expected: int, value: int) -> int:
     r = await op.UpdateConfig(
-        config_pb2.UpdateConfigRequest(
-            config=config_yaml.dict_to_config({"server.queue.cap": value}),
-            update_mask=field_mask_pb2.FieldMask(paths=["server.queue.cap"]),
-            expected_revision=expected,
-            reason="replica test",
-        ),
-        timeout=10,
+        field_update("server.queue.cap", value, head=expected, reason="replica test"), timeout=10
     )
     return int(r.revision)
 

@@ -12,7 +12,7 @@ from flynn_runtime import config_yaml, metrics
 from flynn_runtime.channels import client_channel
 from flynn_runtime.config_watcher import ConfigWatcher, read_cache, write_cache
 from flynn_runtime.server import Runtime
-from tests.support.config import client_settings, config_server
+from tests.support.config import client_settings, config_server, field_update
 from tests.support.mesh import Tokens, free_port
 
 
@@ -117,13 +117,7 @@ async def test_config_watchers_apply_every_rapid_change_in_order(tmp_path: Path,
         stub = config_pb2_grpc.ConfigServiceStub(ch)
         rev = 1
         for i in range(100):
-            resp = await stub.UpdateConfig(
-                config_pb2.UpdateConfigRequest(
-                    config=config_yaml.dict_to_config({"server.queue.cap": 500 + i}),
-                    update_mask=field_mask_pb2.FieldMask(paths=["server.queue.cap"]),
-                    expected_revision=rev,
-                )
-            )
+            resp = await stub.UpdateConfig(field_update("server.queue.cap", 500 + i, head=rev))
             rev = resp.revision
         for w in watchers:
             assert await w.wait_for_revision(101, 20)

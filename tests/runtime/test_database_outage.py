@@ -11,12 +11,11 @@ from pathlib import Path
 
 import grpc
 from flynn.v1 import canvas_pb2, canvas_pb2_grpc, config_pb2, config_pb2_grpc
-from google.protobuf import field_mask_pb2
 from grpc_health.v1 import health_pb2, health_pb2_grpc
 
 from flynn_launcher.local_postgres import LocalPostgres
-from flynn_runtime import config_yaml
 from flynn_runtime.rich_status import from_rpc_error
+from tests.support.config import field_update
 from tests.support.mesh import ServiceProcess, Tokens
 from tests.support.nodes import config_yaml as nodes_yaml
 from tests.support.nodes import nodes_config
@@ -90,12 +89,7 @@ async def test_postgres_crash_under_load(
                             await cfg_stub.GetConfig(config_pb2.GetConfigRequest(), metadata=md, timeout=6)
                         ).revision
                         r = await cfg_stub.UpdateConfig(
-                            config_pb2.UpdateConfigRequest(
-                                config=config_yaml.dict_to_config({"server.queue.cap": cap}),
-                                update_mask=field_mask_pb2.FieldMask(paths=["server.queue.cap"]),
-                                expected_revision=head,
-                                reason=f"load {i}",
-                            ),
+                            field_update("server.queue.cap", cap, head=head, reason=f"load {i}"),
                             metadata=md,
                             timeout=6,
                         )

@@ -11,8 +11,10 @@ from typing import Any
 
 import grpc
 import yaml
-from flynn.v1 import config_pb2_grpc, principals_pb2
+from flynn.v1 import config_pb2, config_pb2_grpc, principals_pb2
+from google.protobuf import field_mask_pb2
 
+from flynn_runtime import config_yaml
 from flynn_runtime import settings as settings_mod
 from flynn_runtime.channels import client_channel
 from flynn_runtime.server import RunningServer, running
@@ -74,3 +76,14 @@ async def until_credential_pushed(
             assert isinstance(snap, principals_pb2.WatchPrincipalsResponse)
             if fingerprint in {c.sha256[:16] for c in snap.credentials}:
                 return
+
+
+def field_update(path: str, value: object, *, head: int, reason: str = "") -> config_pb2.UpdateConfigRequest:
+    """UpdateConfig of the one field `path` (a dotted path, `value` as config YAML spells it),
+    expected at revision `head`."""
+    return config_pb2.UpdateConfigRequest(
+        config=config_yaml.dict_to_config({path: value}),
+        update_mask=field_mask_pb2.FieldMask(paths=[path]),
+        expected_revision=head,
+        reason=reason,
+    )
