@@ -14,7 +14,7 @@ from flynn.v1 import config_pb2, config_pb2_grpc
 from flynn_runtime.channels import client_channel
 from flynn_runtime.rich_status import from_rpc_error
 from tests.support.config import field_update
-from tests.support.mesh import ServiceProcess, Tokens
+from tests.support.mesh import ServiceProcess, Tokens, all_started
 
 Stub = config_pb2_grpc.ConfigServiceStub
 
@@ -39,13 +39,8 @@ def replicas(tmp_path: Path, tokens: Tokens, postgres_url: str) -> Iterator[list
         )
         for name in ("a", "b")
     ]
-    try:
-        for p in procs:
-            p.start()
+    with all_started(procs):
         yield procs
-    finally:
-        for p in procs:
-            p.stop()
 
 
 async def _update(op: Stub, expected: int, value: int) -> int:

@@ -15,7 +15,7 @@ from flynn.v1 import canvas_pb2, canvas_pb2_grpc, nodes_pb2, nodes_pb2_grpc
 
 from examples.companion_node import CompanionNode
 from flynn_runtime.rich_status import from_rpc_error
-from tests.support.mesh import ServiceProcess, Tokens
+from tests.support.mesh import ServiceProcess, Tokens, all_started
 from tests.support.nodes import config_yaml, eventually, nodes_config, started, stop_all
 
 
@@ -33,13 +33,8 @@ def replicas(tmp_path: Path, tokens: Tokens, postgres_url: str) -> Iterator[list
         )
         for name in ("a", "b")
     ]
-    try:
-        for p in procs:
-            p.start()
+    with all_started(procs):
         yield procs
-    finally:
-        for p in procs:
-            p.stop()
 
 
 async def _list(stub: nodes_pb2_grpc.NodesStub, md: tuple[tuple[str, str], ...]) -> list[nodes_pb2.Node]:

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import contextlib
 import os
 import shutil
 import signal
@@ -9,6 +10,7 @@ import socket
 import subprocess
 import sys
 import time
+from collections.abc import Iterator
 from dataclasses import dataclass, field
 from pathlib import Path
 
@@ -54,6 +56,18 @@ def as_call(err: BaseException) -> grpc.Call | grpc.aio.AioRpcError:
     errors are also `grpc.Call`s, the asyncio ones `AioRpcError`s; `grpc.RpcError` alone says neither."""
     assert isinstance(err, grpc.Call | grpc.aio.AioRpcError), repr(err)
     return err
+
+
+@contextlib.contextmanager
+def all_started(procs: list[ServiceProcess]) -> Iterator[list[ServiceProcess]]:
+    """Start every process; stop every one when the block ends (also when a start failed)."""
+    try:
+        for p in procs:
+            p.start()
+        yield procs
+    finally:
+        for p in procs:
+            p.stop()
 
 
 def make_tokens(directory: Path, operator_name: str = "operator") -> Tokens:
