@@ -4,9 +4,11 @@
 mode: it starts a run on an idle session, steers the active run, interrupts it (cancel requested,
 the interrupter queued at the front), queues a followup run, or joins the collect buffer; a full
 queue applies the drop policy first (drop the new message, or the oldest entries). The other
-methods keep the queue: every entry added or removed goes through `enqueue`/`dequeue`, which keep
-memory, the store's queue rows and the depth counter in step, and a queued run leaves the queue
-only by starting (RunControl._advance) or by `cancel_queued` (one CANCEL_REQUESTED, one CANCELLED).
+methods keep the queue: every entry an operation adds or removes goes through `enqueue`/`dequeue`,
+which keep memory, the store's queue rows and the depth counter in step (loading a session, and a
+replica stepping down from one, move entries into or out of memory only: ledger.py, replica.py).
+A queued run leaves the queue only by starting (RunControl._advance) or by `cancel_queued` (one
+CANCEL_REQUESTED, then one CANCELLED).
 
 Like the rest of run control, every method here runs inside an operation (`op`) and never awaits;
 the run life cycle itself (new runs, start, cancel, the one terminal event) stays in run_control.py.
