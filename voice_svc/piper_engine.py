@@ -89,7 +89,7 @@ class PiperEngine:
             async for _msg, data in frames:
                 yield Pcm(data, self.sample_rate)
         finally:
-            await frames.aclose()  # type: ignore[attr-defined]
+            await frames.aclose()
 
     async def close(self) -> None:
         await self.worker.close()

@@ -51,7 +51,7 @@ class _WorkerEngine:
             async for msg, _ in frames:
                 result = Transcript(str(msg.get("text", "")), float(msg.get("confidence", 0.0)))
         finally:
-            await frames.aclose()  # type: ignore[attr-defined]
+            await frames.aclose()
         if result is None:
             raise EngineFailure(ENGINE_ERROR, f"{self.name} worker returned no result")
         return result

@@ -17,7 +17,7 @@ import contextlib
 import json
 import logging
 import sys
-from collections.abc import AsyncIterator, Callable
+from collections.abc import AsyncGenerator, Callable
 from pathlib import Path
 from typing import Any
 
@@ -119,7 +119,7 @@ class WorkerProcess:
 
     async def exchange(
         self, request: dict[str, Any], payload: bytes = b""
-    ) -> AsyncIterator[tuple[dict[str, Any], bytes]]:
+    ) -> AsyncGenerator[tuple[dict[str, Any], bytes], None]:
         """Send one request; yield its frames until done. Raises EngineFailure on error frames."""
         async with self._lock:
             proc = await self._ensure()
