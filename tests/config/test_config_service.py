@@ -175,7 +175,8 @@ async def test_invalid_update_names_every_field_and_commits_nothing(op: Stub) ->
     with pytest.raises(grpc.aio.AioRpcError) as e:
         await op.UpdateConfig(config_pb2.UpdateConfigRequest(expected_revision=1))
     assert e.value.code() == grpc.StatusCode.INVALID_ARGUMENT
-    assert "update_mask" in {v.field for v in from_rpc_error(e.value).violations}  # type: ignore[union-attr]
+    err = from_rpc_error(e.value)
+    assert err is not None and "update_mask" in {v.field for v in err.violations}
 
 
 async def test_dry_run_and_no_op(op: Stub) -> None:
@@ -378,7 +379,8 @@ async def test_slow_watcher_is_closed_and_resumes_from_its_revision(tmp_path: Pa
                 assert msg is not grpc.aio.EOF
                 got.append(msg.revision)
         assert e.value.code() == grpc.StatusCode.UNAVAILABLE
-        assert from_rpc_error(e.value).reason == "WATCHER_TOO_SLOW"  # type: ignore[union-attr]
+        err = from_rpc_error(e.value)
+        assert err is not None and err.reason == "WATCHER_TOO_SLOW"
         assert got == list(range(2, 2 + len(got))) and len(got) < 60
         # It resumes from what it holds and gets exactly the rest, in order.
         rest = []

@@ -52,21 +52,27 @@ async def stores(tmp_path: Path, database_url: str, databases: Databases) -> Asy
     yield open_store
 
 
+Audited = list[tuple[str, dict[str, object]]]
+
+
 async def make(
-    stores: Opener, rules: list[config_pb2.ReactionRule], retention: Retention | None = None
+    stores: Opener,
+    rules: list[config_pb2.ReactionRule],
+    retention: Retention | None = None,
+    audit: Audited | None = None,
 ) -> tuple[Reactor, RecordingRunner, StaticConfig]:
+    """A reactor on the store under test; its audit records are appended to `audit` when given."""
     cfg = config_pb2.FlynnConfig()
     cfg.automation.reactions.extend(rules)
     source = StaticConfig(cfg, revision=3)
     runner = RecordingRunner()
-    audit: list[tuple[str, dict[str, object]]] = []
+    records: Audited = audit if audit is not None else []
     reactor = Reactor(
         await stores(retention),
         RuleSource(source).current,
         runner,
-        audit=lambda name, **kw: audit.append((name, kw)),
+        audit=lambda name, **kw: records.append((name, kw)),
     )
-    reactor.audit_records = audit  # type: ignore[attr-defined]
     return reactor, runner, source
 
 
@@ -83,7 +89,10 @@ def msg(event_id: str, text: str = "hello", session: str = "s1") -> reactions_pb
 
 
 async def test_event_evaluated_once_and_acts_once(stores: Opener) -> None:
-    reactor, runner, _ = await make(stores, [rule("greet", actions=[ack_action(), ack_action("✅")])])
+    audit: Audited = []
+    reactor, runner, _ = await make(
+        stores, [rule("greet", actions=[ack_action(), ack_action("✅")])], audit=audit
+    )
     first = await reactor.handle(msg("run:1"))
     assert first.matched_rule_ids == ["greet"] and not first.duplicate and first.revision == 3
     assert [k for _, k in runner.calls] == ["rx/run:1/greet/0", "rx/run:1/greet/1"]
@@ -92,7 +101,7 @@ async def test_event_evaluated_once_and_acts_once(stores: Opener) -> None:
     assert [t.trace_id for t in again.traces] == [t.trace_id for t in first.traces]
     assert len(runner.calls) == 2
     assert [a.idempotency_key for a in again.traces[0].actions] == ["rx/run:1/greet/0", "rx/run:1/greet/1"]
-    names = [n for n, _ in reactor.audit_records]  # type: ignore[attr-defined]
+    names = [n for n, _ in audit]
     assert names == ["reactionMatch"]
 
 
