@@ -100,6 +100,11 @@ async def test_piper_hanging_is_timed_out_killed_and_restarted() -> None:
                 os.kill(first_pid, 0)
                 await asyncio.sleep(0.05)
         chain.faults = FaultSwitch()
+        # The fresh worker loads its model before it answers; on a busy machine that takes longer than
+        # the 2 s deadline the hang was cut at, so the request after the restart gets a roomier one.
+        cfg.tts.deadline.CopyFrom(duration_pb2.Duration(seconds=30))
+        assert isinstance(chain.config, StaticConfig)
+        await chain.config.apply(cfg, 2)
         ok = await chain.synthesize(SpeechRequest("Back again.", engines=["piper"], caller_remaining=60))
         assert ok.engine == "piper" and piper.pid not in (None, first_pid)
     finally:
