@@ -8,7 +8,9 @@ import json
 import os
 import subprocess
 import sys
+from collections.abc import Callable, Iterator
 from pathlib import Path
+from typing import TypeVar
 
 import grpc
 from flynn.v1 import (
@@ -24,9 +26,21 @@ from flynn.v1 import (
 from tests.support.flow import FlowMesh, poll
 from tests.support.mesh import ROOT, as_call
 
+T = TypeVar("T")
+
 
 def _first(call: grpc.Call) -> object:
     return next(iter(call))  # type: ignore[call-overload]
+
+
+def _read_until(stream: Iterator[T], last: Callable[[T], bool]) -> list[T]:
+    """The items of `stream` up to and including the first for which `last` holds."""
+    out: list[T] = []
+    for item in stream:
+        out.append(item)
+        if last(item):
+            break
+    return out
 
 
 def test_from_now_streams_skip_history_and_say_their_cursor(mesh: FlowMesh) -> None:
@@ -55,22 +69,14 @@ def test_from_now_streams_skip_history_and_say_their_cursor(mesh: FlowMesh) -> N
         sent = mesh.send("edges:now", "hello from now", key="edges-now-1")
         # Everything delivered was committed after the call (a history run may still be finishing);
         # nothing of the history before it comes.
-        seen = []
-        for item in ev_iter:
-            seen.append(item.event)
-            if item.event.session_key == "edges:now":
-                break
+        seen = [i.event for i in _read_until(ev_iter, lambda i: i.event.session_key == "edges:now")]
         assert all(e.global_seq > start_ev.start_after_seq for e in seen), seen
         ev = seen[-1]
         assert ev.type == run_control_pb2.RUN_EVENT_TYPE_MESSAGE_RECEIVED
         assert ev.message_id == sent.message_id
         # A user's message is labelled as one.
         assert ev.causation.origin == common_pb2.ORIGIN_USER
-        got = []
-        for item in rep_iter:
-            got.append(item.reply)
-            if item.reply.session_key == "edges:now":
-                break
+        got = [i.reply for i in _read_until(rep_iter, lambda i: i.reply.session_key == "edges:now")]
         assert all(r.cursor > start_rep.start_after_cursor for r in got), got
         assert not {r.reply_id for r in got} & {r.reply_id for r in history}
     finally:

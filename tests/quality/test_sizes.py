@@ -52,9 +52,6 @@ ALLOWED: dict[str, str] = {
         "one trace across the gateway, voice and run control, asserted span by span as the exported "
         "trace reads"
     ),
-    "tests/flow/test_rough_edges.py::test_from_now_streams_skip_history_and_say_their_cursor": (
-        "every stream's from-now mode in turn against one mesh with history in it"
-    ),
 }
 
 
