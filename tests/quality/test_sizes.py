@@ -29,7 +29,6 @@ _FAULT_SCENARIO = (
 ALLOWED: dict[str, str] = {
     "tests/runtime/test_database_outage.py::test_postgres_crash_under_load": _FAULT_SCENARIO,
     "tests/flow/test_fault.py::test_mixed_load_survives_kill9_of_each_stateful_service": _FAULT_SCENARIO,
-    "tests/queue/test_fault.py::test_sigkill_mid_load_loses_nothing_and_doubles_nothing": _FAULT_SCENARIO,
     "tests/reactions/test_with_queue.py::test_real_queue_sigkill_mid_stream_and_recursion_guard": _FAULT_SCENARIO,
     "tests/nodes/test_canvas_crash.py::test_sigkill_during_puts_loses_no_acknowledged_put": _FAULT_SCENARIO,
     "tests/gateway/test_rough_edges.py::test_huge_ids_and_many_bad_entries_keep_the_error_model": (

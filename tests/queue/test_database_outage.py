@@ -20,7 +20,12 @@ from flynn_launcher.local_postgres import LocalPostgres
 from tests.queue.test_fault import CONFIG
 from tests.support.mesh import Tokens
 from tests.support.queue import TERMINAL_EVENTS
-from tests.support.queue_process import Consumer, sessions_idle, start_queue_process
+from tests.support.queue_process import (
+    Consumer,
+    assert_still_acknowledged,
+    sessions_idle,
+    start_queue_process,
+)
 
 SESSIONS = 10
 
@@ -34,12 +39,13 @@ async def _health(ch: grpc.aio.Channel) -> int:
     return int(resp.status)
 
 
-async def _wait(cond: Callable[[], bool], within: float, what: str) -> None:
+async def _wait(cond: Callable[[], bool], within: float, what: str, seen: Callable[[], object] = str) -> None:
+    """Wait until `cond()`; on timeout, fail naming `what` and what `seen()` shows then."""
     for _ in range(int(within / 0.02)):
         if cond():
             return
         await asyncio.sleep(0.02)
-    raise AssertionError(f"timed out waiting for {what}")
+    raise AssertionError(f"timed out waiting for {what}; {seen()}")
 
 
 async def _until(ch: grpc.aio.Channel, status: int, within: float) -> None:
@@ -86,7 +92,10 @@ async def test_postgres_killed_under_load_then_back(
         await asyncio.to_thread(postgres.kill)
         await _until(ch, health_pb2.HealthCheckResponse.NOT_SERVING, within=10)
         await _wait(
-            lambda: any("is unavailable" in r for r in refused), 20, f"UNAVAILABLE; got {refused[-3:]}"
+            lambda: any("is unavailable" in r for r in refused),
+            20,
+            "UNAVAILABLE",
+            lambda: f"last refusals {refused[-3:]}",
         )
         acked_during_outage = len(acked)
         await asyncio.to_thread(postgres.start)
@@ -96,12 +105,7 @@ async def test_postgres_killed_under_load_then_back(
         await asyncio.gather(*loaders)
 
         # Every acknowledged message is there: its key answers DUPLICATE with the same id.
-        for (session, key), mid in acked.items():
-            resp = await stub.SubmitMessage(
-                pb.SubmitMessageRequest(session_key=session, channel="t", text="again", idempotency_key=key),
-                metadata=md, timeout=5,
-            )  # fmt: skip
-            assert resp.disposition == pb.DISPOSITION_DUPLICATE and resp.message_id == mid, key
+        await assert_still_acknowledged(stub, md, acked)
         await sessions_idle(
             stub, md, [f"s{i}" for i in range(SESSIONS)], polls=3000, every=0.02, call_timeout=5
         )

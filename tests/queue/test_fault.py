@@ -12,7 +12,14 @@ from flynn.v1 import run_control_pb2_grpc as pb_grpc
 
 from tests.support.mesh import Tokens
 from tests.support.queue import TERMINAL_EVENTS
-from tests.support.queue_process import Consumer, all_runs, sessions_idle, start_queue_process
+from tests.support.queue_process import (
+    Consumer,
+    Metadata,
+    all_runs,
+    assert_still_acknowledged,
+    sessions_idle,
+    start_queue_process,
+)
 
 CONFIG = """
 server:
@@ -20,6 +27,20 @@ server:
   agent: {think_time: 30ms, chunks: 3, chunk_interval: 20ms}
 """
 SESSIONS = 20
+
+
+async def _catch_up_and_stop(
+    consumer: Consumer, tasks: list[asyncio.Task[None]], stub: pb_grpc.RunControlStub, md: Metadata
+) -> None:
+    """Let the consumer catch up with the head (a terminal event last, 10 s at most), then stop it."""
+    for _ in range(500):
+        runs_head = (await stub.ListRuns(pb.ListRunsRequest(page_size=1), metadata=md)).runs
+        if consumer.events and consumer.events[-1].type in TERMINAL_EVENTS and runs_head:
+            break
+        await asyncio.sleep(0.02)
+    await asyncio.sleep(0.3)
+    for t in tasks:
+        t.cancel()
 
 
 async def test_sigkill_mid_load_loses_nothing_and_doubles_nothing(tmp_path: Path, tokens: Tokens) -> None:
@@ -65,26 +86,13 @@ async def test_sigkill_mid_load_loses_nothing_and_doubles_nothing(tmp_path: Path
         consumer.stub = stub
         tasks = consumer.start()
         # Every acknowledged message is still there: its key answers DUPLICATE with the same id.
-        for (session, key), mid in acked.items():
-            resp = await stub.SubmitMessage(
-                pb.SubmitMessageRequest(session_key=session, channel="t", text="again", idempotency_key=key),
-                metadata=md, timeout=5,
-            )  # fmt: skip
-            assert resp.disposition == pb.DISPOSITION_DUPLICATE and resp.message_id == mid, key
+        await assert_still_acknowledged(stub, md, acked)
 
         keys = [f"s{i}" for i in range(SESSIONS)]
         assert await sessions_idle(stub, md, keys, polls=3000, every=0.02, call_timeout=5), (
             "sessions did not settle"
         )
-        # Let the consumer catch up with the head, then stop it.
-        for _ in range(500):
-            runs_head = (await stub.ListRuns(pb.ListRunsRequest(page_size=1), metadata=md)).runs
-            if consumer.events and consumer.events[-1].type in TERMINAL_EVENTS and runs_head:
-                break
-            await asyncio.sleep(0.02)
-        await asyncio.sleep(0.3)
-        for t in tasks:
-            t.cancel()
+        await _catch_up_and_stop(consumer, tasks, stub, md)
 
         # The event stream resumed from the consumer's cursor without a gap (asserted per event too).
         seqs = [e.global_seq for e in consumer.events]
@@ -107,12 +115,7 @@ async def test_sigkill_mid_load_loses_nothing_and_doubles_nothing(tmp_path: Path
         completed = {r.run_id for r in runs if r.state == pb.RUN_STATE_COMPLETED}
         assert {r.run_id for r in replay} == completed
         # Every acknowledged message is in a run or was dropped with a reason.
-        in_runs = {m for r in runs for m in r.message_ids}
-        dropped = {
-            e.message_id for e in consumer.events if e.type == pb.RUN_EVENT_TYPE_MESSAGE_DROPPED and e.reason
-        }
-        lost = [k for k, m in acked.items() if m not in in_runs and m not in dropped]
-        assert not lost, lost[:5]
+        consumer.assert_nothing_lost(acked, runs)
         # The crash left runs mid-flight; the rerun policy gave them a second attempt.
         assert any(r.attempt == 2 for r in runs) or any(e.reason == "restart" for e in consumer.events)
         await ch.close()

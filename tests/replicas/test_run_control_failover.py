@@ -159,12 +159,8 @@ async def test_three_replicas_sigkill_the_busiest_twice(
     assert set(finals) == {r.run_id for r in runs if r.state == pb.RUN_STATE_COMPLETED}
     # Every acknowledged message became exactly one run, or an event says why not.
     in_runs = Counter(m for r in runs for m in r.message_ids)
-    dropped = {
-        e.message_id for e in consumer.events if e.type == pb.RUN_EVENT_TYPE_MESSAGE_DROPPED and e.reason
-    }
     assert all(n == 1 for n in in_runs.values()), "a message is in two runs"
-    lost_msgs = [k for k, m in acked.items() if m not in in_runs and m not in dropped]
-    assert not lost_msgs, lost_msgs[:5]
+    consumer.assert_nothing_lost(acked, runs)
     # The kills left runs mid-flight: the new owners recovered them with the restart policy.
     assert any(r.attempt >= 2 for r in runs) or any(e.reason.startswith("restart") for e in consumer.events)
     await ch.close()

@@ -91,6 +91,16 @@ class Consumer:
             if not await self._again():
                 return
 
+    def assert_nothing_lost(self, acked: dict[tuple[str, str], str], runs: list[pb.Run]) -> None:
+        """Every acknowledged message ((session, idempotency key) -> message id) is in one of `runs`,
+        or a MESSAGE_DROPPED event this consumer read says why not."""
+        in_runs = {m for r in runs for m in r.message_ids}
+        dropped = {
+            e.message_id for e in self.events if e.type == pb.RUN_EVENT_TYPE_MESSAGE_DROPPED and e.reason
+        }
+        lost = [k for k, m in acked.items() if m not in in_runs and m not in dropped]
+        assert not lost, lost[:5]
+
     def assert_one_terminal_each(self, runs: list[pb.Run]) -> None:
         """Every run in `runs` has exactly one terminal event in what this consumer read."""
         terminals = Counter(e.run_id for e in self.events if e.type in TERMINAL_EVENTS)
@@ -146,3 +156,16 @@ async def all_runs(stub: pb_grpc.RunControlStub, md: Metadata) -> list[pb.Run]:
         token = page.next_page_token
         if not token:
             return runs
+
+
+async def assert_still_acknowledged(
+    stub: pb_grpc.RunControlStub, md: Metadata, acked: dict[tuple[str, str], str]
+) -> None:
+    """Every acknowledged message ((session, idempotency key) -> message id) is still there: its key
+    answers DUPLICATE with the same id."""
+    for (session, key), mid in acked.items():
+        resp = await stub.SubmitMessage(
+            pb.SubmitMessageRequest(session_key=session, channel="t", text="again", idempotency_key=key),
+            metadata=md, timeout=5,
+        )  # fmt: skip
+        assert resp.disposition == pb.DISPOSITION_DUPLICATE and resp.message_id == mid, key
