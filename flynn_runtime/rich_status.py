@@ -141,15 +141,16 @@ def from_rpc_error(err: grpc.RpcError) -> FlynnError | None:
             ri = error_details_pb2.RetryInfo()
             detail.Unpack(ri)
             retry = duration_seconds(ri.retry_delay)
-    code = Code(grpc.StatusCode(_code_tuple(status.code)).name) if status.code else Code.INTERNAL
+    code = Code(_status_code(status.code).name) if status.code else Code.INTERNAL
     return FlynnError(code, status.message, reason, metadata, violations, retry)
 
 
-def _code_tuple(code: int) -> tuple[int, str]:
+def _status_code(number: int) -> grpc.StatusCode:
+    """The grpc.StatusCode of a google.rpc.Status code number (ValueError when there is none)."""
     for sc in grpc.StatusCode:
-        if sc.value[0] == code:
-            return sc.value  # type: ignore[no-any-return]
-    raise ValueError(code)
+        if sc.value[0] == number:
+            return sc
+    raise ValueError(number)
 
 
 def violation_fields(err: grpc.RpcError) -> Sequence[str]:
