@@ -11,8 +11,8 @@ import grpc
 from grpc_health.v1 import health_pb2, health_pb2_grpc
 
 from flynn_launcher.local_postgres import LocalPostgres
-from tests.reactions.test_restart import RULES
 from tests.support.mesh import ServiceProcess, Tokens
+from tests.support.reactions import ACK_AND_ECHO_RULES as RULES
 from tests.support.reactions import RunControlServer, replies_once_per_message, wait_rule_matches
 
 

@@ -19,26 +19,13 @@ from prometheus_client.parser import text_string_to_metric_families
 
 from tests.support.mesh import ServiceProcess, Tokens
 from tests.support.reactions import (
+    ACK_AND_ECHO_RULES as RULES,
+)
+from tests.support.reactions import (
     RunControlServer,
     echoed_once_across_a_kill,
     wait_rule_matches,
 )
-
-RULES = """
-automation:
-  reactions:
-    - id: ack-all
-      enabled: true
-      trigger: {event: message_received}
-      priority: 10
-      actions:
-        - ack: {emoji: "👀"}
-    - id: echo
-      enabled: true
-      trigger: {event: message_received}
-      actions:
-        - reply: {text: "got {text}"}
-"""
 
 
 def _events_handled(proc: ServiceProcess) -> float:

@@ -11,26 +11,13 @@ from flynn.v1 import reactions_pb2, reactions_pb2_grpc
 
 from tests.support.mesh import ServiceProcess, Tokens
 from tests.support.reactions import (
+    ACK_AND_ECHO_RULES as RULES,
+)
+from tests.support.reactions import (
     RunControlServer,
     echoed_once_across_a_kill,
     wait_rule_matches,
 )
-
-RULES = """
-automation:
-  reactions:
-    - id: ack-all
-      enabled: true
-      trigger: {event: message_received}
-      priority: 10
-      actions:
-        - ack: {emoji: "👀"}
-    - id: echo
-      enabled: true
-      trigger: {event: message_received}
-      actions:
-        - reply: {text: "got {text}"}
-"""
 
 
 def test_sigkill_mid_stream_misses_nothing_and_duplicates_nothing(

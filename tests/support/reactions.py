@@ -32,6 +32,23 @@ from flynn_runtime import config_yaml
 
 Metadata = tuple[tuple[str, str], ...]
 
+#: Rules of the reactions fault tests: an ack and an echo ("got <text>") for every message received.
+ACK_AND_ECHO_RULES = """
+automation:
+  reactions:
+    - id: ack-all
+      enabled: true
+      trigger: {event: message_received}
+      priority: 10
+      actions:
+        - ack: {emoji: "👀"}
+    - id: echo
+      enabled: true
+      trigger: {event: message_received}
+      actions:
+        - reply: {text: "got {text}"}
+"""
+
 
 def rules_from_yaml(text: str) -> list[config_pb2.ReactionRule]:
     cfg = config_yaml.yaml_to_config(text)
