@@ -233,6 +233,11 @@ class GroupCommit:
         self.durable_gseq = max(self.durable_gseq, gseq)
         self.durable_cursor = max(self.durable_cursor, cursor)
 
+    @property
+    def pending(self) -> bool:
+        """Operations are waiting to be made durable (open or in flight)."""
+        return bool(self._open.ops) or self._inflight is not None
+
     async def durable(self) -> None:
         """Wait until every operation done so far is durable (acknowledge after this)."""
         if self._open.ops:

@@ -129,7 +129,14 @@ class Ledger:
         return self.commit.op()
 
     async def durable(self) -> None:
-        """Wait until every operation done so far is durable (acknowledge after this)."""
+        """Wait until every operation done so far is durable (acknowledge after this).
+
+        While the writer waits for the database, a caller with writes still pending is refused at
+        once with UNAVAILABLE instead of waiting out its deadline: its writes stay queued and are
+        committed when the database is back, where a retry with the same idempotency key finds them
+        (a duplicate submit of a message not yet durable is answered only once it is)."""
+        if self.commit.pending:
+            self.store.check_writable()
         await self.commit.durable()
 
     async def settle(self, within: float) -> None:
