@@ -216,10 +216,7 @@ async def running(
     health_pb2_grpc.add_HealthServicer_to_server(health_servicer, server)
     app.register(server)
     names = [*app.service_names, *app.reflection_names, health.SERVICE_NAME, reflection.SERVICE_NAME]
-    if app.replicated:
-        system_pb2_grpc.add_ReplicasServicer_to_server(ReplicasServicer(lambda: app.replicas), server)
-        names.append(REPLICAS_SERVICE)
-    reflection_service.enable(names, server)
+    reflection_service.enable([*names, *_register_replicas(app, server)], server)
     credentials = tls.server_credentials(settings.tls, settings.service)
     if credentials is None:
         port = server.add_insecure_port(settings.listen)
@@ -279,6 +276,14 @@ async def running(
             await front.stop()
         await feed.stop()
         await _graceful_stop(handle)
+
+
+def _register_replicas(app: ServiceApp, server: grpc.aio.Server) -> list[str]:
+    """flynn.v1.Replicas on a stateful service (its registry is set in start(), before serving)."""
+    if not app.replicated:
+        return []
+    system_pb2_grpc.add_ReplicasServicer_to_server(ReplicasServicer(lambda: app.replicas), server)
+    return [REPLICAS_SERVICE]
 
 
 async def _graceful_stop(h: RunningServer) -> None:
