@@ -152,8 +152,6 @@ class QueueApp(ServiceApp):
         self.replicas = ReplicaRegistry(
             db, settings.holder, settings.address, self._replica_report, gone_after=settings.ttl
         )
-        async with db.connection() as c:
-            await self.replicas.join(c)
         self.ownership.heartbeat = self.replicas.beat  # after each renewal (ttl/3): no timer of its own
         return store
 
@@ -221,6 +219,9 @@ class QueueApp(ServiceApp):
             session_idle_seconds=self._session_idle_seconds(),
         )
         await self.rc.start()
+        if self.ownership is not None and self.replicas is not None:
+            async with self.ownership.db.connection() as c:
+                await self.replicas.join(c)  # recorded once it can serve (ready at its first row)
 
     async def stop(self) -> None:
         if self.rc is not None:
