@@ -27,6 +27,7 @@ gateway's `System/GetStatus`, `flynn-dev status`, the console) without knowing p
 from __future__ import annotations
 
 import json
+import logging
 import time
 from collections.abc import Awaitable, Callable
 from dataclasses import dataclass, field
@@ -36,6 +37,8 @@ import psycopg
 
 from flynn_runtime import VERSION
 from flynn_runtime.database import Database
+
+log = logging.getLogger(__name__)
 
 Conn = psycopg.AsyncConnection[tuple[Any, ...]]
 
@@ -144,6 +147,7 @@ class ReplicaRegistry:
         self.gone_after = gone_after
         self.started_at = time.time()
         self.beats = 0
+        self.failures = 0
         self._left = False
 
     def _params(self, joining: bool) -> dict[str, object]:
@@ -167,10 +171,17 @@ class ReplicaRegistry:
         await conn.execute(_UPSERT, self._params(joining=True))
 
     async def beat(self, conn: Conn) -> None:
-        """One heartbeat: the row's heartbeat time and this replica's report, in one statement."""
+        """One heartbeat: the row's heartbeat time and this replica's report, in one statement. Never
+        raises a database error: a missed heartbeat must not cost the renewal loop that carries it
+        (the row just ages; the bound says gone if they keep failing)."""
         if self._left:
             return  # stopping: the "stopped" mark stays
-        await conn.execute(_UPSERT, self._params(joining=False))
+        try:
+            await conn.execute(_UPSERT, self._params(joining=False))
+        except psycopg.Error as e:
+            self.failures += 1
+            log.warning("replica heartbeat not written", extra={"error": str(e)[:200]})
+            return
         self.beats += 1
 
     async def leave(self) -> None:
