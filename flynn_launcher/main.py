@@ -32,6 +32,7 @@ from types import FrameType
 import grpc
 from flynn.v1 import system_pb2, system_pb2_grpc
 
+from flynn_cli.status_cmds import REPLICA_HEADER, print_table, replica_rows
 from flynn_launcher.local_postgres import LocalPostgres, usable_directory
 from flynn_launcher.plan import (
     CONSOLE,
@@ -348,33 +349,6 @@ def up(ns: argparse.Namespace) -> int:
 Rows = list[tuple[str, ...]]
 
 
-def _replica_rows(resp: system_pb2.GetStatusResponse, addresses: dict[str, str]) -> Rows:
-    """One row per replica of each stateful service, as the replicas recorded themselves in their
-    database (System.GetStatus): what works the same in Kubernetes, where no port list is known."""
-    by_address = {addr: name for name, addr in addresses.items()}  # "config-2" for its replica
-    rows: Rows = []
-    for s in resp.services:
-        for r in s.replicas:
-            state = short_name(system_pb2.ReplicaState, r.state, lower=False)
-            holds = ", ".join(f"{h.name}={h.value:g}" for h in r.holdings)
-            rows.append(
-                (
-                    "replica",
-                    s.service,
-                    by_address.get(r.address, "-"),
-                    r.replica_id,
-                    r.address,
-                    state,
-                    f"{r.heartbeat_age_seconds:.1f}s ago",
-                    "held" if r.lease_held else "lost",
-                    holds + (f" ({r.detail})" if r.detail else ""),
-                )
-            )
-        if s.replicas_detail:
-            rows.append(("replica", s.service, "-", "-", "-", "?", "-", "-", s.replicas_detail))
-    return rows
-
-
 def _status_rows(ns: argparse.Namespace, paths: MeshPaths) -> tuple[Rows, int, bool, Rows]:
     """(rows, head revision, all serving, replica rows) via the gateway's System.GetStatus, else
     direct health checks (and no replica rows)."""
@@ -434,7 +408,8 @@ def _status_rows(ns: argparse.Namespace, paths: MeshPaths) -> tuple[Rows, int, b
                     rows.append(
                         (name, addr, pids.get(name, "-"), health, "-", "-", f"GET http://{addr}/healthz")
                     )
-                return rows, resp.head_revision, ok, _replica_rows(resp, addresses)
+                processes = {addr: name for name, addr in addresses.items()}  # "config-2" for its replica
+                return rows, resp.head_revision, ok, replica_rows(resp, processes)
     direct: list[tuple[str, ...]] = []
     ok = True
     for name, addr in addresses.items():
@@ -445,26 +420,15 @@ def _status_rows(ns: argparse.Namespace, paths: MeshPaths) -> tuple[Rows, int, b
     return direct, 0, ok, []
 
 
-def _print_table(table: Rows) -> None:
-    widths = [max(len(r[i]) for r in table) for i in range(len(table[0]))]
-    for r in table:
-        print("  ".join(v.ljust(w) for v, w in zip(r, widths, strict=True)).rstrip())
-
-
 def status(ns: argparse.Namespace) -> int:
     paths = MeshPaths(ns.data_dir)
     rows, head, ok, replicas = _status_rows(ns, paths)
-    _print_table([("service", "address", "pid", "health", "config rev", "version", "detail"), *rows])
+    print_table([("service", "address", "pid", "health", "config rev", "version", "detail"), *rows])
     print(f"config head revision: {head if head else 'unknown'}")
     if replicas:
         # Informational: a GONE replica (killed, restarted under a new id) stays listed for an hour.
         print("\nreplicas, as each recorded itself in its database (GONE: no heartbeat within its lease):")
-        _print_table(
-            [
-                ("", "service", "process", "replica id", "address", "state", "heartbeat", "lease", "holds"),
-                *replicas,
-            ]
-        )
+        print_table([REPLICA_HEADER, *replicas])
     return 0 if ok else 1
 
 

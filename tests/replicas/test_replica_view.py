@@ -7,6 +7,7 @@ survivor stays ready. With SQLite each service is listed as its one process."""
 
 from __future__ import annotations
 
+import json
 import time
 from collections.abc import Iterator
 from pathlib import Path
@@ -80,6 +81,14 @@ def test_two_replicas_of_each_service_are_listed_and_a_killed_one_is_gone_within
     assert all(r.detail.startswith("p") for r in st["reactions"].replicas)  # "p0 p1 …"
     # The stateless services list none.
     assert not st["gateway"].replicas and not st["voice"].replicas
+    # The operator CLI prints the same: a replica row per replica, READY.
+    out = mesh.flynn("status")
+    assert out.returncode == 0, out.stdout + out.stderr
+    rows = [line.split() for line in out.stdout.splitlines() if line.startswith("replica ")]
+    for name in STATEFUL:
+        assert sorted(r[4] for r in rows if r[1] == name and r[5] == "READY") == sorted(addresses[name]), (
+            out.stdout
+        )
 
     # The console's endpoint, through a real console process signed in as the operator.
     console = ConsoleProcess(mesh.root / "console", mesh.gateway).start()
@@ -144,3 +153,7 @@ def test_without_a_database_each_stateful_service_is_listed_as_its_one_process(s
         assert r.state == system_pb2.REPLICA_STATE_READY and r.lease_held and r.heartbeat_age_seconds == 0
         assert r.replica_id.startswith(f"{name}-r")
     assert _holding(st["config"].replicas[0], "watch_streams") >= 4
+    out = sqlite_mesh.flynn("status", "--json")
+    assert out.returncode == 0, out.stdout + out.stderr
+    listed = {s["service"]: s.get("replicas", []) for s in json.loads(out.stdout)["services"]}
+    assert all(len(listed[name]) == 1 for name in STATEFUL) and not listed["gateway"]
