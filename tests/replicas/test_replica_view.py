@@ -18,7 +18,7 @@ from flynn.v1 import system_pb2
 from tests.replicas.test_mesh_of_replicas import STATEFUL, ReplicaMesh
 from tests.support.console import ConsoleProcess
 from tests.support.flow import FlowMesh, poll
-from tests.support.mesh import Tokens
+from tests.support.mesh import ServiceProcess, Tokens
 
 #: The stated bound: a replica is gone when its last heartbeat is older than its lease (5 s); the
 #: kill comes at most lease/3 after a heartbeat. The slack covers this shared machine's scheduling
@@ -45,6 +45,43 @@ def _status(mesh: FlowMesh) -> dict[str, system_pb2.ServiceStatus]:
 
 def _holding(r: system_pb2.ReplicaStatus, name: str) -> float:
     return next((h.value for h in r.holdings if h.name == name), -1.0)
+
+
+def _check_cli(mesh: ReplicaMesh, addresses: dict[str, set[str]]) -> None:
+    """The operator CLI prints the same: a replica row per replica, READY."""
+    out = mesh.flynn("status")
+    assert out.returncode == 0, out.stdout + out.stderr
+    rows = [line.split() for line in out.stdout.splitlines() if line.startswith("replica ")]
+    for name in STATEFUL:
+        ready = sorted(r[4] for r in rows if r[1] == name and r[5] == "READY")
+        assert ready == sorted(addresses[name]), out.stdout
+
+
+def _kill_and_see_gone(
+    mesh: ReplicaMesh, victims: dict[str, ServiceProcess], addresses: dict[str, set[str]]
+) -> None:
+    """SIGKILL the victims; each is listed as gone within the bound, and the survivor stays ready."""
+    killed_at = time.monotonic()
+    for proc in victims.values():
+        proc.kill9()
+    seen_gone: dict[str, float] = {}
+
+    def all_gone() -> dict[str, system_pb2.ServiceStatus] | None:
+        st = _status(mesh)
+        for name, proc in victims.items():
+            dead = {r.address: r for r in st[name].replicas}.get(proc.address)
+            if dead is not None and dead.state == system_pb2.REPLICA_STATE_GONE:
+                seen_gone.setdefault(name, time.monotonic() - killed_at)
+        return st if len(seen_gone) == len(victims) else None
+
+    st = poll(all_gone, timeout=GONE_AFTER + SLACK + 10, interval=0.2, what="the killed replicas gone")
+    print("killed → listed as gone (s):", {k: round(v, 2) for k, v in sorted(seen_gone.items())})
+    for name, proc in victims.items():
+        reps = {r.address: r for r in st[name].replicas}
+        assert reps[proc.address].heartbeat_age_seconds > GONE_AFTER
+        survivor = next(a for a in addresses[name] if a != proc.address)
+        assert reps[survivor].state == system_pb2.REPLICA_STATE_READY, reps[survivor]
+        assert seen_gone[name] <= GONE_AFTER + SLACK, (name, seen_gone)
 
 
 def test_two_replicas_of_each_service_are_listed_and_a_killed_one_is_gone_within_its_bound(
@@ -81,14 +118,7 @@ def test_two_replicas_of_each_service_are_listed_and_a_killed_one_is_gone_within
     assert all(r.detail.startswith("p") for r in st["reactions"].replicas)  # "p0 p1 …"
     # The stateless services list none.
     assert not st["gateway"].replicas and not st["voice"].replicas
-    # The operator CLI prints the same: a replica row per replica, READY.
-    out = mesh.flynn("status")
-    assert out.returncode == 0, out.stdout + out.stderr
-    rows = [line.split() for line in out.stdout.splitlines() if line.startswith("replica ")]
-    for name in STATEFUL:
-        assert sorted(r[4] for r in rows if r[1] == name and r[5] == "READY") == sorted(addresses[name]), (
-            out.stdout
-        )
+    _check_cli(mesh, addresses)
 
     # The console's endpoint, through a real console process signed in as the operator.
     console = ConsoleProcess(mesh.root / "console", mesh.gateway).start()
@@ -105,28 +135,7 @@ def test_two_replicas_of_each_service_are_listed_and_a_killed_one_is_gone_within
 
         # SIGKILL one replica of each: listed as gone within the bound; the survivor stays ready.
         victims = {name: mesh.replicas[name][0] for name in STATEFUL}
-        killed_at = time.monotonic()
-        for proc in victims.values():
-            proc.kill9()
-        seen_gone: dict[str, float] = {}
-
-        def all_gone() -> dict[str, system_pb2.ServiceStatus] | None:
-            st = _status(mesh)
-            for name, proc in victims.items():
-                reps = {r.address: r for r in st[name].replicas}
-                dead = reps.get(proc.address)
-                if dead is not None and dead.state == system_pb2.REPLICA_STATE_GONE:
-                    seen_gone.setdefault(name, time.monotonic() - killed_at)
-            return st if len(seen_gone) == len(victims) else None
-
-        st = poll(all_gone, timeout=GONE_AFTER + SLACK + 10, interval=0.2, what="the killed replicas gone")
-        print("killed → listed as gone (s):", {k: round(v, 2) for k, v in sorted(seen_gone.items())})
-        for name, proc in victims.items():
-            reps = {r.address: r for r in st[name].replicas}
-            assert reps[proc.address].heartbeat_age_seconds > GONE_AFTER
-            survivor = next(a for a in addresses[name] if a != proc.address)
-            assert reps[survivor].state == system_pb2.REPLICA_STATE_READY, reps[survivor]
-            assert seen_gone[name] <= GONE_AFTER + SLACK, (name, seen_gone)
+        _kill_and_see_gone(mesh, victims, addresses)
         view = console.get_json("/api/replicas", cookie)
         states = {(s["service"], r["address"]): r["state"] for s in view["services"] for r in s["replicas"]}
         for name, proc in victims.items():
