@@ -8,12 +8,15 @@ survivor stays ready. With SQLite each service is listed as its one process."""
 from __future__ import annotations
 
 import json
+import os
+import signal
 import time
 from collections.abc import Iterator
 from pathlib import Path
 
+import grpc
 import pytest
-from flynn.v1 import system_pb2
+from flynn.v1 import system_pb2, system_pb2_grpc
 
 from tests.replicas.test_mesh_of_replicas import STATEFUL, ReplicaMesh
 from tests.support.console import ConsoleProcess
@@ -166,3 +169,63 @@ def test_without_a_database_each_stateful_service_is_listed_as_its_one_process(s
     assert out.returncode == 0, out.stdout + out.stderr
     listed = {s["service"]: s.get("replicas", []) for s in json.loads(out.stdout)["services"]}
     assert all(len(listed[name]) == 1 for name in STATEFUL) and not listed["gateway"]
+
+
+def _list_direct(address: str, tokens: Tokens) -> dict[str, system_pb2.ReplicaStatus]:
+    """Replicas/ListReplicas on one replica directly (what an operator does on a pod), by address."""
+    with grpc.insecure_channel(address) as ch:
+        resp = system_pb2_grpc.ReplicasStub(ch).ListReplicas(
+            system_pb2.ListReplicasRequest(), metadata=tokens.md("operator"), timeout=10
+        )
+    return {r.address: r for r in resp.replicas}
+
+
+def _when(asked: str, tokens: Tokens, about: str, state: int) -> system_pb2.ReplicaStatus | None:
+    """The replica at `about` as `asked` lists it, when it is in `state`."""
+    r = _list_direct(asked, tokens).get(about)
+    return r if r is not None and r.state == state else None
+
+
+def test_a_stopped_replica_is_gone_at_once_and_a_frozen_one_comes_back_ready(
+    tmp_path: Path, tokens: Tokens, postgres_url: str
+) -> None:
+    """Three config replicas, asked directly: SIGTERM marks the stopped one gone ("stopped") without
+    waiting for the bound; a SIGSTOPped one turns gone after its bound and ready again after SIGCONT."""
+    procs = [
+        ServiceProcess(
+            "config", "config_svc.main", tmp_path / f"config{i}", tokens,
+            extra=["--database-url", postgres_url], grace=3.0,
+        ).start(timeout=90)
+        for i in range(3)
+    ]  # fmt: skip
+    ready, gone = system_pb2.REPLICA_STATE_READY, system_pb2.REPLICA_STATE_GONE
+    try:
+        a, b, c = procs
+        poll(
+            lambda: all(_when(b.address, tokens, p.address, ready) for p in procs) or None,
+            timeout=20, what="three ready config replicas",
+        )  # fmt: skip
+        assert a.terminate(30) == 0
+        stopped = _list_direct(b.address, tokens)[a.address]
+        assert stopped.state == gone and stopped.detail == "stopped"
+        assert stopped.heartbeat_age_seconds < GONE_AFTER  # gone at once, not after the bound
+        assert c.proc is not None
+        os.kill(c.proc.pid, signal.SIGSTOP)
+        try:
+            frozen = poll(
+                lambda: _when(b.address, tokens, c.address, gone),
+                timeout=GONE_AFTER + SLACK + 10, interval=0.2, what="the frozen replica gone",
+            )  # fmt: skip
+            assert frozen.heartbeat_age_seconds > GONE_AFTER and not frozen.detail
+        finally:
+            os.kill(c.proc.pid, signal.SIGCONT)
+        back = poll(
+            lambda: _when(b.address, tokens, c.address, ready),
+            timeout=30, interval=0.2, what="the resumed replica ready again",
+        )  # fmt: skip
+        assert back.replica_id == frozen.replica_id and back.lease_held
+        # Asked through the resumed replica itself, the answer is the same.
+        assert _list_direct(c.address, tokens)[b.address].state == ready
+    finally:
+        for p in procs:
+            p.stop()
