@@ -25,9 +25,10 @@ from config_svc.revision_store_pg import NOTIFY_CHANNEL, PgRevisionStore
 from config_svc.service import ConfigServicer, add_to_server
 from config_svc.watch_hub import WatchHub
 from config_svc.watcher_registry import WatcherRegistry
-from config_svc.watcher_table import WatcherTable
+from config_svc.watcher_table import TTL, WatcherTable
 from flynn_runtime import config_yaml, topology
 from flynn_runtime.pg_listen import Listener
+from flynn_runtime.replica_registry import ReplicaRegistry, Report
 from flynn_runtime.server import Runtime, ServiceApp
 
 log = logging.getLogger(__name__)
@@ -65,6 +66,7 @@ def add_args(p: argparse.ArgumentParser) -> None:
 class ConfigApp(ServiceApp):
     service_names = topology.SERVICES["config"].grpc_services
     follows_principals = False  # it owns them (config_svc/principals_servicer.py)
+    replicated = True
 
     def __init__(self, runtime: Runtime) -> None:
         super().__init__(runtime)
@@ -157,11 +159,36 @@ class ConfigApp(ServiceApp):
             )
             await self.watcher_table.join()
             self.servicer.watcher_table = self.watcher_table
+            self.replicas = ReplicaRegistry(
+                self.store.db,
+                self.runtime.replica_id,
+                self.runtime.advertise_address(),
+                self._replica_report,
+                gone_after=TTL,
+            )
+            async with self.store.db.connection() as c:
+                await self.replicas.join(c)
+            self.watcher_table.heartbeat = self.replicas.beat  # renewed every TTL/3: no timer of its own
             self.watcher_table.start()
+        else:
+            self.replicas = ReplicaRegistry(
+                None, self.runtime.replica_id, self.runtime.advertise_address(), self._replica_report
+            )
         # Everything allocated so far lives as long as the process: keep it out of every future
         # collection, so the fan-out's short-lived garbage does not make the collector walk it again.
         gc.freeze()
         log.info("config ready", extra={"head_revision": self.editor.head_revision})
+
+    def _replica_report(self) -> Report:
+        table = self.watcher_table
+        reachable = not isinstance(self.store, PgRevisionStore) or self.store.db.reachable
+        lease = table is None or table.lease_ok
+        return Report(
+            ready=reachable and lease and not self.runtime.stopping.is_set(),
+            lease_held=lease,
+            database_reachable=reachable,
+            holdings=(("watch_streams", float(self.hub.watchers)),),
+        )
 
     async def stop(self) -> None:
         if self.listener is not None:

@@ -23,6 +23,7 @@ from config_svc.revision_store import SCHEMA, RevisionKind, StaleHead, StoredRev
 from config_svc.revision_store_sqlite import SELECT as SQLITE_SELECT
 from config_svc.revision_store_sqlite import SqliteRevisionStore, row_to_revision
 from config_svc.watcher_table import MIGRATION_SQL as WATCHERS_SQL
+from flynn_runtime import replica_registry
 from flynn_runtime.database import Database, PooledStore
 from flynn_runtime.db_copy import Counts, SqliteSource, StoreCopier
 from flynn_runtime.pg_migrations import Migration
@@ -67,6 +68,7 @@ MIGRATIONS = [
     ),
     Migration(3, "every replica's watchers; replica liveness leases", WATCHERS_SQL),
     Migration(4, "issued principals and revocations, shared by every replica", PRINCIPALS_SQL),
+    Migration(5, "every replica as it knows itself, with a heartbeat", replica_registry.MIGRATION_SQL),
 ]
 
 #: The LISTEN/NOTIFY channel of committed revisions (migration 2).

@@ -20,6 +20,7 @@ from flynn_runtime import leases
 from flynn_runtime.database import Database
 from flynn_runtime.errors import FlynnError
 from flynn_runtime.fencing import Fencer
+from flynn_runtime.replica_registry import Heartbeat
 from flynn_runtime.tasks import cancel_and_wait
 
 log = logging.getLogger(__name__)
@@ -86,10 +87,15 @@ class WatcherTable:
         self._lock = asyncio.Lock()
         self._task: asyncio.Task[None] | None = None
         self.fencer = Fencer("config", replica_id)
+        #: Whether this replica's liveness lease was held at the last renewal.
+        self.lease_ok = False
+        #: Called with the connection after each renewal (the replica's heartbeat row).
+        self.heartbeat: Heartbeat | None = None
 
     async def join(self) -> None:
         async with self.db.connection() as c:
-            await leases.acquire(c, SCOPE, self.replica_id, self.replica_id, self.address, TTL)
+            lease = await leases.acquire(c, SCOPE, self.replica_id, self.replica_id, self.address, TTL)
+        self.lease_ok = lease.held_by(self.replica_id)
 
     async def flush(self) -> None:
         """Write the entries changed since the last flush."""
@@ -155,9 +161,13 @@ class WatcherTable:
                         # A config replica frozen inside a write holds the head row's lock and would
                         # stop every write: end the sessions of replicas whose lease expired.
                         await self.fencer.end_dead_sessions(c)
-                    if self.replica_id not in held:
+                        self.lease_ok = self.replica_id in held
+                        if self.heartbeat is not None:
+                            await self.heartbeat(c)
+                    if not self.lease_ok:
                         await self.join()
                     renew_due = loop.time() + TTL / 3
                 await self.flush()
             except FlynnError as e:
+                self.lease_ok = False
                 log.warning("watcher table not written", extra={"error": e.message[:200]})

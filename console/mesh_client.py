@@ -27,7 +27,7 @@ from flynn.v1 import (
 from google.protobuf import field_mask_pb2, json_format
 from google.protobuf.message import Message
 
-from flynn_runtime import config_yaml
+from flynn_runtime import config_yaml, topology
 from flynn_runtime.channels import client_channel
 from flynn_runtime.enum_names import short_name
 from flynn_runtime.rich_status import from_rpc_error
@@ -86,6 +86,24 @@ def _page_size(n: int, default: int = 50) -> int:
 def enum_name(enum: Any, number: int) -> str:
     """RUN_STATE_COMPLETED -> "COMPLETED" (the enum's prefix dropped); unknown numbers as digits."""
     return short_name(enum, number, lower=False)
+
+
+def replica_dict(r: system_pb2.ReplicaStatus) -> dict[str, Any]:
+    """A ReplicaStatus as the console's JSON (state "ready" / "not_ready" / "gone")."""
+    return {
+        "replica_id": r.replica_id,
+        "address": r.address,
+        "state": short_name(system_pb2.ReplicaState, r.state, lower=True),
+        "start_time": r.start_time.ToJsonString() if r.HasField("start_time") else "",
+        "heartbeat_time": r.heartbeat_time.ToJsonString() if r.HasField("heartbeat_time") else "",
+        "heartbeat_age_seconds": r.heartbeat_age_seconds,
+        "gone_after_seconds": r.gone_after_seconds,
+        "database_reachable": r.database_reachable,
+        "lease_held": r.lease_held,
+        "holdings": {h.name: h.value for h in r.holdings},
+        "detail": r.detail,
+        "version": r.version,
+    }
 
 
 def run_event_dict(ev: run_control_pb2.RunEvent) -> dict[str, Any]:
@@ -460,6 +478,24 @@ class MeshClient:
             d["health"] = enum_name(system_pb2.ServiceHealth, s.health)
             services.append(d)
         return {"head_revision": resp.head_revision, "services": services}
+
+    async def replicas(self, token: str) -> dict[str, Any]:
+        """The replicas of each stateful service as they know themselves (System.GetStatus)."""
+        resp = await self.call(self.system.GetStatus, system_pb2.GetStatusRequest(), token)
+        services = []
+        for s in resp.services:
+            if s.service not in topology.SERVICES or not topology.SERVICES[s.service].stateful:
+                continue
+            services.append(
+                {
+                    "service": s.service,
+                    "health": enum_name(system_pb2.ServiceHealth, s.health),
+                    "detail": s.detail,
+                    "replicas_detail": s.replicas_detail,
+                    "replicas": [replica_dict(r) for r in s.replicas],
+                }
+            )
+        return {"services": services}
 
     # --- reactions -----------------------------------------------------------------------------
 

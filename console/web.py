@@ -688,6 +688,11 @@ async def api_status(request: web.Request) -> web.StreamResponse:
     return _json(await _state(request).mesh.get_status(_session(request).token))
 
 
+async def api_replicas(request: web.Request) -> web.StreamResponse:
+    """The replicas of each stateful service (config, queue, reactions, nodes) as they know themselves."""
+    return _json(await _state(request).mesh.replicas(_session(request).token))
+
+
 async def api_audio(request: web.Request) -> web.StreamResponse:
     item = _state(request).audio.get(request.match_info["reply_id"])
     if item is None:
@@ -904,6 +909,8 @@ async def _poll_view(st: ConsoleState, s: ConsoleSession, view: str, q: Any) -> 
         return await asyncio.to_thread(audit_data, st, q)
     if view == "status":
         return await mesh.get_status(s.token)
+    if view == "replicas":
+        return await mesh.replicas(s.token)
     if view == "sessions":
         state = _RUN_STATES.get(q.get("state", ""), 0)
         return await mesh.sessions_page(
@@ -981,6 +988,7 @@ def build_app(state: ConsoleState) -> web.Application:
     r.add_static("/static/", STATIC, show_index=False)
     r.add_get("/api/me", api_me)
     r.add_get("/api/status", api_status)
+    r.add_get("/api/replicas", api_replicas)
     r.add_get("/api/sessions", api_sessions)
     r.add_get("/api/runs", api_runs)
     r.add_get("/api/runs/{run_id}", api_run)

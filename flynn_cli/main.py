@@ -12,9 +12,17 @@ import sys
 from collections.abc import Callable, Sequence
 from types import ModuleType
 
-from flynn_cli import canvas_cmds, config_cmds, db_cmds, gates_cmds, playbook_cmds, tokens_cmds
+from flynn_cli import canvas_cmds, config_cmds, db_cmds, gates_cmds, playbook_cmds, status_cmds, tokens_cmds
 
-GROUPS: list[ModuleType] = [config_cmds, gates_cmds, playbook_cmds, tokens_cmds, canvas_cmds, db_cmds]
+GROUPS: list[ModuleType] = [
+    status_cmds,
+    config_cmds,
+    gates_cmds,
+    playbook_cmds,
+    tokens_cmds,
+    canvas_cmds,
+    db_cmds,
+]
 
 
 def build_parser() -> argparse.ArgumentParser:

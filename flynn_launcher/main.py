@@ -32,6 +32,7 @@ from types import FrameType
 import grpc
 from flynn.v1 import system_pb2, system_pb2_grpc
 
+from flynn_cli.status_cmds import REPLICA_HEADER, print_table, replica_rows
 from flynn_launcher.local_postgres import LocalPostgres, usable_directory
 from flynn_launcher.plan import (
     CONSOLE,
@@ -345,8 +346,12 @@ def up(ns: argparse.Namespace) -> int:
         say("stopped")
 
 
-def _status_rows(ns: argparse.Namespace, paths: MeshPaths) -> tuple[list[tuple[str, ...]], int, bool]:
-    """(rows, head revision, all serving) via the gateway's System.GetStatus, else direct health checks."""
+Rows = list[tuple[str, ...]]
+
+
+def _status_rows(ns: argparse.Namespace, paths: MeshPaths) -> tuple[Rows, int, bool, Rows]:
+    """(rows, head revision, all serving, replica rows) via the gateway's System.GetStatus, else
+    direct health checks (and no replica rows)."""
     state: dict[str, object] = {}
     if paths.state_file.exists():
         state = json.loads(paths.state_file.read_text())
@@ -404,7 +409,8 @@ def _status_rows(ns: argparse.Namespace, paths: MeshPaths) -> tuple[list[tuple[s
                     rows.append(
                         (name, addr, pids.get(name, "-"), health, "-", "-", f"GET http://{addr}/healthz")
                     )
-                return rows, resp.head_revision, ok
+                processes = {addr: name for name, addr in addresses.items()}  # "config-2" for its replica
+                return rows, resp.head_revision, ok, replica_rows(resp, processes)
     direct: list[tuple[str, ...]] = []
     ok = True
     for name, addr in addresses.items():
@@ -412,17 +418,18 @@ def _status_rows(ns: argparse.Namespace, paths: MeshPaths) -> tuple[list[tuple[s
         health = check_ready(addr, kind, credentials=credentials)
         ok = ok and health == "SERVING"
         direct.append((name, addr, pids.get(name, "-"), health, "?" if kind == "grpc" else "-", "-", ""))
-    return direct, 0, ok
+    return direct, 0, ok, []
 
 
 def status(ns: argparse.Namespace) -> int:
     paths = MeshPaths(ns.data_dir)
-    rows, head, ok = _status_rows(ns, paths)
-    table = [("service", "address", "pid", "health", "config rev", "version", "detail"), *rows]
-    widths = [max(len(r[i]) for r in table) for i in range(len(table[0]))]
-    for r in table:
-        print("  ".join(v.ljust(w) for v, w in zip(r, widths, strict=True)).rstrip())
+    rows, head, ok, replicas = _status_rows(ns, paths)
+    print_table([("service", "address", "pid", "health", "config rev", "version", "detail"), *rows])
     print(f"config head revision: {head if head else 'unknown'}")
+    if replicas:
+        # Informational: a GONE replica (killed, restarted under a new id) stays listed for an hour.
+        print("\nreplicas, as each recorded itself in its database (GONE: no heartbeat within its lease):")
+        print_table([REPLICA_HEADER, *replicas])
     return 0 if ok else 1
 
 

@@ -185,6 +185,8 @@ POLICY: Mapping[str, frozenset[Role]] = {
     # System
     "/flynn.v1.System/GetMetrics": frozenset({OP, SV}),
     "/flynn.v1.System/GetStatus": frozenset({OP, SV}),
+    # Replicas (served by every stateful service about its own replicas; not forwarded)
+    "/flynn.v1.Replicas/ListReplicas": frozenset({OP, SV}),
     # Principals (served by the config service)
     "/flynn.v1.Principals/IssueToken": frozenset({OP}),
     "/flynn.v1.Principals/ListPrincipals": frozenset({OP}),
@@ -228,6 +230,7 @@ SERVICE_SCOPES: Mapping[str, frozenset[str]] = {
     "gateway": _CONFIG_CLIENT
     | {
         "/flynn.v1.ConfigService/ListWatchers",
+        "/flynn.v1.Replicas/ListReplicas",
         "/flynn.v1.Voice/Transcribe",
         "/flynn.v1.Canvas/PutArtifact",
         "/flynn.v1.RunControl/PostReply",

@@ -23,6 +23,7 @@ from dataclasses import dataclass
 from typing import TypeVar
 
 import grpc
+from flynn.v1 import system_pb2_grpc
 
 # Registers google.rpc.* descriptors so reflection can resolve the error details grpcurl prints.
 from google.rpc import error_details_pb2  # noqa: F401
@@ -43,6 +44,9 @@ from flynn_runtime.pg_migrations import Migration
 from flynn_runtime.principal_feed import PrincipalFeed
 from flynn_runtime.proxy_front import ProxyFront
 from flynn_runtime.replica import new_replica_id
+from flynn_runtime.replica_registry import ReplicaRegistry
+from flynn_runtime.replicas_servicer import SERVICE_NAME as REPLICAS_SERVICE
+from flynn_runtime.replicas_servicer import ReplicasServicer
 from flynn_runtime.settings import Settings
 
 log = logging.getLogger(__name__)
@@ -148,9 +152,13 @@ class ServiceApp:
     #: Whether the runtime follows the issued principals from the config service (WatchPrincipals);
     #: the config service itself owns them, and tools without a mesh turn it off.
     follows_principals: bool = True
+    #: A stateful service serves flynn.v1.Replicas from `self.replicas`, set in start()
+    #: (flynn_runtime/replica_registry.py).
+    replicated: bool = False
 
     def __init__(self, runtime: Runtime) -> None:
         self.runtime = runtime
+        self.replicas: ReplicaRegistry | None = None
 
     def register(self, server: grpc.aio.Server) -> None:
         raise NotImplementedError
@@ -208,7 +216,7 @@ async def running(
     health_pb2_grpc.add_HealthServicer_to_server(health_servicer, server)
     app.register(server)
     names = [*app.service_names, *app.reflection_names, health.SERVICE_NAME, reflection.SERVICE_NAME]
-    reflection_service.enable(names, server)
+    reflection_service.enable([*names, *_register_replicas(app, server)], server)
     credentials = tls.server_credentials(settings.tls, settings.service)
     if credentials is None:
         port = server.add_insecure_port(settings.listen)
@@ -270,6 +278,14 @@ async def running(
         await _graceful_stop(handle)
 
 
+def _register_replicas(app: ServiceApp, server: grpc.aio.Server) -> list[str]:
+    """flynn.v1.Replicas on a stateful service (its registry is set in start(), before serving)."""
+    if not app.replicated:
+        return []
+    system_pb2_grpc.add_ReplicasServicer_to_server(ReplicasServicer(lambda: app.replicas), server)
+    return [REPLICAS_SERVICE]
+
+
 async def _graceful_stop(h: RunningServer) -> None:
     s = h.runtime.settings
     log.info("stopping", extra={"grace_seconds": s.grace_seconds})
@@ -281,6 +297,8 @@ async def _graceful_stop(h: RunningServer) -> None:
         await asyncio.wait_for(h.app.stop(), timeout=s.grace_seconds)
     except TimeoutError:
         log.warning("service stop hook exceeded the grace period")
+    if h.app.replicas is not None:
+        await h.app.replicas.leave()  # listed as gone ("stopped") at once
     await h.server.stop(s.grace_seconds)
     try:
         await asyncio.wait_for(h.app.close(), timeout=s.grace_seconds)

@@ -40,6 +40,10 @@ START_ORDER = ("config", "queue", "nodes", "voice", "reactions", "gateway")
 # Implemented by external agents and called by run control directly; the gateway does not route it.
 EXTERNAL_SERVICES = ("flynn.v1.Agent",)
 
+# Served by every stateful service about its own replicas (flynn_runtime/replicas_servicer.py): the
+# gateway calls it for System.GetStatus and never forwards it (any replica answers for all of them).
+REPLICA_SERVICES = ("flynn.v1.Replicas",)
+
 
 def owner_of(grpc_service: str) -> str | None:
     """Process that serves a fully-qualified gRPC service name."""

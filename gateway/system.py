@@ -11,7 +11,7 @@ from grpc.aio import ServicerContext
 from grpc_health.v1 import health_pb2, health_pb2_grpc
 from prometheus_client import REGISTRY, generate_latest
 
-from flynn_runtime import VERSION
+from flynn_runtime import VERSION, topology
 from flynn_runtime.server import Runtime
 from flynn_runtime.settings import BACKENDS
 from flynn_runtime.validation import Violations
@@ -20,6 +20,7 @@ from gateway.backends import Backends
 
 HEALTH_TIMEOUT = 1.0
 WATCHERS_TIMEOUT = 2.0
+REPLICAS_TIMEOUT = 2.0
 _MAX_WATCHER_PAGES = 20
 
 _HEALTH = {
@@ -138,13 +139,30 @@ class SystemServicer(system_pb2_grpc.SystemServicer):
             st.detail = "not deployed (left out of this mesh on purpose)"
             return st
         stub = health_pb2_grpc.HealthStub(self._backends.channel(backend))
+        replicas = (
+            asyncio.ensure_future(self._replicas(backend)) if topology.SERVICES[backend].stateful else None
+        )
         try:
             resp = await stub.Check(health_pb2.HealthCheckRequest(service=""), timeout=HEALTH_TIMEOUT)
             st.health = _HEALTH.get(resp.status, system_pb2.SERVICE_HEALTH_NOT_SERVING)
         except grpc.aio.AioRpcError as err:
             st.health = system_pb2.SERVICE_HEALTH_UNREACHABLE
             st.detail = f"{err.code().name}: {err.details()}"
+        if replicas is not None:
+            listed, why = await replicas
+            st.replicas.extend(listed)
+            st.replicas_detail = why
         return st
+
+    async def _replicas(self, backend: str) -> tuple[list[system_pb2.ReplicaStatus], str]:
+        """The service's replicas as they recorded themselves (any replica answers for all of them, so
+        this works behind a Kubernetes headless Service as well as with a list of addresses)."""
+        stub = system_pb2_grpc.ReplicasStub(self._runtime.channel(backend))
+        try:
+            resp = await stub.ListReplicas(system_pb2.ListReplicasRequest(), timeout=REPLICAS_TIMEOUT)
+        except grpc.aio.AioRpcError as err:
+            return [], f"replicas not listed: {err.code().name}: {err.details()}"
+        return list(resp.replicas), ""
 
     async def _watchers(self) -> tuple[dict[str, config_pb2.WatcherStatus], int]:
         """Latest reported watcher per service (highest applied revision), and the config head revision."""

@@ -18,6 +18,7 @@ from flynn_runtime.config_source import ConfigSource, StaticConfig
 from flynn_runtime.errors import FlynnError
 from flynn_runtime.fencing import Fencer
 from flynn_runtime.pg_listen import Listener
+from flynn_runtime.replica_registry import ReplicaRegistry, Report
 from flynn_runtime.server import Runtime, ServiceApp
 from flynn_runtime.settings import env_arg
 from nodes_svc.canvas_servicer import CanvasServicer
@@ -35,6 +36,7 @@ from nodes_svc.invoke_forwarder import InvokeForwarder
 from nodes_svc.node_registry import NodeRegistry
 from nodes_svc.node_store import NodeStore, open_node_store
 from nodes_svc.node_store_pg import PgNodeStore
+from nodes_svc.presence import DEFAULT_TTL as PRESENCE_TTL
 from nodes_svc.presence import NOTIFY_CHANNEL as PRESENCE_CHANNEL
 from nodes_svc.presence import Presence
 from nodes_svc.servicer import NodesServicer
@@ -75,6 +77,7 @@ def load_config_file(path: Path) -> config_pb2.FlynnConfig:
 
 class NodesApp(ServiceApp):
     service_names = ("flynn.v1.Nodes", "flynn.v1.Canvas")
+    replicated = True
 
     def __init__(self, runtime: Runtime, config: ConfigSource | None = None) -> None:
         super().__init__(runtime)
@@ -159,8 +162,22 @@ class NodesApp(ServiceApp):
         await self._open_stores()
         if self._watcher is not None:
             await self._watcher.start()
-        if self.presence is not None:
+        if self.presence is not None and isinstance(self.store, PgNodeStore):
             await self.presence.join()
+            self.replicas = ReplicaRegistry(
+                self.store.db,
+                self.runtime.replica_id,
+                self.runtime.advertise_address(),
+                self._replica_report,
+                gone_after=PRESENCE_TTL,
+            )
+            async with self.store.db.connection() as c:
+                await self.replicas.join(c)
+            self.presence.heartbeat = self.replicas.beat  # after each renewal (ttl/3): no timer of its own
+        else:
+            self.replicas = ReplicaRegistry(
+                None, self.runtime.replica_id, self.runtime.advertise_address(), self._replica_report
+            )
         await self.registry.start()
         if self.presence is not None and isinstance(self.store, PgNodeStore):
             self.presence.start(self._presence_renewed)
@@ -175,6 +192,20 @@ class NodesApp(ServiceApp):
 
     def ready(self) -> bool:
         return self.presence is None or self.presence.lease_ok
+
+    def _replica_report(self) -> Report:
+        stopping = self.runtime.stopping.is_set()
+        held = (("nodes_connected", float(len(self.registry.sessions))),)
+        if self.presence is None or not isinstance(self.store, PgNodeStore):
+            return Report(ready=not stopping, lease_held=True, holdings=held)
+        reachable = self.store.db.reachable
+        lease = self.presence.lease_ok
+        return Report(
+            ready=reachable and lease and not stopping,
+            lease_held=lease,
+            database_reachable=reachable,
+            holdings=held,
+        )
 
     def _on_config(self, old: config_pb2.FlynnConfig, new: config_pb2.FlynnConfig, revision: int) -> None:
         if self.store is not None:

@@ -17,7 +17,7 @@ from typing import Any
 
 import psycopg
 
-from flynn_runtime import leases
+from flynn_runtime import leases, replica_registry
 from flynn_runtime.database import Database, PooledStore
 from flynn_runtime.db_copy import (
     CopyError,
@@ -118,7 +118,11 @@ PRESENCE_MIGRATION = Migration(
 )
 
 #: Every migration of schema flynn_nodes (nodes and canvas share the schema of their service).
-MIGRATIONS = [NODES_MIGRATION, CANVAS_MIGRATION, PRESENCE_MIGRATION, CANVAS_PUT_MIGRATION]
+REPLICAS_MIGRATION = Migration(
+    5, "every replica as it knows itself, with a heartbeat", replica_registry.MIGRATION_SQL
+)
+
+MIGRATIONS = [NODES_MIGRATION, CANVAS_MIGRATION, PRESENCE_MIGRATION, CANVAS_PUT_MIGRATION, REPLICAS_MIGRATION]
 
 _NODE_COLS = (
     "node_id, role, capabilities, epoch, online, last_seen, connect_time, reconnect_count,"

@@ -27,6 +27,7 @@ from dataclasses import dataclass
 from flynn_runtime import leases
 from flynn_runtime.database import Database
 from flynn_runtime.errors import FlynnError
+from flynn_runtime.replica_registry import Heartbeat
 from flynn_runtime.tasks import cancel_and_wait
 
 log = logging.getLogger(__name__)
@@ -51,6 +52,8 @@ class Presence:
         self.ttl = ttl
         self.lease_ok = False  # readiness: this replica's liveness lease is held
         self._task: asyncio.Task[None] | None = None
+        #: Called with the connection after each renewal (the replica's heartbeat row).
+        self.heartbeat: Heartbeat | None = None
 
     # liveness -----------------------------------------------------------------------------------
 
@@ -64,7 +67,9 @@ class Presence:
         """Renew the liveness lease; True when it had been lost and was taken again (rejoined)."""
         async with self.db.connection() as c:
             held = await leases.renew(c, SCOPE, self.replica_id, self.ttl)
-        self.lease_ok = self.replica_id in held
+            self.lease_ok = self.replica_id in held
+            if self.heartbeat is not None:
+                await self.heartbeat(c)
         if self.lease_ok:
             return False
         # Lost (we were paused or partitioned past the lease): take it again. A survivor may have

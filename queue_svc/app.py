@@ -12,6 +12,7 @@ from flynn.v1 import run_control_pb2_grpc
 
 from flynn_runtime import config_yaml
 from flynn_runtime.config_source import ConfigSource, StaticConfig
+from flynn_runtime.replica_registry import ReplicaRegistry, Report
 from flynn_runtime.server import Runtime, ServiceApp
 from flynn_runtime.settings import env_arg
 from flynn_runtime.timestamps import duration_seconds
@@ -20,6 +21,7 @@ from queue_svc.access import DEFAULT_MAX_SESSIONS_PER_PRINCIPAL
 from queue_svc.agent_driver import AgentProvider
 from queue_svc.agents import EchoAgent, EchoSettings
 from queue_svc.grpc_agent import GrpcAgent
+from queue_svc.ledger import ACTIVE
 from queue_svc.ownership import Ownership, OwnershipSettings
 from queue_svc.run_control import RunControl
 from queue_svc.servicer import RunControlServicer
@@ -88,6 +90,7 @@ def add_args(p: argparse.ArgumentParser) -> None:
 
 class QueueApp(ServiceApp):
     service_names = ("flynn.v1.RunControl",)
+    replicated = True
 
     def __init__(self, runtime: Runtime, config: ConfigSource | None = None) -> None:
         super().__init__(runtime)
@@ -152,7 +155,31 @@ class QueueApp(ServiceApp):
         store.holder = settings.holder
         store.idle_in_transaction_ms = int(settings.ttl * 1000 / 2)
         self.ownership = Ownership(db, settings)
+        # The replica's id in the view is the holder of its session leases (what forwarding names).
+        self.replicas = ReplicaRegistry(
+            db, settings.holder, settings.address, self._replica_report, gone_after=settings.ttl
+        )
+        self.ownership.heartbeat = self.replicas.beat  # after each renewal (ttl/3): no timer of its own
         return store
+
+    def _replica_report(self) -> Report:
+        rc, own = self.rc, self.ownership
+        runs = sum(1 for r in rc._runs.values() if r.row.state in ACTIVE) if rc is not None else 0
+        if own is None:  # SQLite: the one process, every session is its own
+            sessions = len(rc._sessions) if rc is not None else 0
+            return Report(
+                ready=rc is not None and not self.runtime.stopping.is_set(),
+                lease_held=True,
+                holdings=(("sessions_owned", float(sessions)), ("runs_active", float(runs))),
+            )
+        reachable = own.db.reachable
+        lease = own.renewing()
+        return Report(
+            ready=reachable and lease and rc is not None and not self.runtime.stopping.is_set(),
+            lease_held=lease,
+            database_reachable=reachable,
+            holdings=(("sessions_owned", float(len(own.owned))), ("runs_active", float(runs))),
+        )
 
     def _session_idle_seconds(self) -> float:
         idle = float(
@@ -183,6 +210,10 @@ class QueueApp(ServiceApp):
         if self.watcher is not None:
             await self.watcher.start()
         self.store = await self._open_store()
+        if self.replicas is None:
+            self.replicas = ReplicaRegistry(
+                None, self.runtime.replica_id, self.runtime.advertise_address(), self._replica_report
+            )
         token = self._agent_token()
         agents = AgentProvider(EchoAgent(self._echo_settings), lambda address: GrpcAgent(address, token))
         self.rc = RunControl(
@@ -195,6 +226,9 @@ class QueueApp(ServiceApp):
             session_idle_seconds=self._session_idle_seconds(),
         )
         await self.rc.start()
+        if self.ownership is not None and self.replicas is not None:
+            async with self.ownership.db.connection() as c:
+                await self.replicas.join(c)  # recorded once it can serve (ready at its first row)
 
     async def stop(self) -> None:
         if self.rc is not None:

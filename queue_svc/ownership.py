@@ -32,6 +32,7 @@ from dataclasses import dataclass
 
 from flynn_runtime import leases
 from flynn_runtime.database import Database
+from flynn_runtime.replica_registry import Heartbeat
 from queue_svc.store_pg import SESSION_SCOPE
 
 log = logging.getLogger(__name__)
@@ -77,6 +78,12 @@ class Ownership:
         self._hints: dict[str, tuple[str, float]] = {}
         self.step_down: Callable[[list[str], str], None] = lambda keys, why: None
         self.adopt: Callable[[str], Awaitable[None]] | None = None
+        #: Called with the connection after each renewal (the replica's heartbeat row): no timer of its own.
+        self.heartbeat: Heartbeat | None = None
+
+    def renewing(self) -> bool:
+        """Whether the leases were renewed within 0.7 × the lease (what the watchdog steps down on)."""
+        return time.monotonic() - self._renewed < 0.7 * self.settings.ttl
 
     def epoch_of(self, key: str) -> int:
         """The epoch this replica owns `key` at (0: not owned; a write under it is refused)."""
@@ -195,6 +202,17 @@ class Ownership:
             if lost:
                 log.warning("session leases taken over; stepping down", extra={"sessions": lost[:20]})
                 self.step_down(lost, "lease taken over")
+            if self.heartbeat is not None:
+                await self._beat(self.heartbeat)
+
+    async def _beat(self, heartbeat: Heartbeat) -> None:
+        """The replica's heartbeat row, after the renewal and outside its deadline (it never delays one)."""
+        try:
+            async with asyncio.timeout(self.settings.ttl / 3):
+                async with self.db.connection() as conn:
+                    await heartbeat(conn)
+        except Exception as e:  # a missed heartbeat never costs a renewal
+            log.warning("replica heartbeat failed", extra={"error": str(e) or type(e).__name__})
 
     async def _watchdog(self) -> None:
         """Step down from everything once renewals have failed for 0.7 × the lease: before the leases

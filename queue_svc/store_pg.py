@@ -48,7 +48,7 @@ from typing import Generic, TypeVar
 
 import psycopg
 
-from flynn_runtime import leases
+from flynn_runtime import leases, replica_registry
 from flynn_runtime.database import Database, database_unavailable
 from flynn_runtime.db_copy import Counts, SqliteSource, StoreCopier, Table, export_tables, import_tables
 from flynn_runtime.pg_migrations import Migration
@@ -216,6 +216,7 @@ DELETE FROM meta WHERE key = 'batch';
         # not yet finished, so it stays small however long the history of runs grows.
         "CREATE INDEX runs_unfinished ON runs (session_key, seq) WHERE state IN (1, 2, 3);",
     ),
+    Migration(4, "every replica as it knows itself, with a heartbeat", replica_registry.MIGRATION_SQL),
 )
 
 #: RunStates of the runs_unfinished index (migration 3).

@@ -15,6 +15,7 @@ from flynn.v1 import reactions_pb2, reactions_pb2_grpc
 from flynn_runtime import config_yaml
 from flynn_runtime.config_source import ConfigSource, StaticConfig
 from flynn_runtime.errors import FlynnError
+from flynn_runtime.replica_registry import ReplicaRegistry, Report
 from flynn_runtime.server import Runtime, ServiceApp
 from flynn_runtime.settings import env_arg
 from reactions_svc.actions import GrpcActionRunner
@@ -28,7 +29,13 @@ from reactions_svc.consumers import (
     run_events_source,
 )
 from reactions_svc.partitioned_consumer import PartitionedConsumer, event_key
-from reactions_svc.partitions import DEFAULT_COUNT, PartitionOwner, partition_name, partition_of
+from reactions_svc.partitions import (
+    DEFAULT_COUNT,
+    DEFAULT_TTL,
+    PartitionOwner,
+    partition_name,
+    partition_of,
+)
 from reactions_svc.reactor import Reactor, RuleSource, config_validator
 from reactions_svc.servicer import ReactionsServicer
 from reactions_svc.store import ReactionStore, open_reaction_store
@@ -70,6 +77,7 @@ def add_args(p: argparse.ArgumentParser) -> None:
 
 class ReactionsApp(ServiceApp):
     service_names = ("flynn.v1.Reactions",)
+    replicated = True
 
     def __init__(self, runtime: Runtime) -> None:
         super().__init__(runtime)
@@ -121,6 +129,9 @@ class ReactionsApp(ServiceApp):
         if isinstance(self.store, PgReactionStore):
             await self._start_partitioned(self.store)
             return
+        self.replicas = ReplicaRegistry(
+            None, self.runtime.replica_id, self.runtime.advertise_address(), self._replica_report
+        )
         resumed = await self.reactor.resume_pending()
         if resumed:
             log.info("resumed pending reactions", extra={"events": resumed})
@@ -164,6 +175,16 @@ class ReactionsApp(ServiceApp):
                     *node_events_source(self.runtime),
                 )
             )
+        self.replicas = ReplicaRegistry(
+            store.db,
+            self.runtime.replica_id,
+            self.runtime.advertise_address(),
+            self._replica_report,
+            gone_after=DEFAULT_TTL,
+        )
+        async with store.db.connection() as conn:
+            await self.replicas.join(conn)
+        self.owner.heartbeat = self.replicas.beat  # each balance round (ttl/3): no timer of its own
         await self.owner.balance()
         self.owner.start()
         for c in self.consumers:
@@ -171,6 +192,23 @@ class ReactionsApp(ServiceApp):
 
     def ready(self) -> bool:
         return self.owner is None or self.owner.lease_ok
+
+    def _replica_report(self) -> Report:
+        owner = self.owner
+        stopping = self.runtime.stopping.is_set()
+        if owner is None:  # SQLite: the one process consumes every event
+            return Report(
+                ready=not stopping, lease_held=True, holdings=(("consumers", float(len(self.consumers))),)
+            )
+        reachable = owner.db.reachable
+        held = sorted(owner.held)
+        return Report(
+            ready=reachable and owner.lease_ok and not stopping,
+            lease_held=owner.lease_ok,
+            database_reachable=reachable,
+            holdings=(("partitions", float(len(held))), ("partitions_total", float(owner.count))),
+            detail=" ".join(partition_name(p) for p in held),
+        )
 
     async def consumed_upto(self, stream: str) -> int:
         """The stream's cursor: with partitions, the highest of their cursors (one replica reads

@@ -31,6 +31,7 @@ from flynn_runtime import leases, rollout
 from flynn_runtime.database import Database
 from flynn_runtime.errors import FlynnError
 from flynn_runtime.fencing import Fencer
+from flynn_runtime.replica_registry import Heartbeat
 from flynn_runtime.tasks import cancel_and_wait
 from reactions_svc import metrics
 
@@ -75,6 +76,8 @@ class PartitionOwner:
         self.fencer = Fencer("reactions", replica_id)
         self.lease_ok = False
         self.balanced = asyncio.Event()  # set after the first successful round
+        #: Called with the connection at the end of each round (the replica's heartbeat row).
+        self.heartbeat: Heartbeat | None = None
         self._task: asyncio.Task[None] | None = None
 
     def holds(self, p: int) -> bool:
@@ -133,6 +136,8 @@ class PartitionOwner:
                     )
                     if lease.held_by(self.replica_id):
                         self.held[p] = lease.epoch
+            if self.heartbeat is not None:
+                await self.heartbeat(c)
         after = set(self.held)
         metrics.PARTITIONS_HELD.set(len(after))
         if after != before and self.on_change is not None:

@@ -15,7 +15,7 @@ from typing import Any
 import psycopg
 from psycopg.types.json import Json, Jsonb
 
-from flynn_runtime import leases
+from flynn_runtime import leases, replica_registry
 from flynn_runtime.database import Database, PooledStore
 from flynn_runtime.db_copy import Counts, SqliteSource, StoreCopier, Table, export_tables, import_tables
 from flynn_runtime.pg_migrations import Migration
@@ -121,6 +121,7 @@ MIGRATIONS = [
         """,
     ),
     Migration(2, "partition and replica leases (several replicas)", leases.MIGRATION_SQL),
+    Migration(3, "every replica as it knows itself, with a heartbeat", replica_registry.MIGRATION_SQL),
 ]
 
 Conn = psycopg.AsyncConnection[tuple[Any, ...]]

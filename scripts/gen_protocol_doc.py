@@ -90,7 +90,11 @@ def render(fds: descriptor_pb2.FileDescriptorSet) -> str:
     lines.append("|---|---|---|---|")
     for fname, _i, svc, _c in services:
         full = f"flynn.v1.{svc.name}"
-        owner = topology.owner_of(full) or "external agents (not routed by the gateway)"
+        owner = topology.owner_of(full) or (
+            "each stateful service, about its own replicas (not routed by the gateway)"
+            if full in topology.REPLICA_SERVICES
+            else "external agents (not routed by the gateway)"
+        )
         lines.append(
             f"| [`{full}`](#{full.replace('.', '').lower()}) | {owner} | `protos/{fname}` | {len(svc.method)} |"
         )

@@ -280,6 +280,36 @@ function gatesView(main) {
   stream("/api/stream/poll/config", "config", renderWatchers);
 }
 
+// ---------------------------------------------------------------------------------------- Replicas
+
+function replicasView(main) {
+  const box = h("div", { id: "replicas-box" });
+  main.append(h("h1", {}, "Replicas"),
+    h("p", { class: "muted" }, "Every replica of the stateful services as it recorded itself in its database (heartbeat every lease/3). " +
+      "A replica silent for longer than its bound (its lease) is shown as gone; without a database each service is one process."),
+    box);
+  const secs = (x) => `${Number(x || 0).toFixed(1)} s`;
+  function render(data) {
+    box.replaceChildren(...data.services.map((s) => {
+      const live = s.replicas.filter((r) => r.state !== "gone").length;
+      return h("section", { dataset: { service: s.service } },
+        h("h2", {}, `${s.service}: ${live} live of ${s.replicas.length}`),
+        s.replicas_detail ? h("p", { class: "error" }, s.replicas_detail) : null,
+        table(`replicas-${s.service}`, `Replicas of ${s.service} (service health ${s.health.toLowerCase()})`,
+          ["Replica", "Address", "State", "Started", { label: "Last heartbeat", num: true }, "Database", "Lease", "Holds", "Detail"],
+          s.replicas.map((r) => h("tr", { dataset: { replica: r.replica_id, state: r.state } },
+            h("td", {}, h("code", {}, r.replica_id)), h("td", {}, r.address),
+            h("td", { class: r.state === "ready" ? "pass" : r.state === "gone" ? "fail" : "stale" }, r.state.replace("_", " ")),
+            h("td", {}, fmtTime(r.start_time)),
+            h("td", { class: "num", title: `gone after ${secs(r.gone_after_seconds)}` }, `${secs(r.heartbeat_age_seconds)} ago`),
+            h("td", {}, r.database_reachable ? "reachable" : "unreachable"), h("td", {}, r.lease_held ? "held" : "lost"),
+            h("td", {}, Object.entries(r.holdings).map(([k, v]) => `${k.replace(/_/g, " ")}: ${v}`).join(", ")),
+            h("td", {}, r.detail)))));
+    }));
+  }
+  stream("/api/stream/poll/replicas", "replicas", render);
+}
+
 // ---------------------------------------------------------------------------------------- Rollout
 
 function sparkline(points) {
@@ -553,7 +583,7 @@ function auditView(main) {
 
 // ---------------------------------------------------------------------------------------- shell
 
-const VIEWS = { runs: runsView, gates: gatesView, rollout: rolloutView, reactions: reactionsView, nodes: nodesView, voice: voiceView, audit: auditView };
+const VIEWS = { runs: runsView, gates: gatesView, rollout: rolloutView, reactions: reactionsView, nodes: nodesView, voice: voiceView, replicas: replicasView, audit: auditView };
 
 function route() {
   const name = (location.hash.split("/")[1] || "runs");

@@ -597,6 +597,27 @@ def test_rollout_reactions_and_audit_views(signed_in: Any, mesh: ConsoleMesh) ->
         page.close()
 
 
+def test_replicas_view_lists_each_stateful_service_as_its_one_process(
+    signed_in: Any, mesh: ConsoleMesh
+) -> None:
+    """The Replicas view (SQLite here: each stateful service is one process): one ready row per
+    service with the address it listens on and what it holds, values rendered as text."""
+    page = signed_in.new_page()
+    try:
+        page.goto(mesh.console.url + "/#/replicas")  # type: ignore[union-attr]
+        for name in ("config", "queue", "reactions", "nodes"):
+            row = page.wait_for_selector(f"#replicas-{name} tbody tr[data-state='ready']")
+            assert row is not None
+            text = row.inner_text()
+            assert mesh.procs[name].address in text and "held" in text, text
+            assert page.locator(f"#replicas-{name} tbody tr").count() == 1
+        assert "watch streams" in page.inner_text("#replicas-config")
+        assert page.locator("#replicas-box script, #replicas-box img").count() == 0
+        shot(page, "13-replicas")
+    finally:
+        page.close()
+
+
 def test_sign_out_ends_the_session(signed_in: Any, mesh: ConsoleMesh) -> None:
     page = signed_in.new_page()
     try:

@@ -7,6 +7,7 @@ import shutil
 import signal
 import subprocess
 import tempfile
+import time
 from collections.abc import Iterator
 from pathlib import Path
 
@@ -79,6 +80,20 @@ def test_up_postgres_with_two_replicas_of_each_stateful_service(data_dir: Path) 
             assert name in rows and "SERVING" in rows[name], status.stdout
         # The gateway reports each service once, its address the list of replicas it spreads calls over.
         assert rows["config"].split()[1] == f"{state['config']['address']},{state['config-2']['address']}"
+        # And every replica as it recorded itself in the database: two ready ones per service, each
+        # matched to its process by the address it advertises.
+        deadline = time.monotonic() + 30
+        while True:
+            listed = [line.split() for line in status.stdout.splitlines() if line.startswith("replica ")]
+            ready = {s: sorted(r[2] for r in listed if r[1] == s and r[5] == "READY") for s in stateful}
+            if all(ready[s] == [s, f"{s}-2"] for s in stateful) or time.monotonic() > deadline:
+                break
+            time.sleep(1)
+            status = subprocess.run(
+                [*flynn_dev(), "status", "--data-dir", str(lch.data_dir), "--base-port", str(lch.base_port)],
+                capture_output=True, text=True, timeout=60, cwd=ROOT, env=env(),
+            )  # fmt: skip
+        assert all(ready[s] == [s, f"{s}-2"] for s in stateful), status.stdout
         assert lch.stop() == 0
     finally:
         _leave_nothing_running(lch, data_dir)

@@ -3,13 +3,18 @@ the console process in front of it, plus a headless Chromium driven by Playwrigh
 
 from __future__ import annotations
 
+import http.client
+import json
 import os
+import re
 import subprocess
 import sys
 import time
+import urllib.parse
 import urllib.request
 from dataclasses import dataclass, field
 from pathlib import Path
+from typing import Any
 
 from flynn_runtime import topology
 from tests.support.mesh import ROOT, ServiceProcess, Tokens, free_port
@@ -75,6 +80,38 @@ class ConsoleProcess:
         if self.log_path is None or not self.log_path.exists():
             return ""
         return "\n".join(self.log_path.read_text(errors="replace").splitlines()[-n:])
+
+    def _request(self, method: str, path: str, body: bytes | None = None, headers: dict[str, str] | None = None
+                 ) -> tuple[int, http.client.HTTPMessage, bytes]:  # fmt: skip
+        conn = http.client.HTTPConnection("127.0.0.1", self.port, timeout=30)
+        try:
+            conn.request(method, path, body=body, headers=headers or {})
+            resp = conn.getresponse()
+            return resp.status, resp.headers, resp.read()
+        finally:
+            conn.close()
+
+    def sign_in(self, token: str) -> str:
+        """Sign in through the form (its CSRF field must match the cookie it came with); returns the
+        session cookie ("name=value") for the API calls."""
+        _, headers, page = self._request("GET", "/signin")
+        csrf = re.search(r'name="csrf" value="([^"]+)"', page.decode())
+        assert csrf is not None, page[:500]
+        form = urllib.parse.urlencode({"csrf": csrf.group(1), "token": token}).encode()
+        status, headers, body = self._request(
+            "POST", "/signin", form,
+            {"Cookie": str(headers["Set-Cookie"]).split(";")[0], "Content-Type": "application/x-www-form-urlencoded"},
+        )  # fmt: skip
+        assert status == 303, (status, body[:500])
+        from console.sign_in import COOKIE
+
+        cookies = [c.split(";")[0] for c in headers.get_all("Set-Cookie") or []]
+        return next(c for c in cookies if c.startswith(f"{COOKIE}="))
+
+    def get_json(self, path: str, cookie: str) -> Any:
+        status, _, body = self._request("GET", path, headers={"Cookie": cookie})
+        assert status == 200, (status, body[:500])
+        return json.loads(body)
 
     def stop(self) -> int | None:
         if self.proc is None or self.proc.poll() is not None:

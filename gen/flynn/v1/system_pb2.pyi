@@ -57,6 +57,34 @@ not a failure.
 """
 Global___ServiceHealth: _TypeAlias = ServiceHealth  # noqa: Y015
 
+class _ReplicaState:
+    ValueType = _typing.NewType("ValueType", _builtins.int)
+    V: _TypeAlias = ValueType  # noqa: Y015
+
+class _ReplicaStateEnumTypeWrapper(_enum_type_wrapper._EnumTypeWrapper[_ReplicaState.ValueType], _builtins.type):
+    DESCRIPTOR: _descriptor.EnumDescriptor
+    REPLICA_STATE_UNSPECIFIED: _ReplicaState.ValueType  # 0
+    """Not known."""
+    REPLICA_STATE_READY: _ReplicaState.ValueType  # 1
+    """Heart-beating, and ready (database reachable, its leases held): it serves."""
+    REPLICA_STATE_NOT_READY: _ReplicaState.ValueType  # 2
+    """Heart-beating but not ready (its liveness lease was lost, or it is starting or stopping)."""
+    REPLICA_STATE_GONE: _ReplicaState.ValueType  # 3
+    """Stopped, or no heartbeat for longer than gone_after_seconds (killed, frozen, cut off)."""
+
+class ReplicaState(_ReplicaState, metaclass=_ReplicaStateEnumTypeWrapper):
+    """ReplicaState is what a replica's last heartbeat says."""
+
+REPLICA_STATE_UNSPECIFIED: ReplicaState.ValueType  # 0
+"""Not known."""
+REPLICA_STATE_READY: ReplicaState.ValueType  # 1
+"""Heart-beating, and ready (database reachable, its leases held): it serves."""
+REPLICA_STATE_NOT_READY: ReplicaState.ValueType  # 2
+"""Heart-beating but not ready (its liveness lease was lost, or it is starting or stopping)."""
+REPLICA_STATE_GONE: ReplicaState.ValueType  # 3
+"""Stopped, or no heartbeat for longer than gone_after_seconds (killed, frozen, cut off)."""
+Global___ReplicaState: _TypeAlias = ReplicaState  # noqa: Y015
+
 @_typing.final
 class GetMetricsRequest(_message.Message):
     """GetMetricsRequest asks for figures."""
@@ -556,6 +584,8 @@ class ServiceStatus(_message.Message):
     VERSION_FIELD_NUMBER: _builtins.int
     APPLIED_REVISION_FIELD_NUMBER: _builtins.int
     DETAIL_FIELD_NUMBER: _builtins.int
+    REPLICAS_FIELD_NUMBER: _builtins.int
+    REPLICAS_DETAIL_FIELD_NUMBER: _builtins.int
     service: _builtins.str
     """Service name (config, queue, reactions, nodes, voice, gateway)."""
     address: _builtins.str
@@ -568,6 +598,14 @@ class ServiceStatus(_message.Message):
     """Applied config revision."""
     detail: _builtins.str
     """Detail when unreachable."""
+    replicas_detail: _builtins.str
+    """Why the replicas could not be listed (empty when listed or not applicable)."""
+    @_builtins.property
+    def replicas(self) -> _containers.RepeatedCompositeFieldContainer[Global___ReplicaStatus]:
+        """The replicas of a stateful service (config, queue, reactions, nodes) as they know themselves,
+        live ones first; empty for the stateless ones and when they could not be listed (replicas_detail).
+        """
+
     def __init__(
         self,
         *,
@@ -577,14 +615,137 @@ class ServiceStatus(_message.Message):
         version: _builtins.str = ...,
         applied_revision: _builtins.int = ...,
         detail: _builtins.str = ...,
+        replicas: _abc.Iterable[Global___ReplicaStatus] | None = ...,
+        replicas_detail: _builtins.str = ...,
     ) -> None: ...
     _HasFieldArgType: _TypeAlias = _Never  # noqa: Y015
     def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
-    _ClearFieldArgType: _TypeAlias = _typing.Literal["address", b"address", "applied_revision", b"applied_revision", "detail", b"detail", "health", b"health", "service", b"service", "version", b"version"]  # noqa: Y015
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["address", b"address", "applied_revision", b"applied_revision", "detail", b"detail", "health", b"health", "replicas", b"replicas", "replicas_detail", b"replicas_detail", "service", b"service", "version", b"version"]  # noqa: Y015
     def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
     def WhichOneof(self, oneof_group: _Never) -> None: ...
 
 Global___ServiceStatus: _TypeAlias = ServiceStatus  # noqa: Y015
+
+@_typing.final
+class ListReplicasRequest(_message.Message):
+    """ListReplicasRequest asks for the replicas of the service that answers."""
+
+    DESCRIPTOR: _descriptor.Descriptor
+
+    def __init__(
+        self,
+    ) -> None: ...
+    _HasFieldArgType: _TypeAlias = _Never  # noqa: Y015
+    def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
+    _ClearFieldArgType: _TypeAlias = _Never  # noqa: Y015
+    def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
+    def WhichOneof(self, oneof_group: _Never) -> None: ...
+
+Global___ListReplicasRequest: _TypeAlias = ListReplicasRequest  # noqa: Y015
+
+@_typing.final
+class ListReplicasResponse(_message.Message):
+    """ListReplicasResponse lists them."""
+
+    DESCRIPTOR: _descriptor.Descriptor
+
+    REPLICAS_FIELD_NUMBER: _builtins.int
+    ANSWERED_BY_FIELD_NUMBER: _builtins.int
+    answered_by: _builtins.str
+    """The replica id of the replica that answered."""
+    @_builtins.property
+    def replicas(self) -> _containers.RepeatedCompositeFieldContainer[Global___ReplicaStatus]:
+        """Replicas, live ones first, then by address."""
+
+    def __init__(
+        self,
+        *,
+        replicas: _abc.Iterable[Global___ReplicaStatus] | None = ...,
+        answered_by: _builtins.str = ...,
+    ) -> None: ...
+    _HasFieldArgType: _TypeAlias = _Never  # noqa: Y015
+    def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["answered_by", b"answered_by", "replicas", b"replicas"]  # noqa: Y015
+    def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
+    def WhichOneof(self, oneof_group: _Never) -> None: ...
+
+Global___ListReplicasResponse: _TypeAlias = ListReplicasResponse  # noqa: Y015
+
+@_typing.final
+class ReplicaStatus(_message.Message):
+    """ReplicaStatus is one replica of a stateful service."""
+
+    DESCRIPTOR: _descriptor.Descriptor
+
+    REPLICA_ID_FIELD_NUMBER: _builtins.int
+    ADDRESS_FIELD_NUMBER: _builtins.int
+    STATE_FIELD_NUMBER: _builtins.int
+    START_TIME_FIELD_NUMBER: _builtins.int
+    HEARTBEAT_TIME_FIELD_NUMBER: _builtins.int
+    HEARTBEAT_AGE_SECONDS_FIELD_NUMBER: _builtins.int
+    GONE_AFTER_SECONDS_FIELD_NUMBER: _builtins.int
+    DATABASE_REACHABLE_FIELD_NUMBER: _builtins.int
+    LEASE_HELD_FIELD_NUMBER: _builtins.int
+    HOLDINGS_FIELD_NUMBER: _builtins.int
+    DETAIL_FIELD_NUMBER: _builtins.int
+    VERSION_FIELD_NUMBER: _builtins.int
+    replica_id: _builtins.str
+    """Replica id (the holder id of its leases; new per process unless set by --replica-id)."""
+    address: _builtins.str
+    """Advertised address (host:port other replicas forward calls to; the pod IP in Kubernetes)."""
+    state: Global___ReplicaState.ValueType
+    """State, judged by the database's clock."""
+    heartbeat_age_seconds: _builtins.float
+    """Seconds since its last heartbeat (by the database's clock; 0 without a database)."""
+    gone_after_seconds: _builtins.float
+    """Bound after which a silent replica is shown as gone (its lease, 5 s by default)."""
+    database_reachable: _builtins.bool
+    """Whether the replica reached its database at its last heartbeat."""
+    lease_held: _builtins.bool
+    """Whether it held its liveness lease (run control: its session leases renewed in time); true
+    without a database (no leases).
+    """
+    detail: _builtins.str
+    """Free text: the reactions partitions held ("p0 p3 …"), "stopped" after a graceful stop."""
+    version: _builtins.str
+    """Software version."""
+    @_builtins.property
+    def start_time(self) -> _timestamp_pb2.Timestamp:
+        """When the replica process started."""
+
+    @_builtins.property
+    def heartbeat_time(self) -> _timestamp_pb2.Timestamp:
+        """Its last heartbeat."""
+
+    @_builtins.property
+    def holdings(self) -> _containers.RepeatedCompositeFieldContainer[Global___NamedCount]:
+        """What it holds: sessions_owned, runs_active (run control), watch_streams (config), partitions
+        (reactions), nodes_connected (nodes).
+        """
+
+    def __init__(
+        self,
+        *,
+        replica_id: _builtins.str = ...,
+        address: _builtins.str = ...,
+        state: Global___ReplicaState.ValueType = ...,
+        start_time: _timestamp_pb2.Timestamp | None = ...,
+        heartbeat_time: _timestamp_pb2.Timestamp | None = ...,
+        heartbeat_age_seconds: _builtins.float = ...,
+        gone_after_seconds: _builtins.float = ...,
+        database_reachable: _builtins.bool = ...,
+        lease_held: _builtins.bool = ...,
+        holdings: _abc.Iterable[Global___NamedCount] | None = ...,
+        detail: _builtins.str = ...,
+        version: _builtins.str = ...,
+    ) -> None: ...
+    _HasFieldArgType: _TypeAlias = _typing.Literal["heartbeat_time", b"heartbeat_time", "start_time", b"start_time"]  # noqa: Y015
+    def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["address", b"address", "database_reachable", b"database_reachable", "detail", b"detail", "gone_after_seconds", b"gone_after_seconds", "heartbeat_age_seconds", b"heartbeat_age_seconds", "heartbeat_time", b"heartbeat_time", "holdings", b"holdings", "lease_held", b"lease_held", "replica_id", b"replica_id", "start_time", b"start_time", "state", b"state", "version", b"version"]  # noqa: Y015
+    def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
+    def WhichOneof(self, oneof_group: _Never) -> None: ...
+
+Global___ReplicaStatus: _TypeAlias = ReplicaStatus  # noqa: Y015
 
 @_typing.final
 class GetStatusResponse(_message.Message):

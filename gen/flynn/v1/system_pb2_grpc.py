@@ -143,3 +143,89 @@ class System:
             timeout,
             metadata,
             _registered_method=True)
+
+
+class ReplicasStub:
+    """Replicas is served by every replica of each stateful service (config, run control, reactions,
+    nodes) about the replicas of its own service, as they recorded themselves in the service's
+    database; any replica answers for all of them. The gateway calls it for System.GetStatus; it is
+    not forwarded by the gateway.
+    """
+
+    def __init__(self, channel):
+        """Constructor.
+
+        Args:
+            channel: A grpc.Channel.
+        """
+        self.ListReplicas = channel.unary_unary(
+                '/flynn.v1.Replicas/ListReplicas',
+                request_serializer=flynn_dot_v1_dot_system__pb2.ListReplicasRequest.SerializeToString,
+                response_deserializer=flynn_dot_v1_dot_system__pb2.ListReplicasResponse.FromString,
+                _registered_method=True)
+
+
+class ReplicasServicer:
+    """Replicas is served by every replica of each stateful service (config, run control, reactions,
+    nodes) about the replicas of its own service, as they recorded themselves in the service's
+    database; any replica answers for all of them. The gateway calls it for System.GetStatus; it is
+    not forwarded by the gateway.
+    """
+
+    def ListReplicas(self, request, context):
+        """ListReplicas ("replicas.list") lists the replicas that heart-beat within the last hour: live ones
+        and those gone (stopped, or silent for longer than their bound). Without a database: this one.
+        """
+        context.set_code(grpc.StatusCode.UNIMPLEMENTED)
+        context.set_details('Method not implemented!')
+        raise NotImplementedError('Method not implemented!')
+
+
+def add_ReplicasServicer_to_server(servicer, server):
+    rpc_method_handlers = {
+            'ListReplicas': grpc.unary_unary_rpc_method_handler(
+                    servicer.ListReplicas,
+                    request_deserializer=flynn_dot_v1_dot_system__pb2.ListReplicasRequest.FromString,
+                    response_serializer=flynn_dot_v1_dot_system__pb2.ListReplicasResponse.SerializeToString,
+            ),
+    }
+    generic_handler = grpc.method_handlers_generic_handler(
+            'flynn.v1.Replicas', rpc_method_handlers)
+    server.add_generic_rpc_handlers((generic_handler,))
+    server.add_registered_method_handlers('flynn.v1.Replicas', rpc_method_handlers)
+
+
+ # This class is part of an EXPERIMENTAL API.
+class Replicas:
+    """Replicas is served by every replica of each stateful service (config, run control, reactions,
+    nodes) about the replicas of its own service, as they recorded themselves in the service's
+    database; any replica answers for all of them. The gateway calls it for System.GetStatus; it is
+    not forwarded by the gateway.
+    """
+
+    @staticmethod
+    def ListReplicas(request,
+            target,
+            options=(),
+            channel_credentials=None,
+            call_credentials=None,
+            insecure=False,
+            compression=None,
+            wait_for_ready=None,
+            timeout=None,
+            metadata=None):
+        return grpc.experimental.unary_unary(
+            request,
+            target,
+            '/flynn.v1.Replicas/ListReplicas',
+            flynn_dot_v1_dot_system__pb2.ListReplicasRequest.SerializeToString,
+            flynn_dot_v1_dot_system__pb2.ListReplicasResponse.FromString,
+            options,
+            channel_credentials,
+            insecure,
+            call_credentials,
+            compression,
+            wait_for_ready,
+            timeout,
+            metadata,
+            _registered_method=True)

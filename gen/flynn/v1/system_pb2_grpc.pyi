@@ -68,3 +68,52 @@ class SystemServicer(metaclass=_abc_1.ABCMeta):
         """GetStatus shows every service's health, version and applied config revision."""
 
 def add_SystemServicer_to_server(servicer: SystemServicer, server: _typing.Union[_grpc.Server, _aio.Server]) -> None: ...
+
+class ReplicasStub:
+    """Replicas is served by every replica of each stateful service (config, run control, reactions,
+    nodes) about the replicas of its own service, as they recorded themselves in the service's
+    database; any replica answers for all of them. The gateway calls it for System.GetStatus; it is
+    not forwarded by the gateway.
+    """
+
+    @_typing.overload
+    def __new__(cls, channel: _grpc.Channel) -> _Self: ...
+    @_typing.overload
+    def __new__(cls, channel: _aio.Channel) -> ReplicasAsyncStub: ...
+    ListReplicas: _grpc.UnaryUnaryMultiCallable[_system_pb2.ListReplicasRequest, _system_pb2.ListReplicasResponse]
+    """ListReplicas ("replicas.list") lists the replicas that heart-beat within the last hour: live ones
+    and those gone (stopped, or silent for longer than their bound). Without a database: this one.
+    """
+
+@_typing.type_check_only
+class ReplicasAsyncStub(ReplicasStub):
+    """Replicas is served by every replica of each stateful service (config, run control, reactions,
+    nodes) about the replicas of its own service, as they recorded themselves in the service's
+    database; any replica answers for all of them. The gateway calls it for System.GetStatus; it is
+    not forwarded by the gateway.
+    """
+
+    def __init__(self, channel: _aio.Channel) -> None: ...
+    ListReplicas: _aio.UnaryUnaryMultiCallable[_system_pb2.ListReplicasRequest, _system_pb2.ListReplicasResponse]  # type: ignore[assignment]
+    """ListReplicas ("replicas.list") lists the replicas that heart-beat within the last hour: live ones
+    and those gone (stopped, or silent for longer than their bound). Without a database: this one.
+    """
+
+class ReplicasServicer(metaclass=_abc_1.ABCMeta):
+    """Replicas is served by every replica of each stateful service (config, run control, reactions,
+    nodes) about the replicas of its own service, as they recorded themselves in the service's
+    database; any replica answers for all of them. The gateway calls it for System.GetStatus; it is
+    not forwarded by the gateway.
+    """
+
+    @_abc_1.abstractmethod
+    def ListReplicas(
+        self,
+        request: _system_pb2.ListReplicasRequest,
+        context: _ServicerContext,
+    ) -> _typing.Union[_system_pb2.ListReplicasResponse, _abc.Awaitable[_system_pb2.ListReplicasResponse]]:
+        """ListReplicas ("replicas.list") lists the replicas that heart-beat within the last hour: live ones
+        and those gone (stopped, or silent for longer than their bound). Without a database: this one.
+        """
+
+def add_ReplicasServicer_to_server(servicer: ReplicasServicer, server: _typing.Union[_grpc.Server, _aio.Server]) -> None: ...
