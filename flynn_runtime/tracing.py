@@ -37,6 +37,9 @@ log = logging.getLogger(__name__)
 
 #: True once configure() set up an exporter; read on the hot path, so a plain module global.
 ENABLED = False
+#: The sampler follows the caller's decision (a parentbased_* sampler, the default): a call whose
+#: traceparent is unsampled records nothing here, so its server span is skipped outright.
+PARENT_DECIDES = False
 #: Record message and reply text in span attributes (OTEL_INSTRUMENTATION_GENAI_CAPTURE_MESSAGE_CONTENT).
 CAPTURE_CONTENT = False
 CAPTURE_ENV = "OTEL_INSTRUMENTATION_GENAI_CAPTURE_MESSAGE_CONTENT"
@@ -73,7 +76,7 @@ def _truthy(value: str | None) -> bool:
 
 def configure(service: str, environ: Mapping[str, str] | None = None) -> bool:
     """Set up tracing for this process from the OTEL_* environment; True when tracing is on."""
-    global ENABLED, CAPTURE_CONTENT, _tracer, _provider, _propagator
+    global ENABLED, CAPTURE_CONTENT, PARENT_DECIDES, _tracer, _provider, _propagator
     env = os.environ if environ is None else environ
     exporter = env.get("OTEL_TRACES_EXPORTER", "none").strip().lower()
     if exporter in ("", "none") or _truthy(env.get("OTEL_SDK_DISABLED")):
@@ -107,6 +110,10 @@ def configure(service: str, environ: Mapping[str, str] | None = None) -> bool:
     _api.Status, _api.StatusCode = trace.Status, trace.StatusCode
     _api.root = otel_context.Context()
     CAPTURE_CONTENT = _truthy(env.get(CAPTURE_ENV))
+    # The SDK's parentbased_* samplers drop every span whose remote parent is unsampled.
+    PARENT_DECIDES = (
+        env.get("OTEL_TRACES_SAMPLER", "parentbased_always_on").strip().lower().startswith("parentbased_")
+    )
     ENABLED = True
     log.info(
         "tracing on",
@@ -372,6 +379,11 @@ def span(
     end_span(s)
 
 
+def recording() -> bool:
+    """Whether the current span records (tracing on and sampled): check it before building attributes."""
+    return ENABLED and bool(_api.trace.get_current_span().is_recording())
+
+
 def set_attributes(attributes: Mapping[str, Any]) -> None:
     """Set attributes on the current span (None values skipped); no-op when off."""
     if not ENABLED:
@@ -397,7 +409,8 @@ _SERVER_ERRORS = frozenset(
 
 def server_span(method: str, metadata: Iterable[tuple[str, Any]]) -> Span | None:
     """Open the SERVER span of an RPC (child of the caller's traceparent) and make it current for the
-    handler's task. None for untraced methods. Called only when ENABLED."""
+    handler's task. None for untraced methods and for a caller whose trace is not sampled (its
+    context is made current without a span). Called only when ENABLED."""
     if method.startswith(_UNTRACED_PREFIXES):
         return None
 
@@ -407,9 +420,15 @@ def server_span(method: str, metadata: Iterable[tuple[str, Any]]) -> Span | None
             tp = v
         elif k == TRACESTATE and isinstance(v, str):
             ts = v
-    name, attrs = _method_span(method)
     # The caller's context is parsed, not cached: each call has its own (the cache is for run phases).
     parent = extract({TRACEPARENT: tp, TRACESTATE: ts} if ts else {TRACEPARENT: tp}) if tp else _api.root
+    if PARENT_DECIDES and tp and not sampled(tp):
+        if _api.trace.get_current_span(parent).get_span_context().is_valid:
+            # An unsampled caller: the sampler would only make a non-recording span. The caller's
+            # context is current instead, so the calls made from here carry the same decision.
+            _api.context.attach(parent)
+            return None
+    name, attrs = _method_span(method)
     s = start_span(name, parent=parent, attributes=attrs, server=True)
     # Each RPC runs in its own task (its own contextvars copy): no detach needed.
     _api.context.attach(_api.trace.set_span_in_context(s))
