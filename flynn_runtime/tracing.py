@@ -24,6 +24,7 @@ import contextlib
 import functools
 import logging
 import os
+import re
 from collections.abc import Iterable, Iterator, Mapping, Sequence
 from typing import TYPE_CHECKING, Any
 
@@ -457,6 +458,10 @@ def inject_metadata(metadata: Sequence[tuple[str, Any]]) -> list[tuple[str, Any]
     return md
 
 
+_TRACEPARENT_IDS = re.compile(r"[0-9a-f]{2}-([0-9a-f]{32})-([0-9a-f]{16})-[0-9a-f]{2}")
+_ZERO_TRACE, _ZERO_SPAN = "0" * 32, "0" * 16
+
+
 def exemplar(traceparent: str = "") -> dict[str, str] | None:
     """Exemplar labels {trace_id, span_id} for a histogram observation: of `traceparent` if given,
     else of the current span; None when off or unsampled (prometheus_client: observe(v, exemplar))."""
@@ -466,10 +471,13 @@ def exemplar(traceparent: str = "") -> dict[str, str] | None:
     if traceparent:
         if not sampled(traceparent):  # the flag says it: no context to look up
             return None
-        sc = span_context_of(traceparent)
-    else:
-        sc = _api.trace.get_current_span().get_span_context()
-    if sc is None or not sc.is_valid or not sc.trace_flags.sampled:
+        # The ids are the traceparent's own fields (lowercase hex, as format_trace_id writes them).
+        m = _TRACEPARENT_IDS.fullmatch(traceparent)
+        if m is None or m[1] == _ZERO_TRACE or m[2] == _ZERO_SPAN:
+            return None
+        return {"trace_id": m[1], "span_id": m[2]}
+    sc = _api.trace.get_current_span().get_span_context()
+    if not sc.is_valid or not sc.trace_flags.sampled:
         return None
     return {
         "trace_id": _api.trace.format_trace_id(sc.trace_id),

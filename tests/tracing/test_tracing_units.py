@@ -71,3 +71,56 @@ def test_sampled_reads_the_flags_bit() -> None:
     assert not tracing.sampled(f"00-{tid}-{sid}-00")
     assert not tracing.sampled(f"00-{tid}-{sid}-02")
     assert not tracing.sampled("") and not tracing.sampled("garbage")
+
+
+EXEMPLAR_PROBE = """
+from flynn_runtime import tracing
+assert tracing.configure("probe")
+tid, sid = "0af7651916cd43dd8448eb211c80319c", "b7ad6b7169203331"
+assert tracing.exemplar(f"00-{tid}-{sid}-01") == {"trace_id": tid, "span_id": sid}
+assert tracing.exemplar(f"00-{tid}-{sid}-00") is None  # unsampled
+assert tracing.exemplar(f"00-{'0' * 32}-{sid}-01") is None and tracing.exemplar(f"00-{tid}-{'0' * 16}-01") is None
+assert tracing.exemplar(f"00-{tid.upper()}-{sid}-01") is None and tracing.exemplar("garbage") is None
+ctx = tracing.context_of(f"00-{tid}-{sid}-01")
+with tracing.span("probe", parent=ctx) as s:  # of the current span when no traceparent is given
+    sc = s.get_span_context()
+    assert tracing.exemplar() == {"trace_id": tid, "span_id": format(sc.span_id, "016x")}
+print("ok")
+"""
+
+
+def test_an_exemplar_names_the_traceparent_or_the_current_span() -> None:
+    done = _python(
+        EXEMPLAR_PROBE, OTEL_TRACES_EXPORTER="otlp", OTEL_EXPORTER_OTLP_ENDPOINT="http://127.0.0.1:9"
+    )
+    assert done.returncode == 0 and done.stdout.strip() == "ok", done.stderr
+
+
+UNSAMPLED_CALLER_PROBE = """
+import os
+from flynn_runtime import tracing
+assert tracing.configure("probe")
+tid, sid = "0af7651916cd43dd8448eb211c80319c", "b7ad6b7169203331"
+method = "/flynn.v1.RunControl/SubmitMessage"
+span = tracing.server_span(method, [("traceparent", f"00-{tid}-{sid}-00")])
+if os.environ.get("OTEL_TRACES_SAMPLER", "").startswith("parentbased_"):
+    assert span is None
+    assert tracing.carrier()["traceparent"] == f"00-{tid}-{sid}-00"  # the caller's decision travels on
+    assert not tracing.recording() and tracing.current_ids() == (tid, sid)
+else:  # a sampler that ignores the parent's flag (traceidratio at 1.0) records the call anyway
+    assert span is not None and span.is_recording()
+s = tracing.server_span(method, [("traceparent", f"00-{tid}-{sid}-01")])
+assert s is not None and s.is_recording() and s.parent.span_id == int(sid, 16)
+g = tracing.server_span(method, [("traceparent", "00-garbage-01")])  # no valid parent: a trace of its own
+assert g is not None and g.is_recording() and g.parent is None
+print("ok")
+"""
+
+
+def test_an_unsampled_caller_gets_no_server_span_and_keeps_its_decision() -> None:
+    env = {"OTEL_TRACES_EXPORTER": "otlp", "OTEL_EXPORTER_OTLP_ENDPOINT": "http://127.0.0.1:9"}
+    for sampler in ("parentbased_always_on", "parentbased_traceidratio", "traceidratio"):
+        done = _python(
+            UNSAMPLED_CALLER_PROBE, OTEL_TRACES_SAMPLER=sampler, OTEL_TRACES_SAMPLER_ARG="1.0", **env
+        )
+        assert done.returncode == 0 and done.stdout.strip() == "ok", (sampler, done.stderr)
