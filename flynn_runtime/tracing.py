@@ -66,6 +66,8 @@ class _Api:
     Status: Any = None
     StatusCode: Any = None
     root: Any = None  # an empty context: the parent of a span that starts a trace
+    ChildSpan: Any = None  # flynn_runtime.child_span: children of sampled parents
+    sink: Any = None
 
 
 _api = _Api()
@@ -101,10 +103,22 @@ def configure(service: str, environ: Mapping[str, str] | None = None) -> bool:
     provider = TracerProvider(
         resource=_resource_hashed_once(Resource)(created.attributes, created.schema_url)
     )
-    provider.add_span_processor(BatchSpanProcessor(_exporter_class(OTLPSpanExporter)()))
+    batches = BatchSpanProcessor(_exporter_class(OTLPSpanExporter)())
+    provider.add_span_processor(batches)
     trace.set_tracer_provider(provider)
     _provider = provider
-    _tracer = provider.get_tracer("flynn")
+    _tracer = provider.get_tracer("flynn", "", "")
+    from opentelemetry.sdk.util.instrumentation import InstrumentationScope
+
+    from flynn_runtime.child_span import ChildSpan, Sink
+
+    _api.ChildSpan = ChildSpan
+    _api.sink = Sink(
+        provider.resource,
+        InstrumentationScope("flynn", "", ""),
+        batches,
+        provider.id_generator.generate_span_id,
+    )
     _propagator = TraceContextTextMapPropagator()
     _api.trace, _api.context = trace, otel_context
     _api.Link, _api.SpanKind, _api.SpanContext = trace.Link, trace.SpanKind, trace.SpanContext
@@ -312,13 +326,21 @@ def start_span(
     `start_time` is time.time() seconds (for phases recorded when they end)."""
 
     ctx = context_of(parent) if isinstance(parent, str) else parent
+    kind = _api.SpanKind.SERVER if server else _api.SpanKind.INTERNAL
+    start_ns = int(start_time * 1e9) if start_time is not None else None
+    if PARENT_DECIDES:
+        # A child of a sampled parent is recorded whatever happens: no sampler, no SDK span.
+        psc = _api.trace.get_current_span(ctx).get_span_context()
+        if psc.is_valid and psc.trace_flags.sampled:
+            span: Span = _api.ChildSpan(_api.sink, name, psc, kind, attributes, links, start_ns)
+            return span
     return tracer().start_span(
         name,
         context=ctx,
-        kind=_api.SpanKind.SERVER if server else _api.SpanKind.INTERNAL,
+        kind=kind,
         attributes=attributes or None,
         links=list(links) or None,
-        start_time=int(start_time * 1e9) if start_time is not None else None,
+        start_time=start_ns,
     )
 
 
