@@ -66,8 +66,12 @@ class _Api:
     Status: Any = None
     StatusCode: Any = None
     root: Any = None  # an empty context: the parent of a span that starts a trace
-    ChildSpan: Any = None  # flynn_runtime.child_span: children of sampled parents
+    RecordingSpan: Any = None  # flynn_runtime.recording_span
     sink: Any = None
+    sampler: Any = None  # the provider's sampler and id generator
+    ids: Any = None
+    TraceFlags: Any = None
+    NonRecordingSpan: Any = None
 
 
 _api = _Api()
@@ -110,15 +114,12 @@ def configure(service: str, environ: Mapping[str, str] | None = None) -> bool:
     _tracer = provider.get_tracer("flynn", "", "")
     from opentelemetry.sdk.util.instrumentation import InstrumentationScope
 
-    from flynn_runtime.child_span import ChildSpan, Sink
+    from flynn_runtime.recording_span import RecordingSpan, Sink
 
-    _api.ChildSpan = ChildSpan
-    _api.sink = Sink(
-        provider.resource,
-        InstrumentationScope("flynn", "", ""),
-        batches,
-        provider.id_generator.generate_span_id,
-    )
+    _api.RecordingSpan = RecordingSpan
+    _api.sink = Sink(provider.resource, InstrumentationScope("flynn", "", ""), batches)
+    _api.sampler, _api.ids = provider.sampler, provider.id_generator
+    _api.TraceFlags, _api.NonRecordingSpan = trace.TraceFlags, trace.NonRecordingSpan
     _propagator = TraceContextTextMapPropagator()
     _api.trace, _api.context = trace, otel_context
     _api.Link, _api.SpanKind, _api.SpanContext = trace.Link, trace.SpanKind, trace.SpanContext
@@ -328,12 +329,18 @@ def start_span(
     ctx = context_of(parent) if isinstance(parent, str) else parent
     kind = _api.SpanKind.SERVER if server else _api.SpanKind.INTERNAL
     start_ns = int(start_time * 1e9) if start_time is not None else None
-    if PARENT_DECIDES:
-        # A child of a sampled parent is recorded whatever happens: no sampler, no SDK span.
-        psc = _api.trace.get_current_span(ctx).get_span_context()
-        if psc.is_valid and psc.trace_flags.sampled:
-            span: Span = _api.ChildSpan(_api.sink, name, psc, kind, attributes, links, start_ns)
-            return span
+    psc = _api.trace.get_current_span(ctx).get_span_context()
+    if PARENT_DECIDES and psc.is_valid and psc.trace_flags.sampled:
+        # A parentbased sampler records a child of a sampled parent, with the parent's trace id,
+        # random-trace-id bit and trace state: the SDK's span would only repeat that decision.
+        flags = _api.TraceFlags.SAMPLED | (psc.trace_flags & _api.TraceFlags.RANDOM_TRACE_ID)
+        sc = _api.SpanContext(
+            psc.trace_id, _api.ids.generate_span_id(), False, _api.TraceFlags(flags), psc.trace_state
+        )
+        span: Span = _api.RecordingSpan(_api.sink, name, sc, psc, kind, attributes, links, start_ns)
+        return span
+    if not psc.is_valid:
+        return _root_span(name, ctx, kind, attributes, links, start_ns)
     return tracer().start_span(
         name,
         context=ctx,
@@ -342,6 +349,27 @@ def start_span(
         links=list(links) or None,
         start_time=start_ns,
     )
+
+
+def _root_span(
+    name: str, ctx: Context | None, kind: Any, attributes: Mapping[str, Any] | None, links: Sequence[Link],
+    start_ns: int | None,
+) -> Span:  # fmt: skip
+    """A span starting a trace, as the SDK's Tracer makes it: a new trace id from the provider's id
+    generator and the provider's sampler deciding; recorded as a RecordingSpan."""
+    trace_id = _api.ids.generate_trace_id()
+    result = _api.sampler.should_sample(ctx, trace_id, name, kind, attributes, links)
+    flags = _api.TraceFlags.SAMPLED if result.decision.is_sampled() else _api.TraceFlags.DEFAULT
+    if _api.ids.is_trace_id_random():
+        flags |= _api.TraceFlags.RANDOM_TRACE_ID
+    sc = _api.SpanContext(
+        trace_id, _api.ids.generate_span_id(), False, _api.TraceFlags(flags), result.trace_state
+    )
+    if not result.decision.is_recording():
+        span: Span = _api.NonRecordingSpan(sc)
+        return span
+    span = _api.RecordingSpan(_api.sink, name, sc, None, kind, result.attributes, links, start_ns)
+    return span
 
 
 def mark_error(span: Span, description: str) -> None:

@@ -133,21 +133,22 @@ from opentelemetry.sdk.trace.export import SimpleSpanProcessor
 from opentelemetry.sdk.trace.export.in_memory_span_exporter import InMemorySpanExporter
 from opentelemetry.trace import StatusCode
 from flynn_runtime import tracing
-from flynn_runtime.child_span import ChildSpan, Sink
+from flynn_runtime.recording_span import RecordingSpan, Sink
 from flynn_runtime.otlp_encoding import encode_request
 assert tracing.configure("probe")
 memory = InMemorySpanExporter()
 processor = SimpleSpanProcessor(memory)  # what SDK spans and child spans end into, read back here
 tracing._provider.add_span_processor(processor)
 sink = tracing._api.sink
-tracing._api.sink = Sink(sink.resource, sink.scope, processor, sink.span_id)
+tracing._api.sink = Sink(sink.resource, sink.scope, processor)
 tid, sid = "0af7651916cd43dd8448eb211c80319c", "b7ad6b7169203331"
 
-root = tracing.start_span("root", server=True)  # no parent: the SDK's span, its sampler decides
-assert not isinstance(root, ChildSpan) and root.is_recording()
+root = tracing.start_span("root", server=True)  # no parent: the provider's sampler decides
+assert isinstance(root, RecordingSpan) and root.is_recording() and root.parent is None
+assert root.get_span_context().trace_flags == 0x03  # sampled, random trace id (as the SDK's)
 with tracing.activated(root):
     child = tracing.start_span("child", attributes={"a": "x"})
-assert isinstance(child, ChildSpan) and child.is_recording()
+assert isinstance(child, RecordingSpan) and child.is_recording()
 rc, cc = root.get_span_context(), child.get_span_context()
 assert cc.trace_id == rc.trace_id and cc.span_id not in (0, rc.span_id) and cc.trace_flags.sampled
 child.set_attributes({"b": 2})
@@ -158,11 +159,12 @@ child.set_attribute("late", 1)  # ignored: ended
 child.end()  # ignored: ended once
 tracing.end_span(root)
 remote = tracing.start_span("remote", parent=tracing.context_of(f"00-{tid}-{sid}-01", "vendor=x"))
-assert isinstance(remote, ChildSpan) and remote.parent.is_remote
+assert isinstance(remote, RecordingSpan) and remote.parent.is_remote
 assert remote.get_span_context().trace_state.get("vendor") == "x"
 tracing.end_span(remote, error="DEADLINE_EXCEEDED")
 unsampled = tracing.start_span("u", parent=f"00-{tid}-{sid}-00")  # the SDK's: it records nothing
-assert not isinstance(unsampled, ChildSpan) and not unsampled.is_recording()
+assert not isinstance(unsampled, RecordingSpan) and not unsampled.is_recording()
+assert unsampled.get_span_context().trace_id == int(tid, 16)
 
 spans = memory.get_finished_spans()
 assert [s.name for s in spans] == ["child", "root", "remote"], [s.name for s in spans]
@@ -179,7 +181,7 @@ print("ok")
 """
 
 
-def test_a_child_of_a_sampled_parent_is_recorded_without_the_sdk_span_and_exports_alike() -> None:
+def test_recording_spans_carry_the_sdk_decisions_and_export_alike() -> None:
     done = _python(
         CHILD_SPAN_PROBE, OTEL_TRACES_EXPORTER="otlp", OTEL_EXPORTER_OTLP_ENDPOINT="http://127.0.0.1:9"
     )

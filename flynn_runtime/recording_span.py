@@ -1,13 +1,13 @@
-"""A recording span for a child of a sampled parent, ended into the SDK's batch span processor.
+"""A recording span of Flynn's own, ended into the SDK's batch span processor as the SDK's ReadableSpan.
 
-With a `parentbased_*` sampler a child of a sampled parent is always recorded, so the SDK's
-`Tracer.start_span` (sampler call, the `_Span` with its locks, bounded containers and attribute
-checks, the copy into a ReadableSpan at its end) does work whose outcome is known: on run control's
-and the gateway's event loops it is most of what a sampled message costs. `ChildSpan` keeps the
-span's fields in plain slots and hands the SDK's own `ReadableSpan` to the same BatchSpanProcessor
-and OTLP exporter when it ends. Roots and unsampled parents still go through the SDK (its sampler
-decides); attribute values are Flynn's own (str, bool, int, lists of str), never checked per call,
-and the SDK's span limits (OTEL_SPAN_*_COUNT_LIMIT) do not apply to these spans.
+The SDK's `Tracer.start_span` makes a `_Span` with locks, bounded containers and per-attribute checks,
+and copies it into a ReadableSpan when it ends: on run control's and the gateway's event loops that
+was most of what a sampled message cost. `RecordingSpan` keeps the span's fields in plain slots and
+hands the SDK's own `ReadableSpan` to the same BatchSpanProcessor and OTLP exporter when it ends.
+Who decides stays the SDK's: `flynn_runtime.tracing.start_span` makes one for a child of a sampled
+parent (what a `parentbased_*` sampler always records) and for a root its sampler records; the ids
+come from the provider's id generator. Attribute values are Flynn's own (str, bool, int, lists of
+str), not checked per call, and the SDK's span limits (OTEL_SPAN_*_COUNT_LIMIT) do not apply.
 """
 
 from __future__ import annotations
@@ -18,24 +18,23 @@ from typing import Any
 
 from opentelemetry import trace
 from opentelemetry.sdk.trace import Event, ReadableSpan
-from opentelemetry.trace import Link, SpanContext, SpanKind, Status, StatusCode, TraceFlags
+from opentelemetry.trace import Link, SpanContext, SpanKind, Status, StatusCode
 
 _UNSET = Status(StatusCode.UNSET)
 
 
 class Sink:
-    """Where ended child spans go: the provider's resource, the tracer's scope, the batch processor."""
+    """Where ended spans go: the provider's resource, the tracer's scope, the batch processor."""
 
-    __slots__ = ("resource", "scope", "processor", "span_id")
+    __slots__ = ("resource", "scope", "processor")
 
-    def __init__(self, resource: Any, scope: Any, processor: Any, span_id: Any) -> None:
+    def __init__(self, resource: Any, scope: Any, processor: Any) -> None:
         self.resource = resource
         self.scope = scope
         self.processor = processor
-        self.span_id = span_id  # the provider's id generator's generate_span_id
 
 
-class ChildSpan(trace.Span):
+class RecordingSpan(trace.Span):
     __slots__ = (
         "_sink",
         "_name",
@@ -54,7 +53,8 @@ class ChildSpan(trace.Span):
         self,
         sink: Sink,
         name: str,
-        parent: SpanContext,
+        context: SpanContext,
+        parent: SpanContext | None,
         kind: SpanKind,
         attributes: Mapping[str, Any] | None,
         links: Sequence[Link],
@@ -62,10 +62,7 @@ class ChildSpan(trace.Span):
     ) -> None:
         self._sink = sink
         self._name = name
-        # What the SDK's ParentBased sampler gives a child of a sampled parent: sampled, the parent's
-        # random-trace-id bit and trace state.
-        flags = TraceFlags(TraceFlags.SAMPLED | (parent.trace_flags & TraceFlags.RANDOM_TRACE_ID))
-        self._context = SpanContext(parent.trace_id, sink.span_id(), False, flags, parent.trace_state)
+        self._context = context
         self._parent = parent
         self._kind = kind
         self._attributes: dict[str, Any] = dict(attributes) if attributes else {}
@@ -79,7 +76,7 @@ class ChildSpan(trace.Span):
         return self._context
 
     @property
-    def parent(self) -> SpanContext:
+    def parent(self) -> SpanContext | None:
         return self._parent
 
     @property
