@@ -16,6 +16,12 @@ interceptor opens a SERVER span per RPC (parent: the caller's `traceparent` meta
 current; `client_channel` injects the current context into every outgoing call; long-lived work
 (runs, reactions, speech) carries its context in `Causation.traceparent` (persisted with messages,
 runs and replies), so phases after a queue wait or a restart join the message's trace.
+
+The SDK's provider, sampler, id generator, batch span processor and OTLP exporter do the rest, with
+two hot steps of Flynn's own (OBSERVABILITY.md, "Cost"): a sampled span is a RecordingSpan
+(flynn_runtime/recording_span.py) where the SDK's decision is known or made by its sampler, and the
+exporter encodes with flynn_runtime/otlp_encoding.py. A call from an unsampled caller (parentbased_*
+samplers) gets no span at all: the caller's context is made current as it came.
 """
 
 from __future__ import annotations
