@@ -16,6 +16,12 @@ interceptor opens a SERVER span per RPC (parent: the caller's `traceparent` meta
 current; `client_channel` injects the current context into every outgoing call; long-lived work
 (runs, reactions, speech) carries its context in `Causation.traceparent` (persisted with messages,
 runs and replies), so phases after a queue wait or a restart join the message's trace.
+
+The SDK's provider, sampler, id generator, batch span processor and OTLP exporter do the rest, with
+two hot steps of Flynn's own (OBSERVABILITY.md, "Cost"): a sampled span is a RecordingSpan
+(flynn_runtime/recording_span.py) where the SDK's decision is known or made by its sampler, and the
+exporter encodes with flynn_runtime/otlp_encoding.py. A call from an unsampled caller (parentbased_*
+samplers) gets no span at all: the caller's context is made current as it came.
 """
 
 from __future__ import annotations
@@ -24,6 +30,7 @@ import contextlib
 import functools
 import logging
 import os
+import re
 from collections.abc import Iterable, Iterator, Mapping, Sequence
 from typing import TYPE_CHECKING, Any
 
@@ -37,6 +44,9 @@ log = logging.getLogger(__name__)
 
 #: True once configure() set up an exporter; read on the hot path, so a plain module global.
 ENABLED = False
+#: The sampler follows the caller's decision (a parentbased_* sampler, the default): a call whose
+#: traceparent is unsampled records nothing here, so its server span is skipped outright.
+PARENT_DECIDES = False
 #: Record message and reply text in span attributes (OTEL_INSTRUMENTATION_GENAI_CAPTURE_MESSAGE_CONTENT).
 CAPTURE_CONTENT = False
 CAPTURE_ENV = "OTEL_INSTRUMENTATION_GENAI_CAPTURE_MESSAGE_CONTENT"
@@ -62,6 +72,12 @@ class _Api:
     Status: Any = None
     StatusCode: Any = None
     root: Any = None  # an empty context: the parent of a span that starts a trace
+    RecordingSpan: Any = None  # flynn_runtime.recording_span
+    sink: Any = None
+    sampler: Any = None  # the provider's sampler and id generator
+    ids: Any = None
+    TraceFlags: Any = None
+    NonRecordingSpan: Any = None
 
 
 _api = _Api()
@@ -73,7 +89,7 @@ def _truthy(value: str | None) -> bool:
 
 def configure(service: str, environ: Mapping[str, str] | None = None) -> bool:
     """Set up tracing for this process from the OTEL_* environment; True when tracing is on."""
-    global ENABLED, CAPTURE_CONTENT, _tracer, _provider, _propagator
+    global ENABLED, CAPTURE_CONTENT, PARENT_DECIDES, _tracer, _provider, _propagator
     env = os.environ if environ is None else environ
     exporter = env.get("OTEL_TRACES_EXPORTER", "none").strip().lower()
     if exporter in ("", "none") or _truthy(env.get("OTEL_SDK_DISABLED")):
@@ -97,16 +113,29 @@ def configure(service: str, environ: Mapping[str, str] | None = None) -> bool:
     provider = TracerProvider(
         resource=_resource_hashed_once(Resource)(created.attributes, created.schema_url)
     )
-    provider.add_span_processor(BatchSpanProcessor(OTLPSpanExporter()))
+    batches = BatchSpanProcessor(_exporter_class(OTLPSpanExporter)())
+    provider.add_span_processor(batches)
     trace.set_tracer_provider(provider)
     _provider = provider
-    _tracer = provider.get_tracer("flynn")
+    _tracer = provider.get_tracer("flynn", "", "")
+    from opentelemetry.sdk.util.instrumentation import InstrumentationScope
+
+    from flynn_runtime.recording_span import RecordingSpan, Sink
+
+    _api.RecordingSpan = RecordingSpan
+    _api.sink = Sink(provider.resource, InstrumentationScope("flynn", "", ""), batches)
+    _api.sampler, _api.ids = provider.sampler, provider.id_generator
+    _api.TraceFlags, _api.NonRecordingSpan = trace.TraceFlags, trace.NonRecordingSpan
     _propagator = TraceContextTextMapPropagator()
     _api.trace, _api.context = trace, otel_context
     _api.Link, _api.SpanKind, _api.SpanContext = trace.Link, trace.SpanKind, trace.SpanContext
     _api.Status, _api.StatusCode = trace.Status, trace.StatusCode
     _api.root = otel_context.Context()
     CAPTURE_CONTENT = _truthy(env.get(CAPTURE_ENV))
+    # The SDK's parentbased_* samplers drop every span whose remote parent is unsampled.
+    PARENT_DECIDES = (
+        env.get("OTEL_TRACES_SAMPLER", "parentbased_always_on").strip().lower().startswith("parentbased_")
+    )
     ENABLED = True
     log.info(
         "tracing on",
@@ -134,6 +163,22 @@ def _resource_hashed_once(resource_class: Any) -> Any:
             return self._hash  # type: ignore[no-any-return]
 
     return HashedOnce
+
+
+def _exporter_class(otlp_span_exporter: Any) -> Any:
+    """The official OTLP/gRPC span exporter, encoding with flynn_runtime.otlp_encoding: the same
+    request, written as wire bytes instead of one protobuf object per span, attribute and value (the
+    exporter's thread encodes under the service's GIL). The bytes are parsed back into the request
+    the exporter sends (one parse in C per batch, a small part of what building it costs)."""
+    from opentelemetry.proto.collector.trace.v1.trace_service_pb2 import ExportTraceServiceRequest
+
+    from flynn_runtime.otlp_encoding import encode_request
+
+    class WireEncoded(otlp_span_exporter):  # type: ignore[misc]
+        def _translate_data(self, data: Any) -> Any:
+            return ExportTraceServiceRequest.FromString(encode_request(data))
+
+    return WireEncoded
 
 
 def shutdown() -> None:
@@ -288,14 +333,49 @@ def start_span(
     `start_time` is time.time() seconds (for phases recorded when they end)."""
 
     ctx = context_of(parent) if isinstance(parent, str) else parent
+    kind = _api.SpanKind.SERVER if server else _api.SpanKind.INTERNAL
+    start_ns = int(start_time * 1e9) if start_time is not None else None
+    psc = _api.trace.get_current_span(ctx).get_span_context()
+    if PARENT_DECIDES and psc.is_valid and psc.trace_flags.sampled:
+        # A parentbased sampler records a child of a sampled parent, with the parent's trace id,
+        # random-trace-id bit and trace state: the SDK's span would only repeat that decision.
+        flags = _api.TraceFlags.SAMPLED | (psc.trace_flags & _api.TraceFlags.RANDOM_TRACE_ID)
+        sc = _api.SpanContext(
+            psc.trace_id, _api.ids.generate_span_id(), False, _api.TraceFlags(flags), psc.trace_state
+        )
+        span: Span = _api.RecordingSpan(_api.sink, name, sc, psc, kind, attributes, links, start_ns)
+        return span
+    if not psc.is_valid:
+        return _root_span(name, ctx, kind, attributes, links, start_ns)
     return tracer().start_span(
         name,
         context=ctx,
-        kind=_api.SpanKind.SERVER if server else _api.SpanKind.INTERNAL,
+        kind=kind,
         attributes=attributes or None,
         links=list(links) or None,
-        start_time=int(start_time * 1e9) if start_time is not None else None,
+        start_time=start_ns,
     )
+
+
+def _root_span(
+    name: str, ctx: Context | None, kind: Any, attributes: Mapping[str, Any] | None, links: Sequence[Link],
+    start_ns: int | None,
+) -> Span:  # fmt: skip
+    """A span starting a trace, as the SDK's Tracer makes it: a new trace id from the provider's id
+    generator and the provider's sampler deciding; recorded as a RecordingSpan."""
+    trace_id = _api.ids.generate_trace_id()
+    result = _api.sampler.should_sample(ctx, trace_id, name, kind, attributes, links)
+    flags = _api.TraceFlags.SAMPLED if result.decision.is_sampled() else _api.TraceFlags.DEFAULT
+    if _api.ids.is_trace_id_random():
+        flags |= _api.TraceFlags.RANDOM_TRACE_ID
+    sc = _api.SpanContext(
+        trace_id, _api.ids.generate_span_id(), False, _api.TraceFlags(flags), result.trace_state
+    )
+    if not result.decision.is_recording():
+        span: Span = _api.NonRecordingSpan(sc)
+        return span
+    span = _api.RecordingSpan(_api.sink, name, sc, None, kind, result.attributes, links, start_ns)
+    return span
 
 
 def mark_error(span: Span, description: str) -> None:
@@ -356,6 +436,11 @@ def span(
     end_span(s)
 
 
+def recording() -> bool:
+    """Whether the current span records (tracing on and sampled): check it before building attributes."""
+    return ENABLED and bool(_api.trace.get_current_span().is_recording())
+
+
 def set_attributes(attributes: Mapping[str, Any]) -> None:
     """Set attributes on the current span (None values skipped); no-op when off."""
     if not ENABLED:
@@ -381,7 +466,8 @@ _SERVER_ERRORS = frozenset(
 
 def server_span(method: str, metadata: Iterable[tuple[str, Any]]) -> Span | None:
     """Open the SERVER span of an RPC (child of the caller's traceparent) and make it current for the
-    handler's task. None for untraced methods. Called only when ENABLED."""
+    handler's task. None for untraced methods and for a caller whose trace is not sampled (its
+    context is made current without a span). Called only when ENABLED."""
     if method.startswith(_UNTRACED_PREFIXES):
         return None
 
@@ -391,9 +477,15 @@ def server_span(method: str, metadata: Iterable[tuple[str, Any]]) -> Span | None
             tp = v
         elif k == TRACESTATE and isinstance(v, str):
             ts = v
-    name, attrs = _method_span(method)
     # The caller's context is parsed, not cached: each call has its own (the cache is for run phases).
     parent = extract({TRACEPARENT: tp, TRACESTATE: ts} if ts else {TRACEPARENT: tp}) if tp else _api.root
+    if PARENT_DECIDES and tp and not sampled(tp):
+        if _api.trace.get_current_span(parent).get_span_context().is_valid:
+            # An unsampled caller: the sampler would only make a non-recording span. The caller's
+            # context is current instead, so the calls made from here carry the same decision.
+            _api.context.attach(parent)
+            return None
+    name, attrs = _method_span(method)
     s = start_span(name, parent=parent, attributes=attrs, server=True)
     # Each RPC runs in its own task (its own contextvars copy): no detach needed.
     _api.context.attach(_api.trace.set_span_in_context(s))
@@ -422,6 +514,10 @@ def inject_metadata(metadata: Sequence[tuple[str, Any]]) -> list[tuple[str, Any]
     return md
 
 
+_TRACEPARENT_IDS = re.compile(r"[0-9a-f]{2}-([0-9a-f]{32})-([0-9a-f]{16})-[0-9a-f]{2}")
+_ZERO_TRACE, _ZERO_SPAN = "0" * 32, "0" * 16
+
+
 def exemplar(traceparent: str = "") -> dict[str, str] | None:
     """Exemplar labels {trace_id, span_id} for a histogram observation: of `traceparent` if given,
     else of the current span; None when off or unsampled (prometheus_client: observe(v, exemplar))."""
@@ -431,10 +527,13 @@ def exemplar(traceparent: str = "") -> dict[str, str] | None:
     if traceparent:
         if not sampled(traceparent):  # the flag says it: no context to look up
             return None
-        sc = span_context_of(traceparent)
-    else:
-        sc = _api.trace.get_current_span().get_span_context()
-    if sc is None or not sc.is_valid or not sc.trace_flags.sampled:
+        # The ids are the traceparent's own fields (lowercase hex, as format_trace_id writes them).
+        m = _TRACEPARENT_IDS.fullmatch(traceparent)
+        if m is None or m[1] == _ZERO_TRACE or m[2] == _ZERO_SPAN:
+            return None
+        return {"trace_id": m[1], "span_id": m[2]}
+    sc = _api.trace.get_current_span().get_span_context()
+    if not sc.is_valid or not sc.trace_flags.sampled:
         return None
     return {
         "trace_id": _api.trace.format_trace_id(sc.trace_id),

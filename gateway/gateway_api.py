@@ -75,6 +75,17 @@ class Owners:
             self._by_key.pop(key, None)
 
 
+def _span_attributes(request: gateway_pb2.SendMessageRequest, context: Ctx) -> dict[str, Any]:
+    """SendMessage's span attributes, set once when the call ends (the two flags only when true: each
+    attribute costs its span's recording and export)."""
+    attrs: dict[str, Any] = {"flynn.session": request.session_key, "flynn.channel": request.channel}
+    if request.HasField("audio"):
+        attrs["flynn.voice_note"] = True
+    if any(k == tracing.TRACEPARENT for k, _ in context.invocation_metadata() or ()):
+        attrs["flynn.traceparent_from_channel"] = True
+    return attrs
+
+
 class GatewayServicer(gateway_pb2_grpc.GatewayServicer):
     def __init__(self, runtime: Runtime, backends: Backends, config: ConfigSource) -> None:
         self._runtime = runtime
@@ -126,21 +137,14 @@ class GatewayServicer(gateway_pb2_grpc.GatewayServicer):
         p = auth.principal()
         if p is not None and not p.serves(request.channel):  # the door refuses before any work
             raise auth.channel_denied(p, request.channel)
-        if tracing.ENABLED:  # (the two flags only when true: each attribute costs its span's export)
-            tracing.set_attributes(
-                {
-                    "flynn.session": request.session_key,
-                    "flynn.channel": request.channel,
-                    "flynn.voice_note": True if has_audio else None,
-                    "flynn.traceparent_from_channel": True
-                    if any(k == tracing.TRACEPARENT for k, _ in context.invocation_metadata() or ())
-                    else None,
-                }
-            )
+        traced = _span_attributes(request, context) if tracing.recording() else None
         text = request.text
         transcript = ""
         attachments: list[Any] = []
         if has_audio:
+            if traced is not None:  # set now: the transcription may fail (a voice note is no hot path)
+                tracing.set_attributes(traced)
+                traced = {}
             note = await self._voice.take(request, context)
             transcript = note.transcript
             text = f"{request.text}\n{transcript}" if request.text else transcript
@@ -162,14 +166,17 @@ class GatewayServicer(gateway_pb2_grpc.GatewayServicer):
             )
             resp = await call
         except grpc.aio.AioRpcError as err:
+            if traced:
+                tracing.set_attributes(traced)
             await self._fail(context, err)
             raise
         if self._owners.replicas:
             self._owners.remember(
                 await call.trailing_metadata(), f"s:{request.session_key}", f"r:{resp.run_id}"
             )
-        if tracing.ENABLED:
-            tracing.set_attributes({"flynn.message.id": resp.message_id})  # (the run: on SubmitMessage)
+        if traced is not None:
+            traced["flynn.message.id"] = resp.message_id  # (the run: on SubmitMessage)
+            tracing.set_attributes(traced)
         return gateway_pb2.SendMessageResponse(
             message_id=resp.message_id,
             disposition=resp.disposition,

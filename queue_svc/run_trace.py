@@ -41,6 +41,7 @@ MAX_REMEMBERED = 100_000  # traceparents of messages not yet in a run (collect b
 _KINDS: dict[int, str] = short_names(pb.ReplyKind)
 _DELIVERIES: dict[int, str] = short_names(pb.DeliveryMode)
 _MODES: dict[int, str] = short_names(config_pb2.QueueMode)
+_STATES: dict[int, str] = short_names(pb.RunState)
 
 
 # What the running span carries from its start (not set again when it ends).
@@ -171,7 +172,7 @@ class RunTracer:
     def _terminal(
         self, ev: pb.RunEvent, row: RunRow | None, tp: str, attrs: dict[str, Any], now: float
     ) -> None:
-        state = short_name(pb.RunState, ev.state)
+        state = _STATES.get(ev.state) or short_name(pb.RunState, ev.state)
         attrs["flynn.run.state"] = state
         if row is not None and row.start_time is None:  # ended while queued
             self._phase("flynn.run.queued", tp, _queued(attrs, row), row.create_time, now)

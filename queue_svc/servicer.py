@@ -159,7 +159,7 @@ class RunControlServicer(pb_grpc.RunControlServicer):
                 actor=actor(),
             )
         )
-        if tracing.ENABLED:
+        if tracing.recording():
             tracing.set_attributes(
                 {
                     "flynn.session": request.session_key,
@@ -217,7 +217,7 @@ class RunControlServicer(pb_grpc.RunControlServicer):
         await self.rc.durable()  # cancel_requested is durable before the answer
         if res.outcome == pb.CANCEL_OUTCOME_CANCEL_REQUESTED:
             metrics.CANCEL_TO_ACK.observe(time.perf_counter() - t0, tracing.exemplar())
-        if tracing.ENABLED:
+        if tracing.recording():
             tracing.set_attributes(
                 {
                     "flynn.session": request.session_key or None,

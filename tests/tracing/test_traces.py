@@ -502,3 +502,43 @@ def test_a_tts_fallback_is_a_span_of_the_message_trace(traced: Traced) -> None:
         assert delivered.attributes["flynn.reply.delivery"] == "text_after_fallback"
     finally:
         t.mesh.update({"tts.deadline": "10s"}, reason="trace test: speech back")
+
+
+def test_an_unsampled_channel_traceparent_records_nothing_in_any_process(traced: Traced) -> None:
+    """A channel's traceparent with the sampled flag off: no process records a span of that message
+    (the decision travels with it: the gateway, run control, the agent and reactions follow it), while
+    a sampled message sent after it is recorded by the same processes."""
+    t = traced
+    unsampled_tid, sampled_tid = uuid.uuid4().hex, uuid.uuid4().hex
+    quiet = t.mesh.gw().SendMessage(
+        gateway_pb2.SendMessageRequest(
+            channel="cli", session_key="cli:trace-unsampled", sender="tester", text="quiet",
+            idempotency_key="trace-unsampled", mode_override=config_pb2.QUEUE_MODE_FOLLOWUP,
+        ),
+        metadata=(*t.mesh.md(), ("traceparent", f"00-{unsampled_tid}-{uuid.uuid4().hex[:16]}-00")),
+        timeout=30,
+    )  # fmt: skip
+    t.mesh.wait_replies(final_for(quiet.run_id), channels=("cli",), timeout=60)
+    loud = t.mesh.gw().SendMessage(
+        gateway_pb2.SendMessageRequest(
+            channel="cli", session_key="cli:trace-unsampled", sender="tester", text="loud",
+            idempotency_key="trace-sampled", mode_override=config_pb2.QUEUE_MODE_FOLLOWUP,
+        ),
+        metadata=(*t.mesh.md(), ("traceparent", f"00-{sampled_tid}-{uuid.uuid4().hex[:16]}-01")),
+        timeout=30,
+    )  # fmt: skip
+    t.mesh.wait_replies(final_for(loud.run_id), channels=("cli",), timeout=60)
+    names = {
+        "flynn.v1.Gateway/SendMessage",
+        "flynn.v1.RunControl/SubmitMessage",
+        "flynn.run.running",
+        "flynn.v1.Agent/Run",
+        "flynn.reply.delivered",
+    }
+    recorded = t.wait_trace(sampled_tid, names)
+    assert {s.service for s in recorded} >= {"flynn-gateway", "flynn-queue"}
+    # Every process exported the later message's spans: none of the earlier one's exist anywhere.
+    assert t.trace(unsampled_tid) == []
+    ids = {quiet.message_id, quiet.run_id}
+    leaked = t.spans_where(lambda s: bool(ids & {str(v) for v in s.attributes.values()}))
+    assert leaked == [], [(s.service, s.name, s.trace_id) for s in leaked]

@@ -71,3 +71,118 @@ def test_sampled_reads_the_flags_bit() -> None:
     assert not tracing.sampled(f"00-{tid}-{sid}-00")
     assert not tracing.sampled(f"00-{tid}-{sid}-02")
     assert not tracing.sampled("") and not tracing.sampled("garbage")
+
+
+EXEMPLAR_PROBE = """
+from flynn_runtime import tracing
+assert tracing.configure("probe")
+tid, sid = "0af7651916cd43dd8448eb211c80319c", "b7ad6b7169203331"
+assert tracing.exemplar(f"00-{tid}-{sid}-01") == {"trace_id": tid, "span_id": sid}
+assert tracing.exemplar(f"00-{tid}-{sid}-00") is None  # unsampled
+assert tracing.exemplar(f"00-{'0' * 32}-{sid}-01") is None and tracing.exemplar(f"00-{tid}-{'0' * 16}-01") is None
+assert tracing.exemplar(f"00-{tid.upper()}-{sid}-01") is None and tracing.exemplar("garbage") is None
+ctx = tracing.context_of(f"00-{tid}-{sid}-01")
+with tracing.span("probe", parent=ctx) as s:  # of the current span when no traceparent is given
+    sc = s.get_span_context()
+    assert tracing.exemplar() == {"trace_id": tid, "span_id": format(sc.span_id, "016x")}
+print("ok")
+"""
+
+
+def test_an_exemplar_names_the_traceparent_or_the_current_span() -> None:
+    done = _python(
+        EXEMPLAR_PROBE, OTEL_TRACES_EXPORTER="otlp", OTEL_EXPORTER_OTLP_ENDPOINT="http://127.0.0.1:9"
+    )
+    assert done.returncode == 0 and done.stdout.strip() == "ok", done.stderr
+
+
+UNSAMPLED_CALLER_PROBE = """
+import os
+from flynn_runtime import tracing
+assert tracing.configure("probe")
+tid, sid = "0af7651916cd43dd8448eb211c80319c", "b7ad6b7169203331"
+method = "/flynn.v1.RunControl/SubmitMessage"
+span = tracing.server_span(method, [("traceparent", f"00-{tid}-{sid}-00")])
+if os.environ.get("OTEL_TRACES_SAMPLER", "").startswith("parentbased_"):
+    assert span is None
+    assert tracing.carrier()["traceparent"] == f"00-{tid}-{sid}-00"  # the caller's decision travels on
+    assert not tracing.recording() and tracing.current_ids() == (tid, sid)
+else:  # a sampler that ignores the parent's flag (traceidratio at 1.0) records the call anyway
+    assert span is not None and span.is_recording()
+s = tracing.server_span(method, [("traceparent", f"00-{tid}-{sid}-01")])
+assert s is not None and s.is_recording() and s.parent.span_id == int(sid, 16)
+g = tracing.server_span(method, [("traceparent", "00-garbage-01")])  # no valid parent: a trace of its own
+assert g is not None and g.is_recording() and g.parent is None
+print("ok")
+"""
+
+
+def test_an_unsampled_caller_gets_no_server_span_and_keeps_its_decision() -> None:
+    env = {"OTEL_TRACES_EXPORTER": "otlp", "OTEL_EXPORTER_OTLP_ENDPOINT": "http://127.0.0.1:9"}
+    for sampler in ("parentbased_always_on", "parentbased_traceidratio", "traceidratio"):
+        done = _python(
+            UNSAMPLED_CALLER_PROBE, OTEL_TRACES_SAMPLER=sampler, OTEL_TRACES_SAMPLER_ARG="1.0", **env
+        )
+        assert done.returncode == 0 and done.stdout.strip() == "ok", (sampler, done.stderr)
+
+
+CHILD_SPAN_PROBE = """
+from opentelemetry.exporter.otlp.proto.common.trace_encoder import encode_spans
+from opentelemetry.proto.collector.trace.v1.trace_service_pb2 import ExportTraceServiceRequest
+from opentelemetry.sdk.trace.export import SimpleSpanProcessor
+from opentelemetry.sdk.trace.export.in_memory_span_exporter import InMemorySpanExporter
+from opentelemetry.trace import StatusCode
+from flynn_runtime import tracing
+from flynn_runtime.recording_span import RecordingSpan, Sink
+from flynn_runtime.otlp_encoding import encode_request
+assert tracing.configure("probe")
+memory = InMemorySpanExporter()
+processor = SimpleSpanProcessor(memory)  # what SDK spans and child spans end into, read back here
+tracing._provider.add_span_processor(processor)
+sink = tracing._api.sink
+tracing._api.sink = Sink(sink.resource, sink.scope, processor)
+tid, sid = "0af7651916cd43dd8448eb211c80319c", "b7ad6b7169203331"
+
+root = tracing.start_span("root", server=True)  # no parent: the provider's sampler decides
+assert isinstance(root, RecordingSpan) and root.is_recording() and root.parent is None
+assert root.get_span_context().trace_flags == 0x03  # sampled, random trace id (as the SDK's)
+with tracing.activated(root):
+    child = tracing.start_span("child", attributes={"a": "x"})
+assert isinstance(child, RecordingSpan) and child.is_recording()
+rc, cc = root.get_span_context(), child.get_span_context()
+assert cc.trace_id == rc.trace_id and cc.span_id not in (0, rc.span_id) and cc.trace_flags.sampled
+child.set_attributes({"b": 2})
+child.add_event("e", {"k": "v"}, timestamp=5)
+child.set_status(StatusCode.ERROR, "bad")
+child.end(end_time=child._start + 7)
+child.set_attribute("late", 1)  # ignored: ended
+child.end()  # ignored: ended once
+tracing.end_span(root)
+remote = tracing.start_span("remote", parent=tracing.context_of(f"00-{tid}-{sid}-01", "vendor=x"))
+assert isinstance(remote, RecordingSpan) and remote.parent.is_remote
+assert remote.get_span_context().trace_state.get("vendor") == "x"
+tracing.end_span(remote, error="DEADLINE_EXCEEDED")
+unsampled = tracing.start_span("u", parent=f"00-{tid}-{sid}-00")  # the SDK's: it records nothing
+assert not isinstance(unsampled, RecordingSpan) and not unsampled.is_recording()
+assert unsampled.get_span_context().trace_id == int(tid, 16)
+
+spans = memory.get_finished_spans()
+assert [s.name for s in spans] == ["child", "root", "remote"], [s.name for s in spans]
+c = spans[0]
+assert c.parent.span_id == rc.span_id and not c.parent.is_remote
+assert dict(c.attributes) == {"a": "x", "b": 2} and c.end_time - c.start_time == 7
+assert c.status.status_code is StatusCode.ERROR and c.status.description == "bad"
+assert [(e.name, dict(e.attributes), e.timestamp) for e in c.events] == [("e", {"k": "v"}, 5)]
+assert spans[2].status.status_code is StatusCode.ERROR and spans[2].parent.span_id == int(sid, 16)
+request = ExportTraceServiceRequest.FromString(encode_request(spans))
+assert request == encode_spans(spans)
+assert len(request.resource_spans) == 1 and len(request.resource_spans[0].scope_spans) == 1  # one scope
+print("ok")
+"""
+
+
+def test_recording_spans_carry_the_sdk_decisions_and_export_alike() -> None:
+    done = _python(
+        CHILD_SPAN_PROBE, OTEL_TRACES_EXPORTER="otlp", OTEL_EXPORTER_OTLP_ENDPOINT="http://127.0.0.1:9"
+    )
+    assert done.returncode == 0 and done.stdout.strip() == "ok", done.stderr
