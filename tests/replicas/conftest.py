@@ -8,6 +8,7 @@ from pathlib import Path
 import pytest
 
 from tests.support.mesh import Tokens
+from tests.support.replica_mesh import ReplicaMesh
 from tests.support.replicas import QueueReplicas
 
 StartReplicas = Callable[..., QueueReplicas]
@@ -34,3 +35,15 @@ def start_replicas(tmp_path: Path, tokens: Tokens, postgres_url: str) -> Iterato
     yield start
     for mesh in started:
         mesh.stop()
+
+
+@pytest.fixture
+def mesh(tmp_path: Path, tokens: Tokens, postgres_url: str) -> Iterator[ReplicaMesh]:
+    """Two processes of each stateful service behind a gateway (tests/support/replica_mesh.py)."""
+    m = ReplicaMesh(tmp_path / "mesh", tokens)
+    m.database_url = postgres_url
+    try:
+        m.start()
+        yield m
+    finally:
+        m.stop()

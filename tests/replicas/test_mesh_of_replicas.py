@@ -10,97 +10,14 @@ from __future__ import annotations
 import asyncio
 import time
 from collections import Counter
-from collections.abc import Iterator
-from pathlib import Path
 
 import grpc
-import pytest
-import yaml
 from flynn.v1 import nodes_pb2, nodes_pb2_grpc, run_control_pb2
 
 from examples.companion_node import CompanionNode
-from tests.support.flow import FLOW_SEED, FlowMesh, poll
-from tests.support.gateway import ECHO_MODULE
-from tests.support.mesh import ServiceProcess, Tokens, free_port
+from tests.support.mesh import Tokens
 from tests.support.nodes import eventually
-
-STATEFUL = ("config", "queue", "reactions", "nodes")
-MODULES = {
-    "config": "config_svc.main",
-    "queue": "queue_svc.main",
-    "reactions": "reactions_svc.main",
-    "nodes": "nodes_svc.main",
-}
-
-
-class ReplicaMesh(FlowMesh):
-    """FlowMesh's clients over a mesh whose stateful services run as two processes each."""
-
-    database_url: str = ""
-    replicas: dict[str, list[ServiceProcess]]
-
-    def start(self) -> ReplicaMesh:
-        seed = dict(FLOW_SEED)
-        seed.pop("tts")  # no speech: the voice backend is an echo server here
-        seed.pop("audio")
-        seed_path = self.root / "seed.yaml"
-        self.root.mkdir(parents=True, exist_ok=True)
-        seed_path.write_text(yaml.safe_dump(seed, allow_unicode=True))
-        ports = {name: [free_port(), free_port()] for name in STATEFUL}
-        voice_port, gateway_port = free_port(), free_port()
-        addresses = {name: ",".join(f"127.0.0.1:{p}" for p in ports[name]) for name in STATEFUL}
-        addresses["voice"] = f"127.0.0.1:{voice_port}"
-        self.replicas = {}
-        echo = ServiceProcess("voice", ECHO_MODULE, self.root / "echo", self.tokens, port=voice_port)
-        self.procs["voice"] = echo.start()
-        for name in STATEFUL:
-            self.replicas[name] = []
-            for i, port in enumerate(ports[name]):
-                extra = ["--database-url", self.database_url]
-                if name == "config":
-                    extra += ["--seed-file", str(seed_path)]
-                proc = ServiceProcess(
-                    name, MODULES[name], self.root / f"{name}{i}", self.tokens,
-                    addresses=addresses, extra=extra, port=port, grace=5.0,
-                )  # fmt: skip
-                self.replicas[name].append(proc)
-                self.procs[f"{name}{i}"] = proc
-                proc.start(timeout=90)
-        gw = ServiceProcess(
-            "gateway",
-            "gateway.main",
-            self.root / "gateway",
-            self.tokens,
-            addresses=addresses,
-            port=gateway_port,
-        )
-        self.procs["gateway"] = gw.start(timeout=90)
-        self.wait_watchers_applied(self.head_revision(), timeout=60)
-        return self
-
-    def wait_watchers_applied(self, revision: int, timeout: float = 15.0) -> None:
-        """Every watching service (through the watchers of both config replicas) reports `revision`."""
-        services = {"queue", "reactions", "nodes", "gateway"}
-
-        def ok() -> bool:
-            best: dict[str, int] = {}
-            for w in self.watchers():
-                if w.connected:
-                    best[w.identity.service] = max(best.get(w.identity.service, 0), w.applied_revision)
-            return all(best.get(s, 0) >= revision for s in services)
-
-        poll(ok, timeout=timeout, what=f"every watcher at revision {revision}")
-
-
-@pytest.fixture
-def mesh(tmp_path: Path, tokens: Tokens, postgres_url: str) -> Iterator[ReplicaMesh]:
-    m = ReplicaMesh(tmp_path / "mesh", tokens)
-    m.database_url = postgres_url
-    try:
-        m.start()
-        yield m
-    finally:
-        m.stop()
+from tests.support.replica_mesh import ReplicaMesh
 
 
 def _send_all(mesh: ReplicaMesh, first: int, count: int) -> list[str]:

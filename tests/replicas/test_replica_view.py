@@ -18,27 +18,16 @@ import grpc
 import pytest
 from flynn.v1 import system_pb2, system_pb2_grpc
 
-from tests.replicas.test_mesh_of_replicas import STATEFUL, ReplicaMesh
 from tests.support.console import ConsoleProcess
 from tests.support.flow import FlowMesh, poll
 from tests.support.mesh import ServiceProcess, Tokens
+from tests.support.replica_mesh import STATEFUL, ReplicaMesh
 
 #: The stated bound: a replica is gone when its last heartbeat is older than its lease (5 s); the
 #: kill comes at most lease/3 after a heartbeat. The slack covers this shared machine's scheduling
 #: and the polling below, never the bound itself (the age is checked against it exactly).
 GONE_AFTER = 5.0
 SLACK = 4.0
-
-
-@pytest.fixture
-def mesh(tmp_path: Path, tokens: Tokens, postgres_url: str) -> Iterator[ReplicaMesh]:
-    m = ReplicaMesh(tmp_path / "mesh", tokens)
-    m.database_url = postgres_url
-    try:
-        m.start()
-        yield m
-    finally:
-        m.stop()
 
 
 def _status(mesh: FlowMesh) -> dict[str, system_pb2.ServiceStatus]:

@@ -510,24 +510,21 @@ def test_an_unsampled_channel_traceparent_records_nothing_in_any_process(traced:
     a sampled message sent after it is recorded by the same processes."""
     t = traced
     unsampled_tid, sampled_tid = uuid.uuid4().hex, uuid.uuid4().hex
-    quiet = t.mesh.gw().SendMessage(
-        gateway_pb2.SendMessageRequest(
-            channel="cli", session_key="cli:trace-unsampled", sender="tester", text="quiet",
-            idempotency_key="trace-unsampled", mode_override=config_pb2.QUEUE_MODE_FOLLOWUP,
-        ),
-        metadata=(*t.mesh.md(), ("traceparent", f"00-{unsampled_tid}-{uuid.uuid4().hex[:16]}-00")),
-        timeout=30,
-    )  # fmt: skip
-    t.mesh.wait_replies(final_for(quiet.run_id), channels=("cli",), timeout=60)
-    loud = t.mesh.gw().SendMessage(
-        gateway_pb2.SendMessageRequest(
-            channel="cli", session_key="cli:trace-unsampled", sender="tester", text="loud",
-            idempotency_key="trace-sampled", mode_override=config_pb2.QUEUE_MODE_FOLLOWUP,
-        ),
-        metadata=(*t.mesh.md(), ("traceparent", f"00-{sampled_tid}-{uuid.uuid4().hex[:16]}-01")),
-        timeout=30,
-    )  # fmt: skip
-    t.mesh.wait_replies(final_for(loud.run_id), channels=("cli",), timeout=60)
+
+    def send(text: str, trace_id: str, flags: str) -> gateway_pb2.SendMessageResponse:
+        sent = t.mesh.gw().SendMessage(
+            gateway_pb2.SendMessageRequest(
+                channel="cli", session_key="cli:trace-unsampled", sender="tester", text=text,
+                idempotency_key=f"trace-{text}", mode_override=config_pb2.QUEUE_MODE_FOLLOWUP,
+            ),
+            metadata=(*t.mesh.md(), ("traceparent", f"00-{trace_id}-{uuid.uuid4().hex[:16]}-{flags}")),
+            timeout=30,
+        )  # fmt: skip
+        t.mesh.wait_replies(final_for(sent.run_id), channels=("cli",), timeout=60)
+        return sent
+
+    quiet = send("quiet", unsampled_tid, "00")
+    send("loud", sampled_tid, "01")
     names = {
         "flynn.v1.Gateway/SendMessage",
         "flynn.v1.RunControl/SubmitMessage",
