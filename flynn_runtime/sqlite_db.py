@@ -20,8 +20,13 @@ from typing import Literal
 
 log = logging.getLogger(__name__)
 
-#: The WAL file is truncated back to this size when it restarts after a spike (bytes; a writer served
-#: by a `Checkpointer` restarts it at about 1,000 pages of 4 KiB, SQLite's default).
+#: WAL pages (4 KiB) after which the writer's thread completes a checkpoint, once its callers are
+#: answered, so that its next transaction restarts the WAL from the beginning (SQLite's default).
+RESTART_PAGES = 1000
+#: The writer's own automatic checkpoint, inside a COMMIT: only a backstop, should the others fall
+#: this far behind.
+BACKSTOP_PAGES = 4 * RESTART_PAGES
+#: The WAL file is truncated back to this size when it restarts after a spike (bytes).
 JOURNAL_SIZE_LIMIT = 16 * 1024 * 1024
 
 
@@ -62,47 +67,63 @@ def transaction(db: sqlite3.Connection) -> Iterator[sqlite3.Connection]:
 
 
 class Checkpointer:
-    """WAL checkpoints mostly done in the background, so the commit that triggers one hardly waits.
+    """WAL checkpoints that no commit waits for: in the background, and on the writer's thread only
+    after the commit before them was answered.
 
     SQLite checkpoints inside the COMMIT that takes the WAL past 1,000 pages (`wal_autocheckpoint`):
     that commit, and every caller waiting for it, pays for copying the WAL's pages into the database
     file and fsyncing it. On a big store those pages are spread over the whole file (a write to a
-    random leaf of each index), so that fsync, and with it the tail of the commits, grows with the
-    store. The writer's thread calls `committed()` after each commit, and every `every_commits`
-    commits (or after `every_seconds` with at least one) a PASSIVE checkpoint runs on this object's
-    own connection and thread while the writer goes on: it copies what the WAL holds by then and
-    fsyncs the database file (a PASSIVE checkpoint takes no lock a writer or reader waits for). When
-    the writer's own checkpoint comes due, only the last few commits' pages are left to copy and sync.
-    That one still runs in the commit, on purpose: a checkpoint that has copied the whole WAL is what
-    lets the writer's next transaction restart the WAL from its beginning; background checkpoints
-    alone never catch up with a busy writer, and the WAL would grow (and the file be extended, which
-    costs every fsync of the WAL a journal commit) up to the next quiet moment.
+    random leaf of each index), so that checkpoint, and with it the tail of the commits, grows with
+    the store. Here:
+
+    - the writer's thread calls `committed()` after each commit; every `every_commits` commits (or
+      after `every_seconds` with at least one) a PASSIVE checkpoint runs on this object's own
+      connection and thread while the writer goes on (it takes no lock a writer or reader waits
+      for): it copies what the WAL holds by then and fsyncs the database file;
+    - background checkpoints alone never catch up with a busy writer, and the WAL only restarts from
+      its beginning after one that did (else it grows, and every fsync of a growing file costs a
+      journal commit). So once the WAL has `RESTART_PAGES`, the writer's thread itself runs a
+      checkpoint, queued on its own executor (`writer_pool`) right behind the commit that found it
+      due: it starts after that commit's callers are woken, copies only the few pages written since
+      the last background one, and a batch committed meanwhile waits behind it (never an answered
+      one). The writer's next transaction then restarts the WAL;
+    - SQLite's own checkpoint in the COMMIT stays as a backstop at `BACKSTOP_PAGES`.
 
     Durability is unchanged: a commit is fsynced in the WAL before COMMIT returns
     (`synchronous=FULL`), and a checkpoint syncs the database file before it lets the WAL go.
     """
 
-    def __init__(self, path: Path, *, every_commits: int = 25, every_seconds: float = 1.0) -> None:
+    def __init__(
+        self,
+        path: Path,
+        writer: sqlite3.Connection,
+        writer_pool: ThreadPoolExecutor,
+        *,
+        every_commits: int = 25,
+        every_seconds: float = 1.0,
+    ) -> None:
         self.every_commits = every_commits
         self.every_seconds = every_seconds
-        self.runs = 0  # checkpoints done (tests)
+        self.runs = 0  # background checkpoints done (tests)
+        self.restarts = 0  # complete checkpoints by the writer's thread (tests)
+        self._writer = writer
+        self._writer_pool = writer_pool
+        writer.execute(f"PRAGMA wal_autocheckpoint={BACKSTOP_PAGES}")
+        writer.execute(f"PRAGMA journal_size_limit={JOURNAL_SIZE_LIMIT}")
         self._db = open_db(path)
         self._pool = ThreadPoolExecutor(max_workers=1, thread_name_prefix="wal-checkpoint")
         self._running: Future[None] | None = None
         self._commits = 0
         self._last = time.monotonic()
-
-    @staticmethod
-    def serve(writer: sqlite3.Connection) -> None:
-        """The writer's settings: its own checkpoint at SQLite's default (it restarts the WAL), the WAL
-        file truncated back after a spike."""
-        writer.execute("PRAGMA wal_autocheckpoint=1000")
-        writer.execute(f"PRAGMA journal_size_limit={JOURNAL_SIZE_LIMIT}")
+        self._wal_pages = 0  # the WAL's length when the last checkpoint looked (pages)
+        self._restart_queued = False
 
     def committed(self) -> None:
-        """The writer committed (called on the writer's one thread): start a checkpoint when one is due
-        and none is running."""
+        """The writer committed (called on the writer's thread, inside its job on `writer_pool`)."""
         self._commits += 1
+        if self._wal_pages >= RESTART_PAGES and not self._restart_queued:
+            self._restart_queued = True
+            self._writer_pool.submit(self._restart)
         if self._running is not None and not self._running.done():
             return
         now = time.monotonic()
@@ -112,14 +133,28 @@ class Checkpointer:
             self._running = self._pool.submit(self._checkpoint)
 
     def _checkpoint(self) -> None:
+        """In the background (this object's thread)."""
         try:
-            self._db.execute("PRAGMA wal_checkpoint(PASSIVE)").fetchall()
+            _, pages, _ = self._db.execute("PRAGMA wal_checkpoint(PASSIVE)").fetchone()
+            self._wal_pages = max(int(pages), 0)
             self.runs += 1
-        except sqlite3.Error:  # the next one tries again; the writer's own checkpoint bounds the WAL
+        except sqlite3.Error:  # the next one tries again; the writer's backstop bounds the WAL
             log.warning("background WAL checkpoint failed", exc_info=True)
 
+    def _restart(self) -> None:
+        """On the writer's thread, between two of its commits: copy the rest of the WAL. Busy (a
+        background checkpoint is running): the next commit queues it again."""
+        try:
+            busy, pages, copied = self._writer.execute("PRAGMA wal_checkpoint(PASSIVE)").fetchone()
+            if not busy and copied == pages:
+                self._wal_pages = 0
+                self.restarts += 1
+        except sqlite3.Error:
+            log.warning("WAL checkpoint on the writer failed", exc_info=True)
+        self._restart_queued = False
+
     def close(self) -> None:
-        """Wait for a running checkpoint and release the connection (before the writer closes: the
-        last connection to close checkpoints what is left and removes the WAL)."""
+        """Wait for a running background checkpoint and release its connection (before the writer
+        closes: the last connection to close checkpoints what is left and removes the WAL)."""
         self._pool.shutdown(wait=True)
         self._db.close()
