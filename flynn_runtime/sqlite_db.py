@@ -12,7 +12,7 @@ from __future__ import annotations
 import logging
 import sqlite3
 import time
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from concurrent.futures import Future, ThreadPoolExecutor
 from contextlib import contextmanager
 from pathlib import Path
@@ -119,18 +119,18 @@ class Checkpointer:
         self._restart_queued = False
 
     def committed(self) -> None:
-        """The writer committed (called on the writer's thread, inside its job on `writer_pool`)."""
+        """The writer committed (called on the writer's thread, inside its job on `writer_pool`).
+        Never raises: the commit is done whatever happens to a checkpoint."""
         self._commits += 1
         if self._wal_pages >= RESTART_PAGES and not self._restart_queued:
-            self._restart_queued = True
-            self._writer_pool.submit(self._restart)
+            self._restart_queued = _submit(self._writer_pool, self._restart) is not None
         if self._running is not None and not self._running.done():
             return
         now = time.monotonic()
         if self._commits >= self.every_commits or now - self._last >= self.every_seconds:
             self._commits = 0
             self._last = now
-            self._running = self._pool.submit(self._checkpoint)
+            self._running = _submit(self._pool, self._checkpoint)
 
     def _checkpoint(self) -> None:
         """In the background (this object's thread)."""
@@ -158,3 +158,11 @@ class Checkpointer:
         closes: the last connection to close checkpoints what is left and removes the WAL)."""
         self._pool.shutdown(wait=True)
         self._db.close()
+
+
+def _submit(pool: ThreadPoolExecutor, fn: Callable[[], None]) -> Future[None] | None:
+    """`pool.submit(fn)`, or None when the pool is shutting down (its store is closing)."""
+    try:
+        return pool.submit(fn)
+    except RuntimeError:
+        return None

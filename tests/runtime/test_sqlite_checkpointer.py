@@ -92,3 +92,17 @@ def test_the_writer_restarts_the_wal_so_it_stays_small(tmp_path: Path) -> None:
         assert checkpointer.restarts >= 2
         wal = Path(f"{path}-wal").stat().st_size
         assert wal <= 2 * RESTART_PAGES * FRAME, wal
+
+
+def test_a_commit_while_closing_is_not_failed_by_its_checkpoint(tmp_path: Path) -> None:
+    """The store closes its writer's executor while the last commit may still run: that commit's
+    `committed()` finds both executors shut down, and starts nothing rather than raising."""
+    path = tmp_path / "x.db"
+    with writer(path, every_commits=1, every_seconds=0.0) as (db, pool, checkpointer):
+        checkpointer.close()
+        pool.shutdown(wait=True)
+        with transaction(db):
+            db.execute("INSERT INTO t (v) VALUES (?)", (ROW,))
+        checkpointer._wal_pages = RESTART_PAGES  # a restart would be due too
+        checkpointer.committed()
+        assert checkpointer.runs == 0 and checkpointer.restarts == 0
