@@ -20,14 +20,11 @@ from typing import Literal
 
 log = logging.getLogger(__name__)
 
-#: WAL pages (4 KiB) after which the writer's thread completes a checkpoint, once its callers are
-#: answered, so that its next transaction restarts the WAL from the beginning (SQLite's default).
-RESTART_PAGES = 1000
-#: The writer's own automatic checkpoint, inside a COMMIT: only a backstop, should the others fall
-#: this far behind.
-BACKSTOP_PAGES = 4 * RESTART_PAGES
-#: The WAL file is truncated back to this size when it restarts after a spike (bytes).
-JOURNAL_SIZE_LIMIT = 16 * 1024 * 1024
+#: The writer's own automatic checkpoint, inside a COMMIT (pages of 4 KiB; SQLite's default is 1,000).
+WRITER_CHECKPOINT_PAGES = 4000
+#: The WAL file is truncated back to this size when it restarts after a spike (bytes; above the
+#: writer's checkpoint, so that the file is not shrunk and grown again at every restart).
+JOURNAL_SIZE_LIMIT = 32 * 1024 * 1024
 
 
 def open_db(
@@ -67,8 +64,7 @@ def transaction(db: sqlite3.Connection) -> Iterator[sqlite3.Connection]:
 
 
 class Checkpointer:
-    """WAL checkpoints that no commit waits for: in the background, and on the writer's thread only
-    after the commit before them was answered.
+    """WAL checkpoints in the background, so that few commits wait for one, and those only briefly.
 
     SQLite checkpoints inside the COMMIT that takes the WAL past 1,000 pages (`wal_autocheckpoint`):
     that commit, and every caller waiting for it, pays for copying the WAL's pages into the database
@@ -80,50 +76,35 @@ class Checkpointer:
       after `every_seconds` with at least one) a PASSIVE checkpoint runs on this object's own
       connection and thread while the writer goes on (it takes no lock a writer or reader waits
       for): it copies what the WAL holds by then and fsyncs the database file;
-    - background checkpoints alone never catch up with a busy writer, and the WAL only restarts from
-      its beginning after one that did (else it grows, and every fsync of a growing file costs a
-      journal commit). So once the WAL has `RESTART_PAGES`, the writer's thread itself runs a
-      checkpoint, queued on its own executor (`writer_pool`) right behind the commit that found it
-      due: it starts after that commit's callers are woken, copies only the few pages written since
-      the last background one, and a batch committed meanwhile waits behind it (never an answered
-      one). The writer's next transaction then restarts the WAL;
-    - SQLite's own checkpoint in the COMMIT stays as a backstop at `BACKSTOP_PAGES`.
+    - when the writer is idle between two of them, the checkpoint has copied the whole WAL and the
+      writer's next transaction restarts it from its beginning;
+    - a busy writer never leaves that gap, so its own in-COMMIT checkpoint stays, but at
+      `WRITER_CHECKPOINT_PAGES` (4x fewer commits run one) and with only the pages written since the
+      last background checkpoint left to copy; it restarts the WAL. The WAL file keeps its size
+      (`JOURNAL_SIZE_LIMIT` is above it): a WAL that grows costs every fsync a journal commit.
 
     Durability is unchanged: a commit is fsynced in the WAL before COMMIT returns
     (`synchronous=FULL`), and a checkpoint syncs the database file before it lets the WAL go.
     """
 
     def __init__(
-        self,
-        path: Path,
-        writer: sqlite3.Connection,
-        writer_pool: ThreadPoolExecutor,
-        *,
-        every_commits: int = 25,
-        every_seconds: float = 1.0,
+        self, path: Path, writer: sqlite3.Connection, *, every_commits: int = 25, every_seconds: float = 1.0
     ) -> None:
         self.every_commits = every_commits
         self.every_seconds = every_seconds
         self.runs = 0  # background checkpoints done (tests)
-        self.restarts = 0  # complete checkpoints by the writer's thread (tests)
-        self._writer = writer
-        self._writer_pool = writer_pool
-        writer.execute(f"PRAGMA wal_autocheckpoint={BACKSTOP_PAGES}")
+        writer.execute(f"PRAGMA wal_autocheckpoint={WRITER_CHECKPOINT_PAGES}")
         writer.execute(f"PRAGMA journal_size_limit={JOURNAL_SIZE_LIMIT}")
         self._db = open_db(path)
         self._pool = ThreadPoolExecutor(max_workers=1, thread_name_prefix="wal-checkpoint")
         self._running: Future[None] | None = None
         self._commits = 0
         self._last = time.monotonic()
-        self._wal_pages = 0  # the WAL's length when the last checkpoint looked (pages)
-        self._restart_queued = False
 
     def committed(self) -> None:
-        """The writer committed (called on the writer's thread, inside its job on `writer_pool`).
-        Never raises: the commit is done whatever happens to a checkpoint."""
+        """The writer committed (called on the writer's one thread). Never raises: the commit is done
+        whatever happens to a checkpoint."""
         self._commits += 1
-        if self._wal_pages >= RESTART_PAGES and not self._restart_queued:
-            self._restart_queued = _submit(self._writer_pool, self._restart) is not None
         if self._running is not None and not self._running.done():
             return
         now = time.monotonic()
@@ -133,29 +114,15 @@ class Checkpointer:
             self._running = _submit(self._pool, self._checkpoint)
 
     def _checkpoint(self) -> None:
-        """In the background (this object's thread)."""
         try:
-            _, pages, _ = self._db.execute("PRAGMA wal_checkpoint(PASSIVE)").fetchone()
-            self._wal_pages = max(int(pages), 0)
+            self._db.execute("PRAGMA wal_checkpoint(PASSIVE)").fetchall()
             self.runs += 1
-        except sqlite3.Error:  # the next one tries again; the writer's backstop bounds the WAL
+        except sqlite3.Error:  # the next one tries again; the writer's own checkpoint bounds the WAL
             log.warning("background WAL checkpoint failed", exc_info=True)
 
-    def _restart(self) -> None:
-        """On the writer's thread, between two of its commits: copy the rest of the WAL. Busy (a
-        background checkpoint is running): the next commit queues it again."""
-        try:
-            busy, pages, copied = self._writer.execute("PRAGMA wal_checkpoint(PASSIVE)").fetchone()
-            if not busy and copied == pages:
-                self._wal_pages = 0
-                self.restarts += 1
-        except sqlite3.Error:
-            log.warning("WAL checkpoint on the writer failed", exc_info=True)
-        self._restart_queued = False
-
     def close(self) -> None:
-        """Wait for a running background checkpoint and release its connection (before the writer
-        closes: the last connection to close checkpoints what is left and removes the WAL)."""
+        """Wait for a running checkpoint and release its connection (before the writer closes: the
+        last connection to close checkpoints what is left and removes the WAL)."""
         self._pool.shutdown(wait=True)
         self._db.close()
 

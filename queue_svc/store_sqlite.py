@@ -5,10 +5,10 @@ nothing (a message, a cancel_requested, a final) before that, so it all survives
 and group commit keep it fast: every operation of a loop turn shares one transaction (one fsync),
 committed on a writer connection in a worker thread so the loop keeps serving while the disk syncs.
 Reads use a second connection (WAL: readers never wait for the writer); they are local and short, so
-they run on the loop (their `async` is the shared interface, store.py). WAL checkpoints run on a third
-connection and thread, and between two commits on the writer's (`Checkpointer`, sqlite_db.py), never
-inside a commit that callers wait for: on a big store a checkpoint copies pages spread over the whole
-file, and it was the tail of submit->ack (docs/operations/DATABASE.md, "Cost as the state grows").
+they run on the loop (their `async` is the shared interface, store.py). WAL checkpoints run mostly on
+a connection and thread of their own (`Checkpointer`, sqlite_db.py): on a big store a checkpoint copies
+pages spread over the whole file, and inside a commit it was the tail of submit->ack
+(docs/operations/DATABASE.md, "SQLite settings").
 
 Rows hold serialized protos where the service only ever reads them back whole (events, replies).
 """
@@ -135,7 +135,7 @@ class SqliteQueueStore(QueueStore):
         self._writer.executescript(SCHEMA)
         self._db = open_db(self.path)
         self._pool = ThreadPoolExecutor(max_workers=1, thread_name_prefix="queue-store")
-        self._checkpointer = Checkpointer(self.path, self._writer, self._pool)
+        self._checkpointer = Checkpointer(self.path, self._writer)
 
     async def close(self) -> None:
         self._pool.shutdown(wait=True)
