@@ -557,7 +557,8 @@ class PgQueueStore(QueueStore):
         return reply_from(row) if row else None
 
     async def _read_reply_by_key(self, session_key: str, idempotency_key: str) -> ReplyRow | None:
-        sql = f"SELECT {REPLY_COLS} FROM replies WHERE session_key = ? AND idempotency_key = ?"
+        # `<> ''` (every PostReply has a key) lets the partial index reply_idempotency serve it (no scan).
+        sql = f"SELECT {REPLY_COLS} FROM replies WHERE session_key = ? AND idempotency_key = ? AND idempotency_key <> ''"
         row = await self._one(sql, (session_key, idempotency_key))
         return reply_from(row) if row else None
 

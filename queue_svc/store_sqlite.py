@@ -5,7 +5,10 @@ nothing (a message, a cancel_requested, a final) before that, so it all survives
 and group commit keep it fast: every operation of a loop turn shares one transaction (one fsync),
 committed on a writer connection in a worker thread so the loop keeps serving while the disk syncs.
 Reads use a second connection (WAL: readers never wait for the writer); they are local and short, so
-they run on the loop (their `async` is the shared interface, store.py).
+they run on the loop (their `async` is the shared interface, store.py). WAL checkpoints run mostly on
+a connection and thread of their own (`Checkpointer`, sqlite_db.py): on a big store a checkpoint copies
+pages spread over the whole file, and inside a commit it was the tail of submit->ack
+(docs/operations/DATABASE.md, "SQLite settings").
 
 Rows hold serialized protos where the service only ever reads them back whole (events, replies).
 """
@@ -16,7 +19,7 @@ from collections.abc import Callable
 from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 
-from flynn_runtime.sqlite_db import open_db, transaction
+from flynn_runtime.sqlite_db import Checkpointer, open_db, transaction
 from queue_svc.store import (
     MESSAGE_COLS,
     PAGE,
@@ -133,9 +136,11 @@ class SqliteQueueStore(QueueStore):
         self._writer.executescript(SCHEMA)
         self._db = open_db(self.path)
         self._pool = ThreadPoolExecutor(max_workers=1, thread_name_prefix="queue-store")
+        self._checkpointer = Checkpointer(self.path, self._writer)
 
     async def close(self) -> None:
         self._pool.shutdown(wait=True)
+        self._checkpointer.close()
         self._db.close()
         self._writer.close()
 
@@ -151,6 +156,7 @@ class SqliteQueueStore(QueueStore):
         with transaction(self._writer) as db:
             for sql, rows in groups:
                 db.executemany(sql, rows)
+        self._checkpointer.committed()
 
     def _one(self, sql: str, params: tuple[object, ...]) -> Row | None:
         row = self._db.execute(sql, params).fetchone()
@@ -177,7 +183,8 @@ class SqliteQueueStore(QueueStore):
         return reply_from(row) if row else None
 
     async def _read_reply_by_key(self, session_key: str, idempotency_key: str) -> ReplyRow | None:
-        sql = f"SELECT {REPLY_COLS} FROM replies WHERE session_key = ? AND idempotency_key = ?"
+        # `!= ''` (every PostReply has a key) lets the partial index reply_idempotency serve it (no scan).
+        sql = f"SELECT {REPLY_COLS} FROM replies WHERE session_key = ? AND idempotency_key = ? AND idempotency_key != ''"
         row = self._one(sql, (session_key, idempotency_key))
         return reply_from(row) if row else None
 
