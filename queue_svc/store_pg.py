@@ -566,6 +566,13 @@ class PgQueueStore(QueueStore):
         row = await self._one("SELECT COALESCE(MAX(cursor), 0) FROM replies")
         return int(row[0]) if row else 0  # type: ignore[call-overload]
 
+    async def heads(self) -> tuple[int, int]:
+        """The last event number and reply cursor committed by any replica, in one query."""
+        row = await self._one(
+            "SELECT (SELECT COALESCE(MAX(global_seq), 0) FROM events), (SELECT COALESCE(MAX(cursor), 0) FROM replies)"
+        )
+        return (int(row[0]), int(row[1])) if row else (0, 0)  # type: ignore[call-overload]
+
     async def sessions_per_channel(self) -> dict[str, int]:
         rows = await self._all("SELECT channel, COUNT(*) FROM sessions GROUP BY channel")
         return {str(r[0]): int(r[1]) for r in rows}  # type: ignore[call-overload]
