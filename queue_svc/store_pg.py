@@ -44,7 +44,7 @@ import secrets
 from collections.abc import Awaitable, Callable, Sequence
 from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
-from typing import Generic, TypeVar
+from typing import Generic, NamedTuple, TypeVar
 
 import psycopg
 
@@ -75,6 +75,7 @@ from queue_svc.store import (
     provisional_spans,
     reply_from,
     run_from,
+    table_of,
 )
 from queue_svc.store_sqlite import SCHEMA as SQLITE_SCHEMA
 
@@ -281,13 +282,65 @@ CHANNEL = "flynn_queue"
 SESSION_SCOPE = "session"
 
 
-def _pg_group(sql: str, rows: list[tuple[object, ...]]) -> tuple[str, list[tuple[object, ...]]]:
+#: Several events of a batch inserted by one statement (the bulk of a batch: streamed output).
+INSERT_EVENTS = (
+    "INSERT INTO events (global_seq, session_key, session_seq, type, data) "
+    "SELECT v.g + s.g_base, v.k, v.q, v.t, v.d || pb_event_numbers(v.g + s.g_base) "
+    "FROM (VALUES {rows}) AS v(g, k, q, t, d), seqs s WHERE s.id = 1"
+)
+EVENT_ROW = "(%s::bigint, %s::text, %s::bigint, %s::integer, %s::bytea)"
+#: The tables whose statements carry the batch's numbers: written after TAKE_NUMBERS, the others before.
+NUMBERED_TABLES = frozenset(table_of(sql) for sql in NUMBERED)
+
+
+class Group(NamedTuple):
     """A compacted statement group as the writer sends it (numbered statements add the batch's base)."""
+
+    sql: str  # PostgreSQL text (%s placeholders)
+    rows: list[tuple[object, ...]]
+    numbered: bool  # of a table that carries numbers: goes after TAKE_NUMBERS
+    events: bool  # INSERT_EVENT: all rows in one statement
+
+
+def _pg_group(sql: str, rows: list[tuple[object, ...]]) -> Group:
     numbered = NUMBERED.get(sql)
     if numbered is None:
-        return pg(sql), rows
+        return Group(pg(sql), rows, table_of(sql) in NUMBERED_TABLES, False)
     sql_pg, reorder = numbered
-    return sql_pg, [reorder(r) for r in rows]
+    if sql == INSERT_EVENT:
+        return Group(sql_pg, rows, True, True)
+    return Group(sql_pg, [reorder(r) for r in rows], True, False)
+
+
+def batch_text(cur: psycopg.ClientCursor[tuple[object, ...]], fence: tuple[str, tuple[object, ...]] | None,
+               groups: list[Group], take: tuple[object, ...], mark: tuple[object, ...],
+               notify: tuple[object, ...] | None) -> tuple[str, int]:  # fmt: skip
+    """The whole batch as ONE simple-query message (parameters bound here, client-side), run by the
+    server as one implicit transaction: the fence, the statements of the tables without numbers, then
+    TAKE_NUMBERS, the numbered statements, NOTIFY. The server then holds the `seqs` row lock (which
+    orders every replica's commits) only while it runs the numbered part and flushes the COMMIT: never
+    while this process, maybe descheduled or waiting for its GIL, sends the rest of a pipeline.
+    Returns the text and the index of TAKE_NUMBERS' result among the statements' results."""
+    parts: list[str] = []
+    take_at = 0
+    if fence is not None:
+        parts.append(cur.mogrify(*fence))
+    for numbered_part in (False, True):
+        if numbered_part:
+            take_at = len(parts)
+            parts.append(cur.mogrify(TAKE_NUMBERS, take))
+            parts.append(cur.mogrify(MARK_BATCH, mark))
+        for g in groups:
+            if g.numbered != numbered_part:
+                continue
+            if g.events:
+                rows = ", ".join(cur.mogrify(EVENT_ROW, r) for r in g.rows)
+                parts.append(INSERT_EVENTS.format(rows=rows))
+            else:
+                parts.extend(cur.mogrify(g.sql, r) for r in g.rows)
+    if notify is not None:
+        parts.append(cur.mogrify(NOTIFY, notify))
+    return ";\n".join(parts), take_at
 
 
 class Coalescer(Generic[K, V]):
@@ -370,7 +423,10 @@ class PgQueueStore(QueueStore):
         if self._writer is not None:
             self._writer.close()
             self._writer = None
-        self._writer = psycopg.connect(**self._kwargs("flynn-queue-writer"))  # type: ignore[arg-type]
+        # Autocommit: each batch is one multi-statement message, which the server runs as one
+        # implicit transaction (committed at its end, rolled back whole on an error).
+        kwargs = {**self._kwargs("flynn-queue-writer"), "autocommit": True}
+        self._writer = psycopg.connect(**kwargs)  # type: ignore[arg-type]
         return self._writer
 
     async def close(self) -> None:
@@ -437,14 +493,14 @@ class PgQueueStore(QueueStore):
 
     def _commit_once(
         self,
-        groups: list[tuple[str, list[tuple[object, ...]]]],  # PostgreSQL text, parameters
+        groups: list[Group],
         spans: tuple[tuple[int, int] | None, tuple[int, int] | None],
         number: int,
         epochs: dict[str, int],
     ) -> tuple[int, int]:
-        """One transaction, pipelined: the fence, the numbers (TAKE_NUMBERS), the statements and COMMIT
-        go out without waiting for each other: one round trip plus the WAL flush. Returns the offsets
-        the database added to the batch's provisional event numbers and reply cursors."""
+        """One transaction, sent as one message (batch_text): one round trip plus the WAL flush, and
+        nothing of it waits for this process once sent. Returns the offsets the database added to the
+        batch's provisional event numbers and reply cursors."""
         conn = self._writer
         g_span, c_span = spans
         if conn is None or conn.closed or conn.broken:
@@ -458,27 +514,22 @@ class PgQueueStore(QueueStore):
                 "SELECT set_config('idle_in_transaction_session_timeout', %s, false)",
                 (str(self.idle_in_transaction_ms),),
             )
-            conn.commit()
             self._tuned_ms = self.idle_in_transaction_ms
-        numbers = conn.cursor()
-        with conn.pipeline(), conn.transaction():
-            cur = conn.cursor()
-            if self.holder and epochs:
-                cur.execute(*leases.fence(SESSION_SCOPE, self.holder, epochs))
-            g_first, g_last = g_span or (1, 0)
-            c_first, c_last = c_span or (1, 0)
-            numbers.execute(
-                TAKE_NUMBERS, (g_first - 1, c_first - 1, g_last - g_first + 1, c_last - c_first + 1)
-            )
-            cur.execute(MARK_BATCH, (f"batch:{self._writer_id}", str(number)))
-            for sql_pg, rows in groups:
-                if len(rows) == 1:
-                    cur.execute(sql_pg, rows[0])
-                else:
-                    cur.executemany(sql_pg, rows)
-            if g_span or c_span:
-                cur.execute(NOTIFY, (self._writer_id,))
-        row = numbers.fetchone()
+        g_first, g_last = g_span or (1, 0)
+        c_first, c_last = c_span or (1, 0)
+        cur = psycopg.ClientCursor(conn)
+        text, take_at = batch_text(
+            cur,
+            leases.fence(SESSION_SCOPE, self.holder, epochs) if self.holder and epochs else None,
+            groups,
+            (g_first - 1, c_first - 1, g_last - g_first + 1, c_last - c_first + 1),
+            (f"batch:{self._writer_id}", str(number)),
+            (self._writer_id,) if g_span or c_span else None,
+        )
+        cur.execute(text.encode(conn.info.encoding))
+        for _ in range(take_at):
+            cur.nextset()  # to TAKE_NUMBERS' result
+        row = cur.fetchone()
         assert row is not None
         g_off = int(row[0]) if g_span else 0  # type: ignore[call-overload]
         c_off = int(row[1]) if c_span else 0  # type: ignore[call-overload]
