@@ -262,6 +262,8 @@ def measure(root: Path, server: LocalPostgres, n: int, args: argparse.Namespace)
         out["server_mean"] = means["flynn_cancel_to_ack_seconds"]
         out["batch_wait_mean"] = means["flynn_queue_batch_wait_seconds"]
         out["commit_mean"] = means["flynn_queue_commit_seconds"]
+        commits = cancel_latency.delta(before["flynn_queue_commit_seconds"], after["flynn_queue_commit_seconds"])[2]
+        out["commits_per_cancel"] = commits / len(acks) if acks else 0.0
         out["outside_mean"] = sum(acks) / len(acks) - out["server_mean"] if acks else 0.0
         out["idle_cpu_ms_s"] = sum(idle1[k] - idle0[k] for k in idle1) / args.idle_seconds * 1000
         out["cancel_cpu_ms"] = sum(cpu1[k] - cpu0[k] for k in cpu1) / len(acks) * 1000 if acks else 0.0
@@ -321,6 +323,7 @@ def main() -> None:
     row("  batch wait for the one in flight mean (ms)", "batch_wait_mean")
     row("  commit mean (ms)", "commit_mean")
     row("  outside the handler mean (gateway...) (ms)", "outside_mean")
+    row("commits (all replicas) per cancel, runs streaming", "commits_per_cancel", "{:.1f}")
     row("cancels forwarded to the owner (%)", "forwarded", "{:.0f}")
     row("forwarding hop mean (ms)", "forward_mean")
     row("CPU idle, all processes (ms per s)", "idle_cpu_ms_s", "{:.1f}")

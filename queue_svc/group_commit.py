@@ -49,7 +49,7 @@ log = logging.getLogger(__name__)
 
 DELIVERY_NAMES = short_names(pb.DeliveryMode, with_zero=False)
 #: How long a batch of lazy operations only (streamed output chunks) may wait for company.
-LINGER_SECONDS = 0.01
+LINGER_SECONDS = 0.025
 
 
 class BatchStore(Protocol):
