@@ -4,10 +4,14 @@ Design (issue 13's design point). Run control keeps its synchronous critical sec
 mutates memory and queues its writes, and nothing awaits inside it, so the per-session invariants
 (one active run, one terminal event, one final, gapless sequence numbers) stay the property of one
 loop turn and need no locks in the database. The commit is handed to ONE dedicated writer connection
-that runs each batch as one transaction in pipeline mode, in its own thread: every statement of the
-batch is sent without waiting (grouped into one `executemany` per table and statement), then COMMIT,
-so a batch costs about one network round trip plus the server's WAL flush, whatever its size; while
-it is in flight the next batch fills (group commit). Acknowledgements wait for that COMMIT, exactly
+in its own thread that sends each batch as ONE simple-query message (`batch_text`: the statements with
+their parameters bound client-side, the events of a batch in one multi-row INSERT), which the server
+runs as one implicit transaction: a batch costs one network round trip plus the server's WAL flush,
+whatever its size, and once sent nothing of it waits for this process; while it is in flight the next
+batch fills (group commit). (It was a pipeline of prepared statements; but a pipeline is sent
+statement by statement as the thread produces them, so the server held the `seqs` row lock that
+orders every replica's commits, below, while a writer thread starved of CPU or of its GIL sent the
+rest: on 2 busy cores that stretched every replica's commits behind it.) Acknowledgements wait for that COMMIT, exactly
 as they wait for the fsync on SQLite. The thread matters: measured in-process with 32 callers, the
 threaded writer sustained 445-580 msg/s where the same writer as an async connection on the event
 loop managed 198 (plain) to 303 (pipelined), its round trips waiting behind the busy loop. The
@@ -28,11 +32,12 @@ the writer is down) and the service's health is NOT_SERVING (flynn_runtime/datab
 
 Several replicas (replica.py) share this schema. Each batch's transaction starts with the lease
 fence of the sessions it writes (flynn_runtime/leases.py: refused as a whole, SQLSTATE LF409, when an
-epoch is stale), then takes its event numbers and reply cursors from the `seqs` counter row (held
-until COMMIT, so all replicas commit in number order). The rows carry provisional numbers and the
-statements add the batch's base themselves (`NUMBERED`: the column, and the serialized RunEvent /
-Reply with the final number appended, a protobuf singular field's last value winning), so the batch
-still costs one round trip. Each writer marks its batches under its own `meta` key, and NOTIFY
+epoch is stale), writes the tables that carry no numbers, then takes its event numbers and reply
+cursors from the `seqs` counter row (held until COMMIT, so all replicas commit in number order) and
+writes the numbered rows last, so that lock is held as briefly as the transaction allows. The rows
+carry provisional numbers and the statements add the batch's base themselves (`NUMBERED`: the column,
+and the serialized RunEvent / Reply with the final number appended, a protobuf singular field's last
+value winning), so the batch still costs one round trip. Each writer marks its batches under its own `meta` key, and NOTIFY
 flynn_queue wakes the other replicas' stream tailers (tail.py).
 """
 
