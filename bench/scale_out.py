@@ -262,7 +262,9 @@ def measure(root: Path, server: LocalPostgres, n: int, args: argparse.Namespace)
         out["server_mean"] = means["flynn_cancel_to_ack_seconds"]
         out["batch_wait_mean"] = means["flynn_queue_batch_wait_seconds"]
         out["commit_mean"] = means["flynn_queue_commit_seconds"]
-        commits = cancel_latency.delta(before["flynn_queue_commit_seconds"], after["flynn_queue_commit_seconds"])[2]
+        commits = cancel_latency.delta(
+            before["flynn_queue_commit_seconds"], after["flynn_queue_commit_seconds"]
+        )[2]
         out["commits_per_cancel"] = commits / len(acks) if acks else 0.0
         out["outside_mean"] = sum(acks) / len(acks) - out["server_mean"] if acks else 0.0
         out["idle_cpu_ms_s"] = sum(idle1[k] - idle0[k] for k in idle1) / args.idle_seconds * 1000

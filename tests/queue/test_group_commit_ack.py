@@ -19,8 +19,8 @@ from pathlib import Path
 import pytest
 from flynn.v1 import run_control_pb2 as pb
 
-from queue_svc.fanout import Fanout
 from queue_svc import group_commit
+from queue_svc.fanout import Fanout
 from queue_svc.group_commit import GroupCommit
 from queue_svc.store import RunRow, SessionRow
 from queue_svc.store_sqlite import SqliteQueueStore
