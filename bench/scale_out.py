@@ -266,7 +266,7 @@ def measure(root: Path, server: LocalPostgres, n: int, args: argparse.Namespace)
             before["flynn_queue_commit_seconds"], after["flynn_queue_commit_seconds"]
         )[2]
         out["commits_per_cancel"] = commits / len(acks) if acks else 0.0
-        out["outside_mean"] = sum(acks) / len(acks) - out["server_mean"] if acks else 0.0
+        out["outside_mean"] = sum(acks) / len(acks) - means["flynn_cancel_to_ack_seconds"] if acks else 0.0
         out["idle_cpu_ms_s"] = sum(idle1[k] - idle0[k] for k in idle1) / args.idle_seconds * 1000
         out["cancel_cpu_ms"] = sum(cpu1[k] - cpu0[k] for k in cpu1) / len(acks) * 1000 if acks else 0.0
         out["load"] = load

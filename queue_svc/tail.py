@@ -104,7 +104,10 @@ class Tailer:
                 delay = 0.1
                 self.wake()  # anything committed while we were not listening
                 async for note in self._listener.notifies():
-                    if note.payload != self.store.writer_id:  # our own commits are handed over directly
+                    # Our own commits are handed over directly; streams nobody here watches wait for the poll.
+                    if note.payload != self.store.writer_id and (
+                        self.events.subscribers or self.replies.subscribers
+                    ):
                         self.wake()
             except asyncio.CancelledError:
                 raise
