@@ -317,14 +317,28 @@ def _pg_group(sql: str, rows: list[tuple[object, ...]]) -> Group:
     return Group(sql_pg, [reorder(r) for r in rows], True, False)
 
 
+def preparable(sql: str) -> bool:
+    """Whether PREPARE can infer every parameter's type of this statement from its columns (VALUES,
+    SET, WHERE); an INSERT … SELECT's select list cannot (its parameters would be read as text)."""
+    return "VALUES (" in sql or not sql.startswith("INSERT")
+
+
+def dollar(sql: str) -> str:
+    """A statement's `%s` placeholders as PREPARE's `$1`, `$2`, …"""
+    pieces = sql.split("%s")
+    return pieces[0] + "".join(f"${i}{piece}" for i, piece in enumerate(pieces[1:], start=1))
+
+
 def batch_text(cur: psycopg.ClientCursor[tuple[object, ...]], fence: tuple[str, tuple[object, ...]] | None,
                groups: list[Group], take: tuple[object, ...], mark: tuple[object, ...],
-               notify: tuple[object, ...] | None) -> tuple[str, int]:  # fmt: skip
+               notify: tuple[object, ...] | None, prepared: dict[str, str]) -> tuple[str, int]:  # fmt: skip
     """The whole batch as ONE simple-query message (parameters bound here, client-side), run by the
     server as one implicit transaction: the fence, the statements of the tables without numbers, then
     TAKE_NUMBERS, the numbered statements, NOTIFY. The server then holds the `seqs` row lock (which
     orders every replica's commits) only while it runs the numbered part and flushes the COMMIT: never
     while this process, maybe descheduled or waiting for its GIL, sends the rest of a pipeline.
+    A statement `prepared` names (PREPAREd on this connection before) is sent as `EXECUTE name(…)`, so
+    the server plans it once per connection, as it did the pipeline's prepared statements.
     Returns the text and the index of TAKE_NUMBERS' result among the statements' results."""
     parts: list[str] = []
     take_at = 0
@@ -341,6 +355,10 @@ def batch_text(cur: psycopg.ClientCursor[tuple[object, ...]], fence: tuple[str, 
             if g.events:
                 rows = ", ".join(cur.mogrify(EVENT_ROW, r) for r in g.rows)
                 parts.append(INSERT_EVENTS.format(rows=rows))
+            elif g.sql in prepared:
+                name = prepared[g.sql]
+                for r in g.rows:
+                    parts.append(f"EXECUTE {name}({cur.mogrify(', '.join(['%s'] * len(r)), r)})")
             else:
                 parts.extend(cur.mogrify(g.sql, r) for r in g.rows)
     if notify is not None:
@@ -406,6 +424,8 @@ class PgQueueStore(QueueStore):
         #: long (a frozen process), so the FOR SHARE locks of its fence never keep a takeover waiting.
         self.idle_in_transaction_ms = 0
         self._tuned_ms = 0
+        #: Statements PREPAREd on the current writer connection: {PostgreSQL text: name}.
+        self._prepared: dict[str, str] = {}
         self._session_lookups: Coalescer[str, SessionRow] = Coalescer(self._sessions_by_keys)
 
     @classmethod
@@ -511,6 +531,7 @@ class PgQueueStore(QueueStore):
         if conn is None or conn.closed or conn.broken:
             conn = self._connect_writer()
             self._tuned_ms = 0
+            self._prepared = {}
             applied = self._applied(conn, number)
             if applied is not None:
                 return applied  # committed before the connection broke; only the answer was lost
@@ -520,6 +541,11 @@ class PgQueueStore(QueueStore):
                 (str(self.idle_in_transaction_ms),),
             )
             self._tuned_ms = self.idle_in_transaction_ms
+        for g in groups:  # a statement new on this connection: planned once, before the batch is sent
+            if not g.events and g.sql not in self._prepared and preparable(g.sql):
+                name = f"flynn_q{len(self._prepared)}"
+                conn.execute(f"PREPARE {name} AS {dollar(g.sql)}".encode(conn.info.encoding))
+                self._prepared[g.sql] = name
         g_first, g_last = g_span or (1, 0)
         c_first, c_last = c_span or (1, 0)
         cur = psycopg.ClientCursor(conn)
@@ -530,6 +556,7 @@ class PgQueueStore(QueueStore):
             (g_first - 1, c_first - 1, g_last - g_first + 1, c_last - c_first + 1),
             (f"batch:{self._writer_id}", str(number)),
             (self._writer_id,) if g_span or c_span else None,
+            self._prepared,
         )
         cur.execute(text.encode(conn.info.encoding))
         for _ in range(take_at):
