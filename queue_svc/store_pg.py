@@ -7,7 +7,8 @@ loop turn and need no locks in the database. The commit is handed to ONE dedicat
 in its own thread that sends each batch as ONE simple-query message (`batch_text`: the statements with
 their parameters bound client-side, the events of a batch in one multi-row INSERT), which the server
 runs as one implicit transaction: a batch costs one network round trip plus the server's WAL flush,
-whatever its size, and once sent nothing of it waits for this process; while it is in flight the next
+whatever its size, and once sent nothing of it waits for this process (its statements are PREPAREd
+once per connection and sent as EXECUTE, so the server plans each once); while it is in flight the next
 batch fills (group commit). (It was a pipeline of prepared statements; but a pipeline is sent
 statement by statement as the thread produces them, so the server held the `seqs` row lock that
 orders every replica's commits, below, while a writer thread starved of CPU or of its GIL sent the
