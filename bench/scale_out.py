@@ -16,6 +16,13 @@ not own its session is forwarded to the owner). Prints per replica count:
 - cancel-to-ack p50/p99 through the gateway, cancels one at a time, with `--cancel-sessions` runs
   streaming (bench/cancel_latency's load), the share of cancels a replica forwarded to the session's
   owner and the mean forwarding hop (flynn_queue_forward_seconds);
+- where a cancel's time goes, per stage (means over the cancel phase, from the replicas' /metrics):
+  the server's handler->ack (flynn_cancel_to_ack_seconds) split into the wait for the batch in flight
+  (flynn_queue_batch_wait_seconds) and the commit (flynn_queue_commit_seconds), and what is left outside
+  the handler (gateway, transport, client);
+- CPU per process (each replica, the gateway, PostgreSQL with all its backends): per second while idle
+  (the mesh started, no call for `--idle-seconds`) and per cancel (the whole cancel phase: 50 runs
+  streaming included, divided by the cancels);
 - failover pause (N >= 2): SIGKILL the replica owning the most sessions, then call SubmitMessage on a
   session it owned until one succeeds: kill -> first successful call, p50/max over `--kills` kills (the
   killed replica is restarted, with the same id, between kills).
@@ -28,6 +35,7 @@ from __future__ import annotations
 
 import argparse
 import asyncio
+import os
 import tempfile
 import time
 from pathlib import Path
@@ -132,6 +140,73 @@ async def failover(mesh: QueueReplicas, token: str, kills: int) -> list[float]:
     return pauses
 
 
+def _ticks(pid: int, children: bool = False) -> float:
+    """CPU seconds of a process (user + system; with `children`, also its exited, waited-for children)."""
+    try:
+        fields = Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()
+    except OSError:
+        return 0.0
+    ticks = int(fields[11]) + int(fields[12]) + (int(fields[13]) + int(fields[14]) if children else 0)
+    return ticks / os.sysconf("SC_CLK_TCK")
+
+
+def postgres_cpu(server: LocalPostgres) -> float:
+    """CPU seconds of the PostgreSQL server so far: the postmaster, its live backends and workers, and
+    the ones that exited."""
+    postmaster = int((server.data / "postmaster.pid").read_text().split()[0])
+    total = _ticks(postmaster, children=True)
+    for stat in Path("/proc").glob("[0-9]*/stat"):
+        try:
+            fields = stat.read_text().rsplit(")", 1)[1].split()
+        except OSError:
+            continue
+        if int(fields[1]) == postmaster:
+            total += _ticks(int(stat.parent.name))
+    return total
+
+
+def cpu_now(mesh: QueueReplicas, server: LocalPostgres) -> dict[str, float]:
+    """CPU seconds so far of every process of the mesh: `queue<i>`, `gateway`, `postgres`."""
+    out = {f"queue{i}": cancel_latency.cpu_seconds(q) for i, q in enumerate(mesh.queue)}
+    assert mesh.gateway is not None
+    out["gateway"] = cancel_latency.cpu_seconds(mesh.gateway)
+    out["postgres"] = postgres_cpu(server)
+    return out
+
+
+def _cpu_line(before: dict[str, float], after: dict[str, float], per: float, unit: str) -> str:
+    return ", ".join(f"{k} {(after[k] - before[k]) / per * 1000:.1f}" for k in after) + f" (ms {unit})"
+
+
+#: The replicas' histograms that split a cancel's time (summed over the replicas, over the cancel phase).
+STAGES = (
+    "flynn_cancel_to_ack_seconds",
+    "flynn_queue_batch_wait_seconds",
+    "flynn_queue_commit_seconds",
+)
+
+
+def stages(mesh: QueueReplicas) -> dict[str, tuple[dict[float, float], float, float]]:
+    """{histogram: (buckets, sum, count)} summed over the replicas (forwarding hops of CancelRun too)."""
+    out: dict[str, tuple[dict[float, float], float, float]] = {}
+    for q in mesh.queue:
+        text = cancel_latency.scrape(q)
+        for name in STAGES:
+            b, total, n = cancel_latency.histogram(text, name)
+            ob, ototal, on = out.get(name, ({}, 0.0, 0.0))
+            out[name] = ({le: ob.get(le, 0.0) + c for le, c in b.items()}, ototal + total, on + n)
+        hops = [line for line in text.splitlines() if 'method="CancelRun"' in line and FORWARD_CANCEL in line]
+        ob, ototal, on = out.get(FORWARD_CANCEL, ({}, 0.0, 0.0))
+        for line in hops:
+            value = float(line.rsplit(" ", 1)[1])
+            if line.startswith(f"{FORWARD_CANCEL}_sum"):
+                ototal += value
+            elif line.startswith(f"{FORWARD_CANCEL}_count"):
+                on += value
+        out[FORWARD_CANCEL] = (ob, ototal, on)
+    return out
+
+
 def measure(root: Path, server: LocalPostgres, n: int, args: argparse.Namespace) -> dict[str, object]:
     tokens = make_tokens(root)
     out: dict[str, object] = {}
@@ -159,21 +234,42 @@ def measure(root: Path, server: LocalPostgres, n: int, args: argparse.Namespace)
     mesh.start()
     try:
         assert mesh.gateway is not None
+        time.sleep(1.0)  # start-up work settles
+        idle0 = cpu_now(mesh, server)
+        time.sleep(args.idle_seconds)
+        idle1 = cpu_now(mesh, server)
+        print(f"   idle CPU: {_cpu_line(idle0, idle1, args.idle_seconds, 'per second')}", flush=True)
+        before, cpu0 = stages(mesh), cpu_now(mesh, server)
         acks, _ = asyncio.run(
             cancel_latency.run(mesh.gateway.address, tokens.operator, True, args.cancel_sessions,
                                args.cancel_rounds, 1, f"n{n}")
         )  # fmt: skip
+        after, cpu1 = stages(mesh), cpu_now(mesh, server)
+        load = os.getloadavg()[0]
+        print(f"   CPU per cancel (cancel phase, runs streaming): {_cpu_line(cpu0, cpu1, len(acks), 'per cancel')}"
+              f"; load average {load:.1f}", flush=True)  # fmt: skip
         out["cancel_p50"], out["cancel_p99"] = pct(acks, 50), pct(acks, 99)
-        hops = total = 0.0
-        for q in mesh.queue:
-            for line in cancel_latency.scrape(q).splitlines():
-                if line.startswith(f'{FORWARD_CANCEL}_count{{method="CancelRun"}}'):
-                    hops += float(line.rsplit(" ", 1)[1])
-                elif line.startswith(f'{FORWARD_CANCEL}_sum{{method="CancelRun"}}'):
-                    total += float(line.rsplit(" ", 1)[1])
+        means: dict[str, float] = {}
+        for name in (*STAGES, FORWARD_CANCEL):
+            b, total, count = cancel_latency.delta(before[name], after[name])
+            means[name] = total / count * 1000 if count else 0.0
+            if name == "flynn_cancel_to_ack_seconds":
+                out["server_p99"] = cancel_latency.bucket_quantile(b, count, 0.99)
+        hops = cancel_latency.delta(before[FORWARD_CANCEL], after[FORWARD_CANCEL])[2]
         out["forwarded"] = hops / len(acks) * 100 if acks else 0.0
         if hops:
-            out["forward_mean"] = total / hops * 1000
+            out["forward_mean"] = means[FORWARD_CANCEL]
+        out["server_mean"] = means["flynn_cancel_to_ack_seconds"]
+        out["batch_wait_mean"] = means["flynn_queue_batch_wait_seconds"]
+        out["commit_mean"] = means["flynn_queue_commit_seconds"]
+        commits = cancel_latency.delta(
+            before["flynn_queue_commit_seconds"], after["flynn_queue_commit_seconds"]
+        )[2]
+        out["commits_per_cancel"] = commits / len(acks) if acks else 0.0
+        out["outside_mean"] = sum(acks) / len(acks) - means["flynn_cancel_to_ack_seconds"] if acks else 0.0
+        out["idle_cpu_ms_s"] = sum(idle1[k] - idle0[k] for k in idle1) / args.idle_seconds * 1000
+        out["cancel_cpu_ms"] = sum(cpu1[k] - cpu0[k] for k in cpu1) / len(acks) * 1000 if acks else 0.0
+        out["load"] = load
         if n >= 2 and args.kills > 0:
             pauses = asyncio.run(failover(mesh, tokens.operator, args.kills))
             out["pause_p50"], out["pause_max"], out["kills"] = pct(pauses, 50), max(pauses), len(pauses)
@@ -191,6 +287,7 @@ def main() -> None:
     ap.add_argument("--cancel-sessions", type=int, default=50)
     ap.add_argument("--cancel-rounds", type=int, default=2)
     ap.add_argument("--kills", type=int, default=20)
+    ap.add_argument("--idle-seconds", type=float, default=5.0, help="idle CPU measured over this long")
     ap.add_argument("--lease", type=float, default=5.0, help="session lease seconds (the default is 5)")
     args = ap.parse_args()
     results: dict[int, dict[str, object]] = {}
@@ -223,8 +320,17 @@ def main() -> None:
     row("submit->final p99 (ms)", "final_p99")
     row("cancel-to-ack via gateway p50 (ms)", "cancel_p50")
     row("cancel-to-ack via gateway p99 (ms)", "cancel_p99")
+    row("  server handler->ack mean (ms)", "server_mean")
+    row("  server handler->ack p99 (bucket bound)", "server_p99", "{}")
+    row("  batch wait for the one in flight mean (ms)", "batch_wait_mean")
+    row("  commit mean (ms)", "commit_mean")
+    row("  outside the handler mean (gateway...) (ms)", "outside_mean")
+    row("commits (all replicas) per cancel, runs streaming", "commits_per_cancel", "{:.1f}")
     row("cancels forwarded to the owner (%)", "forwarded", "{:.0f}")
     row("forwarding hop mean (ms)", "forward_mean")
+    row("CPU idle, all processes (ms per s)", "idle_cpu_ms_s", "{:.1f}")
+    row("CPU per cancel, all processes (ms)", "cancel_cpu_ms", "{:.1f}")
+    row("load average after the cancels", "load", "{:.1f}")
     row("failover pause p50 (s)", "pause_p50")
     row("failover pause max (s)", "pause_max")
     row("kills", "kills", "{}")

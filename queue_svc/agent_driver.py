@@ -122,7 +122,7 @@ class AgentDriver:
         if live.row.state not in ACTIVE or not text or self.rc._runs.get(live.row.run_id) is not live:
             return
         s = self.rc._sessions[live.row.session_key]
-        with self.rc._op() as op:
+        with self.rc._op(lazy=True) as op:  # nobody waits for a chunk: its batch may linger
             # The row's output column is written at the next state transition; until then the chunks
             # are durable as RUN_OUTPUT events (rewriting the growing row per chunk costs too much).
             live.row.output += text

@@ -14,11 +14,20 @@ batch are woken in the very loop callback that learns the commit is done (the st
 store.py `in_thread`), each through a future of its own: not one loop turn later when the flush task
 resumes, and not through a shared future behind `asyncio.shield` (two more turns). Publishing the
 batch and its follow-up actions happen in the flush task's next turn, as before.
+
+Streamed output is committed lazily. An operation that only appends a RUN_OUTPUT chunk (`op(lazy=True)`)
+nobody waits for: a batch holding only such operations lingers up to `LINGER_SECONDS` after its first
+one before it is committed, unless an operation somebody waits for joins it (or `durable()` is called),
+which commits it at once. So runs streaming cost about one commit per linger per replica instead of one
+per chunk, and an acknowledgement (a cancel's above all) finds the writer, and with several replicas
+the database's counter row that orders every replica's commits (store_pg.TAKE_NUMBERS), free far more
+often. Chunks are still published only once durable; they reach watchers at most a linger later.
 """
 
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import functools
 import logging
 import time
@@ -39,6 +48,8 @@ from queue_svc.store import RunRow, SessionRow
 log = logging.getLogger(__name__)
 
 DELIVERY_NAMES = short_names(pb.DeliveryMode, with_zero=False)
+#: How long a batch of lazy operations only (streamed output chunks) may wait for company.
+LINGER_SECONDS = 0.025
 
 
 class BatchStore(Protocol):
@@ -72,11 +83,14 @@ class _Batch:
     """The operations committed together, and the callers waiting for them (a future each, so a
     cancelled caller cancels only its own wait)."""
 
-    __slots__ = ("ops", "waiters", "acked", "error", "opened")
+    __slots__ = ("ops", "waiters", "acked", "error", "opened", "urgent")
 
     def __init__(self) -> None:
         self.ops: list[Op] = []
         self.opened = 0.0  # time.perf_counter() of its first operation
+        #: time.perf_counter() of its first operation that is not lazy (0.0: lazy ones only so far),
+        #: or of the first `durable()` call that waits for it.
+        self.urgent = 0.0
         self.waiters: list[asyncio.Future[None]] = []
         self.acked = False
         self.error: BaseException | None = None
@@ -122,6 +136,8 @@ class GroupCommit:
         self._open = _Batch()
         self._inflight: _Batch | None = None
         self._flusher: asyncio.Task[None] | None = None
+        #: Set when the lingering open batch must be committed now (see LINGER_SECONDS).
+        self._hurry = asyncio.Event()
         #: Several replicas (store_pg.py): the database numbers events and replies, and a tailer
         #: (tail.py) publishes every replica's commits in the database's order; this process hands its
         #: own batch to the tailer (`on_commit`), which publishes it only in that order.
@@ -136,9 +152,10 @@ class GroupCommit:
         self.cursor = self.durable_cursor = cursor
 
     @contextmanager
-    def op(self) -> Iterator[Op]:
+    def op(self, lazy: bool = False) -> Iterator[Op]:
         """One atomic domain operation. Its writes join the batch being filled (group commit); its
-        events, replies and follow-up actions run only once that batch is durable."""
+        events, replies and follow-up actions run only once that batch is durable. `lazy`: nobody
+        waits for it (a streamed output chunk), so its batch may linger (LINGER_SECONDS)."""
         op = Op()
         mark = self.store.mark()
         try:
@@ -150,19 +167,40 @@ class GroupCommit:
         except BaseException:
             self.store.rollback_to(mark)
             raise
+        now = time.perf_counter()
         if not self._open.ops:
-            self._open.opened = time.perf_counter()
+            self._open.opened = now
         self._open.ops.append(op)
+        if not lazy:
+            self._hurry_open(now)
         if self._flusher is None or self._flusher.done():
             self._flusher = asyncio.ensure_future(self._flush_loop())
+
+    def _hurry_open(self, now: float) -> None:
+        """Somebody waits for the open batch: commit it as soon as the writer is free."""
+        if not self._open.urgent:
+            self._open.urgent = now
+            self._hurry.set()
+
+    async def _linger(self) -> None:
+        """A batch of lazy operations only waits for company, at most LINGER_SECONDS after its first."""
+        left = self._open.opened + LINGER_SECONDS - time.perf_counter()
+        if self._open.urgent or left <= 0:
+            return
+        self._hurry.clear()
+        with contextlib.suppress(TimeoutError):
+            async with asyncio.timeout(left):
+                await self._hurry.wait()
 
     async def _flush_loop(self) -> None:
         """Commit batches back to back: while one is syncing, the next one fills."""
         while self._open.ops:
+            await self._linger()
             batch, self._open = self._open, _Batch()
             self._inflight = batch
             gseq, cursor = self.gseq, self.cursor
-            metrics.BATCH_WAIT.observe(time.perf_counter() - batch.opened)
+            if batch.urgent:
+                metrics.BATCH_WAIT.observe(time.perf_counter() - batch.urgent)
             try:
                 await self.store.flush(on_durable=functools.partial(self._acknowledge, batch, gseq, cursor))
             except Exception as e:
@@ -241,6 +279,7 @@ class GroupCommit:
     async def durable(self) -> None:
         """Wait until every operation done so far is durable (acknowledge after this)."""
         if self._open.ops:
+            self._hurry_open(time.perf_counter())
             await self._open.wait()
         elif self._inflight is not None:
             await self._inflight.wait()

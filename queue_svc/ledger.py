@@ -125,8 +125,8 @@ class Ledger:
     async def _evicted(self, keys: list[str]) -> None:
         """Sessions that left memory (several replicas release their leases: replica.py)."""
 
-    def _op(self) -> AbstractContextManager[Op]:
-        return self.commit.op()
+    def _op(self, lazy: bool = False) -> AbstractContextManager[Op]:
+        return self.commit.op(lazy)
 
     async def durable(self) -> None:
         """Wait until every operation done so far is durable (acknowledge after this).
@@ -409,6 +409,19 @@ class Ledger:
     def reply_cursor(self) -> int:
         """Last durable reply cursor."""
         return self.commit.durable_cursor
+
+    async def events_head(self) -> int:
+        """Where a `from_now` event stream starts: the durable end of the log (with several replicas, the
+        database's: this replica's tailer may be behind when nothing here streams events)."""
+        if self.commit.publish_locally:
+            return self.commit.durable_gseq
+        return max(self.commit.durable_gseq, await self.store.max_global_seq())
+
+    async def replies_head(self) -> int:
+        """Where a `from_now` reply stream starts (see events_head)."""
+        if self.commit.publish_locally:
+            return self.commit.durable_cursor
+        return max(self.commit.durable_cursor, await self.store.max_reply_cursor())
 
     async def events_after(self, after_seq: int, session_key: str = "") -> list[pb.RunEvent]:
         """Durable events only: a cursor never points past what a crash could take back. (With several

@@ -61,8 +61,8 @@ COMMIT_SECONDS = Histogram(
 )
 BATCH_WAIT = Histogram(
     "flynn_queue_batch_wait_seconds",
-    "How long the first operation of a group-commit batch waited for the batch in flight before its own "
-    "commit started (zero when the writer was idle).",
+    "How long the first operation of a group-commit batch that somebody waits for (not a streamed output "
+    "chunk) waited for the batch in flight before its own commit started (zero when the writer was idle).",
     buckets=LATENCY_BUCKETS,
 )
 COMMIT_BATCH = Histogram(

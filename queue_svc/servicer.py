@@ -296,7 +296,7 @@ class RunControlServicer(pb_grpc.RunControlServicer):
         after = request.after_seq
         if request.from_now:
             # The durable end of the log now: what a cursor may point at (events_after never goes past it).
-            after = rc.global_seq
+            after = await rc.events_head()
             yield pb.WatchRunEventsResponse(start_after_seq=after)
 
         def keep(ev: pb.RunEvent) -> bool:
@@ -335,7 +335,7 @@ class RunControlServicer(pb_grpc.RunControlServicer):
         channels = access.channel_filter(principal(), list(request.channels))
         after = request.after_cursor
         if request.from_now:
-            after = rc.reply_cursor
+            after = await rc.replies_head()
             yield pb.StreamRepliesResponse(start_after_cursor=after)
 
         def keep(r: pb.Reply) -> bool:

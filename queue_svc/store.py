@@ -206,7 +206,7 @@ def reply_from(r: Sequence[Any]) -> ReplyRow:
     return row
 
 
-def _table(sql: str) -> str:
+def table_of(sql: str) -> str:
     words = sql.split()
     return words[2] if words[0] in ("INSERT", "DELETE") else words[1]
 
@@ -221,7 +221,7 @@ def compact(batch: list[Statement]) -> list[tuple[str, list[tuple[object, ...]]]
     their exact order (a position can be inserted, deleted and reused within one batch)."""
     by_table: dict[str, list[Statement]] = {}
     for st in batch:
-        by_table.setdefault(_table(st[0]), []).append(st)
+        by_table.setdefault(table_of(st[0]), []).append(st)
     groups: list[tuple[str, list[tuple[object, ...]]]] = []
     for table, sts in by_table.items():
         if table in ("sessions", "runs"):

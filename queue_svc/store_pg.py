@@ -4,10 +4,15 @@ Design (issue 13's design point). Run control keeps its synchronous critical sec
 mutates memory and queues its writes, and nothing awaits inside it, so the per-session invariants
 (one active run, one terminal event, one final, gapless sequence numbers) stay the property of one
 loop turn and need no locks in the database. The commit is handed to ONE dedicated writer connection
-that runs each batch as one transaction in pipeline mode, in its own thread: every statement of the
-batch is sent without waiting (grouped into one `executemany` per table and statement), then COMMIT,
-so a batch costs about one network round trip plus the server's WAL flush, whatever its size; while
-it is in flight the next batch fills (group commit). Acknowledgements wait for that COMMIT, exactly
+in its own thread that sends each batch as ONE simple-query message (`batch_text`: the statements with
+their parameters bound client-side, the events of a batch in one multi-row INSERT), which the server
+runs as one implicit transaction: a batch costs one network round trip plus the server's WAL flush,
+whatever its size, and once sent nothing of it waits for this process (its statements are PREPAREd
+once per connection and sent as EXECUTE, so the server plans each once); while it is in flight the next
+batch fills (group commit). (It was a pipeline of prepared statements; but a pipeline is sent
+statement by statement as the thread produces them, so the server held the `seqs` row lock that
+orders every replica's commits, below, while a writer thread starved of CPU or of its GIL sent the
+rest: on 2 busy cores that stretched every replica's commits behind it.) Acknowledgements wait for that COMMIT, exactly
 as they wait for the fsync on SQLite. The thread matters: measured in-process with 32 callers, the
 threaded writer sustained 445-580 msg/s where the same writer as an async connection on the event
 loop managed 198 (plain) to 303 (pipelined), its round trips waiting behind the busy loop. The
@@ -28,11 +33,12 @@ the writer is down) and the service's health is NOT_SERVING (flynn_runtime/datab
 
 Several replicas (replica.py) share this schema. Each batch's transaction starts with the lease
 fence of the sessions it writes (flynn_runtime/leases.py: refused as a whole, SQLSTATE LF409, when an
-epoch is stale), then takes its event numbers and reply cursors from the `seqs` counter row (held
-until COMMIT, so all replicas commit in number order). The rows carry provisional numbers and the
-statements add the batch's base themselves (`NUMBERED`: the column, and the serialized RunEvent /
-Reply with the final number appended, a protobuf singular field's last value winning), so the batch
-still costs one round trip. Each writer marks its batches under its own `meta` key, and NOTIFY
+epoch is stale), writes the tables that carry no numbers, then takes its event numbers and reply
+cursors from the `seqs` counter row (held until COMMIT, so all replicas commit in number order) and
+writes the numbered rows last, so that lock is held as briefly as the transaction allows. The rows
+carry provisional numbers and the statements add the batch's base themselves (`NUMBERED`: the column,
+and the serialized RunEvent / Reply with the final number appended, a protobuf singular field's last
+value winning), so the batch still costs one round trip. Each writer marks its batches under its own `meta` key, and NOTIFY
 flynn_queue wakes the other replicas' stream tailers (tail.py).
 """
 
@@ -44,7 +50,7 @@ import secrets
 from collections.abc import Awaitable, Callable, Sequence
 from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
-from typing import Generic, TypeVar
+from typing import Generic, NamedTuple, TypeVar
 
 import psycopg
 
@@ -76,6 +82,7 @@ from queue_svc.store import (
     provisional_spans,
     reply_from,
     run_from,
+    table_of,
 )
 from queue_svc.store_sqlite import SCHEMA as SQLITE_SCHEMA
 
@@ -283,13 +290,83 @@ CHANNEL = "flynn_queue"
 SESSION_SCOPE = "session"
 
 
-def _pg_group(sql: str, rows: list[tuple[object, ...]]) -> tuple[str, list[tuple[object, ...]]]:
+#: Several events of a batch inserted by one statement (the bulk of a batch: streamed output).
+INSERT_EVENTS = (
+    "INSERT INTO events (global_seq, session_key, session_seq, type, data) "
+    "SELECT v.g + s.g_base, v.k, v.q, v.t, v.d || pb_event_numbers(v.g + s.g_base) "
+    "FROM (VALUES {rows}) AS v(g, k, q, t, d), seqs s WHERE s.id = 1"
+)
+EVENT_ROW = "(%s::bigint, %s::text, %s::bigint, %s::integer, %s::bytea)"
+#: The tables whose statements carry the batch's numbers: written after TAKE_NUMBERS, the others before.
+NUMBERED_TABLES = frozenset(table_of(sql) for sql in NUMBERED)
+
+
+class Group(NamedTuple):
     """A compacted statement group as the writer sends it (numbered statements add the batch's base)."""
+
+    sql: str  # PostgreSQL text (%s placeholders)
+    rows: list[tuple[object, ...]]
+    numbered: bool  # of a table that carries numbers: goes after TAKE_NUMBERS
+    events: bool  # INSERT_EVENT: all rows in one statement
+
+
+def _pg_group(sql: str, rows: list[tuple[object, ...]]) -> Group:
     numbered = NUMBERED.get(sql)
     if numbered is None:
-        return pg(sql), rows
+        return Group(pg(sql), rows, table_of(sql) in NUMBERED_TABLES, False)
     sql_pg, reorder = numbered
-    return sql_pg, [reorder(r) for r in rows]
+    if sql == INSERT_EVENT:
+        return Group(sql_pg, rows, True, True)
+    return Group(sql_pg, [reorder(r) for r in rows], True, False)
+
+
+def preparable(sql: str) -> bool:
+    """Whether PREPARE can infer every parameter's type of this statement from its columns (VALUES,
+    SET, WHERE); an INSERT … SELECT's select list cannot (its parameters would be read as text)."""
+    return "VALUES (" in sql or not sql.startswith("INSERT")
+
+
+def dollar(sql: str) -> str:
+    """A statement's `%s` placeholders as PREPARE's `$1`, `$2`, …"""
+    pieces = sql.split("%s")
+    return pieces[0] + "".join(f"${i}{piece}" for i, piece in enumerate(pieces[1:], start=1))
+
+
+def batch_text(cur: psycopg.ClientCursor[tuple[object, ...]], fence: tuple[str, tuple[object, ...]] | None,
+               groups: list[Group], take: tuple[object, ...], mark: tuple[object, ...],
+               notify: tuple[object, ...] | None, prepared: dict[str, str]) -> tuple[str, int]:  # fmt: skip
+    """The whole batch as ONE simple-query message (parameters bound here, client-side), run by the
+    server as one implicit transaction: the fence, the statements of the tables without numbers, then
+    TAKE_NUMBERS, the numbered statements, NOTIFY. The server then holds the `seqs` row lock (which
+    orders every replica's commits) only while it runs the numbered part and flushes the COMMIT: never
+    while this process, maybe descheduled or waiting for its GIL, sends the rest of a pipeline.
+    A statement `prepared` names (PREPAREd on this connection before) is sent as `EXECUTE name(…)`, so
+    the server plans it once per connection, as it did the pipeline's prepared statements.
+    Returns the text and the index of TAKE_NUMBERS' result among the statements' results."""
+    parts: list[str] = []
+    take_at = 0
+    if fence is not None:
+        parts.append(cur.mogrify(*fence))
+    for numbered_part in (False, True):
+        if numbered_part:
+            take_at = len(parts)
+            parts.append(cur.mogrify(TAKE_NUMBERS, take))
+            parts.append(cur.mogrify(MARK_BATCH, mark))
+        for g in groups:
+            if g.numbered != numbered_part:
+                continue
+            if g.events:
+                rows = ", ".join(cur.mogrify(EVENT_ROW, r) for r in g.rows)
+                parts.append(INSERT_EVENTS.format(rows=rows))
+            elif g.sql in prepared:
+                name = prepared[g.sql]
+                for r in g.rows:
+                    parts.append(f"EXECUTE {name}({cur.mogrify(', '.join(['%s'] * len(r)), r)})")
+            else:
+                parts.extend(cur.mogrify(g.sql, r) for r in g.rows)
+    if notify is not None:
+        parts.append(cur.mogrify(NOTIFY, notify))
+    return ";\n".join(parts), take_at
 
 
 class Coalescer(Generic[K, V]):
@@ -350,6 +427,8 @@ class PgQueueStore(QueueStore):
         #: long (a frozen process), so the FOR SHARE locks of its fence never keep a takeover waiting.
         self.idle_in_transaction_ms = 0
         self._tuned_ms = 0
+        #: Statements PREPAREd on the current writer connection: {PostgreSQL text: name}.
+        self._prepared: dict[str, str] = {}
         self._session_lookups: Coalescer[str, SessionRow] = Coalescer(self._sessions_by_keys)
 
     @classmethod
@@ -372,7 +451,9 @@ class PgQueueStore(QueueStore):
         if self._writer is not None:
             self._writer.close()
             self._writer = None
-        self._writer = psycopg.connect(self._conninfo("flynn-queue-writer"))
+        # Autocommit: each batch is one multi-statement message, which the server runs as one
+        # implicit transaction (committed at its end, rolled back whole on an error).
+        self._writer = psycopg.connect(self._conninfo("flynn-queue-writer"), autocommit=True)
         return self._writer
 
     async def close(self) -> None:
@@ -439,19 +520,20 @@ class PgQueueStore(QueueStore):
 
     def _commit_once(
         self,
-        groups: list[tuple[str, list[tuple[object, ...]]]],  # PostgreSQL text, parameters
+        groups: list[Group],
         spans: tuple[tuple[int, int] | None, tuple[int, int] | None],
         number: int,
         epochs: dict[str, int],
     ) -> tuple[int, int]:
-        """One transaction, pipelined: the fence, the numbers (TAKE_NUMBERS), the statements and COMMIT
-        go out without waiting for each other: one round trip plus the WAL flush. Returns the offsets
-        the database added to the batch's provisional event numbers and reply cursors."""
+        """One transaction, sent as one message (batch_text): one round trip plus the WAL flush, and
+        nothing of it waits for this process once sent. Returns the offsets the database added to the
+        batch's provisional event numbers and reply cursors."""
         conn = self._writer
         g_span, c_span = spans
         if conn is None or conn.closed or conn.broken:
             conn = self._connect_writer()
             self._tuned_ms = 0
+            self._prepared = {}
             applied = self._applied(conn, number)
             if applied is not None:
                 return applied  # committed before the connection broke; only the answer was lost
@@ -460,27 +542,28 @@ class PgQueueStore(QueueStore):
                 "SELECT set_config('idle_in_transaction_session_timeout', %s, false)",
                 (str(self.idle_in_transaction_ms),),
             )
-            conn.commit()
             self._tuned_ms = self.idle_in_transaction_ms
-        numbers = conn.cursor()
-        with conn.pipeline(), conn.transaction():
-            cur = conn.cursor()
-            if self.holder and epochs:
-                cur.execute(*leases.fence(SESSION_SCOPE, self.holder, epochs))
-            g_first, g_last = g_span or (1, 0)
-            c_first, c_last = c_span or (1, 0)
-            numbers.execute(
-                TAKE_NUMBERS, (g_first - 1, c_first - 1, g_last - g_first + 1, c_last - c_first + 1)
-            )
-            cur.execute(MARK_BATCH, (f"batch:{self._writer_id}", str(number)))
-            for sql_pg, rows in groups:
-                if len(rows) == 1:
-                    cur.execute(sql_pg, rows[0])
-                else:
-                    cur.executemany(sql_pg, rows)
-            if g_span or c_span:
-                cur.execute(NOTIFY, (self._writer_id,))
-        row = numbers.fetchone()
+        for g in groups:  # a statement new on this connection: planned once, before the batch is sent
+            if not g.events and g.sql not in self._prepared and preparable(g.sql):
+                name = f"flynn_q{len(self._prepared)}"
+                conn.execute(f"PREPARE {name} AS {dollar(g.sql)}".encode(conn.info.encoding))
+                self._prepared[g.sql] = name
+        g_first, g_last = g_span or (1, 0)
+        c_first, c_last = c_span or (1, 0)
+        cur = psycopg.ClientCursor(conn)
+        text, take_at = batch_text(
+            cur,
+            leases.fence(SESSION_SCOPE, self.holder, epochs) if self.holder and epochs else None,
+            groups,
+            (g_first - 1, c_first - 1, g_last - g_first + 1, c_last - c_first + 1),
+            (f"batch:{self._writer_id}", str(number)),
+            (self._writer_id,) if g_span or c_span else None,
+            self._prepared,
+        )
+        cur.execute(text.encode(conn.info.encoding))
+        for _ in range(take_at):
+            cur.nextset()  # to TAKE_NUMBERS' result
+        row = cur.fetchone()
         assert row is not None
         g_off = int(row[0]) if g_span else 0
         c_off = int(row[1]) if c_span else 0
@@ -569,6 +652,13 @@ class PgQueueStore(QueueStore):
     async def max_reply_cursor(self) -> int:
         row = await self._one("SELECT COALESCE(MAX(cursor), 0) FROM replies")
         return int(row[0]) if row else 0
+
+    async def heads(self) -> tuple[int, int]:
+        """The last event number and reply cursor committed by any replica, in one query."""
+        row = await self._one(
+            "SELECT (SELECT COALESCE(MAX(global_seq), 0) FROM events), (SELECT COALESCE(MAX(cursor), 0) FROM replies)"
+        )
+        return (int(row[0]), int(row[1])) if row else (0, 0)
 
     async def sessions_per_channel(self) -> dict[str, int]:
         rows = await self._all("SELECT channel, COUNT(*) FROM sessions GROUP BY channel")

@@ -7,6 +7,14 @@ and publishes it to the replica's fan-outs (fanout.py), which feed the streams e
 It is woken by this replica's own commits (at once) and by the others' through LISTEN/NOTIFY
 (`flynn_queue`, sent at their COMMIT); a notification is a wake-up only: the tables are the truth,
 and a poll every `poll_seconds` covers a notification lost while the listener reconnected.
+
+A fan-out nobody subscribes to costs nothing per commit of the others: a wake-up reads only what a
+stream is listening to (events, replies, or neither), and the numbers of an unwatched fan-out are moved
+to the head by the poll alone (one query for both). A subscriber never needs the tailer's number to be
+current: it reads its backlog from the store itself (servicer.replay_then_live) and drops what it gets
+twice; a `from_now` stream asks the database for the head (RunControl.events_head). On 2 cores shared
+by 3 replicas this took the tailers of the replicas without streams from four queries per commit of
+any other replica to one query a second (docs/operations/SCALING.md, "Cancels with several replicas").
 """
 
 from __future__ import annotations
@@ -47,8 +55,7 @@ class Tailer:
         self.progress: Callable[[int, int], None] = lambda seq, cursor: None
 
     async def start(self) -> None:
-        self.last_seq = await self.store.max_global_seq()
-        self.last_cursor = await self.store.max_reply_cursor()
+        self.last_seq, self.last_cursor = await self.store.heads()
         self.progress(self.last_seq, self.last_cursor)
         self._tasks = [asyncio.ensure_future(self._listen()), asyncio.ensure_future(self._tail())]
 
@@ -97,7 +104,10 @@ class Tailer:
                 delay = 0.1
                 self.wake()  # anything committed while we were not listening
                 async for note in self._listener.notifies():
-                    if note.payload != self.store.writer_id:  # our own commits are handed over directly
+                    # Our own commits are handed over directly; streams nobody here watches wait for the poll.
+                    if note.payload != self.store.writer_id and (
+                        self.events.subscribers or self.replies.subscribers
+                    ):
                         self.wake()
             except asyncio.CancelledError:
                 raise
@@ -111,14 +121,21 @@ class Tailer:
             delay = min(delay * 2, 2.0)
 
     async def _tail(self) -> None:
+        loop = asyncio.get_running_loop()
+        next_poll = loop.time() + self.poll_seconds
         while True:
             try:
-                await asyncio.wait_for(self._wake.wait(), self.poll_seconds)
+                await asyncio.wait_for(self._wake.wait(), max(next_poll - loop.time(), 0.0))
             except TimeoutError:
                 pass
             self._wake.clear()
+            polled = loop.time() >= next_poll
+            if polled:
+                next_poll = loop.time() + self.poll_seconds
+            elif not self.events.subscribers and not self.replies.subscribers:
+                continue  # a wake-up for streams nobody here watches: the poll moves the numbers
             try:
-                await self._catch_up()
+                await self._catch_up(polled)
             except asyncio.CancelledError:
                 raise
             except Exception as e:
@@ -126,20 +143,20 @@ class Tailer:
                 await asyncio.sleep(0.2)
                 self._wake.set()
 
-    async def _catch_up(self) -> None:
-        """Publish what was committed after the last numbers published. A fan-out nobody subscribes to
-        only moves its number to the head (one index lookup): a subscriber that arrives later reads
-        its backlog from the store itself (servicer.replay_then_live), and it subscribes before that
-        read, so checking for subscribers AFTER the head was read never skips an item it needs."""
-        if not self.events.subscribers:
-            head = await self.store.max_global_seq()
+    async def _catch_up(self, polled: bool = True) -> None:
+        """Publish what was committed after the last numbers published, for the fan-outs someone
+        subscribes to. A fan-out nobody subscribes to only moves its number to the head, on the poll
+        (one query for both): a subscriber that arrives later reads its backlog from the store itself
+        (servicer.replay_then_live), and it subscribes before that read, so checking for subscribers
+        AFTER the head was read never skips an item it needs; what it then gets from here twice (the
+        number may be up to a poll behind) it drops by number."""
+        if polled and not (self.events.subscribers and self.replies.subscribers):
+            g_head, c_head = await self.store.heads()
             if not self.events.subscribers:
-                self.last_seq = max(self.last_seq, head)
-        if not self.replies.subscribers:
-            head = await self.store.max_reply_cursor()
+                self.last_seq = max(self.last_seq, g_head)
             if not self.replies.subscribers:
-                self.last_cursor = max(self.last_cursor, head)
-        while True:
+                self.last_cursor = max(self.last_cursor, c_head)
+        while self.events.subscribers:
             rows = await self.store.events_after(self.last_seq)
             for data in rows:
                 ev = pb.RunEvent.FromString(data)
@@ -149,7 +166,7 @@ class Tailer:
                 self.events.publish(ev)
             if len(rows) < PAGE:
                 break
-        while True:
+        while self.replies.subscribers:
             replies = await self.store.replies_after(self.last_cursor)
             for data in replies:
                 reply = pb.Reply.FromString(data)

@@ -5,7 +5,9 @@ batch are woken in the loop callback that learns of the commit, each through a f
   (a second connection reads the rows);
 - a caller that gives up (its task is cancelled) takes nothing from the others;
 - a caller that asks after the commit was acknowledged but before the flush task resumed is not left
-  waiting on a batch whose waiters were already woken.
+  waiting on a batch whose waiters were already woken;
+- lazy operations (streamed output chunks) linger up to LINGER_SECONDS for company, so a stream of them
+  costs one commit per linger; an operation somebody waits for, or `durable()`, commits at once.
 """
 
 from __future__ import annotations
@@ -17,6 +19,7 @@ from pathlib import Path
 import pytest
 from flynn.v1 import run_control_pb2 as pb
 
+from queue_svc import group_commit
 from queue_svc.fanout import Fanout
 from queue_svc.group_commit import GroupCommit
 from queue_svc.store import RunRow, SessionRow
@@ -57,8 +60,8 @@ def _commit(store: SqliteQueueStore) -> GroupCommit:
     return GroupCommit(store, Fanout[pb.RunEvent](), Fanout[pb.Reply]())
 
 
-def _write(gc: GroupCommit, key: str) -> None:
-    with gc.op() as op:
+def _write(gc: GroupCommit, key: str, lazy: bool = False) -> None:
+    with gc.op(lazy) as op:
         op.sessions[key] = _Session(key)
 
 
@@ -137,5 +140,63 @@ async def test_a_failed_commit_reaches_every_caller(tmp_path: Path) -> None:
         done = await asyncio.gather(*waiters, return_exceptions=True)
         assert all(isinstance(d, sqlite3.IntegrityError) for d in done), done
         assert not _on_disk(store.path, "a")
+    finally:
+        await store.close()
+
+
+class CountingStore(SlowResumeStore):
+    """Counts the commits (`flush()` calls) and remembers when each started."""
+
+    def __init__(self, directory: Path) -> None:
+        super().__init__(directory)
+        self.flushes: list[float] = []
+
+    async def flush(self, on_durable: object = None) -> None:  # type: ignore[override]
+        self.flushes.append(asyncio.get_running_loop().time())
+        await super().flush(on_durable)
+
+
+async def test_lazy_operations_linger_and_share_a_commit(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    monkeypatch.setattr(group_commit, "LINGER_SECONDS", 0.2)
+    store = CountingStore(tmp_path)
+    gc = _commit(store)
+    try:
+        loop = asyncio.get_running_loop()
+        t0 = loop.time()
+        for i in range(5):  # a run streaming: five chunks 20 ms apart, nobody waiting for them
+            _write(gc, f"chunk{i}", lazy=True)
+            await asyncio.sleep(0.02)
+        assert store.flushes == []  # still lingering: no commit yet
+        for _ in range(100):
+            if store.flushes:
+                break
+            await asyncio.sleep(0.02)
+        assert len(store.flushes) == 1  # one commit for all five
+        assert store.flushes[0] - t0 >= 0.19  # not before the linger ran out
+        await asyncio.sleep(0.05)
+        assert all(_on_disk(store.path, f"chunk{i}") for i in range(5))
+    finally:
+        await store.close()
+
+
+async def test_an_operation_somebody_waits_for_ends_the_linger_at_once(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    monkeypatch.setattr(group_commit, "LINGER_SECONDS", 30.0)
+    store = CountingStore(tmp_path)
+    gc = _commit(store)
+    try:
+        _write(gc, "chunk", lazy=True)
+        await asyncio.sleep(0.05)
+        assert store.flushes == []  # lingering
+        _write(gc, "cancel")  # e.g. a cancel: its caller waits for the commit
+        await asyncio.wait_for(gc.durable(), 5)  # long before the 30 s linger
+        assert _on_disk(store.path, "chunk") and _on_disk(store.path, "cancel")  # one batch, both
+        assert len(store.flushes) == 1
+        _write(gc, "chunk2", lazy=True)
+        await asyncio.wait_for(gc.durable(), 5)  # a caller waiting for lazy work hurries it too
+        assert _on_disk(store.path, "chunk2")
     finally:
         await store.close()
