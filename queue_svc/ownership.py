@@ -174,6 +174,7 @@ class Ownership:
         self._tasks = [
             asyncio.ensure_future(self._renew_loop()),
             asyncio.ensure_future(self._takeover_loop()),
+            asyncio.ensure_future(self._watchdog()),
         ]
 
     async def stop(self) -> None:

@@ -7,7 +7,7 @@ from __future__ import annotations
 
 import asyncio
 from collections import Counter
-from collections.abc import Callable
+from collections.abc import AsyncIterator, Callable
 from pathlib import Path
 
 import grpc
@@ -124,3 +124,71 @@ async def test_postgres_killed_under_load_then_back(
         proc.stop()
         if not postgres.running():
             postgres.start()
+
+
+SLOW_AGENT = """
+server:
+  queue: {mode: followup, cap: 50, restart_policy: rerun}
+  agent: {think_time: 4s, chunks: 1}
+"""
+
+
+@pytest.mark.backends("postgresql")
+async def test_an_owner_that_cannot_renew_steps_down_and_its_run_is_rerun(
+    tmp_path: Path, tokens: Tokens, queue_backend: str, postgres: LocalPostgres
+) -> None:
+    """The database stays away longer than 0.7 x the session lease: the owner's watchdog steps down
+    (stops the agent call of the run in flight) before the lease can expire, so no other replica could
+    adopt the session while that call still runs. Once the database is back the session is adopted
+    again and the run recovered by its restart policy: a second attempt, one final."""
+    proc = start_queue_process(tmp_path, tokens, SLOW_AGENT, extra=["--session-lease-seconds", "2"])
+    md = tokens.md("operator")
+    try:
+        ch = grpc.aio.insecure_channel(proc.address)
+        stub = pb_grpc.RunControlStub(ch)
+        sent = await stub.SubmitMessage(
+            pb.SubmitMessageRequest(session_key="w", channel="t", text="slow", idempotency_key="w/1"),
+            metadata=md, timeout=10,
+        )  # fmt: skip
+        await asyncio.sleep(0.3)  # the agent call is running (it thinks for 4 s)
+        await asyncio.to_thread(postgres.kill)
+        stepped = "cannot renew session leases; stepping down"
+        await _wait(lambda: stepped in proc.log_tail(400), 10, "the watchdog to step down", proc.log_tail)
+        await asyncio.to_thread(postgres.start)
+        run = pb.Run()
+        for _ in range(300):  # bounded: 30 s for the adoption, the rerun (4 s) and its final
+            try:
+                run = (await stub.GetRun(pb.GetRunRequest(run_id=sent.run_id), metadata=md, timeout=3)).run
+            except grpc.aio.AioRpcError:
+                pass  # the database or the session is on its way back
+            if run.state == pb.RUN_STATE_COMPLETED:
+                break
+            await asyncio.sleep(0.1)
+        assert run.state == pb.RUN_STATE_COMPLETED, run
+        assert run.attempt == 2, "the first attempt's agent call was stopped, the run rerun once"
+        finals = [
+            r async for r in _replies(stub, md) if r.run_id == sent.run_id and r.kind == pb.REPLY_KIND_FINAL
+        ]
+        assert len(finals) == 1
+        await ch.close()
+    finally:
+        proc.stop()
+        if not postgres.running():
+            postgres.start()
+
+
+async def _replies(stub: pb_grpc.RunControlStub, md: tuple[tuple[str, str], ...]) -> AsyncIterator[pb.Reply]:
+    """Every reply from the start of the log to its head (the stream is read until it goes quiet)."""
+    call = stub.StreamReplies(pb.StreamRepliesRequest(after_cursor=0), metadata=md)
+    try:
+        while True:
+            try:
+                msg = await asyncio.wait_for(call.read(), 2.0)
+            except TimeoutError:
+                return
+            if msg is grpc.aio.EOF:
+                return
+            if msg.HasField("reply"):
+                yield msg.reply
+    finally:
+        call.cancel()

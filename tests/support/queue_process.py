@@ -20,14 +20,17 @@ Metadata = tuple[tuple[str, str], ...]
 T = TypeVar("T")
 
 
-def start_queue_process(tmp_path: Path, tokens: Tokens, config_yaml: str) -> ServiceProcess:
-    """queue_svc.main with `config_yaml` as its --queue-config-file and its data under tmp_path/data;
-    started (the caller stops it)."""
+def start_queue_process(
+    tmp_path: Path, tokens: Tokens, config_yaml: str, extra: list[str] | None = None
+) -> ServiceProcess:
+    """queue_svc.main with `config_yaml` as its --queue-config-file (and `extra` flags) and its data
+    under tmp_path/data; started (the caller stops it)."""
     cfg = tmp_path / "queue.yaml"
     cfg.write_text(config_yaml)
     proc = ServiceProcess(
-        "queue", "queue_svc.main", tmp_path / "data", tokens, extra=["--queue-config-file", str(cfg)]
-    )
+        "queue", "queue_svc.main", tmp_path / "data", tokens,
+        extra=["--queue-config-file", str(cfg), *(extra or [])],
+    )  # fmt: skip
     proc.start()
     return proc
 
