@@ -16,7 +16,7 @@ import time
 from collections.abc import Callable, Iterator
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any, TypeVar
+from typing import Any, ClassVar, TypeVar
 
 import grpc
 import yaml
@@ -281,9 +281,12 @@ class FlowMesh:
         )
         return list(resp.watchers)
 
+    #: The services that watch config in this mesh.
+    watching: ClassVar[frozenset[str]] = frozenset({"queue", "reactions", "nodes", "voice", "gateway"})
+
     def wait_watchers_applied(self, revision: int, timeout: float = 15.0) -> None:
-        """Every service that watches config (one connected instance each) reports `revision`."""
-        services = {"queue", "reactions", "nodes", "voice", "gateway"}
+        """Every service that watches config (the best of its connected instances) reports `revision`."""
+        services = self.watching
 
         def ok() -> bool:
             best: dict[str, int] = {}

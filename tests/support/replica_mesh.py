@@ -3,9 +3,11 @@ on one real PostgreSQL, behind a real gateway, with FlowMesh's clients (tests/re
 
 from __future__ import annotations
 
+from typing import ClassVar
+
 import yaml
 
-from tests.support.flow import FLOW_SEED, FlowMesh, poll
+from tests.support.flow import FLOW_SEED, FlowMesh
 from tests.support.gateway import ECHO_MODULE
 from tests.support.mesh import ServiceProcess, free_port
 
@@ -22,6 +24,8 @@ class ReplicaMesh(FlowMesh):
     """FlowMesh's clients over a mesh whose stateful services run as two processes each."""
 
     database_url: str = ""
+    #: The voice backend is an echo server here: it watches nothing.
+    watching: ClassVar[frozenset[str]] = frozenset({"queue", "reactions", "nodes", "gateway"})
     replicas: dict[str, list[ServiceProcess]]
 
     def start(self) -> ReplicaMesh:
@@ -62,16 +66,3 @@ class ReplicaMesh(FlowMesh):
         self.procs["gateway"] = gw.start(timeout=90)
         self.wait_watchers_applied(self.head_revision(), timeout=60)
         return self
-
-    def wait_watchers_applied(self, revision: int, timeout: float = 15.0) -> None:
-        """Every watching service (through the watchers of both config replicas) reports `revision`."""
-        services = {"queue", "reactions", "nodes", "gateway"}
-
-        def ok() -> bool:
-            best: dict[str, int] = {}
-            for w in self.watchers():
-                if w.connected:
-                    best[w.identity.service] = max(best.get(w.identity.service, 0), w.applied_revision)
-            return all(best.get(s, 0) >= revision for s in services)
-
-        poll(ok, timeout=timeout, what=f"every watcher at revision {revision}")
