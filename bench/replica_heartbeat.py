@@ -63,7 +63,7 @@ async def measure(args: argparse.Namespace, url: str) -> None:
             pid = int((await (await c.execute("SELECT pg_backend_pid()")).fetchone() or [0])[0])
             for r in regs:
                 await leases.acquire(c, "replica", r.replica_id, r.replica_id, r.address, 5.0)
-                await r.join(c)
+                await r.join()
 
             async def renew() -> None:
                 await leases.renew(c, "replica", me, 5.0)

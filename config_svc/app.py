@@ -28,7 +28,7 @@ from config_svc.watcher_registry import WatcherRegistry
 from config_svc.watcher_table import TTL, WatcherTable
 from flynn_runtime import config_yaml, topology
 from flynn_runtime.pg_listen import Listener
-from flynn_runtime.replica_registry import ReplicaRegistry, Report
+from flynn_runtime.replica_registry import Report
 from flynn_runtime.server import Runtime, ServiceApp
 
 log = logging.getLogger(__name__)
@@ -159,21 +159,12 @@ class ConfigApp(ServiceApp):
             )
             await self.watcher_table.join()
             self.servicer.watcher_table = self.watcher_table
-            self.replicas = ReplicaRegistry(
-                self.store.db,
-                self.runtime.replica_id,
-                self.runtime.advertise_address(),
-                self._replica_report,
-                gone_after=TTL,
-            )
-            async with self.store.db.connection() as c:
-                await self.replicas.join(c)
+            self.replicas = self.runtime.replica_registry(self._replica_report, self.store.db, gone_after=TTL)
+            await self.replicas.join()
             self.watcher_table.heartbeat = self.replicas.beat  # renewed every TTL/3: no timer of its own
             self.watcher_table.start()
         else:
-            self.replicas = ReplicaRegistry(
-                None, self.runtime.replica_id, self.runtime.advertise_address(), self._replica_report
-            )
+            self.replicas = self.runtime.replica_registry(self._replica_report)
         # Everything allocated so far lives as long as the process: keep it out of every future
         # collection, so the fan-out's short-lived garbage does not make the collector walk it again.
         gc.freeze()

@@ -3,8 +3,7 @@ schema, refreshed by a heartbeat, so any replica can list them all (`Replicas/Li
 gateway's `System/GetStatus`, `flynn-dev status`, the console) without knowing ports or pods.
 
     registry = ReplicaRegistry(db, replica_id, address, report, gone_after=5.0)
-    async with db.connection() as c:
-        await registry.join(c)      # at start: started_at = now(); rows silent for an hour pruned
+    await registry.join()           # at start: started_at = now(); rows silent for an hour pruned
     await registry.beat(c)          # from the service's existing lease-renewal loop (one statement)
     rows = await registry.list()    # every replica heard from in the last hour, live ones first
     await registry.leave()          # graceful stop: shown as gone ("stopped") at once
@@ -165,10 +164,14 @@ class ReplicaRegistry:
             "joining": joining,
         }
 
-    async def join(self, conn: Conn) -> None:
-        """Record this replica (started now) and delete rows silent for longer than RETAIN_SECONDS."""
-        await conn.execute(_PRUNE, (RETAIN_SECONDS,))
-        await conn.execute(_UPSERT, self._params(joining=True))
+    async def join(self) -> None:
+        """Record this replica (started now) and delete rows silent for longer than RETAIN_SECONDS
+        (nothing to record without a database)."""
+        if self.db is None:
+            return
+        async with self.db.connection() as conn:
+            await conn.execute(_PRUNE, (RETAIN_SECONDS,))
+            await conn.execute(_UPSERT, self._params(joining=True))
 
     async def beat(self, conn: Conn) -> None:
         """One heartbeat: the row's heartbeat time and this replica's report, in one statement. Never

@@ -44,7 +44,7 @@ from flynn_runtime.pg_migrations import Migration
 from flynn_runtime.principal_feed import PrincipalFeed
 from flynn_runtime.proxy_front import ProxyFront
 from flynn_runtime.replica import new_replica_id
-from flynn_runtime.replica_registry import ReplicaRegistry
+from flynn_runtime.replica_registry import ReplicaRegistry, Report
 from flynn_runtime.replicas_servicer import SERVICE_NAME as REPLICAS_SERVICE
 from flynn_runtime.replicas_servicer import ReplicasServicer
 from flynn_runtime.settings import Settings
@@ -123,6 +123,13 @@ class Runtime:
         from flynn_runtime.replica import advertise_address
 
         return advertise_address(self.settings.listen, self.bound_port)
+
+    def replica_registry(
+        self, report: Callable[[], Report], db: Database | None = None, *, gone_after: float = 5.0
+    ) -> ReplicaRegistry:
+        """This process in its service's replica view (flynn_runtime/replica_registry.py), under its
+        replica id and advertised address; `db` None (SQLite) answers from memory."""
+        return ReplicaRegistry(db, self.replica_id, self.advertise_address(), report, gone_after=gone_after)
 
     def shutting_down_error(self) -> Exception:
         return shutting_down(self.settings.service)

@@ -18,7 +18,7 @@ from flynn_runtime.config_source import ConfigSource, StaticConfig
 from flynn_runtime.errors import FlynnError
 from flynn_runtime.fencing import Fencer
 from flynn_runtime.pg_listen import Listener
-from flynn_runtime.replica_registry import ReplicaRegistry, Report
+from flynn_runtime.replica_registry import Report
 from flynn_runtime.server import Runtime, ServiceApp
 from flynn_runtime.settings import env_arg
 from nodes_svc.canvas_servicer import CanvasServicer
@@ -164,20 +164,13 @@ class NodesApp(ServiceApp):
             await self._watcher.start()
         if self.presence is not None and isinstance(self.store, PgNodeStore):
             await self.presence.join()
-            self.replicas = ReplicaRegistry(
-                self.store.db,
-                self.runtime.replica_id,
-                self.runtime.advertise_address(),
-                self._replica_report,
-                gone_after=PRESENCE_TTL,
+            self.replicas = self.runtime.replica_registry(
+                self._replica_report, self.store.db, gone_after=PRESENCE_TTL
             )
-            async with self.store.db.connection() as c:
-                await self.replicas.join(c)
+            await self.replicas.join()
             self.presence.heartbeat = self.replicas.beat  # after each renewal (ttl/3): no timer of its own
         else:
-            self.replicas = ReplicaRegistry(
-                None, self.runtime.replica_id, self.runtime.advertise_address(), self._replica_report
-            )
+            self.replicas = self.runtime.replica_registry(self._replica_report)
         await self.registry.start()
         if self.presence is not None and isinstance(self.store, PgNodeStore):
             self.presence.start(self._presence_renewed)

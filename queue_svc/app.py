@@ -212,9 +212,7 @@ class QueueApp(ServiceApp):
             await self.watcher.start()
         self.store = await self._open_store()
         if self.replicas is None:
-            self.replicas = ReplicaRegistry(
-                None, self.runtime.replica_id, self.runtime.advertise_address(), self._replica_report
-            )
+            self.replicas = self.runtime.replica_registry(self._replica_report)
         token = self._agent_token()
         agents = AgentProvider(EchoAgent(self._echo_settings), lambda address: GrpcAgent(address, token))
         self.rc = RunControl(
@@ -227,9 +225,7 @@ class QueueApp(ServiceApp):
             session_idle_seconds=self._session_idle_seconds(),
         )
         await self.rc.start()
-        if self.ownership is not None and self.replicas is not None:
-            async with self.ownership.db.connection() as c:
-                await self.replicas.join(c)  # recorded once it can serve (ready at its first row)
+        await self.replicas.join()  # recorded once it can serve (ready at its first row)
         # Everything allocated so far (modules, grpc, the store, the sessions adopted at start) lives as
         # long as the process: keep it out of every future collection. Measured with 3 replicas under
         # bench/scale_out's cancel load, a full (generation 2) collection otherwise walked it in 25-32 ms,

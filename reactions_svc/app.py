@@ -15,7 +15,7 @@ from flynn.v1 import reactions_pb2, reactions_pb2_grpc
 from flynn_runtime import config_yaml
 from flynn_runtime.config_source import ConfigSource, StaticConfig
 from flynn_runtime.errors import FlynnError
-from flynn_runtime.replica_registry import ReplicaRegistry, Report
+from flynn_runtime.replica_registry import Report
 from flynn_runtime.server import Runtime, ServiceApp
 from flynn_runtime.settings import env_arg
 from reactions_svc.actions import GrpcActionRunner
@@ -129,9 +129,7 @@ class ReactionsApp(ServiceApp):
         if isinstance(self.store, PgReactionStore):
             await self._start_partitioned(self.store)
             return
-        self.replicas = ReplicaRegistry(
-            None, self.runtime.replica_id, self.runtime.advertise_address(), self._replica_report
-        )
+        self.replicas = self.runtime.replica_registry(self._replica_report)
         resumed = await self.reactor.resume_pending()
         if resumed:
             log.info("resumed pending reactions", extra={"events": resumed})
@@ -175,15 +173,8 @@ class ReactionsApp(ServiceApp):
                     *node_events_source(self.runtime),
                 )
             )
-        self.replicas = ReplicaRegistry(
-            store.db,
-            self.runtime.replica_id,
-            self.runtime.advertise_address(),
-            self._replica_report,
-            gone_after=DEFAULT_TTL,
-        )
-        async with store.db.connection() as conn:
-            await self.replicas.join(conn)
+        self.replicas = self.runtime.replica_registry(self._replica_report, store.db, gone_after=DEFAULT_TTL)
+        await self.replicas.join()
         self.owner.heartbeat = self.replicas.beat  # each balance round (ttl/3): no timer of its own
         await self.owner.balance()
         self.owner.start()

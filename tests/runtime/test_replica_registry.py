@@ -29,9 +29,8 @@ async def test_two_replicas_are_listed_and_a_silent_one_is_gone_after_its_bound(
     try:
         a = ReplicaRegistry(db, "a-1", "10.0.0.1:50052", lambda: _report(3), gone_after=1.0)
         b = ReplicaRegistry(db, "b-1", "10.0.0.2:50052", lambda: _report(0, lease=False), gone_after=1.0)
-        async with db.connection() as c:
-            await a.join(c)
-            await b.join(c)
+        await a.join()
+        await b.join()
         rows = await a.list()
         assert [(r.replica_id, r.address, r.state) for r in rows] == [
             ("a-1", "10.0.0.1:50052", "ready"),
@@ -60,7 +59,8 @@ async def test_two_replicas_are_listed_and_a_silent_one_is_gone_after_its_bound(
             await c.execute(
                 "UPDATE replicas SET heartbeat_at = now() - interval '2 hours' WHERE replica_id = 'b-1'"
             )
-            await ReplicaRegistry(db, "c-1", "10.0.0.3:50052", lambda: _report(0)).join(c)
+        await ReplicaRegistry(db, "c-1", "10.0.0.3:50052", lambda: _report(0)).join()
+        async with db.connection() as c:
             cur = await c.execute("SELECT replica_id FROM replicas ORDER BY replica_id")
             assert [r[0] for r in await cur.fetchall()] == ["a-1", "c-1"]
     finally:
@@ -71,15 +71,14 @@ async def test_a_restarted_replica_with_the_same_id_starts_anew(postgres_url: st
     db = await _open(postgres_url)
     try:
         first = ReplicaRegistry(db, "pod-0", "10.0.0.1:50052", lambda: _report(1))
+        await first.join()
         async with db.connection() as c:
-            await first.join(c)
             await first.beat(c)
         started = (await first.list())[0].started_at
         await first.leave()
         await asyncio.sleep(0.05)
         again = ReplicaRegistry(db, "pod-0", "10.0.0.9:50052", lambda: _report(2))
-        async with db.connection() as c:
-            await again.join(c)
+        await again.join()
         [row] = await again.list()
         assert row.state == "ready" and not row.stopped and row.address == "10.0.0.9:50052"
         assert row.started_at > started and row.holdings == (("sessions_owned", 2.0),)
