@@ -206,6 +206,36 @@ def extract(carrier: Mapping[str, str]) -> Context:
     return ctx
 
 
+# A version-00 traceparent exactly (W3C Trace Context): lowercase hex trace id, parent id and flags.
+_TRACEPARENT_00 = re.compile(r"00-([0-9a-f]{32})-([0-9a-f]{16})-([0-9a-f]{2})")
+
+
+def remote_context(traceparent: str, tracestate: str = "") -> Context:
+    """The context a caller's traceparent names (an empty context when it is malformed).
+
+    The common case, a version-00 traceparent without tracestate, is parsed here: the same context
+    the SDK's TraceContextTextMapPropagator extracts, without its getter, regex and TraceState
+    machinery (a call's hot path; the propagator takes every other case: tracestate, other versions)."""
+    m = None if tracestate else _TRACEPARENT_00.fullmatch(traceparent)
+    if m is None:
+        carrier = {TRACEPARENT: traceparent}
+        if tracestate:
+            carrier[TRACESTATE] = tracestate
+        return extract(carrier)
+    trace_id, span_id = int(m[1], 16), int(m[2], 16)
+    if not trace_id or not span_id:
+        root: Context = _api.root  # all-zero ids: invalid, as the propagator says
+        return root
+    sc = _api.SpanContext(trace_id, span_id, True, _api.TraceFlags(int(m[3], 16)))
+    ctx: Context = _api.trace.set_span_in_context(_api.NonRecordingSpan(sc), _api.root)
+    return ctx
+
+
+def _traceparent(sc: SpanContext) -> str:
+    """The traceparent of a valid span context (what the propagator's inject writes)."""
+    return f"00-{sc.trace_id:032x}-{sc.span_id:016x}-{sc.trace_flags:02x}"
+
+
 # traceparent, tracestate -> the context they name: a run's phases (and its exemplars) use the context
 # of the message's traceparent several times; stamp() puts the ones it writes here (no parsing at all).
 _CONTEXTS_MAX = 4096
@@ -219,10 +249,7 @@ def context_of(traceparent: str, tracestate: str = "") -> Context | None:
     key = (traceparent, tracestate)
     ctx = _contexts.get(key)
     if ctx is None:
-        carrier = {TRACEPARENT: traceparent}
-        if tracestate:
-            carrier[TRACESTATE] = tracestate
-        ctx = _remember_context(key, extract(carrier))
+        ctx = _remember_context(key, remote_context(traceparent, tracestate))
     return ctx
 
 
@@ -245,9 +272,12 @@ def sampled(traceparent: str) -> bool:
 
 def carrier(context: Context | None = None) -> dict[str, str]:
     """`traceparent` (and `tracestate`) of the current (or given) context; empty when none."""
-    out: dict[str, str] = {}
-    _propagator.inject(out, context=context)
-    return out
+    sc = _api.trace.get_current_span(context).get_span_context()
+    if not sc.is_valid:
+        return {}
+    if sc.trace_state:
+        return {TRACEPARENT: _traceparent(sc), TRACESTATE: sc.trace_state.to_header()}
+    return {TRACEPARENT: _traceparent(sc)}
 
 
 def current_ids() -> tuple[str, str] | None:
@@ -478,7 +508,7 @@ def server_span(method: str, metadata: Iterable[tuple[str, Any]]) -> Span | None
         elif k == TRACESTATE and isinstance(v, str):
             ts = v
     # The caller's context is parsed, not cached: each call has its own (the cache is for run phases).
-    parent = extract({TRACEPARENT: tp, TRACESTATE: ts} if ts else {TRACEPARENT: tp}) if tp else _api.root
+    parent = remote_context(tp, ts) if tp else _api.root
     if PARENT_DECIDES and tp and not sampled(tp):
         if _api.trace.get_current_span(parent).get_span_context().is_valid:
             # An unsampled caller: the sampler would only make a non-recording span. The caller's

@@ -186,3 +186,43 @@ def test_recording_spans_carry_the_sdk_decisions_and_export_alike() -> None:
         CHILD_SPAN_PROBE, OTEL_TRACES_EXPORTER="otlp", OTEL_EXPORTER_OTLP_ENDPOINT="http://127.0.0.1:9"
     )
     assert done.returncode == 0 and done.stdout.strip() == "ok", done.stderr
+
+
+PROPAGATION_PROBE = """
+from opentelemetry import trace
+from opentelemetry.trace.propagation.tracecontext import TraceContextTextMapPropagator
+from flynn_runtime import tracing
+assert tracing.configure("probe")
+official = TraceContextTextMapPropagator()
+tid, sid = "0af7651916cd43dd8448eb211c80319c", "b7ad6b7169203331"
+cases = [
+    (f"00-{tid}-{sid}-01", ""), (f"00-{tid}-{sid}-00", ""), (f"00-{tid}-{sid}-03", ""),
+    (f"00-{tid}-{sid}-01", "vendor=x,other=y"), (f"00-{'0' * 32}-{sid}-01", ""), (f"00-{tid}-{'0' * 16}-01", ""),
+    (f"00-{tid.upper()}-{sid}-01", ""), (f"00-{tid}-{sid}-01-extra", ""), (f"01-{tid}-{sid}-01-future", ""),
+    (f"ff-{tid}-{sid}-01", ""), (f"00-{tid}-{sid}-1", ""), (f"00-{tid[:-1]}_-{sid}-01", ""), ("garbage", ""), ("", ""),
+]
+for tp, ts in cases:
+    carrier = {"traceparent": tp, **({"tracestate": ts} if ts else {})}
+    want = trace.get_current_span(official.extract(carrier)).get_span_context()
+    got = trace.get_current_span(tracing.remote_context(tp, ts)).get_span_context()
+    assert (got.trace_id, got.span_id, got.trace_flags, got.is_remote, got.is_valid, dict(got.trace_state)) == (
+        want.trace_id, want.span_id, want.trace_flags, want.is_remote, want.is_valid, dict(want.trace_state)
+    ), (tp, ts, got, want)
+    if want.is_valid:  # and what goes out again is what the propagator writes
+        ctx = tracing.remote_context(tp, ts)
+        injected = {}
+        official.inject(injected, context=ctx)
+        assert tracing.carrier(ctx) == injected, (tp, ts)
+assert tracing.carrier(tracing.remote_context("garbage")) == {}
+print("ok")
+"""
+
+
+def test_the_traceparent_parsed_and_written_is_the_propagators() -> None:
+    """The hot path reads and writes version-00 traceparents itself: it must agree with the SDK's
+    TraceContextTextMapPropagator on every input, valid or not (tracestate and other versions are
+    the propagator's own)."""
+    done = _python(
+        PROPAGATION_PROBE, OTEL_TRACES_EXPORTER="otlp", OTEL_EXPORTER_OTLP_ENDPOINT="http://127.0.0.1:9"
+    )
+    assert done.returncode == 0 and done.stdout.strip() == "ok", done.stderr
