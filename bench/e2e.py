@@ -287,17 +287,17 @@ class Channel:
 
 def cpu_by_service(mesh: FlowMesh) -> dict[str, float]:
     """User + system CPU time spent so far by each of the mesh's service processes (/proc/<pid>/stat)."""
+
+    return {name: cpu_seconds(proc.proc.pid) for name, proc in mesh.procs.items() if proc.proc is not None}
+
+
+def cpu_seconds(pid: int) -> float:
+    """User + system CPU time a process has spent so far (/proc/<pid>/stat)."""
     import os
 
-    tick = os.sysconf("SC_CLK_TCK")
-    out: dict[str, float] = {}
-    for name, proc in mesh.procs.items():
-        if proc.proc is None:
-            continue
-        with open(f"/proc/{proc.proc.pid}/stat") as f:
-            fields = f.read().rsplit(")", 1)[1].split()
-        out[name] = (int(fields[11]) + int(fields[12])) / tick  # utime, stime (fields 14 and 15 of stat)
-    return out
+    with open(f"/proc/{pid}/stat") as f:
+        fields = f.read().rsplit(")", 1)[1].split()
+    return (int(fields[11]) + int(fields[12])) / os.sysconf("SC_CLK_TCK")  # utime, stime (fields 14, 15)
 
 
 def setting_label(setting: str) -> str:
@@ -383,7 +383,8 @@ async def tracing_overhead(
         print(f"  {setting_label(k):<22} {parts}")
     spans, requests, size = receiver.counts()
     print(
-        f"  OTLP receiver (its own process): {spans} spans in {requests} export requests ({size / 1e6:.1f} MB)"
+        f"  OTLP receiver (its own process): {spans} spans in {requests} export requests ({size / 1e6:.1f} MB),"
+        f" {receiver.cpu_seconds():.2f} s of CPU"
     )
 
 
@@ -403,6 +404,10 @@ class ReceiverProcess:
         )  # fmt: skip
         assert self.proc.stdout is not None
         self.endpoint = self.proc.stdout.readline().strip()
+
+    def cpu_seconds(self) -> float:
+        """User + system CPU the receiver has spent (it shares the machine's cores with the meshes)."""
+        return cpu_seconds(self.proc.pid)
 
     def counts(self) -> tuple[int, int, int]:
         assert self.proc.stdin is not None and self.proc.stdout is not None
