@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import contextlib
 import os
+import random
 import shutil
 import signal
 import socket
@@ -82,8 +83,33 @@ def make_tokens(directory: Path, operator_name: str = "operator") -> Tokens:
     return Tokens(path=path, services=services, **toks)
 
 
+def _ephemeral_low() -> int:
+    """The first port of the kernel's ephemeral range (outgoing connections take their ports there)."""
+    try:
+        return int(Path("/proc/sys/net/ipv4/ip_local_port_range").read_text().split()[0])
+    except (OSError, ValueError, IndexError):
+        return 32768
+
+
+_PORTS_FROM, _PORTS_TO = 10_000, min(_ephemeral_low(), 32768)
+
+
 def free_port() -> int:
-    with socket.socket() as s:
+    """A loopback port free now, for a server a test starts a moment later.
+
+    Chosen below the kernel's ephemeral range: a port from bind(("127.0.0.1", 0)) comes from that
+    range, and between the check and the server's bind any outgoing connection of the machine
+    (hundreds per mesh) could take it as its local port ("Address already in use" at start-up)."""
+    rng = random.SystemRandom()
+    for _ in range(100):
+        port = rng.randrange(_PORTS_FROM, _PORTS_TO)
+        with socket.socket() as s:
+            try:
+                s.bind(("127.0.0.1", port))
+            except OSError:
+                continue
+            return port
+    with socket.socket() as s:  # the low range is taken: any free port
         s.bind(("127.0.0.1", 0))
         return int(s.getsockname()[1])
 
