@@ -28,9 +28,13 @@ class JsonFormatter(logging.Formatter):
             "msg": record.getMessage(),
         }
         if tracing.ENABLED:
-            ids = tracing.current_ids()
-            if ids is not None:
-                out["trace_id"], out["span_id"] = ids
+            audit = getattr(record, "audit", None)  # an audit record's line: the ids it already has
+            if isinstance(audit, dict) and "trace_id" in audit:
+                out["trace_id"], out["span_id"] = audit["trace_id"], audit.get("span_id", "")
+            else:
+                ids = tracing.current_ids()
+                if ids is not None:
+                    out["trace_id"], out["span_id"] = ids
         for key, value in vars(record).items():
             if key not in _RESERVED and not key.startswith("_"):
                 out[key] = value

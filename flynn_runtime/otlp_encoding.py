@@ -109,16 +109,35 @@ _PAIRS: dict[tuple[bytes, str, str], bytes] = {}
 _PAIRS_MAX = 4096
 
 
+# Keys whose values are ids, new with each span: never worth a place in _PAIRS.
+_UNIQUE = frozenset(
+    {"flynn.message.id", "flynn.run.id", "flynn.reply.id", "flynn.reaction.event_id", "flynn.node.invoke_id"}
+)
+
+
 def _attribute(tag: bytes, key: str, v: Any) -> bytes:
     if v.__class__ is not str:
         return _field(tag, _key_value(key, v))
+    if key in _UNIQUE:
+        return _text_attribute(tag, key, v)
     pair = (tag, key, v)
     enc = _PAIRS.get(pair)
     if enc is None:
         if len(_PAIRS) >= _PAIRS_MAX:
             _PAIRS.clear()
-        enc = _PAIRS[pair] = _field(tag, _key_value(key, v))
+        enc = _PAIRS[pair] = _text_attribute(tag, key, v)
     return enc
+
+
+def _text_attribute(tag: bytes, key: str, v: str) -> bytes:
+    """`_field(tag, _key_value(key, v))` for a string value, in one step (the common case)."""
+    b = v.encode()
+    n = len(b)
+    if n >= 0x7C:  # a long value: the lengths take more than one byte
+        return _field(tag, _key_value(key, v))
+    kv = _key(key) + b"\x12" + _SMALL[n + 2] + b"\x0a" + _SMALL[n] + b
+    m = len(kv)
+    return tag + (_SMALL[m] if m < 0x80 else _varint(m)) + kv
 
 
 def _attributes(tag: bytes, attributes: Mapping[str, Any] | None) -> bytes:
@@ -126,38 +145,100 @@ def _attributes(tag: bytes, attributes: Mapping[str, Any] | None) -> bytes:
         return b""
     # An SDK span's attributes are a read-only view of BoundedAttributes, whose copy() is a plain
     # dict: iterating that is several times cheaper than the Mapping protocol.
-    copy = getattr(attributes, "copy", None)
-    items = (copy() if copy is not None else attributes).items()
-    return b"".join([_attribute(tag, k, v) for k, v in items])
+    if attributes.__class__ is not dict:
+        copy = getattr(attributes, "copy", None)
+        attributes = copy() if copy is not None else attributes
+    return b"".join([_attribute(tag, k, v) for k, v in attributes.items()])
 
 
 def _trace_state(trace_state: Any) -> str:
-    return ",".join(f"{k}={v}" for k, v in trace_state.items()) if trace_state is not None else ""
+    return ",".join(f"{k}={v}" for k, v in trace_state.items()) if trace_state else ""
 
 
-def _flags(parent: Any) -> bytes:
-    flags = _HAS_IS_REMOTE | (_IS_REMOTE if parent is not None and parent.is_remote else 0)
-    return b"\x85\x01" + _FIXED32.pack(flags)  # Span.flags = 16 (fixed32)
+# Span.flags = 16 (fixed32): the parent is local (or there is none), or remote.
+_FLAGS_LOCAL = b"\x85\x01" + _FIXED32.pack(_HAS_IS_REMOTE)
+_FLAGS_REMOTE = b"\x85\x01" + _FIXED32.pack(_HAS_IS_REMOTE | _IS_REMOTE)
+
+# Fields that repeat from span to span, encoded once: the kind (by SpanKind), the name.
+_KIND_FIELDS: dict[Any, bytes] = {}
+_NAMES: dict[str, bytes] = {}
+_NAMES_MAX = 1024
+
+
+_last_status: tuple[Any, bytes] = (None, b"")  # most spans share one status object (unset)
+
+
+def _status(status: Any) -> bytes:
+    global _last_status
+    last, enc = _last_status
+    if status is last:
+        return enc
+    st = _string(b"\x12", status.description or "")
+    if status.status_code.value:
+        st += b"\x18" + _varint(status.status_code.value)
+    enc = _field(b"\x7a", st)
+    _last_status = (status, enc)
+    return enc
+
+
+def _kind(kind: Any) -> bytes:
+    enc = _KIND_FIELDS.get(kind)
+    if enc is None:
+        enc = _KIND_FIELDS[kind] = b"\x30" + _varint(_KINDS[kind.value])
+    return enc
+
+
+def _name(name: str) -> bytes:
+    enc = _NAMES.get(name)
+    if enc is None:
+        enc = _string(b"\x2a", name)
+        if len(_NAMES) < _NAMES_MAX:
+            _NAMES[name] = enc
+    return enc
+
+
+def _dropped(container: Any) -> int:
+    """What a span's bounded attributes, events or links dropped (0 for a plain dict, tuple or list)."""
+    if container is None or container.__class__ in (dict, tuple, list):
+        return 0
+    return int(getattr(container, "dropped", 0))
+
+
+_readable_span: Any = None  # opentelemetry.sdk.trace.ReadableSpan, bound at the first span
 
 
 def _span(s: Any) -> bytes:
-    sc = s.context
-    parent = s.parent
+    global _readable_span
+    if _readable_span is None:
+        from opentelemetry.sdk.trace import ReadableSpan
+
+        _readable_span = ReadableSpan
+    if s.__class__ is _readable_span:
+        # Exactly the SDK's ReadableSpan (what Flynn's RecordingSpan ends into, and what the SDK's
+        # own spans are copied into): its fields as they are, without a property call, a read-only
+        # view and a tuple copy each.
+        sc, parent, name, kind = s._context, s._parent, s._name, s._kind
+        start, end, attributes, status = s._start_time, s._end_time, s._attributes, s._status
+        events, links = s._events or (), s._links or ()
+        dropped, dropped_events, dropped_links = _dropped(attributes), _dropped(s._events), _dropped(s._links)
+    else:
+        sc, parent, name, kind = s.context, s.parent, s.name, s.kind
+        start, end, attributes, status = s.start_time, s.end_time, s.attributes, s.status
+        events, links = s.events, s.links
+        dropped, dropped_events, dropped_links = s.dropped_attributes, s.dropped_events, s.dropped_links
     parts = [
-        b"\x0a\x10" + sc.trace_id.to_bytes(16, "big"),
-        b"\x12\x08" + sc.span_id.to_bytes(8, "big"),
-        _string(b"\x1a", _trace_state(sc.trace_state)),
+        b"\x0a\x10" + sc.trace_id.to_bytes(16, "big") + b"\x12\x08" + sc.span_id.to_bytes(8, "big"),
+        _string(b"\x1a", _trace_state(sc.trace_state)) if sc.trace_state else b"",
         b"\x22\x08" + parent.span_id.to_bytes(8, "big") if parent else b"",
-        _string(b"\x2a", s.name),
-        b"\x30" + _varint(_KINDS[s.kind.value]),
-        b"\x39" + _FIXED64.pack(s.start_time or 0) if s.start_time else b"",
-        b"\x41" + _FIXED64.pack(s.end_time or 0) if s.end_time else b"",
-        _attributes(_T_SPAN_ATTRS, s.attributes),
+        _name(name),
+        _kind(kind),
+        b"\x39" + _FIXED64.pack(start) if start else b"",
+        b"\x41" + _FIXED64.pack(end) if end else b"",
+        _attributes(_T_SPAN_ATTRS, attributes),
     ]
-    dropped = s.dropped_attributes
     if dropped:
         parts.append(b"\x50" + _varint(dropped))
-    for e in s.events:
+    for e in events:
         ev = [
             b"\x09" + _FIXED64.pack(e.timestamp) if e.timestamp else b"",
             _string(b"\x12", e.name),
@@ -166,9 +247,9 @@ def _span(s: Any) -> bytes:
         if e.dropped_attributes:
             ev.append(b"\x20" + _varint(e.dropped_attributes))
         parts.append(_field(b"\x5a", b"".join(ev)))
-    if s.dropped_events:
-        parts.append(b"\x60" + _varint(s.dropped_events))
-    for link in s.links:
+    if dropped_events:
+        parts.append(b"\x60" + _varint(dropped_events))
+    for link in links:
         lc = link.context
         lk = [
             b"\x0a\x10" + lc.trace_id.to_bytes(16, "big"),
@@ -179,15 +260,11 @@ def _span(s: Any) -> bytes:
             lk.append(b"\x28" + _varint(link.dropped_attributes))
         lk.append(b"\x35" + _FIXED32.pack(_HAS_IS_REMOTE | (_IS_REMOTE if lc.is_remote else 0)))
         parts.append(_field(b"\x6a", b"".join(lk)))
-    if s.dropped_links:
-        parts.append(b"\x70" + _varint(s.dropped_links))
-    status = s.status
+    if dropped_links:
+        parts.append(b"\x70" + _varint(dropped_links))
     if status is not None:
-        st = _string(b"\x12", status.description or "")
-        if status.status_code.value:
-            st += b"\x18" + _varint(status.status_code.value)
-        parts.append(_field(b"\x7a", st))
-    parts.append(_flags(parent))
+        parts.append(_status(status))
+    parts.append(_FLAGS_REMOTE if parent is not None and parent.is_remote else _FLAGS_LOCAL)
     return b"".join(parts)
 
 

@@ -78,6 +78,9 @@ class _Api:
     ids: Any = None
     TraceFlags: Any = None
     NonRecordingSpan: Any = None
+    get_current: Any = None  # opentelemetry.context.get_current
+    span_key: Any = None  # the context key of the current span (opentelemetry.trace.propagation)
+    invalid_span: Any = None  # what get_current_span() returns when no span is current
 
 
 _api = _Api()
@@ -126,6 +129,10 @@ def configure(service: str, environ: Mapping[str, str] | None = None) -> bool:
     _api.sink = Sink(provider.resource, InstrumentationScope("flynn", "", ""), batches)
     _api.sampler, _api.ids = provider.sampler, provider.id_generator
     _api.TraceFlags, _api.NonRecordingSpan = trace.TraceFlags, trace.NonRecordingSpan
+    from opentelemetry.trace import propagation
+
+    _api.get_current, _api.span_key = otel_context.get_current, propagation._SPAN_KEY
+    _api.invalid_span = trace.INVALID_SPAN
     _propagator = TraceContextTextMapPropagator()
     _api.trace, _api.context = trace, otel_context
     _api.Link, _api.SpanKind, _api.SpanContext = trace.Link, trace.SpanKind, trace.SpanContext
@@ -200,6 +207,18 @@ def tracer() -> Tracer:
 # --- context ------------------------------------------------------------------------------------
 
 
+def _span_in(context: Context | None) -> Span:
+    """The span of `context` (None: the current context), as `trace.get_current_span(context)`
+    returns it, in one step instead of four (get_value, get_current, the runtime context, the
+    contextvar): it is asked several times per message (logs, audit records, attributes, the stamp)."""
+    span: Any = (context if context is not None else _api.get_current()).get(_api.span_key)
+    return span if span is not None else _api.invalid_span  # type: ignore[no-any-return]
+
+
+def _current_span() -> Span:
+    return _span_in(None)
+
+
 def extract(carrier: Mapping[str, str]) -> Context:
     """The context a `traceparent`/`tracestate` carrier names (an empty context when none)."""
     ctx: Context = _propagator.extract(carrier)
@@ -272,7 +291,7 @@ def sampled(traceparent: str) -> bool:
 
 def carrier(context: Context | None = None) -> dict[str, str]:
     """`traceparent` (and `tracestate`) of the current (or given) context; empty when none."""
-    sc = _api.trace.get_current_span(context).get_span_context()
+    sc = _span_in(context).get_span_context()
     if not sc.is_valid:
         return {}
     if sc.trace_state:
@@ -284,11 +303,10 @@ def current_ids() -> tuple[str, str] | None:
     """(trace_id, span_id) in hex of the current span, for logs and audit records."""
     if not ENABLED:
         return None
-
-    sc = _api.trace.get_current_span().get_span_context()
+    sc = _current_span().get_span_context()
     if not sc.is_valid:
         return None
-    return _api.trace.format_trace_id(sc.trace_id), _api.trace.format_span_id(sc.span_id)
+    return f"{sc.trace_id:032x}", f"{sc.span_id:016x}"  # format_trace_id / format_span_id
 
 
 def span_context_of(traceparent: str) -> SpanContext | None:
@@ -296,14 +314,14 @@ def span_context_of(traceparent: str) -> SpanContext | None:
     ctx = context_of(traceparent)
     if ctx is None:
         return None
-    sc = _api.trace.get_current_span(ctx).get_span_context()
+    sc = _span_in(ctx).get_span_context()
     return sc if sc.is_valid else None
 
 
 def link_current(**attributes: Any) -> list[Link]:
     """A span link to the current span (none when there is no valid one)."""
 
-    sc = _api.trace.get_current_span().get_span_context()
+    sc = _current_span().get_span_context()
     return [_api.Link(sc, attributes or None)] if sc.is_valid else []
 
 
@@ -321,21 +339,17 @@ def stamp(causation: common_pb2.Causation | None) -> common_pb2.Causation | None
     its run and its replies, and the run's phases are spans of the message's trace."""
     if not ENABLED:
         return causation
-    c = carrier()
-    if not c:
+    sc = _current_span().get_span_context()
+    if not sc.is_valid:
         return causation
     out = common_pb2.Causation()
     if causation is not None:
         out.CopyFrom(causation)
-    out.traceparent = c.get(TRACEPARENT, "")
-    out.tracestate = c.get(TRACESTATE, "")
+    tp = out.traceparent = _traceparent(sc)
+    ts = out.tracestate = sc.trace_state.to_header() if sc.trace_state else ""
     # The run's phases will want this context: the one extract() would give, without parsing it.
-    sc = _api.trace.get_current_span().get_span_context()
     remote = _api.SpanContext(sc.trace_id, sc.span_id, True, sc.trace_flags, sc.trace_state)
-    _remember_context(
-        (out.traceparent, out.tracestate),
-        _api.trace.set_span_in_context(_api.trace.NonRecordingSpan(remote), _api.root),
-    )
+    _remember_context((tp, ts), _api.trace.set_span_in_context(_api.NonRecordingSpan(remote), _api.root))
     return out
 
 
@@ -365,7 +379,7 @@ def start_span(
     ctx = context_of(parent) if isinstance(parent, str) else parent
     kind = _api.SpanKind.SERVER if server else _api.SpanKind.INTERNAL
     start_ns = int(start_time * 1e9) if start_time is not None else None
-    psc = _api.trace.get_current_span(ctx).get_span_context()
+    psc = _span_in(ctx).get_span_context()
     if PARENT_DECIDES and psc.is_valid and psc.trace_flags.sampled:
         # A parentbased sampler records a child of a sampled parent, with the parent's trace id,
         # random-trace-id bit and trace state: the SDK's span would only repeat that decision.
@@ -468,15 +482,14 @@ def span(
 
 def recording() -> bool:
     """Whether the current span records (tracing on and sampled): check it before building attributes."""
-    return ENABLED and bool(_api.trace.get_current_span().is_recording())
+    return ENABLED and bool(_current_span().is_recording())
 
 
 def set_attributes(attributes: Mapping[str, Any]) -> None:
     """Set attributes on the current span (None values skipped); no-op when off."""
     if not ENABLED:
         return
-
-    s = _api.trace.get_current_span()
+    s = _current_span()
     if s.is_recording():
         s.set_attributes({k: v for k, v in attributes.items() if v is not None})
 
@@ -510,7 +523,7 @@ def server_span(method: str, metadata: Iterable[tuple[str, Any]]) -> Span | None
     # The caller's context is parsed, not cached: each call has its own (the cache is for run phases).
     parent = remote_context(tp, ts) if tp else _api.root
     if PARENT_DECIDES and tp and not sampled(tp):
-        if _api.trace.get_current_span(parent).get_span_context().is_valid:
+        if _span_in(parent).get_span_context().is_valid:
             # An unsampled caller: the sampler would only make a non-recording span. The caller's
             # context is current instead, so the calls made from here carry the same decision.
             _api.context.attach(parent)
@@ -562,7 +575,7 @@ def exemplar(traceparent: str = "") -> dict[str, str] | None:
         if m is None or m[1] == _ZERO_TRACE or m[2] == _ZERO_SPAN:
             return None
         return {"trace_id": m[1], "span_id": m[2]}
-    sc = _api.trace.get_current_span().get_span_context()
+    sc = _current_span().get_span_context()
     if not sc.is_valid or not sc.trace_flags.sampled:
         return None
     return {

@@ -226,3 +226,44 @@ def test_the_traceparent_parsed_and_written_is_the_propagators() -> None:
         PROPAGATION_PROBE, OTEL_TRACES_EXPORTER="otlp", OTEL_EXPORTER_OTLP_ENDPOINT="http://127.0.0.1:9"
     )
     assert done.returncode == 0 and done.stdout.strip() == "ok", done.stderr
+
+
+CURRENT_SPAN_PROBE = """
+import json, logging
+from opentelemetry import context, trace
+from flynn_runtime import tracing
+from flynn_runtime.logs import JsonFormatter
+assert tracing.configure("probe")
+tid, sid = "0af7651916cd43dd8448eb211c80319c", "b7ad6b7169203331"
+remote = tracing.context_of(f"00-{tid}-{sid}-01")
+for ctx in (None, context.Context(), remote, context.set_value("other", 1)):
+    assert tracing._span_in(ctx) is trace.get_current_span(ctx), ctx
+assert tracing.current_ids() is None and tracing.carrier() == {}  # no span current
+fmt = JsonFormatter("probe")
+
+def line(msg, **extra):
+    rec = logging.LogRecord("audit", logging.INFO, "", 0, msg, None, None)
+    rec.__dict__.update(extra)
+    return json.loads(fmt.format(rec))
+
+with tracing.span("probe", parent=remote) as s:
+    sc = s.get_span_context()
+    want = (trace.format_trace_id(sc.trace_id), trace.format_span_id(sc.span_id))
+    assert tracing._span_in(None) is trace.get_current_span() is s
+    assert tracing.current_ids() == want and want[0] == tid
+    plain = line("plain")
+    assert (plain["trace_id"], plain["span_id"]) == want
+    # An audit record's line carries the ids the record has (made where the record was made).
+    other = {"event": "runState", "trace_id": "1" * 32, "span_id": "2" * 16}
+    logged = line("runState", audit=other)
+    assert (logged["trace_id"], logged["span_id"]) == ("1" * 32, "2" * 16)
+    assert line("runState", audit={"event": "x"})["trace_id"] == tid  # without ids: the current ones
+print("ok")
+"""
+
+
+def test_the_current_span_and_its_ids_are_the_apis() -> None:
+    done = _python(
+        CURRENT_SPAN_PROBE, OTEL_TRACES_EXPORTER="otlp", OTEL_EXPORTER_OTLP_ENDPOINT="http://127.0.0.1:9"
+    )
+    assert done.returncode == 0 and done.stdout.strip() == "ok", done.stderr
