@@ -32,6 +32,7 @@ import logging
 import os
 import re
 from collections.abc import Iterable, Iterator, Mapping, Sequence
+from contextlib import AbstractContextManager
 from typing import TYPE_CHECKING, Any
 
 from flynn.v1 import common_pb2
@@ -132,6 +133,8 @@ def configure(service: str, environ: Mapping[str, str] | None = None) -> bool:
     from opentelemetry.trace import propagation
 
     _api.get_current, _api.span_key = otel_context.get_current, propagation._SPAN_KEY
+    _CHILD_FLAGS.update({bit: trace.TraceFlags(trace.TraceFlags.SAMPLED | bit) for bit in (0, 2)})
+    _REMOTE_FLAGS.update({f: trace.TraceFlags(int(f, 16)) for f in _SAMPLED_FLAGS})
     _api.invalid_span = trace.INVALID_SPAN
     _propagator = TraceContextTextMapPropagator()
     _api.trace, _api.context = trace, otel_context
@@ -250,6 +253,11 @@ def remote_context(traceparent: str, tracestate: str = "") -> Context:
     return ctx
 
 
+# Trace flags of a sampled version-00 traceparent, as written, and as the remote parent's TraceFlags.
+_SAMPLED_FLAGS = frozenset(f"{n:02x}" for n in range(256) if n & 1)
+_REMOTE_FLAGS: dict[str, Any] = {}
+
+
 def _traceparent(sc: SpanContext) -> str:
     """The traceparent of a valid span context (what the propagator's inject writes)."""
     return f"00-{sc.trace_id:032x}-{sc.span_id:016x}-{sc.trace_flags:02x}"
@@ -364,6 +372,10 @@ def traceparent_of(causation_bytes: bytes) -> str:
 # --- spans --------------------------------------------------------------------------------------
 
 
+# The trace flags of a recorded child: sampled (bit 0), and the random-trace-id bit (1) of its parent.
+_CHILD_FLAGS: dict[int, Any] = {}
+
+
 def start_span(
     name: str,
     *,
@@ -380,15 +392,10 @@ def start_span(
     kind = _api.SpanKind.SERVER if server else _api.SpanKind.INTERNAL
     start_ns = int(start_time * 1e9) if start_time is not None else None
     psc = _span_in(ctx).get_span_context()
-    if PARENT_DECIDES and psc.is_valid and psc.trace_flags.sampled:
+    if PARENT_DECIDES and psc.is_valid and psc.trace_flags & 1:  # a sampled parent
         # A parentbased sampler records a child of a sampled parent, with the parent's trace id,
         # random-trace-id bit and trace state: the SDK's span would only repeat that decision.
-        flags = _api.TraceFlags.SAMPLED | (psc.trace_flags & _api.TraceFlags.RANDOM_TRACE_ID)
-        sc = _api.SpanContext(
-            psc.trace_id, _api.ids.generate_span_id(), False, _api.TraceFlags(flags), psc.trace_state
-        )
-        span: Span = _api.RecordingSpan(_api.sink, name, sc, psc, kind, attributes, links, start_ns)
-        return span
+        return _recorded_child(name, psc, kind, attributes, links, start_ns)
     if not psc.is_valid:
         return _root_span(name, ctx, kind, attributes, links, start_ns)
     return tracer().start_span(
@@ -399,6 +406,17 @@ def start_span(
         links=list(links) or None,
         start_time=start_ns,
     )
+
+
+def _recorded_child(
+    name: str, psc: SpanContext, kind: Any, attributes: Mapping[str, Any] | None, links: Sequence[Link],
+    start_ns: int | None,
+) -> Span:  # fmt: skip
+    """A child of the sampled span context `psc`, recorded (a parentbased sampler's decision)."""
+    flags = _CHILD_FLAGS[psc.trace_flags & 2]  # sampled, and the parent's random-trace-id bit
+    sc = _api.SpanContext(psc.trace_id, _api.ids.generate_span_id(), False, flags, psc.trace_state)
+    span: Span = _api.RecordingSpan(_api.sink, name, sc, psc, kind, attributes, links, start_ns)
+    return span
 
 
 def _root_span(
@@ -433,29 +451,35 @@ def end_span(span: Span, end_time: float | None = None, error: str = "") -> None
     span.end(end_time=int(end_time * 1e9) if end_time is not None else None)
 
 
-@contextlib.contextmanager
-def activated(span: Span | None) -> Iterator[None]:
-    """Make `span` current for the block (no-op for None)."""
-    if span is None:
-        yield
-        return
+class _Current:
+    """A context current for a `with` block (None: nothing changes). A class, not a generator-based
+    contextmanager: it is entered on every run's hot path, and costs a third of one."""
 
-    token = _api.context.attach(_api.trace.set_span_in_context(span))  # use_span() without its extras
-    try:
-        yield
-    finally:
-        _api.context.detach(token)
+    __slots__ = ("_context", "_token")
+
+    def __init__(self, context: Context | None) -> None:
+        self._context = context
+        self._token: Any = None
+
+    def __enter__(self) -> None:
+        if self._context is not None:
+            self._token = _api.context.attach(self._context)
+
+    def __exit__(self, *exc: object) -> None:
+        if self._token is not None:
+            _api.context.detach(self._token)
+            self._token = None
 
 
-@contextlib.contextmanager
-def joined(traceparent: str) -> Iterator[None]:
+def activated(span: Span | None) -> AbstractContextManager[None]:
+    """Make `span` current for the block (no-op for None): use_span() without its extras."""
+    return _Current(None if span is None else _api.trace.set_span_in_context(span))
+
+
+def joined(traceparent: str) -> AbstractContextManager[None]:
     """The context a traceparent names current for the block (sampled or not; an empty context for
     ""), so calls made inside carry it instead of whatever context the running task inherited."""
-    token = _api.context.attach(context_of(traceparent) or _api.root)
-    try:
-        yield
-    finally:
-        _api.context.detach(token)
+    return _Current(context_of(traceparent) or _api.root)
 
 
 @contextlib.contextmanager
@@ -520,6 +544,16 @@ def server_span(method: str, metadata: Iterable[tuple[str, Any]]) -> Span | None
             tp = v
         elif k == TRACESTATE and isinstance(v, str):
             ts = v
+    name, attrs = _method_span(method)
+    if PARENT_DECIDES and tp and not ts:
+        m = _TRACEPARENT_00.fullmatch(tp)
+        if m is not None and m[3] in _SAMPLED_FLAGS and int(m[1], 16) and int(m[2], 16):
+            # A sampled caller, the common case: its span context straight to the recorded child
+            # (what remote_context and start_span would make, without the parent's context).
+            psc = _api.SpanContext(int(m[1], 16), int(m[2], 16), True, _REMOTE_FLAGS[m[3]])
+            s = _recorded_child(name, psc, _api.SpanKind.SERVER, attrs, (), None)
+            _api.context.attach(_api.trace.set_span_in_context(s))
+            return s
     # The caller's context is parsed, not cached: each call has its own (the cache is for run phases).
     parent = remote_context(tp, ts) if tp else _api.root
     if PARENT_DECIDES and tp and not sampled(tp):
@@ -528,7 +562,6 @@ def server_span(method: str, metadata: Iterable[tuple[str, Any]]) -> Span | None
             # context is current instead, so the calls made from here carry the same decision.
             _api.context.attach(parent)
             return None
-    name, attrs = _method_span(method)
     s = start_span(name, parent=parent, attributes=attrs, server=True)
     # Each RPC runs in its own task (its own contextvars copy): no detach needed.
     _api.context.attach(_api.trace.set_span_in_context(s))

@@ -25,6 +25,7 @@ import contextlib
 import time
 from collections import OrderedDict
 from collections.abc import Iterator
+from contextlib import AbstractContextManager
 from typing import Any
 
 from flynn.v1 import config_pb2
@@ -211,17 +212,13 @@ class RunTracer:
             error = f"{ev.error_kind}: {ev.reason}" if ev.type == pb.RUN_EVENT_TYPE_RUN_ERROR else ""
             tracing.end_span(running, end_time=now, error=error)
 
-    @contextlib.contextmanager
-    def running(self, run_id: str, causation: bytes) -> Iterator[None]:
+    def running(self, run_id: str, causation: bytes) -> AbstractContextManager[None]:
         """For opening the agent run (which inherits it): the running span, or when the run is not
         recorded (unsampled), its context as it came, so the agent's call carries its sampling decision."""
         span = self._running.get(run_id)
         if span is not None:
-            with tracing.activated(span):
-                yield
-        else:
-            with tracing.joined(tracing.traceparent_of(causation)):
-                yield
+            return tracing.activated(span)
+        return tracing.joined(tracing.traceparent_of(causation))
 
     @contextlib.contextmanager
     def speech(self, reply: pb.Reply) -> Iterator[None]:
