@@ -6,6 +6,7 @@ from flynn.v1 import config_pb2
 from prometheus_client import Counter, Gauge, Histogram
 
 from flynn_runtime.enum_names import short_names
+from flynn_runtime.exemplar_pacing import ExemplarPacing
 from flynn_runtime.histograms import CANCEL_BUCKETS
 
 LATENCY_BUCKETS = (0.001, 0.0025, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1.0, 2.5, 5.0)
@@ -40,6 +41,8 @@ SUBMIT_TO_FINAL = Histogram(
     "Message accepted to its run's final reply written.",
     buckets=LATENCY_BUCKETS,
 )
+# Observed for every message: a trace exemplar at most once per bucket per second.
+SUBMIT_TO_FINAL_EXEMPLARS = ExemplarPacing(LATENCY_BUCKETS)
 DUPLICATE_FINALS_SUPPRESSED = Counter(
     "flynn_duplicate_finals_suppressed_total", "Second finals for a run refused by the outbox."
 )

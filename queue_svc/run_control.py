@@ -455,9 +455,13 @@ class RunControl(Ledger):
                 tracing.exemplar(tracing.traceparent_of(row.causation)),
             )
         if state == COMPLETED and live.submit_mono is not None:
+            took = time.perf_counter() - live.submit_mono
+            causation = row.causation
             metrics.SUBMIT_TO_FINAL.observe(
-                time.perf_counter() - live.submit_mono,
-                tracing.exemplar(tracing.traceparent_of(row.causation)),
+                took,
+                metrics.SUBMIT_TO_FINAL_EXEMPLARS.exemplar(
+                    took, lambda: tracing.exemplar(tracing.traceparent_of(causation))
+                ),
             )
         self._runs.pop(row.run_id, None)
         # Steer inputs still unanswered become followups: they are never lost.

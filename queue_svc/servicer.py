@@ -16,7 +16,7 @@ from grpc.aio import ServicerContext
 from flynn_runtime import errors, tracing
 from flynn_runtime.auth import actor, principal
 from flynn_runtime.channels import downstream_timeout
-from flynn_runtime.enum_names import short_name
+from flynn_runtime.enum_names import short_name, short_names
 from flynn_runtime.ids import is_id
 from flynn_runtime.server import Runtime
 from flynn_runtime.validation import Violations, page_size
@@ -28,6 +28,9 @@ from queue_svc.run_control import CancelInput, RunControl, SubmitInput, run_to_p
 
 MAX_TEXT = 32 * 1024
 QUEUE_MODES = config_pb2.QueueMode.values()
+# SubmitMessage's span attributes (short enum names), looked up instead of derived per call.
+_DISPOSITIONS = short_names(pb.Disposition)
+_MODES = short_names(config_pb2.QueueMode)
 T = TypeVar("T")
 
 
@@ -165,8 +168,8 @@ class RunControlServicer(pb_grpc.RunControlServicer):
                     "flynn.session": request.session_key,
                     "flynn.message.id": res.message_id,
                     "flynn.run.id": res.run_id or None,
-                    "flynn.disposition": short_name(pb.Disposition, res.disposition),
-                    "flynn.queue.mode": short_name(config_pb2.QueueMode, res.effective_mode.mode),
+                    "flynn.disposition": _DISPOSITIONS[res.disposition],
+                    "flynn.queue.mode": _MODES[res.effective_mode.mode],
                     **tracing.content("flynn.message.text", request.text),
                 }
             )

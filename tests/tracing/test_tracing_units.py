@@ -267,3 +267,36 @@ def test_the_current_span_and_its_ids_are_the_apis() -> None:
         CURRENT_SPAN_PROBE, OTEL_TRACES_EXPORTER="otlp", OTEL_EXPORTER_OTLP_ENDPOINT="http://127.0.0.1:9"
     )
     assert done.returncode == 0 and done.stdout.strip() == "ok", done.stderr
+
+
+PACING_PROBE = """
+import time
+from flynn_runtime import tracing
+from flynn_runtime.exemplar_pacing import ExemplarPacing
+pacing = ExemplarPacing((0.01, 0.1), interval=0.5)
+made = []
+def make(n):
+    def f():
+        made.append(n)
+        return {"trace_id": str(n)} if n else None  # 0: an unsampled observation
+    return f
+assert pacing.exemplar(0.05, make(1)) is None and made == []  # tracing off: nothing made
+assert tracing.configure("probe")
+assert pacing.exemplar(0.05, make(0)) is None  # unsampled: the bucket stays due
+assert pacing.exemplar(0.05, make(2)) == {"trace_id": "2"}
+assert pacing.exemplar(0.06, make(3)) is None  # same bucket (<= 0.1) within the interval: not made
+assert pacing.exemplar(0.1, make(4)) is None  # the bound belongs to its bucket
+assert pacing.exemplar(0.01, make(5)) == {"trace_id": "5"}  # another bucket
+assert pacing.exemplar(7.0, make(6)) == {"trace_id": "6"}  # +Inf
+time.sleep(0.55)
+assert pacing.exemplar(0.05, make(7)) == {"trace_id": "7"}  # due again
+assert made == [0, 2, 5, 6, 7], made
+print("ok")
+"""
+
+
+def test_a_paced_histogram_takes_one_exemplar_per_bucket_per_interval() -> None:
+    done = _python(
+        PACING_PROBE, OTEL_TRACES_EXPORTER="otlp", OTEL_EXPORTER_OTLP_ENDPOINT="http://127.0.0.1:9"
+    )
+    assert done.returncode == 0 and done.stdout.strip() == "ok", done.stderr
