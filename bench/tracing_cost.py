@@ -11,7 +11,7 @@ functions, with the SDK and the OTLP exporter's encoder configured as in a servi
   metadata, the span's end;
 - run control: the `SubmitMessage` server span (parent: that traceparent), the causation stamped, the
   run events of a followup run (received, queued, started, output, completed) through RunTracer, the
-  agent run opened in the running span, the run-duration exemplar, and `flynn.reply.delivered`;
+  agent run opened in the running span, the run-duration exemplar (paced), and `flynn.reply.delivered`;
 - the OTLP encoding of the spans recorded (what the batch processor's thread does, in batches of 512).
 
 It prints thread CPU per message for the calls (GC off while measuring: the replay keeps every span
@@ -117,12 +117,18 @@ class Replay:
         event(pb.RUN_EVENT_TYPE_RUN_OUTPUT, run_id=rid, state=2, text="reply")
         row.final_reply_id = f"rep_{i:020d}"
         event(pb.RUN_EVENT_TYPE_RUN_COMPLETED, run_id=rid, state=4, text="reply")
-        self.timed(lambda: tr.exemplar(tr.traceparent_of(row.causation)))
+        self.timed(self._exemplar, row.causation)
         reply = pb.Reply(reply_id=row.final_reply_id, run_id=rid, kind=pb.REPLY_KIND_FINAL, text="reply")
         reply.causation.ParseFromString(causation)
         from queue_svc.run_trace import delivered
 
         self.timed(delivered, reply)
+
+    def _exemplar(self, causation: bytes) -> None:
+        from queue_svc.metrics import SUBMIT_TO_FINAL_EXEMPLARS
+
+        tr = self.tracing  # as RunControl._finish: paced, at most one per bucket per second
+        SUBMIT_TO_FINAL_EXEMPLARS.exemplar(0.003, lambda: tr.exemplar(tr.traceparent_of(causation)))
 
     def _submit_attributes(self, session: str, mid: str, rid: str) -> None:
         if self.tracing.recording():
