@@ -8,10 +8,11 @@ gRPC, the calls the gateway and run control make for one message through the gat
 functions, with the SDK and the OTLP exporter's encoder configured as in a service):
 
 - gateway: the `SendMessage` server span, its attributes, the `traceparent` put into the forwarded
-  metadata, the span's end;
+  metadata, the span's end; and `flynn.reply.delivered` when it sends the final on the channel's
+  StreamReplies stream;
 - run control: the `SubmitMessage` server span (parent: that traceparent), the causation stamped, the
   run events of a followup run (received, queued, started, output, completed) through RunTracer, the
-  agent run opened in the running span, the run-duration exemplar (paced), and `flynn.reply.delivered`;
+  agent run opened in the running span, and the run-duration exemplar (paced);
 - the OTLP encoding of the spans recorded (what the batch processor's thread does, in batches of 512).
 
 It prints thread CPU per message for the calls (GC off while measuring: the replay keeps every span
@@ -85,7 +86,7 @@ class Replay:
             attrs["flynn.message.id"] = f"msg_{i:020d}"
             tr.set_attributes(attrs)
 
-    def queue(self, i: int, traceparent: str) -> None:
+    def queue(self, i: int, traceparent: str) -> pb.Reply:
         from queue_svc.store import InputRow, RunRow
 
         tr = self.tracing
@@ -120,7 +121,11 @@ class Replay:
         self.timed(self._exemplar, row.causation)
         reply = pb.Reply(reply_id=row.final_reply_id, run_id=rid, kind=pb.REPLY_KIND_FINAL, text="reply")
         reply.causation.ParseFromString(causation)
-        from queue_svc.run_trace import delivered
+        return reply
+
+    def edge(self, reply: pb.Reply) -> None:
+        """The gateway sends the reply on the channel's StreamReplies stream: flynn.reply.delivered."""
+        from flynn_runtime.delivery_trace import delivered
 
         self.timed(delivered, reply)
 
@@ -143,7 +148,8 @@ class Replay:
         import contextvars
 
         traceparent = contextvars.copy_context().run(self.gateway, i)  # each RPC: its own task context
-        contextvars.copy_context().run(self.queue, i, traceparent)
+        reply = contextvars.copy_context().run(self.queue, i, traceparent)
+        contextvars.copy_context().run(self.edge, reply)
 
 
 def main() -> None:

@@ -23,6 +23,7 @@ from grpc.aio import ServicerContext
 from flynn_runtime import rich_status, tracing
 from flynn_runtime.auth import HOP_BY_HEADER, HOP_CLIENT_HEADER
 from flynn_runtime.channels import downstream_timeout
+from flynn_runtime.delivery_trace import DELIVERY_SPAN_HEADER
 from flynn_runtime.errors import Code, FlynnError, shutting_down, unavailable
 from flynn_runtime.interceptor import abort_with
 from gateway.backends import Backends
@@ -47,7 +48,11 @@ _HOP_BY_HOP = frozenset(
         "user-agent",
     }
 )
-_HOP_HEADERS = frozenset({HOP_BY_HEADER, HOP_CLIENT_HEADER, "x-forwarded-for", "x-real-ip", "forwarded"})
+# Headers only the gateway sets on a forwarded call (a caller's are dropped): the client address it
+# vouches for, and that it records the delivered spans of a reply stream (flynn_runtime/delivery_trace.py).
+_HOP_HEADERS = frozenset(
+    {HOP_BY_HEADER, HOP_CLIENT_HEADER, "x-forwarded-for", "x-real-ip", "forwarded", DELIVERY_SPAN_HEADER}
+)
 
 # What a stream is told, in its own protocol, before the gateway ends it on SIGTERM.
 SHUTDOWN_FAREWELLS: dict[str, bytes] = {

@@ -23,7 +23,7 @@ import grpc
 from flynn.v1 import gateway_pb2, gateway_pb2_grpc, run_control_pb2, run_control_pb2_grpc
 from grpc.aio import ServicerContext
 
-from flynn_runtime import audio_probe, auth, rich_status, tracing
+from flynn_runtime import audio_probe, auth, delivery_trace, rich_status, tracing
 from flynn_runtime.channels import downstream_timeout
 from flynn_runtime.config_source import ConfigSource
 from flynn_runtime.server import Runtime, until_stopping
@@ -194,17 +194,23 @@ class GatewayServicer(gateway_pb2_grpc.GatewayServicer):
         for ch in channels:
             if p is not None and not p.serves(ch):
                 raise auth.channel_denied(p, ch)
+        traced = tracing.ENABLED  # the channel's replies leave the mesh here: flynn.reply.delivered
+        metadata = forward_metadata(context, self._backends.hop_metadata())
+        if traced:  # ... recorded here, not again by run control
+            metadata += ((delivery_trace.DELIVERY_SPAN_HEADER, "gateway"),)
         call = self._stub.StreamReplies(
             run_control_pb2.StreamRepliesRequest(
                 after_cursor=request.after_cursor, channels=channels, from_now=request.from_now
             ),
             timeout=stream_timeout(context),
-            metadata=forward_metadata(context, self._backends.hop_metadata()),
+            metadata=metadata,
         )
 
         async def replies() -> AsyncIterator[gateway_pb2.GatewayStreamRepliesResponse]:
             async for resp in cast(AsyncIterator[run_control_pb2.StreamRepliesResponse], call):
                 if resp.HasField("reply"):
+                    if traced:
+                        delivery_trace.delivered(resp.reply)
                     yield gateway_pb2.GatewayStreamRepliesResponse(reply=resp.reply)
                 else:  # the first answer of a from_now stream: where it starts
                     yield gateway_pb2.GatewayStreamRepliesResponse(start_after_cursor=resp.start_after_cursor)

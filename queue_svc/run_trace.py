@@ -16,7 +16,7 @@ Spans (docs/operations/OBSERVABILITY.md, "Traces"), all children of the run's co
     flynn.message.dropped       a message dropped (cap, cancel of its queue); child of the message
     flynn.reply.tts_fallback    the reply went out as text because speech failed
     flynn.reply.speech          synthesis of a spoken reply (the Voice/Synthesize call is its child)
-    flynn.reply.delivered       a reply sent on a StreamReplies stream (run control's servicer)
+    flynn.reply.delivered       a reply sent on a stream opened directly (flynn_runtime/delivery_trace.py)
 """
 
 from __future__ import annotations
@@ -39,8 +39,6 @@ from queue_svc.store import RunRow
 QUEUED_MIN_SECONDS = 0.001  # below this a run started in the operation that made it: no queued span
 MAX_REMEMBERED = 100_000  # traceparents of messages not yet in a run (collect buffers, pending steers)
 
-_KINDS: dict[int, str] = short_names(pb.ReplyKind)
-_DELIVERIES: dict[int, str] = short_names(pb.DeliveryMode)
 _MODES: dict[int, str] = short_names(config_pb2.QueueMode)
 _STATES: dict[int, str] = short_names(pb.RunState)
 
@@ -246,21 +244,3 @@ class RunTracer:
             s.set_attribute("flynn.run.interrupted_by_stop", True)
             tracing.end_span(s)
         self._running.clear()
-
-
-def delivered(reply: pb.Reply) -> None:
-    """flynn.reply.delivered: a reply sent on a StreamReplies stream (call only when tracing is on)."""
-    tp = reply.causation.traceparent
-    if not tracing.sampled(tp):
-        return
-    attrs: dict[str, Any] = {
-        "flynn.reply.id": reply.reply_id,
-        "flynn.reply.kind": _KINDS.get(reply.kind, str(reply.kind)),
-        "flynn.reply.delivery": _DELIVERIES.get(reply.delivery, str(reply.delivery)),
-    }
-    if reply.run_id:
-        attrs["flynn.run.id"] = reply.run_id
-    if reply.tts_fallback_reason:
-        attrs["flynn.tts.fallback_reason"] = reply.tts_fallback_reason
-    attrs.update(tracing.content("flynn.reply.text", reply.text))
-    tracing.end_span(tracing.start_span("flynn.reply.delivered", parent=tp, attributes=attrs))

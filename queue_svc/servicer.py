@@ -13,14 +13,14 @@ from flynn.v1 import run_control_pb2 as pb
 from flynn.v1 import run_control_pb2_grpc as pb_grpc
 from grpc.aio import ServicerContext
 
-from flynn_runtime import errors, tracing
+from flynn_runtime import delivery_trace, errors, tracing
 from flynn_runtime.auth import actor, principal
 from flynn_runtime.channels import downstream_timeout
 from flynn_runtime.enum_names import short_name, short_names
 from flynn_runtime.ids import is_id
 from flynn_runtime.server import Runtime
 from flynn_runtime.validation import Violations, page_size
-from queue_svc import access, metrics, run_trace
+from queue_svc import access, metrics
 from queue_svc.fanout import Fanout, Stopped, Subscription
 from queue_svc.forwarding import OWNER, OwnerMoved, OwnerUnreachable, Peers
 from queue_svc.ownership import NotOwner
@@ -354,9 +354,12 @@ class RunControlServicer(pb_grpc.RunControlServicer):
             self._runtime.shutting_down_error,
             _close_when_done(context),
         )
+        # flynn.reply.delivered where the reply leaves the mesh: here unless the caller (the gateway,
+        # for a channel's stream) records it itself.
+        traced = tracing.ENABLED and not delivery_trace.recorded_by_caller(context.invocation_metadata())
         async for r in stream:
-            if tracing.ENABLED:
-                run_trace.delivered(r)
+            if traced:
+                delivery_trace.delivered(r)
             yield pb.StreamRepliesResponse(reply=r)
 
     async def PostReply(

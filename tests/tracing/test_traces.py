@@ -22,8 +22,17 @@ import uuid
 from collections.abc import Callable, Iterator
 from pathlib import Path
 
+import grpc
 import pytest
-from flynn.v1 import common_pb2, config_pb2, gateway_pb2, nodes_pb2, nodes_pb2_grpc, run_control_pb2
+from flynn.v1 import (
+    common_pb2,
+    config_pb2,
+    gateway_pb2,
+    nodes_pb2,
+    nodes_pb2_grpc,
+    run_control_pb2,
+    run_control_pb2_grpc,
+)
 
 from tests.support.flow import FLOW_SEED, FlowMesh, poll
 from tests.support.mesh import ROOT, ServiceProcess, free_port, make_tokens
@@ -443,9 +452,10 @@ def test_invoke_node_carries_the_trace_down_the_node_stream(traced: Traced, tmp_
 
 def test_content_capture_on_records_the_text(traced: Traced) -> None:
     t = traced
-    queue = t.mesh.procs["queue"]
-    queue.env = {**queue.env, "OTEL_INSTRUMENTATION_GENAI_CAPTURE_MESSAGE_CONTENT": "true"}
-    t.mesh.restart("queue")
+    for name in ("queue", "gateway"):  # run control records the message, the gateway the delivery
+        proc = t.mesh.procs[name]
+        proc.env = {**proc.env, "OTEL_INSTRUMENTATION_GENAI_CAPTURE_MESSAGE_CONTENT": "true"}
+        t.mesh.restart(name)
     marker = f"cap{uuid.uuid4().hex[:10]}"
     sent = t.mesh.send(
         "cli:trace-capture", marker, "trace-capture", mode_override=config_pb2.QUEUE_MODE_FOLLOWUP
@@ -539,3 +549,41 @@ def test_an_unsampled_channel_traceparent_records_nothing_in_any_process(traced:
     ids = {quiet.message_id, quiet.run_id}
     leaked = t.spans_where(lambda s: bool(ids & {str(v) for v in s.attributes.values()}))
     assert leaked == [], [(s.service, s.name, s.trace_id) for s in leaked]
+
+
+def test_a_delivery_is_recorded_where_the_reply_leaves_the_mesh(traced: Traced) -> None:
+    """flynn.reply.delivered: the gateway records it for a channel's stream (run control, asked by the
+    gateway's header, does not record that stream's again); run control records it for a stream
+    opened on it directly."""
+    t = traced
+    sent = t.mesh.send(
+        "cli:trace-delivery", "deliver me", "trace-delivery", mode_override=config_pb2.QUEUE_MODE_FOLLOWUP
+    )
+    t.mesh.wait_replies(final_for(sent.run_id), channels=("cli",), timeout=60)  # through the gateway
+
+    def delivered(service: str) -> list[Span]:
+        return t.spans_where(
+            lambda s: (
+                s.name == "flynn.reply.delivered"
+                and s.attributes.get("flynn.run.id") == sent.run_id
+                and s.service == service
+            )
+        )
+
+    poll(lambda: delivered("flynn-gateway"), timeout=30, interval=0.1, what="the gateway's delivered span")
+    with grpc.insecure_channel(t.mesh.procs["queue"].address) as ch:  # straight to run control
+        call = run_control_pb2_grpc.RunControlStub(ch).StreamReplies(
+            run_control_pb2.StreamRepliesRequest(channels=["cli"]), metadata=t.mesh.md("operator"), timeout=30
+        )
+        for msg in call:
+            if msg.reply.run_id == sent.run_id and msg.reply.kind == FINAL:
+                call.cancel()  # type: ignore[no-untyped-call]
+                break
+    poll(lambda: delivered("flynn-queue"), timeout=30, interval=0.1, what="run control's delivered span")
+    time.sleep(0.5)  # the exports of both processes (100 ms batches) have arrived
+    # One span per stream that sent the final: the gateway's for the channel, run control's for the
+    # direct stream; none from run control for the gateway's stream.
+    assert len(delivered("flynn-queue")) == 1
+    finals = delivered("flynn-gateway")
+    assert finals and {s.attributes["flynn.reply.kind"] for s in finals} == {"final"}
+    assert {s.trace_id for s in finals + delivered("flynn-queue")} == {finals[0].trace_id}
