@@ -32,6 +32,12 @@ def _python(code: str, **env: str) -> subprocess.CompletedProcess[str]:
     )
 
 
+def _traced_probe(code: str, **env: str) -> None:
+    """Run `code` in a process with tracing on (an exporter that is never reached); it prints "ok"."""
+    done = _python(code, OTEL_TRACES_EXPORTER="otlp", OTEL_EXPORTER_OTLP_ENDPOINT="http://127.0.0.1:9", **env)
+    assert done.returncode == 0 and done.stdout.strip() == "ok", done.stderr
+
+
 def test_tracing_off_imports_no_opentelemetry_and_installs_nothing() -> None:
     out = _python(OFF_PROBE)
     assert out.returncode == 0 and out.stdout.strip() == "ok", out.stderr
@@ -90,10 +96,7 @@ print("ok")
 
 
 def test_an_exemplar_names_the_traceparent_or_the_current_span() -> None:
-    done = _python(
-        EXEMPLAR_PROBE, OTEL_TRACES_EXPORTER="otlp", OTEL_EXPORTER_OTLP_ENDPOINT="http://127.0.0.1:9"
-    )
-    assert done.returncode == 0 and done.stdout.strip() == "ok", done.stderr
+    _traced_probe(EXEMPLAR_PROBE)
 
 
 UNSAMPLED_CALLER_PROBE = """
@@ -182,10 +185,7 @@ print("ok")
 
 
 def test_recording_spans_carry_the_sdk_decisions_and_export_alike() -> None:
-    done = _python(
-        CHILD_SPAN_PROBE, OTEL_TRACES_EXPORTER="otlp", OTEL_EXPORTER_OTLP_ENDPOINT="http://127.0.0.1:9"
-    )
-    assert done.returncode == 0 and done.stdout.strip() == "ok", done.stderr
+    _traced_probe(CHILD_SPAN_PROBE)
 
 
 PROPAGATION_PROBE = """
@@ -222,10 +222,7 @@ def test_the_traceparent_parsed_and_written_is_the_propagators() -> None:
     """The hot path reads and writes version-00 traceparents itself: it must agree with the SDK's
     TraceContextTextMapPropagator on every input, valid or not (tracestate and other versions are
     the propagator's own)."""
-    done = _python(
-        PROPAGATION_PROBE, OTEL_TRACES_EXPORTER="otlp", OTEL_EXPORTER_OTLP_ENDPOINT="http://127.0.0.1:9"
-    )
-    assert done.returncode == 0 and done.stdout.strip() == "ok", done.stderr
+    _traced_probe(PROPAGATION_PROBE)
 
 
 CURRENT_SPAN_PROBE = """
@@ -263,10 +260,7 @@ print("ok")
 
 
 def test_the_current_span_and_its_ids_are_the_apis() -> None:
-    done = _python(
-        CURRENT_SPAN_PROBE, OTEL_TRACES_EXPORTER="otlp", OTEL_EXPORTER_OTLP_ENDPOINT="http://127.0.0.1:9"
-    )
-    assert done.returncode == 0 and done.stdout.strip() == "ok", done.stderr
+    _traced_probe(CURRENT_SPAN_PROBE)
 
 
 PACING_PROBE = """
@@ -296,7 +290,4 @@ print("ok")
 
 
 def test_a_paced_histogram_takes_one_exemplar_per_bucket_per_interval() -> None:
-    done = _python(
-        PACING_PROBE, OTEL_TRACES_EXPORTER="otlp", OTEL_EXPORTER_OTLP_ENDPOINT="http://127.0.0.1:9"
-    )
-    assert done.returncode == 0 and done.stdout.strip() == "ok", done.stderr
+    _traced_probe(PACING_PROBE)
