@@ -134,7 +134,7 @@ def configure(service: str, environ: Mapping[str, str] | None = None) -> bool:
 
     _api.get_current, _api.span_key = otel_context.get_current, propagation._SPAN_KEY
     _CHILD_FLAGS.update({bit: trace.TraceFlags(trace.TraceFlags.SAMPLED | bit) for bit in (0, 2)})
-    _REMOTE_FLAGS.update({f: trace.TraceFlags(int(f, 16)) for f in _SAMPLED_FLAGS})
+    _REMOTE_FLAGS.update({f"{n:02x}": trace.TraceFlags(n) for n in range(256)})
     _api.invalid_span = trace.INVALID_SPAN
     _propagator = TraceContextTextMapPropagator()
     _api.trace, _api.context = trace, otel_context
@@ -232,29 +232,36 @@ def extract(carrier: Mapping[str, str]) -> Context:
 _TRACEPARENT_00 = re.compile(r"00-([0-9a-f]{32})-([0-9a-f]{16})-([0-9a-f]{2})")
 
 
+def _remote_span_context(traceparent: str) -> SpanContext | None:
+    """The remote span context of a version-00 traceparent exactly (None for anything else, and for
+    all-zero ids): what the SDK's TraceContextTextMapPropagator extracts, without its getter, regex
+    and TraceState machinery. Parsed once per call on the hot path (server spans, run phases)."""
+    m = _TRACEPARENT_00.fullmatch(traceparent)
+    if m is None:
+        return None
+    trace_id, span_id = int(m[1], 16), int(m[2], 16)
+    if not trace_id or not span_id:
+        return None
+    sc: SpanContext = _api.SpanContext(trace_id, span_id, True, _REMOTE_FLAGS[m[3]])
+    return sc
+
+
 def remote_context(traceparent: str, tracestate: str = "") -> Context:
     """The context a caller's traceparent names (an empty context when it is malformed).
 
-    The common case, a version-00 traceparent without tracestate, is parsed here: the same context
-    the SDK's TraceContextTextMapPropagator extracts, without its getter, regex and TraceState
-    machinery (a call's hot path; the propagator takes every other case: tracestate, other versions)."""
-    m = None if tracestate else _TRACEPARENT_00.fullmatch(traceparent)
-    if m is None:
+    The common case, a version-00 traceparent without tracestate, is parsed by _remote_span_context;
+    the propagator takes every other case (tracestate, other versions, invalid ids)."""
+    sc = None if tracestate else _remote_span_context(traceparent)
+    if sc is None:
         carrier = {TRACEPARENT: traceparent}
         if tracestate:
             carrier[TRACESTATE] = tracestate
         return extract(carrier)
-    trace_id, span_id = int(m[1], 16), int(m[2], 16)
-    if not trace_id or not span_id:
-        root: Context = _api.root  # all-zero ids: invalid, as the propagator says
-        return root
-    sc = _api.SpanContext(trace_id, span_id, True, _api.TraceFlags(int(m[3], 16)))
     ctx: Context = _api.trace.set_span_in_context(_api.NonRecordingSpan(sc), _api.root)
     return ctx
 
 
-# Trace flags of a sampled version-00 traceparent, as written, and as the remote parent's TraceFlags.
-_SAMPLED_FLAGS = frozenset(f"{n:02x}" for n in range(256) if n & 1)
+# The trace flags of a version-00 traceparent, as written -> the remote parent's TraceFlags.
 _REMOTE_FLAGS: dict[str, Any] = {}
 
 
@@ -545,17 +552,18 @@ def server_span(method: str, metadata: Iterable[tuple[str, Any]]) -> Span | None
         elif k == TRACESTATE and isinstance(v, str):
             ts = v
     name, attrs = _method_span(method)
-    if PARENT_DECIDES and tp and not ts:
-        m = _TRACEPARENT_00.fullmatch(tp)
-        if m is not None and m[3] in _SAMPLED_FLAGS and int(m[1], 16) and int(m[2], 16):
-            # A sampled caller, the common case: its span context straight to the recorded child
-            # (what remote_context and start_span would make, without the parent's context).
-            psc = _api.SpanContext(int(m[1], 16), int(m[2], 16), True, _REMOTE_FLAGS[m[3]])
-            s = _recorded_child(name, psc, _api.SpanKind.SERVER, attrs, (), None)
-            _api.context.attach(_api.trace.set_span_in_context(s))
-            return s
     # The caller's context is parsed, not cached: each call has its own (the cache is for run phases).
-    parent = remote_context(tp, ts) if tp else _api.root
+    psc = _remote_span_context(tp) if tp and not ts else None
+    if psc is None:
+        parent = remote_context(tp, ts) if tp else _api.root
+    elif PARENT_DECIDES and psc.trace_flags & 1:
+        # A sampled caller, the common case: its span context straight to the recorded child
+        # (what start_span would make of its context, without building that context).
+        s = _recorded_child(name, psc, _api.SpanKind.SERVER, attrs, (), None)
+        _api.context.attach(_api.trace.set_span_in_context(s))
+        return s
+    else:
+        parent = _api.trace.set_span_in_context(_api.NonRecordingSpan(psc), _api.root)
     if PARENT_DECIDES and tp and not sampled(tp):
         if _span_in(parent).get_span_context().is_valid:
             # An unsampled caller: the sampler would only make a non-recording span. The caller's
